@@ -1,0 +1,85 @@
+"""Task runner for the runcycles workspace.
+
+``nox -s ci`` is what CI and the README's test command run: every check in the current
+(uv-managed) environment, one after the other. The other sessions build isolated uv
+environments per package and Python version for the GitHub matrix.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["ci"]
+nox.options.error_on_missing_interpreters = False
+
+PACKAGES = ["runcycles", "runcycles-server"]
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+SOURCES = [f"packages/{name}/src" for name in PACKAGES]
+TEST_DIRS = [f"packages/{name}/tests" for name in PACKAGES]
+LINTED = ["packages", "tests-integration", "benchmarks", "examples", "noxfile.py"]
+
+
+def _typecheck(session: nox.Session) -> None:
+    session.run("mypy", *SOURCES)
+    # Tests are type-checked too, without demanding annotations on every test function.
+    for tests in TEST_DIRS:
+        session.run("mypy", "--allow-untyped-defs", "--allow-incomplete-defs", tests)
+    session.run("mypy", "--allow-untyped-defs", "--allow-incomplete-defs", "tests-integration")
+
+
+@nox.session(venv_backend="none")
+def ci(session: nox.Session) -> None:
+    """Run lint, types and the whole test suite in the current environment."""
+    session.run("ruff", "format", "--check", *LINTED)
+    session.run("ruff", "check", *LINTED)
+    _typecheck(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def lint(session: nox.Session) -> None:
+    """Check formatting and lint rules."""
+    session.run("ruff", "format", "--check", *LINTED)
+    session.run("ruff", "check", *LINTED)
+
+
+@nox.session(venv_backend="none")
+def typecheck(session: nox.Session) -> None:
+    """Run mypy --strict on every package and on the tests."""
+    _typecheck(session)
+
+
+@nox.session(python=PYTHONS)
+@nox.parametrize("package", PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """Run one package's unit tests in an isolated environment (the CI matrix)."""
+    session.install("-e", f"packages/{package}")
+    if package != "runcycles":
+        session.install("-e", "packages/runcycles")
+    session.install(
+        "pytest", "pytest-asyncio", "pytest-timeout", "respx", "hypothesis", "jsonschema", "pyyaml"
+    )
+    session.run("pytest", f"packages/{package}/tests", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def integration(session: nox.Session) -> None:
+    """Run the end-to-end tests against real server processes (SQLite and Redis)."""
+    session.run("pytest", "tests-integration", *session.posargs, env=dict(os.environ))
+
+
+@nox.session(venv_backend="none")
+def benchmarks(session: nox.Session) -> None:
+    """Run every benchmark and print its ratios."""
+    for script in sorted(os.listdir("benchmarks")):
+        if script.endswith(".py") and not script.startswith("_"):
+            session.run("python", f"benchmarks/{script}")
+
+
+@nox.session(venv_backend="none")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site strictly."""
+    session.run("mkdocs", "build", "--strict")
