@@ -2,8 +2,52 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
+from runcycles._version import __version__
+from runcycles.client import AsyncCyclesClient, CyclesClient
+from runcycles.config import CyclesConfig
+from runcycles.context import CyclesContext, get_cycles_context
+from runcycles.decorator import (
+    cycles,
+    get_default_async_client,
+    get_default_client,
+    set_default_client,
+    set_default_config,
+)
+from runcycles.exceptions import (
+    BudgetClosedError,
+    BudgetExceededError,
+    BudgetFrozenError,
+    CyclesConfigError,
+    CyclesError,
+    CyclesProtocolError,
+    CyclesTimeoutError,
+    CyclesTransportError,
+    DebtOutstandingError,
+    ForbiddenError,
+    IdempotencyMismatchError,
+    InternalServerError,
+    InvalidRequestError,
+    MalformedResponseError,
+    MaxExtensionsExceededError,
+    NotFoundError,
+    OverdraftLimitExceededError,
+    RateLimitedError,
+    ReservationExpiredError,
+    ReservationFinalizedError,
+    TenantClosedError,
+    UnauthorizedError,
+    UnitMismatchError,
+)
+from runcycles.lifecycle import (
+    AsyncReservationGuard,
+    DryRunResult,
+    ReservationAlreadyFinalizedError,
+    ReservationGuard,
+    ReserveOptions,
+    UnfinalizedReservationWarning,
+    dry_run,
+    reserve,
+)
 from runcycles.models import (
     Action,
     Amount,
@@ -39,45 +83,95 @@ from runcycles.models import (
     Subject,
     Unit,
 )
-
-try:
-    __version__ = version("runcycles")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+from runcycles.response import CyclesResponse
+from runcycles.retry import RetryPolicy
+from runcycles.streaming import (
+    AsyncStreamReservation,
+    StreamReservation,
+    StreamUsage,
+    stream_reservation,
+)
 
 __all__ = [
     "Action",
     "Amount",
+    "AsyncCyclesClient",
+    "AsyncReservationGuard",
+    "AsyncStreamReservation",
     "Balance",
     "BalanceResponse",
+    "BudgetClosedError",
+    "BudgetExceededError",
+    "BudgetFrozenError",
     "Caps",
     "CommitOveragePolicy",
     "CommitRequest",
     "CommitResponse",
+    "CyclesClient",
+    "CyclesConfig",
+    "CyclesConfigError",
+    "CyclesContext",
+    "CyclesError",
     "CyclesEvidenceRef",
     "CyclesMetrics",
+    "CyclesProtocolError",
+    "CyclesResponse",
+    "CyclesTimeoutError",
+    "CyclesTransportError",
+    "DebtOutstandingError",
     "Decision",
     "DecisionRequest",
     "DecisionResponse",
+    "DryRunResult",
     "ErrorCode",
     "ErrorResponse",
     "EventCreateRequest",
     "EventCreateResponse",
+    "ForbiddenError",
+    "IdempotencyMismatchError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "MalformedResponseError",
+    "MaxExtensionsExceededError",
+    "NotFoundError",
+    "OverdraftLimitExceededError",
+    "RateLimitedError",
     "ReasonCode",
     "ReleaseRequest",
     "ReleaseResponse",
+    "ReservationAlreadyFinalizedError",
     "ReservationCreateRequest",
     "ReservationCreateResponse",
     "ReservationDetail",
     "ReservationEvidence",
+    "ReservationExpiredError",
     "ReservationExtendRequest",
     "ReservationExtendResponse",
+    "ReservationFinalizedError",
+    "ReservationGuard",
     "ReservationListResponse",
     "ReservationStatus",
     "ReservationSummary",
+    "ReserveOptions",
+    "RetryPolicy",
     "SignedAmount",
     "StandardMetrics",
+    "StreamReservation",
+    "StreamUsage",
     "Subject",
+    "TenantClosedError",
+    "UnauthorizedError",
+    "UnfinalizedReservationWarning",
     "Unit",
+    "UnitMismatchError",
     "__version__",
+    "cycles",
+    "dry_run",
+    "get_cycles_context",
+    "get_default_async_client",
+    "get_default_client",
+    "reserve",
+    "set_default_client",
+    "set_default_config",
+    "stream_reservation",
 ]

@@ -1,0 +1,5 @@
+"""``python -m runcycles_server`` runs the ``cycles`` CLI."""
+
+from runcycles_server.cli import main
+
+main()

@@ -1,0 +1,518 @@
+"""The Cycles server as a Starlette ASGI app: runtime routes under ``/v1`` plus the admin plane.
+
+::
+
+    from runcycles_server.app import create_app
+    from runcycles_server.stores.sqlite import SqliteStore
+
+    app = create_app(SqliteStore("cycles.db"), admin_api_key="...")
+    # uvicorn.run(app)
+
+Runtime routes (``cycles-protocol-v0.yaml``): ``POST /v1/decide``, ``POST /v1/reservations``,
+``GET /v1/reservations``, ``GET /v1/reservations/{id}``, ``POST /v1/reservations/{id}/commit``,
+``/release``, ``/extend``, ``GET /v1/balances``, ``POST /v1/events``, ``GET /v1/auth/introspect``,
+plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable). Admin routes live in
+:mod:`runcycles_server.admin`.
+
+A background task expires reservations past ``expires_at + grace`` (returning their budget)
+every ``sweep_interval_s``; commit, release and extend enforce the deadlines themselves, so
+correctness never waits for the sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import datetime, timezone
+from typing import Any, Final
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from runcycles.models import (
+    STANDARD_SUBJECT_FIELDS,
+    CommitRequest,
+    DecisionRequest,
+    EventCreateRequest,
+    ReleaseRequest,
+    ReservationCreateRequest,
+    ReservationExtendRequest,
+    Subject,
+)
+from runcycles_server import ledger
+from runcycles_server.ledger import LedgerError
+from runcycles_server.stores.base import RESERVATION_SORT_KEYS, ReservationQuery, Store
+from runcycles_server.web import (
+    DEFAULT_MAX_BODY_BYTES,
+    Authenticator,
+    ContextMiddleware,
+    Principal,
+    check_idempotency_header,
+    error_response,
+    json_response,
+    parse_body,
+    query_int,
+    request_ids,
+)
+
+logger = logging.getLogger("runcycles_server")
+
+MAX_RESERVATION_ID_LEN: Final = 128
+RESERVATION_STATUSES: Final = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+_CAPABILITY_TABLE: Final[dict[str, tuple[str, ...]]] = {
+    "view_budgets": ("budgets:read", "admin:read", "admin:budgets:read"),
+    "view_policies": ("policies:read", "admin:read", "admin:policies:read"),
+    "view_webhooks": ("webhooks:read", "admin:read", "admin:webhooks:read"),
+    "view_events": ("events:read", "admin:read", "admin:events:read"),
+    "view_reservations": (
+        "reservations:list", "reservations:create", "reservations:commit",
+        "reservations:release", "reservations:extend", "admin:read",
+    ),
+    "manage_budgets": ("budgets:write", "admin:write", "admin:budgets:write"),
+    "manage_policies": ("policies:write", "admin:write", "admin:policies:write"),
+    "manage_webhooks": ("webhooks:write", "admin:write", "admin:webhooks:write"),
+    "manage_reservations": (
+        "reservations:create", "reservations:commit", "reservations:release",
+        "reservations:extend", "admin:write",
+    ),
+}  # fmt: skip
+_ADMIN_ONLY_CAPABILITIES: Final = (
+    "view_overview", "view_audit", "view_tenants", "view_api_keys", "manage_tenants",
+    "manage_api_keys",
+)  # fmt: skip
+
+
+def capabilities_for(permissions: list[str]) -> dict[str, bool]:
+    """Derive the introspection capability map of a tenant key (the spec's frozen table)."""
+    granted = set(permissions)
+    caps = {name: bool(granted.intersection(perms)) for name, perms in _CAPABILITY_TABLE.items()}
+    caps.update(dict.fromkeys(_ADMIN_ONLY_CAPABILITIES, False))
+    return caps
+
+
+# --------------------------------------------------------------------------------------------
+# Query parameter helpers
+
+
+def query_time_ms(request: Request, name: str) -> int | None:
+    """Parse an ISO-8601 date-time query parameter to epoch ms (blank means unset).
+
+    Raises:
+        LedgerError: INVALID_REQUEST naming the parameter.
+    """
+    raw = request.query_params.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    text = raw.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise LedgerError(
+            "INVALID_REQUEST",
+            f"query parameter {name} must be an ISO-8601 date-time such as 2026-01-31T12:00:00Z",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return int(parsed.timestamp() * 1000)
+
+
+def _window(request: Request, lo_name: str, hi_name: str) -> tuple[int | None, int | None]:
+    lo, hi = query_time_ms(request, lo_name), query_time_ms(request, hi_name)
+    if lo is not None and hi is not None and lo > hi:
+        raise LedgerError("INVALID_REQUEST", f"{lo_name} must not be later than {hi_name}")
+    return lo, hi
+
+
+def _check_subject(principal: Principal, subject: Subject) -> None:
+    ledger.validate_subject(subject)
+    if subject.tenant is not None and subject.tenant != principal.tenant_id:
+        raise LedgerError(
+            "FORBIDDEN",
+            f"subject.tenant {subject.tenant!r} does not match the API key's tenant "
+            f"{principal.tenant_id!r}",
+        )
+
+
+def _reservation_id(request: Request) -> str:
+    rid = str(request.path_params["reservation_id"])
+    if not 1 <= len(rid) <= MAX_RESERVATION_ID_LEN:
+        raise LedgerError(
+            "INVALID_REQUEST", f"reservation_id must be 1 to {MAX_RESERVATION_ID_LEN} characters"
+        )
+    return rid
+
+
+def _hint_missing_tenant(error: LedgerError, subject: Subject, tenant_id: str | None) -> None:
+    if error.code == "NOT_FOUND" and subject.tenant is None and tenant_id:
+        error.message += (
+            f"; note: the subject has no tenant, so its scopes are not rooted at "
+            f"tenant:{tenant_id} where budgets live; send subject.tenant={tenant_id!r}"
+        )
+
+
+class Runtime:
+    """The runtime route handlers, bound to one store."""
+
+    def __init__(self, store: Store, auth: Authenticator, max_body_bytes: int) -> None:
+        self.store = store
+        self.auth = auth
+        self.max_body = max_body_bytes
+
+    def routes(self) -> list[BaseRoute]:
+        """Return the runtime routes."""
+        return [
+            Route("/v1/decide", self.decide, methods=["POST"]),
+            Route("/v1/reservations", self.create_reservation, methods=["POST"]),
+            Route("/v1/reservations", self.list_reservations, methods=["GET"]),
+            Route("/v1/reservations/{reservation_id}", self.get_reservation, methods=["GET"]),
+            Route("/v1/reservations/{reservation_id}/commit", self.commit, methods=["POST"]),
+            Route("/v1/reservations/{reservation_id}/release", self.release, methods=["POST"]),
+            Route("/v1/reservations/{reservation_id}/extend", self.extend, methods=["POST"]),
+            Route("/v1/balances", self.balances, methods=["GET"]),
+            Route("/v1/events", self.create_event, methods=["POST"]),
+            Route("/v1/auth/introspect", self.introspect, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+        ]
+
+    async def decide(self, request: Request) -> Response:
+        """``POST /v1/decide``."""
+        principal = await self.auth.tenant(request)
+        body = await parse_body(request, DecisionRequest, self.max_body)
+        check_idempotency_header(request, body.idempotency_key)
+        _check_subject(principal, body.subject)
+        assert principal.tenant_id is not None
+        digest = ledger.payload_hash("decide", ledger.request_payload(body))
+        outcome = await self.store.decide(principal.tenant_id, body, digest)
+        return json_response(outcome.body, outcome.status_code)
+
+    async def create_reservation(self, request: Request) -> Response:
+        """``POST /v1/reservations``."""
+        principal = await self.auth.tenant(request)
+        body = await parse_body(request, ReservationCreateRequest, self.max_body)
+        check_idempotency_header(request, body.idempotency_key)
+        _check_subject(principal, body.subject)
+        assert principal.tenant_id is not None
+        digest = ledger.payload_hash("reserve", ledger.request_payload(body))
+        try:
+            outcome = await self.store.reserve(principal.tenant_id, body, digest)
+        except LedgerError as exc:
+            _hint_missing_tenant(exc, body.subject, principal.tenant_id)
+            raise
+        return json_response(outcome.body, outcome.status_code)
+
+    async def list_reservations(self, request: Request) -> Response:
+        """``GET /v1/reservations``."""
+        principal = await self.auth.admin_or_tenant(request)
+        params = request.query_params
+        tenant_param = params.get("tenant") or None
+        if principal.is_admin:
+            if tenant_param is None:
+                raise LedgerError(
+                    "INVALID_REQUEST",
+                    "tenant query parameter is required when using admin key authentication",
+                )
+            tenant_id = tenant_param
+        else:
+            assert principal.tenant_id is not None
+            if tenant_param is not None and tenant_param != principal.tenant_id:
+                raise LedgerError(
+                    "FORBIDDEN", "tenant query parameter does not match the API key's tenant"
+                )
+            tenant_id = principal.tenant_id
+        status = params.get("status") or None
+        if status is not None and status not in RESERVATION_STATUSES:
+            raise LedgerError(
+                "INVALID_REQUEST",
+                f"status must be one of {', '.join(RESERVATION_STATUSES)}",
+            )
+        sort_dir = params.get("sort_dir") or "desc"
+        if sort_dir not in ("asc", "desc"):
+            raise LedgerError("INVALID_REQUEST", "sort_dir must be asc or desc")
+        sort_by = params.get("sort_by") or "created_at_ms"
+        if sort_by not in RESERVATION_SORT_KEYS:
+            sort_by = "created_at_ms"  # unknown sort keys are ignored (additive-parameter rule)
+        created = _window(request, "from", "to")
+        expires = _window(request, "expires_from", "expires_to")
+        finalized = _window(request, "finalized_from", "finalized_to")
+        subject = {
+            level: params[level]
+            for level in STANDARD_SUBJECT_FIELDS
+            if level != "tenant" and params.get(level)
+        }
+        if tenant_param:
+            subject["tenant"] = tenant_param
+        query = ReservationQuery(
+            tenant_id=tenant_id,
+            idempotency_key=params.get("idempotency_key") or None,
+            status=status,
+            subject=subject,
+            created_from_ms=created[0],
+            created_to_ms=created[1],
+            expires_from_ms=expires[0],
+            expires_to_ms=expires[1],
+            finalized_from_ms=finalized[0],
+            finalized_to_ms=finalized[1],
+            sort_by=sort_by,
+            sort_desc=sort_dir == "desc",
+            limit=query_int(request, "limit", 50, 1, 200),
+            cursor=params.get("cursor") or None,
+        )
+        page = await self.store.list_reservations(query)
+        include = {token.strip() for token in params.get("include", "").split(",")}
+        body: dict[str, Any] = {
+            "reservations": [ledger.reservation_body(r, include=include) for r in page.items],
+            "has_more": page.next_cursor is not None,
+        }
+        if page.next_cursor is not None:
+            body["next_cursor"] = page.next_cursor
+        return json_response(body)
+
+    async def get_reservation(self, request: Request) -> Response:
+        """``GET /v1/reservations/{reservation_id}``."""
+        principal = await self.auth.admin_or_tenant(request)
+        rid = _reservation_id(request)
+        res = ledger.check_reservation_access(
+            await self.store.get_reservation(rid), rid, principal.tenant_id
+        )
+        if res.status == "EXPIRED":
+            raise LedgerError("RESERVATION_EXPIRED", f"reservation {rid} expired")
+        return json_response(ledger.reservation_body(res))
+
+    async def commit(self, request: Request) -> Response:
+        """``POST /v1/reservations/{reservation_id}/commit``."""
+        principal = await self.auth.tenant(request)
+        rid = _reservation_id(request)
+        body = await parse_body(request, CommitRequest, self.max_body)
+        check_idempotency_header(request, body.idempotency_key)
+        assert principal.tenant_id is not None
+        digest = ledger.payload_hash("commit", ledger.request_payload(body))
+        outcome = await self.store.commit(principal.tenant_id, rid, body, digest)
+        return json_response(outcome.body, outcome.status_code)
+
+    async def release(self, request: Request) -> Response:
+        """``POST /v1/reservations/{reservation_id}/release`` (tenant or audited admin)."""
+        principal = await self.auth.admin_or_tenant(request)
+        rid = _reservation_id(request)
+        body = await parse_body(request, ReleaseRequest, self.max_body)
+        check_idempotency_header(request, body.idempotency_key)
+        digest = ledger.payload_hash("release", ledger.request_payload(body))
+        request_id, trace_id = request_ids(request)
+        outcome = await self.store.release(
+            principal.tenant_id, rid, body, digest, request_id=request_id, trace_id=trace_id
+        )
+        return json_response(outcome.body, outcome.status_code)
+
+    async def extend(self, request: Request) -> Response:
+        """``POST /v1/reservations/{reservation_id}/extend``."""
+        principal = await self.auth.tenant(request)
+        rid = _reservation_id(request)
+        body = await parse_body(request, ReservationExtendRequest, self.max_body)
+        check_idempotency_header(request, body.idempotency_key)
+        assert principal.tenant_id is not None
+        digest = ledger.payload_hash("extend", ledger.request_payload(body))
+        outcome = await self.store.extend(principal.tenant_id, rid, body, digest)
+        return json_response(outcome.body, outcome.status_code)
+
+    async def create_event(self, request: Request) -> Response:
+        """``POST /v1/events`` (201)."""
+        principal = await self.auth.tenant(request)
+        body = await parse_body(request, EventCreateRequest, self.max_body)
+        check_idempotency_header(request, body.idempotency_key)
+        _check_subject(principal, body.subject)
+        assert principal.tenant_id is not None
+        digest = ledger.payload_hash("event", ledger.request_payload(body))
+        try:
+            outcome = await self.store.create_event(principal.tenant_id, body, digest)
+        except LedgerError as exc:
+            _hint_missing_tenant(exc, body.subject, principal.tenant_id)
+            raise
+        return json_response(outcome.body, outcome.status_code)
+
+    async def balances(self, request: Request) -> Response:
+        """``GET /v1/balances``: a tenant's budgets matching every given subject filter.
+
+        Each filter ``level=value`` matches scopes containing the ``level:value`` segment
+        (descendants included). The admin key may query any tenant via ``tenant``/``tenant_id``.
+        """
+        principal = await self.auth.admin_or_tenant(request)
+        params = request.query_params
+        tenant_param = params.get("tenant") or params.get("tenant_id") or None
+        if principal.is_admin:
+            if tenant_param is None:
+                raise LedgerError(
+                    "INVALID_REQUEST",
+                    "tenant query parameter is required when using admin key authentication",
+                )
+            tenant_id = tenant_param
+        else:
+            assert principal.tenant_id is not None
+            if tenant_param is not None and tenant_param != principal.tenant_id:
+                raise LedgerError(
+                    "FORBIDDEN", "tenant query parameter does not match the API key's tenant"
+                )
+            tenant_id = principal.tenant_id
+        segments = [
+            f"{level}:{params[level].lower()}"
+            for level in STANDARD_SUBJECT_FIELDS
+            if params.get(level)
+        ]
+        if principal.is_admin and tenant_param and not params.get("tenant"):
+            segments.insert(0, f"tenant:{tenant_param.lower()}")
+        if not segments:
+            raise LedgerError(
+                "INVALID_REQUEST",
+                "at least one of tenant, workspace, app, workflow, agent or toolset is required "
+                "as a query parameter",
+            )
+        page = await self.store.list_balances(
+            tenant_id,
+            segments,
+            query_int(request, "limit", 50, 1, 200),
+            params.get("cursor") or None,
+        )
+        body: dict[str, Any] = {
+            "balances": [ledger.balance_body(row) for row in page.items],
+            "has_more": page.next_cursor is not None,
+        }
+        if page.next_cursor is not None:
+            body["next_cursor"] = page.next_cursor
+        return json_response(body)
+
+    async def introspect(self, request: Request) -> Response:
+        """``GET /v1/auth/introspect``."""
+        principal = await self.auth.admin_or_tenant(request)
+        if principal.is_admin:
+            caps = dict.fromkeys((*_CAPABILITY_TABLE, *_ADMIN_ONLY_CAPABILITIES), True)
+            return json_response(
+                {
+                    "authenticated": True,
+                    "auth_type": "admin",
+                    "permissions": ["*"],
+                    "capabilities": caps,
+                }
+            )
+        key = principal.key
+        assert key is not None
+        body: dict[str, Any] = {
+            "authenticated": True,
+            "auth_type": "tenant",
+            "permissions": key.permissions,
+            "capabilities": capabilities_for(key.permissions),
+            "tenant_id": key.tenant_id,
+        }
+        if key.scope_filter:
+            body["scope_filter"] = key.scope_filter
+        return json_response(body)
+
+    async def healthz(self, request: Request) -> Response:
+        """Liveness: the process answers."""
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness: the store answers (503 otherwise)."""
+        if await self.store.ping():
+            return json_response({"status": "ready"})
+        return json_response({"status": "unavailable"}, 503)
+
+
+# --------------------------------------------------------------------------------------------
+# Error handlers and app factory
+
+
+async def _ledger_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LedgerError)
+    return error_response(request, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error = LedgerError("NOT_FOUND", f"no route for {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = LedgerError(
+            "INVALID_REQUEST",
+            f"method {request.method} is not allowed on {request.url.path}",
+            status=405,
+        )
+    else:
+        error = LedgerError("INVALID_REQUEST", str(exc.detail), status=exc.status_code)
+    return error_response(request, error)
+
+
+async def run_sweeper(store: Store, interval_s: float) -> None:
+    """Expire due reservations and purge old idempotency records, forever."""
+    ticks = 0
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            for _ in range(50):  # a backlog drains in batches, yielding between them
+                if await store.expire_due(200) < 200:
+                    break
+                await asyncio.sleep(0)
+            ticks += 1
+            if ticks % 60 == 0:
+                await store.purge_idempotency(1000)
+        except Exception:  # keep sweeping; one failure must not stop expiry
+            logger.exception("expiry sweep failed")
+
+
+def create_app(
+    store: Store,
+    *,
+    admin_api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    sweep_interval_s: float | None = 1.0,
+    close_store: bool = True,
+) -> Starlette:
+    """Build the ASGI app.
+
+    Args:
+        store: where the ledger lives (e.g. ``SqliteStore``).
+        admin_api_key: the ``X-Admin-API-Key`` secret; ``None`` disables the admin plane.
+        max_body_bytes: larger request bodies get 413.
+        sweep_interval_s: how often expired reservations are swept (``None``: never; tests
+            call ``store.expire_due()`` themselves).
+        close_store: close the store when the app shuts down.
+    """
+    from runcycles_server.admin import Admin  # admin depends on this module's helpers
+
+    auth = Authenticator(store, admin_api_key)
+    runtime = Runtime(store, auth, max_body_bytes)
+    admin = Admin(store, auth, max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = (
+            asyncio.create_task(run_sweeper(store, sweep_interval_s))
+            if sweep_interval_s is not None
+            else None
+        )
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if close_store:
+                await store.close()
+
+    app = Starlette(
+        routes=[*runtime.routes(), *admin.routes()],
+        exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.add_middleware(ContextMiddleware)
+    app.state.store = store
+    return app

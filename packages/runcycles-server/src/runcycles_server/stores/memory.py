@@ -1,0 +1,281 @@
+"""In-memory store: plain dicts, no persistence.
+
+Useful as the *reference model* in property tests (it shares the protocol rules of
+:mod:`runcycles_server.ledger` but none of the SQL), for examples, and for a throwaway server.
+Rows are copied in and out, so callers can never alias the stored state. One process only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, TypeVar
+
+from runcycles_server import ledger
+from runcycles_server.ledger import (
+    ApiKeyRow,
+    AuditRow,
+    BudgetRow,
+    EventRow,
+    IdempotencyRow,
+    Outcome,
+    ReservationRow,
+    TenantRow,
+)
+from runcycles_server.stores.base import Clock, Page, ReservationQuery, RowStore
+from runcycles_server.stores.sqlite import decode_cursor, encode_cursor
+
+_T = TypeVar("_T")
+
+
+def _copy(row: _T) -> _T:
+    return copy.deepcopy(row)
+
+
+class MemoryStore(RowStore):
+    """A :class:`~runcycles_server.stores.base.Store` kept in Python dicts."""
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        super().__init__(clock)
+        self.tenants: dict[str, TenantRow] = {}
+        self.api_keys: dict[str, ApiKeyRow] = {}
+        self.budgets: dict[tuple[str, str], BudgetRow] = {}
+        self.reservations: dict[str, ReservationRow] = {}
+        self.idempotency: dict[tuple[str, str, str], IdempotencyRow] = {}
+        self.events: dict[str, EventRow] = {}
+        self.audit: dict[str, AuditRow] = {}
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        # Operations never await inside a transaction and the ledger raises before any write,
+        # so there is nothing to roll back.
+        yield
+
+    def _write(self) -> AbstractContextManager[None]:
+        return self._tx()
+
+    def _read(self) -> AbstractContextManager[None]:
+        return self._tx()
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def ping(self) -> bool:
+        """Always ready."""
+        return True
+
+    # -- primitives ------------------------------------------------------------------------------
+
+    def _get_tenant(self, tenant_id: str) -> TenantRow | None:
+        row = self.tenants.get(tenant_id)
+        return None if row is None else _copy(row)
+
+    def _put_tenant(self, row: TenantRow, *, insert: bool) -> None:
+        self.tenants[row.tenant_id] = _copy(row)
+
+    def _get_budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
+        wanted = set(scopes)
+        return [_copy(row) for (scope, _), row in self.budgets.items() if scope in wanted]
+
+    def _put_budget(self, row: BudgetRow, *, insert: bool) -> None:
+        self.budgets[(row.scope, row.unit)] = _copy(row)
+
+    def _get_reservation(self, reservation_id: str) -> ReservationRow | None:
+        row = self.reservations.get(reservation_id)
+        return None if row is None else _copy(row)
+
+    def _get_idem(self, tenant_id: str, endpoint: str, key: str) -> IdempotencyRow | None:
+        row = self.idempotency.get((tenant_id, endpoint, key))
+        return None if row is None else _copy(row)
+
+    def _apply(self, outcome: Outcome) -> None:
+        for row in outcome.budgets:
+            stored = self.budgets[(row.scope, row.unit)]
+            for name in ("allocated", "remaining", "reserved", "spent", "debt", "is_over_limit",
+                         "updated_at_ms"):  # fmt: skip
+                setattr(stored, name, getattr(row, name))
+        if outcome.reservation is not None:
+            self.reservations[outcome.reservation.reservation_id] = _copy(outcome.reservation)
+        idem = outcome.idempotency
+        if idem is not None:
+            self.idempotency[(idem.tenant_id, idem.endpoint, idem.key)] = _copy(idem)
+        if outcome.event is not None:
+            self.events[outcome.event.event_id] = _copy(outcome.event)
+        if outcome.audit is not None:
+            self.audit[outcome.audit.audit_id] = _copy(outcome.audit)
+
+    def _get_api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
+        for row in self.api_keys.values():
+            if row.key_hash == key_hash:
+                return _copy(row)
+        return None
+
+    def _get_api_key(self, key_id: str) -> ApiKeyRow | None:
+        row = self.api_keys.get(key_id)
+        return None if row is None else _copy(row)
+
+    def _put_api_key(self, row: ApiKeyRow, *, insert: bool) -> None:
+        self.api_keys[row.key_id] = _copy(row)
+
+    def _tenant_children(
+        self, tenant_id: str
+    ) -> tuple[list[ReservationRow], list[BudgetRow], list[ApiKeyRow]]:
+        return (
+            [
+                _copy(r)
+                for r in self.reservations.values()
+                if r.tenant_id == tenant_id and r.status == "ACTIVE"
+            ],
+            [_copy(b) for b in self.budgets.values() if b.tenant_id == tenant_id],
+            [_copy(k) for k in self.api_keys.values() if k.tenant_id == tenant_id],
+        )
+
+    def _due_reservations(self, now_ms: int, limit: int) -> list[ReservationRow]:
+        due = [
+            r for r in self.reservations.values() if r.status == "ACTIVE" and r.deadline_ms < now_ms
+        ]
+        due.sort(key=lambda r: r.deadline_ms)
+        return [_copy(r) for r in due[:limit]]
+
+    def _purge_idem(self, now_ms: int, limit: int) -> int:
+        old = [k for k, v in self.idempotency.items() if v.retain_until_ms < now_ms][:limit]
+        for k in old:
+            del self.idempotency[k]
+        return len(old)
+
+    # -- listings --------------------------------------------------------------------------------
+
+    async def list_reservations(self, query: ReservationQuery) -> Page[ReservationRow]:
+        """See :meth:`Store.list_reservations` (same ordering and cursor rules as SQLite)."""
+
+        def sort_value(r: ReservationRow) -> Any:
+            return {
+                "reservation_id": r.reservation_id,
+                "tenant": r.subject.get("tenant"),
+                "scope_path": r.scope_path,
+                "status": r.status,
+                "reserved": r.estimate,
+                "created_at_ms": r.created_at_ms,
+                "expires_at_ms": r.expires_at_ms,
+            }.get(query.sort_by, r.created_at_ms)
+
+        def keep(r: ReservationRow) -> bool:
+            checks = (
+                r.tenant_id == query.tenant_id,
+                query.idempotency_key is None or r.idempotency_key == query.idempotency_key,
+                query.status is None or r.status == query.status,
+                all(r.subject.get(level) == value for level, value in query.subject.items()),
+                _within(r.created_at_ms, query.created_from_ms, query.created_to_ms),
+                _within(r.expires_at_ms, query.expires_from_ms, query.expires_to_ms),
+                (query.finalized_from_ms is None and query.finalized_to_ms is None)
+                or _within(r.finalized_at_ms, query.finalized_from_ms, query.finalized_to_ms),
+            )
+            return all(checks)
+
+        rows = sorted(
+            (r for r in self.reservations.values() if keep(r)),
+            key=lambda r: (sort_value(r) is not None, sort_value(r), r.reservation_id),
+            reverse=query.sort_desc,
+        )
+        if query.cursor:
+            value, last_id, _ = decode_cursor(query.cursor, 3)
+            pos = next((i for i, r in enumerate(rows) if r.reservation_id == last_id), None)
+            rows = rows[pos + 1 :] if pos is not None else []
+            del value
+        items = [_copy(r) for r in rows[: query.limit]]
+        more = len(rows) > query.limit
+        cursor = (
+            encode_cursor([sort_value(items[-1]), items[-1].reservation_id, ""]) if more else None
+        )
+        return Page(items, cursor)
+
+    def _page_budgets(
+        self, keep: Callable[[BudgetRow], bool], limit: int, cursor: str | None
+    ) -> Page[BudgetRow]:
+        rows = sorted(
+            (b for b in self.budgets.values() if keep(b)), key=lambda b: (b.scope, b.unit)
+        )
+        if cursor:
+            scope, unit = decode_cursor(cursor, 2)
+            rows = [b for b in rows if (b.scope, b.unit) > (scope, unit)]
+        items = [_copy(b) for b in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, encode_cursor([items[-1].scope, items[-1].unit]) if more else None)
+
+    async def list_balances(
+        self, tenant_id: str, segments: Sequence[str], limit: int, cursor: str | None
+    ) -> Page[BudgetRow]:
+        """See :meth:`Store.list_balances`."""
+        return self._page_budgets(
+            lambda b: b.tenant_id == tenant_id and ledger.scope_matches_filters(b.scope, segments),
+            limit,
+            cursor,
+        )
+
+    async def list_budgets(
+        self,
+        tenant_id: str | None,
+        *,
+        scope_prefix: str | None,
+        unit: str | None,
+        status: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[BudgetRow]:
+        """See :meth:`Store.list_budgets`."""
+        return self._page_budgets(
+            lambda b: (
+                (tenant_id is None or b.tenant_id == tenant_id)
+                and (unit is None or b.unit == unit)
+                and (status is None or b.status == status)
+                and (
+                    scope_prefix is None
+                    or b.scope == scope_prefix
+                    or b.scope.startswith(scope_prefix + "/")
+                )
+            ),
+            limit,
+            cursor,
+        )
+
+    async def list_tenants(
+        self, status: str | None, limit: int, cursor: str | None
+    ) -> Page[TenantRow]:
+        """See :meth:`Store.list_tenants`."""
+        rows = sorted(
+            (t for t in self.tenants.values() if status is None or t.status == status),
+            key=lambda t: t.tenant_id,
+        )
+        if cursor:
+            (after,) = decode_cursor(cursor, 1)
+            rows = [t for t in rows if t.tenant_id > after]
+        items = [_copy(t) for t in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, encode_cursor([items[-1].tenant_id]) if more else None)
+
+    async def list_api_keys(
+        self, tenant_id: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> Page[ApiKeyRow]:
+        """See :meth:`Store.list_api_keys`."""
+        rows = sorted(
+            (
+                k
+                for k in self.api_keys.values()
+                if (tenant_id is None or k.tenant_id == tenant_id)
+                and (status is None or k.status == status)
+            ),
+            key=lambda k: k.key_id,
+        )
+        if cursor:
+            (after,) = decode_cursor(cursor, 1)
+            rows = [k for k in rows if k.key_id > after]
+        items = [_copy(k) for k in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, encode_cursor([items[-1].key_id]) if more else None)
+
+
+def _within(value: int | None, lo: int | None, hi: int | None) -> bool:
+    if value is None:
+        return lo is None and hi is None
+    return (lo is None or value >= lo) and (hi is None or value <= hi)

@@ -1,0 +1,1663 @@
+"""Redis store: several server processes share one Redis (``cycles serve --redis redis://...``).
+
+Design in one paragraph: the protocol's rules and all ledger math stay in
+:mod:`runcycles_server.ledger` (the same code the SQLite store runs), and Redis only has to make
+each step atomic. Every operation reads the rows it needs in one atomic snapshot, plans the
+outcome in Python, and writes it back with **one** Lua script (``redis_cas.lua``) that first
+checks that none of the rows it read has changed (a compare-and-set on a per-row version) and
+then writes every new row and index entry. A conflict returns a fresh snapshot in the same
+round trip, and the operation is planned again. Operations on one tenant are *group committed*
+inside a process: concurrent requests queue up per tenant, and one drainer plans a whole batch
+against one snapshot and writes it with one script, so 200 concurrent reservers on one budget
+cost a handful of round trips instead of 200 conflicting ones.
+
+Why this shape:
+
+* **Exact int64 arithmetic.** Lua numbers are doubles (exact only to 2**53) and Redis's cjson
+  prints 14 significant digits, so the script does no arithmetic on amounts at all. Python
+  computes every new value with unbounded integers, :mod:`ledger` rejects any result outside
+  int64 (400), and rows travel as JSON text (decimal digits) that Lua copies opaquely. Amounts
+  up to ``2**63 - 1`` round-trip exactly; the test suite checks that at the boundary.
+* **Identical behaviour to SQLite by construction.** Both stores call the same ``ledger.plan_*``
+  functions on the same rows; only persistence differs. Tests compare the rows the Redis store
+  writes with what the pure ledger computes for the same inputs.
+* **Redis Cluster compatible.** Every key the script touches is passed in ``KEYS`` and carries
+  the tenant's hash tag ``{t:<tenant>}``, so one script never spans slots. Reservation ids embed
+  their tenant (``rsv_<tenant>_<32 hex>``, opaque to clients), so any process finds a
+  reservation's slot from its id without a global lookup table.
+* **No livelock under contention.** A compare-and-set only fails when another write succeeded,
+  so the system always progresses; group commit removes in-process conflicts entirely, and
+  cross-process conflicts cost one round trip each (with a small jittered back-off after
+  repeated conflicts so one process cannot starve another).
+
+Key layout (``P`` = ``--redis-prefix``, default ``cycles``; rows are hashes with a ``_v``
+version and JSON fields):
+
+=====================================  ===========================================================
+``P:{t:T}:tenant``                     tenant row (``d``)
+``P:{t:T}:b:<scope>``                  the budgets at one scope, one field per unit (JSON row)
+``P:{t:T}:r:<rid>``                    reservation (``d``); expires 30 days after it is finalized
+``P:{t:T}:i:<endpoint>|<key>``         idempotency record (``d`` meta, ``b`` exact body); TTL'd
+                                       at its retention (``ledger.RETAIN_*``)
+``P:{t:T}:e:<eid>``, ``:a:<aid>``      event (30 day TTL), audit entry
+``P:{t:T}:x:budgets``                  zset (lex): the tenant's budget scopes (balances paging)
+``P:{t:T}:x:res``                      zset: reservation ids by ``created_at_ms`` (listing)
+``P:{t:T}:x:active``                   zset: ACTIVE reservation ids by deadline (tenant close)
+``P:{t:T}:x:audit``                    zset: audit ids by time
+``P:{due}:reservations``               **global** expiry index: reservation ids by
+                                       ``expires_at + grace`` (own slot, see below)
+``P:{idx}:tenants``, ``P:{idx}:budgets``  global lex indexes for the admin listings
+``P:{keys}:h:<sha256>``, ``:id:<kid>``   API keys by hash (authentication) and by id; with the
+``P:{keys}:x:all``, ``:x:t:<T>``          lex indexes for listing (one slot for all keys)
+=====================================  ===========================================================
+
+Expiry: a reserve adds its id to the global ``{due}`` index in the same pipeline, *before* the
+script that creates the reservation (write-ahead: an ACTIVE reservation always has an entry
+whose score is at most its deadline; an entry without a live reservation is harmless). The
+sweeper (:meth:`RedisStore.expire_due`) reads due entries in bounded batches, expires each due
+ACTIVE reservation through its tenant's queue (one script per batch of that tenant), re-files
+extended ones at their new deadline and drops entries of finalized or vanished reservations
+(commit and release leave their entry behind for the sweeper to drop, which keeps them at one
+round trip). Commit, release and extend also check the deadline themselves, so correctness
+never waits for the sweep.
+
+Listings use the per-tenant indexes, never ``KEYS``/``SCAN``. Idempotency records expire by
+Redis TTL, so :meth:`RedisStore.purge_idempotency` has nothing to do.
+
+Admin operations that span slots are ordered so a crash leaves nothing unsafe: a tenant or
+budget row is written before its global listing entry (creating it again repairs the entry);
+closing a tenant first marks it CLOSED (which fences every new reservation, commit, release and
+event in every process, since each checks the tenant row's version), then releases its ACTIVE
+reservations and closes its budgets in batches, then revokes its keys; repeating the close
+finishes an interrupted cascade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from runcycles.models import (
+    CommitRequest,
+    DecisionRequest,
+    EventCreateRequest,
+    ReleaseRequest,
+    ReservationCreateRequest,
+    ReservationExtendRequest,
+)
+from runcycles_server import ledger
+from runcycles_server.ledger import (
+    ApiKeyRow,
+    AuditRow,
+    BudgetRow,
+    EventRow,
+    IdempotencyRow,
+    LedgerError,
+    Outcome,
+    ReservationRow,
+    TenantRow,
+)
+from runcycles_server.stores.base import (
+    AuthRecord,
+    Clock,
+    Page,
+    ReservationQuery,
+    new_id,
+    system_clock,
+)
+from runcycles_server.stores.sqlite import decode_cursor, encode_cursor
+
+__all__ = ["RedisStore", "reservation_tenant"]
+
+DEFAULT_PREFIX: Final = "cycles"
+MAX_BATCH: Final = 128
+"""Most operations of one tenant planned and written by one script."""
+MAX_ATTEMPTS: Final = 200
+"""Compare-and-set attempts before an operation gives up with a retryable 500."""
+RESERVATION_CACHE_SIZE: Final = 65_536
+"""Reservations whose budgeted scopes a process remembers (saves a round trip on commit)."""
+SWEEP_BATCH: Final = 500
+SWEEP_MAX_SCAN: Final = 50_000
+"""Most due-index entries one :meth:`RedisStore.expire_due` call examines."""
+CLOSE_BATCH: Final = 200
+
+_T = TypeVar("_T")
+_Fields = dict[bytes, bytes]
+_V: Final = b"_v"
+_D: Final = b"d"
+_BODY: Final = b"b"
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+def reservation_tenant(reservation_id: str) -> str | None:
+    """Return the tenant embedded in a Redis-store reservation id, or ``None`` if malformed.
+
+    Ids look like ``rsv_<tenant>_<32 lower-case hex>``.
+    """
+    if len(reservation_id) < 4 + 1 + 33 or not reservation_id.startswith("rsv_"):
+        return None
+    tail = reservation_id[-32:]
+    if reservation_id[-33] != "_" or not set(tail) <= _HEX:
+        return None
+    tenant = reservation_id[4:-33]
+    return tenant or None
+
+
+def _new_reservation_id(tenant_id: str) -> str:
+    return f"rsv_{tenant_id}_{uuid.uuid4().hex}"
+
+
+# --------------------------------------------------------------------------------------------
+# Row encoding: JSON with exact integers; Lua never parses it.
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        _FIELD_NAMES[cls] = names
+    return names
+
+
+def _enc(row: Any, *, skip: str | None = None) -> bytes:
+    data = {name: getattr(row, name) for name in _names(type(row)) if name != skip}
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _dec(cls: type[_T], raw: bytes) -> _T:
+    return cls(**json.loads(raw))
+
+
+def _enc_idem(row: IdempotencyRow) -> dict[bytes, bytes]:
+    return {_D: _enc(row, skip="body"), _BODY: row.body}
+
+
+def _dec_idem(fields: _Fields) -> IdempotencyRow:
+    data = json.loads(fields[_D])
+    return IdempotencyRow(body=fields[_BODY], **data)
+
+
+# --------------------------------------------------------------------------------------------
+# Keys
+
+
+class _Keys:
+    """Builds every key name; the first ``{...}`` in each is its Redis Cluster hash tag."""
+
+    def __init__(self, prefix: str) -> None:
+        self.p = prefix
+        self.due = f"{prefix}:{{due}}:reservations"
+        self.tenants = f"{prefix}:{{idx}}:tenants"
+        self.all_budgets = f"{prefix}:{{idx}}:budgets"
+        self.keys_all = f"{prefix}:{{keys}}:x:all"
+
+    def t(self, tenant_id: str) -> str:
+        return f"{self.p}:{{t:{tenant_id}}}"
+
+    def tenant(self, tenant_id: str) -> str:
+        return f"{self.t(tenant_id)}:tenant"
+
+    def budget(self, tenant_id: str, scope: str) -> str:
+        return f"{self.t(tenant_id)}:b:{scope}"
+
+    def res(self, tenant_id: str, reservation_id: str) -> str:
+        return f"{self.t(tenant_id)}:r:{reservation_id}"
+
+    def idem(self, tenant_id: str, endpoint: str, key: str) -> str:
+        return f"{self.t(tenant_id)}:i:{endpoint}|{key}"
+
+    def event(self, tenant_id: str, event_id: str) -> str:
+        return f"{self.t(tenant_id)}:e:{event_id}"
+
+    def audit(self, tenant_id: str, audit_id: str) -> str:
+        return f"{self.t(tenant_id)}:a:{audit_id}"
+
+    def x_budgets(self, tenant_id: str) -> str:
+        return f"{self.t(tenant_id)}:x:budgets"
+
+    def x_res(self, tenant_id: str) -> str:
+        return f"{self.t(tenant_id)}:x:res"
+
+    def x_active(self, tenant_id: str) -> str:
+        return f"{self.t(tenant_id)}:x:active"
+
+    def x_audit(self, tenant_id: str) -> str:
+        return f"{self.t(tenant_id)}:x:audit"
+
+    def key_by_hash(self, key_hash: str) -> str:
+        return f"{self.p}:{{keys}}:h:{key_hash}"
+
+    def key_by_id(self, key_id: str) -> str:
+        return f"{self.p}:{{keys}}:id:{key_id}"
+
+    def keys_of(self, tenant_id: str) -> str:
+        return f"{self.p}:{{keys}}:x:t:{tenant_id}"
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots and the working state of one batch
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """Rows read atomically by one script call, and the time they were read."""
+
+    now_ms: int
+    rows: dict[str, _Fields]
+
+    def version(self, key: str) -> bytes:
+        return self.rows[key].get(_V, b"0")
+
+
+class _NeedKeys(Exception):
+    """Planning needs rows that are not in the snapshot yet (read them and plan again)."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        super().__init__("snapshot incomplete")
+        self.keys = list(keys)
+
+
+class _Conflict(Exception):
+    """A compare-and-set lost to a concurrent writer; carries the fresh snapshot."""
+
+    def __init__(self, snapshot: _Snapshot) -> None:
+        super().__init__("concurrent update")
+        self.snapshot = snapshot
+
+
+@dataclass(slots=True)
+class _ZOp:
+    add: bool
+    key: str
+    member: str
+    score: int = 0
+
+
+class _Work:
+    """The rows of one tenant as one batch sees them: the snapshot plus the batch's writes."""
+
+    def __init__(self, keys: _Keys, tenant_id: str, snap: _Snapshot) -> None:
+        self.k = keys
+        self.tenant_id = tenant_id
+        self.snap = snap
+        self.now = snap.now_ms
+        self.dirty: dict[str, _Fields] = {}
+        self.ttl_ms: dict[str, int] = {}
+        self.zops: list[_ZOp] = []
+        self.due: list[tuple[int, str]] = []
+        self.seen_reservations: list[ReservationRow] = []
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _fields(self, key: str) -> _Fields:
+        base = self.snap.rows.get(key)
+        if base is None:
+            if key in self.dirty:
+                return self.dirty[key]
+            raise _NeedKeys([key])
+        if key in self.dirty:
+            return {**base, **self.dirty[key]}
+        return base
+
+    def require(self, keys: Iterable[str]) -> None:
+        """Raise :class:`_NeedKeys` for every key neither read nor written yet."""
+        missing = [k for k in keys if k not in self.snap.rows and k not in self.dirty]
+        if missing:
+            raise _NeedKeys(missing)
+
+    def tenant(self) -> TenantRow | None:
+        raw = self._fields(self.k.tenant(self.tenant_id)).get(_D)
+        return None if raw is None else _dec(TenantRow, raw)
+
+    def budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
+        keys = [self.k.budget(self.tenant_id, s) for s in scopes]
+        self.require(keys)
+        rows = []
+        for key in keys:
+            for name, raw in sorted(self._fields(key).items()):
+                if name != _V:
+                    rows.append(_dec(BudgetRow, raw))
+        return rows
+
+    def reservation(self, reservation_id: str) -> ReservationRow | None:
+        raw = self._fields(self.k.res(self.tenant_id, reservation_id)).get(_D)
+        if raw is None:
+            return None
+        row = _dec(ReservationRow, raw)
+        self.seen_reservations.append(row)
+        return row
+
+    def idem(self, endpoint: str, key: str) -> IdempotencyRow | None:
+        fields = self._fields(self.k.idem(self.tenant_id, endpoint, key))
+        if _D not in fields:
+            return None
+        row = _dec_idem(fields)
+        return None if row.retain_until_ms < self.now else row
+
+    def replay(self, idem: IdempotencyRow, request_hash: str) -> Outcome:
+        res = self.reservation(idem.reservation_id) if idem.reservation_id else None
+        return ledger.replay(idem, request_hash, now_ms=self.now, reservation=res)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _put(self, key: str, fields: _Fields) -> None:
+        self.dirty.setdefault(key, {}).update(fields)
+
+    def put_tenant(self, row: TenantRow) -> None:
+        self._put(self.k.tenant(self.tenant_id), {_D: _enc(row)})
+
+    def put_budget(self, row: BudgetRow, *, new: bool = False) -> None:
+        self._put(self.k.budget(self.tenant_id, row.scope), {row.unit.encode(): _enc(row)})
+        if new:
+            self.zops.append(_ZOp(True, self.k.x_budgets(self.tenant_id), row.scope))
+
+    def put_reservation(self, row: ReservationRow) -> None:
+        key = self.k.res(self.tenant_id, row.reservation_id)
+        existed = (key in self.snap.rows and _D in self.snap.rows[key]) or key in self.dirty
+        self._put(key, {_D: _enc(row)})
+        rid = row.reservation_id
+        active = self.k.x_active(self.tenant_id)
+        if row.status == "ACTIVE":
+            self.zops.append(_ZOp(True, active, rid, row.deadline_ms))
+            if not existed:
+                self.zops.append(_ZOp(True, self.k.x_res(self.tenant_id), rid, row.created_at_ms))
+                self.due.append((row.deadline_ms, rid))
+        else:
+            self.zops.append(_ZOp(False, active, rid))
+            self.ttl_ms[key] = ledger.RETAIN_TERMINAL_MS
+
+    def put_idem(self, row: IdempotencyRow) -> None:
+        key = self.k.idem(self.tenant_id, row.endpoint, row.key)
+        self._put(key, _enc_idem(row))
+        self.ttl_ms[key] = max(1, row.retain_until_ms - self.now)
+
+    def apply(self, outcome: Outcome) -> None:
+        """Record every row of an outcome, as ``RowStore._apply`` does."""
+        for row in outcome.budgets:
+            self.put_budget(row)
+        if outcome.reservation is not None:
+            self.put_reservation(outcome.reservation)
+        if outcome.idempotency is not None:
+            self.put_idem(outcome.idempotency)
+        if outcome.event is not None:
+            key = self.k.event(self.tenant_id, outcome.event.event_id)
+            self._put(key, {_D: _enc(outcome.event)})
+            self.ttl_ms[key] = ledger.RETAIN_TERMINAL_MS
+        if outcome.audit is not None:
+            audit = outcome.audit
+            self._put(self.k.audit(self.tenant_id, audit.audit_id), {_D: _enc(audit)})
+            self.zops.append(
+                _ZOp(True, self.k.x_audit(self.tenant_id), audit.audit_id, audit.created_at_ms)
+            )
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.dirty or self.zops)
+
+
+@dataclass(slots=True)
+class _Op:
+    """One operation queued on a tenant: the rows it reads first, and how it plans."""
+
+    keys: list[str]
+    plan: Callable[[_Work], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Queue:
+    pending: list[_Op] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+
+class RedisStore:
+    """A :class:`~runcycles_server.stores.base.Store` on Redis, shared by many processes.
+
+    Args:
+        url: ``redis://[:password@]host:port/db`` (or ``rediss://``, ``unix://``).
+        prefix: key prefix (``--redis-prefix``); several deployments or test runs can share one
+            Redis under different prefixes. Must not contain ``{`` or ``}``.
+        clock: epoch-milliseconds clock; by default the Redis server's ``TIME``, so every
+            process agrees on expiry. Inject a fake one in tests.
+        max_connections: size of the connection pool (requests wait for a free connection).
+        client: an existing ``redis.asyncio.Redis`` to use instead of ``url`` (not closed by
+            :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        clock: Clock | None = None,
+        max_connections: int = 64,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(
+                f"redis prefix {prefix!r} must be non-empty and contain no '{{' or '}}' "
+                "(braces would change the Redis Cluster hash tags of every key)"
+            )
+        self.prefix = prefix
+        self._server_time = clock is None
+        self.clock: Clock = clock or system_clock
+        self._owns_client = client is None
+        if client is None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=10
+            )
+            client = aioredis.Redis(connection_pool=pool)
+        # redis-py's stubs type replies as unions of bytes/str/lists; replies are bytes here
+        # (decode_responses is off), so the client is used untyped.
+        self._redis: Any = client
+        self._k = _Keys(prefix)
+        source = resources.files("runcycles_server.stores").joinpath("redis_cas.lua")
+        self._script = source.read_text(encoding="utf-8")
+        self._sha: str | None = None
+        self._queues: dict[str, _Queue] = {}
+        self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
+        self.conflicts = 0
+        """Compare-and-set conflicts seen by this instance (observability and tests)."""
+        self.batches = 0
+        """Scripts that wrote a batch (observability and tests)."""
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Finish queued operations and close the connection pool."""
+        tasks = [q.task for q in self._queues.values() if q.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._owns_client:
+            await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        """Return whether Redis answers."""
+        try:
+            return bool(await self._redis.ping())
+        except Exception:  # any connection or protocol failure means "not ready"
+            return False
+
+    async def _now(self) -> int:
+        if not self._server_time:
+            return self.clock()
+        seconds, micros = await self._redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def _sha1(self) -> str:
+        if self._sha is None:
+            self._sha = str(await self._redis.script_load(self._script))
+        return self._sha
+
+    async def _eval(self, keys: Sequence[str], args: Sequence[Any], pre: Sequence[Any]) -> Any:
+        """Run the script (EVALSHA, loading it on NOSCRIPT) after ``pre`` commands."""
+        sha = await self._sha1()
+        if not pre:
+            try:
+                return await self._redis.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                self._sha = None
+                sha = await self._sha1()
+                return await self._redis.evalsha(sha, len(keys), *keys, *args)
+        pipe = self._redis.pipeline(transaction=False)
+        for command in pre:
+            pipe.execute_command(*command)
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        results = await pipe.execute(raise_on_error=False)
+        for result in results[:-1]:
+            if isinstance(result, Exception):
+                raise result
+        result = results[-1]
+        if isinstance(result, NoScriptError):
+            self._sha = None
+            sha = await self._sha1()
+            return await self._redis.evalsha(sha, len(keys), *keys, *args)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _snapshot(self, keys: Sequence[str], reply: Sequence[Any]) -> _Snapshot:
+        now = int(reply[1]) * 1000 + int(reply[2]) // 1000 if self._server_time else self.clock()
+        rows: dict[str, _Fields] = {}
+        for key, flat in zip(keys, reply[3:], strict=True):
+            rows[key] = dict(zip(flat[0::2], flat[1::2], strict=True))
+        return _Snapshot(now, rows)
+
+    async def _read(self, keys: Sequence[str]) -> _Snapshot:
+        reply = await self._eval(keys, [len(keys), "?"], ())
+        return self._snapshot(keys, reply)
+
+    async def _cas(self, keys: Sequence[str], snap: _Snapshot, work: _Work) -> None:
+        """Write a batch if none of ``keys`` changed since ``snap``; else raise _Conflict."""
+        all_keys = list(keys)
+        index = {key: i + 1 for i, key in enumerate(all_keys)}
+
+        def ix(key: str) -> int:
+            i = index.get(key)
+            if i is None:
+                all_keys.append(key)
+                i = index[key] = len(all_keys)
+            return i
+
+        args: list[Any] = [len(keys), *(snap.version(k) for k in keys)]
+        for key, fields in work.dirty.items():
+            args += ["H", ix(key), len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+            ttl = work.ttl_ms.get(key)
+            if ttl is not None:
+                args += ["X", ix(key), ttl]
+        for z in work.zops:
+            if z.add:
+                args += ["Z", ix(z.key), z.score, z.member]
+            else:
+                args += ["R", ix(z.key), z.member]
+        pre: list[Any] = []
+        if work.due:
+            flat: list[Any] = []
+            for score, member in work.due:
+                flat += [score, member]
+            pre.append(("ZADD", self._k.due, *flat))
+        reply = await self._eval(all_keys, args, pre)
+        if int(reply[0]) != 1:
+            raise _Conflict(self._snapshot(keys, reply))
+        self.batches += 1
+
+    # -- the per-tenant queue ---------------------------------------------------------------------
+
+    async def _submit(self, tenant_id: str, keys: list[str], plan: Callable[[_Work], _T]) -> _T:
+        """Run one operation in its tenant's next batch and return what ``plan`` returned."""
+        loop = asyncio.get_running_loop()
+        op = _Op(keys, plan, loop.create_future())
+        queue = self._queues.get(tenant_id)
+        if queue is None:
+            queue = self._queues[tenant_id] = _Queue()
+        queue.pending.append(op)
+        if queue.task is None:
+            queue.task = loop.create_task(self._drain(tenant_id, queue))
+        result: _T = await op.future
+        return result
+
+    async def _drain(self, tenant_id: str, queue: _Queue) -> None:
+        try:
+            while queue.pending:
+                batch = queue.pending[:MAX_BATCH]
+                del queue.pending[:MAX_BATCH]
+                try:
+                    await self._run_batch(tenant_id, batch)
+                except BaseException as exc:  # deliver every failure to the waiting callers
+                    for op in batch:
+                        if not op.future.done():
+                            op.future.set_exception(
+                                exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+                            )
+                    if not isinstance(exc, Exception):
+                        raise
+        finally:
+            queue.task = None
+            if not queue.pending and self._queues.get(tenant_id) is queue:
+                del self._queues[tenant_id]
+
+    async def _run_batch(self, tenant_id: str, batch: list[_Op]) -> None:
+        keys: list[str] = []
+        seen: set[str] = set()
+
+        def want(more: Iterable[str]) -> None:
+            for key in more:
+                if key not in seen:
+                    seen.add(key)
+                    keys.append(key)
+
+        want([self._k.tenant(tenant_id)])
+        for op in batch:
+            want(op.keys)
+        snap = await self._read(keys)
+        attempts = 0
+        while True:
+            work = _Work(self._k, tenant_id, snap)
+            results: list[tuple[bool, Any]] = []
+            missing: list[str] = []
+            for op in batch:
+                try:
+                    results.append((True, op.plan(work)))
+                except _NeedKeys as need:
+                    missing += need.keys
+                    results.append((False, None))
+                except Exception as exc:  # a refusal (LedgerError) fails only its own operation
+                    results.append((False, exc))
+            if missing:
+                # Read everything again in one atomic snapshot, now with the missing rows.
+                want(missing)
+                snap = await self._read(keys)
+                continue
+            if work.writes:
+                try:
+                    await self._cas(keys, snap, work)
+                except _Conflict as conflict:
+                    self.conflicts += 1
+                    attempts += 1
+                    if attempts >= MAX_ATTEMPTS:
+                        raise LedgerError(
+                            "INTERNAL_ERROR",
+                            "the budget is under heavy concurrent update and this request could "
+                            "not be applied; retry it with the same idempotency key",
+                        ) from None
+                    if attempts > 2:
+                        await asyncio.sleep(random.uniform(0, 0.0005 * min(attempts, 20)))
+                    snap = conflict.snapshot
+                    continue
+            for row in work.seen_reservations:
+                self._remember(row)
+            for op, (ok, value) in zip(batch, results, strict=True):
+                if op.future.done():
+                    continue
+                if ok:
+                    op.future.set_result(value)
+                else:
+                    op.future.set_exception(value)
+            return
+
+    def _remember(self, row: ReservationRow) -> None:
+        cache = self._scopes_cache
+        if row.reservation_id not in cache:
+            cache[row.reservation_id] = row.budgeted_scopes
+            if len(cache) > RESERVATION_CACHE_SIZE:
+                cache.popitem(last=False)
+
+    def _settle_keys(
+        self, tenant_id: str, reservation_id: str, endpoint: str, key: str
+    ) -> list[str]:
+        keys = [self._k.res(tenant_id, reservation_id), self._k.idem(tenant_id, endpoint, key)]
+        scopes = self._scopes_cache.get(reservation_id)
+        if scopes is not None:
+            keys += [self._k.budget(tenant_id, s) for s in scopes]
+        return keys
+
+    def _scope_keys(self, tenant_id: str, scopes: Sequence[str]) -> list[str]:
+        return [self._k.budget(tenant_id, s) for s in scopes]
+
+    # -- runtime ---------------------------------------------------------------------------------
+
+    async def authenticate(self, key_hash: str) -> AuthRecord | None:
+        """See :meth:`Store.authenticate`."""
+        raw = await self._redis.hget(self._k.key_by_hash(key_hash), _D)
+        if raw is None:
+            return None
+        key = _dec(ApiKeyRow, raw)
+        return AuthRecord(key, await self.get_tenant(key.tenant_id))
+
+    async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
+        """See :meth:`Store.decide`."""
+        scopes = ledger.derive_scopes(request.subject)
+        key = request.idempotency_key
+
+        def plan(w: _Work) -> Outcome:
+            idem = w.idem("decide", key)
+            if idem is not None:
+                return w.replay(idem, request_hash)
+            outcome = ledger.plan_decide(
+                request=request,
+                tenant_id=tenant_id,
+                tenant=w.tenant(),
+                budgets=w.budgets(scopes),
+                request_hash=request_hash,
+                now_ms=w.now,
+            )
+            w.apply(outcome)
+            return outcome
+
+        keys = [self._k.idem(tenant_id, "decide", key), *self._scope_keys(tenant_id, scopes)]
+        return await self._submit(tenant_id, keys, plan)
+
+    async def reserve(
+        self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
+    ) -> Outcome:
+        """See :meth:`Store.reserve`."""
+        scopes = ledger.derive_scopes(request.subject)
+        key = request.idempotency_key
+        reservation_id = _new_reservation_id(tenant_id)
+
+        def plan(w: _Work) -> Outcome:
+            idem = w.idem("reserve", key)
+            if idem is not None:
+                return w.replay(idem, request_hash)
+            outcome = ledger.plan_reserve(
+                request=request,
+                tenant_id=tenant_id,
+                tenant=w.tenant(),
+                budgets=w.budgets(scopes),
+                request_hash=request_hash,
+                reservation_id=reservation_id,
+                now_ms=w.now,
+            )
+            w.apply(outcome)
+            return outcome
+
+        keys = [self._k.idem(tenant_id, "reserve", key), *self._scope_keys(tenant_id, scopes)]
+        outcome = await self._submit(tenant_id, keys, plan)
+        if outcome.reservation is not None:
+            self._remember(outcome.reservation)
+        return outcome
+
+    def _owner_tenant(self, reservation_id: str) -> str:
+        owner = reservation_tenant(reservation_id)
+        if owner is None:
+            raise LedgerError("NOT_FOUND", f"reservation {reservation_id} does not exist")
+        return owner
+
+    async def commit(
+        self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
+    ) -> Outcome:
+        """See :meth:`Store.commit`."""
+        owner = self._owner_tenant(reservation_id)
+        endpoint = f"commit:{reservation_id}"
+        key = request.idempotency_key
+
+        def plan(w: _Work) -> Outcome:
+            res = w.reservation(reservation_id)
+            ledger.check_reservation_access(res, reservation_id, tenant_id)
+            assert res is not None  # checked above
+            idem = w.idem(endpoint, key)
+            if idem is not None:
+                return w.replay(idem, request_hash)
+            outcome = ledger.plan_commit(
+                reservation_id=reservation_id,
+                request=request,
+                tenant_id=tenant_id,
+                reservation=res,
+                tenant=w.tenant(),
+                budgets=w.budgets(res.budgeted_scopes),
+                request_hash=request_hash,
+                now_ms=w.now,
+            )
+            w.apply(outcome)
+            return outcome
+
+        keys = self._settle_keys(owner, reservation_id, endpoint, key)
+        return await self._submit(owner, keys, plan)
+
+    async def release(
+        self,
+        tenant_id: str | None,
+        reservation_id: str,
+        request: ReleaseRequest,
+        request_hash: str,
+        *,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Outcome:
+        """See :meth:`Store.release`."""
+        owner = self._owner_tenant(reservation_id)
+        endpoint = f"release:{reservation_id}"
+        key = request.idempotency_key
+        audit_id = new_id("aud") if tenant_id is None else None
+
+        def plan(w: _Work) -> Outcome:
+            res = w.reservation(reservation_id)
+            ledger.check_reservation_access(res, reservation_id, tenant_id)
+            assert res is not None  # checked above
+            idem = w.idem(endpoint, key)
+            if idem is not None:
+                return w.replay(idem, request_hash)
+            outcome = ledger.plan_release(
+                reservation_id=reservation_id,
+                request=request,
+                tenant_id=tenant_id,
+                reservation=res,
+                tenant=w.tenant(),
+                budgets=w.budgets(res.budgeted_scopes),
+                request_hash=request_hash,
+                now_ms=w.now,
+                audit_id=audit_id,
+                request_id=request_id,
+                trace_id=trace_id,
+            )
+            w.apply(outcome)
+            return outcome
+
+        keys = self._settle_keys(owner, reservation_id, endpoint, key)
+        return await self._submit(owner, keys, plan)
+
+    async def extend(
+        self,
+        tenant_id: str,
+        reservation_id: str,
+        request: ReservationExtendRequest,
+        request_hash: str,
+    ) -> Outcome:
+        """See :meth:`Store.extend`."""
+        owner = self._owner_tenant(reservation_id)
+        endpoint = f"extend:{reservation_id}"
+        key = request.idempotency_key
+
+        def plan(w: _Work) -> Outcome:
+            res = w.reservation(reservation_id)
+            ledger.check_reservation_access(res, reservation_id, tenant_id)
+            idem = w.idem(endpoint, key)
+            if idem is not None:
+                return w.replay(idem, request_hash)
+            outcome = ledger.plan_extend(
+                reservation_id=reservation_id,
+                request=request,
+                tenant_id=tenant_id,
+                reservation=res,
+                tenant=w.tenant(),
+                request_hash=request_hash,
+                now_ms=w.now,
+            )
+            w.apply(outcome)
+            return outcome
+
+        keys = [self._k.res(owner, reservation_id), self._k.idem(owner, endpoint, key)]
+        return await self._submit(owner, keys, plan)
+
+    async def create_event(
+        self, tenant_id: str, request: EventCreateRequest, request_hash: str
+    ) -> Outcome:
+        """See :meth:`Store.create_event`."""
+        scopes = ledger.derive_scopes(request.subject)
+        key = request.idempotency_key
+        event_id = new_id("evt")
+
+        def plan(w: _Work) -> Outcome:
+            idem = w.idem("event", key)
+            if idem is not None:
+                return w.replay(idem, request_hash)
+            outcome = ledger.plan_event(
+                request=request,
+                tenant_id=tenant_id,
+                tenant=w.tenant(),
+                budgets=w.budgets(scopes),
+                request_hash=request_hash,
+                event_id=event_id,
+                now_ms=w.now,
+            )
+            w.apply(outcome)
+            return outcome
+
+        keys = [self._k.idem(tenant_id, "event", key), *self._scope_keys(tenant_id, scopes)]
+        return await self._submit(tenant_id, keys, plan)
+
+    async def get_reservation(self, reservation_id: str) -> ReservationRow | None:
+        """See :meth:`Store.get_reservation`."""
+        owner = reservation_tenant(reservation_id)
+        if owner is None:
+            return None
+        raw = await self._redis.hget(self._k.res(owner, reservation_id), _D)
+        return None if raw is None else _dec(ReservationRow, raw)
+
+    async def get_event(self, tenant_id: str, event_id: str) -> EventRow | None:
+        """Return a stored event (kept 30 days), or ``None``."""
+        raw = await self._redis.hget(self._k.event(tenant_id, event_id), _D)
+        return None if raw is None else _dec(EventRow, raw)
+
+    async def list_audit(self, tenant_id: str, limit: int = 100) -> list[AuditRow]:
+        """Return a tenant's most recent audit entries, newest first."""
+        ids = await self._redis.zrange(self._k.x_audit(tenant_id), 0, limit - 1, desc=True)
+        rows = await self._hget_many([self._k.audit(tenant_id, i.decode()) for i in ids])
+        return [_dec(AuditRow, raw) for raw in rows if raw is not None]
+
+    # -- expiry ----------------------------------------------------------------------------------
+
+    async def expire_due(self, limit: int = 200) -> int:
+        """See :meth:`Store.expire_due`.
+
+        Reads the global due index in batches of at most ``SWEEP_BATCH``; examines at most
+        ``SWEEP_MAX_SCAN`` entries per call (entries of finalized reservations are dropped on
+        the way, extended ones are re-filed at their new deadline).
+        """
+        now = await self._now()
+        expired = 0
+        scanned = 0
+        while expired < limit and scanned < SWEEP_MAX_SCAN:
+            members = await self._redis.zrangebyscore(
+                self._k.due, "-inf", f"({now}", start=0, num=SWEEP_BATCH
+            )
+            if not members:
+                break
+            scanned += len(members)
+            ids = [m.decode() for m in members]
+            owners = [reservation_tenant(rid) for rid in ids]
+            raws = await self._hget_many(
+                [self._k.res(o, rid) if o else "" for o, rid in zip(owners, ids, strict=True)]
+            )
+            drop: list[str] = []
+            refile: list[Any] = []
+            due: list[tuple[str, str]] = []
+            for rid, owner, raw in zip(ids, owners, raws, strict=True):
+                if owner is None or raw is None:
+                    drop.append(rid)
+                    continue
+                res = _dec(ReservationRow, raw)
+                if res.status != "ACTIVE":
+                    drop.append(rid)
+                elif res.deadline_ms >= now:
+                    refile += [res.deadline_ms, rid]
+                elif expired + len(due) < limit:
+                    due.append((owner, rid))
+            results = await asyncio.gather(*(self._expire_one(o, rid, now) for o, rid in due))
+            for (_, rid), outcome in zip(due, results, strict=True):
+                if outcome == "expired":
+                    expired += 1
+                    drop.append(rid)
+                elif outcome == "gone":
+                    drop.append(rid)
+            pipe = self._redis.pipeline(transaction=False)
+            if drop:
+                pipe.zrem(self._k.due, *drop)
+            if refile:
+                pipe.execute_command("ZADD", self._k.due, *refile)
+            if drop or refile:
+                await pipe.execute()
+            if not drop and not refile:
+                break  # nothing changed (only entries beyond the limit remain)
+        return expired
+
+    async def _expire_one(self, tenant_id: str, reservation_id: str, now_ms: int) -> str:
+        def plan(w: _Work) -> str:
+            res = w.reservation(reservation_id)
+            if res is None or res.status != "ACTIVE":
+                return "gone"
+            outcome = ledger.plan_expire(res, w.budgets(res.budgeted_scopes), max(w.now, now_ms))
+            if outcome is None:
+                return "not due"
+            w.apply(outcome)
+            return "expired"
+
+        keys = [self._k.res(tenant_id, reservation_id)]
+        scopes = self._scopes_cache.get(reservation_id)
+        if scopes is not None:
+            keys += self._scope_keys(tenant_id, scopes)
+        return await self._submit(tenant_id, keys, plan)
+
+    async def purge_idempotency(self, limit: int = 1000) -> int:
+        """Return 0: Redis expires idempotency records by TTL at their retention."""
+        return 0
+
+    # -- listings --------------------------------------------------------------------------------
+
+    async def _hget_many(self, keys: Sequence[str], name: bytes = _D) -> list[bytes | None]:
+        if not keys:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            if key:
+                pipe.hget(key, name)
+        fetched = iter(await pipe.execute())
+        return [next(fetched) if key else None for key in keys]
+
+    async def _hgetall_many(self, keys: Sequence[str]) -> list[_Fields]:
+        if not keys:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        return list(await pipe.execute())
+
+    async def list_reservations(self, query: ReservationQuery) -> Page[ReservationRow]:
+        """See :meth:`Store.list_reservations`.
+
+        The default order (``created_at_ms``) walks the tenant's ``x:res`` index from the
+        cursor and stops after one page; other sort keys and filters load the tenant's
+        reservations (bounded by the 30-day retention of finalized ones) and sort in memory.
+        """
+        column = query.sort_by if query.sort_by in _SORT_VALUE else "created_at_ms"
+        fingerprint = ledger.payload_hash(
+            "list",
+            {
+                "q": [
+                    query.idempotency_key, query.status, sorted(query.subject.items()),
+                    query.created_from_ms, query.created_to_ms, query.expires_from_ms,
+                    query.expires_to_ms, query.finalized_from_ms, query.finalized_to_ms,
+                    _SQL_COLUMN[column], query.sort_desc,
+                ]
+            },
+        )[:16]  # fmt: skip
+        after: tuple[Any, str] | None = None
+        if query.cursor:
+            value, last_id, seen_fp = decode_cursor(query.cursor, 3)
+            if seen_fp != fingerprint or not isinstance(last_id, str):
+                raise LedgerError(
+                    "INVALID_REQUEST",
+                    "cursor was issued for different filters or sort order; restart paging "
+                    "without a cursor",
+                )
+            after = (value, last_id)
+        tenant = query.tenant_id
+        index = self._k.x_res(tenant)
+        items: list[ReservationRow] = []
+        more = False
+        sort_value = _SORT_VALUE[column]
+        if column == "created_at_ms" and query.idempotency_key is None:
+            # Stream the created_at index in order from the cursor's score; stop after a page.
+            bound = "+inf" if query.sort_desc else "-inf"
+            if after is not None and isinstance(after[0], int):
+                bound = str(after[0])
+            offset = 0
+            batch = max(query.limit * 2, 100)
+            stale: list[str] = []
+            done = False
+            while not done:
+                if query.sort_desc:
+                    ids = await self._redis.zrevrangebyscore(
+                        index, bound, "-inf", start=offset, num=batch
+                    )
+                else:
+                    ids = await self._redis.zrangebyscore(
+                        index, bound, "+inf", start=offset, num=batch
+                    )
+                if not ids:
+                    break
+                offset += len(ids)
+                rids = [i.decode() for i in ids]
+                raws = await self._hget_many([self._k.res(tenant, r) for r in rids])
+                for rid, raw in zip(rids, raws, strict=True):
+                    if raw is None:
+                        stale.append(rid)
+                        continue
+                    row = _dec(ReservationRow, raw)
+                    if after is not None and not _beyond(
+                        row.created_at_ms, rid, after, query.sort_desc
+                    ):
+                        continue
+                    if not _matches(row, query):
+                        continue
+                    if len(items) == query.limit:
+                        more = done = True
+                        break
+                    items.append(row)
+            if stale:  # finalized reservations past their retention
+                await self._redis.zrem(index, *stale)
+        else:
+            rows = await self._candidates(query)
+            rows = [r for r in rows if _matches(r, query)]
+            rows.sort(
+                key=lambda r: (_sort_key(sort_value(r)), r.reservation_id), reverse=query.sort_desc
+            )
+            if after is not None:
+                rows = [
+                    r
+                    for r in rows
+                    if _beyond(sort_value(r), r.reservation_id, after, query.sort_desc)
+                ]
+            items = rows[: query.limit]
+            more = len(rows) > query.limit
+        cursor = None
+        if more and items:
+            last = items[-1]
+            cursor = encode_cursor([sort_value(last), last.reservation_id, fingerprint])
+        return Page(items, cursor)
+
+    async def _candidates(self, query: ReservationQuery) -> list[ReservationRow]:
+        tenant = query.tenant_id
+        if query.idempotency_key is not None:
+            fields = await self._redis.hgetall(
+                self._k.idem(tenant, "reserve", query.idempotency_key)
+            )
+            if _D in fields:
+                rid = _dec_idem(fields).reservation_id
+                row = await self.get_reservation(rid) if rid else None
+                if row is not None and row.tenant_id == tenant:
+                    return [row]
+        index = self._k.x_active(tenant) if query.status == "ACTIVE" else self._k.x_res(tenant)
+        ids = [i.decode() for i in await self._redis.zrange(index, 0, -1)]
+        raws = await self._hget_many([self._k.res(tenant, r) for r in ids])
+        return [_dec(ReservationRow, raw) for raw in raws if raw is not None]
+
+    async def _budgets_at(self, scopes: Sequence[str]) -> list[BudgetRow]:
+        keyed = [(s, ledger.scope_tenant(s)) for s in scopes]
+        hashes = await self._hgetall_many([self._k.budget(t, s) if t else "" for s, t in keyed])
+        rows: list[BudgetRow] = []
+        for fields in hashes:
+            for name, raw in sorted(fields.items()):
+                if name != _V:
+                    rows.append(_dec(BudgetRow, raw))
+        return rows
+
+    async def _page_budgets(
+        self,
+        index: str,
+        keep: Callable[[BudgetRow], bool],
+        limit: int,
+        cursor: str | None,
+    ) -> Page[BudgetRow]:
+        after: tuple[str, str] | None = None
+        lower = "-"
+        if cursor:
+            scope, unit = decode_cursor(cursor, 2)
+            after = (str(scope), str(unit))
+            lower = f"[{scope}"
+        items: list[BudgetRow] = []
+        batch = max(limit * 2, 100)
+        while True:
+            scopes = [
+                s.decode()
+                for s in await self._redis.zrangebylex(index, lower, "+", start=0, num=batch)
+            ]
+            if not scopes:
+                return Page(items, None)
+            lower = f"({scopes[-1]}"
+            for row in await self._budgets_at(scopes):
+                if after is not None and (row.scope, row.unit) <= after:
+                    continue
+                if not keep(row):
+                    continue
+                if len(items) == limit:
+                    last = items[-1]
+                    return Page(items, encode_cursor([last.scope, last.unit]))
+                items.append(row)
+
+    async def list_balances(
+        self, tenant_id: str, segments: Sequence[str], limit: int, cursor: str | None
+    ) -> Page[BudgetRow]:
+        """See :meth:`Store.list_balances` (walks the tenant's ``x:budgets`` index)."""
+        return await self._page_budgets(
+            self._k.x_budgets(tenant_id),
+            lambda b: b.tenant_id == tenant_id and ledger.scope_matches_filters(b.scope, segments),
+            limit,
+            cursor,
+        )
+
+    async def list_budgets(
+        self,
+        tenant_id: str | None,
+        *,
+        scope_prefix: str | None,
+        unit: str | None,
+        status: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[BudgetRow]:
+        """See :meth:`Store.list_budgets`."""
+        index = self._k.all_budgets if tenant_id is None else self._k.x_budgets(tenant_id)
+        return await self._page_budgets(
+            index,
+            lambda b: (
+                (tenant_id is None or b.tenant_id == tenant_id)
+                and (unit is None or b.unit == unit)
+                and (status is None or b.status == status)
+                and (
+                    scope_prefix is None
+                    or b.scope == scope_prefix
+                    or b.scope.startswith(scope_prefix + "/")
+                )
+            ),
+            limit,
+            cursor,
+        )
+
+    async def _page_lex(
+        self,
+        index: str,
+        load: Callable[[list[str]], Awaitable[list[_T | None]]],
+        keep: Callable[[_T], bool],
+        ident: Callable[[_T], str],
+        limit: int,
+        cursor: str | None,
+    ) -> Page[_T]:
+        lower = "-"
+        if cursor:
+            (after,) = decode_cursor(cursor, 1)
+            lower = f"({after}"
+        items: list[_T] = []
+        batch = max(limit * 2, 100)
+        while True:
+            names = [
+                n.decode()
+                for n in await self._redis.zrangebylex(index, lower, "+", start=0, num=batch)
+            ]
+            if not names:
+                return Page(items, None)
+            lower = f"({names[-1]}"
+            for row in await load(names):
+                if row is None or not keep(row):
+                    continue
+                if len(items) == limit:
+                    return Page(items, encode_cursor([ident(items[-1])]))
+                items.append(row)
+
+    # -- admin: tenants --------------------------------------------------------------------------
+
+    async def get_tenant(self, tenant_id: str) -> TenantRow | None:
+        """See :meth:`Store.get_tenant`."""
+        raw = await self._redis.hget(self._k.tenant(tenant_id), _D)
+        return None if raw is None else _dec(TenantRow, raw)
+
+    async def _tenants(self, ids: list[str]) -> list[TenantRow | None]:
+        raws = await self._hget_many([self._k.tenant(t) for t in ids])
+        return [None if raw is None else _dec(TenantRow, raw) for raw in raws]
+
+    async def list_tenants(
+        self, status: str | None, limit: int, cursor: str | None
+    ) -> Page[TenantRow]:
+        """See :meth:`Store.list_tenants`."""
+        return await self._page_lex(
+            self._k.tenants,
+            self._tenants,
+            lambda t: status is None or t.status == status,
+            lambda t: t.tenant_id,
+            limit,
+            cursor,
+        )
+
+    async def create_tenant(self, row: TenantRow) -> tuple[TenantRow, bool]:
+        """See :meth:`Store.create_tenant`."""
+        tenant_id = row.tenant_id
+
+        def plan(w: _Work) -> tuple[TenantRow, bool]:
+            existing = w.tenant()
+            if existing is not None:
+                if existing.name != row.name:
+                    raise LedgerError(
+                        "DUPLICATE_RESOURCE",
+                        f"tenant {tenant_id} already exists with a different name "
+                        f"({existing.name!r}); choose another tenant_id",
+                    )
+                return existing, False
+            new = dataclasses.replace(row, created_at_ms=w.now, updated_at_ms=w.now)
+            w.put_tenant(new)
+            return new, True
+
+        result = await self._submit(tenant_id, [], plan)
+        await self._redis.zadd(self._k.tenants, {tenant_id: 0})
+        row.created_at_ms, row.updated_at_ms = result[0].created_at_ms, result[0].updated_at_ms
+        return result
+
+    async def update_tenant(self, tenant_id: str, changes: dict[str, Any]) -> TenantRow:
+        """See :meth:`Store.update_tenant`.
+
+        Closing runs in steps (see the module docstring): the tenant row first (a fence for
+        every process), then its ACTIVE reservations are released and its budgets closed in
+        batches, then its keys revoked. Asking to close an already closed tenant finishes an
+        interrupted cascade.
+        """
+        new_status = changes.get("status")
+
+        def plan(w: _Work) -> TenantRow:
+            row = w.tenant()
+            if row is None:
+                raise LedgerError("NOT_FOUND", f"tenant {tenant_id} does not exist")
+            if row.status == "CLOSED" and new_status not in (None, "CLOSED"):
+                raise LedgerError(
+                    "TENANT_CLOSED", f"tenant {tenant_id} is CLOSED; closing is irreversible"
+                )
+            was_closed = row.status == "CLOSED"
+            for name, value in changes.items():
+                setattr(row, name, value)
+            row.updated_at_ms = w.now
+            if new_status == "SUSPENDED":
+                row.suspended_at_ms = w.now
+            if new_status == "CLOSED" and not was_closed:
+                row.closed_at_ms = w.now
+            w.put_tenant(row)
+            return row
+
+        updated = await self._submit(tenant_id, [], plan)
+        if new_status == "CLOSED":
+            await self._close_cascade(tenant_id)
+        return updated
+
+    async def _close_cascade(self, tenant_id: str) -> None:
+        active = self._k.x_active(tenant_id)
+        while True:
+            ids = [i.decode() for i in await self._redis.zrange(active, 0, CLOSE_BATCH - 1)]
+            if not ids:
+                break
+
+            def close_reservations(w: _Work, ids: list[str] = ids) -> None:
+                self._plan_close_batch(w, ids)
+
+            await self._submit(
+                tenant_id, [self._k.res(tenant_id, rid) for rid in ids], close_reservations
+            )
+        scopes = [s.decode() for s in await self._redis.zrange(self._k.x_budgets(tenant_id), 0, -1)]
+        for start in range(0, len(scopes), CLOSE_BATCH):
+            chunk = scopes[start : start + CLOSE_BATCH]
+
+            def close_budgets(w: _Work, chunk: list[str] = chunk) -> None:
+                for budget in w.budgets(chunk):
+                    if budget.tenant_id == tenant_id and budget.status != "CLOSED":
+                        budget.status = "CLOSED"
+                        budget.updated_at_ms = w.now
+                        w.put_budget(budget)
+
+            await self._submit(tenant_id, self._scope_keys(tenant_id, chunk), close_budgets)
+        key_ids = [k.decode() for k in await self._redis.zrange(self._k.keys_of(tenant_id), 0, -1)]
+        for key_id in key_ids:
+            row = await self._api_key_by_id(key_id)
+            if row is not None and row.status == "ACTIVE":
+                await self._revoke(row, "tenant closed", only_active=True)
+
+    def _plan_close_batch(self, w: _Work, ids: list[str]) -> None:
+        for rid in ids:
+            res = w.reservation(rid)
+            if res is None:
+                w.zops.append(_ZOp(False, self._k.x_active(w.tenant_id), rid))
+                continue
+            if res.status != "ACTIVE":
+                continue
+            w.require(self._scope_keys(w.tenant_id, res.budgeted_scopes))
+            w.apply(ledger.plan_close_release(res, w.budgets(res.budgeted_scopes), w.now))
+
+    # -- admin: API keys -------------------------------------------------------------------------
+
+    async def _api_key_by_id(self, key_id: str) -> ApiKeyRow | None:
+        key_hash = await self._redis.hget(self._k.key_by_id(key_id), b"h")
+        if key_hash is None:
+            return None
+        raw = await self._redis.hget(self._k.key_by_hash(key_hash.decode()), _D)
+        return None if raw is None else _dec(ApiKeyRow, raw)
+
+    async def create_api_key(self, row: ApiKeyRow) -> ApiKeyRow:
+        """See :meth:`Store.create_api_key`."""
+        tenant = await self.get_tenant(row.tenant_id)
+        if tenant is None:
+            raise LedgerError(
+                "TENANT_NOT_FOUND",
+                f"tenant {row.tenant_id} does not exist; create it first (POST /v1/admin/tenants)",
+                status=400,
+            )
+        if tenant.status == "CLOSED":
+            raise LedgerError(
+                "TENANT_CLOSED", f"tenant {row.tenant_id} is CLOSED; keys cannot be created"
+            )
+        row.created_at_ms = await self._now()
+        by_hash, by_id = self._k.key_by_hash(row.key_hash), self._k.key_by_id(row.key_id)
+        keys = [by_hash, by_id]
+        snap = await self._read(keys)
+        if snap.rows[by_hash] or snap.rows[by_id]:
+            raise LedgerError("DUPLICATE_RESOURCE", f"API key {row.key_id} already exists")
+        work = _Work(self._k, row.tenant_id, snap)
+        work.dirty[by_hash] = {_D: _enc(row)}
+        work.dirty[by_id] = {b"h": row.key_hash.encode()}
+        work.zops.append(_ZOp(True, self._k.keys_all, row.key_id))
+        work.zops.append(_ZOp(True, self._k.keys_of(row.tenant_id), row.key_id))
+        try:
+            await self._cas(keys, snap, work)
+        except _Conflict:
+            raise LedgerError(
+                "DUPLICATE_RESOURCE", f"API key {row.key_id} was created concurrently"
+            ) from None
+        return row
+
+    async def _api_keys(self, ids: list[str]) -> list[ApiKeyRow | None]:
+        hashes = await self._hget_many([self._k.key_by_id(i) for i in ids], b"h")
+        raws = await self._hget_many([self._k.key_by_hash(h.decode()) if h else "" for h in hashes])
+        return [None if raw is None else _dec(ApiKeyRow, raw) for raw in raws]
+
+    async def list_api_keys(
+        self, tenant_id: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> Page[ApiKeyRow]:
+        """See :meth:`Store.list_api_keys`."""
+        index = self._k.keys_all if tenant_id is None else self._k.keys_of(tenant_id)
+        return await self._page_lex(
+            index,
+            self._api_keys,
+            lambda k: (
+                (tenant_id is None or k.tenant_id == tenant_id)
+                and (status is None or k.status == status)
+            ),
+            lambda k: k.key_id,
+            limit,
+            cursor,
+        )
+
+    async def _revoke(self, row: ApiKeyRow, reason: str | None, *, only_active: bool) -> ApiKeyRow:
+        by_hash = self._k.key_by_hash(row.key_hash)
+        while True:
+            snap = await self._read([by_hash])
+            raw = snap.rows[by_hash].get(_D)
+            if raw is None:
+                raise LedgerError("NOT_FOUND", f"API key {row.key_id} does not exist")
+            current = _dec(ApiKeyRow, raw)
+            if current.status == "REVOKED":
+                if only_active:
+                    return current
+                raise LedgerError("KEY_REVOKED", f"API key {row.key_id} is already revoked")
+            current.status = "REVOKED"
+            current.revoked_at_ms = snap.now_ms
+            current.revoked_reason = reason
+            work = _Work(self._k, current.tenant_id, snap)
+            work.dirty[by_hash] = {_D: _enc(current)}
+            try:
+                await self._cas([by_hash], snap, work)
+            except _Conflict:
+                continue
+            return current
+
+    async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
+        """See :meth:`Store.revoke_api_key`."""
+        row = await self._api_key_by_id(key_id)
+        if row is None:
+            raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
+        return await self._revoke(row, reason, only_active=False)
+
+    # -- admin: budgets --------------------------------------------------------------------------
+
+    def _budget_tenant(self, scope: str) -> str:
+        owner = ledger.scope_tenant(scope)
+        if owner is None:
+            raise LedgerError(
+                "NOT_FOUND",
+                f"no budget for scope {scope}: budget scopes start with 'tenant:<id>'",
+            )
+        return owner
+
+    async def create_budget(self, row: BudgetRow) -> BudgetRow:
+        """See :meth:`Store.create_budget`."""
+        owner = ledger.scope_tenant(row.scope)
+        if owner != row.tenant_id:
+            raise LedgerError(
+                "INVALID_REQUEST",
+                f"scope {row.scope!r} must start with 'tenant:{row.tenant_id}' (the budget's "
+                "tenant)",
+            )
+
+        def plan(w: _Work) -> BudgetRow:
+            tenant = w.tenant()
+            if tenant is None:
+                raise LedgerError(
+                    "TENANT_NOT_FOUND",
+                    f"tenant {row.tenant_id} does not exist; create it first",
+                    status=400,
+                )
+            if tenant.status == "CLOSED":
+                raise LedgerError("TENANT_CLOSED", f"tenant {row.tenant_id} is CLOSED")
+            if tenant.status != "ACTIVE":
+                raise LedgerError(
+                    "INVALID_REQUEST",
+                    f"tenant {row.tenant_id} is {tenant.status}; budgets can only be created "
+                    "for ACTIVE tenants",
+                )
+            if any(b.unit == row.unit for b in w.budgets([row.scope])):
+                raise LedgerError(
+                    "DUPLICATE_RESOURCE",
+                    f"a budget for {row.scope} in {row.unit} already exists; fund it with "
+                    "POST /v1/admin/budgets/fund instead",
+                )
+            new = dataclasses.replace(row, created_at_ms=w.now, updated_at_ms=w.now)
+            w.put_budget(new, new=True)
+            return new
+
+        try:
+            new = await self._submit(
+                row.tenant_id, self._scope_keys(row.tenant_id, [row.scope]), plan
+            )
+        except LedgerError as exc:
+            if exc.code == "DUPLICATE_RESOURCE":  # repair a missing global index entry
+                await self._redis.zadd(self._k.all_budgets, {row.scope: 0})
+            raise
+        await self._redis.zadd(self._k.all_budgets, {row.scope: 0})
+        row.created_at_ms, row.updated_at_ms = new.created_at_ms, new.updated_at_ms
+        return new
+
+    async def get_budget(self, scope: str, unit: str) -> BudgetRow | None:
+        """See :meth:`Store.get_budget`."""
+        owner = ledger.scope_tenant(scope)
+        if owner is None:
+            return None
+        raw = await self._redis.hget(self._k.budget(owner, scope), unit)
+        return None if raw is None else _dec(BudgetRow, raw)
+
+    @staticmethod
+    def _budget_for(w: _Work, scope: str, unit: str, tenant_id: str | None) -> BudgetRow:
+        for row in w.budgets([scope]):
+            if row.unit == unit:
+                if tenant_id is not None and row.tenant_id != tenant_id:
+                    raise LedgerError(
+                        "FORBIDDEN", f"budget {scope} ({unit}) belongs to another tenant"
+                    )
+                return row
+        raise LedgerError(
+            "NOT_FOUND",
+            f"no budget for scope {scope} in {unit}; create it with POST /v1/admin/budgets",
+        )
+
+    async def update_budget(
+        self, scope: str, unit: str, tenant_id: str | None, changes: dict[str, Any]
+    ) -> BudgetRow:
+        """See :meth:`Store.update_budget`."""
+        owner = self._budget_tenant(scope)
+
+        def plan(w: _Work) -> BudgetRow:
+            row = self._budget_for(w, scope, unit, tenant_id)
+            for name, value in changes.items():
+                setattr(row, name, value)
+            if "overdraft_limit" in changes:
+                row.is_over_limit = row.debt > row.overdraft_limit
+            row.updated_at_ms = w.now
+            w.put_budget(row)
+            return row
+
+        return await self._submit(owner, self._scope_keys(owner, [scope]), plan)
+
+    async def fund_budget(
+        self,
+        tenant_id: str | None,
+        scope: str,
+        unit: str,
+        *,
+        operation: str,
+        amount: int,
+        spent: int | None,
+        idempotency_key: str | None,
+        request_hash: str,
+        timestamp: str,
+    ) -> Outcome:
+        """See :meth:`Store.fund_budget`."""
+        owner = self._budget_tenant(scope)
+        endpoint = f"fund:{scope}:{unit}"
+
+        def plan(w: _Work) -> Outcome:
+            row = self._budget_for(w, scope, unit, tenant_id)
+            if idempotency_key is not None:
+                idem = w.idem(endpoint, idempotency_key)
+                if idem is not None:
+                    return ledger.replay(idem, request_hash, now_ms=w.now)
+            new, response = ledger.plan_fund(row, operation, amount, spent=spent, now_ms=w.now)
+            response["timestamp"] = timestamp
+            raw = ledger.dumps(response)
+            idem_row = None
+            if idempotency_key is not None:
+                idem_row = IdempotencyRow(
+                    row.tenant_id, endpoint, idempotency_key, request_hash, 200, raw, None, w.now,
+                    w.now + ledger.RETAIN_DECIDE_MS,
+                )  # fmt: skip
+            outcome = Outcome(200, raw, budgets=[new], idempotency=idem_row)
+            w.apply(outcome)
+            return outcome
+
+        keys = self._scope_keys(owner, [scope])
+        if idempotency_key is not None:
+            keys.append(self._k.idem(owner, endpoint, idempotency_key))
+        return await self._submit(owner, keys, plan)
+
+    # -- maintenance (tests, CLI) ----------------------------------------------------------------
+
+    async def delete_all_keys(self) -> int:
+        """Delete every key under this store's prefix; return how many.
+
+        Uses ``SCAN`` (never on a request path): meant for tests and for decommissioning a
+        deployment's prefix. Never flushes the database.
+        """
+        deleted = 0
+        batch: list[bytes] = []
+        async for key in self._redis.scan_iter(match=f"{self.prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += int(await self._redis.delete(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(await self._redis.delete(*batch))
+        return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# Listing helpers (same ordering and filters as the SQLite store)
+
+_SORT_VALUE: Final[dict[str, Callable[[ReservationRow], Any]]] = {
+    "reservation_id": lambda r: r.reservation_id,
+    "tenant": lambda r: r.subject.get("tenant"),
+    "scope_path": lambda r: r.scope_path,
+    "status": lambda r: r.status,
+    "reserved": lambda r: r.estimate,
+    "created_at_ms": lambda r: r.created_at_ms,
+    "expires_at_ms": lambda r: r.expires_at_ms,
+}
+_SQL_COLUMN: Final = {
+    "reservation_id": "reservation_id",
+    "tenant": "s_tenant",
+    "scope_path": "scope_path",
+    "status": "status",
+    "reserved": "estimate",
+    "created_at_ms": "created_at_ms",
+    "expires_at_ms": "expires_at_ms",
+}
+
+
+def _sort_key(value: Any) -> tuple[bool, Any]:
+    # NULLs sort first ascending, like SQLite.
+    return (value is not None, value if value is not None else 0)
+
+
+def _beyond(value: Any, rid: str, after: tuple[Any, str], desc: bool) -> bool:
+    mine = (_sort_key(value), rid)
+    theirs = (_sort_key(after[0]), after[1])
+    try:
+        return mine < theirs if desc else mine > theirs
+    except TypeError:
+        return False
+
+
+def _within(value: int | None, lo: int | None, hi: int | None) -> bool:
+    if value is None:
+        return lo is None and hi is None
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
+def _matches(r: ReservationRow, query: ReservationQuery) -> bool:
+    return (
+        r.tenant_id == query.tenant_id
+        and (query.idempotency_key is None or r.idempotency_key == query.idempotency_key)
+        and (query.status is None or r.status == query.status)
+        and all(r.subject.get(level) == value for level, value in query.subject.items())
+        and _within(r.created_at_ms, query.created_from_ms, query.created_to_ms)
+        and _within(r.expires_at_ms, query.expires_from_ms, query.expires_to_ms)
+        and (
+            (query.finalized_from_ms is None and query.finalized_to_ms is None)
+            or _within(r.finalized_at_ms, query.finalized_from_ms, query.finalized_to_ms)
+        )
+    )

@@ -1,0 +1,783 @@
+"""SQLite store: one file, one ``BEGIN IMMEDIATE`` transaction per mutation.
+
+Durability and concurrency:
+
+* The database runs in WAL mode. ``synchronous=NORMAL`` (the default here) makes every
+  acknowledged transaction survive a killed or crashed *process* (the WAL is in the OS page
+  cache the moment COMMIT returns), but the last transactions can be lost if the *machine*
+  loses power. ``synchronous=FULL`` fsyncs the WAL on every commit and survives power loss too,
+  at roughly 10x the commit cost (about 200 us instead of 20 us on a typical SSD). Choose with
+  ``SqliteStore(path, synchronous="FULL")``.
+* Every mutation is one ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front, so
+  several server processes on one file serialize correctly and never hit a lock upgrade
+  deadlock; ``busy_timeout`` makes a waiting process block instead of failing.
+* Transactions run inline on the calling (event loop) thread: each takes tens of microseconds,
+  cheaper than handing it to a worker thread. Statements are prepared once and cached by the
+  ``sqlite3`` module.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from runcycles_server import ledger
+from runcycles_server.ledger import (
+    ApiKeyRow,
+    BudgetRow,
+    IdempotencyRow,
+    LedgerError,
+    Outcome,
+    ReservationRow,
+    TenantRow,
+)
+from runcycles_server.stores.base import Clock, Page, ReservationQuery, RowStore
+
+SCHEMA_VERSION: Final = 1
+
+_MIGRATIONS: Final[dict[int, str]] = {
+    1: """
+CREATE TABLE tenants (
+    tenant_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    parent_tenant_id TEXT,
+    default_commit_overage_policy TEXT,
+    default_reservation_ttl_ms INTEGER,
+    max_reservation_ttl_ms INTEGER,
+    max_reservation_extensions INTEGER,
+    reservation_expiry_policy TEXT,
+    metadata TEXT,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    suspended_at_ms INTEGER,
+    closed_at_ms INTEGER
+) WITHOUT ROWID;
+
+CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    key_prefix TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    description TEXT,
+    permissions TEXT NOT NULL,
+    scope_filter TEXT,
+    metadata TEXT,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    revoked_at_ms INTEGER,
+    revoked_reason TEXT
+) WITHOUT ROWID;
+CREATE INDEX api_keys_tenant ON api_keys (tenant_id, key_id);
+
+CREATE TABLE budgets (
+    scope TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    allocated INTEGER NOT NULL,
+    remaining INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    spent INTEGER NOT NULL,
+    debt INTEGER NOT NULL,
+    overdraft_limit INTEGER NOT NULL,
+    is_over_limit INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    commit_overage_policy TEXT,
+    caps TEXT,
+    ledger_id TEXT NOT NULL,
+    rollover_policy TEXT,
+    period_start TEXT,
+    period_end TEXT,
+    metadata TEXT,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (scope, unit)
+) WITHOUT ROWID;
+CREATE INDEX budgets_tenant ON budgets (tenant_id, scope, unit);
+
+CREATE TABLE reservations (
+    reservation_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    action TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    estimate INTEGER NOT NULL,
+    scope_path TEXT NOT NULL,
+    affected_scopes TEXT NOT NULL,
+    budgeted_scopes TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    grace_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    overage_policy TEXT NOT NULL,
+    max_extensions INTEGER NOT NULL,
+    extension_count INTEGER NOT NULL,
+    idempotency_key TEXT,
+    metadata TEXT,
+    committed INTEGER,
+    committed_metadata TEXT,
+    finalized_at_ms INTEGER,
+    s_tenant TEXT,
+    s_workspace TEXT,
+    s_app TEXT,
+    s_workflow TEXT,
+    s_agent TEXT,
+    s_toolset TEXT
+);
+CREATE INDEX reservations_tenant_created ON reservations (tenant_id, created_at_ms);
+CREATE INDEX reservations_due ON reservations (deadline_ms) WHERE status = 'ACTIVE';
+CREATE INDEX reservations_tenant_active ON reservations (tenant_id) WHERE status = 'ACTIVE';
+CREATE INDEX reservations_idem ON reservations (tenant_id, idempotency_key);
+
+CREATE TABLE idempotency (
+    tenant_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    payload_hash TEXT NOT NULL,
+    status_code INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    reservation_id TEXT,
+    created_at_ms INTEGER NOT NULL,
+    retain_until_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, endpoint, idem_key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_retention ON idempotency (retain_until_ms);
+
+CREATE TABLE events (
+    event_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    action TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    actual INTEGER NOT NULL,
+    charged INTEGER NOT NULL,
+    scope_path TEXT NOT NULL,
+    affected_scopes TEXT NOT NULL,
+    budgeted_scopes TEXT NOT NULL,
+    overage_policy TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    metrics TEXT,
+    metadata TEXT,
+    client_time_ms INTEGER
+) WITHOUT ROWID;
+CREATE INDEX events_tenant_created ON events (tenant_id, created_at_ms);
+
+CREATE TABLE audit_log (
+    audit_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    actor_type TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    resource_id TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    request_id TEXT,
+    trace_id TEXT,
+    details TEXT
+) WITHOUT ROWID;
+""",
+}
+
+
+def _j(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _uj(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def encode_cursor(values: Sequence[Any]) -> str:
+    """Encode a keyset position as an opaque URL-safe cursor."""
+    return base64.urlsafe_b64encode(_j(list(values)).encode()).decode().rstrip("=")  # type: ignore[union-attr]
+
+
+def decode_cursor(cursor: str, size: int) -> list[Any]:
+    """Decode a cursor made by :func:`encode_cursor`.
+
+    Raises:
+        LedgerError: INVALID_REQUEST if it is not one of ours.
+    """
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        values = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (ValueError, TypeError):
+        values = None
+    if not isinstance(values, list) or len(values) != size:
+        raise LedgerError(
+            "INVALID_REQUEST",
+            "cursor is not valid: pass back next_cursor from the previous page unchanged",
+        )
+    return values
+
+
+_TENANT_COLS: Final = (
+    "tenant_id, name, status, parent_tenant_id, default_commit_overage_policy, "
+    "default_reservation_ttl_ms, max_reservation_ttl_ms, max_reservation_extensions, "
+    "reservation_expiry_policy, metadata, created_at_ms, updated_at_ms, suspended_at_ms, "
+    "closed_at_ms"
+)
+_KEY_COLS: Final = (
+    "key_id, key_hash, key_prefix, tenant_id, name, status, description, permissions, "
+    "scope_filter, metadata, created_at_ms, expires_at_ms, revoked_at_ms, revoked_reason"
+)
+_BUDGET_COLS: Final = (
+    "scope, unit, tenant_id, allocated, remaining, reserved, spent, debt, overdraft_limit, "
+    "is_over_limit, status, commit_overage_policy, caps, ledger_id, rollover_policy, "
+    "period_start, period_end, metadata, created_at_ms, updated_at_ms"
+)
+_RES_COLS: Final = (
+    "reservation_id, tenant_id, status, subject, action, unit, estimate, scope_path, "
+    "affected_scopes, budgeted_scopes, created_at_ms, expires_at_ms, grace_ms, overage_policy, "
+    "max_extensions, extension_count, idempotency_key, metadata, committed, committed_metadata, "
+    "finalized_at_ms"
+)
+_SORT_COLUMNS: Final = {
+    "reservation_id": "reservation_id",
+    "tenant": "s_tenant",
+    "scope_path": "scope_path",
+    "status": "status",
+    "reserved": "estimate",
+    "created_at_ms": "created_at_ms",
+    "expires_at_ms": "expires_at_ms",
+}
+
+
+def _tenant(r: sqlite3.Row | tuple[Any, ...]) -> TenantRow:
+    return TenantRow(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], _uj(r[9]), r[10], r[11], r[12], r[13]
+    )
+
+
+def _key(r: tuple[Any, ...]) -> ApiKeyRow:
+    return ApiKeyRow(
+        key_id=r[0],
+        key_hash=r[1],
+        key_prefix=r[2],
+        tenant_id=r[3],
+        name=r[4],
+        status=r[5],
+        description=r[6],
+        permissions=json.loads(r[7]),
+        scope_filter=_uj(r[8]),
+        metadata=_uj(r[9]),
+        created_at_ms=r[10],
+        expires_at_ms=r[11],
+        revoked_at_ms=r[12],
+        revoked_reason=r[13],
+    )
+
+
+def _budget(r: tuple[Any, ...]) -> BudgetRow:
+    return BudgetRow(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10], r[11],
+        _uj(r[12]), r[13], r[14], r[15], r[16], _uj(r[17]), r[18], r[19],
+    )  # fmt: skip
+
+
+def _reservation(r: tuple[Any, ...]) -> ReservationRow:
+    return ReservationRow(
+        r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), r[5], r[6], r[7], json.loads(r[8]),
+        json.loads(r[9]), r[10], r[11], r[12], r[13], r[14], r[15], r[16], _uj(r[17]), r[18],
+        _uj(r[19]), r[20],
+    )  # fmt: skip
+
+
+class SqliteStore(RowStore):
+    """A :class:`~runcycles_server.stores.base.Store` on one SQLite file.
+
+    Args:
+        path: database file (created with its directory if missing), or ``":memory:"``.
+        clock: epoch-milliseconds clock (inject a fake one in tests).
+        synchronous: ``"NORMAL"`` (survives process crashes) or ``"FULL"`` (also power loss).
+        busy_timeout_ms: how long to wait for another process's write lock.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Clock | None = None,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        busy_timeout_ms: int = 10_000,
+    ) -> None:
+        super().__init__(clock)
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(path)
+        self._conn = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=busy_timeout_ms / 1000,
+            cached_statements=256,
+        )
+        conn = self._conn
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if self.path != ":memory:":
+            conn.execute("PRAGMA journal_mode = WAL")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        self._migrate()
+
+    # -- schema ----------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        with self._write():
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL)"
+            )
+            row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+            current = row[0] or 0
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"database {self.path} has schema version {current}, newer than this server "
+                    f"supports ({SCHEMA_VERSION}); upgrade runcycles-server"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, self.clock()))
+
+    def schema_version(self) -> int:
+        """Return the applied schema version."""
+        row = self._conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    # -- transactions ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _write_tx(self) -> Iterator[None]:
+        conn = self._conn
+        if conn.in_transaction:  # nested use inside one operation
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def _read_tx(self) -> Iterator[None]:
+        conn = self._conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
+
+    def _write(self) -> AbstractContextManager[None]:
+        return self._write_tx()
+
+    def _read(self) -> AbstractContextManager[None]:
+        return self._read_tx()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+    async def ping(self) -> bool:
+        """Return whether the database answers."""
+        try:
+            self._conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+
+    # -- primitives ------------------------------------------------------------------------------
+
+    def _get_tenant(self, tenant_id: str) -> TenantRow | None:
+        r = self._conn.execute(
+            f"SELECT {_TENANT_COLS} FROM tenants WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        return None if r is None else _tenant(r)
+
+    def _put_tenant(self, row: TenantRow, *, insert: bool) -> None:
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO tenants ({_TENANT_COLS}) VALUES "
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                row.tenant_id, row.name, row.status, row.parent_tenant_id,
+                row.default_commit_overage_policy, row.default_reservation_ttl_ms,
+                row.max_reservation_ttl_ms, row.max_reservation_extensions,
+                row.reservation_expiry_policy, _j(row.metadata), row.created_at_ms,
+                row.updated_at_ms, row.suspended_at_ms, row.closed_at_ms,
+            ),
+        )  # fmt: skip
+
+    def _get_budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
+        if not scopes:
+            return []
+        marks = ",".join("?" * len(scopes))
+        rows = self._conn.execute(
+            f"SELECT {_BUDGET_COLS} FROM budgets WHERE scope IN ({marks})", tuple(scopes)
+        ).fetchall()
+        return [_budget(r) for r in rows]
+
+    def _put_budget(self, row: BudgetRow, *, insert: bool) -> None:
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO budgets ({_BUDGET_COLS}) VALUES "
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                row.scope, row.unit, row.tenant_id, row.allocated, row.remaining, row.reserved,
+                row.spent, row.debt, row.overdraft_limit, int(row.is_over_limit), row.status,
+                row.commit_overage_policy, _j(row.caps), row.ledger_id, row.rollover_policy,
+                row.period_start, row.period_end, _j(row.metadata), row.created_at_ms,
+                row.updated_at_ms,
+            ),
+        )  # fmt: skip
+
+    def _get_reservation(self, reservation_id: str) -> ReservationRow | None:
+        r = self._conn.execute(
+            f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
+        ).fetchone()
+        return None if r is None else _reservation(r)
+
+    def _get_idem(self, tenant_id: str, endpoint: str, key: str) -> IdempotencyRow | None:
+        r = self._conn.execute(
+            "SELECT tenant_id, endpoint, idem_key, payload_hash, status_code, body, "
+            "reservation_id, created_at_ms, retain_until_ms FROM idempotency "
+            "WHERE tenant_id = ? AND endpoint = ? AND idem_key = ?",
+            (tenant_id, endpoint, key),
+        ).fetchone()
+        return None if r is None else IdempotencyRow(*r)
+
+    def _apply(self, outcome: Outcome) -> None:
+        conn = self._conn
+        if outcome.budgets:
+            conn.executemany(
+                "UPDATE budgets SET allocated = ?, remaining = ?, reserved = ?, spent = ?, "
+                "debt = ?, is_over_limit = ?, updated_at_ms = ? WHERE scope = ? AND unit = ?",
+                [
+                    (
+                        b.allocated, b.remaining, b.reserved, b.spent, b.debt,
+                        int(b.is_over_limit), b.updated_at_ms, b.scope, b.unit,
+                    )
+                    for b in outcome.budgets
+                ],
+            )  # fmt: skip
+        res = outcome.reservation
+        if res is not None:
+            s = res.subject
+            conn.execute(
+                f"INSERT INTO reservations ({_RES_COLS}, deadline_ms, s_tenant, s_workspace, "
+                "s_app, s_workflow, s_agent, s_toolset) VALUES "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (reservation_id) DO UPDATE SET status = excluded.status, "
+                "expires_at_ms = excluded.expires_at_ms, deadline_ms = excluded.deadline_ms, "
+                "extension_count = excluded.extension_count, committed = excluded.committed, "
+                "committed_metadata = excluded.committed_metadata, "
+                "finalized_at_ms = excluded.finalized_at_ms",
+                (
+                    res.reservation_id, res.tenant_id, res.status, _j(res.subject),
+                    _j(res.action), res.unit, res.estimate, res.scope_path,
+                    _j(res.affected_scopes), _j(res.budgeted_scopes), res.created_at_ms,
+                    res.expires_at_ms, res.grace_ms, res.overage_policy, res.max_extensions,
+                    res.extension_count, res.idempotency_key, _j(res.metadata), res.committed,
+                    _j(res.committed_metadata), res.finalized_at_ms, res.deadline_ms,
+                    s.get("tenant"), s.get("workspace"), s.get("app"), s.get("workflow"),
+                    s.get("agent"), s.get("toolset"),
+                ),
+            )  # fmt: skip
+        idem = outcome.idempotency
+        if idem is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency (tenant_id, endpoint, idem_key, payload_hash, "
+                "status_code, body, reservation_id, created_at_ms, retain_until_ms) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    idem.tenant_id, idem.endpoint, idem.key, idem.payload_hash, idem.status_code,
+                    idem.body, idem.reservation_id, idem.created_at_ms, idem.retain_until_ms,
+                ),
+            )  # fmt: skip
+        ev = outcome.event
+        if ev is not None:
+            conn.execute(
+                "INSERT INTO events (event_id, tenant_id, subject, action, unit, actual, charged, "
+                "scope_path, affected_scopes, budgeted_scopes, overage_policy, idempotency_key, "
+                "created_at_ms, metrics, metadata, client_time_ms) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    ev.event_id, ev.tenant_id, _j(ev.subject), _j(ev.action), ev.unit, ev.actual,
+                    ev.charged, ev.scope_path, _j(ev.affected_scopes), _j(ev.budgeted_scopes),
+                    ev.overage_policy, ev.idempotency_key, ev.created_at_ms, _j(ev.metrics),
+                    _j(ev.metadata), ev.client_time_ms,
+                ),
+            )  # fmt: skip
+        audit = outcome.audit
+        if audit is not None:
+            conn.execute(
+                "INSERT INTO audit_log (audit_id, tenant_id, actor_type, operation, resource_id, "
+                "created_at_ms, request_id, trace_id, details) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    audit.audit_id, audit.tenant_id, audit.actor_type, audit.operation,
+                    audit.resource_id, audit.created_at_ms, audit.request_id, audit.trace_id,
+                    _j(audit.details),
+                ),
+            )  # fmt: skip
+
+    def _get_api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
+        r = self._conn.execute(
+            f"SELECT {_KEY_COLS} FROM api_keys WHERE key_hash = ?", (key_hash,)
+        ).fetchone()
+        return None if r is None else _key(r)
+
+    def _get_api_key(self, key_id: str) -> ApiKeyRow | None:
+        r = self._conn.execute(
+            f"SELECT {_KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        return None if r is None else _key(r)
+
+    def _put_api_key(self, row: ApiKeyRow, *, insert: bool) -> None:
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO api_keys ({_KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                row.key_id, row.key_hash, row.key_prefix, row.tenant_id, row.name, row.status,
+                row.description, _j(row.permissions), _j(row.scope_filter), _j(row.metadata),
+                row.created_at_ms, row.expires_at_ms, row.revoked_at_ms, row.revoked_reason,
+            ),
+        )  # fmt: skip
+
+    def _tenant_children(
+        self, tenant_id: str
+    ) -> tuple[list[ReservationRow], list[BudgetRow], list[ApiKeyRow]]:
+        conn = self._conn
+        reservations = [
+            _reservation(r)
+            for r in conn.execute(
+                f"SELECT {_RES_COLS} FROM reservations WHERE tenant_id = ? AND status = 'ACTIVE'",
+                (tenant_id,),
+            )
+        ]
+        budgets = [
+            _budget(r)
+            for r in conn.execute(
+                f"SELECT {_BUDGET_COLS} FROM budgets WHERE tenant_id = ?", (tenant_id,)
+            )
+        ]
+        keys = [
+            _key(r)
+            for r in conn.execute(
+                f"SELECT {_KEY_COLS} FROM api_keys WHERE tenant_id = ?", (tenant_id,)
+            )
+        ]
+        return reservations, budgets, keys
+
+    def _due_reservations(self, now_ms: int, limit: int) -> list[ReservationRow]:
+        rows = self._conn.execute(
+            f"SELECT {_RES_COLS} FROM reservations WHERE status = 'ACTIVE' AND deadline_ms < ? "
+            "ORDER BY deadline_ms LIMIT ?",
+            (now_ms, limit),
+        ).fetchall()
+        return [_reservation(r) for r in rows]
+
+    def _purge_idem(self, now_ms: int, limit: int) -> int:
+        cur = self._conn.execute(
+            "DELETE FROM idempotency WHERE (tenant_id, endpoint, idem_key) IN "
+            "(SELECT tenant_id, endpoint, idem_key FROM idempotency WHERE retain_until_ms < ? "
+            "LIMIT ?)",
+            (now_ms, limit),
+        )
+        return cur.rowcount
+
+    # -- listings --------------------------------------------------------------------------------
+
+    async def list_reservations(self, query: ReservationQuery) -> Page[ReservationRow]:
+        """See :meth:`Store.list_reservations` (keyset pagination on the sort key and id)."""
+        column = _SORT_COLUMNS.get(query.sort_by, "created_at_ms")
+        where = ["tenant_id = ?"]
+        args: list[Any] = [query.tenant_id]
+        if query.idempotency_key is not None:
+            where.append("idempotency_key = ?")
+            args.append(query.idempotency_key)
+        if query.status is not None:
+            where.append("status = ?")
+            args.append(query.status)
+        for level, value in query.subject.items():
+            where.append(f"s_{level} = ?")
+            args.append(value)
+        for col, lo, hi in (
+            ("created_at_ms", query.created_from_ms, query.created_to_ms),
+            ("expires_at_ms", query.expires_from_ms, query.expires_to_ms),
+            ("finalized_at_ms", query.finalized_from_ms, query.finalized_to_ms),
+        ):
+            if lo is not None:
+                where.append(f"{col} >= ?")
+                args.append(lo)
+            if hi is not None:
+                where.append(f"{col} <= ?")
+                args.append(hi)
+        fingerprint = ledger.payload_hash(
+            "list",
+            {
+                "q": [
+                    query.idempotency_key, query.status, sorted(query.subject.items()),
+                    query.created_from_ms, query.created_to_ms, query.expires_from_ms,
+                    query.expires_to_ms, query.finalized_from_ms, query.finalized_to_ms,
+                    column, query.sort_desc,
+                ]
+            },
+        )[:16]  # fmt: skip
+        op = "<" if query.sort_desc else ">"
+        if query.cursor:
+            value, last_id, seen_fp = decode_cursor(query.cursor, 3)
+            if seen_fp != fingerprint:
+                raise LedgerError(
+                    "INVALID_REQUEST",
+                    "cursor was issued for different filters or sort order; restart paging "
+                    "without a cursor",
+                )
+            where.append(
+                f"({column} {op} ? OR ({column} = ? AND reservation_id {op} ?))"
+                if value is not None
+                else f"({column} IS NULL AND reservation_id {op} ?)"
+            )
+            args.extend([value, value, last_id] if value is not None else [last_id])
+        direction = "DESC" if query.sort_desc else "ASC"
+        sql = (
+            f"SELECT {_RES_COLS}, {column} FROM reservations WHERE {' AND '.join(where)} "
+            f"ORDER BY {column} {direction}, reservation_id {direction} LIMIT ?"
+        )
+        rows = self._conn.execute(sql, (*args, query.limit + 1)).fetchall()
+        items = [_reservation(r) for r in rows[: query.limit]]
+        next_cursor = None
+        if len(rows) > query.limit:
+            last = rows[query.limit - 1]
+            next_cursor = encode_cursor([last[-1], last[0], fingerprint])
+        return Page(items, next_cursor)
+
+    async def list_balances(
+        self, tenant_id: str, segments: Sequence[str], limit: int, cursor: str | None
+    ) -> Page[BudgetRow]:
+        """See :meth:`Store.list_balances`."""
+        return self._page_budgets(
+            "tenant_id = ?", [tenant_id], limit, cursor,
+            lambda row: ledger.scope_matches_filters(row.scope, segments),
+        )  # fmt: skip
+
+    def _page_budgets(
+        self,
+        where: str,
+        args: list[Any],
+        limit: int,
+        cursor: str | None,
+        keep: Any = None,
+    ) -> Page[BudgetRow]:
+        if cursor:
+            scope, unit = decode_cursor(cursor, 2)
+            where += " AND (scope > ? OR (scope = ? AND unit > ?))"
+            args = [*args, scope, scope, unit]
+        items: list[BudgetRow] = []
+        sql = f"SELECT {_BUDGET_COLS} FROM budgets WHERE {where} ORDER BY scope, unit"
+        more = False
+        for r in self._conn.execute(sql, args):
+            row = _budget(r)
+            if keep is not None and not keep(row):
+                continue
+            if len(items) == limit:
+                more = True
+                break
+            items.append(row)
+        next_cursor = encode_cursor([items[-1].scope, items[-1].unit]) if more else None
+        return Page(items, next_cursor)
+
+    async def list_budgets(
+        self,
+        tenant_id: str | None,
+        *,
+        scope_prefix: str | None,
+        unit: str | None,
+        status: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[BudgetRow]:
+        """See :meth:`Store.list_budgets`."""
+        where = ["1 = 1"]
+        args: list[Any] = []
+        if tenant_id is not None:
+            where.append("tenant_id = ?")
+            args.append(tenant_id)
+        if unit is not None:
+            where.append("unit = ?")
+            args.append(unit)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        prefix = scope_prefix
+        keep = (
+            None
+            if prefix is None
+            else (lambda row: row.scope == prefix or row.scope.startswith(prefix + "/"))
+        )
+        return self._page_budgets(" AND ".join(where), args, limit, cursor, keep)
+
+    async def list_tenants(
+        self, status: str | None, limit: int, cursor: str | None
+    ) -> Page[TenantRow]:
+        """See :meth:`Store.list_tenants`."""
+        where, args = ["1 = 1"], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if cursor:
+            (after,) = decode_cursor(cursor, 1)
+            where.append("tenant_id > ?")
+            args.append(after)
+        rows = self._conn.execute(
+            f"SELECT {_TENANT_COLS} FROM tenants WHERE {' AND '.join(where)} "
+            "ORDER BY tenant_id LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
+        items = [_tenant(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, encode_cursor([items[-1].tenant_id]) if more else None)
+
+    async def list_api_keys(
+        self, tenant_id: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> Page[ApiKeyRow]:
+        """See :meth:`Store.list_api_keys`."""
+        where, args = ["1 = 1"], []
+        if tenant_id is not None:
+            where.append("tenant_id = ?")
+            args.append(tenant_id)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if cursor:
+            (after,) = decode_cursor(cursor, 1)
+            where.append("key_id > ?")
+            args.append(after)
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLS} FROM api_keys WHERE {' AND '.join(where)} ORDER BY key_id LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
+        items = [_key(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, encode_cursor([items[-1].key_id]) if more else None)
+
+    # -- inspection (tests, CLI) -----------------------------------------------------------------
+
+    def count_rows(self, table: str) -> int:
+        """Return the number of rows of one of the store's tables."""
+        if table not in ("tenants", "api_keys", "budgets", "reservations", "idempotency",
+                         "events", "audit_log"):  # fmt: skip
+            raise ValueError(f"unknown table {table!r}")
+        return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])

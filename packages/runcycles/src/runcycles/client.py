@@ -1,0 +1,698 @@
+"""HTTP clients for the Cycles protocol: :class:`CyclesClient` and :class:`AsyncCyclesClient`.
+
+The two classes are adjacent twins: each method encodes the request (shared, pure code in
+:mod:`runcycles._http`), sends it with retries (:mod:`runcycles.retry`) and wraps the answer
+in a :class:`~runcycles.response.CyclesResponse`. They differ only in ``await``.
+
+Methods do not raise when the server answers with an error or cannot be reached; they return
+a response whose ``raise_for_error()`` or ``data`` raises the mapped exception. They do raise,
+before sending anything, when the *input* is wrong (``pydantic.ValidationError`` for a body
+that breaks the spec, ``TypeError``/``ValueError`` for bad arguments).
+
+Every method accepts a request model or a plain dict (validated as that model), and optional
+per-call ``headers`` (e.g. ``traceparent`` or ``X-Cycles-Trace-Id`` for tracing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from runcycles._http import (
+    BalanceFilters,
+    ClientCore,
+    ReservationFilters,
+    balance_params,
+    default_ssl_context,
+    next_page_cursor,
+    parse_http_response,
+    reservation_params,
+    transport_failure,
+)
+from runcycles.config import CyclesConfig
+from runcycles.models import (
+    Balance,
+    BalanceResponse,
+    CommitRequest,
+    CommitResponse,
+    DecisionRequest,
+    DecisionResponse,
+    EventCreateRequest,
+    EventCreateResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ReservationCreateRequest,
+    ReservationCreateResponse,
+    ReservationDetail,
+    ReservationExtendRequest,
+    ReservationExtendResponse,
+    ReservationListResponse,
+    ReservationSummary,
+)
+from runcycles.response import CyclesResponse, ModelT
+from runcycles.retry import RetryPolicy, asleep_s, sleep_s
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, Unpack
+
+__all__ = ["AsyncCyclesClient", "CyclesClient"]
+
+Headers = Mapping[str, str]
+
+
+class CyclesClient:
+    """Synchronous client of a Cycles server; one connection pool per instance.
+
+    Use it as a context manager (or call :meth:`close`) to release the pool. It is safe to
+    share one client between threads.
+
+    Args:
+        config: Server URL, API key, timeouts and retry settings.
+        http_client: An ``httpx.Client`` to send with (its timeouts and pool are used as
+            they are, and :meth:`close` leaves it open). By default the client creates one.
+        transport: An ``httpx`` transport for the client created by default (e.g.
+            ``httpx.MockTransport`` in tests). Not allowed together with ``http_client``.
+        retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
+    """
+
+    def __init__(
+        self,
+        config: CyclesConfig,
+        *,
+        http_client: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        if http_client is not None and transport is not None:
+            raise TypeError("pass either http_client or transport, not both")
+        self._core = core = ClientCore(config, headers_on_client=http_client is None)
+        self._retry = retry_policy or RetryPolicy.from_config(config)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(
+            headers=core.base_headers,
+            timeout=core.timeout(),
+            limits=core.limits(),
+            transport=transport,
+            verify=default_ssl_context(),
+        )
+
+    @property
+    def config(self) -> CyclesConfig:
+        """The configuration this client was built with."""
+        return self._core.config
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool (unless it was passed in as ``http_client``)."""
+        if self._owns_http:
+            self._http.close()
+
+    def create_reservation(
+        self,
+        request: ReservationCreateRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[ReservationCreateResponse]:
+        """Reserve budget: ``POST /v1/reservations``.
+
+        Args:
+            request: The reservation to create.
+            headers: Extra headers for this call (e.g. ``traceparent``).
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
+        """
+        content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
+        url = self._core.reservations_url
+        return self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
+
+    def commit_reservation(
+        self,
+        reservation_id: str,
+        request: CommitRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[CommitResponse]:
+        """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``.
+
+        Args:
+            reservation_id: Id returned by :meth:`create_reservation`.
+            request: The actual amount (plus optional metrics and metadata).
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.CommitResponse`.
+        """
+        content, hdrs = self._core.post_body(request, CommitRequest, headers)
+        url = self._core.reservation_url(reservation_id, "/commit")
+        return self._send("POST", url, CommitResponse, hdrs, content=content)
+
+    def release_reservation(
+        self,
+        reservation_id: str,
+        request: ReleaseRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[ReleaseResponse]:
+        """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``.
+
+        Args:
+            reservation_id: Id returned by :meth:`create_reservation`.
+            request: The idempotency key and an optional reason.
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReleaseResponse`.
+        """
+        content, hdrs = self._core.post_body(request, ReleaseRequest, headers)
+        url = self._core.reservation_url(reservation_id, "/release")
+        return self._send("POST", url, ReleaseResponse, hdrs, content=content)
+
+    def extend_reservation(
+        self,
+        reservation_id: str,
+        request: ReservationExtendRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[ReservationExtendResponse]:
+        """Move a reservation's expiry: ``POST /v1/reservations/{reservation_id}/extend``.
+
+        Args:
+            reservation_id: Id returned by :meth:`create_reservation`.
+            request: ``extend_by_ms`` (added to the current expiry) and the idempotency key.
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReservationExtendResponse`.
+        """
+        content, hdrs = self._core.post_body(request, ReservationExtendRequest, headers)
+        url = self._core.reservation_url(reservation_id, "/extend")
+        return self._send("POST", url, ReservationExtendResponse, hdrs, content=content)
+
+    def decide(
+        self,
+        request: DecisionRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[DecisionResponse]:
+        """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``.
+
+        Args:
+            request: The would-be reservation.
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.DecisionResponse`.
+        """
+        content, hdrs = self._core.post_body(request, DecisionRequest, headers)
+        return self._send("POST", self._core.decide_url, DecisionResponse, hdrs, content=content)
+
+    def create_event(
+        self,
+        request: EventCreateRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[EventCreateResponse]:
+        """Debit usage directly, without a reservation: ``POST /v1/events``.
+
+        Args:
+            request: The event (subject, action, actual amount).
+            headers: Extra headers for this call.
+
+        Returns:
+            The response (HTTP 201); ``data`` is a :class:`~runcycles.models.EventCreateResponse`.
+        """
+        content, hdrs = self._core.post_body(request, EventCreateRequest, headers)
+        url = self._core.events_url
+        return self._send("POST", url, EventCreateResponse, hdrs, content=content)
+
+    def get_reservation(
+        self, reservation_id: str, *, headers: Headers | None = None
+    ) -> CyclesResponse[ReservationDetail]:
+        """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``.
+
+        Args:
+            reservation_id: The reservation's id.
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReservationDetail`.
+        """
+        url = self._core.reservation_url(reservation_id)
+        return self._send("GET", url, ReservationDetail, self._core.headers_for_get(headers))
+
+    def list_reservations(
+        self, *, headers: Headers | None = None, **filters: Unpack[ReservationFilters]
+    ) -> CyclesResponse[ReservationListResponse]:
+        """List one page of reservations: ``GET /v1/reservations``.
+
+        Args:
+            headers: Extra headers for this call.
+            **filters: See :class:`~runcycles._http.ReservationFilters` (``status``,
+                ``tenant``, ..., ``limit``, ``cursor``).
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReservationListResponse`.
+        """
+        params = reservation_params(filters)
+        return self._list(self._core.reservations_url, ReservationListResponse, params, headers)
+
+    def iter_reservations(
+        self, *, headers: Headers | None = None, **filters: Unpack[ReservationFilters]
+    ) -> Iterator[ReservationSummary]:
+        """Iterate over every reservation matching ``filters``, following ``next_cursor``.
+
+        Filters are checked now; pages are fetched as the iterator advances.
+
+        Args:
+            headers: Extra headers for every page request.
+            **filters: As for :meth:`list_reservations`.
+
+        Returns:
+            An iterator of :class:`~runcycles.models.ReservationSummary`.
+
+        Raises:
+            CyclesError: While iterating, when a page cannot be fetched.
+        """
+        params = reservation_params(filters)
+        url = self._core.reservations_url
+        return self._pages(url, ReservationListResponse, "reservations", params, headers)
+
+    def get_balances(
+        self, *, headers: Headers | None = None, **filters: Unpack[BalanceFilters]
+    ) -> CyclesResponse[BalanceResponse]:
+        """Read one page of balances: ``GET /v1/balances``.
+
+        Args:
+            headers: Extra headers for this call.
+            **filters: At least one of ``tenant``, ``workspace``, ``app``, ``workflow``,
+                ``agent``, ``toolset``; optionally ``include_children``, ``limit``, ``cursor``.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.BalanceResponse`.
+
+        Raises:
+            ValueError: No subject filter was given (checked before sending).
+        """
+        params = balance_params(filters)
+        return self._list(self._core.balances_url, BalanceResponse, params, headers)
+
+    def iter_balances(
+        self, *, headers: Headers | None = None, **filters: Unpack[BalanceFilters]
+    ) -> Iterator[Balance]:
+        """Iterate over every balance matching ``filters``, following ``next_cursor``.
+
+        Args:
+            headers: Extra headers for every page request.
+            **filters: As for :meth:`get_balances`.
+
+        Returns:
+            An iterator of :class:`~runcycles.models.Balance`.
+
+        Raises:
+            CyclesError: While iterating, when a page cannot be fetched.
+        """
+        params = balance_params(filters)
+        return self._pages(self._core.balances_url, BalanceResponse, "balances", params, headers)
+
+    def _list(
+        self,
+        url: str,
+        model: type[ModelT],
+        params: dict[str, str],
+        headers: Headers | None,
+    ) -> CyclesResponse[ModelT]:
+        return self._send("GET", url, model, self._core.headers_for_get(headers), params=params)
+
+    def _pages(
+        self,
+        url: str,
+        model: type[ReservationListResponse] | type[BalanceResponse],
+        field: str,
+        params: dict[str, str],
+        headers: Headers | None,
+    ) -> Iterator[Any]:
+        while True:
+            page = self._list(url, model, params, headers).data
+            yield from getattr(page, field)
+            cursor = next_page_cursor(params.get("cursor"), page)
+            if cursor is None:
+                return
+            params = {**params, "cursor": cursor}
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        model: type[ModelT],
+        headers: dict[str, str],
+        *,
+        content: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> CyclesResponse[ModelT]:
+        request = self._http.build_request(
+            method, url, content=content, headers=headers, params=params
+        )
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = parse_http_response(self._http.send(request), model)
+            except httpx.TransportError as exc:
+                response = transport_failure(request, model, exc)
+            delay_s = self._retry.next_delay_s(attempt, response)
+            if delay_s is None:
+                return response
+            sleep_s(delay_s)
+
+
+class AsyncCyclesClient:
+    """Asyncio client of a Cycles server; the twin of :class:`CyclesClient`.
+
+    Use it with ``async with`` (or await :meth:`aclose`) to release the pool.
+
+    Args:
+        config: Server URL, API key, timeouts and retry settings.
+        http_client: An ``httpx.AsyncClient`` to send with (its timeouts and pool are used as
+            they are, and :meth:`aclose` leaves it open). By default the client creates one.
+        transport: An ``httpx`` async transport for the client created by default. Not
+            allowed together with ``http_client``.
+        retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
+    """
+
+    def __init__(
+        self,
+        config: CyclesConfig,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        if http_client is not None and transport is not None:
+            raise TypeError("pass either http_client or transport, not both")
+        self._core = core = ClientCore(config, headers_on_client=http_client is None)
+        self._retry = retry_policy or RetryPolicy.from_config(config)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(
+            headers=core.base_headers,
+            timeout=core.timeout(),
+            limits=core.limits(),
+            transport=transport,
+            verify=default_ssl_context(),
+        )
+
+    @property
+    def config(self) -> CyclesConfig:
+        """The configuration this client was built with."""
+        return self._core.config
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (unless it was passed in as ``http_client``)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def create_reservation(
+        self,
+        request: ReservationCreateRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[ReservationCreateResponse]:
+        """Reserve budget: ``POST /v1/reservations``.
+
+        Args:
+            request: The reservation to create.
+            headers: Extra headers for this call (e.g. ``traceparent``).
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
+        """
+        content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
+        url = self._core.reservations_url
+        return await self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
+
+    async def commit_reservation(
+        self,
+        reservation_id: str,
+        request: CommitRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[CommitResponse]:
+        """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``.
+
+        Args:
+            reservation_id: Id returned by :meth:`create_reservation`.
+            request: The actual amount (plus optional metrics and metadata).
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.CommitResponse`.
+        """
+        content, hdrs = self._core.post_body(request, CommitRequest, headers)
+        url = self._core.reservation_url(reservation_id, "/commit")
+        return await self._send("POST", url, CommitResponse, hdrs, content=content)
+
+    async def release_reservation(
+        self,
+        reservation_id: str,
+        request: ReleaseRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[ReleaseResponse]:
+        """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``.
+
+        Args:
+            reservation_id: Id returned by :meth:`create_reservation`.
+            request: The idempotency key and an optional reason.
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReleaseResponse`.
+        """
+        content, hdrs = self._core.post_body(request, ReleaseRequest, headers)
+        url = self._core.reservation_url(reservation_id, "/release")
+        return await self._send("POST", url, ReleaseResponse, hdrs, content=content)
+
+    async def extend_reservation(
+        self,
+        reservation_id: str,
+        request: ReservationExtendRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[ReservationExtendResponse]:
+        """Move a reservation's expiry: ``POST /v1/reservations/{reservation_id}/extend``.
+
+        Args:
+            reservation_id: Id returned by :meth:`create_reservation`.
+            request: ``extend_by_ms`` (added to the current expiry) and the idempotency key.
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReservationExtendResponse`.
+        """
+        content, hdrs = self._core.post_body(request, ReservationExtendRequest, headers)
+        url = self._core.reservation_url(reservation_id, "/extend")
+        return await self._send("POST", url, ReservationExtendResponse, hdrs, content=content)
+
+    async def decide(
+        self,
+        request: DecisionRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[DecisionResponse]:
+        """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``.
+
+        Args:
+            request: The would-be reservation.
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.DecisionResponse`.
+        """
+        content, hdrs = self._core.post_body(request, DecisionRequest, headers)
+        url = self._core.decide_url
+        return await self._send("POST", url, DecisionResponse, hdrs, content=content)
+
+    async def create_event(
+        self,
+        request: EventCreateRequest | Mapping[str, Any],
+        *,
+        headers: Headers | None = None,
+    ) -> CyclesResponse[EventCreateResponse]:
+        """Debit usage directly, without a reservation: ``POST /v1/events``.
+
+        Args:
+            request: The event (subject, action, actual amount).
+            headers: Extra headers for this call.
+
+        Returns:
+            The response (HTTP 201); ``data`` is a :class:`~runcycles.models.EventCreateResponse`.
+        """
+        content, hdrs = self._core.post_body(request, EventCreateRequest, headers)
+        url = self._core.events_url
+        return await self._send("POST", url, EventCreateResponse, hdrs, content=content)
+
+    async def get_reservation(
+        self, reservation_id: str, *, headers: Headers | None = None
+    ) -> CyclesResponse[ReservationDetail]:
+        """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``.
+
+        Args:
+            reservation_id: The reservation's id.
+            headers: Extra headers for this call.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReservationDetail`.
+        """
+        url = self._core.reservation_url(reservation_id)
+        return await self._send("GET", url, ReservationDetail, self._core.headers_for_get(headers))
+
+    async def list_reservations(
+        self, *, headers: Headers | None = None, **filters: Unpack[ReservationFilters]
+    ) -> CyclesResponse[ReservationListResponse]:
+        """List one page of reservations: ``GET /v1/reservations``.
+
+        Args:
+            headers: Extra headers for this call.
+            **filters: See :class:`~runcycles._http.ReservationFilters` (``status``,
+                ``tenant``, ..., ``limit``, ``cursor``).
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.ReservationListResponse`.
+        """
+        params = reservation_params(filters)
+        url = self._core.reservations_url
+        return await self._list(url, ReservationListResponse, params, headers)
+
+    def iter_reservations(
+        self, *, headers: Headers | None = None, **filters: Unpack[ReservationFilters]
+    ) -> AsyncIterator[ReservationSummary]:
+        """Iterate (``async for``) over every matching reservation, following ``next_cursor``.
+
+        Filters are checked now; pages are fetched as the iterator advances.
+
+        Args:
+            headers: Extra headers for every page request.
+            **filters: As for :meth:`list_reservations`.
+
+        Returns:
+            An async iterator of :class:`~runcycles.models.ReservationSummary`.
+
+        Raises:
+            CyclesError: While iterating, when a page cannot be fetched.
+        """
+        params = reservation_params(filters)
+        url = self._core.reservations_url
+        return self._pages(url, ReservationListResponse, "reservations", params, headers)
+
+    async def get_balances(
+        self, *, headers: Headers | None = None, **filters: Unpack[BalanceFilters]
+    ) -> CyclesResponse[BalanceResponse]:
+        """Read one page of balances: ``GET /v1/balances``.
+
+        Args:
+            headers: Extra headers for this call.
+            **filters: At least one of ``tenant``, ``workspace``, ``app``, ``workflow``,
+                ``agent``, ``toolset``; optionally ``include_children``, ``limit``, ``cursor``.
+
+        Returns:
+            The response; ``data`` is a :class:`~runcycles.models.BalanceResponse`.
+
+        Raises:
+            ValueError: No subject filter was given (checked before sending).
+        """
+        params = balance_params(filters)
+        return await self._list(self._core.balances_url, BalanceResponse, params, headers)
+
+    def iter_balances(
+        self, *, headers: Headers | None = None, **filters: Unpack[BalanceFilters]
+    ) -> AsyncIterator[Balance]:
+        """Iterate (``async for``) over every matching balance, following ``next_cursor``.
+
+        Args:
+            headers: Extra headers for every page request.
+            **filters: As for :meth:`get_balances`.
+
+        Returns:
+            An async iterator of :class:`~runcycles.models.Balance`.
+
+        Raises:
+            CyclesError: While iterating, when a page cannot be fetched.
+        """
+        params = balance_params(filters)
+        return self._pages(self._core.balances_url, BalanceResponse, "balances", params, headers)
+
+    async def _list(
+        self,
+        url: str,
+        model: type[ModelT],
+        params: dict[str, str],
+        headers: Headers | None,
+    ) -> CyclesResponse[ModelT]:
+        hdrs = self._core.headers_for_get(headers)
+        return await self._send("GET", url, model, hdrs, params=params)
+
+    async def _pages(
+        self,
+        url: str,
+        model: type[ReservationListResponse] | type[BalanceResponse],
+        field: str,
+        params: dict[str, str],
+        headers: Headers | None,
+    ) -> AsyncIterator[Any]:
+        while True:
+            page = (await self._list(url, model, params, headers)).data
+            for item in getattr(page, field):
+                yield item
+            cursor = next_page_cursor(params.get("cursor"), page)
+            if cursor is None:
+                return
+            params = {**params, "cursor": cursor}
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        model: type[ModelT],
+        headers: dict[str, str],
+        *,
+        content: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> CyclesResponse[ModelT]:
+        request = self._http.build_request(
+            method, url, content=content, headers=headers, params=params
+        )
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = parse_http_response(await self._http.send(request), model)
+            except httpx.TransportError as exc:
+                response = transport_failure(request, model, exc)
+            delay_s = self._retry.next_delay_s(attempt, response)
+            if delay_s is None:
+                return response
+            await asleep_s(delay_s)

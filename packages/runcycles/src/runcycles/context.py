@@ -1,0 +1,101 @@
+"""The reservation a guarded call runs under: :class:`CyclesContext` and :func:`get_cycles_context`.
+
+``@cycles``, reservation guards and stream reservations publish their reservation on a
+:class:`contextvars.ContextVar` while the guarded code runs. Each one *sets* the variable on
+entry and *resets* it with the token on exit, so:
+
+* nested guarded calls each see their own reservation, and the outer one is visible again
+  after the inner call returns (or raises);
+* concurrent calls in threads or asyncio tasks never see each other's reservation (every
+  thread and every task has its own context).
+
+The guarded code reads the context to honour caps and writes ``metrics`` and
+``commit_metadata``, which go into the commit::
+
+    ctx = get_cycles_context()
+    if ctx and ctx.has_caps():
+        max_tokens = min(max_tokens, ctx.caps.max_tokens or max_tokens)
+    ...
+    if ctx:
+        ctx.metrics = CyclesMetrics(tokens_input=120, tokens_output=80)
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from runcycles.models import Amount, Balance, Caps, CyclesMetrics, Decision
+
+__all__ = ["CyclesContext", "get_cycles_context"]
+
+
+@dataclass(eq=False)
+class CyclesContext:
+    """What the server granted for the reservation a guarded call runs under.
+
+    Attributes:
+        reservation_id: The live reservation's id.
+        decision: ``ALLOW`` or ``ALLOW_WITH_CAPS``.
+        estimate: The amount that was asked for.
+        caps: Soft-landing limits that come with ``ALLOW_WITH_CAPS`` (else ``None``).
+        expires_at_ms: When the reservation expires (server clock, epoch ms). Kept up to
+            date while the heartbeat extends the reservation.
+        affected_scopes: Every scope the reservation holds budget on.
+        scope_path: The subject's canonical scope path, if the server sent it.
+        reserved: The amount actually held, if the server sent it.
+        balances: Balances of the affected scopes at reservation time, if sent.
+        metrics: Usage metrics the guarded code reports; sent with the commit.
+        commit_metadata: Extra metadata the guarded code adds; merged into the commit's.
+    """
+
+    reservation_id: str
+    decision: Decision
+    estimate: Amount
+    caps: Caps | None = None
+    expires_at_ms: int | None = None
+    affected_scopes: list[str] = field(default_factory=list)
+    scope_path: str | None = None
+    reserved: Amount | None = None
+    balances: list[Balance] | None = None
+    metrics: CyclesMetrics | None = None
+    commit_metadata: dict[str, Any] | None = None
+
+    def has_caps(self) -> bool:
+        """Return whether the server attached caps (``ALLOW_WITH_CAPS``) to the reservation."""
+        return self.caps is not None
+
+
+_current: Final[ContextVar[CyclesContext | None]] = ContextVar("runcycles_context", default=None)
+
+
+def get_cycles_context() -> CyclesContext | None:
+    """Return the reservation of the innermost guarded call running here, or ``None``.
+
+    Returns:
+        The :class:`CyclesContext` set by ``@cycles``, a reservation guard or a stream
+        reservation in this thread or asyncio task; ``None`` outside of any.
+    """
+    return _current.get()
+
+
+def push_context(context: CyclesContext) -> Token[CyclesContext | None]:
+    """Make ``context`` current and return the token that restores the previous one.
+
+    Internal to runcycles' guards; pair every call with :func:`pop_context`.
+    """
+    return _current.set(context)
+
+
+def pop_context(token: Token[CyclesContext | None]) -> None:
+    """Restore the context that was current before the matching :func:`push_context`.
+
+    If the token belongs to another :class:`contextvars.Context` (a guard entered in one
+    task and exited in another), the variable cannot be reset there; it is cleared in the
+    exiting context instead, so a finished reservation is never left visible.
+    """
+    try:
+        _current.reset(token)
+    except ValueError:
+        _current.set(None)

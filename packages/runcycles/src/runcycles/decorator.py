@@ -1,0 +1,632 @@
+"""``@cycles``: guard a function with a reservation (reserve -> run -> commit or release).
+
+::
+
+    @cycles(estimate=lambda prompt, tokens: tokens * 10,
+            actual=lambda result: len(result) * 5,
+            action_kind="llm.completion", action_name="gpt-4", client=client)
+    def call_llm(prompt: str, tokens: int) -> str: ...
+
+Each call reserves ``estimate`` (a denial raises, e.g. :class:`~runcycles.BudgetExceededError`,
+and the function does not run), runs the function with the reservation published as
+:func:`~runcycles.get_cycles_context`, then:
+
+* the function returned: commit ``actual(result)`` (or ``actual`` when it is an int, or the
+  estimate when no ``actual`` is given, marked ``metadata["actual_source"]="estimate"``). If
+  the ``actual`` callable itself raises, the estimate is committed and the error is flagged
+  in the metadata and logged: known spend is never dropped. A failed commit is logged
+  (the client's settlement retries it); the function's result is still returned.
+* the function raised (or was cancelled): release the reservation and re-raise.
+
+Sync and async functions are both supported; which path is used is decided once, when the
+function is decorated. Generator functions are refused (use
+:func:`~runcycles.streaming.stream_reservation` inside them).
+
+Without ``client=``, the decorator uses the default set by :func:`set_default_client` or
+:func:`set_default_config`, looked up at each call. One default serves sync *and* async
+functions: the missing flavour is built from the other one's config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, overload
+
+from runcycles.client import AsyncCyclesClient, CyclesClient
+from runcycles.config import CyclesConfig
+from runcycles.exceptions import CyclesConfigError, CyclesError
+from runcycles.lifecycle import (
+    DEFAULT_TTL_MS,
+    AsyncReservationGuard,
+    DryRunResult,
+    ReservationGuard,
+    build_reservation_request,
+    dry_run_result,
+    resolve_subject,
+    to_amount,
+)
+from runcycles.models import (
+    Action,
+    Amount,
+    CommitOveragePolicy,
+    CyclesMetrics,
+    Subject,
+    Unit,
+)
+
+if TYPE_CHECKING:
+    from runcycles.context import CyclesContext
+    from runcycles.models import ReservationCreateRequest
+
+__all__ = [
+    "DEFAULT_ACTION_KIND",
+    "cycles",
+    "get_default_async_client",
+    "get_default_client",
+    "set_default_client",
+    "set_default_config",
+]
+
+logger = logging.getLogger("runcycles")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_ACTION_KIND: Final = "function"
+"""``action.kind`` of a ``@cycles`` function that does not set ``action_kind``."""
+
+EstimateArg = int | Amount | Callable[..., int | Amount]
+ActualArg = int | Amount | Callable[[Any], int | Amount | None] | None
+SubjectArg = str | Callable[..., str | None] | None
+DimensionsArg = Mapping[str, str] | Callable[..., Mapping[str, str] | None] | None
+
+_ACTION_NAME_MAX: Final = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Default client
+
+
+class _Defaults:
+    """The process-wide default config and clients (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.config: CyclesConfig | None = None
+        self.sync_client: CyclesClient | None = None
+        self.async_client: AsyncCyclesClient | None = None
+        self.sync_derived = False
+        self.async_per_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncCyclesClient
+        ] = weakref.WeakKeyDictionary()
+
+    def source_config(self) -> CyclesConfig:
+        if self.config is not None:
+            return self.config
+        if self.async_client is not None:
+            return self.async_client.config
+        if self.sync_client is not None:
+            return self.sync_client.config
+        raise CyclesConfigError(
+            "@cycles has no client: pass client=... to the decorator, or call "
+            "runcycles.set_default_config(CyclesConfig(...)) or "
+            "runcycles.set_default_client(...) once at start-up"
+        )
+
+    def sync(self) -> CyclesClient:
+        client = self.sync_client
+        if client is not None:
+            return client
+        with self.lock:
+            if self.sync_client is None:
+                self.sync_client = CyclesClient(self.source_config())
+                self.sync_derived = True
+            return self.sync_client
+
+    def async_(self) -> AsyncCyclesClient:
+        client = self.async_client
+        if client is not None:
+            return client
+        # A lazily built async client belongs to the event loop it first ran on (its
+        # pooled connections cannot move between loops), so keep one per running loop.
+        loop = asyncio.get_running_loop()
+        client = self.async_per_loop.get(loop)
+        if client is not None:
+            return client
+        with self.lock:
+            client = self.async_per_loop.get(loop)
+            if client is None:
+                client = AsyncCyclesClient(self.source_config())
+                self.async_per_loop[loop] = client
+            return client
+
+
+_defaults: Final = _Defaults()
+
+
+def set_default_config(config: CyclesConfig | None) -> None:
+    """Set the config ``@cycles`` builds its default clients from (``None`` clears it).
+
+    A :class:`~runcycles.CyclesClient` for sync functions and an
+    :class:`~runcycles.AsyncCyclesClient` for async ones are built lazily from it. It also
+    replaces any client set with :func:`set_default_client`.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`~runcycles.CyclesConfig`.
+    """
+    if config is not None and not isinstance(config, CyclesConfig):
+        raise TypeError(
+            f"set_default_config() expects a CyclesConfig, got {type(config).__name__}; "
+            "build one with CyclesConfig(base_url=..., api_key=...) or CyclesConfig.from_env()"
+        )
+    with _defaults.lock:
+        _defaults.config = config
+        _defaults.sync_client = None
+        _defaults.async_client = None
+        _defaults.sync_derived = False
+        _defaults.async_per_loop.clear()
+
+
+def set_default_client(client: CyclesClient | AsyncCyclesClient | None) -> None:
+    """Set the client ``@cycles`` uses when none is passed (``None`` clears both flavours).
+
+    Set a :class:`~runcycles.CyclesClient` for sync functions and/or an
+    :class:`~runcycles.AsyncCyclesClient` for async ones (call this once per flavour to set
+    both). A flavour that was not set is built from the other one's config when first
+    needed, so one call is enough for code that mixes sync and async functions.
+
+    Raises:
+        TypeError: ``client`` is neither client class.
+    """
+    with _defaults.lock:
+        if client is None:
+            _defaults.config = None
+            _defaults.sync_client = None
+            _defaults.async_client = None
+            _defaults.sync_derived = False
+        elif isinstance(client, CyclesClient):
+            _defaults.sync_client = client
+            _defaults.sync_derived = False
+            _defaults.config = None
+        elif isinstance(client, AsyncCyclesClient):
+            _defaults.async_client = client
+            _defaults.config = None
+            if _defaults.sync_derived:
+                _defaults.sync_client = None
+                _defaults.sync_derived = False
+        else:
+            raise TypeError(
+                "set_default_client() expects a CyclesClient or an AsyncCyclesClient, got "
+                f"{type(client).__name__}"
+            )
+        _defaults.async_per_loop.clear()
+
+
+def get_default_client() -> CyclesClient:
+    """Return the default sync client (building it from the default config if needed).
+
+    Raises:
+        CyclesConfigError: No default config or client was set.
+    """
+    return _defaults.sync()
+
+
+def get_default_async_client() -> AsyncCyclesClient:
+    """Return the default async client for the running event loop.
+
+    Must be called from a coroutine.
+
+    Raises:
+        CyclesConfigError: No default config or client was set.
+    """
+    return _defaults.async_()
+
+
+# --------------------------------------------------------------------------------------------
+# Policy: everything about a decorated function that can be decided once
+
+
+class _Policy:
+    """The decorated function's reservation plan, built once at decoration time."""
+
+    __slots__ = (
+        "action",
+        "actual",
+        "client",
+        "dimensions",
+        "dimensions_fn",
+        "dry_run",
+        "estimate",
+        "estimate_fn",
+        "grace_period_ms",
+        "heartbeat",
+        "metadata",
+        "overage_policy",
+        "static_subject",
+        "subject_cache",
+        "subject_fns",
+        "ttl_ms",
+        "unit",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        estimate: EstimateArg,
+        actual: ActualArg,
+        action_kind: str,
+        action_name: str | None,
+        action_tags: Sequence[str] | None,
+        unit: Unit | str,
+        ttl_ms: int | None,
+        grace_period_ms: int | None,
+        overage_policy: CommitOveragePolicy | str | None,
+        dry_run: bool,
+        subject: Mapping[str, SubjectArg],
+        dimensions: DimensionsArg,
+        metadata: Mapping[str, Any] | None,
+        client: CyclesClient | AsyncCyclesClient | None,
+        heartbeat: bool,
+    ) -> None:
+        self.unit = Unit(unit)
+        self.estimate: Amount | None = None
+        self.estimate_fn: Callable[..., int | Amount] | None = None
+        if callable(estimate):
+            self.estimate_fn = estimate
+        else:
+            self.estimate = to_amount(estimate, self.unit, "estimate")
+        if actual is not None and not callable(actual):
+            actual = to_amount(actual, self.unit, "actual")
+        self.actual = actual
+        name = action_name or getattr(fn, "__qualname__", None) or repr(fn)
+        self.action = Action(
+            kind=action_kind,
+            name=name[:_ACTION_NAME_MAX],
+            tags=list(action_tags) if action_tags is not None else None,
+        )
+        self.ttl_ms = ttl_ms
+        self.grace_period_ms = grace_period_ms
+        self.overage_policy = (
+            None if overage_policy is None else CommitOveragePolicy(overage_policy)
+        )
+        self.dry_run = dry_run
+        self.metadata = dict(metadata) if metadata else None
+        self.client = client
+        self.heartbeat = heartbeat
+        self.static_subject: dict[str, str | None] = {}
+        self.subject_fns: dict[str, Callable[..., str | None]] = {}
+        for field, value in subject.items():
+            if callable(value):
+                self.subject_fns[field] = value
+            else:
+                self.static_subject[field] = value
+        self.dimensions: Mapping[str, str] | None = None
+        self.dimensions_fn: Callable[..., Mapping[str, str] | None] | None = None
+        if callable(dimensions):
+            self.dimensions_fn = dimensions
+        else:
+            self.dimensions = dimensions
+        self.subject_cache: tuple[CyclesConfig, Subject] | None = None
+        self._check()
+
+    def _check(self) -> None:
+        """Fail at decoration time for options the server would refuse anyway."""
+        build_reservation_request(
+            subject=Subject(
+                tenant="decoration-check",
+                dimensions=dict(self.dimensions) if self.dimensions is not None else None,
+            ),
+            action=self.action,
+            estimate=self.estimate or Amount(unit=self.unit, amount=0),
+            ttl_ms=self.ttl_ms,
+            grace_period_ms=self.grace_period_ms,
+            overage_policy=self.overage_policy,
+            metadata=self.metadata,
+            idempotency_key="decoration-check",
+        )
+
+    def subject(self, config: CyclesConfig, args: Any, kwargs: Any) -> Subject:
+        if self.subject_fns or self.dimensions_fn is not None:
+            fields = dict(self.static_subject)
+            for field, fn in self.subject_fns.items():
+                fields[field] = fn(*args, **kwargs)
+            dims = self.dimensions_fn(*args, **kwargs) if self.dimensions_fn else self.dimensions
+            return resolve_subject(config, fields, dimensions=dims)
+        cached = self.subject_cache
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        subject = resolve_subject(config, self.static_subject, dimensions=self.dimensions)
+        self.subject_cache = (config, subject)
+        return subject
+
+    def request(self, config: CyclesConfig, args: Any, kwargs: Any) -> ReservationCreateRequest:
+        estimate = self.estimate
+        if estimate is None:
+            assert self.estimate_fn is not None
+            estimate = to_amount(self.estimate_fn(*args, **kwargs), self.unit, "estimate")
+        return build_reservation_request(
+            subject=self.subject(config, args, kwargs),
+            action=self.action,
+            estimate=estimate,
+            ttl_ms=self.ttl_ms,
+            grace_period_ms=self.grace_period_ms,
+            overage_policy=self.overage_policy,
+            dry_run=self.dry_run,
+            metadata=self.metadata,
+        )
+
+    def settlement(
+        self, result: Any, context: CyclesContext, elapsed_s: float
+    ) -> tuple[int | Amount | None, CyclesMetrics, dict[str, Any] | None]:
+        """Return ``(actual, metrics, metadata)`` of the commit after a successful call."""
+        spec = self.actual
+        actual: int | Amount | None
+        metadata: dict[str, Any] | None = None
+        if not callable(spec):
+            actual = spec
+        else:
+            try:
+                actual = spec(result)
+            except Exception as exc:
+                logger.exception(
+                    "the actual= callable of %s raised; committing the estimate for "
+                    "reservation %s instead",
+                    self.action.name,
+                    context.reservation_id,
+                )
+                actual = None
+                metadata = {"actual_error": f"{type(exc).__name__}: {exc}"[:512]}
+        latency_ms = int(elapsed_s * 1000)
+        metrics = context.metrics
+        if metrics is None:
+            metrics = CyclesMetrics(latency_ms=latency_ms)
+        elif metrics.latency_ms is None:
+            metrics = metrics.model_copy(update={"latency_ms": latency_ms})
+        return actual, metrics, metadata
+
+
+# --------------------------------------------------------------------------------------------
+# The decorator
+
+
+class _DryRunDecorator(Protocol):
+    @overload
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, Any]]
+    ) -> Callable[P, Coroutine[Any, Any, DryRunResult]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, DryRunResult]: ...
+
+
+@overload
+def cycles(
+    estimate: EstimateArg,
+    *,
+    actual: ActualArg = None,
+    action_kind: str = DEFAULT_ACTION_KIND,
+    action_name: str | None = None,
+    action_tags: Sequence[str] | None = None,
+    unit: Unit | str = Unit.USD_MICROCENTS,
+    ttl_ms: int | None = DEFAULT_TTL_MS,
+    grace_period_ms: int | None = None,
+    overage_policy: CommitOveragePolicy | str | None = None,
+    dry_run: Literal[False] = False,
+    tenant: SubjectArg = None,
+    workspace: SubjectArg = None,
+    app: SubjectArg = None,
+    workflow: SubjectArg = None,
+    agent: SubjectArg = None,
+    toolset: SubjectArg = None,
+    dimensions: DimensionsArg = None,
+    metadata: Mapping[str, Any] | None = None,
+    client: CyclesClient | AsyncCyclesClient | None = None,
+    heartbeat: bool = True,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+@overload
+def cycles(
+    estimate: EstimateArg,
+    *,
+    actual: ActualArg = None,
+    action_kind: str = DEFAULT_ACTION_KIND,
+    action_name: str | None = None,
+    action_tags: Sequence[str] | None = None,
+    unit: Unit | str = Unit.USD_MICROCENTS,
+    ttl_ms: int | None = DEFAULT_TTL_MS,
+    grace_period_ms: int | None = None,
+    overage_policy: CommitOveragePolicy | str | None = None,
+    dry_run: Literal[True],
+    tenant: SubjectArg = None,
+    workspace: SubjectArg = None,
+    app: SubjectArg = None,
+    workflow: SubjectArg = None,
+    agent: SubjectArg = None,
+    toolset: SubjectArg = None,
+    dimensions: DimensionsArg = None,
+    metadata: Mapping[str, Any] | None = None,
+    client: CyclesClient | AsyncCyclesClient | None = None,
+    heartbeat: bool = True,
+) -> _DryRunDecorator: ...
+
+
+def cycles(
+    estimate: EstimateArg,
+    *,
+    actual: ActualArg = None,
+    action_kind: str = DEFAULT_ACTION_KIND,
+    action_name: str | None = None,
+    action_tags: Sequence[str] | None = None,
+    unit: Unit | str = Unit.USD_MICROCENTS,
+    ttl_ms: int | None = DEFAULT_TTL_MS,
+    grace_period_ms: int | None = None,
+    overage_policy: CommitOveragePolicy | str | None = None,
+    dry_run: bool = False,
+    tenant: SubjectArg = None,
+    workspace: SubjectArg = None,
+    app: SubjectArg = None,
+    workflow: SubjectArg = None,
+    agent: SubjectArg = None,
+    toolset: SubjectArg = None,
+    dimensions: DimensionsArg = None,
+    metadata: Mapping[str, Any] | None = None,
+    client: CyclesClient | AsyncCyclesClient | None = None,
+    heartbeat: bool = True,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Guard every call of the decorated function with a reservation.
+
+    Args:
+        estimate: Amount to reserve per call: an ``int`` (in ``unit``), an :class:`Amount`,
+            or a callable receiving the function's arguments and returning one.
+        actual: What a call used: a callable receiving the function's result, an ``int`` or
+            :class:`Amount`; ``None`` commits the estimate (marked in the metadata).
+        action_kind: ``action.kind``, e.g. ``"llm.completion"``.
+        action_name: ``action.name`` (default: the function's qualified name).
+        action_tags: Up to 10 tags for the action.
+        unit: Unit of ``int`` amounts (default ``USD_MICROCENTS``).
+        ttl_ms: Reservation lease; the heartbeat extends it while the function runs.
+        grace_period_ms: How long after expiry a commit is still accepted.
+        overage_policy: What a commit above the estimate does (``REJECT``,
+            ``ALLOW_IF_AVAILABLE``, ``ALLOW_WITH_OVERDRAFT``; enum or string; default: the
+            server's, ``ALLOW_IF_AVAILABLE``).
+        dry_run: Shadow mode: ask the server for a decision, hold nothing, do **not** run
+            the function, and return a :class:`~runcycles.DryRunResult` instead.
+        tenant: Subject ``tenant`` (default: the client config's); a string or a callable of
+            the function's arguments. The same holds for the five fields below.
+        workspace: Subject ``workspace``.
+        app: Subject ``app``.
+        workflow: Subject ``workflow``.
+        agent: Subject ``agent``.
+        toolset: Subject ``toolset``.
+        dimensions: Free-form subject tags, or a callable of the arguments returning them.
+        metadata: Metadata stored with each reservation.
+        client: The client to use (default: :func:`set_default_client` /
+            :func:`set_default_config`). Its flavour must match the function's.
+        heartbeat: Whether to extend the reservation while the function runs.
+
+    Returns:
+        The decorator.
+
+    Raises:
+        TypeError: At decoration: a generator function, or a client of the wrong flavour.
+        ValueError: At decoration: an option the protocol does not allow.
+    """
+    subject = {
+        "tenant": tenant,
+        "workspace": workspace,
+        "app": app,
+        "workflow": workflow,
+        "agent": agent,
+        "toolset": toolset,
+    }
+    subject = {field: value for field, value in subject.items() if value is not None}
+    options: dict[str, Any] = {
+        "estimate": estimate,
+        "actual": actual,
+        "action_kind": action_kind,
+        "action_name": action_name,
+        "action_tags": action_tags,
+        "unit": unit,
+        "ttl_ms": ttl_ms,
+        "grace_period_ms": grace_period_ms,
+        "overage_policy": overage_policy,
+        "dry_run": dry_run,
+        "subject": subject,
+        "dimensions": dimensions,
+        "metadata": metadata,
+        "client": client,
+        "heartbeat": heartbeat,
+    }
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"@cycles cannot guard the generator function {fn.__qualname__}: the "
+                "reservation would end before the values are consumed. Use "
+                "runcycles.stream_reservation(...) inside the generator instead."
+            )
+        policy = _Policy(fn, **options)
+        if inspect.iscoroutinefunction(fn):
+            if isinstance(client, CyclesClient):
+                raise TypeError(
+                    f"{fn.__qualname__} is async but client= is a CyclesClient; pass an "
+                    "AsyncCyclesClient(config) for async functions"
+                )
+            return _async_wrapper(fn, policy)
+        if isinstance(client, AsyncCyclesClient):
+            raise TypeError(
+                f"{fn.__qualname__} is not async but client= is an AsyncCyclesClient; pass a "
+                "CyclesClient(config) for sync functions"
+            )
+        return _sync_wrapper(fn, policy)
+
+    return decorate
+
+
+def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
+    @functools.wraps(fn)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+        client = policy.client
+        if client is None:
+            client = _defaults.sync()
+        assert isinstance(client, CyclesClient)
+        request = policy.request(client.config, args, kwargs)
+        if policy.dry_run:
+            return dry_run_result(client.create_reservation(request))
+        with ReservationGuard(client, request, heartbeat=policy.heartbeat) as guard:
+            started = time.perf_counter()
+            result = fn(*args, **kwargs)
+            actual, metrics, metadata = policy.settlement(
+                result, guard.context, time.perf_counter() - started
+            )
+            try:
+                guard.commit(actual, metrics=metrics, metadata=metadata)
+            except CyclesError as exc:
+                _log_commit_failure(guard.context, exc)
+        return result
+
+    return guarded
+
+
+def _async_wrapper(
+    fn: Callable[P, Awaitable[R]], policy: _Policy
+) -> Callable[P, Coroutine[Any, Any, Any]]:
+    @functools.wraps(fn)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+        client = policy.client
+        if client is None:
+            client = _defaults.async_()
+        assert isinstance(client, AsyncCyclesClient)
+        request = policy.request(client.config, args, kwargs)
+        if policy.dry_run:
+            return dry_run_result(await client.create_reservation(request))
+        async with AsyncReservationGuard(client, request, heartbeat=policy.heartbeat) as guard:
+            started = time.perf_counter()
+            result = await fn(*args, **kwargs)
+            actual, metrics, metadata = policy.settlement(
+                result, guard.context, time.perf_counter() - started
+            )
+            try:
+                await guard.commit(actual, metrics=metrics, metadata=metadata)
+            except CyclesError as exc:
+                _log_commit_failure(guard.context, exc)
+        return result
+
+    return guarded
+
+
+def _log_commit_failure(context: CyclesContext, exc: CyclesError) -> None:
+    logger.error(
+        "commit of reservation %s failed after the guarded function ran: %s",
+        context.reservation_id,
+        exc,
+    )

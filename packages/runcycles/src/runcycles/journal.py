@@ -1,0 +1,674 @@
+r"""Durable settlement journal: known spend survives crashes, restarts and outages.
+
+Before the first commit (or event) for a reservation leaves the process, the settlement engine
+(:mod:`runcycles.settlement`) writes one record here; the record is removed only after a
+schema-valid success or an understood terminal rejection. A later process (or ``flush()``)
+replays whatever is left, with the *same* idempotency key, so the server applies each
+settlement at most once.
+
+Layout::
+
+    <root>/                                   default: see default_journal_dir()
+      <partition>/                            sha256 of (server URL, tenant); mode 0700
+        v2-<sha256(reservation_id)>.json      one record per unresolved settlement; mode 0600
+        v2-<sha256(reservation_id)>.json.lock a replay in progress (fcntl lock)
+        quarantine/                           corrupt or unknown-version records, kept for a human
+
+* **Partition** = ``sha256("<normalized base_url>\ntenant=<tenant>")`` when a tenant is
+  configured, so records survive API-key rotation. Without a tenant it is derived from a
+  sha256 of the API key instead: rotating that key then orphans the records (they are still
+  replayable by a client configured with the old key, or by :class:`Journal` opened with
+  ``api_key=<old key>``). The API key itself is never written anywhere.
+* **Writes are atomic and durable**: temp file (``O_EXCL``, 0600) -> write -> ``fsync`` ->
+  ``os.replace`` -> ``fsync`` of the directory.
+* **File names** are ``v2-<sha256 hex of the exact UTF-8 reservation_id>.json``, so distinct
+  ids never share a file whatever characters they contain. Files named any other way
+  (``<sanitized id>.json`` from older clients) are migrated on :meth:`Journal.scan`; when the
+  standard file already holds a *different* record, the legacy file is left untouched and
+  reported as a conflict, never deleted.
+* **Corrupt or unknown-version records** are moved to ``quarantine/``, logged, and reported.
+* **Concurrency**: a replay holds an exclusive, non-blocking lock per record (``fcntl.flock``
+  on a ``.lock`` file; an ``O_EXCL`` claim file with stale-claim recovery where ``fcntl`` is
+  missing). A second worker skips a locked record and finds it gone afterwards; the server's
+  idempotency on the stored key is the final guard.
+
+Everything here is blocking file I/O; async code runs it through :func:`run_journal_io`
+(one shared worker thread, never the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runcycles.models import (
+    Action,
+    Amount,
+    CommitOveragePolicy,
+    CommitRequest,
+    EventCreateRequest,
+    StandardMetrics,
+    Subject,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from runcycles.config import CyclesConfig
+
+try:
+    import fcntl as _fcntl
+
+    _HAVE_FCNTL = True
+except ImportError:  # pragma: no cover - Windows
+    _HAVE_FCNTL = False
+
+__all__ = [
+    "JOURNAL_SCHEMA_VERSION",
+    "Journal",
+    "JournalRecord",
+    "JournalScan",
+    "QuarantinedRecord",
+    "RecordLock",
+    "SettlementMode",
+    "default_journal_dir",
+    "record_file_name",
+    "run_journal_io",
+]
+
+logger = logging.getLogger("runcycles.journal")
+
+JOURNAL_SCHEMA_VERSION: Final = 2
+"""Version written in every record (and in the ``v2-`` file-name prefix)."""
+
+_PREFIX: Final = f"v{JOURNAL_SCHEMA_VERSION}-"
+_SUFFIX: Final = ".json"
+_LEGACY_VERSIONS: Final = frozenset({1, 2})
+_QUARANTINE: Final = "quarantine"
+_TEMP_PREFIX: Final = ".tmp-"
+_STALE_TEMP_S: Final = 3600.0
+_STALE_CLAIM_S: Final = 600.0
+_DIR_MODE: Final = 0o700
+_FILE_MODE: Final = 0o600
+
+SettlementMode = Literal["commit", "event"]
+_T = TypeVar("_T")
+
+
+def default_journal_dir() -> Path:
+    r"""Return where journals live unless configured otherwise.
+
+    ``$RUNCYCLES_JOURNAL_DIR`` if set; else the platform's per-user state directory:
+    ``$XDG_STATE_HOME/runcycles/journal`` or ``~/.local/state/runcycles/journal`` (Linux and
+    other Unixes), ``~/Library/Application Support/runcycles/journal`` (macOS),
+    ``%LOCALAPPDATA%\runcycles\journal`` (Windows).
+    """
+    override = os.environ.get("RUNCYCLES_JOURNAL_DIR", "").strip()
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":  # pragma: no cover - platform specific
+        local = os.environ.get("LOCALAPPDATA", "").strip()
+        base = Path(local) if local else Path.home() / "AppData" / "Local"
+        return base / "runcycles" / "journal"
+    if sys.platform == "darwin":  # pragma: no cover - platform specific
+        return Path.home() / "Library" / "Application Support" / "runcycles" / "journal"
+    state = os.environ.get("XDG_STATE_HOME", "").strip()
+    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "runcycles" / "journal"
+
+
+def record_file_name(reservation_id: str) -> str:
+    """Return ``v2-<sha256 hex of the exact UTF-8 reservation_id>.json``."""
+    digest = hashlib.sha256(reservation_id.encode("utf-8")).hexdigest()
+    return f"{_PREFIX}{digest}{_SUFFIX}"
+
+
+def normalize_base_url(base_url: str) -> str:
+    """Return ``base_url`` with a lower-case scheme and host, no default port, no end slash."""
+    parts = urlsplit(base_url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    default_port = {"http": 80, "https": 443}.get(scheme)
+    netloc = host if port is None or port == default_port else f"{host}:{port}"
+    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def partition_key(base_url: str, *, tenant: str | None, api_key: str | None) -> str:
+    """Return the hex partition name for a server and principal (never contains the key).
+
+    Raises:
+        ValueError: Neither ``tenant`` nor ``api_key`` is given.
+    """
+    if tenant:
+        principal = f"tenant={tenant}"
+    elif api_key:
+        principal = "api-key-sha256=" + hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+    else:
+        raise ValueError("a journal partition needs a tenant or an API key to identify the caller")
+    material = f"cycles-journal\n{normalize_base_url(base_url)}\n{principal}"
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class JournalRecord(BaseModel):
+    """One unresolved settlement, exactly as stored on disk.
+
+    Attributes:
+        schema_version: Always :data:`JOURNAL_SCHEMA_VERSION` when written.
+        reservation_id: The reservation being settled.
+        mode: ``commit`` until a commit answers 410 / ``RESERVATION_EXPIRED``, then ``event``
+            (persisted before the first event request).
+        idempotency_key: The key of every attempt, commit and event alike.
+        actual: The known spend.
+        metrics: Commit/event metrics.
+        metadata: Commit metadata (the event adds ``recovered_reservation_id``).
+        subject: The reservation's subject, needed for the event fallback.
+        action: The reservation's action, needed for the event fallback.
+        overage_policy: Overage policy for the event fallback (server default if ``None``).
+        server: The normalized server URL (for people reading the file; never a secret).
+        attempts: Requests sent so far.
+        not_before_ms: Earliest wall-clock time (epoch ms) of the next attempt, from a 429.
+        created_at_ms: When the record was first written (epoch ms).
+        updated_at_ms: When it was last written (epoch ms).
+        last_error: What the last failed attempt said.
+    """
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    schema_version: Literal[2] = JOURNAL_SCHEMA_VERSION
+    reservation_id: str = Field(min_length=1, max_length=128)
+    mode: SettlementMode = "commit"
+    idempotency_key: str = Field(min_length=1, max_length=256)
+    actual: Amount
+    metrics: StandardMetrics | None = None
+    metadata: dict[str, Any] | None = None
+    subject: Subject | None = None
+    action: Action | None = None
+    overage_policy: CommitOveragePolicy | None = None
+    server: str | None = None
+    attempts: int = Field(default=0, ge=0)
+    not_before_ms: int = Field(default=0, ge=0)
+    created_at_ms: int = Field(default_factory=_now_ms, ge=0)
+    updated_at_ms: int = Field(default_factory=_now_ms, ge=0)
+    last_error: str | None = None
+
+    @classmethod
+    def for_commit(
+        cls,
+        reservation_id: str,
+        request: CommitRequest,
+        *,
+        subject: Subject | None,
+        action: Action | None,
+        overage_policy: CommitOveragePolicy | None = None,
+        server: str | None = None,
+    ) -> JournalRecord:
+        """Build the record of a commit about to be sent."""
+        return cls(
+            reservation_id=reservation_id,
+            idempotency_key=request.idempotency_key,
+            actual=request.actual,
+            metrics=request.metrics,
+            metadata=request.metadata,
+            subject=subject,
+            action=action,
+            overage_policy=overage_policy,
+            server=server,
+        )
+
+    def commit_request(self) -> CommitRequest:
+        """Return the commit body to (re)send, with the stored key."""
+        return CommitRequest(
+            idempotency_key=self.idempotency_key,
+            actual=self.actual,
+            metrics=self.metrics,
+            metadata=self.metadata,
+        )
+
+    def event_request(self) -> EventCreateRequest:
+        """Return the ``POST /v1/events`` body that settles an expired reservation.
+
+        Raises:
+            ValueError: The record has no subject or action (the event is impossible).
+        """
+        if self.subject is None or self.action is None:
+            raise ValueError(
+                f"reservation {self.reservation_id!r} expired and its journal record has no "
+                "subject/action, so it cannot be settled as an event"
+            )
+        metadata = dict(self.metadata or {})
+        metadata["recovered_reservation_id"] = self.reservation_id
+        return EventCreateRequest(
+            idempotency_key=self.idempotency_key,
+            subject=self.subject,
+            action=self.action,
+            actual=self.actual,
+            overage_policy=self.overage_policy,
+            metrics=self.metrics,
+            metadata=metadata,
+        )
+
+    def to_json(self) -> bytes:
+        """Serialize for disk (stable key order)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class QuarantinedRecord:
+    """A record that could not be used and was moved aside.
+
+    Attributes:
+        original: Where it was.
+        moved_to: Where it is now (``None`` if moving failed).
+        reason: Why it was quarantined.
+    """
+
+    original: Path
+    moved_to: Path | None
+    reason: str
+
+
+@dataclass
+class JournalScan:
+    """Result of :meth:`Journal.scan`.
+
+    Attributes:
+        records: Every valid record, oldest first.
+        quarantined: Records moved to ``quarantine/``.
+        migrated: Legacy files moved to their standard name (old paths).
+        conflicts: Legacy files left in place because the standard file holds another record.
+    """
+
+    records: list[JournalRecord] = field(default_factory=list)
+    quarantined: list[QuarantinedRecord] = field(default_factory=list)
+    migrated: list[Path] = field(default_factory=list)
+    conflicts: list[Path] = field(default_factory=list)
+
+
+class RecordLock:
+    """An exclusive claim on one record (release it, or use it as a context manager)."""
+
+    __slots__ = ("_fd", "_path", "_released")
+
+    def __init__(self, fd: int | None, path: Path) -> None:
+        self._fd = fd
+        self._path = path
+        self._released = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Drop the claim (idempotent)."""
+        if self._released:
+            return
+        self._released = True
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()  # unlink while still holding the lock: no stale-inode race
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+class Journal:
+    """The journal partition of one server and principal.
+
+    Args:
+        root: Journal root directory (default: :func:`default_journal_dir`).
+        base_url: The Cycles server URL.
+        tenant: The configured tenant; makes the partition stable across API-key rotation.
+        api_key: Used (hashed) only when no tenant is configured. Never stored.
+
+    Raises:
+        ValueError: Neither ``tenant`` nor ``api_key`` is given.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        base_url: str,
+        tenant: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_journal_dir()
+        self.server = normalize_base_url(base_url)
+        self.partition = partition_key(base_url, tenant=tenant, api_key=api_key)
+        self.directory = self.root / self.partition
+        self._dir_ready = False
+        self._dir_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.directory)!r})"
+
+    @classmethod
+    def for_config(
+        cls, config: CyclesConfig, root: str | os.PathLike[str] | None = None
+    ) -> Journal:
+        """Open the partition of ``config``'s server and tenant (or API key)."""
+        return cls(root, base_url=config.base_url, tenant=config.tenant, api_key=config.api_key)
+
+    # ------------------------------------------------------------------------------ records
+
+    def path_for(self, reservation_id: str) -> Path:
+        """Return the file of a reservation's record."""
+        return self.directory / record_file_name(reservation_id)
+
+    def write(self, record: JournalRecord) -> Path:
+        """Store ``record`` atomically and durably (replacing any previous version).
+
+        Returns:
+            The record's path.
+
+        Raises:
+            OSError: The record could not be written (surface it; do not skip settling).
+        """
+        self._ensure_dirs()
+        record.updated_at_ms = max(_now_ms(), record.created_at_ms)
+        if record.server is None:
+            record.server = self.server
+        target = self.path_for(record.reservation_id)
+        _atomic_write(target, record.to_json())
+        return target
+
+    def read(self, reservation_id: str) -> JournalRecord | None:
+        """Return a reservation's record, or ``None`` if there is none.
+
+        Raises:
+            ValueError: The file exists but is corrupt or of an unknown version.
+        """
+        path = self.path_for(reservation_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return _parse(raw)
+
+    def remove(self, reservation_id: str) -> bool:
+        """Delete a reservation's record durably; return whether one existed."""
+        path = self.path_for(reservation_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.directory)
+        return True
+
+    def try_lock(self, reservation_id: str) -> RecordLock | None:
+        """Claim a record for replay without blocking; ``None`` if another worker holds it."""
+        self._ensure_dirs()
+        lock_path = self.directory / (record_file_name(reservation_id) + ".lock")
+        return _try_lock(lock_path)
+
+    # ------------------------------------------------------------------------------ scanning
+
+    def scan(self) -> JournalScan:
+        """Read every record: quarantine bad ones, migrate legacy names, clean stale temps.
+
+        Returns:
+            What was found (valid records oldest first) and what was done.
+        """
+        result = JournalScan()
+        try:
+            entries = sorted(self.directory.iterdir())
+        except FileNotFoundError:
+            return result
+        for path in entries:
+            name = path.name
+            if not path.is_file() or name.endswith((".lock", ".claim")):
+                continue
+            if name.startswith(_TEMP_PREFIX):
+                _remove_stale_temp(path)
+                continue
+            if not name.endswith(_SUFFIX):
+                continue
+            if name.startswith(_PREFIX):
+                self._scan_standard(path, result)
+            else:
+                self._migrate_legacy(path, result)
+        result.records.sort(key=lambda record: (record.created_at_ms, record.reservation_id))
+        return result
+
+    def _scan_standard(self, path: Path, result: JournalScan) -> None:
+        try:
+            record = _parse(path.read_bytes())
+        except FileNotFoundError:
+            return  # removed by a concurrent replay
+        except (OSError, ValueError) as exc:
+            result.quarantined.append(self.quarantine(path, str(exc)))
+            return
+        if path.name != record_file_name(record.reservation_id):
+            result.quarantined.append(
+                self.quarantine(path, "file name does not match the record's reservation_id")
+            )
+            return
+        result.records.append(record)
+
+    def _migrate_legacy(self, path: Path, result: JournalScan) -> None:
+        try:
+            raw = json.loads(path.read_bytes())
+            if not isinstance(raw, dict) or raw.get("schema_version") not in _LEGACY_VERSIONS:
+                raise ValueError(f"unsupported schema_version {raw.get('schema_version')!r}")
+            raw["schema_version"] = JOURNAL_SCHEMA_VERSION
+            record = JournalRecord.model_validate(raw)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            result.quarantined.append(self.quarantine(path, f"legacy record: {exc}"))
+            return
+        target = self.path_for(record.reservation_id)
+        try:
+            existing = _parse(target.read_bytes())
+        except FileNotFoundError:
+            existing = None
+        except (OSError, ValueError):
+            existing = None
+            result.quarantined.append(self.quarantine(target, "corrupt record (legacy migration)"))
+        if existing is None:
+            _atomic_write(target, record.to_json())
+            path.unlink()
+            _fsync_dir(self.directory)
+            result.migrated.append(path)
+            result.records.append(record)
+            logger.info("journal: migrated legacy record %s to %s", path.name, target.name)
+        elif _same_settlement(existing, record):
+            path.unlink()
+            _fsync_dir(self.directory)
+            result.migrated.append(path)
+        else:
+            result.conflicts.append(path)
+            logger.warning(
+                "journal: legacy record %s (reservation %r) collides with %s, which holds a "
+                "different settlement; both are kept, resolve by hand",
+                path,
+                record.reservation_id,
+                target.name,
+            )
+
+    def quarantine(self, path: Path, reason: str) -> QuarantinedRecord:
+        """Move a bad record into ``quarantine/`` and log it."""
+        folder = self.directory / _QUARANTINE
+        moved_to: Path | None = folder / f"{path.name}.{_now_ms()}.{uuid.uuid4().hex[:8]}"
+        try:
+            _make_dir(folder)
+            assert moved_to is not None
+            os.replace(path, moved_to)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            logger.error("journal: could not quarantine %s: %s", path, exc)
+            moved_to = None
+        logger.error("journal: quarantined %s (%s) -> %s", path, reason, moved_to)
+        return QuarantinedRecord(original=path, moved_to=moved_to, reason=reason)
+
+    def _ensure_dirs(self) -> None:
+        if self._dir_ready:
+            return
+        with self._dir_lock:
+            if not self.root.exists():
+                os.makedirs(self.root, mode=_DIR_MODE, exist_ok=True)
+            _make_dir(self.directory)
+            self._dir_ready = True
+
+
+def _same_settlement(a: JournalRecord, b: JournalRecord) -> bool:
+    return (
+        a.reservation_id == b.reservation_id
+        and a.idempotency_key == b.idempotency_key
+        and a.actual == b.actual
+    )
+
+
+def _parse(raw: bytes) -> JournalRecord:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    version = data.get("schema_version")
+    if version != JOURNAL_SCHEMA_VERSION:
+        raise ValueError(f"unsupported schema_version {version!r}")
+    try:
+        return JournalRecord.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"invalid record: {exc.error_count()} error(s): {exc}") from None
+
+
+def _make_dir(path: Path) -> None:
+    os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
+    with contextlib.suppress(OSError):
+        os.chmod(path, _DIR_MODE)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if sys.platform == "win32":  # pragma: no cover - directories cannot be fsynced there
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(target: Path, content: bytes) -> None:
+    temp = target.with_name(f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(temp, flags, _FILE_MODE)
+    try:
+        try:
+            view = memoryview(content)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _fsync_dir(target.parent)
+
+
+def _remove_stale_temp(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if time.time() - path.stat().st_mtime > _STALE_TEMP_S:
+            path.unlink()
+
+
+def _try_lock(lock_path: Path) -> RecordLock | None:
+    if not _HAVE_FCNTL:  # pragma: no cover - Windows
+        return _try_claim(lock_path.with_suffix(".claim"))
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            linked = os.stat(lock_path)
+        except FileNotFoundError:
+            linked = None
+        if linked is not None and linked.st_ino == os.fstat(fd).st_ino:
+            return RecordLock(fd, lock_path)
+        os.close(fd)  # the previous holder unlinked it in between: take the new file
+
+
+def _try_claim(claim_path: Path) -> RecordLock | None:  # pragma: no cover - Windows
+    for _ in range(2):
+        try:
+            fd = os.open(claim_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        except FileExistsError:
+            try:
+                age_s = time.time() - claim_path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age_s < _STALE_CLAIM_S:
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                claim_path.unlink()  # a crashed claimant: recover the stale claim
+            continue
+        os.write(fd, f"{os.getpid()} {time.time()}".encode())
+        os.close(fd)
+        return RecordLock(None, claim_path)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Off-loop I/O for async code
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _journal_executor() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="runcycles-journal"
+                )
+    return _executor
+
+
+async def run_journal_io(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run blocking journal I/O on the one shared journal worker thread; await the result.
+
+    Async settlement uses this so the event loop never blocks on ``fsync``.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_journal_executor(), fn, *args)

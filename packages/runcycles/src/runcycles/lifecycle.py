@@ -1,0 +1,1243 @@
+"""Reserve -> run -> commit or release: the plan, and reservation guards.
+
+Two layers:
+
+* **The plan** (pure, no I/O): build a :class:`~runcycles.models.ReservationCreateRequest`
+  from guard or decorator options and the config's default subject, turn the server's answer
+  into a live reservation, a :class:`DryRunResult` or the typed exception of a denial, and
+  build the commit or release that ends it. ``@cycles``, guards, stream reservations and the
+  framework adapters all share it.
+* **Guards**: :class:`ReservationGuard` (``with``) and its twin :class:`AsyncReservationGuard`
+  (``async with``) hold one live reservation while a block of code runs::
+
+      with client.reserve(estimate=5_000, action_kind="llm.completion",
+                          action_name="gpt-4o") as guard:
+          if guard.caps and guard.caps.max_tokens:
+              ...
+          reply = call_model(...)
+          guard.commit(actual=3_200)
+
+  Entering reserves (a denial raises, e.g. :class:`~runcycles.BudgetExceededError`, before
+  the block runs) and starts the client's heartbeat. ``commit()`` or ``release()`` ends the
+  reservation exactly once; a second call raises :class:`ReservationAlreadyFinalizedError`.
+  Leaving the block because of an exception releases the reservation; leaving it normally
+  without finalizing also releases it and emits :class:`UnfinalizedReservationWarning`.
+
+The guards commit through the client's settlement (same-key retries, ``410`` -> event
+fallback, durable journal) and extend through the client's single heartbeat scheduler; both
+are reached through the small ``_settlement``/``_heartbeat`` seam at the end of this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from contextvars import Token
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, TypedDict, TypeVar, overload
+
+from runcycles.context import CyclesContext, pop_context, push_context
+from runcycles.exceptions import (
+    CyclesConfigError,
+    CyclesError,
+    CyclesProtocolError,
+    MalformedResponseError,
+    NotFoundError,
+    protocol_error_class,
+)
+from runcycles.heartbeat import (
+    AsyncHeartbeatScheduler,
+    HeartbeatEvent,
+    HeartbeatHandle,
+    HeartbeatScheduler,
+)
+from runcycles.models import (
+    STANDARD_SUBJECT_FIELDS,
+    Action,
+    Amount,
+    Balance,
+    Caps,
+    CommitOveragePolicy,
+    CommitRequest,
+    CyclesMetrics,
+    Decision,
+    ReasonCode,
+    ReleaseRequest,
+    ReleaseResponse,
+    ReservationCreateRequest,
+    ReservationCreateResponse,
+    Subject,
+    Unit,
+)
+from runcycles.settlement import (
+    AsyncSettlement,
+    Settlement,
+    SettlementResult,
+    default_journal,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, Unpack
+
+    from runcycles.client import AsyncCyclesClient, CyclesClient
+    from runcycles.config import CyclesConfig
+    from runcycles.response import CyclesResponse
+
+__all__ = [
+    "DEFAULT_TTL_MS",
+    "AsyncReservationGuard",
+    "DryRunResult",
+    "ReservationAlreadyFinalizedError",
+    "ReservationGuard",
+    "ReserveOptions",
+    "UnfinalizedReservationWarning",
+    "build_commit_request",
+    "build_release_request",
+    "build_reservation_request",
+    "dry_run_result",
+    "new_idempotency_key",
+    "reservation_granted",
+    "reserve",
+    "resolve_subject",
+    "to_amount",
+]
+
+logger = logging.getLogger("runcycles")
+
+DEFAULT_TTL_MS: Final = 60_000
+"""Reservation lease asked for when none is given (the protocol's default).
+
+It is sent explicitly so the heartbeat knows how far to extend each time.
+"""
+
+ACTUAL_SOURCE_KEY: Final = "actual_source"
+"""Commit metadata key that says where the committed amount came from when it is not a
+measured actual (``"estimate"``)."""
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------------------------
+# Public value types
+
+
+class ReservationAlreadyFinalizedError(CyclesError, RuntimeError):
+    """``commit()`` or ``release()`` was called on a guard that was already finalized.
+
+    Raised on the client side, before anything is sent: a guard ends its reservation
+    exactly once. (The server's own ``409 RESERVATION_FINALIZED`` is
+    :class:`~runcycles.ReservationFinalizedError`.)
+    """
+
+
+class UnfinalizedReservationWarning(UserWarning):
+    """A guard's block ended normally without ``commit()`` or ``release()``.
+
+    The guard released the reservation, so nothing was charged. Call ``guard.commit(...)``
+    when the work used budget, or ``guard.release()`` when it did not.
+    """
+
+
+@dataclass(frozen=True)
+class DryRunResult:
+    """The server's evaluation of a reservation made with ``dry_run=True``.
+
+    Nothing was held or charged, and the guarded function did not run.
+
+    Attributes:
+        decision: ``ALLOW``, ``ALLOW_WITH_CAPS`` or ``DENY``.
+        caps: Caps that would apply (``ALLOW_WITH_CAPS`` only).
+        reason_code: Why the reservation would be denied (an open string; see
+            :class:`~runcycles.models.ReasonCode`).
+        affected_scopes: Every scope the reservation would hold budget on.
+        balances: Balances of those scopes before the evaluation, if the server sent them.
+        scope_path: The subject's canonical scope path, if sent.
+        reserved: The amount that would be held, if sent.
+        retry_after_ms: The server's retry hint for a denial, if sent.
+    """
+
+    decision: Decision
+    caps: Caps | None = None
+    reason_code: str | None = None
+    affected_scopes: tuple[str, ...] = ()
+    balances: tuple[Balance, ...] | None = None
+    scope_path: str | None = None
+    reserved: Amount | None = None
+    retry_after_ms: int | None = None
+
+    @property
+    def is_allowed(self) -> bool:
+        """Whether the live reservation would be allowed (with or without caps)."""
+        return self.decision is not Decision.DENY
+
+    def has_caps(self) -> bool:
+        """Return whether caps would apply."""
+        return self.caps is not None
+
+
+class ReserveOptions(TypedDict, total=False):
+    """Keyword options of :func:`reserve` and ``client.reserve()``.
+
+    ``estimate``, ``action_kind`` and ``action_name`` are required unless a ready
+    :class:`~runcycles.models.ReservationCreateRequest` is passed instead.
+
+    Attributes:
+        estimate: Amount to hold, an ``int`` in ``unit`` or an :class:`Amount`.
+        action_kind: What kind of action, e.g. ``"llm.completion"`` or ``"tool.search"``.
+        action_name: Which one, e.g. ``"openai:gpt-4o"``.
+        action_tags: Up to 10 tags for the action.
+        unit: Unit of an ``int`` estimate (default ``USD_MICROCENTS``).
+        subject: A complete subject (instead of the fields below).
+        tenant: Subject tenant (default: the config's).
+        workspace: Subject workspace (default: the config's).
+        app: Subject app (default: the config's).
+        workflow: Subject workflow (default: the config's).
+        agent: Subject agent (default: the config's).
+        toolset: Subject toolset (default: the config's).
+        dimensions: Free-form subject tags (up to 16).
+        ttl_ms: Lease in ms (default :data:`DEFAULT_TTL_MS`); the heartbeat extends it.
+        grace_period_ms: How long after expiry a commit is still accepted.
+        overage_policy: What a commit above the estimate does (server default
+            ``ALLOW_IF_AVAILABLE``).
+        metadata: Metadata stored with the reservation.
+        idempotency_key: Key of the reservation (default: a fresh UUID).
+        heartbeat: Whether to keep the reservation alive while it is held (default ``True``).
+    """
+
+    estimate: int | Amount
+    action_kind: str
+    action_name: str
+    action_tags: Sequence[str] | None
+    unit: Unit | str
+    subject: Subject | None
+    tenant: str | None
+    workspace: str | None
+    app: str | None
+    workflow: str | None
+    agent: str | None
+    toolset: str | None
+    dimensions: Mapping[str, str] | None
+    ttl_ms: int | None
+    grace_period_ms: int | None
+    overage_policy: CommitOveragePolicy | str | None
+    metadata: Mapping[str, Any] | None
+    idempotency_key: str | None
+    heartbeat: bool
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: pure functions shared by guards, @cycles, streams and adapters
+
+
+def new_idempotency_key() -> str:
+    """Return a fresh idempotency key (a random UUID) for one logical operation.
+
+    Reuse the key for every retry of that operation; never share it between operations.
+    """
+    return str(uuid.uuid4())
+
+
+def to_amount(value: int | Amount, unit: Unit | str, what: str = "amount") -> Amount:
+    """Return ``value`` as an :class:`Amount` (an ``int`` is taken to be in ``unit``).
+
+    Raises:
+        TypeError: ``value`` is neither a non-negative ``int`` nor an :class:`Amount`.
+        ValueError: ``value`` is negative.
+    """
+    if type(value) is int:
+        if value < 0:
+            raise ValueError(f"{what} must be >= 0, got {value}")
+        return Amount(unit=Unit(unit), amount=value)
+    if isinstance(value, Amount):
+        return value
+    raise TypeError(
+        f"{what} must be an int (in {Unit(unit).value}) or an Amount, got "
+        f"{type(value).__name__} {value!r}"
+    )
+
+
+def resolve_subject(
+    config: CyclesConfig | None,
+    fields: Mapping[str, str | None] | None = None,
+    *,
+    subject: Subject | None = None,
+    dimensions: Mapping[str, str] | None = None,
+) -> Subject:
+    """Return the subject of a reservation: explicit fields over the config's defaults.
+
+    Args:
+        config: Supplies default subject fields (``tenant``, ``workspace``, ...).
+        fields: Standard subject fields (``{"tenant": ..., "agent": ...}``); ``None``
+            values keep the config's value.
+        subject: A complete subject; then no other field may be given.
+        dimensions: Free-form subject tags.
+
+    Raises:
+        TypeError: ``subject`` was combined with separate fields, or a field is unknown.
+        CyclesConfigError: No standard subject field is set anywhere.
+    """
+    fields = dict(fields) if fields else {}
+    if subject is not None:
+        if dimensions is not None or any(value is not None for value in fields.values()):
+            raise TypeError(
+                "pass either subject=Subject(...) or separate subject fields "
+                "(tenant=..., agent=..., dimensions=...), not both"
+            )
+        return subject
+    values: dict[str, Any] = {}
+    for name in STANDARD_SUBJECT_FIELDS:
+        value = fields.pop(name, None)
+        if value is None and config is not None:
+            value = getattr(config, name)
+        if value is not None:
+            values[name] = value
+    if fields:
+        raise TypeError(
+            f"unknown subject field(s) {', '.join(sorted(fields))}; subject fields are: "
+            f"{', '.join(STANDARD_SUBJECT_FIELDS)}"
+        )
+    if not values:
+        raise CyclesConfigError(
+            "the reservation has no subject: pass tenant=... (or workspace, app, workflow, "
+            "agent, toolset), or set a default with CyclesConfig(tenant=...)"
+        )
+    if dimensions is not None:
+        values["dimensions"] = dict(dimensions)
+    return Subject(**values)
+
+
+def build_reservation_request(
+    *,
+    subject: Subject,
+    action: Action,
+    estimate: Amount,
+    ttl_ms: int | None = DEFAULT_TTL_MS,
+    grace_period_ms: int | None = None,
+    overage_policy: CommitOveragePolicy | str | None = None,
+    dry_run: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> ReservationCreateRequest:
+    """Build the body of ``POST /v1/reservations``.
+
+    Raises:
+        pydantic.ValidationError: An option breaks the spec (e.g. ``ttl_ms`` under 1000).
+    """
+    return ReservationCreateRequest(
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        subject=subject,
+        action=action,
+        estimate=estimate,
+        ttl_ms=ttl_ms,
+        grace_period_ms=grace_period_ms,
+        overage_policy=None if overage_policy is None else CommitOveragePolicy(overage_policy),
+        dry_run=True if dry_run else None,
+        metadata=dict(metadata) if metadata else None,
+    )
+
+
+def request_from_options(
+    config: CyclesConfig,
+    request: ReservationCreateRequest | None,
+    options: Mapping[str, Any],
+    *,
+    allowed: frozenset[str] | None = None,
+) -> ReservationCreateRequest:
+    """Turn guard options (see :class:`ReserveOptions`) into a reservation request.
+
+    Raises:
+        TypeError: Unknown or missing options, or a request combined with options.
+    """
+    known = allowed if allowed is not None else _RESERVE_OPTION_NAMES
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"unknown reservation option(s) {', '.join(unknown)}; valid options are: "
+            f"{', '.join(sorted(known))}"
+        )
+    if request is not None:
+        clashing = sorted(set(options) & _REQUEST_FIELD_OPTIONS)
+        if clashing:
+            raise TypeError(
+                f"pass either a ReservationCreateRequest or the option(s) {', '.join(clashing)}, "
+                "not both"
+            )
+        if not isinstance(request, ReservationCreateRequest):
+            raise TypeError(
+                f"expected a ReservationCreateRequest, got {type(request).__name__}; or pass "
+                "estimate=..., action_kind=..., action_name=... as keywords"
+            )
+        return request
+    missing = [name for name in ("estimate", "action_kind", "action_name") if name not in options]
+    if missing:
+        raise TypeError(
+            f"reserve() needs {', '.join(missing)}: e.g. reserve(estimate=5_000, "
+            "action_kind='llm.completion', action_name='gpt-4o')"
+        )
+    unit = options.get("unit") or Unit.USD_MICROCENTS
+    tags = options.get("action_tags")
+    subject = resolve_subject(
+        config,
+        subject=options.get("subject"),
+        dimensions=options.get("dimensions"),
+        fields={name: options.get(name) for name in STANDARD_SUBJECT_FIELDS},
+    )
+    return build_reservation_request(
+        subject=subject,
+        action=Action(
+            kind=options["action_kind"],
+            name=options["action_name"],
+            tags=list(tags) if tags is not None else None,
+        ),
+        estimate=to_amount(options["estimate"], unit, "estimate"),
+        ttl_ms=options.get("ttl_ms", DEFAULT_TTL_MS),
+        grace_period_ms=options.get("grace_period_ms"),
+        overage_policy=options.get("overage_policy"),
+        metadata=options.get("metadata"),
+        idempotency_key=options.get("idempotency_key"),
+    )
+
+
+_RESERVE_OPTION_NAMES: Final = frozenset(ReserveOptions.__annotations__)
+_REQUEST_FIELD_OPTIONS: Final = _RESERVE_OPTION_NAMES - {"heartbeat"}
+
+
+def _denial_error(data: ReservationCreateResponse, status: int) -> CyclesProtocolError:
+    reason = data.reason_code
+    cls = NotFoundError if reason == ReasonCode.BUDGET_NOT_FOUND else protocol_error_class(reason)
+    return cls(
+        f"the reservation was denied ({reason or 'no reason_code given'}); the guarded code "
+        "did not run",
+        status=status,
+        error_code=reason,
+        reason_code=reason,
+        retry_after_ms=data.retry_after_ms,
+    )
+
+
+def reservation_granted(
+    response: CyclesResponse[ReservationCreateResponse],
+) -> ReservationCreateResponse:
+    """Return the body of a live reservation the server granted, or raise why not.
+
+    Raises:
+        CyclesTransportError: The server was not reached.
+        CyclesProtocolError: The server refused (the subclass for its error code, e.g.
+            ``BudgetExceededError`` for ``409 BUDGET_EXCEEDED``), or answered ``200 DENY``
+            (the subclass for its ``reason_code``).
+        MalformedResponseError: The answer breaks the spec (e.g. no ``reservation_id``).
+    """
+    data = response.data
+    if data.decision is Decision.DENY:
+        raise _denial_error(data, response.status)
+    if not data.reservation_id:
+        raise MalformedResponseError(
+            f"the server answered {data.decision.value} without a reservation_id; check "
+            "that it speaks the Cycles protocol v0",
+            status=response.status,
+            request_id=response.request_id,
+        )
+    return data
+
+
+def dry_run_result(response: CyclesResponse[ReservationCreateResponse]) -> DryRunResult:
+    """Return the evaluation in the answer to a ``dry_run`` reservation.
+
+    A ``DENY`` is a result here, not an error: shadow mode observes, it does not block.
+
+    Raises:
+        CyclesTransportError: The server was not reached.
+        CyclesProtocolError: The server refused the request itself (bad input, auth, ...).
+    """
+    data = response.data
+    return DryRunResult(
+        decision=data.decision,
+        caps=data.caps,
+        reason_code=data.reason_code,
+        affected_scopes=tuple(data.affected_scopes),
+        balances=None if data.balances is None else tuple(data.balances),
+        scope_path=data.scope_path,
+        reserved=data.reserved,
+        retry_after_ms=data.retry_after_ms,
+    )
+
+
+def context_for(
+    request: ReservationCreateRequest, data: ReservationCreateResponse
+) -> CyclesContext:
+    """Build the :class:`CyclesContext` of a granted reservation."""
+    return CyclesContext(
+        reservation_id=data.reservation_id or "",
+        decision=data.decision,
+        estimate=request.estimate,
+        caps=data.caps,
+        expires_at_ms=data.expires_at_ms,
+        affected_scopes=data.affected_scopes,
+        scope_path=data.scope_path,
+        reserved=data.reserved,
+        balances=data.balances,
+    )
+
+
+def build_commit_request(
+    context: CyclesContext,
+    actual: int | Amount | None = None,
+    *,
+    metrics: CyclesMetrics | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> CommitRequest:
+    """Build the commit that ends a reservation.
+
+    Args:
+        context: The reservation (its estimate, ``metrics`` and ``commit_metadata``).
+        actual: What was used (an ``int`` is in the estimate's unit); ``None`` commits the
+            estimate and marks ``metadata["actual_source"] = "estimate"``.
+        metrics: Usage metrics (default: ``context.metrics``).
+        metadata: Commit metadata, merged over ``context.commit_metadata``.
+        idempotency_key: Key of the commit (default: a fresh UUID).
+
+    Raises:
+        TypeError: ``actual`` has the wrong type.
+        ValueError: ``actual`` is negative or in another unit than the estimate.
+    """
+    estimate = context.estimate
+    merged: dict[str, Any] = {}
+    if context.commit_metadata:
+        merged.update(context.commit_metadata)
+    if metadata:
+        merged.update(metadata)
+    if actual is None:
+        amount = estimate
+        merged.setdefault(ACTUAL_SOURCE_KEY, "estimate")
+    else:
+        amount = to_amount(actual, estimate.unit, "actual")
+        if amount.unit is not estimate.unit:
+            raise ValueError(
+                f"actual is in {amount.unit.value} but the reservation is in "
+                f"{estimate.unit.value}; commit in the reservation's unit"
+            )
+    return CommitRequest(
+        idempotency_key=idempotency_key or new_idempotency_key(),
+        actual=amount,
+        metrics=metrics if metrics is not None else context.metrics,
+        metadata=merged or None,
+    )
+
+
+def build_release_request(reason: str | None = None) -> ReleaseRequest:
+    """Build a release (``reason`` is cut to the protocol's 256 characters)."""
+    return ReleaseRequest(
+        idempotency_key=new_idempotency_key(),
+        reason=None if reason is None else reason[:256],
+    )
+
+
+def exit_release_reason(exc: BaseException) -> str:
+    """Return the release reason recorded when a guarded block raised ``exc``."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "guarded_code_cancelled"
+    return f"guarded_code_raised:{type(exc).__name__}"
+
+
+# --------------------------------------------------------------------------------------------
+# Guards
+
+
+_NEW: Final = 0
+_LIVE: Final = 1
+_FINALIZED: Final = 2
+
+
+class _GuardState:
+    """State and pure logic shared by the sync and async guards (no I/O)."""
+
+    __slots__ = ("_context", "_heartbeat", "_request", "_state", "_token", "_use_heartbeat")
+
+    def __init__(
+        self,
+        config: CyclesConfig,
+        request: ReservationCreateRequest | None,
+        options: Mapping[str, Any],
+    ) -> None:
+        self._request = request_from_options(config, request, options)
+        self._use_heartbeat: bool = options.get("heartbeat", True)
+        self._state = _NEW
+        self._context: CyclesContext | None = None
+        self._heartbeat: HeartbeatHandle | _NoHeartbeat | None = None
+        self._token: Token[CyclesContext | None] | None = None
+
+    def __repr__(self) -> str:
+        state = ("new", "live", "finalized")[self._state]
+        return (
+            f"<{type(self).__name__} {state} reservation_id={self.reservation_id!r} "
+            f"estimate={self._request.estimate.amount} {self._request.estimate.unit.value}>"
+        )
+
+    @property
+    def request(self) -> ReservationCreateRequest:
+        """The reservation request this guard sends (or sent)."""
+        return self._request
+
+    @property
+    def context(self) -> CyclesContext:
+        """The live reservation (also returned by :func:`~runcycles.get_cycles_context`).
+
+        Raises:
+            RuntimeError: The guard has not been entered yet.
+        """
+        if self._context is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no reservation yet: use it as a context manager "
+                "(`with client.reserve(...) as guard:`)"
+            )
+        return self._context
+
+    @property
+    def reservation_id(self) -> str | None:
+        """The reservation's id (``None`` before the guard is entered)."""
+        return None if self._context is None else self._context.reservation_id
+
+    @property
+    def decision(self) -> Decision:
+        """``ALLOW`` or ``ALLOW_WITH_CAPS``."""
+        return self.context.decision
+
+    @property
+    def caps(self) -> Caps | None:
+        """Caps that came with ``ALLOW_WITH_CAPS``, else ``None``."""
+        return self.context.caps
+
+    def is_capped(self) -> bool:
+        """Return whether the reservation came with caps."""
+        return self.context.caps is not None
+
+    @property
+    def affected_scopes(self) -> list[str]:
+        """Every scope the reservation holds budget on."""
+        return self.context.affected_scopes
+
+    @property
+    def expires_at_ms(self) -> int | None:
+        """Current expiry (server clock, epoch ms), kept up to date by the heartbeat."""
+        return self.context.expires_at_ms
+
+    @property
+    def estimate(self) -> Amount:
+        """The amount asked for."""
+        return self._request.estimate
+
+    @property
+    def is_finalized(self) -> bool:
+        """Whether ``commit()`` or ``release()`` already ended the reservation."""
+        return self._state == _FINALIZED
+
+    def _check_enter(self) -> None:
+        if self._state != _NEW:
+            raise RuntimeError(f"{type(self).__name__} can be entered only once")
+
+    def _granted(
+        self, response: CyclesResponse[ReservationCreateResponse]
+    ) -> tuple[ReservationCreateResponse, CyclesContext]:
+        data = reservation_granted(response)
+        context = context_for(self._request, data)
+        self._context = context
+        self._state = _LIVE
+        return data, context
+
+    def _publish(self, context: CyclesContext) -> None:
+        self._token = push_context(context)
+
+    def _begin_finalize(self, operation: str) -> CyclesContext:
+        if self._state == _NEW:
+            raise RuntimeError(
+                f"cannot {operation}: {type(self).__name__} has not reserved yet (enter it "
+                "with `with` / `async with` first)"
+            )
+        context = self.context
+        if self._state == _FINALIZED:
+            raise ReservationAlreadyFinalizedError(
+                f"cannot {operation} reservation {context.reservation_id}: this guard already "
+                "committed or released it (each reservation is finalized exactly once)"
+            )
+        return context
+
+    def _mark_finalized(self) -> None:
+        self._state = _FINALIZED
+
+    def _leave(self) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            pop_context(token)
+
+    def _warn_unfinalized(self) -> None:
+        warnings.warn(
+            f"reservation {self.reservation_id} left its guard without commit() or release(); "
+            "it was released, so nothing was charged. Call guard.commit(...) when the work "
+            "used budget, or guard.release() when it did not.",
+            UnfinalizedReservationWarning,
+            stacklevel=3,
+        )
+
+
+class ReservationGuard(_GuardState):
+    """One live reservation held while a ``with`` block runs (sync twin).
+
+    Build it with ``client.reserve(...)`` or :func:`reserve`; entering the block reserves.
+
+    Args:
+        client: The client to reserve, commit and release with.
+        request: A ready reservation request, instead of the keyword options.
+        **options: See :class:`ReserveOptions`.
+
+    Raises:
+        TypeError: Missing or unknown options.
+        CyclesConfigError: No subject (no subject field given and none in the config).
+    """
+
+    __slots__ = ("_client",)
+
+    def __init__(
+        self,
+        client: CyclesClient,
+        request: ReservationCreateRequest | None = None,
+        /,
+        **options: Unpack[ReserveOptions],
+    ) -> None:
+        super().__init__(client.config, request, options)
+        self._client = client
+
+    def __enter__(self) -> Self:
+        self._check_enter()
+        started = time.perf_counter()
+        response = self._client.create_reservation(self._request)
+        rtt_s = time.perf_counter() - started
+        data, context = self._granted(response)
+        if self._use_heartbeat:
+            self._heartbeat = _heartbeat.track(self._client, self._request, data, context, rtt_s)
+        self._publish(context)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._state == _LIVE:
+                if exc is None:
+                    self._warn_unfinalized()
+                    self._release_quietly("guard_exited_without_commit")
+                else:
+                    self._release_quietly(exit_release_reason(exc))
+        finally:
+            self._stop_heartbeat()
+            self._leave()
+
+    def commit(
+        self,
+        actual: int | Amount | None = None,
+        *,
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SettlementResult:
+        """Charge what was used and end the reservation.
+
+        Args:
+            actual: What was used, an ``int`` in the estimate's unit or an :class:`Amount`;
+                ``None`` commits the estimate (marked ``actual_source="estimate"``).
+            metrics: Usage metrics (default: the context's ``metrics``).
+            metadata: Commit metadata, merged over the context's ``commit_metadata``.
+
+        Returns:
+            How the settlement ended: ``committed``, ``event_applied`` (the reservation had
+            expired, so the spend was recorded as an event), or ``pending`` (not confirmed
+            yet; retried later from the journal). Check ``result.settled``.
+
+        Raises:
+            ReservationAlreadyFinalizedError: The guard already committed or released.
+            CyclesProtocolError: The server rejected the commit for good (e.g.
+                ``BudgetExceededError`` for an overage under ``REJECT``).
+            ValueError: ``actual`` is negative or in another unit than the estimate.
+        """
+        context = self._begin_finalize("commit")
+        commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+        self._mark_finalized()
+        self._stop_heartbeat()
+        return _settlement.commit(self._client, self._request, context, commit_request)
+
+    def release(self, reason: str | None = None) -> ReleaseResponse:
+        """Give the whole reservation back, charging nothing.
+
+        Args:
+            reason: Why (at most 256 characters are kept).
+
+        Returns:
+            The server's answer.
+
+        Raises:
+            ReservationAlreadyFinalizedError: The guard already committed or released.
+            CyclesError: The release failed (the reservation then expires on its own).
+        """
+        context = self._begin_finalize("release")
+        self._mark_finalized()
+        self._stop_heartbeat()
+        return _settlement.release(self._client, context, build_release_request(reason))
+
+    def _release_quietly(self, reason: str) -> None:
+        context = self.context
+        self._mark_finalized()
+        self._stop_heartbeat()
+        try:
+            _settlement.release(self._client, context, build_release_request(reason))
+        except Exception as exc:  # never mask the block's own exception
+            logger.warning(
+                "could not release reservation %s (%s); it will expire on its own",
+                context.reservation_id,
+                exc,
+            )
+
+    def _stop_heartbeat(self) -> None:
+        handle, self._heartbeat = self._heartbeat, None
+        if handle is not None:
+            handle.stop()
+
+
+class AsyncReservationGuard(_GuardState):
+    """One live reservation held while an ``async with`` block runs (async twin).
+
+    Build it with ``client.reserve(...)`` on an :class:`~runcycles.AsyncCyclesClient` or
+    :func:`reserve`; entering the block reserves. If the block is cancelled, the release is
+    shielded from a second cancellation.
+
+    Args:
+        client: The client to reserve, commit and release with.
+        request: A ready reservation request, instead of the keyword options.
+        **options: See :class:`ReserveOptions`.
+
+    Raises:
+        TypeError: Missing or unknown options.
+        CyclesConfigError: No subject (no subject field given and none in the config).
+    """
+
+    __slots__ = ("_client",)
+
+    def __init__(
+        self,
+        client: AsyncCyclesClient,
+        request: ReservationCreateRequest | None = None,
+        /,
+        **options: Unpack[ReserveOptions],
+    ) -> None:
+        super().__init__(client.config, request, options)
+        self._client = client
+
+    async def __aenter__(self) -> Self:
+        self._check_enter()
+        started = time.perf_counter()
+        response = await self._client.create_reservation(self._request)
+        rtt_s = time.perf_counter() - started
+        data, context = self._granted(response)
+        if self._use_heartbeat:
+            self._heartbeat = _heartbeat.atrack(self._client, self._request, data, context, rtt_s)
+        self._publish(context)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._state == _LIVE:
+                if exc is None:
+                    self._warn_unfinalized()
+                    await self._release_quietly("guard_exited_without_commit", shield=False)
+                else:
+                    cancelled = isinstance(exc, asyncio.CancelledError)
+                    await self._release_quietly(exit_release_reason(exc), shield=cancelled)
+        finally:
+            self._stop_heartbeat()
+            self._leave()
+
+    async def commit(
+        self,
+        actual: int | Amount | None = None,
+        *,
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SettlementResult:
+        """Charge what was used and end the reservation.
+
+        Args:
+            actual: What was used, an ``int`` in the estimate's unit or an :class:`Amount`;
+                ``None`` commits the estimate (marked ``actual_source="estimate"``).
+            metrics: Usage metrics (default: the context's ``metrics``).
+            metadata: Commit metadata, merged over the context's ``commit_metadata``.
+
+        Returns:
+            How the settlement ended: ``committed``, ``event_applied`` (the reservation had
+            expired, so the spend was recorded as an event), or ``pending`` (not confirmed
+            yet; retried later from the journal). Check ``result.settled``.
+
+        Raises:
+            ReservationAlreadyFinalizedError: The guard already committed or released.
+            CyclesProtocolError: The server rejected the commit for good (e.g.
+                ``BudgetExceededError`` for an overage under ``REJECT``).
+            ValueError: ``actual`` is negative or in another unit than the estimate.
+        """
+        context = self._begin_finalize("commit")
+        commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+        self._mark_finalized()
+        self._stop_heartbeat()
+        return await _settlement.acommit(self._client, self._request, context, commit_request)
+
+    async def release(self, reason: str | None = None) -> ReleaseResponse:
+        """Give the whole reservation back, charging nothing.
+
+        Args:
+            reason: Why (at most 256 characters are kept).
+
+        Returns:
+            The server's answer.
+
+        Raises:
+            ReservationAlreadyFinalizedError: The guard already committed or released.
+            CyclesError: The release failed (the reservation then expires on its own).
+        """
+        context = self._begin_finalize("release")
+        self._mark_finalized()
+        self._stop_heartbeat()
+        return await _settlement.arelease(self._client, context, build_release_request(reason))
+
+    async def _release_quietly(self, reason: str, *, shield: bool) -> None:
+        context = self.context
+        self._mark_finalized()
+        self._stop_heartbeat()
+        try:
+            release = _settlement.arelease(self._client, context, build_release_request(reason))
+            await (run_shielded(release) if shield else release)
+        except Exception as exc:  # never mask the block's own exception
+            logger.warning(
+                "could not release reservation %s (%s); it will expire on its own",
+                context.reservation_id,
+                exc,
+            )
+
+    def _stop_heartbeat(self) -> None:
+        handle, self._heartbeat = self._heartbeat, None
+        if handle is not None:
+            handle.stop()
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+async def run_shielded(awaitable: Coroutine[Any, Any, _T]) -> _T:
+    """Await ``awaitable`` so that cancelling the caller does not interrupt it.
+
+    Used to settle a reservation while a cancellation unwinds: if the caller is cancelled
+    again, the settlement still runs to completion in the background.
+    """
+    task = asyncio.ensure_future(awaitable)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return await asyncio.shield(task)
+
+
+@overload
+def reserve(
+    client: CyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    **options: Unpack[ReserveOptions],
+) -> ReservationGuard: ...
+
+
+@overload
+def reserve(
+    client: AsyncCyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    **options: Unpack[ReserveOptions],
+) -> AsyncReservationGuard: ...
+
+
+def reserve(
+    client: CyclesClient | AsyncCyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    **options: Unpack[ReserveOptions],
+) -> ReservationGuard | AsyncReservationGuard:
+    """Return a guard that reserves when its block is entered (``with`` or ``async with``).
+
+    Args:
+        client: A :class:`~runcycles.CyclesClient` (gives a :class:`ReservationGuard`) or an
+            :class:`~runcycles.AsyncCyclesClient` (gives an :class:`AsyncReservationGuard`).
+        request: A ready reservation request, instead of the keyword options.
+        **options: See :class:`ReserveOptions`.
+
+    Returns:
+        The guard matching the client's flavour.
+    """
+    from runcycles.client import AsyncCyclesClient
+
+    if isinstance(client, AsyncCyclesClient):
+        return AsyncReservationGuard(client, request, **options)
+    return ReservationGuard(client, request, **options)
+
+
+@overload
+def dry_run(
+    client: CyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    **options: Unpack[ReserveOptions],
+) -> DryRunResult: ...
+
+
+@overload
+def dry_run(
+    client: AsyncCyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    **options: Unpack[ReserveOptions],
+) -> Awaitable[DryRunResult]: ...
+
+
+def dry_run(
+    client: CyclesClient | AsyncCyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    **options: Unpack[ReserveOptions],
+) -> DryRunResult | Awaitable[DryRunResult]:
+    """Ask the server to evaluate a reservation without holding anything (shadow mode).
+
+    With an :class:`~runcycles.AsyncCyclesClient`, await the result.
+
+    Args:
+        client: The client to ask.
+        request: A ready reservation request (``dry_run`` is forced on), or keywords.
+        **options: See :class:`ReserveOptions` (``heartbeat`` is ignored).
+
+    Returns:
+        The :class:`DryRunResult` (a ``DENY`` is a result, not an error).
+    """
+    from runcycles.client import AsyncCyclesClient
+
+    checked = request_from_options(client.config, request, options)
+    checked = checked.model_copy(update={"dry_run": True})
+    if isinstance(client, AsyncCyclesClient):
+        return _adry_run(client, checked)
+    return dry_run_result(client.create_reservation(checked))
+
+
+async def _adry_run(client: AsyncCyclesClient, request: ReservationCreateRequest) -> DryRunResult:
+    return dry_run_result(await client.create_reservation(request))
+
+
+# --------------------------------------------------------------------------------------------
+# Seam to the settlement and heartbeat modules (the only place that knows their API)
+
+
+class _NoHeartbeat:
+    __slots__ = ()
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+
+_NO_HEARTBEAT: Final = _NoHeartbeat()
+
+
+class _HeartbeatSeam:
+    """Track a reservation on its client's single heartbeat scheduler.
+
+    One :class:`~runcycles.heartbeat.HeartbeatScheduler` per sync client, one
+    :class:`~runcycles.heartbeat.AsyncHeartbeatScheduler` per (event loop, async client);
+    each is closed when its client is garbage-collected.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sync: weakref.WeakKeyDictionary[Any, HeartbeatScheduler] = weakref.WeakKeyDictionary()
+        self._async: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Any, AsyncHeartbeatScheduler]
+        ] = weakref.WeakKeyDictionary()
+
+    def scheduler(self, client: CyclesClient) -> HeartbeatScheduler:
+        scheduler = self._sync.get(client)
+        if scheduler is None:
+            with self._lock:
+                scheduler = self._sync.get(client)
+                if scheduler is None:
+                    scheduler = HeartbeatScheduler(client)
+                    self._sync[client] = scheduler
+                    weakref.finalize(client, scheduler.close, 0.0)
+        return scheduler
+
+    def ascheduler(self, client: AsyncCyclesClient) -> AsyncHeartbeatScheduler:
+        loop = asyncio.get_running_loop()
+        per_client = self._async.get(loop)
+        if per_client is None:
+            per_client = self._async.setdefault(loop, weakref.WeakKeyDictionary())
+        scheduler = per_client.get(client)
+        if scheduler is None:
+            scheduler = AsyncHeartbeatScheduler(client)
+            per_client[client] = scheduler
+            weakref.finalize(client, scheduler.close)
+        return scheduler
+
+    @staticmethod
+    def _track(
+        scheduler: HeartbeatScheduler | AsyncHeartbeatScheduler,
+        request: ReservationCreateRequest,
+        data: ReservationCreateResponse,
+        context: CyclesContext,
+        rtt_s: float,
+    ) -> HeartbeatHandle | _NoHeartbeat:
+        def follow(event: HeartbeatEvent) -> None:
+            if event.expires_at_ms is not None:
+                context.expires_at_ms = event.expires_at_ms
+
+        try:
+            return scheduler.track(
+                context.reservation_id,
+                ttl_ms=request.ttl_ms or data.remaining_ttl_ms or DEFAULT_TTL_MS,
+                remaining_ttl_ms=data.remaining_ttl_ms,
+                expires_at_ms=data.expires_at_ms,
+                rtt_ms=rtt_s * 1000.0,
+                on_event=follow,
+            )
+        except (RuntimeError, ValueError) as exc:  # e.g. the same id tracked twice
+            logger.warning(
+                "reservation %s runs without a heartbeat (%s); it may expire if the work "
+                "outlasts ttl_ms",
+                context.reservation_id,
+                exc,
+            )
+            return _NO_HEARTBEAT
+
+    def track(
+        self,
+        client: CyclesClient,
+        request: ReservationCreateRequest,
+        data: ReservationCreateResponse,
+        context: CyclesContext,
+        rtt_s: float,
+    ) -> HeartbeatHandle | _NoHeartbeat:
+        return self._track(self.scheduler(client), request, data, context, rtt_s)
+
+    def atrack(
+        self,
+        client: AsyncCyclesClient,
+        request: ReservationCreateRequest,
+        data: ReservationCreateResponse,
+        context: CyclesContext,
+        rtt_s: float,
+    ) -> HeartbeatHandle | _NoHeartbeat:
+        return self._track(self.ascheduler(client), request, data, context, rtt_s)
+
+
+class _SettlementSeam:
+    """Commit and release through one :class:`~runcycles.settlement.Settlement` per client.
+
+    Its journal is :func:`~runcycles.settlement.default_journal` of the client's config.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sync: weakref.WeakKeyDictionary[Any, Settlement] = weakref.WeakKeyDictionary()
+        self._async: weakref.WeakKeyDictionary[Any, AsyncSettlement] = weakref.WeakKeyDictionary()
+
+    def settlement(self, client: CyclesClient) -> Settlement:
+        settlement = self._sync.get(client)
+        if settlement is None:
+            with self._lock:
+                settlement = self._sync.get(client)
+                if settlement is None:
+                    settlement = Settlement(client, journal=default_journal(client.config))
+                    self._sync[client] = settlement
+        return settlement
+
+    def asettlement(self, client: AsyncCyclesClient) -> AsyncSettlement:
+        settlement = self._async.get(client)
+        if settlement is None:
+            with self._lock:
+                settlement = self._async.get(client)
+                if settlement is None:
+                    settlement = AsyncSettlement(client, journal=default_journal(client.config))
+                    self._async[client] = settlement
+        return settlement
+
+    def commit(
+        self,
+        client: CyclesClient,
+        request: ReservationCreateRequest,
+        context: CyclesContext,
+        commit_request: CommitRequest,
+    ) -> SettlementResult:
+        result = self.settlement(client).commit(
+            context.reservation_id,
+            commit_request,
+            subject=request.subject,
+            action=request.action,
+            overage_policy=request.overage_policy,
+        )
+        return _checked(result)
+
+    async def acommit(
+        self,
+        client: AsyncCyclesClient,
+        request: ReservationCreateRequest,
+        context: CyclesContext,
+        commit_request: CommitRequest,
+    ) -> SettlementResult:
+        result = await self.asettlement(client).commit(
+            context.reservation_id,
+            commit_request,
+            subject=request.subject,
+            action=request.action,
+            overage_policy=request.overage_policy,
+        )
+        return _checked(result)
+
+    def release(
+        self, client: CyclesClient, context: CyclesContext, release_request: ReleaseRequest
+    ) -> ReleaseResponse:
+        response = self.settlement(client).release(
+            context.reservation_id,
+            release_request.reason,
+            idempotency_key=release_request.idempotency_key,
+        )
+        return response.data
+
+    async def arelease(
+        self, client: AsyncCyclesClient, context: CyclesContext, release_request: ReleaseRequest
+    ) -> ReleaseResponse:
+        response = await self.asettlement(client).release(
+            context.reservation_id,
+            release_request.reason,
+            idempotency_key=release_request.idempotency_key,
+        )
+        return response.data
+
+
+def _checked(result: SettlementResult) -> SettlementResult:
+    """Raise the error of a settlement the server rejected for good; return the others."""
+    if result.outcome == "rejected" and result.error is not None:
+        raise result.error
+    return result
+
+
+_heartbeat: Final = _HeartbeatSeam()
+_settlement: Final = _SettlementSeam()

@@ -1,0 +1,152 @@
+"""Retry policy of the clients: what is retried, and how long to wait. Pure, no I/O.
+
+What is retried (always with the *same* body and idempotency key, so the server replays the
+stored outcome instead of applying the operation twice):
+
+* transport failures that may be transient: timeouts, connection errors, a connection
+  dropped mid-answer, proxy errors;
+* HTTP 5xx except 501 and 505 (those will not change on a retry);
+* HTTP 429 (``LIMIT_EXCEEDED``);
+* an *ambiguous* 2xx: a success status whose body is not a JSON object.
+
+A genuine 4xx (budget exceeded, not found, invalid request, ...) is never retried.
+
+How long to wait before retry ``n`` (``n = 1`` after the first failed attempt):
+
+* if the server sent ``Retry-After`` (or ``retry_after_ms`` in the body), exactly that long,
+  unless it exceeds ``retry_after_max_s``, in which case the call gives up and returns the
+  429 to the caller rather than blocking for longer;
+* otherwise ``b = min(max_delay_s, initial_delay_s * multiplier ** (n - 1))`` with *equal
+  jitter*: a uniform draw from ``[b / 2, b]``, so concurrent clients spread out while every
+  wait stays at least half the nominal backoff.
+
+Tests can switch every wait off with :func:`runcycles.testing.no_backoff`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import httpx
+
+if TYPE_CHECKING:
+    from runcycles.config import CyclesConfig
+    from runcycles.response import CyclesResponse
+
+__all__ = ["RetryPolicy", "asleep_s", "sleep_s"]
+
+_RETRYABLE_EXCEPTIONS: Final = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    httpx.ProxyError,
+)
+_NOT_RETRIED_5XX: Final = frozenset({501, 505})
+_MAX_EXPONENT: Final = 64
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to retry a failed call.
+
+    Attributes:
+        max_attempts: Total attempts per call, the first one included (``1``: never retry).
+        initial_delay_s: Nominal backoff before the first retry.
+        multiplier: Growth factor of the nominal backoff per attempt.
+        max_delay_s: Cap of the nominal backoff.
+        retry_after_max_s: Longest server-requested wait honoured inside a call.
+        jitter: Whether to apply equal jitter (``False`` makes backoff deterministic).
+        rng: Random source for the jitter (``None``: the ``random`` module); pass a seeded
+            ``random.Random`` for reproducible delays.
+    """
+
+    max_attempts: int = 5
+    initial_delay_s: float = 0.5
+    multiplier: float = 2.0
+    max_delay_s: float = 30.0
+    retry_after_max_s: float = 60.0
+    jitter: bool = True
+    rng: random.Random | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_delay_s < 0 or self.max_delay_s < 0 or self.retry_after_max_s < 0:
+            raise ValueError("delays must be >= 0 seconds")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
+
+    @classmethod
+    def from_config(cls, config: CyclesConfig) -> RetryPolicy:
+        """Build the policy described by a config's ``retry_*`` fields."""
+        return cls(
+            max_attempts=config.retry_max_attempts if config.retry_enabled else 1,
+            initial_delay_s=config.retry_initial_delay,
+            multiplier=config.retry_multiplier,
+            max_delay_s=config.retry_max_delay,
+            retry_after_max_s=config.retry_after_max_s,
+        )
+
+    @classmethod
+    def never(cls) -> RetryPolicy:
+        """Return a policy that makes exactly one attempt."""
+        return cls(max_attempts=1)
+
+    def is_retryable(self, response: CyclesResponse[Any]) -> bool:
+        """Return whether the outcome in ``response`` is worth another attempt (same key)."""
+        status = response.status
+        if 200 <= status < 300:
+            return response.is_ambiguous
+        if response.exception is not None:
+            return isinstance(response.exception, _RETRYABLE_EXCEPTIONS)
+        return status == 429 or (status >= 500 and status not in _NOT_RETRIED_5XX)
+
+    def backoff_s(self, retry_number: int) -> float:
+        """Return the (jittered) backoff before retry ``retry_number`` (1-based)."""
+        exponent = min(max(retry_number - 1, 0), _MAX_EXPONENT)
+        nominal = min(self.max_delay_s, self.initial_delay_s * self.multiplier**exponent)
+        if not self.jitter:
+            return nominal
+        draw = (self.rng or random).random()
+        return nominal / 2 + draw * nominal / 2
+
+    def next_delay_s(self, attempt: int, response: CyclesResponse[Any]) -> float | None:
+        """Decide what to do after attempt number ``attempt`` (1-based) ended in ``response``.
+
+        Returns:
+            Seconds to wait before the next attempt, or ``None`` to stop and return
+            ``response`` to the caller (success, non-retryable error, attempts exhausted, or
+            a ``Retry-After`` longer than ``retry_after_max_s``).
+        """
+        if attempt >= self.max_attempts or not self.is_retryable(response):
+            return None
+        if response.status == 429 or response.is_server_error:
+            retry_after_ms = response.retry_after_ms
+            if retry_after_ms is not None:
+                retry_after_s = retry_after_ms / 1000
+                return retry_after_s if retry_after_s <= self.retry_after_max_s else None
+        return self.backoff_s(attempt)
+
+
+_recorders: list[list[float]] = []
+"""Stack of delay recorders pushed by :func:`runcycles.testing.no_backoff`."""
+
+
+def sleep_s(delay_s: float) -> None:
+    """Block for ``delay_s`` seconds (recorded instead while ``no_backoff()`` is active)."""
+    if _recorders:
+        _recorders[-1].append(delay_s)
+        return
+    time.sleep(delay_s)
+
+
+async def asleep_s(delay_s: float) -> None:
+    """Wait ``delay_s`` seconds on the event loop (recorded instead under ``no_backoff()``)."""
+    if _recorders:
+        _recorders[-1].append(delay_s)
+        return
+    await asyncio.sleep(delay_s)

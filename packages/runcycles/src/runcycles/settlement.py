@@ -1,0 +1,820 @@
+"""Settle known spend exactly once: :class:`Settlement` and its async twin.
+
+API summary::
+
+    settlement = Settlement(client, journal=Journal.for_config(client.config))  # journal optional
+    result = settlement.commit(
+        reservation_id,
+        CommitRequest(idempotency_key=key, actual=Amount(unit=Unit.TOKENS, amount=420)),
+        subject=subject,          # the reservation's subject and action: needed if the
+        action=action,            # reservation expired and the spend becomes an event
+    )
+    result.settled                # True: committed (200) or applied as an event (201)
+    result.outcome                # "committed" | "event_applied" | "rejected" | "pending"
+    settlement.flush(timeout_s=5) # at shutdown: replay what is left, bounded in time
+    settlement.release(reservation_id, "tool failed")  # only when nothing was spent
+
+What ``commit`` does (the client-recovery profile, core + durable levels):
+
+1. **Journal first.** With a journal, the record is written (atomically, fsynced) before the
+   first request leaves the process. A journal I/O failure is logged and reported in
+   ``result.journal_error`` but never prevents the settlement attempt.
+2. **Commit with retries on the same idempotency key** after a transport error, a timeout,
+   a 5xx, a 429 (waiting its ``Retry-After``, persisted as an absolute ``not_before_ms``) or
+   an ambiguous answer. Only a schema-valid HTTP 200 ``COMMITTED`` is success; any other
+   2xx is ambiguous and retried.
+3. **Expired reservation** (410 or ``RESERVATION_EXPIRED``): the record switches durably to
+   event mode, then ``POST /v1/events`` carries the original subject, action, actual,
+   metrics and metadata (plus ``metadata.recovered_reservation_id``) with the same key. Only
+   a schema-valid 201 ``APPLIED`` is success.
+4. **Understood rejections** (``RESERVATION_FINALIZED``, ``IDEMPOTENCY_MISMATCH``,
+   ``UNIT_MISMATCH``, ``BUDGET_EXCEEDED``, ...) remove the record and are reported as
+   ``rejected`` with the mapped exception in ``result.error``.
+5. **Everything else keeps the record** for a later replay: retry exhaustion, a ``Retry-After``
+   longer than the client's ``retry_after_max_s``, 401/403 (credentials can be fixed) and
+   unknown 4xx. The outcome is ``pending``.
+
+A settlement never releases a reservation because the outcome is ambiguous or the
+credentials were refused: known spend is never given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
+
+from runcycles.exceptions import CyclesError, MalformedResponseError
+from runcycles.heartbeat import _single_attempt_client
+from runcycles.journal import (
+    Journal,
+    JournalRecord,
+    JournalScan,
+    QuarantinedRecord,
+    RecordLock,
+    SettlementMode,
+    run_journal_io,
+)
+from runcycles.models import (
+    Action,
+    CommitOveragePolicy,
+    CommitRequest,
+    CommitResponse,
+    ErrorCode,
+    EventCreateRequest,
+    EventCreateResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    Subject,
+)
+from runcycles.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from runcycles.config import CyclesConfig
+    from runcycles.response import CyclesResponse
+
+__all__ = [
+    "AsyncSettlement",
+    "ReplayReport",
+    "Settlement",
+    "SettlementOutcome",
+    "SettlementResult",
+    "UNDERSTOOD_REJECTIONS",
+    "default_journal",
+]
+
+logger = logging.getLogger("runcycles.settlement")
+
+SettlementOutcome = Literal["committed", "event_applied", "rejected", "pending"]
+
+UNDERSTOOD_REJECTIONS: Final = ErrorCode.ALL - {
+    ErrorCode.UNAUTHORIZED,
+    ErrorCode.FORBIDDEN,
+    ErrorCode.INTERNAL_ERROR,
+    ErrorCode.LIMIT_EXCEEDED,
+    ErrorCode.RESERVATION_EXPIRED,
+}
+"""Error codes after which retrying cannot help: the record is removed and the error surfaced."""
+
+
+def default_journal(config: CyclesConfig) -> Journal | None:
+    """Return the journal ``config`` asks for, or ``None`` when journaling is disabled.
+
+    Reads ``config.journal_enabled`` / ``config.journal_dir`` when the config has them, and
+    the environment variable ``RUNCYCLES_JOURNAL`` (``0``/``false``/``off`` disables).
+    """
+    import os
+
+    enabled = getattr(config, "journal_enabled", True)
+    if os.environ.get("RUNCYCLES_JOURNAL", "").strip().lower() in ("0", "false", "no", "off"):
+        enabled = False
+    if not enabled:
+        return None
+    return Journal.for_config(config, getattr(config, "journal_dir", None))
+
+
+@dataclass(frozen=True)
+class SettlementResult:
+    """How one settlement ended.
+
+    Attributes:
+        reservation_id: The reservation settled.
+        outcome: ``committed`` (200 COMMITTED), ``event_applied`` (201 APPLIED after the
+            reservation expired), ``rejected`` (understood terminal error, record removed) or
+            ``pending`` (unresolved; the journal record, if any, is kept for replay).
+        mode: ``commit`` or ``event`` (the mode of the last attempt).
+        idempotency_key: The key every attempt used.
+        attempts: Requests sent by this call.
+        commit: The commit response on ``committed``.
+        event: The event response on ``event_applied``.
+        error: Why it is ``rejected`` or ``pending``.
+        journaled: Whether a journal record remains on disk for a later replay.
+        journal_error: A journal I/O failure (settlement went ahead without durability).
+        not_before_ms: Earliest retry time (epoch ms) the server asked for, if any.
+    """
+
+    reservation_id: str
+    outcome: SettlementOutcome
+    mode: SettlementMode
+    idempotency_key: str
+    attempts: int
+    commit: CommitResponse | None = None
+    event: EventCreateResponse | None = None
+    error: CyclesError | None = None
+    journaled: bool = False
+    journal_error: str | None = None
+    not_before_ms: int | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Whether the spend reached the ledger (committed or applied as an event)."""
+        return self.outcome in ("committed", "event_applied")
+
+    def raise_for_error(self) -> SettlementResult:
+        """Raise ``error`` unless settled; return ``self``.
+
+        Raises:
+            CyclesError: The settlement was rejected or is still pending.
+        """
+        if not self.settled:
+            if self.error is not None:
+                raise self.error
+            raise CyclesError(f"settlement of {self.reservation_id!r} is {self.outcome}")
+        return self
+
+
+@dataclass
+class ReplayReport:
+    """What a :meth:`Settlement.replay` / :meth:`Settlement.flush` did.
+
+    Attributes:
+        results: One result per record attempted.
+        not_due: Records skipped because their ``not_before_ms`` is in the future.
+        busy: Records skipped because another worker holds them.
+        deferred: Records not attempted because the time bound ran out.
+        quarantined: Corrupt or unknown-version records moved aside.
+        migrated: Legacy files moved to their standard names.
+        conflicts: Legacy files kept because they collide with a different record.
+    """
+
+    results: list[SettlementResult] = field(default_factory=list)
+    not_due: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)
+    quarantined: list[QuarantinedRecord] = field(default_factory=list)
+    migrated: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+    @property
+    def settled(self) -> list[str]:
+        """Reservation ids whose spend reached the ledger."""
+        return [r.reservation_id for r in self.results if r.settled]
+
+    @property
+    def pending(self) -> list[str]:
+        """Reservation ids still unresolved (their records remain)."""
+        unresolved = [r.reservation_id for r in self.results if r.outcome == "pending"]
+        return unresolved + self.not_due + self.busy + self.deferred
+
+    @property
+    def rejected(self) -> list[str]:
+        """Reservation ids removed after an understood terminal rejection."""
+        return [r.reservation_id for r in self.results if r.outcome == "rejected"]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure classification
+
+
+VerdictKind = Literal["success", "retry", "expired", "terminal", "hold"]
+
+
+class _Verdict(NamedTuple):
+    kind: VerdictKind
+    data: CommitResponse | EventCreateResponse | None
+    error: CyclesError | None
+    retry_after_ms: int | None
+
+
+def _classify(response: CyclesResponse[Any], mode: SettlementMode) -> _Verdict:
+    status = response.status
+    expected = 200 if mode == "commit" else 201
+    if 200 <= status < 300 and response.body is not None:
+        if status == expected:
+            try:
+                return _Verdict("success", response.data, None, None)
+            except CyclesError as exc:
+                return _Verdict("retry", None, exc, None)
+        ambiguous = MalformedResponseError(
+            f"unexpected HTTP {status} (expected {expected}) from {response.method} "
+            f"{response.url}; the outcome is ambiguous, retrying with the same key",
+            status=status,
+        )
+        return _Verdict("retry", None, ambiguous, None)
+    error = response.to_exception()
+    if response.is_transport_error or 200 <= status < 300 or status >= 500:
+        return _Verdict("retry", None, error, None)
+    if status == 429:
+        return _Verdict("retry", None, error, response.retry_after_ms)
+    body = response.body or {}
+    code = body.get("error") if isinstance(body.get("error"), str) else None
+    if mode == "commit" and (status == 410 or code == ErrorCode.RESERVATION_EXPIRED):
+        return _Verdict("expired", None, error, None)
+    if status in (401, 403) or code in (ErrorCode.UNAUTHORIZED, ErrorCode.FORBIDDEN):
+        return _Verdict("hold", None, error, None)
+    if 400 <= status < 500 and code in UNDERSTOOD_REJECTIONS:
+        return _Verdict("terminal", None, error, None)
+    return _Verdict("hold", None, error, None)
+
+
+class _Send(NamedTuple):
+    """The next thing the driver loop must do."""
+
+    delay_s: float  # wait this long, then send (or stop if ``stop`` is set)
+    persist: bool  # write the record before going on
+    stop: SettlementOutcome | None
+
+
+class _Engine:
+    """State of one settlement drive, shared by the sync and async loops (pure, no I/O)."""
+
+    __slots__ = ("attempts", "deadline_s", "last", "policy", "record", "wall_s")
+
+    def __init__(
+        self,
+        record: JournalRecord,
+        policy: RetryPolicy,
+        wall_s: Callable[[], float],
+        deadline_s: float | None,
+    ) -> None:
+        self.record = record
+        self.policy = policy
+        self.wall_s = wall_s
+        self.deadline_s = deadline_s
+        self.attempts = 0
+        self.last: _Verdict | None = None
+
+    def before_send(self) -> _Send:
+        """Decide whether the first/next attempt may go now (honours ``not_before_ms``)."""
+        wait_s = max(0.0, self.record.not_before_ms / 1000 - self.wall_s())
+        if wait_s <= 0:
+            return _Send(0.0, False, None)
+        if wait_s > self.policy.retry_after_max_s or self._past_deadline(wait_s):
+            return _Send(0.0, False, "pending")
+        return _Send(wait_s, False, None)
+
+    def after(self, verdict: _Verdict) -> _Send:
+        """Decide what follows an attempt's verdict."""
+        self.last = verdict
+        record = self.record
+        if verdict.kind == "success":
+            return _Send(0.0, False, "committed" if record.mode == "commit" else "event_applied")
+        record.last_error = None if verdict.error is None else str(verdict.error)[:500]
+        if verdict.kind == "terminal":
+            return _Send(0.0, False, "rejected")
+        if verdict.kind == "expired":
+            record.mode = "event"
+            record.not_before_ms = 0
+            return _Send(0.0, True, None)  # persist event mode BEFORE the event attempt
+        if verdict.kind == "hold":
+            return _Send(0.0, True, "pending")
+        if verdict.retry_after_ms is not None:
+            record.not_before_ms = int(self.wall_s() * 1000) + verdict.retry_after_ms
+            delay_s = verdict.retry_after_ms / 1000
+            if delay_s > self.policy.retry_after_max_s or self.attempts >= self.policy.max_attempts:
+                return _Send(0.0, True, "pending")
+            if self._past_deadline(delay_s):
+                return _Send(0.0, True, "pending")
+            return _Send(delay_s, True, None)  # persist the 429 floor before waiting
+        if self.attempts >= self.policy.max_attempts:
+            return _Send(0.0, True, "pending")
+        delay_s = self.policy.backoff_s(self.attempts)
+        if self._past_deadline(delay_s):
+            return _Send(0.0, True, "pending")
+        return _Send(delay_s, False, None)
+
+    def request(self) -> CommitRequest | EventCreateRequest:
+        self.attempts += 1
+        self.record.attempts += 1
+        if self.record.mode == "commit":
+            return self.record.commit_request()
+        return self.record.event_request()
+
+    def result(
+        self, outcome: SettlementOutcome, journaled: bool, journal_error: str | None
+    ) -> SettlementResult:
+        verdict = self.last
+        data = None if verdict is None else verdict.data
+        error = (
+            None if verdict is None or outcome in ("committed", "event_applied") else verdict.error
+        )
+        if outcome == "pending" and error is None and verdict is None:
+            error = CyclesError(
+                f"settlement of {self.record.reservation_id!r} must wait until "
+                f"not_before_ms={self.record.not_before_ms} (server Retry-After)"
+            )
+        return SettlementResult(
+            reservation_id=self.record.reservation_id,
+            outcome=outcome,
+            mode=self.record.mode,
+            idempotency_key=self.record.idempotency_key,
+            attempts=self.attempts,
+            commit=data if isinstance(data, CommitResponse) else None,
+            event=data if isinstance(data, EventCreateResponse) else None,
+            error=error,
+            journaled=journaled,
+            journal_error=journal_error,
+            not_before_ms=self.record.not_before_ms or None,
+        )
+
+    def _past_deadline(self, delay_s: float) -> bool:
+        return self.deadline_s is not None and self.wall_s() + delay_s > self.deadline_s
+
+
+def _log_outcome(result: SettlementResult) -> None:
+    if result.settled:
+        logger.debug("settled reservation %s: %s", result.reservation_id, result.outcome)
+    elif result.outcome == "rejected":
+        logger.error(
+            "settlement of reservation %s rejected by the server: %s",
+            result.reservation_id,
+            result.error,
+        )
+    else:
+        logger.warning(
+            "settlement of reservation %s is pending after %d attempt(s) (%s); %s",
+            result.reservation_id,
+            result.attempts,
+            result.error,
+            "the journal keeps it for replay"
+            if result.journaled
+            else "no journal record: it is NOT recoverable after this process exits",
+        )
+
+
+def _new_release_key() -> str:
+    return f"release-{uuid.uuid4().hex}"
+
+
+def _record_for(
+    reservation_id: str,
+    request: CommitRequest,
+    subject: Subject | None,
+    action: Action | None,
+    overage_policy: CommitOveragePolicy | None,
+) -> JournalRecord:
+    if not isinstance(request, CommitRequest):
+        raise TypeError(
+            f"request must be a CommitRequest, got {type(request).__name__}; build it with "
+            "CommitRequest(idempotency_key=..., actual=Amount(...))"
+        )
+    return JournalRecord.for_commit(
+        reservation_id, request, subject=subject, action=action, overage_policy=overage_policy
+    )
+
+
+def _policy_for(client: object, policy: RetryPolicy | None) -> RetryPolicy:
+    if policy is not None:
+        return policy
+    config = getattr(client, "config", None)
+    from runcycles.config import CyclesConfig
+
+    return RetryPolicy.from_config(config) if isinstance(config, CyclesConfig) else RetryPolicy()
+
+
+# --------------------------------------------------------------------------------------------
+# Sync
+
+
+class _SyncClient(Protocol):
+    def commit_reservation(
+        self, reservation_id: str, request: CommitRequest
+    ) -> CyclesResponse[CommitResponse]: ...
+
+    def create_event(self, request: EventCreateRequest) -> CyclesResponse[EventCreateResponse]: ...
+
+    def release_reservation(
+        self, reservation_id: str, request: ReleaseRequest
+    ) -> CyclesResponse[ReleaseResponse]: ...
+
+
+class Settlement:
+    """Commit known spend durably and exactly once, on top of a sync client.
+
+    Args:
+        client: A :class:`~runcycles.CyclesClient`. Settlement sends single attempts on its
+            connection pool and runs its own retry loop (so a 429 floor can be persisted).
+        journal: Where unresolved settlements are kept (``None``: no durability; see
+            :func:`default_journal`).
+        retry_policy: Attempts and backoff (default: from the client's config).
+        sleep: Blocking sleep in seconds (injectable for tests).
+        wall_clock: Wall-clock time in seconds, used for the persisted ``not_before_ms``.
+    """
+
+    def __init__(
+        self,
+        client: _SyncClient,
+        *,
+        journal: Journal | None = None,
+        retry_policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._send_client: _SyncClient = _single_attempt_client(client)
+        self.journal = journal
+        self.retry_policy = _policy_for(client, retry_policy)
+        self._sleep = sleep
+        self._wall = wall_clock
+
+    def commit(
+        self,
+        reservation_id: str,
+        request: CommitRequest,
+        *,
+        subject: Subject | None,
+        action: Action | None,
+        overage_policy: CommitOveragePolicy | None = None,
+    ) -> SettlementResult:
+        """Settle ``request`` for a reservation: journal, commit, event fallback.
+
+        Never raises for server or network failures; check ``result.settled`` or call
+        ``result.raise_for_error()``.
+
+        Args:
+            reservation_id: The reservation to commit.
+            request: The commit body; its ``idempotency_key`` is used for every attempt.
+            subject: The reservation's subject (for the event fallback; ``None`` makes an
+                expired reservation unsettleable, and the record is kept).
+            action: The reservation's action (same).
+            overage_policy: The reservation's overage policy, applied to the event fallback.
+
+        Raises:
+            TypeError: ``request`` is not a :class:`~runcycles.models.CommitRequest`.
+        """
+        record = _record_for(reservation_id, request, subject, action, overage_policy)
+        journal_error = None
+        journaled = False
+        lock = None
+        if self.journal is not None:
+            try:
+                lock = self.journal.try_lock(reservation_id)
+                self.journal.write(record)
+                journaled = True
+            except OSError as exc:
+                journal_error = f"journal write failed: {exc}"
+                logger.error(
+                    "could not journal the settlement of %s (%s); settling without durability",
+                    reservation_id,
+                    exc,
+                )
+        try:
+            return self._drive(record, journaled, journal_error, None)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def replay(self, *, deadline_s: float | None = None) -> ReplayReport:
+        """Replay every due record of the journal (e.g. at start-up, after a crash).
+
+        Args:
+            deadline_s: Wall-clock time (seconds) after which no new attempt starts.
+
+        Returns:
+            What was settled, rejected, left pending, skipped or quarantined.
+
+        Raises:
+            RuntimeError: The settlement has no journal.
+        """
+        journal = _require_journal(self.journal)
+        scan = journal.scan()
+        report = _report_from_scan(scan)
+        for record in scan.records:
+            rid = record.reservation_id
+            if deadline_s is not None and self._wall() >= deadline_s:
+                report.deferred.append(rid)
+                continue
+            if record.not_before_ms > self._wall() * 1000:
+                report.not_due.append(rid)
+                continue
+            lock = journal.try_lock(rid)
+            if lock is None:
+                report.busy.append(rid)
+                continue
+            with lock:
+                try:
+                    current = journal.read(rid)
+                except ValueError as exc:
+                    report.quarantined.append(journal.quarantine(journal.path_for(rid), str(exc)))
+                    continue
+                if current is None:
+                    continue  # settled by another worker meanwhile
+                report.results.append(self._drive(current, True, None, deadline_s))
+        return report
+
+    def flush(self, timeout_s: float = 10.0) -> ReplayReport:
+        """Replay what is left in the journal, giving up after ``timeout_s`` (records stay)."""
+        return self.replay(deadline_s=self._wall() + timeout_s)
+
+    def release(
+        self,
+        reservation_id: str,
+        reason: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> CyclesResponse[ReleaseResponse]:
+        """Give an unused reservation back (the client retries transient failures).
+
+        Only for work that spent nothing; never for an ambiguous or failed commit.
+        """
+        request = ReleaseRequest(
+            idempotency_key=idempotency_key or _new_release_key(), reason=reason
+        )
+        return self._client.release_reservation(reservation_id, request)
+
+    def _drive(
+        self,
+        record: JournalRecord,
+        journaled: bool,
+        journal_error: str | None,
+        deadline_s: float | None,
+    ) -> SettlementResult:
+        engine = _Engine(record, self.retry_policy, self._wall, deadline_s)
+        step = engine.before_send()
+        while step.stop is None:
+            if step.persist and journaled:
+                journal_error = self._persist(record) or journal_error
+            if step.delay_s > 0:
+                self._sleep(step.delay_s)
+            try:
+                request = engine.request()
+            except ValueError as exc:
+                engine.last = _Verdict("hold", None, CyclesError(str(exc)), None)
+                step = _Send(0.0, True, "pending")
+                break
+            if isinstance(request, CommitRequest):
+                response: CyclesResponse[Any] = self._send_client.commit_reservation(
+                    record.reservation_id, request
+                )
+            else:
+                response = self._send_client.create_event(request)
+            step = engine.after(_classify(response, record.mode))
+        outcome = step.stop
+        assert outcome is not None
+        if journaled and self.journal is not None:
+            try:
+                if outcome == "pending":
+                    if step.persist:
+                        self.journal.write(record)
+                else:
+                    self.journal.remove(record.reservation_id)
+                    journaled = False
+            except OSError as exc:
+                journal_error = f"journal update failed: {exc}"
+                logger.error("journal update for %s failed: %s", record.reservation_id, exc)
+        result = engine.result(outcome, journaled, journal_error)
+        _log_outcome(result)
+        return result
+
+    def _persist(self, record: JournalRecord) -> str | None:
+        assert self.journal is not None
+        try:
+            self.journal.write(record)
+        except OSError as exc:
+            logger.error("journal update for %s failed: %s", record.reservation_id, exc)
+            return f"journal update failed: {exc}"
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Async
+
+
+class _AsyncClient(Protocol):
+    async def commit_reservation(
+        self, reservation_id: str, request: CommitRequest
+    ) -> CyclesResponse[CommitResponse]: ...
+
+    async def create_event(
+        self, request: EventCreateRequest
+    ) -> CyclesResponse[EventCreateResponse]: ...
+
+    async def release_reservation(
+        self, reservation_id: str, request: ReleaseRequest
+    ) -> CyclesResponse[ReleaseResponse]: ...
+
+
+class AsyncSettlement:
+    """The asyncio twin of :class:`Settlement`; journal I/O never runs on the event loop.
+
+    Args:
+        client: An :class:`~runcycles.AsyncCyclesClient`.
+        journal: Where unresolved settlements are kept (``None``: no durability).
+        retry_policy: Attempts and backoff (default: from the client's config).
+        sleep: Async sleep in seconds (injectable for tests).
+        wall_clock: Wall-clock time in seconds, used for the persisted ``not_before_ms``.
+    """
+
+    def __init__(
+        self,
+        client: _AsyncClient,
+        *,
+        journal: Journal | None = None,
+        retry_policy: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._send_client: _AsyncClient = _single_attempt_client(client)
+        self.journal = journal
+        self.retry_policy = _policy_for(client, retry_policy)
+        self._sleep = sleep
+        self._wall = wall_clock
+
+    async def commit(
+        self,
+        reservation_id: str,
+        request: CommitRequest,
+        *,
+        subject: Subject | None,
+        action: Action | None,
+        overage_policy: CommitOveragePolicy | None = None,
+    ) -> SettlementResult:
+        """Settle ``request`` for a reservation; see :meth:`Settlement.commit`."""
+        record = _record_for(reservation_id, request, subject, action, overage_policy)
+        journal_error = None
+        journaled = False
+        lock = None
+        journal = self.journal
+        if journal is not None:
+            try:
+                lock = await run_journal_io(_lock_and_write, journal, record)
+                journaled = True
+            except OSError as exc:
+                journal_error = f"journal write failed: {exc}"
+                logger.error(
+                    "could not journal the settlement of %s (%s); settling without durability",
+                    reservation_id,
+                    exc,
+                )
+        try:
+            return await self._drive(record, journaled, journal_error, None)
+        finally:
+            if lock is not None:
+                await run_journal_io(lock.release)
+
+    async def replay(self, *, deadline_s: float | None = None) -> ReplayReport:
+        """Replay every due record of the journal; see :meth:`Settlement.replay`."""
+        journal = _require_journal(self.journal)
+        scan = await run_journal_io(journal.scan)
+        report = _report_from_scan(scan)
+        for record in scan.records:
+            rid = record.reservation_id
+            if deadline_s is not None and self._wall() >= deadline_s:
+                report.deferred.append(rid)
+                continue
+            if record.not_before_ms > self._wall() * 1000:
+                report.not_due.append(rid)
+                continue
+            lock = await run_journal_io(journal.try_lock, rid)
+            if lock is None:
+                report.busy.append(rid)
+                continue
+            try:
+                try:
+                    current = await run_journal_io(journal.read, rid)
+                except ValueError as exc:
+                    path = journal.path_for(rid)
+                    report.quarantined.append(
+                        await run_journal_io(journal.quarantine, path, str(exc))
+                    )
+                    continue
+                if current is None:
+                    continue
+                report.results.append(await self._drive(current, True, None, deadline_s))
+            finally:
+                await run_journal_io(lock.release)
+        return report
+
+    async def flush(self, timeout_s: float = 10.0) -> ReplayReport:
+        """Replay what is left in the journal, giving up after ``timeout_s`` (records stay)."""
+        return await self.replay(deadline_s=self._wall() + timeout_s)
+
+    async def release(
+        self,
+        reservation_id: str,
+        reason: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> CyclesResponse[ReleaseResponse]:
+        """Give an unused reservation back; see :meth:`Settlement.release`."""
+        request = ReleaseRequest(
+            idempotency_key=idempotency_key or _new_release_key(), reason=reason
+        )
+        return await self._client.release_reservation(reservation_id, request)
+
+    async def _drive(
+        self,
+        record: JournalRecord,
+        journaled: bool,
+        journal_error: str | None,
+        deadline_s: float | None,
+    ) -> SettlementResult:
+        engine = _Engine(record, self.retry_policy, self._wall, deadline_s)
+        step = engine.before_send()
+        while step.stop is None:
+            if step.persist and journaled:
+                journal_error = await self._persist(record) or journal_error
+            if step.delay_s > 0:
+                await self._sleep(step.delay_s)
+            try:
+                request = engine.request()
+            except ValueError as exc:
+                engine.last = _Verdict("hold", None, CyclesError(str(exc)), None)
+                step = _Send(0.0, True, "pending")
+                break
+            if isinstance(request, CommitRequest):
+                response: CyclesResponse[Any] = await self._send_client.commit_reservation(
+                    record.reservation_id, request
+                )
+            else:
+                response = await self._send_client.create_event(request)
+            step = engine.after(_classify(response, record.mode))
+        outcome = step.stop
+        assert outcome is not None
+        journal = self.journal
+        if journaled and journal is not None:
+            try:
+                if outcome == "pending":
+                    if step.persist:
+                        await run_journal_io(journal.write, record)
+                else:
+                    await run_journal_io(journal.remove, record.reservation_id)
+                    journaled = False
+            except OSError as exc:
+                journal_error = f"journal update failed: {exc}"
+                logger.error("journal update for %s failed: %s", record.reservation_id, exc)
+        result = engine.result(outcome, journaled, journal_error)
+        _log_outcome(result)
+        return result
+
+    async def _persist(self, record: JournalRecord) -> str | None:
+        assert self.journal is not None
+        try:
+            await run_journal_io(self.journal.write, record)
+        except OSError as exc:
+            logger.error("journal update for %s failed: %s", record.reservation_id, exc)
+            return f"journal update failed: {exc}"
+        return None
+
+
+def _lock_and_write(journal: Journal, record: JournalRecord) -> RecordLock | None:
+    lock = journal.try_lock(record.reservation_id)
+    try:
+        journal.write(record)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def _require_journal(journal: Journal | None) -> Journal:
+    if journal is None:
+        raise RuntimeError(
+            "this settlement has no journal, so there is nothing to replay; pass "
+            "journal=Journal.for_config(config) (or default_journal(config))"
+        )
+    return journal
+
+
+def _report_from_scan(scan: JournalScan) -> ReplayReport:
+    return ReplayReport(
+        quarantined=list(scan.quarantined),
+        migrated=[str(path) for path in scan.migrated],
+        conflicts=[str(path) for path in scan.conflicts],
+    )

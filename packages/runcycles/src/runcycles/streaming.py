@@ -1,0 +1,455 @@
+"""Stream reservations: hold budget while a streamed response arrives, commit what it used.
+
+::
+
+    with client.stream_reservation(estimate=20_000, action_kind="llm.completion",
+                                   action_name="gpt-4o", cost_fn=price) as stream:
+        for chunk in model.stream(prompt):
+            stream.usage.add_output_tokens(chunk.tokens)
+            yield chunk.text
+
+When the block ends the accumulated usage is committed, **whatever the reason**: the stream
+completed, raised, or was cancelled (``GeneratorExit``, ``asyncio.CancelledError``). Tokens a
+provider already produced are spend, so a broken stream commits its partial usage instead of
+releasing it. Only a stream that consumed nothing at all is released.
+
+The committed amount is, in order of preference:
+
+1. ``usage.actual_cost`` if the code set it (an exact price from the provider);
+2. ``cost_fn(usage)`` if a pricing function was given;
+3. the token count, when the reservation is in ``TOKENS``;
+4. otherwise the estimate, marked ``metadata["actual_source"] = "estimate"``.
+
+Token counts, the model version and custom values are sent as the commit's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, overload
+
+from runcycles.exceptions import CyclesError
+from runcycles.lifecycle import (
+    ACTUAL_SOURCE_KEY,
+    AsyncReservationGuard,
+    ReservationGuard,
+    ReserveOptions,
+    run_shielded,
+)
+from runcycles.models import (
+    Amount,
+    Caps,
+    CyclesMetrics,
+    Decision,
+    ReleaseResponse,
+    ReservationCreateRequest,
+    Unit,
+)
+from runcycles.settlement import SettlementResult
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, Unpack
+
+    from runcycles.client import AsyncCyclesClient, CyclesClient
+    from runcycles.context import CyclesContext
+
+__all__ = [
+    "AsyncStreamReservation",
+    "CostFn",
+    "StreamReservation",
+    "StreamUsage",
+    "stream_reservation",
+]
+
+logger = logging.getLogger("runcycles")
+
+CostFn = Callable[["StreamUsage"], int]
+"""Prices accumulated usage: returns the amount to commit, in the reservation's unit."""
+
+OUTCOME_KEY: Final = "stream_outcome"
+"""Commit metadata key recording how the stream ended: completed, failed or cancelled."""
+
+
+@dataclass
+class StreamUsage:
+    """Usage accumulated while a stream runs; update it as chunks arrive.
+
+    Attributes:
+        tokens_input: Prompt tokens consumed.
+        tokens_output: Completion tokens produced so far.
+        actual_cost: The exact cost in the reservation's unit, when the provider reports
+            it; it wins over ``cost_fn`` and token counts.
+        model_version: The model that actually served the stream.
+        custom: Free-form metrics sent with the commit (not counted as consumption).
+    """
+
+    tokens_input: int = 0
+    tokens_output: int = 0
+    actual_cost: int | None = None
+    model_version: str | None = None
+    custom: dict[str, Any] = field(default_factory=dict)
+
+    def add_input_tokens(self, count: int) -> None:
+        """Add ``count`` prompt tokens."""
+        self.tokens_input += _non_negative(count, "count")
+
+    def add_output_tokens(self, count: int) -> None:
+        """Add ``count`` completion tokens."""
+        self.tokens_output += _non_negative(count, "count")
+
+    def add_tokens(self, *, input: int = 0, output: int = 0) -> None:
+        """Add prompt (``input``) and completion (``output``) tokens at once."""
+        self.tokens_input += _non_negative(input, "input")
+        self.tokens_output += _non_negative(output, "output")
+
+    def add_cost(self, amount: int) -> None:
+        """Add ``amount`` (in the reservation's unit) to ``actual_cost``."""
+        self.actual_cost = (self.actual_cost or 0) + _non_negative(amount, "amount")
+
+    def set_cost(self, amount: int) -> None:
+        """Set ``actual_cost`` to ``amount`` (in the reservation's unit)."""
+        self.actual_cost = _non_negative(amount, "amount")
+
+    def set_model_version(self, model_version: str) -> None:
+        """Record the model that actually served the stream."""
+        self.model_version = model_version
+
+    def put_custom(self, key: str, value: Any) -> None:
+        """Set one free-form metric."""
+        self.custom[key] = value
+
+    @property
+    def total_tokens(self) -> int:
+        """Input plus output tokens."""
+        return self.tokens_input + self.tokens_output
+
+    def is_empty(self) -> bool:
+        """Return whether nothing was consumed (no tokens and no cost)."""
+        return not self.tokens_input and not self.tokens_output and not self.actual_cost
+
+    def to_metrics(self, base: CyclesMetrics | None = None) -> CyclesMetrics:
+        """Return the commit metrics: these counts over ``base`` (the context's metrics)."""
+        update: dict[str, Any] = {}
+        if self.tokens_input:
+            update["tokens_input"] = self.tokens_input
+        if self.tokens_output:
+            update["tokens_output"] = self.tokens_output
+        if self.model_version is not None:
+            update["model_version"] = self.model_version
+        if self.custom:
+            update["custom"] = {**(base.custom or {}), **self.custom} if base else self.custom
+        if base is None:
+            return CyclesMetrics(**update)
+        return base.model_copy(update=update)
+
+
+def _non_negative(value: int, name: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+class _StreamState:
+    """Pure logic shared by the sync and async stream reservations."""
+
+    __slots__ = ("_cost_fn", "settlement_error", "usage")
+
+    def __init__(self, cost_fn: CostFn | None) -> None:
+        if cost_fn is not None and not callable(cost_fn):
+            raise TypeError(f"cost_fn must be a callable of StreamUsage, got {cost_fn!r}")
+        self._cost_fn = cost_fn
+        self.usage = StreamUsage()
+        self.settlement_error: CyclesError | None = None
+        """Why the final commit or release failed, if it did (also logged)."""
+
+    def _final_amount(
+        self, context: CyclesContext, outcome: str
+    ) -> tuple[int | None, dict[str, Any]]:
+        """Return ``(actual, metadata)``; ``actual is None`` with empty usage means release."""
+        usage = self.usage
+        metadata: dict[str, Any] = {OUTCOME_KEY: outcome}
+        if usage.actual_cost is not None:
+            return usage.actual_cost, metadata
+        if usage.is_empty():
+            return None, metadata
+        if self._cost_fn is not None:
+            try:
+                return _non_negative(self._cost_fn(usage), "cost_fn(usage)"), metadata
+            except Exception as exc:
+                logger.exception(
+                    "cost_fn raised for reservation %s; committing the estimate instead",
+                    context.reservation_id,
+                )
+                metadata["actual_error"] = f"{type(exc).__name__}: {exc}"[:512]
+                metadata[ACTUAL_SOURCE_KEY] = "estimate"
+                return context.estimate.amount, metadata
+        if context.estimate.unit is Unit.TOKENS:
+            return usage.total_tokens, metadata
+        metadata[ACTUAL_SOURCE_KEY] = "estimate"
+        return context.estimate.amount, metadata
+
+    def _explicit_commit(
+        self, context: CyclesContext, actual: int | Amount | None
+    ) -> tuple[int | Amount, dict[str, Any]]:
+        if actual is not None:
+            return actual, {OUTCOME_KEY: "completed"}
+        amount, metadata = self._final_amount(context, "completed")
+        return (0 if amount is None else amount), metadata
+
+    def _record_failure(self, context: CyclesContext, exc: CyclesError) -> None:
+        self.settlement_error = exc
+        logger.error("settling stream reservation %s failed: %s", context.reservation_id, exc)
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "completed"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)):
+        return "cancelled"
+    return "failed"
+
+
+class StreamReservation(_StreamState):
+    """A reservation held while a stream is consumed (sync twin); see the module docs.
+
+    Args:
+        client: The client to reserve and settle with.
+        request: A ready reservation request, instead of the keyword options.
+        cost_fn: Prices the accumulated :class:`StreamUsage`.
+        **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+    """
+
+    __slots__ = ("_guard",)
+
+    def __init__(
+        self,
+        client: CyclesClient,
+        request: ReservationCreateRequest | None = None,
+        /,
+        *,
+        cost_fn: CostFn | None = None,
+        **options: Unpack[ReserveOptions],
+    ) -> None:
+        super().__init__(cost_fn)
+        self._guard = ReservationGuard(client, request, **options)
+
+    def __repr__(self) -> str:
+        return f"<StreamReservation {self._guard!r} usage={self.usage!r}>"
+
+    @property
+    def context(self) -> CyclesContext:
+        """The live reservation."""
+        return self._guard.context
+
+    @property
+    def reservation_id(self) -> str | None:
+        """The reservation's id (``None`` before entering)."""
+        return self._guard.reservation_id
+
+    @property
+    def decision(self) -> Decision:
+        """``ALLOW`` or ``ALLOW_WITH_CAPS``."""
+        return self._guard.decision
+
+    @property
+    def caps(self) -> Caps | None:
+        """Caps of an ``ALLOW_WITH_CAPS`` reservation (e.g. ``max_tokens``)."""
+        return self._guard.caps
+
+    @property
+    def estimate(self) -> Amount:
+        """The amount reserved for the stream."""
+        return self._guard.estimate
+
+    def __enter__(self) -> Self:
+        self._guard.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        guard = self._guard
+        try:
+            if not guard.is_finalized:
+                self._settle(_outcome(exc))
+        finally:
+            guard.__exit__(exc_type, exc, tb)
+
+    def commit(self, actual: int | Amount | None = None) -> SettlementResult:
+        """End the stream now, committing ``actual`` (default: the accumulated usage)."""
+        context = self._guard.context
+        amount, metadata = self._explicit_commit(context, actual)
+        return self._guard.commit(
+            amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
+        )
+
+    def release(self, reason: str | None = None) -> ReleaseResponse:
+        """End the stream now, charging nothing."""
+        return self._guard.release(reason)
+
+    def _settle(self, outcome: str) -> None:
+        context = self._guard.context
+        amount, metadata = self._final_amount(context, outcome)
+        try:
+            if amount is None:
+                self._guard.release(f"stream_{outcome}_without_usage")
+            else:
+                self._guard.commit(
+                    amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
+                )
+        except CyclesError as exc:
+            self._record_failure(context, exc)
+
+
+class AsyncStreamReservation(_StreamState):
+    """A reservation held while a stream is consumed (async twin); see the module docs.
+
+    A cancelled stream still commits its partial usage, shielded from a second cancellation.
+
+    Args:
+        client: The client to reserve and settle with.
+        request: A ready reservation request, instead of the keyword options.
+        cost_fn: Prices the accumulated :class:`StreamUsage`.
+        **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+    """
+
+    __slots__ = ("_guard",)
+
+    def __init__(
+        self,
+        client: AsyncCyclesClient,
+        request: ReservationCreateRequest | None = None,
+        /,
+        *,
+        cost_fn: CostFn | None = None,
+        **options: Unpack[ReserveOptions],
+    ) -> None:
+        super().__init__(cost_fn)
+        self._guard = AsyncReservationGuard(client, request, **options)
+
+    def __repr__(self) -> str:
+        return f"<AsyncStreamReservation {self._guard!r} usage={self.usage!r}>"
+
+    @property
+    def context(self) -> CyclesContext:
+        """The live reservation."""
+        return self._guard.context
+
+    @property
+    def reservation_id(self) -> str | None:
+        """The reservation's id (``None`` before entering)."""
+        return self._guard.reservation_id
+
+    @property
+    def decision(self) -> Decision:
+        """``ALLOW`` or ``ALLOW_WITH_CAPS``."""
+        return self._guard.decision
+
+    @property
+    def caps(self) -> Caps | None:
+        """Caps of an ``ALLOW_WITH_CAPS`` reservation (e.g. ``max_tokens``)."""
+        return self._guard.caps
+
+    @property
+    def estimate(self) -> Amount:
+        """The amount reserved for the stream."""
+        return self._guard.estimate
+
+    async def __aenter__(self) -> Self:
+        await self._guard.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        guard = self._guard
+        try:
+            if not guard.is_finalized:
+                outcome = _outcome(exc)
+                settle = self._settle(outcome)
+                await (run_shielded(settle) if outcome == "cancelled" else settle)
+        finally:
+            await guard.__aexit__(exc_type, exc, tb)
+
+    async def commit(self, actual: int | Amount | None = None) -> SettlementResult:
+        """End the stream now, committing ``actual`` (default: the accumulated usage)."""
+        context = self._guard.context
+        amount, metadata = self._explicit_commit(context, actual)
+        return await self._guard.commit(
+            amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
+        )
+
+    async def release(self, reason: str | None = None) -> ReleaseResponse:
+        """End the stream now, charging nothing."""
+        return await self._guard.release(reason)
+
+    async def _settle(self, outcome: str) -> None:
+        context = self._guard.context
+        amount, metadata = self._final_amount(context, outcome)
+        try:
+            if amount is None:
+                await self._guard.release(f"stream_{outcome}_without_usage")
+            else:
+                await self._guard.commit(
+                    amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
+                )
+        except CyclesError as exc:
+            self._record_failure(context, exc)
+
+
+@overload
+def stream_reservation(
+    client: CyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    *,
+    cost_fn: CostFn | None = None,
+    **options: Unpack[ReserveOptions],
+) -> StreamReservation: ...
+
+
+@overload
+def stream_reservation(
+    client: AsyncCyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    *,
+    cost_fn: CostFn | None = None,
+    **options: Unpack[ReserveOptions],
+) -> AsyncStreamReservation: ...
+
+
+def stream_reservation(
+    client: CyclesClient | AsyncCyclesClient,
+    request: ReservationCreateRequest | None = None,
+    /,
+    *,
+    cost_fn: CostFn | None = None,
+    **options: Unpack[ReserveOptions],
+) -> StreamReservation | AsyncStreamReservation:
+    """Return a stream reservation for ``with`` (sync client) or ``async with`` (async client).
+
+    Args:
+        client: A :class:`~runcycles.CyclesClient` or :class:`~runcycles.AsyncCyclesClient`.
+        request: A ready reservation request, instead of the keyword options.
+        cost_fn: Prices the accumulated :class:`StreamUsage` in the reservation's unit.
+        **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+
+    Returns:
+        The stream reservation matching the client's flavour.
+    """
+    from runcycles.client import AsyncCyclesClient
+
+    if isinstance(client, AsyncCyclesClient):
+        return AsyncStreamReservation(client, request, cost_fn=cost_fn, **options)
+    return StreamReservation(client, request, cost_fn=cost_fn, **options)

@@ -1,0 +1,375 @@
+"""``@cycles`` on sync and async functions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from runcycles import (
+    Amount,
+    BudgetExceededError,
+    CommitOveragePolicy,
+    CyclesMetrics,
+    CyclesProtocolError,
+    Decision,
+    DryRunResult,
+    Unit,
+    cycles,
+    get_cycles_context,
+)
+
+# --------------------------------------------------------------------------- success
+
+
+def test_commits_actual_of_the_result(fake: Any, client: Any) -> None:
+    @cycles(estimate=1_000, actual=lambda result: len(result), client=client)
+    def greet(name: str) -> str:
+        ctx = get_cycles_context()
+        assert ctx is not None and ctx.reservation_id == "rsv_1"
+        return f"hello {name}"
+
+    assert greet("bob") == "hello bob"
+    (create,) = fake.creates()
+    assert create["estimate"] == {"unit": "USD_MICROCENTS", "amount": 1_000}
+    assert create["action"] == {
+        "kind": "function",
+        "name": "test_commits_actual_of_the_result.<locals>.greet",
+    }
+    assert create["subject"] == {"tenant": "acme"}
+    (commit,) = fake.commits()
+    assert commit["actual"] == {"unit": "USD_MICROCENTS", "amount": 9}
+    assert "metadata" not in commit
+    assert commit["metrics"]["latency_ms"] >= 0
+    assert get_cycles_context() is None
+
+
+async def test_async_commits_actual_of_the_result(fake: Any, aclient: Any) -> None:
+    @cycles(estimate=1_000, actual=lambda result: result * 2, client=aclient)
+    async def work(n: int) -> int:
+        await asyncio.sleep(0)
+        assert get_cycles_context() is not None
+        return n
+
+    assert await work(21) == 21
+    assert fake.commits()[0]["actual"]["amount"] == 42
+    assert fake.statuses() == ["COMMITTED"]
+
+
+def test_estimate_and_subject_from_the_arguments(fake: Any, client: Any) -> None:
+    @cycles(
+        estimate=lambda prompt, tokens: tokens * 10,
+        action_kind="llm.completion",
+        action_name="gpt-4",
+        action_tags=["chat"],
+        unit="TOKENS",
+        agent=lambda prompt, tokens: f"agent-{tokens}",
+        workspace="prod",
+        dimensions=lambda prompt, tokens: {"prompt_len": str(len(prompt))},
+        metadata={"team": "search"},
+        ttl_ms=30_000,
+        grace_period_ms=2_000,
+        client=client,
+    )
+    def call(prompt: str, tokens: int) -> str:
+        return prompt
+
+    call("hey", tokens=7)
+    (create,) = fake.creates()
+    assert create["estimate"] == {"unit": "TOKENS", "amount": 70}
+    assert create["subject"] == {
+        "tenant": "acme",
+        "workspace": "prod",
+        "agent": "agent-7",
+        "dimensions": {"prompt_len": "3"},
+    }
+    assert create["action"] == {"kind": "llm.completion", "name": "gpt-4", "tags": ["chat"]}
+    assert create["metadata"] == {"team": "search"}
+    assert create["ttl_ms"] == 30_000
+    assert create["grace_period_ms"] == 2_000
+    # no actual: the estimate is committed, and says so
+    (commit,) = fake.commits()
+    assert commit["actual"] == {"unit": "TOKENS", "amount": 70}
+    assert commit["metadata"] == {"actual_source": "estimate"}
+
+
+def test_static_actual_and_amount_estimate(fake: Any, client: Any) -> None:
+    @cycles(estimate=Amount(unit=Unit.CREDITS, amount=5), actual=3, unit="CREDITS", client=client)
+    def job() -> None:
+        return None
+
+    job()
+    assert fake.commits()[0]["actual"] == {"unit": "CREDITS", "amount": 3}
+
+
+def test_metrics_and_commit_metadata_from_the_context(fake: Any, client: Any) -> None:
+    @cycles(estimate=100, client=client)
+    def job() -> str:
+        ctx = get_cycles_context()
+        assert ctx is not None
+        ctx.metrics = CyclesMetrics(tokens_input=5, tokens_output=6, latency_ms=99)
+        ctx.commit_metadata = {"trace": "t-1"}
+        return "ok"
+
+    job()
+    (commit,) = fake.commits()
+    assert commit["metrics"] == {"tokens_input": 5, "tokens_output": 6, "latency_ms": 99}
+    assert commit["metadata"] == {"trace": "t-1", "actual_source": "estimate"}
+
+
+def test_each_call_uses_fresh_idempotency_keys(fake: Any, client: Any) -> None:
+    @cycles(estimate=1, client=client)
+    def job() -> None:
+        return None
+
+    job()
+    job()
+    keys = [call.body["idempotency_key"] for call in fake.calls]
+    assert len(keys) == 4 and len(set(keys)) == 4
+    assert [c.headers["x-idempotency-key"] for c in fake.calls] == keys
+
+
+def test_wraps_keeps_the_functions_identity(client: Any) -> None:
+    @cycles(estimate=1, client=client)
+    def documented(x: int) -> int:
+        """Doc."""
+        return x
+
+    assert documented.__name__ == "documented"
+    assert documented.__doc__ == "Doc."
+
+
+# --------------------------------------------------------------------------- actual errors
+
+
+def test_failing_actual_commits_the_estimate_and_flags_it(
+    fake: Any, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(result: str) -> int:
+        raise ValueError("cannot measure")
+
+    @cycles(estimate=500, actual=broken, client=client)
+    def job() -> str:
+        return "done"
+
+    with caplog.at_level(logging.ERROR, "runcycles"):
+        assert job() == "done"
+    (commit,) = fake.commits()
+    assert commit["actual"]["amount"] == 500
+    assert commit["metadata"] == {
+        "actual_source": "estimate",
+        "actual_error": "ValueError: cannot measure",
+    }
+    assert "actual= callable" in caplog.text
+    assert fake.statuses() == ["COMMITTED"]
+
+
+async def test_async_failing_actual_commits_the_estimate(fake: Any, aclient: Any) -> None:
+    @cycles(estimate=500, actual=lambda result: result["missing"], client=aclient)
+    async def job() -> dict[str, int]:
+        return {}
+
+    logging.getLogger("runcycles").disabled = True
+    try:
+        assert await job() == {}
+    finally:
+        logging.getLogger("runcycles").disabled = False
+    assert fake.commits()[0]["metadata"]["actual_source"] == "estimate"
+
+
+def test_commit_failure_is_logged_and_the_result_returned(
+    fake: Any, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.commit_status = (409, "BUDGET_EXCEEDED")
+
+    @cycles(estimate=10, actual=1_000, overage_policy=CommitOveragePolicy.REJECT, client=client)
+    def job() -> str:
+        return "side effect happened"
+
+    with caplog.at_level(logging.ERROR, "runcycles"):
+        assert job() == "side effect happened"
+    assert "commit of reservation rsv_1 failed" in caplog.text
+    assert fake.releases() == []  # known spend is never released
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_deny_raises_before_the_function_runs(fake: Any, client: Any) -> None:
+    fake.reject = (409, "BUDGET_EXCEEDED")
+    ran: list[bool] = []
+
+    @cycles(estimate=1_000, client=client)
+    def guarded_func() -> str:
+        ran.append(True)
+        return "result"
+
+    with pytest.raises(BudgetExceededError) as info:
+        guarded_func()
+    assert ran == []
+    assert info.value.error_code == "BUDGET_EXCEEDED"
+    assert fake.paths() == ["POST /v1/reservations"]
+
+
+async def test_async_deny_raises_before_the_function_runs(fake: Any, aclient: Any) -> None:
+    fake.deny_reason = "BUDGET_EXCEEDED"
+    ran: list[bool] = []
+
+    @cycles(estimate=1_000, client=aclient)
+    async def guarded_func() -> str:
+        ran.append(True)
+        return "result"
+
+    with pytest.raises(BudgetExceededError):
+        await guarded_func()
+    assert ran == []
+
+
+def test_exception_releases_and_reraises(fake: Any, client: Any) -> None:
+    @cycles(estimate=1_000, client=client)
+    def job() -> None:
+        raise RuntimeError("model down")
+
+    with pytest.raises(RuntimeError, match="model down"):
+        job()
+    assert fake.statuses() == ["RELEASED"]
+    assert fake.releases()[0]["reason"] == "guarded_code_raised:RuntimeError"
+    assert fake.commits() == []
+    assert get_cycles_context() is None
+
+
+async def test_async_exception_releases_and_reraises(fake: Any, aclient: Any) -> None:
+    @cycles(estimate=1_000, client=aclient)
+    async def job() -> None:
+        raise RuntimeError("model down")
+
+    with pytest.raises(RuntimeError):
+        await job()
+    assert fake.statuses() == ["RELEASED"]
+
+
+async def test_async_cancellation_releases(fake: Any, aclient: Any) -> None:
+    started = asyncio.Event()
+
+    @cycles(estimate=1_000, client=aclient)
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(slow())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert fake.statuses() == ["RELEASED"]
+    assert fake.releases()[0]["reason"] == "guarded_code_cancelled"
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_returns_result_and_never_runs(fake: Any, client: Any) -> None:
+    ran: list[bool] = []
+
+    @cycles(estimate=1000, dry_run=True, client=client)
+    def shadow_func() -> str:
+        ran.append(True)
+        return "result"
+
+    result = shadow_func()
+    assert isinstance(result, DryRunResult)
+    assert result.decision is Decision.ALLOW
+    assert ran == []
+    assert fake.creates()[0]["dry_run"] is True
+    assert fake.reservations == {}
+    assert fake.commits() == [] and fake.releases() == []
+
+
+async def test_async_dry_run_deny_is_a_result(fake: Any, aclient: Any) -> None:
+    fake.dry_run_decision = "DENY"
+    ran: list[bool] = []
+
+    @cycles(estimate=1000, dry_run=True, client=aclient)
+    async def shadow_func() -> str:
+        ran.append(True)
+        return "result"
+
+    result = await shadow_func()
+    assert result.decision is Decision.DENY
+    assert result.reason_code == "BUDGET_EXCEEDED"
+    assert ran == []
+
+
+# --------------------------------------------------------------------------- decoration errors
+
+
+def test_generators_are_refused(client: Any) -> None:
+    with pytest.raises(TypeError, match="stream_reservation"):
+
+        @cycles(estimate=1, client=client)
+        def gen() -> Any:
+            yield 1
+
+    with pytest.raises(TypeError, match="generator"):
+
+        @cycles(estimate=1, client=client)
+        async def agen() -> Any:
+            yield 1
+
+
+def test_client_of_the_wrong_flavour_is_refused(client: Any, aclient: Any) -> None:
+    with pytest.raises(TypeError, match="AsyncCyclesClient"):
+
+        @cycles(estimate=1, client=client)
+        async def job() -> None:
+            return None
+
+    with pytest.raises(TypeError, match="pass a CyclesClient"):
+
+        @cycles(estimate=1, client=aclient)
+        def sync_job() -> None:
+            return None
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"overage_policy": "SOMETIMES"}, ValueError),
+        ({"ttl_ms": 10}, ValueError),
+        ({"estimate": -5}, ValueError),
+        ({"estimate": "5"}, TypeError),
+        ({"unit": "EUROS"}, ValueError),
+        ({"action_tags": ["x"] * 11}, ValueError),
+    ],
+)
+def test_bad_options_fail_at_decoration(
+    fake: Any, client: Any, options: dict[str, Any], error: type[Exception]
+) -> None:
+    values: dict[str, Any] = {"estimate": 1, "client": client, **options}
+    with pytest.raises(error):
+        cycles(**values)(lambda: None)
+    assert fake.calls == []
+
+
+def test_overage_policy_string_is_sent(fake: Any, client: Any) -> None:
+    @cycles(estimate=1000, overage_policy="ALLOW_WITH_OVERDRAFT", client=client)
+    def overdraft_func() -> str:
+        return "result"
+
+    assert overdraft_func() == "result"
+    assert fake.creates()[0]["overage_policy"] == "ALLOW_WITH_OVERDRAFT"
+
+
+def test_unknown_protocol_error_is_still_a_protocol_error(fake: Any, client: Any) -> None:
+    fake.reject = (409, "SOMETHING_NEW")
+
+    @cycles(estimate=1, client=client)
+    def job() -> None:
+        pytest.fail("must not run")
+
+    with pytest.raises(CyclesProtocolError) as info:
+        job()
+    assert info.value.error_code == "SOMETHING_NEW"
+    assert not info.value.is_retryable()

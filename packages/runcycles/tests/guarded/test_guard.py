@@ -1,0 +1,405 @@
+"""Reservation guards: ``with reserve(client, ...)`` and ``async with reserve(aclient, ...)``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import pytest
+
+from runcycles import (
+    Action,
+    Amount,
+    AsyncReservationGuard,
+    BudgetExceededError,
+    CommitResponse,
+    CyclesConfigError,
+    CyclesMetrics,
+    CyclesProtocolError,
+    CyclesTransportError,
+    Decision,
+    DebtOutstandingError,
+    DryRunResult,
+    MalformedResponseError,
+    NotFoundError,
+    OverdraftLimitExceededError,
+    ReservationAlreadyFinalizedError,
+    ReservationCreateRequest,
+    ReservationGuard,
+    Subject,
+    TenantClosedError,
+    UnfinalizedReservationWarning,
+    Unit,
+    dry_run,
+    get_cycles_context,
+    reserve,
+)
+
+OPTIONS: dict[str, Any] = {
+    "estimate": 5_000,
+    "action_kind": "llm.completion",
+    "action_name": "gpt-4o",
+}
+
+
+# --------------------------------------------------------------------------- entering
+
+
+def test_enter_reserves_and_exposes_the_grant(fake: Any, client: Any) -> None:
+    fake.caps = {"max_tokens": 256}
+    guard = reserve(client, **OPTIONS, agent="planner")
+    assert isinstance(guard, ReservationGuard)
+    assert guard.reservation_id is None
+    assert fake.calls == []  # nothing is sent before the block is entered
+    with guard as entered:
+        assert entered is guard
+        assert guard.reservation_id == "rsv_1"
+        assert guard.decision is Decision.ALLOW_WITH_CAPS
+        assert guard.caps is not None and guard.caps.max_tokens == 256
+        assert guard.is_capped()
+        assert guard.affected_scopes == ["tenant:acme"]
+        assert guard.expires_at_ms == fake.now_ms + 60_000
+        assert guard.estimate == Amount(unit=Unit.USD_MICROCENTS, amount=5_000)
+        assert get_cycles_context() is guard.context
+        guard.commit(4_000)
+    assert get_cycles_context() is None
+    (create,) = fake.creates()
+    assert create["subject"] == {"tenant": "acme", "agent": "planner"}
+    assert create["action"] == {"kind": "llm.completion", "name": "gpt-4o"}
+    assert create["estimate"] == {"unit": "USD_MICROCENTS", "amount": 5_000}
+    assert create["ttl_ms"] == 60_000
+    assert fake.commits()[0]["actual"] == {"unit": "USD_MICROCENTS", "amount": 4_000}
+
+
+async def test_async_enter_reserves_and_exposes_the_grant(fake: Any, aclient: Any) -> None:
+    guard = reserve(aclient, **OPTIONS)
+    assert isinstance(guard, AsyncReservationGuard)
+    async with guard:
+        assert guard.reservation_id == "rsv_1"
+        assert guard.decision is Decision.ALLOW
+        assert guard.caps is None
+        assert not guard.is_capped()
+        assert get_cycles_context() is guard.context
+        await guard.commit(4_000)
+    assert get_cycles_context() is None
+    assert fake.statuses() == ["COMMITTED"]
+
+
+def test_guard_accepts_a_ready_request(fake: Any, client: Any) -> None:
+    request = ReservationCreateRequest(
+        idempotency_key="my-key",
+        subject=Subject(tenant="other"),
+        action=Action(kind="tool.search", name="web"),
+        estimate=Amount(unit=Unit.TOKENS, amount=10),
+    )
+    with reserve(client, request) as guard:
+        guard.commit()
+    (create,) = fake.creates()
+    assert create["idempotency_key"] == "my-key"
+    assert create["subject"] == {"tenant": "other"}
+    assert fake.calls[0].headers["x-idempotency-key"] == "my-key"
+
+
+def test_request_and_options_together_are_refused(client: Any) -> None:
+    request = ReservationCreateRequest(
+        idempotency_key="k",
+        subject=Subject(tenant="t"),
+        action=Action(kind="a", name="b"),
+        estimate=Amount(unit=Unit.TOKENS, amount=1),
+    )
+    with pytest.raises(TypeError, match="not both"):
+        reserve(client, request, estimate=5)
+
+
+def test_missing_and_unknown_options_name_the_problem(client: Any) -> None:
+    with pytest.raises(TypeError, match="action_kind, action_name"):
+        reserve(client, estimate=5)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="unknown reservation option"):
+        reserve(client, **OPTIONS, ttl=5)  # type: ignore[call-overload]
+
+
+def test_no_subject_anywhere_is_a_config_error(fake: Any) -> None:
+    with fake.sync_client(tenant=None) as no_tenant, pytest.raises(CyclesConfigError) as info:
+        reserve(no_tenant, **OPTIONS)
+    assert "tenant=" in str(info.value)
+    assert fake.calls == []
+
+
+def test_bad_estimate_is_refused_before_sending(fake: Any, client: Any) -> None:
+    with pytest.raises(ValueError, match="estimate must be >= 0"):
+        reserve(client, **{**OPTIONS, "estimate": -1})
+    with pytest.raises(TypeError, match="estimate must be an int"):
+        reserve(client, **{**OPTIONS, "estimate": 1.5})
+    assert fake.calls == []
+
+
+def test_a_guard_is_entered_once(client: Any) -> None:
+    guard = reserve(client, **OPTIONS)
+    with guard:
+        guard.commit()
+    with pytest.raises(RuntimeError, match="only once"), guard:
+        pass
+
+
+def test_guard_context_before_entering_says_how_to_use_it(client: Any) -> None:
+    guard = reserve(client, **OPTIONS)
+    with pytest.raises(RuntimeError, match="context manager"):
+        _ = guard.decision
+    with pytest.raises(RuntimeError, match="has not reserved yet"):
+        guard.commit()
+
+
+# --------------------------------------------------------------------------- denials
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        (409, "BUDGET_EXCEEDED", BudgetExceededError),
+        (409, "OVERDRAFT_LIMIT_EXCEEDED", OverdraftLimitExceededError),
+        (409, "DEBT_OUTSTANDING", DebtOutstandingError),
+        (409, "TENANT_CLOSED", TenantClosedError),
+        (404, "NOT_FOUND", NotFoundError),
+    ],
+)
+def test_refused_reservation_raises_before_the_block(
+    fake: Any, client: Any, status: int, code: str, error: type[Exception]
+) -> None:
+    fake.reject = (status, code)
+    ran = []
+    with pytest.raises(error) as info, reserve(client, **OPTIONS):
+        ran.append(True)
+    assert ran == []
+    assert isinstance(info.value, CyclesProtocolError)
+    assert info.value.status == status
+    assert fake.paths() == ["POST /v1/reservations"]
+    assert get_cycles_context() is None
+
+
+async def test_async_refused_reservation_raises_before_the_block(
+    fake: Any, aclient: Any
+) -> None:
+    fake.reject = (409, "BUDGET_EXCEEDED")
+    ran = []
+    with pytest.raises(BudgetExceededError):
+        async with reserve(aclient, **OPTIONS):
+            ran.append(True)
+    assert ran == []
+    assert fake.paths() == ["POST /v1/reservations"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "error"),
+    [
+        ("BUDGET_EXCEEDED", BudgetExceededError),
+        ("BUDGET_NOT_FOUND", NotFoundError),
+        ("SOMETHING_NEW", CyclesProtocolError),
+    ],
+)
+def test_200_deny_raises_the_mapped_error(
+    fake: Any, client: Any, reason: str, error: type[CyclesProtocolError]
+) -> None:
+    fake.deny_reason = reason
+    ran = []
+    with pytest.raises(error) as info, reserve(client, **OPTIONS):
+        ran.append(True)
+    assert ran == []
+    assert type(info.value) is error
+    assert info.value.reason_code == reason
+    assert "did not run" in str(info.value)
+
+
+async def test_async_200_deny_raises(fake: Any, aclient: Any) -> None:
+    fake.deny_reason = "DEBT_OUTSTANDING"
+    with pytest.raises(DebtOutstandingError):
+        async with reserve(aclient, **OPTIONS):
+            pytest.fail("the block must not run")
+
+
+def test_transport_error_on_reserve_raises(fake: Any) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(refuse)) as http,
+        pytest.raises(CyclesTransportError),
+    ):
+        from runcycles import CyclesClient
+
+        guarded = CyclesClient(fake.config(), http_client=http)
+        with reserve(guarded, **OPTIONS):
+            pytest.fail("the block must not run")
+
+
+def test_allow_without_reservation_id_is_malformed(fake: Any, client: Any) -> None:
+    fake.create_override = lambda body: httpx.Response(
+        200, json={"decision": "ALLOW", "affected_scopes": ["tenant:acme"]}
+    )
+    with pytest.raises(MalformedResponseError, match="without a reservation_id"):
+        with reserve(client, **OPTIONS):
+            pytest.fail("the block must not run")
+
+
+def test_unknown_response_fields_are_tolerated(fake: Any, client: Any) -> None:
+    fake.create_override = lambda body: httpx.Response(
+        200,
+        json={
+            "decision": "ALLOW",
+            "reservation_id": "rsv_x",
+            "affected_scopes": ["tenant:acme"],
+            "brand_new_field": {"nested": True},
+            "caps": {"max_tokens": 5, "future_cap": 1},
+        },
+    )
+    fake.reservations["rsv_x"] = {"status": "ACTIVE", "request": {}, "finalized_by": None}
+    with reserve(client, **OPTIONS) as guard:
+        assert guard.caps is not None and guard.caps.max_tokens == 5
+        guard.commit(1)
+    assert fake.reservations["rsv_x"]["status"] == "COMMITTED"
+
+
+# --------------------------------------------------------------------------- finalizing
+
+
+def test_commit_without_actual_commits_the_estimate_marked(fake: Any, client: Any) -> None:
+    with reserve(client, **OPTIONS) as guard:
+        result = guard.commit()
+    assert isinstance(result, CommitResponse)
+    (commit,) = fake.commits()
+    assert commit["actual"] == {"unit": "USD_MICROCENTS", "amount": 5_000}
+    assert commit["metadata"] == {"actual_source": "estimate"}
+
+
+def test_commit_uses_context_metrics_and_metadata(fake: Any, client: Any) -> None:
+    with reserve(client, **OPTIONS) as guard:
+        ctx = get_cycles_context()
+        assert ctx is not None
+        ctx.metrics = CyclesMetrics(tokens_input=10, tokens_output=20)
+        ctx.commit_metadata = {"from_ctx": 1, "shared": "ctx"}
+        guard.commit(Amount(unit=Unit.USD_MICROCENTS, amount=7), metadata={"shared": "arg"})
+    (commit,) = fake.commits()
+    assert commit["metrics"] == {"tokens_input": 10, "tokens_output": 20}
+    assert commit["metadata"] == {"from_ctx": 1, "shared": "arg"}
+    assert commit["actual"]["amount"] == 7
+
+
+def test_commit_in_another_unit_is_refused_and_guard_stays_live(fake: Any, client: Any) -> None:
+    with reserve(client, **OPTIONS) as guard:
+        with pytest.raises(ValueError, match="reservation's unit"):
+            guard.commit(Amount(unit=Unit.TOKENS, amount=3))
+        assert not guard.is_finalized
+        guard.commit(3)
+    assert fake.statuses() == ["COMMITTED"]
+
+
+def test_double_commit_raises_client_side(fake: Any, client: Any) -> None:
+    with reserve(client, **OPTIONS) as guard:
+        guard.commit(1)
+        with pytest.raises(ReservationAlreadyFinalizedError, match="exactly once"):
+            guard.commit(1)
+        with pytest.raises(ReservationAlreadyFinalizedError):
+            guard.release()
+    assert len(fake.commits()) == 1
+    assert fake.releases() == []
+
+
+async def test_async_double_commit_raises_client_side(fake: Any, aclient: Any) -> None:
+    async with reserve(aclient, **OPTIONS) as guard:
+        await guard.release("not needed")
+        with pytest.raises(ReservationAlreadyFinalizedError):
+            await guard.commit(1)
+    assert fake.commits() == []
+    assert fake.releases()[0]["reason"] == "not needed"
+
+
+def test_release_charges_nothing(fake: Any, client: Any) -> None:
+    with reserve(client, **OPTIONS) as guard:
+        released = guard.release("model unavailable")
+    assert released.released.amount == 5_000
+    assert fake.statuses() == ["RELEASED"]
+
+
+def test_exception_in_block_releases_and_propagates(fake: Any, client: Any) -> None:
+    with pytest.raises(KeyError), reserve(client, **OPTIONS):
+        raise KeyError("boom")
+    assert fake.statuses() == ["RELEASED"]
+    assert fake.releases()[0]["reason"] == "guarded_code_raised:KeyError"
+    assert get_cycles_context() is None
+
+
+async def test_async_exception_in_block_releases_and_propagates(fake: Any, aclient: Any) -> None:
+    with pytest.raises(ZeroDivisionError):
+        async with reserve(aclient, **OPTIONS):
+            _ = 1 / 0
+    assert fake.statuses() == ["RELEASED"]
+    assert get_cycles_context() is None
+
+
+def test_release_failure_never_masks_the_blocks_exception(
+    fake: Any, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.release_status = (500, "INTERNAL_ERROR")
+    with caplog.at_level(logging.WARNING, "runcycles"):
+        with pytest.raises(KeyError), reserve(client, **OPTIONS):
+            raise KeyError("original")
+    assert "could not release reservation rsv_1" in caplog.text
+
+
+def test_unfinalized_guard_releases_and_warns(fake: Any, client: Any) -> None:
+    with pytest.warns(UnfinalizedReservationWarning, match="without commit"):
+        with reserve(client, **OPTIONS):
+            pass
+    assert fake.statuses() == ["RELEASED"]
+    assert fake.releases()[0]["reason"] == "guard_exited_without_commit"
+
+
+async def test_async_unfinalized_guard_releases_and_warns(fake: Any, aclient: Any) -> None:
+    with pytest.warns(UnfinalizedReservationWarning):
+        async with reserve(aclient, **OPTIONS):
+            pass
+    assert fake.statuses() == ["RELEASED"]
+
+
+def test_commit_rejected_by_server_raises_from_guard(fake: Any, client: Any) -> None:
+    fake.commit_status = (409, "BUDGET_EXCEEDED")
+    with reserve(client, **OPTIONS, overage_policy="REJECT") as guard:
+        with pytest.raises(BudgetExceededError):
+            guard.commit(10_000)
+        assert guard.is_finalized
+    assert fake.creates()[0]["overage_policy"] == "REJECT"
+
+
+def test_each_operation_gets_its_own_idempotency_key(fake: Any, client: Any) -> None:
+    for _ in range(2):
+        with reserve(client, **OPTIONS) as guard:
+            guard.commit(1)
+    keys = [call.body["idempotency_key"] for call in fake.calls]
+    assert len(keys) == 4
+    assert len(set(keys)) == 4
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_evaluates_without_holding(fake: Any, client: Any) -> None:
+    fake.dry_run_decision = "DENY"
+    result = dry_run(client, **OPTIONS)
+    assert isinstance(result, DryRunResult)
+    assert result.decision is Decision.DENY
+    assert not result.is_allowed
+    assert result.reason_code == "BUDGET_EXCEEDED"
+    assert result.affected_scopes == ("tenant:acme",)
+    assert result.balances is not None and result.balances[0].remaining.amount == 5_000
+    assert fake.creates()[0]["dry_run"] is True
+    assert fake.reservations == {}
+
+
+async def test_async_dry_run_with_caps(fake: Any, aclient: Any) -> None:
+    fake.dry_run_decision = "ALLOW_WITH_CAPS"
+    fake.caps = {"max_tokens": 64}
+    result = await dry_run(aclient, **OPTIONS)
+    assert result.is_allowed
+    assert result.has_caps()
+    assert result.caps is not None and result.caps.max_tokens == 64
+    assert fake.reservations == {}
