@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _loadgen import LoadResult, run_load  # noqa: E402
+from _loadgen import LoadResult, run_load
 
-from runcycles_server.testing import ServerProcess, redis_url_for_tests  # noqa: E402
+from runcycles_server.testing import ServerProcess, redis_url_for_tests
 
 BUDGET = 10**15
 AMOUNT = 1_000

@@ -37,10 +37,16 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", pytest.param("redis", marks=pytest.mark.redis)])
 def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Store]:
     if request.param == "sqlite":
         yield SqliteStore(tmp_path / "cycles.db", clock=clock)
+    elif request.param == "redis":
+        # Skips when Redis is unreachable, fails instead when CYCLES_REQUIRE_REDIS=1.
+        from runcycles_server.stores.redis_testing import redis_store_for_tests_sync
+
+        with redis_store_for_tests_sync(clock=clock) as redis_store:
+            yield redis_store
     else:
         yield MemoryStore(clock=clock)
 
@@ -95,31 +101,55 @@ class Api:
 
     def tenant(self, tenant_id: str = "acme", **fields: Any) -> str:
         """Create a tenant and return a fresh API key secret for it."""
-        self.admin("POST", "/v1/admin/tenants", json={"tenant_id": tenant_id, "name": tenant_id,
-                                                      **fields})
-        key = self.admin("POST", "/v1/admin/api-keys", 201,
-                         json={"tenant_id": tenant_id, "name": "test"})
+        self.admin(
+            "POST", "/v1/admin/tenants", json={"tenant_id": tenant_id, "name": tenant_id, **fields}
+        )
+        key = self.admin(
+            "POST", "/v1/admin/api-keys", 201, json={"tenant_id": tenant_id, "name": "test"}
+        )
         return str(key["key_secret"])
 
-    def budget(self, tenant_id: str, scope: str, amount: int, unit: str = "USD_MICROCENTS",
-               **fields: Any) -> Any:
-        return self.admin("POST", "/v1/admin/budgets", 201, json={
-            "tenant_id": tenant_id, "scope": scope, "unit": unit,
-            "allocated": {"unit": unit, "amount": amount}, **fields,
-        })
-
-    def fund(self, tenant_id: str, scope: str, operation: str, amount: int,
-             unit: str = "USD_MICROCENTS", expect: int = 200, **fields: Any) -> Any:
+    def budget(
+        self, tenant_id: str, scope: str, amount: int, unit: str = "USD_MICROCENTS", **fields: Any
+    ) -> Any:
         return self.admin(
-            "POST", "/v1/admin/budgets/fund", expect,
+            "POST",
+            "/v1/admin/budgets",
+            201,
+            json={
+                "tenant_id": tenant_id,
+                "scope": scope,
+                "unit": unit,
+                "allocated": {"unit": unit, "amount": amount},
+                **fields,
+            },
+        )
+
+    def fund(
+        self,
+        tenant_id: str,
+        scope: str,
+        operation: str,
+        amount: int,
+        unit: str = "USD_MICROCENTS",
+        expect: int = 200,
+        **fields: Any,
+    ) -> Any:
+        return self.admin(
+            "POST",
+            "/v1/admin/budgets/fund",
+            expect,
             params={"scope": scope, "unit": unit, "tenant_id": tenant_id},
             json={"operation": operation, "amount": {"unit": unit, "amount": amount}, **fields},
         )
 
     def balance(self, key: str, scope: str, unit: str = "USD_MICROCENTS") -> dict[str, Any]:
         tenant = scope.split("/")[0].split(":")[1]
-        response = self.client.get("/v1/balances", params={"tenant": tenant, "limit": 200},
-                                   headers={"X-Cycles-API-Key": key})
+        response = self.client.get(
+            "/v1/balances",
+            params={"tenant": tenant, "limit": 200},
+            headers={"X-Cycles-API-Key": key},
+        )
         assert response.status_code == 200, response.text
         for item in response.json()["balances"]:
             if item["scope_path"] == scope and item["remaining"]["unit"] == unit:

@@ -646,6 +646,31 @@ async def test_error_status_with_html_body(api: Any, router: respx.MockRouter) -
     assert not caught.value.is_retryable()
 
 
+async def test_redirect_with_json_is_not_success(api: Any, router: respx.MockRouter) -> None:
+    router.post("/v1/reservations").respond(
+        302, json={"see": "elsewhere"}, headers={"Location": "http://elsewhere.test/"}
+    )
+
+    response = await api.create_reservation(reserve_request())
+
+    assert not response.is_success
+    assert not response.is_client_error
+    assert response.error_message == "unexpected HTTP 302 from the Cycles server"
+    assert type(response.to_exception()) is CyclesProtocolError
+
+
+async def test_error_code_without_message(api: Any, router: respx.MockRouter) -> None:
+    router.get(f"/v1/reservations/{RID}").respond(410, json={"error": "RESERVATION_EXPIRED"})
+
+    response = await api.get_reservation(RID)
+
+    assert response.is_client_error
+    assert response.error_message == "RESERVATION_EXPIRED (HTTP 410)"
+    error = response.to_exception()
+    assert error.is_reservation_expired()
+    assert error.request_id is None
+
+
 async def test_error_body_without_error_code(api: Any, router: respx.MockRouter) -> None:
     router.post("/v1/reservations").respond(418, json={"detail": "teapot"})
 
@@ -702,6 +727,7 @@ async def test_list_reservations_renders_filters(api: Any, router: respx.MockRou
         ({"sort_dir": "up"}, ValueError, "sort_dir"),
         ({"from_": datetime(2026, 1, 1)}, ValueError, "timezone-aware"),
         ({"tenant": 5}, ValueError, "tenant must be a string"),
+        ({"include": 5}, ValueError, "include must be a string"),
     ],
 )
 async def test_bad_list_filters_fail_before_sending(
@@ -776,6 +802,14 @@ async def test_get_balances_sends_filters(api: Any, router: respx.MockRouter) ->
         "limit": "50",
     }
     assert response.data.balances[0].remaining.amount == -5
+
+
+async def test_include_children_must_be_a_bool(api: Any, router: respx.MockRouter) -> None:
+    route = router.route().respond(200, json={"balances": []})
+
+    with pytest.raises(ValueError, match="include_children must be True or False"):
+        await api.get_balances(tenant="acme", include_children="yes")
+    assert route.call_count == 0
 
 
 @pytest.mark.parametrize("filters", [{}, {"limit": 5}, {"tenant": None, "cursor": "x"}])
@@ -868,11 +902,11 @@ async def test_context_managers_close_the_owned_pool(flavour: str) -> None:
     if flavour == "sync":
         with CyclesClient(config) as client:
             assert client.config is config
-        assert client._http.is_closed
+        assert client.http_client.is_closed
     else:
         async with AsyncCyclesClient(config) as aclient:
             assert aclient.config is config
-        assert aclient._http.is_closed
+        assert aclient.http_client.is_closed
 
 
 async def test_a_shared_http_client_is_left_open(flavour: str, router: respx.MockRouter) -> None:
@@ -881,6 +915,7 @@ async def test_a_shared_http_client_is_left_open(flavour: str, router: respx.Moc
     if flavour == "sync":
         with httpx.Client() as shared:
             with CyclesClient(config, http_client=shared) as client:
+                assert client.http_client is shared
                 client.create_reservation(reserve_request())
             assert not shared.is_closed
     else:
@@ -920,6 +955,14 @@ def test_http_client_and_transport_are_exclusive() -> None:
         CyclesClient(config, http_client=shared, transport=transport)
 
 
+async def test_async_http_client_and_transport_are_exclusive() -> None:
+    config = CyclesConfig(base_url=BASE_URL, api_key=API_KEY)
+    transport = httpx.MockTransport(lambda _: httpx.Response(200))
+    async with httpx.AsyncClient() as shared:
+        with pytest.raises(TypeError, match="either http_client"):
+            AsyncCyclesClient(config, http_client=shared, transport=transport)
+
+
 def test_client_needs_a_config() -> None:
     with pytest.raises(TypeError, match="CyclesConfig"):
         CyclesClient({"base_url": BASE_URL})  # type: ignore[arg-type]
@@ -945,5 +988,29 @@ async def test_base_url_with_path_prefix(flavour: str) -> None:
 async def test_timeouts_come_from_the_config(make_api: Any) -> None:
     api = make_api(connect_timeout=1.5, read_timeout=7.0)
 
-    timeout = api.client._http.timeout
+    timeout = api.client.http_client.timeout
     assert (timeout.connect, timeout.read, timeout.write, timeout.pool) == (1.5, 7.0, 7.0, 7.0)
+
+
+async def test_retries_are_logged(
+    api: Any, router: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    router.post("/v1/reservations").mock(
+        side_effect=[httpx.Response(502, text="bad gateway"), httpx.Response(200, json=RESERVE_OK)]
+    )
+
+    with caplog.at_level("INFO", logger="runcycles"), no_backoff():
+        await api.create_reservation(reserve_request())
+
+    [record] = caplog.records
+    assert "retrying POST http://cycles.test/v1/reservations" in record.getMessage()
+    assert "HTTP 502" in record.getMessage()
+
+
+def test_type_hints_resolve_at_runtime() -> None:
+    import typing
+
+    for cls in (CyclesClient, AsyncCyclesClient):
+        hints = typing.get_type_hints(cls.list_reservations)
+        assert "filters" in hints
+        assert "return" in typing.get_type_hints(cls.create_reservation)

@@ -390,12 +390,12 @@ class Admin:
 
     # -- budgets -------------------------------------------------------------------------------
 
-    async def _principal(self, request: Request) -> Principal:
-        return await self.auth.admin_or_tenant(request)
+    async def _principal(self, request: Request, permission: str) -> Principal:
+        return await self.auth.admin_or_tenant(request, permission)
 
     async def create_budget(self, request: Request) -> Response:
         """``POST /v1/admin/budgets`` (admin with ``tenant_id`` in the body, or a tenant key)."""
-        principal = await self._principal(request)
+        principal = await self._principal(request, "budgets:write")
         body = await parse_body(request, BudgetCreateRequest, self.max_body)
         if principal.is_admin:
             if not body.tenant_id:
@@ -437,7 +437,7 @@ class Admin:
 
     async def list_budgets(self, request: Request) -> Response:
         """``GET /v1/admin/budgets`` → ``{ledgers}`` (a tenant key sees only its own)."""
-        principal = await self._principal(request)
+        principal = await self._principal(request, "budgets:read")
         params = request.query_params
         tenant_id = (params.get("tenant_id") or None) if principal.is_admin else principal.tenant_id
         unit = params.get("unit") or None
@@ -462,7 +462,7 @@ class Admin:
 
     async def lookup_budget(self, request: Request) -> Response:
         """``GET /v1/admin/budgets/lookup?scope=&unit=``."""
-        principal = await self._principal(request)
+        principal = await self._principal(request, "budgets:read")
         scope, unit = _scope_unit(request)
         row = await self.store.get_budget(scope, unit)
         if row is None or (not principal.is_admin and row.tenant_id != principal.tenant_id):
@@ -515,7 +515,7 @@ class Admin:
 
     async def fund_budget(self, request: Request) -> Response:
         """``POST /v1/admin/budgets/fund?scope=&unit=[&tenant_id=]``."""
-        principal = await self._principal(request)
+        principal = await self._principal(request, "budgets:write")
         scope, unit = _scope_unit(request)
         if principal.is_admin:
             tenant_id = request.query_params.get("tenant_id") or None

@@ -8,6 +8,11 @@
     app = create_app(SqliteStore("cycles.db"), admin_api_key="...")
     # uvicorn.run(app)
 
+Tenant keys must hold the matching permission (403 otherwise): ``reservations:create`` for
+decide and reserve, ``reservations:commit`` for commit and ``POST /v1/events`` (post-hoc
+settlement), ``reservations:release``, ``reservations:extend``, ``reservations:list`` for list
+and get, ``balances:read`` for balances; ``admin:read``/``admin:write`` act as wildcards.
+
 Runtime routes (``cycles-protocol-v0.yaml``): ``POST /v1/decide``, ``POST /v1/reservations``,
 ``GET /v1/reservations``, ``GET /v1/reservations/{id}``, ``POST /v1/reservations/{id}/commit``,
 ``/release``, ``/extend``, ``GET /v1/balances``, ``POST /v1/events``, ``GET /v1/auth/introspect``,
@@ -187,7 +192,7 @@ class Runtime:
 
     async def decide(self, request: Request) -> Response:
         """``POST /v1/decide``."""
-        principal = await self.auth.tenant(request)
+        principal = await self.auth.tenant(request, "reservations:create")
         body = await parse_body(request, DecisionRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
         _check_subject(principal, body.subject)
@@ -198,7 +203,7 @@ class Runtime:
 
     async def create_reservation(self, request: Request) -> Response:
         """``POST /v1/reservations``."""
-        principal = await self.auth.tenant(request)
+        principal = await self.auth.tenant(request, "reservations:create")
         body = await parse_body(request, ReservationCreateRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
         _check_subject(principal, body.subject)
@@ -213,7 +218,7 @@ class Runtime:
 
     async def list_reservations(self, request: Request) -> Response:
         """``GET /v1/reservations``."""
-        principal = await self.auth.admin_or_tenant(request)
+        principal = await self.auth.admin_or_tenant(request, "reservations:list")
         params = request.query_params
         tenant_param = params.get("tenant") or None
         if principal.is_admin:
@@ -250,8 +255,6 @@ class Runtime:
             for level in STANDARD_SUBJECT_FIELDS
             if level != "tenant" and params.get(level)
         }
-        if tenant_param:
-            subject["tenant"] = tenant_param
         query = ReservationQuery(
             tenant_id=tenant_id,
             idempotency_key=params.get("idempotency_key") or None,
@@ -280,7 +283,7 @@ class Runtime:
 
     async def get_reservation(self, request: Request) -> Response:
         """``GET /v1/reservations/{reservation_id}``."""
-        principal = await self.auth.admin_or_tenant(request)
+        principal = await self.auth.admin_or_tenant(request, "reservations:list")
         rid = _reservation_id(request)
         res = ledger.check_reservation_access(
             await self.store.get_reservation(rid), rid, principal.tenant_id
@@ -291,7 +294,7 @@ class Runtime:
 
     async def commit(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/commit``."""
-        principal = await self.auth.tenant(request)
+        principal = await self.auth.tenant(request, "reservations:commit")
         rid = _reservation_id(request)
         body = await parse_body(request, CommitRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
@@ -302,7 +305,7 @@ class Runtime:
 
     async def release(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/release`` (tenant or audited admin)."""
-        principal = await self.auth.admin_or_tenant(request)
+        principal = await self.auth.admin_or_tenant(request, "reservations:release")
         rid = _reservation_id(request)
         body = await parse_body(request, ReleaseRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
@@ -315,7 +318,7 @@ class Runtime:
 
     async def extend(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/extend``."""
-        principal = await self.auth.tenant(request)
+        principal = await self.auth.tenant(request, "reservations:extend")
         rid = _reservation_id(request)
         body = await parse_body(request, ReservationExtendRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
@@ -326,7 +329,7 @@ class Runtime:
 
     async def create_event(self, request: Request) -> Response:
         """``POST /v1/events`` (201)."""
-        principal = await self.auth.tenant(request)
+        principal = await self.auth.tenant(request, "reservations:commit")
         body = await parse_body(request, EventCreateRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
         _check_subject(principal, body.subject)
@@ -345,7 +348,7 @@ class Runtime:
         Each filter ``level=value`` matches scopes containing the ``level:value`` segment
         (descendants included). The admin key may query any tenant via ``tenant``/``tenant_id``.
         """
-        principal = await self.auth.admin_or_tenant(request)
+        principal = await self.auth.admin_or_tenant(request, "balances:read")
         params = request.query_params
         tenant_param = params.get("tenant") or params.get("tenant_id") or None
         if principal.is_admin:

@@ -53,6 +53,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import orjson
+
 from runcycles.models import (
     INT64_MAX,
     STANDARD_SUBJECT_FIELDS,
@@ -323,13 +325,27 @@ class Outcome:
 
 
 def dumps(obj: Any) -> bytes:
-    """Serialize a response body compactly (UTF-8 JSON)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    """Serialize compactly to UTF-8 JSON (orjson; stdlib fallback for ints beyond 64 bits)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # e.g. an integer in free-form metadata that exceeds 64 bits
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse JSON (orjson; stdlib fallback for what orjson refuses, e.g. huge integers)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def canonical_json(obj: Any) -> bytes:
     """Return the canonical JSON form used for payload hashing (sorted keys, no spaces)."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
 
 
 def payload_hash(endpoint: str, payload: Mapping[str, Any]) -> str:
@@ -713,7 +729,7 @@ def replay(
         )
     body = idem.body
     if b'"remaining_ttl_ms"' in body:
-        data = json.loads(body)
+        data = loads(body)
         active = reservation is not None and reservation.status == "ACTIVE"
         expires = int(data.get("expires_at_ms", 0))
         data["remaining_ttl_ms"] = max(0, expires - now_ms) if active else 0

@@ -107,7 +107,8 @@ class ProvisionedTenant:
         }
         if overdraft_limit is not None:
             body["overdraft_limit"] = {"unit": unit, "amount": overdraft_limit}
-        return self.server.admin("POST", "/v1/admin/budgets", json=body)
+        result: dict[str, Any] = self.server.admin("POST", "/v1/admin/budgets", json=body)
+        return result
 
 
 @dataclass

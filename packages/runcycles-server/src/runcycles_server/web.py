@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runcycles_server import ledger
-from runcycles_server.ledger import ApiKeyRow, LedgerError, TenantRow
+from runcycles_server.ledger import ApiKeyRow, LedgerError
 from runcycles_server.stores.base import Store
 
 logger = logging.getLogger("runcycles_server")
@@ -269,12 +269,22 @@ class Principal:
 
     tenant_id: str | None
     key: ApiKeyRow | None = None
-    tenant: TenantRow | None = None
 
     @property
     def is_admin(self) -> bool:
         """Whether the caller used the admin key."""
         return self.tenant_id is None
+
+
+def has_permission(granted: list[str], needed: str) -> bool:
+    """Return whether ``granted`` satisfies ``needed`` (``admin:read``/``admin:write`` are
+    wildcards for every ``*:read``/``*:write`` permission, per the governance spec).
+    """
+    if needed in granted:
+        return True
+    if needed.endswith(":read") and "admin:read" in granted:
+        return True
+    return needed.endswith(":write") and "admin:write" in granted
 
 
 class Authenticator:
@@ -284,11 +294,12 @@ class Authenticator:
         self.store = store
         self._admin_key = admin_api_key.encode() if admin_api_key else None
 
-    async def tenant(self, request: Request) -> Principal:
-        """Authenticate a tenant key; set ``X-Cycles-Tenant``.
+    async def tenant(self, request: Request, permission: str | None = None) -> Principal:
+        """Authenticate a tenant key (holding ``permission``, if given); set ``X-Cycles-Tenant``.
 
         Raises:
-            LedgerError: UNAUTHORIZED (401) for a missing, unknown, revoked or expired key.
+            LedgerError: UNAUTHORIZED (401) for a missing, unknown, revoked or expired key;
+                FORBIDDEN (403) when the key lacks ``permission``.
         """
         secret = request.headers.get("x-cycles-api-key")
         if not secret:
@@ -313,7 +324,13 @@ class Authenticator:
                 "UNAUTHORIZED", f"API key {key.key_prefix}... has expired; create a new key"
             )
         request.scope.setdefault("state", {})["tenant"] = key.tenant_id
-        return Principal(key.tenant_id, key, record.tenant)
+        if permission is not None and not has_permission(key.permissions, permission):
+            raise LedgerError(
+                "FORBIDDEN",
+                f"API key {key.key_prefix}... lacks the {permission} permission; ask an operator "
+                "for a key that has it",
+            )
+        return Principal(key.tenant_id, key)
 
     def admin(self, request: Request) -> Principal:
         """Authenticate the admin key.
@@ -334,8 +351,8 @@ class Authenticator:
             raise LedgerError("UNAUTHORIZED", "X-Admin-API-Key is not valid")
         return Principal(None)
 
-    async def admin_or_tenant(self, request: Request) -> Principal:
+    async def admin_or_tenant(self, request: Request, permission: str | None = None) -> Principal:
         """Use the admin key if ``X-Admin-API-Key`` is sent, else a tenant key."""
         if "x-admin-api-key" in request.headers:
             return self.admin(request)
-        return await self.tenant(request)
+        return await self.tenant(request, permission)

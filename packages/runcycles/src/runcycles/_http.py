@@ -6,9 +6,7 @@ client method is only "encode, send (with retries), parse".
 
 from __future__ import annotations
 
-import functools
 import json
-import ssl
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -35,7 +33,6 @@ __all__ = [
     "ReservationFilters",
     "USER_AGENT",
     "balance_params",
-    "default_ssl_context",
     "encode_body",
     "next_page_cursor",
     "parse_http_response",
@@ -192,16 +189,6 @@ class ClientCore:
         if extra_headers:
             return {**self.get_headers, **extra_headers}
         return self.get_headers
-
-
-@functools.cache
-def default_ssl_context() -> ssl.SSLContext:
-    """Return the process-wide TLS context of clients that create their own pool.
-
-    Loading the CA bundle takes tens of milliseconds, so it is done once, not per client.
-    It honours ``SSL_CERT_FILE``/``SSL_CERT_DIR`` like httpx's default.
-    """
-    return httpx.create_ssl_context()
 
 
 def encode_body(request: RequestT | Mapping[str, Any], model: type[RequestT]) -> tuple[bytes, str]:

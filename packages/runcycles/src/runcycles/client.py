@@ -15,9 +15,13 @@ per-call ``headers`` (e.g. ``traceparent`` or ``X-Cycles-Trace-Id`` for tracing)
 
 from __future__ import annotations
 
+import functools
+import logging
+import ssl
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
@@ -26,7 +30,6 @@ from runcycles._http import (
     ClientCore,
     ReservationFilters,
     balance_params,
-    default_ssl_context,
     next_page_cursor,
     parse_http_response,
     reservation_params,
@@ -55,10 +58,25 @@ from runcycles.models import (
 from runcycles.response import CyclesResponse, ModelT
 from runcycles.retry import RetryPolicy, asleep_s, sleep_s
 
-if TYPE_CHECKING:
+if sys.version_info >= (3, 11):
+    from typing import Self, Unpack
+else:  # pragma: no cover - Python 3.10
     from typing_extensions import Self, Unpack
 
-__all__ = ["AsyncCyclesClient", "CyclesClient"]
+__all__ = ["AsyncCyclesClient", "BalanceFilters", "CyclesClient", "ReservationFilters"]
+
+_logger = logging.getLogger("runcycles")
+
+
+@functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """Return the process-wide TLS context of clients that create their own pool.
+
+    Loading the CA bundle takes tens of milliseconds, so it is done once per process, not
+    per client. It honours ``SSL_CERT_FILE``/``SSL_CERT_DIR`` like httpx's default.
+    """
+    return httpx.create_ssl_context()
+
 
 Headers = Mapping[str, str]
 
@@ -103,6 +121,11 @@ class CyclesClient:
     def config(self) -> CyclesConfig:
         """The configuration this client was built with."""
         return self._core.config
+
+    @property
+    def http_client(self) -> httpx.Client:
+        """The ``httpx.Client`` (connection pool) this client sends with."""
+        return self._http
 
     def __enter__(self) -> Self:
         return self
@@ -261,7 +284,7 @@ class CyclesClient:
 
         Args:
             headers: Extra headers for this call.
-            **filters: See :class:`~runcycles._http.ReservationFilters` (``status``,
+            **filters: See :class:`ReservationFilters` (``status``,
                 ``tenant``, ..., ``limit``, ``cursor``).
 
         Returns:
@@ -376,6 +399,7 @@ class CyclesClient:
             delay_s = self._retry.next_delay_s(attempt, response)
             if delay_s is None:
                 return response
+            _log_retry(response, attempt, delay_s)
             sleep_s(delay_s)
 
 
@@ -418,6 +442,11 @@ class AsyncCyclesClient:
     def config(self) -> CyclesConfig:
         """The configuration this client was built with."""
         return self._core.config
+
+    @property
+    def http_client(self) -> httpx.AsyncClient:
+        """The ``httpx.AsyncClient`` (connection pool) this client sends with."""
+        return self._http
 
     async def __aenter__(self) -> Self:
         return self
@@ -577,7 +606,7 @@ class AsyncCyclesClient:
 
         Args:
             headers: Extra headers for this call.
-            **filters: See :class:`~runcycles._http.ReservationFilters` (``status``,
+            **filters: See :class:`ReservationFilters` (``status``,
                 ``tenant``, ..., ``limit``, ``cursor``).
 
         Returns:
@@ -695,4 +724,18 @@ class AsyncCyclesClient:
             delay_s = self._retry.next_delay_s(attempt, response)
             if delay_s is None:
                 return response
+            _log_retry(response, attempt, delay_s)
             await asleep_s(delay_s)
+
+
+def _log_retry(response: CyclesResponse[Any], attempt: int, delay_s: float) -> None:
+    outcome = "transport error" if response.is_transport_error else f"HTTP {response.status}"
+    _logger.info(
+        "retrying %s %s in %.2f s after %s (attempt %d failed: %s)",
+        response.method,
+        response.url,
+        delay_s,
+        outcome,
+        attempt,
+        response.error_message,
+    )

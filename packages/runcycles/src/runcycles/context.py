@@ -28,7 +28,10 @@ from typing import Any, Final
 
 from runcycles.models import Amount, Balance, Caps, CyclesMetrics, Decision
 
-__all__ = ["CyclesContext", "get_cycles_context"]
+__all__ = [
+    "CyclesContext",
+    "get_cycles_context",
+]
 
 
 @dataclass(eq=False)

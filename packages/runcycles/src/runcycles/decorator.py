@@ -49,6 +49,7 @@ from runcycles.lifecycle import (
     ReservationGuard,
     build_reservation_request,
     dry_run_result,
+    resolve_actual,
     resolve_subject,
     to_amount,
 )
@@ -367,23 +368,7 @@ class _Policy:
         self, result: Any, context: CyclesContext, elapsed_s: float
     ) -> tuple[int | Amount | None, CyclesMetrics, dict[str, Any] | None]:
         """Return ``(actual, metrics, metadata)`` of the commit after a successful call."""
-        spec = self.actual
-        actual: int | Amount | None
-        metadata: dict[str, Any] | None = None
-        if not callable(spec):
-            actual = spec
-        else:
-            try:
-                actual = spec(result)
-            except Exception as exc:
-                logger.exception(
-                    "the actual= callable of %s raised; committing the estimate for "
-                    "reservation %s instead",
-                    self.action.name,
-                    context.reservation_id,
-                )
-                actual = None
-                metadata = {"actual_error": f"{type(exc).__name__}: {exc}"[:512]}
+        actual, metadata = resolve_actual(self.actual, result, context)
         latency_ms = int(elapsed_s * 1000)
         metrics = context.metrics
         if metrics is None:

@@ -51,7 +51,6 @@ unknown request timeout counts as infinite, as the spec requires.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
@@ -59,10 +58,10 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol, TypeVar
 
 from runcycles.exceptions import CyclesError
 from runcycles.models import ErrorCode, ReservationExtendRequest, ReservationExtendResponse
@@ -90,6 +89,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("runcycles.heartbeat")
+_T = TypeVar("_T")
 
 Disposition = Literal[
     "extended",
@@ -988,7 +988,10 @@ class HeartbeatScheduler(_SchedulerCore):
                 if not isinstance(due, HeartbeatHandle):
                     self._cond.wait(None if due is None else due / 1000.0)
                     continue
-            self._beat(due)
+            try:
+                self._beat(due)
+            except Exception:  # a bug must not silently end every heartbeat of the client
+                logger.exception("heartbeat of reservation %s failed", due.reservation_id)
 
     def _beat(self, handle: HeartbeatHandle) -> None:
         with self._cond:
@@ -1149,20 +1152,32 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
     async def _run(self) -> None:
         wake = self._wake
         assert wake is not None
+        loop = asyncio.get_running_loop()
         while not self._closed:
             wake.clear()
             timeout_s: float | None = None
             while len(self._in_flight) < self._max_in_flight:
                 due = self._pop_due(self._now_ms())
                 if isinstance(due, HeartbeatHandle):
-                    task = asyncio.ensure_future(self._beat(due))
+                    task = asyncio.ensure_future(self._guarded_beat(due))
                     self._in_flight.add(task)
                     task.add_done_callback(self._beat_done)
                     continue
                 timeout_s = None if due is None else due / 1000.0
                 break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout_s)
+            # A timer callback, not a timeout wrapper: no extra task while idle.
+            timer = None if timeout_s is None else loop.call_later(timeout_s, wake.set)
+            try:
+                await wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    async def _guarded_beat(self, handle: HeartbeatHandle) -> None:
+        try:
+            await self._beat(handle)
+        except Exception:  # a bug must not surface as an unretrieved task exception
+            logger.exception("heartbeat of reservation %s failed", handle.reservation_id)
 
     def _beat_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -1176,7 +1191,7 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         timeout_s = None if self._attempt_timeout_ms is None else self._attempt_timeout_ms / 1000
         sent_ms = self._now_ms()
         try:
-            response = await asyncio.wait_for(
+            response = await _with_timeout(
                 self._client.extend_reservation(handle.reservation_id, request), timeout_s
             )
             outcome = _classify(response)
@@ -1187,6 +1202,17 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         event = self._settle(handle, outcome, sent_ms, self._now_ms())
         if event is not None:
             self._deliver(handle, event)
+
+
+async def _with_timeout(awaitable: Awaitable[_T], timeout_s: float | None) -> _T:
+    """Await with a time limit, without an extra task where the runtime allows it."""
+    if timeout_s is None:
+        return await awaitable
+    timeout_cm = getattr(asyncio, "timeout", None)  # Python >= 3.11
+    if timeout_cm is None:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(awaitable, timeout_s)
+    async with timeout_cm(timeout_s):
+        return await awaitable
 
 
 def _single_attempt_client(client: Any) -> Any:

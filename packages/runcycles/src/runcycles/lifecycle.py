@@ -10,8 +10,8 @@ Two layers:
 * **Guards**: :class:`ReservationGuard` (``with``) and its twin :class:`AsyncReservationGuard`
   (``async with``) hold one live reservation while a block of code runs::
 
-      with client.reserve(estimate=5_000, action_kind="llm.completion",
-                          action_name="gpt-4o") as guard:
+      with reserve(client, estimate=5_000, action_kind="llm.completion",
+                   action_name="gpt-4o") as guard:
           if guard.caps and guard.caps.max_tokens:
               ...
           reply = call_model(...)
@@ -31,13 +31,14 @@ are reached through the small ``_settlement``/``_heartbeat`` seam at the end of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import threading
 import time
-import uuid
 import warnings
 import weakref
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -91,8 +92,9 @@ if TYPE_CHECKING:
     from runcycles.response import CyclesResponse
 
 __all__ = [
-    "DEFAULT_TTL_MS",
+    "ACTUAL_SOURCE_KEY",
     "AsyncReservationGuard",
+    "DEFAULT_TTL_MS",
     "DryRunResult",
     "ReservationAlreadyFinalizedError",
     "ReservationGuard",
@@ -101,11 +103,17 @@ __all__ = [
     "build_commit_request",
     "build_release_request",
     "build_reservation_request",
+    "context_for",
+    "dry_run",
     "dry_run_result",
+    "exit_release_reason",
     "new_idempotency_key",
+    "request_from_options",
     "reservation_granted",
     "reserve",
+    "resolve_actual",
     "resolve_subject",
+    "run_shielded",
     "to_amount",
 ]
 
@@ -240,8 +248,14 @@ def new_idempotency_key() -> str:
     """Return a fresh idempotency key (a random UUID) for one logical operation.
 
     Reuse the key for every retry of that operation; never share it between operations.
+    The key is an RFC 4122 version-4 UUID, built without ``uuid.uuid4()``'s object overhead
+    (this runs several times per guarded call).
     """
-    return str(uuid.uuid4())
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def to_amount(value: int | Amount, unit: Unit | str, what: str = "amount") -> Amount:
@@ -532,6 +546,35 @@ def build_commit_request(
     )
 
 
+def resolve_actual(
+    spec: int | Amount | Callable[[Any], int | Amount | None] | None,
+    result: Any,
+    context: CyclesContext,
+) -> tuple[int | Amount | None, dict[str, Any] | None]:
+    """Work out what a successful guarded call used, never losing the spend.
+
+    Args:
+        spec: A callable of ``result``, a fixed amount, or ``None`` (use the estimate).
+        result: What the guarded call returned.
+        context: The reservation (for logging).
+
+    Returns:
+        ``(actual, metadata)``: ``actual`` for :func:`build_commit_request` (``None`` means
+        "the estimate") and extra commit metadata. If ``spec`` raises, the error is logged,
+        ``actual`` is ``None`` and the metadata carries ``actual_error``.
+    """
+    if not callable(spec):
+        return spec, None
+    try:
+        return spec(result), None
+    except Exception as exc:
+        logger.exception(
+            "the actual= callable raised; committing the estimate for reservation %s instead",
+            context.reservation_id,
+        )
+        return None, {"actual_error": f"{type(exc).__name__}: {exc}"[:512]}
+
+
 def build_release_request(reason: str | None = None) -> ReleaseRequest:
     """Build a release (``reason`` is cut to the protocol's 256 characters)."""
     return ReleaseRequest(
@@ -559,7 +602,15 @@ _FINALIZED: Final = 2
 class _GuardState:
     """State and pure logic shared by the sync and async guards (no I/O)."""
 
-    __slots__ = ("_context", "_heartbeat", "_request", "_state", "_token", "_use_heartbeat")
+    __slots__ = (
+        "_claim",
+        "_context",
+        "_heartbeat",
+        "_request",
+        "_state",
+        "_token",
+        "_use_heartbeat",
+    )
 
     def __init__(
         self,
@@ -570,6 +621,7 @@ class _GuardState:
         self._request = request_from_options(config, request, options)
         self._use_heartbeat: bool = options.get("heartbeat", True)
         self._state = _NEW
+        self._claim = [True]
         self._context: CyclesContext | None = None
         self._heartbeat: HeartbeatHandle | _NoHeartbeat | None = None
         self._token: Token[CyclesContext | None] | None = None
@@ -596,7 +648,7 @@ class _GuardState:
         if self._context is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no reservation yet: use it as a context manager "
-                "(`with client.reserve(...) as guard:`)"
+                "(`with reserve(client, ...) as guard:`)"
             )
         return self._context
 
@@ -669,7 +721,15 @@ class _GuardState:
             )
         return context
 
-    def _mark_finalized(self) -> None:
+    def _mark_finalized(self, operation: str = "finalize") -> None:
+        """Claim the one finalization atomically (two threads cannot both commit)."""
+        try:
+            self._claim.pop()  # list.pop is atomic: exactly one caller gets the item
+        except IndexError:
+            raise ReservationAlreadyFinalizedError(
+                f"cannot {operation} reservation {self.reservation_id}: it is already being "
+                "committed or released by another caller"
+            ) from None
         self._state = _FINALIZED
 
     def _leave(self) -> None:
@@ -690,7 +750,7 @@ class _GuardState:
 class ReservationGuard(_GuardState):
     """One live reservation held while a ``with`` block runs (sync twin).
 
-    Build it with ``client.reserve(...)`` or :func:`reserve`; entering the block reserves.
+    Build it with :func:`reserve` (or ``client.reserve(...)``); entering the block reserves.
 
     Args:
         client: The client to reserve, commit and release with.
@@ -770,7 +830,7 @@ class ReservationGuard(_GuardState):
         """
         context = self._begin_finalize("commit")
         commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
-        self._mark_finalized()
+        self._mark_finalized("commit")
         self._stop_heartbeat()
         return _settlement.commit(self._client, self._request, context, commit_request)
 
@@ -788,13 +848,16 @@ class ReservationGuard(_GuardState):
             CyclesError: The release failed (the reservation then expires on its own).
         """
         context = self._begin_finalize("release")
-        self._mark_finalized()
+        self._mark_finalized("release")
         self._stop_heartbeat()
         return _settlement.release(self._client, context, build_release_request(reason))
 
     def _release_quietly(self, reason: str) -> None:
         context = self.context
-        self._mark_finalized()
+        try:
+            self._mark_finalized()
+        except ReservationAlreadyFinalizedError:
+            return  # another thread finalized it meanwhile
         self._stop_heartbeat()
         try:
             _settlement.release(self._client, context, build_release_request(reason))
@@ -814,9 +877,10 @@ class ReservationGuard(_GuardState):
 class AsyncReservationGuard(_GuardState):
     """One live reservation held while an ``async with`` block runs (async twin).
 
-    Build it with ``client.reserve(...)`` on an :class:`~runcycles.AsyncCyclesClient` or
-    :func:`reserve`; entering the block reserves. If the block is cancelled, the release is
-    shielded from a second cancellation.
+    Build it with :func:`reserve` (or ``client.reserve(...)``) on an
+    :class:`~runcycles.AsyncCyclesClient`; entering the block reserves. If the block is
+    cancelled, the release is shielded from a second cancellation, and ``commit()`` is
+    always shielded.
 
     Args:
         client: The client to reserve, commit and release with.
@@ -878,6 +942,8 @@ class AsyncReservationGuard(_GuardState):
     ) -> SettlementResult:
         """Charge what was used and end the reservation.
 
+        The settlement is shielded: cancelling the caller meanwhile does not interrupt it.
+
         Args:
             actual: What was used, an ``int`` in the estimate's unit or an :class:`Amount`;
                 ``None`` commits the estimate (marked ``actual_source="estimate"``).
@@ -897,9 +963,11 @@ class AsyncReservationGuard(_GuardState):
         """
         context = self._begin_finalize("commit")
         commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
-        self._mark_finalized()
+        self._mark_finalized("commit")
         self._stop_heartbeat()
-        return await _settlement.acommit(self._client, self._request, context, commit_request)
+        # Known spend: a cancellation of the caller must not interrupt the settlement.
+        settle = _settlement.acommit(self._client, self._request, context, commit_request)
+        return await run_shielded(settle)
 
     async def release(self, reason: str | None = None) -> ReleaseResponse:
         """Give the whole reservation back, charging nothing.
@@ -915,13 +983,16 @@ class AsyncReservationGuard(_GuardState):
             CyclesError: The release failed (the reservation then expires on its own).
         """
         context = self._begin_finalize("release")
-        self._mark_finalized()
+        self._mark_finalized("release")
         self._stop_heartbeat()
         return await _settlement.arelease(self._client, context, build_release_request(reason))
 
     async def _release_quietly(self, reason: str, *, shield: bool) -> None:
         context = self.context
-        self._mark_finalized()
+        try:
+            self._mark_finalized()
+        except ReservationAlreadyFinalizedError:
+            return  # finalized meanwhile
         self._stop_heartbeat()
         try:
             release = _settlement.arelease(self._client, context, build_release_request(reason))
@@ -1094,7 +1165,7 @@ class _HeartbeatSeam:
         if scheduler is None:
             scheduler = AsyncHeartbeatScheduler(client)
             per_client[client] = scheduler
-            weakref.finalize(client, scheduler.close)
+            weakref.finalize(client, _close_quietly, scheduler)
         return scheduler
 
     @staticmethod
@@ -1118,7 +1189,7 @@ class _HeartbeatSeam:
                 rtt_ms=rtt_s * 1000.0,
                 on_event=follow,
             )
-        except (RuntimeError, ValueError) as exc:  # e.g. the same id tracked twice
+        except Exception as exc:  # e.g. the same id tracked twice; never fail the work
             logger.warning(
                 "reservation %s runs without a heartbeat (%s); it may expire if the work "
                 "outlasts ttl_ms",
@@ -1146,6 +1217,11 @@ class _HeartbeatSeam:
         rtt_s: float,
     ) -> HeartbeatHandle | _NoHeartbeat:
         return self._track(self.ascheduler(client), request, data, context, rtt_s)
+
+
+def _close_quietly(scheduler: AsyncHeartbeatScheduler) -> None:
+    with contextlib.suppress(RuntimeError):  # its event loop is closed: nothing left to stop
+        scheduler.close()
 
 
 class _SettlementSeam:

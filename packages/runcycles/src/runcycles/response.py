@@ -41,7 +41,6 @@ TRANSPORT_ERROR_STATUS: Final = -1
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _UNSET: Final[Any] = object()
-_EMPTY_HEADERS: Final = httpx.Headers()
 
 
 class CyclesResponse(Generic[ModelT]):
@@ -75,7 +74,7 @@ class CyclesResponse(Generic[ModelT]):
         *,
         status: int,
         model: type[ModelT],
-        headers: httpx.Headers = _EMPTY_HEADERS,
+        headers: httpx.Headers | None = None,
         body: dict[str, Any] | None = None,
         content: bytes = b"",
         error_message: str | None = None,
@@ -84,7 +83,7 @@ class CyclesResponse(Generic[ModelT]):
     ):
         self.status = status
         self.model = model
-        self.headers = headers
+        self.headers = httpx.Headers() if headers is None else headers
         self.body = body
         self.content = content
         self.error_message = error_message

@@ -2,8 +2,8 @@
 
 ::
 
-    with client.stream_reservation(estimate=20_000, action_kind="llm.completion",
-                                   action_name="gpt-4o", cost_fn=price) as stream:
+    with stream_reservation(client, estimate=20_000, action_kind="llm.completion",
+                            action_name="gpt-4o", cost_fn=price) as stream:
         for chunk in model.stream(prompt):
             stream.usage.add_output_tokens(chunk.tokens)
             yield chunk.text
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncStreamReservation",
     "CostFn",
+    "OUTCOME_KEY",
     "StreamReservation",
     "StreamUsage",
     "stream_reservation",

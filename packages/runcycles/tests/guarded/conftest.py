@@ -78,12 +78,20 @@ class FakeCycles:
         if self.deny_reason is not None:
             return httpx.Response(
                 200,
-                json={"decision": "DENY", "affected_scopes": scopes, "reason_code": self.deny_reason},
+                json={
+                    "decision": "DENY",
+                    "affected_scopes": scopes,
+                    "reason_code": self.deny_reason,
+                },
             )
         self._next += 1
         rid = f"rsv_{self._next}"
         ttl = body.get("ttl_ms", 60_000)
-        self.reservations[rid] = {"status": "ACTIVE", "request": body, "finalized_by": None}
+        self.reservations[rid] = {
+            "status": "ACTIVE",
+            "request": body,
+            "expires_at_ms": self.now_ms + ttl,
+        }
         answer = {
             "decision": "ALLOW_WITH_CAPS" if self.caps is not None else "ALLOW",
             "reservation_id": rid,
@@ -102,9 +110,16 @@ class FakeCycles:
         if reservation is None:
             return httpx.Response(404, json=self._error("NOT_FOUND", f"no reservation {rid}"))
         if action == "extend":
+            if reservation["status"] != "ACTIVE":
+                return httpx.Response(409, json=self._error("RESERVATION_FINALIZED", "done"))
+            reservation["expires_at_ms"] += body["extend_by_ms"]
             return httpx.Response(
                 200,
-                json={"status": "ACTIVE", "expires_at_ms": self.now_ms + body["extend_by_ms"]},
+                json={
+                    "status": "ACTIVE",
+                    "expires_at_ms": reservation["expires_at_ms"],
+                    "remaining_ttl_ms": body["extend_by_ms"],
+                },
             )
         forced = self.commit_status if action == "commit" else self.release_status
         if forced is not None:
@@ -179,6 +194,14 @@ def client(fake: FakeCycles) -> Iterator[CyclesClient]:
 async def aclient(fake: FakeCycles) -> AsyncIterator[AsyncCyclesClient]:
     async with fake.async_client() as built:
         yield built
+
+
+@pytest.fixture(autouse=True)
+def journal_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Settlement journals go to a per-test directory, never the user's state dir."""
+    path = tmp_path / "journal"
+    monkeypatch.setenv("RUNCYCLES_JOURNAL_DIR", str(path))
+    return path
 
 
 @pytest.fixture(autouse=True)

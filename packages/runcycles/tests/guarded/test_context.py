@@ -133,7 +133,8 @@ async def test_tasks_see_their_own_context(fake: Any, aclient: Any) -> None:
     async def nested(i: int) -> str:
         await asyncio.sleep(0)
         ctx = get_cycles_context()
-        assert ctx is not None and ctx.estimate.amount == 1_000
+        assert ctx is not None
+        assert ctx.estimate.amount == 1_000
         return ctx.reservation_id
 
     results = await asyncio.gather(*(job(i) for i in range(8)))

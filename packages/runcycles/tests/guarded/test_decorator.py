@@ -6,10 +6,12 @@ import asyncio
 import logging
 from typing import Any
 
+import httpx
 import pytest
 
 from runcycles import (
     Amount,
+    AsyncCyclesClient,
     BudgetExceededError,
     CommitOveragePolicy,
     CyclesMetrics,
@@ -28,7 +30,8 @@ def test_commits_actual_of_the_result(fake: Any, client: Any) -> None:
     @cycles(estimate=1_000, actual=lambda result: len(result), client=client)
     def greet(name: str) -> str:
         ctx = get_cycles_context()
-        assert ctx is not None and ctx.reservation_id == "rsv_1"
+        assert ctx is not None
+        assert ctx.reservation_id == "rsv_1"
         return f"hello {name}"
 
     assert greet("bob") == "hello bob"
@@ -127,7 +130,8 @@ def test_each_call_uses_fresh_idempotency_keys(fake: Any, client: Any) -> None:
     job()
     job()
     keys = [call.body["idempotency_key"] for call in fake.calls]
-    assert len(keys) == 4 and len(set(keys)) == 4
+    assert len(keys) == 4
+    assert len(set(keys)) == 4
     assert [c.headers["x-idempotency-key"] for c in fake.calls] == keys
 
 
@@ -284,7 +288,8 @@ def test_dry_run_returns_result_and_never_runs(fake: Any, client: Any) -> None:
     assert ran == []
     assert fake.creates()[0]["dry_run"] is True
     assert fake.reservations == {}
-    assert fake.commits() == [] and fake.releases() == []
+    assert fake.commits() == []
+    assert fake.releases() == []
 
 
 async def test_async_dry_run_deny_is_a_result(fake: Any, aclient: Any) -> None:
@@ -373,3 +378,36 @@ def test_unknown_protocol_error_is_still_a_protocol_error(fake: Any, client: Any
         job()
     assert info.value.error_code == "SOMETHING_NEW"
     assert not info.value.is_retryable()
+
+
+async def test_async_commit_survives_cancellation_of_the_caller(fake: Any) -> None:
+    commit_started = asyncio.Event()
+    let_commit_finish = asyncio.Event()
+
+    async def slow_commits(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/commit"):
+            commit_started.set()
+            await let_commit_finish.wait()
+        return fake.handler(request)
+
+    async with AsyncCyclesClient(
+        fake.config(), transport=httpx.MockTransport(slow_commits)
+    ) as slow:
+
+        @cycles(estimate=100, actual=40, client=slow)
+        async def job() -> str:
+            return "done"
+
+        task = asyncio.create_task(job())
+        await commit_started.wait()
+        task.cancel()  # e.g. a timeout fires while the spend is being recorded
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        let_commit_finish.set()
+        for _ in range(100):
+            if fake.statuses() == ["COMMITTED"]:
+                break
+            await asyncio.sleep(0.01)
+    assert fake.statuses() == ["COMMITTED"]
+    assert fake.commits()[0]["actual"]["amount"] == 40
+    assert fake.releases() == []

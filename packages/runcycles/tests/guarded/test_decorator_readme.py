@@ -124,7 +124,13 @@ async def test_default_client_and_config(server: Any) -> None:
 
 def test_typed_exceptions(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     server.reject = (409, "BUDGET_EXCEEDED")
-    from runcycles import BudgetExceededError, CyclesClient, CyclesConfig, CyclesProtocolError, cycles
+    from runcycles import (
+        BudgetExceededError,
+        CyclesClient,
+        CyclesConfig,
+        CyclesProtocolError,
+        cycles,
+    )
 
     client = CyclesClient(
         CyclesConfig(base_url="http://localhost:7878", api_key="your-key", tenant="acme")

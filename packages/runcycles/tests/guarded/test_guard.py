@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
+import uuid
 from typing import Any
 
 import httpx
@@ -13,13 +17,13 @@ from runcycles import (
     Amount,
     AsyncReservationGuard,
     BudgetExceededError,
-    CommitResponse,
+    CyclesClient,
     CyclesConfigError,
     CyclesMetrics,
     CyclesProtocolError,
     CyclesTransportError,
-    Decision,
     DebtOutstandingError,
+    Decision,
     DryRunResult,
     MalformedResponseError,
     NotFoundError,
@@ -35,6 +39,7 @@ from runcycles import (
     get_cycles_context,
     reserve,
 )
+from runcycles.settlement import SettlementResult
 
 OPTIONS: dict[str, Any] = {
     "estimate": 5_000,
@@ -48,15 +53,16 @@ OPTIONS: dict[str, Any] = {
 
 def test_enter_reserves_and_exposes_the_grant(fake: Any, client: Any) -> None:
     fake.caps = {"max_tokens": 256}
+    assert reserve(client, **OPTIONS).reservation_id is None
     guard = reserve(client, **OPTIONS, agent="planner")
     assert isinstance(guard, ReservationGuard)
-    assert guard.reservation_id is None
     assert fake.calls == []  # nothing is sent before the block is entered
     with guard as entered:
         assert entered is guard
         assert guard.reservation_id == "rsv_1"
         assert guard.decision is Decision.ALLOW_WITH_CAPS
-        assert guard.caps is not None and guard.caps.max_tokens == 256
+        assert guard.caps is not None
+        assert guard.caps.max_tokens == 256
         assert guard.is_capped()
         assert guard.affected_scopes == ["tenant:acme"]
         assert guard.expires_at_ms == fake.now_ms + 60_000
@@ -114,7 +120,7 @@ def test_request_and_options_together_are_refused(client: Any) -> None:
 
 def test_missing_and_unknown_options_name_the_problem(client: Any) -> None:
     with pytest.raises(TypeError, match="action_kind, action_name"):
-        reserve(client, estimate=5)  # type: ignore[call-overload]
+        reserve(client, estimate=5)
     with pytest.raises(TypeError, match="unknown reservation option"):
         reserve(client, **OPTIONS, ttl=5)  # type: ignore[call-overload]
 
@@ -177,9 +183,7 @@ def test_refused_reservation_raises_before_the_block(
     assert get_cycles_context() is None
 
 
-async def test_async_refused_reservation_raises_before_the_block(
-    fake: Any, aclient: Any
-) -> None:
+async def test_async_refused_reservation_raises_before_the_block(fake: Any, aclient: Any) -> None:
     fake.reject = (409, "BUDGET_EXCEEDED")
     ran = []
     with pytest.raises(BudgetExceededError):
@@ -221,14 +225,9 @@ def test_transport_error_on_reserve_raises(fake: Any) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
 
-    with (
-        httpx.Client(transport=httpx.MockTransport(refuse)) as http,
-        pytest.raises(CyclesTransportError),
-    ):
-        from runcycles import CyclesClient
-
+    with httpx.Client(transport=httpx.MockTransport(refuse)) as http:
         guarded = CyclesClient(fake.config(), http_client=http)
-        with reserve(guarded, **OPTIONS):
+        with pytest.raises(CyclesTransportError), reserve(guarded, **OPTIONS):
             pytest.fail("the block must not run")
 
 
@@ -236,9 +235,11 @@ def test_allow_without_reservation_id_is_malformed(fake: Any, client: Any) -> No
     fake.create_override = lambda body: httpx.Response(
         200, json={"decision": "ALLOW", "affected_scopes": ["tenant:acme"]}
     )
-    with pytest.raises(MalformedResponseError, match="without a reservation_id"):
-        with reserve(client, **OPTIONS):
-            pytest.fail("the block must not run")
+    with (
+        pytest.raises(MalformedResponseError, match="without a reservation_id"),
+        reserve(client, **OPTIONS),
+    ):
+        pytest.fail("the block must not run")
 
 
 def test_unknown_response_fields_are_tolerated(fake: Any, client: Any) -> None:
@@ -252,9 +253,10 @@ def test_unknown_response_fields_are_tolerated(fake: Any, client: Any) -> None:
             "caps": {"max_tokens": 5, "future_cap": 1},
         },
     )
-    fake.reservations["rsv_x"] = {"status": "ACTIVE", "request": {}, "finalized_by": None}
+    fake.reservations["rsv_x"] = {"status": "ACTIVE", "request": {}, "expires_at_ms": 0}
     with reserve(client, **OPTIONS) as guard:
-        assert guard.caps is not None and guard.caps.max_tokens == 5
+        assert guard.caps is not None
+        assert guard.caps.max_tokens == 5
         guard.commit(1)
     assert fake.reservations["rsv_x"]["status"] == "COMMITTED"
 
@@ -265,7 +267,11 @@ def test_unknown_response_fields_are_tolerated(fake: Any, client: Any) -> None:
 def test_commit_without_actual_commits_the_estimate_marked(fake: Any, client: Any) -> None:
     with reserve(client, **OPTIONS) as guard:
         result = guard.commit()
-    assert isinstance(result, CommitResponse)
+    assert isinstance(result, SettlementResult)
+    assert result.settled
+    assert result.outcome == "committed"
+    assert result.commit is not None
+    assert result.commit.charged.amount == 5_000
     (commit,) = fake.commits()
     assert commit["actual"] == {"unit": "USD_MICROCENTS", "amount": 5_000}
     assert commit["metadata"] == {"actual_source": "estimate"}
@@ -340,16 +346,21 @@ def test_release_failure_never_masks_the_blocks_exception(
     fake: Any, client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.release_status = (500, "INTERNAL_ERROR")
-    with caplog.at_level(logging.WARNING, "runcycles"):
-        with pytest.raises(KeyError), reserve(client, **OPTIONS):
-            raise KeyError("original")
+    with (
+        caplog.at_level(logging.WARNING, "runcycles"),
+        pytest.raises(KeyError),
+        reserve(client, **OPTIONS),
+    ):
+        raise KeyError("original")
     assert "could not release reservation rsv_1" in caplog.text
 
 
 def test_unfinalized_guard_releases_and_warns(fake: Any, client: Any) -> None:
-    with pytest.warns(UnfinalizedReservationWarning, match="without commit"):
-        with reserve(client, **OPTIONS):
-            pass
+    with (
+        pytest.warns(UnfinalizedReservationWarning, match="without commit"),
+        reserve(client, **OPTIONS),
+    ):
+        pass
     assert fake.statuses() == ["RELEASED"]
     assert fake.releases()[0]["reason"] == "guard_exited_without_commit"
 
@@ -377,6 +388,11 @@ def test_each_operation_gets_its_own_idempotency_key(fake: Any, client: Any) -> 
     keys = [call.body["idempotency_key"] for call in fake.calls]
     assert len(keys) == 4
     assert len(set(keys)) == 4
+    for key in keys:
+        parsed = uuid.UUID(key)
+        assert str(parsed) == key
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
 
 
 # --------------------------------------------------------------------------- dry run
@@ -390,7 +406,8 @@ def test_dry_run_evaluates_without_holding(fake: Any, client: Any) -> None:
     assert not result.is_allowed
     assert result.reason_code == "BUDGET_EXCEEDED"
     assert result.affected_scopes == ("tenant:acme",)
-    assert result.balances is not None and result.balances[0].remaining.amount == 5_000
+    assert result.balances is not None
+    assert result.balances[0].remaining.amount == 5_000
     assert fake.creates()[0]["dry_run"] is True
     assert fake.reservations == {}
 
@@ -401,5 +418,120 @@ async def test_async_dry_run_with_caps(fake: Any, aclient: Any) -> None:
     result = await dry_run(aclient, **OPTIONS)
     assert result.is_allowed
     assert result.has_caps()
-    assert result.caps is not None and result.caps.max_tokens == 64
+    assert result.caps is not None
+    assert result.caps.max_tokens == 64
     assert fake.reservations == {}
+
+
+# --------------------------------------------------------------------------- settlement, heartbeat
+
+
+def test_expired_reservation_is_settled_as_an_event(fake: Any, client: Any) -> None:
+    fake.commit_status = (410, "RESERVATION_EXPIRED")
+    with reserve(client, **OPTIONS, agent="bot") as guard:
+        result = guard.commit(1_234)
+    assert result.outcome == "event_applied"
+    assert result.settled
+    (commit,) = fake.commits()
+    (event,) = fake.bodies("/v1/events")
+    assert event["idempotency_key"] == commit["idempotency_key"]
+    assert event["subject"] == {"tenant": "acme", "agent": "bot"}
+    assert event["action"] == {"kind": "llm.completion", "name": "gpt-4o"}
+    assert event["actual"] == {"unit": "USD_MICROCENTS", "amount": 1_234}
+    assert event["metadata"]["recovered_reservation_id"] == "rsv_1"
+
+
+async def test_async_expired_reservation_is_settled_as_an_event(fake: Any, aclient: Any) -> None:
+    fake.commit_status = (410, "RESERVATION_EXPIRED")
+    async with reserve(aclient, **OPTIONS) as guard:
+        result = await guard.commit(5)
+    assert result.outcome == "event_applied"
+    assert len(fake.bodies("/v1/events")) == 1
+
+
+def test_unsettled_commit_is_journaled_not_released(
+    fake: Any, client: Any, journal_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.commit_status = (503, "INTERNAL_ERROR")
+    with caplog.at_level(logging.WARNING, "runcycles"), reserve(client, **OPTIONS) as guard:
+        result = guard.commit(10)
+    assert result.outcome == "pending"
+    assert result.journaled
+    assert list(journal_dir.rglob("v2-*.json"))  # kept for replay
+    assert fake.releases() == []
+
+
+def _wait_for(predicate: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting")
+        time.sleep(0.01)
+
+
+def test_heartbeat_extends_and_updates_expires_at(fake: Any) -> None:
+    # With a 1 s lease and these timeouts the spec's schedule extends right away.
+    with (
+        fake.sync_client(connect_timeout=0.2, read_timeout=0.2) as quick,
+        reserve(quick, **OPTIONS, ttl_ms=1_000) as guard,
+    ):
+        first_expiry = guard.expires_at_ms
+        assert first_expiry == fake.now_ms + 1_000
+        _wait_for(lambda: fake.bodies("/extend"))
+        _wait_for(lambda: guard.expires_at_ms != first_expiry)
+        assert guard.expires_at_ms == fake.reservations["rsv_1"]["expires_at_ms"]
+        ctx = get_cycles_context()
+        assert ctx is not None
+        assert ctx.expires_at_ms == guard.expires_at_ms
+        assert fake.bodies("/extend")[0]["extend_by_ms"] == 1_000
+        guard.commit(1)
+    extends = len(fake.bodies("/extend"))
+    assert fake.statuses() == ["COMMITTED"]
+    time.sleep(0.05)
+    assert len(fake.bodies("/extend")) == extends  # stopped with the commit
+
+
+async def test_async_heartbeat_extends(fake: Any) -> None:
+    async with (
+        fake.async_client(connect_timeout=0.2, read_timeout=0.2) as quick,
+        reserve(quick, **OPTIONS, ttl_ms=1_000) as guard,
+    ):
+        first_expiry = guard.expires_at_ms
+        for _ in range(500):
+            if guard.expires_at_ms != first_expiry:
+                break
+            await asyncio.sleep(0.01)
+        assert guard.expires_at_ms == fake.reservations["rsv_1"]["expires_at_ms"] > first_expiry
+        await guard.commit(1)
+
+
+def test_heartbeat_can_be_switched_off(fake: Any) -> None:
+    with (
+        fake.sync_client(connect_timeout=0.2, read_timeout=0.2) as quick,
+        reserve(quick, **OPTIONS, ttl_ms=1_000, heartbeat=False) as guard,
+    ):
+        time.sleep(0.1)
+        guard.commit(1)
+    assert fake.bodies("/extend") == []
+
+
+def test_racing_threads_finalize_exactly_once(fake: Any, client: Any) -> None:
+    outcomes: list[str] = []
+    start = threading.Barrier(8)
+
+    def race(guard: ReservationGuard) -> None:
+        start.wait(timeout=5)
+        try:
+            guard.commit(1)
+            outcomes.append("committed")
+        except ReservationAlreadyFinalizedError:
+            outcomes.append("refused")
+
+    with reserve(client, **OPTIONS) as guard:
+        threads = [threading.Thread(target=race, args=(guard,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=5)
+    assert sorted(outcomes) == ["committed"] + ["refused"] * 7
+    assert len(fake.commits()) == 1

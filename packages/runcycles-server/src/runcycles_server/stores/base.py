@@ -27,8 +27,8 @@ expiry tests never sleep.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -68,8 +68,12 @@ def system_clock() -> int:
 
 
 def new_id(prefix: str) -> str:
-    """Return a new opaque identifier such as ``rsv_3f2a...`` (128 random bits)."""
-    return f"{prefix}_{uuid.uuid4().hex}"
+    """Return a new opaque identifier such as ``rsv_0195f2...``.
+
+    The first 12 hex digits are the creation time in milliseconds, so ids sort roughly by time
+    and new rows land next to each other in indexes; the other 80 bits are random.
+    """
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 @dataclass(slots=True)
@@ -117,10 +121,14 @@ RESERVATION_SORT_KEYS = (
 
 @dataclass(slots=True)
 class AuthRecord:
-    """A tenant API key found by its hash, with its tenant (``None`` if no tenant record)."""
+    """An API key found by its hash.
+
+    ``tenant`` is optional: a store may include the key's tenant when it has it for free; the
+    app does not rely on it (tenant status is enforced inside each operation).
+    """
 
     key: ApiKeyRow
-    tenant: TenantRow | None
+    tenant: TenantRow | None = None
 
 
 class Store(Protocol):
@@ -140,7 +148,7 @@ class Store(Protocol):
         """Return whether the backing store answers (readiness)."""
 
     async def authenticate(self, key_hash: str) -> AuthRecord | None:
-        """Return the key with this sha256 hash (any status) and its tenant, or ``None``."""
+        """Return the API key with this sha256 hash (any status), or ``None``."""
 
     async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
         """``POST /v1/decide``."""
@@ -380,11 +388,9 @@ class RowStore(ABC):
     # -- runtime -------------------------------------------------------------------------------
 
     async def authenticate(self, key_hash: str) -> AuthRecord | None:
-        """See :meth:`Store.authenticate`."""
+        """See :meth:`Store.authenticate` (one indexed read; the tenant is not loaded)."""
         key = self._get_api_key_by_hash(key_hash)
-        if key is None:
-            return None
-        return AuthRecord(key, self._get_tenant(key.tenant_id))
+        return None if key is None else AuthRecord(key)
 
     async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
         """See :meth:`Store.decide`."""
@@ -425,17 +431,9 @@ class RowStore(ABC):
             self._apply(outcome)
             return outcome
 
-    def _settle_rows(
-        self, reservation_id: str
-    ) -> tuple[ReservationRow | None, TenantRow | None, list[BudgetRow]]:
-        res = self._get_reservation(reservation_id)
-        if res is None:
-            return None, None, []
-        return res, self._get_tenant(res.tenant_id), self._get_budgets(res.budgeted_scopes)
-
-    def _check_owner_first(self, reservation_id: str, tenant_id: str | None) -> None:
+    def _owned_reservation(self, reservation_id: str, tenant_id: str | None) -> ReservationRow:
         # Existence and ownership come before replay, so a foreign key cannot probe replays.
-        ledger.check_reservation_access(
+        return ledger.check_reservation_access(
             self._get_reservation(reservation_id), reservation_id, tenant_id
         )
 
@@ -445,19 +443,18 @@ class RowStore(ABC):
         """See :meth:`Store.commit`."""
         with self._write():
             now = self.clock()
-            self._check_owner_first(reservation_id, tenant_id)
+            res = self._owned_reservation(reservation_id, tenant_id)
             endpoint = f"commit:{reservation_id}"
             idem = self._live_idem(tenant_id, endpoint, request.idempotency_key, now)
             if idem is not None:
-                return self._replay(idem, request_hash, now)
-            res, tenant, budgets = self._settle_rows(reservation_id)
+                return ledger.replay(idem, request_hash, now_ms=now, reservation=res)
             outcome = ledger.plan_commit(
                 reservation_id=reservation_id,
                 request=request,
                 tenant_id=tenant_id,
                 reservation=res,
-                tenant=tenant,
-                budgets=budgets,
+                tenant=self._get_tenant(res.tenant_id),
+                budgets=self._get_budgets(res.budgeted_scopes),
                 request_hash=request_hash,
                 now_ms=now,
             )
@@ -477,20 +474,18 @@ class RowStore(ABC):
         """See :meth:`Store.release`."""
         with self._write():
             now = self.clock()
-            self._check_owner_first(reservation_id, tenant_id)
-            res, tenant, budgets = self._settle_rows(reservation_id)
-            assert res is not None  # checked above
+            res = self._owned_reservation(reservation_id, tenant_id)
             endpoint = f"release:{reservation_id}"
             idem = self._live_idem(res.tenant_id, endpoint, request.idempotency_key, now)
             if idem is not None:
-                return self._replay(idem, request_hash, now)
+                return ledger.replay(idem, request_hash, now_ms=now, reservation=res)
             outcome = ledger.plan_release(
                 reservation_id=reservation_id,
                 request=request,
                 tenant_id=tenant_id,
                 reservation=res,
-                tenant=tenant,
-                budgets=budgets,
+                tenant=self._get_tenant(res.tenant_id),
+                budgets=self._get_budgets(res.budgeted_scopes),
                 request_hash=request_hash,
                 now_ms=now,
                 audit_id=new_id("aud") if tenant_id is None else None,
@@ -510,12 +505,11 @@ class RowStore(ABC):
         """See :meth:`Store.extend`."""
         with self._write():
             now = self.clock()
-            self._check_owner_first(reservation_id, tenant_id)
+            res = self._owned_reservation(reservation_id, tenant_id)
             endpoint = f"extend:{reservation_id}"
             idem = self._live_idem(tenant_id, endpoint, request.idempotency_key, now)
             if idem is not None:
-                return self._replay(idem, request_hash, now)
-            res = self._get_reservation(reservation_id)
+                return ledger.replay(idem, request_hash, now_ms=now, reservation=res)
             outcome = ledger.plan_extend(
                 reservation_id=reservation_id,
                 request=request,
@@ -771,8 +765,8 @@ class RowStore(ABC):
 
 
 __all__ = [
-    "AuditRow",
     "AuthRecord",
+    "AuditRow",
     "Clock",
     "EventRow",
     "Page",

@@ -172,22 +172,34 @@ def _names(cls: type) -> tuple[str, ...]:
     return names
 
 
-def _enc(row: Any, *, skip: str | None = None) -> bytes:
+def _enc_str(row: Any, *, skip: str | None = None) -> str:
     data = {name: getattr(row, name) for name in _names(type(row)) if name != skip}
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
 def _dec(cls: type[_T], raw: bytes) -> _T:
     return cls(**json.loads(raw))
 
 
-def _enc_idem(row: IdempotencyRow) -> dict[bytes, bytes]:
-    return {_D: _enc(row, skip="body"), _BODY: row.body}
-
-
 def _dec_idem(fields: _Fields) -> IdempotencyRow:
     data = json.loads(fields[_D])
     return IdempotencyRow(body=fields[_BODY], **data)
+
+
+def _dec_idem_field(fields: _Fields, name: bytes) -> IdempotencyRow:
+    return _dec_idem(fields)
+
+
+def _dec_tenant(fields: _Fields, name: bytes) -> TenantRow:
+    return _dec(TenantRow, fields[name])
+
+
+def _dec_budget(fields: _Fields, name: bytes) -> BudgetRow:
+    return _dec(BudgetRow, fields[name])
+
+
+def _dec_reservation(fields: _Fields, name: bytes) -> ReservationRow:
+    return _dec(ReservationRow, fields[name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,9 +215,15 @@ class _Keys:
         self.tenants = f"{prefix}:{{idx}}:tenants"
         self.all_budgets = f"{prefix}:{{idx}}:budgets"
         self.keys_all = f"{prefix}:{{keys}}:x:all"
+        self._tags: dict[str, str] = {}
 
     def t(self, tenant_id: str) -> str:
-        return f"{self.p}:{{t:{tenant_id}}}"
+        tag = self._tags.get(tenant_id)
+        if tag is None:
+            if len(self._tags) > 100_000:
+                self._tags.clear()
+            tag = self._tags[tenant_id] = f"{self.p}:{{t:{tenant_id}}}"
+        return tag
 
     def tenant(self, tenant_id: str) -> str:
         return f"{self.t(tenant_id)}:tenant"
@@ -287,30 +305,26 @@ class _ZOp:
 
 
 class _Work:
-    """The rows of one tenant as one batch sees them: the snapshot plus the batch's writes."""
+    """The rows of one tenant as one batch sees them: the snapshot plus the batch's writes.
+
+    Rows are decoded once per batch and written as objects; they are encoded to JSON only
+    when the batch is sent (a hot budget row is planned against by every operation of the
+    batch but encoded once).
+    """
 
     def __init__(self, keys: _Keys, tenant_id: str, snap: _Snapshot) -> None:
         self.k = keys
         self.tenant_id = tenant_id
         self.snap = snap
         self.now = snap.now_ms
-        self.dirty: dict[str, _Fields] = {}
+        self.dirty: dict[str, dict[bytes, Any]] = {}
         self.ttl_ms: dict[str, int] = {}
         self.zops: list[_ZOp] = []
         self.due: list[tuple[int, str]] = []
         self.seen_reservations: list[ReservationRow] = []
+        self._decoded: dict[tuple[str, bytes], Any] = {}
 
     # -- reading ---------------------------------------------------------------------------------
-
-    def _fields(self, key: str) -> _Fields:
-        base = self.snap.rows.get(key)
-        if base is None:
-            if key in self.dirty:
-                return self.dirty[key]
-            raise _NeedKeys([key])
-        if key in self.dirty:
-            return {**base, **self.dirty[key]}
-        return base
 
     def require(self, keys: Iterable[str]) -> None:
         """Raise :class:`_NeedKeys` for every key neither read nor written yet."""
@@ -318,34 +332,50 @@ class _Work:
         if missing:
             raise _NeedKeys(missing)
 
+    def _get(self, key: str, name: bytes, decode: Callable[[_Fields, bytes], Any]) -> Any:
+        written = self.dirty.get(key)
+        if written is not None and name in written:
+            return written[name]
+        base = self.snap.rows.get(key)
+        if base is None:
+            if written is not None:
+                return None
+            raise _NeedKeys([key])
+        if name not in base:
+            return None
+        cached = self._decoded.get((key, name))
+        if cached is None:
+            cached = self._decoded[(key, name)] = decode(base, name)
+        return cached
+
     def tenant(self) -> TenantRow | None:
-        raw = self._fields(self.k.tenant(self.tenant_id)).get(_D)
-        return None if raw is None else _dec(TenantRow, raw)
+        row: TenantRow | None = self._get(self.k.tenant(self.tenant_id), _D, _dec_tenant)
+        return row  # shared within the batch: callers copy before changing it
 
     def budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
+        """Return the budget rows (every unit) at ``scopes``; callers may not mutate them."""
         keys = [self.k.budget(self.tenant_id, s) for s in scopes]
         self.require(keys)
         rows = []
         for key in keys:
-            for name, raw in sorted(self._fields(key).items()):
-                if name != _V:
-                    rows.append(_dec(BudgetRow, raw))
+            names = set(self.snap.rows.get(key, ())) | set(self.dirty.get(key, ()))
+            names.discard(_V)
+            for name in sorted(names):
+                rows.append(self._get(key, name, _dec_budget))
         return rows
 
     def reservation(self, reservation_id: str) -> ReservationRow | None:
-        raw = self._fields(self.k.res(self.tenant_id, reservation_id)).get(_D)
-        if raw is None:
+        key = self.k.res(self.tenant_id, reservation_id)
+        row: ReservationRow | None = self._get(key, _D, _dec_reservation)
+        if row is None:
             return None
-        row = _dec(ReservationRow, raw)
         self.seen_reservations.append(row)
-        return row
+        return row  # the ledger never mutates its inputs (it plans with dataclasses.replace)
 
     def idem(self, endpoint: str, key: str) -> IdempotencyRow | None:
-        fields = self._fields(self.k.idem(self.tenant_id, endpoint, key))
-        if _D not in fields:
-            return None
-        row = _dec_idem(fields)
-        return None if row.retain_until_ms < self.now else row
+        name = self.k.idem(self.tenant_id, endpoint, key)
+        row: IdempotencyRow | None = self._get(name, _D, _dec_idem_field)
+        return None if row is None or row.retain_until_ms < self.now else row
 
     def replay(self, idem: IdempotencyRow, request_hash: str) -> Outcome:
         res = self.reservation(idem.reservation_id) if idem.reservation_id else None
@@ -353,21 +383,21 @@ class _Work:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def _put(self, key: str, fields: _Fields) -> None:
-        self.dirty.setdefault(key, {}).update(fields)
+    def _put(self, key: str, name: bytes, value: Any) -> None:
+        self.dirty.setdefault(key, {})[name] = value
 
     def put_tenant(self, row: TenantRow) -> None:
-        self._put(self.k.tenant(self.tenant_id), {_D: _enc(row)})
+        self._put(self.k.tenant(self.tenant_id), _D, row)
 
     def put_budget(self, row: BudgetRow, *, new: bool = False) -> None:
-        self._put(self.k.budget(self.tenant_id, row.scope), {row.unit.encode(): _enc(row)})
+        self._put(self.k.budget(self.tenant_id, row.scope), row.unit.encode(), row)
         if new:
             self.zops.append(_ZOp(True, self.k.x_budgets(self.tenant_id), row.scope))
 
     def put_reservation(self, row: ReservationRow) -> None:
         key = self.k.res(self.tenant_id, row.reservation_id)
         existed = (key in self.snap.rows and _D in self.snap.rows[key]) or key in self.dirty
-        self._put(key, {_D: _enc(row)})
+        self._put(key, _D, row)
         rid = row.reservation_id
         active = self.k.x_active(self.tenant_id)
         if row.status == "ACTIVE":
@@ -381,7 +411,7 @@ class _Work:
 
     def put_idem(self, row: IdempotencyRow) -> None:
         key = self.k.idem(self.tenant_id, row.endpoint, row.key)
-        self._put(key, _enc_idem(row))
+        self._put(key, _D, row)
         self.ttl_ms[key] = max(1, row.retain_until_ms - self.now)
 
     def apply(self, outcome: Outcome) -> None:
@@ -394,11 +424,11 @@ class _Work:
             self.put_idem(outcome.idempotency)
         if outcome.event is not None:
             key = self.k.event(self.tenant_id, outcome.event.event_id)
-            self._put(key, {_D: _enc(outcome.event)})
+            self._put(key, _D, outcome.event)
             self.ttl_ms[key] = ledger.RETAIN_TERMINAL_MS
         if outcome.audit is not None:
             audit = outcome.audit
-            self._put(self.k.audit(self.tenant_id, audit.audit_id), {_D: _enc(audit)})
+            self._put(self.k.audit(self.tenant_id, audit.audit_id), _D, audit)
             self.zops.append(
                 _ZOp(True, self.k.x_audit(self.tenant_id), audit.audit_id, audit.created_at_ms)
             )
@@ -406,6 +436,18 @@ class _Work:
     @property
     def writes(self) -> bool:
         return bool(self.dirty or self.zops)
+
+    def encoded(self, key: str) -> list[str]:
+        """Return ``[field, value, ...]`` of the writes to ``key`` (rows as JSON text)."""
+        out: list[str] = []
+        for name, value in self.dirty[key].items():
+            if isinstance(value, bytes):
+                out += [name.decode(), value.decode()]
+            elif isinstance(value, IdempotencyRow):
+                out += ["d", _enc_str(value, skip="body"), "b", value.body.decode()]
+            else:
+                out += [name.decode(), _enc_str(value)]
+        return out
 
 
 @dataclass(slots=True)
@@ -459,7 +501,7 @@ class RedisStore:
             pool = aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=max_connections, timeout=10
             )
-            client = aioredis.Redis(connection_pool=pool)
+            client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         # redis-py's stubs type replies as unions of bytes/str/lists; replies are bytes here
         # (decode_responses is off), so the client is used untyped.
         self._redis: Any = client
@@ -469,6 +511,7 @@ class RedisStore:
         self._sha: str | None = None
         self._queues: dict[str, _Queue] = {}
         self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
+        self._key_tenants: dict[str, str] = {}
         self.conflicts = 0
         """Compare-and-set conflicts seen by this instance (observability and tests)."""
         self.batches = 0
@@ -552,25 +595,25 @@ class RedisStore:
                 i = index[key] = len(all_keys)
             return i
 
-        args: list[Any] = [len(keys), *(snap.version(k) for k in keys)]
-        for key, fields in work.dirty.items():
-            args += ["H", ix(key), len(fields)]
-            for name, value in fields.items():
-                args += [name, value]
+        writes: list[list[Any]] = []
+        for key in work.dirty:
+            writes.append(["H", ix(key), work.encoded(key)])
             ttl = work.ttl_ms.get(key)
             if ttl is not None:
-                args += ["X", ix(key), ttl]
+                writes.append(["X", ix(key), str(ttl)])
         for z in work.zops:
             if z.add:
-                args += ["Z", ix(z.key), z.score, z.member]
+                writes.append(["Z", ix(z.key), str(z.score), z.member])
             else:
-                args += ["R", ix(z.key), z.member]
+                writes.append(["R", ix(z.key), z.member])
+        args: list[Any] = [len(keys), *(snap.version(k) for k in keys)]
+        args.append(json.dumps(writes, separators=(",", ":"), ensure_ascii=False))
         pre: list[Any] = []
         if work.due:
-            flat: list[Any] = []
+            due: list[Any] = []
             for score, member in work.due:
-                flat += [score, member]
-            pre.append(("ZADD", self._k.due, *flat))
+                due += [score, member]
+            pre.append(("ZADD", self._k.due, *due))
         reply = await self._eval(all_keys, args, pre)
         if int(reply[0]) != 1:
             raise _Conflict(self._snapshot(keys, reply))
@@ -692,12 +735,31 @@ class RedisStore:
     # -- runtime ---------------------------------------------------------------------------------
 
     async def authenticate(self, key_hash: str) -> AuthRecord | None:
-        """See :meth:`Store.authenticate`."""
-        raw = await self._redis.hget(self._k.key_by_hash(key_hash), _D)
+        """See :meth:`Store.authenticate`.
+
+        One round trip once this process has seen the key: a key's tenant never changes, so
+        the key row and its tenant row are fetched together (both are re-read every time, so
+        revocation and tenant status changes take effect at once).
+        """
+        key_name = self._k.key_by_hash(key_hash)
+        tenant_id = self._key_tenants.get(key_hash)
+        if tenant_id is not None:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hget(key_name, _D)
+            pipe.hget(self._k.tenant(tenant_id), _D)
+            raw, tenant_raw = await pipe.execute()
+        else:
+            raw, tenant_raw = await self._redis.hget(key_name, _D), None
         if raw is None:
             return None
         key = _dec(ApiKeyRow, raw)
-        return AuthRecord(key, await self.get_tenant(key.tenant_id))
+        if key.tenant_id != tenant_id:
+            tenant_raw = await self._redis.hget(self._k.tenant(key.tenant_id), _D)
+            if len(self._key_tenants) > 100_000:
+                self._key_tenants.clear()
+            self._key_tenants[key_hash] = key.tenant_id
+        tenant = None if tenant_raw is None else _dec(TenantRow, tenant_raw)
+        return AuthRecord(key, tenant)
 
     async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
         """See :meth:`Store.decide`."""
@@ -1290,6 +1352,7 @@ class RedisStore:
             row = w.tenant()
             if row is None:
                 raise LedgerError("NOT_FOUND", f"tenant {tenant_id} does not exist")
+            row = dataclasses.replace(row)
             if row.status == "CLOSED" and new_status not in (None, "CLOSED"):
                 raise LedgerError(
                     "TENANT_CLOSED", f"tenant {tenant_id} is CLOSED; closing is irreversible"
@@ -1330,9 +1393,9 @@ class RedisStore:
             def close_budgets(w: _Work, chunk: list[str] = chunk) -> None:
                 for budget in w.budgets(chunk):
                     if budget.tenant_id == tenant_id and budget.status != "CLOSED":
-                        budget.status = "CLOSED"
-                        budget.updated_at_ms = w.now
-                        w.put_budget(budget)
+                        w.put_budget(
+                            dataclasses.replace(budget, status="CLOSED", updated_at_ms=w.now)
+                        )
 
             await self._submit(tenant_id, self._scope_keys(tenant_id, chunk), close_budgets)
         key_ids = [k.decode() for k in await self._redis.zrange(self._k.keys_of(tenant_id), 0, -1)]
@@ -1381,7 +1444,7 @@ class RedisStore:
         if snap.rows[by_hash] or snap.rows[by_id]:
             raise LedgerError("DUPLICATE_RESOURCE", f"API key {row.key_id} already exists")
         work = _Work(self._k, row.tenant_id, snap)
-        work.dirty[by_hash] = {_D: _enc(row)}
+        work.dirty[by_hash] = {_D: row}
         work.dirty[by_id] = {b"h": row.key_hash.encode()}
         work.zops.append(_ZOp(True, self._k.keys_all, row.key_id))
         work.zops.append(_ZOp(True, self._k.keys_of(row.tenant_id), row.key_id))
@@ -1431,7 +1494,7 @@ class RedisStore:
             current.revoked_at_ms = snap.now_ms
             current.revoked_reason = reason
             work = _Work(self._k, current.tenant_id, snap)
-            work.dirty[by_hash] = {_D: _enc(current)}
+            work.dirty[by_hash] = {_D: current}
             try:
                 await self._cas([by_hash], snap, work)
             except _Conflict:
@@ -1520,7 +1583,7 @@ class RedisStore:
                     raise LedgerError(
                         "FORBIDDEN", f"budget {scope} ({unit}) belongs to another tenant"
                     )
-                return row
+                return dataclasses.replace(row)
         raise LedgerError(
             "NOT_FOUND",
             f"no budget for scope {scope} in {unit}; create it with POST /v1/admin/budgets",

@@ -9,11 +9,15 @@
 -- ARGV[1]       n
 -- ARGV[2..n+1]  the "_v" the caller saw for KEYS[1..n] ("0" = the row did not exist);
 --               "?" as ARGV[2] forces a pure read
--- ARGV[n+2..]   writes, each an opcode, a key index into KEYS and its operands:
---                 H k c f1 v1 .. fc vc   HSET c fields, then HINCRBY _v 1
---                 X k ms                 PEXPIRE k ms
---                 Z k score member       ZADD
---                 R k member             ZREM
+-- ARGV[n+2]     (optional) the writes, as one JSON array (one argument instead of hundreds
+--               keeps client-side packing cheap); each write is an array whose first two
+--               items are an opcode and a key index into KEYS:
+--                 ["H", k, [f1, v1, ..., fc, vc]]   HSET the fields, then HINCRBY _v 1
+--                 ["X", k, "ms"]                    PEXPIRE k ms
+--                 ["Z", k, "score", "member"]       ZADD
+--                 ["R", k, "member"]                ZREM
+--               Field values are strings (row JSON is carried as an opaque string: cjson
+--               never sees, let alone rounds, an amount).
 --
 -- Returns {1} once every write is applied, or, when any version differs (or on "?"),
 -- {0, time_s, time_us, HGETALL KEYS[1], ..., HGETALL KEYS[n]} and writes nothing.
@@ -40,51 +44,44 @@ for i = 1, n do
   end
 end
 
--- Parse and validate every write before applying any, so a malformed call changes nothing.
-local ops = {}
-local a = n + 2
-while a <= #ARGV do
-  local op = ARGV[a]
-  local key = KEYS[tonumber(ARGV[a + 1])]
-  if key == nil then
-    return redis.error_reply('redis_cas: bad key index at ARGV[' .. (a + 1) .. ']')
+-- Validate every write before applying any, so a malformed call changes nothing.
+local writes = {}
+if ARGV[n + 2] ~= nil then
+  writes = cjson.decode(ARGV[n + 2])
+end
+for i, w in ipairs(writes) do
+  local op = w[1]
+  if KEYS[w[2]] == nil then
+    return redis.error_reply('redis_cas: write ' .. i .. ' has a bad key index')
   end
   if op == 'H' then
-    local c = tonumber(ARGV[a + 2])
-    local fields = {}
-    for j = a + 3, a + 2 + 2 * c do
-      fields[#fields + 1] = ARGV[j]
+    if type(w[3]) ~= 'table' or #w[3] == 0 or #w[3] % 2 ~= 0 then
+      return redis.error_reply('redis_cas: write ' .. i .. ' has bad fields')
     end
-    ops[#ops + 1] = {'H', key, fields}
-    a = a + 3 + 2 * c
-  elseif op == 'X' then
-    ops[#ops + 1] = {'X', key, ARGV[a + 2]}
-    a = a + 3
   elseif op == 'Z' then
-    if tonumber(ARGV[a + 2]) == nil then
-      return redis.error_reply('redis_cas: bad score at ARGV[' .. (a + 2) .. ']')
+    if tonumber(w[3]) == nil or type(w[4]) ~= 'string' then
+      return redis.error_reply('redis_cas: write ' .. i .. ' has a bad score or member')
     end
-    ops[#ops + 1] = {'Z', key, ARGV[a + 2], ARGV[a + 3]}
-    a = a + 4
-  elseif op == 'R' then
-    ops[#ops + 1] = {'R', key, ARGV[a + 2]}
-    a = a + 3
-  else
+  elseif op == 'X' then
+    if tonumber(w[3]) == nil then
+      return redis.error_reply('redis_cas: write ' .. i .. ' has a bad ttl')
+    end
+  elseif op ~= 'R' then
     return redis.error_reply('redis_cas: unknown opcode ' .. tostring(op))
   end
 end
 
-for _, op in ipairs(ops) do
-  local key = op[2]
-  if op[1] == 'H' then
-    redis.call('HSET', key, unpack(op[3]))
+for _, w in ipairs(writes) do
+  local op, key = w[1], KEYS[w[2]]
+  if op == 'H' then
+    redis.call('HSET', key, unpack(w[3]))
     redis.call('HINCRBY', key, '_v', 1)
-  elseif op[1] == 'X' then
-    redis.call('PEXPIRE', key, op[3])
-  elseif op[1] == 'Z' then
-    redis.call('ZADD', key, op[3], op[4])
+  elseif op == 'X' then
+    redis.call('PEXPIRE', key, w[3])
+  elseif op == 'Z' then
+    redis.call('ZADD', key, w[3], w[4])
   else
-    redis.call('ZREM', key, op[3])
+    redis.call('ZREM', key, w[3])
   end
 end
 return {1}

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final, NoReturn
 
 from runcycles_server.stores.base import Clock
@@ -30,9 +30,10 @@ __all__ = [
     "DEFAULT_TEST_REDIS_URL",
     "REQUIRE_ENV",
     "redis_store_for_tests",
+    "redis_store_for_tests_sync",
+    "redis_test_url",
     "redis_unavailable",
-    "test_prefix",
-    "test_redis_url",
+    "unique_test_prefix",
 ]
 
 REQUIRE_ENV: Final = "CYCLES_REQUIRE_REDIS"
@@ -40,12 +41,12 @@ URL_ENV: Final = "CYCLES_TEST_REDIS_URL"
 DEFAULT_TEST_REDIS_URL: Final = "redis://127.0.0.1:6379/15"
 
 
-def test_redis_url() -> str:
+def redis_test_url() -> str:
     """Return the Redis URL tests use (``CYCLES_TEST_REDIS_URL``, default db 15 on loopback)."""
     return os.environ.get(URL_ENV, DEFAULT_TEST_REDIS_URL)
 
 
-def test_prefix() -> str:
+def unique_test_prefix() -> str:
     """Return a fresh key prefix, unique to one test."""
     return f"cyclestest-{uuid.uuid4().hex[:16]}"
 
@@ -78,12 +79,12 @@ async def redis_store_for_tests(
         clock: the store clock (default: Redis server time).
         prefix: reuse a prefix (e.g. a second store sharing the first one's data); the
             store that *created* the prefix should be the one that cleans it up.
-        url: Redis URL (default :func:`test_redis_url`).
+        url: Redis URL (default :func:`redis_test_url`).
         **options: passed to :class:`RedisStore` (e.g. ``max_connections``).
     """
-    url = url or test_redis_url()
+    url = url or redis_test_url()
     owner = prefix is None
-    store = RedisStore(url, prefix=prefix or test_prefix(), clock=clock, **options)
+    store = RedisStore(url, prefix=prefix or unique_test_prefix(), clock=clock, **options)
     if not await store.ping():
         await store.close()
         redis_unavailable(f"no answer from {url}")
@@ -95,3 +96,55 @@ async def redis_store_for_tests(
                 await store.delete_all_keys()
         finally:
             await store.close()
+
+
+def _ping_sync(url: str) -> str | None:
+    """Return why Redis at ``url`` is unusable, or ``None`` if it answers."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"{url}: {exc}"
+    finally:
+        client.close()
+    return None
+
+
+def _delete_prefix_sync(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        batch: list[Any] = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
+    finally:
+        client.close()
+
+
+@contextmanager
+def redis_store_for_tests_sync(
+    *, clock: Clock | None = None, url: str | None = None, **options: Any
+) -> Iterator[RedisStore]:
+    """Like :func:`redis_store_for_tests`, for synchronous fixtures.
+
+    Checks Redis with a synchronous ping (skip or fail as described above), yields a store
+    that has not connected yet (its pool connects in whatever event loop first uses it; the
+    caller closes it there), and afterwards deletes its keys with a synchronous client.
+    """
+    url = url or redis_test_url()
+    problem = _ping_sync(url)
+    if problem is not None:
+        redis_unavailable(problem)
+    store = RedisStore(url, prefix=unique_test_prefix(), clock=clock, **options)
+    try:
+        yield store
+    finally:
+        _delete_prefix_sync(url, store.prefix)

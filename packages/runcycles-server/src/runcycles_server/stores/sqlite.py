@@ -10,7 +10,10 @@ Durability and concurrency:
   ``SqliteStore(path, synchronous="FULL")``.
 * Every mutation is one ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front, so
   several server processes on one file serialize correctly and never hit a lock upgrade
-  deadlock; ``busy_timeout`` makes a waiting process block instead of failing.
+  deadlock; ``busy_timeout`` makes a waiting process block instead of failing. On POSIX,
+  writers first take an ``flock`` on ``<db>.lock``: the kernel hands the lock to the next
+  waiting process the moment it is released, where SQLite's own busy handler would sleep
+  1 ms or more between retries (a large cost when transactions take ~50 us).
 * Transactions run inline on the calling (event loop) thread: each takes tens of microseconds,
   cheaper than handing it to a worker thread. Statements are prepared once and cached by the
   ``sqlite3`` module.
@@ -20,11 +23,17 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Final, Literal
+
+try:  # POSIX: a kernel lock queues writer processes without SQLite's sleep-and-retry
+    import fcntl
+except ImportError:  # pragma: no cover - Windows falls back to busy_timeout alone
+    fcntl = None  # type: ignore[assignment]
 
 from runcycles_server import ledger
 from runcycles_server.ledger import (
@@ -131,11 +140,9 @@ CREATE TABLE reservations (
     s_workflow TEXT,
     s_agent TEXT,
     s_toolset TEXT
-);
+) WITHOUT ROWID;
 CREATE INDEX reservations_tenant_created ON reservations (tenant_id, created_at_ms);
 CREATE INDEX reservations_due ON reservations (deadline_ms) WHERE status = 'ACTIVE';
-CREATE INDEX reservations_tenant_active ON reservations (tenant_id) WHERE status = 'ACTIVE';
-CREATE INDEX reservations_idem ON reservations (tenant_id, idempotency_key);
 
 CREATE TABLE idempotency (
     tenant_id TEXT NOT NULL,
@@ -187,11 +194,11 @@ CREATE TABLE audit_log (
 
 
 def _j(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return None if value is None else ledger.dumps(value).decode()
 
 
 def _uj(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
+    return None if value is None else ledger.loads(value)
 
 
 def encode_cursor(values: Sequence[Any]) -> str:
@@ -265,7 +272,7 @@ def _key(r: tuple[Any, ...]) -> ApiKeyRow:
         name=r[4],
         status=r[5],
         description=r[6],
-        permissions=json.loads(r[7]),
+        permissions=_uj(r[7]),
         scope_filter=_uj(r[8]),
         metadata=_uj(r[9]),
         created_at_ms=r[10],
@@ -284,8 +291,8 @@ def _budget(r: tuple[Any, ...]) -> BudgetRow:
 
 def _reservation(r: tuple[Any, ...]) -> ReservationRow:
     return ReservationRow(
-        r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), r[5], r[6], r[7], json.loads(r[8]),
-        json.loads(r[9]), r[10], r[11], r[12], r[13], r[14], r[15], r[16], _uj(r[17]), r[18],
+        r[0], r[1], r[2], _uj(r[3]), _uj(r[4]), r[5], r[6], r[7], _uj(r[8]),
+        _uj(r[9]), r[10], r[11], r[12], r[13], r[14], r[15], r[16], _uj(r[17]), r[18],
         _uj(r[19]), r[20],
     )  # fmt: skip
 
@@ -312,6 +319,9 @@ class SqliteStore(RowStore):
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
+        self._lock_fd: int | None = None
+        if self.path != ":memory:" and fcntl is not None:
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._conn = sqlite3.connect(
             self.path,
             isolation_level=None,
@@ -327,6 +337,8 @@ class SqliteStore(RowStore):
             raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("PRAGMA cache_size = -32768")  # 32 MiB of page cache
+        conn.execute("PRAGMA wal_autocheckpoint = 4000")  # fewer checkpoint fsyncs
         self._migrate()
 
     # -- schema ----------------------------------------------------------------------------------
@@ -364,13 +376,20 @@ class SqliteStore(RowStore):
         if conn.in_transaction:  # nested use inside one operation
             yield
             return
-        conn.execute("BEGIN IMMEDIATE")
+        lock_fd = self._lock_fd
+        if lock_fd is not None:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if lock_fd is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def _read_tx(self) -> Iterator[None]:
@@ -393,6 +412,9 @@ class SqliteStore(RowStore):
     async def close(self) -> None:
         """Close the connection."""
         self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def ping(self) -> bool:
         """Return whether the database answers."""
@@ -605,9 +627,12 @@ class SqliteStore(RowStore):
         column = _SORT_COLUMNS.get(query.sort_by, "created_at_ms")
         where = ["tenant_id = ?"]
         args: list[Any] = [query.tenant_id]
-        if query.idempotency_key is not None:
-            where.append("idempotency_key = ?")
-            args.append(query.idempotency_key)
+        if query.idempotency_key is not None:  # via the reserve idempotency record
+            where.append(
+                "reservation_id IN (SELECT reservation_id FROM idempotency WHERE tenant_id = ? "
+                "AND endpoint = 'reserve' AND idem_key = ?)"
+            )
+            args += [query.tenant_id, query.idempotency_key]
         if query.status is not None:
             where.append("status = ?")
             args.append(query.status)

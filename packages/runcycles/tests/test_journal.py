@@ -1,0 +1,229 @@
+"""The durable settlement journal: storage, naming, partitions, quarantine, migration, locks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+
+import pytest
+
+from runcycles import Action, Amount, CommitRequest, CyclesConfig, Subject, Unit
+from runcycles.journal import (
+    Journal,
+    JournalRecord,
+    default_journal_dir,
+    normalize_base_url,
+    partition_key,
+    record_file_name,
+)
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+
+
+def make_record(reservation_id: str = "r1", key: str = "key-1", amount: int = 42) -> JournalRecord:
+    return JournalRecord.for_commit(
+        reservation_id,
+        CommitRequest(
+            idempotency_key=key,
+            actual=Amount(unit=Unit.TOKENS, amount=amount),
+            metadata={"run": "7"},
+        ),
+        subject=Subject(tenant="acme", agent="bot"),
+        action=Action(kind="llm.completion", name="gpt"),
+    )
+
+
+@pytest.fixture
+def journal(tmp_path) -> Journal:
+    return Journal(tmp_path / "journal", base_url="http://cycles.test", tenant="acme")
+
+
+def test_file_name_is_sha256_of_exact_utf8_id():
+    rid = "rés/ervation:1"
+    digest = hashlib.sha256(rid.encode("utf-8")).hexdigest()
+    assert record_file_name(rid) == f"v2-{digest}.json"
+
+
+def test_distinct_ids_never_share_a_file():
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    ids = ["a/b", "a_b", "A_B", "a b", nfc, nfd, "../x", "x" * 128]
+    assert len({record_file_name(rid) for rid in ids}) == len(ids)
+
+
+@posix_only
+def test_write_is_atomic_private_and_round_trips(journal):
+    record = make_record()
+    path = journal.write(record)
+    assert path.name == record_file_name("r1")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(journal.directory.stat().st_mode) == 0o700
+    assert [p.name for p in journal.directory.iterdir()] == [path.name]  # no temp left behind
+    loaded = journal.read("r1")
+    assert loaded is not None
+    assert loaded.idempotency_key == "key-1"
+    assert loaded.commit_request() == record.commit_request()
+    stored = json.loads(path.read_text())
+    assert stored["schema_version"] == 2
+    assert stored["mode"] == "commit"
+    assert stored["subject"] == {"tenant": "acme", "agent": "bot"}
+
+
+def test_write_fsyncs_file_and_directory(journal, monkeypatch):
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    journal.write(make_record())
+    assert len(synced) >= 2  # the temp file, then the directory
+
+
+def test_remove(journal):
+    journal.write(make_record())
+    assert journal.remove("r1") is True
+    assert journal.remove("r1") is False
+    assert journal.read("r1") is None
+
+
+def test_event_request_carries_original_fields_and_recovered_id():
+    event = make_record().event_request()
+    assert event.idempotency_key == "key-1"
+    assert event.subject == Subject(tenant="acme", agent="bot")
+    assert event.action.name == "gpt"
+    assert event.actual.amount == 42
+    assert event.metadata == {"run": "7", "recovered_reservation_id": "r1"}
+
+
+def test_event_request_without_subject_is_refused():
+    record = JournalRecord.for_commit(
+        "r1",
+        CommitRequest(idempotency_key="k", actual=Amount(unit=Unit.TOKENS, amount=1)),
+        subject=None,
+        action=None,
+    )
+    with pytest.raises(ValueError, match="no subject"):
+        record.event_request()
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def test_partition_is_stable_across_api_key_rotation_with_tenant(tmp_path):
+    old = CyclesConfig(base_url="http://Cycles.Test:80/", api_key="old-key", tenant="acme")
+    new = CyclesConfig(base_url="http://cycles.test", api_key="new-key", tenant="acme")
+    assert (
+        Journal.for_config(old, tmp_path).directory == Journal.for_config(new, tmp_path).directory
+    )
+
+
+def test_partition_differs_per_server_and_tenant():
+    base = partition_key("http://a.test", tenant="acme", api_key=None)
+    assert base != partition_key("http://b.test", tenant="acme", api_key=None)
+    assert base != partition_key("http://a.test", tenant="other", api_key=None)
+
+
+def test_partition_without_tenant_uses_key_hash_and_never_the_key(tmp_path):
+    one = Journal(tmp_path, base_url="http://a.test", api_key="secret-key-1")
+    two = Journal(tmp_path, base_url="http://a.test", api_key="secret-key-2")
+    assert one.directory != two.directory
+    one.write(make_record())
+    for path in tmp_path.rglob("*"):
+        assert "secret-key-1" not in path.name
+        if path.is_file():
+            assert b"secret-key-1" not in path.read_bytes()
+
+
+def test_partition_needs_an_identity():
+    with pytest.raises(ValueError, match="tenant or an API key"):
+        partition_key("http://a.test", tenant=None, api_key=None)
+
+
+def test_normalize_base_url():
+    assert normalize_base_url("HTTPS://Host.Example:443/base/") == "https://host.example/base"
+    assert normalize_base_url("http://h:8080") == "http://h:8080"
+
+
+def test_default_dir_follows_xdg_and_override(monkeypatch, tmp_path):
+    monkeypatch.delenv("RUNCYCLES_JOURNAL_DIR", raising=False)
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        assert default_journal_dir() == tmp_path / "state" / "runcycles" / "journal"
+        monkeypatch.delenv("XDG_STATE_HOME")
+        expected = os.path.expanduser("~/.local/state/runcycles/journal")
+        assert str(default_journal_dir()) == expected
+    monkeypatch.setenv("RUNCYCLES_JOURNAL_DIR", str(tmp_path / "custom"))
+    assert default_journal_dir() == tmp_path / "custom"
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def test_scan_quarantines_corrupt_and_unknown_versions(journal):
+    journal.write(make_record("good"))
+    journal.directory.joinpath(record_file_name("bad-json")).write_text("{not json")
+    future = make_record("future").model_dump(mode="json")
+    future["schema_version"] = 99
+    journal.directory.joinpath(record_file_name("future")).write_text(json.dumps(future))
+    scan = journal.scan()
+    assert [r.reservation_id for r in scan.records] == ["good"]
+    assert len(scan.quarantined) == 2
+    reasons = " ".join(q.reason for q in scan.quarantined)
+    assert "not valid JSON" in reasons
+    assert "unsupported schema_version 99" in reasons
+    quarantine = journal.directory / "quarantine"
+    assert len(list(quarantine.iterdir())) == 2
+    assert all(q.moved_to is not None and q.moved_to.parent == quarantine for q in scan.quarantined)
+
+
+def test_scan_quarantines_record_under_the_wrong_name(journal):
+    record = make_record("r1")
+    journal.directory.mkdir(parents=True)
+    journal.directory.joinpath(record_file_name("other")).write_bytes(record.to_json())
+    scan = journal.scan()
+    assert scan.records == []
+    assert "does not match" in scan.quarantined[0].reason
+
+
+def test_scan_of_missing_directory_is_empty(journal):
+    scan = journal.scan()
+    assert scan.records == []
+    assert scan.quarantined == []
+
+
+def test_scan_removes_only_stale_temp_files(journal):
+    journal.write(make_record())
+    fresh = journal.directory / ".tmp-fresh"
+    stale = journal.directory / ".tmp-stale"
+    fresh.write_text("x")
+    stale.write_text("x")
+    os.utime(stale, (0, 0))
+    journal.scan()
+    assert fresh.exists()
+    assert not stale.exists()
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def test_lock_is_exclusive_and_released(journal):
+    first = journal.try_lock("r1")
+    assert first is not None
+    assert journal.try_lock("r1") is None
+    assert journal.try_lock("r2") is not None
+    first.release()
+    first.release()  # idempotent
+    second = journal.try_lock("r1")
+    assert second is not None
+    second.release()
+
+
+def test_lock_files_do_not_leak(journal):
+    with journal.try_lock("r1"):
+        pass
+    assert list(journal.directory.glob("*.lock")) == []
