@@ -663,3 +663,42 @@ def test_closing_a_tenant_cascades(api: Api, acme: str) -> None:
         json={"idempotency_key": "late"},
     )
     assert_error(response, 409, "TENANT_CLOSED")
+
+
+def test_key_permissions_are_enforced(api: Api, acme: str) -> None:
+    def key_with(*permissions: str) -> str:
+        created = api.admin(
+            "POST",
+            "/v1/admin/api-keys",
+            201,
+            json={"tenant_id": "acme", "name": "p", "permissions": list(permissions)},
+        )
+        return str(created["key_secret"])
+
+    reader = key_with("balances:read")
+    error = assert_error(
+        api.post(reader, "/v1/reservations", reservation_body("p1")), 403, "FORBIDDEN"
+    )
+    assert "reservations:create" in error.message
+    assert (
+        api.client.get(
+            "/v1/balances", params={"tenant": "acme"}, headers={"X-Cycles-API-Key": reader}
+        ).status_code
+        == 200
+    )
+    creator = key_with("reservations:create")
+    rid = reserve(api, creator, "p2", 10)["reservation_id"]
+    assert_error(commit(api, creator, rid, "c", 5, 403), 403, "FORBIDDEN")
+    commit(api, acme, rid, "c", 5)  # the default key may
+    wildcard = key_with("admin:read")
+    assert (
+        api.client.get(
+            "/v1/balances", params={"tenant": "acme"}, headers={"X-Cycles-API-Key": wildcard}
+        ).status_code
+        == 200
+    )
+    budget = {"scope": "tenant:acme/agent:q", "unit": U, "allocated": {"unit": U, "amount": 1}}
+    response = api.client.post(
+        "/v1/admin/budgets", headers={"X-Cycles-API-Key": wildcard}, json=budget
+    )
+    assert_error(response, 403, "FORBIDDEN")  # admin:read is not a write wildcard

@@ -277,8 +277,10 @@ class Principal:
 
 
 def has_permission(granted: list[str], needed: str) -> bool:
-    """Return whether ``granted`` satisfies ``needed`` (``admin:read``/``admin:write`` are
-    wildcards for every ``*:read``/``*:write`` permission, per the governance spec).
+    """Return whether ``granted`` satisfies ``needed``.
+
+    ``admin:read`` and ``admin:write`` are wildcards for every ``*:read`` and ``*:write``
+    permission, as the governance spec defines.
     """
     if needed in granted:
         return True

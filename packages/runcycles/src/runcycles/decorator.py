@@ -285,7 +285,12 @@ class _Policy:
         else:
             self.estimate = to_amount(estimate, self.unit, "estimate")
         if actual is not None and not callable(actual):
-            actual = to_amount(actual, self.unit, "actual")
+            checked = to_amount(actual, self.unit, "actual")  # type and sign, now
+            if self.estimate is not None and checked.unit is not self.estimate.unit:
+                raise ValueError(
+                    f"actual is in {checked.unit.value} but estimate is in "
+                    f"{self.estimate.unit.value}; use one unit"
+                )
         self.actual = actual
         name = action_name or getattr(fn, "__qualname__", None) or repr(fn)
         self.action = Action(
@@ -320,9 +325,10 @@ class _Policy:
 
     def _check(self) -> None:
         """Fail at decoration time for options the server would refuse anyway."""
+        static = {name: value for name, value in self.static_subject.items() if value}
         build_reservation_request(
             subject=Subject(
-                tenant="decoration-check",
+                **{"tenant": "decoration-check", **static},
                 dimensions=dict(self.dimensions) if self.dimensions is not None else None,
             ),
             action=self.action,
@@ -366,11 +372,27 @@ class _Policy:
 
     def settlement(
         self, result: Any, context: CyclesContext, elapsed_s: float
-    ) -> tuple[int | Amount | None, CyclesMetrics, dict[str, Any] | None]:
+    ) -> tuple[Amount | None, CyclesMetrics, dict[str, Any] | None]:
         """Return ``(actual, metrics, metadata)`` of the commit after a successful call."""
         actual, metadata = resolve_actual(self.actual, result, context)
         latency_ms = int(elapsed_s * 1000)
-        metrics = context.metrics
+        # The guarded code writes these; a wrong type must not cost the commit.
+        written: object = context.metrics
+        metrics = written if isinstance(written, CyclesMetrics) else None
+        if written is not None and metrics is None:
+            logger.warning(
+                "ignoring ctx.metrics of reservation %s: expected CyclesMetrics, got %s",
+                context.reservation_id,
+                type(written).__name__,
+            )
+        written = context.commit_metadata
+        if written is not None and not isinstance(written, Mapping):
+            logger.warning(
+                "ignoring ctx.commit_metadata of reservation %s: expected a dict, got %s",
+                context.reservation_id,
+                type(written).__name__,
+            )
+            context.commit_metadata = None
         if metrics is None:
             metrics = CyclesMetrics(latency_ms=latency_ms)
         elif metrics.latency_ms is None:

@@ -416,13 +416,17 @@ class Journal:
         return _parse(raw)
 
     def remove(self, reservation_id: str) -> bool:
-        """Delete a reservation's record durably; return whether one existed."""
+        """Delete a reservation's record; return whether one existed.
+
+        The directory is not fsynced: if a crash undoes the unlink, the next replay resends
+        the settlement with the same key, the server replays its stored success, and the
+        record is removed again. Nothing is applied twice.
+        """
         path = self.path_for(reservation_id)
         try:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(self.directory)
         return True
 
     def try_lock(self, reservation_id: str) -> RecordLock | None:

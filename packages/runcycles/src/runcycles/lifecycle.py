@@ -370,6 +370,11 @@ def request_from_options(
         TypeError: Unknown or missing options, or a request combined with options.
     """
     known = allowed if allowed is not None else _RESERVE_OPTION_NAMES
+    if options.get("dry_run") or (request is not None and getattr(request, "dry_run", None)):
+        raise TypeError(
+            "a reservation guard cannot dry-run (its block would run without a reservation); "
+            "call runcycles.dry_run(client, ...) to evaluate a reservation without holding it"
+        )
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(
@@ -550,29 +555,38 @@ def resolve_actual(
     spec: int | Amount | Callable[[Any], int | Amount | None] | None,
     result: Any,
     context: CyclesContext,
-) -> tuple[int | Amount | None, dict[str, Any] | None]:
+) -> tuple[Amount | None, dict[str, Any] | None]:
     """Work out what a successful guarded call used, never losing the spend.
 
     Args:
-        spec: A callable of ``result``, a fixed amount, or ``None`` (use the estimate).
+        spec: A callable of ``result``, a fixed amount (an ``int`` is in the estimate's
+            unit), or ``None`` (use the estimate).
         result: What the guarded call returned.
-        context: The reservation (for logging).
+        context: The reservation (its estimate's unit; its id for logging).
 
     Returns:
-        ``(actual, metadata)``: ``actual`` for :func:`build_commit_request` (``None`` means
-        "the estimate") and extra commit metadata. If ``spec`` raises, the error is logged,
-        ``actual`` is ``None`` and the metadata carries ``actual_error``.
+        ``(actual, metadata)``: the validated ``actual`` for :func:`build_commit_request`
+        (``None`` means "the estimate") and extra commit metadata. If ``spec`` raises or
+        gives something that is not a non-negative amount in the estimate's unit, the error
+        is logged, ``actual`` is ``None`` and the metadata carries ``actual_error``.
     """
-    if not callable(spec):
-        return spec, None
     try:
-        return spec(result), None
+        value = spec(result) if callable(spec) else spec
+        if value is None:
+            return None, None
+        amount = to_amount(value, context.estimate.unit, "actual")
+        if amount.unit is not context.estimate.unit:
+            raise ValueError(
+                f"actual is in {amount.unit.value} but the reservation is in "
+                f"{context.estimate.unit.value}"
+            )
     except Exception as exc:
         logger.exception(
-            "the actual= callable raised; committing the estimate for reservation %s instead",
+            "cannot use the actual= of reservation %s; committing the estimate instead",
             context.reservation_id,
         )
         return None, {"actual_error": f"{type(exc).__name__}: {exc}"[:512]}
+    return amount, None
 
 
 def build_release_request(reason: str | None = None) -> ReleaseRequest:
@@ -1105,6 +1119,8 @@ def dry_run(
     """
     from runcycles.client import AsyncCyclesClient
 
+    if request is not None:
+        request = request.model_copy(update={"dry_run": None})
     checked = request_from_options(client.config, request, options)
     checked = checked.model_copy(update={"dry_run": True})
     if isinstance(client, AsyncCyclesClient):

@@ -170,26 +170,28 @@ class _StreamState:
     def _final_amount(
         self, context: CyclesContext, outcome: str
     ) -> tuple[int | None, dict[str, Any]]:
-        """Return ``(actual, metadata)``; ``actual is None`` with empty usage means release."""
+        """Return ``(actual, metadata)``; ``actual is None`` with empty usage means release.
+
+        Never raises: a usage that cannot be priced (``cost_fn`` raised or returned
+        garbage, a negative count was assigned) commits the estimate, flagged and logged.
+        """
         usage = self.usage
         metadata: dict[str, Any] = {OUTCOME_KEY: outcome}
-        if usage.actual_cost is not None:
-            return usage.actual_cost, metadata
-        if usage.is_empty():
-            return None, metadata
-        if self._cost_fn is not None:
-            try:
+        try:
+            if usage.actual_cost is not None:
+                return _non_negative(usage.actual_cost, "usage.actual_cost"), metadata
+            if usage.is_empty():
+                return None, metadata
+            if self._cost_fn is not None:
                 return _non_negative(self._cost_fn(usage), "cost_fn(usage)"), metadata
-            except Exception as exc:
-                logger.exception(
-                    "cost_fn raised for reservation %s; committing the estimate instead",
-                    context.reservation_id,
-                )
-                metadata["actual_error"] = f"{type(exc).__name__}: {exc}"[:512]
-                metadata[ACTUAL_SOURCE_KEY] = "estimate"
-                return context.estimate.amount, metadata
-        if context.estimate.unit is Unit.TOKENS:
-            return usage.total_tokens, metadata
+            if context.estimate.unit is Unit.TOKENS:
+                return _non_negative(usage.total_tokens, "usage.total_tokens"), metadata
+        except Exception as exc:
+            logger.exception(
+                "cannot price the usage of stream reservation %s; committing the estimate instead",
+                context.reservation_id,
+            )
+            metadata["actual_error"] = f"{type(exc).__name__}: {exc}"[:512]
         metadata[ACTUAL_SOURCE_KEY] = "estimate"
         return context.estimate.amount, metadata
 

@@ -166,7 +166,7 @@ def test_failing_actual_commits_the_estimate_and_flags_it(
         "actual_source": "estimate",
         "actual_error": "ValueError: cannot measure",
     }
-    assert "actual= callable" in caplog.text
+    assert "cannot use the actual= of reservation rsv_1" in caplog.text
     assert fake.statuses() == ["COMMITTED"]
 
 
@@ -181,6 +181,64 @@ async def test_async_failing_actual_commits_the_estimate(fake: Any, aclient: Any
     finally:
         logging.getLogger("runcycles").disabled = False
     assert fake.commits()[0]["metadata"]["actual_source"] == "estimate"
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (-3, "ValueError: actual must be >= 0"),
+        (2.5, "TypeError: actual must be an int"),
+        (Amount(unit=Unit.TOKENS, amount=3), "ValueError: actual is in TOKENS"),
+    ],
+)
+def test_unusable_actual_commits_the_estimate_and_flags_it(
+    fake: Any, client: Any, bad: Any, error: str
+) -> None:
+    @cycles(estimate=500, actual=lambda result: bad, client=client)
+    def job() -> str:
+        return "done"
+
+    logging.getLogger("runcycles").disabled = True
+    try:
+        assert job() == "done"
+    finally:
+        logging.getLogger("runcycles").disabled = False
+    (commit,) = fake.commits()
+    assert commit["actual"] == {"unit": "USD_MICROCENTS", "amount": 500}
+    assert commit["metadata"]["actual_source"] == "estimate"
+    assert commit["metadata"]["actual_error"].startswith(error)
+    assert fake.statuses() == ["COMMITTED"]
+
+
+def test_static_actual_in_another_unit_fails_at_decoration(client: Any) -> None:
+    with pytest.raises(ValueError, match="use one unit"):
+        cycles(estimate=5, actual=Amount(unit=Unit.TOKENS, amount=1), client=client)(lambda: None)
+
+
+def test_bad_static_subject_fails_at_decoration(fake: Any, client: Any) -> None:
+    with pytest.raises(ValueError, match="128"):
+        cycles(estimate=5, agent="x" * 129, client=client)(lambda: None)
+    assert fake.calls == []
+
+
+def test_wrong_types_on_the_context_never_lose_the_commit(
+    fake: Any, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    @cycles(estimate=50, actual=7, client=client)
+    def job() -> str:
+        ctx = get_cycles_context()
+        assert ctx is not None
+        ctx.metrics = {"tokens_input": 3}  # type: ignore[assignment]
+        ctx.commit_metadata = ["not", "a", "dict"]  # type: ignore[assignment]
+        return "done"
+
+    with caplog.at_level(logging.WARNING, "runcycles"):
+        assert job() == "done"
+    (commit,) = fake.commits()
+    assert commit["actual"]["amount"] == 7
+    assert "tokens_input" not in commit["metrics"]
+    assert "ignoring ctx.metrics" in caplog.text
+    assert "ignoring ctx.commit_metadata" in caplog.text
 
 
 def test_commit_failure_is_logged_and_the_result_returned(
@@ -388,7 +446,8 @@ async def test_async_commit_survives_cancellation_of_the_caller(fake: Any) -> No
         if request.url.path.endswith("/commit"):
             commit_started.set()
             await let_commit_finish.wait()
-        return fake.handler(request)
+        response: httpx.Response = fake.handler(request)
+        return response
 
     async with AsyncCyclesClient(
         fake.config(), transport=httpx.MockTransport(slow_commits)

@@ -118,6 +118,21 @@ def test_request_and_options_together_are_refused(client: Any) -> None:
         reserve(client, request, estimate=5)
 
 
+def test_guards_refuse_dry_run_and_point_to_dry_run(client: Any) -> None:
+    with pytest.raises(TypeError, match=r"runcycles\.dry_run\(client"):
+        reserve(client, **OPTIONS, dry_run=True)  # type: ignore[call-overload]
+    request = ReservationCreateRequest(
+        idempotency_key="k",
+        subject=Subject(tenant="t"),
+        action=Action(kind="a", name="b"),
+        estimate=Amount(unit=Unit.TOKENS, amount=1),
+        dry_run=True,
+    )
+    with pytest.raises(TypeError, match="cannot dry-run"):
+        reserve(client, request)
+    assert dry_run(client, request).decision is Decision.ALLOW  # the right tool accepts it
+
+
 def test_missing_and_unknown_options_name_the_problem(client: Any) -> None:
     with pytest.raises(TypeError, match="action_kind, action_name"):
         reserve(client, estimate=5)

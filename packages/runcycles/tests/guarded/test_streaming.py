@@ -169,7 +169,20 @@ def test_failing_cost_fn_commits_the_estimate_flagged(
     assert commit["actual"]["amount"] == 20_000
     assert commit["metadata"]["actual_source"] == "estimate"
     assert commit["metadata"]["actual_error"].startswith("KeyError")
-    assert "cost_fn raised" in caplog.text
+    assert "cannot price the usage of stream reservation rsv_1" in caplog.text
+
+
+def test_garbage_usage_commits_the_estimate_flagged(fake: Any, client: Any) -> None:
+    logging.getLogger("runcycles").disabled = True
+    try:
+        with stream_reservation(client, **OPTIONS) as stream:
+            stream.usage.actual_cost = -5  # assigned directly, bypassing the helpers
+    finally:
+        logging.getLogger("runcycles").disabled = False
+    (commit,) = fake.commits()
+    assert commit["actual"]["amount"] == 20_000
+    assert commit["metadata"]["actual_error"].startswith("ValueError")
+    assert fake.statuses() == ["COMMITTED"]
 
 
 def test_explicit_commit_ends_the_stream_once(fake: Any, client: Any) -> None:

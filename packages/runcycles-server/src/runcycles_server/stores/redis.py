@@ -463,6 +463,9 @@ class _Op:
 class _Queue:
     pending: list[_Op] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    limit: int = MAX_BATCH
+    """Current batch size: halved on every conflict, doubled on every success (AIMD-like),
+    so a process that keeps losing races plans smaller batches (shorter windows)."""
 
 
 class RedisStore:
@@ -637,10 +640,10 @@ class RedisStore:
     async def _drain(self, tenant_id: str, queue: _Queue) -> None:
         try:
             while queue.pending:
-                batch = queue.pending[:MAX_BATCH]
-                del queue.pending[:MAX_BATCH]
+                batch = queue.pending[: queue.limit]
+                del queue.pending[: queue.limit]
                 try:
-                    await self._run_batch(tenant_id, batch)
+                    await self._run_batch(tenant_id, batch, queue)
                 except BaseException as exc:  # deliver every failure to the waiting callers
                     for op in batch:
                         if not op.future.done():
@@ -654,7 +657,7 @@ class RedisStore:
             if not queue.pending and self._queues.get(tenant_id) is queue:
                 del self._queues[tenant_id]
 
-    async def _run_batch(self, tenant_id: str, batch: list[_Op]) -> None:
+    async def _run_batch(self, tenant_id: str, batch: list[_Op], queue: _Queue) -> None:
         keys: list[str] = []
         seen: set[str] = set()
 
@@ -698,10 +701,16 @@ class RedisStore:
                             "the budget is under heavy concurrent update and this request could "
                             "not be applied; retry it with the same idempotency key",
                         ) from None
+                    if len(batch) > 1:  # retry half now, the rest in the next batch
+                        keep = len(batch) // 2
+                        queue.pending[0:0] = batch[keep:]
+                        del batch[keep:]
+                        queue.limit = keep
                     if attempts > 2:
                         await asyncio.sleep(random.uniform(0, 0.0005 * min(attempts, 20)))
                     snap = conflict.snapshot
                     continue
+                queue.limit = min(MAX_BATCH, queue.limit * 2)
             for row in work.seen_reservations:
                 self._remember(row)
             for op, (ok, value) in zip(batch, results, strict=True):

@@ -35,6 +35,7 @@ try:  # POSIX: a kernel lock queues writer processes without SQLite's sleep-and-
 except ImportError:  # pragma: no cover - Windows falls back to busy_timeout alone
     fcntl = None  # type: ignore[assignment]
 
+from runcycles.models import INT64_MAX
 from runcycles_server import ledger
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -139,7 +140,12 @@ CREATE TABLE reservations (
     s_app TEXT,
     s_workflow TEXT,
     s_agent TEXT,
-    s_toolset TEXT
+    s_toolset TEXT,
+    settle_endpoint TEXT,
+    settle_key TEXT,
+    settle_hash TEXT,
+    settle_status INTEGER,
+    settle_body BLOB
 ) WITHOUT ROWID;
 CREATE INDEX reservations_tenant_created ON reservations (tenant_id, created_at_ms);
 CREATE INDEX reservations_due ON reservations (deadline_ms) WHERE status = 'ACTIVE';
@@ -246,6 +252,8 @@ _RES_COLS: Final = (
     "max_extensions, extension_count, idempotency_key, metadata, committed, committed_metadata, "
     "finalized_at_ms"
 )
+_SETTLE_KINDS: Final = ("commit", "release")
+"""Idempotency endpoints stored on the reservation row instead of the idempotency table."""
 _SORT_COLUMNS: Final = {
     "reservation_id": "reservation_id",
     "tenant": "s_tenant",
@@ -474,6 +482,21 @@ class SqliteStore(RowStore):
         return None if r is None else _reservation(r)
 
     def _get_idem(self, tenant_id: str, endpoint: str, key: str) -> IdempotencyRow | None:
+        kind, _, reservation_id = endpoint.partition(":")
+        if kind in _SETTLE_KINDS:
+            # commit/release keys live on the (terminal) reservation row: one row write fewer
+            r = self._conn.execute(
+                "SELECT settle_hash, settle_status, settle_body, finalized_at_ms FROM "
+                "reservations WHERE reservation_id = ? AND tenant_id = ? AND settle_endpoint = ? "
+                "AND settle_key = ?",
+                (reservation_id, tenant_id, kind, key),
+            ).fetchone()
+            if r is None:
+                return None
+            return IdempotencyRow(
+                tenant_id, endpoint, key, r[0], r[1], r[2], reservation_id, r[3] or 0,
+                INT64_MAX,
+            )  # fmt: skip
         r = self._conn.execute(
             "SELECT tenant_id, endpoint, idem_key, payload_hash, status_code, body, "
             "reservation_id, created_at_ms, retain_until_ms FROM idempotency "
@@ -497,17 +520,29 @@ class SqliteStore(RowStore):
                 ],
             )  # fmt: skip
         res = outcome.reservation
+        idem = outcome.idempotency
+        settle: tuple[Any, ...] = (None, None, None, None, None)
+        if idem is not None and idem.endpoint.partition(":")[0] in _SETTLE_KINDS:
+            kind = idem.endpoint.partition(":")[0]
+            settle = (kind, idem.key, idem.payload_hash, idem.status_code, idem.body)
+            idem = None
         if res is not None:
             s = res.subject
             conn.execute(
                 f"INSERT INTO reservations ({_RES_COLS}, deadline_ms, s_tenant, s_workspace, "
-                "s_app, s_workflow, s_agent, s_toolset) VALUES "
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "s_app, s_workflow, s_agent, s_toolset, settle_endpoint, settle_key, "
+                "settle_hash, settle_status, settle_body) VALUES "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (reservation_id) DO UPDATE SET status = excluded.status, "
                 "expires_at_ms = excluded.expires_at_ms, deadline_ms = excluded.deadline_ms, "
                 "extension_count = excluded.extension_count, committed = excluded.committed, "
                 "committed_metadata = excluded.committed_metadata, "
-                "finalized_at_ms = excluded.finalized_at_ms",
+                "finalized_at_ms = excluded.finalized_at_ms, "
+                "settle_endpoint = COALESCE(excluded.settle_endpoint, settle_endpoint), "
+                "settle_key = COALESCE(excluded.settle_key, settle_key), "
+                "settle_hash = COALESCE(excluded.settle_hash, settle_hash), "
+                "settle_status = COALESCE(excluded.settle_status, settle_status), "
+                "settle_body = COALESCE(excluded.settle_body, settle_body)",
                 (
                     res.reservation_id, res.tenant_id, res.status, _j(res.subject),
                     _j(res.action), res.unit, res.estimate, res.scope_path,
@@ -516,10 +551,9 @@ class SqliteStore(RowStore):
                     res.extension_count, res.idempotency_key, _j(res.metadata), res.committed,
                     _j(res.committed_metadata), res.finalized_at_ms, res.deadline_ms,
                     s.get("tenant"), s.get("workspace"), s.get("app"), s.get("workflow"),
-                    s.get("agent"), s.get("toolset"),
+                    s.get("agent"), s.get("toolset"), *settle,
                 ),
             )  # fmt: skip
-        idem = outcome.idempotency
         if idem is not None:
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (tenant_id, endpoint, idem_key, payload_hash, "

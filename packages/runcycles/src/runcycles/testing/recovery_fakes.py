@@ -158,7 +158,7 @@ class FakeLedger:
             self._get(reservation_id).status = "EXPIRED"
 
     def script(self, endpoint: str, *faults: Fault) -> None:
-        """Queue faults for the next requests to ``endpoint`` (commit/event/extend/release)."""
+        """Queue faults for the next requests to ``endpoint`` (``commit``, ``extend``, ...)."""
         with self._lock:
             self._faults.setdefault(endpoint, deque()).extend(faults)
 
@@ -256,6 +256,8 @@ class FakeLedger:
         with self._lock:
             if endpoint == "event":
                 return self._event(body)
+            if endpoint == "create":
+                return self._create(body)
             if rid is None or (rid not in self._reservations and not self.auto_create):
                 return 404, _error("NOT_FOUND", "reservation not found")
             reservation = self._get(rid)
@@ -285,6 +287,21 @@ class FakeLedger:
         reservation.commit_response = {"status": "COMMITTED", "charged": body["actual"]}
         self.applied_commits[rid] += 1
         return 200, reservation.commit_response
+
+    def _create(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self._event_ids += 1
+        rid = f"rsv-{self._event_ids}"
+        ttl_ms = int(body.get("ttl_ms") or 60_000)
+        self._reservations[rid] = _Reservation(expires_at_ms=ttl_ms)
+        response = {
+            "decision": "ALLOW",
+            "reservation_id": rid,
+            "affected_scopes": ["tenant:fake"],
+            "reserved": body["estimate"],
+            "expires_at_ms": ttl_ms,
+            "remaining_ttl_ms": ttl_ms,
+        }
+        return 200, response
 
     def _event(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         key = body["idempotency_key"]
@@ -326,6 +343,8 @@ def _route(request: httpx.Request) -> tuple[str, str | None]:
     parts = [part for part in parts if part]
     if parts[-1:] == ["events"]:
         return "event", None
+    if parts[-1:] == ["reservations"] and request.method == "POST":
+        return "create", None
     if len(parts) >= 4 and parts[-3] == "reservations":
         return parts[-1], parts[-2]
     return "/".join(parts), None
