@@ -9,6 +9,8 @@ import stat
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runcycles import Action, Amount, CommitRequest, CyclesConfig, Subject, Unit
 from runcycles.journal import (
@@ -227,3 +229,21 @@ def test_lock_files_do_not_leak(journal):
     with journal.try_lock("r1"):
         pass
     assert list(journal.directory.glob("*.lock")) == []
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    reservation_id=st.text(min_size=1, max_size=128),
+    amount=st.integers(min_value=0, max_value=2**63 - 1),
+)
+def test_any_id_round_trips_under_its_own_name(journal, reservation_id, amount):
+    record = make_record(reservation_id, key="k", amount=amount)
+    path = journal.write(record)
+    assert path.name == record_file_name(reservation_id)
+    loaded = journal.read(reservation_id)
+    assert loaded is not None
+    assert loaded.reservation_id == reservation_id
+    assert loaded.actual.amount == amount
+    assert journal.remove(reservation_id)

@@ -385,12 +385,12 @@ class _Policy:
                 context.reservation_id,
                 type(written).__name__,
             )
-        written = context.commit_metadata
-        if written is not None and not isinstance(written, Mapping):
+        extra: object = context.commit_metadata
+        if extra is not None and not isinstance(extra, Mapping):
             logger.warning(
                 "ignoring ctx.commit_metadata of reservation %s: expected a dict, got %s",
                 context.reservation_id,
-                type(written).__name__,
+                type(extra).__name__,
             )
             context.commit_metadata = None
         if metrics is None:

@@ -203,6 +203,19 @@ class _StreamState:
         amount, metadata = self._final_amount(context, "completed")
         return (0 if amount is None else amount), metadata
 
+    def _safe_metrics(self, context: CyclesContext) -> CyclesMetrics | None:
+        """The commit metrics, or none at all if they are invalid (never block the commit)."""
+        base: object = context.metrics
+        try:
+            return self.usage.to_metrics(base if isinstance(base, CyclesMetrics) else None)
+        except ValueError as exc:  # e.g. a model_version over 128 characters
+            logger.warning(
+                "dropping invalid metrics of stream reservation %s: %s",
+                context.reservation_id,
+                exc,
+            )
+            return None
+
     def _record_failure(self, context: CyclesContext, exc: CyclesError) -> None:
         self.settlement_error = exc
         logger.error("settling stream reservation %s failed: %s", context.reservation_id, exc)
@@ -304,9 +317,7 @@ class StreamReservation(_StreamState):
             if amount is None:
                 self._guard.release(f"stream_{outcome}_without_usage")
             else:
-                self._guard.commit(
-                    amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
-                )
+                self._guard.commit(amount, metrics=self._safe_metrics(context), metadata=metadata)
         except CyclesError as exc:
             self._record_failure(context, exc)
 
@@ -404,7 +415,7 @@ class AsyncStreamReservation(_StreamState):
                 await self._guard.release(f"stream_{outcome}_without_usage")
             else:
                 await self._guard.commit(
-                    amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
+                    amount, metrics=self._safe_metrics(context), metadata=metadata
                 )
         except CyclesError as exc:
             self._record_failure(context, exc)

@@ -152,3 +152,59 @@ async def test_async_guard_context_is_restored(fake: Any, aclient: Any) -> None:
         assert get_cycles_context() is outer.context
         await outer.commit()
     assert get_cycles_context() is None
+
+
+def test_concurrent_reservations_share_one_heartbeat_thread(fake: Any, client: Any) -> None:
+    workers = 8
+    barrier = threading.Barrier(workers + 1)
+    release = threading.Event()
+
+    @cycles(estimate=1, client=client)
+    def hold() -> None:
+        barrier.wait(timeout=5)
+        release.wait(timeout=5)
+
+    @cycles(estimate=1, client=client)
+    def warm_up() -> None:
+        return None
+
+    warm_up()  # the client's heartbeat thread now exists
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        baseline = threading.active_count()
+        futures = [pool.submit(hold) for _ in range(workers)]
+        barrier.wait(timeout=5)  # eight reservations are live at once
+        during = threading.active_count()
+        release.set()
+        for future in futures:
+            future.result(timeout=5)
+    assert during - baseline <= workers  # the pool's threads, and nothing per reservation
+    assert fake.statuses().count("COMMITTED") == workers + 1
+
+
+async def test_concurrent_async_reservations_share_one_heartbeat_task(
+    fake: Any, aclient: Any
+) -> None:
+    release = asyncio.Event()
+    live = 0
+    all_live = asyncio.Event()
+
+    @cycles(estimate=1, client=aclient)
+    async def hold() -> None:
+        nonlocal live
+        live += 1
+        if live == 20:
+            all_live.set()
+        await release.wait()
+
+    @cycles(estimate=1, client=aclient)
+    async def warm_up() -> None:
+        return None
+
+    await warm_up()
+    baseline = len(asyncio.all_tasks())
+    tasks = [asyncio.create_task(hold()) for _ in range(20)]
+    await all_live.wait()
+    during = len(asyncio.all_tasks())
+    release.set()
+    await asyncio.gather(*tasks)
+    assert during - baseline == 20  # the callers' own tasks, none per reservation

@@ -185,6 +185,21 @@ def test_garbage_usage_commits_the_estimate_flagged(fake: Any, client: Any) -> N
     assert fake.statuses() == ["COMMITTED"]
 
 
+def test_invalid_metrics_never_block_the_commit(
+    fake: Any, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, "runcycles"),
+        stream_reservation(client, **OPTIONS, cost_fn=price) as stream,
+    ):
+        stream.usage.add_output_tokens(1)
+        stream.usage.set_model_version("m" * 500)  # longer than the protocol allows
+    (commit,) = fake.commits()
+    assert commit["actual"]["amount"] == 30
+    assert "metrics" not in commit
+    assert "dropping invalid metrics" in caplog.text
+
+
 def test_explicit_commit_ends_the_stream_once(fake: Any, client: Any) -> None:
     with stream_reservation(client, **OPTIONS, cost_fn=price) as stream:
         stream.usage.add_output_tokens(2)

@@ -2,33 +2,48 @@
 
 Design in one paragraph: the protocol's rules and all ledger math stay in
 :mod:`runcycles_server.ledger` (the same code the SQLite store runs), and Redis only has to make
-each step atomic. Every operation reads the rows it needs in one atomic snapshot, plans the
-outcome in Python, and writes it back with **one** Lua script (``redis_cas.lua``) that first
-checks that none of the rows it read has changed (a compare-and-set on a per-row version) and
-then writes every new row and index entry. A conflict returns a fresh snapshot in the same
-round trip, and the operation is planned again. Operations on one tenant are *group committed*
-inside a process: concurrent requests queue up per tenant, and one drainer plans a whole batch
-against one snapshot and writes it with one script, so 200 concurrent reservers on one budget
-cost a handful of round trips instead of 200 conflicting ones.
+each step atomic. An operation reads the rows it needs in one atomic snapshot (a read-only call
+of the script), plans the outcome in Python, and writes it back with **one** call of one Lua
+script (``redis_cas.lua``) that first checks that none of the rows it read has changed (a
+compare-and-set on a per-row version) and then writes every new row and index entry. A
+conflict answers with a fresh snapshot in the same round trip, and the operation is planned
+again. Operations on one tenant are *group committed* inside a process: concurrent requests
+queue per tenant and one drainer plans a whole batch against one snapshot and writes it with
+one script call, so 200 concurrent reservers on one budget cost a few round trips, not 200
+conflicting ones.
 
 Why this shape:
 
 * **Exact int64 arithmetic.** Lua numbers are doubles (exact only to 2**53) and Redis's cjson
   prints 14 significant digits, so the script does no arithmetic on amounts at all. Python
   computes every new value with unbounded integers, :mod:`ledger` rejects any result outside
-  int64 (400), and rows travel as JSON text (decimal digits) that Lua copies opaquely. Amounts
-  up to ``2**63 - 1`` round-trip exactly; the test suite checks that at the boundary.
+  int64 (400), and rows travel as JSON text (decimal digits) that Lua stores opaquely (the
+  writes reach the script as one JSON argument whose row values are *strings*, so cjson never
+  parses an amount). Amounts up to ``2**63 - 1`` round-trip exactly; tests check the boundary.
 * **Identical behaviour to SQLite by construction.** Both stores call the same ``ledger.plan_*``
-  functions on the same rows; only persistence differs. Tests compare the rows the Redis store
-  writes with what the pure ledger computes for the same inputs.
-* **Redis Cluster compatible.** Every key the script touches is passed in ``KEYS`` and carries
-  the tenant's hash tag ``{t:<tenant>}``, so one script never spans slots. Reservation ids embed
-  their tenant (``rsv_<tenant>_<32 hex>``, opaque to clients), so any process finds a
-  reservation's slot from its id without a global lookup table.
+  functions on the same rows in the same order (replay, ownership, tenant guard ...); only
+  persistence differs. Tests run random operation sequences on the pure-ledger model store and
+  on Redis and require identical answers and rows.
+* **Serializable.** Every row an operation's decision depended on is version-checked,
+  including the tenant row (so closing a tenant fences every in-flight mutation in every
+  process) and absent rows (an idempotency key seen as unused must still be unused). A refusal
+  (``LedgerError``) is only answered from an atomic snapshot or after the batch it was planned
+  in has committed.
+* **Redis Cluster compatible.** Every key a script call touches is passed in ``KEYS`` and
+  carries the tenant's hash tag ``{t:<tenant>}`` (API keys: ``{keys}``), so one call never
+  spans slots. Reservation ids embed their tenant (``rsv_<tenant>_<32 hex>``, opaque to
+  clients), so any process finds a reservation's slot from its id without a global table.
 * **No livelock under contention.** A compare-and-set only fails when another write succeeded,
-  so the system always progresses; group commit removes in-process conflicts entirely, and
-  cross-process conflicts cost one round trip each (with a small jittered back-off after
-  repeated conflicts so one process cannot starve another).
+  so the system always progresses. Group commit removes in-process conflicts; a cross-process
+  conflict costs one round trip, halves that tenant's batch size in the losing process (the
+  rest of the batch goes first in the next one; the size doubles again after each success) so a
+  process that keeps losing races plans ever shorter windows, and repeated conflicts add a small
+  jittered back-off. After ``MAX_ATTEMPTS`` an operation answers a retryable 500.
+
+Round trips: a reserve, event or decide costs two per batch (snapshot, then the write). A
+commit, release or extend costs two when this process has seen the reservation (it remembers
+the budgeted scopes of recent reservations), else three. Authentication costs one once a key
+has been seen (its tenant never changes, so key and tenant rows are fetched together).
 
 Key layout (``P`` = ``--redis-prefix``, default ``cycles``; rows are hashes with a ``_v``
 version and JSON fields):
@@ -52,14 +67,15 @@ version and JSON fields):
 =====================================  ===========================================================
 
 Expiry: a reserve adds its id to the global ``{due}`` index in the same pipeline, *before* the
-script that creates the reservation (write-ahead: an ACTIVE reservation always has an entry
-whose score is at most its deadline; an entry without a live reservation is harmless). The
-sweeper (:meth:`RedisStore.expire_due`) reads due entries in bounded batches, expires each due
-ACTIVE reservation through its tenant's queue (one script per batch of that tenant), re-files
-extended ones at their new deadline and drops entries of finalized or vanished reservations
-(commit and release leave their entry behind for the sweeper to drop, which keeps them at one
-round trip). Commit, release and extend also check the deadline themselves, so correctness
-never waits for the sweep.
+script call that creates the reservation (write-ahead: an ACTIVE reservation always has an
+entry whose score is at most its deadline; an entry without a live reservation is harmless).
+The sweeper (:meth:`RedisStore.expire_due`, run by every server process) reads due entries in
+bounded batches, expires each due ACTIVE reservation through its tenant's queue (one script
+call per tenant batch; the version check makes concurrent sweepers in other processes safe),
+re-files extended ones at their new deadline and drops entries of finalized or vanished
+reservations: commit and release do not touch the global index (it is in another slot), the
+sweeper drops their entries when they come due. Commit, release and extend check the deadline
+themselves, so correctness never waits for the sweep.
 
 Listings use the per-tenant indexes, never ``KEYS``/``SCAN``. Idempotency records expire by
 Redis TTL, so :meth:`RedisStore.purge_idempotency` has nothing to do.
@@ -1120,6 +1136,7 @@ class RedisStore:
             offset = 0
             batch = max(query.limit * 2, 100)
             stale: list[str] = []
+            seen: set[str] = set()
             done = False
             while not done:
                 if query.sort_desc:
@@ -1136,6 +1153,9 @@ class RedisStore:
                 rids = [i.decode() for i in ids]
                 raws = await self._hget_many([self._k.res(tenant, r) for r in rids])
                 for rid, raw in zip(rids, raws, strict=True):
+                    if rid in seen:  # offsets shift when reservations arrive meanwhile
+                        continue
+                    seen.add(rid)
                     if raw is None:
                         stale.append(rid)
                         continue

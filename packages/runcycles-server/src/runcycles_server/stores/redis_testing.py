@@ -33,6 +33,7 @@ __all__ = [
     "redis_store_for_tests_sync",
     "redis_test_url",
     "redis_unavailable",
+    "require_redis",
     "unique_test_prefix",
 ]
 
@@ -129,6 +130,15 @@ def _delete_prefix_sync(url: str, prefix: str) -> None:
         client.close()
 
 
+def require_redis(url: str | None = None) -> str:
+    """Return the test Redis URL if it answers; otherwise skip (or fail, see above)."""
+    url = url or redis_test_url()
+    problem = _ping_sync(url)
+    if problem is not None:
+        redis_unavailable(problem)
+    return url
+
+
 @contextmanager
 def redis_store_for_tests_sync(
     *, clock: Clock | None = None, url: str | None = None, **options: Any
@@ -139,10 +149,7 @@ def redis_store_for_tests_sync(
     that has not connected yet (its pool connects in whatever event loop first uses it; the
     caller closes it there), and afterwards deletes its keys with a synchronous client.
     """
-    url = url or redis_test_url()
-    problem = _ping_sync(url)
-    if problem is not None:
-        redis_unavailable(problem)
+    url = require_redis(url)
     store = RedisStore(url, prefix=unique_test_prefix(), clock=clock, **options)
     try:
         yield store
