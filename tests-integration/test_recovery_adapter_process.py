@@ -110,3 +110,31 @@ def test_real_suite_scenario_end_to_end():
     assert result["passed"] is True
     assert len(result["native_tests"]) == 8  # 4 faults x (sync, async)
     assert all("test_core_004" in name for name in result["native_tests"])
+
+
+def test_evidence_report_covers_every_scenario_and_matches_the_schema():
+    import jsonschema
+
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runcycles.testing.recovery_adapter",
+            "--report",
+            str(root / "spec" / "client-recovery-scenarios.yaml"),
+            "--claim",
+            "durable",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout)
+    schema = json.loads((root / "spec" / "client-recovery-report.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    validator.validate(report)
+    assert report["summary"] == {"total": 12, "passed": 12, "failed": 0}
+    assert all(entry["native_tests"] for entry in report["scenarios"])

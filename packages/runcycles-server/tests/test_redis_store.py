@@ -793,3 +793,59 @@ async def test_foreign_tenant_gets_forbidden_and_unknown_ids_not_found(store: Re
     released = await store.release(None, rid, ReleaseRequest(idempotency_key="adm"), "h")
     assert released.audit is not None
     assert [a.resource_id for a in await store.list_audit("acme")] == [rid]
+
+
+# -- the compare-and-set path, made deterministic ------------------------------------------------
+
+
+async def test_a_write_between_read_and_cas_forces_a_replan(store: RedisStore) -> None:
+    """Another process writes after this batch's snapshot: the CAS fails, the batch replans."""
+    await provision(store, ("tenant:acme", 100))
+    async with redis_store_for_tests(prefix=store.prefix, clock=store.clock) as other:
+        original = store._read
+        interfered = False
+
+        async def read_then_interfere(keys: Any) -> Any:
+            nonlocal interfered
+            snap = await original(keys)
+            if not interfered:
+                interfered = True
+                await other.reserve("acme", reserve_req("other", 60), "h")
+            return snap
+
+        store._read = read_then_interfere  # type: ignore[method-assign]
+        # planned against remaining=100, but the other process took 60 meanwhile
+        assert await code_of(store.reserve("acme", reserve_req("mine", 50), "h")) == (
+            "BUDGET_EXCEEDED"
+        )
+        assert store.conflicts == 1
+        assert (await store.reserve("acme", reserve_req("fits", 40), "h")).status_code == 200
+        budget = await store.get_budget("tenant:acme", U)
+        assert budget is not None
+        assert (budget.reserved, budget.remaining) == (100, 0)
+
+
+async def test_conflicts_shrink_the_batch_and_give_up_after_max_attempts(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await provision(store, ("tenant:acme", 10**6))
+    async with redis_store_for_tests(prefix=store.prefix, clock=store.clock) as other:
+        sizes: list[int] = []
+        real_cas = store._cas
+
+        async def recording_cas(keys: Any, snap: Any, work: Any) -> None:
+            sizes.append(len(work.dirty))
+            # every attempt loses: the other process writes between snapshot and CAS
+            await other.create_event("acme", event_req(f"x{len(sizes)}", 1), "h")
+            await real_cas(keys, snap, work)
+
+        monkeypatch.setattr("runcycles_server.stores.redis.MAX_ATTEMPTS", 5)
+        store._cas = recording_cas  # type: ignore[method-assign]
+        results = await asyncio.gather(
+            *(code_of(store.reserve("acme", reserve_req(f"k{i}", 1), "h")) for i in range(8)),
+        )
+        assert set(results) == {"INTERNAL_ERROR"}  # retryable 500, nothing half-applied
+        assert sizes[0] > sizes[1]  # the batch was halved after the first conflict
+        budget = await store.get_budget("tenant:acme", U)
+        assert budget is not None
+        assert budget.reserved == 0

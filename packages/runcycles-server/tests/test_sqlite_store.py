@@ -175,3 +175,29 @@ def test_expire_due_is_idempotent_and_purge_drops_old_keys(tmp_path: Path) -> No
     assert asyncio.run(store.purge_idempotency()) == 1
     assert store.count_rows("idempotency") == 0
     asyncio.run(store.close())
+
+
+def test_a_failed_commit_rolls_back_and_the_store_keeps_working(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    setup(path, 1000)
+    store = SqliteStore(path)
+    real_conn = store._conn
+
+    class FailingCommit:
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return real_conn.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_conn, name)
+
+    store._conn = FailingCommit()  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError):
+        asyncio.run(store.reserve("acme", reserve_request("a", 10), "h"))
+    store._conn = real_conn
+    assert not real_conn.in_transaction
+    assert store.count_rows("reservations") == 0
+    out = asyncio.run(store.reserve("acme", reserve_request("a", 10), "h"))
+    assert out.status_code == 200
+    asyncio.run(store.close())

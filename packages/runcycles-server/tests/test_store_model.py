@@ -219,6 +219,6 @@ class StoreMatchesModel(RuleBasedStateMachine):
 
 
 StoreMatchesModel.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=25, deadline=None
+    max_examples=20, stateful_step_count=25, deadline=None
 )
 TestStoreMatchesModel = StoreMatchesModel.TestCase

@@ -201,6 +201,17 @@ async def test_reservation_body_omits_unset_optional_fields(
     }
 
 
+async def test_free_form_metadata_keeps_nulls(api: Any, router: respx.MockRouter) -> None:
+    route = router.post(f"/v1/reservations/{RID}/commit").respond(200, json=COMMIT_OK)
+    metadata = {"note": None, "nested": {"x": None, "y": [1, None]}}
+
+    await api.commit_reservation(
+        RID, CommitRequest(idempotency_key="c-1", actual=ESTIMATE, metadata=metadata)
+    )
+
+    assert json.loads(route.calls.last.request.content)["metadata"] == metadata
+
+
 async def test_get_reservation(api: Any, router: respx.MockRouter) -> None:
     route = router.get(f"/v1/reservations/{RID}").respond(200, json=summary(RID))
 

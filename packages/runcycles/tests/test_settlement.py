@@ -364,3 +364,58 @@ async def test_async_journal_io_stays_off_the_event_loop(ledger, journal, monkey
     assert writer_threads
     assert loop_thread not in writer_threads
     assert len(writer_threads) == 1  # one shared worker, not a thread per write
+
+
+@MODES
+async def test_unreadable_answer_is_ambiguous_and_retried(mode, ledger, journal):
+    garbled = Fault(
+        "raw", status=200, content=b"not gzip", headers={"Content-Encoding": "gzip"}, apply=True
+    )
+    ledger.script("commit", garbled)
+    h = Harness(mode, ledger, journal)
+    result = await h.commit()
+    assert result.outcome == "committed"
+    assert ledger.labels() == ["commit", "commit_same_key"]
+    assert ledger.applied_commits == {"r1": 1}
+
+
+def test_client_subclasses_are_used_as_they_are(ledger):
+    calls: list[str] = []
+
+    class Traced(CyclesClient):
+        def commit_reservation(self, reservation_id, request, *, headers=None):
+            calls.append(reservation_id)
+            return super().commit_reservation(reservation_id, request, headers=headers)
+
+    client = Traced(CONFIG, transport=ledger.transport())
+    settlement = Settlement(client)
+    request = CommitRequest(idempotency_key="k", actual=Amount(unit=Unit.TOKENS, amount=1))
+    assert settlement.commit("r1", request, subject=SUBJECT, action=ACTION).settled
+    assert calls == ["r1"]
+
+
+@MODES
+async def test_journal_later_skips_disk_on_success(mode, ledger, journal, monkeypatch):
+    writes: list[str] = []
+    real_write = Journal.write
+
+    def spy(self, record):
+        writes.append(record.reservation_id)
+        return real_write(self, record)
+
+    monkeypatch.setattr(Journal, "write", spy)
+    h = Harness(mode, ledger, journal, journal_first=False)
+    assert (await h.commit()).outcome == "committed"
+    assert writes == []
+
+
+@MODES
+async def test_journal_later_writes_once_the_first_attempt_fails(mode, ledger, journal):
+    ledger.script("commit", *[Fault.error(503, "INTERNAL_ERROR")] * 4)
+    h = Harness(mode, ledger, journal, journal_first=False)
+    result = await h.commit()
+    assert result.outcome == "pending"
+    assert result.journaled
+    (record,) = journal.scan().records
+    assert record.idempotency_key == "key-1"
+    assert record.attempts == 4

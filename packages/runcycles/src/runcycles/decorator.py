@@ -47,7 +47,10 @@ from runcycles.lifecycle import (
     AsyncReservationGuard,
     DryRunResult,
     ReservationGuard,
+    SubjectRequiredError,
+    adiscover_tenant,
     build_reservation_request,
+    discover_tenant,
     dry_run_result,
     resolve_actual,
     resolve_subject,
@@ -340,27 +343,32 @@ class _Policy:
             idempotency_key="decoration-check",
         )
 
-    def subject(self, config: CyclesConfig, args: Any, kwargs: Any) -> Subject:
+    def subject(self, config: CyclesConfig, args: Any, kwargs: Any, tenant: str | None) -> Subject:
         if self.subject_fns or self.dimensions_fn is not None:
             fields = dict(self.static_subject)
             for field, fn in self.subject_fns.items():
                 fields[field] = fn(*args, **kwargs)
             dims = self.dimensions_fn(*args, **kwargs) if self.dimensions_fn else self.dimensions
-            return resolve_subject(config, fields, dimensions=dims)
+            return resolve_subject(config, fields, dimensions=dims, tenant=tenant)
         cached = self.subject_cache
         if cached is not None and cached[0] is config:
             return cached[1]
-        subject = resolve_subject(config, self.static_subject, dimensions=self.dimensions)
+        subject = resolve_subject(
+            config, self.static_subject, dimensions=self.dimensions, tenant=tenant
+        )
+        # One config means one API key, hence one tenant: the subject is fixed per config.
         self.subject_cache = (config, subject)
         return subject
 
-    def request(self, config: CyclesConfig, args: Any, kwargs: Any) -> ReservationCreateRequest:
+    def request(
+        self, config: CyclesConfig, args: Any, kwargs: Any, tenant: str | None = None
+    ) -> ReservationCreateRequest:
         estimate = self.estimate
         if estimate is None:
             assert self.estimate_fn is not None
             estimate = to_amount(self.estimate_fn(*args, **kwargs), self.unit, "estimate")
         return build_reservation_request(
-            subject=self.subject(config, args, kwargs),
+            subject=self.subject(config, args, kwargs, tenant),
             action=self.action,
             estimate=estimate,
             ttl_ms=self.ttl_ms,
@@ -586,7 +594,10 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
         if client is None:
             client = _defaults.sync()
         assert isinstance(client, CyclesClient)
-        request = policy.request(client.config, args, kwargs)
+        try:
+            request = policy.request(client.config, args, kwargs)
+        except SubjectRequiredError:  # no subject configured: use the API key's tenant
+            request = policy.request(client.config, args, kwargs, discover_tenant(client))
         if policy.dry_run:
             return dry_run_result(client.create_reservation(request))
         with ReservationGuard(client, request, heartbeat=policy.heartbeat) as guard:
@@ -613,7 +624,11 @@ def _async_wrapper(
         if client is None:
             client = _defaults.async_()
         assert isinstance(client, AsyncCyclesClient)
-        request = policy.request(client.config, args, kwargs)
+        try:
+            request = policy.request(client.config, args, kwargs)
+        except SubjectRequiredError:  # no subject configured: use the API key's tenant
+            tenant = await adiscover_tenant(client)
+            request = policy.request(client.config, args, kwargs, tenant)
         if policy.dry_run:
             return dry_run_result(await client.create_reservation(request))
         async with AsyncReservationGuard(client, request, heartbeat=policy.heartbeat) as guard:

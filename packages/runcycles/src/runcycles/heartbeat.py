@@ -1219,18 +1219,18 @@ def _single_attempt_client(client: Any) -> Any:
     """Return a sibling of a runcycles client that shares its pool but never retries.
 
     The heartbeat and the settlement engine run their own spec-driven retry schedules; the
-    client's generic retry loop (with its own sleeps) would distort them. Other objects are
-    returned unchanged.
+    client's generic retry loop (with its own sleeps) would distort them. Anything else,
+    including subclasses (whose overrides must keep working), is returned unchanged.
     """
     from runcycles.client import AsyncCyclesClient, CyclesClient
     from runcycles.retry import RetryPolicy
 
     # The sibling shares the pool and never closes it (it does not own it).
-    if isinstance(client, CyclesClient):
+    if type(client) is CyclesClient:
         return CyclesClient(
             client.config, http_client=client._http, retry_policy=RetryPolicy.never()
         )
-    if isinstance(client, AsyncCyclesClient):
+    if type(client) is AsyncCyclesClient:
         return AsyncCyclesClient(
             client.config, http_client=client._http, retry_policy=RetryPolicy.never()
         )

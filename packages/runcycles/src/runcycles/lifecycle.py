@@ -99,14 +99,18 @@ __all__ = [
     "ReservationAlreadyFinalizedError",
     "ReservationGuard",
     "ReserveOptions",
+    "SubjectRequiredError",
     "UnfinalizedReservationWarning",
+    "adiscover_tenant",
     "build_commit_request",
     "build_release_request",
     "build_reservation_request",
     "context_for",
+    "discover_tenant",
     "dry_run",
     "dry_run_result",
     "exit_release_reason",
+    "known_tenant",
     "new_idempotency_key",
     "request_from_options",
     "reservation_granted",
@@ -150,6 +154,14 @@ class UnfinalizedReservationWarning(UserWarning):
 
     The guard released the reservation, so nothing was charged. Call ``guard.commit(...)``
     when the work used budget, or ``guard.release()`` when it did not.
+    """
+
+
+class SubjectRequiredError(CyclesConfigError):
+    """No subject field is set anywhere: not in the call, not in the ``CyclesConfig``.
+
+    Guards and ``@cycles`` then ask the server which tenant the API key belongs to (see
+    :func:`discover_tenant`); this error is raised only when that is impossible too.
     """
 
 
@@ -283,6 +295,7 @@ def resolve_subject(
     *,
     subject: Subject | None = None,
     dimensions: Mapping[str, str] | None = None,
+    tenant: str | None = None,
 ) -> Subject:
     """Return the subject of a reservation: explicit fields over the config's defaults.
 
@@ -292,10 +305,12 @@ def resolve_subject(
             values keep the config's value.
         subject: A complete subject; then no other field may be given.
         dimensions: Free-form subject tags.
+        tenant: The API key's tenant (see :func:`discover_tenant`), used only when no
+            standard field is set anywhere else.
 
     Raises:
         TypeError: ``subject`` was combined with separate fields, or a field is unknown.
-        CyclesConfigError: No standard subject field is set anywhere.
+        SubjectRequiredError: No standard subject field is set anywhere (and no ``tenant``).
     """
     fields = dict(fields) if fields else {}
     if subject is not None:
@@ -318,10 +333,12 @@ def resolve_subject(
             f"{', '.join(STANDARD_SUBJECT_FIELDS)}"
         )
     if not values:
-        raise CyclesConfigError(
-            "the reservation has no subject: pass tenant=... (or workspace, app, workflow, "
-            "agent, toolset), or set a default with CyclesConfig(tenant=...)"
-        )
+        if tenant is None:
+            raise SubjectRequiredError(
+                "the reservation has no subject: pass tenant=... (or workspace, app, "
+                "workflow, agent, toolset), or set a default with CyclesConfig(tenant=...)"
+            )
+        values["tenant"] = tenant
     if dimensions is not None:
         values["dimensions"] = dict(dimensions)
     return Subject(**values)
@@ -363,11 +380,20 @@ def request_from_options(
     options: Mapping[str, Any],
     *,
     allowed: frozenset[str] | None = None,
+    tenant: str | None = None,
 ) -> ReservationCreateRequest:
     """Turn guard options (see :class:`ReserveOptions`) into a reservation request.
 
+    Args:
+        config: The client's config (default subject fields).
+        request: A ready request (then ``options`` may only hold ``heartbeat``).
+        options: See :class:`ReserveOptions`.
+        allowed: Option names accepted (default: those of :class:`ReserveOptions`).
+        tenant: The API key's tenant, used when no subject field is set anywhere.
+
     Raises:
         TypeError: Unknown or missing options, or a request combined with options.
+        SubjectRequiredError: No subject field anywhere and no ``tenant``.
     """
     known = allowed if allowed is not None else _RESERVE_OPTION_NAMES
     if options.get("dry_run") or (request is not None and getattr(request, "dry_run", None)):
@@ -407,6 +433,7 @@ def request_from_options(
         subject=options.get("subject"),
         dimensions=options.get("dimensions"),
         fields={name: options.get(name) for name in STANDARD_SUBJECT_FIELDS},
+        tenant=tenant,
     )
     return build_reservation_request(
         subject=subject,
@@ -426,6 +453,54 @@ def request_from_options(
 
 _RESERVE_OPTION_NAMES: Final = frozenset(ReserveOptions.__annotations__)
 _REQUEST_FIELD_OPTIONS: Final = _RESERVE_OPTION_NAMES - {"heartbeat"}
+
+
+_tenants: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def known_tenant(client: CyclesClient | AsyncCyclesClient) -> str | None:
+    """Return the tenant :func:`discover_tenant` found for ``client``, if it ran."""
+    return _tenants.get(client)
+
+
+def _tenant_from(response: CyclesResponse[Any], client: object) -> str:
+    tenant = response.cycles_tenant
+    if tenant:
+        _tenants[client] = tenant
+        return tenant
+    error = response.to_exception()
+    if error is not None and not response.is_success:
+        raise error
+    raise SubjectRequiredError(
+        "the reservation has no subject and the server did not say which tenant the API key "
+        "belongs to (no X-Cycles-Tenant header); pass tenant=... or set "
+        "CyclesConfig(tenant=...)"
+    )
+
+
+def discover_tenant(client: CyclesClient) -> str:
+    """Return the tenant of ``client``'s API key, asking the server once per client.
+
+    Used when no subject field is configured anywhere (``CyclesConfig(base_url=...,
+    api_key=...)`` alone): every server answer carries the key's tenant in
+    ``X-Cycles-Tenant``, so one ``GET /v1/reservations?limit=1`` reveals it.
+
+    Raises:
+        CyclesError: The server could not be asked (transport or auth failure).
+        SubjectRequiredError: The server did not report the tenant.
+    """
+    tenant = _tenants.get(client)
+    if tenant is None:
+        tenant = _tenant_from(client.list_reservations(limit=1), client)
+    return tenant
+
+
+async def adiscover_tenant(client: AsyncCyclesClient) -> str:
+    """Async twin of :func:`discover_tenant`."""
+    tenant = _tenants.get(client)
+    if tenant is None:
+        tenant = _tenant_from(await client.list_reservations(limit=1), client)
+    return tenant
 
 
 def _denial_error(data: ReservationCreateResponse, status: int) -> CyclesProtocolError:
@@ -620,6 +695,8 @@ class _GuardState:
         "_claim",
         "_context",
         "_heartbeat",
+        "_options",
+        "_pending",
         "_request",
         "_state",
         "_token",
@@ -631,8 +708,17 @@ class _GuardState:
         config: CyclesConfig,
         request: ReservationCreateRequest | None,
         options: Mapping[str, Any],
+        tenant: str | None,
     ) -> None:
-        self._request = request_from_options(config, request, options)
+        self._options = options
+        try:
+            self._request = request_from_options(config, request, options, tenant=tenant)
+            self._pending = False
+        except SubjectRequiredError:
+            # No subject anywhere: the API key's tenant is asked for on entering. Build a
+            # stand-in now so every other option is still checked before anything is sent.
+            self._request = request_from_options(config, None, options, tenant="?")
+            self._pending = True
         self._use_heartbeat: bool = options.get("heartbeat", True)
         self._state = _NEW
         self._claim = [True]
@@ -649,7 +735,11 @@ class _GuardState:
 
     @property
     def request(self) -> ReservationCreateRequest:
-        """The reservation request this guard sends (or sent)."""
+        """The reservation request this guard sends (or sent).
+
+        Before entering, a request without any subject field carries the placeholder tenant
+        ``"?"``: the API key's tenant is filled in when the guard is entered.
+        """
         return self._request
 
     @property
@@ -708,6 +798,13 @@ class _GuardState:
     def _check_enter(self) -> None:
         if self._state != _NEW:
             raise RuntimeError(f"{type(self).__name__} can be entered only once")
+
+    def _complete(self, config: CyclesConfig, tenant: str) -> None:
+        """Build the real request once the API key's tenant is known."""
+        built = request_from_options(config, None, self._options, tenant=tenant)
+        # keep the stand-in's idempotency key (it may have been given as an option)
+        self._request = built.model_copy(update={"idempotency_key": self._request.idempotency_key})
+        self._pending = False
 
     def _granted(
         self, response: CyclesResponse[ReservationCreateResponse]
@@ -785,11 +882,13 @@ class ReservationGuard(_GuardState):
         /,
         **options: Unpack[ReserveOptions],
     ) -> None:
-        super().__init__(client.config, request, options)
+        super().__init__(client.config, request, options, known_tenant(client))
         self._client = client
 
     def __enter__(self) -> Self:
         self._check_enter()
+        if self._pending:
+            self._complete(self._client.config, discover_tenant(self._client))
         started = time.perf_counter()
         response = self._client.create_reservation(self._request)
         rtt_s = time.perf_counter() - started
@@ -915,11 +1014,13 @@ class AsyncReservationGuard(_GuardState):
         /,
         **options: Unpack[ReserveOptions],
     ) -> None:
-        super().__init__(client.config, request, options)
+        super().__init__(client.config, request, options, known_tenant(client))
         self._client = client
 
     async def __aenter__(self) -> Self:
         self._check_enter()
+        if self._pending:
+            self._complete(self._client.config, await adiscover_tenant(self._client))
         started = time.perf_counter()
         response = await self._client.create_reservation(self._request)
         rtt_s = time.perf_counter() - started
@@ -1121,15 +1222,33 @@ def dry_run(
 
     if request is not None:
         request = request.model_copy(update={"dry_run": None})
-    checked = request_from_options(client.config, request, options)
-    checked = checked.model_copy(update={"dry_run": True})
+    config = client.config
+    tenant = known_tenant(client)
+    try:
+        checked: ReservationCreateRequest | None = request_from_options(
+            config, request, options, tenant=tenant
+        )
+    except SubjectRequiredError:
+        request_from_options(config, None, options, tenant="?")  # check the other options now
+        checked = None
     if isinstance(client, AsyncCyclesClient):
-        return _adry_run(client, checked)
-    return dry_run_result(client.create_reservation(checked))
+        return _adry_run(client, checked, options)
+    if checked is None:
+        checked = request_from_options(config, None, options, tenant=discover_tenant(client))
+    return dry_run_result(client.create_reservation(checked.model_copy(update={"dry_run": True})))
 
 
-async def _adry_run(client: AsyncCyclesClient, request: ReservationCreateRequest) -> DryRunResult:
-    return dry_run_result(await client.create_reservation(request))
+async def _adry_run(
+    client: AsyncCyclesClient,
+    request: ReservationCreateRequest | None,
+    options: Mapping[str, Any],
+) -> DryRunResult:
+    if request is None:
+        tenant = await adiscover_tenant(client)
+        request = request_from_options(client.config, None, options, tenant=tenant)
+    return dry_run_result(
+        await client.create_reservation(request.model_copy(update={"dry_run": True}))
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,15 +24,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    ValidationInfo,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 __all__ = [
     "INT64_MAX",
@@ -216,8 +208,6 @@ class ReasonCode:
 # Base classes
 
 
-_TOLERANT: Final = "runcycles.tolerant"
-_TOLERANT_CONTEXT: Final = {_TOLERANT: True}
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
@@ -225,20 +215,12 @@ class _Request(BaseModel):
     """Base of every request model and value object.
 
     Unknown fields are rejected and assignments re-validated. When a value object is parsed
-    as part of a *response* (see :func:`parse_response`), unknown fields are dropped instead,
-    so a newer server that adds a field to, say, ``Caps`` never breaks an older client.
+    as part of a *response* (see :func:`parse_response`), unknown fields are tolerated
+    instead, so a newer server that adds a field to, say, ``Caps`` never breaks an older
+    client.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_unknown_in_responses(cls, data: Any, info: ValidationInfo) -> Any:
-        if isinstance(data, dict) and info.context and info.context.get(_TOLERANT):
-            known = cls.model_fields
-            if any(key not in known for key in data):
-                return {key: value for key, value in data.items() if key in known}
-        return data
 
 
 class _Response(BaseModel):
@@ -253,7 +235,7 @@ def parse_response(model: type[_ModelT], data: Any) -> _ModelT:
     Raises:
         pydantic.ValidationError: if a required field is missing or has the wrong type.
     """
-    return model.model_validate(data, context=_TOLERANT_CONTEXT)
+    return model.model_validate(data, extra="allow")
 
 
 def to_wire(model: BaseModel) -> dict[str, Any]:

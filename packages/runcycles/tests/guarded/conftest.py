@@ -42,13 +42,26 @@ class FakeCycles:
     commit_status: tuple[int, str] | None = None  # (status, error code) for every commit
     release_status: tuple[int, str] | None = None
     now_ms: int = 1_800_000_000_000
+    key_tenant: str | None = "acme"  # sent as X-Cycles-Tenant (the API key's tenant)
+    list_status: int = 200
     _next: int = 0
 
     # ------------------------------------------------------------------ transport
     def handler(self, request: httpx.Request) -> httpx.Response:
+        response = self._route(request)
+        if self.key_tenant is not None:
+            response.headers["X-Cycles-Tenant"] = self.key_tenant
+        return response
+
+    def _route(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else {}
         path = request.url.path
         self.calls.append(Call(request.method, path, body, request.headers))
+        if request.method == "GET" and path == "/v1/reservations":
+            if self.list_status != 200:
+                code = "UNAUTHORIZED" if self.list_status == 401 else "INTERNAL_ERROR"
+                return httpx.Response(self.list_status, json=self._error(code, "no"))
+            return httpx.Response(200, json={"reservations": [], "has_more": False})
         if request.method == "POST" and path == "/v1/reservations":
             return self._create(body)
         if request.method == "POST" and path == "/v1/events":
@@ -149,7 +162,11 @@ class FakeCycles:
         return [call.body for call in self.calls if call.path.endswith(suffix)]
 
     def creates(self) -> list[dict[str, Any]]:
-        return [call.body for call in self.calls if call.path == "/v1/reservations"]
+        return [
+            call.body
+            for call in self.calls
+            if call.method == "POST" and call.path == "/v1/reservations"
+        ]
 
     def commits(self) -> list[dict[str, Any]]:
         return self.bodies("/commit")

@@ -145,6 +145,37 @@ def test_wraps_keeps_the_functions_identity(client: Any) -> None:
     assert documented.__doc__ == "Doc."
 
 
+def test_client_without_subject_uses_the_api_keys_tenant_once(fake: Any) -> None:
+    fake.key_tenant = "keyco"
+    with fake.sync_client(tenant=None) as bare:
+
+        @cycles(estimate=1, agent=lambda: None, client=bare)
+        def dynamic() -> None:
+            return None
+
+        @cycles(estimate=1, client=bare)
+        def static() -> None:
+            return None
+
+        dynamic()
+        static()
+        static()
+    assert [body["subject"] for body in fake.creates()] == [{"tenant": "keyco"}] * 3
+    assert fake.paths().count("GET /v1/reservations") == 1
+
+
+async def test_async_dry_run_without_subject_uses_the_api_keys_tenant(fake: Any) -> None:
+    async with fake.async_client(tenant=None) as bare:
+
+        @cycles(estimate=1, dry_run=True, client=bare)
+        async def shadow() -> None:
+            return None
+
+        result = await shadow()
+    assert result.decision is Decision.ALLOW
+    assert fake.creates()[0]["subject"] == {"tenant": "acme"}
+
+
 # --------------------------------------------------------------------------- actual errors
 
 

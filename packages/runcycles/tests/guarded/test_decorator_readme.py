@@ -77,7 +77,7 @@ async def test_async_support(server: Any) -> None:
     config = CyclesConfig(base_url="http://localhost:7878", api_key="your-api-key")
     client = AsyncCyclesClient(config)
 
-    @cycles(estimate=1000, client=client, tenant="acme")  # the config has no tenant
+    @cycles(estimate=1000, client=client)
     async def call_llm(prompt: str) -> str:
         return f"Response to: {prompt}"
 
@@ -85,6 +85,7 @@ async def test_async_support(server: Any) -> None:
     result = await call_llm("Hello")
 
     assert result == "Response to: Hello"
+    assert server.creates()[0]["subject"] == {"tenant": "acme"}  # the API key's tenant
     assert server.commits()[0]["actual"]["amount"] == 1000
     await client.aclose()
 
@@ -109,17 +110,18 @@ async def test_default_client_and_config(server: Any) -> None:
     )
 
     # Now @cycles works without client=
-    @cycles(estimate=1000, tenant="acme")  # this config has no default tenant
+    @cycles(estimate=1000)
     def my_func2() -> str:
         return "hello"
 
-    @cycles(estimate=1000, tenant="acme")
+    @cycles(estimate=1000)
     async def my_async_func() -> str:
         return "hello async"
 
-    assert my_func2() == "hello"
+    assert my_func2() == "hello"  # this config has no tenant: the API key's is used
     assert await my_async_func() == "hello async"
     assert server.statuses() == ["COMMITTED"] * 3
+    assert all(body["subject"] == {"tenant": "acme"} for body in server.creates())
 
 
 def test_typed_exceptions(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -132,9 +134,8 @@ def test_typed_exceptions(server: Any, capsys: pytest.CaptureFixture[str]) -> No
         cycles,
     )
 
-    client = CyclesClient(
-        CyclesConfig(base_url="http://localhost:7878", api_key="your-key", tenant="acme")
-    )
+    config = CyclesConfig(base_url="http://localhost:7878", api_key="your-key")
+    client = CyclesClient(config)
 
     @cycles(estimate=1000, client=client)
     def guarded_func() -> str:
@@ -170,9 +171,8 @@ def test_typed_exceptions(server: Any, capsys: pytest.CaptureFixture[str]) -> No
 def test_dry_run(server: Any) -> None:
     from runcycles import CyclesClient, CyclesConfig, DryRunResult, cycles
 
-    client = CyclesClient(
-        CyclesConfig(base_url="http://localhost:7878", api_key="your-key", tenant="acme")
-    )
+    config = CyclesConfig(base_url="http://localhost:7878", api_key="your-key")
+    client = CyclesClient(config)
 
     @cycles(estimate=1000, dry_run=True, client=client)
     def shadow_func() -> str:
@@ -187,9 +187,8 @@ def test_dry_run(server: Any) -> None:
 def test_overage_policies(server: Any) -> None:
     from runcycles import CommitOveragePolicy, CyclesClient, CyclesConfig, cycles
 
-    client = CyclesClient(
-        CyclesConfig(base_url="http://localhost:7878", api_key="your-key", tenant="acme")
-    )
+    config = CyclesConfig(base_url="http://localhost:7878", api_key="your-key")
+    client = CyclesClient(config)
 
     # REJECT (default) — commit fails if budget is insufficient for the overage
     # ALLOW_IF_AVAILABLE — commit succeeds if remaining budget covers the overage

@@ -32,7 +32,9 @@ from runcycles import (
     ReservationCreateRequest,
     ReservationGuard,
     Subject,
+    SubjectRequiredError,
     TenantClosedError,
+    UnauthorizedError,
     UnfinalizedReservationWarning,
     Unit,
     dry_run,
@@ -140,11 +142,52 @@ def test_missing_and_unknown_options_name_the_problem(client: Any) -> None:
         reserve(client, **OPTIONS, ttl=5)  # type: ignore[call-overload]
 
 
-def test_no_subject_anywhere_is_a_config_error(fake: Any) -> None:
-    with fake.sync_client(tenant=None) as no_tenant, pytest.raises(CyclesConfigError) as info:
-        reserve(no_tenant, **OPTIONS)
+def test_no_subject_anywhere_uses_the_api_keys_tenant(fake: Any) -> None:
+    fake.key_tenant = "keyco"
+    with fake.sync_client(tenant=None) as no_tenant:
+        assert reserve(no_tenant, **OPTIONS).request.subject.tenant == "?"  # not known yet
+        assert fake.calls == []  # nothing is sent before entering
+        for _ in range(2):
+            with reserve(no_tenant, **OPTIONS) as guard:
+                guard.commit(1)
+    assert [body["subject"] for body in fake.creates()] == [{"tenant": "keyco"}] * 2
+    assert fake.paths().count("GET /v1/reservations") == 1  # asked once per client
+
+
+async def test_async_no_subject_anywhere_uses_the_api_keys_tenant(fake: Any) -> None:
+    async with (
+        fake.async_client(tenant=None) as no_tenant,
+        reserve(no_tenant, **OPTIONS, idempotency_key="mine") as guard,
+    ):
+        await guard.commit(1)
+    (create,) = fake.creates()
+    assert create["subject"] == {"tenant": "acme"}
+    assert create["idempotency_key"] == "mine"
+
+
+def test_no_subject_and_no_tenant_header_is_a_config_error(fake: Any) -> None:
+    fake.key_tenant = None
+    with (
+        fake.sync_client(tenant=None) as no_tenant,
+        pytest.raises(SubjectRequiredError) as info,
+        reserve(no_tenant, **OPTIONS),
+    ):
+        pytest.fail("the block must not run")
+    assert isinstance(info.value, CyclesConfigError)
     assert "tenant=" in str(info.value)
-    assert fake.calls == []
+    assert fake.creates() == []
+
+
+def test_tenant_discovery_surfaces_auth_errors(fake: Any) -> None:
+    fake.key_tenant = None
+    fake.list_status = 401
+    with (
+        fake.sync_client(tenant=None) as no_tenant,
+        pytest.raises(UnauthorizedError),
+        reserve(no_tenant, **OPTIONS),
+    ):
+        pytest.fail("the block must not run")
+    assert fake.creates() == []
 
 
 def test_bad_estimate_is_refused_before_sending(fake: Any, client: Any) -> None:

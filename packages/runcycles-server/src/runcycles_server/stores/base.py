@@ -607,8 +607,10 @@ class RowStore(ABC):
             for name, value in changes.items():
                 setattr(row, name, value)
             row.updated_at_ms = now
-            if new_status == "SUSPENDED":
+            if new_status == "SUSPENDED" and row.suspended_at_ms is None:
                 row.suspended_at_ms = now
+            elif new_status == "ACTIVE":
+                row.suspended_at_ms = None
             if closing:
                 row.closed_at_ms = now
                 self._close_cascade(tenant_id, now)

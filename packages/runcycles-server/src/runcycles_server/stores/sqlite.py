@@ -305,11 +305,19 @@ def _reservation(r: tuple[Any, ...]) -> ReservationRow:
     )  # fmt: skip
 
 
+def default_path() -> Path:
+    """Return the default database file: ``cycles.db`` in the user data directory."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("runcycles", appauthor=False)) / "cycles.db"
+
+
 class SqliteStore(RowStore):
     """A :class:`~runcycles_server.stores.base.Store` on one SQLite file.
 
     Args:
-        path: database file (created with its directory if missing), or ``":memory:"``.
+        path: database file (created with its directory if missing), ``":memory:"``, or
+            ``None`` for :func:`default_path`.
         clock: epoch-milliseconds clock (inject a fake one in tests).
         synchronous: ``"NORMAL"`` (survives process crashes) or ``"FULL"`` (also power loss).
         busy_timeout_ms: how long to wait for another process's write lock.
@@ -317,13 +325,15 @@ class SqliteStore(RowStore):
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | None = None,
         *,
         clock: Clock | None = None,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         busy_timeout_ms: int = 10_000,
     ) -> None:
         super().__init__(clock)
+        if path is None:
+            path = default_path()
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
@@ -391,10 +401,11 @@ class SqliteStore(RowStore):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # also when COMMIT itself failed (e.g. disk full)
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
         finally:
             if lock_fd is not None:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)

@@ -19,6 +19,10 @@ Everything else (pytest's output, the reason of a failure) goes to stderr.
 Where the tests are: ``$RUNCYCLES_RECOVERY_TESTS`` if set, else the ``tests`` folder next to the
 package's ``src`` folder (a source checkout).
 
+``python -m runcycles.testing.recovery_adapter --report spec/client-recovery-scenarios.yaml
+--claim durable`` runs every claimed scenario in one pytest run and prints the evidence report
+(the profile's ``report.schema.json``: per scenario its level, name, verdict and native tests).
+
 The module is also the pytest plugin the child process loads (``-p``): it deselects tests not
 bound to the scenario and writes the outcomes to a report file.
 """
@@ -35,10 +39,17 @@ from typing import Any, Final
 
 import runcycles
 
-__all__ = ["evaluate", "main", "observe", "run_scenario"]
+__all__ = ["REPORT_SCHEMA_ID", "build_report", "evaluate", "main", "observe", "run_scenario"]
 
 _OBSERVATIONS_ENV: Final = "RUNCYCLES_RECOVERY_OBSERVATIONS"
 _TESTS_ENV: Final = "RUNCYCLES_RECOVERY_TESTS"
+_REPORT_ENV: Final = "RUNCYCLES_RECOVERY_REPORT"
+_ALL: Final = "ALL"
+REPORT_SCHEMA_ID: Final = (
+    "https://raw.githubusercontent.com/runcycles/cycles-protocol/main/client-recovery/"
+    "report.schema.json"
+)
+_CLAIM_LEVELS: Final = {"core": ("core", "boundary"), "durable": ("core", "durable", "boundary")}
 
 
 def observe(scenario_id: str, observed_requests: list[str], assertions: list[str]) -> None:
@@ -70,23 +81,32 @@ def pytest_addoption(parser: Any) -> None:
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    """Keep only the tests whose ``recovery`` marker names the requested scenario."""
+    """Keep only the tests bound to the requested scenario (``ALL``: to any scenario)."""
     scenario = config.getoption("--recovery-scenario")
     if not scenario:
         return
     selected: list[Any] = []
     deselected: list[Any] = []
+    bindings: list[str] = []
     for item in items:
-        bound = {arg for mark in item.iter_markers("recovery") for arg in mark.args}
-        (selected if scenario in bound else deselected).append(item)
+        bound = sorted({arg for mark in item.iter_markers("recovery") for arg in mark.args})
+        if scenario in bound or (scenario == _ALL and bound):
+            selected.append(item)
+            bindings.append(json.dumps({"nodeid": item.nodeid, "scenarios": bound}))
+        else:
+            deselected.append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
     items[:] = selected
+    path = os.environ.get(_REPORT_ENV)
+    if path and bindings:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(bindings) + "\n")
 
 
 def pytest_runtest_logreport(report: Any) -> None:
     """Append each test's outcome to the report file."""
-    path = os.environ.get("RUNCYCLES_RECOVERY_REPORT")
+    path = os.environ.get(_REPORT_ENV)
     if not path:
         return
     if report.when == "call" or (report.when == "setup" and not report.passed):
@@ -113,25 +133,24 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def run_scenario(scenario_id: str, scenario: dict[str, Any]) -> dict[str, Any]:
-    """Run the native tests bound to ``scenario_id``; return the adapter's JSON result."""
-    tests = _tests_dir()
-    if tests is None:
-        return {
-            "scenario_id": scenario_id,
-            "passed": False,
-            "native_tests": [],
-            "diagnostic": "native tests not found; set RUNCYCLES_RECOVERY_TESTS to the "
-            "runcycles tests folder",
-        }
+class _Run:
+    """What one child pytest run produced."""
+
+    def __init__(self, lines: list[dict[str, Any]], observations: list[dict[str, Any]], rc: int):
+        self.outcomes = [line for line in lines if "outcome" in line]
+        self.bindings = {line["nodeid"]: line["scenarios"] for line in lines if "scenarios" in line}
+        self.observations = observations
+        self.returncode = rc
+
+    def outcomes_for(self, scenario_id: str) -> list[dict[str, Any]]:
+        return [o for o in self.outcomes if scenario_id in self.bindings.get(o["nodeid"], ())]
+
+
+def _run_pytest(tests: Path, selector: str) -> _Run:
     with tempfile.TemporaryDirectory(prefix="cycles-recovery-") as tmp:
         report = Path(tmp) / "report.jsonl"
         observations = Path(tmp) / "observations.jsonl"
-        env = {
-            **os.environ,
-            "RUNCYCLES_RECOVERY_REPORT": str(report),
-            _OBSERVATIONS_ENV: str(observations),
-        }
+        env = {**os.environ, _REPORT_ENV: str(report), _OBSERVATIONS_ENV: str(observations)}
         command = [
             sys.executable,
             "-m",
@@ -140,7 +159,7 @@ def run_scenario(scenario_id: str, scenario: dict[str, Any]) -> dict[str, Any]:
             "-p",
             "runcycles.testing.recovery_adapter",
             "--recovery-scenario",
-            scenario_id,
+            selector,
             "-q",
             "-p",
             "no:cacheprovider",
@@ -150,9 +169,116 @@ def run_scenario(scenario_id: str, scenario: dict[str, Any]) -> dict[str, Any]:
         )
         sys.stderr.write(completed.stdout)
         sys.stderr.write(completed.stderr)
-        outcomes = _read_lines(report)
-        seen = _read_lines(observations)
-    return evaluate(scenario_id, scenario, outcomes, seen, completed.returncode)
+        return _Run(_read_lines(report), _read_lines(observations), completed.returncode)
+
+
+_NO_TESTS: Final = (
+    "native tests not found; set RUNCYCLES_RECOVERY_TESTS to the runcycles tests folder"
+)
+
+
+def run_scenario(scenario_id: str, scenario: dict[str, Any]) -> dict[str, Any]:
+    """Run the native tests bound to ``scenario_id``; return the adapter's JSON result."""
+    tests = _tests_dir()
+    if tests is None:
+        return {
+            "scenario_id": scenario_id,
+            "passed": False,
+            "native_tests": [],
+            "diagnostic": _NO_TESTS,
+        }
+    run = _run_pytest(tests, scenario_id)
+    return evaluate(scenario_id, scenario, run.outcomes, run.observations, run.returncode)
+
+
+def build_report(
+    catalog_path: Path,
+    *,
+    claim: str = "durable",
+    profile_commit: str = "unknown",
+    implementation_commit: str | None = None,
+) -> dict[str, Any]:
+    """Run every scenario of ``claim`` in ONE pytest run; return the evidence report.
+
+    The result follows the profile's ``report.schema.json``. Reading the YAML catalog needs
+    ``pyyaml``.
+
+    Args:
+        catalog_path: The profile's ``scenarios.yaml``.
+        claim: ``core`` (core + boundary scenarios) or ``durable`` (all of them).
+        profile_commit: Commit of the profile repository the catalog comes from.
+        implementation_commit: Commit of this implementation (default: ``git rev-parse``).
+
+    Raises:
+        ValueError: Unknown claim.
+        RuntimeError: The native tests were not found.
+    """
+    import datetime
+    import hashlib
+
+    import yaml  # a development dependency, needed only to produce the report
+
+    if claim not in _CLAIM_LEVELS:
+        raise ValueError(f"claim must be 'core' or 'durable', got {claim!r}")
+    raw = catalog_path.read_bytes()
+    catalog = yaml.safe_load(raw)
+    scenarios = [s for s in catalog["scenarios"] if s["level"] in _CLAIM_LEVELS[claim]]
+    tests = _tests_dir()
+    if tests is None:
+        raise RuntimeError(_NO_TESTS)
+    run = _run_pytest(tests, _ALL)
+    entries = []
+    for scenario in scenarios:
+        sid = scenario["id"]
+        result = evaluate(sid, scenario, run.outcomes_for(sid), run.observations, 0)
+        if run.returncode not in (0, 1) and result["passed"]:
+            result = {**result, "passed": False, "diagnostic": f"pytest exit {run.returncode}"}
+        entry = {
+            "id": sid,
+            "level": scenario["level"],
+            "name": scenario["name"],
+            "passed": result["passed"],
+            "native_tests": result["native_tests"],
+        }
+        if "diagnostic" in result:
+            entry["diagnostic"] = result["diagnostic"]
+        entries.append(entry)
+    passed = sum(1 for entry in entries if entry["passed"])
+    return {
+        "$schema": REPORT_SCHEMA_ID,
+        "schema_version": "1.0",
+        "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "profile": {
+            "name": "cycles-sdk-recovery",
+            "version": str(catalog.get("version", "unknown")),
+            "commit": profile_commit,
+            "catalog_sha256": hashlib.sha256(raw).hexdigest(),
+        },
+        "claim": claim,
+        "implementation": {
+            "id": "runcycles-python",
+            "commit": implementation_commit or _git_commit(tests),
+            "version": runcycles.__version__,
+        },
+        "summary": {"total": len(entries), "passed": passed, "failed": len(entries) - passed},
+        "scenarios": entries,
+    }
+
+
+def _git_commit(where: Path) -> str:
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = completed.stdout.strip()
+    return commit if completed.returncode == 0 and commit else "unknown"
 
 
 def evaluate(
@@ -206,10 +332,28 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: scenario id as the last argument, scenario JSON on stdin."""
+    """Entry point.
+
+    ``SCENARIO_ID`` (last argument, scenario JSON on stdin): the adapter contract, one JSON
+    result on stdout. ``--report CATALOG [--claim core|durable] [--profile-commit SHA]``:
+    run every claimed scenario and print the evidence report (report.schema.json).
+    """
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--report"] and len(args) >= 2:
+        options = dict(zip(args[2::2], args[3::2], strict=False))
+        report = build_report(
+            Path(args[1]),
+            claim=options.get("--claim", "durable"),
+            profile_commit=options.get("--profile-commit", "unknown"),
+        )
+        print(json.dumps(report, indent=2))
+        return 0 if report["summary"]["failed"] == 0 else 1
     if not args:
-        sys.stderr.write("usage: python -m runcycles.testing.recovery_adapter SCENARIO_ID\n")
+        sys.stderr.write(
+            "usage: python -m runcycles.testing.recovery_adapter SCENARIO_ID < scenario.json\n"
+            "       python -m runcycles.testing.recovery_adapter --report CATALOG "
+            "[--claim durable]\n"
+        )
         print(json.dumps({"scenario_id": "", "passed": False, "native_tests": []}))
         return 2
     scenario_id = args[-1]
