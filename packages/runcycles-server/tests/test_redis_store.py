@@ -849,3 +849,79 @@ async def test_conflicts_shrink_the_batch_and_give_up_after_max_attempts(
         budget = await store.get_budget("tenant:acme", U)
         assert budget is not None
         assert budget.reserved == 0
+
+
+async def test_sweeper_keeps_an_entry_re_filed_while_it_looked(store: RedisStore) -> None:
+    due = f"{store.prefix}:{{due}}:reservations"
+    rid = "rsv_acme_" + "1" * 32  # no reservation (yet): a reserve that is being retried
+    await store._redis.zadd(due, {rid: START_MS - 10})
+    original = store._hget_many
+
+    async def re_filed_meanwhile(keys: Any, name: bytes = b"d") -> Any:
+        rows = await original(keys, name)
+        await store._redis.zadd(due, {rid: START_MS + 60_000})  # its successful retry
+        return rows
+
+    store._hget_many = re_filed_meanwhile  # type: ignore[method-assign]
+    assert await store.expire_due() == 0
+    assert await store._redis.zscore(due, rid) == START_MS + 60_000
+    store._hget_many = original  # type: ignore[method-assign]
+    await store._redis.zadd(due, {rid: START_MS - 5})
+    assert await store.expire_due() == 0
+    assert await store._redis.zscore(due, rid) is None  # unchanged score: dropped
+
+
+async def test_two_processes_sweeping_at_once_expire_each_reservation_once(
+    store: RedisStore, fake_clock: Clock
+) -> None:
+    await provision(store, ("tenant:acme", 10_000), ("tenant:acme/agent:a", 10_000))
+    for i in range(60):
+        await store.reserve("acme", reserve_req(f"k{i}", 10 + i, agent="a", ttl_ms=1000), "h")
+    fake_clock.now_ms += 1000 + ledger.DEFAULT_GRACE_MS + 1
+    async with redis_store_for_tests(prefix=store.prefix, clock=fake_clock) as other:
+        counts = list(
+            await asyncio.gather(
+                store.expire_due(limit=25), other.expire_due(limit=25), store.expire_due(limit=25)
+            )
+        )
+        counts.append(await other.expire_due())
+    assert sum(counts) == 60
+    for scope in ("tenant:acme", "tenant:acme/agent:a"):
+        budget = await store.get_budget(scope, U)
+        assert budget is not None
+        assert (budget.reserved, budget.remaining) == (0, 10_000)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("actual", [0, 99, 100, 130, 400, 10_000])
+async def test_commit_rows_equal_the_ledger_plan_on_the_same_rows(
+    store: RedisStore, policy: str, actual: int
+) -> None:
+    await store.create_tenant(TenantRow("acme", "Acme"))
+    await store.create_budget(BudgetRow("tenant:acme", U, "acme", 1000, 1000, overdraft_limit=500))
+    await store.create_budget(BudgetRow("tenant:acme/agent:a", U, "acme", 250, 250))
+    outcome = await store.reserve(
+        "acme", reserve_req("r", 100, agent="a", overage_policy=policy), "h"
+    )
+    rid = json.loads(outcome.body)["reservation_id"]
+    reservation = await store.get_reservation(rid)
+    before = [await store.get_budget(s, U) for s in ("tenant:acme", "tenant:acme/agent:a")]
+    request = commit_req("c", actual)
+    try:
+        expected: Outcome | LedgerError = ledger.plan_commit(
+            reservation_id=rid, request=request, tenant_id="acme", reservation=reservation,
+            tenant=await store.get_tenant("acme"), budgets=[b for b in before if b],
+            request_hash="h", now_ms=START_MS,
+        )  # fmt: skip
+    except LedgerError as exc:
+        expected = exc
+    got = await code_of(store.commit("acme", rid, request, "h"))
+    after = [await store.get_budget(s, U) for s in ("tenant:acme", "tenant:acme/agent:a")]
+    if isinstance(expected, LedgerError):
+        assert got == expected.code
+        assert after == before  # refused: nothing written
+    else:
+        assert got == "OK"
+        assert after == expected.budgets
+        row = await store.get_reservation(rid)
+        assert row == expected.reservation

@@ -337,3 +337,36 @@ async def test_async_scheduler_handles_10000_reservations_with_one_task():
     assert len(scheduler) == 0
     await scheduler.aclose()
     await client.aclose()
+
+
+async def test_async_close_from_another_thread_is_handed_to_the_loop():
+    ledger = FakeLedger()
+    client = AsyncCyclesClient(CONFIG, transport=ledger.async_transport())
+    scheduler = AsyncHeartbeatScheduler(client, attempt_timeout_ms=1_000)
+    handle = scheduler.track("r1", ttl_ms=60_000, remaining_ttl_ms=60_000, rtt_ms=1)
+    await asyncio.sleep(0)
+    closer = threading.Thread(target=scheduler.close)
+    closer.start()
+    closer.join()
+    for _ in range(100):
+        if scheduler.background_tasks == 0:
+            break
+        await asyncio.sleep(0.001)
+    assert scheduler.background_tasks == 0
+    assert not handle.active
+    await client.aclose()
+
+
+def test_async_close_after_the_loop_ended_is_quiet():
+    ledger = FakeLedger()
+
+    async def run() -> tuple[AsyncHeartbeatScheduler, AsyncCyclesClient]:
+        client = AsyncCyclesClient(CONFIG, transport=ledger.async_transport())
+        scheduler = AsyncHeartbeatScheduler(client, attempt_timeout_ms=1_000)
+        scheduler.track("r1", ttl_ms=60_000, remaining_ttl_ms=60_000, rtt_ms=1)
+        await client.aclose()
+        return scheduler, client
+
+    scheduler, _ = asyncio.run(run())
+    scheduler.close()
+    assert len(scheduler) == 0

@@ -177,9 +177,14 @@ class ClientCore:
 
         Returns:
             The JSON body and the request headers, ``X-Idempotency-Key`` mirroring the body.
+            The header is optional in the spec and left out when the key cannot travel in
+            an HTTP header unchanged (non-ASCII, control characters, surrounding spaces):
+            the body's key, which any string of 1..256 characters may be, is authoritative.
         """
         content, idempotency_key = encode_body(request, model)
-        headers = {**self.post_headers, "X-Idempotency-Key": idempotency_key}
+        headers = dict(self.post_headers)
+        if _header_safe(idempotency_key):
+            headers["X-Idempotency-Key"] = idempotency_key
         if extra_headers:
             headers.update(extra_headers)
         return content, headers
@@ -395,3 +400,8 @@ def _snippet(content: bytes) -> str:
     text = content[:_SNIPPET_CHARS].decode("utf-8", "replace")
     suffix = "..." if len(content) > _SNIPPET_CHARS else ""
     return f"body starts {text!r}{suffix}"
+
+
+def _header_safe(value: str) -> bool:
+    """Return whether ``value`` survives as an HTTP header value byte for byte."""
+    return value.isascii() and value.isprintable() and value.strip() == value

@@ -30,13 +30,15 @@ functions: the missing flavour is built from the other one's config.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import functools
 import inspect
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from runcycles.client import AsyncCyclesClient, CyclesClient
@@ -148,11 +150,57 @@ class _Defaults:
             client = self.async_per_loop.get(loop)
             if client is None:
                 client = AsyncCyclesClient(self.source_config())
+                _close_at_loop_shutdown(client)
                 self.async_per_loop[loop] = client
             return client
 
+    def drop_derived(self) -> None:
+        """Forget the clients built from a config; close the sync one (we own it).
+
+        Called with the lock held. Async clients are closed by their event loop's shutdown.
+        """
+        if self.sync_derived and self.sync_client is not None:
+            self.sync_client.close()
+            self.sync_client = None
+        self.sync_derived = False
+        self.async_per_loop.clear()
+
+
+_closers: set[AsyncGenerator[None, None]] = set()
+"""Started closer generators, kept alive here until their loop shuts down (the loop only
+holds them weakly)."""
+
+
+def _close_at_loop_shutdown(client: AsyncCyclesClient) -> None:
+    """Arrange for ``client`` to be closed when the running event loop shuts down.
+
+    ``asyncio.run()`` (and every well-behaved loop runner) calls ``loop.shutdown_asyncgens()``
+    before closing the loop, which closes every started async generator of that loop: this
+    one's ``finally`` then closes the client, so its pooled sockets never outlive the loop.
+    """
+
+    async def closer() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            _closers.discard(generator)
+            await client.aclose()
+
+    generator = closer()
+    _closers.add(generator)
+    step = generator.__anext__()  # registers the generator with the running loop
+    with contextlib.suppress(StopIteration):
+        step.send(None)  # runs to the ``yield`` without suspending (nothing is awaited)
+
+
+def _close_derived_at_exit() -> None:
+    with _defaults.lock:
+        if _defaults.sync_derived and _defaults.sync_client is not None:
+            _defaults.sync_client.close()
+
 
 _defaults: Final = _Defaults()
+atexit.register(_close_derived_at_exit)
 
 
 def set_default_config(config: CyclesConfig | None) -> None:
@@ -171,11 +219,10 @@ def set_default_config(config: CyclesConfig | None) -> None:
             "build one with CyclesConfig(base_url=..., api_key=...) or CyclesConfig.from_env()"
         )
     with _defaults.lock:
+        _defaults.drop_derived()
         _defaults.config = config
         _defaults.sync_client = None
         _defaults.async_client = None
-        _defaults.sync_derived = False
-        _defaults.async_per_loop.clear()
 
 
 def set_default_client(client: CyclesClient | AsyncCyclesClient | None) -> None:
@@ -189,28 +236,21 @@ def set_default_client(client: CyclesClient | AsyncCyclesClient | None) -> None:
     Raises:
         TypeError: ``client`` is neither client class.
     """
+    if client is not None and not isinstance(client, (CyclesClient, AsyncCyclesClient)):
+        raise TypeError(
+            "set_default_client() expects a CyclesClient or an AsyncCyclesClient, got "
+            f"{type(client).__name__}"
+        )
     with _defaults.lock:
+        _defaults.drop_derived()  # built from the previous default; the new one replaces it
+        _defaults.config = None
         if client is None:
-            _defaults.config = None
             _defaults.sync_client = None
             _defaults.async_client = None
-            _defaults.sync_derived = False
         elif isinstance(client, CyclesClient):
             _defaults.sync_client = client
-            _defaults.sync_derived = False
-            _defaults.config = None
-        elif isinstance(client, AsyncCyclesClient):
-            _defaults.async_client = client
-            _defaults.config = None
-            if _defaults.sync_derived:
-                _defaults.sync_client = None
-                _defaults.sync_derived = False
         else:
-            raise TypeError(
-                "set_default_client() expects a CyclesClient or an AsyncCyclesClient, got "
-                f"{type(client).__name__}"
-            )
-        _defaults.async_per_loop.clear()
+            _defaults.async_client = client
 
 
 def get_default_client() -> CyclesClient:

@@ -1132,13 +1132,29 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         return len(beats)
 
     def close(self) -> None:
-        """Stop every heartbeat and cancel the background task (does not wait)."""
+        """Stop every heartbeat and cancel the background task (does not wait).
+
+        Safe to call from any thread (for example a finalizer): off the event loop's thread
+        the work is handed to the loop; with the loop already closed nothing is left to stop.
+        """
+        loop = self._task.get_loop() if self._task is not None else None
+        if loop is not None and not loop.is_closed() and not _running_in(loop):
+            try:
+                loop.call_soon_threadsafe(self._close_now)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+            else:
+                return
+        self._close_now()
+
+    def _close_now(self) -> None:
         self._stop_all()
         tasks = list(self._in_flight)
         if self._task is not None:
             tasks.append(self._task)
         for task in tasks:
-            task.cancel()
+            if not task.done() and not task.get_loop().is_closed():
+                task.cancel()
 
     async def aclose(self) -> None:
         """Stop every heartbeat, cancel the background task and wait for it to end."""
@@ -1202,6 +1218,13 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         event = self._settle(handle, outcome, sent_ms, self._now_ms())
         if event is not None:
             self._deliver(handle, event)
+
+
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 async def _with_timeout(awaitable: Awaitable[_T], timeout_s: float | None) -> _T:

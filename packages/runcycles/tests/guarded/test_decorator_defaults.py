@@ -127,3 +127,33 @@ def test_async_default_is_per_event_loop(routed: Any) -> None:
     second = asyncio.run(which())
     assert first is not second  # a loop's pooled connections never leak into another loop
     assert routed.statuses() == ["COMMITTED"] * 2
+
+
+def test_lazily_built_async_client_closes_with_its_loop(routed: Any) -> None:
+    set_default_config(routed.config())
+
+    async def run_once() -> AsyncCyclesClient:
+        assert await async_job() == "async"
+        return get_default_async_client()
+
+    built = asyncio.run(run_once())  # asyncio.run shuts the loop down properly
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(built.create_reservation({}))  # type: ignore[arg-type]
+
+
+def test_replacing_the_default_closes_the_sync_client_it_built(routed: Any) -> None:
+    set_default_config(routed.config())
+    assert sync_job() == "sync"
+    built = get_default_client()
+    set_default_config(routed.config())
+    assert get_default_client() is not built
+    with pytest.raises(RuntimeError, match="closed"):
+        built.get_balances(tenant="acme")
+    assert sync_job() == "sync"
+
+
+def test_an_explicit_default_client_is_never_closed_by_us(fake: Any) -> None:
+    with fake.sync_client() as mine:
+        set_default_client(mine)
+        set_default_config(None)
+        assert mine.get_balances(tenant="acme").status == 404  # still usable

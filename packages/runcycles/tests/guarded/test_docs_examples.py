@@ -1,6 +1,8 @@
 """Every Python example in docs/decorator.md, docs/guards.md and docs/streaming.md runs.
 
-Each code block is executed as written; respx routes its httpx clients to the in-memory fake.
+Each code block is executed as written, offline: ``CYCLES_*`` variables point
+``CyclesConfig.from_env()`` at a URL that respx routes to the in-memory fake. (The same
+blocks also run against the real server in ``tests-integration/test_docs_examples.py``.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ def test_every_page_has_examples() -> None:
 
 
 @pytest.mark.parametrize("code", examples())
-def test_example_runs(code: str, fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_example_runs(code: str, fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CYCLES_BASE_URL", "http://localhost:7878")
+    monkeypatch.setenv("CYCLES_API_KEY", "docs-key")
+    monkeypatch.setenv("CYCLES_TENANT", "acme")
     with respx.mock(base_url="http://localhost:7878", assert_all_called=False) as router:
         router.route().mock(side_effect=fake.handler)
         exec(compile(code, "<docs example>", "exec"), {"__name__": "docs_example"})

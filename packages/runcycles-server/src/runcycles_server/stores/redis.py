@@ -45,6 +45,11 @@ commit, release or extend costs two when this process has seen the reservation (
 the budgeted scopes of recent reservations), else three. Authentication costs one once a key
 has been seen (its tenant never changes, so key and tenant rows are fetched together).
 
+Requirements: Redis 7.0 or newer (the script declares itself with a ``#!lua`` shebang so an
+out-of-memory Redis refuses it whole instead of failing between two writes). Durability is
+Redis's: run it with ``appendonly yes`` (``appendfsync everysec`` can lose the last second of
+acknowledged spend on a crash of the Redis host; ``always`` cannot).
+
 Key layout (``P`` = ``--redis-prefix``, default ``cycles``; rows are hashes with a ``_v``
 version and JSON fields):
 
@@ -102,7 +107,7 @@ from importlib import resources
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from runcycles.models import (
     CommitRequest,
@@ -466,6 +471,26 @@ class _Work:
         return out
 
 
+_DROP_DUE_LUA: Final = """#!lua
+-- KEYS[1]: the due index; ARGV: member, score, member, score ...
+-- ZREM each member whose score is still the given one (an exact integer below 2^53).
+local removed = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+"""
+
+
+@dataclass(slots=True)
+class _Script:
+    source: str
+    sha: str | None = None
+
+
 @dataclass(slots=True)
 class _Op:
     """One operation queued on a tenant: the rows it reads first, and how it plans."""
@@ -494,8 +519,8 @@ class RedisStore:
         clock: epoch-milliseconds clock; by default the Redis server's ``TIME``, so every
             process agrees on expiry. Inject a fake one in tests.
         max_connections: size of the connection pool (requests wait for a free connection).
-        client: an existing ``redis.asyncio.Redis`` to use instead of ``url`` (not closed by
-            :meth:`close`).
+        client: an existing ``redis.asyncio.Redis`` (with ``decode_responses`` off) to use
+            instead of ``url``; not closed by :meth:`close`.
     """
 
     def __init__(
@@ -517,8 +542,13 @@ class RedisStore:
         self.clock: Clock = clock or system_clock
         self._owns_client = client is None
         if client is None:
+            # Defaults below; query parameters in the URL (e.g. ?socket_timeout=5) override them.
             pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=10
+                url,
+                max_connections=max_connections,
+                timeout=10,
+                socket_connect_timeout=5,
+                socket_timeout=10,
             )
             client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         # redis-py's stubs type replies as unions of bytes/str/lists; replies are bytes here
@@ -528,6 +558,7 @@ class RedisStore:
         source = resources.files("runcycles_server.stores").joinpath("redis_cas.lua")
         self._script = source.read_text(encoding="utf-8")
         self._sha: str | None = None
+        self._drop_script = _Script(_DROP_DUE_LUA)
         self._queues: dict[str, _Queue] = {}
         self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
         self._key_tenants: dict[str, str] = {}
@@ -559,9 +590,24 @@ class RedisStore:
         seconds, micros = await self._redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
+    async def _run_script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if script.sha is None:
+            script.sha = str(await self._redis.script_load(script.source))
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            script.sha = str(await self._redis.script_load(script.source))
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+
     async def _sha1(self) -> str:
         if self._sha is None:
-            self._sha = str(await self._redis.script_load(self._script))
+            try:
+                self._sha = str(await self._redis.script_load(self._script))
+            except ResponseError as exc:
+                raise RuntimeError(
+                    f"Redis refused the store's Lua script ({exc}); the Redis store needs "
+                    "Redis 7.0 or newer"
+                ) from exc
         return self._sha
 
     async def _eval(self, keys: Sequence[str], args: Sequence[Any], pre: Sequence[Any]) -> Any:
@@ -579,16 +625,16 @@ class RedisStore:
             pipe.execute_command(*command)
         pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         results = await pipe.execute(raise_on_error=False)
-        for result in results[:-1]:
-            if isinstance(result, Exception):
-                raise result
         result = results[-1]
         if isinstance(result, NoScriptError):
             self._sha = None
             sha = await self._sha1()
-            return await self._redis.evalsha(sha, len(keys), *keys, *args)
-        if isinstance(result, Exception):
+            result = await self._redis.evalsha(sha, len(keys), *keys, *args)
+        elif isinstance(result, Exception):
             raise result
+        for command, outcome in zip(pre, results, strict=False):
+            if isinstance(outcome, Exception):  # the script ran: its index entry must exist
+                await self._redis.execute_command(*command)
         return result
 
     def _snapshot(self, keys: Sequence[str], reply: Sequence[Any]) -> _Snapshot:
@@ -1011,12 +1057,13 @@ class RedisStore:
         scanned = 0
         while expired < limit and scanned < SWEEP_MAX_SCAN:
             members = await self._redis.zrangebyscore(
-                self._k.due, "-inf", f"({now}", start=0, num=SWEEP_BATCH
+                self._k.due, "-inf", f"({now}", start=0, num=SWEEP_BATCH, withscores=True
             )
             if not members:
                 break
             scanned += len(members)
-            ids = [m.decode() for m in members]
+            ids = [m.decode() for m, _ in members]
+            scores = {m.decode(): int(score) for m, score in members}
             owners = [reservation_tenant(rid) for rid in ids]
             raws = await self._hget_many(
                 [self._k.res(o, rid) if o else "" for o, rid in zip(owners, ids, strict=True)]
@@ -1042,13 +1089,15 @@ class RedisStore:
                     drop.append(rid)
                 elif outcome == "gone":
                     drop.append(rid)
-            pipe = self._redis.pipeline(transaction=False)
             if drop:
-                pipe.zrem(self._k.due, *drop)
+                # Remove an entry only if its score is still the one read: a reserve retried
+                # after a conflict re-files its id (write-ahead) and must not lose that entry.
+                flat: list[Any] = []
+                for rid in drop:
+                    flat += [rid, scores[rid]]
+                await self._run_script(self._drop_script, [self._k.due], flat)
             if refile:
-                pipe.execute_command("ZADD", self._k.due, *refile)
-            if drop or refile:
-                await pipe.execute()
+                await self._redis.execute_command("ZADD", self._k.due, *refile)
             if not drop and not refile:
                 break  # nothing changed (only entries beyond the limit remain)
         return expired
@@ -1436,10 +1485,8 @@ class RedisStore:
     def _plan_close_batch(self, w: _Work, ids: list[str]) -> None:
         for rid in ids:
             res = w.reservation(rid)
-            if res is None:
+            if res is None or res.status != "ACTIVE":  # a stale index entry: just drop it
                 w.zops.append(_ZOp(False, self._k.x_active(w.tenant_id), rid))
-                continue
-            if res.status != "ACTIVE":
                 continue
             w.require(self._scope_keys(w.tenant_id, res.budgeted_scopes))
             w.apply(ledger.plan_close_release(res, w.budgets(res.budgeted_scopes), w.now))

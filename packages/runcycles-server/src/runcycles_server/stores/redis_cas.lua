@@ -1,3 +1,4 @@
+#!lua
 -- The one script behind every read snapshot and every mutation of the Redis store.
 --
 -- It never does arithmetic on amounts: the Python side computes every new row with
@@ -22,6 +23,10 @@
 -- Returns {1} once every write is applied, or, when any version differs (or on "?"),
 -- {0, time_s, time_us, HGETALL KEYS[1], ..., HGETALL KEYS[n]} and writes nothing.
 -- All keys carry the same hash tag, so the script is Redis Cluster compatible.
+--
+-- The shebang line (Redis >= 7) declares a script that may write and is *not* allow-oom, so
+-- Redis refuses the whole call up front when it is out of memory instead of failing halfway
+-- through the writes (Redis never rolls a script back).
 
 local n = tonumber(ARGV[1])
 

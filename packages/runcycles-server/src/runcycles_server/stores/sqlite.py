@@ -403,7 +403,7 @@ class SqliteStore(RowStore):
                 yield
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:  # also when COMMIT itself failed (e.g. disk full)
+                if self._conn.in_transaction:  # also when COMMIT itself failed (disk full)
                     conn.execute("ROLLBACK")
                 raise
         finally:
