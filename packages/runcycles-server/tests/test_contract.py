@@ -122,6 +122,11 @@ def test_runtime_responses_match_the_protocol_spec(api: Api, clock: FakeClock) -
         "/v1/reservations",
         {"idempotency_key": "r2", **base, "estimate": {"unit": U, "amount": 10}},
     ).json()
+    rid3 = api.post(
+        key,
+        "/v1/reservations",
+        {"idempotency_key": "r3", **base, "estimate": {"unit": U, "amount": 1}},
+    ).json()["reservation_id"]
     check(
         "ReleaseResponse",
         api.post(
@@ -174,6 +179,19 @@ def test_runtime_responses_match_the_protocol_spec(api: Api, clock: FakeClock) -
     check(
         "AuthIntrospectResponse", api.client.get("/v1/auth/introspect", headers=h), 200, GOVERNANCE
     )
+    admin_release = api.client.post(
+        f"/v1/reservations/{rid3}/release",
+        headers=api.admin_headers,
+        json={"idempotency_key": "adm", "reason": "[INCIDENT_FORCE_RELEASE]"},
+    )
+    check("ReleaseResponse", admin_release, 200)
+    logs = check(
+        "AuditLogListResponse",
+        api.client.get("/v1/admin/audit/logs", headers=api.admin_headers),
+        200,
+        GOVERNANCE,
+    )
+    assert [entry["resource_id"] for entry in logs["logs"]] == [rid3]
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
@@ -240,3 +258,4 @@ def test_admin_responses_match_the_governance_spec(api: Api) -> None:
     )
     check("AuthIntrospectResponse", c.get("/v1/auth/introspect", headers=a), 200, GOVERNANCE)
     check("ErrorResponse", c.get("/v1/admin/tenants/nope", headers=a), 404, GOVERNANCE)
+    check("AuditLogListResponse", c.get("/v1/admin/audit/logs", headers=a), 200, GOVERNANCE)

@@ -420,6 +420,22 @@ def test_admin_can_list_get_and_release_any_reservation(
     else:
         count = len(audit) if audit is not None else store.count_rows("audit_log")
     assert count == 1
+    logs = api.client.get("/v1/admin/audit/logs", params={"tenant_id": "acme"}, headers=h)
+    if logs.status_code == 200:  # the store has a readable audit log
+        entries = logs.json()["logs"]
+        assert [e["resource_id"] for e in entries] == [rid]
+        assert entries[0]["metadata"] == {
+            "actor_type": "admin_on_behalf_of",
+            "reason": "[INCIDENT]",
+        }
+        assert entries[0]["request_id"] == response.headers["x-request-id"]
+        again = api.client.post(
+            f"/v1/reservations/{rid}/release",
+            headers=h,
+            json={"idempotency_key": "adm", "reason": "[INCIDENT]"},
+        )
+        assert again.json() == response.json()
+        assert len(api.client.get("/v1/admin/audit/logs", headers=h).json()["logs"]) == 1
     # commit is not an admin operation
     response = api.client.post(
         f"/v1/reservations/{rid}/commit",

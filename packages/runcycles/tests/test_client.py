@@ -1025,3 +1025,64 @@ def test_type_hints_resolve_at_runtime() -> None:
         hints = typing.get_type_hints(cls.list_reservations)
         assert "filters" in hints
         assert "return" in typing.get_type_hints(cls.create_reservation)
+
+
+def corrupt_gzip_response() -> httpx.Response:
+    # A stream, so the body is only decoded (and fails) when the client reads it.
+    return httpx.Response(
+        200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")
+    )
+
+
+async def test_undecodable_body_is_ambiguous_and_retried_with_the_same_key(
+    api: Any, router: respx.MockRouter
+) -> None:
+    corrupt = corrupt_gzip_response()
+    route = router.post("/v1/reservations").mock(
+        side_effect=[corrupt, httpx.Response(200, json=RESERVE_OK)]
+    )
+
+    with no_backoff() as delays:
+        response = await api.create_reservation(reserve_request())
+
+    assert response.is_success
+    assert route.call_count == 2
+    assert len(delays) == 1
+    first, second = (call.request for call in route.calls)
+    assert first.headers["X-Idempotency-Key"] == second.headers["X-Idempotency-Key"]
+
+
+async def test_undecodable_body_never_raises_from_the_method(
+    make_api: Any, router: respx.MockRouter
+) -> None:
+    api = make_api(retry_enabled=False)
+    router.post("/v1/reservations").mock(side_effect=lambda request: corrupt_gzip_response())
+
+    response = await api.create_reservation(reserve_request())
+
+    assert not response.is_success
+    assert response.is_transport_error
+    with pytest.raises(CyclesTransportError):
+        response.raise_for_error()
+
+
+async def test_with_options_shares_the_pool_and_changes_only_the_retry_policy(
+    make_api: Any, router: respx.MockRouter
+) -> None:
+    from runcycles.retry import RetryPolicy
+
+    api = make_api()
+    sibling = api.client.with_options(retry_policy=RetryPolicy.never())
+    assert type(sibling) is type(api.client)
+    assert sibling.http_client is api.client.http_client
+    assert sibling.config is api.client.config
+    route = router.post("/v1/reservations").respond(503, json=error_body("INTERNAL_ERROR"))
+
+    with no_backoff() as delays:
+        result = sibling.create_reservation(reserve_request())
+        if api.is_async:
+            result = await result
+
+    assert route.call_count == 1
+    assert delays == []
+    assert result.is_server_error

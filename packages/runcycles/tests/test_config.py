@@ -247,3 +247,19 @@ def test_default_subject() -> None:
     assert CyclesConfig(base_url="http://h", api_key="k").default_subject() is None
     with pytest.raises(TypeError, match="unknown field"):
         config.default_subject(tennant="x")
+
+
+def test_journal_settings_from_env_and_validation() -> None:
+    config = CyclesConfig.from_env(
+        environ={
+            "CYCLES_BASE_URL": "http://x",
+            "CYCLES_API_KEY": "k",
+            "CYCLES_JOURNAL_ENABLED": "off",
+            "CYCLES_JOURNAL_DIR": "/tmp/journal",
+        }
+    )
+    assert config.journal_enabled is False
+    assert config.journal_dir == "/tmp/journal"
+    assert CyclesConfig(base_url="http://x", api_key="k").journal_enabled is True
+    with pytest.raises(CyclesConfigError, match="journal_enabled"):
+        CyclesConfig(base_url="http://x", api_key="k", journal_enabled="yes")  # type: ignore[arg-type]

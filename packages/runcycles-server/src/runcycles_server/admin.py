@@ -14,6 +14,8 @@ Routes (``X-Admin-API-Key`` unless noted; "or tenant" = a tenant key works for i
   /v1/admin/budgets/freeze|unfreeze?scope=&unit=``.
 * ``POST /v1/admin/budgets/fund?scope=&unit=[&tenant_id=]`` (or tenant): CREDIT, DEBIT, RESET,
   RESET_SPENT, REPAY_DEBT, idempotent by ``idempotency_key``.
+* ``GET /v1/admin/audit/logs[?tenant_id=]``: audit entries of admin-on-behalf-of releases (for
+  stores that implement :class:`~runcycles_server.stores.base.AuditReader`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 from runcycles.models import Amount, CommitOveragePolicy, Unit
 from runcycles_server import ledger
 from runcycles_server.ledger import ApiKeyRow, BudgetRow, LedgerError, TenantRow
-from runcycles_server.stores.base import Store, new_id
+from runcycles_server.stores.base import AuditReader, Store, new_id
 from runcycles_server.web import Authenticator, Principal, json_response, parse_body, query_int
 
 Permission = Literal[
@@ -281,6 +283,7 @@ class Admin:
             Route("/v1/admin/budgets/fund", self.fund_budget, methods=["POST"]),
             Route("/v1/admin/budgets/freeze", self.freeze_budget, methods=["POST"]),
             Route("/v1/admin/budgets/unfreeze", self.unfreeze_budget, methods=["POST"]),
+            Route("/v1/admin/audit/logs", self.list_audit_logs, methods=["GET"]),
         ]
 
     # -- tenants -------------------------------------------------------------------------------
@@ -512,6 +515,39 @@ class Admin:
     async def unfreeze_budget(self, request: Request) -> Response:
         """``POST /v1/admin/budgets/unfreeze``: FROZEN → ACTIVE."""
         return await self._set_status(request, "FROZEN", "ACTIVE")
+
+    async def list_audit_logs(self, request: Request) -> Response:
+        """``GET /v1/admin/audit/logs``: admin-on-behalf-of release entries, newest first."""
+        self.auth.admin(request)
+        if not isinstance(self.store, AuditReader):
+            raise LedgerError("NOT_FOUND", "this store does not keep a readable audit log")
+        params = request.query_params
+        page = await self.store.list_audit_logs(
+            params.get("tenant_id") or None,
+            query_int(request, "limit", 50, 1, 100),
+            params.get("cursor") or None,
+        )
+        logs = [
+            _drop_none(
+                {
+                    "log_id": row.audit_id,
+                    "timestamp": iso(row.created_at_ms),
+                    "tenant_id": row.tenant_id,
+                    "operation": row.operation,
+                    "resource_type": "reservation",
+                    "resource_id": row.resource_id,
+                    "request_id": row.request_id,
+                    "trace_id": row.trace_id,
+                    "status": 200,
+                    "metadata": {"actor_type": row.actor_type, **(row.details or {})},
+                }
+            )
+            for row in page.items
+        ]
+        body: dict[str, Any] = {"logs": logs, "has_more": page.next_cursor is not None}
+        if page.next_cursor is not None:
+            body["next_cursor"] = page.next_cursor
+        return json_response(body)
 
     async def fund_budget(self, request: Request) -> Response:
         """``POST /v1/admin/budgets/fund?scope=&unit=[&tenant_id=]``."""

@@ -127,6 +127,15 @@ class CyclesClient:
         """The ``httpx.Client`` (connection pool) this client sends with."""
         return self._http
 
+    def with_options(self, *, retry_policy: RetryPolicy) -> Self:
+        """Return a sibling client that shares this one's pool but uses ``retry_policy``.
+
+        The sibling never closes the shared pool; close the original when done. The
+        heartbeat and the settlement engine use this to send single attempts
+        (``RetryPolicy.never()``) on the same connections.
+        """
+        return type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
+
     def __enter__(self) -> Self:
         return self
 
@@ -394,7 +403,7 @@ class CyclesClient:
             attempt += 1
             try:
                 response = parse_http_response(self._http.send(request), model)
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:
                 response = transport_failure(request, model, exc)
             delay_s = self._retry.next_delay_s(attempt, response)
             if delay_s is None:
@@ -447,6 +456,13 @@ class AsyncCyclesClient:
     def http_client(self) -> httpx.AsyncClient:
         """The ``httpx.AsyncClient`` (connection pool) this client sends with."""
         return self._http
+
+    def with_options(self, *, retry_policy: RetryPolicy) -> Self:
+        """Return a sibling client that shares this one's pool but uses ``retry_policy``.
+
+        The sibling never closes the shared pool; close the original when done.
+        """
+        return type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
 
     async def __aenter__(self) -> Self:
         return self
@@ -719,7 +735,7 @@ class AsyncCyclesClient:
             attempt += 1
             try:
                 response = parse_http_response(await self._http.send(request), model)
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:
                 response = transport_failure(request, model, exc)
             delay_s = self._retry.next_delay_s(attempt, response)
             if delay_s is None:

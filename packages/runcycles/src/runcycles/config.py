@@ -52,6 +52,11 @@ class CyclesConfig:
             429 asking for a longer wait is returned to the caller (``retry_after_ms`` says
             how long) instead of blocking the call.
         max_connections: Size of the client's connection pool.
+        journal_enabled: Whether guarded calls write unresolved settlements to the durable
+            journal before committing, so known spend survives a crash (see
+            ``docs/recovery.md``). ``RUNCYCLES_JOURNAL=off`` also disables it.
+        journal_dir: Where the journal lives (default: ``$XDG_STATE_HOME/runcycles/journal``
+            or ``~/.local/state/runcycles/journal``; ``RUNCYCLES_JOURNAL_DIR`` overrides it).
     """
 
     base_url: str
@@ -71,6 +76,8 @@ class CyclesConfig:
     retry_max_delay: float = 30.0
     retry_after_max_s: float = 60.0
     max_connections: int = 100
+    journal_enabled: bool = True
+    journal_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base_url", _check_base_url(self.base_url))
@@ -86,6 +93,11 @@ class CyclesConfig:
         _check_number("retry_max_delay", self.retry_max_delay, minimum=0.0)
         _check_number("retry_after_max_s", self.retry_after_max_s, minimum=0.0)
         _check_int("max_connections", self.max_connections, minimum=1)
+        _check_bool("journal_enabled", self.journal_enabled)
+        if self.journal_dir is not None and not isinstance(self.journal_dir, str):
+            raise CyclesConfigError(
+                f"journal_dir must be a path string or None, got {type(self.journal_dir).__name__}"
+            )
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -181,6 +193,8 @@ _FIELD_TYPES: Final[Mapping[str, type]] = {
     "retry_max_delay": float,
     "retry_after_max_s": float,
     "max_connections": int,
+    "journal_enabled": bool,
+    "journal_dir": str,
 }
 _EXAMPLES: Final = {"base_url": "http://localhost:7878", "api_key": "<your tenant API key>"}
 

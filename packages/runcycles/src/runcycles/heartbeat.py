@@ -1249,12 +1249,6 @@ def _single_attempt_client(client: Any) -> Any:
     from runcycles.retry import RetryPolicy
 
     # The sibling shares the pool and never closes it (it does not own it).
-    if type(client) is CyclesClient:
-        return CyclesClient(
-            client.config, http_client=client._http, retry_policy=RetryPolicy.never()
-        )
-    if type(client) is AsyncCyclesClient:
-        return AsyncCyclesClient(
-            client.config, http_client=client._http, retry_policy=RetryPolicy.never()
-        )
+    if type(client) in (CyclesClient, AsyncCyclesClient):
+        return client.with_options(retry_policy=RetryPolicy.never())
     return client

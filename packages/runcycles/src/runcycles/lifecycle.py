@@ -25,16 +25,14 @@ Two layers:
 
 The guards commit through the client's settlement (same-key retries, ``410`` -> event
 fallback, durable journal) and extend through the client's single heartbeat scheduler; both
-are reached through the small ``_settlement``/``_heartbeat`` seam at the end of this module.
+are reached only through :mod:`runcycles._wiring`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import threading
 import time
 import warnings
 import weakref
@@ -44,6 +42,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypedDict, TypeVar, overload
 
+from runcycles import _wiring
+from runcycles._wiring import NoHeartbeat
 from runcycles.context import CyclesContext, pop_context, push_context
 from runcycles.exceptions import (
     CyclesConfigError,
@@ -54,10 +54,7 @@ from runcycles.exceptions import (
     protocol_error_class,
 )
 from runcycles.heartbeat import (
-    AsyncHeartbeatScheduler,
-    HeartbeatEvent,
     HeartbeatHandle,
-    HeartbeatScheduler,
 )
 from runcycles.models import (
     STANDARD_SUBJECT_FIELDS,
@@ -78,10 +75,7 @@ from runcycles.models import (
     Unit,
 )
 from runcycles.settlement import (
-    AsyncSettlement,
-    Settlement,
     SettlementResult,
-    default_journal,
 )
 
 if TYPE_CHECKING:
@@ -723,7 +717,7 @@ class _GuardState:
         self._state = _NEW
         self._claim = [True]
         self._context: CyclesContext | None = None
-        self._heartbeat: HeartbeatHandle | _NoHeartbeat | None = None
+        self._heartbeat: HeartbeatHandle | NoHeartbeat | None = None
         self._token: Token[CyclesContext | None] | None = None
 
     def __repr__(self) -> str:
@@ -815,6 +809,10 @@ class _GuardState:
         self._state = _LIVE
         return data, context
 
+    def _lease_ms(self, data: ReservationCreateResponse) -> int:
+        """The ``ttl_ms`` each heartbeat extends by: as requested, else as granted."""
+        return self._request.ttl_ms or data.remaining_ttl_ms or DEFAULT_TTL_MS
+
     def _publish(self, context: CyclesContext) -> None:
         self._token = push_context(context)
 
@@ -894,7 +892,9 @@ class ReservationGuard(_GuardState):
         rtt_s = time.perf_counter() - started
         data, context = self._granted(response)
         if self._use_heartbeat:
-            self._heartbeat = _heartbeat.track(self._client, self._request, data, context, rtt_s)
+            self._heartbeat = _wiring.heartbeat.track(
+                self._client, self._lease_ms(data), data, context, rtt_s
+            )
         self._publish(context)
         return self
 
@@ -945,7 +945,7 @@ class ReservationGuard(_GuardState):
         commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
         self._mark_finalized("commit")
         self._stop_heartbeat()
-        return _settlement.commit(self._client, self._request, context, commit_request)
+        return _wiring.settlement.commit(self._client, self._request, context, commit_request)
 
     def release(self, reason: str | None = None) -> ReleaseResponse:
         """Give the whole reservation back, charging nothing.
@@ -963,7 +963,7 @@ class ReservationGuard(_GuardState):
         context = self._begin_finalize("release")
         self._mark_finalized("release")
         self._stop_heartbeat()
-        return _settlement.release(self._client, context, build_release_request(reason))
+        return _wiring.settlement.release(self._client, context, build_release_request(reason))
 
     def _release_quietly(self, reason: str) -> None:
         context = self.context
@@ -973,7 +973,7 @@ class ReservationGuard(_GuardState):
             return  # another thread finalized it meanwhile
         self._stop_heartbeat()
         try:
-            _settlement.release(self._client, context, build_release_request(reason))
+            _wiring.settlement.release(self._client, context, build_release_request(reason))
         except Exception as exc:  # never mask the block's own exception
             logger.warning(
                 "could not release reservation %s (%s); it will expire on its own",
@@ -1026,7 +1026,9 @@ class AsyncReservationGuard(_GuardState):
         rtt_s = time.perf_counter() - started
         data, context = self._granted(response)
         if self._use_heartbeat:
-            self._heartbeat = _heartbeat.atrack(self._client, self._request, data, context, rtt_s)
+            self._heartbeat = _wiring.heartbeat.atrack(
+                self._client, self._lease_ms(data), data, context, rtt_s
+            )
         self._publish(context)
         return self
 
@@ -1081,7 +1083,7 @@ class AsyncReservationGuard(_GuardState):
         self._mark_finalized("commit")
         self._stop_heartbeat()
         # Known spend: a cancellation of the caller must not interrupt the settlement.
-        settle = _settlement.acommit(self._client, self._request, context, commit_request)
+        settle = _wiring.settlement.acommit(self._client, self._request, context, commit_request)
         return await run_shielded(settle)
 
     async def release(self, reason: str | None = None) -> ReleaseResponse:
@@ -1100,7 +1102,9 @@ class AsyncReservationGuard(_GuardState):
         context = self._begin_finalize("release")
         self._mark_finalized("release")
         self._stop_heartbeat()
-        return await _settlement.arelease(self._client, context, build_release_request(reason))
+        return await _wiring.settlement.arelease(
+            self._client, context, build_release_request(reason)
+        )
 
     async def _release_quietly(self, reason: str, *, shield: bool) -> None:
         context = self.context
@@ -1110,7 +1114,9 @@ class AsyncReservationGuard(_GuardState):
             return  # finalized meanwhile
         self._stop_heartbeat()
         try:
-            release = _settlement.arelease(self._client, context, build_release_request(reason))
+            release = _wiring.settlement.arelease(
+                self._client, context, build_release_request(reason)
+            )
             await (run_shielded(release) if shield else release)
         except Exception as exc:  # never mask the block's own exception
             logger.warning(
@@ -1249,206 +1255,3 @@ async def _adry_run(
     return dry_run_result(
         await client.create_reservation(request.model_copy(update={"dry_run": True}))
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Seam to the settlement and heartbeat modules (the only place that knows their API)
-
-
-class _NoHeartbeat:
-    __slots__ = ()
-
-    def stop(self) -> None:
-        """Nothing to stop."""
-
-
-_NO_HEARTBEAT: Final = _NoHeartbeat()
-
-
-class _HeartbeatSeam:
-    """Track a reservation on its client's single heartbeat scheduler.
-
-    One :class:`~runcycles.heartbeat.HeartbeatScheduler` per sync client, one
-    :class:`~runcycles.heartbeat.AsyncHeartbeatScheduler` per (event loop, async client);
-    each is closed when its client is garbage-collected.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sync: weakref.WeakKeyDictionary[Any, HeartbeatScheduler] = weakref.WeakKeyDictionary()
-        self._async: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Any, AsyncHeartbeatScheduler]
-        ] = weakref.WeakKeyDictionary()
-
-    def scheduler(self, client: CyclesClient) -> HeartbeatScheduler:
-        scheduler = self._sync.get(client)
-        if scheduler is None:
-            with self._lock:
-                scheduler = self._sync.get(client)
-                if scheduler is None:
-                    scheduler = HeartbeatScheduler(client)
-                    self._sync[client] = scheduler
-                    weakref.finalize(client, scheduler.close, 0.0)
-        return scheduler
-
-    def ascheduler(self, client: AsyncCyclesClient) -> AsyncHeartbeatScheduler:
-        loop = asyncio.get_running_loop()
-        per_client = self._async.get(loop)
-        if per_client is None:
-            per_client = self._async.setdefault(loop, weakref.WeakKeyDictionary())
-        scheduler = per_client.get(client)
-        if scheduler is None:
-            scheduler = AsyncHeartbeatScheduler(client)
-            per_client[client] = scheduler
-            weakref.finalize(client, _close_quietly, scheduler)
-        return scheduler
-
-    @staticmethod
-    def _track(
-        scheduler: HeartbeatScheduler | AsyncHeartbeatScheduler,
-        request: ReservationCreateRequest,
-        data: ReservationCreateResponse,
-        context: CyclesContext,
-        rtt_s: float,
-    ) -> HeartbeatHandle | _NoHeartbeat:
-        def follow(event: HeartbeatEvent) -> None:
-            if event.expires_at_ms is not None:
-                context.expires_at_ms = event.expires_at_ms
-
-        try:
-            return scheduler.track(
-                context.reservation_id,
-                ttl_ms=request.ttl_ms or data.remaining_ttl_ms or DEFAULT_TTL_MS,
-                remaining_ttl_ms=data.remaining_ttl_ms,
-                expires_at_ms=data.expires_at_ms,
-                rtt_ms=rtt_s * 1000.0,
-                on_event=follow,
-            )
-        except Exception as exc:  # e.g. the same id tracked twice; never fail the work
-            logger.warning(
-                "reservation %s runs without a heartbeat (%s); it may expire if the work "
-                "outlasts ttl_ms",
-                context.reservation_id,
-                exc,
-            )
-            return _NO_HEARTBEAT
-
-    def track(
-        self,
-        client: CyclesClient,
-        request: ReservationCreateRequest,
-        data: ReservationCreateResponse,
-        context: CyclesContext,
-        rtt_s: float,
-    ) -> HeartbeatHandle | _NoHeartbeat:
-        return self._track(self.scheduler(client), request, data, context, rtt_s)
-
-    def atrack(
-        self,
-        client: AsyncCyclesClient,
-        request: ReservationCreateRequest,
-        data: ReservationCreateResponse,
-        context: CyclesContext,
-        rtt_s: float,
-    ) -> HeartbeatHandle | _NoHeartbeat:
-        return self._track(self.ascheduler(client), request, data, context, rtt_s)
-
-
-def _close_quietly(scheduler: AsyncHeartbeatScheduler) -> None:
-    with contextlib.suppress(RuntimeError):  # its event loop is closed: nothing left to stop
-        scheduler.close()
-
-
-class _SettlementSeam:
-    """Commit and release through one :class:`~runcycles.settlement.Settlement` per client.
-
-    Its journal is :func:`~runcycles.settlement.default_journal` of the client's config.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sync: weakref.WeakKeyDictionary[Any, Settlement] = weakref.WeakKeyDictionary()
-        self._async: weakref.WeakKeyDictionary[Any, AsyncSettlement] = weakref.WeakKeyDictionary()
-
-    def settlement(self, client: CyclesClient) -> Settlement:
-        settlement = self._sync.get(client)
-        if settlement is None:
-            with self._lock:
-                settlement = self._sync.get(client)
-                if settlement is None:
-                    settlement = Settlement(client, journal=default_journal(client.config))
-                    self._sync[client] = settlement
-        return settlement
-
-    def asettlement(self, client: AsyncCyclesClient) -> AsyncSettlement:
-        settlement = self._async.get(client)
-        if settlement is None:
-            with self._lock:
-                settlement = self._async.get(client)
-                if settlement is None:
-                    settlement = AsyncSettlement(client, journal=default_journal(client.config))
-                    self._async[client] = settlement
-        return settlement
-
-    def commit(
-        self,
-        client: CyclesClient,
-        request: ReservationCreateRequest,
-        context: CyclesContext,
-        commit_request: CommitRequest,
-    ) -> SettlementResult:
-        result = self.settlement(client).commit(
-            context.reservation_id,
-            commit_request,
-            subject=request.subject,
-            action=request.action,
-            overage_policy=request.overage_policy,
-        )
-        return _checked(result)
-
-    async def acommit(
-        self,
-        client: AsyncCyclesClient,
-        request: ReservationCreateRequest,
-        context: CyclesContext,
-        commit_request: CommitRequest,
-    ) -> SettlementResult:
-        result = await self.asettlement(client).commit(
-            context.reservation_id,
-            commit_request,
-            subject=request.subject,
-            action=request.action,
-            overage_policy=request.overage_policy,
-        )
-        return _checked(result)
-
-    def release(
-        self, client: CyclesClient, context: CyclesContext, release_request: ReleaseRequest
-    ) -> ReleaseResponse:
-        response = self.settlement(client).release(
-            context.reservation_id,
-            release_request.reason,
-            idempotency_key=release_request.idempotency_key,
-        )
-        return response.data
-
-    async def arelease(
-        self, client: AsyncCyclesClient, context: CyclesContext, release_request: ReleaseRequest
-    ) -> ReleaseResponse:
-        response = await self.asettlement(client).release(
-            context.reservation_id,
-            release_request.reason,
-            idempotency_key=release_request.idempotency_key,
-        )
-        return response.data
-
-
-def _checked(result: SettlementResult) -> SettlementResult:
-    """Raise the error of a settlement the server rejected for good; return the others."""
-    if result.outcome == "rejected" and result.error is not None:
-        raise result.error
-    return result
-
-
-_heartbeat: Final = _HeartbeatSeam()
-_settlement: Final = _SettlementSeam()

@@ -7,7 +7,8 @@ stored outcome instead of applying the operation twice):
   dropped mid-answer, proxy errors;
 * HTTP 5xx except 501 and 505 (those will not change on a retry);
 * HTTP 429 (``LIMIT_EXCEEDED``);
-* an *ambiguous* 2xx: a success status whose body is not a JSON object.
+* an *ambiguous* 2xx: a success status whose body is not a JSON object, or a body that
+  cannot even be decoded (e.g. corrupt gzip).
 
 A genuine 4xx (budget exceeded, not found, invalid request, ...) is never retried.
 
@@ -44,6 +45,7 @@ _RETRYABLE_EXCEPTIONS: Final = (
     httpx.NetworkError,
     httpx.RemoteProtocolError,
     httpx.ProxyError,
+    httpx.DecodingError,
 )
 _NOT_RETRIED_5XX: Final = frozenset({501, 505})
 _MAX_EXPONENT: Final = 64

@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from runcycles.models import (
     CommitRequest,
@@ -302,6 +302,16 @@ class Store(Protocol):
         """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key."""
 
 
+@runtime_checkable
+class AuditReader(Protocol):
+    """Optional store capability: list audit entries (``GET /v1/admin/audit/logs``)."""
+
+    async def list_audit_logs(
+        self, tenant_id: str | None, limit: int, cursor: str | None
+    ) -> Page[AuditRow]:
+        """Return one page of audit entries, newest first."""
+
+
 class RowStore(ABC):
     """Implements :class:`Store` once on top of synchronous row primitives.
 
@@ -550,6 +560,8 @@ class RowStore(ABC):
     async def expire_due(self, limit: int = 200) -> int:
         """See :meth:`Store.expire_due`."""
         count = 0
+        if not self._due_reservations(self.clock(), 1):  # cheap read: skip the write lock
+            return 0
         with self._write():
             now = self.clock()
             for res in self._due_reservations(now, limit):

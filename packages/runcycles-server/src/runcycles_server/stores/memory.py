@@ -254,6 +254,12 @@ class MemoryStore(RowStore):
         more = len(rows) > limit
         return Page(items, encode_cursor([items[-1].tenant_id]) if more else None)
 
+    async def list_audit_logs(
+        self, tenant_id: str | None, limit: int, cursor: str | None
+    ) -> Page[AuditRow]:
+        """Return one page of audit entries, newest first (see :class:`AuditReader`)."""
+        return _audit_page(list(self.audit.values()), tenant_id, limit, cursor)
+
     async def list_api_keys(
         self, tenant_id: str | None, status: str | None, limit: int, cursor: str | None
     ) -> Page[ApiKeyRow]:
@@ -273,6 +279,24 @@ class MemoryStore(RowStore):
         items = [_copy(k) for k in rows[:limit]]
         more = len(rows) > limit
         return Page(items, encode_cursor([items[-1].key_id]) if more else None)
+
+
+def _audit_page(
+    rows: list[AuditRow], tenant_id: str | None, limit: int, cursor: str | None
+) -> Page[AuditRow]:
+    keep = sorted(
+        (r for r in rows if tenant_id is None or r.tenant_id == tenant_id),
+        key=lambda r: (r.created_at_ms, r.audit_id),
+        reverse=True,
+    )
+    if cursor:
+        created, audit_id = decode_cursor(cursor, 2)
+        keep = [r for r in keep if (r.created_at_ms, r.audit_id) < (created, audit_id)]
+    items = [_copy(r) for r in keep[:limit]]
+    more = len(keep) > limit
+    return Page(
+        items, encode_cursor([items[-1].created_at_ms, items[-1].audit_id]) if more else None
+    )
 
 
 def _within(value: int | None, lo: int | None, hi: int | None) -> bool:

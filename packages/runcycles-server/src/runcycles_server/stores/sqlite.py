@@ -39,6 +39,7 @@ from runcycles.models import INT64_MAX
 from runcycles_server import ledger
 from runcycles_server.ledger import (
     ApiKeyRow,
+    AuditRow,
     BudgetRow,
     IdempotencyRow,
     LedgerError,
@@ -842,6 +843,34 @@ class SqliteStore(RowStore):
         items = [_key(r) for r in rows[:limit]]
         more = len(rows) > limit
         return Page(items, encode_cursor([items[-1].key_id]) if more else None)
+
+    async def list_audit_logs(
+        self, tenant_id: str | None, limit: int, cursor: str | None
+    ) -> Page[AuditRow]:
+        """Return one page of audit entries, newest first (see :class:`AuditReader`)."""
+        where, args = ["1 = 1"], []
+        if tenant_id is not None:
+            where.append("tenant_id = ?")
+            args.append(tenant_id)
+        if cursor:
+            created, audit_id = decode_cursor(cursor, 2)
+            where.append("(created_at_ms < ? OR (created_at_ms = ? AND audit_id < ?))")
+            args += [created, created, audit_id]
+        rows = self._conn.execute(
+            "SELECT audit_id, tenant_id, actor_type, operation, resource_id, created_at_ms, "
+            f"request_id, trace_id, details FROM audit_log WHERE {' AND '.join(where)} "
+            "ORDER BY created_at_ms DESC, audit_id DESC LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
+        items = [
+            AuditRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], _uj(r[8]))
+            for r in rows[:limit]
+        ]
+        more = len(rows) > limit
+        last = items[-1] if items else None
+        return Page(
+            items, encode_cursor([last.created_at_ms, last.audit_id]) if more and last else None
+        )
 
     # -- inspection (tests, CLI) -----------------------------------------------------------------
 
