@@ -833,11 +833,13 @@ async def test_conflicts_shrink_the_batch_and_give_up_after_max_attempts(
         sizes: list[int] = []
         real_cas = store._cas
 
-        async def recording_cas(keys: Any, snap: Any, work: Any) -> None:
+        async def recording_cas(keys: Any, snap: Any, work: Any, lease: str) -> None:
             sizes.append(len(work.dirty))
-            # every attempt loses: the other process writes between snapshot and CAS
+            # every attempt loses: the other process writes between snapshot and CAS (the
+            # lease the loser takes is dropped first, or the other process would wait for it)
+            await store._redis.delete(lease)
             await other.create_event("acme", event_req(f"x{len(sizes)}", 1), "h")
-            await real_cas(keys, snap, work)
+            await real_cas(keys, snap, work, lease)
 
         monkeypatch.setattr("runcycles_server.stores.redis.MAX_ATTEMPTS", 5)
         store._cas = recording_cas  # type: ignore[method-assign]

@@ -610,16 +610,19 @@ def cycles(
                 "runcycles.stream_reservation(...) inside the generator instead."
             )
         policy = _Policy(fn, **options)
-        if inspect.iscoroutinefunction(fn):
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        # an object whose __call__ is async counts as an async function
+        call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call):
             if isinstance(client, CyclesClient):
                 raise TypeError(
-                    f"{fn.__qualname__} is async but client= is a CyclesClient; pass an "
+                    f"{name} is async but client= is a CyclesClient; pass an "
                     "AsyncCyclesClient(config) for async functions"
                 )
             return _async_wrapper(fn, policy)
         if isinstance(client, AsyncCyclesClient):
             raise TypeError(
-                f"{fn.__qualname__} is not async but client= is an AsyncCyclesClient; pass a "
+                f"{name} is not async but client= is an AsyncCyclesClient; pass a "
                 "CyclesClient(config) for sync functions"
             )
         return _sync_wrapper(fn, policy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,6 +21,7 @@ from runcycles import (
     get_cycles_context,
     reserve,
 )
+from runcycles.context import pop_context, push_context
 
 
 def make_context(rid: str = "r", caps: Caps | None = None) -> CyclesContext:
@@ -208,3 +210,15 @@ async def test_concurrent_async_reservations_share_one_heartbeat_task(
     release.set()
     await asyncio.gather(*tasks)
     assert during - baseline == 20  # the callers' own tasks, none per reservation
+
+
+def test_pop_with_a_token_from_another_context_clears_instead_of_failing() -> None:
+    outer = make_context("outer")
+    token = contextvars.copy_context().run(push_context, outer)  # set in another context
+    inner = make_context("inner")
+    own = push_context(inner)
+    assert get_cycles_context() is inner
+    pop_context(token)  # cannot reset here: the finished reservation must not stay visible
+    assert get_cycles_context() is None
+    pop_context(own)
+    assert get_cycles_context() is None

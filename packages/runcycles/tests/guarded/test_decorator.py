@@ -14,6 +14,7 @@ from runcycles import (
     AsyncCyclesClient,
     BudgetExceededError,
     CommitOveragePolicy,
+    CyclesClient,
     CyclesMetrics,
     CyclesProtocolError,
     Decision,
@@ -201,16 +202,15 @@ def test_failing_actual_commits_the_estimate_and_flags_it(
     assert fake.statuses() == ["COMMITTED"]
 
 
-async def test_async_failing_actual_commits_the_estimate(fake: Any, aclient: Any) -> None:
+async def test_async_failing_actual_commits_the_estimate(
+    fake: Any, aclient: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     @cycles(estimate=500, actual=lambda result: result["missing"], client=aclient)
     async def job() -> dict[str, int]:
         return {}
 
-    logging.getLogger("runcycles").disabled = True
-    try:
+    with caplog.at_level(logging.ERROR, "runcycles"):
         assert await job() == {}
-    finally:
-        logging.getLogger("runcycles").disabled = False
     assert fake.commits()[0]["metadata"]["actual_source"] == "estimate"
 
 
@@ -223,17 +223,14 @@ async def test_async_failing_actual_commits_the_estimate(fake: Any, aclient: Any
     ],
 )
 def test_unusable_actual_commits_the_estimate_and_flags_it(
-    fake: Any, client: Any, bad: Any, error: str
+    fake: Any, client: Any, bad: Any, error: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     @cycles(estimate=500, actual=lambda result: bad, client=client)
     def job() -> str:
         return "done"
 
-    logging.getLogger("runcycles").disabled = True
-    try:
+    with caplog.at_level(logging.ERROR, "runcycles"):
         assert job() == "done"
-    finally:
-        logging.getLogger("runcycles").disabled = False
     (commit,) = fake.commits()
     assert commit["actual"] == {"unit": "USD_MICROCENTS", "amount": 500}
     assert commit["metadata"]["actual_source"] == "estimate"
@@ -501,3 +498,15 @@ async def test_async_commit_survives_cancellation_of_the_caller(fake: Any) -> No
     assert fake.statuses() == ["COMMITTED"]
     assert fake.commits()[0]["actual"]["amount"] == 40
     assert fake.releases() == []
+
+
+async def test_object_with_async_call_is_guarded_as_async(fake: Any, aclient: Any) -> None:
+    class Tool:
+        async def __call__(self, query: str) -> str:
+            return query.upper()
+
+    guarded = cycles(estimate=5, action_name="search", client=aclient)(Tool())
+    assert await guarded("hi") == "HI"
+    assert fake.statuses() == ["COMMITTED"]
+    with pytest.raises(TypeError, match="Tool is async"):
+        cycles(estimate=5, client=CyclesClient(fake.config()))(Tool())

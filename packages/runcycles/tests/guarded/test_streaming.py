@@ -172,17 +172,19 @@ def test_failing_cost_fn_commits_the_estimate_flagged(
     assert "cannot price the usage of stream reservation rsv_1" in caplog.text
 
 
-def test_garbage_usage_commits_the_estimate_flagged(fake: Any, client: Any) -> None:
-    logging.getLogger("runcycles").disabled = True
-    try:
-        with stream_reservation(client, **OPTIONS) as stream:
-            stream.usage.actual_cost = -5  # assigned directly, bypassing the helpers
-    finally:
-        logging.getLogger("runcycles").disabled = False
+def test_garbage_usage_commits_the_estimate_flagged(
+    fake: Any, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, "runcycles"),
+        stream_reservation(client, **OPTIONS) as stream,
+    ):
+        stream.usage.actual_cost = -5  # assigned directly, bypassing the helpers
     (commit,) = fake.commits()
     assert commit["actual"]["amount"] == 20_000
     assert commit["metadata"]["actual_error"].startswith("ValueError")
     assert fake.statuses() == ["COMMITTED"]
+    assert "cannot price the usage" in caplog.text
 
 
 def test_invalid_metrics_never_block_the_commit(

@@ -96,6 +96,7 @@ finishes an interrupted cascade.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import random
@@ -144,6 +145,8 @@ __all__ = ["RedisStore", "reservation_tenant"]
 DEFAULT_PREFIX: Final = "cycles"
 MAX_BATCH: Final = 128
 """Most operations of one tenant planned and written by one script."""
+LEASE_MS: Final = 30
+"""How long the loser of a compare-and-set race has the tenant to itself (see redis_cas.lua)."""
 MAX_ATTEMPTS: Final = 200
 """Compare-and-set attempts before an operation gives up with a retryable 500."""
 RESERVATION_CACHE_SIZE: Final = 65_536
@@ -236,6 +239,7 @@ class _Keys:
         self.tenants = f"{prefix}:{{idx}}:tenants"
         self.all_budgets = f"{prefix}:{{idx}}:budgets"
         self.keys_all = f"{prefix}:{{keys}}:x:all"
+        self.keys_lease = f"{prefix}:{{keys}}:lease"
         self._tags: dict[str, str] = {}
 
     def t(self, tenant_id: str) -> str:
@@ -248,6 +252,9 @@ class _Keys:
 
     def tenant(self, tenant_id: str) -> str:
         return f"{self.t(tenant_id)}:tenant"
+
+    def lease(self, tenant_id: str) -> str:
+        return f"{self.t(tenant_id)}:lease"
 
     def budget(self, tenant_id: str, scope: str) -> str:
         return f"{self.t(tenant_id)}:b:{scope}"
@@ -312,9 +319,11 @@ class _NeedKeys(Exception):
 class _Conflict(Exception):
     """A compare-and-set lost to a concurrent writer; carries the fresh snapshot."""
 
-    def __init__(self, snapshot: _Snapshot) -> None:
+    def __init__(self, snapshot: _Snapshot, *, leased: bool) -> None:
         super().__init__("concurrent update")
         self.snapshot = snapshot
+        self.leased = leased
+        """Refused because another process holds the fairness lease (nothing changed yet)."""
 
 
 @dataclass(slots=True)
@@ -558,6 +567,7 @@ class RedisStore:
         source = resources.files("runcycles_server.stores").joinpath("redis_cas.lua")
         self._script = source.read_text(encoding="utf-8")
         self._sha: str | None = None
+        self._token = uuid.uuid4().hex[:16]
         self._drop_script = _Script(_DROP_DUE_LUA)
         self._queues: dict[str, _Queue] = {}
         self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
@@ -648,9 +658,9 @@ class RedisStore:
         reply = await self._eval(keys, [len(keys), "?"], ())
         return self._snapshot(keys, reply)
 
-    async def _cas(self, keys: Sequence[str], snap: _Snapshot, work: _Work) -> None:
+    async def _cas(self, keys: Sequence[str], snap: _Snapshot, work: _Work, lease_key: str) -> None:
         """Write a batch if none of ``keys`` changed since ``snap``; else raise _Conflict."""
-        all_keys = list(keys)
+        all_keys = [*keys, lease_key]
         index = {key: i + 1 for i, key in enumerate(all_keys)}
 
         def ix(key: str) -> int:
@@ -671,7 +681,7 @@ class RedisStore:
                 writes.append(["Z", ix(z.key), str(z.score), z.member])
             else:
                 writes.append(["R", ix(z.key), z.member])
-        args: list[Any] = [len(keys), *(snap.version(k) for k in keys)]
+        args: list[Any] = [len(keys), *(snap.version(k) for k in keys), self._token, LEASE_MS]
         args.append(json.dumps(writes, separators=(",", ":"), ensure_ascii=False))
         pre: list[Any] = []
         if work.due:
@@ -680,8 +690,9 @@ class RedisStore:
                 due += [score, member]
             pre.append(("ZADD", self._k.due, *due))
         reply = await self._eval(all_keys, args, pre)
-        if int(reply[0]) != 1:
-            raise _Conflict(self._snapshot(keys, reply))
+        code = int(reply[0])
+        if code != 1:
+            raise _Conflict(self._snapshot(keys, reply), leased=code == 2)
         self.batches += 1
 
     # -- the per-tenant queue ---------------------------------------------------------------------
@@ -733,7 +744,9 @@ class RedisStore:
         for op in batch:
             want(op.keys)
         snap = await self._read(keys)
+        lease = self._k.lease(tenant_id)
         attempts = 0
+        holding = False  # this store took the tenant's fairness lease after losing a race
         while True:
             work = _Work(self._k, tenant_id, snap)
             results: list[tuple[bool, Any]] = []
@@ -752,9 +765,8 @@ class RedisStore:
                 snap = await self._read(keys)
                 continue
             if work.writes:
-                try:
-                    await self._cas(keys, snap, work)
-                except _Conflict as conflict:
+                conflict = await self._send(keys, snap, work, lease)
+                if conflict is not None:
                     self.conflicts += 1
                     attempts += 1
                     if attempts >= MAX_ATTEMPTS:
@@ -762,17 +774,19 @@ class RedisStore:
                             "INTERNAL_ERROR",
                             "the budget is under heavy concurrent update and this request could "
                             "not be applied; retry it with the same idempotency key",
-                        ) from None
+                        )
+                    holding = not conflict.leased
                     if len(batch) > 1:  # retry half now, the rest in the next batch
                         keep = len(batch) // 2
                         queue.pending[0:0] = batch[keep:]
                         del batch[keep:]
                         queue.limit = keep
-                    if attempts > 2:
-                        await asyncio.sleep(random.uniform(0, 0.0005 * min(attempts, 20)))
                     snap = conflict.snapshot
                     continue
                 queue.limit = min(MAX_BATCH, queue.limit * 2)
+            elif holding:  # nothing to write after all: hand the turn back at once
+                with contextlib.suppress(_Conflict):  # the lease already expired: nothing to do
+                    await self._cas([], snap, _Work(self._k, tenant_id, snap), lease)
             for row in work.seen_reservations:
                 self._remember(row)
             for op, (ok, value) in zip(batch, results, strict=True):
@@ -783,6 +797,29 @@ class RedisStore:
                 else:
                     op.future.set_exception(value)
             return
+
+    async def _send(
+        self, keys: Sequence[str], snap: _Snapshot, work: _Work, lease: str
+    ) -> _Conflict | None:
+        """Send one planned batch; wait while another process holds the fairness lease.
+
+        Returns ``None`` once written, or the conflict (with its fresh snapshot) to re-plan on.
+        """
+        waits = 0
+        while True:
+            try:
+                await self._cas(keys, snap, work, lease)
+            except _Conflict as conflict:
+                if not conflict.leased:
+                    return conflict
+                waits += 1
+                if waits >= MAX_ATTEMPTS:
+                    return conflict
+                # The holder is re-planning its lost batch; the same plan is re-sent (it will
+                # either still fit or come back as a plain conflict with fresh rows).
+                await asyncio.sleep(random.uniform(0.0002, 0.001) * min(waits, 10))
+                continue
+            return None
 
     def _remember(self, row: ReservationRow) -> None:
         cache = self._scopes_cache
@@ -1516,21 +1553,21 @@ class RedisStore:
         row.created_at_ms = await self._now()
         by_hash, by_id = self._k.key_by_hash(row.key_hash), self._k.key_by_id(row.key_id)
         keys = [by_hash, by_id]
-        snap = await self._read(keys)
-        if snap.rows[by_hash] or snap.rows[by_id]:
-            raise LedgerError("DUPLICATE_RESOURCE", f"API key {row.key_id} already exists")
-        work = _Work(self._k, row.tenant_id, snap)
-        work.dirty[by_hash] = {_D: row}
-        work.dirty[by_id] = {b"h": row.key_hash.encode()}
-        work.zops.append(_ZOp(True, self._k.keys_all, row.key_id))
-        work.zops.append(_ZOp(True, self._k.keys_of(row.tenant_id), row.key_id))
-        try:
-            await self._cas(keys, snap, work)
-        except _Conflict:
-            raise LedgerError(
-                "DUPLICATE_RESOURCE", f"API key {row.key_id} was created concurrently"
-            ) from None
-        return row
+        while True:
+            snap = await self._read(keys)
+            if snap.rows[by_hash] or snap.rows[by_id]:
+                raise LedgerError("DUPLICATE_RESOURCE", f"API key {row.key_id} already exists")
+            work = _Work(self._k, row.tenant_id, snap)
+            work.dirty[by_hash] = {_D: row}
+            work.dirty[by_id] = {b"h": row.key_hash.encode()}
+            work.zops.append(_ZOp(True, self._k.keys_all, row.key_id))
+            work.zops.append(_ZOp(True, self._k.keys_of(row.tenant_id), row.key_id))
+            try:
+                await self._cas(keys, snap, work, self._k.keys_lease)
+            except _Conflict:
+                await asyncio.sleep(random.uniform(0, 0.002))
+                continue  # read again: a concurrent create of the same key is a duplicate
+            return row
 
     async def _api_keys(self, ids: list[str]) -> list[ApiKeyRow | None]:
         hashes = await self._hget_many([self._k.key_by_id(i) for i in ids], b"h")
@@ -1572,8 +1609,9 @@ class RedisStore:
             work = _Work(self._k, current.tenant_id, snap)
             work.dirty[by_hash] = {_D: current}
             try:
-                await self._cas([by_hash], snap, work)
+                await self._cas([by_hash], snap, work, self._k.keys_lease)
             except _Conflict:
+                await asyncio.sleep(random.uniform(0, 0.002))
                 continue
             return current
 
