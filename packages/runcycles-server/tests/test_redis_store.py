@@ -37,7 +37,7 @@ from runcycles_server.ledger import (
 )
 from runcycles_server.stores.base import ReservationQuery
 from runcycles_server.stores.memory import MemoryStore
-from runcycles_server.stores.redis import RedisStore, reservation_tenant
+from runcycles_server.stores.redis import RedisStore, _Conflict, _Work, reservation_tenant
 from runcycles_server.stores.redis_testing import (
     REQUIRE_ENV,
     redis_store_for_tests,
@@ -833,13 +833,13 @@ async def test_conflicts_shrink_the_batch_and_give_up_after_max_attempts(
         sizes: list[int] = []
         real_cas = store._cas
 
-        async def recording_cas(keys: Any, snap: Any, work: Any, lease: str) -> None:
+        async def recording_cas(keys: Any, snap: Any, work: Any, lease_key: str) -> None:
             sizes.append(len(work.dirty))
             # every attempt loses: the other process writes between snapshot and CAS (the
             # lease the loser takes is dropped first, or the other process would wait for it)
-            await store._redis.delete(lease)
+            await store._redis.delete(lease_key)
             await other.create_event("acme", event_req(f"x{len(sizes)}", 1), "h")
-            await real_cas(keys, snap, work, lease)
+            await real_cas(keys, snap, work, lease_key)
 
         monkeypatch.setattr("runcycles_server.stores.redis.MAX_ATTEMPTS", 5)
         store._cas = recording_cas  # type: ignore[method-assign]
@@ -927,3 +927,37 @@ async def test_commit_rows_equal_the_ledger_plan_on_the_same_rows(
         assert after == expected.budgets
         row = await store.get_reservation(rid)
         assert row == expected.reservation
+
+
+async def test_the_loser_of_a_race_gets_the_next_turn(store: RedisStore) -> None:
+    """Fairness lease: after losing a compare-and-set, a process cannot lose the retry."""
+    await provision(store, ("tenant:acme", 1000))
+    lease = f"{store.prefix}:{{t:acme}}:lease"
+    async with redis_store_for_tests(prefix=store.prefix, clock=store.clock) as other:
+        keys = [f"{store.prefix}:{{t:acme}}:tenant", f"{store.prefix}:{{t:acme}}:b:tenant:acme"]
+        stale = await store._read(keys)
+        await other.reserve("acme", reserve_req("first", 1), "h")  # changes the budget row
+        work = _Work(store._k, "acme", stale)
+        with pytest.raises(_Conflict) as lost:
+            await store._cas(keys, stale, work, lease)
+        assert not lost.value.leased
+        assert await store._redis.get(lease) == store._token.encode()  # the loser's turn
+        blocked = asyncio.create_task(other.reserve("acme", reserve_req("second", 1), "h"))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()  # refused while the loser holds the lease
+        await store.reserve("acme", reserve_req("loser", 1), "h")  # its write releases it
+        await asyncio.wait_for(blocked, 1)
+        assert await store._redis.get(lease) is None
+        budget = await store.get_budget("tenant:acme", U)
+        assert budget is not None
+        assert budget.reserved == 3
+
+
+async def test_an_abandoned_lease_only_delays_others_briefly(store: RedisStore) -> None:
+    await provision(store, ("tenant:acme", 1000))
+    lease = f"{store.prefix}:{{t:acme}}:lease"
+    await store._redis.set(lease, "crashed-process", px=50)
+    started = asyncio.get_running_loop().time()
+    await store.reserve("acme", reserve_req("k", 1), "h")
+    waited = asyncio.get_running_loop().time() - started
+    assert 0.03 <= waited < 1.0

@@ -138,6 +138,7 @@ class ServerProcess:
         *,
         db_path: str | Path | None = None,
         redis_url: str | None = None,
+        redis_prefix: str | None = None,
         workers: int = 1,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
@@ -150,6 +151,8 @@ class ServerProcess:
                 (a fresh key prefix on ``redis_url`` or :func:`redis_url_for_tests`).
             db_path: SQLite file to use (kept after stop when given explicitly).
             redis_url: Redis URL for the ``redis`` store.
+            redis_prefix: Redis key prefix to share with another server process (default: a
+                fresh one). Every process sharing it deletes the prefix's keys when stopped.
             workers: Number of server worker processes.
             extra_args: More ``cycles serve`` arguments.
             env: Extra environment variables for the child.
@@ -177,10 +180,9 @@ class ServerProcess:
         ]
         if workers != 1:
             args += ["--workers", str(workers)]
-        redis_prefix = None
         if store == "redis":
             redis_url = redis_url or redis_url_for_tests()
-            redis_prefix = f"cyclestest-{uuid.uuid4().hex[:12]}"
+            redis_prefix = redis_prefix or f"cyclestest-{uuid.uuid4().hex[:12]}"
             args += ["--redis", redis_url, "--redis-prefix", redis_prefix]
         else:
             args += ["--db", str(db_path or workdir / "cycles.db")]

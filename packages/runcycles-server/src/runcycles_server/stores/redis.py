@@ -147,6 +147,11 @@ MAX_BATCH: Final = 128
 """Most operations of one tenant planned and written by one script."""
 LEASE_MS: Final = 30
 """How long the loser of a compare-and-set race has the tenant to itself (see redis_cas.lua)."""
+CLAIM_AFTER: Final = 1
+"""Conflicts a batch suffers before its next attempt claims the fairness lease."""
+import os as _os
+_HALVE = not _os.environ.get("NOHALVE")
+CLAIM_AFTER = int(_os.environ.get("CLAIM_AFTER", "1"))
 MAX_ATTEMPTS: Final = 200
 """Compare-and-set attempts before an operation gives up with a retryable 500."""
 RESERVATION_CACHE_SIZE: Final = 65_536
@@ -658,7 +663,15 @@ class RedisStore:
         reply = await self._eval(keys, [len(keys), "?"], ())
         return self._snapshot(keys, reply)
 
-    async def _cas(self, keys: Sequence[str], snap: _Snapshot, work: _Work, lease_key: str) -> None:
+    async def _cas(
+        self,
+        keys: Sequence[str],
+        snap: _Snapshot,
+        work: _Work,
+        lease_key: str,
+        *,
+        claim: bool = False,
+    ) -> None:
         """Write a batch if none of ``keys`` changed since ``snap``; else raise _Conflict."""
         all_keys = [*keys, lease_key]
         index = {key: i + 1 for i, key in enumerate(all_keys)}
@@ -681,7 +694,8 @@ class RedisStore:
                 writes.append(["Z", ix(z.key), str(z.score), z.member])
             else:
                 writes.append(["R", ix(z.key), z.member])
-        args: list[Any] = [len(keys), *(snap.version(k) for k in keys), self._token, LEASE_MS]
+        lease_ms = LEASE_MS if claim else 0
+        args: list[Any] = [len(keys), *(snap.version(k) for k in keys), self._token, lease_ms]
         args.append(json.dumps(writes, separators=(",", ":"), ensure_ascii=False))
         pre: list[Any] = []
         if work.due:
@@ -765,7 +779,7 @@ class RedisStore:
                 snap = await self._read(keys)
                 continue
             if work.writes:
-                conflict = await self._send(keys, snap, work, lease)
+                conflict = await self._send(keys, snap, work, lease, claim=attempts >= CLAIM_AFTER)
                 if conflict is not None:
                     self.conflicts += 1
                     attempts += 1
@@ -775,8 +789,8 @@ class RedisStore:
                             "the budget is under heavy concurrent update and this request could "
                             "not be applied; retry it with the same idempotency key",
                         )
-                    holding = not conflict.leased
-                    if len(batch) > 1:  # retry half now, the rest in the next batch
+                    holding = holding or (attempts > CLAIM_AFTER and not conflict.leased)
+                    if _HALVE and len(batch) > 1:  # retry half now, the rest in the next batch
                         keep = len(batch) // 2
                         queue.pending[0:0] = batch[keep:]
                         del batch[keep:]
@@ -799,7 +813,7 @@ class RedisStore:
             return
 
     async def _send(
-        self, keys: Sequence[str], snap: _Snapshot, work: _Work, lease: str
+        self, keys: Sequence[str], snap: _Snapshot, work: _Work, lease: str, *, claim: bool
     ) -> _Conflict | None:
         """Send one planned batch; wait while another process holds the fairness lease.
 
@@ -808,7 +822,7 @@ class RedisStore:
         waits = 0
         while True:
             try:
-                await self._cas(keys, snap, work, lease)
+                await self._cas(keys, snap, work, lease, claim=claim)
             except _Conflict as conflict:
                 if not conflict.leased:
                     return conflict
@@ -817,7 +831,7 @@ class RedisStore:
                     return conflict
                 # The holder is re-planning its lost batch; the same plan is re-sent (it will
                 # either still fit or come back as a plain conflict with fresh rows).
-                await asyncio.sleep(random.uniform(0.0002, 0.001) * min(waits, 10))
+                await asyncio.sleep(random.uniform(0.0002, 0.001))
                 continue
             return None
 

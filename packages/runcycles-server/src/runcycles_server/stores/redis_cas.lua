@@ -12,7 +12,7 @@
 -- ARGV[2..n+1]  the "_v" the caller saw for KEYS[1..n] ("0" = the row did not exist);
 --               "?" as ARGV[2] makes the call a pure read (only KEYS[1..n] are passed)
 -- ARGV[n+2]     the caller's token (one per store instance)
--- ARGV[n+3]     the lease time in ms
+-- ARGV[n+3]     the lease time in ms to claim if this write loses ("0": do not claim)
 -- ARGV[n+4]     the writes, as one JSON array (one argument instead of hundreds keeps
 --               client-side packing cheap); each write is an array whose first two items
 --               are an opcode and a key index into KEYS:
@@ -27,8 +27,8 @@
 -- {code, time_s, time_us, HGETALL KEYS[1], ..., HGETALL KEYS[n]}: code 0 when a version
 -- differs (or on "?"), code 2 when another caller holds the lease.
 --
--- Fairness lease: a caller whose compare-and-set fails takes the lease (if free) for a few
--- milliseconds, during which every *other* caller's write is refused with code 2. So the
+-- Fairness lease: a caller whose compare-and-set fails may claim the lease (if free) for a
+-- few milliseconds, during which every *other* caller's write is refused with code 2. So the
 -- loser of a race is guaranteed the next turn (its re-planned write cannot lose again), and
 -- a process can never be starved by a faster one. A crashed holder only delays others until
 -- the lease expires; the winner's successful write releases it.
@@ -60,7 +60,7 @@ end
 for i = 1, n do
   local seen = redis.call('HGET', KEYS[i], '_v') or '0'
   if seen ~= ARGV[i + 1] then
-    if not holder then
+    if not holder and ARGV[n + 3] ~= '0' then
       redis.call('SET', lease, me, 'PX', ARGV[n + 3])
     end
     return snapshot(0)
