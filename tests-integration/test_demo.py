@@ -16,7 +16,8 @@ def test_demo_stops_the_loop_before_the_model_runs():
     assert code == 0, text
     assert "DENIED BUDGET_EXCEEDED" in text
     assert "the next one was stopped before the model ran" in text
-    assert "reserved" in text and "remaining" in text
+    assert "reserved" in text
+    assert "remaining" in text
 
 
 def test_demo_budget_allows_several_calls_but_not_endless_ones():

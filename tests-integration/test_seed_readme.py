@@ -83,8 +83,8 @@ def test_seed_example_runs_as_written(index, server, acme, monkeypatch):
         ReservationCreateRequest,
         Subject,
         Unit,
+        set_default_client,
     )
-    from runcycles import set_default_client
 
     source = EXAMPLES[index]
     source = source.replace("http://localhost:7878", server.base_url)

@@ -825,7 +825,7 @@ async def test_a_write_between_read_and_cas_forces_a_replan(store: RedisStore) -
         assert (budget.reserved, budget.remaining) == (100, 0)
 
 
-async def test_conflicts_shrink_the_batch_and_give_up_after_max_attempts(
+async def test_endless_conflicts_give_up_after_max_attempts_with_nothing_applied(
     store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await provision(store, ("tenant:acme", 10**6))
@@ -833,13 +833,15 @@ async def test_conflicts_shrink_the_batch_and_give_up_after_max_attempts(
         sizes: list[int] = []
         real_cas = store._cas
 
-        async def recording_cas(keys: Any, snap: Any, work: Any, lease_key: str) -> None:
+        async def recording_cas(
+            keys: Any, snap: Any, work: Any, turn: tuple[str, str], *, keep: bool = False
+        ) -> None:
             sizes.append(len(work.dirty))
             # every attempt loses: the other process writes between snapshot and CAS (the
-            # lease the loser takes is dropped first, or the other process would wait for it)
-            await store._redis.delete(lease_key)
+            # turn the loser takes is dropped first, or the other process would wait for it)
+            await store._redis.delete(*turn)
             await other.create_event("acme", event_req(f"x{len(sizes)}", 1), "h")
-            await real_cas(keys, snap, work, lease_key)
+            await real_cas(keys, snap, work, turn, keep=keep)
 
         monkeypatch.setattr("runcycles_server.stores.redis.MAX_ATTEMPTS", 5)
         store._cas = recording_cas  # type: ignore[method-assign]
@@ -847,7 +849,7 @@ async def test_conflicts_shrink_the_batch_and_give_up_after_max_attempts(
             *(code_of(store.reserve("acme", reserve_req(f"k{i}", 1), "h")) for i in range(8)),
         )
         assert set(results) == {"INTERNAL_ERROR"}  # retryable 500, nothing half-applied
-        assert sizes[0] > sizes[1]  # the batch was halved after the first conflict
+        assert len(sizes) == 5  # one batch, five attempts
         budget = await store.get_budget("tenant:acme", U)
         assert budget is not None
         assert budget.reserved == 0
@@ -930,34 +932,63 @@ async def test_commit_rows_equal_the_ledger_plan_on_the_same_rows(
 
 
 async def test_the_loser_of_a_race_gets_the_next_turn(store: RedisStore) -> None:
-    """Fairness lease: after losing a compare-and-set, a process cannot lose the retry."""
+    """After losing a compare-and-set, a process cannot lose its re-planned write."""
     await provision(store, ("tenant:acme", 1000))
-    lease = f"{store.prefix}:{{t:acme}}:lease"
+    turn = f"{store.prefix}:{{t:acme}}:turn"
+    turns = (turn, f"{turn}:next")
     async with redis_store_for_tests(prefix=store.prefix, clock=store.clock) as other:
         keys = [f"{store.prefix}:{{t:acme}}:tenant", f"{store.prefix}:{{t:acme}}:b:tenant:acme"]
         stale = await store._read(keys)
         await other.reserve("acme", reserve_req("first", 1), "h")  # changes the budget row
+        assert await store._redis.get(turn) is None  # nothing queued: no turn taken
         work = _Work(store._k, "acme", stale)
         with pytest.raises(_Conflict) as lost:
-            await store._cas(keys, stale, work, lease)
-        assert not lost.value.leased
-        assert await store._redis.get(lease) == store._token.encode()  # the loser's turn
+            await store._cas(keys, stale, work, turns)
+        assert not lost.value.refused
+        assert await store._redis.get(turn) == store._token.encode()  # the loser's turn
         blocked = asyncio.create_task(other.reserve("acme", reserve_req("second", 1), "h"))
-        await asyncio.sleep(0.01)
-        assert not blocked.done()  # refused while the loser holds the lease
-        await store.reserve("acme", reserve_req("loser", 1), "h")  # its write releases it
+        await asyncio.sleep(0.005)
+        assert not blocked.done()  # waits while it is the loser's turn
+        assert await store._redis.get(f"{turn}:next") == other._token.encode()
+        await store.reserve("acme", reserve_req("loser", 1), "h")  # ends its turn (idle now)
         await asyncio.wait_for(blocked, 1)
-        assert await store._redis.get(lease) is None
+        assert other.waits >= 1
+        assert await store._redis.get(turn) is None
         budget = await store.get_budget("tenant:acme", U)
         assert budget is not None
         assert budget.reserved == 3
 
 
-async def test_an_abandoned_lease_only_delays_others_briefly(store: RedisStore) -> None:
+async def test_a_crashed_process_turn_only_delays_others_briefly(store: RedisStore) -> None:
     await provision(store, ("tenant:acme", 1000))
-    lease = f"{store.prefix}:{{t:acme}}:lease"
-    await store._redis.set(lease, "crashed-process", px=50)
+    await store._redis.set(f"{store.prefix}:{{t:acme}}:turn", "crashed-process", px=50)
     started = asyncio.get_running_loop().time()
     await store.reserve("acme", reserve_req("k", 1), "h")
     waited = asyncio.get_running_loop().time() - started
     assert 0.03 <= waited < 1.0
+    assert store.waits >= 1
+
+
+async def test_a_plan_that_crashes_half_way_fails_alone_and_writes_nothing(
+    store: RedisStore,
+) -> None:
+    await provision(store, ("tenant:acme", 100))
+    budget_key = f"{store.prefix}:{{t:acme}}:b:tenant:acme"
+
+    def broken(w: _Work) -> None:
+        (budget,) = w.budgets(["tenant:acme"])
+        w.put_budget(dataclasses.replace(budget, remaining=0))  # half-planned ...
+        raise RuntimeError("bug")  # ... then a bug
+
+    results = await asyncio.gather(
+        store.reserve("acme", reserve_req("a", 10), "h"),
+        store._submit("acme", [budget_key], broken),
+        store.reserve("acme", reserve_req("b", 10), "h"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], RuntimeError)
+    assert all(isinstance(r, Outcome) for r in (results[0], results[2]))
+    assert store.batches == 1 + 2  # provisioning (tenant, budget), then one batch of two
+    budget = await store.get_budget("tenant:acme", U)
+    assert budget is not None
+    assert (budget.reserved, budget.remaining) == (20, 80)

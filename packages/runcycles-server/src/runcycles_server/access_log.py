@@ -22,7 +22,7 @@ from typing import Any, Final
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["ACCESS_LOGGER", "AccessLogMiddleware", "configure_access_logger"]
+__all__ = ["ACCESS_LOGGER", "AccessLogMiddleware", "configure_access_logger", "route_template"]
 
 ACCESS_LOGGER: Final = "runcycles_server.access"
 
@@ -72,11 +72,10 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
             record: dict[str, Any] = {
                 "ts": _now_iso(),
                 "method": scope["method"],
-                "path": getattr(route, "path", None) or scope["path"],
+                "path": route_template(scope),
                 "status": status,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 "request_id": state.get("request_id"),
@@ -85,6 +84,23 @@ class AccessLogMiddleware:
             if tenant:
                 record["tenant"] = tenant
             self.logger.info(orjson.dumps(record).decode())
+
+
+def route_template(scope: Scope) -> str:
+    """Return the matched route's template (``/v1/reservations/{reservation_id}``), else the path.
+
+    Uses the router's ``scope["route"]`` when present; requests dispatched without the router
+    still name their ``path_params``, whose values are put back as ``{name}``.
+    """
+    template = getattr(scope.get("route"), "path", None)
+    if template:
+        return str(template)
+    path: str = scope["path"]
+    params = scope.get("path_params")
+    if not params:
+        return path
+    names = {str(value): name for name, value in params.items()}
+    return "/".join(f"{{{names[part]}}}" if part in names else part for part in path.split("/"))
 
 
 def _now_iso() -> str:

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Scope
 
 from runcycles.models import (
     STANDARD_SUBJECT_FIELDS,
@@ -172,6 +173,11 @@ class Runtime:
         self.store = store
         self.auth = auth
         self.max_body = max_body_bytes
+        self._settle_routes: dict[str, Handler] = {
+            "commit": self.commit,
+            "release": self.release,
+            "extend": self.extend,
+        }
 
     def routes(self) -> list[BaseRoute]:
         """Return the runtime routes."""
@@ -189,6 +195,34 @@ class Runtime:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
         ]
+
+    def fast_route(self, scope: Scope) -> Handler | None:
+        """Return the handler of a hot route for this request, or ``None`` (Starlette's router).
+
+        Matches exactly what :meth:`routes` would for these paths and methods (path parameter
+        ``[^/]+``), so answers are identical; anything else (other methods, ``HEAD``, a
+        ``root_path``, trailing slashes) falls through to the router.
+        """
+        if scope.get("root_path"):
+            return None
+        method = scope["method"]
+        path: str = scope["path"]
+        if method == "POST":
+            if path == "/v1/reservations":
+                return self.create_reservation
+            if path.startswith("/v1/reservations/"):
+                rid, sep, action = path[17:].partition("/")
+                handler = self._settle_routes.get(action) if sep and rid else None
+                if handler is not None:
+                    scope["path_params"] = {"reservation_id": rid}
+                return handler
+            if path == "/v1/decide":
+                return self.decide
+            if path == "/v1/events":
+                return self.create_event
+        elif method == "GET" and path == "/healthz":
+            return self.healthz
+        return None
 
     async def decide(self, request: Request) -> Response:
         """``POST /v1/decide``."""
@@ -241,12 +275,18 @@ class Runtime:
                 "INVALID_REQUEST",
                 f"status must be one of {', '.join(RESERVATION_STATUSES)}",
             )
+        if len(params.get("idempotency_key", "")) > 256:  # blank means unset, as elsewhere
+            raise LedgerError(
+                "INVALID_REQUEST", "query parameter idempotency_key must be 1 to 256 characters"
+            )
         sort_dir = params.get("sort_dir") or "desc"
         if sort_dir not in ("asc", "desc"):
             raise LedgerError("INVALID_REQUEST", "sort_dir must be asc or desc")
         sort_by = params.get("sort_by") or "created_at_ms"
-        if sort_by not in RESERVATION_SORT_KEYS:
-            sort_by = "created_at_ms"  # unknown sort keys are ignored (additive-parameter rule)
+        if sort_by not in RESERVATION_SORT_KEYS:  # like status and sort_dir: a closed enum
+            raise LedgerError(
+                "INVALID_REQUEST", f"sort_by must be one of {', '.join(RESERVATION_SORT_KEYS)}"
+            )
         created = _window(request, "from", "to")
         expires = _window(request, "expires_from", "expires_to")
         finalized = _window(request, "finalized_from", "finalized_to")
@@ -288,7 +328,11 @@ class Runtime:
         res = ledger.check_reservation_access(
             await self.store.get_reservation(rid), rid, principal.tenant_id
         )
-        if res.status == "EXPIRED":
+        # Past expiry + grace it is expired even before the sweeper marks it (commit and
+        # release already say so): never report such a reservation as ACTIVE.
+        if res.status == "EXPIRED" or (
+            res.status == "ACTIVE" and self.store.clock() > res.deadline_ms
+        ):
             raise LedgerError("RESERVATION_EXPIRED", f"reservation {rid} expired")
         return json_response(ledger.reservation_body(res))
 
@@ -365,6 +409,10 @@ class Runtime:
                     "FORBIDDEN", "tenant query parameter does not match the API key's tenant"
                 )
             tenant_id = principal.tenant_id
+        if params.get("include_children", "true").lower() not in ("true", "false"):
+            raise LedgerError(  # accepted and ignored, as v0 allows, but it must be a boolean
+                "INVALID_REQUEST", "query parameter include_children must be true or false"
+            )
         segments = [
             f"{level}:{params[level].lower()}"
             for level in STANDARD_SUBJECT_FIELDS
@@ -443,14 +491,28 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         error = LedgerError("NOT_FOUND", f"no route for {request.method} {request.url.path}")
     elif exc.status_code == 405:
+        allowed = _allowed_methods(request)
         error = LedgerError(
             "INVALID_REQUEST",
-            f"method {request.method} is not allowed on {request.url.path}",
+            f"method {request.method} is not allowed on {request.url.path}; "
+            f"use {', '.join(allowed)}",
             status=405,
         )
+        response = error_response(request, error)
+        response.headers["Allow"] = ", ".join(allowed)  # RFC 9110: a 405 must list them
+        return response
     else:
         error = LedgerError("INVALID_REQUEST", str(exc.detail), status=exc.status_code)
     return error_response(request, error)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (several routes may share it)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
+            methods.update(route.methods)
+    return sorted(methods)
 
 
 async def run_sweeper(store: Store, interval_s: float) -> None:
@@ -516,6 +578,6 @@ def create_app(
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
-    app.add_middleware(ContextMiddleware)
+    app.add_middleware(ContextMiddleware, fast_route=runtime.fast_route)
     app.state.store = store
     return app

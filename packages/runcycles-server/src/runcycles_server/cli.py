@@ -1,32 +1,40 @@
-"""The ``cycles`` command line: ``cycles serve`` runs the server.
+"""The ``cycles`` command line: run the server, provision tenants, keys and budgets, run the demo.
 
 ::
 
+    cycles demo                              # offline: a governed loop until the budget says no
     cycles serve --dev                       # SQLite in the user data dir, demo tenant + key
     cycles serve --db ./cycles.db --admin-key "$ADMIN" --workers 4 --port 7878
+    cycles serve --redis redis://localhost:6379/0 --admin-key "$ADMIN"
+    cycles tenant create acme && eval "$(cycles key create acme)"
+    cycles budget create tenant:acme '$25' && cycles balances
 
 Several workers share one SQLite file safely (one ``BEGIN IMMEDIATE`` transaction per
 mutation). Configuration reaches worker processes through environment variables
-(``CYCLES_DB``, ``CYCLES_ADMIN_API_KEY``, ``CYCLES_SQLITE_SYNCHRONOUS``), which
-:func:`app_from_env` reads.
+(``CYCLES_DB``, ``CYCLES_ADMIN_API_KEY``, ``CYCLES_SQLITE_SYNCHRONOUS``, ``CYCLES_REDIS_URL``,
+``CYCLES_ACCESS_LOG``, ``CYCLES_MAX_BODY_BYTES``), which :func:`app_from_env` reads.
+
+Imports of the server itself are deferred to the commands that need them, so ``cycles --help``
+and the admin commands start quickly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
+import socket
 from pathlib import Path
-from typing import Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
-from starlette.applications import Starlette
 
-from runcycles_server import ledger
-from runcycles_server.admin import DEFAULT_PERMISSIONS
-from runcycles_server.ledger import ApiKeyRow, BudgetRow, LedgerError, TenantRow
-from runcycles_server.stores.base import Store, new_id
-from runcycles_server.stores.sqlite import SqliteStore
+from runcycles_server.cli_admin import CliError, register, reported
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from runcycles_server.stores.base import Store
 
 DEV_TENANT: Final = "demo"
 DEV_BUDGET_USD_MICROCENTS: Final = 100 * 10**8  # 100 USD
@@ -35,13 +43,37 @@ ENV_ADMIN_KEY: Final = "CYCLES_ADMIN_API_KEY"
 ENV_SYNCHRONOUS: Final = "CYCLES_SQLITE_SYNCHRONOUS"
 ENV_REDIS: Final = "CYCLES_REDIS_URL"
 ENV_REDIS_PREFIX: Final = "CYCLES_REDIS_PREFIX"
+ENV_ACCESS_LOG: Final = "CYCLES_ACCESS_LOG"
+ENV_MAX_BODY: Final = "CYCLES_MAX_BODY_BYTES"
+LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
+GRACEFUL_SHUTDOWN_S: Final = 30
 
-cli = typer.Typer(add_completion=False, help="Cycles protocol server.", no_args_is_help=True)
+cli = typer.Typer(
+    add_completion=False,
+    help="Cycles: runtime budget authority for AI agents (server, admin commands, demo).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"runcycles-server {version('runcycles-server')}")
+        raise typer.Exit()
 
 
 @cli.callback()
-def _group() -> None:
-    """Cycles protocol server: runtime budget authority for AI agents."""
+def _group(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Cycles: runtime budget authority for AI agents (server, admin commands, demo)."""
 
 
 def default_db_path() -> Path:
@@ -51,30 +83,57 @@ def default_db_path() -> Path:
     return Path(user_data_dir("runcycles", appauthor=False)) / "cycles.db"
 
 
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs and banners)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def app_from_env() -> Starlette:
     """Build the app from environment variables (the uvicorn factory for worker processes)."""
     from runcycles_server.app import create_app
+    from runcycles_server.web import DEFAULT_MAX_BODY_BYTES
 
+    admin_key = os.environ.get(ENV_ADMIN_KEY) or None
+    max_body = int(os.environ.get(ENV_MAX_BODY) or DEFAULT_MAX_BODY_BYTES)
+    store: Store
     redis_url = os.environ.get(ENV_REDIS)
     if redis_url:
         from runcycles_server.stores.redis import DEFAULT_PREFIX, RedisStore
 
-        redis_store = RedisStore(
-            redis_url, prefix=os.environ.get(ENV_REDIS_PREFIX) or DEFAULT_PREFIX
+        store = RedisStore(redis_url, prefix=os.environ.get(ENV_REDIS_PREFIX) or DEFAULT_PREFIX)
+    else:
+        from runcycles_server.stores.sqlite import SqliteStore
+
+        synchronous = os.environ.get(ENV_SYNCHRONOUS, "NORMAL").upper()
+        if synchronous not in ("NORMAL", "FULL"):
+            raise SystemExit(f"{ENV_SYNCHRONOUS} must be NORMAL or FULL, not {synchronous!r}")
+        store = SqliteStore(
+            os.environ.get(ENV_DB) or default_db_path(),
+            synchronous="FULL" if synchronous == "FULL" else "NORMAL",
         )
-        return create_app(redis_store, admin_api_key=os.environ.get(ENV_ADMIN_KEY) or None)
-    synchronous = os.environ.get(ENV_SYNCHRONOUS, "NORMAL").upper()
-    if synchronous not in ("NORMAL", "FULL"):
-        raise SystemExit(f"{ENV_SYNCHRONOUS} must be NORMAL or FULL, not {synchronous!r}")
-    store = SqliteStore(
-        os.environ.get(ENV_DB) or default_db_path(),
-        synchronous="FULL" if synchronous == "FULL" else "NORMAL",
-    )
-    return create_app(store, admin_api_key=os.environ.get(ENV_ADMIN_KEY) or None)
+    app = create_app(store, admin_api_key=admin_key, max_body_bytes=max_body)
+    if os.environ.get(ENV_ACCESS_LOG) == "1":
+        from runcycles_server.access_log import AccessLogMiddleware, configure_access_logger
+
+        configure_access_logger()
+        app.add_middleware(AccessLogMiddleware)  # outermost: sees request id and tenant
+    return app
 
 
 async def bootstrap_dev(store: Store) -> str:
     """Create the demo tenant and budget if missing and a fresh API key; return its secret."""
+    from runcycles_server import ledger
+    from runcycles_server.admin import DEFAULT_PERMISSIONS
+    from runcycles_server.ledger import ApiKeyRow, BudgetRow, LedgerError, TenantRow
+    from runcycles_server.stores.base import new_id
+
     await store.create_tenant(TenantRow(DEV_TENANT, "Demo tenant"))
     secret = "cyc_live_" + secrets.token_urlsafe(24)
     await store.create_api_key(
@@ -106,82 +165,200 @@ async def bootstrap_dev(store: Store) -> str:
     return secret
 
 
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CliError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop whatever uses "
+                "that port or pick another with --port"
+            ) from None
+
+
+def _open_store(
+    db: Path | None, redis: str | None, redis_prefix: str | None, durability: str
+) -> tuple[Store, str]:
+    """Open the configured store (creating or migrating the SQLite file); describe it."""
+    if redis is not None:
+        import asyncio
+
+        from runcycles_server.stores.redis import DEFAULT_PREFIX, RedisStore
+
+        prefix = redis_prefix or DEFAULT_PREFIX
+        try:
+            probe = RedisStore(redis, prefix=prefix)
+        except ValueError as exc:
+            raise CliError(f"--redis / --redis-prefix: {exc}", 2) from None
+        if not asyncio.run(_answers(probe)):
+            raise CliError(
+                f"no Redis answers at {redact_url(redis)}; start Redis or fix --redis "
+                "(e.g. redis://localhost:6379/0)"
+            )
+        return RedisStore(redis, prefix=prefix), f"Redis {redact_url(redis)} (prefix {prefix!r})"
+    import sqlite3
+
+    from runcycles_server.stores.sqlite import SqliteStore
+
+    path = db or default_db_path()
+    try:
+        store = SqliteStore(path, synchronous="FULL" if durability == "full" else "NORMAL")
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        raise CliError(
+            f"cannot open the SQLite database {path}: {exc}; pass a writable file with --db"
+        ) from None
+    return store, f"SQLite {Path(path).resolve()} (durability {durability})"
+
+
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 7878,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 7878,
     db: Annotated[
-        Path | None, typer.Option(help="SQLite file (default: in the user data directory).")
+        Path | None,
+        typer.Option(help="SQLite file, the default store (default: in the user data directory)."),
+    ] = None,
+    redis: Annotated[
+        str | None,
+        typer.Option(help="Redis URL (redis://host:6379/0): use Redis instead of SQLite."),
+    ] = None,
+    redis_prefix: Annotated[
+        str | None, typer.Option(help="Redis key prefix (several ledgers on one Redis).")
     ] = None,
     admin_key: Annotated[
         str | None,
-        typer.Option(envvar=ENV_ADMIN_KEY, help="Secret for X-Admin-API-Key (admin plane)."),
+        typer.Option(
+            envvar=ENV_ADMIN_KEY,
+            help="Secret for X-Admin-API-Key; without it the admin API is off.",
+            show_default=False,
+        ),
     ] = None,
     dev: Annotated[
-        bool, typer.Option(help="Create a demo tenant, API key and budget; print env exports.")
+        bool,
+        typer.Option(
+            help="Create a demo tenant, API key and 100 USD budget; print `export CYCLES_*` lines."
+        ),
     ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     durability: Annotated[
         str,
         typer.Option(
-            help="normal: survives process crashes; full: also power loss (fsync per commit)."
+            help="SQLite: normal survives process crashes; full also power loss (fsync per commit)."
         ),
     ] = "normal",
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-    redis: Annotated[
-        str | None, typer.Option(help="Redis URL: use the Redis store instead of SQLite.")
+    log_level: Annotated[
+        str, typer.Option(help="critical, error, warning, info, debug or trace.")
+    ] = "info",
+    access_log: Annotated[
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="One JSON line per request on stderr (default: on at log level info or debug).",
+            show_default=False,
+        ),
     ] = None,
-    redis_prefix: Annotated[str | None, typer.Option(help="Redis key prefix.")] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1024, help="Larger request bodies are refused with 413.")
+    ] = 1_048_576,
 ) -> None:
-    """Run the Cycles server."""
+    """Run the Cycles server (SQLite by default, Redis with --redis)."""
+    with reported():
+        level = log_level.strip().lower()
+        if level not in LOG_LEVELS:
+            raise CliError(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", 2)
+        mode = durability.strip().lower()
+        if mode not in ("normal", "full"):
+            raise CliError(f"--durability {durability!r} must be normal or full", 2)
+        if db is not None and redis is not None:
+            raise CliError("--db and --redis are alternatives; pass only one of them", 2)
+        _check_port_free(host, port)
+        if dev and not admin_key:
+            admin_key = "adm_" + secrets.token_urlsafe(24)
+        store, description = _open_store(db, redis, redis_prefix, mode)
+        import asyncio
+
+        secret = asyncio.run(_bootstrap_and_close(store)) if dev else None
+        if secret is None:
+            asyncio.run(store.close())
+        if redis is not None:
+            from runcycles_server.stores.redis import DEFAULT_PREFIX
+
+            os.environ[ENV_REDIS] = redis
+            os.environ[ENV_REDIS_PREFIX] = redis_prefix or DEFAULT_PREFIX
+        else:
+            os.environ.pop(ENV_REDIS, None)
+            os.environ[ENV_DB] = str(db or default_db_path())
+            os.environ[ENV_SYNCHRONOUS] = mode.upper()
+        if admin_key:
+            os.environ[ENV_ADMIN_KEY] = admin_key
+        else:
+            os.environ.pop(ENV_ADMIN_KEY, None)
+        log_requests = access_log if access_log is not None else level in ("info", "debug", "trace")
+        os.environ[ENV_ACCESS_LOG] = "1" if log_requests else "0"
+        os.environ[ENV_MAX_BODY] = str(max_body_bytes)
+        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        base_url = f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
+        if dev:
+            typer.echo("# Cycles dev server: paste these into your shell")
+            typer.echo(f"export CYCLES_BASE_URL={base_url}")
+            typer.echo(f"export CYCLES_API_KEY={secret}")
+            typer.echo(f"export CYCLES_TENANT={DEV_TENANT}")
+            typer.echo(f"export CYCLES_ADMIN_API_KEY={admin_key}")
+        typer.echo(
+            f"cycles: listening on http://{host}:{port} | store: {description} | admin API: "
+            f"{'on' if admin_key else 'off (pass --admin-key)'} | workers: {workers}",
+            err=True,
+        )
     import uvicorn
 
-    if durability.lower() not in ("normal", "full"):
-        raise typer.BadParameter("use normal or full", param_hint="--durability")
-    path = db or default_db_path()
-    if dev and not admin_key:
-        admin_key = "adm_" + secrets.token_urlsafe(24)
-    store: Store
-    if redis is not None:
-        from runcycles_server.stores.redis import DEFAULT_PREFIX, RedisStore
-
-        try:
-            probe = RedisStore(redis, prefix=redis_prefix or DEFAULT_PREFIX)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--redis / --redis-prefix") from None
-        if not asyncio.run(_answers(probe)):
-            raise typer.BadParameter(f"no Redis answers at {redis}", param_hint="--redis")
-        store = RedisStore(redis, prefix=redis_prefix or DEFAULT_PREFIX)
-        os.environ[ENV_REDIS] = redis
-        os.environ[ENV_REDIS_PREFIX] = redis_prefix or DEFAULT_PREFIX
-    else:
-        os.environ.pop(ENV_REDIS, None)
-        store = SqliteStore(path, synchronous="FULL" if durability.lower() == "full" else "NORMAL")
-    if dev:
-        secret = asyncio.run(_bootstrap_and_close(store))
-        base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        typer.echo("# Cycles dev server: paste these into your shell")
-        typer.echo(f"export CYCLES_BASE_URL={base_url}")
-        typer.echo(f"export CYCLES_API_KEY={secret}")
-        typer.echo(f"export CYCLES_TENANT={DEV_TENANT}")
-        typer.echo(f"export CYCLES_ADMIN_API_KEY={admin_key}")
-    else:
-        asyncio.run(store.close())
-    os.environ[ENV_DB] = str(path)
-    os.environ[ENV_SYNCHRONOUS] = durability.upper()
-    if admin_key:
-        os.environ[ENV_ADMIN_KEY] = admin_key
-    typer.echo(f"# database: {redis or path}", err=True)
     uvicorn.run(
         "runcycles_server.cli:app_from_env",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        log_level=log_level,
+        log_level=level,
         access_log=False,
         lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ws="none",  # no WebSocket routes: skip importing a WebSocket implementation
     )
+
+
+@cli.command()
+def demo(
+    real: Annotated[
+        bool,
+        typer.Option(
+            help="Call a real model with your OPENAI_API_KEY (needs `pip install openai`)."
+        ),
+    ] = False,
+    delay: Annotated[float, typer.Option(min=0.0, help="Seconds to pause between calls.")] = 0.25,
+    budget: Annotated[
+        int, typer.Option(min=1, help="Budget in USD_MICROCENTS (default: half a US cent).")
+    ] = 500_000,
+) -> None:
+    """Watch a budget stop an agent: an embedded server and a governed loop of model calls.
+
+    Offline by default (a scripted fake model); nothing to configure.
+    """
+    with reported():
+        if real:
+            if not os.environ.get("OPENAI_API_KEY"):
+                raise CliError(
+                    "--real needs OPENAI_API_KEY in the environment; set it or drop --real", 2
+                )
+            try:
+                import openai  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+            except ImportError:
+                raise CliError(
+                    "--real needs the openai package; `pip install openai` (or drop --real)", 2
+                ) from None
+    from runcycles_server.demo import run_demo
+
+    raise typer.Exit(run_demo(budget=budget, delay_s=delay, real=real))
 
 
 async def _bootstrap_and_close(store: Store) -> str:
@@ -197,6 +374,9 @@ async def _answers(store: Store) -> bool:
         return await store.ping()
     finally:
         await store.close()
+
+
+register(cli)  # tenant, key, budget and balances, listed after serve and demo
 
 
 def main() -> None:

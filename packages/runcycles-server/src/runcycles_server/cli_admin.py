@@ -250,7 +250,10 @@ Raw = Annotated[
 def _console() -> Any:
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    if not console.is_terminal:  # piped or captured: never truncate ids and amounts
+        console = Console(width=200)
+    return console
 
 
 def _table(title: str, columns: list[tuple[str, str]]) -> Any:
@@ -258,7 +261,14 @@ def _table(title: str, columns: list[tuple[str, str]]) -> Any:
 
     table = Table(title=title, title_justify="left")
     for name, justify in columns:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        # amounts, ids and units never wrap; long scopes and names fold onto more lines
+        wraps = name in ("scope", "name")
+        table.add_column(
+            name,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+        )
     return table
 
 
@@ -290,7 +300,9 @@ def tenant_create(
     with reported():
         client = ServerClient(url, admin_key=admin_key)
         body = client.call(
-            "POST", "/v1/admin/tenants", json_body={"tenant_id": tenant_id, "name": name or tenant_id}
+            "POST",
+            "/v1/admin/tenants",
+            json_body={"tenant_id": tenant_id, "name": name or tenant_id},
         )
         typer.echo(f"tenant {body['tenant_id']} ({body['status']}) ready")
 
@@ -541,7 +553,9 @@ def budget_fund(
     op: Annotated[
         str,
         typer.Option(
-            "--op", help="credit, debit, reset (new allocation), reset-spent or repay-debt."
+            "--op",
+            help="credit or debit AMOUNT; reset: allocation becomes AMOUNT; reset-spent: "
+            "allocation becomes AMOUNT and spent 0 (new period); repay-debt: pay AMOUNT of debt.",
         ),
     ] = "credit",
     unit: UnitOption = "USD_MICROCENTS",

@@ -261,7 +261,7 @@ def parse_http_response(raw: httpx.Response, model: type[ModelT]) -> CyclesRespo
 
 
 def transport_failure(
-    request: httpx.Request, model: type[ModelT], exc: httpx.TransportError
+    request: httpx.Request, model: type[ModelT], exc: httpx.TransportError | httpx.DecodingError
 ) -> CyclesResponse[ModelT]:
     """Describe a request that got no HTTP answer as a :class:`CyclesResponse` (status -1)."""
     url = str(request.url)

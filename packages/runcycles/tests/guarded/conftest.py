@@ -44,6 +44,7 @@ class FakeCycles:
     now_ms: int = 1_800_000_000_000
     key_tenant: str | None = "acme"  # sent as X-Cycles-Tenant (the API key's tenant)
     list_status: int = 200
+    lenient_extends: bool = False  # keep extending finalized reservations (to catch leaks)
     _next: int = 0
 
     # ------------------------------------------------------------------ transport
@@ -123,7 +124,7 @@ class FakeCycles:
         if reservation is None:
             return httpx.Response(404, json=self._error("NOT_FOUND", f"no reservation {rid}"))
         if action == "extend":
-            if reservation["status"] != "ACTIVE":
+            if reservation["status"] != "ACTIVE" and not self.lenient_extends:
                 return httpx.Response(409, json=self._error("RESERVATION_FINALIZED", "done"))
             reservation["expires_at_ms"] += body["extend_by_ms"]
             return httpx.Response(

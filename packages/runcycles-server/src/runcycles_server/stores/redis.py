@@ -33,12 +33,15 @@ Why this shape:
   carries the tenant's hash tag ``{t:<tenant>}`` (API keys: ``{keys}``), so one call never
   spans slots. Reservation ids embed their tenant (``rsv_<tenant>_<32 hex>``, opaque to
   clients), so any process finds a reservation's slot from its id without a global table.
-* **No livelock under contention.** A compare-and-set only fails when another write succeeded,
-  so the system always progresses. Group commit removes in-process conflicts; a cross-process
-  conflict costs one round trip, halves that tenant's batch size in the losing process (the
-  rest of the batch goes first in the next one; the size doubles again after each success) so a
-  process that keeps losing races plans ever shorter windows, and repeated conflicts add a small
-  jittered back-off. After ``MAX_ATTEMPTS`` an operation answers a retryable 500.
+* **No livelock, no starvation.** A compare-and-set only fails when another write succeeded,
+  so the system always progresses. Group commit removes in-process conflicts. Across
+  processes, a busy process (more work queued) takes the tenant for a short *turn*
+  (``TURN_MS``) during which the others' writes wait and queue up, so processes contending on
+  one tenant alternate in whole batches instead of conflicting on every write, and a process
+  that loses a race gets the next turn, so its re-planned write cannot lose again (details in
+  ``redis_cas.lua``). A lightly loaded tenant never waits; a crashed process delays others by
+  at most two turns. After ``MAX_ATTEMPTS`` an operation answers a retryable 500 and changes
+  nothing.
 
 Round trips: a reserve, event or decide costs two per batch (snapshot, then the write). A
 commit, release or extend costs two when this process has seen the reservation (it remembers
@@ -64,11 +67,13 @@ version and JSON fields):
 ``P:{t:T}:x:res``                      zset: reservation ids by ``created_at_ms`` (listing)
 ``P:{t:T}:x:active``                   zset: ACTIVE reservation ids by deadline (tenant close)
 ``P:{t:T}:x:audit``                    zset: audit ids by time
+``P:{t:T}:turn``, ``:turn:next``        whose turn it is / who waits next (tokens, ms TTLs)
 ``P:{due}:reservations``               **global** expiry index: reservation ids by
                                        ``expires_at + grace`` (own slot, see below)
 ``P:{idx}:tenants``, ``P:{idx}:budgets``  global lex indexes for the admin listings
 ``P:{keys}:h:<sha256>``, ``:id:<kid>``   API keys by hash (authentication) and by id; with the
-``P:{keys}:x:all``, ``:x:t:<T>``          lex indexes for listing (one slot for all keys)
+``P:{keys}:x:all``, ``:x:t:<T>``          lex indexes for listing, ``:turn`` (one slot for
+                                          all keys)
 =====================================  ===========================================================
 
 Expiry: a reserve adds its id to the global ``{due}`` index in the same pipeline, *before* the
@@ -78,9 +83,10 @@ The sweeper (:meth:`RedisStore.expire_due`, run by every server process) reads d
 bounded batches, expires each due ACTIVE reservation through its tenant's queue (one script
 call per tenant batch; the version check makes concurrent sweepers in other processes safe),
 re-files extended ones at their new deadline and drops entries of finalized or vanished
-reservations: commit and release do not touch the global index (it is in another slot), the
-sweeper drops their entries when they come due. Commit, release and extend check the deadline
-themselves, so correctness never waits for the sweep.
+reservations (only if the entry's score is still the one it read, so a reserve being retried
+right then keeps its entry). Commit and release do not touch the global index (it is in another
+slot); the sweeper drops their entries when they come due. Commit, release and extend check the
+deadline themselves, so correctness never waits for the sweep.
 
 Listings use the per-tenant indexes, never ``KEYS``/``SCAN``. Idempotency records expire by
 Redis TTL, so :meth:`RedisStore.purge_idempotency` has nothing to do.
@@ -91,14 +97,18 @@ closing a tenant first marks it CLOSED (which fences every new reservation, comm
 event in every process, since each checks the tenant row's version), then releases its ACTIVE
 reservations and closes its budgets in batches, then revokes its keys; repeating the close
 finishes an interrupted cascade.
+
+Known limits: the keys are Cluster-ready but the store connects with a single-node client
+(``redis.asyncio.Redis``; a ``RedisCluster`` client is future work). Several processes hammering
+*one* budget conflict on its row: they stay correct and fair (see above) but scale less than
+separate tenants do. Listing reservations in an order other than ``created_at_ms`` (or with
+filters that match few rows) loads the tenant's retained reservations into memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import json
 import random
 import uuid
 from collections import OrderedDict
@@ -145,13 +155,8 @@ __all__ = ["RedisStore", "reservation_tenant"]
 DEFAULT_PREFIX: Final = "cycles"
 MAX_BATCH: Final = 128
 """Most operations of one tenant planned and written by one script."""
-LEASE_MS: Final = 30
-"""How long the loser of a compare-and-set race has the tenant to itself (see redis_cas.lua)."""
-CLAIM_AFTER: Final = 1
-"""Conflicts a batch suffers before its next attempt claims the fairness lease."""
-import os as _os
-_HALVE = not _os.environ.get("NOHALVE")
-CLAIM_AFTER = int(_os.environ.get("CLAIM_AFTER", "1"))
+TURN_MS: Final = 20
+"""Length of one process's turn on a contended tenant (see ``redis_cas.lua``)."""
 MAX_ATTEMPTS: Final = 200
 """Compare-and-set attempts before an operation gives up with a retryable 500."""
 RESERVATION_CACHE_SIZE: Final = 65_536
@@ -203,15 +208,15 @@ def _names(cls: type) -> tuple[str, ...]:
 
 def _enc_str(row: Any, *, skip: str | None = None) -> str:
     data = {name: getattr(row, name) for name in _names(type(row)) if name != skip}
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return ledger.dumps(data).decode()  # orjson (stdlib fallback beyond 64-bit ints)
 
 
 def _dec(cls: type[_T], raw: bytes) -> _T:
-    return cls(**json.loads(raw))
+    return cls(**ledger.loads(raw))
 
 
 def _dec_idem(fields: _Fields) -> IdempotencyRow:
-    data = json.loads(fields[_D])
+    data = ledger.loads(fields[_D])
     return IdempotencyRow(body=fields[_BODY], **data)
 
 
@@ -244,7 +249,7 @@ class _Keys:
         self.tenants = f"{prefix}:{{idx}}:tenants"
         self.all_budgets = f"{prefix}:{{idx}}:budgets"
         self.keys_all = f"{prefix}:{{keys}}:x:all"
-        self.keys_lease = f"{prefix}:{{keys}}:lease"
+        self.keys_turn = (f"{prefix}:{{keys}}:turn", f"{prefix}:{{keys}}:turn:next")
         self._tags: dict[str, str] = {}
 
     def t(self, tenant_id: str) -> str:
@@ -258,8 +263,9 @@ class _Keys:
     def tenant(self, tenant_id: str) -> str:
         return f"{self.t(tenant_id)}:tenant"
 
-    def lease(self, tenant_id: str) -> str:
-        return f"{self.t(tenant_id)}:lease"
+    def turn(self, tenant_id: str) -> tuple[str, str]:
+        tag = self.t(tenant_id)
+        return f"{tag}:turn", f"{tag}:turn:next"
 
     def budget(self, tenant_id: str, scope: str) -> str:
         return f"{self.t(tenant_id)}:b:{scope}"
@@ -324,11 +330,13 @@ class _NeedKeys(Exception):
 class _Conflict(Exception):
     """A compare-and-set lost to a concurrent writer; carries the fresh snapshot."""
 
-    def __init__(self, snapshot: _Snapshot, *, leased: bool) -> None:
+    def __init__(self, snapshot: _Snapshot, *, refused: bool, wait_ms: int) -> None:
         super().__init__("concurrent update")
         self.snapshot = snapshot
-        self.leased = leased
-        """Refused because another process holds the fairness lease (nothing changed yet)."""
+        self.refused = refused
+        """Refused because it is another process's turn (nothing was compared or written)."""
+        self.wait_ms = wait_ms
+        """How long that turn lasts at most."""
 
 
 @dataclass(slots=True)
@@ -518,9 +526,6 @@ class _Op:
 class _Queue:
     pending: list[_Op] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
-    limit: int = MAX_BATCH
-    """Current batch size: halved on every conflict, doubled on every success (AIMD-like),
-    so a process that keeps losing races plans smaller batches (shorter windows)."""
 
 
 class RedisStore:
@@ -581,6 +586,10 @@ class RedisStore:
         """Compare-and-set conflicts seen by this instance (observability and tests)."""
         self.batches = 0
         """Scripts that wrote a batch (observability and tests)."""
+        self.waits = 0
+        """Writes that waited for another process's turn (observability and tests)."""
+        self.auth_epoch = 0
+        """Bumped when this instance revokes a key (drops ``web.Authenticator``'s key cache)."""
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -655,7 +664,7 @@ class RedisStore:
     def _snapshot(self, keys: Sequence[str], reply: Sequence[Any]) -> _Snapshot:
         now = int(reply[1]) * 1000 + int(reply[2]) // 1000 if self._server_time else self.clock()
         rows: dict[str, _Fields] = {}
-        for key, flat in zip(keys, reply[3:], strict=True):
+        for key, flat in zip(keys, reply[4:], strict=True):
             rows[key] = dict(zip(flat[0::2], flat[1::2], strict=True))
         return _Snapshot(now, rows)
 
@@ -668,12 +677,16 @@ class RedisStore:
         keys: Sequence[str],
         snap: _Snapshot,
         work: _Work,
-        lease_key: str,
+        turn: tuple[str, str],
         *,
-        claim: bool = False,
+        keep: bool = False,
     ) -> None:
-        """Write a batch if none of ``keys`` changed since ``snap``; else raise _Conflict."""
-        all_keys = [*keys, lease_key]
+        """Write a batch if none of ``keys`` changed since ``snap``; else raise _Conflict.
+
+        ``turn`` is the slot's (turn, next-turn) key pair; ``keep`` asks to keep (or take) the
+        turn because more work is queued.
+        """
+        all_keys = [*keys, *turn]
         index = {key: i + 1 for i, key in enumerate(all_keys)}
 
         def ix(key: str) -> int:
@@ -694,9 +707,9 @@ class RedisStore:
                 writes.append(["Z", ix(z.key), str(z.score), z.member])
             else:
                 writes.append(["R", ix(z.key), z.member])
-        lease_ms = LEASE_MS if claim else 0
-        args: list[Any] = [len(keys), *(snap.version(k) for k in keys), self._token, lease_ms]
-        args.append(json.dumps(writes, separators=(",", ":"), ensure_ascii=False))
+        args: list[Any] = [len(keys), *(snap.version(k) for k in keys)]
+        args += [self._token, TURN_MS, "1" if keep else "0"]
+        args.append(ledger.dumps(writes).decode())
         pre: list[Any] = []
         if work.due:
             due: list[Any] = []
@@ -706,7 +719,7 @@ class RedisStore:
         reply = await self._eval(all_keys, args, pre)
         code = int(reply[0])
         if code != 1:
-            raise _Conflict(self._snapshot(keys, reply), leased=code == 2)
+            raise _Conflict(self._snapshot(keys, reply), refused=code == 2, wait_ms=int(reply[3]))
         self.batches += 1
 
     # -- the per-tenant queue ---------------------------------------------------------------------
@@ -727,8 +740,8 @@ class RedisStore:
     async def _drain(self, tenant_id: str, queue: _Queue) -> None:
         try:
             while queue.pending:
-                batch = queue.pending[: queue.limit]
-                del queue.pending[: queue.limit]
+                batch = queue.pending[:MAX_BATCH]
+                del queue.pending[:MAX_BATCH]
                 try:
                     await self._run_batch(tenant_id, batch, queue)
                 except BaseException as exc:  # deliver every failure to the waiting callers
@@ -737,7 +750,11 @@ class RedisStore:
                             op.future.set_exception(
                                 exc if isinstance(exc, Exception) else RuntimeError(str(exc))
                             )
-                    if not isinstance(exc, Exception):
+                    if not isinstance(exc, Exception):  # cancelled (shutdown): fail the rest too
+                        for op in queue.pending:
+                            if not op.future.done():
+                                op.future.set_exception(RuntimeError("store is shutting down"))
+                        queue.pending.clear()
                         raise
         finally:
             queue.task = None
@@ -758,49 +775,62 @@ class RedisStore:
         for op in batch:
             want(op.keys)
         snap = await self._read(keys)
-        lease = self._k.lease(tenant_id)
+        turn = self._k.turn(tenant_id)
         attempts = 0
-        holding = False  # this store took the tenant's fairness lease after losing a race
         while True:
             work = _Work(self._k, tenant_id, snap)
             results: list[tuple[bool, Any]] = []
             missing: list[str] = []
+            broken: _Op | None = None
             for op in batch:
                 try:
                     results.append((True, op.plan(work)))
                 except _NeedKeys as need:
                     missing += need.keys
                     results.append((False, None))
-                except Exception as exc:  # a refusal (LedgerError) fails only its own operation
+                except LedgerError as exc:  # a refusal writes nothing: it fails alone
                     results.append((False, exc))
+                except Exception as exc:  # a bug may have half-planned: drop it, plan again
+                    if not op.future.done():
+                        op.future.set_exception(exc)
+                    broken = op
+                    break
+            if broken is not None:
+                batch.remove(broken)
+                if not batch:
+                    return
+                continue
             if missing:
                 # Read everything again in one atomic snapshot, now with the missing rows.
                 want(missing)
                 snap = await self._read(keys)
                 continue
             if work.writes:
-                conflict = await self._send(keys, snap, work, lease, claim=attempts >= CLAIM_AFTER)
+                conflict = await self._send(keys, snap, work, turn, queue)
                 if conflict is not None:
-                    self.conflicts += 1
-                    attempts += 1
+                    self.conflicts += not conflict.refused
+                    attempts += 1  # lost races and waited turns alike
                     if attempts >= MAX_ATTEMPTS:
                         raise LedgerError(
                             "INTERNAL_ERROR",
                             "the budget is under heavy concurrent update and this request could "
                             "not be applied; retry it with the same idempotency key",
                         )
-                    holding = holding or (attempts > CLAIM_AFTER and not conflict.leased)
-                    if _HALVE and len(batch) > 1:  # retry half now, the rest in the next batch
-                        keep = len(batch) // 2
-                        queue.pending[0:0] = batch[keep:]
-                        del batch[keep:]
-                        queue.limit = keep
-                    snap = conflict.snapshot
+                    if conflict.refused:
+                        # Waited out another process's turn: requests kept arriving meanwhile,
+                        # so take them into this batch (the next turn is ours) and re-plan on
+                        # fresh rows: one bigger batch instead of several small ones.
+                        room = MAX_BATCH - len(batch)
+                        if room > 0 and queue.pending:
+                            joined = queue.pending[:room]
+                            del queue.pending[:room]
+                            batch.extend(joined)
+                            for op in joined:
+                                want(op.keys)
+                        snap = await self._read(keys)
+                    else:
+                        snap = conflict.snapshot
                     continue
-                queue.limit = min(MAX_BATCH, queue.limit * 2)
-            elif holding:  # nothing to write after all: hand the turn back at once
-                with contextlib.suppress(_Conflict):  # the lease already expired: nothing to do
-                    await self._cas([], snap, _Work(self._k, tenant_id, snap), lease)
             for row in work.seen_reservations:
                 self._remember(row)
             for op, (ok, value) in zip(batch, results, strict=True):
@@ -813,27 +843,27 @@ class RedisStore:
             return
 
     async def _send(
-        self, keys: Sequence[str], snap: _Snapshot, work: _Work, lease: str, *, claim: bool
+        self,
+        keys: Sequence[str],
+        snap: _Snapshot,
+        work: _Work,
+        turn: tuple[str, str],
+        queue: _Queue,
     ) -> _Conflict | None:
-        """Send one planned batch; wait while another process holds the fairness lease.
+        """Send one planned batch; on another process's turn, wait until it ends.
 
-        Returns ``None`` once written, or the conflict (with its fresh snapshot) to re-plan on.
+        Returns ``None`` once written, else the conflict: a lost race (with the fresh rows to
+        re-plan on) or a refusal (after waiting; the caller re-reads and re-plans).
         """
-        waits = 0
-        while True:
-            try:
-                await self._cas(keys, snap, work, lease, claim=claim)
-            except _Conflict as conflict:
-                if not conflict.leased:
-                    return conflict
-                waits += 1
-                if waits >= MAX_ATTEMPTS:
-                    return conflict
-                # The holder is re-planning its lost batch; the same plan is re-sent (it will
-                # either still fit or come back as a plain conflict with fresh rows).
-                await asyncio.sleep(random.uniform(0.0002, 0.001))
-                continue
-            return None
+        try:
+            await self._cas(keys, snap, work, turn, keep=bool(queue.pending))
+        except _Conflict as conflict:
+            if conflict.refused:  # another process's turn: sleep it out (we are queued next)
+                self.waits += 1
+                wait_ms = min(conflict.wait_ms, TURN_MS) + random.uniform(0, 1)
+                await asyncio.sleep(wait_ms / 1000)
+            return conflict
+        return None
 
     def _remember(self, row: ReservationRow) -> None:
         cache = self._scopes_cache
@@ -1577,7 +1607,7 @@ class RedisStore:
             work.zops.append(_ZOp(True, self._k.keys_all, row.key_id))
             work.zops.append(_ZOp(True, self._k.keys_of(row.tenant_id), row.key_id))
             try:
-                await self._cas(keys, snap, work, self._k.keys_lease)
+                await self._cas(keys, snap, work, self._k.keys_turn)
             except _Conflict:
                 await asyncio.sleep(random.uniform(0, 0.002))
                 continue  # read again: a concurrent create of the same key is a duplicate
@@ -1623,10 +1653,11 @@ class RedisStore:
             work = _Work(self._k, current.tenant_id, snap)
             work.dirty[by_hash] = {_D: current}
             try:
-                await self._cas([by_hash], snap, work, self._k.keys_lease)
+                await self._cas([by_hash], snap, work, self._k.keys_turn)
             except _Conflict:
                 await asyncio.sleep(random.uniform(0, 0.002))
                 continue
+            self.auth_epoch += 1
             return current
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:

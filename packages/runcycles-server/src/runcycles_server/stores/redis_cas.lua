@@ -6,14 +6,16 @@
 -- are unchanged (compare-and-set on a per-row version) and then writes the new rows.
 --
 -- KEYS[1..n]    rows the caller read: Redis hashes carrying a "_v" version field
--- KEYS[n+1]     the tenant's fairness lease (a string key; see below)
--- KEYS[n+2..]   further keys the writes touch (new rows, index sorted sets)
+-- KEYS[n+1]     the tenant's turn key (string: the token of the process whose turn it is)
+-- KEYS[n+2]     the tenant's next-turn key (string: the token of the process waiting next)
+-- KEYS[n+3..]   further keys the writes touch (new rows, index sorted sets)
 -- ARGV[1]       n
 -- ARGV[2..n+1]  the "_v" the caller saw for KEYS[1..n] ("0" = the row did not exist);
 --               "?" as ARGV[2] makes the call a pure read (only KEYS[1..n] are passed)
 -- ARGV[n+2]     the caller's token (one per store instance)
--- ARGV[n+3]     the lease time in ms to claim if this write loses ("0": do not claim)
--- ARGV[n+4]     the writes, as one JSON array (one argument instead of hundreds keeps
+-- ARGV[n+3]     the turn length in ms
+-- ARGV[n+4]     "1" if the caller has more work queued (keep the turn), else "0"
+-- ARGV[n+5]     the writes, as one JSON array (one argument instead of hundreds keeps
 --               client-side packing cheap); each write is an array whose first two items
 --               are an opcode and a key index into KEYS:
 --                 ["H", k, [f1, v1, ..., fc, vc]]   HSET the fields, then HINCRBY _v 1
@@ -24,14 +26,19 @@
 --               never sees, let alone rounds, an amount).
 --
 -- Returns {1} once every write is applied. Otherwise nothing is written and it returns
--- {code, time_s, time_us, HGETALL KEYS[1], ..., HGETALL KEYS[n]}: code 0 when a version
--- differs (or on "?"), code 2 when another caller holds the lease.
+-- {code, time_s, time_us, wait_ms, HGETALL KEYS[1], ..., HGETALL KEYS[n]}: code 0 when a
+-- version differs (or on "?"), code 2 when it is another process's turn (wait_ms: how long
+-- that turn still lasts at most).
 --
--- Fairness lease: a caller whose compare-and-set fails may claim the lease (if free) for a
--- few milliseconds, during which every *other* caller's write is refused with code 2. So the
--- loser of a race is guaranteed the next turn (its re-planned write cannot lose again), and
--- a process can never be starved by a faster one. A crashed holder only delays others until
--- the lease expires; the winner's successful write releases it.
+-- Turns (fairness under contention between processes): a process that writes while it still
+-- has work queued takes the tenant for one turn (a few ms; it does not renew it); during a
+-- turn every other process's write is refused with code 2 and the first refused one is
+-- queued as next. When the turn ends, only the next process may write; it takes its turn even
+-- when its (stale) write loses, so its re-planned write cannot lose again. A process that
+-- loses a race while nobody has a turn takes one the same way. So no process can starve
+-- another, processes that contend on one tenant alternate in whole batches instead of
+-- conflicting on every write, and a lightly loaded tenant (nothing queued) never waits. A
+-- crashed process delays others by at most a turn (two while queued next).
 --
 -- All keys carry the same hash tag, so the script is Redis Cluster compatible. The shebang
 -- line (Redis >= 7) declares a script that may write and is *not* allow-oom, so Redis refuses
@@ -40,9 +47,9 @@
 
 local n = tonumber(ARGV[1])
 
-local function snapshot(code)
+local function snapshot(code, wait_ms)
   local t = redis.call('TIME')
-  local out = {code, t[1], t[2]}
+  local out = {code, t[1], t[2], wait_ms}
   for i = 1, n do
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
   end
@@ -50,24 +57,35 @@ local function snapshot(code)
 end
 
 if ARGV[2] == '?' then
-  return snapshot(0)
+  return snapshot(0, 0)
 end
-local lease, me = KEYS[n + 1], ARGV[n + 2]
-local holder = redis.call('GET', lease)
+local turn, nextk, me = KEYS[n + 1], KEYS[n + 2], ARGV[n + 2]
+local turn_ms, keep = tonumber(ARGV[n + 3]), ARGV[n + 4] == '1'
+local holder = redis.call('GET', turn)
+local queued = redis.call('GET', nextk)
 if holder and holder ~= me then
-  return snapshot(2)
+  if not queued then
+    redis.call('SET', nextk, me, 'PX', 2 * turn_ms)
+  end
+  return snapshot(2, math.max(redis.call('PTTL', turn), 1))
+end
+if not holder and queued and queued ~= me then
+  return snapshot(2, math.max(redis.call('PTTL', nextk), 1))
 end
 for i = 1, n do
   local seen = redis.call('HGET', KEYS[i], '_v') or '0'
   if seen ~= ARGV[i + 1] then
-    if not holder and ARGV[n + 3] ~= '0' then
-      redis.call('SET', lease, me, 'PX', ARGV[n + 3])
+    if not holder then  -- lost a race with nobody's turn running: take the next turn
+      redis.call('SET', turn, me, 'PX', turn_ms)
+      if queued then
+        redis.call('DEL', nextk)
+      end
     end
-    return snapshot(0)
+    return snapshot(0, 0)
   end
 end
 -- Validate every write before applying any, so a malformed call changes nothing.
-local writes = cjson.decode(ARGV[n + 4])
+local writes = cjson.decode(ARGV[n + 5])
 for i, w in ipairs(writes) do
   local op = w[1]
   if KEYS[w[2]] == nil then
@@ -90,8 +108,15 @@ for i, w in ipairs(writes) do
   end
 end
 
-if holder then
-  redis.call('DEL', lease)
+if queued == me then
+  redis.call('DEL', nextk)
+end
+if keep then
+  if not holder then
+    redis.call('SET', turn, me, 'PX', turn_ms)
+  end
+elseif holder then
+  redis.call('DEL', turn)
 end
 for _, w in ipairs(writes) do
   local op, key = w[1], KEYS[w[2]]

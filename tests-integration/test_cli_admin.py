@@ -1,0 +1,286 @@
+"""The ``cycles`` admin commands against real server processes (SQLite and Redis).
+
+Every command runs through typer's ``CliRunner`` with ``--url`` and ``--admin-key`` pointing
+at a ``ServerProcess``; results are checked against the server's own API, not the CLI's text.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner, Result
+
+from runcycles_server.cli import cli
+from runcycles_server.testing import ServerProcess
+
+U = "USD_MICROCENTS"
+# The runner must not see the developer's own CYCLES_* variables.
+CLEAN_ENV: dict[str, str | None] = {
+    "CYCLES_BASE_URL": None,
+    "CYCLES_ADMIN_API_KEY": None,
+    "CYCLES_API_KEY": None,
+    "CYCLES_TENANT": None,
+}
+
+
+def run(server: ServerProcess, *args: str, env: dict[str, str | None] | None = None) -> Result:
+    extra = ["--url", server.base_url, "--admin-key", server.admin_key]
+    return CliRunner().invoke(cli, [*args, *extra], env={**CLEAN_ENV, **(env or {})})
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def fresh_id() -> str:
+    return f"cli-{uuid.uuid4().hex[:10]}"
+
+
+def budget(server: ServerProcess, scope: str, unit: str = U) -> dict[str, Any]:
+    body: dict[str, Any] = server.admin(
+        "GET", "/v1/admin/budgets/lookup", params={"scope": scope, "unit": unit}
+    )
+    return body
+
+
+def exports(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            found[name] = value
+    return found
+
+
+def test_tenant_create_list_and_close(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    assert f"tenant {tenant} (ACTIVE)" in ok(run(server, "tenant", "create", tenant, "--name", "A"))
+    assert server.admin("GET", f"/v1/admin/tenants/{tenant}")["name"] == "A"
+    ok(run(server, "tenant", "create", tenant, "--name", "A"))  # replay is harmless
+
+    listed = json.loads(ok(run(server, "tenant", "list", "--json")))
+    assert tenant in {t["tenant_id"] for t in listed}
+    assert tenant in ok(run(server, "tenant", "list"))
+
+    assert "CLOSED" in ok(run(server, "tenant", "close", tenant, "--yes"))
+    assert server.admin("GET", f"/v1/admin/tenants/{tenant}")["status"] == "CLOSED"
+    closed = json.loads(ok(run(server, "tenant", "list", "--status", "closed", "--json")))
+    assert tenant in {t["tenant_id"] for t in closed}
+
+
+def test_tenant_close_asks_first_and_aborts_on_no(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    result = CliRunner().invoke(
+        cli,
+        ["tenant", "close", tenant, "--url", server.base_url, "--admin-key", server.admin_key],
+        input="n\n",
+        env=CLEAN_ENV,
+    )
+    assert result.exit_code == 1
+    assert server.admin("GET", f"/v1/admin/tenants/{tenant}")["status"] == "ACTIVE"
+
+
+def test_invalid_tenant_id_reports_the_servers_reason(server: ServerProcess) -> None:
+    result = run(server, "tenant", "create", "No Spaces!")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: server refused (400 INVALID_REQUEST)")
+    assert "tenant_id" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_key_create_prints_working_exports_then_revoke_disables_it(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    result = run(server, "key", "create", tenant, "--name", "agent")
+    values = exports(ok(result))
+    assert values["CYCLES_TENANT"] == tenant
+    assert values["CYCLES_BASE_URL"] == server.base_url
+    assert "shown only this once" in result.stderr
+    secret = values["CYCLES_API_KEY"]
+    introspect = httpx.get(
+        f"{server.base_url}/v1/auth/introspect", headers={"X-Cycles-API-Key": secret}
+    )
+    assert introspect.status_code == 200
+    assert introspect.json()["tenant_id"] == tenant
+
+    keys = json.loads(ok(run(server, "key", "list", tenant, "--json")))
+    assert [k["name"] for k in keys] == ["agent"]
+    assert secret not in ok(run(server, "key", "list", tenant))
+    key_id = keys[0]["key_id"]
+
+    assert "REVOKED" in ok(run(server, "key", "revoke", key_id, "--reason", "rotated"))
+    again = httpx.get(f"{server.base_url}/v1/auth/introspect", headers={"X-Cycles-API-Key": secret})
+    assert again.status_code == 401
+
+
+def test_key_create_with_restricted_permissions(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    values = exports(ok(run(server, "key", "create", tenant, "--permission", "balances:read")))
+    introspect = httpx.get(
+        f"{server.base_url}/v1/auth/introspect",
+        headers={"X-Cycles-API-Key": values["CYCLES_API_KEY"]},
+    ).json()
+    assert introspect["permissions"] == ["balances:read"]
+
+
+def test_key_revoke_unknown_key_fails_with_one_line(server: ServerProcess) -> None:
+    result = run(server, "key", "revoke", "key_does_not_exist")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1
+    assert "404" in result.stderr
+
+
+def test_budget_create_in_dollars_and_units(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    out = ok(run(server, "budget", "create", f"tenant:{tenant}", "$1.50"))
+    assert "$1.50" in out
+    assert budget(server, f"tenant:{tenant}")["allocated"]["amount"] == 150_000_000
+
+    ok(
+        run(
+            server,
+            "budget",
+            "create",
+            f"tenant:{tenant}/agent:bot",
+            "1_000",
+            "--overdraft-limit",
+            "$0.00000250",
+        )
+    )
+    row = budget(server, f"tenant:{tenant}/agent:bot")
+    assert row["allocated"]["amount"] == 1_000
+    assert row["overdraft_limit"]["amount"] == 250
+
+    ok(run(server, "budget", "create", f"tenant:{tenant}", "5000", "--unit", "tokens"))
+    assert budget(server, f"tenant:{tenant}", "TOKENS")["remaining"]["amount"] == 5000
+
+    listed = json.loads(ok(run(server, "budget", "list", "--tenant", tenant, "--json")))
+    assert {(b["scope"], b["unit"]) for b in listed} == {
+        (f"tenant:{tenant}", U),
+        (f"tenant:{tenant}/agent:bot", U),
+        (f"tenant:{tenant}", "TOKENS"),
+    }
+    table = ok(run(server, "budget", "list", "--tenant", tenant, "--raw"))
+    assert "150,000,000" in table
+    assert "5,000" in table
+
+
+def test_budget_create_bad_values_exit_2_without_calling_the_server(
+    server: ServerProcess,
+) -> None:
+    tenant = fresh_id()
+    cases = [
+        (["tenant:" + tenant, "lots"], "not a whole number"),
+        (["tenant:" + tenant, "$0.000000001"], "eight decimal places"),
+        (["tenant:" + tenant, "$5", "--unit", "TOKENS"], "in dollars but the unit is TOKENS"),
+        (["tenant:" + tenant, "5", "--unit", "EUR"], "unknown unit 'EUR'"),
+        (["workspace:x", "5"], "pass --tenant"),
+    ]
+    for args, message in cases:
+        result = run(server, "budget", "create", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
+        assert result.stderr.startswith("error: ")
+    # nothing was sent: the tenant does not even exist
+    assert server.admin("GET", "/v1/admin/tenants", params={"limit": 100})["tenants"] is not None
+    with pytest.raises(RuntimeError, match="404"):
+        server.admin("GET", f"/v1/admin/tenants/{tenant}")
+
+
+def test_budget_fund_operations(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    scope = f"tenant:{tenant}"
+    ok(run(server, "tenant", "create", tenant))
+    ok(run(server, "budget", "create", scope, "1000"))
+
+    ok(run(server, "budget", "fund", scope, "500"))  # credit is the default
+    assert budget(server, scope)["allocated"]["amount"] == 1500
+    ok(run(server, "budget", "fund", scope, "200", "--op", "debit"))
+    assert budget(server, scope)["remaining"]["amount"] == 1300
+    ok(run(server, "budget", "fund", scope, "$0.00005", "--op", "reset", "--reason", "new month"))
+    row = budget(server, scope)
+    assert row["allocated"]["amount"] == 5000
+    assert row["remaining"]["amount"] == 5000
+    ok(run(server, "budget", "fund", scope, "5000", "--op", "reset-spent"))
+    assert budget(server, scope)["spent"]["amount"] == 0
+    ok(run(server, "budget", "fund", scope, "0", "--op", "REPAY_DEBT"))
+
+    key = f"fund-{uuid.uuid4().hex}"
+    for _ in range(2):  # the same idempotency key applies once
+        ok(run(server, "budget", "fund", scope, "10", "--idempotency-key", key))
+    assert budget(server, scope)["allocated"]["amount"] == 5010
+
+
+def test_budget_fund_errors(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    scope = f"tenant:{tenant}"
+    ok(run(server, "tenant", "create", tenant))
+    ok(run(server, "budget", "create", scope, "100"))
+
+    bad_op = run(server, "budget", "fund", scope, "1", "--op", "steal")
+    assert bad_op.exit_code == 2
+    assert "unknown --op 'steal'; use one of credit, debit" in bad_op.stderr
+
+    too_much = run(server, "budget", "fund", scope, "1000", "--op", "debit")
+    assert too_much.exit_code == 1
+    assert "remaining is only 100" in too_much.stderr
+
+    missing = run(server, "budget", "fund", f"tenant:{tenant}/agent:nobody", "1")
+    assert missing.exit_code == 1
+    assert "404" in missing.stderr
+
+
+def test_balances_with_admin_key_and_with_tenant_key(server: ServerProcess) -> None:
+    tenant = server.provision(budget=250_000_000)  # 2.50 USD
+    scope = f"tenant:{tenant.tenant_id}"
+
+    table = ok(run(server, "balances", "--tenant", tenant.tenant_id))
+    assert scope in table
+    assert "$2.50" in table
+    rows = json.loads(ok(run(server, "balances", "--tenant", tenant.tenant_id, "--json")))
+    assert [(r["scope"], r["remaining"]["amount"]) for r in rows] == [(scope, 250_000_000)]
+
+    # only a tenant key (from the environment): GET /v1/balances for the key's tenant
+    result = CliRunner().invoke(
+        cli,
+        ["balances", "--url", server.base_url, "--json"],
+        env={**CLEAN_ENV, "CYCLES_API_KEY": tenant.api_key},
+    )
+    rows = json.loads(ok(result))
+    assert [(r["scope_path"], r["allocated"]["amount"]) for r in rows] == [(scope, 250_000_000)]
+    result = CliRunner().invoke(
+        cli,
+        ["balances", "--url", server.base_url, "--raw"],
+        env={**CLEAN_ENV, "CYCLES_API_KEY": tenant.api_key},
+    )
+    assert "250,000,000" in ok(result)
+
+
+def test_wrong_admin_key_says_what_to_check(server: ServerProcess) -> None:
+    result = CliRunner().invoke(
+        cli,
+        ["tenant", "list", "--url", server.base_url, "--admin-key", "not-it"],
+        env=CLEAN_ENV,
+    )
+    assert result.exit_code == 1
+    assert "401 UNAUTHORIZED" in result.stderr
+    assert "CYCLES_ADMIN_API_KEY matches the key the server was started with" in result.stderr
+
+
+def test_url_and_admin_key_come_from_the_environment(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    result = CliRunner().invoke(
+        cli,
+        ["tenant", "create", tenant],
+        env={"CYCLES_BASE_URL": server.base_url, "CYCLES_ADMIN_API_KEY": server.admin_key},
+    )
+    ok(result)
+    assert server.admin("GET", f"/v1/admin/tenants/{tenant}")["tenant_id"] == tenant
