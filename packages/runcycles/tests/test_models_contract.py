@@ -95,7 +95,7 @@ FREE_JSON = st.recursive(
     ),
     max_leaves=6,
 )
-TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=300)
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=300)
 
 
 def _from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
@@ -122,7 +122,7 @@ def _from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
             return st.from_regex(schema["pattern"], fullmatch=True)
         lo, hi = schema.get("minLength", 0), schema.get("maxLength", 300)
         return st.text(
-            st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=lo, max_size=hi
+            st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=lo, max_size=hi
         )
     if kind == "array":
         return st.lists(_from_schema(schema.get("items", {})), max_size=schema.get("maxItems", 4))
