@@ -1528,3 +1528,36 @@ def validate_caps(caps: Mapping[str, Any] | None) -> dict[str, Any] | None:
         raise LedgerError("INVALID_REQUEST", f"caps: {exc}") from None
     out: dict[str, Any] = parsed.model_dump(mode="json", exclude_none=True)
     return out or None
+
+
+def check_budget_creation(
+    tenant: TenantRow | None, row: BudgetRow, existing: Iterable[BudgetRow]
+) -> None:
+    """Refuse a new budget for a missing or non-ACTIVE tenant, or a duplicate (scope, unit).
+
+    ``existing`` are the budgets already at ``row.scope`` (any unit).
+
+    Raises:
+        LedgerError: ``TENANT_NOT_FOUND`` (400), ``TENANT_CLOSED``, ``INVALID_REQUEST`` (tenant
+            not ACTIVE) or ``DUPLICATE_RESOURCE``.
+    """
+    if tenant is None:
+        raise LedgerError(
+            "TENANT_NOT_FOUND",
+            f"tenant {row.tenant_id} does not exist; create it first",
+            status=400,
+        )
+    if tenant.status == "CLOSED":
+        raise LedgerError("TENANT_CLOSED", f"tenant {row.tenant_id} is CLOSED")
+    if tenant.status != "ACTIVE":
+        raise LedgerError(
+            "INVALID_REQUEST",
+            f"tenant {row.tenant_id} is {tenant.status}; budgets can only be created "
+            "for ACTIVE tenants",
+        )
+    if any(b.unit == row.unit for b in existing):
+        raise LedgerError(
+            "DUPLICATE_RESOURCE",
+            f"a budget for {row.scope} in {row.unit} already exists; fund it with "
+            "POST /v1/admin/budgets/fund instead",
+        )

@@ -942,7 +942,10 @@ class HeartbeatScheduler(_SchedulerCore):
             handle = self._new_handle(
                 reservation_id, ttl_ms, remaining_ttl_ms, expires_at_ms, rtt_ms, on_event
             )
-            self._cond.notify()
+            # Wake the thread only when its next wake-up moves earlier; otherwise every
+            # guarded call would cost a context switch of the heartbeat thread.
+            if self._heap[0][2] is handle:
+                self._cond.notify()
             if self._autostart and self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="runcycles-heartbeat", daemon=True

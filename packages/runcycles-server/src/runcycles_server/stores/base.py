@@ -785,27 +785,9 @@ class RowStore(ABC):
     async def create_budget(self, row: BudgetRow) -> BudgetRow:
         """See :meth:`Store.create_budget`."""
         with self._write():
-            tenant = self._get_tenant(row.tenant_id)
-            if tenant is None:
-                raise LedgerError(
-                    "TENANT_NOT_FOUND",
-                    f"tenant {row.tenant_id} does not exist; create it first",
-                    status=400,
-                )
-            if tenant.status == "CLOSED":
-                raise LedgerError("TENANT_CLOSED", f"tenant {row.tenant_id} is CLOSED")
-            if tenant.status != "ACTIVE":
-                raise LedgerError(
-                    "INVALID_REQUEST",
-                    f"tenant {row.tenant_id} is {tenant.status}; budgets can only be created "
-                    "for ACTIVE tenants",
-                )
-            if any(b.unit == row.unit for b in self._get_budgets([row.scope])):
-                raise LedgerError(
-                    "DUPLICATE_RESOURCE",
-                    f"a budget for {row.scope} in {row.unit} already exists; fund it with "
-                    "POST /v1/admin/budgets/fund instead",
-                )
+            ledger.check_budget_creation(
+                self._get_tenant(row.tenant_id), row, self._get_budgets([row.scope])
+            )
             row.created_at_ms = row.updated_at_ms = self.clock()
             self._put_budget(row, insert=True)
             return row

@@ -1689,27 +1689,7 @@ class RedisStore:
             )
 
         def plan(w: _Work) -> BudgetRow:
-            tenant = w.tenant()
-            if tenant is None:
-                raise LedgerError(
-                    "TENANT_NOT_FOUND",
-                    f"tenant {row.tenant_id} does not exist; create it first",
-                    status=400,
-                )
-            if tenant.status == "CLOSED":
-                raise LedgerError("TENANT_CLOSED", f"tenant {row.tenant_id} is CLOSED")
-            if tenant.status != "ACTIVE":
-                raise LedgerError(
-                    "INVALID_REQUEST",
-                    f"tenant {row.tenant_id} is {tenant.status}; budgets can only be created "
-                    "for ACTIVE tenants",
-                )
-            if any(b.unit == row.unit for b in w.budgets([row.scope])):
-                raise LedgerError(
-                    "DUPLICATE_RESOURCE",
-                    f"a budget for {row.scope} in {row.unit} already exists; fund it with "
-                    "POST /v1/admin/budgets/fund instead",
-                )
+            ledger.check_budget_creation(w.tenant(), row, w.budgets([row.scope]))
             new = dataclasses.replace(row, created_at_ms=w.now, updated_at_ms=w.now)
             w.put_budget(new, new=True)
             return new
