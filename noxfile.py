@@ -28,6 +28,7 @@ def _typecheck(session: nox.Session) -> None:
     for tests in TEST_DIRS:
         session.run("mypy", "--allow-untyped-defs", "--allow-incomplete-defs", tests)
     session.run("mypy", "--allow-untyped-defs", "--allow-incomplete-defs", "tests-integration")
+    session.run("mypy", "examples")
 
 
 @nox.session(venv_backend="none")

@@ -1,0 +1,41 @@
+"""Where the examples find a Cycles server.
+
+With ``CYCLES_BASE_URL`` (and ``CYCLES_API_KEY``, ``CYCLES_TENANT``) set, an example talks to
+that server. Without them it starts the embedded server (SQLite in a temporary folder) on a
+free loopback port, creates a tenant, an API key and a budget, and stops it at the end, so
+every example runs offline with nothing else installed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from runcycles import CyclesConfig
+
+
+@contextmanager
+def cycles_config(*, budget: int) -> Iterator[CyclesConfig]:
+    """Yield a client config for a tenant holding at least ``budget`` USD micro-cents.
+
+    The config always names its tenant (``config.tenant``); see :func:`tenant_of`.
+    """
+    if os.environ.get("CYCLES_BASE_URL"):
+        config = CyclesConfig.from_env()
+        if not config.tenant:
+            raise SystemExit("set CYCLES_TENANT too: the examples read that tenant's balances")
+        yield config
+        return
+    from runcycles_server.testing import ServerProcess
+
+    with ServerProcess.start(store="sqlite") as server:
+        tenant = server.provision(tenant_id="examples", budget=budget)
+        print(f"(embedded Cycles server at {server.base_url}, tenant 'examples')")
+        yield tenant.config()
+
+
+def tenant_of(config: CyclesConfig) -> str:
+    """Return the tenant a config from :func:`cycles_config` names."""
+    assert config.tenant is not None
+    return config.tenant

@@ -1,0 +1,75 @@
+"""Every script in ``examples/`` runs as written and shows what its docstring promises.
+
+Offline, each example starts its own embedded server; with ``CYCLES_*`` set it uses that
+server instead, which is checked against both stores for the examples that support it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runcycles_server.testing import ProvisionedTenant
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+# What each example must print (beyond exiting 0): the behaviour it exists to show.
+EXPECTED = {
+    "decorator_quickstart.py": ["stopped before call 7 ran: BUDGET_EXCEEDED", "6 calls ran"],
+    "async_fanout.py": ["50 concurrent calls: 20 ran, 30 refused up front", "reserved 0"],
+    "multi_tenant.py": [
+        "acme/research ran 3 calls",
+        "acme     ran 12 calls",
+        "globex reading acme's balances -> 403 FORBIDDEN",
+        "tenant:acme/workspace:research       12,000     12,000          0",
+    ],
+    "streaming_chat.py": ["(cancelled)", "(completed)", "spent so far: 900"],
+}
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CYCLES_", "OPENAI_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(script: str, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_every_example_is_checked():
+    scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
+    assert scripts == set(EXPECTED)
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_example_runs_offline(script: str):
+    out = _run(script, _clean_env())
+    for line in EXPECTED[script]:
+        assert line in out, out
+
+
+@pytest.mark.parametrize("script", ["async_fanout.py", "streaming_chat.py"])
+def test_example_runs_against_a_configured_server(script: str, server, tenant: ProvisionedTenant):
+    env = _clean_env()
+    env.update(
+        CYCLES_BASE_URL=server.base_url,
+        CYCLES_API_KEY=tenant.api_key,
+        CYCLES_TENANT=tenant.tenant_id,
+    )
+    out = _run(script, env)
+    assert "embedded Cycles server" not in out  # it used the configured one
+    assert "spent" in out
