@@ -73,6 +73,17 @@ def integration(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none")
+def recovery(session: nox.Session) -> None:
+    """Run every client-recovery scenario through the profile's process adapter, one by one.
+
+    Feeds each scenario of ``spec/client-recovery-scenarios.yaml`` to
+    ``python -m runcycles.testing.recovery_adapter SCENARIO_ID`` and fails if any scenario
+    fails or is bound to no native test (``--jobs N``, ``--verbose`` pass through).
+    """
+    session.run("python", "tests-integration/run_recovery_profile.py", *session.posargs)
+
+
+@nox.session(venv_backend="none")
 def benchmarks(session: nox.Session) -> None:
     """Run every benchmark and print its ratios."""
     for script in sorted(os.listdir("benchmarks")):

@@ -23,10 +23,10 @@ clients doing reserve+commit pairs for a fixed time with a lean HTTP/1.1 load ge
 
 Usage::
 
-    uv run python benchmarks/server_throughput.py                # both stores, 2 workers, 10 s
+    uv run python benchmarks/server_throughput.py                # both stores, 1 and 2 workers
     uv run python benchmarks/server_throughput.py --seconds 5 --workers 2,3 --stores sqlite
 
-Options: ``--clients 64``, ``--seconds 10``, ``--workers 2`` (comma list to compare),
+Options: ``--clients 64``, ``--seconds 10``, ``--workers 1,2`` (comma list to compare),
 ``--stores sqlite,redis`` (Redis from ``CYCLES_TEST_REDIS_URL``, default db 15 on loopback,
 under a fresh key prefix that is deleted afterwards). The exit status is 1 on a ledger
 mismatch. Target (the GitHub issue): on a 2-core machine with the load generator on the same
@@ -208,7 +208,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--workers", default="2", help="worker count, or a comma list (2,3)")
+    parser.add_argument("--workers", default="1,2", help="worker count, or a comma list (2,3)")
     parser.add_argument("--stores", default="sqlite,redis")
     args = parser.parse_args()
     ok = True

@@ -10,12 +10,25 @@ test provisions its own tenant, so tests never see each other's data.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from runcycles_server.testing import ProvisionedTenant, ServerProcess, redis_url_for_tests
 
 STORES = ["sqlite", "redis"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the default durable journal at a per-test folder.
+
+    Clients replay their journal partition when they start, so records left in the user's
+    real state directory must never reach a test server, nor one test's records another.
+    """
+    path = tmp_path / "default-journal"
+    monkeypatch.setenv("RUNCYCLES_JOURNAL_DIR", str(path))
+    return path
 
 
 def _redis_ok() -> str | None:

@@ -138,3 +138,80 @@ def test_evidence_report_covers_every_scenario_and_matches_the_schema():
     validator.validate(report)
     assert report["summary"] == {"total": 12, "passed": 12, "failed": 0}
     assert all(entry["native_tests"] for entry in report["scenarios"])
+
+
+# ------------------------------------------------------------------ the per-scenario runner
+
+RUNNER = Path(__file__).resolve().parent / "run_recovery_profile.py"
+
+
+def run_runner(*args: str, tests_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if tests_dir is not None:
+        env["RUNCYCLES_RECOVERY_TESTS"] = str(tests_dir)
+    return subprocess.run(
+        [sys.executable, str(RUNNER), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=600,
+    )
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0].startswith("CR-"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_runner_passes_every_catalog_scenario_through_the_adapter():
+    """What ``nox -s recovery`` runs: each scenario in its own adapter process."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    catalog = yaml.safe_load((root / "spec" / "client-recovery-scenarios.yaml").read_text())
+    ids = [scenario["id"] for scenario in catalog["scenarios"]]
+    completed = run_runner()
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
+    rows = table_rows(completed.stdout)
+    assert sorted(rows) == sorted(ids)
+    assert all(row[1] == "PASS" and int(row[2]) >= 1 for row in rows.values()), rows
+    assert f"{len(ids)}/{len(ids)} scenarios passed" in completed.stdout
+
+
+def test_runner_fails_on_a_failing_or_unbound_scenario(tmp_path):
+    tests = synthetic_suite(
+        tmp_path, requests=SCENARIO["expected_requests"], assertions=SCENARIO["assertions"], ok=True
+    )
+    catalog = tmp_path / "scenarios.yaml"
+    catalog.write_text(
+        "scenarios:\n"
+        "  - {id: CR-CORE-001, level: core, name: bound and passing,"
+        "     expected_requests: [commit, commit_same_key],"
+        "     assertions: [settlement_occurs_at_most_once, retry_uses_original_idempotency_key]}\n"
+        "  - {id: CR-CORE-002, level: core, name: bound and failing}\n"
+        "  - {id: CR-DURABLE-001, level: durable, name: bound to no test}\n"
+    )
+    completed = run_runner("--catalog", str(catalog), tests_dir=tests)
+    assert completed.returncode == 1, completed.stdout
+    rows = table_rows(completed.stdout)
+    assert {sid: row[1] for sid, row in rows.items()} == {
+        "CR-CORE-001": "PASS",
+        "CR-CORE-002": "FAIL",
+        "CR-DURABLE-001": "UNBOUND",
+    }
+    assert "not passed: CR-CORE-002, CR-DURABLE-001" in completed.stdout
+    assert "must be deselected" in completed.stderr  # the failing test's output is shown
+
+
+def test_runner_refuses_a_catalog_it_cannot_run_completely(tmp_path):
+    catalog = tmp_path / "scenarios.yaml"
+    catalog.write_text("scenarios:\n  - {id: CR-X-001, level: experimental, name: new level}\n")
+    completed = run_runner("--catalog", str(catalog))
+    assert completed.returncode == 2
+    assert "CR-X-001 has level 'experimental'" in completed.stderr
+    assert completed.stdout == ""

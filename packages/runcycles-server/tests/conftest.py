@@ -166,6 +166,23 @@ def api(client: SyncClient) -> Api:
 
 
 @pytest.fixture
+def make_api(store: Store) -> Iterator[Callable[..., Api]]:
+    """Build the app over ``store`` with extra ``create_app`` options; return its :class:`Api`."""
+    clients: list[SyncClient] = []
+
+    def make(**options: Any) -> Api:
+        options.setdefault("sweep_interval_s", None)
+        sync_client = SyncClient(create_app(store, admin_api_key=ADMIN_KEY, **options))
+        clients.append(sync_client)
+        return Api(sync_client)
+
+    yield make
+    for sync_client in clients:
+        sync_client.run(store.close())
+        sync_client.close()
+
+
+@pytest.fixture
 def acme(api: Api) -> str:
     """Tenant acme with a 1,000,000 USD_MICROCENTS tenant budget; returns its API key."""
     key = api.tenant("acme")

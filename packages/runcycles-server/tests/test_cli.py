@@ -326,3 +326,19 @@ def test_app_from_env_applies_access_log_and_body_limit(
     quiet = app_from_env()
     assert AccessLogMiddleware not in _middleware(quiet)
     asyncio.run(quiet.state.store.close())
+
+
+@pytest.mark.parametrize(("days", "retention_ms"), [("3", 3 * 86_400_000), ("0", None)])
+def test_app_from_env_gives_the_redis_store_its_retention(
+    monkeypatch: pytest.MonkeyPatch, days: str, retention_ms: int | None
+) -> None:
+    monkeypatch.setenv("CYCLES_REDIS_URL", "redis://127.0.0.1:6379/15")  # not connected here
+    monkeypatch.setenv("CYCLES_RETENTION_DAYS", days)
+    app = app_from_env()
+    try:
+        assert app.state.store.retention_ms == retention_ms
+    finally:
+        asyncio.run(app.state.store.close())
+    monkeypatch.setenv("CYCLES_RETENTION_DAYS", "0.5")
+    with pytest.raises(SystemExit, match="CYCLES_RETENTION_DAYS: retention_ms must be at least"):
+        app_from_env()

@@ -855,6 +855,99 @@ async def test_endless_conflicts_give_up_after_max_attempts_with_nothing_applied
         assert budget.reserved == 0
 
 
+# -- retention: finished data expires by key TTL ------------------------------------------------
+
+
+async def _pttl(store: RedisStore, key: str) -> int:
+    return int(await store._redis.pttl(key))
+
+
+def _near(ttl: int, expected: int) -> bool:
+    """A PTTL read back right after the write that set ``expected`` ms."""
+    return expected - 60_000 < ttl <= expected
+
+
+async def test_finished_reservations_replays_and_events_get_the_retention_ttl(
+    fake_clock: Clock,
+) -> None:
+    retention = 2 * ledger.DAY_MS
+    async with redis_store_for_tests(clock=fake_clock, retention_ms=retention) as store:
+        assert store.retention_ms == retention
+        await provision(store, ("tenant:acme", 10_000))
+        rids = []
+        for key, ttl in (("committed", 1000), ("released", 1000), ("expired", 1000),
+                         ("active", 600_000)):  # fmt: skip
+            outcome = await store.reserve("acme", reserve_req(key, 10, ttl_ms=ttl), "h")
+            rids.append(json.loads(outcome.body)["reservation_id"])
+        committed, released, expired, active = rids
+        await store.commit("acme", committed, commit_req("c", 7), "h")
+        await store.release("acme", released, ReleaseRequest(idempotency_key="r"), "h")
+        event = (await store.create_event("acme", event_req("e", 3), "h")).event
+        assert event is not None
+        t = f"{store.prefix}:{{t:acme}}"
+        fake_clock.now_ms += 1000 + ledger.DEFAULT_GRACE_MS + 1
+        assert await store.expire_due() == 1
+        assert await _pttl(store, f"{t}:r:{active}") == -1  # ACTIVE: kept until it finishes
+        for rid in (committed, released, expired):
+            assert _near(await _pttl(store, f"{t}:r:{rid}"), retention), rid
+        for idem in (f"commit:{committed}|c", f"release:{released}|r"):  # capped from 30 days
+            assert _near(await _pttl(store, f"{t}:i:{idem}"), retention), idem
+        reserve_idem = await _pttl(store, f"{t}:i:reserve|committed")
+        assert _near(reserve_idem, ledger.RETAIN_RESERVE_MIN_MS)  # its own (24 h) window
+        assert _near(await _pttl(store, f"{t}:e:{event.event_id}"), retention)
+        assert await _pttl(store, f"{t}:i:event|e") <= ledger.RETAIN_EVENT_MS
+        for key in (f"{t}:tenant", f"{t}:b:tenant:acme"):
+            assert await _pttl(store, key) == -1  # budgets and tenants never expire
+
+
+async def test_within_the_retention_replays_and_listings_hold_then_the_index_is_trimmed(
+    store: RedisStore, fake_clock: Clock
+) -> None:
+    assert store.retention_ms == 7 * ledger.DAY_MS  # the default
+    await provision(store, ("tenant:acme", 10_000))
+    old = json.loads((await store.reserve("acme", reserve_req("old", 10), "h")).body)
+    first = await store.commit("acme", old["reservation_id"], commit_req("c", 4), "hc")
+    x_res = f"{store.prefix}:{{t:acme}}:x:res"
+    x_done = f"{store.prefix}:{{t:acme}}:x:done"
+    fake_clock.now_ms += 7 * ledger.DAY_MS - 1  # last millisecond of the window
+    again = await store.commit("acme", old["reservation_id"], commit_req("c", 4), "hc")
+    assert again.body == first.body  # replayed, not charged twice
+    page = await store.list_reservations(ReservationQuery("acme"))
+    assert [r.reservation_id for r in page.items] == [old["reservation_id"]]
+    new = json.loads((await store.reserve("acme", reserve_req("new", 10), "h")).body)
+    await store.release("acme", new["reservation_id"], ReleaseRequest(idempotency_key="r"), "h")
+    assert await store._redis.zscore(x_res, old["reservation_id"]) is not None  # not due yet
+    fake_clock.now_ms += 1  # the old one's retention ends: the next finishing write trims it
+    newest = json.loads((await store.reserve("acme", reserve_req("newest", 10), "h")).body)
+    await store.commit("acme", newest["reservation_id"], commit_req("c", 1), "h")
+    assert await store._redis.zscore(x_res, old["reservation_id"]) is None
+    assert await store._redis.zscore(x_done, old["reservation_id"]) is None
+    listed = [
+        r.reservation_id for r in (await store.list_reservations(ReservationQuery("acme"))).items
+    ]
+    assert listed == [newest["reservation_id"], new["reservation_id"]]
+    budget = await store.get_budget("tenant:acme", U)
+    assert budget is not None
+    assert (budget.spent, budget.reserved) == (5, 0)
+
+
+async def test_retention_none_keeps_finished_reservations_and_a_short_one_is_refused(
+    fake_clock: Clock,
+) -> None:
+    async with redis_store_for_tests(clock=fake_clock, retention_ms=None) as store:
+        await provision(store, ("tenant:acme", 100))
+        rid = json.loads((await store.reserve("acme", reserve_req("k", 10), "h")).body)[
+            "reservation_id"
+        ]
+        await store.commit("acme", rid, commit_req("c", 4), "h")
+        t = f"{store.prefix}:{{t:acme}}"
+        assert await _pttl(store, f"{t}:r:{rid}") == -1
+        assert _near(await _pttl(store, f"{t}:i:commit:{rid}|c"), ledger.RETAIN_TERMINAL_MS)
+        assert not await store._redis.exists(f"{t}:x:done")
+    with pytest.raises(ValueError, match="retention_ms must be at least"):
+        RedisStore(prefix="unused", retention_ms=ledger.DAY_MS - 1)
+
+
 async def test_sweeper_keeps_an_entry_re_filed_while_it_looked(store: RedisStore) -> None:
     due = f"{store.prefix}:{{due}}:reservations"
     rid = "rsv_acme_" + "1" * 32  # no reservation (yet): a reserve that is being retried

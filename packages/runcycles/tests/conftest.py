@@ -55,6 +55,18 @@ class Api:
             self.client.close()
 
 
+@pytest.fixture(autouse=True)
+def journal_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Default journals go to a per-test directory, never the user's state dir.
+
+    Clients replay their journal partition when they start, so a shared directory would let
+    one test's leftovers send requests in another.
+    """
+    path = tmp_path / "default-journal"
+    monkeypatch.setenv("RUNCYCLES_JOURNAL_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def router() -> Iterator[respx.MockRouter]:
     with respx.mock(base_url=BASE_URL, assert_all_called=False) as mock:

@@ -12,6 +12,8 @@ ASYNC_SPELLINGS = [
     ("httpx.AsyncClient", "httpx.Client"),
     ("httpx.AsyncBaseTransport", "httpx.BaseTransport"),
     ("AsyncIterator", "Iterator"),
+    ("AsyncReservationGuard", "ReservationGuard"),
+    ("AsyncStreamReservation", "StreamReservation"),
 ]
 
 
@@ -51,7 +53,8 @@ def test_same_signatures() -> None:
         ), name
 
 
-NO_IO = {"with_options"}  # builds a sibling client; sends nothing
+# build a sibling client or a guard; send nothing (the guard reserves when entered)
+NO_IO = {"with_options", "reserve", "stream_reservation"}
 
 
 def test_async_methods_are_coroutines_where_the_sync_ones_do_io() -> None:

@@ -263,3 +263,17 @@ def test_journal_settings_from_env_and_validation() -> None:
     assert CyclesConfig(base_url="http://x", api_key="k").journal_enabled is True
     with pytest.raises(CyclesConfigError, match="journal_enabled"):
         CyclesConfig(base_url="http://x", api_key="k", journal_enabled="yes")  # type: ignore[arg-type]
+
+
+def test_journal_fsync_is_off_by_default_and_read_from_env() -> None:
+    assert CyclesConfig(base_url="http://x", api_key="k").journal_fsync is False
+    config = CyclesConfig.from_env(
+        environ={
+            "CYCLES_BASE_URL": "http://x",
+            "CYCLES_API_KEY": "k",
+            "CYCLES_JOURNAL_FSYNC": "true",
+        }
+    )
+    assert config.journal_fsync is True
+    with pytest.raises(CyclesConfigError, match="journal_fsync"):
+        CyclesConfig(base_url="http://x", api_key="k", journal_fsync=1)  # type: ignore[arg-type]

@@ -247,3 +247,126 @@ def test_any_id_round_trips_under_its_own_name(journal, reservation_id, amount):
     assert loaded.reservation_id == reservation_id
     assert loaded.actual.amount == amount
     assert journal.remove(reservation_id)
+
+
+# --------------------------------------------------------------------------- fsync mode
+
+
+def test_for_config_takes_fsync_from_the_config(tmp_path):
+    config = CyclesConfig(base_url="http://cycles.test", api_key="k", tenant="acme")
+    assert Journal.for_config(config, tmp_path).fsync is False
+    fsynced = CyclesConfig(
+        base_url="http://cycles.test", api_key="k", tenant="acme", journal_fsync=True
+    )
+    assert Journal.for_config(fsynced, tmp_path).fsync is True
+
+
+def test_write_without_fsync_is_atomic_and_never_flushes(tmp_path, monkeypatch):
+    journal = Journal(tmp_path, base_url="http://cycles.test", tenant="acme", fsync=False)
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync called with fsync=False"))
+    path = journal.write(make_record())
+    assert [p.name for p in journal.directory.iterdir()] == [path.name]  # no temp left
+    loaded = journal.read("r1")
+    assert loaded is not None
+    assert loaded.idempotency_key == "key-1"
+
+
+# --------------------------------------------------------------------------- intent logs
+
+posix_locks = pytest.mark.skipif(sys.platform == "win32", reason="intent logs need fcntl")
+
+
+def _intent_logs(journal: Journal) -> list[str]:
+    return sorted(p.name for p in journal.directory.glob("intent-*.log"))
+
+
+@posix_locks
+@pytest.mark.parametrize("fsync", [False, True])
+def test_live_intent_is_readable_but_left_to_its_process(tmp_path, fsync):
+    journal = Journal(tmp_path, base_url="http://cycles.test", tenant="acme", fsync=fsync)
+    entry = journal.log_intent(make_record())
+    assert len(_intent_logs(journal)) == 1
+    assert not journal.path_for("r1").exists()  # no record file on the fast path
+    seen = journal.read("r1")
+    assert seen is not None
+    assert seen.idempotency_key == "key-1"
+    other = Journal(tmp_path, base_url="http://cycles.test", tenant="acme")
+    assert other.scan().records == []  # its owner (this process) is alive: not replayed
+    journal.resolve_intent(entry)
+    assert journal.read("r1") is None
+    journal.resolve_intent(entry)  # idempotent
+
+
+@posix_locks
+def test_intent_of_a_dead_process_becomes_a_record_on_scan(tmp_path):
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os
+        from runcycles import Action, Amount, CommitRequest, Subject, Unit
+        from runcycles.journal import Journal, JournalRecord
+        journal = Journal({str(tmp_path)!r}, base_url="http://cycles.test", tenant="acme")
+        def record(rid, key):
+            return JournalRecord.for_commit(
+                rid,
+                CommitRequest(idempotency_key=key, actual=Amount(unit=Unit.TOKENS, amount=5)),
+                subject=Subject(tenant="acme"),
+                action=Action(kind="llm", name="m"),
+            )
+        done = journal.log_intent(record("settled", "k-settled"))
+        journal.log_intent(record("in-flight", "k-in-flight"))
+        journal.resolve_intent(done)
+        os._exit(0)  # dies like a crash: no cleanup, the in-flight intent stays open
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    journal = Journal(tmp_path, base_url="http://cycles.test", tenant="acme")
+    assert len(_intent_logs(journal)) == 1
+    scan = journal.scan()
+    assert [(r.reservation_id, r.idempotency_key) for r in scan.records] == [
+        ("in-flight", "k-in-flight")
+    ]
+    assert _intent_logs(journal) == []  # recovered, then deleted
+    assert journal.read("in-flight") is not None
+    assert journal.scan().records[0].reservation_id == "in-flight"  # now an ordinary record
+
+
+@posix_locks
+def test_recovery_keeps_a_newer_record_file(tmp_path):
+    journal = Journal(tmp_path, base_url="http://cycles.test", tenant="acme")
+    newer = make_record()
+    newer.attempts = 3
+    journal.write(newer)
+    log_dir = journal.directory
+    line = b'{"op":"open","record":' + make_record().to_json() + b"}\n"
+    (log_dir / "intent-1-dead.log").write_bytes(line + b"\0" * 64)  # nobody holds its lock
+    (record,) = journal.scan().records
+    assert record.attempts == 3
+    assert _intent_logs(journal) == []
+
+
+@posix_locks
+def test_torn_intent_line_is_skipped(tmp_path):
+    journal = Journal(tmp_path, base_url="http://cycles.test", tenant="acme")
+    journal.directory.mkdir(parents=True)
+    good = b'{"op":"open","record":' + make_record("r2", "k2").to_json() + b"}\n"
+    torn = b'{"op":"open","record":{"schema_version":2,"reserv'
+    (journal.directory / "intent-1-dead.log").write_bytes(good + torn)
+    assert [r.reservation_id for r in journal.scan().records] == ["r2"]
+
+
+@posix_locks
+def test_full_segment_rotates_and_is_deleted_when_resolved(tmp_path, monkeypatch):
+    import runcycles.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "_INTENT_SEGMENT_BYTES", 4096)
+    journal = Journal(tmp_path, base_url="http://cycles.test", tenant="acme", fsync=False)
+    entries = [journal.log_intent(make_record(f"r{i}", f"k{i}")) for i in range(40)]
+    assert len(_intent_logs(journal)) > 1
+    for i, entry in enumerate(entries):
+        assert journal.read(f"r{i}") is not None
+        journal.resolve_intent(entry)
+    assert len(_intent_logs(journal)) == 1  # only the current one is left
+    assert all(journal.read(f"r{i}") is None for i in range(40))

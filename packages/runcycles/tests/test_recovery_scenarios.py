@@ -28,6 +28,8 @@ from runcycles import (
     CyclesConfig,
     Subject,
     Unit,
+    UnknownActualError,
+    cycles,
 )
 from runcycles.heartbeat import AsyncHeartbeatScheduler, HeartbeatEvent, HeartbeatScheduler
 from runcycles.journal import Journal, JournalRecord, record_file_name, run_journal_io
@@ -633,10 +635,14 @@ async def test_durable_007_legacy_names_migrate_without_losing_collisions(mode, 
 
 @pytest.mark.recovery("CR-BOUNDARY-001")
 @MODES
-async def test_boundary_001_missing_actual_is_surfaced_without_settlement(mode, ledger, root):
+async def test_boundary_001_missing_actual_is_surfaced_without_settlement(
+    mode, ledger, root, monkeypatch
+):
+    monkeypatch.setenv("RUNCYCLES_JOURNAL_DIR", str(root))
     journal = Journal.for_config(CONFIG, root)
     process = Process(mode, ledger.handle, journal)
 
+    # 1. The settlement primitives refuse to settle without a known actual.
     def guarded_action() -> int | None:
         return None  # the action ran but could not report what it used
 
@@ -651,10 +657,71 @@ async def test_boundary_001_missing_actual_is_surfaced_without_settlement(mode, 
 
     with pytest.raises(TypeError, match="CommitRequest"):
         await settle_without_actual()
+
+    # 2. @cycles whose actual= is unknown (returns None, or raises): the condition is
+    #    raised to the caller with the action's result, and nothing is sent after the
+    #    reservation: no commit, no event (and no release: it expires at its lease).
+    def no_actual(result: str) -> int | None:
+        return None
+
+    def broken_actual(result: str) -> int:
+        raise KeyError("usage")
+
+    missing: set[str] = set()
+    for measure in (no_actual, broken_actual):
+        guard = cycles(500, actual=measure, client=process.client, workflow="wf")
+        if mode == "sync":
+
+            def action() -> str:
+                return "ran"
+
+            with pytest.raises(UnknownActualError) as raised:
+                guard(action)()
+        else:
+
+            async def aaction() -> str:
+                return "ran"
+
+            with pytest.raises(UnknownActualError) as raised:
+                await guard(aaction)()
+        assert raised.value.result == "ran"
+        assert raised.value.reservation_id is not None
+        missing.add(raised.value.reservation_id)
+        assert (raised.value.__cause__ is None) == (measure is no_actual)
+
+    # 3. A guarded action that fails is surfaced too (re-raised), never settled.
+    def failing() -> str:
+        raise RuntimeError("tool failed")
+
+    if mode == "sync":
+        with pytest.raises(RuntimeError, match="tool failed"):
+            cycles(500, workflow="wf", client=process.client)(failing)()
+    else:
+
+        async def afailing() -> str:
+            raise RuntimeError("tool failed")
+
+        with pytest.raises(RuntimeError, match="tool failed"):
+            await cycles(500, workflow="wf", client=process.client)(afailing)()
+    assert ledger.labels() == []  # no commit, event or extend
     await process.exit()
-    observed = ledger.labels()
+
+    # every request about the two missing-actual reservations after they were created
+    # (the failed action's reservation was released, which charges nothing)
+    assert len(missing) == 2
+    observed = [
+        label
+        for label, request in zip(
+            ledger.labels(("create", "commit", "event", "extend", "release")),
+            ledger.requests,
+            strict=True,
+        )
+        if request.reservation_id in missing
+    ]
     assert observed == expected("CR-BOUNDARY-001")
-    assert ledger.requests == []
+    assert [r.endpoint for r in ledger.requests] == ["create", "create", "create", "release"]
+    assert ledger.applied_commits == {}
+    assert ledger.applied_events == {}
     assert journal.scan().records == []
     report_to_adapter(
         "CR-BOUNDARY-001",

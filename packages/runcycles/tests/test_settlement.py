@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -348,16 +349,25 @@ def test_default_journal_honours_env(monkeypatch, tmp_path):
     assert default_journal(CONFIG) is None
 
 
-async def test_async_journal_io_stays_off_the_event_loop(ledger, journal, monkeypatch):
+async def test_async_journal_io_stays_off_the_event_loop(ledger, tmp_path, monkeypatch):
+    # an fsynced journal-first write must not block the event loop
+    journal = Journal.for_config(dataclasses.replace(CONFIG, journal_fsync=True), tmp_path)
+    assert journal.fsync
     loop_thread = threading.get_ident()
     writer_threads: set[int] = set()
     real_write = Journal.write
+    real_log_intent = Journal.log_intent
 
     def spy(self, record):
         writer_threads.add(threading.get_ident())
         return real_write(self, record)
 
+    def spy_intent(self, record):
+        writer_threads.add(threading.get_ident())
+        return real_log_intent(self, record)
+
     monkeypatch.setattr(Journal, "write", spy)
+    monkeypatch.setattr(Journal, "log_intent", spy_intent)
     h = Harness("async", ledger, journal)
     results = await asyncio.gather(*(h.commit(f"r{i}", f"k{i}") for i in range(5)))
     assert all(r.settled for r in results)

@@ -21,7 +21,13 @@ plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable). Admin ro
 
 A background task expires reservations past ``expires_at + grace`` (returning their budget)
 every ``sweep_interval_s``; commit, release and extend enforce the deadlines themselves, so
-correctness never waits for the sweep.
+correctness never waits for the sweep. Every :data:`PURGE_EVERY_S` it also deletes, in short
+batches, idempotency records past their retention and (SQLite, memory) finished reservations
+and event records older than ``retention_days`` (Redis expires those by key TTL).
+
+With ``rate_limit_per_s`` every tenant-key request takes a token from its tenant's bucket
+(see :mod:`runcycles_server.ratelimit`): responses carry ``X-RateLimit-Remaining`` and
+``X-RateLimit-Reset``, and an empty bucket answers ``429 LIMIT_EXCEEDED`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -52,7 +58,13 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.ledger import LedgerError
-from runcycles_server.stores.base import RESERVATION_SORT_KEYS, ReservationQuery, Store
+from runcycles_server.ratelimit import TokenBucketLimiter
+from runcycles_server.stores.base import (
+    RESERVATION_SORT_KEYS,
+    ReservationQuery,
+    RetentionPurger,
+    Store,
+)
 from runcycles_server.web import (
     DEFAULT_MAX_BODY_BYTES,
     Authenticator,
@@ -515,8 +527,61 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-async def run_sweeper(store: Store, interval_s: float) -> None:
-    """Expire due reservations and purge old idempotency records, forever."""
+DEFAULT_RETENTION_DAYS: Final = 7
+"""Days finished reservations and event records are kept (``--retention-days``)."""
+PURGE_EVERY_S: Final = 10.0
+"""Seconds between two retention purges (see :func:`purge_old_data`)."""
+PURGE_BATCH: Final = 500
+"""Rows deleted per purge transaction: each holds the write lock for a few milliseconds."""
+PURGE_MAX_BATCHES: Final = 100
+"""Batches per purge round per kind; a larger backlog drains over the next rounds."""
+
+
+async def purge_old_data(
+    store: Store,
+    retention_ms: int | None,
+    *,
+    batch: int = PURGE_BATCH,
+    max_batches: int = PURGE_MAX_BATCHES,
+) -> int:
+    """Purge old data in short transactions; return how many rows were deleted.
+
+    First idempotency records past their retention, then finished reservations and events
+    older than ``retention_ms`` (``None``: keep them). Each batch is its own transaction of
+    at most ``batch`` rows; between batches the event loop serves requests and other
+    processes take the write lock.
+    """
+    total = 0
+    for _ in range(max_batches):
+        done = await store.purge_idempotency(batch)
+        total += done
+        if done < batch:
+            break
+        await asyncio.sleep(0)
+    if retention_ms is not None and isinstance(store, RetentionPurger):
+        for _ in range(max_batches):
+            done = await store.purge_finished(retention_ms, batch)
+            total += done
+            if done < batch:
+                break
+            await asyncio.sleep(0)
+    return total
+
+
+async def run_sweeper(
+    store: Store,
+    interval_s: float,
+    *,
+    retention_ms: int | None = DEFAULT_RETENTION_DAYS * ledger.DAY_MS,
+    purge_every_s: float = PURGE_EVERY_S,
+) -> None:
+    """Expire due reservations every ``interval_s`` and purge old data, forever.
+
+    Every ``purge_every_s`` it purges expired idempotency records and (unless ``retention_ms``
+    is ``None``) finished reservations and events older than ``retention_ms`` (see
+    :func:`purge_old_data`).
+    """
+    purge_every = max(1, round(purge_every_s / interval_s))
     ticks = 0
     while True:
         await asyncio.sleep(interval_s)
@@ -525,11 +590,14 @@ async def run_sweeper(store: Store, interval_s: float) -> None:
                 if await store.expire_due(200) < 200:
                     break
                 await asyncio.sleep(0)
-            ticks += 1
-            if ticks % 60 == 0:
-                await store.purge_idempotency(1000)
         except Exception:  # keep sweeping; one failure must not stop expiry
             logger.exception("expiry sweep failed")
+        ticks += 1
+        if ticks % purge_every == 0:
+            try:
+                await purge_old_data(store, retention_ms)
+            except Exception:  # the next round tries again; expiry goes on meanwhile
+                logger.exception("retention purge failed")
 
 
 def create_app(
@@ -539,6 +607,8 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     sweep_interval_s: float | None = 1.0,
     close_store: bool = True,
+    rate_limit_per_s: float | None = None,
+    retention_days: float | None = DEFAULT_RETENTION_DAYS,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -549,17 +619,34 @@ def create_app(
         sweep_interval_s: how often expired reservations are swept (``None``: never; tests
             call ``store.expire_due()`` themselves).
         close_store: close the store when the app shuts down.
+        rate_limit_per_s: requests per second allowed per tenant in this process (a token
+            bucket of the same size; ``None``: no limit). See :mod:`runcycles_server.ratelimit`.
+        retention_days: finished reservations (with their idempotency records) and event
+            records are deleted this many days after their deadline / creation by the sweeper
+            (``None``: kept forever). Idempotency records are purged at their own retention
+            either way (see ``ledger.RETAIN_*``).
+
+    Raises:
+        ValueError: if ``rate_limit_per_s`` is not a positive number, or ``retention_days``
+            is less than 1.
     """
+    if retention_days is not None and not retention_days >= 1:
+        raise ValueError(
+            f"retention_days must be at least 1 (reserve replays are kept 24 h), not "
+            f"{retention_days}; pass None to keep finished reservations forever"
+        )
+    retention_ms = None if retention_days is None else int(retention_days * ledger.DAY_MS)
     from runcycles_server.admin import Admin  # admin depends on this module's helpers
 
-    auth = Authenticator(store, admin_api_key)
+    limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
+    auth = Authenticator(store, admin_api_key, limiter=limiter)
     runtime = Runtime(store, auth, max_body_bytes)
     admin = Admin(store, auth, max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = (
-            asyncio.create_task(run_sweeper(store, sweep_interval_s))
+            asyncio.create_task(run_sweeper(store, sweep_interval_s, retention_ms=retention_ms))
             if sweep_interval_s is not None
             else None
         )

@@ -12,7 +12,8 @@
 Several workers share one SQLite file safely (one ``BEGIN IMMEDIATE`` transaction per
 mutation). Configuration reaches worker processes through environment variables
 (``CYCLES_DB``, ``CYCLES_ADMIN_API_KEY``, ``CYCLES_SQLITE_SYNCHRONOUS``, ``CYCLES_REDIS_URL``,
-``CYCLES_ACCESS_LOG``, ``CYCLES_MAX_BODY_BYTES``), which :func:`app_from_env` reads.
+``CYCLES_ACCESS_LOG``, ``CYCLES_MAX_BODY_BYTES``, ``CYCLES_RATE_LIMIT``,
+``CYCLES_RETENTION_DAYS``), which :func:`app_from_env` reads.
 
 Imports of the server itself are deferred to the commands that need them, so ``cycles --help``
 and the admin commands start quickly.
@@ -45,6 +46,9 @@ ENV_REDIS: Final = "CYCLES_REDIS_URL"
 ENV_REDIS_PREFIX: Final = "CYCLES_REDIS_PREFIX"
 ENV_ACCESS_LOG: Final = "CYCLES_ACCESS_LOG"
 ENV_MAX_BODY: Final = "CYCLES_MAX_BODY_BYTES"
+ENV_RATE_LIMIT: Final = "CYCLES_RATE_LIMIT"
+ENV_RETENTION_DAYS: Final = "CYCLES_RETENTION_DAYS"
+DEFAULT_RETENTION_DAYS: Final = 7  # = app.DEFAULT_RETENTION_DAYS (not imported: startup time)
 LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
 GRACEFUL_SHUTDOWN_S: Final = 30
 
@@ -102,12 +106,23 @@ def app_from_env() -> Starlette:
 
     admin_key = os.environ.get(ENV_ADMIN_KEY) or None
     max_body = int(os.environ.get(ENV_MAX_BODY) or DEFAULT_MAX_BODY_BYTES)
+    rate_limit = _env_number(ENV_RATE_LIMIT, None)
+    retention_days = _env_number(ENV_RETENTION_DAYS, DEFAULT_RETENTION_DAYS)
     store: Store
     redis_url = os.environ.get(ENV_REDIS)
     if redis_url:
+        from runcycles_server.ledger import DAY_MS
         from runcycles_server.stores.redis import DEFAULT_PREFIX, RedisStore
 
-        store = RedisStore(redis_url, prefix=os.environ.get(ENV_REDIS_PREFIX) or DEFAULT_PREFIX)
+        try:
+            store = RedisStore(
+                redis_url,
+                prefix=os.environ.get(ENV_REDIS_PREFIX) or DEFAULT_PREFIX,
+                # the TTL of finished reservations and events (0 = keep them forever)
+                retention_ms=round(retention_days * DAY_MS) if retention_days else None,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"{ENV_RETENTION_DAYS}: {exc}") from None
     else:
         from runcycles_server.stores.sqlite import SqliteStore
 
@@ -118,13 +133,36 @@ def app_from_env() -> Starlette:
             os.environ.get(ENV_DB) or default_db_path(),
             synchronous="FULL" if synchronous == "FULL" else "NORMAL",
         )
-    app = create_app(store, admin_api_key=admin_key, max_body_bytes=max_body)
+    try:
+        app = create_app(
+            store,
+            admin_api_key=admin_key,
+            max_body_bytes=max_body,
+            rate_limit_per_s=rate_limit or None,  # 0 (or unset) = no rate limit
+            retention_days=retention_days or None,  # 0 = keep finished reservations forever
+        )
+    except ValueError as exc:
+        raise SystemExit(f"{ENV_RATE_LIMIT} / {ENV_RETENTION_DAYS}: {exc}") from None
     if os.environ.get(ENV_ACCESS_LOG) == "1":
         from runcycles_server.access_log import AccessLogMiddleware, configure_access_logger
 
         configure_access_logger()
         app.add_middleware(AccessLogMiddleware)  # outermost: sees request id and tenant
     return app
+
+
+def _env_number(name: str, default: float | None) -> float | None:
+    """Read a non-negative number from the environment (unset or blank: ``default``)."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, not {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise SystemExit(f"{name} must be a finite number >= 0, not {raw!r}")
+    return value
 
 
 async def bootstrap_dev(store: Store) -> str:
@@ -185,7 +223,7 @@ def _open_store(
     if redis is not None:
         import asyncio
 
-        from runcycles_server.stores.redis import DEFAULT_PREFIX, RedisStore
+        from runcycles_server.stores.redis import DEFAULT_PREFIX, RedisStore, is_cluster_url
 
         prefix = redis_prefix or DEFAULT_PREFIX
         try:
@@ -196,6 +234,12 @@ def _open_store(
             raise CliError(
                 f"no Redis answers at {redact_url(redis)}; start Redis or fix --redis "
                 "(e.g. redis://localhost:6379/0)"
+            )
+        if not is_cluster_url(redis) and _is_cluster_node(redis):
+            raise CliError(
+                f"{redact_url(redis)} is a Redis Cluster node; connect with a cluster URL "
+                f"instead: --redis redis+cluster://{urlsplit(redis).netloc}",
+                2,
             )
         return RedisStore(redis, prefix=prefix), f"Redis {redact_url(redis)} (prefix {prefix!r})"
     import sqlite3
@@ -222,7 +266,10 @@ def serve(
     ] = None,
     redis: Annotated[
         str | None,
-        typer.Option(help="Redis URL (redis://host:6379/0): use Redis instead of SQLite."),
+        typer.Option(
+            help="Redis URL (redis://host:6379/0; a cluster: redis+cluster://host:port): use "
+            "Redis instead of SQLite."
+        ),
     ] = None,
     redis_prefix: Annotated[
         str | None, typer.Option(help="Redis key prefix (several ledgers on one Redis).")
@@ -262,6 +309,23 @@ def serve(
     max_body_bytes: Annotated[
         int, typer.Option(min=1024, help="Larger request bodies are refused with 413.")
     ] = 1_048_576,
+    rate_limit: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Requests/s per tenant (token bucket, per worker process; 429 when over). "
+            "0 = no limit.",
+        ),
+    ] = 0.0,
+    retention_days: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Delete finished reservations and event records this many days after "
+            "their deadline / creation (SQLite: by a periodic purge; Redis: by key TTL set when "
+            "they finish) (0 = keep forever).",
+        ),
+    ] = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -273,6 +337,8 @@ def serve(
             raise CliError(f"--durability {durability!r} must be normal or full", 2)
         if db is not None and redis is not None:
             raise CliError("--db and --redis are alternatives; pass only one of them", 2)
+        if not rate_limit < float("inf"):  # also NaN
+            raise CliError("--rate-limit must be a finite number of requests/s", 2)
         _check_port_free(host, port)
         if dev and not admin_key:
             admin_key = "adm_" + secrets.token_urlsafe(24)
@@ -298,6 +364,8 @@ def serve(
         log_requests = access_log if access_log is not None else level in ("info", "debug", "trace")
         os.environ[ENV_ACCESS_LOG] = "1" if log_requests else "0"
         os.environ[ENV_MAX_BODY] = str(max_body_bytes)
+        os.environ[ENV_RATE_LIMIT] = repr(rate_limit)
+        os.environ[ENV_RETENTION_DAYS] = str(retention_days)
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         base_url = f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
         if dev:
@@ -308,7 +376,8 @@ def serve(
             typer.echo(f"export CYCLES_ADMIN_API_KEY={admin_key}")
         typer.echo(
             f"cycles: listening on http://{host}:{port} | store: {description} | admin API: "
-            f"{'on' if admin_key else 'off (pass --admin-key)'} | workers: {workers}",
+            f"{'on' if admin_key else 'off (pass --admin-key)'} | workers: {workers}"
+            + (f" | rate limit: {rate_limit:g} req/s per tenant per worker" if rate_limit else ""),
             err=True,
         )
     import uvicorn
@@ -367,6 +436,20 @@ async def _bootstrap_and_close(store: Store) -> str:
         return await bootstrap_dev(store)
     finally:
         await store.close()
+
+
+def _is_cluster_node(url: str) -> bool:
+    """Return whether the (single-node) Redis at ``url`` runs in cluster mode."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        info: dict[str, object] = client.info("cluster")
+    except redis.RedisError:  # e.g. INFO disabled: assume a plain server
+        return False
+    finally:
+        client.close()
+    return info.get("cluster_enabled") in (1, "1")
 
 
 async def _answers(store: Store) -> bool:

@@ -312,6 +312,17 @@ def _delete_redis_prefix(url: str, prefix: str) -> None:
     """Delete every key a test server wrote under its prefix (tests only; uses SCAN)."""
     import redis
 
+    scheme, sep, rest = url.partition("://")
+    if scheme.lower().endswith("+cluster"):  # a Redis Cluster: scan every primary
+        from redis.cluster import RedisCluster
+
+        cluster = RedisCluster.from_url(f"{scheme[: -len('+cluster')]}{sep}{rest}")
+        try:
+            for key in cluster.scan_iter(match=f"*{prefix}*", count=1000):
+                cluster.delete(key)
+        finally:
+            cluster.close()
+        return
     client = redis.Redis.from_url(url)
     try:
         batch: list[Any] = []

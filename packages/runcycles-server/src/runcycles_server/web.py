@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runcycles_server import ledger
 from runcycles_server.ledger import ApiKeyRow, LedgerError
+from runcycles_server.ratelimit import RATE_LIMIT_STATE_KEY, TokenBucketLimiter
 from runcycles_server.stores.base import Store
 
 logger = logging.getLogger("runcycles_server")
@@ -131,6 +132,9 @@ class ContextMiddleware:
             tenant = state.get("tenant")
             if tenant:
                 extra.append((b"x-cycles-tenant", str(tenant).encode()))
+                limit_headers = state.get(RATE_LIMIT_STATE_KEY)  # set only with a rate limit
+                if limit_headers:
+                    extra.extend(limit_headers)
             return extra
 
         async def send_with_headers(message: Message) -> None:
@@ -386,6 +390,8 @@ class Authenticator:
         store: where API keys live.
         admin_api_key: the ``X-Admin-API-Key`` secret (``None``: admin plane off).
         monotonic_s: the clock of the cache's time-to-live (seconds; tests inject one).
+        limiter: per-tenant rate limit applied to every tenant-key request (``None``: off);
+            see :mod:`runcycles_server.ratelimit`.
     """
 
     def __init__(
@@ -394,8 +400,10 @@ class Authenticator:
         admin_api_key: str | None,
         *,
         monotonic_s: Callable[[], float] = time.monotonic,
+        limiter: TokenBucketLimiter | None = None,
     ) -> None:
         self.store = store
+        self.limiter = limiter
         self._admin_key = admin_api_key.encode() if admin_api_key else None
         self._monotonic_s = monotonic_s
         self._keys: dict[str, tuple[float, ApiKeyRow]] = {}
@@ -429,6 +437,7 @@ class Authenticator:
 
         Raises:
             LedgerError: UNAUTHORIZED (401) for a missing, unknown, revoked or expired key;
+                LIMIT_EXCEEDED (429) when a rate limit is on and the tenant is over it;
                 FORBIDDEN (403) when the key lacks ``permission``.
         """
         secret = request.headers.get("x-cycles-api-key")
@@ -452,7 +461,10 @@ class Authenticator:
             raise LedgerError(
                 "UNAUTHORIZED", f"API key {key.key_prefix}... has expired; create a new key"
             )
-        request.scope.setdefault("state", {})["tenant"] = key.tenant_id
+        state = request.scope.setdefault("state", {})
+        state["tenant"] = key.tenant_id
+        if self.limiter is not None:
+            self.limiter.check(state, key.tenant_id)
         if permission is not None and not has_permission(key.permissions, permission):
             raise LedgerError(
                 "FORBIDDEN",

@@ -1,97 +1,196 @@
-"""Typed Python client for the Cycles protocol: runtime budget authority for AI agents."""
+"""Typed Python client for the Cycles protocol: runtime budget authority for AI agents.
+
+Every public name is re-exported here, but loaded on first use (PEP 562 ``__getattr__``):
+``import runcycles`` alone costs almost nothing, ``runcycles.CyclesClient`` (or
+``from runcycles import CyclesClient``) imports the client and its HTTP stack then, and
+``from runcycles.models import Subject`` loads only the models. Type checkers and IDEs see the
+ordinary imports in the ``TYPE_CHECKING`` block below.
+"""
 
 from __future__ import annotations
 
-from runcycles._version import __version__
-from runcycles.client import AsyncCyclesClient, CyclesClient
-from runcycles.config import CyclesConfig
-from runcycles.context import CyclesContext, get_cycles_context
-from runcycles.decorator import (
-    cycles,
-    get_default_async_client,
-    get_default_client,
-    set_default_client,
-    set_default_config,
-)
-from runcycles.exceptions import (
-    BudgetClosedError,
-    BudgetExceededError,
-    BudgetFrozenError,
-    CyclesConfigError,
-    CyclesError,
-    CyclesProtocolError,
-    CyclesTimeoutError,
-    CyclesTransportError,
-    DebtOutstandingError,
-    ForbiddenError,
-    IdempotencyMismatchError,
-    InternalServerError,
-    InvalidRequestError,
-    MalformedResponseError,
-    MaxExtensionsExceededError,
-    NotFoundError,
-    OverdraftLimitExceededError,
-    RateLimitedError,
-    ReservationExpiredError,
-    ReservationFinalizedError,
-    TenantClosedError,
-    UnauthorizedError,
-    UnitMismatchError,
-)
-from runcycles.lifecycle import (
-    AsyncReservationGuard,
-    DryRunResult,
-    ReservationAlreadyFinalizedError,
-    ReservationGuard,
-    ReserveOptions,
-    SubjectRequiredError,
-    UnfinalizedReservationWarning,
-    dry_run,
-    reserve,
-)
-from runcycles.models import (
-    Action,
-    Amount,
-    Balance,
-    BalanceResponse,
-    Caps,
-    CommitOveragePolicy,
-    CommitRequest,
-    CommitResponse,
-    CyclesEvidenceRef,
-    CyclesMetrics,
-    Decision,
-    DecisionRequest,
-    DecisionResponse,
-    ErrorCode,
-    ErrorResponse,
-    EventCreateRequest,
-    EventCreateResponse,
-    ReasonCode,
-    ReleaseRequest,
-    ReleaseResponse,
-    ReservationCreateRequest,
-    ReservationCreateResponse,
-    ReservationDetail,
-    ReservationEvidence,
-    ReservationExtendRequest,
-    ReservationExtendResponse,
-    ReservationListResponse,
-    ReservationStatus,
-    ReservationSummary,
-    SignedAmount,
-    StandardMetrics,
-    Subject,
-    Unit,
-)
-from runcycles.response import CyclesResponse
-from runcycles.retry import RetryPolicy
-from runcycles.streaming import (
-    AsyncStreamReservation,
-    StreamReservation,
-    StreamUsage,
-    stream_reservation,
-)
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from runcycles._version import __version__
+    from runcycles.client import AsyncCyclesClient, CyclesClient
+    from runcycles.config import CyclesConfig
+    from runcycles.context import CyclesContext, get_cycles_context
+    from runcycles.decorator import (
+        cycles,
+        get_default_async_client,
+        get_default_client,
+        set_default_client,
+        set_default_config,
+    )
+    from runcycles.exceptions import (
+        BudgetClosedError,
+        BudgetExceededError,
+        BudgetFrozenError,
+        CyclesConfigError,
+        CyclesError,
+        CyclesProtocolError,
+        CyclesTimeoutError,
+        CyclesTransportError,
+        DebtOutstandingError,
+        ForbiddenError,
+        IdempotencyMismatchError,
+        InternalServerError,
+        InvalidRequestError,
+        MalformedResponseError,
+        MaxExtensionsExceededError,
+        NotFoundError,
+        OverdraftLimitExceededError,
+        RateLimitedError,
+        ReservationExpiredError,
+        ReservationFinalizedError,
+        TenantClosedError,
+        UnauthorizedError,
+        UnitMismatchError,
+    )
+    from runcycles.lifecycle import (
+        AsyncReservationGuard,
+        DryRunResult,
+        ReservationAlreadyFinalizedError,
+        ReservationGuard,
+        ReserveOptions,
+        SubjectRequiredError,
+        UnfinalizedReservationWarning,
+        UnknownActualError,
+        dry_run,
+        reserve,
+    )
+    from runcycles.models import (
+        Action,
+        Amount,
+        Balance,
+        BalanceResponse,
+        Caps,
+        CommitOveragePolicy,
+        CommitRequest,
+        CommitResponse,
+        CyclesEvidenceRef,
+        CyclesMetrics,
+        Decision,
+        DecisionRequest,
+        DecisionResponse,
+        ErrorCode,
+        ErrorResponse,
+        EventCreateRequest,
+        EventCreateResponse,
+        ReasonCode,
+        ReleaseRequest,
+        ReleaseResponse,
+        ReservationCreateRequest,
+        ReservationCreateResponse,
+        ReservationDetail,
+        ReservationEvidence,
+        ReservationExtendRequest,
+        ReservationExtendResponse,
+        ReservationListResponse,
+        ReservationStatus,
+        ReservationSummary,
+        SignedAmount,
+        StandardMetrics,
+        Subject,
+        Unit,
+    )
+    from runcycles.response import CyclesResponse
+    from runcycles.retry import RetryPolicy
+    from runcycles.streaming import (
+        AsyncStreamReservation,
+        StreamReservation,
+        StreamUsage,
+        stream_reservation,
+    )
+
+# Public name -> module that defines it (the single source of the lazy re-exports).
+_LAZY: Final[dict[str, str]] = {
+    "Action": "runcycles.models",
+    "Amount": "runcycles.models",
+    "AsyncCyclesClient": "runcycles.client",
+    "AsyncReservationGuard": "runcycles.lifecycle",
+    "AsyncStreamReservation": "runcycles.streaming",
+    "Balance": "runcycles.models",
+    "BalanceResponse": "runcycles.models",
+    "BudgetClosedError": "runcycles.exceptions",
+    "BudgetExceededError": "runcycles.exceptions",
+    "BudgetFrozenError": "runcycles.exceptions",
+    "Caps": "runcycles.models",
+    "CommitOveragePolicy": "runcycles.models",
+    "CommitRequest": "runcycles.models",
+    "CommitResponse": "runcycles.models",
+    "CyclesClient": "runcycles.client",
+    "CyclesConfig": "runcycles.config",
+    "CyclesConfigError": "runcycles.exceptions",
+    "CyclesContext": "runcycles.context",
+    "CyclesError": "runcycles.exceptions",
+    "CyclesEvidenceRef": "runcycles.models",
+    "CyclesMetrics": "runcycles.models",
+    "CyclesProtocolError": "runcycles.exceptions",
+    "CyclesResponse": "runcycles.response",
+    "CyclesTimeoutError": "runcycles.exceptions",
+    "CyclesTransportError": "runcycles.exceptions",
+    "DebtOutstandingError": "runcycles.exceptions",
+    "Decision": "runcycles.models",
+    "DecisionRequest": "runcycles.models",
+    "DecisionResponse": "runcycles.models",
+    "DryRunResult": "runcycles.lifecycle",
+    "ErrorCode": "runcycles.models",
+    "ErrorResponse": "runcycles.models",
+    "EventCreateRequest": "runcycles.models",
+    "EventCreateResponse": "runcycles.models",
+    "ForbiddenError": "runcycles.exceptions",
+    "IdempotencyMismatchError": "runcycles.exceptions",
+    "InternalServerError": "runcycles.exceptions",
+    "InvalidRequestError": "runcycles.exceptions",
+    "MalformedResponseError": "runcycles.exceptions",
+    "MaxExtensionsExceededError": "runcycles.exceptions",
+    "NotFoundError": "runcycles.exceptions",
+    "OverdraftLimitExceededError": "runcycles.exceptions",
+    "RateLimitedError": "runcycles.exceptions",
+    "ReasonCode": "runcycles.models",
+    "ReleaseRequest": "runcycles.models",
+    "ReleaseResponse": "runcycles.models",
+    "ReservationAlreadyFinalizedError": "runcycles.lifecycle",
+    "ReservationCreateRequest": "runcycles.models",
+    "ReservationCreateResponse": "runcycles.models",
+    "ReservationDetail": "runcycles.models",
+    "ReservationEvidence": "runcycles.models",
+    "ReservationExpiredError": "runcycles.exceptions",
+    "ReservationExtendRequest": "runcycles.models",
+    "ReservationExtendResponse": "runcycles.models",
+    "ReservationFinalizedError": "runcycles.exceptions",
+    "ReservationGuard": "runcycles.lifecycle",
+    "ReservationListResponse": "runcycles.models",
+    "ReservationStatus": "runcycles.models",
+    "ReservationSummary": "runcycles.models",
+    "ReserveOptions": "runcycles.lifecycle",
+    "RetryPolicy": "runcycles.retry",
+    "SignedAmount": "runcycles.models",
+    "StandardMetrics": "runcycles.models",
+    "StreamReservation": "runcycles.streaming",
+    "StreamUsage": "runcycles.streaming",
+    "Subject": "runcycles.models",
+    "SubjectRequiredError": "runcycles.lifecycle",
+    "TenantClosedError": "runcycles.exceptions",
+    "UnauthorizedError": "runcycles.exceptions",
+    "UnfinalizedReservationWarning": "runcycles.lifecycle",
+    "Unit": "runcycles.models",
+    "UnitMismatchError": "runcycles.exceptions",
+    "UnknownActualError": "runcycles.lifecycle",
+    "__version__": "runcycles._version",
+    "cycles": "runcycles.decorator",
+    "dry_run": "runcycles.lifecycle",
+    "get_cycles_context": "runcycles.context",
+    "get_default_async_client": "runcycles.decorator",
+    "get_default_client": "runcycles.decorator",
+    "reserve": "runcycles.lifecycle",
+    "set_default_client": "runcycles.decorator",
+    "set_default_config": "runcycles.decorator",
+    "stream_reservation": "runcycles.streaming",
+}
 
 __all__ = [
     "Action",
@@ -166,6 +265,7 @@ __all__ = [
     "UnfinalizedReservationWarning",
     "Unit",
     "UnitMismatchError",
+    "UnknownActualError",
     "__version__",
     "cycles",
     "dry_run",
@@ -177,3 +277,17 @@ __all__ = [
     "set_default_config",
     "stream_reservation",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module defining ``name`` on first access and cache the attribute here."""
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'runcycles' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

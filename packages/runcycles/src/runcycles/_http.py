@@ -6,7 +6,6 @@ client method is only "encode, send (with retries), parse".
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -15,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
+from pydantic_core import from_json
 
 from runcycles._version import __version__
 from runcycles.config import CyclesConfig
@@ -232,7 +232,9 @@ def parse_http_response(raw: httpx.Response, model: type[ModelT]) -> CyclesRespo
     content = raw.content
     request = raw.request
     try:
-        decoded = json.loads(content) if content else None
+        # pydantic's JSON parser: about twice as fast as json.loads on these bodies (JSON
+        # over HTTP is UTF-8; invalid UTF-8 and lone surrogates count as invalid JSON).
+        decoded = from_json(content) if content else None
     except (ValueError, RecursionError):
         decoded = None
         problem = "is not valid JSON"

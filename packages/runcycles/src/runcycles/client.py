@@ -21,10 +21,11 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from runcycles import _autoreplay
 from runcycles._http import (
     BalanceFilters,
     ClientCore,
@@ -62,6 +63,10 @@ if sys.version_info >= (3, 11):
     from typing import Self, Unpack
 else:  # pragma: no cover - Python 3.10
     from typing_extensions import Self, Unpack
+
+if TYPE_CHECKING:
+    from runcycles.lifecycle import AsyncReservationGuard, ReservationGuard, ReserveOptions
+    from runcycles.streaming import AsyncStreamReservation, CostFn, StreamReservation
 
 __all__ = ["AsyncCyclesClient", "BalanceFilters", "CyclesClient", "ReservationFilters"]
 
@@ -116,6 +121,8 @@ class CyclesClient:
             transport=transport,
             verify=default_ssl_context(),
         )
+        if _autoreplay.wanted(config):  # settle what earlier processes left in the journal
+            _autoreplay.start(self)
 
     @property
     def config(self) -> CyclesConfig:
@@ -134,7 +141,60 @@ class CyclesClient:
         heartbeat and the settlement engine use this to send single attempts
         (``RetryPolicy.never()``) on the same connections.
         """
-        return type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
+        with _autoreplay.building_sibling():
+            sibling = type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
+        sibling._core = self._core  # same URLs and headers (no base headers resent per request)
+        return sibling
+
+    def reserve(
+        self,
+        request: ReservationCreateRequest | None = None,
+        /,
+        **options: Unpack[ReserveOptions],
+    ) -> ReservationGuard:
+        """Return a guard that reserves when its ``with`` block is entered.
+
+        The method spelling of :func:`runcycles.reserve`: ``client.reserve(...)`` is
+        ``reserve(client, ...)``. Nothing is sent before the block is entered::
+
+            with client.reserve(estimate=5_000, action_kind="llm.completion",
+                                action_name="gpt-4o") as guard:
+                guard.commit(actual=3_200)
+
+        Args:
+            request: A ready reservation request, instead of the keyword options.
+            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+
+        Returns:
+            A :class:`~runcycles.ReservationGuard`.
+        """
+        from runcycles.lifecycle import ReservationGuard
+
+        return ReservationGuard(self, request, **options)
+
+    def stream_reservation(
+        self,
+        request: ReservationCreateRequest | None = None,
+        /,
+        *,
+        cost_fn: CostFn | None = None,
+        **options: Unpack[ReserveOptions],
+    ) -> StreamReservation:
+        """Return a stream reservation that reserves when its ``with`` block is entered.
+
+        The method spelling of :func:`runcycles.stream_reservation`.
+
+        Args:
+            request: A ready reservation request, instead of the keyword options.
+            cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
+            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+
+        Returns:
+            A :class:`~runcycles.StreamReservation`.
+        """
+        from runcycles.streaming import StreamReservation
+
+        return StreamReservation(self, request, cost_fn=cost_fn, **options)
 
     def __enter__(self) -> Self:
         return self
@@ -446,6 +506,8 @@ class AsyncCyclesClient:
             transport=transport,
             verify=default_ssl_context(),
         )
+        # the journal replay starts with the first request, inside the running event loop
+        self._replay_since_ms = _autoreplay.now_ms() if _autoreplay.wanted(config) else None
 
     @property
     def config(self) -> CyclesConfig:
@@ -462,7 +524,60 @@ class AsyncCyclesClient:
 
         The sibling never closes the shared pool; close the original when done.
         """
-        return type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
+        with _autoreplay.building_sibling():
+            sibling = type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
+        sibling._core = self._core  # same URLs and headers (no base headers resent per request)
+        return sibling
+
+    def reserve(
+        self,
+        request: ReservationCreateRequest | None = None,
+        /,
+        **options: Unpack[ReserveOptions],
+    ) -> AsyncReservationGuard:
+        """Return a guard that reserves when its ``async with`` block is entered.
+
+        The method spelling of :func:`runcycles.reserve`: ``client.reserve(...)`` is
+        ``reserve(client, ...)``. Nothing is sent before the block is entered::
+
+            async with client.reserve(estimate=5_000, action_kind="llm.completion",
+                                      action_name="gpt-4o") as guard:
+                await guard.commit(actual=3_200)
+
+        Args:
+            request: A ready reservation request, instead of the keyword options.
+            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+
+        Returns:
+            An :class:`~runcycles.AsyncReservationGuard`.
+        """
+        from runcycles.lifecycle import AsyncReservationGuard
+
+        return AsyncReservationGuard(self, request, **options)
+
+    def stream_reservation(
+        self,
+        request: ReservationCreateRequest | None = None,
+        /,
+        *,
+        cost_fn: CostFn | None = None,
+        **options: Unpack[ReserveOptions],
+    ) -> AsyncStreamReservation:
+        """Return a stream reservation that reserves when its ``async with`` block is entered.
+
+        The method spelling of :func:`runcycles.stream_reservation`.
+
+        Args:
+            request: A ready reservation request, instead of the keyword options.
+            cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
+            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+
+        Returns:
+            An :class:`~runcycles.AsyncStreamReservation`.
+        """
+        from runcycles.streaming import AsyncStreamReservation
+
+        return AsyncStreamReservation(self, request, cost_fn=cost_fn, **options)
 
     async def __aenter__(self) -> Self:
         return self
@@ -727,6 +842,9 @@ class AsyncCyclesClient:
         content: bytes | None = None,
         params: dict[str, str] | None = None,
     ) -> CyclesResponse[ModelT]:
+        if self._replay_since_ms is not None:  # first request: replay the journal now
+            since_ms, self._replay_since_ms = self._replay_since_ms, None
+            _autoreplay.astart(self, since_ms)
         request = self._http.build_request(
             method, url, content=content, headers=headers, params=params
         )

@@ -57,6 +57,11 @@ class CyclesConfig:
             ``docs/recovery.md``). ``RUNCYCLES_JOURNAL=off`` also disables it.
         journal_dir: Where the journal lives (default: ``$XDG_STATE_HOME/runcycles/journal``
             or ``~/.local/state/runcycles/journal``; ``RUNCYCLES_JOURNAL_DIR`` overrides it).
+        journal_fsync: Whether journal writes are ``fsync``-ed before the settlement goes
+            on, so an unresolved settlement also survives a power loss or a kernel crash.
+            Off by default: writes are still atomic and survive a crash of the process, and
+            each guarded call avoids the (milliseconds of) disk flushes. Env var
+            ``CYCLES_JOURNAL_FSYNC``.
     """
 
     base_url: str
@@ -78,6 +83,7 @@ class CyclesConfig:
     max_connections: int = 100
     journal_enabled: bool = True
     journal_dir: str | None = None
+    journal_fsync: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base_url", _check_base_url(self.base_url))
@@ -94,6 +100,7 @@ class CyclesConfig:
         _check_number("retry_after_max_s", self.retry_after_max_s, minimum=0.0)
         _check_int("max_connections", self.max_connections, minimum=1)
         _check_bool("journal_enabled", self.journal_enabled)
+        _check_bool("journal_fsync", self.journal_fsync)
         if self.journal_dir is not None and not isinstance(self.journal_dir, str):
             raise CyclesConfigError(
                 f"journal_dir must be a path string or None, got {type(self.journal_dir).__name__}"
@@ -195,6 +202,7 @@ _FIELD_TYPES: Final[Mapping[str, type]] = {
     "max_connections": int,
     "journal_enabled": bool,
     "journal_dir": str,
+    "journal_fsync": bool,
 }
 _EXAMPLES: Final = {"base_url": "http://localhost:7878", "api_key": "<your tenant API key>"}
 

@@ -12,10 +12,15 @@ and the function does not run), runs the function with the reservation published
 :func:`~runcycles.get_cycles_context`, then:
 
 * the function returned: commit ``actual(result)`` (or ``actual`` when it is an int, or the
-  estimate when no ``actual`` is given, marked ``metadata["actual_source"]="estimate"``). If
-  the ``actual`` callable itself raises, the estimate is committed and the error is flagged
-  in the metadata and logged: known spend is never dropped. A failed commit is logged
-  (the client's settlement retries it); the function's result is still returned.
+  estimate when no ``actual`` is given, marked ``metadata["actual_source"]="estimate"``). A
+  failed commit is logged (the client's settlement retries it); the function's result is
+  still returned.
+* the function returned but ``actual(result)`` raised, returned ``None`` or gave an unusable
+  amount: nothing is committed and no event is sent (an unknown actual is never turned into
+  a charge). ``on_unknown_actual`` decides the rest: ``"raise"`` (default) leaves the
+  reservation to expire at its lease and raises :class:`~runcycles.UnknownActualError`
+  (carrying the result); ``"release"`` releases it, logs and returns the result;
+  ``"commit_estimate"`` commits the estimate flagged ``actual_error`` (the old behaviour).
 * the function raised (or was cancelled): release the reservation and re-raise.
 
 Sync and async functions are both supported; which path is used is decided once, when the
@@ -50,10 +55,13 @@ from runcycles.lifecycle import (
     DryRunResult,
     ReservationGuard,
     SubjectRequiredError,
+    UnknownActualError,
     adiscover_tenant,
     build_reservation_request,
     discover_tenant,
     dry_run_result,
+    measure_actual,
+    new_idempotency_key,
     resolve_actual,
     resolve_subject,
     to_amount,
@@ -92,6 +100,10 @@ EstimateArg = int | Amount | Callable[..., int | Amount]
 ActualArg = int | Amount | Callable[[Any], int | Amount | None] | None
 SubjectArg = str | Callable[..., str | None] | None
 DimensionsArg = Mapping[str, str] | Callable[..., Mapping[str, str] | None] | None
+OnUnknownActual = Literal["raise", "release", "commit_estimate"]
+"""What ``@cycles`` does when the ``actual`` callable gives no usable amount."""
+
+_ON_UNKNOWN_ACTUAL: Final = ("raise", "release", "commit_estimate")
 
 _ACTION_NAME_MAX: Final = 256
 
@@ -292,7 +304,9 @@ class _Policy:
         "grace_period_ms",
         "heartbeat",
         "metadata",
+        "on_unknown_actual",
         "overage_policy",
+        "request_cache",
         "static_subject",
         "subject_cache",
         "subject_fns",
@@ -319,7 +333,14 @@ class _Policy:
         metadata: Mapping[str, Any] | None,
         client: CyclesClient | AsyncCyclesClient | None,
         heartbeat: bool,
+        on_unknown_actual: OnUnknownActual,
     ) -> None:
+        if on_unknown_actual not in _ON_UNKNOWN_ACTUAL:
+            raise ValueError(
+                f"on_unknown_actual must be one of {', '.join(map(repr, _ON_UNKNOWN_ACTUAL))}, "
+                f"got {on_unknown_actual!r}"
+            )
+        self.on_unknown_actual = on_unknown_actual
         self.unit = Unit(unit)
         self.estimate: Amount | None = None
         self.estimate_fn: Callable[..., int | Amount] | None = None
@@ -364,6 +385,7 @@ class _Policy:
         else:
             self.dimensions = dimensions
         self.subject_cache: tuple[CyclesConfig, Subject] | None = None
+        self.request_cache: tuple[CyclesConfig, str | None, ReservationCreateRequest] | None = None
         self._check()
 
     def _check(self) -> None:
@@ -404,10 +426,17 @@ class _Policy:
         self, config: CyclesConfig, args: Any, kwargs: Any, tenant: str | None = None
     ) -> ReservationCreateRequest:
         estimate = self.estimate
+        static = estimate is not None and not self.subject_fns and self.dimensions_fn is None
+        if static:
+            # Everything but the idempotency key is fixed per (config, tenant): validate the
+            # request once and copy it (no re-validation) with a fresh key per call.
+            cached = self.request_cache
+            if cached is not None and cached[0] is config and cached[1] == tenant:
+                return cached[2].model_copy(update={"idempotency_key": new_idempotency_key()})
         if estimate is None:
             assert self.estimate_fn is not None
             estimate = to_amount(self.estimate_fn(*args, **kwargs), self.unit, "estimate")
-        return build_reservation_request(
+        request = build_reservation_request(
             subject=self.subject(config, args, kwargs, tenant),
             action=self.action,
             estimate=estimate,
@@ -417,12 +446,23 @@ class _Policy:
             dry_run=self.dry_run,
             metadata=self.metadata,
         )
+        if static:
+            self.request_cache = (config, tenant, request)
+        return request
 
     def settlement(
         self, result: Any, context: CyclesContext, elapsed_s: float
     ) -> tuple[Amount | None, CyclesMetrics, dict[str, Any] | None]:
-        """Return ``(actual, metrics, metadata)`` of the commit after a successful call."""
-        actual, metadata = resolve_actual(self.actual, result, context)
+        """Return ``(actual, metrics, metadata)`` of the commit after a successful call.
+
+        Raises:
+            UnknownActualError: The ``actual`` callable gave no usable amount (unless
+                ``on_unknown_actual="commit_estimate"``).
+        """
+        if self.on_unknown_actual == "commit_estimate":
+            actual, metadata = resolve_actual(self.actual, result, context)
+        else:
+            actual, metadata = measure_actual(self.actual, result, context), None
         latency_ms = int(elapsed_s * 1000)
         # The guarded code writes these; a wrong type must not cost the commit.
         written: object = context.metrics
@@ -485,6 +525,7 @@ def cycles(
     metadata: Mapping[str, Any] | None = None,
     client: CyclesClient | AsyncCyclesClient | None = None,
     heartbeat: bool = True,
+    on_unknown_actual: OnUnknownActual = "raise",
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -511,6 +552,7 @@ def cycles(
     metadata: Mapping[str, Any] | None = None,
     client: CyclesClient | AsyncCyclesClient | None = None,
     heartbeat: bool = True,
+    on_unknown_actual: OnUnknownActual = "raise",
 ) -> _DryRunDecorator: ...
 
 
@@ -536,6 +578,7 @@ def cycles(
     metadata: Mapping[str, Any] | None = None,
     client: CyclesClient | AsyncCyclesClient | None = None,
     heartbeat: bool = True,
+    on_unknown_actual: OnUnknownActual = "raise",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Guard every call of the decorated function with a reservation.
 
@@ -544,6 +587,8 @@ def cycles(
             or a callable receiving the function's arguments and returning one.
         actual: What a call used: a callable receiving the function's result, an ``int`` or
             :class:`Amount`; ``None`` commits the estimate (marked in the metadata).
+            A callable that raises or returns ``None`` means the actual is unknown: see
+            ``on_unknown_actual``.
         action_kind: ``action.kind``, e.g. ``"llm.completion"``.
         action_name: ``action.name`` (default: the function's qualified name).
         action_tags: Up to 10 tags for the action.
@@ -567,13 +612,23 @@ def cycles(
         client: The client to use (default: :func:`set_default_client` /
             :func:`set_default_config`). Its flavour must match the function's.
         heartbeat: Whether to extend the reservation while the function runs.
+        on_unknown_actual: When the function returned but ``actual(result)`` raised,
+            returned ``None`` or gave an unusable amount, nothing is committed and no event
+            is sent. ``"raise"`` (default): stop the heartbeat, leave the reservation to
+            expire at its lease, and raise :class:`~runcycles.UnknownActualError` (its
+            ``result`` is the function's return value). ``"release"``: release the
+            reservation, log an error and return the result. ``"commit_estimate"``: commit
+            the estimate, flagged ``actual_error`` in the metadata, and log an error.
 
     Returns:
         The decorator.
 
     Raises:
         TypeError: At decoration: a generator function, or a client of the wrong flavour.
-        ValueError: At decoration: an option the protocol does not allow.
+        ValueError: At decoration: an option the protocol does not allow, or an unknown
+            ``on_unknown_actual``.
+        UnknownActualError: At a call, with ``on_unknown_actual="raise"``: the function ran
+            but its actual is unknown (nothing was committed).
     """
     subject = {
         "tenant": tenant,
@@ -600,6 +655,7 @@ def cycles(
         "metadata": metadata,
         "client": client,
         "heartbeat": heartbeat,
+        "on_unknown_actual": on_unknown_actual,
     }
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -646,9 +702,21 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
         with ReservationGuard(client, request, heartbeat=policy.heartbeat) as guard:
             started = time.perf_counter()
             result = fn(*args, **kwargs)
-            actual, metrics, metadata = policy.settlement(
-                result, guard.context, time.perf_counter() - started
-            )
+            try:
+                actual, metrics, metadata = policy.settlement(
+                    result, guard.context, time.perf_counter() - started
+                )
+            except UnknownActualError as unknown:
+                if policy.on_unknown_actual == "raise":
+                    guard._abandon()
+                    unknown.result = result
+                    raise _left_to_expire(unknown) from unknown.__cause__
+                _log_unknown_actual(unknown, "releasing it")
+                try:
+                    guard.release("actual_unknown")
+                except CyclesError as exc:
+                    _log_release_failure(guard.context, exc)
+                return result
             try:
                 guard.commit(actual, metrics=metrics, metadata=metadata)
             except CyclesError as exc:
@@ -677,9 +745,21 @@ def _async_wrapper(
         async with AsyncReservationGuard(client, request, heartbeat=policy.heartbeat) as guard:
             started = time.perf_counter()
             result = await fn(*args, **kwargs)
-            actual, metrics, metadata = policy.settlement(
-                result, guard.context, time.perf_counter() - started
-            )
+            try:
+                actual, metrics, metadata = policy.settlement(
+                    result, guard.context, time.perf_counter() - started
+                )
+            except UnknownActualError as unknown:
+                if policy.on_unknown_actual == "raise":
+                    guard._abandon()
+                    unknown.result = result
+                    raise _left_to_expire(unknown) from unknown.__cause__
+                _log_unknown_actual(unknown, "releasing it")
+                try:
+                    await guard.release("actual_unknown")
+                except CyclesError as exc:
+                    _log_release_failure(guard.context, exc)
+                return result
             try:
                 await guard.commit(actual, metrics=metrics, metadata=metadata)
             except CyclesError as exc:
@@ -692,6 +772,34 @@ def _async_wrapper(
 def _log_commit_failure(context: CyclesContext, exc: CyclesError) -> None:
     logger.error(
         "commit of reservation %s failed after the guarded function ran: %s",
+        context.reservation_id,
+        exc,
+    )
+
+
+def _left_to_expire(unknown: UnknownActualError) -> UnknownActualError:
+    """Return ``unknown`` with a message saying what happened and what can be done."""
+    unknown.args = (
+        f"{unknown.args[0]}: the reservation was left to expire at the end of its lease "
+        "(no commit, no event, no release); the function's result is on this error's "
+        ".result. Fix the actual= callable, or pass on_unknown_actual='release' or "
+        "'commit_estimate' to @cycles",
+    )
+    return unknown
+
+
+def _log_unknown_actual(unknown: UnknownActualError, disposition: str) -> None:
+    logger.error(
+        "%s; %s (on_unknown_actual='release')",
+        unknown,
+        disposition,
+        exc_info=unknown.__cause__,
+    )
+
+
+def _log_release_failure(context: CyclesContext, exc: CyclesError) -> None:
+    logger.warning(
+        "could not release reservation %s (%s); it will expire on its own",
         context.reservation_id,
         exc,
     )

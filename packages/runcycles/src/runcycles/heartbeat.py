@@ -558,6 +558,7 @@ class HeartbeatHandle:
         "_attempt",
         "_expires_at_ms",
         "_gen",
+        "_init",
         "_key",
         "_last_event",
         "_on_event",
@@ -573,7 +574,7 @@ class HeartbeatHandle:
         self,
         owner: _Stoppable,
         reservation_id: str,
-        planner: LeasePlanner,
+        planner: LeasePlanner | None,
         expires_at_ms: int | None,
         remaining_ttl_ms: int | None,
         on_event: EventCallback | None,
@@ -581,6 +582,9 @@ class HeartbeatHandle:
         self._owner = owner
         self.reservation_id = reservation_id
         self._planner = planner
+        # (ttl_ms, now_ms, rtt_ms) of the create response while the planner is not built:
+        # most reservations end before their first beat, so it is built when first due.
+        self._init: tuple[int, float, float | None] | None = None
         self._expires_at_ms = expires_at_ms
         self._remaining_ttl_ms = remaining_ttl_ms
         self._on_event = on_event
@@ -705,21 +709,55 @@ class _SchedulerCore:
             raise ValueError(
                 f"reservation {reservation_id!r} is already tracked; stop() its handle first"
             )
-        planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
-        handle = HeartbeatHandle(
-            self, reservation_id, planner, expires_at_ms, remaining_ttl_ms, on_event
-        )
         now = self._now_ms()
-        step = planner.on_success(
-            now,
-            rtt_ms=rtt_ms,
-            remaining_ttl_ms=remaining_ttl_ms,
-            expires_at_ms=expires_at_ms,
-            initial=True,
-        )
+        if remaining_ttl_ms is None:  # the measured-grant fallback: plan now
+            planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
+            handle = HeartbeatHandle(
+                self, reservation_id, planner, expires_at_ms, remaining_ttl_ms, on_event
+            )
+            step = planner.on_success(
+                now,
+                rtt_ms=rtt_ms,
+                remaining_ttl_ms=remaining_ttl_ms,
+                expires_at_ms=expires_at_ms,
+                initial=True,
+            )
+            delay_ms = step.delay_ms or 0
+        else:
+            # Same first delay as LeasePlanner.on_success(initial=True), which _planner_of()
+            # replays with these inputs when the beat is first due.
+            handle = HeartbeatHandle(
+                self, reservation_id, None, expires_at_ms, remaining_ttl_ms, on_event
+            )
+            handle._init = (ttl_ms, now, rtt_ms)
+            rtt = None if rtt_ms is None or not rtt_ms >= 0 else _ceil_ms(rtt_ms)
+            delay_ms = next_delay_ms(
+                remaining_ttl_ms=remaining_ttl_ms,
+                rtt_ms=rtt,
+                request_timeout_ms=self._attempt_timeout_ms,
+                max_rtt_ms=rtt or 0,
+            )
         self._live[reservation_id] = handle
-        self._push(handle, now + (step.delay_ms or 0))
+        self._push(handle, now + delay_ms)
         return handle
+
+    def _planner_of(self, handle: HeartbeatHandle) -> LeasePlanner:
+        """Return the handle's planner, building it from the create response if needed."""
+        planner = handle._planner
+        if planner is None:
+            assert handle._init is not None
+            ttl_ms, now_ms, rtt_ms = handle._init
+            planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
+            planner.on_success(
+                now_ms,
+                rtt_ms=rtt_ms,
+                remaining_ttl_ms=handle._remaining_ttl_ms,
+                expires_at_ms=handle._expires_at_ms,
+                initial=True,
+            )
+            handle._planner = planner
+            handle._init = None
+        return planner
 
     def _push(self, handle: HeartbeatHandle, due_ms: float) -> None:
         handle._gen += 1
@@ -737,17 +775,21 @@ class _SchedulerCore:
             self._stale = 0
 
     def _pop_due(self, now_ms: float) -> HeartbeatHandle | float | None:
-        """Return a due handle, the ms until the next due entry, or ``None`` if idle."""
+        """Return a due handle, the ms until the next due entry, or ``None`` if idle.
+
+        Entries of stopped handles are dropped only once due (or by ``_forget``'s
+        compaction): the next wake-up then stays where it was when a reservation ends, so
+        the next reservation's ``track()`` (due later) need not wake the worker.
+        """
         heap = self._heap
         while heap:
             due_ms, _, handle, gen = heap[0]
-            if not handle.active or gen != handle._gen:
-                heapq.heappop(heap)
-                continue
             if due_ms > now_ms:
                 return due_ms - now_ms
             heapq.heappop(heap)
-            skip_ms = handle._planner.on_due(now_ms)
+            if not handle.active or gen != handle._gen:
+                continue
+            skip_ms = self._planner_of(handle).on_due(now_ms)
             if skip_ms:
                 self._push(handle, now_ms + skip_ms)
                 continue
@@ -760,7 +802,7 @@ class _SchedulerCore:
             handle._attempt = 0
         handle._attempt += 1
         return ReservationExtendRequest(
-            idempotency_key=handle._key, extend_by_ms=handle._planner.ttl_ms
+            idempotency_key=handle._key, extend_by_ms=self._planner_of(handle).ttl_ms
         )
 
     def _settle(
@@ -773,7 +815,7 @@ class _SchedulerCore:
         """Apply one attempt's outcome; return the event to deliver (``None`` if stopped)."""
         if not handle.active or self._closed:
             return None
-        planner = handle._planner
+        planner = self._planner_of(handle)
         attempt = handle._attempt
         data = outcome.data
         if data is not None:
@@ -900,6 +942,8 @@ class HeartbeatScheduler(_SchedulerCore):
         self._autostart = autostart
         self._cond = threading.Condition(threading.RLock())
         self._thread: threading.Thread | None = None
+        # When the waiting thread wakes up by itself (clock ms); -inf while it is awake.
+        self._wake_at_ms = math.inf
 
     def __enter__(self) -> Self:
         return self
@@ -944,7 +988,8 @@ class HeartbeatScheduler(_SchedulerCore):
             )
             # Wake the thread only when its next wake-up moves earlier; otherwise every
             # guarded call would cost a context switch of the heartbeat thread.
-            if self._heap[0][2] is handle:
+            head_ms, _, head, _ = self._heap[0]
+            if head is handle and head_ms < self._wake_at_ms:
                 self._cond.notify()
             if self._autostart and self._thread is None:
                 self._thread = threading.Thread(
@@ -987,9 +1032,12 @@ class HeartbeatScheduler(_SchedulerCore):
             with self._cond:
                 if self._closed:
                     return
-                due = self._pop_due(self._now_ms())
+                now_ms = self._now_ms()
+                due = self._pop_due(now_ms)
                 if not isinstance(due, HeartbeatHandle):
+                    self._wake_at_ms = math.inf if due is None else now_ms + due
                     self._cond.wait(None if due is None else due / 1000.0)
+                    self._wake_at_ms = -math.inf
                     continue
             try:
                 self._beat(due)
@@ -1058,6 +1106,7 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         self._autostart = autostart
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
@@ -1109,9 +1158,34 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
                 ) from None
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run(), name="runcycles-heartbeat")
+        # Only move the task's wake-up timer earlier (never wake the task itself for a beat
+        # that is not due): otherwise every guarded call would cost a step of the task.
+        if self._wake is not None and self._heap[0][2] is handle:
+            self._wake_in((self._heap[0][0] - self._now_ms()) / 1000.0)
+        return handle
+
+    def _wake_in(self, delay_s: float) -> None:
+        """Make the task wake up at most ``delay_s`` from now (one timer, moved only earlier).
+
+        A timer that fires for a beat that was stopped meanwhile costs one idle step.
+        """
+        assert self._wake is not None and self._task is not None
+        if delay_s <= 0:
+            self._wake.set()
+            return
+        loop = self._task.get_loop()
+        when = loop.time() + delay_s
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
         if self._wake is not None:
             self._wake.set()
-        return handle
 
     @property
     def background_tasks(self) -> int:
@@ -1152,6 +1226,9 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
 
     def _close_now(self) -> None:
         self._stop_all()
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         tasks = list(self._in_flight)
         if self._task is not None:
             tasks.append(self._task)
@@ -1171,10 +1248,8 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
     async def _run(self) -> None:
         wake = self._wake
         assert wake is not None
-        loop = asyncio.get_running_loop()
         while not self._closed:
             wake.clear()
-            timeout_s: float | None = None
             while len(self._in_flight) < self._max_in_flight:
                 due = self._pop_due(self._now_ms())
                 if isinstance(due, HeartbeatHandle):
@@ -1182,15 +1257,11 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
                     self._in_flight.add(task)
                     task.add_done_callback(self._beat_done)
                     continue
-                timeout_s = None if due is None else due / 1000.0
+                if due is not None:
+                    # A timer callback, not a timeout wrapper: no extra task while idle.
+                    self._wake_in(due / 1000.0)
                 break
-            # A timer callback, not a timeout wrapper: no extra task while idle.
-            timer = None if timeout_s is None else loop.call_later(timeout_s, wake.set)
-            try:
-                await wake.wait()
-            finally:
-                if timer is not None:
-                    timer.cancel()
+            await wake.wait()
 
     async def _guarded_beat(self, handle: HeartbeatHandle) -> None:
         try:

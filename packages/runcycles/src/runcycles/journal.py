@@ -19,8 +19,14 @@ Layout::
   sha256 of the API key instead: rotating that key then orphans the records (they are still
   replayable by a client configured with the old key, or by :class:`Journal` opened with
   ``api_key=<old key>``). The API key itself is never written anywhere.
-* **Writes are atomic and durable**: temp file (``O_EXCL``, 0600) -> write -> ``fsync`` ->
-  ``os.replace`` -> ``fsync`` of the directory.
+* **Writes are atomic**: temp file (``O_EXCL``, 0600) -> write -> ``os.replace``; with
+  ``fsync`` on (``Journal(fsync=True)``, the default here; ``CyclesConfig.journal_fsync``
+  for :meth:`Journal.for_config`) the file is ``fsync``-ed before the rename and the
+  directory after it, so records survive a power loss and not only a process crash.
+* **Intent logs** (``intent-<pid>-<random>.log``, see :class:`IntentLog`): the cheap
+  journal-first write. A settlement is appended to its process's log before its first
+  request and gets a record file only if it stays unresolved; a scan turns the open entries
+  of a dead process's log into record files.
 * **File names** are ``v2-<sha256 hex of the exact UTF-8 reservation_id>.json``, so distinct
   ids never share a file whatever characters they contain. Files named any other way
   (``<sanitized id>.json`` from older clients) are migrated on :meth:`Journal.scan`; when the
@@ -33,7 +39,8 @@ Layout::
   idempotency on the stored key is the final guard.
 
 Everything here is blocking file I/O; async code runs it through :func:`run_journal_io`
-(one shared worker thread, never the event loop).
+(one shared worker thread, never the event loop), except the intent-log append without
+``fsync``, which is a memory copy.
 """
 
 from __future__ import annotations
@@ -43,11 +50,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,6 +91,8 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "JOURNAL_SCHEMA_VERSION",
+    "IntentEntry",
+    "IntentLog",
     "Journal",
     "JournalRecord",
     "JournalScan",
@@ -107,6 +118,9 @@ _STALE_TEMP_S: Final = 3600.0
 _STALE_CLAIM_S: Final = 600.0
 _DIR_MODE: Final = 0o700
 _FILE_MODE: Final = 0o600
+_INTENT_PREFIX: Final = "intent-"
+_INTENT_SUFFIX: Final = ".log"
+_INTENT_SEGMENT_BYTES: Final = 1 << 20
 
 SettlementMode = Literal["commit", "event"]
 _T = TypeVar("_T")
@@ -349,6 +363,10 @@ class Journal:
         base_url: The Cycles server URL.
         tenant: The configured tenant; makes the partition stable across API-key rotation.
         api_key: Used (hashed) only when no tenant is configured. Never stored.
+        fsync: Whether writes are flushed to the disk (``fsync`` of the file and its
+            directory) before they return, so records also survive a power loss or a kernel
+            crash. Without it a write is still atomic (temp file + rename) and survives a
+            crash of the process. :meth:`for_config` takes it from ``journal_fsync``.
 
     Raises:
         ValueError: Neither ``tenant`` nor ``api_key`` is given.
@@ -361,13 +379,16 @@ class Journal:
         base_url: str,
         tenant: str | None = None,
         api_key: str | None = None,
+        fsync: bool = True,
     ) -> None:
         self.root = Path(root).expanduser() if root is not None else default_journal_dir()
+        self.fsync = fsync
         self.server = normalize_base_url(base_url)
         self.partition = partition_key(base_url, tenant=tenant, api_key=api_key)
         self.directory = self.root / self.partition
         self._dir_ready = False
         self._dir_lock = threading.Lock()
+        self._intents: IntentLog | None = None
 
     def __repr__(self) -> str:
         return f"Journal({str(self.directory)!r})"
@@ -376,8 +397,17 @@ class Journal:
     def for_config(
         cls, config: CyclesConfig, root: str | os.PathLike[str] | None = None
     ) -> Journal:
-        """Open the partition of ``config``'s server and tenant (or API key)."""
-        return cls(root, base_url=config.base_url, tenant=config.tenant, api_key=config.api_key)
+        """Open the partition of ``config``'s server and tenant (or API key).
+
+        Writes are fsynced when ``config.journal_fsync`` is set (default: atomic, no fsync).
+        """
+        return cls(
+            root if root is not None else config.journal_dir,
+            base_url=config.base_url,
+            tenant=config.tenant,
+            api_key=config.api_key,
+            fsync=config.journal_fsync,
+        )
 
     # ------------------------------------------------------------------------------ records
 
@@ -399,11 +429,13 @@ class Journal:
         if record.server is None:
             record.server = self.server
         target = self.path_for(record.reservation_id)
-        _atomic_write(target, record.to_json())
+        _atomic_write(target, record.to_json(), fsync=self.fsync)
         return target
 
     def read(self, reservation_id: str) -> JournalRecord | None:
         """Return a reservation's record, or ``None`` if there is none.
+
+        A settlement still in flight, known only from an intent log, is found too.
 
         Raises:
             ValueError: The file exists but is corrupt or of an unknown version.
@@ -412,8 +444,101 @@ class Journal:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            return None
+            return self._read_intent(reservation_id)
         return _parse(raw)
+
+    # ------------------------------------------------------------------------------ intents
+
+    @property
+    def uses_intent_log(self) -> bool:
+        """Whether :meth:`log_intent` is available (it needs ``fcntl`` locks)."""
+        return _HAVE_FCNTL
+
+    def log_intent(self, record: JournalRecord) -> IntentEntry:
+        """Append ``record`` to this process's intent log before its first request is sent.
+
+        The cheap journal-first write: one append to a file this process keeps open (and an
+        ``fsync`` when :attr:`fsync` is set) instead of creating a record file. If the
+        process dies before :meth:`resolve_intent`, the next :meth:`scan` turns the entry
+        into an ordinary record file. A settlement that stays unresolved must be written
+        with :meth:`write` before its intent is resolved.
+
+        Raises:
+            OSError: The entry could not be written.
+        """
+        self._ensure_dirs()
+        if record.server is None:
+            record.server = self.server
+        log = self._intents
+        if log is None:
+            with self._dir_lock:
+                if self._intents is None:
+                    self._intents = IntentLog(self.directory, fsync=self.fsync)
+                log = self._intents
+        return log.append_open(record)
+
+    def resolve_intent(self, entry: IntentEntry) -> None:
+        """Mark an intent as done: settled, or kept in a record file written meanwhile.
+
+        Raises:
+            OSError: The mark could not be written (harmless: a later replay resends the
+                settlement with its key, and the server answers with its stored result).
+        """
+        assert self._intents is not None
+        self._intents.append_done(entry)
+
+    def _read_intent(self, reservation_id: str) -> JournalRecord | None:
+        try:
+            paths = sorted(self.directory.glob(f"{_INTENT_PREFIX}*{_INTENT_SUFFIX}"))
+        except FileNotFoundError:
+            return None
+        for path in paths:
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            found = _open_intents(raw).get(reservation_id)
+            if found is not None:
+                return found
+        return None
+
+    def _recover_intents(self, result: JournalScan) -> None:
+        """Turn the open entries of dead processes' intent logs into record files."""
+        if not _HAVE_FCNTL:  # pragma: no cover - Windows: no intent logs are written
+            return
+        try:
+            paths = sorted(self.directory.glob(f"{_INTENT_PREFIX}*{_INTENT_SUFFIX}"))
+        except FileNotFoundError:
+            return
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its process is alive (maybe this one): its settlements run
+                try:
+                    with open(fd, "rb", closefd=False) as handle:
+                        raw = handle.read()
+                    for record in _open_intents(raw).values():
+                        target = self.path_for(record.reservation_id)
+                        if not target.exists():  # a record file written later is newer
+                            _atomic_write(target, record.to_json(), fsync=self.fsync)
+                            logger.info(
+                                "journal: recovered the unresolved settlement of %s from %s",
+                                record.reservation_id,
+                                path.name,
+                            )
+                    path.unlink()
+                    if self.fsync:
+                        _fsync_dir(self.directory)
+                except OSError as exc:  # keep the log: the next scan tries again
+                    logger.error("journal: could not recover intent log %s: %s", path, exc)
+            finally:
+                os.close(fd)
 
     def remove(self, reservation_id: str) -> bool:
         """Delete a reservation's record; return whether one existed.
@@ -444,6 +569,7 @@ class Journal:
             What was found (valid records oldest first) and what was done.
         """
         result = JournalScan()
+        self._recover_intents(result)
         try:
             entries = sorted(self.directory.iterdir())
         except FileNotFoundError:
@@ -500,7 +626,7 @@ class Journal:
             existing = None
             result.quarantined.append(self.quarantine(target, "corrupt record (legacy migration)"))
         if existing is None:
-            _atomic_write(target, record.to_json())
+            _atomic_write(target, record.to_json(), fsync=self.fsync)
             path.unlink()
             _fsync_dir(self.directory)
             result.migrated.append(path)
@@ -585,7 +711,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(target: Path, content: bytes) -> None:
+def _atomic_write(target: Path, content: bytes, *, fsync: bool = True) -> None:
     temp = target.with_name(f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(temp, flags, _FILE_MODE)
@@ -595,7 +721,8 @@ def _atomic_write(target: Path, content: bytes) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, target)
@@ -603,7 +730,8 @@ def _atomic_write(target: Path, content: bytes) -> None:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
-    _fsync_dir(target.parent)
+    if fsync:
+        _fsync_dir(target.parent)
 
 
 def _remove_stale_temp(path: Path) -> None:
@@ -649,6 +777,213 @@ def _try_claim(claim_path: Path) -> RecordLock | None:  # pragma: no cover - Win
         os.close(fd)
         return RecordLock(None, claim_path)
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Intent logs: the cheap journal-first write
+
+
+class IntentEntry:
+    """One settlement appended to an intent log (see :meth:`Journal.log_intent`)."""
+
+    __slots__ = ("_segment", "finished", "materialized", "record", "resolved")
+
+    def __init__(self, segment: _Segment, record: JournalRecord) -> None:
+        self._segment = segment
+        self.record = record
+        self.finished = False
+        """Whether the settlement ended for good (settled or rejected)."""
+        self.materialized = False
+        """Whether a record file now holds the settlement (it outlives the intent)."""
+        self.resolved = False
+        """Whether :meth:`Journal.resolve_intent` ran."""
+
+
+class _Segment:
+    """One intent log file: preallocated, memory-mapped, appended to by copying bytes.
+
+    A copy into a shared mapping is in the kernel's page cache as soon as it is made, so it
+    survives a crash of the process without a system call per append; ``flush`` (``msync``)
+    makes it survive a power loss too. The file is allocated up front, so a full disk is an
+    ``OSError`` when the segment is created, never a fault while writing.
+    """
+
+    __slots__ = ("capacity", "fd", "live", "map", "path", "retired", "size")
+
+    def __init__(self, fd: int, path: Path, capacity: int) -> None:
+        self.fd = fd
+        self.path = path
+        self.capacity = capacity
+        self.map = mmap.mmap(fd, capacity)
+        self.size = 0
+        self.live = 0
+        self.retired = False
+
+    def fits(self, length: int) -> bool:
+        return self.size + length <= self.capacity
+
+    def append(self, line: bytes, *, flush: bool = False) -> None:
+        start = self.size
+        end = start + len(line)
+        self.map[start:end] = line
+        self.size = end
+        if flush:
+            page = start - start % mmap.PAGESIZE
+            self.map.flush(page, end - page)
+
+    def drop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # unlink while still holding the lock: no stale-file race
+        with contextlib.suppress(OSError, ValueError, BufferError):
+            self.map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _IntentState:
+    """What the exit-time cleanup of an :class:`IntentLog` needs (no reference to the log)."""
+
+    __slots__ = ("current", "pid", "retired")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.current: _Segment | None = None
+        self.retired: list[_Segment] = []
+
+    def close(self) -> None:
+        """Delete the segments whose every entry is resolved (at exit or collection)."""
+        if os.getpid() != self.pid:  # a forked child: the segments are the parent's
+            return
+        for segment in [self.current, *self.retired]:
+            if segment is not None and segment.live == 0:
+                segment.drop()
+
+
+class IntentLog:
+    """This process's append-only log of settlements in flight, in one journal partition.
+
+    Each line is ``{"op":"open","record":{...}}`` (written before the first request of a
+    settlement leaves the process) or ``{"op":"done","reservation_id":...}`` (after it
+    resolved, or after its record file was written). The file is named
+    ``intent-<pid>-<random>.log`` and stays locked (``fcntl.flock``) while this process
+    lives, so :meth:`Journal.scan` in another process (or this one) leaves it alone; once
+    the owner is gone, a scan writes a record file for every entry without a ``done`` line
+    and deletes the log. A log is a preallocated 1 MiB file written through a shared memory
+    mapping (an append is a memory copy; with ``fsync`` on, an ``msync`` of the touched
+    pages). When it is full a fresh one is started; a full log is deleted when its last
+    entry is resolved, the current one at exit when every entry is.
+    """
+
+    def __init__(self, directory: Path, *, fsync: bool) -> None:
+        self._directory = directory
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._state = self._new_state()
+
+    def _new_state(self) -> _IntentState:
+        state = _IntentState()
+        weakref.finalize(self, state.close)
+        return state
+
+    def append_open(self, record: JournalRecord) -> IntentEntry:
+        """Append an open entry; return its handle.
+
+        Raises:
+            OSError: It could not be written.
+        """
+        data = record.__pydantic_serializer__.to_json(record, exclude_none=True)
+        line = b'{"op":"open","record":' + data + b"}\n"
+        with self._lock:
+            segment = self._segment_for(len(line))
+            segment.append(line, flush=self._fsync)
+            segment.live += 1
+        return IntentEntry(segment, record)
+
+    def append_done(self, entry: IntentEntry) -> None:
+        """Append the done line of ``entry`` (once); delete a retired log left empty.
+
+        Raises:
+            OSError: It could not be written.
+        """
+        if entry.resolved:
+            return
+        entry.resolved = True
+        segment = entry._segment
+        rid = _json_string(entry.record.reservation_id)
+        line = b'{"op":"done","reservation_id":' + rid.encode() + b"}\n"
+        with self._lock:
+            segment.live -= 1
+            if segment.retired and segment.live == 0:
+                self._state.retired.remove(segment)
+                segment.drop()
+                return
+            if not segment.fits(len(line)):  # a full segment: the mark goes to the next one
+                segment = self._segment_for(len(line))
+            segment.append(line)
+
+    def _segment_for(self, size: int) -> _Segment:
+        state = self._state
+        if state.pid != os.getpid():  # a forked child writes its own log
+            state = self._state = self._new_state()
+        current = state.current
+        if current is not None and not current.fits(size):
+            if current.live == 0:
+                current.drop()
+            else:
+                current.retired = True
+                state.retired.append(current)
+            current = None
+        if current is None:
+            current = state.current = self._new_segment(max(_INTENT_SEGMENT_BYTES, size))
+        return current
+
+    def _new_segment(self, capacity: int) -> _Segment:
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}{_INTENT_SUFFIX}"
+        temp = self._directory / f"{_TEMP_PREFIX}{_INTENT_PREFIX}{name}"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            allocate = getattr(os, "posix_fallocate", None)
+            if allocate is not None:
+                allocate(fd, 0, capacity)  # ENOSPC now, not SIGBUS on a later append
+            else:  # pragma: no cover - platforms without posix_fallocate
+                os.ftruncate(fd, capacity)
+            segment = _Segment(fd, temp, capacity)
+            path = self._directory / f"{_INTENT_PREFIX}{name}"
+            os.replace(temp, path)  # visible to scans only once locked
+            segment.path = path
+            if self._fsync:
+                os.fsync(fd)
+                _fsync_dir(self._directory)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        return segment
+
+
+_json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
+
+
+def _open_intents(raw: bytes) -> dict[str, JournalRecord]:
+    """Return the entries of an intent log without a ``done`` line, by reservation id."""
+    found: dict[str, JournalRecord] = {}
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip(b" \t\r\0"):  # the unused, zero-filled end of a segment
+            continue
+        try:
+            item = json.loads(line)
+            if item.get("op") == "done":
+                found.pop(item["reservation_id"], None)
+                continue
+            record = _parse(json.dumps(item["record"]).encode())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # a torn last line: its write never returned, so its request was never sent
+            logger.warning("journal: skipping unreadable intent line %d (%s)", number, exc)
+            continue
+        found[record.reservation_id] = record
+    return found
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ __all__ = [
     "ReserveOptions",
     "SubjectRequiredError",
     "UnfinalizedReservationWarning",
+    "UnknownActualError",
     "adiscover_tenant",
     "build_commit_request",
     "build_release_request",
@@ -105,6 +106,7 @@ __all__ = [
     "dry_run_result",
     "exit_release_reason",
     "known_tenant",
+    "measure_actual",
     "new_idempotency_key",
     "request_from_options",
     "reservation_granted",
@@ -157,6 +159,41 @@ class SubjectRequiredError(CyclesConfigError):
     Guards and ``@cycles`` then ask the server which tenant the API key belongs to (see
     :func:`discover_tenant`); this error is raised only when that is impossible too.
     """
+
+
+class UnknownActualError(CyclesError):
+    """A guarded function ran, but its ``actual=`` gave no usable amount (``@cycles``).
+
+    The ``actual`` callable raised, returned ``None``, or returned something that is not a
+    non-negative amount in the reservation's unit. Nothing was committed and no event was
+    sent: a charge is never made up from an unknown actual. With
+    ``on_unknown_actual="raise"`` (the default) the reservation is left as it is: its
+    heartbeat is stopped and it expires at the end of its lease, when the server returns the
+    held budget. Until then the spend can still be committed by hand, e.g. with
+    ``client.commit_reservation(error.reservation_id, ...)``.
+
+    Attributes:
+        reservation_id: The reservation, still unsettled.
+        reason: Why the actual is unknown (``"actual returned None"``,
+            ``"ValueError: ..."``); the callable's own exception, if any, is ``__cause__``.
+        result: What the guarded function returned (not kept when the error is pickled).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reservation_id: str | None = None,
+        reason: str | None = None,
+        result: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.reservation_id = reservation_id
+        self.reason = reason
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args, {**self.__dict__, "result": None})
 
 
 @dataclass(frozen=True)
@@ -620,6 +657,56 @@ def build_commit_request(
     )
 
 
+def measure_actual(
+    spec: int | Amount | Callable[[Any], int | Amount | None] | None,
+    result: Any,
+    context: CyclesContext,
+) -> Amount | None:
+    """Work out what a successful guarded call used, refusing to guess.
+
+    Args:
+        spec: A callable of ``result``, a fixed amount (an ``int`` is in the estimate's
+            unit), or ``None`` (no actual configured: the estimate is the agreed charge).
+        result: What the guarded call returned.
+        context: The reservation (its estimate's unit; its id for the error).
+
+    Returns:
+        The validated amount, or ``None`` when ``spec`` is ``None``.
+
+    Raises:
+        UnknownActualError: ``spec`` raised (the exception is the ``__cause__``), returned
+            ``None``, or gave something that is not a non-negative amount in the estimate's
+            unit.
+    """
+    if spec is None:
+        return None
+    rid = context.reservation_id
+    try:
+        value = spec(result) if callable(spec) else spec
+        if value is None:
+            reason = "actual returned None"
+        else:
+            amount = to_amount(value, context.estimate.unit, "actual")
+            if amount.unit is context.estimate.unit:
+                return amount
+            raise ValueError(
+                f"actual is in {amount.unit.value} but the reservation is in "
+                f"{context.estimate.unit.value}"
+            )
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"[:512]
+        raise UnknownActualError(
+            f"the actual= of reservation {rid} failed ({reason}); nothing was committed",
+            reservation_id=rid,
+            reason=reason,
+        ) from exc
+    raise UnknownActualError(
+        f"the actual= of reservation {rid} gave no amount ({reason}); nothing was committed",
+        reservation_id=rid,
+        reason=reason,
+    )
+
+
 def resolve_actual(
     spec: int | Amount | Callable[[Any], int | Amount | None] | None,
     result: Any,
@@ -637,25 +724,21 @@ def resolve_actual(
         ``(actual, metadata)``: the validated ``actual`` for :func:`build_commit_request`
         (``None`` means "the estimate") and extra commit metadata. If ``spec`` raises or
         gives something that is not a non-negative amount in the estimate's unit, the error
-        is logged, ``actual`` is ``None`` and the metadata carries ``actual_error``.
+        is logged, ``actual`` is ``None`` and the metadata carries ``actual_error``. (This
+        is ``@cycles(on_unknown_actual="commit_estimate")``; see :func:`measure_actual` for
+        the strict variant.)
     """
     try:
-        value = spec(result) if callable(spec) else spec
-        if value is None:
+        return measure_actual(spec, result, context), None
+    except UnknownActualError as unknown:
+        if unknown.__cause__ is None:  # returned None: the estimate, as before
             return None, None
-        amount = to_amount(value, context.estimate.unit, "actual")
-        if amount.unit is not context.estimate.unit:
-            raise ValueError(
-                f"actual is in {amount.unit.value} but the reservation is in "
-                f"{context.estimate.unit.value}"
-            )
-    except Exception as exc:
-        logger.exception(
+        logger.error(
             "cannot use the actual= of reservation %s; committing the estimate instead",
             context.reservation_id,
+            exc_info=unknown.__cause__,
         )
-        return None, {"actual_error": f"{type(exc).__name__}: {exc}"[:512]}
-    return amount, None
+        return None, {"actual_error": unknown.reason}
 
 
 def build_release_request(reason: str | None = None) -> ReleaseRequest:
@@ -840,6 +923,21 @@ class _GuardState:
                 "committed or released by another caller"
             ) from None
         self._state = _FINALIZED
+
+    def _abandon(self) -> bool:
+        """End the guard without sending anything: the reservation expires at its lease.
+
+        ``@cycles`` uses this when the actual is unknown: no commit, no event, no release.
+        Returns whether this call ended it (``False``: already finalized).
+        """
+        try:
+            self._mark_finalized("abandon")
+        except ReservationAlreadyFinalizedError:
+            return False
+        handle, self._heartbeat = self._heartbeat, None
+        if handle is not None:
+            handle.stop()
+        return True
 
     def _leave(self) -> None:
         token, self._token = self._token, None

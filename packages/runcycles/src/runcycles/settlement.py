@@ -53,6 +53,7 @@ import httpx
 from runcycles.exceptions import CyclesError, CyclesTransportError, MalformedResponseError
 from runcycles.heartbeat import _single_attempt_client
 from runcycles.journal import (
+    IntentEntry,
     Journal,
     JournalRecord,
     JournalScan,
@@ -497,21 +498,31 @@ class Settlement:
         journal_error = None
         journaled = False
         locks: list[RecordLock | None] = []
+        intents: list[IntentEntry] = []
         if self.journal is not None and self.journal_first:
-            journaled, journal_error = self._journal_now(record, locks)
+            journaled, journal_error = self._journal_now(record, locks, intents)
         try:
-            return self._drive(record, journaled, journal_error, None, locks)
+            return self._drive(record, journaled, journal_error, None, locks, intents)
         finally:
+            for entry in intents:
+                _close_intent(self.journal, entry, locks)
             for lock in locks:
                 if lock is not None:
                     lock.release()
 
     def _journal_now(
-        self, record: JournalRecord, locks: list[RecordLock | None]
+        self,
+        record: JournalRecord,
+        locks: list[RecordLock | None],
+        intents: list[IntentEntry] | None = None,
     ) -> tuple[bool, str | None]:
-        assert self.journal is not None
+        journal = self.journal
+        assert journal is not None
         try:
-            locks.append(_lock_and_write(self.journal, record))
+            if intents is not None and journal.uses_intent_log:
+                intents.append(journal.log_intent(record))
+            else:
+                locks.append(_lock_and_write(journal, record))
         except OSError as exc:
             logger.error(
                 "could not journal the settlement of %s (%s); settling without durability",
@@ -521,11 +532,15 @@ class Settlement:
             return False, f"journal write failed: {exc}"
         return True, None
 
-    def replay(self, *, deadline_s: float | None = None) -> ReplayReport:
+    def replay(
+        self, *, deadline_s: float | None = None, created_before_ms: int | None = None
+    ) -> ReplayReport:
         """Replay every due record of the journal (e.g. at start-up, after a crash).
 
         Args:
             deadline_s: Wall-clock time (seconds) after which no new attempt starts.
+            created_before_ms: Only records created before this time (epoch ms), e.g. the
+                ones left by earlier processes; the others are not looked at.
 
         Returns:
             What was settled, rejected, left pending, skipped or quarantined.
@@ -536,7 +551,7 @@ class Settlement:
         journal = _require_journal(self.journal)
         scan = journal.scan()
         report = _report_from_scan(scan)
-        for record in scan.records:
+        for record in _created_before(scan.records, created_before_ms):
             rid = record.reservation_id
             if deadline_s is not None and self._wall() >= deadline_s:
                 report.deferred.append(rid)
@@ -559,9 +574,14 @@ class Settlement:
                 report.results.append(self._drive(current, True, None, deadline_s))
         return report
 
-    def flush(self, timeout_s: float = 10.0) -> ReplayReport:
-        """Replay what is left in the journal, giving up after ``timeout_s`` (records stay)."""
-        return self.replay(deadline_s=self._wall() + timeout_s)
+    def flush(
+        self, timeout_s: float = 10.0, *, created_before_ms: int | None = None
+    ) -> ReplayReport:
+        """Replay what is left in the journal, giving up after ``timeout_s`` (records stay).
+
+        ``created_before_ms`` is as for :meth:`replay`.
+        """
+        return self.replay(deadline_s=self._wall() + timeout_s, created_before_ms=created_before_ms)
 
     def release(
         self,
@@ -586,12 +606,14 @@ class Settlement:
         journal_error: str | None,
         deadline_s: float | None,
         locks: list[RecordLock | None] | None = None,
+        intents: list[IntentEntry] | None = None,
     ) -> SettlementResult:
         engine = _Engine(record, self.retry_policy, self._wall, deadline_s)
+        entry = intents[0] if intents else None
         step = engine.before_send()
         while step.stop is None:
             if step.persist and journaled:
-                journal_error = self._persist(record) or journal_error
+                journal_error = self._persist(record, locks, entry) or journal_error
             if step.delay_s > 0:
                 self._sleep(step.delay_s)
             try:
@@ -620,11 +642,16 @@ class Settlement:
         if journaled and self.journal is not None:
             try:
                 if outcome == "pending":
-                    if step.persist:
+                    if entry is not None and not entry.materialized:
+                        _materialize(self.journal, entry, locks)
+                    elif step.persist:
                         self.journal.write(record)
                 else:
-                    self.journal.remove(record.reservation_id)
                     journaled = False
+                    if entry is not None:
+                        entry.finished = True
+                    if entry is None or entry.materialized:
+                        self.journal.remove(record.reservation_id)
             except OSError as exc:
                 journal_error = f"journal update failed: {exc}"
                 logger.error("journal update for %s failed: %s", record.reservation_id, exc)
@@ -632,10 +659,18 @@ class Settlement:
         _log_outcome(result)
         return result
 
-    def _persist(self, record: JournalRecord) -> str | None:
+    def _persist(
+        self,
+        record: JournalRecord,
+        locks: list[RecordLock | None] | None = None,
+        entry: IntentEntry | None = None,
+    ) -> str | None:
         assert self.journal is not None
         try:
-            self.journal.write(record)
+            if entry is not None and not entry.materialized:
+                _materialize(self.journal, entry, locks)
+            else:
+                self.journal.write(record)
         except OSError as exc:
             logger.error("journal update for %s failed: %s", record.reservation_id, exc)
             return f"journal update failed: {exc}"
@@ -704,21 +739,35 @@ class AsyncSettlement:
         journal_error = None
         journaled = False
         locks: list[RecordLock | None] = []
+        intents: list[IntentEntry] = []
         if self.journal is not None and self.journal_first:
-            journaled, journal_error = await self._journal_now(record, locks)
+            journaled, journal_error = await self._journal_now(record, locks, intents)
         try:
-            return await self._drive(record, journaled, journal_error, None, locks)
+            return await self._drive(record, journaled, journal_error, None, locks, intents)
         finally:
+            for entry in intents:
+                _close_intent(self.journal, entry, locks)
             for lock in locks:
                 if lock is not None:
                     await run_journal_io(lock.release)
 
     async def _journal_now(
-        self, record: JournalRecord, locks: list[RecordLock | None]
+        self,
+        record: JournalRecord,
+        locks: list[RecordLock | None],
+        intents: list[IntentEntry] | None = None,
     ) -> tuple[bool, str | None]:
-        assert self.journal is not None
+        journal = self.journal
+        assert journal is not None
         try:
-            locks.append(await run_journal_io(_lock_and_write, self.journal, record))
+            if intents is not None and journal.uses_intent_log:
+                # One append to an open file: on the loop unless it must wait for an fsync.
+                if journal.fsync:
+                    intents.append(await run_journal_io(journal.log_intent, record))
+                else:
+                    intents.append(journal.log_intent(record))
+            else:
+                locks.append(await run_journal_io(_lock_and_write, journal, record))
         except OSError as exc:
             logger.error(
                 "could not journal the settlement of %s (%s); settling without durability",
@@ -728,12 +777,14 @@ class AsyncSettlement:
             return False, f"journal write failed: {exc}"
         return True, None
 
-    async def replay(self, *, deadline_s: float | None = None) -> ReplayReport:
+    async def replay(
+        self, *, deadline_s: float | None = None, created_before_ms: int | None = None
+    ) -> ReplayReport:
         """Replay every due record of the journal; see :meth:`Settlement.replay`."""
         journal = _require_journal(self.journal)
         scan = await run_journal_io(journal.scan)
         report = _report_from_scan(scan)
-        for record in scan.records:
+        for record in _created_before(scan.records, created_before_ms):
             rid = record.reservation_id
             if deadline_s is not None and self._wall() >= deadline_s:
                 report.deferred.append(rid)
@@ -761,9 +812,16 @@ class AsyncSettlement:
                 await run_journal_io(lock.release)
         return report
 
-    async def flush(self, timeout_s: float = 10.0) -> ReplayReport:
-        """Replay what is left in the journal, giving up after ``timeout_s`` (records stay)."""
-        return await self.replay(deadline_s=self._wall() + timeout_s)
+    async def flush(
+        self, timeout_s: float = 10.0, *, created_before_ms: int | None = None
+    ) -> ReplayReport:
+        """Replay what is left in the journal, giving up after ``timeout_s`` (records stay).
+
+        ``created_before_ms`` is as for :meth:`Settlement.replay`.
+        """
+        return await self.replay(
+            deadline_s=self._wall() + timeout_s, created_before_ms=created_before_ms
+        )
 
     async def release(
         self,
@@ -785,12 +843,14 @@ class AsyncSettlement:
         journal_error: str | None,
         deadline_s: float | None,
         locks: list[RecordLock | None] | None = None,
+        intents: list[IntentEntry] | None = None,
     ) -> SettlementResult:
         engine = _Engine(record, self.retry_policy, self._wall, deadline_s)
+        entry = intents[0] if intents else None
         step = engine.before_send()
         while step.stop is None:
             if step.persist and journaled:
-                journal_error = await self._persist(record) or journal_error
+                journal_error = await self._persist(record, locks, entry) or journal_error
             if step.delay_s > 0:
                 await self._sleep(step.delay_s)
             try:
@@ -820,11 +880,16 @@ class AsyncSettlement:
         if journaled and journal is not None:
             try:
                 if outcome == "pending":
-                    if step.persist:
+                    if entry is not None and not entry.materialized:
+                        await run_journal_io(_materialize, self.journal, entry, locks)
+                    elif step.persist:
                         await run_journal_io(journal.write, record)
                 else:
-                    await run_journal_io(journal.remove, record.reservation_id)
                     journaled = False
+                    if entry is not None:
+                        entry.finished = True
+                    if entry is None or entry.materialized:
+                        await run_journal_io(journal.remove, record.reservation_id)
             except OSError as exc:
                 journal_error = f"journal update failed: {exc}"
                 logger.error("journal update for %s failed: %s", record.reservation_id, exc)
@@ -832,14 +897,45 @@ class AsyncSettlement:
         _log_outcome(result)
         return result
 
-    async def _persist(self, record: JournalRecord) -> str | None:
+    async def _persist(
+        self,
+        record: JournalRecord,
+        locks: list[RecordLock | None] | None = None,
+        entry: IntentEntry | None = None,
+    ) -> str | None:
         assert self.journal is not None
         try:
-            await run_journal_io(self.journal.write, record)
+            if entry is not None and not entry.materialized:
+                await run_journal_io(_materialize, self.journal, entry, locks)
+            else:
+                await run_journal_io(self.journal.write, record)
         except OSError as exc:
             logger.error("journal update for %s failed: %s", record.reservation_id, exc)
             return f"journal update failed: {exc}"
         return None
+
+
+def _materialize(
+    journal: Journal | None, entry: IntentEntry, locks: list[RecordLock | None] | None
+) -> None:
+    """Move a settlement from the intent log to its own (locked) record file."""
+    assert journal is not None
+    assert locks is not None
+    locks.append(_lock_and_write(journal, entry.record))
+    entry.materialized = True
+
+
+def _close_intent(
+    journal: Journal | None, entry: IntentEntry, locks: list[RecordLock | None]
+) -> None:
+    """Resolve an intent after its settlement; if the settlement raised, keep it on file."""
+    assert journal is not None
+    try:
+        if not entry.finished and not entry.materialized:  # the drive raised
+            _materialize(journal, entry, locks)
+        journal.resolve_intent(entry)
+    except OSError as exc:  # the open intent stays: a later scan recovers it
+        logger.error("journal update for %s failed: %s", entry.record.reservation_id, exc)
 
 
 def _lock_and_write(journal: Journal, record: JournalRecord) -> RecordLock | None:
@@ -851,6 +947,12 @@ def _lock_and_write(journal: Journal, record: JournalRecord) -> RecordLock | Non
             lock.release()
         raise
     return lock
+
+
+def _created_before(records: list[JournalRecord], before_ms: int | None) -> list[JournalRecord]:
+    if before_ms is None:
+        return records
+    return [record for record in records if record.created_at_ms < before_ms]
 
 
 def _require_journal(journal: Journal | None) -> Journal:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
+import threading
 from typing import Any
 
 import httpx
@@ -20,6 +22,8 @@ from runcycles import (
     Decision,
     DryRunResult,
     Unit,
+    UnknownActualError,
+    _wiring,
     cycles,
     get_cycles_context,
 )
@@ -180,13 +184,135 @@ async def test_async_dry_run_without_subject_uses_the_api_keys_tenant(fake: Any)
 # --------------------------------------------------------------------------- actual errors
 
 
-def test_failing_actual_commits_the_estimate_and_flags_it(
+UNKNOWN_ACTUALS = [
+    pytest.param(lambda result: None, "actual returned None", id="returns-None"),
+    pytest.param(lambda result: result["missing"], "KeyError: 'missing'", id="raises"),
+    pytest.param(lambda result: -3, "ValueError: actual must be >= 0", id="negative"),
+    pytest.param(lambda result: 2.5, "TypeError: actual must be an int", id="float"),
+    pytest.param(
+        lambda result: Amount(unit=Unit.TOKENS, amount=3),
+        "ValueError: actual is in TOKENS",
+        id="other-unit",
+    ),
+]
+
+
+def sent_after_create(fake: Any) -> list[str]:
+    """Every request after the reservation was created (commit, event, release, extend)."""
+    return [path for path in fake.paths() if path != "POST /v1/reservations"]
+
+
+@pytest.mark.parametrize(("actual", "reason"), UNKNOWN_ACTUALS)
+def test_unknown_actual_raises_and_sends_nothing(
+    fake: Any, client: Any, actual: Any, reason: str
+) -> None:
+    @cycles(estimate=500, actual=actual, client=client)
+    def job() -> dict[str, int]:
+        return {"answer": 42}
+
+    with pytest.raises(UnknownActualError, match="left to expire") as raised:
+        job()
+    error = raised.value
+    assert error.reservation_id == "rsv_1"
+    assert error.reason is not None
+    assert error.reason.startswith(reason)
+    assert error.result == {"answer": 42}
+    assert (error.__cause__ is None) == (reason == "actual returned None")
+    assert sent_after_create(fake) == []  # no commit, no event, no release
+    assert fake.statuses() == ["ACTIVE"]  # left to expire at its lease
+    assert len(_wiring.heartbeat.scheduler(client)) == 0  # heartbeat stopped
+    assert get_cycles_context() is None
+
+
+@pytest.mark.parametrize(("actual", "reason"), UNKNOWN_ACTUALS)
+async def test_async_unknown_actual_raises_and_sends_nothing(
+    fake: Any, aclient: Any, actual: Any, reason: str
+) -> None:
+    @cycles(estimate=500, actual=actual, client=aclient)
+    async def job() -> dict[str, int]:
+        return {"answer": 42}
+
+    with pytest.raises(UnknownActualError) as raised:
+        await job()
+    assert raised.value.result == {"answer": 42}
+    assert raised.value.reason is not None
+    assert raised.value.reason.startswith(reason)
+    assert sent_after_create(fake) == []
+    assert fake.statuses() == ["ACTIVE"]
+    assert len(_wiring.heartbeat.ascheduler(aclient)) == 0
+    assert get_cycles_context() is None
+
+
+def test_unknown_actual_error_pickles_without_the_result(fake: Any, client: Any) -> None:
+    @cycles(estimate=500, actual=lambda result: None, client=client)
+    def job() -> object:
+        return threading.Lock()  # not picklable
+
+    with pytest.raises(UnknownActualError) as raised:
+        job()
+    copy = pickle.loads(pickle.dumps(raised.value))
+    assert type(copy) is UnknownActualError
+    assert str(copy) == str(raised.value)
+    assert copy.reservation_id == "rsv_1"
+    assert copy.reason == "actual returned None"
+    assert copy.result is None
+
+
+@pytest.mark.parametrize(("actual", "reason"), UNKNOWN_ACTUALS)
+def test_unknown_actual_release_option_releases_and_returns(
+    fake: Any, client: Any, actual: Any, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    @cycles(estimate=500, actual=actual, client=client, on_unknown_actual="release")
+    def job() -> str:
+        return "done"
+
+    with caplog.at_level(logging.ERROR, "runcycles"):
+        assert job() == "done"
+    assert fake.commits() == []
+    assert fake.paths().count("POST /v1/events") == 0
+    (release,) = fake.releases()
+    assert release["reason"] == "actual_unknown"
+    assert fake.statuses() == ["RELEASED"]
+    assert reason in caplog.text
+    assert "on_unknown_actual='release'" in caplog.text
+
+
+async def test_async_unknown_actual_release_option(
+    fake: Any, aclient: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    @cycles(estimate=500, actual=lambda result: None, client=aclient, on_unknown_actual="release")
+    async def job() -> str:
+        return "done"
+
+    with caplog.at_level(logging.ERROR, "runcycles"):
+        assert await job() == "done"
+    assert fake.commits() == []
+    assert fake.statuses() == ["RELEASED"]
+    assert "actual returned None" in caplog.text
+
+
+def test_unknown_actual_release_failure_is_logged_and_result_returned(
+    fake: Any, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.release_status = (500, "INTERNAL_ERROR")
+
+    @cycles(estimate=500, actual=lambda result: None, client=client, on_unknown_actual="release")
+    def job() -> str:
+        return "done"
+
+    with caplog.at_level(logging.WARNING, "runcycles"):
+        assert job() == "done"
+    assert fake.commits() == []
+    assert "could not release reservation rsv_1" in caplog.text
+
+
+def test_failing_actual_commits_the_estimate_when_asked_to(
     fake: Any, client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(result: str) -> int:
         raise ValueError("cannot measure")
 
-    @cycles(estimate=500, actual=broken, client=client)
+    @cycles(estimate=500, actual=broken, client=client, on_unknown_actual="commit_estimate")
     def job() -> str:
         return "done"
 
@@ -202,16 +328,22 @@ def test_failing_actual_commits_the_estimate_and_flags_it(
     assert fake.statuses() == ["COMMITTED"]
 
 
-async def test_async_failing_actual_commits_the_estimate(
+async def test_async_failing_actual_commits_the_estimate_when_asked_to(
     fake: Any, aclient: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    @cycles(estimate=500, actual=lambda result: result["missing"], client=aclient)
+    @cycles(
+        estimate=500,
+        actual=lambda result: result["missing"],
+        client=aclient,
+        on_unknown_actual="commit_estimate",
+    )
     async def job() -> dict[str, int]:
         return {}
 
     with caplog.at_level(logging.ERROR, "runcycles"):
         assert await job() == {}
     assert fake.commits()[0]["metadata"]["actual_source"] == "estimate"
+    assert fake.commits()[0]["metadata"]["actual_error"] == "KeyError: 'missing'"
 
 
 @pytest.mark.parametrize(
@@ -222,10 +354,12 @@ async def test_async_failing_actual_commits_the_estimate(
         (Amount(unit=Unit.TOKENS, amount=3), "ValueError: actual is in TOKENS"),
     ],
 )
-def test_unusable_actual_commits_the_estimate_and_flags_it(
+def test_unusable_actual_commits_the_estimate_flagged_when_asked_to(
     fake: Any, client: Any, bad: Any, error: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    @cycles(estimate=500, actual=lambda result: bad, client=client)
+    @cycles(
+        estimate=500, actual=lambda result: bad, client=client, on_unknown_actual="commit_estimate"
+    )
     def job() -> str:
         return "done"
 
@@ -236,6 +370,38 @@ def test_unusable_actual_commits_the_estimate_and_flags_it(
     assert commit["metadata"]["actual_source"] == "estimate"
     assert commit["metadata"]["actual_error"].startswith(error)
     assert fake.statuses() == ["COMMITTED"]
+
+
+def test_actual_returning_none_commits_the_estimate_marked_when_asked_to(
+    fake: Any, client: Any
+) -> None:
+    @cycles(
+        estimate=500,
+        actual=lambda result: None,
+        client=client,
+        on_unknown_actual="commit_estimate",
+    )
+    def job() -> str:
+        return "done"
+
+    assert job() == "done"
+    (commit,) = fake.commits()
+    assert commit["actual"] == {"unit": "USD_MICROCENTS", "amount": 500}
+    assert commit["metadata"] == {"actual_source": "estimate"}
+
+
+def test_no_actual_at_all_still_commits_the_estimate(fake: Any, client: Any) -> None:
+    @cycles(estimate=500, client=client)  # no actual=: the estimate is the agreed charge
+    def job() -> str:
+        return "done"
+
+    assert job() == "done"
+    assert fake.commits()[0]["metadata"] == {"actual_source": "estimate"}
+
+
+def test_bad_on_unknown_actual_fails_at_decoration(client: Any) -> None:
+    with pytest.raises(ValueError, match="on_unknown_actual must be one of 'raise'"):
+        cycles(estimate=5, client=client, on_unknown_actual="ignore")(lambda: None)  # type: ignore[call-overload]
 
 
 def test_static_actual_in_another_unit_fails_at_decoration(client: Any) -> None:

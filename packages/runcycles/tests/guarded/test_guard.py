@@ -94,6 +94,43 @@ async def test_async_enter_reserves_and_exposes_the_grant(fake: Any, aclient: An
     assert fake.statuses() == ["COMMITTED"]
 
 
+def test_client_reserve_method_is_the_guard_of_reserve(fake: Any, client: Any) -> None:
+    guard = client.reserve(**OPTIONS, agent="planner")
+    assert type(guard) is ReservationGuard
+    assert fake.calls == []  # nothing is sent before the block is entered
+    with client.reserve(**OPTIONS, agent="planner", idempotency_key="k-1") as entered:
+        assert get_cycles_context() is entered.context
+        entered.commit(4_000)
+    (create,) = fake.creates()
+    assert create["idempotency_key"] == "k-1"
+    assert create["subject"] == {"tenant": "acme", "agent": "planner"}
+    assert fake.commits()[0]["actual"] == {"unit": "USD_MICROCENTS", "amount": 4_000}
+    with pytest.raises(TypeError, match="action_name"):
+        client.reserve(estimate=5, action_kind="x")  # same checks as reserve(client, ...)
+
+
+def test_client_reserve_method_releases_when_the_block_raises(fake: Any, client: Any) -> None:
+    with pytest.raises(KeyError), client.reserve(**OPTIONS):
+        raise KeyError("boom")
+    assert fake.statuses() == ["RELEASED"]
+
+
+async def test_async_client_reserve_method_is_the_guard_of_reserve(fake: Any, aclient: Any) -> None:
+    guard = aclient.reserve(**OPTIONS)
+    assert type(guard) is AsyncReservationGuard
+    assert fake.calls == []
+    async with aclient.reserve(**OPTIONS, workflow="wf") as entered:
+        assert get_cycles_context() is entered.context
+        await entered.commit(4_000)
+    (create,) = fake.creates()
+    assert create["subject"] == {"tenant": "acme", "workflow": "wf"}
+    assert fake.statuses() == ["COMMITTED"]
+    with pytest.raises(KeyError):
+        async with aclient.reserve(**OPTIONS):
+            raise KeyError("boom")
+    assert fake.statuses() == ["COMMITTED", "RELEASED"]
+
+
 def test_guard_accepts_a_ready_request(fake: Any, client: Any) -> None:
     request = ReservationCreateRequest(
         idempotency_key="my-key",

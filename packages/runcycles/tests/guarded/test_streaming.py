@@ -93,6 +93,35 @@ def test_completed_stream_commits_priced_usage(fake: Any, client: Any) -> None:
     assert commit["metadata"] == {"stream_outcome": "completed"}
 
 
+def test_client_stream_reservation_method(fake: Any, client: Any) -> None:
+    stream = client.stream_reservation(**OPTIONS, cost_fn=price)
+    assert type(stream) is StreamReservation
+    assert fake.calls == []
+    with client.stream_reservation(**OPTIONS, cost_fn=price) as entered:
+        assert get_cycles_context() is entered.context
+        entered.usage.add_tokens(input=10, output=10)
+    (commit,) = fake.commits()
+    assert commit["actual"] == {"unit": "USD_MICROCENTS", "amount": 400}
+    assert commit["metadata"] == {"stream_outcome": "completed"}
+
+
+async def test_async_client_stream_reservation_method(fake: Any, aclient: Any) -> None:
+    stream = aclient.stream_reservation(**OPTIONS, cost_fn=price)
+    assert type(stream) is AsyncStreamReservation
+    assert fake.calls == []
+
+    async def relay() -> None:
+        async with aclient.stream_reservation(**OPTIONS, cost_fn=price) as entered:
+            for tokens in chunks(10):
+                entered.usage.add_output_tokens(tokens)
+
+    with pytest.raises(ConnectionError):
+        await relay()
+    (commit,) = fake.commits()
+    assert commit["actual"]["amount"] == 450
+    assert commit["metadata"] == {"stream_outcome": "failed"}
+
+
 def test_failed_stream_commits_partial_usage(fake: Any, client: Any) -> None:
     def relay() -> None:
         with stream_reservation(client, **OPTIONS, cost_fn=price) as stream:

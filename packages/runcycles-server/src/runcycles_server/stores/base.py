@@ -317,6 +317,25 @@ class AuditReader(Protocol):
         """Return one page of audit entries, newest first."""
 
 
+@runtime_checkable
+class RetentionPurger(Protocol):
+    """Optional store capability: delete finished reservations and events past a retention.
+
+    Stores that expire such rows themselves (Redis, by key TTL) do not implement it.
+    """
+
+    async def purge_finished(self, retention_ms: int, limit: int = 500) -> int:
+        """Delete old finished data in one short transaction; return how many rows went.
+
+        Deletes up to ``limit`` finished (COMMITTED, RELEASED or EXPIRED) reservations whose
+        deadline (``expires_at + grace``, never earlier than when they finished) is more than
+        ``retention_ms`` in the past, together with their idempotency records (reserve,
+        commit, release and extend replays), and up to ``limit`` event records created more
+        than ``retention_ms`` ago. ACTIVE reservations, budgets, tenants, keys and the audit
+        log are never touched.
+        """
+
+
 GROUP_MAX = 64
 """Most runtime mutations group-committed in one transaction (see ``RowStore._mutate``)."""
 
@@ -462,6 +481,14 @@ class RowStore(ABC):
 
     @abstractmethod
     def _purge_idem(self, now_ms: int, limit: int) -> int: ...
+
+    @abstractmethod
+    def _purge_finished(self, before_ms: int, limit: int) -> int:
+        """Delete old finished rows; return how many reservations and events went.
+
+        Up to ``limit`` finished reservations with ``deadline_ms < before_ms`` (and their
+        idempotency records) and up to ``limit`` events created before ``before_ms``.
+        """
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -675,6 +702,19 @@ class RowStore(ABC):
         """See :meth:`Store.purge_idempotency`."""
         with self._write():
             return self._purge_idem(self.clock(), limit)
+
+    async def purge_finished(self, retention_ms: int, limit: int = 500) -> int:
+        """See :meth:`RetentionPurger.purge_finished`.
+
+        Raises:
+            ValueError: if ``retention_ms`` is negative or ``limit`` is not positive.
+        """
+        if retention_ms < 0 or limit < 1:
+            raise ValueError(
+                f"retention_ms must be >= 0 and limit >= 1, not {retention_ms}, {limit}"
+            )
+        with self._write():
+            return self._purge_finished(self.clock() - retention_ms, limit)
 
     # -- admin ---------------------------------------------------------------------------------
 

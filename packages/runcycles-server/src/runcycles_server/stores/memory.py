@@ -144,6 +144,23 @@ class MemoryStore(RowStore):
             del self.idempotency[k]
         return len(old)
 
+    def _purge_finished(self, before_ms: int, limit: int) -> int:
+        finished = [
+            rid
+            for rid, r in self.reservations.items()
+            if r.status != "ACTIVE" and r.deadline_ms < before_ms
+        ][:limit]
+        gone = set(finished)
+        if gone:
+            for k in [k for k, v in self.idempotency.items() if v.reservation_id in gone]:
+                del self.idempotency[k]
+            for rid in finished:
+                del self.reservations[rid]
+        events = [eid for eid, e in self.events.items() if e.created_at_ms < before_ms][:limit]
+        for eid in events:
+            del self.events[eid]
+        return len(finished) + len(events)
+
     # -- listings --------------------------------------------------------------------------------
 
     async def list_reservations(self, query: ReservationQuery) -> Page[ReservationRow]:

@@ -59,13 +59,18 @@ version and JSON fields):
 =====================================  ===========================================================
 ``P:{t:T}:tenant``                     tenant row (``d``)
 ``P:{t:T}:b:<scope>``                  the budgets at one scope, one field per unit (JSON row)
-``P:{t:T}:r:<rid>``                    reservation (``d``); expires 30 days after it is finalized
+``P:{t:T}:r:<rid>``                    reservation (``d``); expires ``retention_ms`` (default 7
+                                       days) after it is finalized
 ``P:{t:T}:i:<endpoint>|<key>``         idempotency record (``d`` meta, ``b`` exact body); TTL'd
-                                       at its retention (``ledger.RETAIN_*``)
-``P:{t:T}:e:<eid>``, ``:a:<aid>``      event (30 day TTL), audit entry
+                                       at its window (``ledger.RETAIN_*``; commit and release
+                                       ones at most ``retention_ms``, like their reservation)
+``P:{t:T}:e:<eid>``, ``:a:<aid>``      event (``retention_ms`` TTL), audit entry (kept)
 ``P:{t:T}:x:budgets``                  zset (lex): the tenant's budget scopes (balances paging)
 ``P:{t:T}:x:res``                      zset: reservation ids by ``created_at_ms`` (listing)
 ``P:{t:T}:x:active``                   zset: ACTIVE reservation ids by deadline (tenant close)
+``P:{t:T}:x:done``                     zset: finalized reservation ids by when their row
+                                       expires; writes that finalize trim ``x:res`` (and it)
+                                       of the entries that are due
 ``P:{t:T}:x:audit``                    zset: audit ids by time
 ``P:{t:T}:turn``, ``:turn:next``        whose turn it is / who waits next (tokens, ms TTLs)
 ``P:{due}:reservations``               **global** expiry index: reservation ids by
@@ -98,8 +103,10 @@ event in every process, since each checks the tenant row's version), then releas
 reservations and closes its budgets in batches, then revokes its keys; repeating the close
 finishes an interrupted cascade.
 
-Known limits: the keys are Cluster-ready but the store connects with a single-node client
-(``redis.asyncio.Redis``; a ``RedisCluster`` client is future work). Several processes hammering
+Redis Cluster: ``redis+cluster://host:port`` (any node) connects a
+``redis.asyncio.cluster.RedisCluster`` client, which routes each call by its keys' hash slot.
+
+Known limits: several processes hammering
 *one* budget conflict on its row: they stay correct and fair (see above) but scale less than
 separate tenants do. Listing reservations in an order other than ``created_at_ms`` (or with
 filters that match few rows) loads the tenant's retained reservations into memory.
@@ -168,6 +175,11 @@ CLOSE_BATCH: Final = 200
 
 _T = TypeVar("_T")
 _Fields = dict[bytes, bytes]
+DEFAULT_RETENTION_MS: Final = 7 * ledger.DAY_MS
+"""How long finished reservations and events are kept (``app.DEFAULT_RETENTION_DAYS``)."""
+TRIM_BATCH: Final = 256
+"""Most listing-index entries of expired reservations one write removes."""
+_FINISHING: Final = ("commit:", "release:")
 _V: Final = b"_v"
 _D: Final = b"d"
 _BODY: Final = b"b"
@@ -291,6 +303,9 @@ class _Keys:
     def x_active(self, tenant_id: str) -> str:
         return f"{self.t(tenant_id)}:x:active"
 
+    def x_done(self, tenant_id: str) -> str:
+        return f"{self.t(tenant_id)}:x:done"
+
     def x_audit(self, tenant_id: str) -> str:
         return f"{self.t(tenant_id)}:x:audit"
 
@@ -355,8 +370,17 @@ class _Work:
     batch but encoded once).
     """
 
-    def __init__(self, keys: _Keys, tenant_id: str, snap: _Snapshot) -> None:
+    def __init__(
+        self,
+        keys: _Keys,
+        tenant_id: str,
+        snap: _Snapshot,
+        retention_ms: int | None = DEFAULT_RETENTION_MS,
+    ) -> None:
         self.k = keys
+        self.retention_ms = retention_ms
+        self.trim = False
+        """Whether the write also trims ``x:res`` entries whose reservation's retention ran out."""
         self.tenant_id = tenant_id
         self.snap = snap
         self.now = snap.now_ms
@@ -450,12 +474,21 @@ class _Work:
                 self.due.append((row.deadline_ms, rid))
         else:
             self.zops.append(_ZOp(False, active, rid))
-            self.ttl_ms[key] = ledger.RETAIN_TERMINAL_MS
+            if self.retention_ms is not None:  # kept ``retention_ms`` after it finished
+                self.ttl_ms[key] = self.retention_ms
+                done = self.k.x_done(self.tenant_id)
+                self.zops.append(_ZOp(True, done, rid, self.now + self.retention_ms))
+                self.trim = True
 
     def put_idem(self, row: IdempotencyRow) -> None:
         key = self.k.idem(self.tenant_id, row.endpoint, row.key)
         self._put(key, _D, row)
-        self.ttl_ms[key] = max(1, row.retain_until_ms - self.now)
+        ttl = max(1, row.retain_until_ms - self.now)
+        if self.retention_ms is not None and row.endpoint.startswith(_FINISHING):
+            # A commit or release replay is answered only while its reservation exists (a
+            # missing reservation is NOT_FOUND first): keep both exactly as long.
+            ttl = min(ttl, self.retention_ms)
+        self.ttl_ms[key] = ttl
 
     def apply(self, outcome: Outcome) -> None:
         """Record every row of an outcome, as ``RowStore._apply`` does."""
@@ -468,7 +501,8 @@ class _Work:
         if outcome.event is not None:
             key = self.k.event(self.tenant_id, outcome.event.event_id)
             self._put(key, _D, outcome.event)
-            self.ttl_ms[key] = ledger.RETAIN_TERMINAL_MS
+            if self.retention_ms is not None:
+                self.ttl_ms[key] = self.retention_ms
         if outcome.audit is not None:
             audit = outcome.audit
             self._put(self.k.audit(self.tenant_id, audit.audit_id), _D, audit)
@@ -528,18 +562,79 @@ class _Queue:
     task: asyncio.Task[None] | None = None
 
 
+CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that select a Redis Cluster client, and the plain scheme each stands for."""
+
+
+def is_cluster_url(url: str) -> bool:
+    """Return whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def _is_cluster_client(client: Any) -> bool:
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+def _client_from_url(url: str, max_connections: int) -> Any:
+    """Build the asyncio client for ``url``: a pooled single-node client, or a cluster client.
+
+    Defaults below; query parameters in the URL (e.g. ``?socket_timeout=5``) override them.
+
+    Raises:
+        ValueError: for a cluster URL naming a database other than 0 (clusters have only 0),
+            or any URL redis-py cannot parse.
+    """
+    scheme, sep, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower())
+    if plain is None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=10,
+            socket_connect_timeout=5,
+            socket_timeout=10,
+        )
+        return aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
+    from redis.asyncio.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException
+
+    try:
+        # Any node is enough: the client discovers the others (CLUSTER SLOTS) on first use,
+        # and routes every call by the hash slot of its keys (all keys of one call share one).
+        return RedisCluster.from_url(
+            f"{plain}{sep}{rest}",
+            max_connections=max_connections,
+            socket_connect_timeout=5,
+            socket_timeout=10,
+        )
+    except RedisClusterException as exc:
+        raise ValueError(f"{url.partition('@')[2] or url}: {exc}") from None
+
+
 class RedisStore:
     """A :class:`~runcycles_server.stores.base.Store` on Redis, shared by many processes.
 
     Args:
-        url: ``redis://[:password@]host:port/db`` (or ``rediss://``, ``unix://``).
+        url: ``redis://[:password@]host:port/db`` (or ``rediss://``, ``unix://``); for a Redis
+            Cluster ``redis+cluster://[:password@]host:port`` (or ``rediss+cluster://``), any
+            node of the cluster (``redis.asyncio.cluster.RedisCluster``).
         prefix: key prefix (``--redis-prefix``); several deployments or test runs can share one
             Redis under different prefixes. Must not contain ``{`` or ``}``.
         clock: epoch-milliseconds clock; by default the Redis server's ``TIME``, so every
             process agrees on expiry. Inject a fake one in tests.
         max_connections: size of the connection pool (requests wait for a free connection).
-        client: an existing ``redis.asyncio.Redis`` (with ``decode_responses`` off) to use
-            instead of ``url``; not closed by :meth:`close`.
+        client: an existing ``redis.asyncio.Redis`` or ``RedisCluster`` (with
+            ``decode_responses`` off) to use instead of ``url``; not closed by :meth:`close`.
+        retention_ms: how long a finished (committed, released or expired) reservation, with
+            its commit or release replay record, and an event are kept (Redis key TTLs set by
+            the write that finishes or creates them; listing-index entries are trimmed by later
+            writes). At least one day (reserve replays are kept 24 h); ``None`` keeps them
+            forever. Other idempotency records expire at their own windows (``ledger.RETAIN_*``).
+
+    Raises:
+        ValueError: for a bad ``prefix`` or a ``retention_ms`` below one day.
     """
 
     def __init__(
@@ -550,7 +645,14 @@ class RedisStore:
         clock: Clock | None = None,
         max_connections: int = 64,
         client: aioredis.Redis | None = None,
+        retention_ms: int | None = DEFAULT_RETENTION_MS,
     ) -> None:
+        if retention_ms is not None and retention_ms < ledger.DAY_MS:
+            raise ValueError(
+                f"retention_ms must be at least {ledger.DAY_MS} (one day: reserve replays are "
+                f"kept 24 h), not {retention_ms}; pass None to keep finished reservations forever"
+            )
+        self.retention_ms = retention_ms
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(
                 f"redis prefix {prefix!r} must be non-empty and contain no '{{' or '}}' "
@@ -560,16 +662,10 @@ class RedisStore:
         self._server_time = clock is None
         self.clock: Clock = clock or system_clock
         self._owns_client = client is None
+        self.cluster = is_cluster_url(url) if client is None else _is_cluster_client(client)
+        """Whether the store talks to a Redis Cluster (``redis+cluster://`` URL)."""
         if client is None:
-            # Defaults below; query parameters in the URL (e.g. ?socket_timeout=5) override them.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=10,
-                socket_connect_timeout=5,
-                socket_timeout=10,
-            )
-            client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
+            client = _client_from_url(url, max_connections)
         # redis-py's stubs type replies as unions of bytes/str/lists; replies are bytes here
         # (decode_responses is off), so the client is used untyped.
         self._redis: Any = client
@@ -707,6 +803,10 @@ class RedisStore:
                 writes.append(["Z", ix(z.key), str(z.score), z.member])
             else:
                 writes.append(["R", ix(z.key), z.member])
+        if work.trim:
+            tenant = work.tenant_id
+            done, res = ix(self._k.x_done(tenant)), ix(self._k.x_res(tenant))
+            writes.append(["T", done, res, str(work.now), str(TRIM_BATCH)])
         args: list[Any] = [len(keys), *(snap.version(k) for k in keys)]
         args += [self._token, TURN_MS, "1" if keep else "0"]
         args.append(ledger.dumps(writes).decode())
@@ -778,7 +878,7 @@ class RedisStore:
         turn = self._k.turn(tenant_id)
         attempts = 0
         while True:
-            work = _Work(self._k, tenant_id, snap)
+            work = _Work(self._k, tenant_id, snap, self.retention_ms)
             results: list[tuple[bool, Any]] = []
             missing: list[str] = []
             broken: _Op | None = None
@@ -1114,7 +1214,7 @@ class RedisStore:
         return None if raw is None else _dec(ReservationRow, raw)
 
     async def get_event(self, tenant_id: str, event_id: str) -> EventRow | None:
-        """Return a stored event (kept 30 days), or ``None``."""
+        """Return a stored event (kept ``retention_ms``), or ``None``."""
         raw = await self._redis.hget(self._k.event(tenant_id, event_id), _D)
         return None if raw is None else _dec(EventRow, raw)
 
@@ -1229,7 +1329,7 @@ class RedisStore:
 
         The default order (``created_at_ms``) walks the tenant's ``x:res`` index from the
         cursor and stops after one page; other sort keys and filters load the tenant's
-        reservations (bounded by the 30-day retention of finalized ones) and sort in memory.
+        reservations (bounded by the retention of finalized ones) and sort in memory.
         """
         column = query.sort_by if query.sort_by in _SORT_VALUE else "created_at_ms"
         fingerprint = ledger.payload_hash(

@@ -22,6 +22,9 @@
 --                 ["X", k, "ms"]                    PEXPIRE k ms
 --                 ["Z", k, "score", "member"]       ZADD
 --                 ["R", k, "member"]                ZREM
+--                 ["T", k, j, "now", "limit"]       trim: take the (at most limit) members
+--                                                   of zset k scored <= now and ZREM them
+--                                                   from k and from zset KEYS[j]
 --               Field values are strings (row JSON is carried as an opaque string: cjson
 --               never sees, let alone rounds, an amount).
 --
@@ -103,6 +106,10 @@ for i, w in ipairs(writes) do
     if tonumber(w[3]) == nil then
       return redis.error_reply('redis_cas: write ' .. i .. ' has a bad ttl')
     end
+  elseif op == 'T' then
+    if KEYS[w[3]] == nil or tonumber(w[4]) == nil or tonumber(w[5]) == nil then
+      return redis.error_reply('redis_cas: write ' .. i .. ' has a bad trim')
+    end
   elseif op ~= 'R' then
     return redis.error_reply('redis_cas: unknown opcode ' .. tostring(op))
   end
@@ -127,6 +134,12 @@ for _, w in ipairs(writes) do
     redis.call('PEXPIRE', key, w[3])
   elseif op == 'Z' then
     redis.call('ZADD', key, w[3], w[4])
+  elseif op == 'T' then
+    local gone = redis.call('ZRANGEBYSCORE', key, '-inf', w[4], 'LIMIT', 0, w[5])
+    if #gone > 0 then
+      redis.call('ZREM', KEYS[w[3]], unpack(gone))
+      redis.call('ZREM', key, unpack(gone))
+    end
   else
     redis.call('ZREM', key, w[3])
   end

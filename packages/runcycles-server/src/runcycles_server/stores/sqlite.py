@@ -61,7 +61,7 @@ from runcycles_server.ledger import (
 )
 from runcycles_server.stores.base import Clock, Page, ReservationQuery, RowStore
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 CHECKPOINT_EVERY_COMMITS: Final = 1000
 """Write transactions between two background WAL checkpoints (see :class:`SqliteStore`)."""
 AUTOCHECKPOINT_PAGES: Final = 20_000
@@ -213,6 +213,11 @@ CREATE TABLE audit_log (
     trace_id TEXT,
     details TEXT
 ) WITHOUT ROWID;
+""",
+    # 2: indexes for the retention purge (finished reservations by deadline, events by age)
+    2: """
+CREATE INDEX reservations_finished ON reservations (deadline_ms) WHERE status != 'ACTIVE';
+CREATE INDEX events_created ON events (created_at_ms);
 """,
 }
 
@@ -789,6 +794,36 @@ class SqliteStore(RowStore):
             (now_ms, limit),
         )
         return cur.rowcount
+
+    def _purge_finished(self, before_ms: int, limit: int) -> int:
+        conn = self._conn
+        finished = conn.execute(
+            "SELECT reservation_id, tenant_id, idempotency_key FROM reservations "
+            "WHERE status != 'ACTIVE' AND deadline_ms < ? LIMIT ?",
+            (before_ms, limit),
+        ).fetchall()
+        if finished:
+            # commit/release replays live on the reservation row itself (settle_* columns)
+            conn.executemany(
+                "DELETE FROM idempotency WHERE tenant_id = ? AND endpoint = ?",
+                [(tenant, f"extend:{rid}") for rid, tenant, _ in finished],
+            )
+            conn.executemany(
+                "DELETE FROM idempotency WHERE tenant_id = ? AND endpoint = 'reserve' "
+                "AND idem_key = ? AND reservation_id = ?",
+                [(tenant, key, rid) for rid, tenant, key in finished if key is not None],
+            )
+            conn.executemany(
+                "DELETE FROM reservations WHERE reservation_id = ?",
+                [(rid,) for rid, _, _ in finished],
+            )
+            self._seen_reservation = None
+        events = conn.execute(
+            "DELETE FROM events WHERE event_id IN "
+            "(SELECT event_id FROM events WHERE created_at_ms < ? LIMIT ?)",
+            (before_ms, limit),
+        ).rowcount
+        return len(finished) + events
 
     # -- listings --------------------------------------------------------------------------------
 

@@ -1,0 +1,262 @@
+"""Replay the durable journal automatically when a client starts (internal).
+
+A :class:`~runcycles.CyclesClient` or :class:`~runcycles.AsyncCyclesClient` whose config has
+the journal enabled settles, once, the records its (server, principal) partition holds from
+*before* it started: spend known by an earlier process that crashed or exited before it was
+settled. Records written after the client started belong to live settlements (the client's
+own or another's) and are left to them and to explicit ``flush()`` calls.
+
+* Sync clients hand the replay to one daemon thread per process (``runcycles-replay``), so
+  construction never blocks on the disk or the network.
+* Async clients start it on their first request, inside the running event loop: the journal
+  is looked at on the journal's I/O thread, and only when it holds records is a replay task
+  created (its file I/O also runs off the loop).
+
+Exactly-once is kept by the journal's per-record locks and the stored idempotency keys, as
+for any concurrent replay. Sibling clients made by ``with_options()`` (the heartbeat's and
+the settlement's single-attempt clients) never start a replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from runcycles.client import AsyncCyclesClient, CyclesClient
+    from runcycles.config import CyclesConfig
+    from runcycles.journal import Journal
+    from runcycles.settlement import ReplayReport
+
+logger = logging.getLogger("runcycles")
+
+REPLAY_TIMEOUT_S: Final = 30.0
+"""Bound of one automatic replay: no new attempt starts after it (records stay on disk)."""
+
+_OFF: Final = frozenset({"0", "false", "no", "off"})
+
+_building_sibling: ContextVar[bool] = ContextVar("runcycles_building_sibling", default=False)
+
+
+@contextlib.contextmanager
+def building_sibling() -> Iterator[None]:
+    """Clients constructed inside this block do not replay (``with_options`` siblings)."""
+    token = _building_sibling.set(True)
+    try:
+        yield
+    finally:
+        _building_sibling.reset(token)
+
+
+def wanted(config: CyclesConfig) -> bool:
+    """Whether a client being constructed with ``config`` should replay its journal."""
+    if _building_sibling.get() or not getattr(config, "journal_enabled", True):
+        return False
+    return os.environ.get("RUNCYCLES_JOURNAL", "").strip().lower() not in _OFF
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _journal_with_records(config: CyclesConfig) -> Journal | None:
+    """The client's journal partition if it may hold records, else ``None`` (blocking I/O)."""
+    from runcycles.settlement import default_journal
+
+    journal = default_journal(config)
+    if journal is None:
+        return None
+    try:
+        names = os.listdir(journal.directory)
+    except OSError:  # no partition yet (the usual case), or unreadable: nothing to do
+        return None
+    if any(name.endswith((".json", ".log")) for name in names):
+        import runcycles._wiring  # noqa: F401  (imported here, off the event loop)
+
+        return journal
+    return None
+
+
+def _log_report(report: ReplayReport, journal: Journal) -> None:
+    if report.settled or report.rejected:
+        logger.info(
+            "journal %s replayed at client start: settled %s, rejected %s",
+            journal.directory,
+            report.settled,
+            report.rejected,
+        )
+    if report.pending:
+        logger.warning(
+            "journal %s replayed at client start: %d settlement(s) still pending (%s); they "
+            "stay in the journal for the next replay or flush()",
+            journal.directory,
+            len(report.pending),
+            ", ".join(report.pending[:10]),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Sync: one daemon thread per process
+
+
+class _SyncReplayer:
+    def __init__(self) -> None:
+        self._queue: SimpleQueue[tuple[weakref.ref[CyclesClient], int]] = SimpleQueue()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._unfinished = 0
+
+    def submit(self, client: CyclesClient) -> None:
+        with self._lock:
+            self._unfinished += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="runcycles-replay", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((weakref.ref(client), now_ms()))
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait until every submitted replay ended; return whether they did."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._unfinished == 0, timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            ref, started_ms = self._queue.get()
+            try:
+                client = ref()
+                if client is not None:
+                    _replay_sync(client, started_ms)
+            except BaseException as exc:  # the thread serves every later client: keep it
+                logger.warning(
+                    "automatic journal replay stopped (%s: %s); the records stay in the "
+                    "journal for the next replay or flush()",
+                    type(exc).__name__,
+                    exc,
+                )
+            finally:
+                client = None
+                with self._lock:
+                    self._unfinished -= 1
+                    self._lock.notify_all()
+
+
+def _replay_sync(client: CyclesClient, started_ms: int) -> None:
+    if client.http_client.is_closed:
+        return
+    journal = _journal_with_records(client.config)
+    if journal is None:
+        return
+    from runcycles import _wiring
+
+    settlement = _wiring.settlement.settlement(client)
+    if settlement.journal is None:
+        return
+    report = settlement.flush(REPLAY_TIMEOUT_S, created_before_ms=started_ms + 1)
+    _log_report(report, settlement.journal)
+
+
+_sync = _SyncReplayer()
+
+
+def _after_fork_in_child() -> None:
+    global _sync
+    _sync = _SyncReplayer()  # the parent's thread does not exist in the child
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def start(client: CyclesClient) -> None:
+    """Replay ``client``'s journal partition in the background (called by its constructor)."""
+    _sync.submit(client)
+
+
+def wait_sync(timeout_s: float = REPLAY_TIMEOUT_S) -> bool:
+    """Wait for every automatic replay of sync clients started so far (for tests)."""
+    return _sync.wait(timeout_s)
+
+
+# --------------------------------------------------------------------------------------------
+# Async: probe off the loop, then one task per client if there is anything to replay
+
+_tasks: set[asyncio.Future[Any]] = set()
+
+
+def astart(client: AsyncCyclesClient, started_ms: int) -> None:
+    """Start replaying ``client``'s journal partition (called on its first request)."""
+    import asyncio
+
+    from runcycles.journal import _journal_executor
+
+    loop = asyncio.get_running_loop()
+    probe = loop.run_in_executor(_journal_executor(), _journal_with_records, client.config)
+    _tasks.add(probe)
+    ref = weakref.ref(client)
+
+    def probed(future: asyncio.Future[Journal | None]) -> None:
+        _tasks.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            logger.warning("could not look at the journal for an automatic replay: %s", error)
+            return
+        target = ref()
+        if future.result() is None or target is None or target.http_client.is_closed:
+            return
+        task = loop.create_task(_areplay(target, started_ms), name="runcycles-replay")
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+
+    probe.add_done_callback(probed)
+
+
+async def _areplay(client: AsyncCyclesClient, started_ms: int) -> None:
+    try:
+        from runcycles import _wiring
+
+        settlement = _wiring.settlement.asettlement(client)
+        if settlement.journal is None:
+            return
+        report = await settlement.flush(REPLAY_TIMEOUT_S, created_before_ms=started_ms + 1)
+        _log_report(report, settlement.journal)
+    except Exception as exc:
+        logger.warning(
+            "automatic journal replay stopped (%s: %s); the records stay in the journal for "
+            "the next replay or flush()",
+            type(exc).__name__,
+            exc,
+        )
+
+
+async def wait_async(timeout_s: float = REPLAY_TIMEOUT_S) -> bool:
+    """Wait for the automatic replays of async clients on this loop (for tests).
+
+    Returns whether they all ended.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        mine = {future for future in _tasks if future.get_loop() is loop}
+        left_s = deadline - time.monotonic()
+        if not mine:
+            return True
+        if left_s <= 0:
+            return False
+        await asyncio.wait(mine, timeout=left_s)
+        await asyncio.sleep(0)  # let done-callbacks (a probe starting its task) run

@@ -1,0 +1,53 @@
+"""``import runcycles`` is lazy: the HTTP stack loads only when a name that needs it is used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import runcycles
+
+
+def _modules_after(code: str) -> set[str]:
+    """Run ``code`` in a fresh interpreter; return the top-level modules it ended up importing."""
+    listing = "print(' '.join(sorted({n.split('.')[0] for n in sys.modules})))"
+    script = f"{code}\nimport sys\n{listing}"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    return set(result.stdout.split())
+
+
+def test_every_public_name_has_a_lazy_source_and_resolves() -> None:
+    assert set(runcycles._LAZY) == set(runcycles.__all__)
+    for name in runcycles.__all__:
+        module = __import__(runcycles._LAZY[name], fromlist=[name])
+        assert getattr(runcycles, name) is getattr(module, name), name
+
+
+def test_import_runcycles_alone_loads_neither_httpx_nor_pydantic() -> None:
+    loaded = _modules_after("import runcycles")
+    assert "runcycles" in loaded
+    assert not {"httpx", "pydantic"} & loaded
+
+
+def test_models_import_does_not_load_the_http_client() -> None:
+    loaded = _modules_after("from runcycles.models import Subject, ErrorResponse")
+    assert "pydantic" in loaded
+    assert "httpx" not in loaded
+
+
+def test_from_import_of_the_client_loads_it() -> None:
+    loaded = _modules_after("from runcycles import CyclesClient")
+    assert "httpx" in loaded
+
+
+def test_unknown_attribute_raises_attribute_error_naming_it() -> None:
+    with pytest.raises(AttributeError, match="NoSuchThing"):
+        runcycles.NoSuchThing  # noqa: B018
+
+
+def test_dir_lists_the_public_names() -> None:
+    assert set(runcycles.__all__) <= set(dir(runcycles))
