@@ -109,9 +109,15 @@ class HeartbeatSeam:
         context: CyclesContext,
         rtt_s: float,
     ) -> HeartbeatHandle | NoHeartbeat:
+        # A weak reference: a stopped handle waits in the scheduler's heap until it is
+        # compacted away, and must not keep the reservation's context (and its response
+        # models) alive that long; it would only add garbage-collector work per call.
+        context_ref = weakref.ref(context)
+
         def follow(event: HeartbeatEvent) -> None:
-            if event.expires_at_ms is not None:
-                context.expires_at_ms = event.expires_at_ms
+            live = context_ref()
+            if event.expires_at_ms is not None and live is not None:
+                live.expires_at_ms = event.expires_at_ms
 
         try:
             return scheduler.track(

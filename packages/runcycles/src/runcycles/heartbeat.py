@@ -1169,7 +1169,8 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
 
         A timer that fires for a beat that was stopped meanwhile costs one idle step.
         """
-        assert self._wake is not None and self._task is not None
+        assert self._wake is not None
+        assert self._task is not None
         if delay_s <= 0:
             self._wake.set()
             return

@@ -274,7 +274,7 @@ class _Send(NamedTuple):
 class _Engine:
     """State of one settlement drive, shared by the sync and async loops (pure, no I/O)."""
 
-    __slots__ = ("attempts", "deadline_s", "last", "policy", "record", "wall_s")
+    __slots__ = ("attempts", "commit", "deadline_s", "last", "policy", "record", "wall_s")
 
     def __init__(
         self,
@@ -282,6 +282,7 @@ class _Engine:
         policy: RetryPolicy,
         wall_s: Callable[[], float],
         deadline_s: float | None,
+        commit: CommitRequest | None = None,
     ) -> None:
         self.record = record
         self.policy = policy
@@ -289,6 +290,9 @@ class _Engine:
         self.deadline_s = deadline_s
         self.attempts = 0
         self.last: _Verdict | None = None
+        # The commit body (the record's commit fields never change, so it is built once;
+        # the caller's own request when the record was just made from it).
+        self.commit = commit
 
     def before_send(self) -> _Send:
         """Decide whether the first/next attempt may go now (honours ``not_before_ms``)."""
@@ -333,7 +337,9 @@ class _Engine:
         self.attempts += 1
         self.record.attempts += 1
         if self.record.mode == "commit":
-            return self.record.commit_request()
+            if self.commit is None:
+                self.commit = self.record.commit_request()
+            return self.commit
         return self.record.event_request()
 
     def result(
@@ -398,6 +404,7 @@ def _record_for(
     subject: Subject | None,
     action: Action | None,
     overage_policy: CommitOveragePolicy | None,
+    journal: Journal | None = None,
 ) -> JournalRecord:
     if not isinstance(request, CommitRequest):
         raise TypeError(
@@ -405,7 +412,12 @@ def _record_for(
             "CommitRequest(idempotency_key=..., actual=Amount(...))"
         )
     return JournalRecord.for_commit(
-        reservation_id, request, subject=subject, action=action, overage_policy=overage_policy
+        reservation_id,
+        request,
+        subject=subject,
+        action=action,
+        overage_policy=overage_policy,
+        server=getattr(journal, "server", None),  # set now: no re-validated assignment later
     )
 
 
@@ -494,7 +506,7 @@ class Settlement:
         Raises:
             TypeError: ``request`` is not a :class:`~runcycles.models.CommitRequest`.
         """
-        record = _record_for(reservation_id, request, subject, action, overage_policy)
+        record = _record_for(reservation_id, request, subject, action, overage_policy, self.journal)
         journal_error = None
         journaled = False
         locks: list[RecordLock | None] = []
@@ -502,7 +514,8 @@ class Settlement:
         if self.journal is not None and self.journal_first:
             journaled, journal_error = self._journal_now(record, locks, intents)
         try:
-            return self._drive(record, journaled, journal_error, None, locks, intents)
+            first = request if type(request) is CommitRequest else None  # sent as built
+            return self._drive(record, journaled, journal_error, None, locks, intents, first)
         finally:
             for entry in intents:
                 _close_intent(self.journal, entry, locks)
@@ -607,8 +620,9 @@ class Settlement:
         deadline_s: float | None,
         locks: list[RecordLock | None] | None = None,
         intents: list[IntentEntry] | None = None,
+        commit: CommitRequest | None = None,
     ) -> SettlementResult:
-        engine = _Engine(record, self.retry_policy, self._wall, deadline_s)
+        engine = _Engine(record, self.retry_policy, self._wall, deadline_s, commit)
         entry = intents[0] if intents else None
         step = engine.before_send()
         while step.stop is None:
@@ -735,7 +749,7 @@ class AsyncSettlement:
         overage_policy: CommitOveragePolicy | None = None,
     ) -> SettlementResult:
         """Settle ``request`` for a reservation; see :meth:`Settlement.commit`."""
-        record = _record_for(reservation_id, request, subject, action, overage_policy)
+        record = _record_for(reservation_id, request, subject, action, overage_policy, self.journal)
         journal_error = None
         journaled = False
         locks: list[RecordLock | None] = []
@@ -743,7 +757,8 @@ class AsyncSettlement:
         if self.journal is not None and self.journal_first:
             journaled, journal_error = await self._journal_now(record, locks, intents)
         try:
-            return await self._drive(record, journaled, journal_error, None, locks, intents)
+            first = request if type(request) is CommitRequest else None  # sent as built
+            return await self._drive(record, journaled, journal_error, None, locks, intents, first)
         finally:
             for entry in intents:
                 _close_intent(self.journal, entry, locks)
@@ -844,8 +859,9 @@ class AsyncSettlement:
         deadline_s: float | None,
         locks: list[RecordLock | None] | None = None,
         intents: list[IntentEntry] | None = None,
+        commit: CommitRequest | None = None,
     ) -> SettlementResult:
-        engine = _Engine(record, self.retry_policy, self._wall, deadline_s)
+        engine = _Engine(record, self.retry_policy, self._wall, deadline_s, commit)
         entry = intents[0] if intents else None
         step = engine.before_send()
         while step.stop is None:
