@@ -432,7 +432,7 @@ class _Policy:
             # request once and copy it (no re-validation) with a fresh key per call.
             cached = self.request_cache
             if cached is not None and cached[0] is config and cached[1] == tenant:
-                return cached[2].model_copy(update={"idempotency_key": new_idempotency_key()})
+                return _with_key(cached[2], new_idempotency_key())
         if estimate is None:
             assert self.estimate_fn is not None
             estimate = to_amount(self.estimate_fn(*args, **kwargs), self.unit, "estimate")
@@ -486,6 +486,28 @@ class _Policy:
         elif metrics.latency_ms is None:
             metrics = metrics.model_copy(update={"latency_ms": latency_ms})
         return actual, metrics, metadata
+
+
+def _with_key(template: ReservationCreateRequest, key: str) -> ReservationCreateRequest:
+    """Return a copy of the validated ``template`` with another (fresh, valid) key.
+
+    What ``template.model_copy(update={"idempotency_key": key})`` returns, for less than
+    half its cost: the template's fields are copied as they are, nothing is re-validated.
+    """
+    cls = type(template)
+    copy = cls.__new__(cls)
+    fields = template.__dict__.copy()
+    fields["idempotency_key"] = key
+    object.__setattr__(copy, "__dict__", fields)
+    object.__setattr__(
+        copy, "__pydantic_fields_set__", template.__pydantic_fields_set__ | _KEY_FIELD
+    )
+    object.__setattr__(copy, "__pydantic_extra__", template.__pydantic_extra__)
+    object.__setattr__(copy, "__pydantic_private__", template.__pydantic_private__)
+    return copy
+
+
+_KEY_FIELD: Final = frozenset({"idempotency_key"})
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ cannot be reached (``is_success`` tells which). Three ways to consume one:
   exception raised (see :mod:`runcycles.exceptions`);
 * ``response.raise_for_error()``: raise on any failure, otherwise return the response.
 
-The body is decoded eagerly (it decides ``is_success``) but validated against its model only
-when ``data`` is first read, and then cached.
+A 2xx body is validated against its model straight from the received bytes; the dict view
+(``body``) is then decoded from those bytes only when it is first read. Any other body is
+decoded eagerly (it decides ``is_success``) and validated only when ``data`` is first read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
 from runcycles.exceptions import (
     CyclesError,
@@ -41,6 +43,8 @@ TRANSPORT_ERROR_STATUS: Final = -1
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _UNSET: Final[Any] = object()
+_LAZY: Final[Any] = object()
+"""``_body`` of a response whose bytes are known to hold a JSON object not decoded yet."""
 
 
 class CyclesResponse(Generic[ModelT]):
@@ -58,8 +62,8 @@ class CyclesResponse(Generic[ModelT]):
     """
 
     __slots__ = (
+        "_body",
         "_data",
-        "body",
         "content",
         "error_message",
         "exception",
@@ -84,12 +88,44 @@ class CyclesResponse(Generic[ModelT]):
         self.status = status
         self.model = model
         self.headers = httpx.Headers() if headers is None else headers
-        self.body = body
+        self._body: Any = body
         self.content = content
         self.error_message = error_message
         self.exception = exception
         self.request = request
         self._data: Any = _UNSET
+
+    @classmethod
+    def _validated(
+        cls,
+        *,
+        status: int,
+        model: type[ModelT],
+        headers: httpx.Headers,
+        content: bytes,
+        data: ModelT,
+        request: httpx.Request | None,
+    ) -> CyclesResponse[ModelT]:
+        """Build the response of a 2xx whose ``content`` already validated as ``data``."""
+        response = cls(
+            status=status, model=model, headers=headers, content=content, request=request
+        )
+        response._body = _LAZY
+        response._data = data
+        return response
+
+    @property
+    def body(self) -> dict[str, Any] | None:
+        """The decoded JSON object, or ``None`` if there was no JSON object."""
+        body = self._body
+        if body is _LAZY:
+            body = self._body = from_json(self.content)
+        result: dict[str, Any] | None = body
+        return result
+
+    @body.setter
+    def body(self, value: dict[str, Any] | None) -> None:
+        self._body = value
 
     def __repr__(self) -> str:
         outcome = "ok" if self.is_success else repr(self.error_message)
@@ -110,7 +146,7 @@ class CyclesResponse(Generic[ModelT]):
     @property
     def is_success(self) -> bool:
         """Whether the server answered 2xx with a JSON object (see :attr:`data` for schema)."""
-        return 200 <= self.status < 300 and self.body is not None
+        return 200 <= self.status < 300 and self._body is not None
 
     @property
     def is_transport_error(self) -> bool:
@@ -133,7 +169,7 @@ class CyclesResponse(Generic[ModelT]):
 
         Resend with the same idempotency key to learn the outcome.
         """
-        return 200 <= self.status < 300 and self.body is None
+        return 200 <= self.status < 300 and self._body is None
 
     # ---------------------------------------------------------------------------- headers
 

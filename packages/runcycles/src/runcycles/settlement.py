@@ -226,7 +226,7 @@ class _Verdict(NamedTuple):
 def _classify(response: CyclesResponse[Any], mode: SettlementMode) -> _Verdict:
     status = response.status
     expected = 200 if mode == "commit" else 201
-    if 200 <= status < 300 and response.body is not None:
+    if response.is_success:
         if status == expected:
             try:
                 return _Verdict("success", response.data, None, None)
@@ -335,12 +335,14 @@ class _Engine:
 
     def request(self) -> CommitRequest | EventCreateRequest:
         self.attempts += 1
-        self.record.attempts += 1
-        if self.record.mode == "commit":
+        record = self.record
+        # A count that only grows from a valid one: skip the validated assignment.
+        record.__dict__["attempts"] = record.attempts + 1
+        if record.mode == "commit":
             if self.commit is None:
-                self.commit = self.record.commit_request()
+                self.commit = record.commit_request()
             return self.commit
-        return self.record.event_request()
+        return record.event_request()
 
     def result(
         self, outcome: SettlementOutcome, journaled: bool, journal_error: str | None
