@@ -254,3 +254,168 @@ async def test_reservation_list_queries(filters: dict[str, Any]) -> None:
     _, client = _clients()
     async with client:
         assert (await client.list_reservations(**filters)).is_success
+
+
+# --------------------------------------------------------------------------------------------
+# @cycles reservations: the body is encoded once and reused with a fresh key per call
+
+_CYCLES_CONFIGS: list[dict[str, Any]] = [
+    {"estimate": 100},
+    {"estimate": models.Amount(unit=models.Unit.TOKENS, amount=2**63 - 1), "ttl_ms": None},
+    {
+        "estimate": 7,
+        "unit": "CREDITS",
+        "action_kind": "tool.call",
+        "action_name": 'naïve "quoted" \\ name\u2028',
+        "action_tags": ["a", "é", ""],
+        "ttl_ms": 1_000,
+        "grace_period_ms": 0,
+        "overage_policy": "REJECT",
+        "workspace": "ws",
+        "app": "app",
+        "workflow": "wf",
+        "agent": "agent-1",
+        "toolset": "tools",
+        "dimensions": {"region": "eu", "emoji": "\U0001f600"},
+        "metadata": {"n": 1, "f": 1.5, "nested": {"list": [1, None, True]}, "s": "\x00"},
+    },
+]
+
+
+def _recording_client(
+    sent: list[httpx.Request], *, asynchronous: bool
+) -> CyclesClient | AsyncCyclesClient:
+    counter = iter(range(1, 1_000))
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        _check_request(request)  # the spec's schema and the key header
+        sent.append(request)
+        if request.url.path.endswith("/commit"):
+            return httpx.Response(
+                200, json=OK_BODIES[("POST", "/v1/reservations/{reservation_id}/commit")]
+            )
+        body = {"decision": "ALLOW", "reservation_id": f"r{next(counter)}", "affected_scopes": []}
+        return httpx.Response(200, json=body)
+
+    async def ahandle(request: httpx.Request) -> httpx.Response:
+        return handle(request)
+
+    config = CyclesConfig(
+        base_url=BASE, api_key="k", tenant="acme", retry_enabled=False, journal_enabled=False
+    )
+    if asynchronous:
+        transport = httpx.MockTransport(ahandle)
+        return AsyncCyclesClient(
+            config, http_client=httpx.AsyncClient(base_url=BASE, transport=transport)
+        )
+    return CyclesClient(
+        config, http_client=httpx.Client(base_url=BASE, transport=httpx.MockTransport(handle))
+    )
+
+
+def _reserve_bodies(sent: list[httpx.Request]) -> list[bytes]:
+    return [r.content for r in sent if r.url.path == "/v1/reservations"]
+
+
+def _without_key(content: bytes) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(content)
+    body.pop("idempotency_key")
+    return body
+
+
+def _check_encoded_bodies(bodies: list[bytes], encoded_calls: int) -> None:
+    # Call 1 built and serialized the request model; the later calls sent the pre-encoded
+    # body. Each is byte for byte the model's serialization and differs only in its key.
+    assert len(bodies) == 3
+    assert encoded_calls == 2
+    keys = set()
+    for content in bodies:
+        model = models.ReservationCreateRequest.model_validate_json(content)
+        assert model.__pydantic_serializer__.to_json(model, exclude_none=True) == content
+        assert _without_key(content) == _without_key(bodies[0])
+        keys.add(model.idempotency_key)
+    assert len(keys) == 3
+
+
+@pytest.mark.parametrize("options", _CYCLES_CONFIGS)
+def test_cycles_preencoded_reserve_body_sync(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runcycles import cycles
+
+    calls: list[bytes] = []
+    real = CyclesClient._create_encoded
+
+    def spy(self: CyclesClient, content: bytes, idempotency_key: str) -> Any:
+        calls.append(content)
+        return real(self, content, idempotency_key)
+
+    monkeypatch.setattr(CyclesClient, "_create_encoded", spy)
+    sent: list[httpx.Request] = []
+    client = _recording_client(sent, asynchronous=False)
+    assert isinstance(client, CyclesClient)
+
+    def work() -> str:
+        return "done"
+
+    work = cycles(client=client, **options)(work)
+
+    with client:
+        assert [work(), work(), work()] == ["done"] * 3
+    _check_encoded_bodies(_reserve_bodies(sent), len(calls))
+    assert calls == _reserve_bodies(sent)[1:]
+
+
+@pytest.mark.parametrize("options", _CYCLES_CONFIGS)
+async def test_cycles_preencoded_reserve_body_async(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runcycles import cycles
+
+    calls: list[bytes] = []
+    real = AsyncCyclesClient._create_encoded
+
+    async def spy(self: AsyncCyclesClient, content: bytes, idempotency_key: str) -> Any:
+        calls.append(content)
+        return await real(self, content, idempotency_key)
+
+    monkeypatch.setattr(AsyncCyclesClient, "_create_encoded", spy)
+    sent: list[httpx.Request] = []
+    client = _recording_client(sent, asynchronous=True)
+    assert isinstance(client, AsyncCyclesClient)
+
+    async def work() -> str:
+        return "done"
+
+    work = cycles(client=client, **options)(work)
+
+    async with client:
+        assert [await work(), await work(), await work()] == ["done"] * 3
+    _check_encoded_bodies(_reserve_bodies(sent), len(calls))
+    assert calls == _reserve_bodies(sent)[1:]
+
+
+def test_cycles_subclass_overriding_create_reservation_is_used() -> None:
+    from runcycles import cycles
+
+    seen: list[str] = []
+
+    class Spying(CyclesClient):
+        def create_reservation(self, request: Any, **kwargs: Any) -> Any:
+            seen.append(request.idempotency_key)
+            return super().create_reservation(request, **kwargs)
+
+    sent: list[httpx.Request] = []
+    base = _recording_client(sent, asynchronous=False)
+    assert isinstance(base, CyclesClient)
+    client = Spying(base.config, http_client=base._http)
+
+    @cycles(client=client, estimate=5)
+    def work() -> int:
+        return 1
+
+    with client:
+        work()
+        work()
+    assert seen == [json.loads(body)["idempotency_key"] for body in _reserve_bodies(sent)]
+    assert len(seen) == 2

@@ -370,3 +370,77 @@ def test_full_segment_rotates_and_is_deleted_when_resolved(tmp_path, monkeypatch
         journal.resolve_intent(entry)
     assert len(_intent_logs(journal)) == 1  # only the current one is left
     assert all(journal.read(f"r{i}") is None for i in range(40))
+
+
+@pytest.mark.parametrize(
+    ("subject", "action", "overage_policy", "server", "metrics", "metadata"),
+    [
+        (None, None, None, None, None, None),
+        (
+            Subject(tenant="t", agent="a", dimensions={"k": "v"}),
+            Action(kind="llm", name="x", tags=["a"]),
+            "REJECT",
+            "https://cycles.example",
+            {"latency_ms": 3, "tokens_input": 1},
+            {"m": [1, {"n": None}]},
+        ),
+    ],
+)
+def test_for_commit_builds_what_validation_builds(
+    subject: Subject | None,
+    action: Action | None,
+    overage_policy: str | None,
+    server: str | None,
+    metrics: dict[str, int] | None,
+    metadata: dict[str, object] | None,
+) -> None:
+    from runcycles.models import CommitOveragePolicy, StandardMetrics
+
+    request = CommitRequest(
+        idempotency_key="key-1",
+        actual=Amount(unit=Unit.TOKENS, amount=42),
+        metrics=StandardMetrics.model_validate(metrics) if metrics is not None else None,
+        metadata=metadata,
+    )
+    policy = CommitOveragePolicy(overage_policy) if overage_policy else None
+    built = JournalRecord.for_commit(
+        "res-1", request, subject=subject, action=action, overage_policy=policy, server=server
+    )
+    validated = JournalRecord(
+        reservation_id="res-1",
+        idempotency_key="key-1",
+        actual=request.actual,
+        metrics=request.metrics,
+        metadata=request.metadata,
+        subject=subject,
+        action=action,
+        overage_policy=policy,
+        server=server,
+        created_at_ms=built.created_at_ms,
+        updated_at_ms=built.updated_at_ms,
+    )
+    assert built.created_at_ms == built.updated_at_ms > 0
+    assert built == validated
+    assert built.to_json() == validated.to_json()
+    assert built.model_fields_set == validated.model_fields_set - {
+        "created_at_ms",
+        "updated_at_ms",
+    }
+    built.mode = "event"  # still validated on assignment, like any record
+    with pytest.raises(ValueError, match="attempts"):
+        built.attempts = -1
+
+
+def test_for_commit_validates_what_it_cannot_trust() -> None:
+    request = CommitRequest(idempotency_key="k", actual=Amount(unit=Unit.TOKENS, amount=1))
+    with pytest.raises(ValueError, match="reservation_id"):
+        JournalRecord.for_commit("x" * 129, request, subject=None, action=None)
+    with pytest.raises(ValueError, match="reservation_id"):
+        JournalRecord.for_commit("", request, subject=None, action=None)
+    with pytest.raises(ValueError, match="subject"):
+        JournalRecord.for_commit(
+            "r",
+            request,
+            subject={"tenant": 5},  # type: ignore[arg-type]
+            action=None,
+        )

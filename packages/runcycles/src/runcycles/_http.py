@@ -189,6 +189,13 @@ class ClientCore:
             headers.update(extra_headers)
         return content, headers
 
+    def encoded_headers(self, idempotency_key: str) -> dict[str, str]:
+        """Return the headers of a body the library serialized itself (no extra headers)."""
+        headers = dict(self.post_headers)
+        if _header_safe(idempotency_key):
+            headers["X-Idempotency-Key"] = idempotency_key
+        return headers
+
     def headers_for_get(self, extra_headers: Mapping[str, str] | None) -> dict[str, str]:
         """Return the headers of a GET request."""
         if extra_headers:

@@ -231,6 +231,14 @@ class CyclesClient:
         url = self._core.reservations_url
         return self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
 
+    def _create_encoded(
+        self, content: bytes, idempotency_key: str
+    ) -> CyclesResponse[ReservationCreateResponse]:
+        """``create_reservation`` of a request the library already serialized (``@cycles``)."""
+        hdrs = self._core.encoded_headers(idempotency_key)
+        url = self._core.reservations_url
+        return self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
+
     def commit_reservation(
         self,
         reservation_id: str,
@@ -611,6 +619,14 @@ class AsyncCyclesClient:
             The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
         """
         content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
+        url = self._core.reservations_url
+        return await self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
+
+    async def _create_encoded(
+        self, content: bytes, idempotency_key: str
+    ) -> CyclesResponse[ReservationCreateResponse]:
+        """``create_reservation`` of a request the library already serialized (``@cycles``)."""
+        hdrs = self._core.encoded_headers(idempotency_key)
         url = self._core.reservations_url
         return await self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
 

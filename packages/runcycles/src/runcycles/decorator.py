@@ -385,7 +385,9 @@ class _Policy:
         else:
             self.dimensions = dimensions
         self.subject_cache: tuple[CyclesConfig, Subject] | None = None
-        self.request_cache: tuple[CyclesConfig, str | None, ReservationCreateRequest] | None = None
+        self.request_cache: (
+            tuple[CyclesConfig, str | None, ReservationCreateRequest, bytes] | None
+        ) = None
         self._check()
 
     def _check(self) -> None:
@@ -424,15 +426,22 @@ class _Policy:
 
     def request(
         self, config: CyclesConfig, args: Any, kwargs: Any, tenant: str | None = None
-    ) -> ReservationCreateRequest:
+    ) -> tuple[ReservationCreateRequest, bytes | None]:
+        """Return the call's reservation request and, when it is the fixed one, its body.
+
+        The body (``None`` when the request depends on the call's arguments) is exactly
+        what the client would serialize from the request, made without pydantic.
+        """
         estimate = self.estimate
         static = estimate is not None and not self.subject_fns and self.dimensions_fn is None
         if static:
-            # Everything but the idempotency key is fixed per (config, tenant): validate the
-            # request once and copy it (no re-validation) with a fresh key per call.
+            # Everything but the idempotency key is fixed per (config, tenant): validate and
+            # serialize the request once; per call, copy it (no re-validation) with a fresh
+            # key and splice that key into the serialized body.
             cached = self.request_cache
             if cached is not None and cached[0] is config and cached[1] == tenant:
-                return _with_key(cached[2], new_idempotency_key())
+                key = new_idempotency_key()
+                return _with_key(cached[2], key), _body_with_key(key, cached[3])
         if estimate is None:
             assert self.estimate_fn is not None
             estimate = to_amount(self.estimate_fn(*args, **kwargs), self.unit, "estimate")
@@ -447,8 +456,8 @@ class _Policy:
             metadata=self.metadata,
         )
         if static:
-            self.request_cache = (config, tenant, request)
-        return request
+            self.request_cache = (config, tenant, request, _body_after_key(request))
+        return request, None
 
     def settlement(
         self, result: Any, context: CyclesContext, elapsed_s: float
@@ -508,6 +517,28 @@ def _with_key(template: ReservationCreateRequest, key: str) -> ReservationCreate
 
 
 _KEY_FIELD: Final = frozenset({"idempotency_key"})
+_KEY_PREFIX: Final = b'{"idempotency_key":"'
+
+
+def _body_after_key(template: ReservationCreateRequest) -> bytes:
+    """Serialize ``template`` as the client does, minus its leading idempotency key.
+
+    ``idempotency_key`` is the model's first field, so the client's JSON is
+    ``{"idempotency_key":"<key>"`` followed by what this returns (``,"subject":...}``).
+    """
+    rest = template.__pydantic_serializer__.to_json(
+        template, exclude_none=True, exclude={"idempotency_key"}
+    )
+    return b"," + rest[1:]
+
+
+def _body_with_key(key: str, after_key: bytes) -> bytes:
+    """Return the JSON body of the cached request with ``key``.
+
+    ``key`` comes from :func:`new_idempotency_key` (hex digits and dashes): nothing in it
+    needs JSON escaping.
+    """
+    return _KEY_PREFIX + key.encode("ascii") + b'"' + after_key
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,12 +747,15 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
             client = _defaults.sync()
         assert isinstance(client, CyclesClient)
         try:
-            request = policy.request(client.config, args, kwargs)
+            request, body = policy.request(client.config, args, kwargs)
         except SubjectRequiredError:  # no subject configured: use the API key's tenant
-            request = policy.request(client.config, args, kwargs, discover_tenant(client))
+            request, body = policy.request(client.config, args, kwargs, discover_tenant(client))
         if policy.dry_run:
             return dry_run_result(client.create_reservation(request))
-        with ReservationGuard(client, request, heartbeat=policy.heartbeat) as guard:
+        guard = ReservationGuard(client, request, heartbeat=policy.heartbeat)
+        if body is not None and type(client).create_reservation is _SYNC_CREATE:
+            guard._body = body  # unless a subclass overrides create_reservation
+        with guard:
             started = time.perf_counter()
             result = fn(*args, **kwargs)
             try:
@@ -758,13 +792,16 @@ def _async_wrapper(
             client = _defaults.async_()
         assert isinstance(client, AsyncCyclesClient)
         try:
-            request = policy.request(client.config, args, kwargs)
+            request, body = policy.request(client.config, args, kwargs)
         except SubjectRequiredError:  # no subject configured: use the API key's tenant
             tenant = await adiscover_tenant(client)
-            request = policy.request(client.config, args, kwargs, tenant)
+            request, body = policy.request(client.config, args, kwargs, tenant)
         if policy.dry_run:
             return dry_run_result(await client.create_reservation(request))
-        async with AsyncReservationGuard(client, request, heartbeat=policy.heartbeat) as guard:
+        guard = AsyncReservationGuard(client, request, heartbeat=policy.heartbeat)
+        if body is not None and type(client).create_reservation is _ASYNC_CREATE:
+            guard._body = body  # unless a subclass overrides create_reservation
+        async with guard:
             started = time.perf_counter()
             result = await fn(*args, **kwargs)
             try:
@@ -789,6 +826,10 @@ def _async_wrapper(
         return result
 
     return guarded
+
+
+_SYNC_CREATE: Final = CyclesClient.create_reservation
+_ASYNC_CREATE: Final = AsyncCyclesClient.create_reservation
 
 
 def _log_commit_failure(context: CyclesContext, exc: CyclesError) -> None:

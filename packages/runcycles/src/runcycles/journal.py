@@ -241,6 +241,46 @@ class JournalRecord(BaseModel):
         server: str | None = None,
     ) -> JournalRecord:
         """Build the record of a commit about to be sent."""
+        given: tuple[object, ...] = (reservation_id, subject, action, overage_policy, server)
+        rid, subj, act, overage, url = given  # checked at run time, whatever the types say
+        if (
+            cls is JournalRecord
+            and type(request) is CommitRequest
+            and type(rid) is str
+            and 0 < len(rid) <= 128
+            and (subj is None or isinstance(subj, Subject))
+            and (act is None or isinstance(act, Action))
+            and (overage is None or isinstance(overage, CommitOveragePolicy))
+            and (url is None or type(url) is str)
+        ):
+            # Every value is one validation would keep as it is (the request and the
+            # reservation's models are validated already): assemble the record directly,
+            # as ``cls(...)`` with these arguments would build it.
+            now = _now_ms()
+            record = cls.__new__(cls)
+            fields = {
+                "schema_version": JOURNAL_SCHEMA_VERSION,
+                "reservation_id": reservation_id,
+                "mode": "commit",
+                "idempotency_key": request.idempotency_key,
+                "actual": request.actual,
+                "metrics": request.metrics,
+                "metadata": request.metadata,
+                "subject": subject,
+                "action": action,
+                "overage_policy": overage_policy,
+                "server": server,
+                "attempts": 0,
+                "not_before_ms": 0,
+                "created_at_ms": now,
+                "updated_at_ms": now,
+                "last_error": None,
+            }
+            object.__setattr__(record, "__dict__", fields)
+            object.__setattr__(record, "__pydantic_fields_set__", set(_FOR_COMMIT_FIELDS))
+            object.__setattr__(record, "__pydantic_extra__", None)
+            object.__setattr__(record, "__pydantic_private__", None)
+            return record
         return cls(
             reservation_id=reservation_id,
             idempotency_key=request.idempotency_key,
@@ -289,6 +329,21 @@ class JournalRecord(BaseModel):
         """Serialize for disk (stable key order)."""
         data = self.model_dump(mode="json", exclude_none=True)
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+_FOR_COMMIT_FIELDS: Final = frozenset(
+    {
+        "reservation_id",
+        "idempotency_key",
+        "actual",
+        "metrics",
+        "metadata",
+        "subject",
+        "action",
+        "overage_policy",
+        "server",
+    }
+)
 
 
 @dataclass(frozen=True)

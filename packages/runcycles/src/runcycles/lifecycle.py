@@ -776,6 +776,7 @@ class _GuardState:
     """State and pure logic shared by the sync and async guards (no I/O)."""
 
     __slots__ = (
+        "_body",
         "_claim",
         "_context",
         "_heartbeat",
@@ -795,6 +796,8 @@ class _GuardState:
         tenant: str | None,
     ) -> None:
         self._options = options
+        # The request's JSON when the caller (``@cycles``) already has it, else ``None``.
+        self._body: bytes | None = None
         try:
             self._request = request_from_options(config, request, options, tenant=tenant)
             self._pending = False
@@ -889,6 +892,7 @@ class _GuardState:
         # keep the stand-in's idempotency key (it may have been given as an option)
         self._request = built.model_copy(update={"idempotency_key": self._request.idempotency_key})
         self._pending = False
+        self._body = None  # it was the stand-in's
 
     def _granted(
         self, response: CyclesResponse[ReservationCreateResponse]
@@ -993,7 +997,11 @@ class ReservationGuard(_GuardState):
         if self._pending:
             self._complete(self._client.config, discover_tenant(self._client))
         started = time.perf_counter()
-        response = self._client.create_reservation(self._request)
+        body = self._body
+        if body is None:
+            response = self._client.create_reservation(self._request)
+        else:
+            response = self._client._create_encoded(body, self._request.idempotency_key)
         rtt_s = time.perf_counter() - started
         data, context = self._granted(response)
         if self._use_heartbeat:
@@ -1127,7 +1135,11 @@ class AsyncReservationGuard(_GuardState):
         if self._pending:
             self._complete(self._client.config, await adiscover_tenant(self._client))
         started = time.perf_counter()
-        response = await self._client.create_reservation(self._request)
+        body = self._body
+        if body is None:
+            response = await self._client.create_reservation(self._request)
+        else:
+            response = await self._client._create_encoded(body, self._request.idempotency_key)
         rtt_s = time.perf_counter() - started
         data, context = self._granted(response)
         if self._use_heartbeat:
