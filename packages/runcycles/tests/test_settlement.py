@@ -376,6 +376,32 @@ async def test_async_journal_io_stays_off_the_event_loop(ledger, tmp_path, monke
     assert len(writer_threads) == 1  # one shared worker, not a thread per write
 
 
+async def test_async_intent_log_file_io_stays_off_the_event_loop(ledger, tmp_path, monkeypatch):
+    # without fsync an append to the open intent log is a memory copy and runs on the loop,
+    # but opening the partition and its log file (the first append, or a full log) is file
+    # I/O and runs on the journal's worker thread
+    journal = Journal.for_config(CONFIG, tmp_path)
+    assert not journal.fsync
+    loop_thread = threading.get_ident()
+    appends: list[tuple[int, bool]] = []  # (thread, the log was open with room before)
+    real_log_intent = Journal.log_intent
+
+    def spy_intent(self, record):
+        appends.append((threading.get_ident(), self.can_log_intent_inline()))
+        return real_log_intent(self, record)
+
+    monkeypatch.setattr(Journal, "log_intent", spy_intent)
+    h = Harness("async", ledger, journal)
+    for i in range(3):
+        assert (await h.commit(f"r{i}", f"k{i}")).settled
+    first, *later = appends
+    assert first[0] != loop_thread  # opened the log off the loop
+    assert not first[1]
+    assert len(later) == 2
+    assert all(thread == loop_thread for thread, _ in later)  # then memory copies on it
+    assert all(ready for _, ready in later)
+
+
 @MODES
 async def test_unreadable_answer_is_ambiguous_and_retried(mode, ledger, journal):
     garbled = Fault(

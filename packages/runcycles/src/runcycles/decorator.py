@@ -764,10 +764,8 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
                 )
             except UnknownActualError as unknown:
                 if policy.on_unknown_actual == "raise":
-                    guard._abandon()
-                    unknown.result = result
-                    raise _left_to_expire(unknown) from unknown.__cause__
-                _log_unknown_actual(unknown, "releasing it")
+                    raise _left_to_expire(guard, unknown, result) from unknown.__cause__
+                _log_unknown_actual(unknown)
                 try:
                     guard.release("actual_unknown")
                 except CyclesError as exc:
@@ -810,10 +808,8 @@ def _async_wrapper(
                 )
             except UnknownActualError as unknown:
                 if policy.on_unknown_actual == "raise":
-                    guard._abandon()
-                    unknown.result = result
-                    raise _left_to_expire(unknown) from unknown.__cause__
-                _log_unknown_actual(unknown, "releasing it")
+                    raise _left_to_expire(guard, unknown, result) from unknown.__cause__
+                _log_unknown_actual(unknown)
                 try:
                     await guard.release("actual_unknown")
                 except CyclesError as exc:
@@ -840,8 +836,15 @@ def _log_commit_failure(context: CyclesContext, exc: CyclesError) -> None:
     )
 
 
-def _left_to_expire(unknown: UnknownActualError) -> UnknownActualError:
-    """Return ``unknown`` with a message saying what happened and what can be done."""
+def _left_to_expire(
+    guard: ReservationGuard | AsyncReservationGuard, unknown: UnknownActualError, result: Any
+) -> UnknownActualError:
+    """Stop ``guard`` without a request and return ``unknown`` carrying ``result``.
+
+    The error's message says what happened and what the caller can do about it.
+    """
+    guard._abandon()
+    unknown.result = result
     unknown.args = (
         f"{unknown.args[0]}: the reservation was left to expire at the end of its lease "
         "(no commit, no event, no release); the function's result is on this error's "
@@ -851,12 +854,9 @@ def _left_to_expire(unknown: UnknownActualError) -> UnknownActualError:
     return unknown
 
 
-def _log_unknown_actual(unknown: UnknownActualError, disposition: str) -> None:
+def _log_unknown_actual(unknown: UnknownActualError) -> None:
     logger.error(
-        "%s; %s (on_unknown_actual='release')",
-        unknown,
-        disposition,
-        exc_info=unknown.__cause__,
+        "%s; releasing it (on_unknown_actual='release')", unknown, exc_info=unknown.__cause__
     )
 
 

@@ -119,6 +119,9 @@ _STALE_CLAIM_S: Final = 600.0
 _DIR_MODE: Final = 0o700
 _FILE_MODE: Final = 0o600
 _INTENT_PREFIX: Final = "intent-"
+# Free space an intent log needs for async code to append on the event loop (an entry is
+# about 1 KiB; a larger one that does not fit starts a new log, which is file I/O).
+_INLINE_INTENT_ROOM: Final = 64 * 1024
 _INTENT_SUFFIX: Final = ".log"
 _INTENT_SEGMENT_BYTES: Final = 1 << 20
 
@@ -508,6 +511,16 @@ class Journal:
     def uses_intent_log(self) -> bool:
         """Whether :meth:`log_intent` is available (it needs ``fcntl`` locks)."""
         return _HAVE_FCNTL
+
+    def can_log_intent_inline(self) -> bool:
+        """Whether :meth:`log_intent` is a plain memory copy right now.
+
+        True when writes are not fsynced and this process's intent log is open with room
+        to spare, so async code may append on the event loop. Otherwise the append may
+        create the partition's folder or a new log file (file I/O) and belongs off the loop.
+        """
+        log = self._intents
+        return not self.fsync and log is not None and log.has_room(_INLINE_INTENT_ROOM)
 
     def log_intent(self, record: JournalRecord) -> IntentEntry:
         """Append ``record`` to this process's intent log before its first request is sent.
@@ -939,6 +952,12 @@ class IntentLog:
         state = _IntentState()
         weakref.finalize(self, state.close)
         return state
+
+    def has_room(self, size: int) -> bool:
+        """Whether the current log of this process can take ``size`` more bytes."""
+        state = self._state
+        current = state.current
+        return state.pid == os.getpid() and current is not None and current.fits(size)
 
     def append_open(self, record: JournalRecord) -> IntentEntry:
         """Append an open entry; return its handle.

@@ -778,11 +778,12 @@ class AsyncSettlement:
         assert journal is not None
         try:
             if intents is not None and journal.uses_intent_log:
-                # One append to an open file: on the loop unless it must wait for an fsync.
-                if journal.fsync:
-                    intents.append(await run_journal_io(journal.log_intent, record))
-                else:
+                # A memory copy into the open log runs on the loop; opening the folder or a
+                # new log file, or waiting for an fsync, runs on the journal's I/O thread.
+                if journal.can_log_intent_inline():
                     intents.append(journal.log_intent(record))
+                else:
+                    intents.append(await run_journal_io(journal.log_intent, record))
             else:
                 locks.append(await run_journal_io(_lock_and_write, journal, record))
         except OSError as exc:
