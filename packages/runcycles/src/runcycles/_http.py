@@ -106,6 +106,7 @@ class ClientCore:
         "config",
         "decide_url",
         "events_url",
+        "fixed_urls",
         "get_headers",
         "post_headers",
         "reservations_url",
@@ -130,6 +131,12 @@ class ClientCore:
         self.decide_url = f"{base}/v1/decide"
         self.events_url = f"{base}/v1/events"
         self.balances_url = f"{base}/v1/balances"
+        self.fixed_urls = (
+            self.reservations_url,
+            self.decide_url,
+            self.events_url,
+            self.balances_url,
+        )
         self.base_headers: dict[str, str] = {
             "X-Cycles-API-Key": config.api_key,
             "User-Agent": USER_AGENT,

@@ -36,6 +36,7 @@ from runcycles._http import (
     reservation_params,
     transport_failure,
 )
+from runcycles._wire import AsyncWire, SyncWire
 from runcycles.config import CyclesConfig
 from runcycles.models import (
     Balance,
@@ -111,7 +112,8 @@ class CyclesClient:
     ) -> None:
         if http_client is not None and transport is not None:
             raise TypeError("pass either http_client or transport, not both")
-        self._core = core = ClientCore(config, headers_on_client=http_client is None)
+        # Every request carries the full header set: the wire may bypass httpx's merging.
+        self._core = core = ClientCore(config, headers_on_client=False)
         self._retry = retry_policy or RetryPolicy.from_config(config)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(
@@ -120,6 +122,9 @@ class CyclesClient:
             limits=core.limits(),
             transport=transport,
             verify=default_ssl_context(),
+        )
+        self._wire = SyncWire(
+            self._http, owned=self._owns_http, base_url=config.base_url, fixed_urls=core.fixed_urls
         )
         if _autoreplay.wanted(config):  # settle what earlier processes left in the journal
             _autoreplay.start(self)
@@ -143,7 +148,8 @@ class CyclesClient:
         """
         with _autoreplay.building_sibling():
             sibling = type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
-        sibling._core = self._core  # same URLs and headers (no base headers resent per request)
+        sibling._core = self._core
+        sibling._wire = self._wire  # the same (direct) way to the shared pool
         return sibling
 
     def reserve(
@@ -463,14 +469,13 @@ class CyclesClient:
         content: bytes | None = None,
         params: dict[str, str] | None = None,
     ) -> CyclesResponse[ModelT]:
-        request = self._http.build_request(
-            method, url, content=content, headers=headers, params=params
-        )
+        wire = self._wire
+        request = wire.build(method, url, headers, content, params)
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = parse_http_response(self._http.send(request), model)
+                response = parse_http_response(wire.send(request), model)
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 response = transport_failure(request, model, exc)
             delay_s = self._retry.next_delay_s(attempt, response)
@@ -504,7 +509,8 @@ class AsyncCyclesClient:
     ) -> None:
         if http_client is not None and transport is not None:
             raise TypeError("pass either http_client or transport, not both")
-        self._core = core = ClientCore(config, headers_on_client=http_client is None)
+        # Every request carries the full header set: the wire may bypass httpx's merging.
+        self._core = core = ClientCore(config, headers_on_client=False)
         self._retry = retry_policy or RetryPolicy.from_config(config)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
@@ -513,6 +519,9 @@ class AsyncCyclesClient:
             limits=core.limits(),
             transport=transport,
             verify=default_ssl_context(),
+        )
+        self._wire = AsyncWire(
+            self._http, owned=self._owns_http, base_url=config.base_url, fixed_urls=core.fixed_urls
         )
         # the journal replay starts with the first request, inside the running event loop
         self._replay_since_ms = _autoreplay.now_ms() if _autoreplay.wanted(config) else None
@@ -534,7 +543,8 @@ class AsyncCyclesClient:
         """
         with _autoreplay.building_sibling():
             sibling = type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
-        sibling._core = self._core  # same URLs and headers (no base headers resent per request)
+        sibling._core = self._core
+        sibling._wire = self._wire  # the same (direct) way to the shared pool
         return sibling
 
     def reserve(
@@ -861,14 +871,13 @@ class AsyncCyclesClient:
         if self._replay_since_ms is not None:  # first request: replay the journal now
             since_ms, self._replay_since_ms = self._replay_since_ms, None
             _autoreplay.astart(self, since_ms)
-        request = self._http.build_request(
-            method, url, content=content, headers=headers, params=params
-        )
+        wire = self._wire
+        request = wire.build(method, url, headers, content, params)
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = parse_http_response(await self._http.send(request), model)
+                response = parse_http_response(await wire.send(request), model)
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 response = transport_failure(request, model, exc)
             delay_s = self._retry.next_delay_s(attempt, response)

@@ -1,0 +1,189 @@
+"""How a client's requests reach the connection pool.
+
+``httpx.Client.send`` wraps every request in machinery a Cycles client never uses with a pool
+it built itself: URL and header merging against client defaults, cookie jars, an auth-flow
+generator, redirect and event-hook loops, per-request transport lookup. On a reserve or
+commit that machinery costs about a third of the client's CPU per request (measured by
+``benchmarks/guarded_call.py``), more than everything ``@cycles`` does around the call.
+
+So a client that owns its ``httpx`` client sends through a :class:`SyncWire` /
+:class:`AsyncWire` that builds the ``httpx.Request`` once, complete (the client's default
+headers, the pool timeout extensions) and hands it straight to the transport ``httpx`` itself
+would pick for the server's URL (proxies from the environment included). Everything under
+the transport (the ``httpcore`` pool, TLS, HTTP/1.1 parsing, exception mapping, decoding) is
+unchanged. A client given ``http_client=`` keeps sending through that client's ``send``,
+so its event hooks, auth and custom mounts apply as the caller configured them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+import httpx
+
+__all__ = ["AsyncWire", "SyncWire"]
+
+_CLOSED_MESSAGE: Final = "Cannot send a request, as the client has been closed."
+
+
+class _Wire:
+    """State shared by both wires: the URLs parsed once and the per-request extensions."""
+
+    __slots__ = ("direct", "extensions", "urls")
+
+    def __init__(
+        self,
+        http: httpx.Client | httpx.AsyncClient,
+        *,
+        direct: bool,
+        fixed_urls: tuple[str, ...],
+    ) -> None:
+        self.direct = direct
+        self.extensions = {"timeout": http.timeout.as_dict()}
+        self.urls: dict[str, httpx.URL] = {url: httpx.URL(url) for url in fixed_urls}
+
+    def request(
+        self,
+        http: httpx.Client | httpx.AsyncClient,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        content: bytes | None,
+        params: Mapping[str, str] | None,
+    ) -> httpx.Request:
+        if not self.direct:
+            return http.build_request(method, url, content=content, headers=headers, params=params)
+        return httpx.Request(
+            method,
+            self.urls.get(url) or url,
+            params=params,
+            headers=headers,
+            content=content,
+            extensions=self.extensions,
+        )
+
+
+def _direct_transport(
+    http: httpx.Client | httpx.AsyncClient, base_url: str
+) -> httpx.BaseTransport | httpx.AsyncBaseTransport | None:
+    """Return the transport ``http`` would use for ``base_url``, or ``None`` if unknowable.
+
+    ``httpx`` resolves the transport per request from the client's mounts (proxy
+    environment variables become mounts); every URL of one Cycles server resolves alike, so
+    the lookup is done once. Should a future ``httpx`` drop the lookup, the client falls
+    back to ``send``.
+    """
+    pick = getattr(http, "_transport_for_url", None)
+    if pick is None:  # pragma: no cover - depends on the httpx version
+        return None
+    try:
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport = pick(httpx.URL(base_url))
+    except Exception:  # pragma: no cover - depends on the httpx version
+        return None
+    return transport
+
+
+class SyncWire(_Wire):
+    """Sends a sync client's requests (see the module docstring)."""
+
+    __slots__ = ("http", "transport")
+
+    def __init__(
+        self, http: httpx.Client, *, owned: bool, base_url: str, fixed_urls: tuple[str, ...]
+    ) -> None:
+        transport = _direct_transport(http, base_url) if owned else None
+        super().__init__(
+            http, direct=isinstance(transport, httpx.BaseTransport), fixed_urls=fixed_urls
+        )
+        self.http = http
+        self.transport = transport if isinstance(transport, httpx.BaseTransport) else None
+
+    def build(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        content: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> httpx.Request:
+        """Return the request, complete: it is sent as it is."""
+        return self.request(self.http, method, url, headers, content, params)
+
+    def send(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` and read the whole answer.
+
+        Raises:
+            httpx.TransportError: No answer (connect, read, write, pool, protocol errors).
+            httpx.DecodingError: The answer's content encoding is broken.
+            RuntimeError: The client was closed.
+        """
+        transport = self.transport
+        if transport is None:
+            return self.http.send(request)
+        if self.http.is_closed:
+            raise RuntimeError(_CLOSED_MESSAGE)
+        try:
+            response = transport.handle_request(request)
+        except httpx.RequestError as exc:
+            exc.request = request
+            raise
+        response.request = request
+        try:
+            response.read()
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+
+class AsyncWire(_Wire):
+    """Sends an async client's requests (see the module docstring)."""
+
+    __slots__ = ("http", "transport")
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        owned: bool,
+        base_url: str,
+        fixed_urls: tuple[str, ...],
+    ) -> None:
+        transport = _direct_transport(http, base_url) if owned else None
+        super().__init__(
+            http, direct=isinstance(transport, httpx.AsyncBaseTransport), fixed_urls=fixed_urls
+        )
+        self.http = http
+        self.transport = transport if isinstance(transport, httpx.AsyncBaseTransport) else None
+
+    def build(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        content: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> httpx.Request:
+        """Return the request, complete: it is sent as it is."""
+        return self.request(self.http, method, url, headers, content, params)
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` and read the whole answer (raises as :meth:`SyncWire.send`)."""
+        transport = self.transport
+        if transport is None:
+            return await self.http.send(request)
+        if self.http.is_closed:
+            raise RuntimeError(_CLOSED_MESSAGE)
+        try:
+            response = await transport.handle_async_request(request)
+        except httpx.RequestError as exc:
+            exc.request = request
+            raise
+        response.request = request
+        try:
+            await response.aread()
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
