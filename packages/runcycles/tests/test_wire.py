@@ -73,10 +73,12 @@ async def test_owned_client_sends_complete_requests_without_httpx_client_send(
         balances = await api.get_balances(tenant="acme")
     finally:
         await api.close()
-    assert response.is_success and response.data.reservation_id == "r-1"
+    assert response.is_success
+    assert response.data.reservation_id == "r-1"
     assert balances.status == 200
     post, get = recorder.requests
-    assert post.method == "POST" and str(post.url) == "http://cycles.test/v1/reservations"
+    assert post.method == "POST"
+    assert str(post.url) == "http://cycles.test/v1/reservations"
     assert post.headers["x-cycles-api-key"] == API_KEY
     assert post.headers["user-agent"] == USER_AGENT
     assert post.headers["accept"] == "application/json"
@@ -167,7 +169,7 @@ class _Proxy(http.server.BaseHTTPRequestHandler):
 
     targets: list[str] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         length = int(self.headers["Content-Length"])
         self.rfile.read(length)
         _Proxy.targets.append(self.path)
@@ -178,7 +180,7 @@ class _Proxy(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
 
