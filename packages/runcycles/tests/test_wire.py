@@ -13,7 +13,7 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -167,7 +167,7 @@ async def test_transport_error_becomes_a_transport_failure_naming_the_request(
 class _Proxy(http.server.BaseHTTPRequestHandler):
     """A forward proxy stand-in: records the absolute-form target, answers ALLOW itself."""
 
-    targets: list[str] = []
+    targets: ClassVar[list[str]] = []
 
     def do_POST(self) -> None:
         length = int(self.headers["Content-Length"])
