@@ -25,12 +25,14 @@ import httpx
 __all__ = ["AsyncWire", "SyncWire"]
 
 _CLOSED_MESSAGE: Final = "Cannot send a request, as the client has been closed."
+_AUTO: Final = frozenset({"host", "content-length", "transfer-encoding"})
+"""Headers httpx derives from the URL and body: given by the caller, httpx's way applies."""
 
 
 class _Wire:
     """State shared by both wires: the URLs parsed once and the per-request extensions."""
 
-    __slots__ = ("direct", "extensions", "urls")
+    __slots__ = ("direct", "extensions", "host", "urls")
 
     def __init__(
         self,
@@ -42,6 +44,7 @@ class _Wire:
         self.direct = direct
         self.extensions = {"timeout": http.timeout.as_dict()}
         self.urls: dict[str, httpx.URL] = {url: httpx.URL(url) for url in fixed_urls}
+        self.host = httpx.URL(fixed_urls[0]).netloc.decode("ascii") if fixed_urls else ""
 
     def request(
         self,
@@ -54,14 +57,29 @@ class _Wire:
     ) -> httpx.Request:
         if not self.direct:
             return http.build_request(method, url, content=content, headers=headers, params=params)
-        return httpx.Request(
+        target = self.urls.get(url) or url
+        if content is None or not self.host or any(key.lower() in _AUTO for key in headers):
+            return httpx.Request(
+                method,
+                target,
+                params=params,
+                headers=headers,
+                content=content,
+                extensions=self.extensions,
+            )
+        # A body of bytes with the two headers httpx would add itself (``Host`` first, as
+        # httpx orders it, and ``Content-Length``): a third of the cost of ``content=``,
+        # which re-scans the headers for each header it might add.
+        request = httpx.Request(
             method,
-            self.urls.get(url) or url,
+            target,
             params=params,
-            headers=headers,
-            content=content,
+            headers={"Host": self.host, **headers, "Content-Length": str(len(content))},
+            stream=httpx.ByteStream(content),
             extensions=self.extensions,
         )
+        request.read()  # ``request.content`` readable, as with ``content=``
+        return request
 
 
 def _direct_transport(
