@@ -210,3 +210,17 @@ async def test_proxy_from_the_environment_is_used(flavour: str, proxy: list[str]
         await api.close()
     assert response.is_success, response.error_message
     assert proxy == ["http://cycles.invalid/v1/reservations"]
+
+
+@pytest.mark.usefixtures("no_client_send")
+async def test_caller_set_host_header_is_sent_once(flavour: str) -> None:
+    recorder = Recorder()
+    api = _build(flavour, make_config(), transport=httpx.MockTransport(recorder))
+    try:
+        response = await api.create_reservation(RESERVE, headers={"host": "cycles.example"})
+    finally:
+        await api.close()
+    assert response.is_success
+    sent = recorder.requests[0]
+    assert sent.headers.get_list("host") == ["cycles.example"]
+    assert sent.headers.get_list("content-length") == [str(len(sent.content))]
