@@ -7,10 +7,12 @@ fake ledger shows what reached the server.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from runcycles import (
@@ -24,7 +26,7 @@ from runcycles import (
     Unit,
     _autoreplay,
 )
-from runcycles.journal import Journal, JournalRecord
+from runcycles.journal import Journal, JournalRecord, run_journal_io
 from runcycles.retry import RetryPolicy
 from runcycles.settlement import AsyncSettlement, Settlement, default_journal
 from runcycles.testing.recovery_fakes import FakeLedger, Fault, ProcessCrash
@@ -197,6 +199,35 @@ def test_disabled_journal_is_not_replayed(ledger, journal, monkeypatch, how):
     client.close()
 
 
+def test_sync_replay_stopped_mid_record_releases_its_lock_even_if_unlinking_fails(
+    ledger: FakeLedger, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal.write(record())
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".lock"):  # e.g. a read-only or permission-changed directory
+            raise PermissionError(13, "Permission denied", str(self))
+        real_unlink(self, missing_ok)
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug in a custom transport")  # not an httpx error: the replay stops
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    crashed = CyclesClient(CONFIG, transport=httpx.MockTransport(broken))
+    assert _autoreplay.wait_sync(10)  # the replay thread logged the error and lives on
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert [r.reservation_id for r in journal.scan().records] == ["r1"]  # kept for later
+
+    fresh = CyclesClient(CONFIG, transport=ledger.transport())  # same process: not "busy"
+    assert _autoreplay.wait_sync(10)
+    assert ledger.applied_commits == {"r1": 1}
+    assert commits_of(ledger, "r1") == ["settle-key"]
+    assert journal.scan().records == []
+    crashed.close()
+    fresh.close()
+
+
 # --------------------------------------------------------------------------- async
 
 
@@ -267,3 +298,149 @@ async def test_async_restart_and_concurrent_explicit_flush_settle_once(journal):
         assert commits_of(ledger, rid) == [f"key-{rid}"]
     assert journal.scan().records == []
     await client.aclose()
+
+
+def test_async_replay_cancelled_by_loop_shutdown_while_claiming_releases_the_record(
+    ledger: FakeLedger, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal.write(record())
+    claiming = threading.Event()
+    proceed = threading.Event()
+    real_try_lock = Journal.try_lock
+
+    def slow_try_lock(self: Journal, reservation_id: str) -> Any:
+        claiming.set()
+        proceed.wait(10)
+        return real_try_lock(self, reservation_id)
+
+    monkeypatch.setattr(Journal, "try_lock", slow_try_lock)
+
+    async def first_process() -> None:
+        client = AsyncCyclesClient(CONFIG, transport=ledger.async_transport())
+        await client.get_reservation("other")  # starts the automatic replay
+        await asyncio.to_thread(claiming.wait, 10)  # it is claiming r1 on the I/O thread...
+        proceed.set()  # ...and gets the claim after asyncio.run has cancelled it
+
+    asyncio.run(first_process())  # returns: the loop shuts down under the replay
+    asyncio.run(run_journal_io(int))  # the claim made on the I/O thread has finished
+    assert ledger.requests_to("commit") == []
+
+    fresh = CyclesClient(CONFIG, transport=ledger.transport())  # same process: not "busy"
+    assert _autoreplay.wait_sync(10)
+    assert ledger.applied_commits == {"r1": 1}
+    assert commits_of(ledger, "r1") == ["settle-key"]
+    assert journal.scan().records == []
+    fresh.close()
+
+
+def test_async_replay_left_on_a_closed_loop_mid_commit_releases_the_record(
+    ledger: FakeLedger, journal: Journal
+) -> None:
+    journal.write(record())
+    first_commits: list[str] = []
+
+    async def first_process() -> None:
+        committing = asyncio.Event()
+
+        async def never_answers(request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/commit"):
+                first_commits.append(request.url.path)
+                committing.set()
+                await asyncio.Event().wait()  # the answer never comes: the loop closes first
+            return ledger.handle(request)
+
+        client = AsyncCyclesClient(CONFIG, transport=httpx.MockTransport(never_answers))
+        await client.get_reservation("other")  # starts the automatic replay
+        await committing.wait()
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first_process())
+    loop.close()  # without cancelling the replay task: it never runs again
+    assert len(first_commits) == 1
+
+    fresh = CyclesClient(CONFIG, transport=ledger.transport())  # same process: not "busy"
+    assert _autoreplay.wait_sync(10)
+    assert ledger.applied_commits == {"r1": 1}
+    assert commits_of(ledger, "r1") == ["settle-key"]
+    assert journal.scan().records == []
+    fresh.close()
+
+
+def replay_task() -> asyncio.Task[Any]:
+    loop = asyncio.get_running_loop()
+    (task,) = [
+        t for t in _autoreplay._tasks if isinstance(t, asyncio.Task) and t.get_loop() is loop
+    ]
+    return task
+
+
+async def test_async_replay_cancelled_while_claiming_releases_the_claim(
+    ledger: FakeLedger, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal.write(record())
+    claiming = threading.Event()
+    proceed = threading.Event()
+    real_try_lock = Journal.try_lock
+
+    def slow_try_lock(self: Journal, reservation_id: str) -> Any:
+        claiming.set()
+        proceed.wait(10)
+        return real_try_lock(self, reservation_id)
+
+    monkeypatch.setattr(Journal, "try_lock", slow_try_lock)
+    client = AsyncCyclesClient(CONFIG, transport=ledger.async_transport())
+    await client.get_reservation("other")  # starts the automatic replay
+    await asyncio.to_thread(claiming.wait, 10)
+    task = replay_task()
+    task.cancel()  # while r1 is being claimed on the I/O thread; the loop keeps running
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    proceed.set()  # the claim is made now, for a replay that is gone
+
+    report = await AsyncSettlement(client, journal=journal).flush(5.0)
+    assert report.settled == ["r1"]
+    assert report.busy == []
+    assert commits_of(ledger, "r1") == ["settle-key"]
+    assert journal.scan().records == []
+    await client.aclose()
+
+
+async def test_async_replay_cancelled_again_while_releasing_still_releases(
+    ledger: FakeLedger, journal: Journal
+) -> None:
+    journal.write(record())
+    committing = asyncio.Event()
+
+    async def never_answers(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/commit"):
+            committing.set()
+            await asyncio.Event().wait()
+        return ledger.handle(request)
+
+    client = AsyncCyclesClient(CONFIG, transport=httpx.MockTransport(never_answers))
+    await client.get_reservation("other")  # starts the automatic replay
+    await committing.wait()
+    task = replay_task()
+    io_busy = threading.Event()
+    io_free = threading.Event()
+
+    def hold_io_thread() -> None:
+        io_busy.set()
+        io_free.wait(10)
+
+    held = asyncio.ensure_future(run_journal_io(hold_io_thread))  # the release has to queue
+    await asyncio.to_thread(io_busy.wait, 10)
+    while not task.done():  # cancel at every await: mid-commit, then while releasing
+        task.cancel()
+        await asyncio.sleep(0)
+    io_free.set()
+    await held
+
+    other = AsyncCyclesClient(CONFIG, transport=ledger.async_transport())
+    report = await AsyncSettlement(other, journal=journal).flush(5.0)
+    assert report.settled == ["r1"]
+    assert report.busy == []
+    assert commits_of(ledger, "r1") == ["settle-key"]
+    assert journal.scan().records == []
+    await client.aclose()
+    await other.aclose()

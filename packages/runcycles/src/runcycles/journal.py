@@ -36,7 +36,8 @@ Layout::
 * **Concurrency**: a replay holds an exclusive, non-blocking lock per record (``fcntl.flock``
   on a ``.lock`` file; an ``O_EXCL`` claim file with stale-claim recovery where ``fcntl`` is
   missing). A second worker skips a locked record and finds it gone afterwards; the server's
-  idempotency on the stored key is the final guard.
+  idempotency on the stored key is the final guard. An async replay's claims are released
+  even when it is cancelled or its event loop closes under it (see ``_ReleaseOnExit``).
 
 Everything here is blocking file I/O; async code runs it through :func:`run_journal_io`
 (one shared worker thread, never the event loop), except the intent-log append without
@@ -58,7 +59,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -403,14 +404,23 @@ class RecordLock:
         self.release()
 
     def release(self) -> None:
-        """Drop the claim (idempotent)."""
-        if self._released:
-            return
-        self._released = True
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()  # unlink while still holding the lock: no stale-inode race
-        if self._fd is not None:
-            os.close(self._fd)
+        """Drop the claim (idempotent, thread-safe).
+
+        The claim ends even if the lock file cannot be deleted (the error is raised after
+        the file descriptor, and with it the ``flock``, is closed).
+        """
+        with _claims_lock:
+            if self._released:
+                return
+            self._released = True
+            fd, self._fd = self._fd, None
+            _loop_claims.pop(self, None)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()  # unlink while still holding the lock: no stale-inode race
+        finally:
+            if fd is not None:
+                os.close(fd)
 
 
 class Journal:
@@ -623,7 +633,12 @@ class Journal:
         return True
 
     def try_lock(self, reservation_id: str) -> RecordLock | None:
-        """Claim a record for replay without blocking; ``None`` if another worker holds it."""
+        """Claim a record for replay without blocking; ``None`` if another worker holds it.
+
+        Claims left by async replays whose event loop was closed under them (they can never
+        run again) are released first, so this process can take their records.
+        """
+        _release_orphaned_claims()
         self._ensure_dirs()
         lock_path = self.directory / (record_file_name(reservation_id) + ".lock")
         return _try_lock(lock_path)
@@ -819,11 +834,15 @@ def _try_lock(lock_path: Path) -> RecordLock | None:
             os.close(fd)
             return None
         try:
-            linked = os.stat(lock_path)
-        except FileNotFoundError:
-            linked = None
-        if linked is not None and linked.st_ino == os.fstat(fd).st_ino:
-            return RecordLock(fd, lock_path)
+            try:
+                linked = os.stat(lock_path)
+            except FileNotFoundError:
+                linked = None
+            if linked is not None and linked.st_ino == os.fstat(fd).st_ino:
+                return RecordLock(fd, lock_path)
+        except BaseException:
+            os.close(fd)  # never keep a lock nobody holds a RecordLock for
+            raise
         os.close(fd)  # the previous holder unlinked it in between: take the new file
 
 
@@ -1065,6 +1084,11 @@ def _open_intents(raw: bytes) -> dict[str, JournalRecord]:
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
+_io_thread = threading.local()
+
+
+def _mark_io_thread() -> None:
+    _io_thread.active = True
 
 
 def _journal_executor() -> ThreadPoolExecutor:
@@ -1073,7 +1097,9 @@ def _journal_executor() -> ThreadPoolExecutor:
         with _executor_lock:
             if _executor is None:
                 _executor = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="runcycles-journal"
+                    max_workers=1,
+                    thread_name_prefix="runcycles-journal",
+                    initializer=_mark_io_thread,
                 )
     return _executor
 
@@ -1085,3 +1111,133 @@ async def run_journal_io(fn: Callable[..., _T], *args: Any) -> _T:
     """
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_journal_executor(), fn, *args)
+
+
+# --------------------------------------------------------------------------------------------
+# Record claims of async replays: released whatever happens to the task or its event loop
+#
+# An async replay claims a record on the journal's I/O thread and holds the claim across
+# awaits. If the task is cancelled (``asyncio.run`` returning, a timeout) the claim is released
+# on the I/O thread, after the journal I/O the replay queued there, without awaiting anything
+# that needs the loop; a claim that arrives after its awaiter was cancelled is released as
+# soon as it is made. A loop closed without cancelling its tasks never runs them again: the
+# claims of such a loop are released by the next :meth:`Journal.try_lock` of this process.
+
+_claims_lock = threading.Lock()
+_loop_claims: dict[RecordLock, weakref.ref[asyncio.AbstractEventLoop]] = {}
+
+
+def _forget_claims_in_child() -> None:
+    global _claims_lock
+    _claims_lock = threading.Lock()  # maybe held by another thread of the parent at the fork
+    _loop_claims.clear()  # the parent's claims: a child must not release (unlink) them
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_forget_claims_in_child)
+
+
+def _claim_for_loop(
+    journal: Journal, reservation_id: str, loop: asyncio.AbstractEventLoop
+) -> RecordLock | None:
+    """:meth:`Journal.try_lock`, the claim belonging to ``loop`` (runs on the I/O thread)."""
+    lock = journal.try_lock(reservation_id)
+    if lock is not None:
+        with _claims_lock:
+            if not lock._released:
+                _loop_claims[lock] = weakref.ref(loop)
+    return lock
+
+
+def _release_orphaned_claims() -> None:
+    """Release the claims of loops that are closed (or gone): their tasks never run again."""
+    if not _loop_claims:
+        return
+    with _claims_lock:
+        orphans = [
+            lock
+            for lock, ref in _loop_claims.items()
+            if (loop := ref()) is None or loop.is_closed()
+        ]
+    if not orphans:
+        return
+    executor = _executor
+    if executor is not None and not getattr(_io_thread, "active", False):
+        # Behind the journal I/O those replays left queued: none of it lands after a release.
+        try:
+            executor.submit(_release_each, orphans).result()
+        except RuntimeError:  # no new jobs at interpreter exit
+            pass
+        else:
+            return
+    _release_each(orphans)
+
+
+def _release_each(locks: list[RecordLock]) -> None:
+    for lock in locks:
+        try:
+            lock.release()
+        except OSError as exc:  # the claim ended all the same; the file is left
+            logger.warning("journal: could not delete lock file %s: %s", lock._path, exc)
+
+
+def _release_claimed(job: Future[RecordLock | None]) -> None:
+    """Done-callback: release the claim a cancelled awaiter will never use."""
+    if job.cancelled() or job.exception() is not None:
+        return
+    lock = job.result()
+    if lock is not None:
+        _release_each([lock])
+
+
+def _release_soon(lock: RecordLock) -> Future[None] | None:
+    """Queue ``lock``'s release on the I/O thread (``None``: released here, at exit)."""
+    try:
+        return _journal_executor().submit(lock.release)
+    except RuntimeError:  # no new jobs at interpreter exit
+        lock.release()
+        return None
+
+
+async def _atry_lock(journal: Journal, reservation_id: str) -> RecordLock | None:
+    """:meth:`Journal.try_lock` on the I/O thread for async code; never loses a claim.
+
+    Use the claim with ``async with _ReleaseOnExit(lock)``.
+    """
+    loop = asyncio.get_running_loop()
+    job = _journal_executor().submit(_claim_for_loop, journal, reservation_id, loop)
+    try:
+        return await asyncio.wrap_future(job, loop=loop)
+    except BaseException:
+        # Cancelled or closed while the claim was being made: release it once it is made
+        # (a job not started yet is cancelled with its awaiter and claims nothing).
+        job.add_done_callback(_release_claimed)
+        raise
+
+
+class _ReleaseOnExit:
+    """Release a claim of async code when the block ends, however it ends.
+
+    The release runs on the I/O thread, after the journal I/O queued there before it, and
+    is queued before anything is awaited: a second cancellation, or the coroutine being
+    closed with its loop gone, cannot skip it.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: RecordLock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> RecordLock:
+        return self._lock
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        job = _release_soon(self._lock)
+        if job is None or (exc_type is not None and issubclass(exc_type, GeneratorExit)):
+            return  # a closing coroutine must not await (its loop may be gone)
+        await asyncio.shield(asyncio.wrap_future(job))

@@ -60,6 +60,8 @@ from runcycles.journal import (
     QuarantinedRecord,
     RecordLock,
     SettlementMode,
+    _atry_lock,
+    _ReleaseOnExit,
     run_journal_io,
 )
 from runcycles.models import (
@@ -810,11 +812,11 @@ class AsyncSettlement:
             if record.not_before_ms > self._wall() * 1000:
                 report.not_due.append(rid)
                 continue
-            lock = await run_journal_io(journal.try_lock, rid)
+            lock = await _atry_lock(journal, rid)  # a claim is never lost to a cancellation
             if lock is None:
                 report.busy.append(rid)
                 continue
-            try:
+            async with _ReleaseOnExit(lock):  # even if cancelled, or the loop closes meanwhile
                 try:
                     current = await run_journal_io(journal.read, rid)
                 except ValueError as exc:
@@ -826,8 +828,6 @@ class AsyncSettlement:
                 if current is None:
                     continue
                 report.results.append(await self._drive(current, True, None, deadline_s))
-            finally:
-                await run_journal_io(lock.release)
         return report
 
     async def flush(
