@@ -224,3 +224,16 @@ async def test_caller_set_host_header_is_sent_once(flavour: str) -> None:
     sent = recorder.requests[0]
     assert sent.headers.get_list("host") == ["cycles.example"]
     assert sent.headers.get_list("content-length") == [str(len(sent.content))]
+
+
+@pytest.mark.usefixtures("no_client_send")
+async def test_timeout_set_on_the_pool_later_applies(flavour: str) -> None:
+    recorder = Recorder()
+    api = _build(flavour, make_config(), transport=httpx.MockTransport(recorder))
+    api.client.http_client.timeout = httpx.Timeout(30.0, connect=3.0)
+    try:
+        await api.create_reservation(RESERVE)
+    finally:
+        await api.close()
+    sent = recorder.requests[0]
+    assert sent.extensions["timeout"] == {"connect": 3.0, "read": 30.0, "write": 30.0, "pool": 30.0}

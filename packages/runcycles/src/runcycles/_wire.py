@@ -32,7 +32,7 @@ _AUTO: Final = frozenset({"host", "content-length", "transfer-encoding"})
 class _Wire:
     """State shared by both wires: the URLs parsed once and the per-request extensions."""
 
-    __slots__ = ("direct", "extensions", "host", "urls")
+    __slots__ = ("direct", "extensions", "host", "timeout", "urls")
 
     def __init__(
         self,
@@ -42,7 +42,8 @@ class _Wire:
         fixed_urls: tuple[str, ...],
     ) -> None:
         self.direct = direct
-        self.extensions = {"timeout": http.timeout.as_dict()}
+        self.timeout = http.timeout
+        self.extensions = {"timeout": self.timeout.as_dict()}
         self.urls: dict[str, httpx.URL] = {url: httpx.URL(url) for url in fixed_urls}
         self.host = httpx.URL(fixed_urls[0]).netloc.decode("ascii") if fixed_urls else ""
 
@@ -57,6 +58,9 @@ class _Wire:
     ) -> httpx.Request:
         if not self.direct:
             return http.build_request(method, url, content=content, headers=headers, params=params)
+        if http.timeout is not self.timeout:  # someone set client.http_client.timeout
+            self.timeout = http.timeout
+            self.extensions = {"timeout": self.timeout.as_dict()}
         target = self.urls.get(url) or url
         if content is None or not self.host or any(key.lower() in _AUTO for key in headers):
             return httpx.Request(
