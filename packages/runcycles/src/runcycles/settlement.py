@@ -61,6 +61,10 @@ from runcycles.journal import (
     RecordLock,
     SettlementMode,
     _atry_lock,
+    _claim_for_loop,
+    _journal_executor,
+    _release_claimed,
+    _release_each,
     _ReleaseOnExit,
     run_journal_io,
 )
@@ -758,17 +762,23 @@ class AsyncSettlement:
         journaled = False
         locks: list[RecordLock | None] = []
         intents: list[IntentEntry] = []
-        if self.journal is not None and self.journal_first:
-            journaled, journal_error = await self._journal_now(record, locks, intents)
         try:
+            if self.journal is not None and self.journal_first:
+                journaled, journal_error = await self._journal_now(record, locks, intents)
             first = request if type(request) is CommitRequest else None  # sent as built
-            return await self._drive(record, journaled, journal_error, None, locks, intents, first)
-        finally:
+            result = await self._drive(
+                record, journaled, journal_error, None, locks, intents, first
+            )
+        except BaseException as exc:  # cancelled, the loop closing, a bug in a transport
+            if locks or intents:
+                await _aclose(self.journal, intents, locks, closing=isinstance(exc, GeneratorExit))
+            raise
+        if locks or (intents and not (intents[0].finished or intents[0].materialized)):
+            await _aclose(self.journal, intents, locks)  # a record file, or its write failed
+        else:  # the common path: resolving the intent is a memory copy, on the loop
             for entry in intents:
                 _close_intent(self.journal, entry, locks)
-            for lock in locks:
-                if lock is not None:
-                    await run_journal_io(lock.release)
+        return result
 
     async def _journal_now(
         self,
@@ -787,7 +797,7 @@ class AsyncSettlement:
                 else:
                     intents.append(await run_journal_io(journal.log_intent, record))
             else:
-                locks.append(await run_journal_io(_lock_and_write, journal, record))
+                locks.append(await _aclaim(_lock_and_write, journal, record))
         except OSError as exc:
             logger.error(
                 "could not journal the settlement of %s (%s); settling without durability",
@@ -900,7 +910,8 @@ class AsyncSettlement:
             try:
                 if outcome == "pending":
                     if entry is not None and not entry.materialized:
-                        await run_journal_io(_materialize, self.journal, entry, locks)
+                        assert locks is not None
+                        locks.append(await _aclaim(_materialize_for_loop, journal, entry))
                     elif step.persist:
                         await run_journal_io(journal.write, record)
                 else:
@@ -925,7 +936,8 @@ class AsyncSettlement:
         assert self.journal is not None
         try:
             if entry is not None and not entry.materialized:
-                await run_journal_io(_materialize, self.journal, entry, locks)
+                assert locks is not None
+                locks.append(await _aclaim(_materialize_for_loop, self.journal, entry))
             else:
                 await run_journal_io(self.journal.write, record)
         except OSError as exc:
@@ -957,8 +969,12 @@ def _close_intent(
         logger.error("journal update for %s failed: %s", entry.record.reservation_id, exc)
 
 
-def _lock_and_write(journal: Journal, record: JournalRecord) -> RecordLock | None:
-    lock = journal.try_lock(record.reservation_id)
+def _lock_and_write(
+    journal: Journal, record: JournalRecord, loop: asyncio.AbstractEventLoop | None = None
+) -> RecordLock | None:
+    """Claim ``record``'s file and write it (``loop``: the claim of an async commit on it)."""
+    rid = record.reservation_id
+    lock = journal.try_lock(rid) if loop is None else _claim_for_loop(journal, rid, loop)
     try:
         journal.write(record)
     except BaseException:
@@ -966,6 +982,66 @@ def _lock_and_write(journal: Journal, record: JournalRecord) -> RecordLock | Non
             lock.release()
         raise
     return lock
+
+
+def _materialize_for_loop(
+    journal: Journal, entry: IntentEntry, loop: asyncio.AbstractEventLoop
+) -> RecordLock | None:
+    """:func:`_materialize` for an async commit on ``loop`` (runs on the I/O thread)."""
+    lock = _lock_and_write(journal, entry.record, loop)
+    entry.materialized = True
+    return lock
+
+
+async def _aclaim(claim: Callable[..., RecordLock | None], *args: Any) -> RecordLock | None:
+    """Run ``claim(*args, loop)`` on the journal's I/O thread; never lose the claim it makes.
+
+    The claim belongs to the running loop, so it is released if that loop is closed with
+    the commit still waiting (see :func:`runcycles.journal._release_orphaned_claims`). If
+    the commit is cancelled (or its loop closes) while the claim is being made, the claim
+    is released as soon as it is made, as :func:`runcycles.journal._atry_lock` does.
+    """
+    loop = asyncio.get_running_loop()
+    job = _journal_executor().submit(claim, *args, loop)
+    try:
+        return await asyncio.wrap_future(job, loop=loop)
+    except BaseException:
+        job.add_done_callback(_release_claimed)
+        raise
+
+
+async def _aclose(
+    journal: Journal | None,
+    intents: list[IntentEntry],
+    locks: list[RecordLock | None],
+    *,
+    closing: bool = False,
+) -> None:
+    """End an async commit that wrote a record file or did not finish: on the I/O thread.
+
+    Resolves its intents (keeping an unfinished settlement in a record file) and releases
+    its claims, behind the journal I/O the commit queued there (a claim still being made
+    is released by :func:`_aclaim`). The job is queued before anything is awaited, so a
+    second cancellation cannot skip it, and ``closing`` (the coroutine is being closed,
+    its loop maybe gone) does not wait for it.
+    """
+    try:
+        job = _journal_executor().submit(_close_claims, journal, intents, locks)
+    except RuntimeError:  # no new jobs at interpreter exit
+        _close_claims(journal, intents, locks)
+        return
+    if not closing:
+        await asyncio.shield(asyncio.wrap_future(job))
+
+
+def _close_claims(
+    journal: Journal | None, intents: list[IntentEntry], locks: list[RecordLock | None]
+) -> None:
+    try:
+        for entry in intents:
+            _close_intent(journal, entry, locks)
+    finally:
+        _release_each([lock for lock in locks if lock is not None])
 
 
 def _created_before(records: list[JournalRecord], before_ms: int | None) -> list[JournalRecord]:
