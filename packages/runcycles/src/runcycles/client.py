@@ -66,6 +66,7 @@ else:  # pragma: no cover - Python 3.10
     from typing_extensions import Self, Unpack
 
 if TYPE_CHECKING:
+    from runcycles.decorator import OnUnknownActual
     from runcycles.lifecycle import AsyncReservationGuard, ReservationGuard, ReserveOptions
     from runcycles.streaming import AsyncStreamReservation, CostFn, StreamReservation
 
@@ -184,6 +185,7 @@ class CyclesClient:
         /,
         *,
         cost_fn: CostFn | None = None,
+        on_unknown_actual: OnUnknownActual = "raise",
         **options: Unpack[ReserveOptions],
     ) -> StreamReservation:
         """Return a stream reservation that reserves when its ``with`` block is entered.
@@ -193,14 +195,23 @@ class CyclesClient:
         Args:
             request: A ready reservation request, instead of the keyword options.
             cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
+            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default:
+                nothing is sent, the reservation expires at its lease,
+                :class:`~runcycles.UnknownActualError` is raised), ``"release"`` or
+                ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
             **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
 
         Returns:
             A :class:`~runcycles.StreamReservation`.
+
+        Raises:
+            ValueError: An unknown ``on_unknown_actual``.
         """
         from runcycles.streaming import StreamReservation
 
-        return StreamReservation(self, request, cost_fn=cost_fn, **options)
+        return StreamReservation(
+            self, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -579,6 +590,7 @@ class AsyncCyclesClient:
         /,
         *,
         cost_fn: CostFn | None = None,
+        on_unknown_actual: OnUnknownActual = "raise",
         **options: Unpack[ReserveOptions],
     ) -> AsyncStreamReservation:
         """Return a stream reservation that reserves when its ``async with`` block is entered.
@@ -588,14 +600,23 @@ class AsyncCyclesClient:
         Args:
             request: A ready reservation request, instead of the keyword options.
             cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
+            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default:
+                nothing is sent, the reservation expires at its lease,
+                :class:`~runcycles.UnknownActualError` is raised), ``"release"`` or
+                ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
             **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
 
         Returns:
             An :class:`~runcycles.AsyncStreamReservation`.
+
+        Raises:
+            ValueError: An unknown ``on_unknown_actual``.
         """
         from runcycles.streaming import AsyncStreamReservation
 
-        return AsyncStreamReservation(self, request, cost_fn=cost_fn, **options)
+        return AsyncStreamReservation(
+            self, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options
+        )
 
     async def __aenter__(self) -> Self:
         return self

@@ -18,7 +18,28 @@ The committed amount is, in order of preference:
 1. ``usage.actual_cost`` if the code set it (an exact price from the provider);
 2. ``cost_fn(usage)`` if a pricing function was given;
 3. the token count, when the reservation is in ``TOKENS``;
-4. otherwise the estimate, marked ``metadata["actual_source"] = "estimate"``.
+4. otherwise (no ``cost_fn``, not ``TOKENS``: the caller gave no way to measure) the
+   estimate, marked ``metadata["actual_source"] = "estimate"``.
+
+When a way to measure was given but fails (``cost_fn`` raised or returned something that is
+not a non-negative ``int``; ``usage.actual_cost`` or, in ``TOKENS``, a token count is not a
+non-negative ``int``) the actual is **unknown**, and an unknown actual is never turned into a
+charge: no commit and no event is sent (scenario ``CR-BOUNDARY-001`` of the recovery
+profile, as for ``@cycles``). ``on_unknown_actual`` decides the rest:
+
+* ``"raise"`` (default): stop the heartbeat and leave the reservation to expire at the end of
+  its lease, sending nothing; then raise :class:`~runcycles.UnknownActualError` from the end
+  of the block. If the block itself raised or was cancelled, that exception propagates
+  unchanged instead, and the :class:`~runcycles.UnknownActualError` is logged and kept in
+  ``stream.settlement_error``.
+* ``"release"``: release the reservation (reason ``"actual_unknown"``) and log an error.
+* ``"commit_estimate"``: commit the estimate, flagged ``actual_source`` and ``actual_error``
+  in the metadata, and log an error (the behaviour of earlier versions).
+
+``stream.commit()`` without an amount prices the usage the same way; when the actual is
+unknown it ends the reservation as ``on_unknown_actual`` says and, unless that is
+``"commit_estimate"``, raises :class:`~runcycles.UnknownActualError` (there is no commit to
+return).
 
 Token counts, the model version and custom values are sent as the commit's metrics.
 """
@@ -38,6 +59,7 @@ from runcycles.lifecycle import (
     AsyncReservationGuard,
     ReservationGuard,
     ReserveOptions,
+    UnknownActualError,
     run_shielded,
 )
 from runcycles.models import (
@@ -56,6 +78,7 @@ if TYPE_CHECKING:
 
     from runcycles.client import AsyncCyclesClient, CyclesClient
     from runcycles.context import CyclesContext
+    from runcycles.decorator import OnUnknownActual
 
 __all__ = [
     "AsyncStreamReservation",
@@ -73,6 +96,11 @@ CostFn = Callable[["StreamUsage"], int]
 
 OUTCOME_KEY: Final = "stream_outcome"
 """Commit metadata key recording how the stream ended: completed, failed or cancelled."""
+
+_ON_UNKNOWN_ACTUAL: Final = ("raise", "release", "commit_estimate")
+"""The values of ``on_unknown_actual`` (as for ``@cycles``)."""
+
+_UNKNOWN_RELEASE_REASON: Final = "actual_unknown"
 
 
 @dataclass
@@ -157,23 +185,37 @@ def _non_negative(value: int, name: str) -> int:
 class _StreamState:
     """Pure logic shared by the sync and async stream reservations."""
 
-    __slots__ = ("_cost_fn", "settlement_error", "usage")
+    __slots__ = ("_cost_fn", "_on_unknown_actual", "settlement_error", "usage")
 
-    def __init__(self, cost_fn: CostFn | None) -> None:
+    def __init__(self, cost_fn: CostFn | None, on_unknown_actual: OnUnknownActual) -> None:
         if cost_fn is not None and not callable(cost_fn):
             raise TypeError(f"cost_fn must be a callable of StreamUsage, got {cost_fn!r}")
+        if on_unknown_actual not in _ON_UNKNOWN_ACTUAL:
+            raise ValueError(
+                f"on_unknown_actual must be one of {', '.join(map(repr, _ON_UNKNOWN_ACTUAL))}, "
+                f"got {on_unknown_actual!r}"
+            )
         self._cost_fn = cost_fn
+        self._on_unknown_actual: OnUnknownActual = on_unknown_actual
         self.usage = StreamUsage()
         self.settlement_error: CyclesError | None = None
-        """Why the final commit or release failed, if it did (also logged)."""
+        """Why the final commit or release failed, or the :class:`UnknownActualError` of a
+        reservation left to expire (``on_unknown_actual="raise"``); also logged or raised."""
 
     def _final_amount(
         self, context: CyclesContext, outcome: str
     ) -> tuple[int | None, dict[str, Any]]:
         """Return ``(actual, metadata)``; ``actual is None`` with empty usage means release.
 
-        Never raises: a usage that cannot be priced (``cost_fn`` raised or returned
-        garbage, a negative count was assigned) commits the estimate, flagged and logged.
+        Without ``cost_fn`` outside ``TOKENS`` the estimate is the amount (flagged
+        ``actual_source``): the caller gave no way to measure.
+
+        Raises:
+            UnknownActualError: The usage cannot be priced (``cost_fn`` raised or returned
+                something that is not a non-negative ``int``; an invalid ``actual_cost`` or
+                token count was assigned); its ``__cause__`` is the failure. With
+                ``on_unknown_actual="commit_estimate"`` the estimate is returned instead,
+                flagged ``actual_error``, and the failure logged.
         """
         usage = self.usage
         metadata: dict[str, Any] = {OUTCOME_KEY: outcome}
@@ -187,13 +229,60 @@ class _StreamState:
             if context.estimate.unit is Unit.TOKENS:
                 return _non_negative(usage.total_tokens, "usage.total_tokens"), metadata
         except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:512]
+            rid = context.reservation_id
+            if self._on_unknown_actual != "commit_estimate":
+                raise UnknownActualError(
+                    f"cannot price the usage of stream reservation {rid} ({reason}); nothing "
+                    "was committed",
+                    reservation_id=rid,
+                    reason=reason,
+                ) from exc
             logger.exception(
                 "cannot price the usage of stream reservation %s; committing the estimate instead",
-                context.reservation_id,
+                rid,
             )
-            metadata["actual_error"] = f"{type(exc).__name__}: {exc}"[:512]
+            metadata["actual_error"] = reason
         metadata[ACTUAL_SOURCE_KEY] = "estimate"
         return context.estimate.amount, metadata
+
+    def _left_to_expire(
+        self, guard: ReservationGuard | AsyncReservationGuard, unknown: UnknownActualError
+    ) -> UnknownActualError:
+        """Stop ``guard`` without a request (``"raise"``); return ``unknown``, explained."""
+        guard._abandon()
+        unknown.args = (
+            f"{unknown.args[0]}: the reservation was left to expire at the end of its lease "
+            "(no commit, no event, no release). Fix cost_fn (or the usage it prices), or "
+            "pass on_unknown_actual='release' or 'commit_estimate' to the stream reservation",
+        )
+        self.settlement_error = unknown
+        return unknown
+
+    def _released(self, unknown: UnknownActualError) -> UnknownActualError:
+        """Log ``unknown`` before its release (``"release"``); return it, explained."""
+        logger.error(
+            "%s; releasing it (on_unknown_actual='release')", unknown, exc_info=unknown.__cause__
+        )
+        unknown.args = (f"{unknown.args[0]}: the reservation was released",)
+        return unknown
+
+    @staticmethod
+    def _surface(unknown: UnknownActualError | None, exc: BaseException | None) -> None:
+        """Raise ``unknown`` after a block that ended normally; else only log it.
+
+        The block's own exception (or cancellation) always propagates unchanged.
+        """
+        if unknown is None:
+            return
+        if exc is None:
+            raise unknown from unknown.__cause__
+        logger.error(
+            "%s (the stream's own %s propagates)",
+            unknown,
+            type(exc).__name__,
+            exc_info=unknown.__cause__,
+        )
 
     def _explicit_commit(
         self, context: CyclesContext, actual: int | Amount | None
@@ -236,7 +325,13 @@ class StreamReservation(_StreamState):
         client: The client to reserve and settle with.
         request: A ready reservation request, instead of the keyword options.
         cost_fn: Prices the accumulated :class:`StreamUsage`.
+        on_unknown_actual: What to do when the usage cannot be priced (nothing is ever
+            committed from an unknown actual): ``"raise"`` (default), ``"release"`` or
+            ``"commit_estimate"``; see the module docs.
         **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+
+    Raises:
+        ValueError: An unknown ``on_unknown_actual``.
     """
 
     __slots__ = ("_guard",)
@@ -248,9 +343,10 @@ class StreamReservation(_StreamState):
         /,
         *,
         cost_fn: CostFn | None = None,
+        on_unknown_actual: OnUnknownActual = "raise",
         **options: Unpack[ReserveOptions],
     ) -> None:
-        super().__init__(cost_fn)
+        super().__init__(cost_fn, on_unknown_actual)
         self._guard = ReservationGuard(client, request, **options)
 
     def __repr__(self) -> str:
@@ -292,17 +388,39 @@ class StreamReservation(_StreamState):
         tb: TracebackType | None,
     ) -> None:
         guard = self._guard
+        unknown: UnknownActualError | None = None
         try:
             if not guard.is_finalized:
-                self._settle(_outcome(exc))
+                unknown = self._settle(_outcome(exc))
         finally:
             guard.__exit__(exc_type, exc, tb)
+        self._surface(unknown, exc)
 
     def commit(self, actual: int | Amount | None = None) -> SettlementResult:
-        """End the stream now, committing ``actual`` (default: the accumulated usage)."""
-        context = self._guard.context
-        amount, metadata = self._explicit_commit(context, actual)
-        return self._guard.commit(
+        """End the stream now, committing ``actual`` (default: the accumulated usage).
+
+        Raises:
+            UnknownActualError: No ``actual`` was given and the usage cannot be priced:
+                nothing was committed, and the reservation was left to expire
+                (``on_unknown_actual="raise"``) or released (``"release"``).
+                (``"commit_estimate"`` commits the estimate, flagged, instead.)
+            ReservationAlreadyFinalizedError: The stream already committed or released.
+        """
+        guard = self._guard
+        context = guard.context
+        try:
+            amount, metadata = self._explicit_commit(context, actual)
+        except UnknownActualError as unknown:
+            guard._begin_finalize("commit")  # already finalized: say so, as commit() would
+            if self._on_unknown_actual == "raise":
+                raise self._left_to_expire(guard, unknown) from unknown.__cause__
+            self._released(unknown)
+            try:
+                guard.release(_UNKNOWN_RELEASE_REASON)
+            except CyclesError as exc:
+                self._record_failure(context, exc)
+            raise unknown from unknown.__cause__
+        return guard.commit(
             amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
         )
 
@@ -310,16 +428,26 @@ class StreamReservation(_StreamState):
         """End the stream now, charging nothing."""
         return self._guard.release(reason)
 
-    def _settle(self, outcome: str) -> None:
-        context = self._guard.context
-        amount, metadata = self._final_amount(context, outcome)
+    def _settle(self, outcome: str) -> UnknownActualError | None:
+        """Settle at the block's end; return the unknown actual of a reservation left to expire."""
+        guard = self._guard
+        context = guard.context
         try:
-            if amount is None:
-                self._guard.release(f"stream_{outcome}_without_usage")
+            try:
+                amount, metadata = self._final_amount(context, outcome)
+            except UnknownActualError as unknown:
+                if self._on_unknown_actual == "raise":
+                    return self._left_to_expire(guard, unknown)
+                self._released(unknown)
+                guard.release(_UNKNOWN_RELEASE_REASON)
             else:
-                self._guard.commit(amount, metrics=self._safe_metrics(context), metadata=metadata)
+                if amount is None:
+                    guard.release(f"stream_{outcome}_without_usage")
+                else:
+                    guard.commit(amount, metrics=self._safe_metrics(context), metadata=metadata)
         except CyclesError as exc:
             self._record_failure(context, exc)
+        return None
 
 
 class AsyncStreamReservation(_StreamState):
@@ -331,7 +459,13 @@ class AsyncStreamReservation(_StreamState):
         client: The client to reserve and settle with.
         request: A ready reservation request, instead of the keyword options.
         cost_fn: Prices the accumulated :class:`StreamUsage`.
+        on_unknown_actual: What to do when the usage cannot be priced (nothing is ever
+            committed from an unknown actual): ``"raise"`` (default), ``"release"`` or
+            ``"commit_estimate"``; see the module docs.
         **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+
+    Raises:
+        ValueError: An unknown ``on_unknown_actual``.
     """
 
     __slots__ = ("_guard",)
@@ -343,9 +477,10 @@ class AsyncStreamReservation(_StreamState):
         /,
         *,
         cost_fn: CostFn | None = None,
+        on_unknown_actual: OnUnknownActual = "raise",
         **options: Unpack[ReserveOptions],
     ) -> None:
-        super().__init__(cost_fn)
+        super().__init__(cost_fn, on_unknown_actual)
         self._guard = AsyncReservationGuard(client, request, **options)
 
     def __repr__(self) -> str:
@@ -387,19 +522,41 @@ class AsyncStreamReservation(_StreamState):
         tb: TracebackType | None,
     ) -> None:
         guard = self._guard
+        unknown: UnknownActualError | None = None
         try:
             if not guard.is_finalized:
                 outcome = _outcome(exc)
                 settle = self._settle(outcome)
-                await (run_shielded(settle) if outcome == "cancelled" else settle)
+                unknown = await (run_shielded(settle) if outcome == "cancelled" else settle)
         finally:
             await guard.__aexit__(exc_type, exc, tb)
+        self._surface(unknown, exc)
 
     async def commit(self, actual: int | Amount | None = None) -> SettlementResult:
-        """End the stream now, committing ``actual`` (default: the accumulated usage)."""
-        context = self._guard.context
-        amount, metadata = self._explicit_commit(context, actual)
-        return await self._guard.commit(
+        """End the stream now, committing ``actual`` (default: the accumulated usage).
+
+        Raises:
+            UnknownActualError: No ``actual`` was given and the usage cannot be priced:
+                nothing was committed, and the reservation was left to expire
+                (``on_unknown_actual="raise"``) or released (``"release"``).
+                (``"commit_estimate"`` commits the estimate, flagged, instead.)
+            ReservationAlreadyFinalizedError: The stream already committed or released.
+        """
+        guard = self._guard
+        context = guard.context
+        try:
+            amount, metadata = self._explicit_commit(context, actual)
+        except UnknownActualError as unknown:
+            guard._begin_finalize("commit")  # already finalized: say so, as commit() would
+            if self._on_unknown_actual == "raise":
+                raise self._left_to_expire(guard, unknown) from unknown.__cause__
+            self._released(unknown)
+            try:
+                await guard.release(_UNKNOWN_RELEASE_REASON)
+            except CyclesError as exc:
+                self._record_failure(context, exc)
+            raise unknown from unknown.__cause__
+        return await guard.commit(
             amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
         )
 
@@ -407,18 +564,28 @@ class AsyncStreamReservation(_StreamState):
         """End the stream now, charging nothing."""
         return await self._guard.release(reason)
 
-    async def _settle(self, outcome: str) -> None:
-        context = self._guard.context
-        amount, metadata = self._final_amount(context, outcome)
+    async def _settle(self, outcome: str) -> UnknownActualError | None:
+        """Settle at the block's end; return the unknown actual of a reservation left to expire."""
+        guard = self._guard
+        context = guard.context
         try:
-            if amount is None:
-                await self._guard.release(f"stream_{outcome}_without_usage")
+            try:
+                amount, metadata = self._final_amount(context, outcome)
+            except UnknownActualError as unknown:
+                if self._on_unknown_actual == "raise":
+                    return self._left_to_expire(guard, unknown)
+                self._released(unknown)
+                await guard.release(_UNKNOWN_RELEASE_REASON)
             else:
-                await self._guard.commit(
-                    amount, metrics=self._safe_metrics(context), metadata=metadata
-                )
+                if amount is None:
+                    await guard.release(f"stream_{outcome}_without_usage")
+                else:
+                    await guard.commit(
+                        amount, metrics=self._safe_metrics(context), metadata=metadata
+                    )
         except CyclesError as exc:
             self._record_failure(context, exc)
+        return None
 
 
 @overload
@@ -428,6 +595,7 @@ def stream_reservation(
     /,
     *,
     cost_fn: CostFn | None = None,
+    on_unknown_actual: OnUnknownActual = "raise",
     **options: Unpack[ReserveOptions],
 ) -> StreamReservation: ...
 
@@ -439,6 +607,7 @@ def stream_reservation(
     /,
     *,
     cost_fn: CostFn | None = None,
+    on_unknown_actual: OnUnknownActual = "raise",
     **options: Unpack[ReserveOptions],
 ) -> AsyncStreamReservation: ...
 
@@ -449,6 +618,7 @@ def stream_reservation(
     /,
     *,
     cost_fn: CostFn | None = None,
+    on_unknown_actual: OnUnknownActual = "raise",
     **options: Unpack[ReserveOptions],
 ) -> StreamReservation | AsyncStreamReservation:
     """Return a stream reservation for ``with`` (sync client) or ``async with`` (async client).
@@ -457,13 +627,27 @@ def stream_reservation(
         client: A :class:`~runcycles.CyclesClient` or :class:`~runcycles.AsyncCyclesClient`.
         request: A ready reservation request, instead of the keyword options.
         cost_fn: Prices the accumulated :class:`StreamUsage` in the reservation's unit.
+        on_unknown_actual: When the usage cannot be priced (``cost_fn`` or the usage is
+            broken), nothing is committed and no event is sent. ``"raise"`` (default): leave
+            the reservation to expire at its lease and raise
+            :class:`~runcycles.UnknownActualError` at the end of the block (only logged,
+            and kept in ``settlement_error``, if the block raised or was cancelled).
+            ``"release"``: release it and log an error. ``"commit_estimate"``: commit the
+            estimate, flagged ``actual_error``, and log an error.
         **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
 
     Returns:
         The stream reservation matching the client's flavour.
+
+    Raises:
+        ValueError: An unknown ``on_unknown_actual``.
     """
     from runcycles.client import AsyncCyclesClient
 
     if isinstance(client, AsyncCyclesClient):
-        return AsyncStreamReservation(client, request, cost_fn=cost_fn, **options)
-    return StreamReservation(client, request, cost_fn=cost_fn, **options)
+        return AsyncStreamReservation(
+            client, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options
+        )
+    return StreamReservation(
+        client, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options
+    )

@@ -183,15 +183,19 @@ def test_no_pricing_commits_the_estimate_marked(fake: Any, client: Any) -> None:
     assert commit["metadata"] == {"stream_outcome": "completed", "actual_source": "estimate"}
 
 
-def test_failing_cost_fn_commits_the_estimate_flagged(
+def test_failing_cost_fn_commits_the_estimate_flagged_with_commit_estimate(
     fake: Any, client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # the opt-in of earlier versions' behaviour (the default raises: see
+    # test_stream_unknown_actual.py)
     def broken(usage: StreamUsage) -> int:
         raise KeyError("no price for model")
 
     with (
         caplog.at_level(logging.ERROR, "runcycles"),
-        stream_reservation(client, **OPTIONS, cost_fn=broken) as stream,
+        stream_reservation(
+            client, **OPTIONS, cost_fn=broken, on_unknown_actual="commit_estimate"
+        ) as stream,
     ):
         stream.usage.add_output_tokens(5)
     (commit,) = fake.commits()
@@ -201,12 +205,12 @@ def test_failing_cost_fn_commits_the_estimate_flagged(
     assert "cannot price the usage of stream reservation rsv_1" in caplog.text
 
 
-def test_garbage_usage_commits_the_estimate_flagged(
+def test_garbage_usage_commits_the_estimate_flagged_with_commit_estimate(
     fake: Any, client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     with (
         caplog.at_level(logging.ERROR, "runcycles"),
-        stream_reservation(client, **OPTIONS) as stream,
+        stream_reservation(client, **OPTIONS, on_unknown_actual="commit_estimate") as stream,
     ):
         stream.usage.actual_cost = -5  # assigned directly, bypassing the helpers
     (commit,) = fake.commits()
