@@ -162,10 +162,12 @@ class SubjectRequiredError(CyclesConfigError):
 
 
 class UnknownActualError(CyclesError):
-    """A guarded function ran, but its ``actual=`` gave no usable amount (``@cycles``).
+    """A guarded call ran, but its actual amount is unknown (``@cycles``, stream reservations).
 
-    The ``actual`` callable raised, returned ``None``, or returned something that is not a
-    non-negative amount in the reservation's unit. Nothing was committed and no event was
+    For ``@cycles``: the ``actual`` callable raised, returned ``None``, or returned something
+    that is not a non-negative amount in the reservation's unit. For a stream reservation:
+    its ``cost_fn`` (or the usage it recorded) gave no non-negative int; ``result`` is then
+    ``None``. Nothing was committed and no event was
     sent: a charge is never made up from an unknown actual. With
     ``on_unknown_actual="raise"`` (the default) the reservation is left as it is: its
     heartbeat is stopped and it expires at the end of its lease, when the server returns the
