@@ -32,7 +32,7 @@ _AUTO: Final = frozenset({"host", "content-length", "transfer-encoding"})
 class _Wire:
     """State shared by both wires: the URLs parsed once and the per-request extensions."""
 
-    __slots__ = ("direct", "extensions", "host", "timeout", "urls")
+    __slots__ = ("direct", "extensions", "host", "pool", "timeout", "urls")
 
     def __init__(
         self,
@@ -42,20 +42,22 @@ class _Wire:
         fixed_urls: tuple[str, ...],
     ) -> None:
         self.direct = direct
+        self.pool = http
         self.timeout = http.timeout
         self.extensions = {"timeout": self.timeout.as_dict()}
         self.urls: dict[str, httpx.URL] = {url: httpx.URL(url) for url in fixed_urls}
         self.host = httpx.URL(fixed_urls[0]).netloc.decode("ascii") if fixed_urls else ""
 
-    def request(
+    def build(
         self,
-        http: httpx.Client | httpx.AsyncClient,
         method: str,
         url: str,
         headers: Mapping[str, str],
-        content: bytes | None,
-        params: Mapping[str, str] | None,
+        content: bytes | None = None,
+        params: Mapping[str, str] | None = None,
     ) -> httpx.Request:
+        """Return the request, complete: it is sent as it is."""
+        http = self.pool
         if not self.direct:
             return http.build_request(method, url, content=content, headers=headers, params=params)
         if http.timeout is not self.timeout:  # someone set client.http_client.timeout
@@ -121,17 +123,6 @@ class SyncWire(_Wire):
         self.http = http
         self.transport = transport if isinstance(transport, httpx.BaseTransport) else None
 
-    def build(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        content: bytes | None = None,
-        params: Mapping[str, str] | None = None,
-    ) -> httpx.Request:
-        """Return the request, complete: it is sent as it is."""
-        return self.request(self.http, method, url, headers, content, params)
-
     def send(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` and read the whole answer.
 
@@ -178,17 +169,6 @@ class AsyncWire(_Wire):
         )
         self.http = http
         self.transport = transport if isinstance(transport, httpx.AsyncBaseTransport) else None
-
-    def build(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        content: bytes | None = None,
-        params: Mapping[str, str] | None = None,
-    ) -> httpx.Request:
-        """Return the request, complete: it is sent as it is."""
-        return self.request(self.http, method, url, headers, content, params)
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` and read the whole answer (raises as :meth:`SyncWire.send`)."""
