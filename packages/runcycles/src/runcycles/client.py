@@ -66,8 +66,12 @@ else:  # pragma: no cover - Python 3.10
     from typing_extensions import Self, Unpack
 
 if TYPE_CHECKING:
-    from runcycles.decorator import OnUnknownActual
-    from runcycles.lifecycle import AsyncReservationGuard, ReservationGuard, ReserveOptions
+    from runcycles.lifecycle import (
+        AsyncReservationGuard,
+        OnUnknownActual,
+        ReservationGuard,
+        ReserveOptions,
+    )
     from runcycles.streaming import AsyncStreamReservation, CostFn, StreamReservation
 
 __all__ = ["AsyncCyclesClient", "BalanceFilters", "CyclesClient", "ReservationFilters"]

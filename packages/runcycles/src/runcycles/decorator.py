@@ -53,13 +53,16 @@ from runcycles.lifecycle import (
     DEFAULT_TTL_MS,
     AsyncReservationGuard,
     DryRunResult,
+    OnUnknownActual,
     ReservationGuard,
     SubjectRequiredError,
     UnknownActualError,
     adiscover_tenant,
     build_reservation_request,
+    check_on_unknown_actual,
     discover_tenant,
     dry_run_result,
+    left_to_expire,
     measure_actual,
     new_idempotency_key,
     resolve_actual,
@@ -100,10 +103,6 @@ EstimateArg = int | Amount | Callable[..., int | Amount]
 ActualArg = int | Amount | Callable[[Any], int | Amount | None] | None
 SubjectArg = str | Callable[..., str | None] | None
 DimensionsArg = Mapping[str, str] | Callable[..., Mapping[str, str] | None] | None
-OnUnknownActual = Literal["raise", "release", "commit_estimate"]
-"""What ``@cycles`` does when the ``actual`` callable gives no usable amount."""
-
-_ON_UNKNOWN_ACTUAL: Final = ("raise", "release", "commit_estimate")
 
 _ACTION_NAME_MAX: Final = 256
 
@@ -335,11 +334,7 @@ class _Policy:
         heartbeat: bool,
         on_unknown_actual: OnUnknownActual,
     ) -> None:
-        if on_unknown_actual not in _ON_UNKNOWN_ACTUAL:
-            raise ValueError(
-                f"on_unknown_actual must be one of {', '.join(map(repr, _ON_UNKNOWN_ACTUAL))}, "
-                f"got {on_unknown_actual!r}"
-            )
+        check_on_unknown_actual(on_unknown_actual)
         self.on_unknown_actual = on_unknown_actual
         self.unit = Unit(unit)
         self.estimate: Amount | None = None
@@ -839,19 +834,11 @@ def _log_commit_failure(context: CyclesContext, exc: CyclesError) -> None:
 def _left_to_expire(
     guard: ReservationGuard | AsyncReservationGuard, unknown: UnknownActualError, result: Any
 ) -> UnknownActualError:
-    """Stop ``guard`` without a request and return ``unknown`` carrying ``result``.
-
-    The error's message says what happened and what the caller can do about it.
-    """
-    guard._abandon()
+    """Stop ``guard`` without a request and return ``unknown`` carrying ``result``."""
     unknown.result = result
-    unknown.args = (
-        f"{unknown.args[0]}: the reservation was left to expire at the end of its lease "
-        "(no commit, no event, no release); the function's result is on this error's "
-        ".result. Fix the actual= callable, or pass on_unknown_actual='release' or "
-        "'commit_estimate' to @cycles",
+    return left_to_expire(
+        guard, unknown, "the actual= callable (the function's result is on this error's .result)"
     )
-    return unknown
 
 
 def _log_unknown_actual(unknown: UnknownActualError) -> None:

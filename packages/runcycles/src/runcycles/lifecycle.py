@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypedDict, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, TypeVar, overload
 
 from runcycles import _wiring
 from runcycles._wiring import NoHeartbeat
@@ -196,6 +196,37 @@ class UnknownActualError(CyclesError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), self.args, {**self.__dict__, "result": None})
+
+
+OnUnknownActual = Literal["raise", "release", "commit_estimate"]
+"""What ``@cycles`` and stream reservations do when the actual amount is unknown."""
+
+_ON_UNKNOWN_ACTUAL: Final = ("raise", "release", "commit_estimate")
+
+
+def check_on_unknown_actual(value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of the ``on_unknown_actual`` choices."""
+    if value not in _ON_UNKNOWN_ACTUAL:
+        raise ValueError(
+            f"on_unknown_actual must be one of {', '.join(map(repr, _ON_UNKNOWN_ACTUAL))}, "
+            f"got {value!r}"
+        )
+
+
+def left_to_expire(
+    guard: ReservationGuard | AsyncReservationGuard, unknown: UnknownActualError, fix: str
+) -> UnknownActualError:
+    """Stop ``guard`` without a request (``on_unknown_actual="raise"``); explain ``unknown``.
+
+    ``fix`` names what the caller should repair (``"the actual= callable"``, ...).
+    """
+    guard._abandon()
+    unknown.args = (
+        f"{unknown.args[0]}: the reservation was left to expire at the end of its lease "
+        f"(no commit, no event, no release). Fix {fix}, or pass "
+        "on_unknown_actual='release' or 'commit_estimate'",
+    )
+    return unknown
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,12 @@ from runcycles.exceptions import CyclesError
 from runcycles.lifecycle import (
     ACTUAL_SOURCE_KEY,
     AsyncReservationGuard,
+    OnUnknownActual,
     ReservationGuard,
     ReserveOptions,
     UnknownActualError,
+    check_on_unknown_actual,
+    left_to_expire,
     run_shielded,
 )
 from runcycles.models import (
@@ -78,7 +81,6 @@ if TYPE_CHECKING:
 
     from runcycles.client import AsyncCyclesClient, CyclesClient
     from runcycles.context import CyclesContext
-    from runcycles.decorator import OnUnknownActual
 
 __all__ = [
     "AsyncStreamReservation",
@@ -96,9 +98,6 @@ CostFn = Callable[["StreamUsage"], int]
 
 OUTCOME_KEY: Final = "stream_outcome"
 """Commit metadata key recording how the stream ended: completed, failed or cancelled."""
-
-_ON_UNKNOWN_ACTUAL: Final = ("raise", "release", "commit_estimate")
-"""The values of ``on_unknown_actual`` (as for ``@cycles``)."""
 
 _UNKNOWN_RELEASE_REASON: Final = "actual_unknown"
 
@@ -190,11 +189,7 @@ class _StreamState:
     def __init__(self, cost_fn: CostFn | None, on_unknown_actual: OnUnknownActual) -> None:
         if cost_fn is not None and not callable(cost_fn):
             raise TypeError(f"cost_fn must be a callable of StreamUsage, got {cost_fn!r}")
-        if on_unknown_actual not in _ON_UNKNOWN_ACTUAL:
-            raise ValueError(
-                f"on_unknown_actual must be one of {', '.join(map(repr, _ON_UNKNOWN_ACTUAL))}, "
-                f"got {on_unknown_actual!r}"
-            )
+        check_on_unknown_actual(on_unknown_actual)
         self._cost_fn = cost_fn
         self._on_unknown_actual: OnUnknownActual = on_unknown_actual
         self.usage = StreamUsage()
@@ -250,12 +245,7 @@ class _StreamState:
         self, guard: ReservationGuard | AsyncReservationGuard, unknown: UnknownActualError
     ) -> UnknownActualError:
         """Stop ``guard`` without a request (``"raise"``); return ``unknown``, explained."""
-        guard._abandon()
-        unknown.args = (
-            f"{unknown.args[0]}: the reservation was left to expire at the end of its lease "
-            "(no commit, no event, no release). Fix cost_fn (or the usage it prices), or "
-            "pass on_unknown_actual='release' or 'commit_estimate' to the stream reservation",
-        )
+        left_to_expire(guard, unknown, "cost_fn (or the usage it prices)")
         self.settlement_error = unknown
         return unknown
 

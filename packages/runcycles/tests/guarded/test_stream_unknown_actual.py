@@ -26,7 +26,7 @@ from runcycles import (
     UnknownActualError,
     stream_reservation,
 )
-from runcycles.decorator import OnUnknownActual
+from runcycles.lifecycle import OnUnknownActual
 from runcycles.testing.recovery_adapter import observe
 
 OPTIONS: dict[str, Any] = {
