@@ -62,10 +62,8 @@ from runcycles.lifecycle import (
     check_on_unknown_actual,
     discover_tenant,
     dry_run_result,
-    left_to_expire,
     measure_actual,
     new_idempotency_key,
-    resolve_actual,
     resolve_subject,
     to_amount,
 )
@@ -456,17 +454,20 @@ class _Policy:
 
     def settlement(
         self, result: Any, context: CyclesContext, elapsed_s: float
-    ) -> tuple[Amount | None, CyclesMetrics, dict[str, Any] | None]:
+    ) -> tuple[Amount | UnknownActualError | None, CyclesMetrics, dict[str, Any] | None]:
         """Return ``(actual, metrics, metadata)`` of the commit after a successful call.
 
-        Raises:
-            UnknownActualError: The ``actual`` callable gave no usable amount (unless
-                ``on_unknown_actual="commit_estimate"``).
+        ``actual`` is an :class:`UnknownActualError` (carrying ``result``) when the
+        ``actual`` callable gave no usable amount: the guard's ``settle`` applies
+        ``on_unknown_actual`` to it.
         """
-        if self.on_unknown_actual == "commit_estimate":
-            actual, metadata = resolve_actual(self.actual, result, context)
-        else:
-            actual, metadata = measure_actual(self.actual, result, context), None
+        actual: Amount | UnknownActualError | None
+        try:
+            actual = measure_actual(self.actual, result, context)
+        except UnknownActualError as unknown:
+            unknown.result = result
+            actual = unknown
+        metadata = None
         latency_ms = int(elapsed_s * 1000)
         # The guarded code writes these; a wrong type must not cost the commit.
         written: object = context.metrics
@@ -753,23 +754,22 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
         with guard:
             started = time.perf_counter()
             result = fn(*args, **kwargs)
+            actual, metrics, metadata = policy.settlement(
+                result, guard.context, time.perf_counter() - started
+            )
             try:
-                actual, metrics, metadata = policy.settlement(
-                    result, guard.context, time.perf_counter() - started
+                guard.settle(
+                    actual,
+                    on_unknown_actual=policy.on_unknown_actual,
+                    metrics=metrics,
+                    metadata=metadata,
+                    fix=_FIX,
                 )
-            except UnknownActualError as unknown:
-                if policy.on_unknown_actual == "raise":
-                    raise _left_to_expire(guard, unknown, result) from unknown.__cause__
-                _log_unknown_actual(unknown)
-                try:
-                    guard.release("actual_unknown")
-                except CyclesError as exc:
-                    _log_release_failure(guard.context, exc)
-                return result
-            try:
-                guard.commit(actual, metrics=metrics, metadata=metadata)
+            except UnknownActualError:
+                raise
             except CyclesError as exc:
-                _log_commit_failure(guard.context, exc)
+                released = isinstance(actual, UnknownActualError)
+                _log_settle_failure(guard.context, exc, released=released)
         return result
 
     return guarded
@@ -797,23 +797,22 @@ def _async_wrapper(
         async with guard:
             started = time.perf_counter()
             result = await fn(*args, **kwargs)
+            actual, metrics, metadata = policy.settlement(
+                result, guard.context, time.perf_counter() - started
+            )
             try:
-                actual, metrics, metadata = policy.settlement(
-                    result, guard.context, time.perf_counter() - started
+                await guard.settle(
+                    actual,
+                    on_unknown_actual=policy.on_unknown_actual,
+                    metrics=metrics,
+                    metadata=metadata,
+                    fix=_FIX,
                 )
-            except UnknownActualError as unknown:
-                if policy.on_unknown_actual == "raise":
-                    raise _left_to_expire(guard, unknown, result) from unknown.__cause__
-                _log_unknown_actual(unknown)
-                try:
-                    await guard.release("actual_unknown")
-                except CyclesError as exc:
-                    _log_release_failure(guard.context, exc)
-                return result
-            try:
-                await guard.commit(actual, metrics=metrics, metadata=metadata)
+            except UnknownActualError:
+                raise
             except CyclesError as exc:
-                _log_commit_failure(guard.context, exc)
+                released = isinstance(actual, UnknownActualError)
+                _log_settle_failure(guard.context, exc, released=released)
         return result
 
     return guarded
@@ -823,33 +822,19 @@ _SYNC_CREATE: Final = CyclesClient.create_reservation
 _ASYNC_CREATE: Final = AsyncCyclesClient.create_reservation
 
 
-def _log_commit_failure(context: CyclesContext, exc: CyclesError) -> None:
+_FIX: Final = "the actual= callable (the function's result is on this error's .result)"
+
+
+def _log_settle_failure(context: CyclesContext, exc: CyclesError, *, released: bool) -> None:
+    if released:
+        logger.warning(
+            "could not release reservation %s (%s); it will expire on its own",
+            context.reservation_id,
+            exc,
+        )
+        return
     logger.error(
         "commit of reservation %s failed after the guarded function ran: %s",
-        context.reservation_id,
-        exc,
-    )
-
-
-def _left_to_expire(
-    guard: ReservationGuard | AsyncReservationGuard, unknown: UnknownActualError, result: Any
-) -> UnknownActualError:
-    """Stop ``guard`` without a request and return ``unknown`` carrying ``result``."""
-    unknown.result = result
-    return left_to_expire(
-        guard, unknown, "the actual= callable (the function's result is on this error's .result)"
-    )
-
-
-def _log_unknown_actual(unknown: UnknownActualError) -> None:
-    logger.error(
-        "%s; releasing it (on_unknown_actual='release')", unknown, exc_info=unknown.__cause__
-    )
-
-
-def _log_release_failure(context: CyclesContext, exc: CyclesError) -> None:
-    logger.warning(
-        "could not release reservation %s (%s); it will expire on its own",
         context.reservation_id,
         exc,
     )

@@ -220,13 +220,55 @@ def left_to_expire(
 
     ``fix`` names what the caller should repair (``"the actual= callable"``, ...).
     """
-    guard._abandon()
+    guard.abandon()
     unknown.args = (
         f"{unknown.args[0]}: the reservation was left to expire at the end of its lease "
         f"(no commit, no event, no release). Fix {fix}, or pass "
         "on_unknown_actual='release' or 'commit_estimate'",
     )
     return unknown
+
+
+UNKNOWN_ACTUAL_RELEASE_REASON: Final = "actual_unknown"
+"""Release reason of a reservation whose actual is unknown (``on_unknown_actual="release"``)."""
+
+_RELEASE: Final[dict[str, Any]] = {}
+
+
+def _unknown_rule(
+    guard: ReservationGuard | AsyncReservationGuard,
+    unknown: UnknownActualError,
+    on_unknown_actual: OnUnknownActual,
+    fix: str,
+    metadata: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Apply ``on_unknown_actual`` to ``unknown``: the one place that rule is written.
+
+    Returns :data:`_RELEASE` (release the reservation) or the metadata of a commit of the
+    estimate; raises ``unknown`` (after abandoning ``guard``) for ``"raise"``.
+    """
+    check_on_unknown_actual(on_unknown_actual)
+    if on_unknown_actual == "raise":
+        raise left_to_expire(guard, unknown, fix) from unknown.__cause__
+    if on_unknown_actual == "release":
+        logger.error(
+            "%s; releasing it (on_unknown_actual='release')", unknown, exc_info=unknown.__cause__
+        )
+        return _RELEASE
+    logger.error(
+        "%s; committing the estimate instead (on_unknown_actual='commit_estimate')",
+        unknown,
+        exc_info=unknown.__cause__,
+    )
+    merged = dict(metadata) if metadata else {}
+    merged[ACTUAL_SOURCE_KEY] = "estimate"
+    if unknown.reason is not None and unknown.__cause__ is not None:
+        merged["actual_error"] = unknown.reason  # what measuring raised
+    return merged
+
+
+def _fail_reason(exc: BaseException | None) -> str:
+    return "guarded_code_failed" if exc is None else exit_release_reason(exc)
 
 
 @dataclass(frozen=True)
@@ -736,12 +778,12 @@ def measure_actual(
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"[:512]
         raise UnknownActualError(
-            f"the actual= of reservation {rid} failed ({reason}); nothing was committed",
+            f"the actual= of reservation {rid} failed ({reason})",
             reservation_id=rid,
             reason=reason,
         ) from exc
     raise UnknownActualError(
-        f"the actual= of reservation {rid} gave no amount ({reason}); nothing was committed",
+        f"the actual= of reservation {rid} gave no amount ({reason})",
         reservation_id=rid,
         reason=reason,
     )
@@ -968,12 +1010,18 @@ class _GuardState:
             ) from None
         self._state = _FINALIZED
 
-    def _abandon(self) -> bool:
+    def abandon(self) -> bool:
         """End the guard without sending anything: the reservation expires at its lease.
 
-        ``@cycles`` uses this when the actual is unknown: no commit, no event, no release.
-        Returns whether this call ended it (``False``: already finalized).
+        Stops the heartbeat; no commit, no event, no release is sent (what an unknown
+        actual under ``on_unknown_actual="raise"`` does). The held budget returns to the
+        scopes when the lease ends.
+
+        Returns:
+            Whether this call ended it (``False``: it was already finalized).
         """
+        if self._state == _NEW:
+            return False  # nothing reserved, nothing to abandon
         try:
             self._mark_finalized("abandon")
         except ReservationAlreadyFinalizedError:
@@ -1025,7 +1073,27 @@ class ReservationGuard(_GuardState):
         super().__init__(client.config, request, options, known_tenant(client))
         self._client = client
 
-    def __enter__(self) -> Self:
+    def start(self, *, publish: bool = False) -> Self:
+        """Reserve now (a denial raises before anything runs) and start the heartbeat.
+
+        The explicit spelling of entering the guard, for code whose "before" and "after"
+        run in separate calls (framework callbacks): end the reservation later with
+        :meth:`commit`, :meth:`settle`, :meth:`release`, :meth:`fail` or :meth:`abandon`.
+
+        Args:
+            publish: Also make the reservation :func:`~runcycles.get_cycles_context` for
+                the current context until the guard is left (``with`` does this). A
+                callback leaves it ``False``: it never leaves a context variable set.
+
+        Returns:
+            The guard, live.
+
+        Raises:
+            CyclesProtocolError: The server denied the reservation (e.g.
+                :class:`~runcycles.BudgetExceededError`).
+            CyclesTransportError: The server could not be reached.
+            RuntimeError: The guard was already started.
+        """
         self._check_enter()
         if self._pending:
             self._complete(self._client.config, discover_tenant(self._client))
@@ -1041,8 +1109,12 @@ class ReservationGuard(_GuardState):
             self._heartbeat = _wiring.heartbeat.track(
                 self._client, self._lease_ms(data), data, context, rtt_s
             )
-        self._publish(context)
+        if publish:
+            self._publish(context)
         return self
+
+    def __enter__(self) -> Self:
+        return self.start(publish=True)
 
     def __exit__(
         self,
@@ -1060,6 +1132,60 @@ class ReservationGuard(_GuardState):
         finally:
             self._stop_heartbeat()
             self._leave()
+
+    def fail(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
+        """Release the reservation because the work failed; never raises.
+
+        A no-op when the guard is not live (never started, or already finalized), so a
+        framework's error callback may call it unconditionally. A failed release is logged:
+        the reservation then expires at the end of its lease.
+
+        Args:
+            exc: What the work raised (recorded as the release reason).
+            reason: The release reason instead (default from ``exc``, else
+                ``"guarded_code_failed"``).
+        """
+        if self._state != _LIVE:
+            return
+        self._release_quietly(reason or _fail_reason(exc))
+
+    def settle(
+        self,
+        actual: int | Amount | UnknownActualError | None = None,
+        *,
+        on_unknown_actual: OnUnknownActual = "raise",
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        fix: str = "the actual",
+    ) -> SettlementResult | None:
+        """End the reservation after the work ran, applying ``on_unknown_actual`` once.
+
+        Args:
+            actual: What was used (``None``: the estimate, flagged ``actual_source``), or an
+                :class:`UnknownActualError` saying the actual could not be measured.
+            on_unknown_actual: For an unknown actual: ``"raise"`` (send nothing, leave the
+                reservation to expire at its lease, raise the error), ``"release"`` (release
+                it, log, return ``None``) or ``"commit_estimate"`` (commit the estimate
+                flagged ``actual_error``, log).
+            metrics: Commit metrics.
+            metadata: Commit metadata.
+            fix: What the caller should repair, named in the raised error's message.
+
+        Returns:
+            The commit's :class:`~runcycles.SettlementResult`, or ``None`` when an unknown
+            actual was released.
+
+        Raises:
+            UnknownActualError: The actual is unknown and ``on_unknown_actual="raise"``.
+            CyclesError: The commit or release failed.
+        """
+        if not isinstance(actual, UnknownActualError):
+            return self.commit(actual, metrics=metrics, metadata=metadata)
+        rule = _unknown_rule(self, actual, on_unknown_actual, fix, metadata)
+        if rule is _RELEASE:
+            self.release(UNKNOWN_ACTUAL_RELEASE_REASON)
+            return None
+        return self.commit(None, metrics=metrics, metadata=rule)
 
     def commit(
         self,
@@ -1163,7 +1289,26 @@ class AsyncReservationGuard(_GuardState):
         super().__init__(client.config, request, options, known_tenant(client))
         self._client = client
 
-    async def __aenter__(self) -> Self:
+    async def start(self, *, publish: bool = False) -> Self:
+        """Reserve now (a denial raises before anything runs) and start the heartbeat.
+
+        The async twin of :meth:`ReservationGuard.start`: for callbacks, end the
+        reservation later with :meth:`commit`, :meth:`settle`, :meth:`release`,
+        :meth:`fail` or :meth:`abandon`.
+
+        Args:
+            publish: Also make the reservation :func:`~runcycles.get_cycles_context` for
+                the current context until the guard is left (``async with`` does this).
+
+        Returns:
+            The guard, live.
+
+        Raises:
+            CyclesProtocolError: The server denied the reservation (e.g.
+                :class:`~runcycles.BudgetExceededError`).
+            CyclesTransportError: The server could not be reached.
+            RuntimeError: The guard was already started.
+        """
         self._check_enter()
         if self._pending:
             self._complete(self._client.config, await adiscover_tenant(self._client))
@@ -1179,8 +1324,12 @@ class AsyncReservationGuard(_GuardState):
             self._heartbeat = _wiring.heartbeat.atrack(
                 self._client, self._lease_ms(data), data, context, rtt_s
             )
-        self._publish(context)
+        if publish:
+            self._publish(context)
         return self
+
+    async def __aenter__(self) -> Self:
+        return await self.start(publish=True)
 
     async def __aexit__(
         self,
@@ -1199,6 +1348,37 @@ class AsyncReservationGuard(_GuardState):
         finally:
             self._stop_heartbeat()
             self._leave()
+
+    async def fail(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
+        """Release the reservation because the work failed; never raises.
+
+        The async twin of :meth:`ReservationGuard.fail`. The release is shielded: a
+        cancellation of the caller does not interrupt it.
+        """
+        if self._state != _LIVE:
+            return
+        await self._release_quietly(reason or _fail_reason(exc), shield=True)
+
+    async def settle(
+        self,
+        actual: int | Amount | UnknownActualError | None = None,
+        *,
+        on_unknown_actual: OnUnknownActual = "raise",
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        fix: str = "the actual",
+    ) -> SettlementResult | None:
+        """End the reservation after the work ran, applying ``on_unknown_actual`` once.
+
+        The async twin of :meth:`ReservationGuard.settle`.
+        """
+        if not isinstance(actual, UnknownActualError):
+            return await self.commit(actual, metrics=metrics, metadata=metadata)
+        rule = _unknown_rule(self, actual, on_unknown_actual, fix, metadata)
+        if rule is _RELEASE:
+            await self.release(UNKNOWN_ACTUAL_RELEASE_REASON)
+            return None
+        return await self.commit(None, metrics=metrics, metadata=rule)
 
     async def commit(
         self,

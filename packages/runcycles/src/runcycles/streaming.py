@@ -62,7 +62,6 @@ from runcycles.lifecycle import (
     ReserveOptions,
     UnknownActualError,
     check_on_unknown_actual,
-    left_to_expire,
     run_shielded,
 )
 from runcycles.models import (
@@ -99,7 +98,7 @@ CostFn = Callable[["StreamUsage"], int]
 OUTCOME_KEY: Final = "stream_outcome"
 """Commit metadata key recording how the stream ended: completed, failed or cancelled."""
 
-_UNKNOWN_RELEASE_REASON: Final = "actual_unknown"
+_FIX: Final = "cost_fn (or the usage it prices)"
 
 
 @dataclass
@@ -208,9 +207,8 @@ class _StreamState:
         Raises:
             UnknownActualError: The usage cannot be priced (``cost_fn`` raised or returned
                 something that is not a non-negative ``int``; an invalid ``actual_cost`` or
-                token count was assigned); its ``__cause__`` is the failure. With
-                ``on_unknown_actual="commit_estimate"`` the estimate is returned instead,
-                flagged ``actual_error``, and the failure logged.
+                token count was assigned); its ``__cause__`` is the failure. The guard's
+                ``settle`` applies ``on_unknown_actual`` to it.
         """
         usage = self.usage
         metadata: dict[str, Any] = {OUTCOME_KEY: outcome}
@@ -226,35 +224,20 @@ class _StreamState:
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[:512]
             rid = context.reservation_id
-            if self._on_unknown_actual != "commit_estimate":
-                raise UnknownActualError(
-                    f"cannot price the usage of stream reservation {rid} ({reason}); nothing "
-                    "was committed",
-                    reservation_id=rid,
-                    reason=reason,
-                ) from exc
-            logger.exception(
-                "cannot price the usage of stream reservation %s; committing the estimate instead",
-                rid,
-            )
-            metadata["actual_error"] = reason
+            raise UnknownActualError(
+                f"cannot price the usage of stream reservation {rid} ({reason})",
+                reservation_id=rid,
+                reason=reason,
+            ) from exc
         metadata[ACTUAL_SOURCE_KEY] = "estimate"
         return context.estimate.amount, metadata
 
-    def _left_to_expire(
-        self, guard: ReservationGuard | AsyncReservationGuard, unknown: UnknownActualError
-    ) -> UnknownActualError:
-        """Stop ``guard`` without a request (``"raise"``); return ``unknown``, explained."""
-        left_to_expire(guard, unknown, "cost_fn (or the usage it prices)")
-        self.settlement_error = unknown
-        return unknown
-
-    def _released(self, unknown: UnknownActualError) -> UnknownActualError:
-        """Log ``unknown`` before its release (``"release"``); return it, explained."""
-        logger.error(
-            "%s; releasing it (on_unknown_actual='release')", unknown, exc_info=unknown.__cause__
-        )
-        unknown.args = (f"{unknown.args[0]}: the reservation was released",)
+    def _unknown_settled(self, unknown: UnknownActualError) -> UnknownActualError:
+        """Record ``unknown`` once the guard's ``settle`` applied ``on_unknown_actual``."""
+        if self._on_unknown_actual == "raise":
+            self.settlement_error = unknown
+        elif self._on_unknown_actual == "release":
+            unknown.args = (f"{unknown.args[0]}: the reservation was released",)
         return unknown
 
     @staticmethod
@@ -398,21 +381,27 @@ class StreamReservation(_StreamState):
         """
         guard = self._guard
         context = guard.context
+        metrics = self.usage.to_metrics(context.metrics)
         try:
             amount, metadata = self._explicit_commit(context, actual)
         except UnknownActualError as unknown:
-            guard._begin_finalize("commit")  # already finalized: say so, as commit() would
-            if self._on_unknown_actual == "raise":
-                raise self._left_to_expire(guard, unknown) from unknown.__cause__
-            self._released(unknown)
             try:
-                guard.release(_UNKNOWN_RELEASE_REASON)
+                result = guard.settle(
+                    unknown,
+                    on_unknown_actual=self._on_unknown_actual,
+                    metrics=metrics,
+                    metadata={OUTCOME_KEY: "completed"},
+                    fix=_FIX,
+                )
+            except UnknownActualError:
+                raise self._unknown_settled(unknown) from unknown.__cause__
             except CyclesError as exc:
                 self._record_failure(context, exc)
-            raise unknown from unknown.__cause__
-        return guard.commit(
-            amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
-        )
+                result = None
+            if result is None:  # released: there is no commit to return
+                raise self._unknown_settled(unknown) from unknown.__cause__
+            return result
+        return guard.commit(amount, metrics=metrics, metadata=metadata)
 
     def release(self, reason: str | None = None) -> ReleaseResponse:
         """End the stream now, charging nothing."""
@@ -426,10 +415,16 @@ class StreamReservation(_StreamState):
             try:
                 amount, metadata = self._final_amount(context, outcome)
             except UnknownActualError as unknown:
-                if self._on_unknown_actual == "raise":
-                    return self._left_to_expire(guard, unknown)
-                self._released(unknown)
-                guard.release(_UNKNOWN_RELEASE_REASON)
+                try:
+                    guard.settle(
+                        unknown,
+                        on_unknown_actual=self._on_unknown_actual,
+                        metrics=self._safe_metrics(context),
+                        metadata={OUTCOME_KEY: outcome},
+                        fix=_FIX,
+                    )
+                except UnknownActualError:
+                    return self._unknown_settled(unknown)
             else:
                 if amount is None:
                     guard.release(f"stream_{outcome}_without_usage")
@@ -534,21 +529,27 @@ class AsyncStreamReservation(_StreamState):
         """
         guard = self._guard
         context = guard.context
+        metrics = self.usage.to_metrics(context.metrics)
         try:
             amount, metadata = self._explicit_commit(context, actual)
         except UnknownActualError as unknown:
-            guard._begin_finalize("commit")  # already finalized: say so, as commit() would
-            if self._on_unknown_actual == "raise":
-                raise self._left_to_expire(guard, unknown) from unknown.__cause__
-            self._released(unknown)
             try:
-                await guard.release(_UNKNOWN_RELEASE_REASON)
+                result = await guard.settle(
+                    unknown,
+                    on_unknown_actual=self._on_unknown_actual,
+                    metrics=metrics,
+                    metadata={OUTCOME_KEY: "completed"},
+                    fix=_FIX,
+                )
+            except UnknownActualError:
+                raise self._unknown_settled(unknown) from unknown.__cause__
             except CyclesError as exc:
                 self._record_failure(context, exc)
-            raise unknown from unknown.__cause__
-        return await guard.commit(
-            amount, metrics=self.usage.to_metrics(context.metrics), metadata=metadata
-        )
+                result = None
+            if result is None:  # released: there is no commit to return
+                raise self._unknown_settled(unknown) from unknown.__cause__
+            return result
+        return await guard.commit(amount, metrics=metrics, metadata=metadata)
 
     async def release(self, reason: str | None = None) -> ReleaseResponse:
         """End the stream now, charging nothing."""
@@ -562,10 +563,16 @@ class AsyncStreamReservation(_StreamState):
             try:
                 amount, metadata = self._final_amount(context, outcome)
             except UnknownActualError as unknown:
-                if self._on_unknown_actual == "raise":
-                    return self._left_to_expire(guard, unknown)
-                self._released(unknown)
-                await guard.release(_UNKNOWN_RELEASE_REASON)
+                try:
+                    await guard.settle(
+                        unknown,
+                        on_unknown_actual=self._on_unknown_actual,
+                        metrics=self._safe_metrics(context),
+                        metadata={OUTCOME_KEY: outcome},
+                        fix=_FIX,
+                    )
+                except UnknownActualError:
+                    return self._unknown_settled(unknown)
             else:
                 if amount is None:
                     await guard.release(f"stream_{outcome}_without_usage")

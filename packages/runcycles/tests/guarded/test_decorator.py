@@ -324,7 +324,10 @@ def test_failing_actual_commits_the_estimate_when_asked_to(
         "actual_source": "estimate",
         "actual_error": "ValueError: cannot measure",
     }
-    assert "cannot use the actual= of reservation rsv_1" in caplog.text
+    assert (
+        "the actual= of reservation rsv_1 failed (ValueError: cannot measure); committing"
+        in caplog.text
+    )
     assert fake.statuses() == ["COMMITTED"]
 
 

@@ -50,7 +50,7 @@ def test_same_signatures_and_async_where_io(sync_cls: type, async_cls: type) -> 
             assert type(async_member) is type(sync_member), name  # property or slot
             continue
         assert normalised(sync_member) == normalised(async_member), name
-        does_io = name in ("commit", "release", *RENAMED)
+        does_io = name in ("commit", "release", "start", "fail", "settle", *RENAMED)
         assert inspect.iscoroutinefunction(async_member) is does_io, name
         assert not inspect.iscoroutinefunction(sync_member), name
 
