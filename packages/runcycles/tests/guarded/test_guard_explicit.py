@@ -12,10 +12,8 @@ from typing import Any
 import pytest
 
 from runcycles import (
-    AsyncReservationGuard,
     BudgetExceededError,
     ReservationAlreadyFinalizedError,
-    ReservationGuard,
     UnknownActualError,
     get_cycles_context,
     reserve,
