@@ -238,19 +238,23 @@ class CyclesClient:
         request: ReservationCreateRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationCreateResponse]:
         """Reserve budget: ``POST /v1/reservations``.
 
         Args:
             request: The reservation to create.
             headers: Extra headers for this call (e.g. ``traceparent``).
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
         """
         content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
         url = self._core.reservations_url
-        return self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
+        return self._send(
+            "POST", url, ReservationCreateResponse, hdrs, content=content, retry=retry_policy
+        )
 
     def _create_encoded(
         self, content: bytes, idempotency_key: str
@@ -266,6 +270,7 @@ class CyclesClient:
         request: CommitRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[CommitResponse]:
         """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``.
 
@@ -273,13 +278,14 @@ class CyclesClient:
             reservation_id: Id returned by :meth:`create_reservation`.
             request: The actual amount (plus optional metrics and metadata).
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.CommitResponse`.
         """
         content, hdrs = self._core.post_body(request, CommitRequest, headers)
         url = self._core.reservation_url(reservation_id, "/commit")
-        return self._send("POST", url, CommitResponse, hdrs, content=content)
+        return self._send("POST", url, CommitResponse, hdrs, content=content, retry=retry_policy)
 
     def release_reservation(
         self,
@@ -287,6 +293,7 @@ class CyclesClient:
         request: ReleaseRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReleaseResponse]:
         """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``.
 
@@ -294,13 +301,14 @@ class CyclesClient:
             reservation_id: Id returned by :meth:`create_reservation`.
             request: The idempotency key and an optional reason.
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.ReleaseResponse`.
         """
         content, hdrs = self._core.post_body(request, ReleaseRequest, headers)
         url = self._core.reservation_url(reservation_id, "/release")
-        return self._send("POST", url, ReleaseResponse, hdrs, content=content)
+        return self._send("POST", url, ReleaseResponse, hdrs, content=content, retry=retry_policy)
 
     def extend_reservation(
         self,
@@ -308,6 +316,7 @@ class CyclesClient:
         request: ReservationExtendRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationExtendResponse]:
         """Move a reservation's expiry: ``POST /v1/reservations/{reservation_id}/extend``.
 
@@ -315,73 +324,101 @@ class CyclesClient:
             reservation_id: Id returned by :meth:`create_reservation`.
             request: ``extend_by_ms`` (added to the current expiry) and the idempotency key.
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.ReservationExtendResponse`.
         """
         content, hdrs = self._core.post_body(request, ReservationExtendRequest, headers)
         url = self._core.reservation_url(reservation_id, "/extend")
-        return self._send("POST", url, ReservationExtendResponse, hdrs, content=content)
+        return self._send(
+            "POST", url, ReservationExtendResponse, hdrs, content=content, retry=retry_policy
+        )
 
     def decide(
         self,
         request: DecisionRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[DecisionResponse]:
         """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``.
 
         Args:
             request: The would-be reservation.
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.DecisionResponse`.
         """
         content, hdrs = self._core.post_body(request, DecisionRequest, headers)
-        return self._send("POST", self._core.decide_url, DecisionResponse, hdrs, content=content)
+        return self._send(
+            "POST",
+            self._core.decide_url,
+            DecisionResponse,
+            hdrs,
+            content=content,
+            retry=retry_policy,
+        )
 
     def create_event(
         self,
         request: EventCreateRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[EventCreateResponse]:
         """Debit usage directly, without a reservation: ``POST /v1/events``.
 
         Args:
             request: The event (subject, action, actual amount).
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response (HTTP 201); ``data`` is a :class:`~runcycles.models.EventCreateResponse`.
         """
         content, hdrs = self._core.post_body(request, EventCreateRequest, headers)
         url = self._core.events_url
-        return self._send("POST", url, EventCreateResponse, hdrs, content=content)
+        return self._send(
+            "POST", url, EventCreateResponse, hdrs, content=content, retry=retry_policy
+        )
 
     def get_reservation(
-        self, reservation_id: str, *, headers: Headers | None = None
+        self,
+        reservation_id: str,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationDetail]:
         """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``.
 
         Args:
             reservation_id: The reservation's id.
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.ReservationDetail`.
         """
         url = self._core.reservation_url(reservation_id)
-        return self._send("GET", url, ReservationDetail, self._core.headers_for_get(headers))
+        return self._send(
+            "GET", url, ReservationDetail, self._core.headers_for_get(headers), retry=retry_policy
+        )
 
     def list_reservations(
-        self, *, headers: Headers | None = None, **filters: Unpack[ReservationFilters]
+        self,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
+        **filters: Unpack[ReservationFilters],
     ) -> CyclesResponse[ReservationListResponse]:
         """List one page of reservations: ``GET /v1/reservations``.
 
         Args:
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
             **filters: See :class:`ReservationFilters` (``status``,
                 ``tenant``, ..., ``limit``, ``cursor``).
 
@@ -389,10 +426,16 @@ class CyclesClient:
             The response; ``data`` is a :class:`~runcycles.models.ReservationListResponse`.
         """
         params = reservation_params(filters)
-        return self._list(self._core.reservations_url, ReservationListResponse, params, headers)
+        return self._list(
+            self._core.reservations_url, ReservationListResponse, params, headers, retry_policy
+        )
 
     def iter_reservations(
-        self, *, headers: Headers | None = None, **filters: Unpack[ReservationFilters]
+        self,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
+        **filters: Unpack[ReservationFilters],
     ) -> Iterator[ReservationSummary]:
         """Iterate over every reservation matching ``filters``, following ``next_cursor``.
 
@@ -400,6 +443,7 @@ class CyclesClient:
 
         Args:
             headers: Extra headers for every page request.
+            retry_policy: Retries of each page request (default: the client's policy).
             **filters: As for :meth:`list_reservations`.
 
         Returns:
@@ -410,15 +454,22 @@ class CyclesClient:
         """
         params = reservation_params(filters)
         url = self._core.reservations_url
-        return self._pages(url, ReservationListResponse, "reservations", params, headers)
+        return self._pages(
+            url, ReservationListResponse, "reservations", params, headers, retry_policy
+        )
 
     def get_balances(
-        self, *, headers: Headers | None = None, **filters: Unpack[BalanceFilters]
+        self,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
+        **filters: Unpack[BalanceFilters],
     ) -> CyclesResponse[BalanceResponse]:
         """Read one page of balances: ``GET /v1/balances``.
 
         Args:
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
             **filters: At least one of ``tenant``, ``workspace``, ``app``, ``workflow``,
                 ``agent``, ``toolset``; optionally ``include_children``, ``limit``, ``cursor``.
 
@@ -429,15 +480,20 @@ class CyclesClient:
             ValueError: No subject filter was given (checked before sending).
         """
         params = balance_params(filters)
-        return self._list(self._core.balances_url, BalanceResponse, params, headers)
+        return self._list(self._core.balances_url, BalanceResponse, params, headers, retry_policy)
 
     def iter_balances(
-        self, *, headers: Headers | None = None, **filters: Unpack[BalanceFilters]
+        self,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
+        **filters: Unpack[BalanceFilters],
     ) -> Iterator[Balance]:
         """Iterate over every balance matching ``filters``, following ``next_cursor``.
 
         Args:
             headers: Extra headers for every page request.
+            retry_policy: Retries of each page request (default: the client's policy).
             **filters: As for :meth:`get_balances`.
 
         Returns:
@@ -447,7 +503,9 @@ class CyclesClient:
             CyclesError: While iterating, when a page cannot be fetched.
         """
         params = balance_params(filters)
-        return self._pages(self._core.balances_url, BalanceResponse, "balances", params, headers)
+        return self._pages(
+            self._core.balances_url, BalanceResponse, "balances", params, headers, retry_policy
+        )
 
     def _list(
         self,
@@ -455,8 +513,16 @@ class CyclesClient:
         model: type[ModelT],
         params: dict[str, str],
         headers: Headers | None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ModelT]:
-        return self._send("GET", url, model, self._core.headers_for_get(headers), params=params)
+        return self._send(
+            "GET",
+            url,
+            model,
+            self._core.headers_for_get(headers),
+            params=params,
+            retry=retry_policy,
+        )
 
     def _pages(
         self,
@@ -465,9 +531,10 @@ class CyclesClient:
         field: str,
         params: dict[str, str],
         headers: Headers | None,
+        retry_policy: RetryPolicy | None = None,
     ) -> Iterator[Any]:
         while True:
-            page = self._list(url, model, params, headers).data
+            page = self._list(url, model, params, headers, retry_policy).data
             yield from getattr(page, field)
             cursor = next_page_cursor(params.get("cursor"), page)
             if cursor is None:
@@ -483,6 +550,7 @@ class CyclesClient:
         *,
         content: bytes | None = None,
         params: dict[str, str] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> CyclesResponse[ModelT]:
         wire = self._wire
         request = wire.build(method, url, headers, content, params)
@@ -493,7 +561,7 @@ class CyclesClient:
                 response = parse_http_response(wire.send(request), model)
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 response = transport_failure(request, model, exc)
-            delay_s = self._retry.next_delay_s(attempt, response)
+            delay_s = (retry or self._retry).next_delay_s(attempt, response)
             if delay_s is None:
                 return response
             _log_retry(response, attempt, delay_s)
@@ -643,19 +711,23 @@ class AsyncCyclesClient:
         request: ReservationCreateRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationCreateResponse]:
         """Reserve budget: ``POST /v1/reservations``.
 
         Args:
             request: The reservation to create.
             headers: Extra headers for this call (e.g. ``traceparent``).
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
         """
         content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
         url = self._core.reservations_url
-        return await self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
+        return await self._send(
+            "POST", url, ReservationCreateResponse, hdrs, content=content, retry=retry_policy
+        )
 
     async def _create_encoded(
         self, content: bytes, idempotency_key: str
@@ -671,6 +743,7 @@ class AsyncCyclesClient:
         request: CommitRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[CommitResponse]:
         """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``.
 
@@ -678,13 +751,16 @@ class AsyncCyclesClient:
             reservation_id: Id returned by :meth:`create_reservation`.
             request: The actual amount (plus optional metrics and metadata).
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.CommitResponse`.
         """
         content, hdrs = self._core.post_body(request, CommitRequest, headers)
         url = self._core.reservation_url(reservation_id, "/commit")
-        return await self._send("POST", url, CommitResponse, hdrs, content=content)
+        return await self._send(
+            "POST", url, CommitResponse, hdrs, content=content, retry=retry_policy
+        )
 
     async def release_reservation(
         self,
@@ -692,6 +768,7 @@ class AsyncCyclesClient:
         request: ReleaseRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReleaseResponse]:
         """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``.
 
@@ -699,13 +776,16 @@ class AsyncCyclesClient:
             reservation_id: Id returned by :meth:`create_reservation`.
             request: The idempotency key and an optional reason.
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.ReleaseResponse`.
         """
         content, hdrs = self._core.post_body(request, ReleaseRequest, headers)
         url = self._core.reservation_url(reservation_id, "/release")
-        return await self._send("POST", url, ReleaseResponse, hdrs, content=content)
+        return await self._send(
+            "POST", url, ReleaseResponse, hdrs, content=content, retry=retry_policy
+        )
 
     async def extend_reservation(
         self,
@@ -713,6 +793,7 @@ class AsyncCyclesClient:
         request: ReservationExtendRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationExtendResponse]:
         """Move a reservation's expiry: ``POST /v1/reservations/{reservation_id}/extend``.
 
@@ -720,74 +801,97 @@ class AsyncCyclesClient:
             reservation_id: Id returned by :meth:`create_reservation`.
             request: ``extend_by_ms`` (added to the current expiry) and the idempotency key.
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.ReservationExtendResponse`.
         """
         content, hdrs = self._core.post_body(request, ReservationExtendRequest, headers)
         url = self._core.reservation_url(reservation_id, "/extend")
-        return await self._send("POST", url, ReservationExtendResponse, hdrs, content=content)
+        return await self._send(
+            "POST", url, ReservationExtendResponse, hdrs, content=content, retry=retry_policy
+        )
 
     async def decide(
         self,
         request: DecisionRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[DecisionResponse]:
         """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``.
 
         Args:
             request: The would-be reservation.
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.DecisionResponse`.
         """
         content, hdrs = self._core.post_body(request, DecisionRequest, headers)
         url = self._core.decide_url
-        return await self._send("POST", url, DecisionResponse, hdrs, content=content)
+        return await self._send(
+            "POST", url, DecisionResponse, hdrs, content=content, retry=retry_policy
+        )
 
     async def create_event(
         self,
         request: EventCreateRequest | Mapping[str, Any],
         *,
         headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[EventCreateResponse]:
         """Debit usage directly, without a reservation: ``POST /v1/events``.
 
         Args:
             request: The event (subject, action, actual amount).
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response (HTTP 201); ``data`` is a :class:`~runcycles.models.EventCreateResponse`.
         """
         content, hdrs = self._core.post_body(request, EventCreateRequest, headers)
         url = self._core.events_url
-        return await self._send("POST", url, EventCreateResponse, hdrs, content=content)
+        return await self._send(
+            "POST", url, EventCreateResponse, hdrs, content=content, retry=retry_policy
+        )
 
     async def get_reservation(
-        self, reservation_id: str, *, headers: Headers | None = None
+        self,
+        reservation_id: str,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationDetail]:
         """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``.
 
         Args:
             reservation_id: The reservation's id.
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
 
         Returns:
             The response; ``data`` is a :class:`~runcycles.models.ReservationDetail`.
         """
         url = self._core.reservation_url(reservation_id)
-        return await self._send("GET", url, ReservationDetail, self._core.headers_for_get(headers))
+        return await self._send(
+            "GET", url, ReservationDetail, self._core.headers_for_get(headers), retry=retry_policy
+        )
 
     async def list_reservations(
-        self, *, headers: Headers | None = None, **filters: Unpack[ReservationFilters]
+        self,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
+        **filters: Unpack[ReservationFilters],
     ) -> CyclesResponse[ReservationListResponse]:
         """List one page of reservations: ``GET /v1/reservations``.
 
         Args:
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
             **filters: See :class:`ReservationFilters` (``status``,
                 ``tenant``, ..., ``limit``, ``cursor``).
 
@@ -796,10 +900,14 @@ class AsyncCyclesClient:
         """
         params = reservation_params(filters)
         url = self._core.reservations_url
-        return await self._list(url, ReservationListResponse, params, headers)
+        return await self._list(url, ReservationListResponse, params, headers, retry_policy)
 
     def iter_reservations(
-        self, *, headers: Headers | None = None, **filters: Unpack[ReservationFilters]
+        self,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
+        **filters: Unpack[ReservationFilters],
     ) -> AsyncIterator[ReservationSummary]:
         """Iterate (``async for``) over every matching reservation, following ``next_cursor``.
 
@@ -807,6 +915,7 @@ class AsyncCyclesClient:
 
         Args:
             headers: Extra headers for every page request.
+            retry_policy: Retries of each page request (default: the client's policy).
             **filters: As for :meth:`list_reservations`.
 
         Returns:
@@ -817,15 +926,22 @@ class AsyncCyclesClient:
         """
         params = reservation_params(filters)
         url = self._core.reservations_url
-        return self._pages(url, ReservationListResponse, "reservations", params, headers)
+        return self._pages(
+            url, ReservationListResponse, "reservations", params, headers, retry_policy
+        )
 
     async def get_balances(
-        self, *, headers: Headers | None = None, **filters: Unpack[BalanceFilters]
+        self,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
+        **filters: Unpack[BalanceFilters],
     ) -> CyclesResponse[BalanceResponse]:
         """Read one page of balances: ``GET /v1/balances``.
 
         Args:
             headers: Extra headers for this call.
+            retry_policy: Retries of this call (default: the client's policy).
             **filters: At least one of ``tenant``, ``workspace``, ``app``, ``workflow``,
                 ``agent``, ``toolset``; optionally ``include_children``, ``limit``, ``cursor``.
 
@@ -836,15 +952,22 @@ class AsyncCyclesClient:
             ValueError: No subject filter was given (checked before sending).
         """
         params = balance_params(filters)
-        return await self._list(self._core.balances_url, BalanceResponse, params, headers)
+        return await self._list(
+            self._core.balances_url, BalanceResponse, params, headers, retry_policy
+        )
 
     def iter_balances(
-        self, *, headers: Headers | None = None, **filters: Unpack[BalanceFilters]
+        self,
+        *,
+        headers: Headers | None = None,
+        retry_policy: RetryPolicy | None = None,
+        **filters: Unpack[BalanceFilters],
     ) -> AsyncIterator[Balance]:
         """Iterate (``async for``) over every matching balance, following ``next_cursor``.
 
         Args:
             headers: Extra headers for every page request.
+            retry_policy: Retries of each page request (default: the client's policy).
             **filters: As for :meth:`get_balances`.
 
         Returns:
@@ -854,7 +977,9 @@ class AsyncCyclesClient:
             CyclesError: While iterating, when a page cannot be fetched.
         """
         params = balance_params(filters)
-        return self._pages(self._core.balances_url, BalanceResponse, "balances", params, headers)
+        return self._pages(
+            self._core.balances_url, BalanceResponse, "balances", params, headers, retry_policy
+        )
 
     async def _list(
         self,
@@ -862,9 +987,10 @@ class AsyncCyclesClient:
         model: type[ModelT],
         params: dict[str, str],
         headers: Headers | None,
+        retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ModelT]:
         hdrs = self._core.headers_for_get(headers)
-        return await self._send("GET", url, model, hdrs, params=params)
+        return await self._send("GET", url, model, hdrs, params=params, retry=retry_policy)
 
     async def _pages(
         self,
@@ -873,9 +999,10 @@ class AsyncCyclesClient:
         field: str,
         params: dict[str, str],
         headers: Headers | None,
+        retry_policy: RetryPolicy | None = None,
     ) -> AsyncIterator[Any]:
         while True:
-            page = (await self._list(url, model, params, headers)).data
+            page = (await self._list(url, model, params, headers, retry_policy)).data
             for item in getattr(page, field):
                 yield item
             cursor = next_page_cursor(params.get("cursor"), page)
@@ -892,6 +1019,7 @@ class AsyncCyclesClient:
         *,
         content: bytes | None = None,
         params: dict[str, str] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> CyclesResponse[ModelT]:
         if self._replay_since_ms is not None:  # first request: replay the journal now
             since_ms, self._replay_since_ms = self._replay_since_ms, None
@@ -905,7 +1033,7 @@ class AsyncCyclesClient:
                 response = parse_http_response(await wire.send(request), model)
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 response = transport_failure(request, model, exc)
-            delay_s = self._retry.next_delay_s(attempt, response)
+            delay_s = (retry or self._retry).next_delay_s(attempt, response)
             if delay_s is None:
                 return response
             _log_retry(response, attempt, delay_s)

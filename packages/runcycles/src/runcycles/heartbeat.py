@@ -61,10 +61,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol, TypeVar
 
 from runcycles.exceptions import CyclesError
 from runcycles.models import ErrorCode, ReservationExtendRequest, ReservationExtendResponse
+from runcycles.retry import single_attempt_options
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -897,13 +898,13 @@ def _failure_outcome(exc: BaseException) -> _Outcome:
 
 class _SyncExtender(Protocol):
     def extend_reservation(
-        self, reservation_id: str, request: ReservationExtendRequest
+        self, reservation_id: str, request: ReservationExtendRequest, /
     ) -> CyclesResponse[ReservationExtendResponse]: ...
 
 
 class _AsyncExtender(Protocol):
     async def extend_reservation(
-        self, reservation_id: str, request: ReservationExtendRequest
+        self, reservation_id: str, request: ReservationExtendRequest, /
     ) -> CyclesResponse[ReservationExtendResponse]: ...
 
 
@@ -938,7 +939,9 @@ class HeartbeatScheduler(_SchedulerCore):
         if attempt_timeout_ms is None:
             attempt_timeout_ms = _timeout_ms_of(client)
         super().__init__(attempt_timeout_ms, clock, on_event)
-        self._client = _single_attempt_client(client)
+        self._client = client
+        # single attempts on the client's pool: the planner runs its own retry schedule
+        self._send_options = single_attempt_options(client.extend_reservation)
         self._autostart = autostart
         self._cond = threading.Condition(threading.RLock())
         self._thread: threading.Thread | None = None
@@ -1051,7 +1054,11 @@ class HeartbeatScheduler(_SchedulerCore):
             request = self._request_for(handle)
         sent_ms = self._now_ms()
         try:
-            outcome = _classify(self._client.extend_reservation(handle.reservation_id, request))
+            outcome = _classify(
+                self._client.extend_reservation(
+                    handle.reservation_id, request, **self._send_options
+                )
+            )
         except Exception as exc:  # never let one reservation kill the heartbeat thread
             outcome = _failure_outcome(exc)
         received_ms = self._now_ms()
@@ -1101,7 +1108,9 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         super().__init__(attempt_timeout_ms, clock, on_event)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        self._client = _single_attempt_client(client)
+        self._client = client
+        # single attempts on the client's pool: the planner runs its own retry schedule
+        self._send_options = single_attempt_options(client.extend_reservation)
         self._max_in_flight = max_in_flight
         self._autostart = autostart
         self._wake: asyncio.Event | None = None
@@ -1283,7 +1292,10 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         sent_ms = self._now_ms()
         try:
             response = await _with_timeout(
-                self._client.extend_reservation(handle.reservation_id, request), timeout_s
+                self._client.extend_reservation(
+                    handle.reservation_id, request, **self._send_options
+                ),
+                timeout_s,
             )
             outcome = _classify(response)
         except asyncio.TimeoutError as exc:
@@ -1311,19 +1323,3 @@ async def _with_timeout(awaitable: Awaitable[_T], timeout_s: float | None) -> _T
         return await asyncio.wait_for(awaitable, timeout_s)
     async with timeout_cm(timeout_s):
         return await awaitable
-
-
-def _single_attempt_client(client: Any) -> Any:
-    """Return a sibling of a runcycles client that shares its pool but never retries.
-
-    The heartbeat and the settlement engine run their own spec-driven retry schedules; the
-    client's generic retry loop (with its own sleeps) would distort them. Anything else,
-    including subclasses (whose overrides must keep working), is returned unchanged.
-    """
-    from runcycles.client import AsyncCyclesClient, CyclesClient
-    from runcycles.retry import RetryPolicy
-
-    # The sibling shares the pool and never closes it (it does not own it).
-    if type(client) in (CyclesClient, AsyncCyclesClient):
-        return client.with_options(retry_policy=RetryPolicy.never())
-    return client

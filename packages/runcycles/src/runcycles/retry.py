@@ -27,8 +27,10 @@ Tests can switch every wait off with :func:`runcycles.testing.no_backoff`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from runcycles.config import CyclesConfig
     from runcycles.response import CyclesResponse
 
-__all__ = ["RetryPolicy", "asleep_s", "sleep_s"]
+__all__ = ["RetryPolicy", "asleep_s", "single_attempt_options", "sleep_s"]
 
 _RETRYABLE_EXCEPTIONS: Final = (
     httpx.TimeoutException,
@@ -132,6 +134,31 @@ class RetryPolicy:
                 retry_after_s = retry_after_ms / 1000
                 return retry_after_s if retry_after_s <= self.retry_after_max_s else None
         return self.backoff_s(attempt)
+
+
+_NEVER: Final = RetryPolicy.never()
+_NO_OPTIONS: Final[dict[str, Any]] = {}
+
+
+def single_attempt_options(method: Callable[..., Any]) -> dict[str, Any]:
+    """Return the keyword arguments that make one call of a client ``method`` a single attempt.
+
+    The heartbeat and the settlement engine run their own spec-driven retry schedules, so
+    they send each attempt with ``retry_policy=RetryPolicy.never()``. A client subclass
+    whose override of ``method`` does not take ``retry_policy`` keeps its own retries (its
+    override must keep working): then no option is passed. Called once per engine, not per
+    request.
+    """
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return _NO_OPTIONS
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD or (
+            parameter.name == "retry_policy" and parameter.kind is not parameter.POSITIONAL_ONLY
+        ):
+            return {"retry_policy": _NEVER}
+    return _NO_OPTIONS
 
 
 _recorders: list[list[float]] = []

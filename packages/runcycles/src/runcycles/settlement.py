@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -50,8 +51,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 
 import httpx
 
+from runcycles.config import CyclesConfig
 from runcycles.exceptions import CyclesError, CyclesTransportError, MalformedResponseError
-from runcycles.heartbeat import _single_attempt_client
 from runcycles.journal import (
     IntentEntry,
     Journal,
@@ -80,10 +81,9 @@ from runcycles.models import (
     ReleaseResponse,
     Subject,
 )
-from runcycles.retry import RetryPolicy
+from runcycles.retry import RetryPolicy, single_attempt_options
 
 if TYPE_CHECKING:
-    from runcycles.config import CyclesConfig
     from runcycles.response import CyclesResponse
 
 __all__ = [
@@ -116,8 +116,6 @@ def default_journal(config: CyclesConfig) -> Journal | None:
     Reads ``config.journal_enabled`` / ``config.journal_dir`` when the config has them, and
     the environment variable ``RUNCYCLES_JOURNAL`` (``0``/``false``/``off`` disables).
     """
-    import os
-
     enabled = getattr(config, "journal_enabled", True)
     if os.environ.get("RUNCYCLES_JOURNAL", "").strip().lower() in ("0", "false", "no", "off"):
         enabled = False
@@ -433,8 +431,6 @@ def _policy_for(client: object, policy: RetryPolicy | None) -> RetryPolicy:
     if policy is not None:
         return policy
     config = getattr(client, "config", None)
-    from runcycles.config import CyclesConfig
-
     return RetryPolicy.from_config(config) if isinstance(config, CyclesConfig) else RetryPolicy()
 
 
@@ -483,7 +479,9 @@ class Settlement:
     ) -> None:
         self._client = client
         self.journal_first = journal_first
-        self._send_client: _SyncClient = _single_attempt_client(client)
+        # single attempts on the client's pool: the engine runs its own retry schedule
+        self._commit_options = single_attempt_options(client.commit_reservation)
+        self._event_options = single_attempt_options(client.create_event)
         self.journal = journal
         self.retry_policy = _policy_for(client, retry_policy)
         self._sleep = sleep
@@ -646,11 +644,11 @@ class Settlement:
                 break
             try:
                 if isinstance(request, CommitRequest):
-                    response: CyclesResponse[Any] = self._send_client.commit_reservation(
-                        record.reservation_id, request
+                    response: CyclesResponse[Any] = self._client.commit_reservation(
+                        record.reservation_id, request, **self._commit_options
                     )
                 else:
-                    response = self._send_client.create_event(request)
+                    response = self._client.create_event(request, **self._event_options)
                 verdict = _classify(response, record.mode)
             except httpx.HTTPError as exc:  # e.g. an undecodable answer: ambiguous
                 verdict = _unreadable(exc)
@@ -741,7 +739,9 @@ class AsyncSettlement:
     ) -> None:
         self._client = client
         self.journal_first = journal_first
-        self._send_client: _AsyncClient = _single_attempt_client(client)
+        # single attempts on the client's pool: the engine runs its own retry schedule
+        self._commit_options = single_attempt_options(client.commit_reservation)
+        self._event_options = single_attempt_options(client.create_event)
         self.journal = journal
         self.retry_policy = _policy_for(client, retry_policy)
         self._sleep = sleep
@@ -890,11 +890,11 @@ class AsyncSettlement:
                 break
             try:
                 if isinstance(request, CommitRequest):
-                    response: CyclesResponse[Any] = await self._send_client.commit_reservation(
-                        record.reservation_id, request
+                    response: CyclesResponse[Any] = await self._client.commit_reservation(
+                        record.reservation_id, request, **self._commit_options
                     )
                 else:
-                    response = await self._send_client.create_event(request)
+                    response = await self._client.create_event(request, **self._event_options)
                 verdict = _classify(response, record.mode)
             except httpx.HTTPError as exc:  # e.g. an undecodable answer: ambiguous
                 verdict = _unreadable(exc)
