@@ -18,9 +18,8 @@ import httpx
 import pytest
 
 from runcycles import AsyncCyclesClient, CyclesClient, CyclesConfig
-from runcycles._wiring import HeartbeatSeam
 from runcycles.heartbeat import AsyncHeartbeatScheduler, HeartbeatHandle, HeartbeatScheduler
-from runcycles.lifecycle import context_for, request_from_options, run_shielded
+from runcycles.lifecycle import _track, context_for, request_from_options, run_shielded
 from runcycles.models import (
     Action,
     Amount,
@@ -230,7 +229,7 @@ def test_a_stopped_heartbeat_does_not_keep_the_reservation_context_alive() -> No
         remaining_ttl_ms=60_000,
     )
     context = context_for(request, data)
-    handle = HeartbeatSeam._track(scheduler, 60_000, data, context, 0.001)
+    handle = _track(scheduler, 60_000, data, context, 0.001)
     assert isinstance(handle, HeartbeatHandle)
     alive = weakref.ref(context)
     handle.stop()

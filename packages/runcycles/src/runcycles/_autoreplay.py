@@ -7,41 +7,69 @@ settled. Records written after the client started belong to live settlements (th
 own or another's) and are left to them and to explicit ``flush()`` calls.
 
 * Sync clients hand the replay to one daemon thread per process (``runcycles-replay``), so
-  construction never blocks on the disk or the network.
+  construction never blocks on the disk or the network. The thread ends when it has had
+  nothing to do for :data:`IDLE_S` and starts again for the next client.
 * Async clients start it on their first request, inside the running event loop: the journal
   is looked at on the journal's I/O thread, and only when it holds records is a replay task
-  created (its file I/O also runs off the loop).
+  created (its file I/O also runs off the loop); ``aclose()`` cancels it.
 
 Exactly-once is kept by the journal's per-record locks and the stored idempotency keys, as
-for any concurrent replay. Sibling clients made by ``with_options()`` (the heartbeat's and
-the settlement's single-attempt clients) never start a replay.
+for any concurrent replay. Sibling clients made by ``with_options()`` never start a replay.
+
+The clients are typed structurally here (:class:`_Replayable`): this module sits below them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
-from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from runcycles.config import CyclesConfig
+from runcycles.journal import Journal, _journal_executor
+from runcycles.settlement import AsyncSettlement, ReplayReport, Settlement, default_journal
 
 if TYPE_CHECKING:
-    import asyncio
+    import httpx
 
-    from runcycles.client import AsyncCyclesClient, CyclesClient
-    from runcycles.config import CyclesConfig
-    from runcycles.journal import Journal
-    from runcycles.settlement import ReplayReport
+
+class _Replayable(Protocol):
+    @property
+    def config(self) -> CyclesConfig: ...
+
+    @property
+    def http_client(self) -> httpx.Client: ...
+
+    @property
+    def settlement(self) -> Settlement: ...
+
+
+class _AsyncReplayable(Protocol):
+    @property
+    def config(self) -> CyclesConfig: ...
+
+    @property
+    def http_client(self) -> httpx.AsyncClient: ...
+
+    @property
+    def settlement(self) -> AsyncSettlement: ...
+
 
 logger = logging.getLogger("runcycles")
 
 REPLAY_TIMEOUT_S: Final = 30.0
 """Bound of one automatic replay: no new attempt starts after it (records stay on disk)."""
+
+IDLE_S: Final = 0.5
+"""How long the sync replay thread waits for another client before it ends."""
 
 _OFF: Final = frozenset({"0", "false", "no", "off"})
 
@@ -71,8 +99,6 @@ def now_ms() -> int:
 
 def _journal_with_records(config: CyclesConfig) -> Journal | None:
     """The client's journal partition if it may hold records, else ``None`` (blocking I/O)."""
-    from runcycles.settlement import default_journal
-
     journal = default_journal(config)
     if journal is None:
         return None
@@ -81,8 +107,6 @@ def _journal_with_records(config: CyclesConfig) -> Journal | None:
     except OSError:  # no partition yet (the usual case), or unreadable: nothing to do
         return None
     if any(name.endswith((".json", ".log")) for name in names):
-        import runcycles._wiring  # noqa: F401  (imported here, off the event loop)
-
         return journal
     return None
 
@@ -111,29 +135,46 @@ def _log_report(report: ReplayReport, journal: Journal) -> None:
 
 class _SyncReplayer:
     def __init__(self) -> None:
-        self._queue: SimpleQueue[tuple[weakref.ref[CyclesClient], int]] = SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[weakref.ref[_Replayable], int]] = queue.SimpleQueue()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._unfinished = 0
 
-    def submit(self, client: CyclesClient) -> None:
+    def submit(self, client: _Replayable) -> None:
         with self._lock:
             self._unfinished += 1
+            self._queue.put((weakref.ref(client), now_ms()))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="runcycles-replay", daemon=True
                 )
                 self._thread.start()
-        self._queue.put((weakref.ref(client), now_ms()))
 
     def wait(self, timeout_s: float) -> bool:
         """Wait until every submitted replay ended; return whether they did."""
         with self._lock:
             return self._lock.wait_for(lambda: self._unfinished == 0, timeout_s)
 
-    def _run(self) -> None:
+    def idle(self, timeout_s: float) -> bool:
+        """Wait until the thread ended (nothing to do for :data:`IDLE_S`); return whether it did."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._thread is None, timeout_s)
+
+    def _next(self) -> tuple[weakref.ref[_Replayable], int] | None:
+        """The next replay, or ``None`` once the thread should end (it was idle)."""
         while True:
-            ref, started_ms = self._queue.get()
+            try:
+                return self._queue.get(timeout=IDLE_S)
+            except queue.Empty:
+                with self._lock:  # submit() puts under this lock: no replay is missed
+                    if self._queue.empty():
+                        self._thread = None
+                        self._lock.notify_all()
+                        return None
+
+    def _run(self) -> None:
+        while (item := self._next()) is not None:
+            ref, started_ms = item
             try:
                 client = ref()
                 if client is not None:
@@ -152,15 +193,13 @@ class _SyncReplayer:
                     self._lock.notify_all()
 
 
-def _replay_sync(client: CyclesClient, started_ms: int) -> None:
+def _replay_sync(client: _Replayable, started_ms: int) -> None:
     if client.http_client.is_closed:
         return
     journal = _journal_with_records(client.config)
     if journal is None:
         return
-    from runcycles import _wiring
-
-    settlement = _wiring.settlement.settlement(client)
+    settlement = client.settlement
     if settlement.journal is None:
         return
     report = settlement.flush(REPLAY_TIMEOUT_S, created_before_ms=started_ms + 1)
@@ -173,13 +212,14 @@ _sync = _SyncReplayer()
 def _after_fork_in_child() -> None:
     global _sync
     _sync = _SyncReplayer()  # the parent's thread does not exist in the child
+    _tasks.clear()  # nor do its event loops
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def start(client: CyclesClient) -> None:
+def start(client: _Replayable) -> None:
     """Replay ``client``'s journal partition in the background (called by its constructor)."""
     _sync.submit(client)
 
@@ -189,25 +229,27 @@ def wait_sync(timeout_s: float = REPLAY_TIMEOUT_S) -> bool:
     return _sync.wait(timeout_s)
 
 
+def wait_idle(timeout_s: float = REPLAY_TIMEOUT_S) -> bool:
+    """Wait until the sync replay thread has ended (for tests)."""
+    return _sync.idle(timeout_s)
+
+
 # --------------------------------------------------------------------------------------------
 # Async: probe off the loop, then one task per client if there is anything to replay
 
-_tasks: set[asyncio.Future[Any]] = set()
+_tasks: dict[asyncio.Future[Any], weakref.ref[Any]] = {}
+"""Running probes and replays, with the client each serves."""
 
 
-def astart(client: AsyncCyclesClient, started_ms: int) -> None:
+def astart(client: _AsyncReplayable, started_ms: int) -> None:
     """Start replaying ``client``'s journal partition (called on its first request)."""
-    import asyncio
-
-    from runcycles.journal import _journal_executor
-
     loop = asyncio.get_running_loop()
     probe = loop.run_in_executor(_journal_executor(), _journal_with_records, client.config)
-    _tasks.add(probe)
     ref = weakref.ref(client)
+    _tasks[probe] = ref
 
     def probed(future: asyncio.Future[Journal | None]) -> None:
-        _tasks.discard(future)
+        _tasks.pop(future, None)
         if future.cancelled():
             return
         error = future.exception()
@@ -218,17 +260,33 @@ def astart(client: AsyncCyclesClient, started_ms: int) -> None:
         if future.result() is None or target is None or target.http_client.is_closed:
             return
         task = loop.create_task(_areplay(target, started_ms), name="runcycles-replay")
-        _tasks.add(task)
-        task.add_done_callback(_tasks.discard)
+        _tasks[task] = ref
+        task.add_done_callback(_forget)
 
     probe.add_done_callback(probed)
 
 
-async def _areplay(client: AsyncCyclesClient, started_ms: int) -> None:
-    try:
-        from runcycles import _wiring
+def _forget(task: asyncio.Future[Any]) -> None:
+    _tasks.pop(task, None)
 
-        settlement = _wiring.settlement.asettlement(client)
+
+async def astop(client: _AsyncReplayable) -> None:
+    """Cancel ``client``'s replay on the running loop and wait for it (``aclose()``)."""
+    loop = asyncio.get_running_loop()
+    mine = [
+        future
+        for future, ref in list(_tasks.items())
+        if ref() is client and future.get_loop() is loop
+    ]
+    for future in mine:
+        future.cancel()
+    if mine:
+        await asyncio.gather(*mine, return_exceptions=True)
+
+
+async def _areplay(client: _AsyncReplayable, started_ms: int) -> None:
+    try:
+        settlement = client.settlement
         if settlement.journal is None:
             return
         report = await settlement.flush(REPLAY_TIMEOUT_S, created_before_ms=started_ms + 1)
@@ -247,12 +305,10 @@ async def wait_async(timeout_s: float = REPLAY_TIMEOUT_S) -> bool:
 
     Returns whether they all ended.
     """
-    import asyncio
-
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout_s
     while True:
-        mine = {future for future in _tasks if future.get_loop() is loop}
+        mine = {future for future in list(_tasks) if future.get_loop() is loop}
         left_s = deadline - time.monotonic()
         if not mine:
             return True

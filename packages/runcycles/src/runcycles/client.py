@@ -1,102 +1,46 @@
-"""HTTP clients for the Cycles protocol: :class:`CyclesClient` and :class:`AsyncCyclesClient`.
+"""The public clients: :class:`CyclesClient` and :class:`AsyncCyclesClient`.
 
-The two classes are adjacent twins: each method encodes the request (shared, pure code in
-:mod:`runcycles._http`), sends it with retries (:mod:`runcycles.retry`) and wraps the answer
-in a :class:`~runcycles.response.CyclesResponse`. They differ only in ``await``.
-
-Methods do not raise when the server answers with an error or cannot be reached; they return
-a response whose ``raise_for_error()`` or ``data`` raises the mapped exception. They do raise,
-before sending anything, when the *input* is wrong (``pydantic.ValidationError`` for a body
-that breaks the spec, ``TypeError``/``ValueError`` for bad arguments).
-
-Every method accepts a request model or a plain dict (validated as that model), and optional
-per-call ``headers`` (e.g. ``traceparent`` or ``X-Cycles-Trace-Id`` for tracing).
+Each is the protocol client of :mod:`runcycles._base_client` (the nine calls, the
+connection pool, the heartbeat, the settlement engine) plus two shortcuts to the guards that
+sit above it: :meth:`CyclesClient.reserve` (a :class:`~runcycles.ReservationGuard`) and
+:meth:`CyclesClient.stream_reservation` (a :class:`~runcycles.StreamReservation`). This
+module is therefore the top of the core's layers: it imports the guards, nothing imports it
+but the decorator's defaults and the package's re-exports (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import ssl
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from runcycles import _autoreplay
-from runcycles._http import (
+from runcycles._base_client import (
+    AsyncBaseCyclesClient,
     BalanceFilters,
-    ClientCore,
+    BaseCyclesClient,
     ReservationFilters,
-    balance_params,
-    next_page_cursor,
-    parse_http_response,
-    reservation_params,
-    transport_failure,
 )
-from runcycles._wire import AsyncWire, SyncWire
-from runcycles.config import CyclesConfig
-from runcycles.models import (
-    Balance,
-    BalanceResponse,
-    CommitRequest,
-    CommitResponse,
-    DecisionRequest,
-    DecisionResponse,
-    EventCreateRequest,
-    EventCreateResponse,
-    ReleaseRequest,
-    ReleaseResponse,
-    ReservationCreateRequest,
-    ReservationCreateResponse,
-    ReservationDetail,
-    ReservationExtendRequest,
-    ReservationExtendResponse,
-    ReservationListResponse,
-    ReservationSummary,
+from runcycles.lifecycle import (
+    AsyncReservationGuard,
+    OnUnknownActual,
+    ReservationGuard,
+    ReserveOptions,
 )
-from runcycles.response import CyclesResponse, ModelT
-from runcycles.retry import RetryPolicy, asleep_s, sleep_s
+from runcycles.models import ReservationCreateRequest
+from runcycles.streaming import AsyncStreamReservation, CostFn, StreamReservation
 
 if sys.version_info >= (3, 11):
-    from typing import Self, Unpack
+    from typing import Unpack
 else:  # pragma: no cover - Python 3.10
-    from typing_extensions import Self, Unpack
-
-if TYPE_CHECKING:
-    from runcycles.lifecycle import (
-        AsyncReservationGuard,
-        OnUnknownActual,
-        ReservationGuard,
-        ReserveOptions,
-    )
-    from runcycles.streaming import AsyncStreamReservation, CostFn, StreamReservation
+    from typing_extensions import Unpack
 
 __all__ = ["AsyncCyclesClient", "BalanceFilters", "CyclesClient", "ReservationFilters"]
 
-_logger = logging.getLogger("runcycles")
 
-
-@functools.cache
-def default_ssl_context() -> ssl.SSLContext:
-    """Return the process-wide TLS context of clients that create their own pool.
-
-    Loading the CA bundle takes tens of milliseconds, so it is done once per process, not
-    per client. It honours ``SSL_CERT_FILE``/``SSL_CERT_DIR`` like httpx's default.
-    """
-    return httpx.create_ssl_context()
-
-
-Headers = Mapping[str, str]
-
-
-class CyclesClient:
+class CyclesClient(BaseCyclesClient):
     """Synchronous client of a Cycles server; one connection pool per instance.
 
-    Use it as a context manager (or call :meth:`close`) to release the pool. It is safe to
-    share one client between threads.
+    Use it as a context manager (or call :meth:`close`) to release the pool and stop the
+    heartbeat. It is safe to share one client between threads, and to keep one across
+    ``fork()``: the child starts afresh.
 
     Args:
         config: Server URL, API key, timeouts and retry settings.
@@ -106,56 +50,6 @@ class CyclesClient:
             ``httpx.MockTransport`` in tests). Not allowed together with ``http_client``.
         retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
     """
-
-    def __init__(
-        self,
-        config: CyclesConfig,
-        *,
-        http_client: httpx.Client | None = None,
-        transport: httpx.BaseTransport | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> None:
-        if http_client is not None and transport is not None:
-            raise TypeError("pass either http_client or transport, not both")
-        # Every request carries the full header set: the wire may bypass httpx's merging.
-        self._core = core = ClientCore(config, headers_on_client=False)
-        self._retry = retry_policy or RetryPolicy.from_config(config)
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(
-            headers=core.base_headers,
-            timeout=core.timeout(),
-            limits=core.limits(),
-            transport=transport,
-            verify=default_ssl_context(),
-        )
-        self._wire = SyncWire(
-            self._http, owned=self._owns_http, base_url=config.base_url, fixed_urls=core.fixed_urls
-        )
-        if _autoreplay.wanted(config):  # settle what earlier processes left in the journal
-            _autoreplay.start(self)
-
-    @property
-    def config(self) -> CyclesConfig:
-        """The configuration this client was built with."""
-        return self._core.config
-
-    @property
-    def http_client(self) -> httpx.Client:
-        """The ``httpx.Client`` (connection pool) this client sends with."""
-        return self._http
-
-    def with_options(self, *, retry_policy: RetryPolicy) -> Self:
-        """Return a sibling client that shares this one's pool but uses ``retry_policy``.
-
-        The sibling never closes the shared pool; close the original when done. The
-        heartbeat and the settlement engine use this to send single attempts
-        (``RetryPolicy.never()``) on the same connections.
-        """
-        with _autoreplay.building_sibling():
-            sibling = type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
-        sibling._core = self._core
-        sibling._wire = self._wire  # the same (direct) way to the shared pool
-        return sibling
 
     def reserve(
         self,
@@ -179,8 +73,6 @@ class CyclesClient:
         Returns:
             A :class:`~runcycles.ReservationGuard`.
         """
-        from runcycles.lifecycle import ReservationGuard
-
         return ReservationGuard(self, request, **options)
 
     def stream_reservation(
@@ -211,367 +103,16 @@ class CyclesClient:
         Raises:
             ValueError: An unknown ``on_unknown_actual``.
         """
-        from runcycles.streaming import StreamReservation
-
         return StreamReservation(
             self, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options
         )
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection pool (unless it was passed in as ``http_client``)."""
-        if self._owns_http:
-            self._http.close()
-
-    def create_reservation(
-        self,
-        request: ReservationCreateRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ReservationCreateResponse]:
-        """Reserve budget: ``POST /v1/reservations``.
-
-        Args:
-            request: The reservation to create.
-            headers: Extra headers for this call (e.g. ``traceparent``).
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
-        """
-        content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
-        url = self._core.reservations_url
-        return self._send(
-            "POST", url, ReservationCreateResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    def _create_encoded(
-        self, content: bytes, idempotency_key: str
-    ) -> CyclesResponse[ReservationCreateResponse]:
-        """``create_reservation`` of a request the library already serialized (``@cycles``)."""
-        hdrs = self._core.encoded_headers(idempotency_key)
-        url = self._core.reservations_url
-        return self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
-
-    def commit_reservation(
-        self,
-        reservation_id: str,
-        request: CommitRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[CommitResponse]:
-        """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: The actual amount (plus optional metrics and metadata).
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.CommitResponse`.
-        """
-        content, hdrs = self._core.post_body(request, CommitRequest, headers)
-        url = self._core.reservation_url(reservation_id, "/commit")
-        return self._send("POST", url, CommitResponse, hdrs, content=content, retry=retry_policy)
-
-    def release_reservation(
-        self,
-        reservation_id: str,
-        request: ReleaseRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ReleaseResponse]:
-        """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: The idempotency key and an optional reason.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReleaseResponse`.
-        """
-        content, hdrs = self._core.post_body(request, ReleaseRequest, headers)
-        url = self._core.reservation_url(reservation_id, "/release")
-        return self._send("POST", url, ReleaseResponse, hdrs, content=content, retry=retry_policy)
-
-    def extend_reservation(
-        self,
-        reservation_id: str,
-        request: ReservationExtendRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ReservationExtendResponse]:
-        """Move a reservation's expiry: ``POST /v1/reservations/{reservation_id}/extend``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: ``extend_by_ms`` (added to the current expiry) and the idempotency key.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationExtendResponse`.
-        """
-        content, hdrs = self._core.post_body(request, ReservationExtendRequest, headers)
-        url = self._core.reservation_url(reservation_id, "/extend")
-        return self._send(
-            "POST", url, ReservationExtendResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    def decide(
-        self,
-        request: DecisionRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[DecisionResponse]:
-        """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``.
-
-        Args:
-            request: The would-be reservation.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.DecisionResponse`.
-        """
-        content, hdrs = self._core.post_body(request, DecisionRequest, headers)
-        return self._send(
-            "POST",
-            self._core.decide_url,
-            DecisionResponse,
-            hdrs,
-            content=content,
-            retry=retry_policy,
-        )
-
-    def create_event(
-        self,
-        request: EventCreateRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[EventCreateResponse]:
-        """Debit usage directly, without a reservation: ``POST /v1/events``.
-
-        Args:
-            request: The event (subject, action, actual amount).
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response (HTTP 201); ``data`` is a :class:`~runcycles.models.EventCreateResponse`.
-        """
-        content, hdrs = self._core.post_body(request, EventCreateRequest, headers)
-        url = self._core.events_url
-        return self._send(
-            "POST", url, EventCreateResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    def get_reservation(
-        self,
-        reservation_id: str,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ReservationDetail]:
-        """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``.
-
-        Args:
-            reservation_id: The reservation's id.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationDetail`.
-        """
-        url = self._core.reservation_url(reservation_id)
-        return self._send(
-            "GET", url, ReservationDetail, self._core.headers_for_get(headers), retry=retry_policy
-        )
-
-    def list_reservations(
-        self,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-        **filters: Unpack[ReservationFilters],
-    ) -> CyclesResponse[ReservationListResponse]:
-        """List one page of reservations: ``GET /v1/reservations``.
-
-        Args:
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-            **filters: See :class:`ReservationFilters` (``status``,
-                ``tenant``, ..., ``limit``, ``cursor``).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationListResponse`.
-        """
-        params = reservation_params(filters)
-        return self._list(
-            self._core.reservations_url, ReservationListResponse, params, headers, retry_policy
-        )
-
-    def iter_reservations(
-        self,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-        **filters: Unpack[ReservationFilters],
-    ) -> Iterator[ReservationSummary]:
-        """Iterate over every reservation matching ``filters``, following ``next_cursor``.
-
-        Filters are checked now; pages are fetched as the iterator advances.
-
-        Args:
-            headers: Extra headers for every page request.
-            retry_policy: Retries of each page request (default: the client's policy).
-            **filters: As for :meth:`list_reservations`.
-
-        Returns:
-            An iterator of :class:`~runcycles.models.ReservationSummary`.
-
-        Raises:
-            CyclesError: While iterating, when a page cannot be fetched.
-        """
-        params = reservation_params(filters)
-        url = self._core.reservations_url
-        return self._pages(
-            url, ReservationListResponse, "reservations", params, headers, retry_policy
-        )
-
-    def get_balances(
-        self,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-        **filters: Unpack[BalanceFilters],
-    ) -> CyclesResponse[BalanceResponse]:
-        """Read one page of balances: ``GET /v1/balances``.
-
-        Args:
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-            **filters: At least one of ``tenant``, ``workspace``, ``app``, ``workflow``,
-                ``agent``, ``toolset``; optionally ``include_children``, ``limit``, ``cursor``.
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.BalanceResponse`.
-
-        Raises:
-            ValueError: No subject filter was given (checked before sending).
-        """
-        params = balance_params(filters)
-        return self._list(self._core.balances_url, BalanceResponse, params, headers, retry_policy)
-
-    def iter_balances(
-        self,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-        **filters: Unpack[BalanceFilters],
-    ) -> Iterator[Balance]:
-        """Iterate over every balance matching ``filters``, following ``next_cursor``.
-
-        Args:
-            headers: Extra headers for every page request.
-            retry_policy: Retries of each page request (default: the client's policy).
-            **filters: As for :meth:`get_balances`.
-
-        Returns:
-            An iterator of :class:`~runcycles.models.Balance`.
-
-        Raises:
-            CyclesError: While iterating, when a page cannot be fetched.
-        """
-        params = balance_params(filters)
-        return self._pages(
-            self._core.balances_url, BalanceResponse, "balances", params, headers, retry_policy
-        )
-
-    def _list(
-        self,
-        url: str,
-        model: type[ModelT],
-        params: dict[str, str],
-        headers: Headers | None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ModelT]:
-        return self._send(
-            "GET",
-            url,
-            model,
-            self._core.headers_for_get(headers),
-            params=params,
-            retry=retry_policy,
-        )
-
-    def _pages(
-        self,
-        url: str,
-        model: type[ReservationListResponse] | type[BalanceResponse],
-        field: str,
-        params: dict[str, str],
-        headers: Headers | None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> Iterator[Any]:
-        while True:
-            page = self._list(url, model, params, headers, retry_policy).data
-            yield from getattr(page, field)
-            cursor = next_page_cursor(params.get("cursor"), page)
-            if cursor is None:
-                return
-            params = {**params, "cursor": cursor}
-
-    def _send(
-        self,
-        method: str,
-        url: str,
-        model: type[ModelT],
-        headers: dict[str, str],
-        *,
-        content: bytes | None = None,
-        params: dict[str, str] | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> CyclesResponse[ModelT]:
-        wire = self._wire
-        request = wire.build(method, url, headers, content, params)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = parse_http_response(wire.send(request), model)
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                response = transport_failure(request, model, exc)
-            delay_s = (retry or self._retry).next_delay_s(attempt, response)
-            if delay_s is None:
-                return response
-            _log_retry(response, attempt, delay_s)
-            sleep_s(delay_s)
-
-
-class AsyncCyclesClient:
+class AsyncCyclesClient(AsyncBaseCyclesClient):
     """Asyncio client of a Cycles server; the twin of :class:`CyclesClient`.
 
-    Use it with ``async with`` (or await :meth:`aclose`) to release the pool.
+    Use it with ``async with`` (or await :meth:`aclose`) to release the pool and stop the
+    heartbeat.
 
     Args:
         config: Server URL, API key, timeouts and retry settings.
@@ -581,54 +122,6 @@ class AsyncCyclesClient:
             allowed together with ``http_client``.
         retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
     """
-
-    def __init__(
-        self,
-        config: CyclesConfig,
-        *,
-        http_client: httpx.AsyncClient | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> None:
-        if http_client is not None and transport is not None:
-            raise TypeError("pass either http_client or transport, not both")
-        # Every request carries the full header set: the wire may bypass httpx's merging.
-        self._core = core = ClientCore(config, headers_on_client=False)
-        self._retry = retry_policy or RetryPolicy.from_config(config)
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(
-            headers=core.base_headers,
-            timeout=core.timeout(),
-            limits=core.limits(),
-            transport=transport,
-            verify=default_ssl_context(),
-        )
-        self._wire = AsyncWire(
-            self._http, owned=self._owns_http, base_url=config.base_url, fixed_urls=core.fixed_urls
-        )
-        # the journal replay starts with the first request, inside the running event loop
-        self._replay_since_ms = _autoreplay.now_ms() if _autoreplay.wanted(config) else None
-
-    @property
-    def config(self) -> CyclesConfig:
-        """The configuration this client was built with."""
-        return self._core.config
-
-    @property
-    def http_client(self) -> httpx.AsyncClient:
-        """The ``httpx.AsyncClient`` (connection pool) this client sends with."""
-        return self._http
-
-    def with_options(self, *, retry_policy: RetryPolicy) -> Self:
-        """Return a sibling client that shares this one's pool but uses ``retry_policy``.
-
-        The sibling never closes the shared pool; close the original when done.
-        """
-        with _autoreplay.building_sibling():
-            sibling = type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
-        sibling._core = self._core
-        sibling._wire = self._wire  # the same (direct) way to the shared pool
-        return sibling
 
     def reserve(
         self,
@@ -652,8 +145,6 @@ class AsyncCyclesClient:
         Returns:
             An :class:`~runcycles.AsyncReservationGuard`.
         """
-        from runcycles.lifecycle import AsyncReservationGuard
-
         return AsyncReservationGuard(self, request, **options)
 
     def stream_reservation(
@@ -672,10 +163,8 @@ class AsyncCyclesClient:
         Args:
             request: A ready reservation request, instead of the keyword options.
             cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
-            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default:
-                nothing is sent, the reservation expires at its lease,
-                :class:`~runcycles.UnknownActualError` is raised), ``"release"`` or
-                ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
+            on_unknown_actual: When the usage cannot be priced; see
+                :meth:`CyclesClient.stream_reservation`.
             **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
 
         Returns:
@@ -684,370 +173,6 @@ class AsyncCyclesClient:
         Raises:
             ValueError: An unknown ``on_unknown_actual``.
         """
-        from runcycles.streaming import AsyncStreamReservation
-
         return AsyncStreamReservation(
             self, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connection pool (unless it was passed in as ``http_client``)."""
-        if self._owns_http:
-            await self._http.aclose()
-
-    async def create_reservation(
-        self,
-        request: ReservationCreateRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ReservationCreateResponse]:
-        """Reserve budget: ``POST /v1/reservations``.
-
-        Args:
-            request: The reservation to create.
-            headers: Extra headers for this call (e.g. ``traceparent``).
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
-        """
-        content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
-        url = self._core.reservations_url
-        return await self._send(
-            "POST", url, ReservationCreateResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    async def _create_encoded(
-        self, content: bytes, idempotency_key: str
-    ) -> CyclesResponse[ReservationCreateResponse]:
-        """``create_reservation`` of a request the library already serialized (``@cycles``)."""
-        hdrs = self._core.encoded_headers(idempotency_key)
-        url = self._core.reservations_url
-        return await self._send("POST", url, ReservationCreateResponse, hdrs, content=content)
-
-    async def commit_reservation(
-        self,
-        reservation_id: str,
-        request: CommitRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[CommitResponse]:
-        """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: The actual amount (plus optional metrics and metadata).
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.CommitResponse`.
-        """
-        content, hdrs = self._core.post_body(request, CommitRequest, headers)
-        url = self._core.reservation_url(reservation_id, "/commit")
-        return await self._send(
-            "POST", url, CommitResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    async def release_reservation(
-        self,
-        reservation_id: str,
-        request: ReleaseRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ReleaseResponse]:
-        """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: The idempotency key and an optional reason.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReleaseResponse`.
-        """
-        content, hdrs = self._core.post_body(request, ReleaseRequest, headers)
-        url = self._core.reservation_url(reservation_id, "/release")
-        return await self._send(
-            "POST", url, ReleaseResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    async def extend_reservation(
-        self,
-        reservation_id: str,
-        request: ReservationExtendRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ReservationExtendResponse]:
-        """Move a reservation's expiry: ``POST /v1/reservations/{reservation_id}/extend``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: ``extend_by_ms`` (added to the current expiry) and the idempotency key.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationExtendResponse`.
-        """
-        content, hdrs = self._core.post_body(request, ReservationExtendRequest, headers)
-        url = self._core.reservation_url(reservation_id, "/extend")
-        return await self._send(
-            "POST", url, ReservationExtendResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    async def decide(
-        self,
-        request: DecisionRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[DecisionResponse]:
-        """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``.
-
-        Args:
-            request: The would-be reservation.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.DecisionResponse`.
-        """
-        content, hdrs = self._core.post_body(request, DecisionRequest, headers)
-        url = self._core.decide_url
-        return await self._send(
-            "POST", url, DecisionResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    async def create_event(
-        self,
-        request: EventCreateRequest | Mapping[str, Any],
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[EventCreateResponse]:
-        """Debit usage directly, without a reservation: ``POST /v1/events``.
-
-        Args:
-            request: The event (subject, action, actual amount).
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response (HTTP 201); ``data`` is a :class:`~runcycles.models.EventCreateResponse`.
-        """
-        content, hdrs = self._core.post_body(request, EventCreateRequest, headers)
-        url = self._core.events_url
-        return await self._send(
-            "POST", url, EventCreateResponse, hdrs, content=content, retry=retry_policy
-        )
-
-    async def get_reservation(
-        self,
-        reservation_id: str,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ReservationDetail]:
-        """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``.
-
-        Args:
-            reservation_id: The reservation's id.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationDetail`.
-        """
-        url = self._core.reservation_url(reservation_id)
-        return await self._send(
-            "GET", url, ReservationDetail, self._core.headers_for_get(headers), retry=retry_policy
-        )
-
-    async def list_reservations(
-        self,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-        **filters: Unpack[ReservationFilters],
-    ) -> CyclesResponse[ReservationListResponse]:
-        """List one page of reservations: ``GET /v1/reservations``.
-
-        Args:
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-            **filters: See :class:`ReservationFilters` (``status``,
-                ``tenant``, ..., ``limit``, ``cursor``).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationListResponse`.
-        """
-        params = reservation_params(filters)
-        url = self._core.reservations_url
-        return await self._list(url, ReservationListResponse, params, headers, retry_policy)
-
-    def iter_reservations(
-        self,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-        **filters: Unpack[ReservationFilters],
-    ) -> AsyncIterator[ReservationSummary]:
-        """Iterate (``async for``) over every matching reservation, following ``next_cursor``.
-
-        Filters are checked now; pages are fetched as the iterator advances.
-
-        Args:
-            headers: Extra headers for every page request.
-            retry_policy: Retries of each page request (default: the client's policy).
-            **filters: As for :meth:`list_reservations`.
-
-        Returns:
-            An async iterator of :class:`~runcycles.models.ReservationSummary`.
-
-        Raises:
-            CyclesError: While iterating, when a page cannot be fetched.
-        """
-        params = reservation_params(filters)
-        url = self._core.reservations_url
-        return self._pages(
-            url, ReservationListResponse, "reservations", params, headers, retry_policy
-        )
-
-    async def get_balances(
-        self,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-        **filters: Unpack[BalanceFilters],
-    ) -> CyclesResponse[BalanceResponse]:
-        """Read one page of balances: ``GET /v1/balances``.
-
-        Args:
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-            **filters: At least one of ``tenant``, ``workspace``, ``app``, ``workflow``,
-                ``agent``, ``toolset``; optionally ``include_children``, ``limit``, ``cursor``.
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.BalanceResponse`.
-
-        Raises:
-            ValueError: No subject filter was given (checked before sending).
-        """
-        params = balance_params(filters)
-        return await self._list(
-            self._core.balances_url, BalanceResponse, params, headers, retry_policy
-        )
-
-    def iter_balances(
-        self,
-        *,
-        headers: Headers | None = None,
-        retry_policy: RetryPolicy | None = None,
-        **filters: Unpack[BalanceFilters],
-    ) -> AsyncIterator[Balance]:
-        """Iterate (``async for``) over every matching balance, following ``next_cursor``.
-
-        Args:
-            headers: Extra headers for every page request.
-            retry_policy: Retries of each page request (default: the client's policy).
-            **filters: As for :meth:`get_balances`.
-
-        Returns:
-            An async iterator of :class:`~runcycles.models.Balance`.
-
-        Raises:
-            CyclesError: While iterating, when a page cannot be fetched.
-        """
-        params = balance_params(filters)
-        return self._pages(
-            self._core.balances_url, BalanceResponse, "balances", params, headers, retry_policy
-        )
-
-    async def _list(
-        self,
-        url: str,
-        model: type[ModelT],
-        params: dict[str, str],
-        headers: Headers | None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> CyclesResponse[ModelT]:
-        hdrs = self._core.headers_for_get(headers)
-        return await self._send("GET", url, model, hdrs, params=params, retry=retry_policy)
-
-    async def _pages(
-        self,
-        url: str,
-        model: type[ReservationListResponse] | type[BalanceResponse],
-        field: str,
-        params: dict[str, str],
-        headers: Headers | None,
-        retry_policy: RetryPolicy | None = None,
-    ) -> AsyncIterator[Any]:
-        while True:
-            page = (await self._list(url, model, params, headers, retry_policy)).data
-            for item in getattr(page, field):
-                yield item
-            cursor = next_page_cursor(params.get("cursor"), page)
-            if cursor is None:
-                return
-            params = {**params, "cursor": cursor}
-
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        model: type[ModelT],
-        headers: dict[str, str],
-        *,
-        content: bytes | None = None,
-        params: dict[str, str] | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> CyclesResponse[ModelT]:
-        if self._replay_since_ms is not None:  # first request: replay the journal now
-            since_ms, self._replay_since_ms = self._replay_since_ms, None
-            _autoreplay.astart(self, since_ms)
-        wire = self._wire
-        request = wire.build(method, url, headers, content, params)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = parse_http_response(await wire.send(request), model)
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                response = transport_failure(request, model, exc)
-            delay_s = (retry or self._retry).next_delay_s(attempt, response)
-            if delay_s is None:
-                return response
-            _log_retry(response, attempt, delay_s)
-            await asleep_s(delay_s)
-
-
-def _log_retry(response: CyclesResponse[Any], attempt: int, delay_s: float) -> None:
-    outcome = "transport error" if response.is_transport_error else f"HTTP {response.status}"
-    _logger.info(
-        "retrying %s %s in %.2f s after %s (attempt %d failed: %s)",
-        response.method,
-        response.url,
-        delay_s,
-        outcome,
-        attempt,
-        response.error_message,
-    )

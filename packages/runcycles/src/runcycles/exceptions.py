@@ -4,6 +4,7 @@ The tree::
 
     CyclesError                              base of everything raised by runcycles
     ├── CyclesConfigError                    bad or missing configuration (also a ValueError)
+    │   └── SubjectRequiredError             no subject anywhere, and no tenant from the server
     ├── CyclesTransportError                 no HTTP answer: connection refused, DNS, TLS, reset
     │   └── CyclesTimeoutError               connect/read/write/pool timeout
     └── CyclesProtocolError                  the server answered with an error (status, error_code)
@@ -67,6 +68,7 @@ __all__ = [
     "RateLimitedError",
     "ReservationExpiredError",
     "ReservationFinalizedError",
+    "SubjectRequiredError",
     "TenantClosedError",
     "UnauthorizedError",
     "UnitMismatchError",
@@ -80,6 +82,14 @@ class CyclesError(Exception):
 
 class CyclesConfigError(CyclesError, ValueError):
     """A configuration value is missing or invalid; the message names it and the fix."""
+
+
+class SubjectRequiredError(CyclesConfigError):
+    """No subject field is set anywhere: not in the call, not in the ``CyclesConfig``.
+
+    Guards and ``@cycles`` then ask the server which tenant the API key belongs to (see
+    ``client.discover_tenant()``); this error is raised only when that is impossible too.
+    """
 
 
 class CyclesTransportError(CyclesError):

@@ -1218,6 +1218,10 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         await asyncio.gather(*beats)
         return len(beats)
 
+    def on_running_loop(self) -> bool:
+        """Whether this scheduler's task, if it has one, runs on the running event loop."""
+        return self._task is None or _running_in(self._task.get_loop())
+
     def close(self) -> None:
         """Stop every heartbeat and cancel the background task (does not wait).
 

@@ -23,9 +23,16 @@ Two layers:
   Leaving the block because of an exception releases the reservation; leaving it normally
   without finalizing also releases it and emits :class:`UnfinalizedReservationWarning`.
 
-The guards commit through the client's settlement (same-key retries, ``410`` -> event
-fallback, durable journal) and extend through the client's single heartbeat scheduler; both
-are reached only through :mod:`runcycles._wiring`.
+The guards commit through the client's settlement engine (same-key retries, ``410`` ->
+event fallback, durable journal) and extend through the client's single heartbeat scheduler
+(``client.settlement``, ``client.heartbeat``: the client owns and closes both).
+
+For code whose "before" and "after" run in separate calls (framework callbacks), a guard
+has an explicit lifecycle: :meth:`ReservationGuard.start` reserves, then exactly one of
+``commit()``, ``settle()`` (which applies ``on_unknown_actual``), ``release()``, ``fail()``
+(a quiet release, for error callbacks) or ``abandon()`` (send nothing; the lease expires)
+ends it. ``with`` is ``start(publish=True)`` plus the exit rules above; ``@cycles``, stream
+reservations and :mod:`runcycles.adapters` are all built on this one lifecycle.
 """
 
 from __future__ import annotations
@@ -42,19 +49,21 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, TypeVar, overload
 
-from runcycles import _wiring
-from runcycles._wiring import NoHeartbeat
+from runcycles._base_client import AsyncBaseCyclesClient, BaseCyclesClient
 from runcycles.context import CyclesContext, pop_context, push_context
 from runcycles.exceptions import (
-    CyclesConfigError,
     CyclesError,
     CyclesProtocolError,
     MalformedResponseError,
     NotFoundError,
+    SubjectRequiredError,
     protocol_error_class,
 )
 from runcycles.heartbeat import (
+    AsyncHeartbeatScheduler,
+    HeartbeatEvent,
     HeartbeatHandle,
+    HeartbeatScheduler,
 )
 from runcycles.models import (
     STANDARD_SUBJECT_FIELDS,
@@ -81,7 +90,6 @@ from runcycles.settlement import (
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
 
-    from runcycles.client import AsyncCyclesClient, CyclesClient
     from runcycles.config import CyclesConfig
     from runcycles.response import CyclesResponse
 
@@ -150,14 +158,6 @@ class UnfinalizedReservationWarning(UserWarning):
 
     The guard released the reservation, so nothing was charged. Call ``guard.commit(...)``
     when the work used budget, or ``guard.release()`` when it did not.
-    """
-
-
-class SubjectRequiredError(CyclesConfigError):
-    """No subject field is set anywhere: not in the call, not in the ``CyclesConfig``.
-
-    Guards and ``@cycles`` then ask the server which tenant the API key belongs to (see
-    :func:`discover_tenant`); this error is raised only when that is impossible too.
     """
 
 
@@ -568,52 +568,27 @@ _RESERVE_OPTION_NAMES: Final = frozenset(ReserveOptions.__annotations__)
 _REQUEST_FIELD_OPTIONS: Final = _RESERVE_OPTION_NAMES - {"heartbeat"}
 
 
-_tenants: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-
-def known_tenant(client: CyclesClient | AsyncCyclesClient) -> str | None:
+def known_tenant(client: BaseCyclesClient | AsyncBaseCyclesClient) -> str | None:
     """Return the tenant :func:`discover_tenant` found for ``client``, if it ran."""
-    return _tenants.get(client)
+    return client.api_key_tenant
 
 
-def _tenant_from(response: CyclesResponse[Any], client: object) -> str:
-    tenant = response.cycles_tenant
-    if tenant:
-        _tenants[client] = tenant
-        return tenant
-    error = response.to_exception()
-    if error is not None and not response.is_success:
-        raise error
-    raise SubjectRequiredError(
-        "the reservation has no subject and the server did not say which tenant the API key "
-        "belongs to (no X-Cycles-Tenant header); pass tenant=... or set "
-        "CyclesConfig(tenant=...)"
-    )
-
-
-def discover_tenant(client: CyclesClient) -> str:
-    """Return the tenant of ``client``'s API key, asking the server once per client.
+def discover_tenant(client: BaseCyclesClient) -> str:
+    """Return the tenant of ``client``'s API key (``client.discover_tenant()``).
 
     Used when no subject field is configured anywhere (``CyclesConfig(base_url=...,
-    api_key=...)`` alone): every server answer carries the key's tenant in
-    ``X-Cycles-Tenant``, so one ``GET /v1/reservations?limit=1`` reveals it.
+    api_key=...)`` alone).
 
     Raises:
         CyclesError: The server could not be asked (transport or auth failure).
         SubjectRequiredError: The server did not report the tenant.
     """
-    tenant = _tenants.get(client)
-    if tenant is None:
-        tenant = _tenant_from(client.list_reservations(limit=1), client)
-    return tenant
+    return client.discover_tenant()
 
 
-async def adiscover_tenant(client: AsyncCyclesClient) -> str:
+async def adiscover_tenant(client: AsyncBaseCyclesClient) -> str:
     """Async twin of :func:`discover_tenant`."""
-    tenant = _tenants.get(client)
-    if tenant is None:
-        tenant = _tenant_from(await client.list_reservations(limit=1), client)
-    return tenant
+    return await client.discover_tenant()
 
 
 def _denial_error(data: ReservationCreateResponse, status: int) -> CyclesProtocolError:
@@ -836,6 +811,66 @@ def exit_release_reason(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return "guarded_code_cancelled"
     return f"guarded_code_raised:{type(exc).__name__}"
+
+
+# --------------------------------------------------------------------------------------------
+# The client's heartbeat and settlement, as a guard uses them
+
+
+class NoHeartbeat:
+    """Stands in for a heartbeat that could not be started (nothing to stop)."""
+
+    __slots__ = ()
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+
+NO_HEARTBEAT: Final = NoHeartbeat()
+
+
+def _track(
+    scheduler: HeartbeatScheduler | AsyncHeartbeatScheduler,
+    ttl_ms: int,
+    data: ReservationCreateResponse,
+    context: CyclesContext,
+    rtt_s: float,
+) -> HeartbeatHandle | NoHeartbeat:
+    """Keep the reservation of ``context`` alive on the client's heartbeat scheduler."""
+    # A weak reference: a stopped handle waits in the scheduler's heap until it is
+    # compacted away, and must not keep the reservation's context (and its response
+    # models) alive that long; it would only add garbage-collector work per call.
+    context_ref = weakref.ref(context)
+
+    def follow(event: HeartbeatEvent) -> None:
+        live = context_ref()
+        if event.expires_at_ms is not None and live is not None:
+            live.expires_at_ms = event.expires_at_ms
+
+    try:
+        return scheduler.track(
+            context.reservation_id,
+            ttl_ms=ttl_ms,
+            remaining_ttl_ms=data.remaining_ttl_ms,
+            expires_at_ms=data.expires_at_ms,
+            rtt_ms=rtt_s * 1000.0,
+            on_event=follow,
+        )
+    except Exception as exc:  # e.g. the same id tracked twice; never fail the work
+        logger.warning(
+            "reservation %s runs without a heartbeat (%s); it may expire if the work "
+            "outlasts ttl_ms",
+            context.reservation_id,
+            exc,
+        )
+        return NO_HEARTBEAT
+
+
+def _checked(result: SettlementResult) -> SettlementResult:
+    """Raise the error of a settlement the server rejected for good; return the others."""
+    if result.outcome == "rejected" and result.error is not None:
+        raise result.error
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -1065,7 +1100,7 @@ class ReservationGuard(_GuardState):
 
     def __init__(
         self,
-        client: CyclesClient,
+        client: BaseCyclesClient,
         request: ReservationCreateRequest | None = None,
         /,
         **options: Unpack[ReserveOptions],
@@ -1106,8 +1141,8 @@ class ReservationGuard(_GuardState):
         rtt_s = time.perf_counter() - started
         data, context = self._granted(response)
         if self._use_heartbeat:
-            self._heartbeat = _wiring.heartbeat.track(
-                self._client, self._lease_ms(data), data, context, rtt_s
+            self._heartbeat = _track(
+                self._client.heartbeat, self._lease_ms(data), data, context, rtt_s
             )
         if publish:
             self._publish(context)
@@ -1217,7 +1252,14 @@ class ReservationGuard(_GuardState):
         commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
         self._mark_finalized("commit")
         self._stop_heartbeat()
-        return _wiring.settlement.commit(self._client, self._request, context, commit_request)
+        result = self._client.settlement.commit(
+            context.reservation_id,
+            commit_request,
+            subject=self._request.subject,
+            action=self._request.action,
+            overage_policy=self._request.overage_policy,
+        )
+        return _checked(result)
 
     def release(self, reason: str | None = None) -> ReleaseResponse:
         """Give the whole reservation back, charging nothing.
@@ -1235,7 +1277,7 @@ class ReservationGuard(_GuardState):
         context = self._begin_finalize("release")
         self._mark_finalized("release")
         self._stop_heartbeat()
-        return _wiring.settlement.release(self._client, context, build_release_request(reason))
+        return self._send_release(context, reason)
 
     def _release_quietly(self, reason: str) -> None:
         context = self.context
@@ -1245,13 +1287,20 @@ class ReservationGuard(_GuardState):
             return  # another thread finalized it meanwhile
         self._stop_heartbeat()
         try:
-            _wiring.settlement.release(self._client, context, build_release_request(reason))
+            self._send_release(context, reason)
         except Exception as exc:  # never mask the block's own exception
             logger.warning(
                 "could not release reservation %s (%s); it will expire on its own",
                 context.reservation_id,
                 exc,
             )
+
+    def _send_release(self, context: CyclesContext, reason: str | None) -> ReleaseResponse:
+        request = build_release_request(reason)
+        response = self._client.settlement.release(
+            context.reservation_id, request.reason, idempotency_key=request.idempotency_key
+        )
+        return response.data
 
     def _stop_heartbeat(self) -> None:
         handle, self._heartbeat = self._heartbeat, None
@@ -1281,7 +1330,7 @@ class AsyncReservationGuard(_GuardState):
 
     def __init__(
         self,
-        client: AsyncCyclesClient,
+        client: AsyncBaseCyclesClient,
         request: ReservationCreateRequest | None = None,
         /,
         **options: Unpack[ReserveOptions],
@@ -1321,8 +1370,8 @@ class AsyncReservationGuard(_GuardState):
         rtt_s = time.perf_counter() - started
         data, context = self._granted(response)
         if self._use_heartbeat:
-            self._heartbeat = _wiring.heartbeat.atrack(
-                self._client, self._lease_ms(data), data, context, rtt_s
+            self._heartbeat = _track(
+                self._client.heartbeat, self._lease_ms(data), data, context, rtt_s
             )
         if publish:
             self._publish(context)
@@ -1413,8 +1462,14 @@ class AsyncReservationGuard(_GuardState):
         self._mark_finalized("commit")
         self._stop_heartbeat()
         # Known spend: a cancellation of the caller must not interrupt the settlement.
-        settle = _wiring.settlement.acommit(self._client, self._request, context, commit_request)
-        return await run_shielded(settle)
+        settle = self._client.settlement.commit(
+            context.reservation_id,
+            commit_request,
+            subject=self._request.subject,
+            action=self._request.action,
+            overage_policy=self._request.overage_policy,
+        )
+        return _checked(await run_shielded(settle))
 
     async def release(self, reason: str | None = None) -> ReleaseResponse:
         """Give the whole reservation back, charging nothing.
@@ -1432,9 +1487,7 @@ class AsyncReservationGuard(_GuardState):
         context = self._begin_finalize("release")
         self._mark_finalized("release")
         self._stop_heartbeat()
-        return await _wiring.settlement.arelease(
-            self._client, context, build_release_request(reason)
-        )
+        return await self._send_release(context, reason)
 
     async def _release_quietly(self, reason: str, *, shield: bool) -> None:
         context = self.context
@@ -1444,9 +1497,7 @@ class AsyncReservationGuard(_GuardState):
             return  # finalized meanwhile
         self._stop_heartbeat()
         try:
-            release = _wiring.settlement.arelease(
-                self._client, context, build_release_request(reason)
-            )
+            release = self._send_release(context, reason)
             await (run_shielded(release) if shield else release)
         except Exception as exc:  # never mask the block's own exception
             logger.warning(
@@ -1454,6 +1505,13 @@ class AsyncReservationGuard(_GuardState):
                 context.reservation_id,
                 exc,
             )
+
+    async def _send_release(self, context: CyclesContext, reason: str | None) -> ReleaseResponse:
+        request = build_release_request(reason)
+        response = await self._client.settlement.release(
+            context.reservation_id, request.reason, idempotency_key=request.idempotency_key
+        )
+        return response.data
 
     def _stop_heartbeat(self) -> None:
         handle, self._heartbeat = self._heartbeat, None
@@ -1502,7 +1560,7 @@ async def _settle_into(awaitable: Coroutine[Any, Any, _T], outer: asyncio.Future
 
 @overload
 def reserve(
-    client: CyclesClient,
+    client: BaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     **options: Unpack[ReserveOptions],
@@ -1511,7 +1569,7 @@ def reserve(
 
 @overload
 def reserve(
-    client: AsyncCyclesClient,
+    client: AsyncBaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     **options: Unpack[ReserveOptions],
@@ -1519,7 +1577,7 @@ def reserve(
 
 
 def reserve(
-    client: CyclesClient | AsyncCyclesClient,
+    client: BaseCyclesClient | AsyncBaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     **options: Unpack[ReserveOptions],
@@ -1535,16 +1593,14 @@ def reserve(
     Returns:
         The guard matching the client's flavour.
     """
-    from runcycles.client import AsyncCyclesClient
-
-    if isinstance(client, AsyncCyclesClient):
+    if isinstance(client, AsyncBaseCyclesClient):
         return AsyncReservationGuard(client, request, **options)
     return ReservationGuard(client, request, **options)
 
 
 @overload
 def dry_run(
-    client: CyclesClient,
+    client: BaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     **options: Unpack[ReserveOptions],
@@ -1553,7 +1609,7 @@ def dry_run(
 
 @overload
 def dry_run(
-    client: AsyncCyclesClient,
+    client: AsyncBaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     **options: Unpack[ReserveOptions],
@@ -1561,7 +1617,7 @@ def dry_run(
 
 
 def dry_run(
-    client: CyclesClient | AsyncCyclesClient,
+    client: BaseCyclesClient | AsyncBaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     **options: Unpack[ReserveOptions],
@@ -1578,8 +1634,6 @@ def dry_run(
     Returns:
         The :class:`DryRunResult` (a ``DENY`` is a result, not an error).
     """
-    from runcycles.client import AsyncCyclesClient
-
     if request is not None:
         request = request.model_copy(update={"dry_run": None})
     config = client.config
@@ -1591,7 +1645,7 @@ def dry_run(
     except SubjectRequiredError:
         request_from_options(config, None, options, tenant="?")  # check the other options now
         checked = None
-    if isinstance(client, AsyncCyclesClient):
+    if isinstance(client, AsyncBaseCyclesClient):
         return _adry_run(client, checked, options)
     if checked is None:
         checked = request_from_options(config, None, options, tenant=discover_tenant(client))
@@ -1599,7 +1653,7 @@ def dry_run(
 
 
 async def _adry_run(
-    client: AsyncCyclesClient,
+    client: AsyncBaseCyclesClient,
     request: ReservationCreateRequest | None,
     options: Mapping[str, Any],
 ) -> DryRunResult:

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, overload
 
+from runcycles._base_client import AsyncBaseCyclesClient, BaseCyclesClient
 from runcycles.exceptions import CyclesError
 from runcycles.lifecycle import (
     ACTUAL_SOURCE_KEY,
@@ -78,7 +79,6 @@ from runcycles.settlement import SettlementResult
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
 
-    from runcycles.client import AsyncCyclesClient, CyclesClient
     from runcycles.context import CyclesContext
 
 __all__ = [
@@ -311,7 +311,7 @@ class StreamReservation(_StreamState):
 
     def __init__(
         self,
-        client: CyclesClient,
+        client: BaseCyclesClient,
         request: ReservationCreateRequest | None = None,
         /,
         *,
@@ -457,7 +457,7 @@ class AsyncStreamReservation(_StreamState):
 
     def __init__(
         self,
-        client: AsyncCyclesClient,
+        client: AsyncBaseCyclesClient,
         request: ReservationCreateRequest | None = None,
         /,
         *,
@@ -587,7 +587,7 @@ class AsyncStreamReservation(_StreamState):
 
 @overload
 def stream_reservation(
-    client: CyclesClient,
+    client: BaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     *,
@@ -599,7 +599,7 @@ def stream_reservation(
 
 @overload
 def stream_reservation(
-    client: AsyncCyclesClient,
+    client: AsyncBaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     *,
@@ -610,7 +610,7 @@ def stream_reservation(
 
 
 def stream_reservation(
-    client: CyclesClient | AsyncCyclesClient,
+    client: BaseCyclesClient | AsyncBaseCyclesClient,
     request: ReservationCreateRequest | None = None,
     /,
     *,
@@ -639,9 +639,7 @@ def stream_reservation(
     Raises:
         ValueError: An unknown ``on_unknown_actual``.
     """
-    from runcycles.client import AsyncCyclesClient
-
-    if isinstance(client, AsyncCyclesClient):
+    if isinstance(client, AsyncBaseCyclesClient):
         return AsyncStreamReservation(
             client, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options
         )

@@ -23,7 +23,6 @@ from runcycles import (
     DryRunResult,
     Unit,
     UnknownActualError,
-    _wiring,
     cycles,
     get_cycles_context,
 )
@@ -220,7 +219,7 @@ def test_unknown_actual_raises_and_sends_nothing(
     assert (error.__cause__ is None) == (reason == "actual returned None")
     assert sent_after_create(fake) == []  # no commit, no event, no release
     assert fake.statuses() == ["ACTIVE"]  # left to expire at its lease
-    assert len(_wiring.heartbeat.scheduler(client)) == 0  # heartbeat stopped
+    assert len(client.heartbeat) == 0  # heartbeat stopped
     assert get_cycles_context() is None
 
 
@@ -239,7 +238,7 @@ async def test_async_unknown_actual_raises_and_sends_nothing(
     assert raised.value.reason.startswith(reason)
     assert sent_after_create(fake) == []
     assert fake.statuses() == ["ACTIVE"]
-    assert len(_wiring.heartbeat.ascheduler(aclient)) == 0
+    assert len(aclient.heartbeat) == 0
     assert get_cycles_context() is None
 
 

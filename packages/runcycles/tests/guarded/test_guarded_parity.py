@@ -29,7 +29,14 @@ def public_names(cls: type) -> set[str]:
 def normalised(member: object) -> list[tuple[str, object, object, str]]:
     signature = inspect.signature(member)  # type: ignore[arg-type]
     rows: list[tuple[str, object, object, str]] = [
-        (p.name, p.kind, p.default, str(p.annotation).replace("AsyncCyclesClient", "CyclesClient"))
+        (
+            p.name,
+            p.kind,
+            p.default,
+            str(p.annotation)
+            .replace("AsyncCyclesClient", "CyclesClient")
+            .replace("AsyncBase", "Base"),
+        )
         for p in signature.parameters.values()
     ]
     rows.append(("return", None, None, str(signature.return_annotation)))

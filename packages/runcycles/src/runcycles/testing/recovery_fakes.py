@@ -23,7 +23,9 @@ the reservation's original settlement key (the first one seen, or one registered
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -35,6 +37,11 @@ from typing import Any
 from urllib.parse import unquote
 
 import httpx
+
+from runcycles.client import AsyncCyclesClient, CyclesClient
+from runcycles.config import CyclesConfig
+from runcycles.journal import Journal
+from runcycles.settlement import AsyncSettlement, ReplayReport, Settlement
 
 __all__ = ["Fault", "FakeLedger", "ProcessCrash", "RecordedRequest", "replay_worker", "serve"]
 
@@ -395,13 +402,6 @@ def replay_worker(mode: str, root: str, base_url: str, tenant: str, api_key: str
 
     Builds everything from scratch (config, client, journal) and replays the partition.
     """
-    import asyncio
-
-    from runcycles.client import AsyncCyclesClient, CyclesClient
-    from runcycles.config import CyclesConfig
-    from runcycles.journal import Journal
-    from runcycles.settlement import AsyncSettlement, ReplayReport, Settlement
-
     config = CyclesConfig(base_url=base_url, api_key=api_key, tenant=tenant)
     journal = Journal.for_config(config, root)
     report: ReplayReport
@@ -424,16 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     Prints ``ready``, waits for one line on stdin (so that several workers start together),
     replays, and prints the summary as JSON.
     """
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 6 or args[0] != "replay":
         sys.stderr.write(__doc__ or "")
         return 2
     _, mode, root, url, tenant, api_key = args
-    # warm up imports before the start signal so the workers really race
-    from runcycles import settlement  # noqa: F401
-
     print("ready", flush=True)
     sys.stdin.readline()
     print(json.dumps(replay_worker(mode, root, url, tenant, api_key)), flush=True)
