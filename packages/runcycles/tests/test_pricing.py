@@ -321,6 +321,11 @@ def test_model_price_accepts_decimal_str_and_int() -> None:
     assert price_ == ModelPrice("2.5", 10, "1")
 
 
+def test_model_price_pickles() -> None:
+    rate = ModelPrice("2.5", "10", "1.25", "3.125", "7")
+    assert pickle.loads(pickle.dumps(rate)) == rate
+
+
 def test_model_price_refuses_floats_with_a_fix() -> None:
     with pytest.raises(TypeError, match=r"float 2\.5: pass the price as a string, e.g. '2\.5'"):
         ModelPrice(input_per_mtok=2.5, output_per_mtok="10")  # type: ignore[arg-type]

@@ -234,3 +234,19 @@ def test_add_refuses_to_lose_an_amount_or_mix_units() -> None:
 def test_add_with_something_else_is_a_type_error() -> None:
     with pytest.raises(TypeError):
         Usage() + 1
+
+
+def test_pickles() -> None:
+    import pickle
+
+    usage = Usage(
+        input_tokens=9,
+        output_tokens=4,
+        cached_input_tokens=2,
+        cache_write_tokens=1,
+        reasoning_tokens=3,
+        model="m",
+        provider="p",
+        amount=_usd(7),
+    )
+    assert pickle.loads(pickle.dumps(usage)) == usage
