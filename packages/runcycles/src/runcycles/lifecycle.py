@@ -83,9 +83,9 @@ from runcycles.models import (
     Subject,
     Unit,
 )
-from runcycles.settlement import (
-    SettlementResult,
-)
+from runcycles.pricing import Pricer, UnknownModelError, default_pricer
+from runcycles.settlement import SettlementResult
+from runcycles.usage import Usage
 
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
@@ -116,6 +116,7 @@ __all__ = [
     "known_tenant",
     "measure_actual",
     "new_idempotency_key",
+    "price_usage",
     "request_from_options",
     "reservation_granted",
     "reserve",
@@ -798,6 +799,58 @@ def resolve_actual(
         return None, {"actual_error": unknown.reason}
 
 
+def price_usage(
+    usage: Usage, estimate: Amount, pricer: Pricer | None = None
+) -> tuple[int | None, CyclesMetrics]:
+    """Turn ``usage`` into the amount to commit against a reservation of ``estimate``.
+
+    Args:
+        usage: What the call used (tokens and model, or a direct ``amount``).
+        estimate: The reservation's estimate (its unit decides how usage is counted).
+        pricer: Prices tokens in ``USD_MICROCENTS`` (default: :func:`~runcycles.default_pricer`).
+
+    Returns:
+        ``(amount, metrics)``: the amount in the estimate's unit (``None``: the pricer's
+        unknown-model policy says to commit the estimate), and the token metrics.
+
+    Raises:
+        UnknownModelError: The model has no price and the policy is ``"error"``.
+        ValueError: The usage cannot be counted in the reservation's unit.
+    """
+    metrics = CyclesMetrics(
+        tokens_input=usage.input_tokens,
+        tokens_output=usage.output_tokens,
+        model_version=usage.model[:128] if usage.model else None,
+    )
+    unit = estimate.unit
+    if usage.amount is not None:
+        if usage.amount.unit is not unit:
+            raise ValueError(
+                f"usage.amount is in {usage.amount.unit.value} but the reservation is in "
+                f"{unit.value}; commit in the reservation's unit"
+            )
+        return usage.amount.amount, metrics
+    if unit is Unit.TOKENS:
+        return usage.total_tokens, metrics
+    if unit is not Unit.USD_MICROCENTS:
+        raise ValueError(
+            f"token usage cannot be committed to a reservation in {unit.value}: pass the "
+            "amount (Usage(amount=...) or an int) instead"
+        )
+    return (pricer or default_pricer()).cost(usage), metrics
+
+
+def _unpriced(exc: Exception, reservation_id: str | None) -> UnknownActualError:
+    reason = f"{type(exc).__name__}: {exc}"[:512]
+    unknown = UnknownActualError(
+        f"cannot price the usage of reservation {reservation_id} ({reason})",
+        reservation_id=reservation_id,
+        reason=reason,
+    )
+    unknown.__cause__ = exc
+    return unknown
+
+
 def build_release_request(reason: str | None = None) -> ReleaseRequest:
     """Build a release (``reason`` is cut to the protocol's 256 characters)."""
     return ReleaseRequest(
@@ -1034,6 +1087,21 @@ class _GuardState:
             )
         return context
 
+    def _commit_request(
+        self,
+        actual: int | Amount | Usage | None,
+        metrics: CyclesMetrics | None,
+        metadata: Mapping[str, Any] | None,
+        pricer: Pricer | None,
+    ) -> tuple[CyclesContext, CommitRequest]:
+        """Check the commit and build its request (nothing is finalized or sent yet)."""
+        context = self._begin_finalize("commit")
+        if isinstance(actual, Usage):
+            actual, usage_metrics = price_usage(actual, context.estimate, pricer)
+            if metrics is None:
+                metrics = usage_metrics
+        return context, build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+
     def _mark_finalized(self, operation: str = "finalize") -> None:
         """Claim the one finalization atomically (two threads cannot both commit)."""
         try:
@@ -1186,24 +1254,29 @@ class ReservationGuard(_GuardState):
 
     def settle(
         self,
-        actual: int | Amount | UnknownActualError | None = None,
+        actual: int | Amount | Usage | UnknownActualError | None = None,
         *,
         on_unknown_actual: OnUnknownActual = "raise",
         metrics: CyclesMetrics | None = None,
         metadata: Mapping[str, Any] | None = None,
+        pricer: Pricer | None = None,
         fix: str = "the actual",
     ) -> SettlementResult | None:
         """End the reservation after the work ran, applying ``on_unknown_actual`` once.
 
         Args:
-            actual: What was used (``None``: the estimate, flagged ``actual_source``), or an
-                :class:`UnknownActualError` saying the actual could not be measured.
+            actual: What was used (an amount, or a :class:`~runcycles.Usage` priced by
+                ``pricer``; ``None``: the estimate, flagged ``actual_source``), or an
+                :class:`UnknownActualError` saying the actual could not be measured. A usage
+                that cannot be priced (unknown model, wrong unit) is an unknown actual.
             on_unknown_actual: For an unknown actual: ``"raise"`` (send nothing, leave the
                 reservation to expire at its lease, raise the error), ``"release"`` (release
                 it, log, return ``None``) or ``"commit_estimate"`` (commit the estimate
                 flagged ``actual_error``, log).
             metrics: Commit metrics.
             metadata: Commit metadata.
+            pricer: Prices a :class:`~runcycles.Usage` (default:
+                :func:`~runcycles.default_pricer`).
             fix: What the caller should repair, named in the raised error's message.
 
         Returns:
@@ -1214,6 +1287,13 @@ class ReservationGuard(_GuardState):
             UnknownActualError: The actual is unknown and ``on_unknown_actual="raise"``.
             CyclesError: The commit or release failed.
         """
+        if isinstance(actual, Usage):
+            try:
+                return self.commit(actual, metrics=metrics, metadata=metadata, pricer=pricer)
+            except (UnknownModelError, ValueError) as exc:
+                if self.is_finalized:  # it failed after pricing: not an unknown actual
+                    raise
+                actual = _unpriced(exc, self.reservation_id)
         if not isinstance(actual, UnknownActualError):
             return self.commit(actual, metrics=metrics, metadata=metadata)
         rule = _unknown_rule(self, actual, on_unknown_actual, fix, metadata)
@@ -1224,18 +1304,22 @@ class ReservationGuard(_GuardState):
 
     def commit(
         self,
-        actual: int | Amount | None = None,
+        actual: int | Amount | Usage | None = None,
         *,
         metrics: CyclesMetrics | None = None,
         metadata: Mapping[str, Any] | None = None,
+        pricer: Pricer | None = None,
     ) -> SettlementResult:
         """Charge what was used and end the reservation.
 
         Args:
-            actual: What was used, an ``int`` in the estimate's unit or an :class:`Amount`;
-                ``None`` commits the estimate (marked ``actual_source="estimate"``).
+            actual: What was used: an ``int`` in the estimate's unit, an :class:`Amount`, or a
+                :class:`~runcycles.Usage` (priced by ``pricer``; its tokens become the
+                metrics); ``None`` commits the estimate (marked ``actual_source="estimate"``).
             metrics: Usage metrics (default: the context's ``metrics``).
             metadata: Commit metadata, merged over the context's ``commit_metadata``.
+            pricer: Prices a :class:`~runcycles.Usage` (default:
+                :func:`~runcycles.default_pricer`).
 
         Returns:
             How the settlement ended: ``committed``, ``event_applied`` (the reservation had
@@ -1247,9 +1331,10 @@ class ReservationGuard(_GuardState):
             CyclesProtocolError: The server rejected the commit for good (e.g.
                 ``BudgetExceededError`` for an overage under ``REJECT``).
             ValueError: ``actual`` is negative or in another unit than the estimate.
+            UnknownModelError: A :class:`~runcycles.Usage` of a model without a price (under
+                the pricer's ``"error"`` policy); nothing was sent.
         """
-        context = self._begin_finalize("commit")
-        commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+        context, commit_request = self._commit_request(actual, metrics, metadata, pricer)
         self._mark_finalized("commit")
         self._stop_heartbeat()
         result = self._client.settlement.commit(
@@ -1410,17 +1495,25 @@ class AsyncReservationGuard(_GuardState):
 
     async def settle(
         self,
-        actual: int | Amount | UnknownActualError | None = None,
+        actual: int | Amount | Usage | UnknownActualError | None = None,
         *,
         on_unknown_actual: OnUnknownActual = "raise",
         metrics: CyclesMetrics | None = None,
         metadata: Mapping[str, Any] | None = None,
+        pricer: Pricer | None = None,
         fix: str = "the actual",
     ) -> SettlementResult | None:
         """End the reservation after the work ran, applying ``on_unknown_actual`` once.
 
         The async twin of :meth:`ReservationGuard.settle`.
         """
+        if isinstance(actual, Usage):
+            try:
+                return await self.commit(actual, metrics=metrics, metadata=metadata, pricer=pricer)
+            except (UnknownModelError, ValueError) as exc:
+                if self.is_finalized:  # it failed after pricing: not an unknown actual
+                    raise
+                actual = _unpriced(exc, self.reservation_id)
         if not isinstance(actual, UnknownActualError):
             return await self.commit(actual, metrics=metrics, metadata=metadata)
         rule = _unknown_rule(self, actual, on_unknown_actual, fix, metadata)
@@ -1431,20 +1524,24 @@ class AsyncReservationGuard(_GuardState):
 
     async def commit(
         self,
-        actual: int | Amount | None = None,
+        actual: int | Amount | Usage | None = None,
         *,
         metrics: CyclesMetrics | None = None,
         metadata: Mapping[str, Any] | None = None,
+        pricer: Pricer | None = None,
     ) -> SettlementResult:
         """Charge what was used and end the reservation.
 
         The settlement is shielded: cancelling the caller meanwhile does not interrupt it.
 
         Args:
-            actual: What was used, an ``int`` in the estimate's unit or an :class:`Amount`;
-                ``None`` commits the estimate (marked ``actual_source="estimate"``).
+            actual: What was used: an ``int`` in the estimate's unit, an :class:`Amount`, or a
+                :class:`~runcycles.Usage` (priced by ``pricer``; its tokens become the
+                metrics); ``None`` commits the estimate (marked ``actual_source="estimate"``).
             metrics: Usage metrics (default: the context's ``metrics``).
             metadata: Commit metadata, merged over the context's ``commit_metadata``.
+            pricer: Prices a :class:`~runcycles.Usage` (default:
+                :func:`~runcycles.default_pricer`).
 
         Returns:
             How the settlement ended: ``committed``, ``event_applied`` (the reservation had
@@ -1456,9 +1553,10 @@ class AsyncReservationGuard(_GuardState):
             CyclesProtocolError: The server rejected the commit for good (e.g.
                 ``BudgetExceededError`` for an overage under ``REJECT``).
             ValueError: ``actual`` is negative or in another unit than the estimate.
+            UnknownModelError: A :class:`~runcycles.Usage` of a model without a price (under
+                the pricer's ``"error"`` policy); nothing was sent.
         """
-        context = self._begin_finalize("commit")
-        commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+        context, commit_request = self._commit_request(actual, metrics, metadata, pricer)
         self._mark_finalized("commit")
         self._stop_heartbeat()
         # Known spend: a cancellation of the caller must not interrupt the settlement.

@@ -12,9 +12,15 @@ from typing import Any
 import pytest
 
 from runcycles import (
+    Amount,
     BudgetExceededError,
+    ModelPrice,
+    Pricer,
     ReservationAlreadyFinalizedError,
+    Unit,
     UnknownActualError,
+    UnknownModelError,
+    Usage,
     get_cycles_context,
     reserve,
 )
@@ -217,3 +223,73 @@ def test_a_guard_started_in_one_thread_is_finished_in_another(fake: Any, client:
     worker.join(5)
     assert finished
     assert fake.commits()[0]["actual"]["amount"] == 250
+
+
+PRICER = Pricer(overrides={"m": ModelPrice(input_per_mtok="1", output_per_mtok="2")}, builtin=False)
+
+
+@MODES
+async def test_commit_prices_a_usage_and_sends_its_tokens(mode: str, fake: Any, drive: Any):
+    guard = drive.guard()
+    await drive.call(guard, "start")
+    usage = Usage(input_tokens=1_000, output_tokens=500, model="m")
+    await drive.call(guard, "commit", usage, pricer=PRICER)
+    (commit,) = fake.commits()
+    # 1,000 x $1/M + 500 x $2/M = $0.002 = 200,000 microcents (10^8 per dollar)
+    assert commit["actual"] == {"unit": "USD_MICROCENTS", "amount": 200_000}
+    assert commit["metrics"] == {"tokens_input": 1_000, "tokens_output": 500, "model_version": "m"}
+
+
+@MODES
+async def test_commit_of_an_unpriced_model_raises_before_sending(mode: str, fake, drive):
+    guard = drive.guard()
+    await drive.call(guard, "start")
+    with pytest.raises(UnknownModelError):
+        await drive.call(guard, "commit", Usage(input_tokens=5, model="nope"), pricer=PRICER)
+    assert fake.commits() == []
+    assert not guard.is_finalized
+    await drive.call(guard, "release")
+
+
+@MODES
+async def test_settle_turns_an_unpriced_usage_into_an_unknown_actual(mode: str, fake, drive):
+    released, left = drive.guard(), drive.guard()
+    await drive.call(released, "start")
+    await drive.call(left, "start")
+    usage = Usage(input_tokens=5, model="nope")
+    assert (
+        await drive.call(released, "settle", usage, pricer=PRICER, on_unknown_actual="release")
+        is None
+    )
+    with pytest.raises(UnknownActualError, match="UnknownModelError") as raised:
+        await drive.call(left, "settle", usage, pricer=PRICER)
+    assert isinstance(raised.value.__cause__, UnknownModelError)
+    assert fake.commits() == []
+    assert [body["reason"] for body in fake.releases()] == ["actual_unknown"]
+
+
+@MODES
+async def test_the_estimate_policy_commits_the_estimate_flagged(mode: str, fake, drive):
+    pricer = Pricer(builtin=False, unknown_model="estimate")
+    guard = drive.guard()
+    await drive.call(guard, "start")
+    await drive.call(guard, "settle", Usage(input_tokens=5, model="nope"), pricer=pricer)
+    (commit,) = fake.commits()
+    assert commit["actual"]["amount"] == 500
+    assert commit["metadata"] == {"actual_source": "estimate"}
+
+
+@MODES
+async def test_usage_in_a_token_reservation_counts_tokens(mode: str, fake, drive):
+    guard = drive.guard(unit="TOKENS", estimate=4_000)
+    await drive.call(guard, "start")
+    await drive.call(guard, "commit", Usage(input_tokens=1_200, output_tokens=300, model="x"))
+    assert fake.commits()[0]["actual"] == {"unit": "TOKENS", "amount": 1_500}
+
+
+@MODES
+async def test_a_direct_amount_is_committed_as_it_is(mode: str, fake, drive):
+    guard = drive.guard()
+    await drive.call(guard, "start")
+    await drive.call(guard, "commit", Usage(amount=Amount(unit=Unit.USD_MICROCENTS, amount=77)))
+    assert fake.commits()[0]["actual"]["amount"] == 77
