@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -58,8 +59,9 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -1082,7 +1084,86 @@ def _open_intents(raw: bytes) -> dict[str, JournalRecord]:
 # --------------------------------------------------------------------------------------------
 # Off-loop I/O for async code
 
-_executor: ThreadPoolExecutor | None = None
+IO_IDLE_S: Final = 0.2
+"""How long the journal's I/O thread waits for more work before it ends (it starts again
+with the next job): no thread is left behind once settlements are done."""
+
+
+class _IoWorker(Executor):
+    """Runs journal I/O in order on one thread that exists only while there is work.
+
+    Jobs run one at a time, in submission order (a claim's release runs after the I/O queued
+    before it). The thread is not a daemon: at interpreter exit the I/O already queued
+    finishes before the process ends, as with a ``ThreadPoolExecutor``.
+    """
+
+    def __init__(self, idle_s: float = IO_IDLE_S) -> None:
+        self._idle_s = idle_s
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        """Queue ``fn(*args)``; return its future.
+
+        Raises:
+            RuntimeError: The worker was shut down (interpreter exit).
+        """
+        if kwargs:
+            fn = functools.partial(fn, **kwargs)
+        future: Future[_T] = Future()
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.append((future, fn, args))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="runcycles-journal")
+                self._thread.start()
+            else:
+                self._cond.notify()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new jobs; optionally wait until the queued ones ran."""
+        with self._cond:
+            self._shutdown = True
+            if cancel_futures:
+                while self._jobs:
+                    self._jobs.popleft()[0].cancel()
+            self._cond.notify_all()
+            thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def idle(self, timeout_s: float) -> bool:
+        """Wait until the thread has ended; return whether it did (for tests)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._thread is None, timeout_s)
+
+    def _run(self) -> None:
+        _mark_io_thread()
+        while True:
+            with self._cond:
+                if not self._jobs and not self._shutdown:
+                    self._cond.wait(self._idle_s)
+                if not self._jobs:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                future, fn, args = self._jobs.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del future, fn, args
+
+
+_executor: _IoWorker | None = None
 _executor_lock = threading.Lock()
 _io_thread = threading.local()
 
@@ -1091,17 +1172,23 @@ def _mark_io_thread() -> None:
     _io_thread.active = True
 
 
-def _journal_executor() -> ThreadPoolExecutor:
+def _journal_executor() -> _IoWorker:
     global _executor
     if _executor is None:
         with _executor_lock:
             if _executor is None:
-                _executor = ThreadPoolExecutor(
-                    max_workers=1,
-                    thread_name_prefix="runcycles-journal",
-                    initializer=_mark_io_thread,
-                )
+                _executor = _IoWorker()
     return _executor
+
+
+def _new_worker_in_child() -> None:
+    global _executor, _executor_lock
+    _executor_lock = threading.Lock()
+    _executor = None  # the parent's thread does not exist in the child
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_new_worker_in_child)
 
 
 async def run_journal_io(fn: Callable[..., _T], *args: Any) -> _T:
