@@ -30,6 +30,7 @@ connections stay the parent's) and a new heartbeat and settlement engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -37,7 +38,7 @@ import ssl
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -126,6 +127,33 @@ def _no_tenant_error(response: CyclesResponse[Any]) -> Exception:
         "belongs to (no X-Cycles-Tenant header); pass tenant=... or set "
         "CyclesConfig(tenant=...)"
     )
+
+
+_closers: set[AsyncGenerator[None, None]] = set()
+"""Started closer generators, kept alive here until their loop shuts down (a loop holds its
+async generators only weakly)."""
+
+
+def at_loop_shutdown(cleanup: Callable[[], Awaitable[None]]) -> None:
+    """Run ``cleanup()`` when the running event loop shuts down.
+
+    ``asyncio.run()`` (and every well-behaved loop runner) calls ``loop.shutdown_asyncgens()``
+    before closing the loop, which closes every started async generator of that loop: the
+    ``finally`` of the one started here then awaits ``cleanup()``, on that loop.
+    """
+
+    async def closer() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            _closers.discard(generator)
+            await cleanup()
+
+    generator = closer()
+    _closers.add(generator)
+    step = generator.__anext__()  # registers the generator with the running loop
+    with contextlib.suppress(StopIteration):
+        step.send(None)  # runs to the ``yield`` without suspending (nothing is awaited)
 
 
 class BaseCyclesClient:
@@ -671,6 +699,7 @@ class AsyncBaseCyclesClient:
             self._http, owned=self._owns_http, base_url=config.base_url, fixed_urls=core.fixed_urls
         )
         self._generation = _generation
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._heartbeats: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, AsyncHeartbeatScheduler
         ] = weakref.WeakKeyDictionary()
@@ -694,13 +723,38 @@ class AsyncBaseCyclesClient:
         self._generation = _generation
         self._heartbeats = weakref.WeakKeyDictionary()  # the parent's loops and tasks
         self._settlement = None
+        self._pool_loop = None
         if self._owns_http and not self._http.is_closed:
             # The parent's connections are the parent's (see the sync twin).
-            self._http = self._new_pool()
-            config = self.config
-            self._wire = AsyncWire(
-                self._http, owned=True, base_url=config.base_url, fixed_urls=self._core.fixed_urls
-            )
+            self._renew_pool()
+
+    def _renew_pool(self) -> httpx.AsyncClient:
+        """Swap in a new, empty pool; return the old one (for the caller to close)."""
+        old = self._http
+        self._http = self._new_pool()
+        config = self.config
+        self._wire = AsyncWire(
+            self._http, owned=True, base_url=config.base_url, fixed_urls=self._core.fixed_urls
+        )
+        return old
+
+    def _enter_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """First request on ``loop``: its connections are closed when that loop shuts down.
+
+        Pooled connections belong to the event loop that opened them and die with it. So
+        that none outlives its loop (``asyncio.run`` returning while the client is still
+        open), the pool this client owns is swapped for a new one at the loop's shutdown
+        and the old one closed there; the client stays usable on a later loop.
+        """
+        self._pool_loop = loop
+
+        async def release_loop_pool() -> None:
+            if self._pool_loop is loop:
+                self._pool_loop = None
+            if not self._http.is_closed:
+                await self._renew_pool().aclose()
+
+        at_loop_shutdown(release_loop_pool)
 
     @property
     def config(self) -> CyclesConfig:
@@ -1128,6 +1182,8 @@ class AsyncBaseCyclesClient:
             _autoreplay.astart(self, since_ms)
         if self._generation != _generation:
             self._after_fork()
+        if self._owns_http and self._pool_loop is not asyncio.get_running_loop():
+            self._enter_loop(asyncio.get_running_loop())
         wire = self._wire
         request = wire.build(method, url, headers, content, params)
         attempt = 0

@@ -36,16 +36,16 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import functools
 import inspect
 import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, overload
 
+from runcycles._base_client import at_loop_shutdown
 from runcycles.client import AsyncCyclesClient, CyclesClient
 from runcycles.config import CyclesConfig
 from runcycles.exceptions import CyclesConfigError, CyclesError
@@ -175,31 +175,9 @@ class _Defaults:
         self.async_per_loop.clear()
 
 
-_closers: set[AsyncGenerator[None, None]] = set()
-"""Started closer generators, kept alive here until their loop shuts down (the loop only
-holds them weakly)."""
-
-
 def _close_at_loop_shutdown(client: AsyncCyclesClient) -> None:
-    """Arrange for ``client`` to be closed when the running event loop shuts down.
-
-    ``asyncio.run()`` (and every well-behaved loop runner) calls ``loop.shutdown_asyncgens()``
-    before closing the loop, which closes every started async generator of that loop: this
-    one's ``finally`` then closes the client, so its pooled sockets never outlive the loop.
-    """
-
-    async def closer() -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            _closers.discard(generator)
-            await client.aclose()
-
-    generator = closer()
-    _closers.add(generator)
-    step = generator.__anext__()  # registers the generator with the running loop
-    with contextlib.suppress(StopIteration):
-        step.send(None)  # runs to the ``yield`` without suspending (nothing is awaited)
+    """Arrange for ``client`` to be closed when the running event loop shuts down."""
+    at_loop_shutdown(client.aclose)
 
 
 def _close_derived_at_exit() -> None:
