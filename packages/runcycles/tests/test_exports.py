@@ -16,6 +16,8 @@ MODULES = [
     "runcycles.retry",
     "runcycles.client",
     "runcycles.testing",
+    "runcycles.pricing",
+    "runcycles.usage",
 ]
 
 

@@ -96,6 +96,13 @@ if TYPE_CHECKING:
         Subject,
         Unit,
     )
+    from runcycles.pricing import (
+        ModelPrice,
+        Pricer,
+        PriceTable,
+        UnknownModelError,
+        default_pricer,
+    )
     from runcycles.response import CyclesResponse
     from runcycles.retry import RetryPolicy
     from runcycles.streaming import (
@@ -104,6 +111,7 @@ if TYPE_CHECKING:
         StreamUsage,
         stream_reservation,
     )
+    from runcycles.usage import Usage
 
 # Public name -> module that defines it (the single source of the lazy re-exports).
 _LAZY: Final[dict[str, str]] = {
@@ -147,8 +155,11 @@ _LAZY: Final[dict[str, str]] = {
     "InvalidRequestError": "runcycles.exceptions",
     "MalformedResponseError": "runcycles.exceptions",
     "MaxExtensionsExceededError": "runcycles.exceptions",
+    "ModelPrice": "runcycles.pricing",
     "NotFoundError": "runcycles.exceptions",
     "OverdraftLimitExceededError": "runcycles.exceptions",
+    "PriceTable": "runcycles.pricing",
+    "Pricer": "runcycles.pricing",
     "RateLimitedError": "runcycles.exceptions",
     "ReasonCode": "runcycles.models",
     "ReleaseRequest": "runcycles.models",
@@ -180,8 +191,11 @@ _LAZY: Final[dict[str, str]] = {
     "Unit": "runcycles.models",
     "UnitMismatchError": "runcycles.exceptions",
     "UnknownActualError": "runcycles.lifecycle",
+    "UnknownModelError": "runcycles.pricing",
+    "Usage": "runcycles.usage",
     "__version__": "runcycles._version",
     "cycles": "runcycles.decorator",
+    "default_pricer": "runcycles.pricing",
     "dry_run": "runcycles.lifecycle",
     "get_cycles_context": "runcycles.context",
     "get_default_async_client": "runcycles.decorator",
@@ -233,8 +247,11 @@ __all__ = [
     "InvalidRequestError",
     "MalformedResponseError",
     "MaxExtensionsExceededError",
+    "ModelPrice",
     "NotFoundError",
     "OverdraftLimitExceededError",
+    "PriceTable",
+    "Pricer",
     "RateLimitedError",
     "ReasonCode",
     "ReleaseRequest",
@@ -266,8 +283,11 @@ __all__ = [
     "Unit",
     "UnitMismatchError",
     "UnknownActualError",
+    "UnknownModelError",
+    "Usage",
     "__version__",
     "cycles",
+    "default_pricer",
     "dry_run",
     "get_cycles_context",
     "get_default_async_client",
