@@ -28,27 +28,29 @@ method names, awaited.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import threading
 import time
 import warnings
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Hashable, Mapping
+from dataclasses import replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 
-from runcycles.exceptions import (
-    CyclesConfigError,
-    CyclesError,
-    CyclesProtocolError,
-    CyclesTransportError,
-    MalformedResponseError,
-    ReservationFinalizedError,
+from runcycles.adapter_plan import (
+    DEFAULT_MAX_TOKENS,
+    AdapterCall,
+    AdapterOptions,
+    CallPlan,
+    DryRunDecision,
+    PendingReservationsWarning,
+    call_idempotency_key,
+    is_outage,
+    tool_allowed,
 )
+from runcycles.exceptions import CyclesConfigError, CyclesError, ReservationFinalizedError
 from runcycles.lifecycle import (
     DEFAULT_TTL_MS,
     AsyncReservationGuard,
@@ -65,8 +67,6 @@ from runcycles.lifecycle import (
 from runcycles.models import (
     STANDARD_SUBJECT_FIELDS,
     Amount,
-    Caps,
-    CommitOveragePolicy,
     CyclesMetrics,
     Decision,
     Subject,
@@ -80,7 +80,6 @@ if TYPE_CHECKING:
 
     from runcycles.client import AsyncCyclesClient, CyclesClient
     from runcycles.config import CyclesConfig
-    from runcycles.settlement import SettlementResult
 
 __all__ = [
     "AdapterCall",
@@ -99,234 +98,9 @@ logger = logging.getLogger("runcycles.adapters")
 
 StartT = TypeVar("StartT")
 EndT = TypeVar("EndT")
-CallMode = Literal["pending", "live", "dry_run", "unguarded", "untracked"]
-
-DEFAULT_MAX_TOKENS: Final = 4_096
-"""Output tokens assumed for a model call whose plan gives no ``max_tokens``."""
-
-_RECENT: Final = 4_096  # ended keys remembered, so a second end() is a silent no-op
-_SLUG = re.compile(r"[^A-Za-z0-9_.]+")
-
-
-class PendingReservationsWarning(ResourceWarning):
-    """An adapter was garbage-collected while reservations were still open.
-
-    They were abandoned (heartbeat stopped, nothing sent): each expires at the end of its
-    lease. Call ``adapter.end_run(run_id)`` at the end of every run, or ``adapter.close()``.
-    """
-
-
-@dataclass(frozen=True)
-class CallPlan:
-    """What one framework call is, and how much to hold for it (returned by ``plan()``).
-
-    The estimate is, in order: ``estimate``; else the pricer's worst case for ``model`` and
-    ``max_tokens``; else, for a tool, the adapter's ``tool_estimates[name]`` or
-    ``default_tool_estimate``; else the adapter's ``llm_estimate``.
-
-    Attributes:
-        kind: Action kind (``"llm.completion"``, ``"tool.call"``).
-        name: Action name: the model or the tool.
-        estimate: An explicit amount (an ``int`` is in ``unit``).
-        unit: Unit of an ``int`` estimate (default: the adapter's ``unit``).
-        model: Model to price the estimate and, when the usage names none, the usage.
-        provider: The model's provider, when the name alone is ambiguous.
-        max_tokens: Output tokens the call may produce (default :data:`DEFAULT_MAX_TOKENS`).
-        prompt_tokens: Prompt size, when known (default: the pricer's assumption).
-        is_tool: Whether the call runs the tool ``name`` (tool estimates, caps).
-        agent: The running agent (overrides the adapter's ``agent`` subject field).
-        toolset: The tool's toolset (overrides the adapter's ``toolset``).
-        tags: Action tags (up to 10).
-        metadata: Extra reservation metadata (must be the same when a callback is retried).
-    """
-
-    kind: str
-    name: str
-    estimate: int | Amount | None = None
-    unit: Unit | str | None = None
-    model: str | None = None
-    provider: str | None = None
-    max_tokens: int | None = None
-    prompt_tokens: int | None = None
-    is_tool: bool = False
-    agent: str | None = None
-    toolset: str | None = None
-    tags: Sequence[str] | None = None
-    metadata: Mapping[str, Any] | None = None
-
-    @classmethod
-    def llm(cls, model: str, *, kind: str = "llm.completion", **fields: Any) -> CallPlan:
-        """Plan a model call, estimated from ``model`` and ``max_tokens`` by the pricer."""
-        return cls(kind=kind, name=model, model=model, **fields)
-
-    @classmethod
-    def tool(cls, name: str, *, kind: str = "tool.call", **fields: Any) -> CallPlan:
-        """Plan a tool call, estimated from the adapter's ``tool_estimates``."""
-        return cls(kind=kind, name=name, is_tool=True, **fields)
-
-
-def tool_allowed(caps: Caps | None, tool: str) -> bool:
-    """Return whether ``tool`` may run under ``caps`` (no caps: always).
-
-    The spec's precedence: a non-empty allowlist admits only its tools, else a non-empty
-    denylist excludes its tools; names match exactly (case-sensitive).
-    """
-    return caps is None or caps.is_tool_allowed(tool)
-
-
-@dataclass(eq=False)
-class AdapterCall:
-    """One framework call as the adapter saw it (returned by ``begin()``).
-
-    Attributes:
-        run_id: The framework's run id (as a string).
-        call_id: The framework's call id (as a string).
-        plan: What the call is (``None``: ``plan()`` said not to meter it).
-        mode: ``live`` (reserved), ``dry_run`` (evaluated only), ``unguarded`` (the server
-            was unreachable and ``fail_open`` let it run) or ``untracked`` (not metered).
-        estimate: The amount held (or evaluated).
-        decision: ``ALLOW``, ``ALLOW_WITH_CAPS`` (or ``DENY`` in a dry run).
-        caps: Caps the framework package should apply (``ALLOW_WITH_CAPS``).
-        reservation_id: The live reservation's id.
-        idempotency_key: The reservation's key, derived from the ids.
-    """
-
-    run_id: str
-    call_id: str
-    plan: CallPlan | None
-    mode: CallMode = "untracked"
-    estimate: Amount | None = None
-    decision: Decision | None = None
-    caps: Caps | None = None
-    reservation_id: str | None = None
-    idempotency_key: str | None = None
-    guard: ReservationGuard | AsyncReservationGuard | None = field(default=None, repr=False)
-    started_s: float = field(default_factory=time.monotonic, repr=False)
-
-    @property
-    def guarded(self) -> bool:
-        """Whether a live reservation covers the call."""
-        return self.mode == "live"
-
-    @property
-    def max_tokens(self) -> int | None:
-        """The output-token limit to send: the plan's, lowered to the caps' ``max_tokens``."""
-        limits = [self.plan.max_tokens if self.plan else None, self.caps and self.caps.max_tokens]
-        known = [limit for limit in limits if isinstance(limit, int)]
-        return min(known) if known else None
-
-    def allows_tool(self, tool: str | None = None) -> bool:
-        """Return whether ``tool`` (default: this call's tool) may run under the caps."""
-        name = tool if tool is not None else (self.plan.name if self.plan else "")
-        return tool_allowed(self.caps, name)
-
-
-@dataclass(frozen=True)
-class DryRunDecision:
-    """What the server would have decided for one call in dry-run (shadow) mode."""
-
-    run_id: str
-    call_id: str
-    action_kind: str
-    action_name: str
-    estimate: Amount
-    result: DryRunResult
-
-    @property
-    def decision(self) -> Decision:
-        """``ALLOW``, ``ALLOW_WITH_CAPS`` or ``DENY``."""
-        return self.result.decision
-
-
-class AdapterOptions(TypedDict, total=False):
-    """Keyword options of :class:`CyclesAdapter` and :class:`AsyncCyclesAdapter`.
-
-    Attributes:
-        tenant: Subject tenant (default: the client config's).
-        workspace: Subject workspace (default: the config's).
-        app: Subject app (default: the config's).
-        workflow: Subject workflow (default: the config's).
-        agent: Subject agent (default: the config's; a plan's ``agent`` overrides it).
-        toolset: Subject toolset (default: the config's; a plan's ``toolset`` overrides it).
-        dimensions: Free-form subject tags.
-        pricer: Prices estimates and usage (default :func:`~runcycles.default_pricer`).
-        tool_estimates: Estimate per tool name (an ``int`` is in ``unit``).
-        default_tool_estimate: Estimate of a tool missing from ``tool_estimates``.
-        llm_estimate: Estimate of a model call the pricer cannot estimate (a plan without a
-            model, or an unknown model under ``Pricer(unknown_model="estimate")``).
-        unit: Unit of ``int`` estimates (default ``USD_MICROCENTS``).
-        fail_open: Let calls run unguarded while the server is *unreachable* (transport
-            error, timeout, 5xx, ambiguous answer); logged once per outage. A denial still
-            stops the call, and 401/403 still raise. Default ``False``.
-        dry_run: Shadow mode: ask the server to evaluate each call, log and keep the
-            decision (:attr:`CyclesAdapter.decisions`); never block, never hold or charge.
-        ttl_ms: Reservation lease (the heartbeat extends it while the call runs).
-        overage_policy: What a commit above the estimate does (server default
-            ``ALLOW_IF_AVAILABLE``).
-        on_unknown_actual: A usage that cannot be priced: ``"commit_estimate"`` (default:
-            charge the worst case held, flagged ``actual_source=estimate``; never loses
-            spend), ``"release"`` (charge nothing) or ``"raise"`` (leave the reservation to
-            expire and raise :class:`~runcycles.UnknownActualError` from ``end()``).
-        idempotency_namespace: Mixed into every idempotency key, for run ids that repeat
-            across deployments (``"run-1"``).
-        heartbeat: Keep reservations alive while calls run (default ``True``).
-    """
-
-    tenant: str | None
-    workspace: str | None
-    app: str | None
-    workflow: str | None
-    agent: str | None
-    toolset: str | None
-    dimensions: Mapping[str, str] | None
-    pricer: Pricer | None
-    tool_estimates: Mapping[str, int | Amount] | None
-    default_tool_estimate: int | Amount | None
-    llm_estimate: int | Amount | None
-    unit: Unit | str
-    fail_open: bool
-    dry_run: bool
-    ttl_ms: int
-    overage_policy: CommitOveragePolicy | str | None
-    on_unknown_actual: OnUnknownActual
-    idempotency_namespace: str | None
-    heartbeat: bool
-
 
 _OPTION_NAMES: Final = frozenset(AdapterOptions.__annotations__)
-
-
-def call_idempotency_key(
-    framework: str,
-    run_id: Hashable,
-    call_id: Hashable,
-    operation: str = "reserve",
-    namespace: str | None = None,
-) -> str:
-    """Return the idempotency key of one operation on one framework call.
-
-    The same ids always give the same key, so a retried or duplicated callback is answered
-    by the server's stored response instead of reserving again. The key is
-    ``<framework>-<operation>-<sha256 of all parts>``: ASCII, at most 123 characters (the
-    protocol allows 256).
-    """
-    parts = (framework, namespace or "", str(run_id), str(call_id), operation)
-    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
-    return f"{_SLUG.sub('_', framework)[:32]}-{_SLUG.sub('_', operation)[:24]}-{digest[:64]}"
-
-
-def is_outage(error: BaseException) -> bool:
-    """Return whether ``error`` means the server could not be reached (what ``fail_open`` covers).
-
-    True for transport errors and timeouts, 5xx answers and ambiguous (malformed 2xx)
-    answers. False for every answer the server meant: a denial (``409 BUDGET_EXCEEDED``,
-    ``200 DENY``...), ``401``/``403``, bad requests.
-    """
-    if isinstance(error, CyclesTransportError):
-        return True
-    if isinstance(error, MalformedResponseError) and 200 <= error.status < 300:
-        return True
-    return isinstance(error, CyclesProtocolError) and error.status >= 500
+_RECENT: Final = 4_096  # ended keys remembered, so a second end() is a silent no-op
 
 
 def _on_collect(table: dict[tuple[str, str], AdapterCall], name: str) -> None:
@@ -467,7 +241,7 @@ class _AdapterBase(Generic[StartT, EndT]):
             try:
                 amount = self._pricer.estimate(
                     plan.model,
-                    max_tokens=plan.max_tokens or DEFAULT_MAX_TOKENS,
+                    max_tokens=DEFAULT_MAX_TOKENS if plan.max_tokens is None else plan.max_tokens,
                     prompt_tokens=plan.prompt_tokens,
                     provider=plan.provider,
                 )
@@ -643,6 +417,7 @@ class _AdapterBase(Generic[StartT, EndT]):
             return unknown, metrics
 
     def _replayed(self, call: AdapterCall, error: ReservationFinalizedError) -> None:
+        call.outcome = "already_settled"
         logger.info(
             "%s: reservation %s of call %s/%s was already settled (a retried callback); "
             "nothing more was charged (%s)",
@@ -704,8 +479,7 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
             if self.dry_run:
                 self._evaluated(call, dry_run(self.client, **options))
             else:
-                guard = reserve(self.client, **options)
-                self._granted(call, guard.start())
+                self._granted(call, reserve(self.client, **options).start())
         except CyclesError as error:
             self._refused(call, error)
         except BaseException:
@@ -715,35 +489,34 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
 
     def end(
         self, run_id: Hashable, call_id: Hashable, result: EndT | None = None
-    ) -> SettlementResult | None:
-        """The call finished: commit what :meth:`usage` says it used.
+    ) -> AdapterCall | None:
+        """The call finished: commit what :meth:`usage` says it used (see ``call.outcome``).
 
         A second ``end`` (or an ``end`` after ``fail``) is a no-op; an ``end`` for a call
-        never begun is logged (once) and ignored.
-
-        Returns:
-            The settlement of a live reservation, else ``None``.
+        never begun is logged (once) and ignored; both return ``None``.
 
         Raises:
             UnknownActualError: The usage cannot be priced and ``on_unknown_actual="raise"``.
         """
         call = self._close_call(run_id, call_id, "end")
         if call is None or not isinstance(call.guard, ReservationGuard):
-            return None
+            return call
         actual, metrics = self._actual(call, result)  # type: ignore[arg-type]
+        call.outcome = "abandoned"  # unless settled below
         try:
-            return call.guard.settle(
+            settled = call.guard.settle(
                 actual, on_unknown_actual=self._on_unknown, metrics=metrics, fix=_FIX
             )
+            call.outcome = "released" if settled is None else settled.outcome
         except ReservationFinalizedError as error:
             self._replayed(call, error)
-            return None
+        return call
 
     def fail(self, run_id: Hashable, call_id: Hashable, error: BaseException | None = None) -> None:
         """The call failed: release its reservation. Never raises."""
         call = self._close_call(run_id, call_id, "fail")
-        if call is not None and isinstance(call.guard, ReservationGuard):
-            call.guard.fail(error)
+        if call is not None:
+            self._release([call], None, error)
 
     def end_run(self, run_id: Hashable, reason: str = "run_ended") -> int:
         """Release every reservation the run left open (calls with no end); return how many."""
@@ -755,8 +528,7 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
 
     def close(self) -> None:
         """Release whatever is still open (logged); the client stays open."""
-        released = self.release_pending("adapter_closed")
-        if released:
+        if released := self.release_pending("adapter_closed"):
             logger.warning("%s: closed with %d open reservation(s)", self.framework, released)
 
     def __enter__(self) -> Self:
@@ -771,11 +543,15 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         self.close()
 
     @staticmethod
-    def _release(calls: list[AdapterCall], reason: str) -> int:
+    def _release(
+        calls: list[AdapterCall], reason: str | None, error: BaseException | None = None
+    ) -> int:
+        released = 0
         for call in calls:
             if isinstance(call.guard, ReservationGuard):
-                call.guard.fail(reason=reason)
-        return len(calls)
+                call.guard.fail(error, reason=reason)
+                call.outcome, released = "released", released + 1
+        return released
 
 
 class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
@@ -799,8 +575,7 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
             if self.dry_run:
                 self._evaluated(call, await dry_run(self.client, **options))
             else:
-                guard = reserve(self.client, **options)
-                self._granted(call, await guard.start())
+                self._granted(call, await reserve(self.client, **options).start())
         except CyclesError as error:
             self._refused(call, error)
         except BaseException:
@@ -810,27 +585,29 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
 
     async def end(
         self, run_id: Hashable, call_id: Hashable, result: EndT | None = None
-    ) -> SettlementResult | None:
+    ) -> AdapterCall | None:
         """The call finished: commit its usage. See :meth:`CyclesAdapter.end`."""
         call = self._close_call(run_id, call_id, "end")
         if call is None or not isinstance(call.guard, AsyncReservationGuard):
-            return None
+            return call
         actual, metrics = self._actual(call, result)  # type: ignore[arg-type]
+        call.outcome = "abandoned"  # unless settled below
         try:
-            return await call.guard.settle(
+            settled = await call.guard.settle(
                 actual, on_unknown_actual=self._on_unknown, metrics=metrics, fix=_FIX
             )
+            call.outcome = "released" if settled is None else settled.outcome
         except ReservationFinalizedError as error:
             self._replayed(call, error)
-            return None
+        return call
 
     async def fail(
         self, run_id: Hashable, call_id: Hashable, error: BaseException | None = None
     ) -> None:
         """The call failed: release its reservation. Never raises."""
         call = self._close_call(run_id, call_id, "fail")
-        if call is not None and isinstance(call.guard, AsyncReservationGuard):
-            await call.guard.fail(error)
+        if call is not None:
+            await self._release([call], None, error)
 
     async def end_run(self, run_id: Hashable, reason: str = "run_ended") -> int:
         """Release every reservation the run left open; return how many."""
@@ -842,8 +619,7 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
 
     async def close(self) -> None:
         """Release whatever is still open (logged); the client stays open."""
-        released = await self.release_pending("adapter_closed")
-        if released:
+        if released := await self.release_pending("adapter_closed"):
             logger.warning("%s: closed with %d open reservation(s)", self.framework, released)
 
     async def __aenter__(self) -> Self:
@@ -858,8 +634,12 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
         await self.close()
 
     @staticmethod
-    async def _release(calls: list[AdapterCall], reason: str) -> int:
+    async def _release(
+        calls: list[AdapterCall], reason: str | None, error: BaseException | None = None
+    ) -> int:
+        released = 0
         for call in calls:
             if isinstance(call.guard, AsyncReservationGuard):
-                await call.guard.fail(reason=reason)
-        return len(calls)
+                await call.guard.fail(error, reason=reason)
+                call.outcome, released = "released", released + 1
+        return released
