@@ -51,3 +51,23 @@ def test_unknown_attribute_raises_attribute_error_naming_it() -> None:
 
 def test_dir_lists_the_public_names() -> None:
     assert set(runcycles.__all__) <= set(dir(runcycles))
+
+
+def test_pricing_imports_without_the_price_table() -> None:
+    loaded = _modules_after("import runcycles.pricing\nfrom runcycles import Pricer, Usage")
+    assert "runcycles" in loaded
+    assert not {"genai_prices", "httpx"} & loaded
+
+
+def test_a_custom_table_never_loads_the_price_table() -> None:
+    code = (
+        "from runcycles import ModelPrice, Pricer, Usage\n"
+        "pricer = Pricer(table={'m': ModelPrice('1', '2')})\n"
+        "assert pricer.price(Usage(input_tokens=10, model='m')) == 1000"
+    )
+    assert "genai_prices" not in _modules_after(code)
+
+
+def test_the_price_table_loads_when_first_needed() -> None:
+    code = "from runcycles import Pricer, Usage\nPricer().price(Usage(model='gpt-4o'))"
+    assert "genai_prices" in _modules_after(code)

@@ -134,6 +134,19 @@ class ModelPrice:
         ):
             setattr_(self, name, None if value is None else _rate(value, name))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Explicit, so that pickling works on Python 3.10 too (frozen + slots + own __init__).
+        return (
+            ModelPrice,
+            (
+                self.input_per_mtok,
+                self.output_per_mtok,
+                self.cached_input_per_mtok,
+                self.cache_write_per_mtok,
+                self.reasoning_per_mtok,
+            ),
+        )
+
 
 def _rate(value: object, name: str) -> Decimal:
     if isinstance(value, float):
@@ -535,8 +548,9 @@ class Pricer:
             entry = self._resolve(model, provider)
         if type(entry) is _Rates:
             return entry
-        if entry is not None:
-            return entry.now() if isinstance(entry, _TimedRates) else None
+        rates = entry.now() if isinstance(entry, _TimedRates) else None
+        if rates is not None:
+            return rates
         if self.unknown_model == "error":
             raise UnknownModelError(model, provider)
         return self._default_rates

@@ -30,6 +30,7 @@ _TOKEN_FIELDS = (
     "cache_write_tokens",
     "reasoning_tokens",
 )
+_FIELDS = (*_TOKEN_FIELDS, "model", "provider", "amount")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,10 @@ class Usage:
                 f"reasoning_tokens ({self.reasoning_tokens}) exceed output_tokens "
                 f"({self.output_tokens}): output_tokens must be the total including reasoning"
             )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Explicit, so that pickling works on Python 3.10 too (frozen + slots).
+        return (Usage, tuple(getattr(self, name) for name in _FIELDS))
 
     @property
     def total_tokens(self) -> int:
