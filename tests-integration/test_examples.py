@@ -28,6 +28,11 @@ EXPECTED = {
         "tenant:acme/workspace:research       12,000     12,000          0",
     ],
     "streaming_chat.py": ["(cancelled)", "(completed)", "spent so far: 900"],
+    "custom_adapter.py": [
+        "run-1: 2 steps ran",
+        "spent 650,000",
+        "run-2 stopped before a step ran over budget: BUDGET_EXCEEDED",
+    ],
 }
 
 
@@ -73,3 +78,10 @@ def test_example_runs_against_a_configured_server(script: str, server, tenant: P
     out = _run(script, env)
     assert "embedded Cycles server" not in out  # it used the configured one
     assert "spent" in out
+
+
+def test_the_adapter_docs_show_the_custom_adapter_example_as_it_is():
+    page = (EXAMPLES.parent / "docs" / "adapters.md").read_text()
+    source = (EXAMPLES / "custom_adapter.py").read_text()
+    assert f"```python\n{source}```" in page
+    assert len(source.splitlines()) < 100

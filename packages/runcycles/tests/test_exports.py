@@ -18,6 +18,9 @@ MODULES = [
     "runcycles.testing",
     "runcycles.pricing",
     "runcycles.usage",
+    "runcycles.adapters",
+    "runcycles.testing.fake_server",
+    "runcycles.testing.adapter_contract",
 ]
 
 

@@ -14,6 +14,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from runcycles._version import __version__
+    from runcycles.adapters import (
+        AdapterCall,
+        AsyncCyclesAdapter,
+        CallPlan,
+        CyclesAdapter,
+        DryRunDecision,
+        PendingReservationsWarning,
+        tool_allowed,
+    )
     from runcycles.client import AsyncCyclesClient, CyclesClient
     from runcycles.config import CyclesConfig
     from runcycles.context import CyclesContext, get_cycles_context
@@ -116,7 +125,9 @@ if TYPE_CHECKING:
 # Public name -> module that defines it (the single source of the lazy re-exports).
 _LAZY: Final[dict[str, str]] = {
     "Action": "runcycles.models",
+    "AdapterCall": "runcycles.adapters",
     "Amount": "runcycles.models",
+    "AsyncCyclesAdapter": "runcycles.adapters",
     "AsyncCyclesClient": "runcycles.client",
     "AsyncReservationGuard": "runcycles.lifecycle",
     "AsyncStreamReservation": "runcycles.streaming",
@@ -125,10 +136,12 @@ _LAZY: Final[dict[str, str]] = {
     "BudgetClosedError": "runcycles.exceptions",
     "BudgetExceededError": "runcycles.exceptions",
     "BudgetFrozenError": "runcycles.exceptions",
+    "CallPlan": "runcycles.adapters",
     "Caps": "runcycles.models",
     "CommitOveragePolicy": "runcycles.models",
     "CommitRequest": "runcycles.models",
     "CommitResponse": "runcycles.models",
+    "CyclesAdapter": "runcycles.adapters",
     "CyclesClient": "runcycles.client",
     "CyclesConfig": "runcycles.config",
     "CyclesConfigError": "runcycles.exceptions",
@@ -144,6 +157,7 @@ _LAZY: Final[dict[str, str]] = {
     "Decision": "runcycles.models",
     "DecisionRequest": "runcycles.models",
     "DecisionResponse": "runcycles.models",
+    "DryRunDecision": "runcycles.adapters",
     "DryRunResult": "runcycles.lifecycle",
     "ErrorCode": "runcycles.models",
     "ErrorResponse": "runcycles.models",
@@ -158,6 +172,7 @@ _LAZY: Final[dict[str, str]] = {
     "ModelPrice": "runcycles.pricing",
     "NotFoundError": "runcycles.exceptions",
     "OverdraftLimitExceededError": "runcycles.exceptions",
+    "PendingReservationsWarning": "runcycles.adapters",
     "PriceTable": "runcycles.pricing",
     "Pricer": "runcycles.pricing",
     "RateLimitedError": "runcycles.exceptions",
@@ -204,11 +219,14 @@ _LAZY: Final[dict[str, str]] = {
     "set_default_client": "runcycles.decorator",
     "set_default_config": "runcycles.decorator",
     "stream_reservation": "runcycles.streaming",
+    "tool_allowed": "runcycles.adapters",
 }
 
 __all__ = [
     "Action",
+    "AdapterCall",
     "Amount",
+    "AsyncCyclesAdapter",
     "AsyncCyclesClient",
     "AsyncReservationGuard",
     "AsyncStreamReservation",
@@ -217,10 +235,12 @@ __all__ = [
     "BudgetClosedError",
     "BudgetExceededError",
     "BudgetFrozenError",
+    "CallPlan",
     "Caps",
     "CommitOveragePolicy",
     "CommitRequest",
     "CommitResponse",
+    "CyclesAdapter",
     "CyclesClient",
     "CyclesConfig",
     "CyclesConfigError",
@@ -236,6 +256,7 @@ __all__ = [
     "Decision",
     "DecisionRequest",
     "DecisionResponse",
+    "DryRunDecision",
     "DryRunResult",
     "ErrorCode",
     "ErrorResponse",
@@ -250,6 +271,7 @@ __all__ = [
     "ModelPrice",
     "NotFoundError",
     "OverdraftLimitExceededError",
+    "PendingReservationsWarning",
     "PriceTable",
     "Pricer",
     "RateLimitedError",
@@ -296,6 +318,7 @@ __all__ = [
     "set_default_client",
     "set_default_config",
     "stream_reservation",
+    "tool_allowed",
 ]
 
 

@@ -1,0 +1,324 @@
+"""runcycles.adapters beyond the contract: twins' parity, keys, outage rules, leaks, options."""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from runcycles import (
+    AsyncCyclesAdapter,
+    BudgetExceededError,
+    CallPlan,
+    Caps,
+    CyclesAdapter,
+    CyclesConfigError,
+    CyclesProtocolError,
+    CyclesTimeoutError,
+    CyclesTransportError,
+    ForbiddenError,
+    InternalServerError,
+    MalformedResponseError,
+    ModelPrice,
+    PendingReservationsWarning,
+    Pricer,
+    UnknownModelError,
+    Usage,
+    tool_allowed,
+)
+from runcycles.adapters import call_idempotency_key, is_outage
+from runcycles.testing.fake_server import FakeCyclesServer
+
+PRICER = Pricer(overrides={"m": ModelPrice(1, 2)}, builtin=False)
+
+
+@pytest.fixture(autouse=True)
+def _journal(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNCYCLES_JOURNAL_DIR", str(tmp_path / "journal"))
+
+
+@pytest.fixture
+def server() -> FakeCyclesServer:
+    return FakeCyclesServer()
+
+
+@pytest.fixture
+def adapter(server: FakeCyclesServer) -> Iterator[CyclesAdapter[CallPlan, Any]]:
+    with server.client() as client:
+        built: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, pricer=PRICER)
+        yield built
+        built.close()
+
+
+# ---------------------------------------------------------------------------- the twins
+
+
+def _public(cls: type) -> set[str]:
+    return {n for k in cls.__mro__[:-1] for n in vars(k) if not n.startswith("_")}
+
+
+def test_twins_have_the_same_names_and_signatures() -> None:
+    assert _public(CyclesAdapter) == _public(AsyncCyclesAdapter)
+    renamed = {"__enter__": "__aenter__", "__exit__": "__aexit__"}
+    io = {"begin", "end", "fail", "end_run", "release_pending", "close", *renamed}
+    for name in [*_public(CyclesAdapter), "__init__", *renamed]:
+        sync, other = (
+            getattr(CyclesAdapter, name),
+            getattr(AsyncCyclesAdapter, renamed.get(name, name)),
+        )
+        if isinstance(sync, property) or not callable(sync):
+            assert type(sync) is type(other), name
+            continue
+        expected = str(inspect.signature(sync))
+        assert expected == str(inspect.signature(other)).replace(
+            "AsyncCyclesClient", "CyclesClient"
+        )
+        assert inspect.iscoroutinefunction(other) is (name in io), name
+        assert not inspect.iscoroutinefunction(sync), name
+
+
+# ---------------------------------------------------------------------------- pure rules
+
+
+def test_idempotency_keys_are_deterministic_distinct_and_fit_the_spec() -> None:
+    key = call_idempotency_key("langchain", "run-1", "call-1")
+    assert key == call_idempotency_key("langchain", "run-1", "call-1")
+    others = {
+        call_idempotency_key("langchain", "run-1", "call-2"),
+        call_idempotency_key("langchain", "run-2", "call-1"),
+        call_idempotency_key("openai", "run-1", "call-1"),
+        call_idempotency_key("langchain", "run-1", "call-1", "dry_run"),
+        call_idempotency_key("langchain", "run-1", "call-1", namespace="prod"),
+        call_idempotency_key("langchain", "run-1\x1fcall-1", ""),
+    }
+    assert key not in others
+    assert len(others) == 6
+    weird = call_idempotency_key("fw with spaces/é" * 20, "r" * 5000, ("tuple", 1))
+    assert len(weird) <= 256
+    assert weird.isascii()
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (CyclesTransportError("refused"), True),
+        (CyclesTimeoutError("slow"), True),
+        (InternalServerError("x", status=500, error_code="INTERNAL_ERROR"), True),
+        (CyclesProtocolError("bad gateway", status=502), True),
+        (MalformedResponseError("not json", status=200), True),
+        (BudgetExceededError("no", status=409, error_code="BUDGET_EXCEEDED"), False),
+        (CyclesProtocolError("denied", status=200, reason_code="BUDGET_FROZEN"), False),
+        (ForbiddenError("no", status=403, error_code="FORBIDDEN"), False),
+        (CyclesProtocolError("throttled", status=429, error_code="LIMIT_EXCEEDED"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_only_an_unreachable_server_is_an_outage(error: BaseException, outage: bool) -> None:
+    assert is_outage(error) is outage
+
+
+def test_tool_caps_follow_the_spec_precedence() -> None:
+    assert tool_allowed(None, "x")
+    assert not tool_allowed(Caps(tool_allowlist=["a"], tool_denylist=["x"]), "x")
+    assert tool_allowed(Caps(tool_allowlist=["x"], tool_denylist=["x"]), "x")
+    assert not tool_allowed(Caps(tool_denylist=["x"]), "x")
+    assert tool_allowed(Caps(tool_denylist=["x"]), "X")
+
+
+# ---------------------------------------------------------------------------- estimates
+
+
+def test_estimates_come_from_the_plan_the_pricer_or_the_options(server: FakeCyclesServer) -> None:
+    with server.client() as client:
+        adapter: CyclesAdapter[CallPlan, Any] = CyclesAdapter(
+            client,
+            pricer=PRICER,
+            tool_estimates={"search": 7},
+            default_tool_estimate=3,
+            llm_estimate=11,
+        )
+        assert adapter.begin("r", 1, CallPlan("k", "n", estimate=5)).estimate.amount == 5  # type: ignore[union-attr]
+        # 1000 prompt tokens at $1/Mtok + 10 output tokens at $2/Mtok = 102,000 microcents
+        priced = adapter.begin("r", 2, CallPlan.llm("m", max_tokens=10, prompt_tokens=1000))
+        assert priced.estimate is not None
+        assert priced.estimate.amount == 102_000
+        assert adapter.begin("r", 3, CallPlan.tool("search")).estimate.amount == 7  # type: ignore[union-attr]
+        assert adapter.begin("r", 4, CallPlan.tool("other")).estimate.amount == 3  # type: ignore[union-attr]
+        assert adapter.begin("r", 5, CallPlan("llm.completion", "?")).estimate.amount == 11  # type: ignore[union-attr]
+        with pytest.raises(UnknownModelError):  # policy "error": no silent fallback
+            adapter.begin("r", 6, CallPlan.llm("unknown"))
+        assert adapter.end_run("r") == 5
+        assert adapter.pending == []
+
+
+def test_an_unknown_model_falls_back_to_llm_estimate_under_policy_estimate(
+    server: FakeCyclesServer,
+) -> None:
+    pricer = Pricer(builtin=False, unknown_model="estimate")
+    with server.client() as client:
+        adapter: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, pricer=pricer, llm_estimate=9)
+        call = adapter.begin("r", 1, CallPlan.llm("unknown"))
+        assert call.estimate is not None
+        assert call.estimate.amount == 9
+        ended = adapter.end("r", 1, Usage(input_tokens=3))  # cost() -> None: the estimate
+        assert ended is not None
+        assert ended.outcome == "committed"
+        assert server.posts("/commit")[0]["metadata"] == {"actual_source": "estimate"}
+
+
+def test_a_plan_without_any_estimate_is_a_config_error(
+    adapter: CyclesAdapter[CallPlan, Any], server: FakeCyclesServer
+) -> None:
+    with pytest.raises(CyclesConfigError, match="default_tool_estimate"):
+        adapter.begin("r", 1, CallPlan.tool("search"))
+    assert adapter.pending == []
+    assert server.calls == []
+
+
+def test_unknown_options_are_refused(server: FakeCyclesServer) -> None:
+    with server.client() as client, pytest.raises(TypeError, match="fail_opne"):
+        CyclesAdapter(client, fail_opne=True)  # type: ignore[call-arg]
+    with server.client() as client, pytest.raises(ValueError, match="on_unknown_actual"):
+        CyclesAdapter(client, on_unknown_actual="ignore")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- subject
+
+
+def test_subject_defaults_come_from_the_config_and_calls_override_agent_and_toolset(
+    server: FakeCyclesServer,
+) -> None:
+    with server.client(workspace="ws") as client:
+        adapter: CyclesAdapter[CallPlan, Any] = CyclesAdapter(
+            client, app="bot", agent="planner", dimensions={"env": "test"}
+        )
+        adapter.begin("r", 1, CallPlan("k", "n", estimate=1))
+        adapter.begin("r", 2, CallPlan("k", "n", estimate=1, agent="coder", toolset="shell"))
+        adapter.end_run("r")
+    first, second = (c.body["subject"] for c in server.calls if c.path == "/v1/reservations")
+    assert first == {
+        "tenant": "acme",
+        "workspace": "ws",
+        "app": "bot",
+        "agent": "planner",
+        "dimensions": {"env": "test"},
+    }
+    assert second["agent"] == "coder"
+    assert second["toolset"] == "shell"
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+
+
+def test_unknown_keys_are_logged_once_and_a_second_end_is_silent(
+    adapter: CyclesAdapter[CallPlan, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="runcycles.adapters"):
+        adapter.begin("r", "c", CallPlan("k", "n", estimate=1))
+        assert adapter.end("r", "c") is not None
+        assert adapter.end("r", "c") is None
+        adapter.fail("r", "c")
+        for n in range(3):
+            assert adapter.end("r", f"never-{n}") is None
+            adapter.fail("r", f"never-{n}")
+    assert [r.getMessage().split(":")[1].strip() for r in caplog.records] == [
+        "end() for call r/never-0 that was never begun; ignored (further ones are logged at DEBUG)"
+    ]
+
+
+def test_begin_twice_reserves_once(
+    adapter: CyclesAdapter[CallPlan, Any], server: FakeCyclesServer
+) -> None:
+    first = adapter.begin("r", "c", CallPlan("k", "n", estimate=1))
+    assert adapter.begin("r", "c", CallPlan("k", "n", estimate=1)) is first
+    assert len(server.posts("/v1/reservations")) == 1
+    adapter.end("r", "c")
+
+
+def test_a_plan_of_none_is_not_metered(server: FakeCyclesServer) -> None:
+    class Skipping(CyclesAdapter[str, Any]):
+        def plan(self, event: str) -> CallPlan | None:
+            return None
+
+    with server.client() as client:
+        adapter = Skipping(client)
+        call = adapter.begin("r", "c", "anything")
+        assert call.mode == "untracked"
+        assert adapter.end("r", "c") is call
+    assert server.calls == []
+
+
+def test_an_adapter_collected_with_open_reservations_warns_and_abandons(
+    server: FakeCyclesServer,
+) -> None:
+    with server.client() as client:
+        adapter: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client)
+        call = adapter.begin("r", "c", CallPlan("k", "n", estimate=1))
+        guard = call.guard
+        del call
+
+        def collect() -> None:
+            nonlocal adapter
+            del adapter
+            gc.collect()
+
+        with pytest.warns(PendingReservationsWarning, match="end_run"):
+            collect()
+        assert guard is not None
+        assert guard.is_finalized
+    assert server.posts("/release") == []  # abandoned: it expires at the end of its lease
+
+
+def test_close_releases_what_is_open(
+    server: FakeCyclesServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        server.client() as client,
+        caplog.at_level(logging.WARNING, logger="runcycles.adapters"),
+        CyclesAdapter[CallPlan, Any](client) as adapter,
+    ):
+        adapter.begin("r1", "c", CallPlan("k", "n", estimate=1))
+        adapter.begin("r2", "c", CallPlan("k", "n", estimate=1))
+    assert "closed with 2 open reservation(s)" in caplog.text
+    assert server.statuses() == ["RELEASED", "RELEASED"]
+    assert [b["reason"] for b in server.posts("/release")] == ["adapter_closed"] * 2
+
+
+async def test_async_release_pending_and_end_run(server: FakeCyclesServer) -> None:
+    async with server.async_client() as client:
+        adapter: AsyncCyclesAdapter[CallPlan, Any] = AsyncCyclesAdapter(client)
+        for run in ("a", "a", "b"):
+            await adapter.begin(run, len(adapter.pending), CallPlan("k", "n", estimate=1))
+        assert await adapter.end_run("a") == 2
+        assert await adapter.release_pending() == 1
+        await adapter.close()
+    assert server.statuses() == ["RELEASED"] * 3
+
+
+def test_a_server_error_is_an_outage_for_fail_open(server: FakeCyclesServer) -> None:
+    server.server_error = True
+    with server.client() as client:
+        adapter: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, fail_open=True)
+        assert adapter.begin("r", "c", CallPlan("k", "n", estimate=1)).mode == "unguarded"
+        adapter.close()
+
+
+def test_the_fake_server_replays_and_refuses_changed_payloads(server: FakeCyclesServer) -> None:
+    body = {
+        "idempotency_key": "k1",
+        "subject": {"tenant": "acme"},
+        "action": {"kind": "k", "name": "n"},
+    }
+    body["estimate"] = {"unit": "USD_MICROCENTS", "amount": 5}
+    request = httpx.Request("POST", "http://cycles.fake/v1/reservations", json=body)
+    first = server.handle(request).json()
+    assert server.handle(request).json() == first
+    body["estimate"] = {"unit": "USD_MICROCENTS", "amount": 6}
+    changed = httpx.Request("POST", "http://cycles.fake/v1/reservations", json=body)
+    assert server.handle(changed).status_code == 409
+    assert server.reserved() == 5
