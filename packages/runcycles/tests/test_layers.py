@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"_autoreplay"},
     {"_base_client"},
     {"lifecycle"},
-    {"streaming"},
+    {"streaming", "adapter_plan"},
     {"client"},
     {"decorator", "adapters"},
     {"__init__", "testing"},
