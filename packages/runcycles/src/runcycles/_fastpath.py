@@ -335,6 +335,8 @@ def set_unchecked(model: BaseModel, name: str, value: Any) -> None:
 
 _AUTO: Final = frozenset({"host", "content-length", "transfer-encoding"})
 """Headers httpx derives from the URL and body: given by the caller, httpx's way applies."""
+_TRANSPORT_FOR_URL: Final = "_transport_for_url"
+"""The private ``httpx`` method :func:`direct_transport` relies on."""
 _MAX_PLANS: Final = 64
 """Header-name sets remembered per client (requests with extra headers may vary them)."""
 
@@ -359,7 +361,7 @@ def direct_transport(
         return None
     import httpx
 
-    pick = getattr(http, "_transport_for_url", None)
+    pick = getattr(http, _TRANSPORT_FOR_URL, None)
     if pick is None:
         return None
     try:
@@ -444,9 +446,14 @@ def request_builder(
             return httpx.Request(
                 method, url, params=params, headers=merged, content=content, extensions=extensions
             )
-        if content is None:
+        if not content:  # no body, or an empty one: httpx's own headers (none, or 0)
             return httpx.Request(
-                method, url, params=params, headers={**kept, **headers}, extensions=extensions
+                method,
+                url,
+                params=params,
+                headers={**kept, **headers},
+                content=content,
+                extensions=extensions,
             )
         request = httpx.Request(
             method,
