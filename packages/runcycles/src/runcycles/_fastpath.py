@@ -173,7 +173,11 @@ def dump_json(model: BaseModel) -> bytes:
     encoded as UTF-8: the same bytes.
     """
     if enabled:
-        return _fast_dump_json(model)
+        try:
+            serializer = type(model).__pydantic_serializer__
+        except AttributeError:  # pragma: no cover - depends on the pydantic version
+            return _plain_dump_json(model)
+        return serializer.to_json(model, exclude_none=True)
     return _plain_dump_json(model)
 
 
@@ -306,17 +310,6 @@ def _plain_set_unchecked(model: BaseModel, name: str, value: Any) -> None:
     setattr(model, name, value)
 
 
-def _fast_set_unchecked(model: BaseModel, name: str, value: Any) -> None:
-    try:
-        state = model.__dict__
-        fields_set = model.__pydantic_fields_set__
-    except AttributeError:  # pragma: no cover - depends on the pydantic version
-        _plain_set_unchecked(model, name, value)
-        return
-    state[name] = value
-    fields_set.add(name)
-
-
 def set_unchecked(model: BaseModel, name: str, value: Any) -> None:
     """Set field ``name`` of ``model`` to a value its validation would keep as it is.
 
@@ -324,9 +317,16 @@ def set_unchecked(model: BaseModel, name: str, value: Any) -> None:
     value written where pydantic keeps it, skipping the validation.
     """
     if enabled and _MODELS_OK:
-        _fast_set_unchecked(model, name, value)
-    else:
-        _plain_set_unchecked(model, name, value)
+        try:
+            state = model.__dict__
+            fields_set = model.__pydantic_fields_set__
+        except AttributeError:  # pragma: no cover - depends on the pydantic version
+            pass
+        else:
+            state[name] = value
+            fields_set.add(name)
+            return
+    _plain_set_unchecked(model, name, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +418,7 @@ def request_builder(
     encoding = http.headers.encoding
     defaults = [(name.decode(encoding), value.decode(encoding)) for name, value in http.headers.raw]
     plans: dict[tuple[str, ...], dict[str, str] | None] = {}
+    unplanned: Any = object()
 
     def plan(names: tuple[str, ...]) -> dict[str, str] | None:
         """The client's default headers a request with header ``names`` keeps (or ``None``)."""
@@ -439,7 +440,9 @@ def request_builder(
         extensions: Any,
     ) -> httpx.Request:
         names = tuple(headers)
-        kept = plans[names] if names in plans else plan(names)
+        kept = plans.get(names, unplanned)
+        if kept is unplanned:
+            kept = plan(names)
         if kept is None:
             merged = httpx.Headers(defaults)
             merged.update(headers)
