@@ -3,9 +3,8 @@
 A few hot spots of the client go around ``pydantic`` and ``httpx`` to save CPU per guarded
 call (``benchmarks/guarded_call.py`` measures it). Each relies on how the library works
 inside, not on what it promises, so each lives here, next to the public-API spelling of the
-same thing, and one switch picks between them:
-
-Each seam function, its fast path (internals) and its plain twin (public API):
+same thing, and one switch picks between them. Each seam function, its fast path
+(internals) and its plain twin (public API):
 
 - :func:`dump_json`: ``type(m).__pydantic_serializer__.to_json(m, exclude_none=True)``;
   plain ``m.model_dump_json(exclude_none=True).encode()``.
@@ -20,9 +19,10 @@ Each seam function, its fast path (internals) and its plain twin (public API):
   ``setattr`` (the validated assignment).
 - :func:`direct_transport`: ``httpx.Client._transport_for_url`` (the wire then skips
   ``httpx.Client.send``); plain ``None``: send through ``httpx.Client.send``.
-- :func:`request_builder`: ``httpx.Request`` with a ``ByteStream`` body and ``Host`` /
-  ``Content-Length`` precomputed (relies on how ``httpx`` orders and merges headers);
-  plain ``httpx.Request(..., content=...)``.
+- :func:`request_builder`: ``httpx.Request`` with the client's default headers merged once
+  per set of header names, a ``ByteStream`` body and ``Host`` / ``Content-Length``
+  precomputed (relies on how ``httpx`` merges, orders and derives headers); plain
+  ``http.build_request(...)``.
 
 The switch is the environment variable ``RUNCYCLES_FASTPATH``, read once at import: ``0``
 (or ``false``, ``no``, ``off``) selects the plain twins everywhere. In tests, flip it with
