@@ -19,6 +19,23 @@ PACKAGES = ["runcycles", "runcycles-server"]
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 SOURCES = [f"packages/{name}/src" for name in PACKAGES]
 TEST_DIRS = [f"packages/{name}/tests" for name in PACKAGES]
+PLAIN_PATH_TESTS = [
+    f"packages/runcycles/tests/{name}"
+    for name in (
+        "guarded",
+        "test_client.py",
+        "test_client_contract.py",
+        "test_client_parity.py",
+        "test_fastpath.py",
+        "test_hot_path.py",
+        "test_http_core.py",
+        "test_journal.py",
+        "test_settlement.py",
+        "test_settlement_claims.py",
+        "test_wire.py",
+    )
+]
+"""The core tests that go through ``runcycles._fastpath``: run again with it off in ``ci``."""
 LINTED = ["packages", "tests-integration", "benchmarks", "examples", "noxfile.py"]
 
 
@@ -38,6 +55,10 @@ def ci(session: nox.Session) -> None:
     session.run("ruff", "check", *LINTED)
     _typecheck(session)
     session.run("pytest", *session.posargs)
+    if not session.posargs:
+        # Every shortcut through httpx/pydantic internals off (their public-API twins):
+        # the client must behave the same (about 30 s).
+        session.run("pytest", "-q", *PLAIN_PATH_TESTS, env={"RUNCYCLES_FASTPATH": "0"})
 
 
 @nox.session(venv_backend="none")

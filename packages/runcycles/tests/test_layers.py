@@ -19,7 +19,7 @@ SRC = Path(runcycles.__file__).parent
 
 LAYERS: list[set[str]] = [
     {"_version", "models"},
-    {"exceptions"},
+    {"exceptions", "_fastpath"},
     {"config", "context", "response", "usage"},
     {"retry", "pricing", "_http", "_wire", "journal"},
     {"heartbeat", "settlement"},

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from runcycles import AsyncCyclesClient, CyclesClient, CyclesConfig
+from runcycles import AsyncCyclesClient, CyclesClient, CyclesConfig, _fastpath
 from runcycles._http import USER_AGENT
 from runcycles.retry import RetryPolicy
 
@@ -52,7 +52,12 @@ def _build(flavour: str, config: CyclesConfig, **kwargs: Any) -> Api:
 
 @pytest.fixture
 def no_client_send(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``httpx.Client.send``/``AsyncClient.send`` fail loudly if anything calls them."""
+    """Make ``httpx.Client.send``/``AsyncClient.send`` fail loudly if anything calls them.
+
+    The fast path is what skips them: it is on for these tests whatever
+    ``RUNCYCLES_FASTPATH`` says (``test_fastpath.py`` covers the plain path).
+    """
+    monkeypatch.setattr(_fastpath, "enabled", True)
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("httpx.Client.send was called")

@@ -16,6 +16,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 
+from runcycles import _fastpath
 from runcycles._version import __version__
 from runcycles.config import CyclesConfig
 from runcycles.exceptions import MalformedResponseError
@@ -231,7 +232,7 @@ def encode_body(request: RequestT | Mapping[str, Any], model: type[RequestT]) ->
             f"expected a {model.__name__} or a dict, got {type(request).__name__}; "
             f"build the body with runcycles.{model.__name__}(...)"
         )
-    content = obj.__pydantic_serializer__.to_json(obj, exclude_none=True)
+    content = _fastpath.dump_json(obj)
     key: str = getattr(obj, "idempotency_key")  # noqa: B009 - every request model has one
     return content, key
 

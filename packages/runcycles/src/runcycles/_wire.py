@@ -13,6 +13,10 @@ would pick for the server's URL (proxies from the environment included). Everyth
 the transport (the ``httpcore`` pool, TLS, HTTP/1.1 parsing, exception mapping, decoding) is
 unchanged. A client given ``http_client=`` keeps sending through that client's ``send``,
 so its event hooks, auth and custom mounts apply as the caller configured them.
+
+The transport lookup and the request building go through :mod:`runcycles._fastpath` (they
+rely on ``httpx`` internals); with ``RUNCYCLES_FASTPATH=0`` every client sends through
+``httpx.Client.send``.
 """
 
 from __future__ import annotations
@@ -22,17 +26,17 @@ from typing import Final
 
 import httpx
 
+from runcycles import _fastpath
+
 __all__ = ["AsyncWire", "SyncWire"]
 
 _CLOSED_MESSAGE: Final = "Cannot send a request, as the client has been closed."
-_AUTO: Final = frozenset({"host", "content-length", "transfer-encoding"})
-"""Headers httpx derives from the URL and body: given by the caller, httpx's way applies."""
 
 
 class _Wire:
     """State shared by both wires: the URLs parsed once and the per-request extensions."""
 
-    __slots__ = ("direct", "extensions", "host", "pool", "timeout", "urls")
+    __slots__ = ("direct", "extensions", "host", "make", "pool", "timeout", "urls")
 
     def __init__(
         self,
@@ -47,6 +51,7 @@ class _Wire:
         self.extensions = {"timeout": self.timeout.as_dict()}
         self.urls: dict[str, httpx.URL] = {url: httpx.URL(url) for url in fixed_urls}
         self.host = httpx.URL(fixed_urls[0]).netloc.decode("ascii") if fixed_urls else ""
+        self.make = _fastpath.request_builder(http, self.host)
 
     def build(
         self,
@@ -64,48 +69,7 @@ class _Wire:
             self.timeout = http.timeout
             self.extensions = {"timeout": self.timeout.as_dict()}
         target = self.urls.get(url) or url
-        if content is None or not self.host or any(key.lower() in _AUTO for key in headers):
-            return httpx.Request(
-                method,
-                target,
-                params=params,
-                headers=headers,
-                content=content,
-                extensions=self.extensions,
-            )
-        # A body of bytes with the two headers httpx would add itself (``Host`` first, as
-        # httpx orders it, and ``Content-Length``): a third of the cost of ``content=``,
-        # which re-scans the headers for each header it might add.
-        request = httpx.Request(
-            method,
-            target,
-            params=params,
-            headers={"Host": self.host, **headers, "Content-Length": str(len(content))},
-            stream=httpx.ByteStream(content),
-            extensions=self.extensions,
-        )
-        request.read()  # ``request.content`` readable, as with ``content=``
-        return request
-
-
-def _direct_transport(
-    http: httpx.Client | httpx.AsyncClient, base_url: str
-) -> httpx.BaseTransport | httpx.AsyncBaseTransport | None:
-    """Return the transport ``http`` would use for ``base_url``, or ``None`` if unknowable.
-
-    ``httpx`` resolves the transport per request from the client's mounts (proxy
-    environment variables become mounts); every URL of one Cycles server resolves alike, so
-    the lookup is done once. Should a future ``httpx`` drop the lookup, the client falls
-    back to ``send``.
-    """
-    pick = getattr(http, "_transport_for_url", None)
-    if pick is None:  # pragma: no cover - depends on the httpx version
-        return None
-    try:
-        transport: httpx.BaseTransport | httpx.AsyncBaseTransport = pick(httpx.URL(base_url))
-    except Exception:  # pragma: no cover - depends on the httpx version
-        return None
-    return transport
+        return self.make(method, target, headers, content, params, self.extensions)
 
 
 class SyncWire(_Wire):
@@ -116,7 +80,7 @@ class SyncWire(_Wire):
     def __init__(
         self, http: httpx.Client, *, owned: bool, base_url: str, fixed_urls: tuple[str, ...]
     ) -> None:
-        transport = _direct_transport(http, base_url) if owned else None
+        transport = _fastpath.direct_transport(http, base_url) if owned else None
         super().__init__(
             http, direct=isinstance(transport, httpx.BaseTransport), fixed_urls=fixed_urls
         )
@@ -163,7 +127,7 @@ class AsyncWire(_Wire):
         base_url: str,
         fixed_urls: tuple[str, ...],
     ) -> None:
-        transport = _direct_transport(http, base_url) if owned else None
+        transport = _fastpath.direct_transport(http, base_url) if owned else None
         super().__init__(
             http, direct=isinstance(transport, httpx.AsyncBaseTransport), fixed_urls=fixed_urls
         )

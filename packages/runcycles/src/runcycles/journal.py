@@ -70,6 +70,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runcycles import _fastpath
 from runcycles.models import (
     Action,
     Amount,
@@ -263,7 +264,6 @@ class JournalRecord(BaseModel):
             # reservation's models are validated already): assemble the record directly,
             # as ``cls(...)`` with these arguments would build it.
             now = _now_ms()
-            record = cls.__new__(cls)
             fields = {
                 "schema_version": JOURNAL_SCHEMA_VERSION,
                 "reservation_id": reservation_id,
@@ -282,11 +282,7 @@ class JournalRecord(BaseModel):
                 "updated_at_ms": now,
                 "last_error": None,
             }
-            object.__setattr__(record, "__dict__", fields)
-            object.__setattr__(record, "__pydantic_fields_set__", set(_FOR_COMMIT_FIELDS))
-            object.__setattr__(record, "__pydantic_extra__", None)
-            object.__setattr__(record, "__pydantic_private__", None)
-            return record
+            return _fastpath.construct(cls, fields, _FOR_COMMIT_FIELDS)
         return cls(
             reservation_id=reservation_id,
             idempotency_key=request.idempotency_key,
@@ -986,7 +982,7 @@ class IntentLog:
         Raises:
             OSError: It could not be written.
         """
-        data = record.__pydantic_serializer__.to_json(record, exclude_none=True)
+        data = _fastpath.dump_json(record)
         line = b'{"op":"open","record":' + data + b"}\n"
         with self._lock:
             segment = self._segment_for(len(line))

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 
 import httpx
 
+from runcycles import _fastpath
 from runcycles.config import CyclesConfig
 from runcycles.exceptions import CyclesError, CyclesTransportError, MalformedResponseError
 from runcycles.journal import (
@@ -341,7 +342,7 @@ class _Engine:
         self.attempts += 1
         record = self.record
         # A count that only grows from a valid one: skip the validated assignment.
-        record.__dict__["attempts"] = record.attempts + 1
+        _fastpath.set_unchecked(record, "attempts", record.attempts + 1)
         if record.mode == "commit":
             if self.commit is None:
                 self.commit = record.commit_request()
