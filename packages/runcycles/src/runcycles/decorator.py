@@ -76,6 +76,8 @@ from runcycles.models import (
     Subject,
     Unit,
 )
+from runcycles.pricing import Pricer
+from runcycles.usage import Usage
 
 if TYPE_CHECKING:
     from runcycles.context import CyclesContext
@@ -99,7 +101,7 @@ DEFAULT_ACTION_KIND: Final = "function"
 """``action.kind`` of a ``@cycles`` function that does not set ``action_kind``."""
 
 EstimateArg = int | Amount | Callable[..., int | Amount]
-ActualArg = int | Amount | Callable[[Any], int | Amount | None] | None
+ActualArg = int | Amount | Callable[[Any], int | Amount | Usage | None] | None
 SubjectArg = str | Callable[..., str | None] | None
 DimensionsArg = Mapping[str, str] | Callable[..., Mapping[str, str] | None] | None
 
@@ -282,6 +284,7 @@ class _Policy:
         "metadata",
         "on_unknown_actual",
         "overage_policy",
+        "pricer",
         "request_cache",
         "static_subject",
         "subject_cache",
@@ -310,9 +313,11 @@ class _Policy:
         client: CyclesClient | AsyncCyclesClient | None,
         heartbeat: bool,
         on_unknown_actual: OnUnknownActual,
+        pricer: Pricer | None,
     ) -> None:
         check_on_unknown_actual(on_unknown_actual)
         self.on_unknown_actual = on_unknown_actual
+        self.pricer = pricer
         self.unit = Unit(unit)
         self.estimate: Amount | None = None
         self.estimate_fn: Callable[..., int | Amount] | None = None
@@ -433,14 +438,14 @@ class _Policy:
 
     def settlement(
         self, result: Any, context: CyclesContext, elapsed_s: float
-    ) -> tuple[Amount | UnknownActualError | None, CyclesMetrics, dict[str, Any] | None]:
+    ) -> tuple[Amount | Usage | UnknownActualError | None, CyclesMetrics, dict[str, Any] | None]:
         """Return ``(actual, metrics, metadata)`` of the commit after a successful call.
 
         ``actual`` is an :class:`UnknownActualError` (carrying ``result``) when the
         ``actual`` callable gave no usable amount: the guard's ``settle`` applies
         ``on_unknown_actual`` to it.
         """
-        actual: Amount | UnknownActualError | None
+        actual: Amount | Usage | UnknownActualError | None
         try:
             actual = measure_actual(self.actual, result, context)
         except UnknownActualError as unknown:
@@ -510,6 +515,7 @@ def cycles(
     client: CyclesClient | AsyncCyclesClient | None = None,
     heartbeat: bool = True,
     on_unknown_actual: OnUnknownActual = "raise",
+    pricer: Pricer | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -537,6 +543,7 @@ def cycles(
     client: CyclesClient | AsyncCyclesClient | None = None,
     heartbeat: bool = True,
     on_unknown_actual: OnUnknownActual = "raise",
+    pricer: Pricer | None = None,
 ) -> _DryRunDecorator: ...
 
 
@@ -563,14 +570,17 @@ def cycles(
     client: CyclesClient | AsyncCyclesClient | None = None,
     heartbeat: bool = True,
     on_unknown_actual: OnUnknownActual = "raise",
+    pricer: Pricer | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Guard every call of the decorated function with a reservation.
 
     Args:
         estimate: Amount to reserve per call: an ``int`` (in ``unit``), an :class:`Amount`,
             or a callable receiving the function's arguments and returning one.
-        actual: What a call used: a callable receiving the function's result, an ``int`` or
-            :class:`Amount`; ``None`` commits the estimate (marked in the metadata).
+        actual: What a call used: a callable receiving the function's result (returning an
+            ``int``, an :class:`Amount` or a :class:`~runcycles.Usage` of tokens and model,
+            priced by ``pricer``), an ``int`` or :class:`Amount`; ``None`` commits the
+            estimate (marked in the metadata).
             A callable that raises or returns ``None`` means the actual is unknown: see
             ``on_unknown_actual``.
         action_kind: ``action.kind``, e.g. ``"llm.completion"``.
@@ -602,7 +612,10 @@ def cycles(
             expire at its lease, and raise :class:`~runcycles.UnknownActualError` (its
             ``result`` is the function's return value). ``"release"``: release the
             reservation, log an error and return the result. ``"commit_estimate"``: commit
-            the estimate, flagged ``actual_error`` in the metadata, and log an error.
+            the estimate, flagged ``actual_error`` in the metadata, and log an error. A
+            :class:`~runcycles.Usage` that cannot be priced counts as unknown.
+        pricer: Prices a :class:`~runcycles.Usage` returned by ``actual`` (default:
+            :func:`~runcycles.default_pricer`).
 
     Returns:
         The decorator.
@@ -640,6 +653,7 @@ def cycles(
         "client": client,
         "heartbeat": heartbeat,
         "on_unknown_actual": on_unknown_actual,
+        "pricer": pricer,
     }
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -698,6 +712,7 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
                     on_unknown_actual=policy.on_unknown_actual,
                     metrics=metrics,
                     metadata=metadata,
+                    pricer=policy.pricer,
                     fix=_FIX,
                 )
             except UnknownActualError:
@@ -741,6 +756,7 @@ def _async_wrapper(
                     on_unknown_actual=policy.on_unknown_actual,
                     metrics=metrics,
                     metadata=metadata,
+                    pricer=policy.pricer,
                     fix=_FIX,
                 )
             except UnknownActualError:

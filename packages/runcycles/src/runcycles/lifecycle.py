@@ -716,10 +716,10 @@ def build_commit_request(
 
 
 def measure_actual(
-    spec: int | Amount | Callable[[Any], int | Amount | None] | None,
+    spec: int | Amount | Callable[[Any], int | Amount | Usage | None] | None,
     result: Any,
     context: CyclesContext,
-) -> Amount | None:
+) -> Amount | Usage | None:
     """Work out what a successful guarded call used, refusing to guess.
 
     Args:
@@ -729,7 +729,8 @@ def measure_actual(
         context: The reservation (its estimate's unit; its id for the error).
 
     Returns:
-        The validated amount, or ``None`` when ``spec`` is ``None``.
+        The validated amount, a :class:`~runcycles.Usage` the callable returned (priced
+        when it is committed), or ``None`` when ``spec`` is ``None``.
 
     Raises:
         UnknownActualError: ``spec`` raised (the exception is the ``__cause__``), returned
@@ -743,6 +744,8 @@ def measure_actual(
         value = spec(result) if callable(spec) else spec
         if value is None:
             reason = "actual returned None"
+        elif isinstance(value, Usage):
+            return value
         else:
             amount = to_amount(value, context.estimate.unit, "actual")
             if amount.unit is context.estimate.unit:
@@ -766,10 +769,10 @@ def measure_actual(
 
 
 def resolve_actual(
-    spec: int | Amount | Callable[[Any], int | Amount | None] | None,
+    spec: int | Amount | Callable[[Any], int | Amount | Usage | None] | None,
     result: Any,
     context: CyclesContext,
-) -> tuple[Amount | None, dict[str, Any] | None]:
+) -> tuple[Amount | Usage | None, dict[str, Any] | None]:
     """Work out what a successful guarded call used, never losing the spend.
 
     Args:
@@ -1100,6 +1103,10 @@ class _GuardState:
             actual, usage_metrics = price_usage(actual, context.estimate, pricer)
             if metrics is None:
                 metrics = usage_metrics
+            else:  # what the caller measured (latency, ...) plus the usage's tokens
+                known = metrics.model_dump(exclude_none=True)
+                extra = usage_metrics.model_dump(exclude_none=True)
+                metrics = metrics.model_copy(update={**extra, **known})
         return context, build_commit_request(context, actual, metrics=metrics, metadata=metadata)
 
     def _mark_finalized(self, operation: str = "finalize") -> None:

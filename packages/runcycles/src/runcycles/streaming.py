@@ -74,7 +74,9 @@ from runcycles.models import (
     ReservationCreateRequest,
     Unit,
 )
+from runcycles.pricing import Pricer, default_pricer
 from runcycles.settlement import SettlementResult
+from runcycles.usage import Usage
 
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
@@ -87,6 +89,7 @@ __all__ = [
     "OUTCOME_KEY",
     "StreamReservation",
     "StreamUsage",
+    "priced",
     "stream_reservation",
 ]
 
@@ -158,6 +161,15 @@ class StreamUsage:
         """Return whether nothing was consumed (no tokens and no cost)."""
         return not self.tokens_input and not self.tokens_output and not self.actual_cost
 
+    def to_usage(self, *, model: str | None = None, provider: str | None = None) -> Usage:
+        """Return these counts as a :class:`~runcycles.Usage` (default model: ``model_version``)."""
+        return Usage(
+            input_tokens=self.tokens_input,
+            output_tokens=self.tokens_output,
+            model=model or self.model_version,
+            provider=provider,
+        )
+
     def to_metrics(self, base: CyclesMetrics | None = None) -> CyclesMetrics:
         """Return the commit metrics: these counts over ``base`` (the context's metrics)."""
         update: dict[str, Any] = {}
@@ -172,6 +184,28 @@ class StreamUsage:
         if base is None:
             return CyclesMetrics(**update)
         return base.model_copy(update=update)
+
+
+def priced(
+    pricer: Pricer | None = None, *, model: str | None = None, provider: str | None = None
+) -> CostFn:
+    """Return a ``cost_fn`` that prices a stream's tokens with ``pricer``.
+
+    ``stream_reservation(..., cost_fn=priced(model="gpt-4o"))`` commits the stream's input
+    and output tokens at the model's price in ``USD_MICROCENTS`` (the model the stream
+    reported with ``usage.set_model_version()`` when ``model`` is not given). A model without
+    a price makes the actual unknown: ``on_unknown_actual`` decides what happens.
+
+    Args:
+        pricer: The price table (default: :func:`~runcycles.default_pricer`).
+        model: The model to price (default: ``usage.model_version``).
+        provider: The model's provider, when the name alone is ambiguous.
+    """
+
+    def cost(usage: StreamUsage) -> int:
+        return (pricer or default_pricer()).price(usage.to_usage(model=model, provider=provider))
+
+    return cost
 
 
 def _non_negative(value: int, name: str) -> int:
