@@ -68,7 +68,7 @@ from runcycles import (
     Unit,
     cycles,
 )
-from runcycles._http import USER_AGENT
+from runcycles._protocol import USER_AGENT
 from runcycles.settlement import default_journal
 from runcycles_server.testing import ServerProcess
 

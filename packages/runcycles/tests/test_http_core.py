@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runcycles import CommitResponse, CyclesConfig, CyclesResponse
-from runcycles._http import ClientCore, parse_http_response
+from runcycles._protocol import ClientCore, parse_http_response
 
 CORE = ClientCore(CyclesConfig(base_url="http://cycles.test", api_key="k"), headers_on_client=True)
 

@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"_version", "models"},
     {"exceptions", "_fastpath"},
     {"config", "context", "response", "usage"},
-    {"retry", "pricing", "_http", "_wire", "journal"},
+    {"retry", "pricing", "_protocol", "_wire", "journal"},
     {"heartbeat", "settlement"},
     {"_autoreplay"},
     {"_base_client"},

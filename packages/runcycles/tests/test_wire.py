@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from runcycles import AsyncCyclesClient, CyclesClient, CyclesConfig, _fastpath
-from runcycles._http import USER_AGENT
+from runcycles._protocol import USER_AGENT
 from runcycles.retry import RetryPolicy
 
 from .conftest import API_KEY, Api, make_config

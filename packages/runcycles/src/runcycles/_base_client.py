@@ -1,7 +1,7 @@
 """The Cycles protocol clients: the nine calls, their pool, and what each client runs.
 
 :class:`BaseCyclesClient` and :class:`AsyncBaseCyclesClient` are adjacent twins: each call
-encodes the request (pure code in :mod:`runcycles._http`), sends it with retries
+encodes the request (pure code in :mod:`runcycles._protocol`), sends it with retries
 (:mod:`runcycles.retry`) and wraps the answer in a :class:`~runcycles.response.CyclesResponse`.
 They differ only in ``await``. The public classes, :class:`~runcycles.CyclesClient` and
 :class:`~runcycles.AsyncCyclesClient` (:mod:`runcycles.client`), add the guard shortcuts
@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 
 from runcycles import _autoreplay
-from runcycles._http import (
+from runcycles._protocol import (
     BalanceFilters,
     ClientCore,
     ReservationFilters,
