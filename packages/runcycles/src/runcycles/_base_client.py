@@ -134,12 +134,14 @@ _closers: set[AsyncGenerator[None, None]] = set()
 async generators only weakly)."""
 
 
-def at_loop_shutdown(cleanup: Callable[[], Awaitable[None]]) -> None:
+def at_loop_shutdown(cleanup: Callable[[], Awaitable[None]]) -> AsyncGenerator[None, None]:
     """Run ``cleanup()`` when the running event loop shuts down.
 
     ``asyncio.run()`` (and every well-behaved loop runner) calls ``loop.shutdown_asyncgens()``
     before closing the loop, which closes every started async generator of that loop: the
-    ``finally`` of the one started here then awaits ``cleanup()``, on that loop.
+    ``finally`` of the one started here then awaits ``cleanup()``, on that loop. Returns the
+    generator: :func:`forget_loop_shutdown` drops it early (its ``cleanup`` then runs when
+    the loop finalizes it, or never if the loop is gone).
     """
 
     async def closer() -> AsyncGenerator[None, None]:
@@ -154,6 +156,13 @@ def at_loop_shutdown(cleanup: Callable[[], Awaitable[None]]) -> None:
     step = generator.__anext__()  # registers the generator with the running loop
     with contextlib.suppress(StopIteration):
         step.send(None)  # runs to the ``yield`` without suspending (nothing is awaited)
+    return generator
+
+
+def forget_loop_shutdown(generator: AsyncGenerator[None, None] | None) -> None:
+    """Stop keeping a closer of :func:`at_loop_shutdown` alive (its work is done)."""
+    if generator is not None:
+        _closers.discard(generator)
 
 
 class BaseCyclesClient:
@@ -321,9 +330,11 @@ class BaseCyclesClient:
         The pool is left open when it was passed in as ``http_client``. Reservations still
         held stop being extended: they expire at the end of their lease.
         """
+        if self._generation != _generation:  # a fork child: the parent's lock, thread, pool
+            self._after_fork()
         with self._lock:
             scheduler, self._heartbeat = self._heartbeat, None
-        if scheduler is not None and self._generation == _generation:
+        if scheduler is not None:
             scheduler.close()
         if self._owns_http:
             self._http.close()
@@ -700,6 +711,7 @@ class AsyncBaseCyclesClient:
         )
         self._generation = _generation
         self._pool_loop: asyncio.AbstractEventLoop | None = None
+        self._loop_closer: AsyncGenerator[None, None] | None = None
         self._heartbeats: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, AsyncHeartbeatScheduler
         ] = weakref.WeakKeyDictionary()
@@ -747,14 +759,18 @@ class AsyncBaseCyclesClient:
         and the old one closed there; the client stays usable on a later loop.
         """
         self._pool_loop = loop
+        ref = weakref.ref(self)  # a client dropped without aclose() must stay collectable
 
         async def release_loop_pool() -> None:
-            if self._pool_loop is loop:
-                self._pool_loop = None
-            if not self._http.is_closed:
-                await self._renew_pool().aclose()
+            client = ref()
+            if client is None:
+                return
+            if client._pool_loop is loop:
+                client._pool_loop = None
+            if not client._http.is_closed:
+                await client._renew_pool().aclose()
 
-        at_loop_shutdown(release_loop_pool)
+        self._loop_closer = at_loop_shutdown(release_loop_pool)
 
     @property
     def config(self) -> CyclesConfig:
@@ -861,6 +877,8 @@ class AsyncBaseCyclesClient:
             await _autoreplay.astop(self)
         if self._owns_http:
             await self._http.aclose()
+        forget_loop_shutdown(self._loop_closer)
+        self._loop_closer = None
 
     async def create_reservation(
         self,

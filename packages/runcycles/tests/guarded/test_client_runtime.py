@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
 
 from runcycles import reserve
 from runcycles._autoreplay import wait_idle
+from runcycles._base_client import _closers
 from runcycles.journal import _journal_executor
 
 OPTIONS: dict[str, Any] = {"estimate": 500, "action_kind": "llm.completion", "action_name": "m"}
@@ -106,3 +109,21 @@ def test_the_journal_worker_runs_jobs_in_order() -> None:
     for future in futures:
         future.result(5)
     assert seen == list(range(200))
+
+
+async def test_an_async_client_dropped_without_aclose_is_collectable(fake: Any) -> None:
+    client = fake.async_client()
+    (await client.list_reservations(limit=1)).raise_for_error()
+    ref = weakref.ref(client)
+    del client
+    gc.collect()
+    assert ref() is None  # its loop-shutdown closer does not keep it alive
+
+
+async def test_aclose_forgets_its_loop_closer(fake: Any) -> None:
+    client = fake.async_client()
+    (await client.list_reservations(limit=1)).raise_for_error()
+    closer = client._loop_closer
+    assert closer in _closers
+    await client.aclose()
+    assert closer not in _closers
