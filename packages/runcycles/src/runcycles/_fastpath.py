@@ -1,42 +1,21 @@
 """The seam: every shortcut through a library's private internals, each with its plain twin.
 
-A few hot spots of the client go around ``pydantic`` and ``httpx`` to save CPU per guarded
-call (``benchmarks/guarded_call.py`` measures it). Each relies on how the library works
-inside, not on what it promises, so each lives here, next to the public-API spelling of the
-same thing, and one switch picks between them. Each seam function, its fast path
-(internals) and its plain twin (public API):
+A few hot spots go around ``pydantic`` and ``httpx`` internals to save CPU per guarded call
+(``benchmarks/guarded_call.py``). Each relies on how the library works inside, not on what it
+promises, so each lives here next to its public-API spelling, and one switch picks between
+them: :func:`dump_json`, :func:`copy_with_key`, :func:`body_after_key` /
+:func:`keyed_request`, :func:`construct`, :func:`set_unchecked`, :func:`direct_transport`
+and :func:`request_builder` (each docstring names both paths).
 
-- :func:`dump_json`: ``type(m).__pydantic_serializer__.to_json(m, exclude_none=True)``;
-  plain ``m.model_dump_json(exclude_none=True).encode()``.
-- :func:`copy_with_key`: copy ``__dict__`` and the ``__pydantic_*__`` slots by hand; plain
-  ``m.model_copy(update={"idempotency_key": key})``.
-- :func:`body_after_key` / :func:`keyed_request`: serialize the reserve body once without
-  its key and splice each call's key in (relies on the field order of
-  ``ReservationCreateRequest``); plain ``model_copy`` + ``model_dump_json`` per call.
-- :func:`construct`: ``cls.__new__`` and the ``__pydantic_*__`` slots set by hand; plain
-  ``cls(**fields)``.
-- :func:`set_unchecked`: write ``__dict__`` and ``__pydantic_fields_set__``; plain
-  ``setattr`` (the validated assignment).
-- :func:`direct_transport`: ``httpx.Client._transport_for_url`` (the wire then skips
-  ``httpx.Client.send``); plain ``None``: send through ``httpx.Client.send``.
-- :func:`request_builder`: ``httpx.Request`` with the client's default headers merged once
-  per set of header names, a ``ByteStream`` body and ``Host`` / ``Content-Length``
-  precomputed (relies on how ``httpx`` merges, orders and derives headers); plain
-  ``http.build_request(...)``.
+The switch is ``RUNCYCLES_FASTPATH``, read once at import: ``0`` (or ``false``, ``no``,
+``off``) selects the plain twins everywhere. Tests flip it with :func:`set_enabled`,
+:func:`plain_path` / :func:`fast_path` or ``monkeypatch``. The model functions read
+:data:`enabled` per call; the wire reads it when a client is built, so flip it before that.
 
-The switch is the environment variable ``RUNCYCLES_FASTPATH``, read once at import: ``0``
-(or ``false``, ``no``, ``off``) selects the plain twins everywhere. In tests, flip it with
-:func:`set_enabled` or the context managers :func:`plain_path` / :func:`fast_path`, or
-``monkeypatch.setattr(runcycles._fastpath, "enabled", False)``. The model functions read
-:data:`enabled` on every call (one global lookup); the wire reads it once, when a client is
-built (:func:`direct_transport`, :func:`request_builder`), so flip the switch before
-creating the client.
-
-A fast function that finds the internal it relies on missing or changed (a future library
-version) falls back to its plain twin: the ``pydantic`` slots are checked once at import,
-attribute lookups that fail fall back per call, and the reserve-body splice is verified
-against the plain serialization before it is cached. ``tests/test_fastpath.py`` runs every
-function both ways on the same inputs and compares the results and bytes.
+A fast function that finds its internal missing or changed (a future library version) falls
+back to its plain twin: the ``pydantic`` slots are checked once at import, failed attribute
+lookups fall back per call, and the reserve-body splice is verified against the plain
+serialization before it is cached. ``tests/test_fastpath.py`` compares both paths.
 """
 
 from __future__ import annotations

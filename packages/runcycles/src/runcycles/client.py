@@ -1,11 +1,8 @@
 """The public clients: :class:`CyclesClient` and :class:`AsyncCyclesClient`.
 
-Each is the protocol client of :mod:`runcycles._base_client` (the nine calls, the
-connection pool, the heartbeat, the settlement engine) plus two shortcuts to the guards that
-sit above it: :meth:`CyclesClient.reserve` (a :class:`~runcycles.ReservationGuard`) and
-:meth:`CyclesClient.stream_reservation` (a :class:`~runcycles.StreamReservation`). This
-module is therefore the top of the core's layers: it imports the guards, nothing imports it
-but the decorator's defaults and the package's re-exports (see ``docs/architecture.md``).
+The protocol client of :mod:`runcycles._base_client` plus the guard shortcuts
+:meth:`CyclesClient.reserve` and :meth:`CyclesClient.stream_reservation`: the top of the
+core's layers (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations

@@ -7,29 +7,14 @@
             action_kind="llm.completion", action_name="gpt-4", client=client)
     def call_llm(prompt: str, tokens: int) -> str: ...
 
-Each call reserves ``estimate`` (a denial raises, e.g. :class:`~runcycles.BudgetExceededError`,
-and the function does not run), runs the function with the reservation published as
-:func:`~runcycles.get_cycles_context`, then:
-
-* the function returned: commit ``actual(result)`` (or ``actual`` when it is an int, or the
-  estimate when no ``actual`` is given, marked ``metadata["actual_source"]="estimate"``). A
-  failed commit is logged (the client's settlement retries it); the function's result is
-  still returned.
-* the function returned but ``actual(result)`` raised, returned ``None`` or gave an unusable
-  amount: nothing is committed and no event is sent (an unknown actual is never turned into
-  a charge). ``on_unknown_actual`` decides the rest: ``"raise"`` (default) leaves the
-  reservation to expire at its lease and raises :class:`~runcycles.UnknownActualError`
-  (carrying the result); ``"release"`` releases it, logs and returns the result;
-  ``"commit_estimate"`` commits the estimate flagged ``actual_error`` (the old behaviour).
-* the function raised (or was cancelled): release the reservation and re-raise.
-
-Sync and async functions are both supported; which path is used is decided once, when the
-function is decorated. Generator functions are refused (use
-:func:`~runcycles.streaming.stream_reservation` inside them).
-
-Without ``client=``, the decorator uses the default set by :func:`set_default_client` or
-:func:`set_default_config`, looked up at each call. One default serves sync *and* async
-functions: the missing flavour is built from the other one's config.
+Each call reserves (a denial raises before the function runs), runs the function with the
+reservation published as :func:`~runcycles.get_cycles_context`, then settles it through the
+guard: commit the actual, apply ``on_unknown_actual`` when it is unknown (never a charge made
+up), or release if the function raised. ``docs/decorator.md`` has the details. Sync or async
+is decided once, at decoration; generator functions are refused (use
+:func:`~runcycles.streaming.stream_reservation`). Without ``client=`` the default of
+:func:`set_default_client` / :func:`set_default_config` is looked up at each call; one
+default serves sync *and* async functions.
 """
 
 from __future__ import annotations

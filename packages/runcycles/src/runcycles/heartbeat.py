@@ -3,46 +3,19 @@
 API summary::
 
     scheduler = HeartbeatScheduler(client)           # or AsyncHeartbeatScheduler(async_client)
-    handle = scheduler.track(
-        reservation_id,
-        ttl_ms=60_000,                 # the ttl_ms requested at create: every beat extends by it
-        remaining_ttl_ms=59_000,       # from the create response (None if the server omits it)
-        expires_at_ms=1_767_000_000,   # from the create response
-        rtt_ms=12.5,                   # how long the create request took (None: unknown)
-        on_event=print,                # optional: receives every HeartbeatEvent
-    )
-    ...                                # the guarded work runs; nothing here can cancel it
+    handle = scheduler.track(reservation_id, ttl_ms=60_000, remaining_ttl_ms=59_000,
+                             expires_at_ms=1_767_000_000, rtt_ms=12.5, on_event=print)
     handle.stop()                      # idempotent; call it before committing
-    handle.expires_at_ms               # the latest expiry the server returned
     scheduler.close()                  # (await scheduler.aclose() for the async one)
 
-How it works:
-
-* **One worker per client, never one per reservation.** :class:`HeartbeatScheduler` runs one
-  daemon thread; :class:`AsyncHeartbeatScheduler` runs one asyncio task. Each keeps a heap of
-  due times. A tracked reservation costs one small ``__slots__`` object plus a heap entry.
-  The sync thread sends beats one after the other; the async task sends up to
-  ``max_in_flight`` beats concurrently (short-lived tasks that exist only while an extend
-  request is on the wire). With nothing due, the async scheduler is exactly one task.
-* **The spec's schedule** (``extendReservation`` HEARTBEAT GUIDANCE, implemented by the pure
-  :class:`LeasePlanner`): after every schema-valid 200 the next beat is
-  ``next_delay = max(0, lead_floor - (2 * attempt_budget + safety_margin))`` after receipt,
-  where ``lead_floor = remaining_ttl_ms - rtt``. Every beat sends ``extend_by_ms = ttl_ms``
-  with a fresh idempotency key; a retry of the same beat reuses its key.
-* **Transient failures** (transport error, timeout, 5xx, 429, ambiguous 2xx) are retried
-  with the same key while the spec's ``retry_window`` proves a complete retry still fits in
-  the lease; a 429 waits exactly its ``Retry-After``. **Terminal answers**
-  (``RESERVATION_EXPIRED``, ``RESERVATION_FINALIZED``, ``MAX_EXTENSIONS_EXCEEDED``,
-  ``TENANT_CLOSED``, ``NOT_FOUND``) and any other 4xx stop the heartbeat.
-* **Failure policy ``warn``** (the recovery profile's baseline): every retry and every stop is
-  logged on the ``runcycles.heartbeat`` logger with the reservation id and the disposition,
-  and passed to the ``on_event`` callbacks as a :class:`HeartbeatEvent`. A heartbeat never
-  cancels the user's work and never suppresses the final commit; a lease that lapses anyway
-  is settled through the commit's ``410 -> POST /v1/events`` fallback.
-* **Servers that omit ``remaining_ttl_ms``** get the spec's (non-normative) fallback: the first
-  extend fires at once, later beats follow the measured grants (``expires_at_ms``
-  differences), and a server that clamps the lease to a maximum lead is over-beaten at
-  ``min(ttl_ms / 2, 30 s)`` until it answers ``MAX_EXTENSIONS_EXCEEDED``.
+One worker per client, never one per reservation: a daemon thread (sync) or one asyncio task
+(async; up to ``max_in_flight`` short-lived extend tasks while requests are on the wire),
+over a heap of due times. The pure :class:`LeasePlanner` implements the spec's
+``extendReservation`` HEARTBEAT GUIDANCE (next delay, same-key retries within the retry
+window, 429 ``Retry-After``, terminal answers, the measured-grant fallback for servers that
+omit ``remaining_ttl_ms``); ``docs/heartbeat.md`` has the formulas. A heartbeat logs and
+reports every retry and stop as a :class:`HeartbeatEvent`, never cancels the user's work and
+never suppresses the commit (a lapsed lease is settled through ``410 -> POST /v1/events``).
 
 Times are milliseconds. Budgets and margins round up, leads and delays round down, and an
 unknown request timeout counts as infinite, as the spec requires.

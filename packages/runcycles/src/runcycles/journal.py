@@ -1,43 +1,12 @@
-r"""Durable settlement journal: known spend survives crashes, restarts and outages.
+"""Durable settlement journal: known spend survives crashes, restarts and outages.
 
-Before the first commit (or event) for a reservation leaves the process, the settlement engine
-(:mod:`runcycles.settlement`) writes one record here; the record is removed only after a
-schema-valid success or an understood terminal rejection. A later process (or ``flush()``)
-replays whatever is left, with the *same* idempotency key, so the server applies each
-settlement at most once.
-
-Layout::
-
-    <root>/                                   default: see default_journal_dir()
-      <partition>/                            sha256 of (server URL, tenant); mode 0700
-        v2-<sha256(reservation_id)>.json      one record per unresolved settlement; mode 0600
-        v2-<sha256(reservation_id)>.json.lock a replay in progress (fcntl lock)
-        quarantine/                           corrupt or unknown-version records, kept for a human
-
-* **Partition** = ``sha256("<normalized base_url>\ntenant=<tenant>")`` when a tenant is
-  configured, so records survive API-key rotation. Without a tenant it is derived from a
-  sha256 of the API key instead: rotating that key then orphans the records (they are still
-  replayable by a client configured with the old key, or by :class:`Journal` opened with
-  ``api_key=<old key>``). The API key itself is never written anywhere.
-* **Writes are atomic**: temp file (``O_EXCL``, 0600) -> write -> ``os.replace``; with
-  ``fsync`` on (``Journal(fsync=True)``, the default here; ``CyclesConfig.journal_fsync``
-  for :meth:`Journal.for_config`) the file is ``fsync``-ed before the rename and the
-  directory after it, so records survive a power loss and not only a process crash.
-* **Intent logs** (``intent-<pid>-<random>.log``, see :class:`IntentLog`): the cheap
-  journal-first write. A settlement is appended to its process's log before its first
-  request and gets a record file only if it stays unresolved; a scan turns the open entries
-  of a dead process's log into record files.
-* **File names** are ``v2-<sha256 hex of the exact UTF-8 reservation_id>.json``, so distinct
-  ids never share a file whatever characters they contain. Files named any other way
-  (``<sanitized id>.json`` from older clients) are migrated on :meth:`Journal.scan`; when the
-  standard file already holds a *different* record, the legacy file is left untouched and
-  reported as a conflict, never deleted.
-* **Corrupt or unknown-version records** are moved to ``quarantine/``, logged, and reported.
-* **Concurrency**: a replay holds an exclusive, non-blocking lock per record (``fcntl.flock``
-  on a ``.lock`` file; an ``O_EXCL`` claim file with stale-claim recovery where ``fcntl`` is
-  missing). A second worker skips a locked record and finds it gone afterwards; the server's
-  idempotency on the stored key is the final guard. An async replay's claims are released
-  even when it is cancelled or its event loop closes under it (see ``_ReleaseOnExit``).
+The settlement engine (:mod:`runcycles.settlement`) writes one record here before the first
+commit (or event) of a reservation leaves the process and removes it only after a
+schema-valid success or an understood rejection; a later process (or ``flush()``) replays
+what is left with the *same* idempotency key. ``docs/recovery.md`` describes the layout
+(per-(server, principal) partitions, ``v2-<sha256(id)>.json`` records, intent logs,
+quarantine), the atomic writes and ``fsync``, and the per-record locks that keep concurrent
+replays exactly-once. The API key itself is never written anywhere.
 
 Everything here is blocking file I/O; async code runs it through :func:`run_journal_io`
 (one shared worker thread, never the event loop), except the intent-log append without

@@ -3,39 +3,19 @@
 API summary::
 
     settlement = Settlement(client, journal=Journal.for_config(client.config))  # journal optional
-    result = settlement.commit(
-        reservation_id,
-        CommitRequest(idempotency_key=key, actual=Amount(unit=Unit.TOKENS, amount=420)),
-        subject=subject,          # the reservation's subject and action: needed if the
-        action=action,            # reservation expired and the spend becomes an event
-    )
+    result = settlement.commit(reservation_id, commit_request, subject=subject, action=action)
     result.settled                # True: committed (200) or applied as an event (201)
     result.outcome                # "committed" | "event_applied" | "rejected" | "pending"
     settlement.flush(timeout_s=5) # at shutdown: replay what is left, bounded in time
-    settlement.release(reservation_id, "tool failed")  # only when nothing was spent
 
-What ``commit`` does (the client-recovery profile, core + durable levels):
-
-1. **Journal first.** With a journal, the record is written (atomically, fsynced) before the
-   first request leaves the process. A journal I/O failure is logged and reported in
-   ``result.journal_error`` but never prevents the settlement attempt.
-2. **Commit with retries on the same idempotency key** after a transport error, a timeout,
-   a 5xx, a 429 (waiting its ``Retry-After``, persisted as an absolute ``not_before_ms``) or
-   an ambiguous answer. Only a schema-valid HTTP 200 ``COMMITTED`` is success; any other
-   2xx is ambiguous and retried.
-3. **Expired reservation** (410 or ``RESERVATION_EXPIRED``): the record switches durably to
-   event mode, then ``POST /v1/events`` carries the original subject, action, actual,
-   metrics and metadata (plus ``metadata.recovered_reservation_id``) with the same key. Only
-   a schema-valid 201 ``APPLIED`` is success.
-4. **Understood rejections** (``RESERVATION_FINALIZED``, ``IDEMPOTENCY_MISMATCH``,
-   ``UNIT_MISMATCH``, ``BUDGET_EXCEEDED``, ...) remove the record and are reported as
-   ``rejected`` with the mapped exception in ``result.error``.
-5. **Everything else keeps the record** for a later replay: retry exhaustion, a ``Retry-After``
-   longer than the client's ``retry_after_max_s``, 401/403 (credentials can be fixed) and
-   unknown 4xx. The outcome is ``pending``.
-
-A settlement never releases a reservation because the outcome is ambiguous or the
-credentials were refused: known spend is never given back.
+``commit`` (the client-recovery profile, core + durable levels; see ``docs/recovery.md``):
+journal first (an I/O failure is reported in ``result.journal_error``, never blocks the
+attempt); retry on the same idempotency key after anything ambiguous (transport error, 5xx,
+429 with its ``Retry-After`` persisted as ``not_before_ms``, a 2xx that is not a schema-valid
+success); an expired reservation (410) switches durably to ``POST /v1/events`` with the same
+key; understood rejections remove the record (``rejected``); everything else keeps it for a
+later replay (``pending``). Known spend is never released because an outcome is ambiguous or
+the credentials were refused.
 """
 
 from __future__ import annotations
