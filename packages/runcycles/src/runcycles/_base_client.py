@@ -142,19 +142,7 @@ def at_loop_shutdown(cleanup: Callable[[], Awaitable[None]]) -> None:
 
 
 class BaseCyclesClient:
-    """Synchronous client of a Cycles server; one connection pool per instance.
-
-    Use it as a context manager (or call :meth:`close`) to release the pool. It is safe to
-    share one client between threads.
-
-    Args:
-        config: Server URL, API key, timeouts and retry settings.
-        http_client: An ``httpx.Client`` to send with (its timeouts and pool are used as
-            they are, and :meth:`close` leaves it open). By default the client creates one.
-        transport: An ``httpx`` transport for the client created by default (e.g.
-            ``httpx.MockTransport`` in tests). Not allowed together with ``http_client``.
-        retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
-    """
+    """The protocol half of :class:`~runcycles.CyclesClient` (documented there)."""
 
     def __init__(
         self,
@@ -651,18 +639,7 @@ class BaseCyclesClient:
 
 
 class AsyncBaseCyclesClient:
-    """Asyncio client of a Cycles server; the twin of :class:`CyclesClient`.
-
-    Use it with ``async with`` (or await :meth:`aclose`) to release the pool.
-
-    Args:
-        config: Server URL, API key, timeouts and retry settings.
-        http_client: An ``httpx.AsyncClient`` to send with (its timeouts and pool are used as
-            they are, and :meth:`aclose` leaves it open). By default the client creates one.
-        transport: An ``httpx`` async transport for the client created by default. Not
-            allowed together with ``http_client``.
-        retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
-    """
+    """The protocol half of :class:`~runcycles.AsyncCyclesClient` (documented there)."""
 
     def __init__(
         self,

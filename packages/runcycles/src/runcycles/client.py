@@ -113,10 +113,8 @@ class AsyncCyclesClient(AsyncBaseCyclesClient):
 
     Args:
         config: Server URL, API key, timeouts and retry settings.
-        http_client: An ``httpx.AsyncClient`` to send with (its timeouts and pool are used as
-            they are, and :meth:`aclose` leaves it open). By default the client creates one.
-        transport: An ``httpx`` async transport for the client created by default. Not
-            allowed together with ``http_client``.
+        http_client: An ``httpx.AsyncClient`` to send with (else the client creates one).
+        transport: An ``httpx`` async transport for the client created by default.
         retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
     """
 
@@ -126,22 +124,7 @@ class AsyncCyclesClient(AsyncBaseCyclesClient):
         /,
         **options: Unpack[ReserveOptions],
     ) -> AsyncReservationGuard:
-        """Return a guard that reserves when its ``async with`` block is entered.
-
-        The method spelling of :func:`runcycles.reserve`: ``client.reserve(...)`` is
-        ``reserve(client, ...)``. Nothing is sent before the block is entered::
-
-            async with client.reserve(estimate=5_000, action_kind="llm.completion",
-                                      action_name="gpt-4o") as guard:
-                await guard.commit(actual=3_200)
-
-        Args:
-            request: A ready reservation request, instead of the keyword options.
-            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-        Returns:
-            An :class:`~runcycles.AsyncReservationGuard`.
-        """
+        """Async twin of :meth:`CyclesClient.reserve` (enter the guard with ``async with``)."""
         return AsyncReservationGuard(self, request, **options)
 
     def stream_reservation(
@@ -153,19 +136,7 @@ class AsyncCyclesClient(AsyncBaseCyclesClient):
         on_unknown_actual: OnUnknownActual = "raise",
         **options: Unpack[ReserveOptions],
     ) -> AsyncStreamReservation:
-        """Return a stream reservation that reserves when its ``async with`` block is entered.
-
-        The method spelling of :func:`runcycles.stream_reservation`.
-
-        Args:
-            request: A ready reservation request, instead of the keyword options.
-            cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
-            on_unknown_actual: When the usage cannot be priced; see
-                :meth:`CyclesClient.stream_reservation`.
-            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-        Returns:
-            An :class:`~runcycles.AsyncStreamReservation`.
+        """Async twin of :meth:`CyclesClient.stream_reservation` (``async with``).
 
         Raises:
             ValueError: An unknown ``on_unknown_actual``.

@@ -624,15 +624,34 @@ def _timeout_ms_of(client: object) -> int | None:
     return None
 
 
+class _SyncExtender(Protocol):
+    def extend_reservation(
+        self, reservation_id: str, request: ReservationExtendRequest, /
+    ) -> CyclesResponse[ReservationExtendResponse]: ...
+
+
+class _AsyncExtender(Protocol):
+    async def extend_reservation(
+        self, reservation_id: str, request: ReservationExtendRequest, /
+    ) -> CyclesResponse[ReservationExtendResponse]: ...
+
+
 class _SchedulerCore:
     """Heap, bookkeeping and event delivery shared by the sync and async schedulers."""
 
     def __init__(
         self,
+        client: _SyncExtender | _AsyncExtender,
         attempt_timeout_ms: int | None,
         clock: Callable[[], float],
         on_event: EventCallback | None,
+        autostart: bool,
     ) -> None:
+        if attempt_timeout_ms is None:
+            attempt_timeout_ms = _timeout_ms_of(client)
+        # single attempts on the client's pool: the planner runs its own retry schedule
+        self._send_options = single_attempt_options(client.extend_reservation)
+        self._autostart = autostart
         if attempt_timeout_ms is not None and attempt_timeout_ms <= 0:
             raise ValueError(f"attempt_timeout_ms must be > 0, got {attempt_timeout_ms}")
         self._attempt_timeout_ms = attempt_timeout_ms
@@ -869,18 +888,6 @@ def _failure_outcome(exc: BaseException) -> _Outcome:
 # Sync scheduler: one daemon thread
 
 
-class _SyncExtender(Protocol):
-    def extend_reservation(
-        self, reservation_id: str, request: ReservationExtendRequest, /
-    ) -> CyclesResponse[ReservationExtendResponse]: ...
-
-
-class _AsyncExtender(Protocol):
-    async def extend_reservation(
-        self, reservation_id: str, request: ReservationExtendRequest, /
-    ) -> CyclesResponse[ReservationExtendResponse]: ...
-
-
 class HeartbeatScheduler(_SchedulerCore):
     """Extends every tracked reservation of one sync client from ONE background thread.
 
@@ -909,13 +916,8 @@ class HeartbeatScheduler(_SchedulerCore):
         clock: Callable[[], float] = time.monotonic,
         autostart: bool = True,
     ) -> None:
-        if attempt_timeout_ms is None:
-            attempt_timeout_ms = _timeout_ms_of(client)
-        super().__init__(attempt_timeout_ms, clock, on_event)
+        super().__init__(client, attempt_timeout_ms, clock, on_event, autostart)
         self._client = client
-        # single attempts on the client's pool: the planner runs its own retry schedule
-        self._send_options = single_attempt_options(client.extend_reservation)
-        self._autostart = autostart
         self._cond = threading.Condition(threading.RLock())
         self._thread: threading.Thread | None = None
         # When the waiting thread wakes up by itself (clock ms); -inf while it is awake.
@@ -1048,22 +1050,20 @@ class HeartbeatScheduler(_SchedulerCore):
 class AsyncHeartbeatScheduler(_SchedulerCore):
     """Extends every tracked reservation of one async client from ONE asyncio task.
 
-    The task starts with the first :meth:`track` (which must run on the event loop) and
-    sleeps on an ``asyncio.Event`` until the earliest due beat. Up to ``max_in_flight``
-    extend requests run concurrently; each exists only while its request is on the wire.
+    The async twin of :class:`HeartbeatScheduler`: the task starts with the first
+    :meth:`track` (on the event loop) and sleeps until the earliest due beat; up to
+    ``max_in_flight`` extend requests run concurrently, each a task only while on the wire.
 
     Args:
         client: An :class:`~runcycles.AsyncCyclesClient` (anything with an async
-            ``extend_reservation``); wrapped to share its pool without its retry loop.
-        attempt_timeout_ms: Upper bound of one extend attempt; enforced with a timeout (an
-            attempt that exceeds it counts as a transport failure). Defaults to the client's
-            ``connect_timeout + read_timeout``.
-        on_event: Called with every :class:`HeartbeatEvent` (on the event loop; exceptions
-            are logged and ignored).
+            ``extend_reservation``).
+        attempt_timeout_ms: As for :class:`HeartbeatScheduler`, and enforced with a timeout
+            (an attempt that exceeds it counts as a transport failure).
+        on_event: Called with every :class:`HeartbeatEvent` (on the event loop).
         clock: Monotonic clock in seconds (injectable for tests).
         max_in_flight: Most extend requests on the wire at once.
-        autostart: Start the background task on the first ``track()``. With ``False``
-            nothing runs until :meth:`run_pending` is awaited (deterministic tests).
+        autostart: Start the task on the first ``track()`` (``False``: await
+            :meth:`run_pending`).
     """
 
     def __init__(
@@ -1076,16 +1076,11 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         max_in_flight: int = 16,
         autostart: bool = True,
     ) -> None:
-        if attempt_timeout_ms is None:
-            attempt_timeout_ms = _timeout_ms_of(client)
-        super().__init__(attempt_timeout_ms, clock, on_event)
+        super().__init__(client, attempt_timeout_ms, clock, on_event, autostart)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._client = client
-        # single attempts on the client's pool: the planner runs its own retry schedule
-        self._send_options = single_attempt_options(client.extend_reservation)
         self._max_in_flight = max_in_flight
-        self._autostart = autostart
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -1112,16 +1107,7 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         rtt_ms: float | None = None,
         on_event: EventCallback | None = None,
     ) -> HeartbeatHandle:
-        """Start extending a reservation; call from the event loop. Never blocks.
-
-        Args:
-            reservation_id: The id from the create response.
-            ttl_ms: The ``ttl_ms`` requested at create; every beat extends by it.
-            remaining_ttl_ms: The create response's ``remaining_ttl_ms`` (``None``: fallback).
-            expires_at_ms: The create response's ``expires_at_ms``.
-            rtt_ms: How long the create request took (without it the first extend is
-                immediate, as the spec requires).
-            on_event: Called with every :class:`HeartbeatEvent` of this reservation.
+        """Async twin of :meth:`HeartbeatScheduler.track`; call it from the event loop.
 
         Raises:
             ValueError: Bad ``ttl_ms``/``reservation_id``, or the id is already tracked.
@@ -1177,11 +1163,7 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         return int(running) + len(self._in_flight)
 
     async def run_pending(self) -> int:
-        """Send every beat that is due now (by ``clock``), concurrently; wait for them.
-
-        Returns:
-            The number of extend attempts made.
-        """
+        """Async twin of :meth:`HeartbeatScheduler.run_pending`: the beats run concurrently."""
         beats = []
         while True:
             due = self._pop_due(self._now_ms())
@@ -1275,9 +1257,7 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
                 timeout_s,
             )
             outcome = _classify(response)
-        except asyncio.TimeoutError as exc:
-            outcome = _failure_outcome(exc)
-        except Exception as exc:  # never let one reservation kill the heartbeat
+        except Exception as exc:  # a timeout too; never let one reservation kill the heartbeat
             outcome = _failure_outcome(exc)
         event = self._settle(handle, outcome, sent_ms, self._now_ms())
         if event is not None:

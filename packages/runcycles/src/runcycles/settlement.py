@@ -431,7 +431,54 @@ class _SyncClient(Protocol):
     ) -> CyclesResponse[ReleaseResponse]: ...
 
 
-class Settlement:
+class _AsyncClient(Protocol):
+    async def commit_reservation(
+        self, reservation_id: str, request: CommitRequest
+    ) -> CyclesResponse[CommitResponse]: ...
+
+    async def create_event(
+        self, request: EventCreateRequest
+    ) -> CyclesResponse[EventCreateResponse]: ...
+
+    async def release_reservation(
+        self, reservation_id: str, request: ReleaseRequest
+    ) -> CyclesResponse[ReleaseResponse]: ...
+
+
+class _Setup:
+    """What :class:`Settlement` and :class:`AsyncSettlement` set up alike."""
+
+    def _setup(
+        self,
+        client: _SyncClient | _AsyncClient,
+        journal: Journal | None,
+        retry_policy: RetryPolicy | None,
+        wall_clock: Callable[[], float],
+        journal_first: bool,
+    ) -> None:
+        self.journal = journal
+        self.journal_first = journal_first
+        self.retry_policy = _policy_for(client, retry_policy)
+        self._wall = wall_clock
+        # single attempts on the client's pool: the engine runs its own retry schedule
+        self._commit_options = single_attempt_options(client.commit_reservation)
+        self._event_options = single_attempt_options(client.create_event)
+
+
+def _journal_failed(record: JournalRecord, exc: OSError) -> tuple[bool, str | None]:
+    logger.error(
+        "could not journal the settlement of %s (%s); settling without durability",
+        record.reservation_id,
+        exc,
+    )
+    return False, f"journal write failed: {exc}"
+
+
+def _release_request(reason: str | None, idempotency_key: str | None) -> ReleaseRequest:
+    return ReleaseRequest(idempotency_key=idempotency_key or _new_release_key(), reason=reason)
+
+
+class Settlement(_Setup):
     """Commit known spend durably and exactly once, on top of a sync client.
 
     Args:
@@ -459,14 +506,8 @@ class Settlement:
         journal_first: bool = True,
     ) -> None:
         self._client = client
-        self.journal_first = journal_first
-        # single attempts on the client's pool: the engine runs its own retry schedule
-        self._commit_options = single_attempt_options(client.commit_reservation)
-        self._event_options = single_attempt_options(client.create_event)
-        self.journal = journal
-        self.retry_policy = _policy_for(client, retry_policy)
         self._sleep = sleep
-        self._wall = wall_clock
+        self._setup(client, journal, retry_policy, wall_clock, journal_first)
 
     def commit(
         self,
@@ -524,12 +565,7 @@ class Settlement:
             else:
                 locks.append(_lock_and_write(journal, record))
         except OSError as exc:
-            logger.error(
-                "could not journal the settlement of %s (%s); settling without durability",
-                record.reservation_id,
-                exc,
-            )
-            return False, f"journal write failed: {exc}"
+            return _journal_failed(record, exc)
         return True, None
 
     def replay(
@@ -594,9 +630,7 @@ class Settlement:
 
         Only for work that spent nothing; never for an ambiguous or failed commit.
         """
-        request = ReleaseRequest(
-            idempotency_key=idempotency_key or _new_release_key(), reason=reason
-        )
+        request = _release_request(reason, idempotency_key)
         return self._client.release_reservation(reservation_id, request)
 
     def _drive(
@@ -682,21 +716,7 @@ class Settlement:
 # Async
 
 
-class _AsyncClient(Protocol):
-    async def commit_reservation(
-        self, reservation_id: str, request: CommitRequest
-    ) -> CyclesResponse[CommitResponse]: ...
-
-    async def create_event(
-        self, request: EventCreateRequest
-    ) -> CyclesResponse[EventCreateResponse]: ...
-
-    async def release_reservation(
-        self, reservation_id: str, request: ReleaseRequest
-    ) -> CyclesResponse[ReleaseResponse]: ...
-
-
-class AsyncSettlement:
+class AsyncSettlement(_Setup):
     """The asyncio twin of :class:`Settlement`; journal I/O never runs on the event loop.
 
     Args:
@@ -719,14 +739,8 @@ class AsyncSettlement:
         journal_first: bool = True,
     ) -> None:
         self._client = client
-        self.journal_first = journal_first
-        # single attempts on the client's pool: the engine runs its own retry schedule
-        self._commit_options = single_attempt_options(client.commit_reservation)
-        self._event_options = single_attempt_options(client.create_event)
-        self.journal = journal
-        self.retry_policy = _policy_for(client, retry_policy)
         self._sleep = sleep
-        self._wall = wall_clock
+        self._setup(client, journal, retry_policy, wall_clock, journal_first)
 
     async def commit(
         self,
@@ -780,12 +794,7 @@ class AsyncSettlement:
             else:
                 locks.append(await _aclaim(_lock_and_write, journal, record))
         except OSError as exc:
-            logger.error(
-                "could not journal the settlement of %s (%s); settling without durability",
-                record.reservation_id,
-                exc,
-            )
-            return False, f"journal write failed: {exc}"
+            return _journal_failed(record, exc)
         return True, None
 
     async def replay(
@@ -840,9 +849,7 @@ class AsyncSettlement:
         idempotency_key: str | None = None,
     ) -> CyclesResponse[ReleaseResponse]:
         """Give an unused reservation back; see :meth:`Settlement.release`."""
-        request = ReleaseRequest(
-            idempotency_key=idempotency_key or _new_release_key(), reason=reason
-        )
+        request = _release_request(reason, idempotency_key)
         return await self._client.release_reservation(reservation_id, request)
 
     async def _drive(
