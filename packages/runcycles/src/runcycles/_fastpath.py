@@ -152,11 +152,7 @@ def dump_json(model: BaseModel) -> bytes:
     encoded as UTF-8: the same bytes.
     """
     if enabled:
-        try:
-            serializer = type(model).__pydantic_serializer__
-        except AttributeError:  # pragma: no cover - depends on the pydantic version
-            return _plain_dump_json(model)
-        return serializer.to_json(model, exclude_none=True)
+        return _fast_dump_json(model)
     return _plain_dump_json(model)
 
 
@@ -285,10 +281,6 @@ def construct(cls: type[M], values: dict[str, Any], fields_set: frozenset[str]) 
     return _plain_construct(cls, values, fields_set)
 
 
-def _plain_set_unchecked(model: BaseModel, name: str, value: Any) -> None:
-    setattr(model, name, value)
-
-
 def set_unchecked(model: BaseModel, name: str, value: Any) -> None:
     """Set field ``name`` of ``model`` to a value its validation would keep as it is.
 
@@ -305,7 +297,7 @@ def set_unchecked(model: BaseModel, name: str, value: Any) -> None:
             state[name] = value
             fields_set.add(name)
             return
-    _plain_set_unchecked(model, name, value)
+    setattr(model, name, value)  # the plain twin
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,18 +349,14 @@ def request_builder(
 ) -> RequestBuilder:
     """Return the function that builds a complete request of ``http`` to the server at ``host``.
 
-    The plain one is ``http.build_request(...)``: the request ``http.send`` would send, the
-    client's default headers merged in (``httpx``'s own, ``Accept-Encoding`` and
-    ``Connection``, included). The fast one builds the same request without the per-request
-    merging: the client's default headers are read once, here, and which of them a request
-    keeps is worked out once per set of header names; a body of bytes gets the two headers
-    ``httpx`` would add itself (``Host`` first, as ``httpx`` orders it, then
-    ``Content-Length``) and a ``ByteStream``: a third of the cost of ``content=``, which
-    re-scans the headers for each header it might add. Headers that name ``Host``,
-    ``Content-Length`` or ``Transfer-Encoding``, or repeat a name in another case, are
-    merged the way ``httpx`` does it. Unlike ``build_request``, the fast one sends no
-    cookies (the client's jar stays empty without ``http.send``) and does not see headers
-    set on ``http`` after this call.
+    Plain: ``http.build_request(...)``, the request ``http.send`` would send. Fast: the same
+    request without the per-request merging: the client's default headers are read once,
+    here, and which of them a request keeps is worked out once per set of header names; a
+    bytes body gets the headers ``httpx`` would add (``Host`` first, then ``Content-Length``)
+    and a ``ByteStream`` (a third of the cost of ``content=``). Headers naming ``Host``,
+    ``Content-Length`` or ``Transfer-Encoding``, or repeating a name in another case, are
+    merged the ``httpx`` way. Unlike ``build_request``, the fast one sends no cookies (the
+    jar stays empty without ``http.send``) and misses headers set on ``http`` later.
 
     Args:
         http: The client's ``httpx`` client.

@@ -418,8 +418,8 @@ class _Policy:
 
     def settlement(
         self, result: Any, context: CyclesContext, elapsed_s: float
-    ) -> tuple[Amount | UnknownActualError | None, CyclesMetrics, dict[str, Any] | None]:
-        """Return ``(actual, metrics, metadata)`` of the commit after a successful call.
+    ) -> tuple[Amount | UnknownActualError | None, CyclesMetrics]:
+        """Return ``(actual, metrics)`` of the commit after a successful call.
 
         ``actual`` is an :class:`UnknownActualError` (carrying ``result``) when the
         ``actual`` callable gave no usable amount: the guard's ``settle`` applies
@@ -431,7 +431,6 @@ class _Policy:
         except UnknownActualError as unknown:
             unknown.result = result
             actual = unknown
-        metadata = None
         latency_ms = int(elapsed_s * 1000)
         # The guarded code writes these; a wrong type must not cost the commit.
         written: object = context.metrics
@@ -454,7 +453,7 @@ class _Policy:
             metrics = CyclesMetrics(latency_ms=latency_ms)
         elif metrics.latency_ms is None:
             metrics = metrics.model_copy(update={"latency_ms": latency_ms})
-        return actual, metrics, metadata
+        return actual, metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,7 +673,7 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
         with guard:
             started = time.perf_counter()
             result = fn(*args, **kwargs)
-            actual, metrics, metadata = policy.settlement(
+            actual, metrics = policy.settlement(
                 result, guard.context, time.perf_counter() - started
             )
             try:
@@ -682,7 +681,6 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
                     actual,
                     on_unknown_actual=policy.on_unknown_actual,
                     metrics=metrics,
-                    metadata=metadata,
                     fix=_FIX,
                 )
             except UnknownActualError:
@@ -717,7 +715,7 @@ def _async_wrapper(
         async with guard:
             started = time.perf_counter()
             result = await fn(*args, **kwargs)
-            actual, metrics, metadata = policy.settlement(
+            actual, metrics = policy.settlement(
                 result, guard.context, time.perf_counter() - started
             )
             try:
@@ -725,7 +723,6 @@ def _async_wrapper(
                     actual,
                     on_unknown_actual=policy.on_unknown_actual,
                     metrics=metrics,
-                    metadata=metadata,
                     fix=_FIX,
                 )
             except UnknownActualError:

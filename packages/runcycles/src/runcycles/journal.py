@@ -217,6 +217,25 @@ class JournalRecord(BaseModel):
         server: str | None = None,
     ) -> JournalRecord:
         """Build the record of a commit about to be sent."""
+        now = _now_ms()
+        fields: dict[str, Any] = {
+            "schema_version": JOURNAL_SCHEMA_VERSION,
+            "reservation_id": reservation_id,
+            "mode": "commit",
+            "idempotency_key": request.idempotency_key,
+            "actual": request.actual,
+            "metrics": request.metrics,
+            "metadata": request.metadata,
+            "subject": subject,
+            "action": action,
+            "overage_policy": overage_policy,
+            "server": server,
+            "attempts": 0,
+            "not_before_ms": 0,
+            "created_at_ms": now,
+            "updated_at_ms": now,
+            "last_error": None,
+        }
         given: tuple[object, ...] = (reservation_id, subject, action, overage_policy, server)
         rid, subj, act, overage, url = given  # checked at run time, whatever the types say
         if (
@@ -230,39 +249,9 @@ class JournalRecord(BaseModel):
             and (url is None or type(url) is str)
         ):
             # Every value is one validation would keep as it is (the request and the
-            # reservation's models are validated already): assemble the record directly,
-            # as ``cls(...)`` with these arguments would build it.
-            now = _now_ms()
-            fields = {
-                "schema_version": JOURNAL_SCHEMA_VERSION,
-                "reservation_id": reservation_id,
-                "mode": "commit",
-                "idempotency_key": request.idempotency_key,
-                "actual": request.actual,
-                "metrics": request.metrics,
-                "metadata": request.metadata,
-                "subject": subject,
-                "action": action,
-                "overage_policy": overage_policy,
-                "server": server,
-                "attempts": 0,
-                "not_before_ms": 0,
-                "created_at_ms": now,
-                "updated_at_ms": now,
-                "last_error": None,
-            }
+            # reservation's models are validated already): assemble the record directly.
             return _fastpath.construct(cls, fields, _FOR_COMMIT_FIELDS)
-        return cls(
-            reservation_id=reservation_id,
-            idempotency_key=request.idempotency_key,
-            actual=request.actual,
-            metrics=request.metrics,
-            metadata=request.metadata,
-            subject=subject,
-            action=action,
-            overage_policy=overage_policy,
-            server=server,
-        )
+        return cls(**{name: fields[name] for name in _FOR_COMMIT_FIELDS})
 
     def commit_request(self) -> CommitRequest:
         """Return the commit body to (re)send, with the stored key."""
@@ -532,12 +521,14 @@ class Journal:
         assert self._intents is not None
         self._intents.append_done(entry)
 
-    def _read_intent(self, reservation_id: str) -> JournalRecord | None:
+    def _intent_logs(self) -> list[Path]:
         try:
-            paths = sorted(self.directory.glob(f"{_INTENT_PREFIX}*{_INTENT_SUFFIX}"))
+            return sorted(self.directory.glob(f"{_INTENT_PREFIX}*{_INTENT_SUFFIX}"))
         except FileNotFoundError:
-            return None
-        for path in paths:
+            return []
+
+    def _read_intent(self, reservation_id: str) -> JournalRecord | None:
+        for path in self._intent_logs():
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
@@ -551,11 +542,7 @@ class Journal:
         """Turn the open entries of dead processes' intent logs into record files."""
         if not _HAVE_FCNTL:  # pragma: no cover - Windows: no intent logs are written
             return
-        try:
-            paths = sorted(self.directory.glob(f"{_INTENT_PREFIX}*{_INTENT_SUFFIX}"))
-        except FileNotFoundError:
-            return
-        for path in paths:
+        for path in self._intent_logs():
             try:
                 fd = os.open(path, os.O_RDWR)
             except FileNotFoundError:
