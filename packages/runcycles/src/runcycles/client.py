@@ -88,10 +88,8 @@ class CyclesClient(BaseCyclesClient):
         Args:
             request: A ready reservation request, instead of the keyword options.
             cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
-            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default:
-                nothing is sent, the reservation expires at its lease,
-                :class:`~runcycles.UnknownActualError` is raised), ``"release"`` or
-                ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
+            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default),
+                ``"release"`` or ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
             **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
 
         Returns:

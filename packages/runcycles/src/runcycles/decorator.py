@@ -550,26 +550,24 @@ def cycles(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Guard every call of the decorated function with a reservation.
 
+    ``docs/decorator.md`` describes every option and what happens on each call.
+
     Args:
         estimate: Amount to reserve per call: an ``int`` (in ``unit``), an :class:`Amount`,
             or a callable receiving the function's arguments and returning one.
-        actual: What a call used: a callable receiving the function's result, an ``int`` or
+        actual: What a call used: a callable of the function's result, an ``int`` or an
             :class:`Amount`; ``None`` commits the estimate (marked in the metadata).
-            A callable that raises or returns ``None`` means the actual is unknown: see
-            ``on_unknown_actual``.
         action_kind: ``action.kind``, e.g. ``"llm.completion"``.
         action_name: ``action.name`` (default: the function's qualified name).
         action_tags: Up to 10 tags for the action.
         unit: Unit of ``int`` amounts (default ``USD_MICROCENTS``).
         ttl_ms: Reservation lease; the heartbeat extends it while the function runs.
         grace_period_ms: How long after expiry a commit is still accepted.
-        overage_policy: What a commit above the estimate does (``REJECT``,
-            ``ALLOW_IF_AVAILABLE``, ``ALLOW_WITH_OVERDRAFT``; enum or string; default: the
-            server's, ``ALLOW_IF_AVAILABLE``).
-        dry_run: Shadow mode: ask the server for a decision, hold nothing, do **not** run
-            the function, and return a :class:`~runcycles.DryRunResult` instead.
-        tenant: Subject ``tenant`` (default: the client config's); a string or a callable of
-            the function's arguments. The same holds for the five fields below.
+        overage_policy: What a commit above the estimate does (default: the server's).
+        dry_run: Shadow mode: hold nothing, do **not** run the function, and return a
+            :class:`~runcycles.DryRunResult` instead.
+        tenant: Subject ``tenant`` (default: the client config's): a string, or a callable
+            of the function's arguments; likewise the five fields below.
         workspace: Subject ``workspace``.
         app: Subject ``app``.
         workflow: Subject ``workflow``.
@@ -577,16 +575,13 @@ def cycles(
         toolset: Subject ``toolset``.
         dimensions: Free-form subject tags, or a callable of the arguments returning them.
         metadata: Metadata stored with each reservation.
-        client: The client to use (default: :func:`set_default_client` /
-            :func:`set_default_config`). Its flavour must match the function's.
+        client: The client (default: :func:`set_default_client` /
+            :func:`set_default_config`); its flavour must match the function's.
         heartbeat: Whether to extend the reservation while the function runs.
-        on_unknown_actual: When the function returned but ``actual(result)`` raised,
-            returned ``None`` or gave an unusable amount, nothing is committed and no event
-            is sent. ``"raise"`` (default): stop the heartbeat, leave the reservation to
-            expire at its lease, and raise :class:`~runcycles.UnknownActualError` (its
-            ``result`` is the function's return value). ``"release"``: release the
-            reservation, log an error and return the result. ``"commit_estimate"``: commit
-            the estimate, flagged ``actual_error`` in the metadata, and log an error.
+        on_unknown_actual: When ``actual(result)`` gives no usable amount nothing is
+            committed; ``"raise"`` (default: the reservation expires at its lease and
+            :class:`~runcycles.UnknownActualError` carries the result), ``"release"`` or
+            ``"commit_estimate"`` (flagged ``actual_error``) decides the rest.
 
     Returns:
         The decorator.

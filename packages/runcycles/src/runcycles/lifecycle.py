@@ -140,15 +140,12 @@ class UnfinalizedReservationWarning(UserWarning):
 class UnknownActualError(CyclesError):
     """A guarded call ran, but its actual amount is unknown (``@cycles``, stream reservations).
 
-    For ``@cycles``: the ``actual`` callable raised, returned ``None``, or returned something
-    that is not a non-negative amount in the reservation's unit. For a stream reservation:
-    its ``cost_fn`` (or the usage it recorded) gave no non-negative int; ``result`` is then
-    ``None``. Nothing was committed and no event was
-    sent: a charge is never made up from an unknown actual. With
-    ``on_unknown_actual="raise"`` (the default) the reservation is left as it is: its
-    heartbeat is stopped and it expires at the end of its lease, when the server returns the
-    held budget. Until then the spend can still be committed by hand, e.g. with
-    ``client.commit_reservation(error.reservation_id, ...)``.
+    The ``actual`` callable of ``@cycles`` (or a stream's ``cost_fn`` or usage; ``result`` is
+    then ``None``) gave no non-negative amount in the reservation's unit. Nothing was
+    committed and no event was sent: a charge is never made up. With
+    ``on_unknown_actual="raise"`` (the default) the reservation expires at the end of its
+    lease (its heartbeat is stopped); until then the spend can still be committed by hand,
+    e.g. with ``client.commit_reservation(error.reservation_id, ...)``.
 
     Attributes:
         reservation_id: The reservation, still unsettled.

@@ -721,11 +721,11 @@ class AsyncSettlement(_Setup):
 
     Args:
         client: An :class:`~runcycles.AsyncCyclesClient`.
-        journal: Where unresolved settlements are kept (``None``: no durability).
-        retry_policy: Attempts and backoff (default: from the client's config).
+        journal: As for :class:`Settlement`.
+        retry_policy: As for :class:`Settlement`.
         sleep: Async sleep in seconds (injectable for tests).
-        wall_clock: Wall-clock time in seconds, used for the persisted ``not_before_ms``.
-        journal_first: See :class:`Settlement`.
+        wall_clock: As for :class:`Settlement`.
+        journal_first: As for :class:`Settlement`.
     """
 
     def __init__(

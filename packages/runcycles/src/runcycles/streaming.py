@@ -560,13 +560,8 @@ def stream_reservation(
         client: A :class:`~runcycles.CyclesClient` or :class:`~runcycles.AsyncCyclesClient`.
         request: A ready reservation request, instead of the keyword options.
         cost_fn: Prices the accumulated :class:`StreamUsage` in the reservation's unit.
-        on_unknown_actual: When the usage cannot be priced (``cost_fn`` or the usage is
-            broken), nothing is committed and no event is sent. ``"raise"`` (default): leave
-            the reservation to expire at its lease and raise
-            :class:`~runcycles.UnknownActualError` at the end of the block (only logged,
-            and kept in ``settlement_error``, if the block raised or was cancelled).
-            ``"release"``: release it and log an error. ``"commit_estimate"``: commit the
-            estimate, flagged ``actual_error``, and log an error.
+        on_unknown_actual: What to do when the usage cannot be priced (nothing is ever
+            committed from an unknown actual); see :class:`StreamReservation`.
         **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
 
     Returns:
