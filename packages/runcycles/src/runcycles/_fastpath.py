@@ -213,11 +213,9 @@ def _fast_body_after_key(template: ReservationCreateRequest) -> bytes | None:
 def body_after_key(template: ReservationCreateRequest) -> bytes | None:
     """Return what follows the idempotency key in ``template``'s JSON, for :func:`keyed_request`.
 
-    ``idempotency_key`` is the model's first field, so the body is
-    ``{"idempotency_key":"<key>"`` followed by this (``,"subject":...}``). ``None`` when the
-    fast path is off or the splice does not reproduce the plain serialization of
-    ``template`` (say, a model whose fields were reordered): :func:`keyed_request` then
-    serializes each copy in full.
+    The body is ``{"idempotency_key":"<key>"`` followed by this (``,"subject":...}``).
+    ``None`` when the fast path is off or the splice does not reproduce the plain
+    serialization of ``template``: :func:`keyed_request` then serializes each copy in full.
     """
     if enabled:
         return _fast_body_after_key(template)

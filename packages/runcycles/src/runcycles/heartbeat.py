@@ -895,9 +895,8 @@ class HeartbeatScheduler(_SchedulerCore):
     interpreter exit. Beats are sent one at a time by that thread.
 
     Args:
-        client: A :class:`~runcycles.CyclesClient` (anything with ``extend_reservation``).
-            Beats are single attempts: the heartbeat does its own spec-driven retries, so a
-            ``CyclesClient`` is wrapped to share its connection pool without its retry loop.
+        client: A :class:`~runcycles.CyclesClient` (anything with ``extend_reservation``);
+            beats are single attempts on its pool (the heartbeat does its own retries).
         attempt_timeout_ms: Upper bound of one extend attempt used in the schedule. Defaults
             to the client's ``connect_timeout + read_timeout``.
         on_event: Called with every :class:`HeartbeatEvent` of every reservation (in the

@@ -387,10 +387,9 @@ class Journal:
         base_url: The Cycles server URL.
         tenant: The configured tenant; makes the partition stable across API-key rotation.
         api_key: Used (hashed) only when no tenant is configured. Never stored.
-        fsync: Whether writes are flushed to the disk (``fsync`` of the file and its
-            directory) before they return, so records also survive a power loss or a kernel
-            crash. Without it a write is still atomic (temp file + rename) and survives a
-            crash of the process. :meth:`for_config` takes it from ``journal_fsync``.
+        fsync: Whether writes ``fsync`` the file and its directory before they return, so
+            records survive a power loss too (without it a write is still atomic and survives
+            a crash of the process). :meth:`for_config` takes it from ``journal_fsync``.
 
     Raises:
         ValueError: Neither ``tenant`` nor ``api_key`` is given.

@@ -906,6 +906,7 @@ class _GuardState:
     __slots__ = (
         "_body",
         "_claim",
+        "_client",
         "_context",
         "_heartbeat",
         "_options",
@@ -915,6 +916,7 @@ class _GuardState:
         "_token",
         "_use_heartbeat",
     )
+    _client: BaseCyclesClient | AsyncBaseCyclesClient
 
     def __init__(
         self,
@@ -1022,21 +1024,18 @@ class _GuardState:
         self._pending = False
         self._body = None  # it was the stand-in's
 
-    def _granted(
-        self, response: CyclesResponse[ReservationCreateResponse]
-    ) -> tuple[ReservationCreateResponse, CyclesContext]:
+    def _go_live(
+        self, response: CyclesResponse[ReservationCreateResponse], rtt_s: float, publish: bool
+    ) -> None:
+        """Hold the granted reservation: its heartbeat, and the context if ``publish``."""
         data = reservation_granted(response)
-        context = context_for(self._request, data)
-        self._context = context
+        context = self._context = context_for(self._request, data)
         self._state = _LIVE
-        return data, context
-
-    def _lease_ms(self, data: ReservationCreateResponse) -> int:
-        """The ``ttl_ms`` each heartbeat extends by: as requested, else as granted."""
-        return self._request.ttl_ms or data.remaining_ttl_ms or DEFAULT_TTL_MS
-
-    def _publish(self, context: CyclesContext) -> None:
-        self._token = push_context(context)
+        if self._use_heartbeat:  # each beat extends by the ttl_ms asked for, else granted
+            lease_ms = self._request.ttl_ms or data.remaining_ttl_ms or DEFAULT_TTL_MS
+            self._heartbeat = _track(self._client.heartbeat, lease_ms, data, context, rtt_s)
+        if publish:
+            self._token = push_context(context)
 
     def _begin_finalize(self, operation: str) -> CyclesContext:
         if self._state == _NEW:
@@ -1132,7 +1131,8 @@ class ReservationGuard(_GuardState):
         CyclesConfigError: No subject (no subject field given and none in the config).
     """
 
-    __slots__ = ("_client",)
+    __slots__ = ()
+    _client: BaseCyclesClient
 
     def __init__(
         self,
@@ -1174,14 +1174,7 @@ class ReservationGuard(_GuardState):
             response = self._client.create_reservation(self._request)
         else:
             response = self._client._create_encoded(body, self._request.idempotency_key)
-        rtt_s = time.perf_counter() - started
-        data, context = self._granted(response)
-        if self._use_heartbeat:
-            self._heartbeat = _track(
-                self._client.heartbeat, self._lease_ms(data), data, context, rtt_s
-            )
-        if publish:
-            self._publish(context)
+        self._go_live(response, time.perf_counter() - started, publish)
         return self
 
     def __enter__(self) -> Self:
@@ -1368,7 +1361,8 @@ class AsyncReservationGuard(_GuardState):
         **options: See :class:`ReserveOptions`.
     """
 
-    __slots__ = ("_client",)
+    __slots__ = ()
+    _client: AsyncBaseCyclesClient
 
     def __init__(
         self,
@@ -1391,14 +1385,7 @@ class AsyncReservationGuard(_GuardState):
             response = await self._client.create_reservation(self._request)
         else:
             response = await self._client._create_encoded(body, self._request.idempotency_key)
-        rtt_s = time.perf_counter() - started
-        data, context = self._granted(response)
-        if self._use_heartbeat:
-            self._heartbeat = _track(
-                self._client.heartbeat, self._lease_ms(data), data, context, rtt_s
-            )
-        if publish:
-            self._publish(context)
+        self._go_live(response, time.perf_counter() - started, publish)
         return self
 
     async def __aenter__(self) -> Self:
