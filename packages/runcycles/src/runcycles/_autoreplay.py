@@ -1,22 +1,13 @@
 """Replay the durable journal automatically when a client starts (internal).
 
-A :class:`~runcycles.CyclesClient` or :class:`~runcycles.AsyncCyclesClient` whose config has
-the journal enabled settles, once, the records its (server, principal) partition holds from
-*before* it started: spend known by an earlier process that crashed or exited before it was
-settled. Records written after the client started belong to live settlements (the client's
-own or another's) and are left to them and to explicit ``flush()`` calls.
-
-* Sync clients hand the replay to one daemon thread per process (``runcycles-replay``), so
-  construction never blocks on the disk or the network. The thread ends when it has had
-  nothing to do for :data:`IDLE_S` and starts again for the next client.
-* Async clients start it on their first request, inside the running event loop: the journal
-  is looked at on the journal's I/O thread, and only when it holds records is a replay task
-  created (its file I/O also runs off the loop); ``aclose()`` cancels it.
-
-Exactly-once is kept by the journal's per-record locks and the stored idempotency keys, as
-for any concurrent replay. Sibling clients made by ``with_options()`` never start a replay.
-
-The clients are typed structurally here (:class:`_Replayable`): this module sits below them.
+A client whose config enables the journal settles, once, the records its (server,
+principal) partition holds from *before* it started (spend an earlier process left); newer
+records belong to live settlements. Sync clients hand this to one daemon thread per process
+(``runcycles-replay``, ending after :data:`IDLE_S` idle), so construction never blocks;
+async clients start it on their first request, looking at the journal off the loop and
+creating a task only when it holds records (``aclose()`` cancels it). Exactly-once is kept
+by the journal's locks and stored keys; siblings from ``with_options()`` never replay.
+The clients are typed structurally (:class:`_Replayable`): this module sits below them.
 """
 
 from __future__ import annotations

@@ -1,30 +1,15 @@
 """The Cycles protocol clients: the nine calls, their pool, and what each client runs.
 
-:class:`BaseCyclesClient` and :class:`AsyncBaseCyclesClient` are adjacent twins: each call
-encodes the request (pure code in :mod:`runcycles._protocol`), sends it with retries
-(:mod:`runcycles.retry`) and wraps the answer in a :class:`~runcycles.response.CyclesResponse`.
-They differ only in ``await``. The public classes, :class:`~runcycles.CyclesClient` and
-:class:`~runcycles.AsyncCyclesClient` (:mod:`runcycles.client`), add the guard shortcuts
-(``reserve()``, ``stream_reservation()``) on top.
+:class:`BaseCyclesClient` and :class:`AsyncBaseCyclesClient` are adjacent twins that differ
+only in ``await``: each call encodes the request (:mod:`runcycles._protocol`), sends it with
+retries (:mod:`runcycles.retry`) and returns a :class:`~runcycles.response.CyclesResponse`
+(no exception for a server error or an unreachable server; a bad *input* raises before
+sending). :mod:`runcycles.client` adds the guard shortcuts on top.
 
-Methods do not raise when the server answers with an error or cannot be reached; they return
-a response whose ``raise_for_error()`` or ``data`` raises the mapped exception. They do raise,
-before sending anything, when the *input* is wrong (``pydantic.ValidationError`` for a body
-that breaks the spec, ``TypeError``/``ValueError`` for bad arguments).
-
-Every method accepts a request model or a plain dict (validated as that model), optional
-per-call ``headers`` (e.g. ``traceparent`` or ``X-Cycles-Trace-Id`` for tracing) and an
-optional per-call ``retry_policy``.
-
-**What a client owns.** Besides its connection pool, each client owns, started on first use:
-its :attr:`~BaseCyclesClient.heartbeat` scheduler (one thread per sync client, one task per
-event loop for an async client, whatever the number of live reservations), its
-:attr:`~BaseCyclesClient.settlement` engine (commits journaled to the client's partition of
-the durable journal), the tenant of its API key (:meth:`~BaseCyclesClient.discover_tenant`)
-and the replay of what earlier processes left in the journal. ``close()`` / ``aclose()``
-stop all of it. A client inherited across ``fork()`` (gunicorn, Celery prefork,
-multiprocessing) starts afresh in the child: a new connection pool (the parent's
-connections stay the parent's) and a new heartbeat and settlement engine.
+Each client owns, started on first use and stopped by ``close()`` / ``aclose()``, its
+heartbeat scheduler, its settlement engine, its API key's tenant and the replay of what
+earlier processes left in the journal; a client inherited across ``fork()`` starts afresh in
+the child (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -166,19 +151,7 @@ def forget_loop_shutdown(generator: AsyncGenerator[None, None] | None) -> None:
 
 
 class BaseCyclesClient:
-    """Synchronous client of a Cycles server; one connection pool per instance.
-
-    Use it as a context manager (or call :meth:`close`) to release the pool. It is safe to
-    share one client between threads.
-
-    Args:
-        config: Server URL, API key, timeouts and retry settings.
-        http_client: An ``httpx.Client`` to send with (its timeouts and pool are used as
-            they are, and :meth:`close` leaves it open). By default the client creates one.
-        transport: An ``httpx`` transport for the client created by default (e.g.
-            ``httpx.MockTransport`` in tests). Not allowed together with ``http_client``.
-        retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
-    """
+    """The protocol half of :class:`~runcycles.CyclesClient` (documented there)."""
 
     def __init__(
         self,
@@ -677,18 +650,7 @@ class BaseCyclesClient:
 
 
 class AsyncBaseCyclesClient:
-    """Asyncio client of a Cycles server; the twin of :class:`CyclesClient`.
-
-    Use it with ``async with`` (or await :meth:`aclose`) to release the pool.
-
-    Args:
-        config: Server URL, API key, timeouts and retry settings.
-        http_client: An ``httpx.AsyncClient`` to send with (its timeouts and pool are used as
-            they are, and :meth:`aclose` leaves it open). By default the client creates one.
-        transport: An ``httpx`` async transport for the client created by default. Not
-            allowed together with ``http_client``.
-        retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
-    """
+    """The protocol half of :class:`~runcycles.AsyncCyclesClient` (documented there)."""
 
     def __init__(
         self,
@@ -783,10 +745,7 @@ class AsyncBaseCyclesClient:
         return self._http
 
     def with_options(self, *, retry_policy: RetryPolicy) -> Self:
-        """Return a sibling client that shares this one's pool but uses ``retry_policy``.
-
-        The sibling never closes the shared pool; close the original when done.
-        """
+        """Async twin of :meth:`BaseCyclesClient.with_options`."""
         with _autoreplay.building_sibling():
             sibling = type(self)(self.config, http_client=self._http, retry_policy=retry_policy)
         sibling._core = self._core
@@ -806,10 +765,7 @@ class AsyncBaseCyclesClient:
 
     @property
     def heartbeat(self) -> AsyncHeartbeatScheduler:
-        """This client's heartbeat scheduler on the running event loop.
-
-        One background task per event loop extends every live reservation of the client;
-        it starts on first use and :meth:`aclose` stops it.
+        """Async twin of :attr:`BaseCyclesClient.heartbeat`: one task per event loop.
 
         Raises:
             RuntimeError: No event loop is running in this thread.
@@ -824,11 +780,7 @@ class AsyncBaseCyclesClient:
 
     @property
     def settlement(self) -> AsyncSettlement:
-        """This client's settlement engine: durable, exactly-once commits.
-
-        It journals to :func:`~runcycles.settlement.default_journal` of the client's config;
-        ``await client.settlement.flush(timeout_s)`` settles what the journal holds.
-        """
+        """Async twin of :attr:`BaseCyclesClient.settlement`."""
         if self._generation != _generation:
             self._after_fork()
         engine = self._settlement
@@ -842,14 +794,7 @@ class AsyncBaseCyclesClient:
         return self._key_tenant
 
     async def discover_tenant(self) -> str:
-        """Return the tenant of the API key, asking the server once per client.
-
-        See :meth:`BaseCyclesClient.discover_tenant`.
-
-        Raises:
-            CyclesError: The server could not be asked (transport or auth failure).
-            SubjectRequiredError: The server did not report the tenant.
-        """
+        """Async twin of :meth:`BaseCyclesClient.discover_tenant`."""
         tenant = self._key_tenant
         if tenant is None:
             response = await self.list_reservations(limit=1)
@@ -887,16 +832,7 @@ class AsyncBaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationCreateResponse]:
-        """Reserve budget: ``POST /v1/reservations``.
-
-        Args:
-            request: The reservation to create.
-            headers: Extra headers for this call (e.g. ``traceparent``).
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
-        """
+        """Async twin of :meth:`BaseCyclesClient.create_reservation`."""
         content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
         url = self._core.reservations_url
         return await self._send(
@@ -919,17 +855,7 @@ class AsyncBaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[CommitResponse]:
-        """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: The actual amount (plus optional metrics and metadata).
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.CommitResponse`.
-        """
+        """Async twin of :meth:`BaseCyclesClient.commit_reservation`."""
         content, hdrs = self._core.post_body(request, CommitRequest, headers)
         url = self._core.reservation_url(reservation_id, "/commit")
         return await self._send(
@@ -944,17 +870,7 @@ class AsyncBaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReleaseResponse]:
-        """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: The idempotency key and an optional reason.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReleaseResponse`.
-        """
+        """Async twin of :meth:`BaseCyclesClient.release_reservation`."""
         content, hdrs = self._core.post_body(request, ReleaseRequest, headers)
         url = self._core.reservation_url(reservation_id, "/release")
         return await self._send(
@@ -969,17 +885,7 @@ class AsyncBaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationExtendResponse]:
-        """Move a reservation's expiry: ``POST /v1/reservations/{reservation_id}/extend``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: ``extend_by_ms`` (added to the current expiry) and the idempotency key.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationExtendResponse`.
-        """
+        """Async twin of :meth:`BaseCyclesClient.extend_reservation`."""
         content, hdrs = self._core.post_body(request, ReservationExtendRequest, headers)
         url = self._core.reservation_url(reservation_id, "/extend")
         return await self._send(
@@ -993,16 +899,7 @@ class AsyncBaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[DecisionResponse]:
-        """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``.
-
-        Args:
-            request: The would-be reservation.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.DecisionResponse`.
-        """
+        """Async twin of :meth:`BaseCyclesClient.decide`."""
         content, hdrs = self._core.post_body(request, DecisionRequest, headers)
         url = self._core.decide_url
         return await self._send(
@@ -1016,16 +913,7 @@ class AsyncBaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[EventCreateResponse]:
-        """Debit usage directly, without a reservation: ``POST /v1/events``.
-
-        Args:
-            request: The event (subject, action, actual amount).
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response (HTTP 201); ``data`` is a :class:`~runcycles.models.EventCreateResponse`.
-        """
+        """Async twin of :meth:`BaseCyclesClient.create_event`."""
         content, hdrs = self._core.post_body(request, EventCreateRequest, headers)
         url = self._core.events_url
         return await self._send(
@@ -1039,16 +927,7 @@ class AsyncBaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationDetail]:
-        """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``.
-
-        Args:
-            reservation_id: The reservation's id.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationDetail`.
-        """
+        """Async twin of :meth:`BaseCyclesClient.get_reservation`."""
         url = self._core.reservation_url(reservation_id)
         return await self._send(
             "GET", url, ReservationDetail, self._core.headers_for_get(headers), retry=retry_policy
@@ -1061,17 +940,7 @@ class AsyncBaseCyclesClient:
         retry_policy: RetryPolicy | None = None,
         **filters: Unpack[ReservationFilters],
     ) -> CyclesResponse[ReservationListResponse]:
-        """List one page of reservations: ``GET /v1/reservations``.
-
-        Args:
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-            **filters: See :class:`ReservationFilters` (``status``,
-                ``tenant``, ..., ``limit``, ``cursor``).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationListResponse`.
-        """
+        """Async twin of :meth:`BaseCyclesClient.list_reservations`."""
         params = reservation_params(filters)
         url = self._core.reservations_url
         return await self._list(url, ReservationListResponse, params, headers, retry_policy)
@@ -1083,21 +952,7 @@ class AsyncBaseCyclesClient:
         retry_policy: RetryPolicy | None = None,
         **filters: Unpack[ReservationFilters],
     ) -> AsyncIterator[ReservationSummary]:
-        """Iterate (``async for``) over every matching reservation, following ``next_cursor``.
-
-        Filters are checked now; pages are fetched as the iterator advances.
-
-        Args:
-            headers: Extra headers for every page request.
-            retry_policy: Retries of each page request (default: the client's policy).
-            **filters: As for :meth:`list_reservations`.
-
-        Returns:
-            An async iterator of :class:`~runcycles.models.ReservationSummary`.
-
-        Raises:
-            CyclesError: While iterating, when a page cannot be fetched.
-        """
+        """Async twin of :meth:`BaseCyclesClient.iter_reservations` (use ``async for``)."""
         params = reservation_params(filters)
         url = self._core.reservations_url
         return self._pages(
@@ -1111,20 +966,7 @@ class AsyncBaseCyclesClient:
         retry_policy: RetryPolicy | None = None,
         **filters: Unpack[BalanceFilters],
     ) -> CyclesResponse[BalanceResponse]:
-        """Read one page of balances: ``GET /v1/balances``.
-
-        Args:
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-            **filters: At least one of ``tenant``, ``workspace``, ``app``, ``workflow``,
-                ``agent``, ``toolset``; optionally ``include_children``, ``limit``, ``cursor``.
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.BalanceResponse`.
-
-        Raises:
-            ValueError: No subject filter was given (checked before sending).
-        """
+        """Async twin of :meth:`BaseCyclesClient.get_balances`."""
         params = balance_params(filters)
         return await self._list(
             self._core.balances_url, BalanceResponse, params, headers, retry_policy
@@ -1137,19 +979,7 @@ class AsyncBaseCyclesClient:
         retry_policy: RetryPolicy | None = None,
         **filters: Unpack[BalanceFilters],
     ) -> AsyncIterator[Balance]:
-        """Iterate (``async for``) over every matching balance, following ``next_cursor``.
-
-        Args:
-            headers: Extra headers for every page request.
-            retry_policy: Retries of each page request (default: the client's policy).
-            **filters: As for :meth:`get_balances`.
-
-        Returns:
-            An async iterator of :class:`~runcycles.models.Balance`.
-
-        Raises:
-            CyclesError: While iterating, when a page cannot be fetched.
-        """
+        """Async twin of :meth:`BaseCyclesClient.iter_balances` (use ``async for``)."""
         params = balance_params(filters)
         return self._pages(
             self._core.balances_url, BalanceResponse, "balances", params, headers, retry_policy

@@ -1,42 +1,21 @@
 """The seam: every shortcut through a library's private internals, each with its plain twin.
 
-A few hot spots of the client go around ``pydantic`` and ``httpx`` to save CPU per guarded
-call (``benchmarks/guarded_call.py`` measures it). Each relies on how the library works
-inside, not on what it promises, so each lives here, next to the public-API spelling of the
-same thing, and one switch picks between them. Each seam function, its fast path
-(internals) and its plain twin (public API):
+A few hot spots go around ``pydantic`` and ``httpx`` internals to save CPU per guarded call
+(``benchmarks/guarded_call.py``). Each relies on how the library works inside, not on what it
+promises, so each lives here next to its public-API spelling, and one switch picks between
+them: :func:`dump_json`, :func:`copy_with_key`, :func:`body_after_key` /
+:func:`keyed_request`, :func:`construct`, :func:`set_unchecked`, :func:`direct_transport`
+and :func:`request_builder` (each docstring names both paths).
 
-- :func:`dump_json`: ``type(m).__pydantic_serializer__.to_json(m, exclude_none=True)``;
-  plain ``m.model_dump_json(exclude_none=True).encode()``.
-- :func:`copy_with_key`: copy ``__dict__`` and the ``__pydantic_*__`` slots by hand; plain
-  ``m.model_copy(update={"idempotency_key": key})``.
-- :func:`body_after_key` / :func:`keyed_request`: serialize the reserve body once without
-  its key and splice each call's key in (relies on the field order of
-  ``ReservationCreateRequest``); plain ``model_copy`` + ``model_dump_json`` per call.
-- :func:`construct`: ``cls.__new__`` and the ``__pydantic_*__`` slots set by hand; plain
-  ``cls(**fields)``.
-- :func:`set_unchecked`: write ``__dict__`` and ``__pydantic_fields_set__``; plain
-  ``setattr`` (the validated assignment).
-- :func:`direct_transport`: ``httpx.Client._transport_for_url`` (the wire then skips
-  ``httpx.Client.send``); plain ``None``: send through ``httpx.Client.send``.
-- :func:`request_builder`: ``httpx.Request`` with the client's default headers merged once
-  per set of header names, a ``ByteStream`` body and ``Host`` / ``Content-Length``
-  precomputed (relies on how ``httpx`` merges, orders and derives headers); plain
-  ``http.build_request(...)``.
+The switch is ``RUNCYCLES_FASTPATH``, read once at import: ``0`` (or ``false``, ``no``,
+``off``) selects the plain twins everywhere. Tests flip it with :func:`set_enabled`,
+:func:`plain_path` / :func:`fast_path` or ``monkeypatch``. The model functions read
+:data:`enabled` per call; the wire reads it when a client is built, so flip it before that.
 
-The switch is the environment variable ``RUNCYCLES_FASTPATH``, read once at import: ``0``
-(or ``false``, ``no``, ``off``) selects the plain twins everywhere. In tests, flip it with
-:func:`set_enabled` or the context managers :func:`plain_path` / :func:`fast_path`, or
-``monkeypatch.setattr(runcycles._fastpath, "enabled", False)``. The model functions read
-:data:`enabled` on every call (one global lookup); the wire reads it once, when a client is
-built (:func:`direct_transport`, :func:`request_builder`), so flip the switch before
-creating the client.
-
-A fast function that finds the internal it relies on missing or changed (a future library
-version) falls back to its plain twin: the ``pydantic`` slots are checked once at import,
-attribute lookups that fail fall back per call, and the reserve-body splice is verified
-against the plain serialization before it is cached. ``tests/test_fastpath.py`` runs every
-function both ways on the same inputs and compares the results and bytes.
+A fast function that finds its internal missing or changed (a future library version) falls
+back to its plain twin: the ``pydantic`` slots are checked once at import, failed attribute
+lookups fall back per call, and the reserve-body splice is verified against the plain
+serialization before it is cached. ``tests/test_fastpath.py`` compares both paths.
 """
 
 from __future__ import annotations
@@ -173,11 +152,7 @@ def dump_json(model: BaseModel) -> bytes:
     encoded as UTF-8: the same bytes.
     """
     if enabled:
-        try:
-            serializer = type(model).__pydantic_serializer__
-        except AttributeError:  # pragma: no cover - depends on the pydantic version
-            return _plain_dump_json(model)
-        return serializer.to_json(model, exclude_none=True)
+        return _fast_dump_json(model)
     return _plain_dump_json(model)
 
 
@@ -238,11 +213,9 @@ def _fast_body_after_key(template: ReservationCreateRequest) -> bytes | None:
 def body_after_key(template: ReservationCreateRequest) -> bytes | None:
     """Return what follows the idempotency key in ``template``'s JSON, for :func:`keyed_request`.
 
-    ``idempotency_key`` is the model's first field, so the body is
-    ``{"idempotency_key":"<key>"`` followed by this (``,"subject":...}``). ``None`` when the
-    fast path is off or the splice does not reproduce the plain serialization of
-    ``template`` (say, a model whose fields were reordered): :func:`keyed_request` then
-    serializes each copy in full.
+    The body is ``{"idempotency_key":"<key>"`` followed by this (``,"subject":...}``).
+    ``None`` when the fast path is off or the splice does not reproduce the plain
+    serialization of ``template``: :func:`keyed_request` then serializes each copy in full.
     """
     if enabled:
         return _fast_body_after_key(template)
@@ -306,10 +279,6 @@ def construct(cls: type[M], values: dict[str, Any], fields_set: frozenset[str]) 
     return _plain_construct(cls, values, fields_set)
 
 
-def _plain_set_unchecked(model: BaseModel, name: str, value: Any) -> None:
-    setattr(model, name, value)
-
-
 def set_unchecked(model: BaseModel, name: str, value: Any) -> None:
     """Set field ``name`` of ``model`` to a value its validation would keep as it is.
 
@@ -326,7 +295,7 @@ def set_unchecked(model: BaseModel, name: str, value: Any) -> None:
             state[name] = value
             fields_set.add(name)
             return
-    _plain_set_unchecked(model, name, value)
+    setattr(model, name, value)  # the plain twin
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,18 +347,14 @@ def request_builder(
 ) -> RequestBuilder:
     """Return the function that builds a complete request of ``http`` to the server at ``host``.
 
-    The plain one is ``http.build_request(...)``: the request ``http.send`` would send, the
-    client's default headers merged in (``httpx``'s own, ``Accept-Encoding`` and
-    ``Connection``, included). The fast one builds the same request without the per-request
-    merging: the client's default headers are read once, here, and which of them a request
-    keeps is worked out once per set of header names; a body of bytes gets the two headers
-    ``httpx`` would add itself (``Host`` first, as ``httpx`` orders it, then
-    ``Content-Length``) and a ``ByteStream``: a third of the cost of ``content=``, which
-    re-scans the headers for each header it might add. Headers that name ``Host``,
-    ``Content-Length`` or ``Transfer-Encoding``, or repeat a name in another case, are
-    merged the way ``httpx`` does it. Unlike ``build_request``, the fast one sends no
-    cookies (the client's jar stays empty without ``http.send``) and does not see headers
-    set on ``http`` after this call.
+    Plain: ``http.build_request(...)``, the request ``http.send`` would send. Fast: the same
+    request without the per-request merging: the client's default headers are read once,
+    here, and which of them a request keeps is worked out once per set of header names; a
+    bytes body gets the headers ``httpx`` would add (``Host`` first, then ``Content-Length``)
+    and a ``ByteStream`` (a third of the cost of ``content=``). Headers naming ``Host``,
+    ``Content-Length`` or ``Transfer-Encoding``, or repeating a name in another case, are
+    merged the ``httpx`` way. Unlike ``build_request``, the fast one sends no cookies (the
+    jar stays empty without ``http.send``) and misses headers set on ``http`` later.
 
     Args:
         http: The client's ``httpx`` client.

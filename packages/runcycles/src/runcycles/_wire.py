@@ -1,22 +1,14 @@
 """How a client's requests reach the connection pool.
 
-``httpx.Client.send`` wraps every request in machinery a Cycles client never uses with a pool
-it built itself: URL and header merging against client defaults, cookie jars, an auth-flow
-generator, redirect and event-hook loops, per-request transport lookup. On a reserve or
-commit that machinery costs about a third of the client's CPU per request (measured by
-``benchmarks/guarded_call.py``), more than everything ``@cycles`` does around the call.
-
-So a client that owns its ``httpx`` client sends through a :class:`SyncWire` /
-:class:`AsyncWire` that builds the ``httpx.Request`` once, complete (the client's default
-headers, the pool timeout extensions) and hands it straight to the transport ``httpx`` itself
-would pick for the server's URL (proxies from the environment included). Everything under
-the transport (the ``httpcore`` pool, TLS, HTTP/1.1 parsing, exception mapping, decoding) is
-unchanged. A client given ``http_client=`` keeps sending through that client's ``send``,
-so its event hooks, auth and custom mounts apply as the caller configured them.
-
-The transport lookup and the request building go through :mod:`runcycles._fastpath` (they
-rely on ``httpx`` internals); with ``RUNCYCLES_FASTPATH=0`` every client sends through
-``httpx.Client.send``.
+``httpx.Client.send`` runs machinery a Cycles client never uses with a pool it built itself
+(URL and header merging, cookies, auth flow, redirect and hook loops, transport lookup),
+about a third of the client's CPU per reserve or commit (``benchmarks/guarded_call.py``). So
+a client that owns its pool sends through :class:`SyncWire` / :class:`AsyncWire`: the
+request is built once, complete, and handed straight to the transport ``httpx`` would pick
+(proxies from the environment included); everything under the transport is unchanged. A
+client given ``http_client=`` keeps using that client's ``send`` (its hooks, auth and mounts
+apply). Both shortcuts go through :mod:`runcycles._fastpath` (``RUNCYCLES_FASTPATH=0``: plain
+``httpx.Client.send``).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The public clients: :class:`CyclesClient` and :class:`AsyncCyclesClient`.
 
-Each is the protocol client of :mod:`runcycles._base_client` (the nine calls, the
-connection pool, the heartbeat, the settlement engine) plus two shortcuts to the guards that
-sit above it: :meth:`CyclesClient.reserve` (a :class:`~runcycles.ReservationGuard`) and
-:meth:`CyclesClient.stream_reservation` (a :class:`~runcycles.StreamReservation`). This
-module is therefore the top of the core's layers: it imports the guards, nothing imports it
-but the decorator's defaults and the package's re-exports (see ``docs/architecture.md``).
+The protocol client of :mod:`runcycles._base_client` plus the guard shortcuts
+:meth:`CyclesClient.reserve` and :meth:`CyclesClient.stream_reservation`: the top of the
+core's layers (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -91,10 +88,8 @@ class CyclesClient(BaseCyclesClient):
         Args:
             request: A ready reservation request, instead of the keyword options.
             cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
-            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default:
-                nothing is sent, the reservation expires at its lease,
-                :class:`~runcycles.UnknownActualError` is raised), ``"release"`` or
-                ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
+            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default),
+                ``"release"`` or ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
             **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
 
         Returns:
@@ -116,10 +111,8 @@ class AsyncCyclesClient(AsyncBaseCyclesClient):
 
     Args:
         config: Server URL, API key, timeouts and retry settings.
-        http_client: An ``httpx.AsyncClient`` to send with (its timeouts and pool are used as
-            they are, and :meth:`aclose` leaves it open). By default the client creates one.
-        transport: An ``httpx`` async transport for the client created by default. Not
-            allowed together with ``http_client``.
+        http_client: An ``httpx.AsyncClient`` to send with (else the client creates one).
+        transport: An ``httpx`` async transport for the client created by default.
         retry_policy: Overrides the policy derived from ``config``'s ``retry_*`` fields.
     """
 
@@ -129,22 +122,7 @@ class AsyncCyclesClient(AsyncBaseCyclesClient):
         /,
         **options: Unpack[ReserveOptions],
     ) -> AsyncReservationGuard:
-        """Return a guard that reserves when its ``async with`` block is entered.
-
-        The method spelling of :func:`runcycles.reserve`: ``client.reserve(...)`` is
-        ``reserve(client, ...)``. Nothing is sent before the block is entered::
-
-            async with client.reserve(estimate=5_000, action_kind="llm.completion",
-                                      action_name="gpt-4o") as guard:
-                await guard.commit(actual=3_200)
-
-        Args:
-            request: A ready reservation request, instead of the keyword options.
-            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-        Returns:
-            An :class:`~runcycles.AsyncReservationGuard`.
-        """
+        """Async twin of :meth:`CyclesClient.reserve` (enter the guard with ``async with``)."""
         return AsyncReservationGuard(self, request, **options)
 
     def stream_reservation(
@@ -156,19 +134,7 @@ class AsyncCyclesClient(AsyncBaseCyclesClient):
         on_unknown_actual: OnUnknownActual = "raise",
         **options: Unpack[ReserveOptions],
     ) -> AsyncStreamReservation:
-        """Return a stream reservation that reserves when its ``async with`` block is entered.
-
-        The method spelling of :func:`runcycles.stream_reservation`.
-
-        Args:
-            request: A ready reservation request, instead of the keyword options.
-            cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
-            on_unknown_actual: When the usage cannot be priced; see
-                :meth:`CyclesClient.stream_reservation`.
-            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-        Returns:
-            An :class:`~runcycles.AsyncStreamReservation`.
+        """Async twin of :meth:`CyclesClient.stream_reservation` (``async with``).
 
         Raises:
             ValueError: An unknown ``on_unknown_actual``.

@@ -57,11 +57,9 @@ class CyclesConfig:
             ``docs/recovery.md``). ``RUNCYCLES_JOURNAL=off`` also disables it.
         journal_dir: Where the journal lives (default: ``$XDG_STATE_HOME/runcycles/journal``
             or ``~/.local/state/runcycles/journal``; ``RUNCYCLES_JOURNAL_DIR`` overrides it).
-        journal_fsync: Whether journal writes are ``fsync``-ed before the settlement goes
-            on, so an unresolved settlement also survives a power loss or a kernel crash.
-            Off by default: writes are still atomic and survive a crash of the process, and
-            each guarded call avoids the (milliseconds of) disk flushes. Env var
-            ``CYCLES_JOURNAL_FSYNC``.
+        journal_fsync: Whether journal writes are ``fsync``-ed, so they also survive a power
+            loss. Off by default: writes are still atomic and survive a crash of the process,
+            without milliseconds of disk flushes per guarded call.
     """
 
     base_url: str

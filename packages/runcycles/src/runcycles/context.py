@@ -1,23 +1,13 @@
 """The reservation a guarded call runs under: :class:`CyclesContext` and :func:`get_cycles_context`.
 
-``@cycles``, reservation guards and stream reservations publish their reservation on a
-:class:`contextvars.ContextVar` while the guarded code runs. Each one *sets* the variable on
-entry and *resets* it with the token on exit, so:
-
-* nested guarded calls each see their own reservation, and the outer one is visible again
-  after the inner call returns (or raises);
-* concurrent calls in threads or asyncio tasks never see each other's reservation (every
-  thread and every task has its own context).
-
-The guarded code reads the context to honour caps and writes ``metrics`` and
-``commit_metadata``, which go into the commit::
+``@cycles``, guards and stream reservations set a :class:`contextvars.ContextVar` on entry
+and reset it with the token on exit, so nested calls each see their own reservation and
+concurrent threads or tasks never see each other's. The guarded code reads it to honour caps
+and writes ``metrics`` and ``commit_metadata``, which go into the commit::
 
     ctx = get_cycles_context()
     if ctx and ctx.has_caps():
         max_tokens = min(max_tokens, ctx.caps.max_tokens or max_tokens)
-    ...
-    if ctx:
-        ctx.metrics = CyclesMetrics(tokens_input=120, tokens_output=80)
 """
 
 from __future__ import annotations

@@ -7,29 +7,14 @@
             action_kind="llm.completion", action_name="gpt-4", client=client)
     def call_llm(prompt: str, tokens: int) -> str: ...
 
-Each call reserves ``estimate`` (a denial raises, e.g. :class:`~runcycles.BudgetExceededError`,
-and the function does not run), runs the function with the reservation published as
-:func:`~runcycles.get_cycles_context`, then:
-
-* the function returned: commit ``actual(result)`` (or ``actual`` when it is an int, or the
-  estimate when no ``actual`` is given, marked ``metadata["actual_source"]="estimate"``). A
-  failed commit is logged (the client's settlement retries it); the function's result is
-  still returned.
-* the function returned but ``actual(result)`` raised, returned ``None`` or gave an unusable
-  amount: nothing is committed and no event is sent (an unknown actual is never turned into
-  a charge). ``on_unknown_actual`` decides the rest: ``"raise"`` (default) leaves the
-  reservation to expire at its lease and raises :class:`~runcycles.UnknownActualError`
-  (carrying the result); ``"release"`` releases it, logs and returns the result;
-  ``"commit_estimate"`` commits the estimate flagged ``actual_error`` (the old behaviour).
-* the function raised (or was cancelled): release the reservation and re-raise.
-
-Sync and async functions are both supported; which path is used is decided once, when the
-function is decorated. Generator functions are refused (use
-:func:`~runcycles.streaming.stream_reservation` inside them).
-
-Without ``client=``, the decorator uses the default set by :func:`set_default_client` or
-:func:`set_default_config`, looked up at each call. One default serves sync *and* async
-functions: the missing flavour is built from the other one's config.
+Each call reserves (a denial raises before the function runs), runs the function with the
+reservation published as :func:`~runcycles.get_cycles_context`, then settles it through the
+guard: commit the actual, apply ``on_unknown_actual`` when it is unknown (never a charge made
+up), or release if the function raised. ``docs/decorator.md`` has the details. Sync or async
+is decided once, at decoration; generator functions are refused (use
+:func:`~runcycles.streaming.stream_reservation`). Without ``client=`` the default of
+:func:`set_default_client` / :func:`set_default_config` is looked up at each call; one
+default serves sync *and* async functions.
 """
 
 from __future__ import annotations
@@ -438,8 +423,8 @@ class _Policy:
 
     def settlement(
         self, result: Any, context: CyclesContext, elapsed_s: float
-    ) -> tuple[Amount | Usage | UnknownActualError | None, CyclesMetrics, dict[str, Any] | None]:
-        """Return ``(actual, metrics, metadata)`` of the commit after a successful call.
+    ) -> tuple[Amount | Usage | UnknownActualError | None, CyclesMetrics]:
+        """Return ``(actual, metrics)`` of the commit after a successful call.
 
         ``actual`` is an :class:`UnknownActualError` (carrying ``result``) when the
         ``actual`` callable gave no usable amount: the guard's ``settle`` applies
@@ -451,7 +436,6 @@ class _Policy:
         except UnknownActualError as unknown:
             unknown.result = result
             actual = unknown
-        metadata = None
         latency_ms = int(elapsed_s * 1000)
         # The guarded code writes these; a wrong type must not cost the commit.
         written: object = context.metrics
@@ -474,7 +458,7 @@ class _Policy:
             metrics = CyclesMetrics(latency_ms=latency_ms)
         elif metrics.latency_ms is None:
             metrics = metrics.model_copy(update={"latency_ms": latency_ms})
-        return actual, metrics, metadata
+        return actual, metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,28 +558,25 @@ def cycles(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Guard every call of the decorated function with a reservation.
 
+    ``docs/decorator.md`` describes every option and what happens on each call.
+
     Args:
         estimate: Amount to reserve per call: an ``int`` (in ``unit``), an :class:`Amount`,
             or a callable receiving the function's arguments and returning one.
-        actual: What a call used: a callable receiving the function's result (returning an
-            ``int``, an :class:`Amount` or a :class:`~runcycles.Usage` of tokens and model,
-            priced by ``pricer``), an ``int`` or :class:`Amount`; ``None`` commits the
-            estimate (marked in the metadata).
-            A callable that raises or returns ``None`` means the actual is unknown: see
-            ``on_unknown_actual``.
+        actual: What a call used: a callable of the function's result (an ``int``, an
+            :class:`Amount`, or a :class:`~runcycles.Usage` priced by ``pricer``), an ``int``
+            or an :class:`Amount`; ``None`` commits the estimate (marked in the metadata).
         action_kind: ``action.kind``, e.g. ``"llm.completion"``.
         action_name: ``action.name`` (default: the function's qualified name).
         action_tags: Up to 10 tags for the action.
         unit: Unit of ``int`` amounts (default ``USD_MICROCENTS``).
         ttl_ms: Reservation lease; the heartbeat extends it while the function runs.
         grace_period_ms: How long after expiry a commit is still accepted.
-        overage_policy: What a commit above the estimate does (``REJECT``,
-            ``ALLOW_IF_AVAILABLE``, ``ALLOW_WITH_OVERDRAFT``; enum or string; default: the
-            server's, ``ALLOW_IF_AVAILABLE``).
-        dry_run: Shadow mode: ask the server for a decision, hold nothing, do **not** run
-            the function, and return a :class:`~runcycles.DryRunResult` instead.
-        tenant: Subject ``tenant`` (default: the client config's); a string or a callable of
-            the function's arguments. The same holds for the five fields below.
+        overage_policy: What a commit above the estimate does (default: the server's).
+        dry_run: Shadow mode: hold nothing, do **not** run the function, and return a
+            :class:`~runcycles.DryRunResult` instead.
+        tenant: Subject ``tenant`` (default: the client config's): a string, or a callable
+            of the function's arguments; likewise the five fields below.
         workspace: Subject ``workspace``.
         app: Subject ``app``.
         workflow: Subject ``workflow``.
@@ -603,17 +584,14 @@ def cycles(
         toolset: Subject ``toolset``.
         dimensions: Free-form subject tags, or a callable of the arguments returning them.
         metadata: Metadata stored with each reservation.
-        client: The client to use (default: :func:`set_default_client` /
-            :func:`set_default_config`). Its flavour must match the function's.
+        client: The client (default: :func:`set_default_client` /
+            :func:`set_default_config`); its flavour must match the function's.
         heartbeat: Whether to extend the reservation while the function runs.
-        on_unknown_actual: When the function returned but ``actual(result)`` raised,
-            returned ``None`` or gave an unusable amount, nothing is committed and no event
-            is sent. ``"raise"`` (default): stop the heartbeat, leave the reservation to
-            expire at its lease, and raise :class:`~runcycles.UnknownActualError` (its
-            ``result`` is the function's return value). ``"release"``: release the
-            reservation, log an error and return the result. ``"commit_estimate"``: commit
-            the estimate, flagged ``actual_error`` in the metadata, and log an error. A
-            :class:`~runcycles.Usage` that cannot be priced counts as unknown.
+        on_unknown_actual: When ``actual(result)`` gives no usable amount (or a
+            :class:`~runcycles.Usage` without a price) nothing is committed; ``"raise"``
+            (default: the reservation expires at its lease and
+            :class:`~runcycles.UnknownActualError` carries the result), ``"release"`` or
+            ``"commit_estimate"`` (flagged ``actual_error``) decides the rest.
         pricer: Prices a :class:`~runcycles.Usage` returned by ``actual`` (default:
             :func:`~runcycles.default_pricer`).
 
@@ -703,7 +681,7 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
         with guard:
             started = time.perf_counter()
             result = fn(*args, **kwargs)
-            actual, metrics, metadata = policy.settlement(
+            actual, metrics = policy.settlement(
                 result, guard.context, time.perf_counter() - started
             )
             try:
@@ -711,7 +689,6 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
                     actual,
                     on_unknown_actual=policy.on_unknown_actual,
                     metrics=metrics,
-                    metadata=metadata,
                     pricer=policy.pricer,
                     fix=_FIX,
                 )
@@ -747,7 +724,7 @@ def _async_wrapper(
         async with guard:
             started = time.perf_counter()
             result = await fn(*args, **kwargs)
-            actual, metrics, metadata = policy.settlement(
+            actual, metrics = policy.settlement(
                 result, guard.context, time.perf_counter() - started
             )
             try:
@@ -755,7 +732,6 @@ def _async_wrapper(
                     actual,
                     on_unknown_actual=policy.on_unknown_actual,
                     metrics=metrics,
-                    metadata=metadata,
                     pricer=policy.pricer,
                     fix=_FIX,
                 )

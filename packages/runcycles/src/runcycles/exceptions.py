@@ -1,42 +1,12 @@
-"""Errors raised by runcycles.
+"""Errors raised by runcycles (the tree is drawn in ``docs/client.md``).
 
-The tree::
-
-    CyclesError                              base of everything raised by runcycles
-    ├── CyclesConfigError                    bad or missing configuration (also a ValueError)
-    │   └── SubjectRequiredError             no subject anywhere, and no tenant from the server
-    ├── CyclesTransportError                 no HTTP answer: connection refused, DNS, TLS, reset
-    │   └── CyclesTimeoutError               connect/read/write/pool timeout
-    └── CyclesProtocolError                  the server answered with an error (status, error_code)
-        ├── MalformedResponseError           the answer is not what the spec allows (bad JSON,
-        │                                    wrong schema); on a 2xx the outcome is ambiguous
-        ├── InvalidRequestError              400 INVALID_REQUEST
-        ├── UnitMismatchError                400 UNIT_MISMATCH
-        ├── UnauthorizedError                401 UNAUTHORIZED
-        ├── ForbiddenError                   403 FORBIDDEN
-        ├── NotFoundError                    404 NOT_FOUND
-        ├── BudgetExceededError              409 BUDGET_EXCEEDED
-        ├── BudgetFrozenError                409 BUDGET_FROZEN
-        ├── BudgetClosedError                409 BUDGET_CLOSED
-        ├── OverdraftLimitExceededError      409 OVERDRAFT_LIMIT_EXCEEDED
-        ├── DebtOutstandingError             409 DEBT_OUTSTANDING
-        ├── ReservationFinalizedError        409 RESERVATION_FINALIZED
-        ├── IdempotencyMismatchError         409 IDEMPOTENCY_MISMATCH
-        ├── MaxExtensionsExceededError       409 MAX_EXTENSIONS_EXCEEDED
-        ├── TenantClosedError                409 TENANT_CLOSED
-        ├── ReservationExpiredError          410 RESERVATION_EXPIRED
-        ├── RateLimitedError                 429 LIMIT_EXCEEDED
-        └── InternalServerError              500 INTERNAL_ERROR
-
-The class is chosen by the body's ``error`` code, never by the HTTP status alone. Error codes
-are open strings: a code this version does not know (a newer server) becomes a plain
-:class:`CyclesProtocolError` that still carries the code, so ``except CyclesProtocolError``
-catches everything the server can say. :data:`ERROR_CLASSES` holds the mapping.
-
-The clients' methods do not raise these for server or network failures; they return a
-:class:`~runcycles.response.CyclesResponse` whose ``raise_for_error()`` (or ``data``) raises
-the mapped exception. Every exception here survives ``pickle`` (for multiprocessing and task
-queues).
+Everything derives from :class:`CyclesError`: :class:`CyclesConfigError` (bad configuration),
+:class:`CyclesTransportError` (no HTTP answer) and :class:`CyclesProtocolError` (the server
+answered with an error), whose subclasses map the body's ``error`` code (never the HTTP
+status alone; :data:`ERROR_CLASSES`). An unknown code (a newer server) gives a plain
+:class:`CyclesProtocolError` that still carries it. The clients' methods return a
+:class:`~runcycles.response.CyclesResponse` rather than raising these for server or network
+failures. Every exception survives ``pickle``.
 """
 
 from __future__ import annotations

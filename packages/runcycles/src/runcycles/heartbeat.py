@@ -3,46 +3,19 @@
 API summary::
 
     scheduler = HeartbeatScheduler(client)           # or AsyncHeartbeatScheduler(async_client)
-    handle = scheduler.track(
-        reservation_id,
-        ttl_ms=60_000,                 # the ttl_ms requested at create: every beat extends by it
-        remaining_ttl_ms=59_000,       # from the create response (None if the server omits it)
-        expires_at_ms=1_767_000_000,   # from the create response
-        rtt_ms=12.5,                   # how long the create request took (None: unknown)
-        on_event=print,                # optional: receives every HeartbeatEvent
-    )
-    ...                                # the guarded work runs; nothing here can cancel it
+    handle = scheduler.track(reservation_id, ttl_ms=60_000, remaining_ttl_ms=59_000,
+                             expires_at_ms=1_767_000_000, rtt_ms=12.5, on_event=print)
     handle.stop()                      # idempotent; call it before committing
-    handle.expires_at_ms               # the latest expiry the server returned
     scheduler.close()                  # (await scheduler.aclose() for the async one)
 
-How it works:
-
-* **One worker per client, never one per reservation.** :class:`HeartbeatScheduler` runs one
-  daemon thread; :class:`AsyncHeartbeatScheduler` runs one asyncio task. Each keeps a heap of
-  due times. A tracked reservation costs one small ``__slots__`` object plus a heap entry.
-  The sync thread sends beats one after the other; the async task sends up to
-  ``max_in_flight`` beats concurrently (short-lived tasks that exist only while an extend
-  request is on the wire). With nothing due, the async scheduler is exactly one task.
-* **The spec's schedule** (``extendReservation`` HEARTBEAT GUIDANCE, implemented by the pure
-  :class:`LeasePlanner`): after every schema-valid 200 the next beat is
-  ``next_delay = max(0, lead_floor - (2 * attempt_budget + safety_margin))`` after receipt,
-  where ``lead_floor = remaining_ttl_ms - rtt``. Every beat sends ``extend_by_ms = ttl_ms``
-  with a fresh idempotency key; a retry of the same beat reuses its key.
-* **Transient failures** (transport error, timeout, 5xx, 429, ambiguous 2xx) are retried
-  with the same key while the spec's ``retry_window`` proves a complete retry still fits in
-  the lease; a 429 waits exactly its ``Retry-After``. **Terminal answers**
-  (``RESERVATION_EXPIRED``, ``RESERVATION_FINALIZED``, ``MAX_EXTENSIONS_EXCEEDED``,
-  ``TENANT_CLOSED``, ``NOT_FOUND``) and any other 4xx stop the heartbeat.
-* **Failure policy ``warn``** (the recovery profile's baseline): every retry and every stop is
-  logged on the ``runcycles.heartbeat`` logger with the reservation id and the disposition,
-  and passed to the ``on_event`` callbacks as a :class:`HeartbeatEvent`. A heartbeat never
-  cancels the user's work and never suppresses the final commit; a lease that lapses anyway
-  is settled through the commit's ``410 -> POST /v1/events`` fallback.
-* **Servers that omit ``remaining_ttl_ms``** get the spec's (non-normative) fallback: the first
-  extend fires at once, later beats follow the measured grants (``expires_at_ms``
-  differences), and a server that clamps the lease to a maximum lead is over-beaten at
-  ``min(ttl_ms / 2, 30 s)`` until it answers ``MAX_EXTENSIONS_EXCEEDED``.
+One worker per client, never one per reservation: a daemon thread (sync) or one asyncio task
+(async; up to ``max_in_flight`` short-lived extend tasks while requests are on the wire),
+over a heap of due times. The pure :class:`LeasePlanner` implements the spec's
+``extendReservation`` HEARTBEAT GUIDANCE (next delay, same-key retries within the retry
+window, 429 ``Retry-After``, terminal answers, the measured-grant fallback for servers that
+omit ``remaining_ttl_ms``); ``docs/heartbeat.md`` has the formulas. A heartbeat logs and
+reports every retry and stop as a :class:`HeartbeatEvent`, never cancels the user's work and
+never suppresses the commit (a lapsed lease is settled through ``410 -> POST /v1/events``).
 
 Times are milliseconds. Budgets and margins round up, leads and delays round down, and an
 unknown request timeout counts as infinite, as the spec requires.
@@ -651,15 +624,34 @@ def _timeout_ms_of(client: object) -> int | None:
     return None
 
 
+class _SyncExtender(Protocol):
+    def extend_reservation(
+        self, reservation_id: str, request: ReservationExtendRequest, /
+    ) -> CyclesResponse[ReservationExtendResponse]: ...
+
+
+class _AsyncExtender(Protocol):
+    async def extend_reservation(
+        self, reservation_id: str, request: ReservationExtendRequest, /
+    ) -> CyclesResponse[ReservationExtendResponse]: ...
+
+
 class _SchedulerCore:
     """Heap, bookkeeping and event delivery shared by the sync and async schedulers."""
 
     def __init__(
         self,
+        client: _SyncExtender | _AsyncExtender,
         attempt_timeout_ms: int | None,
         clock: Callable[[], float],
         on_event: EventCallback | None,
+        autostart: bool,
     ) -> None:
+        if attempt_timeout_ms is None:
+            attempt_timeout_ms = _timeout_ms_of(client)
+        # single attempts on the client's pool: the planner runs its own retry schedule
+        self._send_options = single_attempt_options(client.extend_reservation)
+        self._autostart = autostart
         if attempt_timeout_ms is not None and attempt_timeout_ms <= 0:
             raise ValueError(f"attempt_timeout_ms must be > 0, got {attempt_timeout_ms}")
         self._attempt_timeout_ms = attempt_timeout_ms
@@ -896,18 +888,6 @@ def _failure_outcome(exc: BaseException) -> _Outcome:
 # Sync scheduler: one daemon thread
 
 
-class _SyncExtender(Protocol):
-    def extend_reservation(
-        self, reservation_id: str, request: ReservationExtendRequest, /
-    ) -> CyclesResponse[ReservationExtendResponse]: ...
-
-
-class _AsyncExtender(Protocol):
-    async def extend_reservation(
-        self, reservation_id: str, request: ReservationExtendRequest, /
-    ) -> CyclesResponse[ReservationExtendResponse]: ...
-
-
 class HeartbeatScheduler(_SchedulerCore):
     """Extends every tracked reservation of one sync client from ONE background thread.
 
@@ -915,9 +895,8 @@ class HeartbeatScheduler(_SchedulerCore):
     interpreter exit. Beats are sent one at a time by that thread.
 
     Args:
-        client: A :class:`~runcycles.CyclesClient` (anything with ``extend_reservation``).
-            Beats are single attempts: the heartbeat does its own spec-driven retries, so a
-            ``CyclesClient`` is wrapped to share its connection pool without its retry loop.
+        client: A :class:`~runcycles.CyclesClient` (anything with ``extend_reservation``);
+            beats are single attempts on its pool (the heartbeat does its own retries).
         attempt_timeout_ms: Upper bound of one extend attempt used in the schedule. Defaults
             to the client's ``connect_timeout + read_timeout``.
         on_event: Called with every :class:`HeartbeatEvent` of every reservation (in the
@@ -936,13 +915,8 @@ class HeartbeatScheduler(_SchedulerCore):
         clock: Callable[[], float] = time.monotonic,
         autostart: bool = True,
     ) -> None:
-        if attempt_timeout_ms is None:
-            attempt_timeout_ms = _timeout_ms_of(client)
-        super().__init__(attempt_timeout_ms, clock, on_event)
+        super().__init__(client, attempt_timeout_ms, clock, on_event, autostart)
         self._client = client
-        # single attempts on the client's pool: the planner runs its own retry schedule
-        self._send_options = single_attempt_options(client.extend_reservation)
-        self._autostart = autostart
         self._cond = threading.Condition(threading.RLock())
         self._thread: threading.Thread | None = None
         # When the waiting thread wakes up by itself (clock ms); -inf while it is awake.
@@ -1075,22 +1049,20 @@ class HeartbeatScheduler(_SchedulerCore):
 class AsyncHeartbeatScheduler(_SchedulerCore):
     """Extends every tracked reservation of one async client from ONE asyncio task.
 
-    The task starts with the first :meth:`track` (which must run on the event loop) and
-    sleeps on an ``asyncio.Event`` until the earliest due beat. Up to ``max_in_flight``
-    extend requests run concurrently; each exists only while its request is on the wire.
+    The async twin of :class:`HeartbeatScheduler`: the task starts with the first
+    :meth:`track` (on the event loop) and sleeps until the earliest due beat; up to
+    ``max_in_flight`` extend requests run concurrently, each a task only while on the wire.
 
     Args:
         client: An :class:`~runcycles.AsyncCyclesClient` (anything with an async
-            ``extend_reservation``); wrapped to share its pool without its retry loop.
-        attempt_timeout_ms: Upper bound of one extend attempt; enforced with a timeout (an
-            attempt that exceeds it counts as a transport failure). Defaults to the client's
-            ``connect_timeout + read_timeout``.
-        on_event: Called with every :class:`HeartbeatEvent` (on the event loop; exceptions
-            are logged and ignored).
+            ``extend_reservation``).
+        attempt_timeout_ms: As for :class:`HeartbeatScheduler`, and enforced with a timeout
+            (an attempt that exceeds it counts as a transport failure).
+        on_event: Called with every :class:`HeartbeatEvent` (on the event loop).
         clock: Monotonic clock in seconds (injectable for tests).
         max_in_flight: Most extend requests on the wire at once.
-        autostart: Start the background task on the first ``track()``. With ``False``
-            nothing runs until :meth:`run_pending` is awaited (deterministic tests).
+        autostart: Start the task on the first ``track()`` (``False``: await
+            :meth:`run_pending`).
     """
 
     def __init__(
@@ -1103,16 +1075,11 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         max_in_flight: int = 16,
         autostart: bool = True,
     ) -> None:
-        if attempt_timeout_ms is None:
-            attempt_timeout_ms = _timeout_ms_of(client)
-        super().__init__(attempt_timeout_ms, clock, on_event)
+        super().__init__(client, attempt_timeout_ms, clock, on_event, autostart)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._client = client
-        # single attempts on the client's pool: the planner runs its own retry schedule
-        self._send_options = single_attempt_options(client.extend_reservation)
         self._max_in_flight = max_in_flight
-        self._autostart = autostart
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -1139,16 +1106,7 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         rtt_ms: float | None = None,
         on_event: EventCallback | None = None,
     ) -> HeartbeatHandle:
-        """Start extending a reservation; call from the event loop. Never blocks.
-
-        Args:
-            reservation_id: The id from the create response.
-            ttl_ms: The ``ttl_ms`` requested at create; every beat extends by it.
-            remaining_ttl_ms: The create response's ``remaining_ttl_ms`` (``None``: fallback).
-            expires_at_ms: The create response's ``expires_at_ms``.
-            rtt_ms: How long the create request took (without it the first extend is
-                immediate, as the spec requires).
-            on_event: Called with every :class:`HeartbeatEvent` of this reservation.
+        """Async twin of :meth:`HeartbeatScheduler.track`; call it from the event loop.
 
         Raises:
             ValueError: Bad ``ttl_ms``/``reservation_id``, or the id is already tracked.
@@ -1204,11 +1162,7 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
         return int(running) + len(self._in_flight)
 
     async def run_pending(self) -> int:
-        """Send every beat that is due now (by ``clock``), concurrently; wait for them.
-
-        Returns:
-            The number of extend attempts made.
-        """
+        """Async twin of :meth:`HeartbeatScheduler.run_pending`: the beats run concurrently."""
         beats = []
         while True:
             due = self._pop_due(self._now_ms())
@@ -1302,9 +1256,7 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
                 timeout_s,
             )
             outcome = _classify(response)
-        except asyncio.TimeoutError as exc:
-            outcome = _failure_outcome(exc)
-        except Exception as exc:  # never let one reservation kill the heartbeat
+        except Exception as exc:  # a timeout too; never let one reservation kill the heartbeat
             outcome = _failure_outcome(exc)
         event = self._settle(handle, outcome, sent_ms, self._now_ms())
         if event is not None:

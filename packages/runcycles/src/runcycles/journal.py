@@ -1,43 +1,12 @@
-r"""Durable settlement journal: known spend survives crashes, restarts and outages.
+"""Durable settlement journal: known spend survives crashes, restarts and outages.
 
-Before the first commit (or event) for a reservation leaves the process, the settlement engine
-(:mod:`runcycles.settlement`) writes one record here; the record is removed only after a
-schema-valid success or an understood terminal rejection. A later process (or ``flush()``)
-replays whatever is left, with the *same* idempotency key, so the server applies each
-settlement at most once.
-
-Layout::
-
-    <root>/                                   default: see default_journal_dir()
-      <partition>/                            sha256 of (server URL, tenant); mode 0700
-        v2-<sha256(reservation_id)>.json      one record per unresolved settlement; mode 0600
-        v2-<sha256(reservation_id)>.json.lock a replay in progress (fcntl lock)
-        quarantine/                           corrupt or unknown-version records, kept for a human
-
-* **Partition** = ``sha256("<normalized base_url>\ntenant=<tenant>")`` when a tenant is
-  configured, so records survive API-key rotation. Without a tenant it is derived from a
-  sha256 of the API key instead: rotating that key then orphans the records (they are still
-  replayable by a client configured with the old key, or by :class:`Journal` opened with
-  ``api_key=<old key>``). The API key itself is never written anywhere.
-* **Writes are atomic**: temp file (``O_EXCL``, 0600) -> write -> ``os.replace``; with
-  ``fsync`` on (``Journal(fsync=True)``, the default here; ``CyclesConfig.journal_fsync``
-  for :meth:`Journal.for_config`) the file is ``fsync``-ed before the rename and the
-  directory after it, so records survive a power loss and not only a process crash.
-* **Intent logs** (``intent-<pid>-<random>.log``, see :class:`IntentLog`): the cheap
-  journal-first write. A settlement is appended to its process's log before its first
-  request and gets a record file only if it stays unresolved; a scan turns the open entries
-  of a dead process's log into record files.
-* **File names** are ``v2-<sha256 hex of the exact UTF-8 reservation_id>.json``, so distinct
-  ids never share a file whatever characters they contain. Files named any other way
-  (``<sanitized id>.json`` from older clients) are migrated on :meth:`Journal.scan`; when the
-  standard file already holds a *different* record, the legacy file is left untouched and
-  reported as a conflict, never deleted.
-* **Corrupt or unknown-version records** are moved to ``quarantine/``, logged, and reported.
-* **Concurrency**: a replay holds an exclusive, non-blocking lock per record (``fcntl.flock``
-  on a ``.lock`` file; an ``O_EXCL`` claim file with stale-claim recovery where ``fcntl`` is
-  missing). A second worker skips a locked record and finds it gone afterwards; the server's
-  idempotency on the stored key is the final guard. An async replay's claims are released
-  even when it is cancelled or its event loop closes under it (see ``_ReleaseOnExit``).
+The settlement engine (:mod:`runcycles.settlement`) writes one record here before the first
+commit (or event) of a reservation leaves the process and removes it only after a
+schema-valid success or an understood rejection; a later process (or ``flush()``) replays
+what is left with the *same* idempotency key. ``docs/recovery.md`` describes the layout
+(per-(server, principal) partitions, ``v2-<sha256(id)>.json`` records, intent logs,
+quarantine), the atomic writes and ``fsync``, and the per-record locks that keep concurrent
+replays exactly-once. The API key itself is never written anywhere.
 
 Everything here is blocking file I/O; async code runs it through :func:`run_journal_io`
 (one shared worker thread, never the event loop), except the intent-log append without
@@ -248,6 +217,25 @@ class JournalRecord(BaseModel):
         server: str | None = None,
     ) -> JournalRecord:
         """Build the record of a commit about to be sent."""
+        now = _now_ms()
+        fields: dict[str, Any] = {
+            "schema_version": JOURNAL_SCHEMA_VERSION,
+            "reservation_id": reservation_id,
+            "mode": "commit",
+            "idempotency_key": request.idempotency_key,
+            "actual": request.actual,
+            "metrics": request.metrics,
+            "metadata": request.metadata,
+            "subject": subject,
+            "action": action,
+            "overage_policy": overage_policy,
+            "server": server,
+            "attempts": 0,
+            "not_before_ms": 0,
+            "created_at_ms": now,
+            "updated_at_ms": now,
+            "last_error": None,
+        }
         given: tuple[object, ...] = (reservation_id, subject, action, overage_policy, server)
         rid, subj, act, overage, url = given  # checked at run time, whatever the types say
         if (
@@ -261,39 +249,9 @@ class JournalRecord(BaseModel):
             and (url is None or type(url) is str)
         ):
             # Every value is one validation would keep as it is (the request and the
-            # reservation's models are validated already): assemble the record directly,
-            # as ``cls(...)`` with these arguments would build it.
-            now = _now_ms()
-            fields = {
-                "schema_version": JOURNAL_SCHEMA_VERSION,
-                "reservation_id": reservation_id,
-                "mode": "commit",
-                "idempotency_key": request.idempotency_key,
-                "actual": request.actual,
-                "metrics": request.metrics,
-                "metadata": request.metadata,
-                "subject": subject,
-                "action": action,
-                "overage_policy": overage_policy,
-                "server": server,
-                "attempts": 0,
-                "not_before_ms": 0,
-                "created_at_ms": now,
-                "updated_at_ms": now,
-                "last_error": None,
-            }
+            # reservation's models are validated already): assemble the record directly.
             return _fastpath.construct(cls, fields, _FOR_COMMIT_FIELDS)
-        return cls(
-            reservation_id=reservation_id,
-            idempotency_key=request.idempotency_key,
-            actual=request.actual,
-            metrics=request.metrics,
-            metadata=request.metadata,
-            subject=subject,
-            action=action,
-            overage_policy=overage_policy,
-            server=server,
-        )
+        return cls(**{name: fields[name] for name in _FOR_COMMIT_FIELDS})
 
     def commit_request(self) -> CommitRequest:
         """Return the commit body to (re)send, with the stored key."""
@@ -429,10 +387,9 @@ class Journal:
         base_url: The Cycles server URL.
         tenant: The configured tenant; makes the partition stable across API-key rotation.
         api_key: Used (hashed) only when no tenant is configured. Never stored.
-        fsync: Whether writes are flushed to the disk (``fsync`` of the file and its
-            directory) before they return, so records also survive a power loss or a kernel
-            crash. Without it a write is still atomic (temp file + rename) and survives a
-            crash of the process. :meth:`for_config` takes it from ``journal_fsync``.
+        fsync: Whether writes ``fsync`` the file and its directory before they return, so
+            records survive a power loss too (without it a write is still atomic and survives
+            a crash of the process). :meth:`for_config` takes it from ``journal_fsync``.
 
     Raises:
         ValueError: Neither ``tenant`` nor ``api_key`` is given.
@@ -563,12 +520,14 @@ class Journal:
         assert self._intents is not None
         self._intents.append_done(entry)
 
-    def _read_intent(self, reservation_id: str) -> JournalRecord | None:
+    def _intent_logs(self) -> list[Path]:
         try:
-            paths = sorted(self.directory.glob(f"{_INTENT_PREFIX}*{_INTENT_SUFFIX}"))
+            return sorted(self.directory.glob(f"{_INTENT_PREFIX}*{_INTENT_SUFFIX}"))
         except FileNotFoundError:
-            return None
-        for path in paths:
+            return []
+
+    def _read_intent(self, reservation_id: str) -> JournalRecord | None:
+        for path in self._intent_logs():
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
@@ -582,11 +541,7 @@ class Journal:
         """Turn the open entries of dead processes' intent logs into record files."""
         if not _HAVE_FCNTL:  # pragma: no cover - Windows: no intent logs are written
             return
-        try:
-            paths = sorted(self.directory.glob(f"{_INTENT_PREFIX}*{_INTENT_SUFFIX}"))
-        except FileNotFoundError:
-            return
-        for path in paths:
+        for path in self._intent_logs():
             try:
                 fd = os.open(path, os.O_RDWR)
             except FileNotFoundError:

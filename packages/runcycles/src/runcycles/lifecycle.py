@@ -1,38 +1,13 @@
 """Reserve -> run -> commit or release: the plan, and reservation guards.
 
-Two layers:
-
 * **The plan** (pure, no I/O): build a :class:`~runcycles.models.ReservationCreateRequest`
-  from guard or decorator options and the config's default subject, turn the server's answer
-  into a live reservation, a :class:`DryRunResult` or the typed exception of a denial, and
-  build the commit or release that ends it. ``@cycles``, guards, stream reservations and the
-  framework adapters all share it.
-* **Guards**: :class:`ReservationGuard` (``with``) and its twin :class:`AsyncReservationGuard`
-  (``async with``) hold one live reservation while a block of code runs::
-
-      with reserve(client, estimate=5_000, action_kind="llm.completion",
-                   action_name="gpt-4o") as guard:
-          if guard.caps and guard.caps.max_tokens:
-              ...
-          reply = call_model(...)
-          guard.commit(actual=3_200)
-
-  Entering reserves (a denial raises, e.g. :class:`~runcycles.BudgetExceededError`, before
-  the block runs) and starts the client's heartbeat. ``commit()`` or ``release()`` ends the
-  reservation exactly once; a second call raises :class:`ReservationAlreadyFinalizedError`.
-  Leaving the block because of an exception releases the reservation; leaving it normally
-  without finalizing also releases it and emits :class:`UnfinalizedReservationWarning`.
-
-The guards commit through the client's settlement engine (same-key retries, ``410`` ->
-event fallback, durable journal) and extend through the client's single heartbeat scheduler
-(``client.settlement``, ``client.heartbeat``: the client owns and closes both).
-
-For code whose "before" and "after" run in separate calls (framework callbacks), a guard
-has an explicit lifecycle: :meth:`ReservationGuard.start` reserves, then exactly one of
-``commit()``, ``settle()`` (which applies ``on_unknown_actual``), ``release()``, ``fail()``
-(a quiet release, for error callbacks) or ``abandon()`` (send nothing; the lease expires)
-ends it. ``with`` is ``start(publish=True)`` plus the exit rules above; ``@cycles``, stream
-reservations and :mod:`runcycles.adapters` are all built on this one lifecycle.
+  from options and the config's default subject, turn the answer into a live reservation, a
+  :class:`DryRunResult` or the typed exception of a denial, and build the commit or release.
+* **Guards**: :class:`ReservationGuard` (``with``) and :class:`AsyncReservationGuard`
+  (``async with``) hold one live reservation, extended by the client's heartbeat and
+  settled through its settlement engine. Their explicit lifecycle (``start()``, then one of
+  ``commit()``, ``settle()``, ``release()``, ``fail()``, ``abandon()``) is what ``@cycles``,
+  stream reservations and :mod:`runcycles.adapters` are built on; see ``docs/guards.md``.
 """
 
 from __future__ import annotations
@@ -165,15 +140,12 @@ class UnfinalizedReservationWarning(UserWarning):
 class UnknownActualError(CyclesError):
     """A guarded call ran, but its actual amount is unknown (``@cycles``, stream reservations).
 
-    For ``@cycles``: the ``actual`` callable raised, returned ``None``, or returned something
-    that is not a non-negative amount in the reservation's unit. For a stream reservation:
-    its ``cost_fn`` (or the usage it recorded) gave no non-negative int; ``result`` is then
-    ``None``. Nothing was committed and no event was
-    sent: a charge is never made up from an unknown actual. With
-    ``on_unknown_actual="raise"`` (the default) the reservation is left as it is: its
-    heartbeat is stopped and it expires at the end of its lease, when the server returns the
-    held budget. Until then the spend can still be committed by hand, e.g. with
-    ``client.commit_reservation(error.reservation_id, ...)``.
+    The ``actual`` callable of ``@cycles`` (or a stream's ``cost_fn`` or usage; ``result`` is
+    then ``None``) gave no non-negative amount in the reservation's unit. Nothing was
+    committed and no event was sent: a charge is never made up. With
+    ``on_unknown_actual="raise"`` (the default) the reservation expires at the end of its
+    lease (its heartbeat is stopped); until then the spend can still be committed by hand,
+    e.g. with ``client.commit_reservation(error.reservation_id, ...)``.
 
     Attributes:
         reservation_id: The reservation, still unsettled.
@@ -773,21 +745,14 @@ def resolve_actual(
     result: Any,
     context: CyclesContext,
 ) -> tuple[Amount | Usage | None, dict[str, Any] | None]:
-    """Work out what a successful guarded call used, never losing the spend.
+    """Work out what a successful guarded call used, committing the estimate if unknown.
 
-    Args:
-        spec: A callable of ``result``, a fixed amount (an ``int`` is in the estimate's
-            unit), or ``None`` (use the estimate).
-        result: What the guarded call returned.
-        context: The reservation (its estimate's unit; its id for logging).
+    ``@cycles(on_unknown_actual="commit_estimate")`` in one call; :func:`measure_actual` is
+    the strict variant.
 
     Returns:
-        ``(actual, metadata)``: the validated ``actual`` for :func:`build_commit_request`
-        (``None`` means "the estimate") and extra commit metadata. If ``spec`` raises or
-        gives something that is not a non-negative amount in the estimate's unit, the error
-        is logged, ``actual`` is ``None`` and the metadata carries ``actual_error``. (This
-        is ``@cycles(on_unknown_actual="commit_estimate")``; see :func:`measure_actual` for
-        the strict variant.)
+        ``(actual, metadata)``: the validated ``actual`` (``None``: the estimate) and extra
+        commit metadata (``actual_error`` when ``spec`` failed; the error is logged).
     """
     try:
         return measure_actual(spec, result, context), None
@@ -944,6 +909,7 @@ class _GuardState:
     __slots__ = (
         "_body",
         "_claim",
+        "_client",
         "_context",
         "_heartbeat",
         "_options",
@@ -953,6 +919,7 @@ class _GuardState:
         "_token",
         "_use_heartbeat",
     )
+    _client: BaseCyclesClient | AsyncBaseCyclesClient
 
     def __init__(
         self,
@@ -1060,21 +1027,18 @@ class _GuardState:
         self._pending = False
         self._body = None  # it was the stand-in's
 
-    def _granted(
-        self, response: CyclesResponse[ReservationCreateResponse]
-    ) -> tuple[ReservationCreateResponse, CyclesContext]:
+    def _go_live(
+        self, response: CyclesResponse[ReservationCreateResponse], rtt_s: float, publish: bool
+    ) -> None:
+        """Hold the granted reservation: its heartbeat, and the context if ``publish``."""
         data = reservation_granted(response)
-        context = context_for(self._request, data)
-        self._context = context
+        context = self._context = context_for(self._request, data)
         self._state = _LIVE
-        return data, context
-
-    def _lease_ms(self, data: ReservationCreateResponse) -> int:
-        """The ``ttl_ms`` each heartbeat extends by: as requested, else as granted."""
-        return self._request.ttl_ms or data.remaining_ttl_ms or DEFAULT_TTL_MS
-
-    def _publish(self, context: CyclesContext) -> None:
-        self._token = push_context(context)
+        if self._use_heartbeat:  # each beat extends by the ttl_ms asked for, else granted
+            lease_ms = self._request.ttl_ms or data.remaining_ttl_ms or DEFAULT_TTL_MS
+            self._heartbeat = _track(self._client.heartbeat, lease_ms, data, context, rtt_s)
+        if publish:
+            self._token = push_context(context)
 
     def _begin_finalize(self, operation: str) -> CyclesContext:
         if self._state == _NEW:
@@ -1136,10 +1100,13 @@ class _GuardState:
             self._mark_finalized("abandon")
         except ReservationAlreadyFinalizedError:
             return False
+        self._stop_heartbeat()
+        return True
+
+    def _stop_heartbeat(self) -> None:
         handle, self._heartbeat = self._heartbeat, None
         if handle is not None:
             handle.stop()
-        return True
 
     def _leave(self) -> None:
         token, self._token = self._token, None
@@ -1171,7 +1138,8 @@ class ReservationGuard(_GuardState):
         CyclesConfigError: No subject (no subject field given and none in the config).
     """
 
-    __slots__ = ("_client",)
+    __slots__ = ()
+    _client: BaseCyclesClient
 
     def __init__(
         self,
@@ -1213,14 +1181,7 @@ class ReservationGuard(_GuardState):
             response = self._client.create_reservation(self._request)
         else:
             response = self._client._create_encoded(body, self._request.idempotency_key)
-        rtt_s = time.perf_counter() - started
-        data, context = self._granted(response)
-        if self._use_heartbeat:
-            self._heartbeat = _track(
-                self._client.heartbeat, self._lease_ms(data), data, context, rtt_s
-            )
-        if publish:
-            self._publish(context)
+        self._go_live(response, time.perf_counter() - started, publish)
         return self
 
     def __enter__(self) -> Self:
@@ -1394,31 +1355,21 @@ class ReservationGuard(_GuardState):
         )
         return response.data
 
-    def _stop_heartbeat(self) -> None:
-        handle, self._heartbeat = self._heartbeat, None
-        if handle is not None:
-            handle.stop()
-
 
 class AsyncReservationGuard(_GuardState):
     """One live reservation held while an ``async with`` block runs (async twin).
 
-    Build it with :func:`reserve` (or ``client.reserve(...)``) on an
-    :class:`~runcycles.AsyncCyclesClient`; entering the block reserves. If the block is
-    cancelled, the release is shielded from a second cancellation, and ``commit()`` is
-    always shielded.
+    As :class:`ReservationGuard`, on an :class:`~runcycles.AsyncCyclesClient`. If the block is
+    cancelled, the release is shielded from a second cancellation; ``commit()`` always is.
 
     Args:
         client: The client to reserve, commit and release with.
         request: A ready reservation request, instead of the keyword options.
         **options: See :class:`ReserveOptions`.
-
-    Raises:
-        TypeError: Missing or unknown options.
-        CyclesConfigError: No subject (no subject field given and none in the config).
     """
 
-    __slots__ = ("_client",)
+    __slots__ = ()
+    _client: AsyncBaseCyclesClient
 
     def __init__(
         self,
@@ -1431,25 +1382,7 @@ class AsyncReservationGuard(_GuardState):
         self._client = client
 
     async def start(self, *, publish: bool = False) -> Self:
-        """Reserve now (a denial raises before anything runs) and start the heartbeat.
-
-        The async twin of :meth:`ReservationGuard.start`: for callbacks, end the
-        reservation later with :meth:`commit`, :meth:`settle`, :meth:`release`,
-        :meth:`fail` or :meth:`abandon`.
-
-        Args:
-            publish: Also make the reservation :func:`~runcycles.get_cycles_context` for
-                the current context until the guard is left (``async with`` does this).
-
-        Returns:
-            The guard, live.
-
-        Raises:
-            CyclesProtocolError: The server denied the reservation (e.g.
-                :class:`~runcycles.BudgetExceededError`).
-            CyclesTransportError: The server could not be reached.
-            RuntimeError: The guard was already started.
-        """
+        """Async twin of :meth:`ReservationGuard.start`."""
         self._check_enter()
         if self._pending:
             self._complete(self._client.config, await adiscover_tenant(self._client))
@@ -1459,14 +1392,7 @@ class AsyncReservationGuard(_GuardState):
             response = await self._client.create_reservation(self._request)
         else:
             response = await self._client._create_encoded(body, self._request.idempotency_key)
-        rtt_s = time.perf_counter() - started
-        data, context = self._granted(response)
-        if self._use_heartbeat:
-            self._heartbeat = _track(
-                self._client.heartbeat, self._lease_ms(data), data, context, rtt_s
-            )
-        if publish:
-            self._publish(context)
+        self._go_live(response, time.perf_counter() - started, publish)
         return self
 
     async def __aenter__(self) -> Self:
@@ -1491,11 +1417,7 @@ class AsyncReservationGuard(_GuardState):
             self._leave()
 
     async def fail(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
-        """Release the reservation because the work failed; never raises.
-
-        The async twin of :meth:`ReservationGuard.fail`. The release is shielded: a
-        cancellation of the caller does not interrupt it.
-        """
+        """Async twin of :meth:`ReservationGuard.fail`; the release is shielded."""
         if self._state != _LIVE:
             return
         await self._release_quietly(reason or _fail_reason(exc), shield=True)
@@ -1510,10 +1432,7 @@ class AsyncReservationGuard(_GuardState):
         pricer: Pricer | None = None,
         fix: str = "the actual",
     ) -> SettlementResult | None:
-        """End the reservation after the work ran, applying ``on_unknown_actual`` once.
-
-        The async twin of :meth:`ReservationGuard.settle`.
-        """
+        """Async twin of :meth:`ReservationGuard.settle`."""
         if isinstance(actual, Usage):
             try:
                 return await self.commit(actual, metrics=metrics, metadata=metadata, pricer=pricer)
@@ -1537,31 +1456,9 @@ class AsyncReservationGuard(_GuardState):
         metadata: Mapping[str, Any] | None = None,
         pricer: Pricer | None = None,
     ) -> SettlementResult:
-        """Charge what was used and end the reservation.
+        """Async twin of :meth:`ReservationGuard.commit`; the settlement is shielded.
 
-        The settlement is shielded: cancelling the caller meanwhile does not interrupt it.
-
-        Args:
-            actual: What was used: an ``int`` in the estimate's unit, an :class:`Amount`, or a
-                :class:`~runcycles.Usage` (priced by ``pricer``; its tokens become the
-                metrics); ``None`` commits the estimate (marked ``actual_source="estimate"``).
-            metrics: Usage metrics (default: the context's ``metrics``).
-            metadata: Commit metadata, merged over the context's ``commit_metadata``.
-            pricer: Prices a :class:`~runcycles.Usage` (default:
-                :func:`~runcycles.default_pricer`).
-
-        Returns:
-            How the settlement ended: ``committed``, ``event_applied`` (the reservation had
-            expired, so the spend was recorded as an event), or ``pending`` (not confirmed
-            yet; retried later from the journal). Check ``result.settled``.
-
-        Raises:
-            ReservationAlreadyFinalizedError: The guard already committed or released.
-            CyclesProtocolError: The server rejected the commit for good (e.g.
-                ``BudgetExceededError`` for an overage under ``REJECT``).
-            ValueError: ``actual`` is negative or in another unit than the estimate.
-            UnknownModelError: A :class:`~runcycles.Usage` of a model without a price (under
-                the pricer's ``"error"`` policy); nothing was sent.
+        Cancelling the caller meanwhile does not interrupt it.
         """
         context, commit_request = self._commit_request(actual, metrics, metadata, pricer)
         self._mark_finalized("commit")
@@ -1577,18 +1474,7 @@ class AsyncReservationGuard(_GuardState):
         return _checked(await run_shielded(settle))
 
     async def release(self, reason: str | None = None) -> ReleaseResponse:
-        """Give the whole reservation back, charging nothing.
-
-        Args:
-            reason: Why (at most 256 characters are kept).
-
-        Returns:
-            The server's answer.
-
-        Raises:
-            ReservationAlreadyFinalizedError: The guard already committed or released.
-            CyclesError: The release failed (the reservation then expires on its own).
-        """
+        """Async twin of :meth:`ReservationGuard.release`."""
         context = self._begin_finalize("release")
         self._mark_finalized("release")
         self._stop_heartbeat()
@@ -1617,11 +1503,6 @@ class AsyncReservationGuard(_GuardState):
             context.reservation_id, request.reason, idempotency_key=request.idempotency_key
         )
         return response.data
-
-    def _stop_heartbeat(self) -> None:
-        handle, self._heartbeat = self._heartbeat, None
-        if handle is not None:
-            handle.stop()
 
 
 _background: set[asyncio.Future[Any]] = set()

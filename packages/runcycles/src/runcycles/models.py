@@ -1,22 +1,12 @@
 """Wire models for every schema of the Cycles runtime protocol (``cycles-protocol-v0.yaml``).
 
-These models are the single source of truth for the wire format: the client serializes
-requests with them and the server (``runcycles-server``) parses requests and builds responses
-with them, so the two cannot drift.
-
-Conventions:
-
-* **Requests forbid unknown fields** (a typo such as ``ttl`` instead of ``ttl_ms`` fails at
-  construction, before anything is sent) and enforce every constraint of the spec: string
-  lengths, integer ranges, int64 bounds, "at least one standard subject field".
-  Integers and booleans are strict: ``"500"`` or ``5.0`` is not an amount.
-* **Responses tolerate unknown fields** (``extra="allow"``) so that a newer server never
-  breaks an older client.
-* **Open strings stay open.** Error codes and decision reason codes are plain ``str`` fields;
-  the known values are available as constants on :class:`ErrorCode` and :class:`ReasonCode`.
-  An unknown value never fails validation.
-* Optional request fields default to ``None`` and are omitted from the JSON body, so the
-  server's (or tenant's) defaults apply. Serialize with :func:`to_wire`.
+The single source of truth for the wire format: the client and ``runcycles-server`` both use
+them. Requests forbid unknown fields and enforce every constraint of the spec (strict
+integers and booleans: ``"500"`` or ``5.0`` is not an amount); responses accept unknown
+fields (``extra="allow"``), so a newer server never breaks an older client. Error and reason
+codes stay open strings (known values on :class:`ErrorCode` and :class:`ReasonCode`).
+Optional request fields default to ``None`` and are omitted from the body (serialize with
+:func:`to_wire`), so the server's defaults apply.
 """
 
 from __future__ import annotations
@@ -162,28 +152,8 @@ class ErrorCode:
     TENANT_CLOSED: Final = "TENANT_CLOSED"
     INTERNAL_ERROR: Final = "INTERNAL_ERROR"
 
-    ALL: Final = frozenset(
-        {
-            "INVALID_REQUEST",
-            "UNAUTHORIZED",
-            "FORBIDDEN",
-            "NOT_FOUND",
-            "BUDGET_EXCEEDED",
-            "BUDGET_FROZEN",
-            "BUDGET_CLOSED",
-            "RESERVATION_EXPIRED",
-            "RESERVATION_FINALIZED",
-            "IDEMPOTENCY_MISMATCH",
-            "UNIT_MISMATCH",
-            "OVERDRAFT_LIMIT_EXCEEDED",
-            "DEBT_OUTSTANDING",
-            "MAX_EXTENSIONS_EXCEEDED",
-            "LIMIT_EXCEEDED",
-            "TENANT_CLOSED",
-            "INTERNAL_ERROR",
-        }
-    )
-    """Every error code of the v0.1.25 runtime spec."""
+    ALL: Final = frozenset(value for name, value in list(vars().items()) if name.isupper())
+    """Every error code of the v0.1.25 runtime spec (the constants above)."""
 
 
 class ReasonCode:

@@ -1,15 +1,9 @@
 """The result of every client call: :class:`CyclesResponse`.
 
 Client methods return a response instead of raising when the server answers with an error or
-cannot be reached (``is_success`` tells which). Three ways to consume one:
-
-* check flags and read the raw body (``is_success``, ``status``, ``get_body_attribute``);
-* ``response.data``: the body validated as the endpoint's response model, or the mapped
-  exception raised (see :mod:`runcycles.exceptions`);
-* ``response.raise_for_error()``: raise on any failure, otherwise return the response.
-
-A 2xx body is validated against its model straight from the received bytes; the dict view
-(``body``) is then decoded from those bytes only when it is first read. Any other body is
+cannot be reached: check ``is_success``, read ``data`` (the validated model, or the mapped
+exception raised) or call ``raise_for_error()``. A 2xx body is validated straight from the
+received bytes and its dict view (``body``) decoded only when first read; any other body is
 decoded eagerly (it decides ``is_success``) and validated only when ``data`` is first read.
 """
 

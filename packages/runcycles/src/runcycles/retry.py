@@ -1,27 +1,11 @@
 """Retry policy of the clients: what is retried, and how long to wait. Pure, no I/O.
 
-What is retried (always with the *same* body and idempotency key, so the server replays the
-stored outcome instead of applying the operation twice):
-
-* transport failures that may be transient: timeouts, connection errors, a connection
-  dropped mid-answer, proxy errors;
-* HTTP 5xx except 501 and 505 (those will not change on a retry);
-* HTTP 429 (``LIMIT_EXCEEDED``);
-* an *ambiguous* 2xx: a success status whose body is not a JSON object, or a body that
-  cannot even be decoded (e.g. corrupt gzip).
-
-A genuine 4xx (budget exceeded, not found, invalid request, ...) is never retried.
-
-How long to wait before retry ``n`` (``n = 1`` after the first failed attempt):
-
-* if the server sent ``Retry-After`` (or ``retry_after_ms`` in the body), exactly that long,
-  unless it exceeds ``retry_after_max_s``, in which case the call gives up and returns the
-  429 to the caller rather than blocking for longer;
-* otherwise ``b = min(max_delay_s, initial_delay_s * multiplier ** (n - 1))`` with *equal
-  jitter*: a uniform draw from ``[b / 2, b]``, so concurrent clients spread out while every
-  wait stays at least half the nominal backoff.
-
-Tests can switch every wait off with :func:`runcycles.testing.no_backoff`.
+Retries always resend the *same* body and idempotency key, so the server replays the stored
+outcome instead of applying the operation twice. Retried: transient transport failures,
+5xx except 501 and 505, 429, and an ambiguous 2xx (a body that is not a JSON object or
+cannot be decoded); a genuine 4xx never is. The wait is the server's ``Retry-After`` (the
+call gives up beyond ``retry_after_max_s``) or an exponential backoff with equal jitter;
+see ``docs/client.md``. Tests switch every wait off with :func:`runcycles.testing.no_backoff`.
 """
 
 from __future__ import annotations

@@ -3,39 +3,19 @@
 API summary::
 
     settlement = Settlement(client, journal=Journal.for_config(client.config))  # journal optional
-    result = settlement.commit(
-        reservation_id,
-        CommitRequest(idempotency_key=key, actual=Amount(unit=Unit.TOKENS, amount=420)),
-        subject=subject,          # the reservation's subject and action: needed if the
-        action=action,            # reservation expired and the spend becomes an event
-    )
+    result = settlement.commit(reservation_id, commit_request, subject=subject, action=action)
     result.settled                # True: committed (200) or applied as an event (201)
     result.outcome                # "committed" | "event_applied" | "rejected" | "pending"
     settlement.flush(timeout_s=5) # at shutdown: replay what is left, bounded in time
-    settlement.release(reservation_id, "tool failed")  # only when nothing was spent
 
-What ``commit`` does (the client-recovery profile, core + durable levels):
-
-1. **Journal first.** With a journal, the record is written (atomically, fsynced) before the
-   first request leaves the process. A journal I/O failure is logged and reported in
-   ``result.journal_error`` but never prevents the settlement attempt.
-2. **Commit with retries on the same idempotency key** after a transport error, a timeout,
-   a 5xx, a 429 (waiting its ``Retry-After``, persisted as an absolute ``not_before_ms``) or
-   an ambiguous answer. Only a schema-valid HTTP 200 ``COMMITTED`` is success; any other
-   2xx is ambiguous and retried.
-3. **Expired reservation** (410 or ``RESERVATION_EXPIRED``): the record switches durably to
-   event mode, then ``POST /v1/events`` carries the original subject, action, actual,
-   metrics and metadata (plus ``metadata.recovered_reservation_id``) with the same key. Only
-   a schema-valid 201 ``APPLIED`` is success.
-4. **Understood rejections** (``RESERVATION_FINALIZED``, ``IDEMPOTENCY_MISMATCH``,
-   ``UNIT_MISMATCH``, ``BUDGET_EXCEEDED``, ...) remove the record and are reported as
-   ``rejected`` with the mapped exception in ``result.error``.
-5. **Everything else keeps the record** for a later replay: retry exhaustion, a ``Retry-After``
-   longer than the client's ``retry_after_max_s``, 401/403 (credentials can be fixed) and
-   unknown 4xx. The outcome is ``pending``.
-
-A settlement never releases a reservation because the outcome is ambiguous or the
-credentials were refused: known spend is never given back.
+``commit`` (the client-recovery profile, core + durable levels; see ``docs/recovery.md``):
+journal first (an I/O failure is reported in ``result.journal_error``, never blocks the
+attempt); retry on the same idempotency key after anything ambiguous (transport error, 5xx,
+429 with its ``Retry-After`` persisted as ``not_before_ms``, a 2xx that is not a schema-valid
+success); an expired reservation (410) switches durably to ``POST /v1/events`` with the same
+key; understood rejections remove the record (``rejected``); everything else keeps it for a
+later replay (``pending``). Known spend is never released because an outcome is ambiguous or
+the credentials were refused.
 """
 
 from __future__ import annotations
@@ -451,7 +431,54 @@ class _SyncClient(Protocol):
     ) -> CyclesResponse[ReleaseResponse]: ...
 
 
-class Settlement:
+class _AsyncClient(Protocol):
+    async def commit_reservation(
+        self, reservation_id: str, request: CommitRequest
+    ) -> CyclesResponse[CommitResponse]: ...
+
+    async def create_event(
+        self, request: EventCreateRequest
+    ) -> CyclesResponse[EventCreateResponse]: ...
+
+    async def release_reservation(
+        self, reservation_id: str, request: ReleaseRequest
+    ) -> CyclesResponse[ReleaseResponse]: ...
+
+
+class _Setup:
+    """What :class:`Settlement` and :class:`AsyncSettlement` set up alike."""
+
+    def _setup(
+        self,
+        client: _SyncClient | _AsyncClient,
+        journal: Journal | None,
+        retry_policy: RetryPolicy | None,
+        wall_clock: Callable[[], float],
+        journal_first: bool,
+    ) -> None:
+        self.journal = journal
+        self.journal_first = journal_first
+        self.retry_policy = _policy_for(client, retry_policy)
+        self._wall = wall_clock
+        # single attempts on the client's pool: the engine runs its own retry schedule
+        self._commit_options = single_attempt_options(client.commit_reservation)
+        self._event_options = single_attempt_options(client.create_event)
+
+
+def _journal_failed(record: JournalRecord, exc: OSError) -> tuple[bool, str | None]:
+    logger.error(
+        "could not journal the settlement of %s (%s); settling without durability",
+        record.reservation_id,
+        exc,
+    )
+    return False, f"journal write failed: {exc}"
+
+
+def _release_request(reason: str | None, idempotency_key: str | None) -> ReleaseRequest:
+    return ReleaseRequest(idempotency_key=idempotency_key or _new_release_key(), reason=reason)
+
+
+class Settlement(_Setup):
     """Commit known spend durably and exactly once, on top of a sync client.
 
     Args:
@@ -479,14 +506,8 @@ class Settlement:
         journal_first: bool = True,
     ) -> None:
         self._client = client
-        self.journal_first = journal_first
-        # single attempts on the client's pool: the engine runs its own retry schedule
-        self._commit_options = single_attempt_options(client.commit_reservation)
-        self._event_options = single_attempt_options(client.create_event)
-        self.journal = journal
-        self.retry_policy = _policy_for(client, retry_policy)
         self._sleep = sleep
-        self._wall = wall_clock
+        self._setup(client, journal, retry_policy, wall_clock, journal_first)
 
     def commit(
         self,
@@ -544,12 +565,7 @@ class Settlement:
             else:
                 locks.append(_lock_and_write(journal, record))
         except OSError as exc:
-            logger.error(
-                "could not journal the settlement of %s (%s); settling without durability",
-                record.reservation_id,
-                exc,
-            )
-            return False, f"journal write failed: {exc}"
+            return _journal_failed(record, exc)
         return True, None
 
     def replay(
@@ -614,9 +630,7 @@ class Settlement:
 
         Only for work that spent nothing; never for an ambiguous or failed commit.
         """
-        request = ReleaseRequest(
-            idempotency_key=idempotency_key or _new_release_key(), reason=reason
-        )
+        request = _release_request(reason, idempotency_key)
         return self._client.release_reservation(reservation_id, request)
 
     def _drive(
@@ -702,30 +716,16 @@ class Settlement:
 # Async
 
 
-class _AsyncClient(Protocol):
-    async def commit_reservation(
-        self, reservation_id: str, request: CommitRequest
-    ) -> CyclesResponse[CommitResponse]: ...
-
-    async def create_event(
-        self, request: EventCreateRequest
-    ) -> CyclesResponse[EventCreateResponse]: ...
-
-    async def release_reservation(
-        self, reservation_id: str, request: ReleaseRequest
-    ) -> CyclesResponse[ReleaseResponse]: ...
-
-
-class AsyncSettlement:
+class AsyncSettlement(_Setup):
     """The asyncio twin of :class:`Settlement`; journal I/O never runs on the event loop.
 
     Args:
         client: An :class:`~runcycles.AsyncCyclesClient`.
-        journal: Where unresolved settlements are kept (``None``: no durability).
-        retry_policy: Attempts and backoff (default: from the client's config).
+        journal: As for :class:`Settlement`.
+        retry_policy: As for :class:`Settlement`.
         sleep: Async sleep in seconds (injectable for tests).
-        wall_clock: Wall-clock time in seconds, used for the persisted ``not_before_ms``.
-        journal_first: See :class:`Settlement`.
+        wall_clock: As for :class:`Settlement`.
+        journal_first: As for :class:`Settlement`.
     """
 
     def __init__(
@@ -739,14 +739,8 @@ class AsyncSettlement:
         journal_first: bool = True,
     ) -> None:
         self._client = client
-        self.journal_first = journal_first
-        # single attempts on the client's pool: the engine runs its own retry schedule
-        self._commit_options = single_attempt_options(client.commit_reservation)
-        self._event_options = single_attempt_options(client.create_event)
-        self.journal = journal
-        self.retry_policy = _policy_for(client, retry_policy)
         self._sleep = sleep
-        self._wall = wall_clock
+        self._setup(client, journal, retry_policy, wall_clock, journal_first)
 
     async def commit(
         self,
@@ -800,12 +794,7 @@ class AsyncSettlement:
             else:
                 locks.append(await _aclaim(_lock_and_write, journal, record))
         except OSError as exc:
-            logger.error(
-                "could not journal the settlement of %s (%s); settling without durability",
-                record.reservation_id,
-                exc,
-            )
-            return False, f"journal write failed: {exc}"
+            return _journal_failed(record, exc)
         return True, None
 
     async def replay(
@@ -860,9 +849,7 @@ class AsyncSettlement:
         idempotency_key: str | None = None,
     ) -> CyclesResponse[ReleaseResponse]:
         """Give an unused reservation back; see :meth:`Settlement.release`."""
-        request = ReleaseRequest(
-            idempotency_key=idempotency_key or _new_release_key(), reason=reason
-        )
+        request = _release_request(reason, idempotency_key)
         return await self._client.release_reservation(reservation_id, request)
 
     async def _drive(

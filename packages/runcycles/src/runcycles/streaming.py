@@ -8,40 +8,10 @@
             stream.usage.add_output_tokens(chunk.tokens)
             yield chunk.text
 
-When the block ends the accumulated usage is committed, **whatever the reason**: the stream
-completed, raised, or was cancelled (``GeneratorExit``, ``asyncio.CancelledError``). Tokens a
-provider already produced are spend, so a broken stream commits its partial usage instead of
-releasing it. Only a stream that consumed nothing at all is released.
-
-The committed amount is, in order of preference:
-
-1. ``usage.actual_cost`` if the code set it (an exact price from the provider);
-2. ``cost_fn(usage)`` if a pricing function was given;
-3. the token count, when the reservation is in ``TOKENS``;
-4. otherwise (no ``cost_fn``, not ``TOKENS``: the caller gave no way to measure) the
-   estimate, marked ``metadata["actual_source"] = "estimate"``.
-
-When a way to measure was given but fails (``cost_fn`` raised or returned something that is
-not a non-negative ``int``; ``usage.actual_cost`` or, in ``TOKENS``, a token count is not a
-non-negative ``int``) the actual is **unknown**, and an unknown actual is never turned into a
-charge: no commit and no event is sent (scenario ``CR-BOUNDARY-001`` of the recovery
-profile, as for ``@cycles``). ``on_unknown_actual`` decides the rest:
-
-* ``"raise"`` (default): stop the heartbeat and leave the reservation to expire at the end of
-  its lease, sending nothing; then raise :class:`~runcycles.UnknownActualError` from the end
-  of the block. If the block itself raised or was cancelled, that exception propagates
-  unchanged instead, and the :class:`~runcycles.UnknownActualError` is logged and kept in
-  ``stream.settlement_error``.
-* ``"release"``: release the reservation (reason ``"actual_unknown"``) and log an error.
-* ``"commit_estimate"``: commit the estimate, flagged ``actual_source`` and ``actual_error``
-  in the metadata, and log an error (the behaviour of earlier versions).
-
-``stream.commit()`` without an amount prices the usage the same way; when the actual is
-unknown it ends the reservation as ``on_unknown_actual`` says and, unless that is
-``"commit_estimate"``, raises :class:`~runcycles.UnknownActualError` (there is no commit to
-return).
-
-Token counts, the model version and custom values are sent as the commit's metrics.
+The accumulated usage is committed whatever ended the block (completed, raised, cancelled):
+tokens a provider produced are spend. Only a stream that consumed nothing is released. What
+is committed (``actual_cost``, ``cost_fn``, token count, estimate) and what an unknown actual
+does (``on_unknown_actual``; never a charge made up) are in ``docs/streaming.md``.
 """
 
 from __future__ import annotations
@@ -217,7 +187,9 @@ def _non_negative(value: int, name: str) -> int:
 class _StreamState:
     """Pure logic shared by the sync and async stream reservations."""
 
-    __slots__ = ("_cost_fn", "_on_unknown_actual", "settlement_error", "usage")
+    __slots__ = ("_cost_fn", "_guard", "_on_unknown_actual", "settlement_error", "usage")
+
+    _guard: ReservationGuard | AsyncReservationGuard
 
     def __init__(self, cost_fn: CostFn | None, on_unknown_actual: OnUnknownActual) -> None:
         if cost_fn is not None and not callable(cost_fn):
@@ -229,6 +201,31 @@ class _StreamState:
         self.settlement_error: CyclesError | None = None
         """Why the final commit or release failed, or the :class:`UnknownActualError` of a
         reservation left to expire (``on_unknown_actual="raise"``); also logged or raised."""
+
+    @property
+    def context(self) -> CyclesContext:
+        """The live reservation."""
+        return self._guard.context
+
+    @property
+    def reservation_id(self) -> str | None:
+        """The reservation's id (``None`` before entering)."""
+        return self._guard.reservation_id
+
+    @property
+    def decision(self) -> Decision:
+        """``ALLOW`` or ``ALLOW_WITH_CAPS``."""
+        return self._guard.decision
+
+    @property
+    def caps(self) -> Caps | None:
+        """Caps of an ``ALLOW_WITH_CAPS`` reservation (e.g. ``max_tokens``)."""
+        return self._guard.caps
+
+    @property
+    def estimate(self) -> Amount:
+        """The amount reserved for the stream."""
+        return self._guard.estimate
 
     def _final_amount(
         self, context: CyclesContext, outcome: str
@@ -341,7 +338,8 @@ class StreamReservation(_StreamState):
         ValueError: An unknown ``on_unknown_actual``.
     """
 
-    __slots__ = ("_guard",)
+    __slots__ = ()
+    _guard: ReservationGuard
 
     def __init__(
         self,
@@ -358,31 +356,6 @@ class StreamReservation(_StreamState):
 
     def __repr__(self) -> str:
         return f"<StreamReservation {self._guard!r} usage={self.usage!r}>"
-
-    @property
-    def context(self) -> CyclesContext:
-        """The live reservation."""
-        return self._guard.context
-
-    @property
-    def reservation_id(self) -> str | None:
-        """The reservation's id (``None`` before entering)."""
-        return self._guard.reservation_id
-
-    @property
-    def decision(self) -> Decision:
-        """``ALLOW`` or ``ALLOW_WITH_CAPS``."""
-        return self._guard.decision
-
-    @property
-    def caps(self) -> Caps | None:
-        """Caps of an ``ALLOW_WITH_CAPS`` reservation (e.g. ``max_tokens``)."""
-        return self._guard.caps
-
-    @property
-    def estimate(self) -> Amount:
-        """The amount reserved for the stream."""
-        return self._guard.estimate
 
     def __enter__(self) -> Self:
         self._guard.__enter__()
@@ -470,7 +443,7 @@ class StreamReservation(_StreamState):
 
 
 class AsyncStreamReservation(_StreamState):
-    """A reservation held while a stream is consumed (async twin); see the module docs.
+    """A reservation held while a stream is consumed (async twin of :class:`StreamReservation`).
 
     A cancelled stream still commits its partial usage, shielded from a second cancellation.
 
@@ -478,16 +451,12 @@ class AsyncStreamReservation(_StreamState):
         client: The client to reserve and settle with.
         request: A ready reservation request, instead of the keyword options.
         cost_fn: Prices the accumulated :class:`StreamUsage`.
-        on_unknown_actual: What to do when the usage cannot be priced (nothing is ever
-            committed from an unknown actual): ``"raise"`` (default), ``"release"`` or
-            ``"commit_estimate"``; see the module docs.
+        on_unknown_actual: As for :class:`StreamReservation`.
         **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-    Raises:
-        ValueError: An unknown ``on_unknown_actual``.
     """
 
-    __slots__ = ("_guard",)
+    __slots__ = ()
+    _guard: AsyncReservationGuard
 
     def __init__(
         self,
@@ -504,31 +473,6 @@ class AsyncStreamReservation(_StreamState):
 
     def __repr__(self) -> str:
         return f"<AsyncStreamReservation {self._guard!r} usage={self.usage!r}>"
-
-    @property
-    def context(self) -> CyclesContext:
-        """The live reservation."""
-        return self._guard.context
-
-    @property
-    def reservation_id(self) -> str | None:
-        """The reservation's id (``None`` before entering)."""
-        return self._guard.reservation_id
-
-    @property
-    def decision(self) -> Decision:
-        """``ALLOW`` or ``ALLOW_WITH_CAPS``."""
-        return self._guard.decision
-
-    @property
-    def caps(self) -> Caps | None:
-        """Caps of an ``ALLOW_WITH_CAPS`` reservation (e.g. ``max_tokens``)."""
-        return self._guard.caps
-
-    @property
-    def estimate(self) -> Amount:
-        """The amount reserved for the stream."""
-        return self._guard.estimate
 
     async def __aenter__(self) -> Self:
         await self._guard.__aenter__()
@@ -552,15 +496,7 @@ class AsyncStreamReservation(_StreamState):
         self._surface(unknown, exc)
 
     async def commit(self, actual: int | Amount | None = None) -> SettlementResult:
-        """End the stream now, committing ``actual`` (default: the accumulated usage).
-
-        Raises:
-            UnknownActualError: No ``actual`` was given and the usage cannot be priced:
-                nothing was committed, and the reservation was left to expire
-                (``on_unknown_actual="raise"``) or released (``"release"``).
-                (``"commit_estimate"`` commits the estimate, flagged, instead.)
-            ReservationAlreadyFinalizedError: The stream already committed or released.
-        """
+        """Async twin of :meth:`StreamReservation.commit`."""
         guard = self._guard
         context = guard.context
         metrics = self.usage.to_metrics(context.metrics)
@@ -658,13 +594,8 @@ def stream_reservation(
         client: A :class:`~runcycles.CyclesClient` or :class:`~runcycles.AsyncCyclesClient`.
         request: A ready reservation request, instead of the keyword options.
         cost_fn: Prices the accumulated :class:`StreamUsage` in the reservation's unit.
-        on_unknown_actual: When the usage cannot be priced (``cost_fn`` or the usage is
-            broken), nothing is committed and no event is sent. ``"raise"`` (default): leave
-            the reservation to expire at its lease and raise
-            :class:`~runcycles.UnknownActualError` at the end of the block (only logged,
-            and kept in ``settlement_error``, if the block raised or was cancelled).
-            ``"release"``: release it and log an error. ``"commit_estimate"``: commit the
-            estimate, flagged ``actual_error``, and log an error.
+        on_unknown_actual: What to do when the usage cannot be priced (nothing is ever
+            committed from an unknown actual); see :class:`StreamReservation`.
         **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
 
     Returns:

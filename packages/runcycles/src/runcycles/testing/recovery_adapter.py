@@ -1,30 +1,17 @@
 """Process adapter of the Cycles SDK recovery conformance profile.
 
-Run as ``python -m runcycles.testing.recovery_adapter CR-CORE-001`` with the scenario JSON on
-stdin (the shared runner's contract). It runs the native pytest tests bound to that scenario
-with ``@pytest.mark.recovery("CR-CORE-001")`` in a child pytest process and prints exactly one
-JSON object on stdout::
+``python -m runcycles.testing.recovery_adapter CR-CORE-001`` (scenario JSON on stdin) runs
+the native tests marked ``@pytest.mark.recovery("CR-CORE-001")`` in a child pytest and prints
+one JSON object (``scenario_id``, ``passed``, ``native_tests``, ``observed_requests``,
+``assertions``; the last two come from the tests' :func:`observe` calls). A scenario passes
+only when every bound test passed, at least one ran, every observed choreography equals the
+catalog's ``expected_requests`` and every catalog assertion was checked. Everything else
+goes to stderr. Tests are found in ``$RUNCYCLES_RECOVERY_TESTS``, else in the ``tests``
+folder next to the package's ``src`` folder.
 
-    {"scenario_id": "CR-CORE-001", "passed": true,
-     "native_tests": ["packages/runcycles/tests/test_recovery_core.py::test_lost_commit[sync]"],
-     "observed_requests": ["commit", "commit_same_key"],
-     "assertions": ["retry_uses_original_idempotency_key", "settlement_occurs_at_most_once"]}
-
-``observed_requests`` and ``assertions`` come from the tests themselves (they call
-:func:`observe` with the choreography they saw and the assertions they checked). A scenario
-passes only when every bound test passed, at least one ran, every observed choreography equals
-the catalog's ``expected_requests``, and every catalog assertion was checked by some test.
-Everything else (pytest's output, the reason of a failure) goes to stderr.
-
-Where the tests are: ``$RUNCYCLES_RECOVERY_TESTS`` if set, else the ``tests`` folder next to the
-package's ``src`` folder (a source checkout).
-
-``python -m runcycles.testing.recovery_adapter --report spec/client-recovery-scenarios.yaml
---claim durable`` runs every claimed scenario in one pytest run and prints the evidence report
-(the profile's ``report.schema.json``: per scenario its level, name, verdict and native tests).
-
-The module is also the pytest plugin the child process loads (``-p``): it deselects tests not
-bound to the scenario and writes the outcomes to a report file.
+``--report spec/client-recovery-scenarios.yaml --claim durable`` runs every claimed scenario
+and prints the profile's evidence report. The module is also the pytest plugin the child
+loads (``-p``): it deselects unbound tests and writes the outcomes to a report file.
 """
 
 from __future__ import annotations

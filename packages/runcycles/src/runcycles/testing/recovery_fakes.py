@@ -1,24 +1,20 @@
 """A scriptable fake Cycles server for recovery tests (settlement, journal, heartbeat).
 
 :class:`FakeLedger` answers commit, event, extend and release requests like a conformant
-server (idempotent replays, 409/410 rules), records every request, and injects faults from a
-per-endpoint script. Use it in-process through :meth:`FakeLedger.transport` /
-:meth:`FakeLedger.async_transport`, or over real HTTP with :func:`serve` (for tests whose
-workers are separate processes)::
+server, records every request and injects faults from a per-endpoint script; use it through
+:meth:`FakeLedger.transport` / :meth:`FakeLedger.async_transport`, or over HTTP with
+:func:`serve`::
 
     ledger = FakeLedger()
     ledger.add_reservation("r1")
     ledger.script("commit", Fault.lost())            # applied, but the answer never arrives
     client = CyclesClient(config, transport=ledger.transport())
     ...
-    assert ledger.applied_commits == {"r1": 1}
     assert ledger.labels() == ["commit", "commit_same_key"]
 
-Labels describe the request choreography in the vocabulary of the recovery profile's
-``expected_requests``: ``<endpoint>`` for a new key, ``<endpoint>_same_key`` when the key is
-the reservation's original settlement key (the first one seen, or one registered with
-:meth:`FakeLedger.expect_key`), with the suffix set by :meth:`FakeLedger.mark` (for example
-``"_after_restart"``) appended to same-key labels.
+Labels use the recovery profile's ``expected_requests`` vocabulary: ``<endpoint>`` for a new
+key, ``<endpoint>_same_key`` for the reservation's original settlement key (see
+:meth:`FakeLedger.expect_key`), plus the suffix set by :meth:`FakeLedger.mark`.
 """
 
 from __future__ import annotations
