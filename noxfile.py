@@ -15,7 +15,7 @@ nox.options.default_venv_backend = "uv"
 nox.options.sessions = ["ci"]
 nox.options.error_on_missing_interpreters = False
 
-PACKAGES = ["runcycles", "runcycles-server"]
+PACKAGES = ["runcycles", "runcycles-openai-agents", "runcycles-server"]
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 SOURCES = [f"packages/{name}/src" for name in PACKAGES]
 TEST_DIRS = [f"packages/{name}/tests" for name in PACKAGES]
