@@ -127,8 +127,9 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         self.tool_estimates = tools
         self._llm_estimate_fixed, self._llm_unit = llm_estimate, Unit(llm_unit)
         self._runs: dict[int, tuple[weakref.ref[Any], str]] = {}
-        self._llm_open: dict[str, tuple[str, Any, int | None]] = {}
+        self._llm_open: dict[str, str] = {}
         self._run_caps: dict[str, AdapterCall] = {}
+        self._capped: dict[str, dict[int, tuple[Any, int | None]]] = {}
         self._handoffs = 0
 
     # -- what a call is and what it used (the adapter base's two hooks) ------------------
@@ -192,32 +193,42 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         try:
             return await self.begin(run, call_id, event)
         except CyclesError as error:
+            self._uncap(run)
             error.__class__ = _agents_twin(type(error))  # type: ignore[arg-type]
             error.run_data = getattr(error, "run_data", None)  # type: ignore[attr-defined]
             raise
+
+    def _uncap(self, run: str | None) -> None:
+        """Give the agents their own ``max_tokens`` back (the run, or every run, is over)."""
+        for key in [run] if run is not None else list(self._capped):
+            for settings, original in self._capped.pop(key, {}).values():
+                settings.max_tokens = original
 
     async def on_llm_start(
         self, context: RunContextWrapper[Any], agent: Agent[Any], *args: Any
     ) -> None:
         """Reserve for the model call; lower the agent's ``max_tokens`` to the caps."""
         run = self.run_id(context)
-        call_id = f"llm-{context.usage.requests}"
-        call = await self._begin(run, call_id, ("llm", agent, ""))
+        call_id = self._llm_open[run] = f"llm-{context.usage.requests}"
+        call = self._run_caps[run] = await self._begin(run, call_id, ("llm", agent, ""))
         settings, cap = agent.model_settings, call.max_tokens if call.caps else None
-        self._llm_open[run] = (call_id, settings, settings.max_tokens)
-        self._run_caps[run] = call
         if cap is not None and (settings.max_tokens is None or cap < settings.max_tokens):
-            settings.max_tokens = cap  # the resolved settings of this call (see the docs)
+            # The SDK resolved this call's settings before this hook: they are this object
+            # (no RunConfig.model_settings) or a copy of it from the next call on. Kept for
+            # the run, undone when it ends.
+            self._capped.setdefault(run, {}).setdefault(
+                id(settings), (settings, settings.max_tokens)
+            )
+            settings.max_tokens = cap
 
     async def on_llm_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse
     ) -> None:
         """Commit the model call's usage, priced to the micro-cent."""
         run = self.run_id(context)
-        opened = self._llm_open.pop(run, None)
-        if opened is not None:
-            opened[1].max_tokens = opened[2]  # undo the cap on the shared agent settings
-            await self.end(run, opened[0], response)
+        call_id = self._llm_open.pop(run, None)
+        if call_id is not None:
+            await self.end(run, call_id, response)
 
     async def on_tool_start(self, context: RunContextWrapper[Any], agent: Any, tool: Tool) -> None:
         """Reserve the tool's estimate; refuse a tool the budget's caps forbid."""
@@ -227,6 +238,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         llm_call = self._run_caps.get(run)
         if not call.allows_tool(tool.name) or (llm_call and not llm_call.allows_tool(tool.name)):
             await self.fail(run, call_id)
+            self._uncap(run)
             raise ToolNotAllowedError(
                 f"tool {tool.name!r} is not allowed by the budget's caps (tool allowlist/"
                 "denylist of the Cycles reservation); it did not run. Change the budget's "
@@ -266,7 +278,13 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         run = self.run_id(context)
         self._run_caps.pop(run, None)
         self._llm_open.pop(run, None)
+        self._uncap(run)
         await self.end_run(run)
+
+    async def release_pending(self, reason: str = "released_by_adapter") -> int:
+        """Release every open reservation of every run (after a run raised); return how many."""
+        self._uncap(None)
+        return await super().release_pending(reason)
 
     async def close(self) -> None:
         """Release whatever is still open; close the client if these hooks created it."""
