@@ -39,7 +39,10 @@ def test_agent_demo_stops_the_third_email_before_it_is_sent():
     assert "2 emails sent; the next send_email was denied before it ran" in text
     assert text.count("tool send_email") == 3  # two committed, the third denied
     assert "Final balances" in text
-    assert "│ tenant:demo-agents │ RISK_POINTS    │       120 │       103 │         0 │        17 │" in text
+    assert (
+        "│ tenant:demo-agents │ RISK_POINTS    │       120 │       103 │         0 │        17 │"
+        in text
+    )
 
 
 def test_cycles_demo_runs_the_agent_by_default():
