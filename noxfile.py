@@ -116,3 +116,19 @@ def benchmarks(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the documentation site strictly."""
     session.run("mkdocs", "build", "--strict")
+
+
+@nox.session(venv_backend="none")
+def agents_floor(session: nox.Session) -> None:
+    """Run the OpenAI Agents SDK package's tests on the lowest openai-agents it declares.
+
+    openai-agents 0.6.0 predates openai 2.45's required ``cache_write_tokens`` (its own
+    ``Usage`` fails to build with newer openai), so openai is held below 2.45 here.
+    """
+    session.run(
+        "uv", "run", "--with", "openai-agents==0.6.0", "--with", "openai<2.45",
+        "pytest", "-p", "no:cacheprovider", "packages/runcycles-openai-agents/tests",
+        "tests-integration/test_openai_agents_e2e.py",
+        "tests-integration/test_seed_openai_agents.py",
+        *session.posargs, external=True,
+    )  # fmt: skip
