@@ -132,3 +132,34 @@ def agents_floor(session: nox.Session) -> None:
         "tests-integration/test_seed_openai_agents.py",
         *session.posargs, external=True,
     )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
+def packaging(session: nox.Session) -> None:
+    """Build every package, install the wheels in a fresh venv (no workspace), run them.
+
+    Runs the seed README's quick start (``packaging_check.py``; ``CYCLES_SEEDS_DIR`` or
+    ``../shared/seeds``) and ``cycles demo`` from the installed wheels, outside the repository.
+    """
+    import pathlib
+    import tempfile
+
+    root = pathlib.Path.cwd()
+    seeds = pathlib.Path(os.environ.get("CYCLES_SEEDS_DIR", root.parent / "shared" / "seeds"))
+    with tempfile.TemporaryDirectory(prefix="cycles-packaging-") as folder:
+        dist, venv = pathlib.Path(folder) / "dist", pathlib.Path(folder) / "venv"
+        for package in PACKAGES:
+            session.run(
+                "uv", "build", "-q", "--package", package, "--out-dir", str(dist), external=True
+            )  # fmt: skip
+        session.run("uv", "venv", "-q", str(venv), external=True)
+        wheels = [str(path) for path in sorted(dist.glob("*.whl"))]
+        session.run(
+            "uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"), *wheels,
+            external=True,
+        )  # fmt: skip
+        session.chdir(folder)
+        check = root / "tests-integration" / "packaging_check.py"
+        readme = seeds / "runcycles-openai-agents-README.txt"
+        session.run(str(venv / "bin" / "python"), str(check), str(readme), external=True)
+        session.run(str(venv / "bin" / "cycles"), "demo", "--delay", "0", external=True)
