@@ -150,8 +150,8 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         if estimate is None and (model is None or self._llm_unit is not Unit.USD_MICROCENTS):
             estimate = DEFAULT_LLM_ESTIMATE
         if estimate is None and model is not None:
-            try:
-                self._pricer.estimate(model, max_tokens=max_tokens or 4_096)
+            try:  # the worst case: max_tokens (4,096 when unset) at the model's price
+                estimate = self._pricer.estimate(model, max_tokens=max_tokens or 4_096)
             except UnknownModelError:
                 estimate = DEFAULT_LLM_ESTIMATE
         return CallPlan(
