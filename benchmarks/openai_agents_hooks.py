@@ -68,9 +68,8 @@ def main() -> None:
     median = {name: statistics.median(values) * 1e6 for name, values in samples.items()}
     print(f"{args.turns} model calls per run, {args.rounds} rounds (median per model call):")
     for name in ("no hooks", "CyclesRunHooks"):
-        print(
-            f"  {name:15} client CPU {median[name]:8.0f} µs   wall {median[name + ' (wall)']:8.0f} µs"
-        )
+        wall = median[f"{name} (wall)"]
+        print(f"  {name:15} client CPU {median[name]:8.0f} µs   wall {wall:8.0f} µs")
     overhead = median["CyclesRunHooks"] - median["no hooks"]
     print(f"  governance costs {overhead:.0f} µs of client CPU per model call (reserve + commit)")
 
