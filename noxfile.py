@@ -15,7 +15,7 @@ nox.options.default_venv_backend = "uv"
 nox.options.sessions = ["ci"]
 nox.options.error_on_missing_interpreters = False
 
-PACKAGES = ["runcycles", "runcycles-server"]
+PACKAGES = ["runcycles", "runcycles-openai-agents", "runcycles-server"]
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 SOURCES = [f"packages/{name}/src" for name in PACKAGES]
 TEST_DIRS = [f"packages/{name}/tests" for name in PACKAGES]
@@ -116,3 +116,50 @@ def benchmarks(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the documentation site strictly."""
     session.run("mkdocs", "build", "--strict")
+
+
+@nox.session(venv_backend="none")
+def agents_floor(session: nox.Session) -> None:
+    """Run the OpenAI Agents SDK package's tests on the lowest openai-agents it declares.
+
+    openai-agents 0.6.0 predates openai 2.45's required ``cache_write_tokens`` (its own
+    ``Usage`` fails to build with newer openai), so openai is held below 2.45 here.
+    """
+    session.run(
+        "uv", "run", "--with", "openai-agents==0.6.0", "--with", "openai<2.45",
+        "pytest", "-p", "no:cacheprovider", "packages/runcycles-openai-agents/tests",
+        "tests-integration/test_openai_agents_e2e.py",
+        "tests-integration/test_seed_openai_agents.py",
+        *session.posargs, external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
+def packaging(session: nox.Session) -> None:
+    """Build every package, install the wheels in a fresh venv (no workspace), run them.
+
+    Runs the seed README's quick start (``packaging_check.py``; ``CYCLES_SEEDS_DIR`` or
+    ``../shared/seeds``) and ``cycles demo`` from the installed wheels, outside the repository.
+    """
+    import pathlib
+    import tempfile
+
+    root = pathlib.Path.cwd()
+    seeds = pathlib.Path(os.environ.get("CYCLES_SEEDS_DIR", root.parent / "shared" / "seeds"))
+    with tempfile.TemporaryDirectory(prefix="cycles-packaging-") as folder:
+        dist, venv = pathlib.Path(folder) / "dist", pathlib.Path(folder) / "venv"
+        for package in PACKAGES:
+            session.run(
+                "uv", "build", "-q", "--package", package, "--out-dir", str(dist), external=True
+            )  # fmt: skip
+        session.run("uv", "venv", "-q", str(venv), external=True)
+        wheels = [str(path) for path in sorted(dist.glob("*.whl"))]
+        session.run(
+            "uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"), *wheels,
+            external=True,
+        )  # fmt: skip
+        session.chdir(folder)
+        check = root / "tests-integration" / "packaging_check.py"
+        readme = seeds / "runcycles-openai-agents-README.txt"
+        session.run(str(venv / "bin" / "python"), str(check), str(readme), external=True)
+        session.run(str(venv / "bin" / "cycles"), "demo", "--delay", "0", external=True)

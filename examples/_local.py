@@ -16,10 +16,12 @@ from runcycles import CyclesConfig
 
 
 @contextmanager
-def cycles_config(*, budget: int) -> Iterator[CyclesConfig]:
+def cycles_config(*, budget: int, risk_points: int | None = None) -> Iterator[CyclesConfig]:
     """Yield a client config for a tenant holding at least ``budget`` USD micro-cents.
 
-    The config always names its tenant (``config.tenant``); see :func:`tenant_of`.
+    With ``risk_points``, the embedded server's tenant also gets a ``RISK_POINTS`` budget (the
+    unit tool estimates default to). The config always names its tenant (``config.tenant``);
+    see :func:`tenant_of`.
     """
     if os.environ.get("CYCLES_BASE_URL"):
         config = CyclesConfig.from_env()
@@ -31,6 +33,8 @@ def cycles_config(*, budget: int) -> Iterator[CyclesConfig]:
 
     with ServerProcess.start(store="sqlite") as server:
         tenant = server.provision(tenant_id="examples", budget=budget)
+        if risk_points is not None:
+            tenant.add_budget(risk_points, unit="RISK_POINTS")
         print(f"(embedded Cycles server at {server.base_url}, tenant 'examples')")
         yield tenant.config()
 

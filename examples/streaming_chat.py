@@ -34,7 +34,7 @@ def scripted_stream(prompt: str, usage: StreamUsage) -> Iterator[str]:
 
 
 def openai_stream(prompt: str, usage: StreamUsage) -> Iterator[str]:  # pragma: no cover
-    from openai import OpenAI  # type: ignore[import-not-found]  # the user's own install
+    from openai import OpenAI  # type: ignore[import-not-found,unused-ignore]  # the user's own install
 
     stream = OpenAI().chat.completions.create(
         model=MODEL,

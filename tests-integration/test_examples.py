@@ -28,6 +28,27 @@ EXPECTED = {
         "tenant:acme/workspace:research       12,000     12,000          0",
     ],
     "streaming_chat.py": ["(cancelled)", "(completed)", "spent so far: 900"],
+    "basic_budget.py": [
+        "stopped before model call 8: BUDGET_EXCEEDED",
+        "7 model calls ran, 34,500 µ¢ each",
+        "spent 241,500 µ¢ = 7 x 34,500",
+    ],
+    "tool_governance.py": [
+        "email #3 denied before it was sent: BUDGET_EXCEEDED",
+        "tools that ran: search_knowledge x3, send_email x2, update_crm x3",
+        "risk points: spent 130, left 0",
+    ],
+    "multi_agent.py": [
+        "run 4: billing answered 'Your refund is on its way.'",
+        "run 5 refused up front: DENY, 0 model calls",
+        "spent 331,200 µ¢, 68,800 left < 150,000",
+    ],
+    "preflight.py": [
+        "big job ($0.05): DENY before it started, 0 model calls",
+        "small job ($0.001): ran in shadow mode -> '3 emails sent'",
+        "would be DENY  tool.call      send_email",
+        "charged in all: 0",
+    ],
     "custom_adapter.py": [
         "run-1: 2 steps ran",
         "spent 650,000",

@@ -180,4 +180,7 @@ def test_cycles_demo_command_runs_offline() -> None:
     result = CliRunner().invoke(cli, ["demo", "--delay", "0"])
     assert result.exit_code == 0, result.output
     assert "DENIED BUDGET_EXCEEDED" in result.stdout
-    assert "the next one was stopped before the model ran" in result.stdout
+    assert "the next send_email was denied before it ran" in result.stdout
+    loop = CliRunner().invoke(cli, ["demo", "--loop", "--delay", "0"])
+    assert loop.exit_code == 0, loop.output
+    assert "the next one was stopped before the model ran" in loop.stdout

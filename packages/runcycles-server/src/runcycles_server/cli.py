@@ -2,7 +2,7 @@
 
 ::
 
-    cycles demo                              # offline: a governed loop until the budget says no
+    cycles demo                              # offline: a governed agent until the budget says no
     cycles serve --dev                       # SQLite in the user data dir, demo tenant + key
     cycles serve --db ./cycles.db --admin-key "$ADMIN" --workers 4 --port 7878
     cycles serve --redis redis://localhost:6379/0 --admin-key "$ADMIN"
@@ -21,6 +21,7 @@ and the admin commands start quickly.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import socket
@@ -400,34 +401,48 @@ def serve(
 def demo(
     real: Annotated[
         bool,
+        typer.Option(help="Call a real model (gpt-4o-mini) with your OPENAI_API_KEY."),
+    ] = False,
+    loop: Annotated[
+        bool,
         typer.Option(
-            help="Call a real model with your OPENAI_API_KEY (needs `pip install openai`)."
+            "--loop",
+            help="Run the plain @cycles loop of model calls instead of the agent (no agent "
+            "framework needed).",
         ),
     ] = False,
-    delay: Annotated[float, typer.Option(min=0.0, help="Seconds to pause between calls.")] = 0.25,
+    delay: Annotated[
+        float | None, typer.Option(min=0.0, help="Seconds to pause between calls.")
+    ] = None,
     budget: Annotated[
-        int, typer.Option(min=1, help="Budget in USD_MICROCENTS (default: half a US cent).")
+        int,
+        typer.Option(min=1, help="--loop: budget in USD_MICROCENTS (default: half a US cent)."),
     ] = 500_000,
 ) -> None:
-    """Watch a budget stop an agent: an embedded server and a governed loop of model calls.
+    """Watch a budget stop an agent: an embedded server and a governed OpenAI Agents SDK agent.
 
-    Offline by default (a scripted fake model); nothing to configure.
+    Offline by default (a scripted model); nothing to configure. The agent runs when
+    runcycles-openai-agents is installed (`pip install 'runcycles-server[agents]'`); without
+    it, or with --loop, a governed loop of model calls runs instead.
     """
     with reported():
+        agent = not loop and importlib.util.find_spec("runcycles_openai_agents") is not None
         if real:
             if not os.environ.get("OPENAI_API_KEY"):
                 raise CliError(
                     "--real needs OPENAI_API_KEY in the environment; set it or drop --real", 2
                 )
-            try:
-                import openai  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-            except ImportError:
+            if importlib.util.find_spec("openai") is None:
                 raise CliError(
                     "--real needs the openai package; `pip install openai` (or drop --real)", 2
-                ) from None
+                )
+    if agent:
+        from runcycles_server.agent_demo import run_agent_demo
+
+        raise typer.Exit(run_agent_demo(real=real, delay_s=0.35 if delay is None else delay))
     from runcycles_server.demo import run_demo
 
-    raise typer.Exit(run_demo(budget=budget, delay_s=delay, real=real))
+    raise typer.Exit(run_demo(budget=budget, delay_s=0.25 if delay is None else delay, real=real))
 
 
 async def _bootstrap_and_close(store: Store) -> str:

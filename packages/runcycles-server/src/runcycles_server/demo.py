@@ -116,6 +116,8 @@ class OpenAIModel:
             messages=[{"role": "user", "content": prompt}],
         )
         usage = answer.usage
+        if usage is None:
+            raise RuntimeError(f"{self._model} returned no usage; the demo cannot price the call")
         return ModelReply(
             text=answer.choices[0].message.content or "",
             tokens_input=usage.prompt_tokens,

@@ -1,0 +1,293 @@
+"""``CyclesRunHooks``: the Agents SDK's run hooks mapped onto the Cycles adapter base."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from agents import Agent, AgentsException, ModelResponse, RunContextWrapper, RunHooks, Tool
+
+from runcycles import (
+    Action,
+    AdapterCall,
+    Amount,
+    AsyncCyclesAdapter,
+    AsyncCyclesClient,
+    CallPlan,
+    CommitOveragePolicy,
+    CyclesConfig,
+    CyclesError,
+    EventCreateRequest,
+    Subject,
+    Unit,
+    UnknownModelError,
+    Usage,
+)
+from runcycles.adapters import call_idempotency_key
+from runcycles_openai_agents.tools import ToolEstimateMap
+
+__all__ = ["CyclesRunHooks", "ToolNotAllowedError"]
+
+logger = logging.getLogger("runcycles_openai_agents")
+DEFAULT_LLM_ESTIMATE = 500_000
+"""What a model call holds when the pricer does not know its model (about $0.005)."""
+
+
+class ToolNotAllowedError(AgentsException):
+    """The budget's caps (``tool_allowlist``/``tool_denylist``) forbid this tool; it did not run."""
+
+
+@functools.cache
+def _agents_twin(cls: type[CyclesError]) -> type[CyclesError]:
+    # The SDK wraps a tool hook's exception in UserError unless it is an AgentsException:
+    # a twin class keeps `except BudgetExceededError` working and the error unwrapped.
+    return type(cls.__name__, (cls, AgentsException), {"__module__": cls.__module__})
+
+
+def _model_name(agent: Agent[Any]) -> str | None:
+    model = agent.model
+    if model is None:
+        try:
+            from agents.models import get_default_model
+        except ImportError:  # openai-agents < 0.4
+            return None
+        return get_default_model()
+    return model if isinstance(model, str) else getattr(model, "model", None)
+
+
+class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any]):
+    """Reserve before every model and tool call of a run, commit after; a denial stops the run.
+
+    Pass it as ``Runner.run(agent, input, hooks=CyclesRunHooks(...))`` (or ``run_streamed``).
+    A denial raises :class:`~runcycles.BudgetExceededError` (or another
+    :class:`~runcycles.CyclesProtocolError`) from ``Runner.run`` before the call runs. Give
+    ``Runner.run(context=...)`` an object with a ``cycles_run_id`` attribute for a run id that
+    is stable across processes (idempotent retries); otherwise each run gets a fresh one.
+
+    Args:
+        client: The async client (default: one from ``config`` or the ``CYCLES_*`` variables).
+        config: Builds the client when ``client`` is not given.
+        tenant: Subject fields (default: the config's); ``agent`` and ``toolset`` are
+            overridden per call by the running agent's and the tool's name.
+        workspace: See ``tenant``.
+        app: See ``tenant``.
+        workflow: See ``tenant``.
+        agent: See ``tenant``.
+        toolset: See ``tenant``.
+        tool_estimates: A :class:`ToolEstimateMap` or a dict of tool name to ``int`` estimate.
+        default_tool_estimate: What an unmapped tool holds (with a dict; default 1).
+        tool_unit: Unit of ``int`` tool estimates (with a dict; default ``RISK_POINTS``).
+        llm_estimate: A fixed per-model-call estimate in ``llm_unit`` (default: the pricer's
+            worst case for the agent's model and ``max_tokens``, else 500,000).
+        llm_unit: Unit of model-call reservations (default ``USD_MICROCENTS``).
+        fail_open: Run unguarded while the server is unreachable (default ``True``); a
+            denial stops the call whatever this says.
+        ttl_ms: Reservation lease; the heartbeat extends it while a call runs.
+        overage_policy: What a commit above the estimate does (server default).
+        dry_run: Shadow mode: evaluate every call, never block, never hold or charge.
+        tool_risk: Older name of ``tool_estimates``.
+        default_tool_risk: Older name of ``default_tool_estimate``.
+        **options: Other :class:`~runcycles.AdapterOptions` (``pricer``, ``dimensions``...).
+    """
+
+    framework = "openai-agents"
+
+    def __init__(
+        self,
+        client: AsyncCyclesClient | None = None,
+        config: CyclesConfig | None = None,
+        *,
+        tool_estimates: ToolEstimateMap | Mapping[str, Any] | None = None,
+        default_tool_estimate: int | None = None,
+        tool_unit: Unit | str = Unit.RISK_POINTS,
+        llm_estimate: int | None = None,
+        llm_unit: Unit | str = Unit.USD_MICROCENTS,
+        fail_open: bool = True,
+        ttl_ms: int = 60_000,
+        overage_policy: CommitOveragePolicy | str | None = None,
+        dry_run: bool = False,
+        tool_risk: ToolEstimateMap | Mapping[str, Any] | None = None,
+        default_tool_risk: int | None = None,
+        **options: Any,
+    ) -> None:
+        self._owns_client = client is None
+        client = client or AsyncCyclesClient(config or CyclesConfig.from_env())
+        super().__init__(
+            client, fail_open=fail_open, ttl_ms=ttl_ms, overage_policy=overage_policy,
+            dry_run=dry_run, **options,
+        )  # fmt: skip
+        tools = tool_estimates if tool_estimates is not None else tool_risk
+        default = default_tool_estimate if default_tool_estimate is not None else default_tool_risk
+        if not isinstance(tools, ToolEstimateMap):
+            tools = ToolEstimateMap(dict(tools or {}), 1 if default is None else default, tool_unit)
+        self.tool_estimates = tools
+        self._llm_estimate_fixed, self._llm_unit = llm_estimate, Unit(llm_unit)
+        self._runs: dict[int, tuple[weakref.ref[Any], str]] = {}
+        self._llm_open: dict[str, str] = {}
+        self._run_caps: dict[str, AdapterCall] = {}
+        self._capped: dict[str, dict[int, tuple[Any, int | None]]] = {}
+        self._handoffs = 0
+
+    # -- what a call is and what it used (the adapter base's two hooks) ------------------
+
+    def plan(self, event: tuple[str, Any, str]) -> CallPlan | None:
+        """Plan a model call (``("llm", agent, "")``) or a tool call (``("tool", agent, name)``)."""
+        kind, agent, tool = event
+        if kind == "tool":
+            entry = self.tool_estimates.lookup(tool)
+            if entry.estimate == 0:
+                return None  # a free tool: no reservation, no request
+            return CallPlan.tool(
+                tool, kind=entry.action_kind, estimate=entry.estimate, unit=entry.unit,
+                agent=agent.name, toolset=tool,
+            )  # fmt: skip
+        model, max_tokens = _model_name(agent), agent.model_settings.max_tokens
+        estimate = self._llm_estimate_fixed
+        if estimate is None and (model is None or self._llm_unit is not Unit.USD_MICROCENTS):
+            estimate = DEFAULT_LLM_ESTIMATE
+        if estimate is None and model is not None:
+            try:  # the worst case: max_tokens (4,096 when unset) at the model's price
+                estimate = self._pricer.estimate(model, max_tokens=max_tokens or 4_096)
+            except UnknownModelError:
+                estimate = DEFAULT_LLM_ESTIMATE
+        return CallPlan(
+            "llm.completion", model or "default", estimate=estimate, unit=self._llm_unit,
+            model=model, max_tokens=max_tokens, agent=agent.name,
+        )  # fmt: skip
+
+    def usage(self, result: Any) -> Usage | None:
+        """Turn a ``ModelResponse``'s usage into a :class:`~runcycles.Usage` (a tool: ``None``)."""
+        if not isinstance(result, ModelResponse):
+            return None
+        used = result.usage
+        inp, out = used.input_tokens, used.output_tokens
+        cached = getattr(used.input_tokens_details, "cached_tokens", 0) or 0
+        written = getattr(used.input_tokens_details, "cache_write_tokens", 0) or 0
+        reasoning = getattr(used.output_tokens_details, "reasoning_tokens", 0) or 0
+        return Usage(
+            input_tokens=inp, output_tokens=out, cached_input_tokens=min(cached, inp),
+            cache_write_tokens=min(written, inp - min(cached, inp)),
+            reasoning_tokens=min(reasoning, out),
+        )  # fmt: skip
+
+    # -- the SDK's hooks -----------------------------------------------------------------
+
+    def run_id(self, context: RunContextWrapper[Any]) -> str:
+        """The run's id: ``context.context.cycles_run_id``, else one per run (its usage)."""
+        explicit = getattr(context.context, "cycles_run_id", None)
+        if explicit is not None:
+            return str(explicit)
+        key = id(context.usage)
+        entry = self._runs.get(key)
+        if entry is None or entry[0]() is not context.usage:
+            forget = functools.partial(self._runs.pop, key, None)
+            entry = (weakref.ref(context.usage, lambda _: forget()), uuid.uuid4().hex)
+            self._runs[key] = entry
+        return entry[1]
+
+    async def _begin(self, run: str, call_id: str, event: tuple[str, Any, str]) -> AdapterCall:
+        try:
+            return await self.begin(run, call_id, event)
+        except CyclesError as error:
+            self._uncap(run)
+            error.__class__ = _agents_twin(type(error))  # type: ignore[arg-type]
+            error.run_data = getattr(error, "run_data", None)  # type: ignore[attr-defined]
+            raise
+
+    def _uncap(self, run: str | None) -> None:
+        """Give the agents their own ``max_tokens`` back (the run, or every run, is over)."""
+        for key in [run] if run is not None else list(self._capped):
+            for settings, original in self._capped.pop(key, {}).values():
+                settings.max_tokens = original
+
+    async def on_llm_start(
+        self, context: RunContextWrapper[Any], agent: Agent[Any], *args: Any
+    ) -> None:
+        """Reserve for the model call; lower the agent's ``max_tokens`` to the caps."""
+        run = self.run_id(context)
+        call_id = self._llm_open[run] = f"llm-{context.usage.requests}"
+        call = self._run_caps[run] = await self._begin(run, call_id, ("llm", agent, ""))
+        settings, cap = agent.model_settings, call.max_tokens if call.caps else None
+        if cap is not None and (settings.max_tokens is None or cap < settings.max_tokens):
+            # The SDK resolved this call's settings before this hook: they are this object
+            # (no RunConfig.model_settings) or a copy of it from the next call on. Kept for
+            # the run, undone when it ends.
+            self._capped.setdefault(run, {}).setdefault(
+                id(settings), (settings, settings.max_tokens)
+            )
+            settings.max_tokens = cap
+
+    async def on_llm_end(
+        self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse
+    ) -> None:
+        """Commit the model call's usage, priced to the micro-cent."""
+        run = self.run_id(context)
+        call_id = self._llm_open.pop(run, None)
+        if call_id is not None:
+            await self.end(run, call_id, response)
+
+    async def on_tool_start(self, context: RunContextWrapper[Any], agent: Any, tool: Tool) -> None:
+        """Reserve the tool's estimate; refuse a tool the budget's caps forbid."""
+        run = self.run_id(context)
+        call_id = getattr(context, "tool_call_id", None) or f"tool-{tool.name}-{id(context)}"
+        call = await self._begin(run, call_id, ("tool", agent, tool.name))
+        llm_call = self._run_caps.get(run)
+        if not call.allows_tool(tool.name) or (llm_call and not llm_call.allows_tool(tool.name)):
+            await self.fail(run, call_id)
+            self._uncap(run)
+            raise ToolNotAllowedError(
+                f"tool {tool.name!r} is not allowed by the budget's caps (tool allowlist/"
+                "denylist of the Cycles reservation); it did not run. Change the budget's "
+                "caps or remove the tool from the agent."
+            )
+
+    async def on_tool_end(
+        self, context: RunContextWrapper[Any], agent: Any, tool: Tool, result: object
+    ) -> None:
+        """Commit the tool's estimate."""
+        call_id = getattr(context, "tool_call_id", None) or f"tool-{tool.name}-{id(context)}"
+        await self.end(self.run_id(context), call_id, None)
+
+    async def on_handoff(
+        self, context: RunContextWrapper[Any], from_agent: Any, to_agent: Any
+    ) -> None:
+        """Record the handoff as a zero-amount event (never blocks the run)."""
+        if self.dry_run:
+            return
+        run, self._handoffs = self.run_id(context), self._handoffs + 1
+        name = f"{from_agent.name}->{to_agent.name}"[:256]
+        key = call_idempotency_key(self.framework, run, f"handoff-{self._handoffs}", "event")
+        try:
+            subject = Subject(**{**self._subject, "agent": from_agent.name})
+            request = EventCreateRequest(
+                idempotency_key=key, subject=subject,
+                action=Action(kind="agent.handoff", name=name),
+                actual=Amount(unit=self._llm_unit, amount=0),
+                metadata={"framework": self.framework, "run_id": run, "to_agent": to_agent.name},
+            )  # fmt: skip
+            (await self.client.create_event(request)).raise_for_error()
+        except Exception as error:  # an audit event never stops the run
+            logger.warning("openai-agents: handoff %s not recorded: %s", name, error)
+
+    async def on_agent_end(self, context: RunContextWrapper[Any], agent: Any, output: Any) -> None:
+        """The run is over: release whatever it left open."""
+        run = self.run_id(context)
+        self._run_caps.pop(run, None)
+        self._llm_open.pop(run, None)
+        self._uncap(run)
+        await self.end_run(run)
+
+    async def release_pending(self, reason: str = "released_by_adapter") -> int:
+        """Release every open reservation of every run (after a run raised); return how many."""
+        self._uncap(None)
+        return await super().release_pending(reason)
+
+    async def close(self) -> None:
+        """Release whatever is still open; close the client if these hooks created it."""
+        await super().close()
+        if self._owns_client:
+            await self.client.aclose()
