@@ -95,7 +95,6 @@ __all__ = [
     "request_from_options",
     "reservation_granted",
     "reserve",
-    "resolve_actual",
     "resolve_subject",
     "run_shielded",
     "to_amount",
@@ -738,33 +737,6 @@ def measure_actual(
         reservation_id=rid,
         reason=reason,
     )
-
-
-def resolve_actual(
-    spec: int | Amount | Callable[[Any], int | Amount | Usage | None] | None,
-    result: Any,
-    context: CyclesContext,
-) -> tuple[Amount | Usage | None, dict[str, Any] | None]:
-    """Work out what a successful guarded call used, committing the estimate if unknown.
-
-    ``@cycles(on_unknown_actual="commit_estimate")`` in one call; :func:`measure_actual` is
-    the strict variant.
-
-    Returns:
-        ``(actual, metadata)``: the validated ``actual`` (``None``: the estimate) and extra
-        commit metadata (``actual_error`` when ``spec`` failed; the error is logged).
-    """
-    try:
-        return measure_actual(spec, result, context), None
-    except UnknownActualError as unknown:
-        if unknown.__cause__ is None:  # returned None: the estimate, as before
-            return None, None
-        logger.error(
-            "cannot use the actual= of reservation %s; committing the estimate instead",
-            context.reservation_id,
-            exc_info=unknown.__cause__,
-        )
-        return None, {"actual_error": unknown.reason}
 
 
 def price_usage(
