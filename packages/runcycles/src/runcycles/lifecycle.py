@@ -1026,14 +1026,14 @@ class _GuardState:
             )
         return context
 
-    def _commit_request(
+    def _start_commit(
         self,
         actual: int | Amount | Usage | None,
         metrics: CyclesMetrics | None,
         metadata: Mapping[str, Any] | None,
         pricer: Pricer | None,
-    ) -> tuple[CyclesContext, CommitRequest]:
-        """Check the commit and build its request (nothing is finalized or sent yet)."""
+    ) -> Any:
+        """Check and claim the commit, then settle it: the result (async twin: its coroutine)."""
         context = self._begin_finalize("commit")
         if isinstance(actual, Usage):
             actual, usage_metrics = price_usage(actual, context.estimate, pricer)
@@ -1043,7 +1043,16 @@ class _GuardState:
                 known = metrics.model_dump(exclude_none=True)
                 extra = usage_metrics.model_dump(exclude_none=True)
                 metrics = metrics.model_copy(update={**extra, **known})
-        return context, build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+        commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+        self._mark_finalized("commit")
+        self._stop_heartbeat()
+        return self._client.settlement.commit(
+            context.reservation_id,
+            commit_request,
+            subject=self._request.subject,
+            action=self._request.action,
+            overage_policy=self._request.overage_policy,
+        )
 
     def _mark_finalized(self, operation: str = "finalize") -> None:
         """Claim the one finalization atomically (two threads cannot both commit)."""
@@ -1274,17 +1283,7 @@ class ReservationGuard(_GuardState):
             UnknownModelError: A :class:`~runcycles.Usage` of a model without a price (under
                 the pricer's ``"error"`` policy); nothing was sent.
         """
-        context, commit_request = self._commit_request(actual, metrics, metadata, pricer)
-        self._mark_finalized("commit")
-        self._stop_heartbeat()
-        result = self._client.settlement.commit(
-            context.reservation_id,
-            commit_request,
-            subject=self._request.subject,
-            action=self._request.action,
-            overage_policy=self._request.overage_policy,
-        )
-        return _checked(result)
+        return _checked(self._start_commit(actual, metrics, metadata, pricer))
 
     def release(self, reason: str | None = None) -> ReleaseResponse:
         """Give the whole reservation back, charging nothing.
@@ -1432,18 +1431,8 @@ class AsyncReservationGuard(_GuardState):
 
         Cancelling the caller meanwhile does not interrupt it.
         """
-        context, commit_request = self._commit_request(actual, metrics, metadata, pricer)
-        self._mark_finalized("commit")
-        self._stop_heartbeat()
         # Known spend: a cancellation of the caller must not interrupt the settlement.
-        settle = self._client.settlement.commit(
-            context.reservation_id,
-            commit_request,
-            subject=self._request.subject,
-            action=self._request.action,
-            overage_policy=self._request.overage_policy,
-        )
-        return _checked(await run_shielded(settle))
+        return _checked(await run_shielded(self._start_commit(actual, metrics, metadata, pricer)))
 
     async def release(self, reason: str | None = None) -> ReleaseResponse:
         """Async twin of :meth:`ReservationGuard.release`."""
