@@ -202,6 +202,9 @@ class _StreamState:
         """Why the final commit or release failed, or the :class:`UnknownActualError` of a
         reservation left to expire (``on_unknown_actual="raise"``); also logged or raised."""
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._guard!r} usage={self.usage!r}>"
+
     @property
     def context(self) -> CyclesContext:
         """The live reservation."""
@@ -354,9 +357,6 @@ class StreamReservation(_StreamState):
         super().__init__(cost_fn, on_unknown_actual)
         self._guard = ReservationGuard(client, request, **options)
 
-    def __repr__(self) -> str:
-        return f"<StreamReservation {self._guard!r} usage={self.usage!r}>"
-
     def __enter__(self) -> Self:
         self._guard.__enter__()
         return self
@@ -470,9 +470,6 @@ class AsyncStreamReservation(_StreamState):
     ) -> None:
         super().__init__(cost_fn, on_unknown_actual)
         self._guard = AsyncReservationGuard(client, request, **options)
-
-    def __repr__(self) -> str:
-        return f"<AsyncStreamReservation {self._guard!r} usage={self.usage!r}>"
 
     async def __aenter__(self) -> Self:
         await self._guard.__aenter__()
