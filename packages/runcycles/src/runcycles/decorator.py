@@ -695,8 +695,7 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
             except UnknownActualError:
                 raise
             except CyclesError as exc:
-                released = isinstance(actual, UnknownActualError)
-                _log_settle_failure(guard.context, exc, released=released)
+                _log_settle_failure(guard.context, exc, actual)
         return result
 
     return guarded
@@ -738,8 +737,7 @@ def _async_wrapper(
             except UnknownActualError:
                 raise
             except CyclesError as exc:
-                released = isinstance(actual, UnknownActualError)
-                _log_settle_failure(guard.context, exc, released=released)
+                _log_settle_failure(guard.context, exc, actual)
         return result
 
     return guarded
@@ -752,8 +750,8 @@ _ASYNC_CREATE: Final = AsyncCyclesClient.create_reservation
 _FIX: Final = "the actual= callable (the function's result is on this error's .result)"
 
 
-def _log_settle_failure(context: CyclesContext, exc: CyclesError, *, released: bool) -> None:
-    if released:
+def _log_settle_failure(context: CyclesContext, exc: CyclesError, actual: object) -> None:
+    if isinstance(actual, UnknownActualError):  # it was released
         logger.warning(
             "could not release reservation %s (%s); it will expire on its own",
             context.reservation_id,

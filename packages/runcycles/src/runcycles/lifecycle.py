@@ -129,11 +129,7 @@ class ReservationAlreadyFinalizedError(CyclesError, RuntimeError):
 
 
 class UnfinalizedReservationWarning(UserWarning):
-    """A guard's block ended normally without ``commit()`` or ``release()``.
-
-    The guard released the reservation, so nothing was charged. Call ``guard.commit(...)``
-    when the work used budget, or ``guard.release()`` when it did not.
-    """
+    """A guard's block ended normally without ``commit()`` or ``release()`` (it released)."""
 
 
 class UnknownActualError(CyclesError):
@@ -293,12 +289,8 @@ class ReserveOptions(TypedDict, total=False):
         action_tags: Up to 10 tags for the action.
         unit: Unit of an ``int`` estimate (default ``USD_MICROCENTS``).
         subject: A complete subject (instead of the fields below).
-        tenant: Subject tenant (default: the config's).
-        workspace: Subject workspace (default: the config's).
-        app: Subject app (default: the config's).
-        workflow: Subject workflow (default: the config's).
-        agent: Subject agent (default: the config's).
-        toolset: Subject toolset (default: the config's).
+        tenant: Subject tenant (default: the config's); likewise ``workspace``, ``app``,
+            ``workflow``, ``agent`` and ``toolset``.
         dimensions: Free-form subject tags (up to 16).
         ttl_ms: Lease in ms (default :data:`DEFAULT_TTL_MS`); the heartbeat extends it.
         grace_period_ms: How long after expiry a commit is still accepted.
