@@ -1,12 +1,5 @@
 """``@cycles``: guard a function with a reservation (reserve -> run -> commit or release).
 
-::
-
-    @cycles(estimate=lambda prompt, tokens: tokens * 10,
-            actual=lambda result: len(result) * 5,
-            action_kind="llm.completion", action_name="gpt-4", client=client)
-    def call_llm(prompt: str, tokens: int) -> str: ...
-
 Each call reserves (a denial raises before the function runs), runs the function with the
 reservation published as :func:`~runcycles.get_cycles_context`, then settles it through the
 guard: commit the actual, apply ``on_unknown_actual`` when it is unknown (never a charge made

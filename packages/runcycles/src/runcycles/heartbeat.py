@@ -1,19 +1,11 @@
 """Keep live reservations from expiring: one heartbeat scheduler per client.
 
-API summary::
-
-    scheduler = HeartbeatScheduler(client)           # or AsyncHeartbeatScheduler(async_client)
-    handle = scheduler.track(reservation_id, ttl_ms=60_000, remaining_ttl_ms=59_000,
-                             expires_at_ms=1_767_000_000, rtt_ms=12.5, on_event=print)
-    handle.stop()                      # idempotent; call it before committing
-    scheduler.close()                  # (await scheduler.aclose() for the async one)
-
 One worker per client, never one per reservation: a daemon thread (sync) or one asyncio task
 (async; up to ``max_in_flight`` short-lived extend tasks while requests are on the wire),
 over a heap of due times. The pure :class:`LeasePlanner` implements the spec's
 ``extendReservation`` HEARTBEAT GUIDANCE (next delay, same-key retries within the retry
 window, 429 ``Retry-After``, terminal answers, the measured-grant fallback for servers that
-omit ``remaining_ttl_ms``); ``docs/heartbeat.md`` has the formulas. A heartbeat logs and
+omit ``remaining_ttl_ms``); ``docs/heartbeat.md`` has the API and the formulas. A heartbeat logs and
 reports every retry and stop as a :class:`HeartbeatEvent`, never cancels the user's work and
 never suppresses the commit (a lapsed lease is settled through ``410 -> POST /v1/events``).
 

@@ -1,13 +1,5 @@
 """Settle known spend exactly once: :class:`Settlement` and its async twin.
 
-API summary::
-
-    settlement = Settlement(client, journal=Journal.for_config(client.config))  # journal optional
-    result = settlement.commit(reservation_id, commit_request, subject=subject, action=action)
-    result.settled                # True: committed (200) or applied as an event (201)
-    result.outcome                # "committed" | "event_applied" | "rejected" | "pending"
-    settlement.flush(timeout_s=5) # at shutdown: replay what is left, bounded in time
-
 ``commit`` (the client-recovery profile, core + durable levels; see ``docs/recovery.md``):
 journal first (an I/O failure is reported in ``result.journal_error``, never blocks the
 attempt); retry on the same idempotency key after anything ambiguous (transport error, 5xx,

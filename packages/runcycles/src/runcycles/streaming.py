@@ -1,13 +1,5 @@
 """Stream reservations: hold budget while a streamed response arrives, commit what it used.
 
-::
-
-    with stream_reservation(client, estimate=20_000, action_kind="llm.completion",
-                            action_name="gpt-4o", cost_fn=price) as stream:
-        for chunk in model.stream(prompt):
-            stream.usage.add_output_tokens(chunk.tokens)
-            yield chunk.text
-
 The accumulated usage is committed whatever ended the block (completed, raised, cancelled):
 tokens a provider produced are spend. Only a stream that consumed nothing is released. What
 is committed (``actual_cost``, ``cost_fn``, token count, estimate) and what an unknown actual
