@@ -34,10 +34,9 @@ from runcycles.journal import (
     QuarantinedRecord,
     RecordLock,
     SettlementMode,
-    _atry_lock,
+    _aclaim,
     _claim_for_loop,
     _journal_executor,
-    _release_claimed,
     _release_each,
     _ReleaseOnExit,
     run_journal_io,
@@ -804,7 +803,7 @@ class AsyncSettlement(_Setup):
             if record.not_before_ms > self._wall() * 1000:
                 report.not_due.append(rid)
                 continue
-            lock = await _atry_lock(journal, rid)  # a claim is never lost to a cancellation
+            lock = await _aclaim(_claim_for_loop, journal, rid)  # never lost to a cancellation
             if lock is None:
                 report.busy.append(rid)
                 continue
@@ -973,23 +972,6 @@ def _materialize_for_loop(
     return lock
 
 
-async def _aclaim(claim: Callable[..., RecordLock | None], *args: Any) -> RecordLock | None:
-    """Run ``claim(*args, loop)`` on the journal's I/O thread; never lose the claim it makes.
-
-    The claim belongs to the running loop, so it is released if that loop is closed with
-    the commit still waiting (see :func:`runcycles.journal._release_orphaned_claims`). If
-    the commit is cancelled (or its loop closes) while the claim is being made, the claim
-    is released as soon as it is made, as :func:`runcycles.journal._atry_lock` does.
-    """
-    loop = asyncio.get_running_loop()
-    job = _journal_executor().submit(claim, *args, loop)
-    try:
-        return await asyncio.wrap_future(job, loop=loop)
-    except BaseException:
-        job.add_done_callback(_release_claimed)
-        raise
-
-
 async def _aclose(
     journal: Journal | None,
     intents: list[IntentEntry],
@@ -1000,8 +982,8 @@ async def _aclose(
     """End an async commit that wrote a record file or did not finish: on the I/O thread.
 
     Resolves its intents (keeping an unfinished settlement in a record file) and releases
-    its claims, behind the journal I/O the commit queued there (a claim still being made
-    is released by :func:`_aclaim`). The job is queued before anything is awaited, so a
+    its claims, behind the journal I/O the commit queued there (one still being made is
+    released by ``journal._aclaim``). The job is queued before anything is awaited, so a
     second cancellation cannot skip it, and ``closing`` (the coroutine is being closed,
     its loop maybe gone) does not wait for it.
     """
