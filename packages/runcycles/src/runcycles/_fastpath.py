@@ -2,10 +2,8 @@
 
 A few hot spots go around ``pydantic`` and ``httpx`` internals to save CPU per guarded call
 (``benchmarks/guarded_call.py``). Each relies on how the library works inside, not on what it
-promises, so each lives here next to its public-API spelling, and one switch picks between
-them: :func:`dump_json`, :func:`copy_with_key`, :func:`body_after_key` /
-:func:`keyed_request`, :func:`construct`, :func:`set_unchecked`, :func:`direct_transport`
-and :func:`request_builder` (each docstring names both paths).
+promises, so each lives here next to its public-API spelling (each function's docstring
+names both paths), and one switch picks between them.
 
 The switch is ``RUNCYCLES_FASTPATH``, read once at import: ``0`` (or ``false``, ``no``,
 ``off``) selects the plain twins everywhere. Tests flip it with :func:`set_enabled`,
