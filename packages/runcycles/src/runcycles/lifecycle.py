@@ -538,15 +538,7 @@ def known_tenant(client: BaseCyclesClient | AsyncBaseCyclesClient) -> str | None
 
 
 def discover_tenant(client: BaseCyclesClient) -> str:
-    """Return the tenant of ``client``'s API key (``client.discover_tenant()``).
-
-    Used when no subject field is configured anywhere (``CyclesConfig(base_url=...,
-    api_key=...)`` alone).
-
-    Raises:
-        CyclesError: The server could not be asked (transport or auth failure).
-        SubjectRequiredError: The server did not report the tenant.
-    """
+    """Return ``client.discover_tenant()``: its API key's tenant (raises as that does)."""
     return client.discover_tenant()
 
 
@@ -1419,10 +1411,7 @@ class AsyncReservationGuard(_GuardState):
         metadata: Mapping[str, Any] | None = None,
         pricer: Pricer | None = None,
     ) -> SettlementResult:
-        """Async twin of :meth:`ReservationGuard.commit`; the settlement is shielded.
-
-        Cancelling the caller meanwhile does not interrupt it.
-        """
+        """Async twin of :meth:`ReservationGuard.commit`; the settlement is shielded."""
         # Known spend: a cancellation of the caller must not interrupt the settlement.
         return _checked(await run_shielded(self._start_commit(actual, metrics, metadata, pricer)))
 

@@ -824,10 +824,7 @@ class AsyncSettlement(_Setup):
     async def flush(
         self, timeout_s: float = 10.0, *, created_before_ms: int | None = None
     ) -> ReplayReport:
-        """Replay what is left in the journal, giving up after ``timeout_s`` (records stay).
-
-        ``created_before_ms`` is as for :meth:`Settlement.replay`.
-        """
+        """Async twin of :meth:`Settlement.flush`."""
         return await self.replay(
             deadline_s=self._wall() + timeout_s, created_before_ms=created_before_ms
         )

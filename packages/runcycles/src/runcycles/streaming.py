@@ -392,12 +392,11 @@ class StreamReservation(_StreamState):
                     metadata={OUTCOME_KEY: "completed"},
                     fix=_FIX,
                 )
-            except UnknownActualError:
-                raise self._unknown_settled(unknown) from unknown.__cause__
             except CyclesError as exc:
-                self._record_failure(context, exc)
+                if not isinstance(exc, UnknownActualError):
+                    self._record_failure(context, exc)
                 result = None
-            if result is None:  # released: there is no commit to return
+            if result is None:  # left to expire, released or failed: no commit to return
                 raise self._unknown_settled(unknown) from unknown.__cause__
             return result
         return guard.commit(amount, metrics=metrics, metadata=metadata)
@@ -500,12 +499,11 @@ class AsyncStreamReservation(_StreamState):
                     metadata={OUTCOME_KEY: "completed"},
                     fix=_FIX,
                 )
-            except UnknownActualError:
-                raise self._unknown_settled(unknown) from unknown.__cause__
             except CyclesError as exc:
-                self._record_failure(context, exc)
+                if not isinstance(exc, UnknownActualError):
+                    self._record_failure(context, exc)
                 result = None
-            if result is None:  # released: there is no commit to return
+            if result is None:  # left to expire, released or failed: no commit to return
                 raise self._unknown_settled(unknown) from unknown.__cause__
             return result
         return await guard.commit(amount, metrics=metrics, metadata=metadata)
