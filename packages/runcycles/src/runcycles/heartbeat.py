@@ -695,26 +695,15 @@ class _SchedulerCore:
                 f"reservation {reservation_id!r} is already tracked; stop() its handle first"
             )
         now = self._now_ms()
+        handle = HeartbeatHandle(
+            self, reservation_id, None, expires_at_ms, remaining_ttl_ms, on_event
+        )
+        handle._init = (ttl_ms, now, rtt_ms)
         if remaining_ttl_ms is None:  # the measured-grant fallback: plan now
-            planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
-            handle = HeartbeatHandle(
-                self, reservation_id, planner, expires_at_ms, remaining_ttl_ms, on_event
-            )
-            step = planner.on_success(
-                now,
-                rtt_ms=rtt_ms,
-                remaining_ttl_ms=remaining_ttl_ms,
-                expires_at_ms=expires_at_ms,
-                initial=True,
-            )
-            delay_ms = step.delay_ms or 0
+            delay_ms = self._first_step(handle).delay_ms or 0
         else:
-            # Same first delay as LeasePlanner.on_success(initial=True), which _planner_of()
-            # replays with these inputs when the beat is first due.
-            handle = HeartbeatHandle(
-                self, reservation_id, None, expires_at_ms, remaining_ttl_ms, on_event
-            )
-            handle._init = (ttl_ms, now, rtt_ms)
+            # Same first delay as _first_step(), which _planner_of() runs when the beat is
+            # first due.
             rtt = None if rtt_ms is None or not rtt_ms >= 0 else _ceil_ms(rtt_ms)
             delay_ms = next_delay_ms(
                 remaining_ttl_ms=remaining_ttl_ms,
@@ -726,23 +715,26 @@ class _SchedulerCore:
         self._push(handle, now + delay_ms)
         return handle
 
+    def _first_step(self, handle: HeartbeatHandle) -> HeartbeatStep:
+        """Build the handle's planner from the create response; return its first step."""
+        assert handle._init is not None
+        ttl_ms, now_ms, rtt_ms = handle._init
+        planner = handle._planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
+        handle._init = None
+        return planner.on_success(
+            now_ms,
+            rtt_ms=rtt_ms,
+            remaining_ttl_ms=handle._remaining_ttl_ms,
+            expires_at_ms=handle._expires_at_ms,
+            initial=True,
+        )
+
     def _planner_of(self, handle: HeartbeatHandle) -> LeasePlanner:
         """Return the handle's planner, building it from the create response if needed."""
-        planner = handle._planner
-        if planner is None:
-            assert handle._init is not None
-            ttl_ms, now_ms, rtt_ms = handle._init
-            planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
-            planner.on_success(
-                now_ms,
-                rtt_ms=rtt_ms,
-                remaining_ttl_ms=handle._remaining_ttl_ms,
-                expires_at_ms=handle._expires_at_ms,
-                initial=True,
-            )
-            handle._planner = planner
-            handle._init = None
-        return planner
+        if handle._planner is None:
+            self._first_step(handle)
+        assert handle._planner is not None
+        return handle._planner
 
     def _push(self, handle: HeartbeatHandle, due_ms: float) -> None:
         handle._gen += 1
