@@ -103,11 +103,14 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
     os.register_at_fork(after_in_child=_forked)
 
 
-def _no_tenant_error(response: CyclesResponse[Any]) -> Exception:
+def _key_tenant_of(response: CyclesResponse[Any]) -> str:
+    """The API key's tenant from ``response`` (``X-Cycles-Tenant``); raise if it is missing."""
+    if response.cycles_tenant:
+        return response.cycles_tenant
     error = response.to_exception()
     if error is not None and not response.is_success:
-        return error
-    return SubjectRequiredError(
+        raise error
+    raise SubjectRequiredError(
         "the reservation has no subject and the server did not say which tenant the API key "
         "belongs to (no X-Cycles-Tenant header); pass tenant=... or set "
         "CyclesConfig(tenant=...)"
@@ -288,14 +291,9 @@ class BaseCyclesClient:
             CyclesError: The server could not be asked (transport or auth failure).
             SubjectRequiredError: The server did not report the tenant.
         """
-        tenant = self._key_tenant
-        if tenant is None:
-            response = self.list_reservations(limit=1)
-            tenant = response.cycles_tenant
-            if not tenant:
-                raise _no_tenant_error(response)
-            self._key_tenant = tenant
-        return tenant
+        if self._key_tenant is None:
+            self._key_tenant = _key_tenant_of(self.list_reservations(limit=1))
+        return self._key_tenant
 
     def close(self) -> None:
         """Stop the heartbeat and close the connection pool.
@@ -795,14 +793,9 @@ class AsyncBaseCyclesClient:
 
     async def discover_tenant(self) -> str:
         """Async twin of :meth:`BaseCyclesClient.discover_tenant`."""
-        tenant = self._key_tenant
-        if tenant is None:
-            response = await self.list_reservations(limit=1)
-            tenant = response.cycles_tenant
-            if not tenant:
-                raise _no_tenant_error(response)
-            self._key_tenant = tenant
-        return tenant
+        if self._key_tenant is None:
+            self._key_tenant = _key_tenant_of(await self.list_reservations(limit=1))
+        return self._key_tenant
 
     async def aclose(self) -> None:
         """Stop the heartbeat and the journal replay, and close the connection pool.

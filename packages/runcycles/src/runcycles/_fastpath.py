@@ -2,10 +2,8 @@
 
 A few hot spots go around ``pydantic`` and ``httpx`` internals to save CPU per guarded call
 (``benchmarks/guarded_call.py``). Each relies on how the library works inside, not on what it
-promises, so each lives here next to its public-API spelling, and one switch picks between
-them: :func:`dump_json`, :func:`copy_with_key`, :func:`body_after_key` /
-:func:`keyed_request`, :func:`construct`, :func:`set_unchecked`, :func:`direct_transport`
-and :func:`request_builder` (each docstring names both paths).
+promises, so each lives here next to its public-API spelling (each function's docstring
+names both paths), and one switch picks between them.
 
 The switch is ``RUNCYCLES_FASTPATH``, read once at import: ``0`` (or ``false``, ``no``,
 ``off``) selects the plain twins everywhere. Tests flip it with :func:`set_enabled`,
@@ -75,8 +73,6 @@ M = TypeVar("M", bound=BaseModel)
 def set_enabled(value: bool) -> bool:
     """Turn the fast paths on or off for the whole process.
 
-    Clients built afterwards pick their wire accordingly; the model functions follow at once.
-
     Args:
         value: ``True`` for the fast paths, ``False`` for the plain twins.
 
@@ -121,11 +117,7 @@ _MODEL_SLOTS: Final = (
 
 
 def _model_internals_present(base: type = BaseModel) -> bool:
-    """Whether ``base`` keeps an instance's state in exactly the slots the shortcuts write.
-
-    A ``pydantic`` that adds, renames or drops one makes a hand-assembled model incomplete,
-    so the shortcuts that assemble models are then off (their plain twins run).
-    """
+    """Whether ``base`` keeps an instance's state in exactly the slots the shortcuts write."""
     return tuple(getattr(base, "__slots__", ())) == _MODEL_SLOTS
 
 
@@ -164,24 +156,29 @@ def _plain_copy_with_key(template: ReservationCreateRequest, key: str) -> Reserv
     return template.model_copy(update={"idempotency_key": key})
 
 
+def _assemble(
+    cls: type[M], state: dict[str, Any], fields_set: set[str], extra: Any, private: Any
+) -> M:
+    """The model of ``cls`` whose ``_MODEL_SLOTS`` hold these, validation skipped."""
+    model = cls.__new__(cls)
+    object.__setattr__(model, "__dict__", state)
+    object.__setattr__(model, "__pydantic_fields_set__", fields_set)
+    object.__setattr__(model, "__pydantic_extra__", extra)
+    object.__setattr__(model, "__pydantic_private__", private)
+    return model
+
+
 def _fast_copy_with_key(template: ReservationCreateRequest, key: str) -> ReservationCreateRequest:
     if not _MODELS_OK:
         return _plain_copy_with_key(template, key)
     try:
-        fields = template.__dict__.copy()
+        state = template.__dict__ | {"idempotency_key": key}  # same order, one value replaced
         fields_set = template.__pydantic_fields_set__ | _KEY_FIELD
         extra = template.__pydantic_extra__
         private = template.__pydantic_private__
     except AttributeError:  # pragma: no cover - depends on the pydantic version
         return _plain_copy_with_key(template, key)
-    cls = type(template)
-    copy = cls.__new__(cls)
-    fields["idempotency_key"] = key
-    object.__setattr__(copy, "__dict__", fields)
-    object.__setattr__(copy, "__pydantic_fields_set__", fields_set)
-    object.__setattr__(copy, "__pydantic_extra__", extra)
-    object.__setattr__(copy, "__pydantic_private__", private)
-    return copy
+    return _assemble(type(template), state, fields_set, extra, private)
 
 
 def copy_with_key(template: ReservationCreateRequest, key: str) -> ReservationCreateRequest:
@@ -253,12 +250,7 @@ def _plain_construct(cls: type[M], values: dict[str, Any], fields_set: frozenset
 def _fast_construct(cls: type[M], values: dict[str, Any], fields_set: frozenset[str]) -> M:
     if not _MODELS_OK:
         return _plain_construct(cls, values, fields_set)
-    model = cls.__new__(cls)
-    object.__setattr__(model, "__dict__", values)
-    object.__setattr__(model, "__pydantic_fields_set__", set(fields_set))
-    object.__setattr__(model, "__pydantic_extra__", None)
-    object.__setattr__(model, "__pydantic_private__", None)
-    return model
+    return _assemble(cls, values, set(fields_set), None, None)
 
 
 def construct(cls: type[M], values: dict[str, Any], fields_set: frozenset[str]) -> M:
@@ -318,8 +310,7 @@ def direct_transport(
     ``httpx`` resolves the transport per request from the client's mounts (proxy
     environment variables become mounts); every URL of one Cycles server resolves alike, so
     the lookup is done once, through ``httpx``'s private ``_transport_for_url``. ``None``
-    (the plain twin, also when a future ``httpx`` drops or changes the lookup) means: send
-    through ``http.send``.
+    (the plain twin, or the fallback) means: send through ``http.send``.
 
     Args:
         http: The client's ``httpx`` client.
@@ -408,30 +399,25 @@ def request_builder(
         kept = plans.get(names, unplanned)
         if kept is unplanned:
             kept = plan(names)
-        if kept is None:
-            merged = httpx.Headers(defaults)
-            merged.update(headers)
-            return httpx.Request(
-                method, url, params=params, headers=merged, content=content, extensions=extensions
-            )
-        if not content:  # no body, or an empty one: httpx's own headers (none, or 0)
-            return httpx.Request(
+        if kept is not None and content:
+            request = httpx.Request(
                 method,
                 url,
                 params=params,
-                headers={**kept, **headers},
-                content=content,
+                headers={"Host": host, **kept, **headers, "Content-Length": str(len(content))},
+                stream=stream_type(content),
                 extensions=extensions,
             )
-        request = httpx.Request(
-            method,
-            url,
-            params=params,
-            headers={"Host": host, **kept, **headers, "Content-Length": str(len(content))},
-            stream=stream_type(content),
-            extensions=extensions,
+            request.read()  # ``request.content`` readable, as with ``content=``
+            return request
+        merged: httpx.Headers | dict[str, str]
+        if kept is None:
+            merged = httpx.Headers(defaults)
+            merged.update(headers)
+        else:  # no body, or an empty one: httpx's own headers (none, or 0)
+            merged = {**kept, **headers}
+        return httpx.Request(
+            method, url, params=params, headers=merged, content=content, extensions=extensions
         )
-        request.read()  # ``request.content`` readable, as with ``content=``
-        return request
 
     return fast_build

@@ -57,11 +57,7 @@ class CyclesClient(BaseCyclesClient):
         """Return a guard that reserves when its ``with`` block is entered.
 
         The method spelling of :func:`runcycles.reserve`: ``client.reserve(...)`` is
-        ``reserve(client, ...)``. Nothing is sent before the block is entered::
-
-            with client.reserve(estimate=5_000, action_kind="llm.completion",
-                                action_name="gpt-4o") as guard:
-                guard.commit(actual=3_200)
+        ``reserve(client, ...)``. Nothing is sent before the block is entered.
 
         Args:
             request: A ready reservation request, instead of the keyword options.

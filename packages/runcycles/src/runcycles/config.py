@@ -32,12 +32,8 @@ class CyclesConfig:
         base_url: Server root, e.g. ``http://localhost:7878`` (``/v1/...`` is appended).
             A trailing slash is removed.
         api_key: Tenant API key, sent as ``X-Cycles-API-Key``.
-        tenant: Default subject ``tenant`` (see :meth:`default_subject`).
-        workspace: Default subject ``workspace``.
-        app: Default subject ``app``.
-        workflow: Default subject ``workflow``.
-        agent: Default subject ``agent``.
-        toolset: Default subject ``toolset``.
+        tenant: Default subject ``tenant`` (see :meth:`default_subject`); likewise
+            ``workspace``, ``app``, ``workflow``, ``agent`` and ``toolset``.
         connect_timeout: Seconds to wait for a TCP/TLS connection.
         read_timeout: Seconds to wait for the server's answer (also used for writes and
             for waiting on a free pooled connection).

@@ -1,12 +1,5 @@
 """``@cycles``: guard a function with a reservation (reserve -> run -> commit or release).
 
-::
-
-    @cycles(estimate=lambda prompt, tokens: tokens * 10,
-            actual=lambda result: len(result) * 5,
-            action_kind="llm.completion", action_name="gpt-4", client=client)
-    def call_llm(prompt: str, tokens: int) -> str: ...
-
 Each call reserves (a denial raises before the function runs), runs the function with the
 reservation published as :func:`~runcycles.get_cycles_context`, then settles it through the
 guard: commit the actual, apply ``on_unknown_actual`` when it is unknown (never a charge made
@@ -695,8 +688,7 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
             except UnknownActualError:
                 raise
             except CyclesError as exc:
-                released = isinstance(actual, UnknownActualError)
-                _log_settle_failure(guard.context, exc, released=released)
+                _log_settle_failure(guard.context, exc, actual)
         return result
 
     return guarded
@@ -738,8 +730,7 @@ def _async_wrapper(
             except UnknownActualError:
                 raise
             except CyclesError as exc:
-                released = isinstance(actual, UnknownActualError)
-                _log_settle_failure(guard.context, exc, released=released)
+                _log_settle_failure(guard.context, exc, actual)
         return result
 
     return guarded
@@ -752,8 +743,8 @@ _ASYNC_CREATE: Final = AsyncCyclesClient.create_reservation
 _FIX: Final = "the actual= callable (the function's result is on this error's .result)"
 
 
-def _log_settle_failure(context: CyclesContext, exc: CyclesError, *, released: bool) -> None:
-    if released:
+def _log_settle_failure(context: CyclesContext, exc: CyclesError, actual: object) -> None:
+    if isinstance(actual, UnknownActualError):  # it was released
         logger.warning(
             "could not release reservation %s (%s); it will expire on its own",
             context.reservation_id,

@@ -1,19 +1,11 @@
 """Keep live reservations from expiring: one heartbeat scheduler per client.
 
-API summary::
-
-    scheduler = HeartbeatScheduler(client)           # or AsyncHeartbeatScheduler(async_client)
-    handle = scheduler.track(reservation_id, ttl_ms=60_000, remaining_ttl_ms=59_000,
-                             expires_at_ms=1_767_000_000, rtt_ms=12.5, on_event=print)
-    handle.stop()                      # idempotent; call it before committing
-    scheduler.close()                  # (await scheduler.aclose() for the async one)
-
 One worker per client, never one per reservation: a daemon thread (sync) or one asyncio task
 (async; up to ``max_in_flight`` short-lived extend tasks while requests are on the wire),
 over a heap of due times. The pure :class:`LeasePlanner` implements the spec's
 ``extendReservation`` HEARTBEAT GUIDANCE (next delay, same-key retries within the retry
 window, 429 ``Retry-After``, terminal answers, the measured-grant fallback for servers that
-omit ``remaining_ttl_ms``); ``docs/heartbeat.md`` has the formulas. A heartbeat logs and
+omit ``remaining_ttl_ms``); ``docs/heartbeat.md`` has the API and the formulas. A heartbeat logs and
 reports every retry and stop as a :class:`HeartbeatEvent`, never cancels the user's work and
 never suppresses the commit (a lapsed lease is settled through ``410 -> POST /v1/events``).
 
@@ -703,26 +695,15 @@ class _SchedulerCore:
                 f"reservation {reservation_id!r} is already tracked; stop() its handle first"
             )
         now = self._now_ms()
+        handle = HeartbeatHandle(
+            self, reservation_id, None, expires_at_ms, remaining_ttl_ms, on_event
+        )
+        handle._init = (ttl_ms, now, rtt_ms)
         if remaining_ttl_ms is None:  # the measured-grant fallback: plan now
-            planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
-            handle = HeartbeatHandle(
-                self, reservation_id, planner, expires_at_ms, remaining_ttl_ms, on_event
-            )
-            step = planner.on_success(
-                now,
-                rtt_ms=rtt_ms,
-                remaining_ttl_ms=remaining_ttl_ms,
-                expires_at_ms=expires_at_ms,
-                initial=True,
-            )
-            delay_ms = step.delay_ms or 0
+            delay_ms = self._first_step(handle).delay_ms or 0
         else:
-            # Same first delay as LeasePlanner.on_success(initial=True), which _planner_of()
-            # replays with these inputs when the beat is first due.
-            handle = HeartbeatHandle(
-                self, reservation_id, None, expires_at_ms, remaining_ttl_ms, on_event
-            )
-            handle._init = (ttl_ms, now, rtt_ms)
+            # Same first delay as _first_step(), which _planner_of() runs when the beat is
+            # first due.
             rtt = None if rtt_ms is None or not rtt_ms >= 0 else _ceil_ms(rtt_ms)
             delay_ms = next_delay_ms(
                 remaining_ttl_ms=remaining_ttl_ms,
@@ -734,23 +715,26 @@ class _SchedulerCore:
         self._push(handle, now + delay_ms)
         return handle
 
+    def _first_step(self, handle: HeartbeatHandle) -> HeartbeatStep:
+        """Build the handle's planner from the create response; return its first step."""
+        assert handle._init is not None
+        ttl_ms, now_ms, rtt_ms = handle._init
+        planner = handle._planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
+        handle._init = None
+        return planner.on_success(
+            now_ms,
+            rtt_ms=rtt_ms,
+            remaining_ttl_ms=handle._remaining_ttl_ms,
+            expires_at_ms=handle._expires_at_ms,
+            initial=True,
+        )
+
     def _planner_of(self, handle: HeartbeatHandle) -> LeasePlanner:
         """Return the handle's planner, building it from the create response if needed."""
-        planner = handle._planner
-        if planner is None:
-            assert handle._init is not None
-            ttl_ms, now_ms, rtt_ms = handle._init
-            planner = LeasePlanner(ttl_ms, self._attempt_timeout_ms)
-            planner.on_success(
-                now_ms,
-                rtt_ms=rtt_ms,
-                remaining_ttl_ms=handle._remaining_ttl_ms,
-                expires_at_ms=handle._expires_at_ms,
-                initial=True,
-            )
-            handle._planner = planner
-            handle._init = None
-        return planner
+        if handle._planner is None:
+            self._first_step(handle)
+        assert handle._planner is not None
+        return handle._planner
 
     def _push(self, handle: HeartbeatHandle, due_ms: float) -> None:
         handle._gen += 1

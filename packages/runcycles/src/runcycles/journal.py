@@ -1237,13 +1237,15 @@ def _release_soon(lock: RecordLock) -> Future[None] | None:
         return None
 
 
-async def _atry_lock(journal: Journal, reservation_id: str) -> RecordLock | None:
-    """:meth:`Journal.try_lock` on the I/O thread for async code; never loses a claim.
+async def _aclaim(claim: Callable[..., RecordLock | None], *args: Any) -> RecordLock | None:
+    """Run ``claim(*args, loop)`` on the I/O thread for async code; never lose the claim it makes.
 
-    Use the claim with ``async with _ReleaseOnExit(lock)``.
+    The claim belongs to the running loop: it is released if that loop is closed with the
+    claim still held (:func:`_release_orphaned_claims`). E.g. ``_aclaim(_claim_for_loop,
+    journal, reservation_id)``; use the claim with ``async with _ReleaseOnExit(lock)``.
     """
     loop = asyncio.get_running_loop()
-    job = _journal_executor().submit(_claim_for_loop, journal, reservation_id, loop)
+    job = _journal_executor().submit(claim, *args, loop)
     try:
         return await asyncio.wrap_future(job, loop=loop)
     except BaseException:

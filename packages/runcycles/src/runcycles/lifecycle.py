@@ -95,7 +95,6 @@ __all__ = [
     "request_from_options",
     "reservation_granted",
     "reserve",
-    "resolve_actual",
     "resolve_subject",
     "run_shielded",
     "to_amount",
@@ -130,11 +129,7 @@ class ReservationAlreadyFinalizedError(CyclesError, RuntimeError):
 
 
 class UnfinalizedReservationWarning(UserWarning):
-    """A guard's block ended normally without ``commit()`` or ``release()``.
-
-    The guard released the reservation, so nothing was charged. Call ``guard.commit(...)``
-    when the work used budget, or ``guard.release()`` when it did not.
-    """
+    """A guard's block ended normally without ``commit()`` or ``release()`` (it released)."""
 
 
 class UnknownActualError(CyclesError):
@@ -294,12 +289,8 @@ class ReserveOptions(TypedDict, total=False):
         action_tags: Up to 10 tags for the action.
         unit: Unit of an ``int`` estimate (default ``USD_MICROCENTS``).
         subject: A complete subject (instead of the fields below).
-        tenant: Subject tenant (default: the config's).
-        workspace: Subject workspace (default: the config's).
-        app: Subject app (default: the config's).
-        workflow: Subject workflow (default: the config's).
-        agent: Subject agent (default: the config's).
-        toolset: Subject toolset (default: the config's).
+        tenant: Subject tenant (default: the config's); likewise ``workspace``, ``app``,
+            ``workflow``, ``agent`` and ``toolset``.
         dimensions: Free-form subject tags (up to 16).
         ttl_ms: Lease in ms (default :data:`DEFAULT_TTL_MS`); the heartbeat extends it.
         grace_period_ms: How long after expiry a commit is still accepted.
@@ -547,15 +538,7 @@ def known_tenant(client: BaseCyclesClient | AsyncBaseCyclesClient) -> str | None
 
 
 def discover_tenant(client: BaseCyclesClient) -> str:
-    """Return the tenant of ``client``'s API key (``client.discover_tenant()``).
-
-    Used when no subject field is configured anywhere (``CyclesConfig(base_url=...,
-    api_key=...)`` alone).
-
-    Raises:
-        CyclesError: The server could not be asked (transport or auth failure).
-        SubjectRequiredError: The server did not report the tenant.
-    """
+    """Return ``client.discover_tenant()``: its API key's tenant (raises as that does)."""
     return client.discover_tenant()
 
 
@@ -738,33 +721,6 @@ def measure_actual(
         reservation_id=rid,
         reason=reason,
     )
-
-
-def resolve_actual(
-    spec: int | Amount | Callable[[Any], int | Amount | Usage | None] | None,
-    result: Any,
-    context: CyclesContext,
-) -> tuple[Amount | Usage | None, dict[str, Any] | None]:
-    """Work out what a successful guarded call used, committing the estimate if unknown.
-
-    ``@cycles(on_unknown_actual="commit_estimate")`` in one call; :func:`measure_actual` is
-    the strict variant.
-
-    Returns:
-        ``(actual, metadata)``: the validated ``actual`` (``None``: the estimate) and extra
-        commit metadata (``actual_error`` when ``spec`` failed; the error is logged).
-    """
-    try:
-        return measure_actual(spec, result, context), None
-    except UnknownActualError as unknown:
-        if unknown.__cause__ is None:  # returned None: the estimate, as before
-            return None, None
-        logger.error(
-            "cannot use the actual= of reservation %s; committing the estimate instead",
-            context.reservation_id,
-            exc_info=unknown.__cause__,
-        )
-        return None, {"actual_error": unknown.reason}
 
 
 def price_usage(
@@ -1054,14 +1010,14 @@ class _GuardState:
             )
         return context
 
-    def _commit_request(
+    def _start_commit(
         self,
         actual: int | Amount | Usage | None,
         metrics: CyclesMetrics | None,
         metadata: Mapping[str, Any] | None,
         pricer: Pricer | None,
-    ) -> tuple[CyclesContext, CommitRequest]:
-        """Check the commit and build its request (nothing is finalized or sent yet)."""
+    ) -> Any:
+        """Check and claim the commit, then settle it: the result (async twin: its coroutine)."""
         context = self._begin_finalize("commit")
         if isinstance(actual, Usage):
             actual, usage_metrics = price_usage(actual, context.estimate, pricer)
@@ -1071,7 +1027,16 @@ class _GuardState:
                 known = metrics.model_dump(exclude_none=True)
                 extra = usage_metrics.model_dump(exclude_none=True)
                 metrics = metrics.model_copy(update={**extra, **known})
-        return context, build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+        commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
+        self._mark_finalized("commit")
+        self._stop_heartbeat()
+        return self._client.settlement.commit(
+            context.reservation_id,
+            commit_request,
+            subject=self._request.subject,
+            action=self._request.action,
+            overage_policy=self._request.overage_policy,
+        )
 
     def _mark_finalized(self, operation: str = "finalize") -> None:
         """Claim the one finalization atomically (two threads cannot both commit)."""
@@ -1302,17 +1267,7 @@ class ReservationGuard(_GuardState):
             UnknownModelError: A :class:`~runcycles.Usage` of a model without a price (under
                 the pricer's ``"error"`` policy); nothing was sent.
         """
-        context, commit_request = self._commit_request(actual, metrics, metadata, pricer)
-        self._mark_finalized("commit")
-        self._stop_heartbeat()
-        result = self._client.settlement.commit(
-            context.reservation_id,
-            commit_request,
-            subject=self._request.subject,
-            action=self._request.action,
-            overage_policy=self._request.overage_policy,
-        )
-        return _checked(result)
+        return _checked(self._start_commit(actual, metrics, metadata, pricer))
 
     def release(self, reason: str | None = None) -> ReleaseResponse:
         """Give the whole reservation back, charging nothing.
@@ -1456,22 +1411,9 @@ class AsyncReservationGuard(_GuardState):
         metadata: Mapping[str, Any] | None = None,
         pricer: Pricer | None = None,
     ) -> SettlementResult:
-        """Async twin of :meth:`ReservationGuard.commit`; the settlement is shielded.
-
-        Cancelling the caller meanwhile does not interrupt it.
-        """
-        context, commit_request = self._commit_request(actual, metrics, metadata, pricer)
-        self._mark_finalized("commit")
-        self._stop_heartbeat()
+        """Async twin of :meth:`ReservationGuard.commit`; the settlement is shielded."""
         # Known spend: a cancellation of the caller must not interrupt the settlement.
-        settle = self._client.settlement.commit(
-            context.reservation_id,
-            commit_request,
-            subject=self._request.subject,
-            action=self._request.action,
-            overage_policy=self._request.overage_policy,
-        )
-        return _checked(await run_shielded(settle))
+        return _checked(await run_shielded(self._start_commit(actual, metrics, metadata, pricer)))
 
     async def release(self, reason: str | None = None) -> ReleaseResponse:
         """Async twin of :meth:`ReservationGuard.release`."""

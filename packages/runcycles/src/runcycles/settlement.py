@@ -1,13 +1,5 @@
 """Settle known spend exactly once: :class:`Settlement` and its async twin.
 
-API summary::
-
-    settlement = Settlement(client, journal=Journal.for_config(client.config))  # journal optional
-    result = settlement.commit(reservation_id, commit_request, subject=subject, action=action)
-    result.settled                # True: committed (200) or applied as an event (201)
-    result.outcome                # "committed" | "event_applied" | "rejected" | "pending"
-    settlement.flush(timeout_s=5) # at shutdown: replay what is left, bounded in time
-
 ``commit`` (the client-recovery profile, core + durable levels; see ``docs/recovery.md``):
 journal first (an I/O failure is reported in ``result.journal_error``, never blocks the
 attempt); retry on the same idempotency key after anything ambiguous (transport error, 5xx,
@@ -42,10 +34,9 @@ from runcycles.journal import (
     QuarantinedRecord,
     RecordLock,
     SettlementMode,
-    _atry_lock,
+    _aclaim,
     _claim_for_loop,
     _journal_executor,
-    _release_claimed,
     _release_each,
     _ReleaseOnExit,
     run_journal_io,
@@ -812,7 +803,7 @@ class AsyncSettlement(_Setup):
             if record.not_before_ms > self._wall() * 1000:
                 report.not_due.append(rid)
                 continue
-            lock = await _atry_lock(journal, rid)  # a claim is never lost to a cancellation
+            lock = await _aclaim(_claim_for_loop, journal, rid)  # never lost to a cancellation
             if lock is None:
                 report.busy.append(rid)
                 continue
@@ -833,10 +824,7 @@ class AsyncSettlement(_Setup):
     async def flush(
         self, timeout_s: float = 10.0, *, created_before_ms: int | None = None
     ) -> ReplayReport:
-        """Replay what is left in the journal, giving up after ``timeout_s`` (records stay).
-
-        ``created_before_ms`` is as for :meth:`Settlement.replay`.
-        """
+        """Async twin of :meth:`Settlement.flush`."""
         return await self.replay(
             deadline_s=self._wall() + timeout_s, created_before_ms=created_before_ms
         )
@@ -981,23 +969,6 @@ def _materialize_for_loop(
     return lock
 
 
-async def _aclaim(claim: Callable[..., RecordLock | None], *args: Any) -> RecordLock | None:
-    """Run ``claim(*args, loop)`` on the journal's I/O thread; never lose the claim it makes.
-
-    The claim belongs to the running loop, so it is released if that loop is closed with
-    the commit still waiting (see :func:`runcycles.journal._release_orphaned_claims`). If
-    the commit is cancelled (or its loop closes) while the claim is being made, the claim
-    is released as soon as it is made, as :func:`runcycles.journal._atry_lock` does.
-    """
-    loop = asyncio.get_running_loop()
-    job = _journal_executor().submit(claim, *args, loop)
-    try:
-        return await asyncio.wrap_future(job, loop=loop)
-    except BaseException:
-        job.add_done_callback(_release_claimed)
-        raise
-
-
 async def _aclose(
     journal: Journal | None,
     intents: list[IntentEntry],
@@ -1008,8 +979,8 @@ async def _aclose(
     """End an async commit that wrote a record file or did not finish: on the I/O thread.
 
     Resolves its intents (keeping an unfinished settlement in a record file) and releases
-    its claims, behind the journal I/O the commit queued there (a claim still being made
-    is released by :func:`_aclaim`). The job is queued before anything is awaited, so a
+    its claims, behind the journal I/O the commit queued there (one still being made is
+    released by ``journal._aclaim``). The job is queued before anything is awaited, so a
     second cancellation cannot skip it, and ``closing`` (the coroutine is being closed,
     its loop maybe gone) does not wait for it.
     """

@@ -1,13 +1,5 @@
 """Stream reservations: hold budget while a streamed response arrives, commit what it used.
 
-::
-
-    with stream_reservation(client, estimate=20_000, action_kind="llm.completion",
-                            action_name="gpt-4o", cost_fn=price) as stream:
-        for chunk in model.stream(prompt):
-            stream.usage.add_output_tokens(chunk.tokens)
-            yield chunk.text
-
 The accumulated usage is committed whatever ended the block (completed, raised, cancelled):
 tokens a provider produced are spend. Only a stream that consumed nothing is released. What
 is committed (``actual_cost``, ``cost_fn``, token count, estimate) and what an unknown actual
@@ -202,6 +194,9 @@ class _StreamState:
         """Why the final commit or release failed, or the :class:`UnknownActualError` of a
         reservation left to expire (``on_unknown_actual="raise"``); also logged or raised."""
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._guard!r} usage={self.usage!r}>"
+
     @property
     def context(self) -> CyclesContext:
         """The live reservation."""
@@ -354,9 +349,6 @@ class StreamReservation(_StreamState):
         super().__init__(cost_fn, on_unknown_actual)
         self._guard = ReservationGuard(client, request, **options)
 
-    def __repr__(self) -> str:
-        return f"<StreamReservation {self._guard!r} usage={self.usage!r}>"
-
     def __enter__(self) -> Self:
         self._guard.__enter__()
         return self
@@ -400,12 +392,11 @@ class StreamReservation(_StreamState):
                     metadata={OUTCOME_KEY: "completed"},
                     fix=_FIX,
                 )
-            except UnknownActualError:
-                raise self._unknown_settled(unknown) from unknown.__cause__
             except CyclesError as exc:
-                self._record_failure(context, exc)
+                if not isinstance(exc, UnknownActualError):
+                    self._record_failure(context, exc)
                 result = None
-            if result is None:  # released: there is no commit to return
+            if result is None:  # left to expire, released or failed: no commit to return
                 raise self._unknown_settled(unknown) from unknown.__cause__
             return result
         return guard.commit(amount, metrics=metrics, metadata=metadata)
@@ -471,9 +462,6 @@ class AsyncStreamReservation(_StreamState):
         super().__init__(cost_fn, on_unknown_actual)
         self._guard = AsyncReservationGuard(client, request, **options)
 
-    def __repr__(self) -> str:
-        return f"<AsyncStreamReservation {self._guard!r} usage={self.usage!r}>"
-
     async def __aenter__(self) -> Self:
         await self._guard.__aenter__()
         return self
@@ -511,12 +499,11 @@ class AsyncStreamReservation(_StreamState):
                     metadata={OUTCOME_KEY: "completed"},
                     fix=_FIX,
                 )
-            except UnknownActualError:
-                raise self._unknown_settled(unknown) from unknown.__cause__
             except CyclesError as exc:
-                self._record_failure(context, exc)
+                if not isinstance(exc, UnknownActualError):
+                    self._record_failure(context, exc)
                 result = None
-            if result is None:  # released: there is no commit to return
+            if result is None:  # left to expire, released or failed: no commit to return
                 raise self._unknown_settled(unknown) from unknown.__cause__
             return result
         return await guard.commit(amount, metrics=metrics, metadata=metadata)
