@@ -212,6 +212,16 @@ def test_subject_defaults_come_from_the_config_and_calls_override_agent_and_tool
     assert second["toolset"] == "shell"
 
 
+def test_the_resolved_subject_and_the_pricer_are_public(server: FakeCyclesServer) -> None:
+    pricer = Pricer(builtin=False)
+    with server.client(workspace="ws") as client:
+        adapter: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, app="bot", pricer=pricer)
+    assert adapter.subject == {"tenant": "acme", "workspace": "ws", "app": "bot"}
+    adapter.subject["app"] = "changed"  # a copy: the adapter's own stays
+    assert adapter.subject["app"] == "bot"
+    assert adapter.pricer is pricer
+
+
 # ---------------------------------------------------------------------------- bookkeeping
 
 

@@ -151,7 +151,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
             estimate = DEFAULT_LLM_ESTIMATE
         if estimate is None and model is not None:
             try:  # the worst case: max_tokens (4,096 when unset) at the model's price
-                estimate = self._pricer.estimate(model, max_tokens=max_tokens or 4_096)
+                estimate = self.pricer.estimate(model, max_tokens=max_tokens or 4_096)
             except UnknownModelError:
                 estimate = DEFAULT_LLM_ESTIMATE
         return CallPlan(
@@ -262,7 +262,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         name = f"{from_agent.name}->{to_agent.name}"[:256]
         key = call_idempotency_key(self.framework, run, f"handoff-{self._handoffs}", "event")
         try:
-            subject = Subject(**{**self._subject, "agent": from_agent.name})
+            subject = Subject(**{**self.subject, "agent": from_agent.name})
             request = EventCreateRequest(
                 idempotency_key=key, subject=subject,
                 action=Action(kind="agent.handoff", name=name),

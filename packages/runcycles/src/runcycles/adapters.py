@@ -188,6 +188,16 @@ class _AdapterBase(Generic[StartT, EndT]):
     # -- what the twins share ------------------------------------------------------------
 
     @property
+    def subject(self) -> dict[str, str]:
+        """The subject fields resolved at construction (a copy; a plan may override some)."""
+        return dict(self._subject)
+
+    @property
+    def pricer(self) -> Pricer:
+        """The pricer of this adapter's estimates and usage."""
+        return self._pricer
+
+    @property
     def decisions(self) -> list[DryRunDecision]:
         """Decisions seen in dry-run mode, oldest first (the last 10,000)."""
         return list(self._decisions)
