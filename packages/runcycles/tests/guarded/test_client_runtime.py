@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-import time
 import weakref
 from typing import Any
 
@@ -97,9 +96,8 @@ def test_the_journal_worker_ends_when_idle_and_starts_again() -> None:
     assert worker.submit(lambda: 1).result(5) == 1
     assert worker.idle(5)
     assert "runcycles-journal" not in _runcycles_threads()
-    started = time.monotonic()
-    assert worker.submit(lambda: 2).result(5) == 2  # a new thread picks it up
-    assert time.monotonic() - started < 1
+    # a new thread picks the next job up
+    assert worker.submit(lambda: threading.current_thread().name).result(5) == "runcycles-journal"
 
 
 def test_the_journal_worker_runs_jobs_in_order() -> None:
