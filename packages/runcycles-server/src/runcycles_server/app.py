@@ -16,8 +16,11 @@ and get, ``balances:read`` for balances; ``admin:read``/``admin:write`` act as w
 Runtime routes (``cycles-protocol-v0.yaml``): ``POST /v1/decide``, ``POST /v1/reservations``,
 ``GET /v1/reservations``, ``GET /v1/reservations/{id}``, ``POST /v1/reservations/{id}/commit``,
 ``/release``, ``/extend``, ``GET /v1/balances``, ``POST /v1/events``, ``GET /v1/auth/introspect``,
-plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable). Admin routes live in
-:mod:`runcycles_server.admin`.
+plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable; answers within
+:data:`READY_TIMEOUT_S`). Admin routes live in :mod:`runcycles_server.admin`.
+
+A store that is unavailable (down, or hung past its timeout) makes a request fail with ``503``
+and ``Retry-After``, and each outage is logged once (:mod:`runcycles_server.health`).
 
 A background task expires reservations past ``expires_at + grace`` (returning their budget)
 every ``sweep_interval_s``; commit, release and extend enforce the deadlines themselves, so
@@ -57,6 +60,7 @@ from runcycles.models import (
     Subject,
 )
 from runcycles_server import ledger
+from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
@@ -81,6 +85,8 @@ from runcycles_server.web import (
 logger = logging.getLogger("runcycles_server")
 
 MAX_RESERVATION_ID_LEN: Final = 128
+READY_TIMEOUT_S: Final = 0.8
+"""Longest ``GET /readyz`` waits for the store's answer before reporting 503."""
 RESERVATION_STATUSES: Final = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -181,10 +187,17 @@ def _hint_missing_tenant(error: LedgerError, subject: Subject, tenant_id: str | 
 class Runtime:
     """The runtime route handlers, bound to one store."""
 
-    def __init__(self, store: Store, auth: Authenticator, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        auth: Authenticator,
+        max_body_bytes: int,
+        health: StoreHealth | None = None,
+    ) -> None:
         self.store = store
         self.auth = auth
         self.max_body = max_body_bytes
+        self.health = health or StoreHealth(store)
         self._settle_routes: dict[str, Handler] = {
             "commit": self.commit,
             "release": self.release,
@@ -483,8 +496,13 @@ class Runtime:
         return json_response({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        """Readiness: the store answers (503 otherwise)."""
-        if await self.store.ping():
+        """Readiness: the store answers within :data:`READY_TIMEOUT_S` (503 otherwise)."""
+        try:
+            ready = await asyncio.wait_for(self.store.ping(), READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            ready = False
+        if ready:
+            self.health.succeeded()
             return json_response({"status": "ready"})
         return json_response({"status": "unavailable"}, 503)
 
@@ -574,13 +592,16 @@ async def run_sweeper(
     *,
     retention_ms: int | None = DEFAULT_RETENTION_DAYS * ledger.DAY_MS,
     purge_every_s: float = PURGE_EVERY_S,
+    health: StoreHealth | None = None,
 ) -> None:
     """Expire due reservations every ``interval_s`` and purge old data, forever.
 
     Every ``purge_every_s`` it purges expired idempotency records and (unless ``retention_ms``
     is ``None``) finished reservations and events older than ``retention_ms`` (see
-    :func:`purge_old_data`).
+    :func:`purge_old_data`). An unavailable store is reported to ``health`` (one log line per
+    outage) instead of logging a traceback every round; a round that succeeds ends the outage.
     """
+    health = health or StoreHealth(store)
     purge_every = max(1, round(purge_every_s / interval_s))
     ticks = 0
     while True:
@@ -590,14 +611,23 @@ async def run_sweeper(
                 if await store.expire_due(200) < 200:
                     break
                 await asyncio.sleep(0)
-        except Exception:  # keep sweeping; one failure must not stop expiry
-            logger.exception("expiry sweep failed")
+        except Exception as exc:  # keep sweeping; one failure must not stop expiry
+            _background_failure(health, exc, "expiry sweep failed")
+        else:
+            health.succeeded()
         ticks += 1
         if ticks % purge_every == 0:
             try:
                 await purge_old_data(store, retention_ms)
-            except Exception:  # the next round tries again; expiry goes on meanwhile
-                logger.exception("retention purge failed")
+            except Exception as exc:  # the next round tries again; expiry goes on meanwhile
+                _background_failure(health, exc, "retention purge failed")
+
+
+def _background_failure(health: StoreHealth, exc: Exception, what: str) -> None:
+    if health.is_unavailable(exc):
+        health.failed(exc, request=False)
+    else:
+        logger.exception(what)
 
 
 def create_app(
@@ -640,13 +670,16 @@ def create_app(
 
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
     auth = Authenticator(store, admin_api_key, limiter=limiter)
-    runtime = Runtime(store, auth, max_body_bytes)
+    health = StoreHealth(store)
+    runtime = Runtime(store, auth, max_body_bytes, health)
     admin = Admin(store, auth, max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = (
-            asyncio.create_task(run_sweeper(store, sweep_interval_s, retention_ms=retention_ms))
+            asyncio.create_task(
+                run_sweeper(store, sweep_interval_s, retention_ms=retention_ms, health=health)
+            )
             if sweep_interval_s is not None
             else None
         )
@@ -665,6 +698,7 @@ def create_app(
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
-    app.add_middleware(ContextMiddleware, fast_route=runtime.fast_route)
+    app.add_middleware(ContextMiddleware, fast_route=runtime.fast_route, health=health)
     app.state.store = store
+    app.state.store_health = health
     return app

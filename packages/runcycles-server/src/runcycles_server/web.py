@@ -3,7 +3,8 @@
 * :class:`ContextMiddleware` (pure ASGI): gives every request an ``X-Request-Id`` and an
   ``X-Cycles-Trace-Id`` (from a valid ``traceparent``, else a valid ``X-Cycles-Trace-Id``, else
   random), echoes them and ``X-Cycles-Tenant`` on every response, and turns an unexpected
-  exception into a 500 ``ErrorResponse`` (never a bare traceback). It also dispatches the hot
+  exception into a 500 ``ErrorResponse`` (never a bare traceback), and an unavailable store
+  into a 503 with ``Retry-After`` (see :mod:`runcycles_server.health`). It also dispatches the hot
   runtime routes (reserve, commit, ...) straight to their handlers (see :data:`FastRoute`),
   skipping Starlette's router and exception middleware, which cost more per request than
   the handlers' own Python; every other path goes through Starlette unchanged.
@@ -34,6 +35,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runcycles_server import ledger
+from runcycles_server.health import RETRY_AFTER_S, StoreHealth
 from runcycles_server.ledger import ApiKeyRow, LedgerError
 from runcycles_server.ratelimit import RATE_LIMIT_STATE_KEY, TokenBucketLimiter
 from runcycles_server.stores.base import Store
@@ -104,11 +106,19 @@ class ContextMiddleware:
         fast_route: picks the handler of a hot route (see :data:`FastRoute`); such requests
             run their handler directly, with a :class:`LedgerError` rendered by
             :func:`error_response` exactly as the app's exception handler would.
+        health: recognizes a store outage: such a failure is answered ``503`` with
+            ``Retry-After`` and counted (one log line per outage), not logged as a traceback.
     """
 
-    def __init__(self, app: ASGIApp, fast_route: FastRoute | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        fast_route: FastRoute | None = None,
+        health: StoreHealth | None = None,
+    ) -> None:
         self.app = app
         self.fast_route = fast_route
+        self.health = health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the wrapped app (or a hot route's handler) with the request context set up."""
@@ -163,14 +173,24 @@ class ContextMiddleware:
                 }
             )
             await send({"type": "http.response.body", "body": response.body})
-        except Exception:
-            logger.exception("unhandled error (request_id=%s)", request_id)
+        except Exception as exc:
+            status, extra = 500, []
+            message = "internal server error; retry with the same idempotency key"
+            if self.health is not None and self.health.is_unavailable(exc):
+                self.health.failed(exc)  # one log line per outage, no traceback
+                status, extra = 503, [(b"retry-after", str(RETRY_AFTER_S).encode())]
+                message = (
+                    "the ledger store is unavailable; the request may or may not have been "
+                    "applied: retry it with the same idempotency key after Retry-After seconds"
+                )
+            else:
+                logger.exception("unhandled error (request_id=%s)", request_id)
             if started:
                 raise
             body = ledger.dumps(
                 {
                     "error": "INTERNAL_ERROR",
-                    "message": "internal server error; retry with the same idempotency key",
+                    "message": message,
                     "request_id": request_id,
                     "trace_id": trace_id,
                 }
@@ -178,10 +198,11 @@ class ContextMiddleware:
             await send_with_headers(
                 {
                     "type": "http.response.start",
-                    "status": 500,
+                    "status": status,
                     "headers": [
                         _JSON_HEADER,
                         (b"content-length", str(len(body)).encode()),
+                        *extra,
                     ],
                 }
             )

@@ -67,6 +67,17 @@ Clock = Callable[[], int]
 T = TypeVar("T")
 
 
+class StoreUnavailable(Exception):
+    """The backing store did not answer: down, hung past its timeout, or refusing connections.
+
+    Stores may raise it (or list their own client library's equivalents in an
+    ``unavailable_errors`` tuple attribute); the app answers such a request ``503`` with
+    ``Retry-After`` and logs the outage once instead of a traceback per request (see
+    :mod:`runcycles_server.health`). Whether the operation was applied is unknown, as after
+    any timeout: clients retry it with the same idempotency key.
+    """
+
+
 def system_clock() -> int:
     """Return the wall-clock time in epoch milliseconds."""
     return time.time_ns() // 1_000_000

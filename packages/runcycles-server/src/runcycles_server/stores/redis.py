@@ -125,7 +125,16 @@ from importlib import resources
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runcycles.models import (
     CommitRequest,
@@ -152,6 +161,7 @@ from runcycles_server.stores.base import (
     Clock,
     Page,
     ReservationQuery,
+    StoreUnavailable,
     new_id,
     system_clock,
 )
@@ -172,6 +182,18 @@ SWEEP_BATCH: Final = 500
 SWEEP_MAX_SCAN: Final = 50_000
 """Most due-index entries one :meth:`RedisStore.expire_due` call examines."""
 CLOSE_BATCH: Final = 200
+DEFAULT_TIMEOUT_S: Final = 2.0
+"""Longest wait for one Redis reply, a connection, or a free pooled connection (seconds)."""
+UNAVAILABLE_ERRORS: Final[tuple[type[Exception], ...]] = (
+    StoreUnavailable,
+    RedisConnectionError,  # refused, reset, pool exhausted, still loading the dataset
+    RedisTimeoutError,  # no reply within the timeout (a hung or overloaded Redis)
+    ClusterDownError,  # a cluster without a master for some slot
+    TryAgainError,  # a slot being migrated or resharded
+    ReadOnlyError,  # a replica promoted to master is still read-only (failover)
+    RedisClusterException,  # no cluster node answers
+)
+"""Errors that mean Redis is unavailable (the app answers 503 and logs the outage once)."""
 
 _T = TypeVar("_T")
 _Fields = dict[bytes, bytes]
@@ -577,10 +599,12 @@ def _is_cluster_client(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
 
-def _client_from_url(url: str, max_connections: int) -> Any:
+def _client_from_url(url: str, max_connections: int, timeout_s: float) -> Any:
     """Build the asyncio client for ``url``: a pooled single-node client, or a cluster client.
 
-    Defaults below; query parameters in the URL (e.g. ``?socket_timeout=5``) override them.
+    Every wait (connect, reply, free pooled connection) is bounded by ``timeout_s``, and
+    commands are not retried, so a hung Redis fails a request within about ``timeout_s``.
+    Query parameters in the URL (e.g. ``?socket_timeout=5``) override these defaults.
 
     Raises:
         ValueError: for a cluster URL naming a database other than 0 (clusters have only 0),
@@ -592,9 +616,9 @@ def _client_from_url(url: str, max_connections: int) -> Any:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=10,
-            socket_connect_timeout=5,
-            socket_timeout=10,
+            timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
         )
         return aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
     from redis.asyncio.cluster import RedisCluster
@@ -606,8 +630,8 @@ def _client_from_url(url: str, max_connections: int) -> Any:
         return RedisCluster.from_url(
             f"{plain}{sep}{rest}",
             max_connections=max_connections,
-            socket_connect_timeout=5,
-            socket_timeout=10,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
         )
     except RedisClusterException as exc:
         raise ValueError(f"{url.partition('@')[2] or url}: {exc}") from None
@@ -627,6 +651,9 @@ class RedisStore:
         max_connections: size of the connection pool (requests wait for a free connection).
         client: an existing ``redis.asyncio.Redis`` or ``RedisCluster`` (with
             ``decode_responses`` off) to use instead of ``url``; not closed by :meth:`close`.
+        timeout_s: longest wait for a Redis reply, a connection or a free pooled connection
+            (``cycles serve --store-timeout``); past it the request fails with one of
+            :data:`UNAVAILABLE_ERRORS` (answered 503). Not applied to ``client``.
         retention_ms: how long a finished (committed, released or expired) reservation, with
             its commit or release replay record, and an event are kept (Redis key TTLs set by
             the write that finishes or creates them; listing-index entries are trimmed by later
@@ -634,8 +661,12 @@ class RedisStore:
             forever. Other idempotency records expire at their own windows (``ledger.RETAIN_*``).
 
     Raises:
-        ValueError: for a bad ``prefix`` or a ``retention_ms`` below one day.
+        ValueError: for a bad ``prefix``, a ``retention_ms`` below one day or a ``timeout_s``
+            that is not a positive number.
     """
+
+    unavailable_errors: Final = UNAVAILABLE_ERRORS
+    """Exceptions meaning Redis is unavailable (see ``runcycles_server.health``)."""
 
     def __init__(
         self,
@@ -646,7 +677,10 @@ class RedisStore:
         max_connections: int = 64,
         client: aioredis.Redis | None = None,
         retention_ms: int | None = DEFAULT_RETENTION_MS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
+        if not 0 < timeout_s < float("inf"):
+            raise ValueError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
         if retention_ms is not None and retention_ms < ledger.DAY_MS:
             raise ValueError(
                 f"retention_ms must be at least {ledger.DAY_MS} (one day: reserve replays are "
@@ -665,7 +699,7 @@ class RedisStore:
         self.cluster = is_cluster_url(url) if client is None else _is_cluster_client(client)
         """Whether the store talks to a Redis Cluster (``redis+cluster://`` URL)."""
         if client is None:
-            client = _client_from_url(url, max_connections)
+            client = _client_from_url(url, max_connections, timeout_s)
         # redis-py's stubs type replies as unions of bytes/str/lists; replies are bytes here
         # (decode_responses is off), so the client is used untyped.
         self._redis: Any = client
