@@ -5,6 +5,10 @@
     {"ts":"2026-11-22T06:30:00.123Z","method":"POST","path":"/v1/reservations/{reservation_id}/commit",
      "status":200,"duration_ms":1.84,"request_id":"5f0c...","tenant":"acme"}
 
+A request whose body did not arrive within ``--body-timeout`` is logged with ``"status":408`` and
+``"timeout":"body"``; connections closed before a request reached the app (header timeout,
+connection cap) are logged by :mod:`runcycles_server.connections`.
+
 ``path`` is the route template (``{reservation_id}`` rather than the id), so lines group by
 endpoint; ``tenant`` is present once a tenant API key authenticated the request. ``cycles serve``
 installs :class:`AccessLogMiddleware` at log level ``info`` and below unless ``--no-access-log``
@@ -22,9 +26,18 @@ from typing import Any, Final
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["ACCESS_LOGGER", "AccessLogMiddleware", "configure_access_logger", "route_template"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "TIMEOUT_STATE_KEY",
+    "AccessLogMiddleware",
+    "configure_access_logger",
+    "route_template",
+]
 
 ACCESS_LOGGER: Final = "runcycles_server.access"
+TIMEOUT_STATE_KEY: Final = "timeout"
+"""``scope["state"]`` key the connection layer sets to ``"body"`` when a request's body timed
+out: the request is then logged with status 408 and ``"timeout": "body"``."""
 
 
 def configure_access_logger(stream: Any = None) -> logging.Logger:
@@ -83,6 +96,10 @@ class AccessLogMiddleware:
             tenant = state.get("tenant")
             if tenant:
                 record["tenant"] = tenant
+            timeout = state.get(TIMEOUT_STATE_KEY)
+            if timeout:  # the connection layer closed the request (see connections.py)
+                record["status"] = 408
+                record["timeout"] = timeout
             self.logger.info(orjson.dumps(record).decode())
 
 

@@ -49,9 +49,13 @@ ENV_ACCESS_LOG: Final = "CYCLES_ACCESS_LOG"
 ENV_MAX_BODY: Final = "CYCLES_MAX_BODY_BYTES"
 ENV_RATE_LIMIT: Final = "CYCLES_RATE_LIMIT"
 ENV_RETENTION_DAYS: Final = "CYCLES_RETENTION_DAYS"
+ENV_STORE_TIMEOUT: Final = "CYCLES_STORE_TIMEOUT_S"
 DEFAULT_RETENTION_DAYS: Final = 7  # = app.DEFAULT_RETENTION_DAYS (not imported: startup time)
 LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
 GRACEFUL_SHUTDOWN_S: Final = 30
+DEFAULT_STORE_TIMEOUT_S: Final = 2.0  # = stores.redis.DEFAULT_TIMEOUT_S (not imported: startup)
+FD_HEADROOM: Final = 128
+"""File descriptors kept free beyond --max-connections (store connections, logs, sockets)."""
 
 cli = typer.Typer(
     add_completion=False,
@@ -115,12 +119,16 @@ def app_from_env() -> Starlette:
         from runcycles_server.ledger import DAY_MS
         from runcycles_server.stores.redis import DEFAULT_PREFIX, RedisStore
 
+        timeout_s = _env_number(ENV_STORE_TIMEOUT, DEFAULT_STORE_TIMEOUT_S)
+        if not timeout_s:
+            raise SystemExit(f"{ENV_STORE_TIMEOUT} must be a positive number of seconds")
         try:
             store = RedisStore(
                 redis_url,
                 prefix=os.environ.get(ENV_REDIS_PREFIX) or DEFAULT_PREFIX,
                 # the TTL of finished reservations and events (0 = keep them forever)
                 retention_ms=round(retention_days * DAY_MS) if retention_days else None,
+                timeout_s=timeout_s,
             )
         except ValueError as exc:
             raise SystemExit(f"{ENV_RETENTION_DAYS}: {exc}") from None
@@ -327,6 +335,39 @@ def serve(
             "they finish) (0 = keep forever).",
         ),
     ] = DEFAULT_RETENTION_DAYS,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a client has to send a request's line and headers (from connecting, "
+            "or from the next request's first byte); then 408 and the connection is closed."
+        ),
+    ] = 10.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a client has to send a request's whole body after its headers; "
+            "then 408 and the connection is closed."
+        ),
+    ] = 30.0,
+    idle_timeout: Annotated[
+        int,
+        typer.Option(min=1, help="Seconds a kept-alive connection may stay idle between requests."),
+    ] = 5,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Open connections per worker process; one more is answered 503 and closed "
+            "(established connections are unaffected).",
+        ),
+    ] = 1000,
+    store_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Redis: seconds to wait for a reply or a connection; past it the request is "
+            "answered 503 with Retry-After (and /readyz 503 within a second either way).",
+        ),
+    ] = DEFAULT_STORE_TIMEOUT_S,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -340,6 +381,14 @@ def serve(
             raise CliError("--db and --redis are alternatives; pass only one of them", 2)
         if not rate_limit < float("inf"):  # also NaN
             raise CliError("--rate-limit must be a finite number of requests/s", 2)
+        for flag, seconds in (
+            ("--header-timeout", header_timeout),
+            ("--body-timeout", body_timeout),
+            ("--store-timeout", store_timeout),
+        ):
+            if not 0 < seconds < float("inf"):  # also NaN
+                raise CliError(f"{flag} must be a positive number of seconds, not {seconds}", 2)
+        max_connections, fd_note = _fit_connection_cap(max_connections)
         _check_port_free(host, port)
         if dev and not admin_key:
             admin_key = "adm_" + secrets.token_urlsafe(24)
@@ -367,6 +416,11 @@ def serve(
         os.environ[ENV_MAX_BODY] = str(max_body_bytes)
         os.environ[ENV_RATE_LIMIT] = repr(rate_limit)
         os.environ[ENV_RETENTION_DAYS] = str(retention_days)
+        os.environ[ENV_STORE_TIMEOUT] = repr(store_timeout)
+        from runcycles_server.connections import ConnectionLimits
+
+        limits = ConnectionLimits(header_timeout, body_timeout, idle_timeout, max_connections)
+        os.environ.update(limits.to_env())
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         base_url = f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
         if dev:
@@ -381,7 +435,11 @@ def serve(
             + (f" | rate limit: {rate_limit:g} req/s per tenant per worker" if rate_limit else ""),
             err=True,
         )
+        if fd_note:
+            typer.echo(fd_note, err=True)
     import uvicorn
+
+    from runcycles_server.connections import GuardedHttpToolsProtocol
 
     uvicorn.run(
         "runcycles_server.cli:app_from_env",
@@ -394,6 +452,41 @@ def serve(
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         ws="none",  # no WebSocket routes: skip importing a WebSocket implementation
+        # uvicorn's httptools protocol plus header/body timeouts and a connection cap
+        # (uvicorn has neither; see runcycles_server.connections)
+        http=GuardedHttpToolsProtocol,
+        timeout_keep_alive=idle_timeout,
+    )
+
+
+def _fit_connection_cap(cap: int) -> tuple[int, str | None]:
+    """Make room for ``cap`` connections in the open-file limit; return the cap and a note.
+
+    Raises the soft ``RLIMIT_NOFILE`` up to the hard one if needed (worker processes inherit
+    it); if that is still too low, lowers the cap so the process cannot run out of file
+    descriptors (the note says so).
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows: no such limit to fit
+        return cap, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = cap + FD_HEADROOM
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return cap, None
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft >= needed:
+        return cap, None
+    fitted = max(1, soft - FD_HEADROOM)
+    return fitted, (
+        f"note: --max-connections lowered from {cap} to {fitted} to fit the open-file limit "
+        f"({soft}; raise it with `ulimit -n`)"
     )
 
 
