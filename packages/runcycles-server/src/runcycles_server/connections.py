@@ -178,10 +178,14 @@ def _raw_response(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
     ) + body
 
 
-def _error_body(message: str) -> bytes:
-    # The spec's ErrorResponse shape; no request reached the app, so the id is made up here.
+def _error_body(message: str, request_id: str | None = None) -> bytes:
+    # The spec's ErrorResponse shape; the id is made up when no request reached the app.
     return orjson.dumps(
-        {"error": "INVALID_REQUEST", "message": message, "request_id": os.urandom(16).hex()}
+        {
+            "error": "INVALID_REQUEST",
+            "message": message,
+            "request_id": request_id or os.urandom(16).hex(),
+        }
     )
 
 
@@ -301,8 +305,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         waited_ms = (self.loop.time() - started) * 1000
         if phase == "body" and cycle is not None and not cycle.response_complete:
             if not cycle.response_started:
-                cycle.scope.setdefault("state", {})[TIMEOUT_STATE_KEY] = "body"
-                self.transport.write(_timeout_response("body", self.limits.body_timeout_s))
+                state = cycle.scope.setdefault("state", {})
+                state[TIMEOUT_STATE_KEY] = "body"
+                self.transport.write(
+                    _timeout_response("body", self.limits.body_timeout_s, state.get("request_id"))
+                )
             cycle.disconnected = True  # the app's receive() answers http.disconnect
             cycle.message_event.set()
             self.transport.close()
@@ -336,12 +343,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         logger.info(orjson.dumps(record).decode())
 
 
-def _timeout_response(phase: str, timeout_s: float) -> bytes:
+def _timeout_response(phase: str, timeout_s: float, request_id: str | None = None) -> bytes:
     return _raw_response(
         b"408 Request Timeout",
         _error_body(
             f"the request {phase} did not arrive within {timeout_s:g} s; send the whole "
-            "request promptly"
+            "request promptly",
+            request_id,
         ),
     )
 
