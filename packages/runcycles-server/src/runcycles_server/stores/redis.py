@@ -125,6 +125,8 @@ from importlib import resources
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
@@ -602,8 +604,9 @@ def _is_cluster_client(client: Any) -> bool:
 def _client_from_url(url: str, max_connections: int, timeout_s: float) -> Any:
     """Build the asyncio client for ``url``: a pooled single-node client, or a cluster client.
 
-    Every wait (connect, reply, free pooled connection) is bounded by ``timeout_s``, and
-    commands are not retried, so a hung Redis fails a request within about ``timeout_s``.
+    Every wait (connect, reply, free pooled connection) is bounded by ``timeout_s``, and a
+    command is retried once on a broken connection but never after a timeout, so a hung Redis
+    fails a request within about ``timeout_s``.
     Query parameters in the URL (e.g. ``?socket_timeout=5``) override these defaults.
 
     Raises:
@@ -619,6 +622,11 @@ def _client_from_url(url: str, max_connections: int, timeout_s: float) -> Any:
             timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
+            # One immediate retry on a broken connection (not on a timeout): after a Redis
+            # restart the pool's idle connections are dead, and the first use of each would
+            # otherwise fail a request. Safe: a retried compare-and-set write that had applied
+            # sees its own versions changed and re-plans into a replay.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         return aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
     from redis.asyncio.cluster import RedisCluster
@@ -890,6 +898,14 @@ class RedisStore:
                                 op.future.set_exception(RuntimeError("store is shutting down"))
                         queue.pending.clear()
                         raise
+                    if isinstance(exc, UNAVAILABLE_ERRORS):
+                        # Redis did not answer: the operations queued meanwhile fail with it
+                        # instead of each waiting out another timeout (so a request fails
+                        # within about one timeout, not two).
+                        for op in queue.pending:
+                            if not op.future.done():
+                                op.future.set_exception(exc)
+                        queue.pending.clear()
         finally:
             queue.task = None
             if not queue.pending and self._queues.get(tenant_id) is queue:
