@@ -606,7 +606,8 @@ def _client_from_url(url: str, max_connections: int, timeout_s: float) -> Any:
 
     Every wait (connect, reply, free pooled connection) is bounded by ``timeout_s``, and a
     command is retried once on a broken connection but never after a timeout, so a hung Redis
-    fails a request within about ``timeout_s``.
+    fails a request within about ``timeout_s``. A cluster client retries a failed command
+    once (after refreshing its slot map), so there it is about twice ``timeout_s``.
     Query parameters in the URL (e.g. ``?socket_timeout=5``) override these defaults.
 
     Raises:
@@ -640,6 +641,9 @@ def _client_from_url(url: str, max_connections: int, timeout_s: float) -> Any:
             max_connections=max_connections,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
+            # One retry (after refreshing the slot map), not redis-py's default of ten with
+            # backoff: a frozen node then fails a request within about two timeouts.
+            retry=Retry(NoBackoff(), 1),
         )
     except RedisClusterException as exc:
         raise ValueError(f"{url.partition('@')[2] or url}: {exc}") from None
