@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from runcycles.testing.spec import schema_validator
 from runcycles_server.app import READY_TIMEOUT_S, create_app, run_sweeper
@@ -21,6 +22,7 @@ from runcycles_server.cli import bootstrap_dev
 from runcycles_server.health import StoreHealth
 from runcycles_server.stores.base import StoreUnavailable
 from runcycles_server.stores.memory import MemoryStore
+from runcycles_server.stores.redis import UNAVAILABLE_ERRORS, RedisStore
 
 U = "USD_MICROCENTS"
 ADMIN = "admin-secret"
@@ -183,3 +185,20 @@ def test_store_health_counts_requests_and_outages() -> None:
     assert health.down_since is None
     health.failed(StoreUnavailable("again"))
     assert (health.outages, health.failed_requests) == (2, 1)
+
+
+async def test_the_redis_store_bounds_every_wait_by_its_timeout() -> None:
+    store = RedisStore("redis://127.0.0.1:1/0", prefix="p", timeout_s=1.5)  # never connects
+    try:
+        pool = store._redis.connection_pool
+        assert pool.timeout == 1.5  # waiting for a free pooled connection
+        kwargs = pool.connection_kwargs
+        assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 1.5
+        retry = kwargs["retry"]
+        assert retry.get_retries() == 1  # once, and only on a broken connection:
+        assert retry._supported_errors == (RedisConnectionError,)  # never after a timeout
+        assert store.unavailable_errors == UNAVAILABLE_ERRORS
+    finally:
+        await store.close()
+    with pytest.raises(ValueError, match="timeout_s must be a positive number"):
+        RedisStore("redis://127.0.0.1:1/0", timeout_s=0)

@@ -601,7 +601,7 @@ def _is_cluster_client(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
 
-def _client_from_url(url: str, max_connections: int, timeout_s: float) -> Any:
+def _client_from_url(url: str, max_connections: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
     """Build the asyncio client for ``url``: a pooled single-node client, or a cluster client.
 
     Every wait (connect, reply, free pooled connection) is bounded by ``timeout_s``, and a
