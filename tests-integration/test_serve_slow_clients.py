@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
 
-from runcycles_server.testing import ServerProcess
+from runcycles_server.testing import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -255,3 +259,65 @@ def test_connection_cap_refuses_extra_connections_and_spares_established_ones() 
     ]
     assert len(refusals) >= len(refused)
     assert all(line["status"] == 503 for line in refusals)
+
+
+def test_under_ulimit_128_a_flood_of_stalled_connections_does_not_take_the_server_down(
+    tmp_path: Path,
+) -> None:
+    """The issue's reproduction: ``ulimit -n 128`` and 140 stalled sockets."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+
+    def ulimit_128() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    args = [sys.executable, "-m", "runcycles_server", "serve", "--port", str(port)]
+    args += ["--db", str(tmp_path / "cycles.db"), "--header-timeout", "2", "--log-level", "warning"]
+    with log_path.open("wb") as sink:
+        process = subprocess.Popen(
+            args, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=ulimit_128
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    stalled: list[socket.socket] = []
+    try:
+        _wait_healthy(base_url, process, 30)
+        assert "--max-connections lowered from 1000 to 96" in log_path.read_text()
+        established = _connect(port)
+        established.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(established).startswith(b"HTTP/1.1 200")
+        refused = 0
+        for _ in range(140):
+            sock = _connect(port)
+            stalled.append(sock)
+        for sock in stalled:
+            sock.settimeout(0.05)
+            with contextlib.suppress(TimeoutError):
+                if sock.recv(4096).startswith(b"HTTP/1.1 503"):
+                    refused += 1
+        assert refused >= 140 - 96, refused  # beyond the cap: refused at once, not accepted
+        established.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(established).startswith(b"HTTP/1.1 200")  # unharmed
+        # the stalled ones are closed after --header-timeout: new clients get in again
+        _wait_healthy(base_url, process, 2 + SLACK_S + 2)
+        established.close()
+    finally:
+        for sock in stalled:
+            sock.close()
+        process.terminate()
+        process.wait(timeout=30)
+    log = log_path.read_text()
+    assert "Too many open files" not in log, log
+    assert "Traceback" not in log, log
+
+
+def _wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited"
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"/healthz did not answer 200 within {timeout_s} s")

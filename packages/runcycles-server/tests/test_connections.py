@@ -92,6 +92,8 @@ def test_a_refused_rlimit_raise_lowers_the_cap(monkeypatch: pytest.MonkeyPatch) 
     def refuse(*_: object) -> None:
         raise ValueError("not allowed")
 
-    monkeypatch.setattr(resource, "getrlimit", lambda _: (200, 100_000))
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 100_000))
     monkeypatch.setattr(resource, "setrlimit", refuse)
-    assert cli_module._fit_connection_cap(1000)[0] == 200 - cli_module.FD_HEADROOM
+    assert cli_module._fit_connection_cap(1000)[0] == 1024 - cli_module.FD_HEADROOM
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (128, 128))  # `ulimit -n 128`
+    assert cli_module._fit_connection_cap(1000)[0] == 96  # a quarter kept for the rest

@@ -483,7 +483,7 @@ def _fit_connection_cap(cap: int) -> tuple[int, str | None]:
             pass
     if soft >= needed:
         return cap, None
-    fitted = max(1, soft - FD_HEADROOM)
+    fitted = max(1, soft - min(FD_HEADROOM, max(16, soft // 4)))  # small limits: less headroom
     return fitted, (
         f"note: --max-connections lowered from {cap} to {fitted} to fit the open-file limit "
         f"({soft}; raise it with `ulimit -n`)"
