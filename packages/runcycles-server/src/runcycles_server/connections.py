@@ -21,8 +21,8 @@ httptools protocol (same parser, same request path, so the same throughput) that
   the process never runs out of file descriptors.
 
 Timeouts are checked by one timer per process (every :data:`CHECK_EVERY_S`, or a quarter of
-the shortest timeout), not one per request: a request only records a deadline, so the hot path
-costs two attribute writes. Every stalled or refused connection writes one line to the access
+the shortest timeout), not one per request: a request only records its deadlines (two reads
+of the loop's clock and a few attribute writes on the hot path). Every stalled or refused connection writes one line to the access
 log (``runcycles_server.access``) when it is on, e.g.
 ``{"ts":"...","status":408,"timeout":"headers","client":"10.0.0.7","duration_ms":10000.4}``;
 a body timeout is logged by the access-log middleware as the request's line, with
