@@ -22,8 +22,8 @@ httptools protocol (same parser, same request path, so the same throughput) that
 
 Timeouts are checked by one timer per process (every :data:`CHECK_EVERY_S`, or a quarter of
 the shortest timeout), not one per request: a request only records its deadlines (two reads
-of the loop's clock and a few attribute writes on the hot path). Every stalled or refused connection writes one line to the access
-log (``runcycles_server.access``) when it is on, e.g.
+of the loop's clock and a few attribute writes on the hot path). Every stalled or refused
+connection writes one line to the access log (``runcycles_server.access``) when it is on, e.g.
 ``{"ts":"...","status":408,"timeout":"headers","client":"10.0.0.7","duration_ms":10000.4}``;
 a body timeout is logged by the access-log middleware as the request's line, with
 ``"status":408,"timeout":"body"``.
@@ -189,6 +189,9 @@ def _error_body(message: str, request_id: str | None = None) -> bytes:
     )
 
 
+_base = HttpToolsProtocol  # its callbacks are called directly: cheaper than super() per request
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header/body timeouts, a header cap and a connection cap.
 
@@ -206,6 +209,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = _limits()
+        self._header_s = self.limits.header_timeout_s
+        self._body_s = self.limits.body_timeout_s
         self.deadline: float | None = None
         """Loop time at which the current phase times out (``None``: no phase running)."""
         self._phase: str | None = None
@@ -254,9 +259,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Start the header timeout on the first byte after an idle keep-alive period."""
         if self._phase is None and self._idle():
-            self._arm("headers", self.limits.header_timeout_s)
+            self._arm("headers", self._header_s)
             self._header_bytes = 0
-        super().data_received(data)
+        _base.data_received(self, data)
         if self._phase == "headers":
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
@@ -266,24 +271,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 )
 
     def _idle(self) -> bool:
-        cycle = self._current_cycle()
+        # uvicorn types ``cycle`` as always set, but it is None until the first request.
+        cycle: RequestResponseCycle | None = self.__dict__.get("cycle")
         return cycle is None or cycle.response_complete
 
     def on_message_begin(self) -> None:
         """Start the header timeout of a pipelined request."""
-        super().on_message_begin()
+        _base.on_message_begin(self)
         if self._phase is None:
-            self._arm("headers", self.limits.header_timeout_s)
+            self._arm("headers", self._header_s)
             self._header_bytes = 0
 
     def on_headers_complete(self) -> None:
         """Headers are in: the body timeout starts."""
-        super().on_headers_complete()
-        self._arm("body", self.limits.body_timeout_s)
+        _base.on_headers_complete(self)
+        now = self.loop.time()  # = self._arm("body", ...), inlined on the hot path
+        self._phase = "body"
+        self._phase_started = now
+        self.deadline = now + self._body_s
 
     def on_message_complete(self) -> None:
         """The whole request is in: no read timeout while the app works on it."""
-        super().on_message_complete()
+        _base.on_message_complete(self)
         self._phase = None
         self.deadline = None
 
