@@ -321,3 +321,24 @@ def _wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout_s: fl
             pass
         time.sleep(0.05)
     raise AssertionError(f"/healthz did not answer 200 within {timeout_s} s")
+
+
+def test_oversized_headers_get_431_and_normal_requests_pass() -> None:
+    with ServerProcess.start(extra_args=["--access-log"]) as server:
+        sock = _connect(server.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            for _ in range(66):  # just over 64 KiB of headers, never finished
+                sock.sendall(b"X-Pad: " + b"a" * 1010 + b"\r\n")
+        sock.settimeout(5)
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                data += chunk
+        sock.close()
+        assert data.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), data[:100]
+        big_but_fine = {"X-Pad": "a" * 30_000}  # under the 64 KiB cap
+        response = httpx.get(f"{server.base_url}/healthz", headers=big_but_fine)
+        assert response.status_code == 200
+        log = server.log_text()
+    assert '"status":431' in log
