@@ -9,7 +9,7 @@ httptools protocol (same parser, same request path, so the same throughput) that
 
 * a **header timeout**: from the moment a connection opens (or the first byte of the next
   request on a kept-alive connection) until the end of the request headers; a client that
-  sends nothing or trickles its headers is answered ``408`` and closed;
+  trickles its headers is answered ``408`` and closed, one that sends nothing is closed;
 * a **body timeout**: from the end of the headers until the end of the body (a total, so a
   client dripping one byte a second cannot keep it alive); the request's ASGI app sees a
   disconnect and the client gets ``408``;
@@ -323,7 +323,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cycle.message_event.set()
             self.transport.close()
             return  # the access-log middleware writes the request's line
-        if cycle is None or cycle.response_complete:  # else a pipelined request is in flight
+        # A 408 goes only to a client that started a request: one written on a connection
+        # that never sent a byte could be read as the answer to the request it sends next.
+        # (And none while a pipelined request is in flight.)
+        if self._header_bytes and (cycle is None or cycle.response_complete):
             self.transport.write(
                 _timeout_response(phase or "headers", self.limits.header_timeout_s)
             )
