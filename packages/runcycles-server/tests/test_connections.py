@@ -6,15 +6,20 @@ tested against a real server in ``tests-integration/test_serve_slow_clients.py``
 
 from __future__ import annotations
 
+import asyncio
 import resource
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 
 from runcycles_server import cli as cli_module
+from runcycles_server import connections
 from runcycles_server.cli import cli
-from runcycles_server.connections import ConnectionLimits
+from runcycles_server.connections import ConnectionLimits, GuardedHttpToolsProtocol
 
 
 def test_limits_round_trip_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,3 +102,137 @@ def test_a_refused_rlimit_raise_lowers_the_cap(monkeypatch: pytest.MonkeyPatch) 
     assert cli_module._fit_connection_cap(1000)[0] == 1024 - cli_module.FD_HEADROOM
     monkeypatch.setattr(resource, "getrlimit", lambda _: (128, 128))  # `ulimit -n 128`
     assert cli_module._fit_connection_cap(1000)[0] == 96  # a quarter kept for the rest
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol in-process, on a fake transport (fast; the real sockets are in tests-integration)
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("10.0.0.7", 5555), "sockname": ("127.0.0.1", 7878)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _echo_body_app(scope: Any, receive: Any, send: Any) -> None:
+    message = await receive()
+    while message["type"] == "http.request" and message.get("more_body"):
+        message = await receive()
+    if message["type"] == "http.disconnect":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _protocols(
+    monkeypatch: pytest.MonkeyPatch, limits: ConnectionLimits
+) -> tuple[Any, ServerState]:
+    monkeypatch.setattr(connections, "_process_limits", limits)
+    config = Config(app=_echo_body_app, log_level="warning")
+    config.load()
+    state = ServerState()
+
+    def make() -> GuardedHttpToolsProtocol:
+        return GuardedHttpToolsProtocol(config, state, {}, asyncio.get_running_loop())
+
+    return make, state
+
+
+SHORT = ConnectionLimits(header_timeout_s=0.3, body_timeout_s=0.3, max_connections=2)
+
+
+async def test_partial_headers_get_408_after_the_header_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make, _ = _protocols(monkeypatch, SHORT)
+    protocol, transport = make(), FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    await asyncio.sleep(0.05)
+    assert not transport.is_closing()
+    await asyncio.sleep(0.5)
+    assert transport.is_closing()
+    assert transport.written.startswith(b"HTTP/1.1 408 Request Timeout")
+    protocol.connection_lost(None)
+
+
+async def test_a_silent_connection_is_closed_without_a_response(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make, _ = _protocols(monkeypatch, SHORT)
+    protocol, transport = make(), FakeTransport()
+    protocol.connection_made(transport)
+    await asyncio.sleep(0.5)
+    assert transport.is_closing()
+    assert transport.written == b""
+    protocol.connection_lost(None)
+
+
+async def test_a_stalled_body_disconnects_the_app_and_gets_408(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make, _ = _protocols(monkeypatch, SHORT)
+    protocol, transport = make(), FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"POST /v1/decide HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
+    await asyncio.sleep(0.6)
+    assert transport.is_closing()
+    assert transport.written.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert protocol.cycle.disconnected
+    assert protocol.cycle.scope["state"]["timeout"] == "body"
+    protocol.connection_lost(None)
+
+
+async def test_a_complete_request_is_served_and_no_timeout_runs_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make, _ = _protocols(monkeypatch, SHORT)
+    protocol, transport = make(), FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+    assert protocol.deadline is None  # the request is in: the app's time is not limited
+    await asyncio.sleep(0.01)
+    assert transport.written.startswith(b"HTTP/1.1 200 OK")
+    assert not transport.is_closing()
+    protocol.connection_lost(None)
+
+
+async def test_connections_beyond_the_cap_get_503_and_the_others_are_untouched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make, state = _protocols(monkeypatch, SHORT)  # max_connections=2
+    first, second, third = make(), make(), make()
+    transports = [FakeTransport() for _ in range(3)]
+    first.connection_made(transports[0])
+    second.connection_made(transports[1])
+    third.connection_made(transports[2])
+    assert len(state.connections) == 2
+    assert transports[2].closed
+    assert transports[2].written.startswith(b"HTTP/1.1 503 Service Unavailable")
+    assert b"retry-after: 1\r\n" in transports[2].written
+    assert not transports[0].closed
+    assert not transports[1].closed
+    third.connection_lost(None)  # a refused connection was never set up: nothing to undo
+    assert len(state.connections) == 2
+    first.connection_lost(None)
+    second.connection_lost(None)
+    assert not state.connections
