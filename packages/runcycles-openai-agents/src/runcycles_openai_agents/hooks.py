@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import uuid
 import weakref
 from collections.abc import Mapping
@@ -12,27 +11,21 @@ from typing import Any
 from agents import Agent, AgentsException, ModelResponse, RunContextWrapper, RunHooks, Tool
 
 from runcycles import (
-    Action,
     AdapterCall,
-    Amount,
     AsyncCyclesAdapter,
     AsyncCyclesClient,
     CallPlan,
     CommitOveragePolicy,
     CyclesConfig,
     CyclesError,
-    EventCreateRequest,
-    Subject,
     Unit,
     UnknownModelError,
     Usage,
 )
-from runcycles.adapters import call_idempotency_key
-from runcycles_openai_agents.tools import ToolEstimateMap
+from runcycles.adapters import ToolEstimateMap
 
 __all__ = ["CyclesRunHooks", "ToolNotAllowedError"]
 
-logger = logging.getLogger("runcycles_openai_agents")
 DEFAULT_LLM_ESTIMATE = 500_000
 """What a model call holds when the pricer does not know its model (about $0.005)."""
 
@@ -116,21 +109,20 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
     ) -> None:
         self._owns_client = client is None
         client = client or AsyncCyclesClient(config or CyclesConfig.from_env())
-        super().__init__(
-            client, fail_open=fail_open, ttl_ms=ttl_ms, overage_policy=overage_policy,
-            dry_run=dry_run, **options,
-        )  # fmt: skip
         tools = tool_estimates if tool_estimates is not None else tool_risk
         default = default_tool_estimate if default_tool_estimate is not None else default_tool_risk
         if not isinstance(tools, ToolEstimateMap):
             tools = ToolEstimateMap(dict(tools or {}), 1 if default is None else default, tool_unit)
+        super().__init__(
+            client, fail_open=fail_open, ttl_ms=ttl_ms, overage_policy=overage_policy,
+            dry_run=dry_run, tool_estimates=tools, unit=llm_unit, **options,
+        )  # fmt: skip
         self.tool_estimates = tools
         self._llm_estimate_fixed, self._llm_unit = llm_estimate, Unit(llm_unit)
         self._runs: dict[int, tuple[weakref.ref[Any], str]] = {}
         self._llm_open: dict[str, str] = {}
         self._run_caps: dict[str, AdapterCall] = {}
         self._capped: dict[str, dict[int, tuple[Any, int | None]]] = {}
-        self._handoffs = 0
 
     # -- what a call is and what it used (the adapter base's two hooks) ------------------
 
@@ -138,13 +130,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         """Plan a model call (``("llm", agent, "")``) or a tool call (``("tool", agent, name)``)."""
         kind, agent, tool = event
         if kind == "tool":
-            entry = self.tool_estimates.lookup(tool)
-            if entry.estimate == 0:
-                return None  # a free tool: no reservation, no request
-            return CallPlan.tool(
-                tool, kind=entry.action_kind, estimate=entry.estimate, unit=entry.unit,
-                agent=agent.name, toolset=tool,
-            )  # fmt: skip
+            return self.tool_plan(tool, agent=agent.name, toolset=tool)
         model, max_tokens = _model_name(agent), agent.model_settings.max_tokens
         estimate = self._llm_estimate_fixed
         if estimate is None and (model is None or self._llm_unit is not Unit.USD_MICROCENTS):
@@ -161,18 +147,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
 
     def usage(self, result: Any) -> Usage | None:
         """Turn a ``ModelResponse``'s usage into a :class:`~runcycles.Usage` (a tool: ``None``)."""
-        if not isinstance(result, ModelResponse):
-            return None
-        used = result.usage
-        inp, out = used.input_tokens, used.output_tokens
-        cached = getattr(used.input_tokens_details, "cached_tokens", 0) or 0
-        written = getattr(used.input_tokens_details, "cache_write_tokens", 0) or 0
-        reasoning = getattr(used.output_tokens_details, "reasoning_tokens", 0) or 0
-        return Usage(
-            input_tokens=inp, output_tokens=out, cached_input_tokens=min(cached, inp),
-            cache_write_tokens=min(written, inp - min(cached, inp)),
-            reasoning_tokens=min(reasoning, out),
-        )  # fmt: skip
+        return Usage.from_openai(result.usage) if isinstance(result, ModelResponse) else None
 
     # -- the SDK's hooks -----------------------------------------------------------------
 
@@ -256,22 +231,10 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         self, context: RunContextWrapper[Any], from_agent: Any, to_agent: Any
     ) -> None:
         """Record the handoff as a zero-amount event (never blocks the run)."""
-        if self.dry_run:
-            return
-        run, self._handoffs = self.run_id(context), self._handoffs + 1
-        name = f"{from_agent.name}->{to_agent.name}"[:256]
-        key = call_idempotency_key(self.framework, run, f"handoff-{self._handoffs}", "event")
-        try:
-            subject = Subject(**{**self.subject, "agent": from_agent.name})
-            request = EventCreateRequest(
-                idempotency_key=key, subject=subject,
-                action=Action(kind="agent.handoff", name=name),
-                actual=Amount(unit=self._llm_unit, amount=0),
-                metadata={"framework": self.framework, "run_id": run, "to_agent": to_agent.name},
-            )  # fmt: skip
-            (await self.client.create_event(request)).raise_for_error()
-        except Exception as error:  # an audit event never stops the run
-            logger.warning("openai-agents: handoff %s not recorded: %s", name, error)
+        await self.record_event(
+            self.run_id(context), f"{from_agent.name}->{to_agent.name}", kind="agent.handoff",
+            agent=from_agent.name, metadata={"to_agent": to_agent.name},
+        )  # fmt: skip
 
     async def on_agent_end(self, context: RunContextWrapper[Any], agent: Any, output: Any) -> None:
         """The run is over: release whatever it left open."""
