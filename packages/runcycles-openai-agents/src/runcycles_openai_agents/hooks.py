@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import uuid
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from agents import Agent, AgentsException, ModelResponse, RunContextWrapper, RunHooks, Tool
+from agents import (
+    Agent,
+    AgentsException,
+    ModelResponse,
+    RunConfig,
+    RunContextWrapper,
+    RunHooks,
+    Tool,
+)
+from agents.models.interface import Model
 
 from runcycles import (
     AdapterCall,
@@ -23,6 +33,7 @@ from runcycles import (
     Usage,
 )
 from runcycles.adapters import ToolEstimateMap
+from runcycles_openai_agents.capping import CappedModel, CappedProvider, Caps
 
 __all__ = ["CyclesRunHooks", "ToolNotAllowedError"]
 
@@ -120,7 +131,8 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         self.tool_estimates = tools
         self._llm_estimate_fixed, self._llm_unit = llm_estimate, Unit(llm_unit)
         self._runs: dict[int, tuple[weakref.ref[Any], str]] = {}
-        self._llm_open: dict[str, str] = {}
+        self._llm_open: dict[str, tuple[str, int]] = {}  # run → (call id, id of its input)
+        self._model_caps: Caps = {}
         self._run_caps: dict[str, AdapterCall] = {}
         self._capped: dict[str, dict[int, tuple[Any, int | None]]] = {}
 
@@ -149,6 +161,24 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         """Turn a ``ModelResponse``'s usage into a :class:`~runcycles.Usage` (a tool: ``None``)."""
         return Usage.from_openai(result.usage) if isinstance(result, ModelResponse) else None
 
+    # -- caps on the model call ---------------------------------------------------------
+
+    def run_config(self, base: RunConfig | None = None) -> RunConfig:
+        """Return ``base`` (default ``RunConfig()``) with models that apply every call's caps.
+
+        Pass it as ``Runner.run(..., hooks=hooks, run_config=hooks.run_config(...))`` when
+        agents name their model (``model="gpt-4.1"``), or with ``RunConfig.model_settings``:
+        the caps' ``max_tokens`` then reaches every model call (see the docs' "Caps").
+        """
+        base = base or RunConfig()
+        model = self.capped(base.model) if isinstance(base.model, Model) else base.model
+        provider = CappedProvider(base.model_provider, self._model_caps)
+        return dataclasses.replace(base, model=model, model_provider=provider)
+
+    def capped(self, model: Model) -> Model:
+        """Wrap a model instance (``Agent(model=hooks.capped(model))``) so caps reach it."""
+        return CappedModel(model, self._model_caps)
+
     # -- the SDK's hooks -----------------------------------------------------------------
 
     def run_id(self, context: RunContextWrapper[Any]) -> str:
@@ -175,34 +205,44 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
 
     def _uncap(self, run: str | None) -> None:
         """Give the agents their own ``max_tokens`` back (the run, or every run, is over)."""
+        for key in [run] if run is not None else list(self._llm_open):
+            self._model_caps.pop(self._llm_open.get(key, ("", 0))[1], None)
         for key in [run] if run is not None else list(self._capped):
             for settings, original in self._capped.pop(key, {}).values():
                 settings.max_tokens = original
 
     async def on_llm_start(
-        self, context: RunContextWrapper[Any], agent: Agent[Any], *args: Any
+        self,
+        context: RunContextWrapper[Any],
+        agent: Agent[Any],
+        system_prompt: str | None,
+        input_items: list[Any],
     ) -> None:
-        """Reserve for the model call; lower the agent's ``max_tokens`` to the caps."""
+        """Reserve for the model call; lower its ``max_tokens`` to the caps."""
         run = self.run_id(context)
-        call_id = self._llm_open[run] = f"llm-{context.usage.requests}"
+        call_id = f"llm-{context.usage.requests}"
+        self._llm_open[run] = (call_id, id(input_items))
         call = self._run_caps[run] = await self._begin(run, call_id, ("llm", agent, ""))
         settings, cap = agent.model_settings, call.max_tokens if call.caps else None
-        if cap is not None and (settings.max_tokens is None or cap < settings.max_tokens):
-            # The SDK resolved this call's settings before this hook: they are this object
-            # (no RunConfig.model_settings) or a copy of it from the next call on. Kept for
-            # the run, undone when it ends.
-            self._capped.setdefault(run, {}).setdefault(
-                id(settings), (settings, settings.max_tokens)
-            )
-            settings.max_tokens = cap
+        if cap is not None:
+            self._model_caps[id(input_items)] = (input_items, cap)  # CappedModel applies it
+            if settings.max_tokens is None or cap < settings.max_tokens:
+                # Without CappedModel: the SDK resolved this call's settings before this
+                # hook; they are this object only with explicit agent settings and no
+                # RunConfig.model_settings. Kept for the run, undone when it ends.
+                self._capped.setdefault(run, {}).setdefault(
+                    id(settings), (settings, settings.max_tokens)
+                )
+                settings.max_tokens = cap
 
     async def on_llm_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse
     ) -> None:
         """Commit the model call's usage, priced to the micro-cent."""
         run = self.run_id(context)
-        call_id = self._llm_open.pop(run, None)
-        if call_id is not None:
+        call_id, input_id = self._llm_open.pop(run, ("", 0))
+        self._model_caps.pop(input_id, None)
+        if call_id:
             await self.end(run, call_id, response)
 
     async def on_tool_start(self, context: RunContextWrapper[Any], agent: Any, tool: Tool) -> None:
@@ -240,8 +280,8 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         """The run is over: release whatever it left open."""
         run = self.run_id(context)
         self._run_caps.pop(run, None)
-        self._llm_open.pop(run, None)
         self._uncap(run)
+        self._llm_open.pop(run, None)
         await self.end_run(run)
 
     async def release_pending(self, reason: str = "released_by_adapter") -> int:
