@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agents import (
@@ -37,6 +37,12 @@ from runcycles_openai_agents.capping import CappedModel, CappedProvider, Caps
 
 __all__ = ["CyclesRunHooks", "ToolNotAllowedError"]
 
+_default_model: Callable[[], str] | None
+try:
+    from agents.models import get_default_model as _default_model
+except ImportError:  # openai-agents < 0.4
+    _default_model = None
+
 DEFAULT_LLM_ESTIMATE = 500_000
 """What a model call holds when the pricer does not know its model (about $0.005)."""
 
@@ -55,11 +61,7 @@ def _agents_twin(cls: type[CyclesError]) -> type[CyclesError]:
 def _model_name(agent: Agent[Any]) -> str | None:
     model = agent.model
     if model is None:
-        try:
-            from agents.models import get_default_model
-        except ImportError:  # openai-agents < 0.4
-            return None
-        return get_default_model()
+        return _default_model() if _default_model is not None else None
     return model if isinstance(model, str) else getattr(model, "model", None)
 
 
