@@ -418,3 +418,48 @@ async def test_record_event_never_raises(caplog: pytest.LogCaptureFixture) -> No
         with caplog.at_level(logging.WARNING, "runcycles.adapters"):
             assert not await adapter.record_event("r", "a->b", kind="agent.handoff")
     assert "agent.handoff 'a->b' not recorded" in caplog.text
+
+
+def test_an_adapter_closes_only_the_client_it_built(
+    server: FakeCyclesServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[object] = []
+    with server.client() as client:
+        monkeypatch.setattr(client, "close", lambda: closed.append(client))
+        CyclesAdapter[CallPlan, Any](client).close()
+        assert closed == []  # the caller's client is the caller's to close
+    closed.clear()
+    monkeypatch.setenv("CYCLES_BASE_URL", "http://cycles.test")
+    monkeypatch.setenv("CYCLES_API_KEY", "k")
+    monkeypatch.setenv("CYCLES_TENANT", "from-env")
+    built: CyclesAdapter[CallPlan, Any] = CyclesAdapter(agent="a")
+    assert built.subject == {"tenant": "from-env", "agent": "a"}
+    original = built.client.close
+
+    def close() -> None:
+        closed.append(built.client)
+        original()
+
+    monkeypatch.setattr(built.client, "close", close)
+    built.close()
+    assert closed == [built.client]
+    config = CyclesConfig(base_url="http://cycles.test", api_key="k", tenant="cfg")
+    with pytest.raises(TypeError, match="fail_opne"):  # checked before a client is built
+        CyclesAdapter(config=config, fail_opne=True)  # type: ignore[call-arg]
+
+
+async def test_an_async_adapter_closes_only_the_client_it_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = CyclesConfig(base_url="http://cycles.test", api_key="k", tenant="cfg")
+    closed: list[object] = []
+    async with AsyncCyclesAdapter[CallPlan, Any](config=config) as adapter:
+        assert adapter.subject == {"tenant": "cfg"}
+        original = adapter.client.aclose
+
+        async def aclose() -> None:
+            closed.append(adapter.client)
+            await original()
+
+        monkeypatch.setattr(adapter.client, "aclose", aclose)
+    assert closed == [adapter.client]

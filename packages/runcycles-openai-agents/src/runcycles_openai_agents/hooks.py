@@ -120,15 +120,14 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         default_tool_risk: int | None = None,
         **options: Any,
     ) -> None:
-        self._owns_client = client is None
-        client = client or AsyncCyclesClient(config or CyclesConfig.from_env())
         tools = tool_estimates if tool_estimates is not None else tool_risk
         default = default_tool_estimate if default_tool_estimate is not None else default_tool_risk
         if not isinstance(tools, ToolEstimateMap):
             tools = ToolEstimateMap(dict(tools or {}), 1 if default is None else default, tool_unit)
         super().__init__(
-            client, fail_open=fail_open, ttl_ms=ttl_ms, overage_policy=overage_policy,
-            dry_run=dry_run, tool_estimates=tools, unit=llm_unit, **options,
+            client, config=config, fail_open=fail_open, ttl_ms=ttl_ms,
+            overage_policy=overage_policy, dry_run=dry_run, tool_estimates=tools, unit=llm_unit,
+            **options,
         )  # fmt: skip
         self.tool_estimates = tools
         self._llm_estimate_fixed, self._llm_unit = llm_estimate, Unit(llm_unit)
@@ -290,9 +289,3 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         """Release every open reservation of every run (after a run raised); return how many."""
         self._uncap(None)
         return await super().release_pending(reason)
-
-    async def close(self) -> None:
-        """Release whatever is still open; close the client if these hooks created it."""
-        await super().close()
-        if self._owns_client:
-            await self.client.aclose()

@@ -52,6 +52,8 @@ from runcycles.adapter_plan import (
     is_outage,
     tool_allowed,
 )
+from runcycles.client import AsyncCyclesClient, CyclesClient
+from runcycles.config import CyclesConfig
 from runcycles.exceptions import CyclesConfigError, CyclesError, ReservationFinalizedError
 from runcycles.lifecycle import (
     DEFAULT_TTL_MS,
@@ -81,9 +83,6 @@ from runcycles.usage import Usage
 
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
-
-    from runcycles.client import AsyncCyclesClient, CyclesClient
-    from runcycles.config import CyclesConfig
 
 __all__ = [
     "AdapterCall",
@@ -493,11 +492,13 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
     """Turn a framework's start/end/error callbacks into reserve/commit/release (sync).
 
     Subclass it, set :attr:`framework`, fill :meth:`plan` (and :meth:`usage`), and forward
-    the framework's callbacks to :meth:`begin`, :meth:`end` and :meth:`fail`. The adapter
-    does not close ``client``.
+    the framework's callbacks to :meth:`begin`, :meth:`end` and :meth:`fail`.
 
     Args:
-        client: The client to reserve, commit and release with.
+        client: The client to reserve, commit and release with; the adapter does not close
+            it. Default: one built from ``config``, which :meth:`close` closes.
+        config: Builds the client when none is given (default: the ``CYCLES_*`` variables,
+            :meth:`CyclesConfig.from_env`).
         **options: See :class:`AdapterOptions`.
 
     Raises:
@@ -505,9 +506,18 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         CyclesConfigError: A bad option value (the message says which).
     """
 
-    def __init__(self, client: CyclesClient, /, **options: Unpack[AdapterOptions]) -> None:
-        super().__init__(client.config, options)
-        self.client = client
+    def __init__(
+        self,
+        client: CyclesClient | None = None,
+        /,
+        *,
+        config: CyclesConfig | None = None,
+        **options: Unpack[AdapterOptions],
+    ) -> None:
+        config = client.config if client is not None else config or CyclesConfig.from_env()
+        super().__init__(config, options)  # options checked before a client is built
+        self._owns_client = client is None
+        self.client = client if client is not None else CyclesClient(config)
 
     def begin(self, run_id: Hashable, call_id: Hashable, event: StartT) -> AdapterCall:
         """A call is about to run: reserve for it (or evaluate it, in dry-run mode).
@@ -608,9 +618,11 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         return self._release(self._take(None), reason)
 
     def close(self) -> None:
-        """Release whatever is still open (logged); the client stays open."""
+        """Release whatever is still open (logged); close the client if the adapter built it."""
         if released := self.release_pending("adapter_closed"):
             logger.warning("%s: closed with %d open reservation(s)", self.framework, released)
+        if self._owns_client:
+            self.client.close()
 
     def __enter__(self) -> Self:
         return self
@@ -639,13 +651,24 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
     """The async twin of :class:`CyclesAdapter`: the same hooks and names, awaited.
 
     Args:
-        client: The async client to reserve, commit and release with.
+        client: The async client (default: one built from ``config``, closed by
+            :meth:`close`).
+        config: See :class:`CyclesAdapter`.
         **options: See :class:`AdapterOptions`.
     """
 
-    def __init__(self, client: AsyncCyclesClient, /, **options: Unpack[AdapterOptions]) -> None:
-        super().__init__(client.config, options)
-        self.client = client
+    def __init__(
+        self,
+        client: AsyncCyclesClient | None = None,
+        /,
+        *,
+        config: CyclesConfig | None = None,
+        **options: Unpack[AdapterOptions],
+    ) -> None:
+        config = client.config if client is not None else config or CyclesConfig.from_env()
+        super().__init__(config, options)
+        self._owns_client = client is None
+        self.client = client if client is not None else AsyncCyclesClient(config)
 
     async def begin(self, run_id: Hashable, call_id: Hashable, event: StartT) -> AdapterCall:
         """A call is about to run: reserve for it. See :meth:`CyclesAdapter.begin`."""
@@ -719,9 +742,11 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
         return await self._release(self._take(None), reason)
 
     async def close(self) -> None:
-        """Release whatever is still open (logged); the client stays open."""
+        """Release whatever is still open (logged); close the client if the adapter built it."""
         if released := await self.release_pending("adapter_closed"):
             logger.warning("%s: closed with %d open reservation(s)", self.framework, released)
+        if self._owns_client:
+            await self.client.aclose()
 
     async def __aenter__(self) -> Self:
         return self
