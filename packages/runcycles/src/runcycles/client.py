@@ -39,6 +39,11 @@ class CyclesClient(BaseCyclesClient):
     heartbeat. It is safe to share one client between threads, and to keep one across
     ``fork()``: the child starts afresh.
 
+    Each protocol call (``docs/client.md`` lists them) returns a
+    :class:`~runcycles.CyclesResponse` whose ``data`` is the endpoint's response model, and
+    takes ``headers=`` (extra headers for that call, e.g. ``traceparent``) and
+    ``retry_policy=`` (its retries; default: the client's policy).
+
     Args:
         config: Server URL, API key, timeouts and retry settings.
         http_client: An ``httpx.Client`` to send with (its timeouts and pool are used as
