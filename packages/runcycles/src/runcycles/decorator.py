@@ -36,10 +36,8 @@ from runcycles.lifecycle import (
     ReservationGuard,
     SubjectRequiredError,
     UnknownActualError,
-    adiscover_tenant,
     build_reservation_request,
     check_on_unknown_actual,
-    discover_tenant,
     dry_run_result,
     measure_actual,
     new_idempotency_key,
@@ -665,7 +663,7 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
         try:
             request, body = policy.request(client.config, args, kwargs)
         except SubjectRequiredError:  # no subject configured: use the API key's tenant
-            request, body = policy.request(client.config, args, kwargs, discover_tenant(client))
+            request, body = policy.request(client.config, args, kwargs, client.discover_tenant())
         if policy.dry_run:
             return dry_run_result(client.create_reservation(request))
         guard = ReservationGuard(client, request, heartbeat=policy.heartbeat)
@@ -706,7 +704,7 @@ def _async_wrapper(
         try:
             request, body = policy.request(client.config, args, kwargs)
         except SubjectRequiredError:  # no subject configured: use the API key's tenant
-            tenant = await adiscover_tenant(client)
+            tenant = await client.discover_tenant()
             request, body = policy.request(client.config, args, kwargs, tenant)
         if policy.dry_run:
             return dry_run_result(await client.create_reservation(request))

@@ -79,16 +79,13 @@ __all__ = [
     "SubjectRequiredError",
     "UnfinalizedReservationWarning",
     "UnknownActualError",
-    "adiscover_tenant",
     "build_commit_request",
     "build_release_request",
     "build_reservation_request",
     "context_for",
-    "discover_tenant",
     "dry_run",
     "dry_run_result",
     "exit_release_reason",
-    "known_tenant",
     "measure_actual",
     "new_idempotency_key",
     "price_usage",
@@ -375,7 +372,7 @@ def resolve_subject(
             values keep the config's value.
         subject: A complete subject; then no other field may be given.
         dimensions: Free-form subject tags.
-        tenant: The API key's tenant (see :func:`discover_tenant`), used only when no
+        tenant: The API key's tenant (see ``client.discover_tenant()``), used only when no
             standard field is set anywhere else.
 
     Raises:
@@ -530,21 +527,6 @@ def request_from_options(
 
 _RESERVE_OPTION_NAMES: Final = frozenset(ReserveOptions.__annotations__)
 _REQUEST_FIELD_OPTIONS: Final = _RESERVE_OPTION_NAMES - {"heartbeat"}
-
-
-def known_tenant(client: BaseCyclesClient | AsyncBaseCyclesClient) -> str | None:
-    """Return the tenant :func:`discover_tenant` found for ``client``, if it ran."""
-    return client.api_key_tenant
-
-
-def discover_tenant(client: BaseCyclesClient) -> str:
-    """Return ``client.discover_tenant()``: its API key's tenant (raises as that does)."""
-    return client.discover_tenant()
-
-
-async def adiscover_tenant(client: AsyncBaseCyclesClient) -> str:
-    """Async twin of :func:`discover_tenant`."""
-    return await client.discover_tenant()
 
 
 def _denial_error(data: ReservationCreateResponse, status: int) -> CyclesProtocolError:
@@ -1113,7 +1095,7 @@ class ReservationGuard(_GuardState):
         /,
         **options: Unpack[ReserveOptions],
     ) -> None:
-        super().__init__(client.config, request, options, known_tenant(client))
+        super().__init__(client.config, request, options, client.api_key_tenant)
         self._client = client
 
     def start(self, *, publish: bool = False) -> Self:
@@ -1139,7 +1121,7 @@ class ReservationGuard(_GuardState):
         """
         self._check_enter()
         if self._pending:
-            self._complete(self._client.config, discover_tenant(self._client))
+            self._complete(self._client.config, self._client.discover_tenant())
         started = time.perf_counter()
         body = self._body
         if body is None:
@@ -1333,14 +1315,14 @@ class AsyncReservationGuard(_GuardState):
         /,
         **options: Unpack[ReserveOptions],
     ) -> None:
-        super().__init__(client.config, request, options, known_tenant(client))
+        super().__init__(client.config, request, options, client.api_key_tenant)
         self._client = client
 
     async def start(self, *, publish: bool = False) -> Self:
         """Async twin of :meth:`ReservationGuard.start`."""
         self._check_enter()
         if self._pending:
-            self._complete(self._client.config, await adiscover_tenant(self._client))
+            self._complete(self._client.config, await self._client.discover_tenant())
         started = time.perf_counter()
         body = self._body
         if body is None:
@@ -1565,7 +1547,7 @@ def dry_run(
     if request is not None:
         request = request.model_copy(update={"dry_run": None})
     config = client.config
-    tenant = known_tenant(client)
+    tenant = client.api_key_tenant
     try:
         checked: ReservationCreateRequest | None = request_from_options(
             config, request, options, tenant=tenant
@@ -1576,7 +1558,7 @@ def dry_run(
     if isinstance(client, AsyncBaseCyclesClient):
         return _adry_run(client, checked, options)
     if checked is None:
-        checked = request_from_options(config, None, options, tenant=discover_tenant(client))
+        checked = request_from_options(config, None, options, tenant=client.discover_tenant())
     return dry_run_result(client.create_reservation(checked.model_copy(update={"dry_run": True})))
 
 
@@ -1586,7 +1568,7 @@ async def _adry_run(
     options: Mapping[str, Any],
 ) -> DryRunResult:
     if request is None:
-        tenant = await adiscover_tenant(client)
+        tenant = await client.discover_tenant()
         request = request_from_options(client.config, None, options, tenant=tenant)
     return dry_run_result(
         await client.create_reservation(request.model_copy(update={"dry_run": True}))
