@@ -1034,12 +1034,8 @@ class _GuardState:
     def abandon(self) -> bool:
         """End the guard without sending anything: the reservation expires at its lease.
 
-        Stops the heartbeat; no commit, no event, no release is sent (what an unknown
-        actual under ``on_unknown_actual="raise"`` does). The held budget returns to the
-        scopes when the lease ends.
-
-        Returns:
-            Whether this call ended it (``False``: it was already finalized).
+        Stops the heartbeat (what an unknown actual under ``on_unknown_actual="raise"``
+        does); returns whether this call ended it (``False``: it was already finalized).
         """
         if self._state == _NEW:
             return False  # nothing reserved, nothing to abandon
@@ -1099,19 +1095,13 @@ class ReservationGuard(_GuardState):
         self._client = client
 
     def start(self, *, publish: bool = False) -> Self:
-        """Reserve now (a denial raises before anything runs) and start the heartbeat.
+        """Reserve now (a denial raises before anything runs), start the heartbeat; return self.
 
-        The explicit spelling of entering the guard, for code whose "before" and "after"
-        run in separate calls (framework callbacks): end the reservation later with
-        :meth:`commit`, :meth:`settle`, :meth:`release`, :meth:`fail` or :meth:`abandon`.
-
-        Args:
-            publish: Also make the reservation :func:`~runcycles.get_cycles_context` for
-                the current context until the guard is left (``with`` does this). A
-                callback leaves it ``False``: it never leaves a context variable set.
-
-        Returns:
-            The guard, live.
+        The explicit spelling of entering the guard, for framework callbacks
+        (``docs/guards.md``): end the reservation later with :meth:`commit`, :meth:`settle`,
+        :meth:`release`, :meth:`fail` or :meth:`abandon`. ``publish=True`` also makes the
+        reservation :func:`~runcycles.get_cycles_context` until the guard is left (what
+        ``with`` does; a callback never leaves a context variable set).
 
         Raises:
             CyclesProtocolError: The server denied the reservation (e.g.
@@ -1154,14 +1144,9 @@ class ReservationGuard(_GuardState):
     def fail(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
         """Release the reservation because the work failed; never raises.
 
-        A no-op when the guard is not live (never started, or already finalized), so a
-        framework's error callback may call it unconditionally. A failed release is logged:
-        the reservation then expires at the end of its lease.
-
-        Args:
-            exc: What the work raised (recorded as the release reason).
-            reason: The release reason instead (default from ``exc``, else
-                ``"guarded_code_failed"``).
+        A no-op when the guard is not live, so an error callback may call it unconditionally;
+        a failed release is logged. The release reason is ``reason``, else derived from
+        ``exc`` (what the work raised), else ``"guarded_code_failed"``.
         """
         if self._state != _LIVE:
             return
@@ -1179,24 +1164,11 @@ class ReservationGuard(_GuardState):
     ) -> SettlementResult | None:
         """End the reservation after the work ran, applying ``on_unknown_actual`` once.
 
-        Args:
-            actual: What was used (an amount, or a :class:`~runcycles.Usage` priced by
-                ``pricer``; ``None``: the estimate, flagged ``actual_source``), or an
-                :class:`UnknownActualError` saying the actual could not be measured. A usage
-                that cannot be priced (unknown model, wrong unit) is an unknown actual.
-            on_unknown_actual: For an unknown actual: ``"raise"`` (send nothing, leave the
-                reservation to expire at its lease, raise the error), ``"release"`` (release
-                it, log, return ``None``) or ``"commit_estimate"`` (commit the estimate
-                flagged ``actual_error``, log).
-            metrics: Commit metrics.
-            metadata: Commit metadata.
-            pricer: Prices a :class:`~runcycles.Usage` (default:
-                :func:`~runcycles.default_pricer`).
-            fix: What the caller should repair, named in the raised error's message.
-
-        Returns:
-            The commit's :class:`~runcycles.SettlementResult`, or ``None`` when an unknown
-            actual was released.
+        ``actual`` is as for :meth:`commit`, or an :class:`UnknownActualError` (so is a
+        :class:`~runcycles.Usage` that cannot be priced). For an unknown actual,
+        ``on_unknown_actual`` decides (``docs/guards.md``): ``"raise"`` (send nothing, leave
+        the reservation to its lease, raise the error naming ``fix``), ``"release"`` (return
+        ``None``) or ``"commit_estimate"`` (commit the estimate flagged ``actual_error``).
 
         Raises:
             UnknownActualError: The actual is unknown and ``on_unknown_actual="raise"``.
@@ -1225,21 +1197,14 @@ class ReservationGuard(_GuardState):
         metadata: Mapping[str, Any] | None = None,
         pricer: Pricer | None = None,
     ) -> SettlementResult:
-        """Charge what was used and end the reservation.
+        """Charge what was used and end the reservation; check ``result.settled``.
 
-        Args:
-            actual: What was used: an ``int`` in the estimate's unit, an :class:`Amount`, or a
-                :class:`~runcycles.Usage` (priced by ``pricer``; its tokens become the
-                metrics); ``None`` commits the estimate (marked ``actual_source="estimate"``).
-            metrics: Usage metrics (default: the context's ``metrics``).
-            metadata: Commit metadata, merged over the context's ``commit_metadata``.
-            pricer: Prices a :class:`~runcycles.Usage` (default:
-                :func:`~runcycles.default_pricer`).
-
-        Returns:
-            How the settlement ended: ``committed``, ``event_applied`` (the reservation had
-            expired, so the spend was recorded as an event), or ``pending`` (not confirmed
-            yet; retried later from the journal). Check ``result.settled``.
+        ``actual``: an ``int`` in the estimate's unit, an :class:`Amount`, or a
+        :class:`~runcycles.Usage` (priced by ``pricer``, default
+        :func:`~runcycles.default_pricer`; its tokens become the metrics); ``None`` commits
+        the estimate (marked ``actual_source="estimate"``). ``metrics`` and ``metadata`` go
+        over the context's. The outcome is ``committed``, ``event_applied`` (the reservation
+        had expired) or ``pending`` (retried later from the journal).
 
         Raises:
             ReservationAlreadyFinalizedError: The guard already committed or released.
@@ -1252,13 +1217,7 @@ class ReservationGuard(_GuardState):
         return _checked(self._start_commit(actual, metrics, metadata, pricer))
 
     def release(self, reason: str | None = None) -> ReleaseResponse:
-        """Give the whole reservation back, charging nothing.
-
-        Args:
-            reason: Why (at most 256 characters are kept).
-
-        Returns:
-            The server's answer.
+        """Give the whole reservation back, charging nothing (``reason``: 256 characters kept).
 
         Raises:
             ReservationAlreadyFinalizedError: The guard already committed or released.
