@@ -94,12 +94,9 @@ _FALLBACK_MIN_CADENCE_MS: Final = 1_000
 
 
 def attempt_budget_ms(request_timeout_ms: int | None, max_rtt_ms: int) -> int | None:
-    """Return ``max(request_timeout_budget, 1000, 2 * max_rtt)``; ``None`` means infinite.
+    """Return ``max(request_timeout_ms, 1000, 2 * max_rtt_ms)``; ``None`` means infinite.
 
-    Args:
-        request_timeout_ms: Enforced upper bound of one extend attempt, or ``None`` when the
-            timeout is unknown or unbounded.
-        max_rtt_ms: Largest round-trip time observed so far.
+    ``request_timeout_ms`` bounds one extend attempt (``None``: unknown or unbounded).
     """
     if request_timeout_ms is None:
         return None
@@ -121,17 +118,9 @@ def next_delay_ms(
     """Return how long after a successful response the next extend is due.
 
     ``next_delay = max(0, lead_floor - (2 * attempt_budget + safety_margin))`` with
-    ``lead_floor = max(0, remaining_ttl_ms - rtt)``. Unknown timing (``rtt_ms=None``) or an
-    unbounded timeout gives 0: unknown time is never treated as zero elapsed.
-
-    Example (the spec's): a lead of 60000 ms, a 10000 ms timeout and a 1500 ms rtt give
-    ``60000 - (2 * 10000 + 3000) = 37000``.
-
-    Args:
-        remaining_ttl_ms: ``remaining_ttl_ms`` of the schema-valid 200 response.
-        rtt_ms: Round-trip time of the attempt that produced it (``None``: unknown).
-        request_timeout_ms: Enforced bound of one attempt (``None``: unbounded).
-        max_rtt_ms: Largest rtt observed before this one.
+    ``lead_floor = max(0, remaining_ttl_ms - rtt)`` (``docs/heartbeat.md`` has an example).
+    Unknown timing (``rtt_ms=None``) or an unbounded timeout gives 0: unknown time is never
+    treated as zero elapsed. ``max_rtt_ms`` is the largest rtt observed before this one.
     """
     if rtt_ms is None or rtt_ms < 0:
         return 0
@@ -265,14 +254,10 @@ class LeasePlanner:
         expires_at_ms: int | None,
         initial: bool = False,
     ) -> HeartbeatStep:
-        """Plan after a schema-valid 200 (the create response when ``initial``).
+        """Plan after a schema-valid 200 received at ``now_ms`` (the create one if ``initial``).
 
-        Args:
-            now_ms: Monotonic time at which the response was received.
-            rtt_ms: Duration of the attempt that produced it (``None``: unknown).
-            remaining_ttl_ms: The response's ``remaining_ttl_ms`` (``None``: absent).
-            expires_at_ms: The response's ``expires_at_ms``.
-            initial: Whether this is the create response (no extend happened yet).
+        ``rtt_ms`` is the attempt's duration (``None``: unknown); the other two are the
+        response's fields (``remaining_ttl_ms=None``: absent, the measured-grant fallback).
         """
         self._fail_elapsed_ms = None
         self._fail_window_ms = None
@@ -308,12 +293,10 @@ class LeasePlanner:
     def on_failure(
         self, now_ms: float, kind: FailureKind, *, retry_after_ms: int | None = None
     ) -> HeartbeatStep:
-        """Plan after a failed or ambiguous attempt.
+        """Plan after a failed or ambiguous attempt observed at ``now_ms``.
 
-        Args:
-            now_ms: Monotonic time at which the failure was observed.
-            kind: How the failure is classified (:func:`classify_extend_response`).
-            retry_after_ms: The 429's ``Retry-After`` in ms (``None``: missing or invalid).
+        ``kind`` comes from :func:`classify_extend_response`; ``retry_after_ms`` is the
+        429's ``Retry-After`` (``None``: missing or invalid).
         """
         if kind == "terminal":
             return HeartbeatStep(
@@ -929,15 +912,9 @@ class HeartbeatScheduler(_SchedulerCore):
     ) -> HeartbeatHandle:
         """Start extending a reservation; returns its handle (call ``handle.stop()`` later).
 
-        Args:
-            reservation_id: The id from the create response.
-            ttl_ms: The ``ttl_ms`` requested at create; every beat extends by it.
-            remaining_ttl_ms: The create response's ``remaining_ttl_ms`` (``None`` if the
-                server omitted it: the measured-grant fallback is used).
-            expires_at_ms: The create response's ``expires_at_ms``.
-            rtt_ms: How long the create request took. Pass it: without it the spec forbids
-                assuming any lead, so the first extend is sent immediately.
-            on_event: Called with every :class:`HeartbeatEvent` of this reservation.
+        ``ttl_ms`` is the one requested at create (every beat extends by it); the other
+        values come from the create response, and ``rtt_ms`` is how long it took (pass it:
+        without it the first extend is sent immediately). See ``docs/heartbeat.md``.
 
         Raises:
             ValueError: Bad ``ttl_ms``/``reservation_id``, or the id is already tracked.
