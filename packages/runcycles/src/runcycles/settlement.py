@@ -1,13 +1,9 @@
 """Settle known spend exactly once: :class:`Settlement` and its async twin.
 
-``commit`` (the client-recovery profile, core + durable levels; see ``docs/recovery.md``):
+The client-recovery profile, core and durable levels, as ``docs/recovery.md`` describes it:
 journal first (an I/O failure is reported in ``result.journal_error``, never blocks the
-attempt); retry on the same idempotency key after anything ambiguous (transport error, 5xx,
-429 with its ``Retry-After`` persisted as ``not_before_ms``, a 2xx that is not a schema-valid
-success); an expired reservation (410) switches durably to ``POST /v1/events`` with the same
-key; understood rejections remove the record (``rejected``); everything else keeps it for a
-later replay (``pending``). Known spend is never released because an outcome is ambiguous or
-the credentials were refused.
+attempt), same-key retries, the durable switch to ``POST /v1/events`` after a 410. Known
+spend is never released because an outcome is ambiguous or the credentials were refused.
 """
 
 from __future__ import annotations
@@ -480,10 +476,8 @@ class Settlement(_Setup):
         retry_policy: Attempts and backoff (default: from the client's config).
         sleep: Blocking sleep in seconds (injectable for tests).
         wall_clock: Wall-clock time in seconds, used for the persisted ``not_before_ms``.
-        journal_first: Write the record before the first request (the default, and what
-            the durable profile recommends: a crash while the first commit is in flight
-            loses nothing). ``False`` writes it only once the first attempt did not settle,
-            saving two fsyncs per successful commit at the price of that crash window.
+        journal_first: Write the record before the first request (the default); ``False``
+            writes it only once the first attempt did not settle (``docs/recovery.md``).
     """
 
     def __init__(
