@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -182,21 +183,9 @@ class CyclesConfig:
 
 
 _FIELD_TYPES: Final[Mapping[str, type]] = {
-    "base_url": str,
-    "api_key": str,
-    **dict.fromkeys(STANDARD_SUBJECT_FIELDS, str),
-    "connect_timeout": float,
-    "read_timeout": float,
-    "retry_enabled": bool,
-    "retry_max_attempts": int,
-    "retry_initial_delay": float,
-    "retry_multiplier": float,
-    "retry_max_delay": float,
-    "retry_after_max_s": float,
-    "max_connections": int,
-    "journal_enabled": bool,
-    "journal_dir": str,
-    "journal_fsync": bool,
+    # each field's annotation without its ``| None``: what its environment variable parses to
+    name: next(arg for arg in (*typing.get_args(hint), hint) if arg is not type(None))
+    for name, hint in typing.get_type_hints(CyclesConfig).items()
 }
 _EXAMPLES: Final = {"base_url": "http://localhost:7878", "api_key": "<your tenant API key>"}
 
