@@ -45,6 +45,7 @@ from runcycles.lifecycle import (
     to_amount,
 )
 from runcycles.models import (
+    STANDARD_SUBJECT_FIELDS,
     Action,
     Amount,
     CommitOveragePolicy,
@@ -596,15 +597,9 @@ def cycles(
         UnknownActualError: At a call, with ``on_unknown_actual="raise"``: the function ran
             but its actual is unknown (nothing was committed).
     """
-    subject = {
-        "tenant": tenant,
-        "workspace": workspace,
-        "app": app,
-        "workflow": workflow,
-        "agent": agent,
-        "toolset": toolset,
-    }
-    subject = {field: value for field, value in subject.items() if value is not None}
+    given = (tenant, workspace, app, workflow, agent, toolset)
+    fields = zip(STANDARD_SUBJECT_FIELDS, given, strict=True)
+    subject = {field: value for field, value in fields if value is not None}
     options: dict[str, Any] = {
         "estimate": estimate,
         "actual": actual,
