@@ -190,9 +190,7 @@ class ClientCore:
             the body's key, which any string of 1..256 characters may be, is authoritative.
         """
         content, idempotency_key = encode_body(request, model)
-        headers = dict(self.post_headers)
-        if _header_safe(idempotency_key):
-            headers["X-Idempotency-Key"] = idempotency_key
+        headers = self.encoded_headers(idempotency_key)
         if extra_headers:
             headers.update(extra_headers)
         return content, headers
