@@ -319,6 +319,7 @@ class _Engine:
     def result(
         self, outcome: SettlementOutcome, journaled: bool, journal_error: str | None
     ) -> SettlementResult:
+        """Return how the settlement ended, and log it."""
         verdict = self.last
         data = None if verdict is None else verdict.data
         error = (
@@ -329,7 +330,7 @@ class _Engine:
                 f"settlement of {self.record.reservation_id!r} must wait until "
                 f"not_before_ms={self.record.not_before_ms} (server Retry-After)"
             )
-        return SettlementResult(
+        result = SettlementResult(
             reservation_id=self.record.reservation_id,
             outcome=outcome,
             mode=self.record.mode,
@@ -342,6 +343,8 @@ class _Engine:
             journal_error=journal_error,
             not_before_ms=self.record.not_before_ms or None,
         )
+        _log_outcome(result)
+        return result
 
     def _past_deadline(self, delay_s: float) -> bool:
         return self.deadline_s is not None and self.wall_s() + delay_s > self.deadline_s
@@ -660,34 +663,28 @@ class Settlement(_Setup):
         outcome = step.stop
         assert outcome is not None
         if journaled and self.journal is not None:
-            try:
-                if outcome == "pending":
-                    if entry is not None and not entry.materialized:
-                        _materialize(self.journal, entry, locks)
-                    elif step.persist:
-                        self.journal.write(record)
-                else:
-                    journaled = False
-                    if entry is not None:
-                        entry.finished = True
-                    if entry is None or entry.materialized:
-                        self.journal.remove(record.reservation_id)
-            except OSError as exc:
-                journal_error = f"journal update failed: {exc}"
-                logger.error("journal update for %s failed: %s", record.reservation_id, exc)
-        result = engine.result(outcome, journaled, journal_error)
-        _log_outcome(result)
-        return result
+            if outcome != "pending":
+                journaled = False
+                if _has_record_file(entry):
+                    journal_error = self._persist(record, remove=True) or journal_error
+            elif step.persist or (entry is not None and not entry.materialized):
+                journal_error = self._persist(record, locks, entry) or journal_error
+        return engine.result(outcome, journaled, journal_error)
 
     def _persist(
         self,
         record: JournalRecord,
         locks: list[RecordLock | None] | None = None,
         entry: IntentEntry | None = None,
+        *,
+        remove: bool = False,
     ) -> str | None:
+        """Write, move to its record file, or (``remove``) delete the settlement's record."""
         assert self.journal is not None
         try:
-            if entry is not None and not entry.materialized:
+            if remove:
+                self.journal.remove(record.reservation_id)
+            elif entry is not None and not entry.materialized:
                 _materialize(self.journal, entry, locks)
             else:
                 self.journal.write(record)
@@ -875,37 +872,29 @@ class AsyncSettlement(_Setup):
                 journaled, journal_error = await self._journal_now(record, locks)  # late
         outcome = step.stop
         assert outcome is not None
-        journal = self.journal
-        if journaled and journal is not None:
-            try:
-                if outcome == "pending":
-                    if entry is not None and not entry.materialized:
-                        assert locks is not None
-                        locks.append(await _aclaim(_materialize_for_loop, journal, entry))
-                    elif step.persist:
-                        await run_journal_io(journal.write, record)
-                else:
-                    journaled = False
-                    if entry is not None:
-                        entry.finished = True
-                    if entry is None or entry.materialized:
-                        await run_journal_io(journal.remove, record.reservation_id)
-            except OSError as exc:
-                journal_error = f"journal update failed: {exc}"
-                logger.error("journal update for %s failed: %s", record.reservation_id, exc)
-        result = engine.result(outcome, journaled, journal_error)
-        _log_outcome(result)
-        return result
+        if journaled and self.journal is not None:
+            if outcome != "pending":
+                journaled = False
+                if _has_record_file(entry):
+                    journal_error = await self._persist(record, remove=True) or journal_error
+            elif step.persist or (entry is not None and not entry.materialized):
+                journal_error = await self._persist(record, locks, entry) or journal_error
+        return engine.result(outcome, journaled, journal_error)
 
     async def _persist(
         self,
         record: JournalRecord,
         locks: list[RecordLock | None] | None = None,
         entry: IntentEntry | None = None,
+        *,
+        remove: bool = False,
     ) -> str | None:
+        """Async twin of :meth:`Settlement._persist` (the I/O runs on the journal's thread)."""
         assert self.journal is not None
         try:
-            if entry is not None and not entry.materialized:
+            if remove:
+                await run_journal_io(self.journal.remove, record.reservation_id)
+            elif entry is not None and not entry.materialized:
                 assert locks is not None
                 locks.append(await _aclaim(_materialize_for_loop, self.journal, entry))
             else:
@@ -914,6 +903,13 @@ class AsyncSettlement(_Setup):
             logger.error("journal update for %s failed: %s", record.reservation_id, exc)
             return f"journal update failed: {exc}"
         return None
+
+
+def _has_record_file(entry: IntentEntry | None) -> bool:
+    """Mark a finished settlement's intent (if any) done; return whether a record file holds it."""
+    if entry is not None:
+        entry.finished = True
+    return entry is None or entry.materialized
 
 
 def _materialize(
