@@ -62,14 +62,7 @@ class CyclesClient(BaseCyclesClient):
         """Return a guard that reserves when its ``with`` block is entered.
 
         The method spelling of :func:`runcycles.reserve`: ``client.reserve(...)`` is
-        ``reserve(client, ...)``. Nothing is sent before the block is entered.
-
-        Args:
-            request: A ready reservation request, instead of the keyword options.
-            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-        Returns:
-            A :class:`~runcycles.ReservationGuard`.
+        ``reserve(client, ...)`` (options: :class:`~runcycles.lifecycle.ReserveOptions`).
         """
         return ReservationGuard(self, request, **options)
 
@@ -84,20 +77,7 @@ class CyclesClient(BaseCyclesClient):
     ) -> StreamReservation:
         """Return a stream reservation that reserves when its ``with`` block is entered.
 
-        The method spelling of :func:`runcycles.stream_reservation`.
-
-        Args:
-            request: A ready reservation request, instead of the keyword options.
-            cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
-            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default),
-                ``"release"`` or ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
-            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-        Returns:
-            A :class:`~runcycles.StreamReservation`.
-
-        Raises:
-            ValueError: An unknown ``on_unknown_actual``.
+        The method spelling of :func:`runcycles.stream_reservation` (same options).
         """
         return StreamReservation(
             self, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options

@@ -1453,14 +1453,8 @@ def reserve(
 ) -> ReservationGuard | AsyncReservationGuard:
     """Return a guard that reserves when its block is entered (``with`` or ``async with``).
 
-    Args:
-        client: A :class:`~runcycles.CyclesClient` (gives a :class:`ReservationGuard`) or an
-            :class:`~runcycles.AsyncCyclesClient` (gives an :class:`AsyncReservationGuard`).
-        request: A ready reservation request, instead of the keyword options.
-        **options: See :class:`ReserveOptions`.
-
-    Returns:
-        The guard matching the client's flavour.
+    A :class:`ReservationGuard` for a sync client, an :class:`AsyncReservationGuard` for an
+    async one; ``request`` or ``options`` (:class:`ReserveOptions`) as for the guard.
     """
     if isinstance(client, AsyncBaseCyclesClient):
         return AsyncReservationGuard(client, request, **options)
@@ -1493,15 +1487,9 @@ def dry_run(
 ) -> DryRunResult | Awaitable[DryRunResult]:
     """Ask the server to evaluate a reservation without holding anything (shadow mode).
 
-    With an :class:`~runcycles.AsyncCyclesClient`, await the result.
-
-    Args:
-        client: The client to ask.
-        request: A ready reservation request (``dry_run`` is forced on), or keywords.
-        **options: See :class:`ReserveOptions` (``heartbeat`` is ignored).
-
-    Returns:
-        The :class:`DryRunResult` (a ``DENY`` is a result, not an error).
+    Returns the :class:`DryRunResult` (a ``DENY`` is a result, not an error); await it with an
+    :class:`~runcycles.AsyncCyclesClient`. ``request`` (its ``dry_run`` forced on) or
+    ``options`` as for :func:`reserve` (``heartbeat`` is ignored).
     """
     if request is not None:
         request = request.model_copy(update={"dry_run": None})

@@ -577,19 +577,8 @@ def stream_reservation(
 ) -> StreamReservation | AsyncStreamReservation:
     """Return a stream reservation for ``with`` (sync client) or ``async with`` (async client).
 
-    Args:
-        client: A :class:`~runcycles.CyclesClient` or :class:`~runcycles.AsyncCyclesClient`.
-        request: A ready reservation request, instead of the keyword options.
-        cost_fn: Prices the accumulated :class:`StreamUsage` in the reservation's unit.
-        on_unknown_actual: What to do when the usage cannot be priced (nothing is ever
-            committed from an unknown actual); see :class:`StreamReservation`.
-        **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-    Returns:
-        The stream reservation matching the client's flavour.
-
-    Raises:
-        ValueError: An unknown ``on_unknown_actual``.
+    A :class:`StreamReservation` or an :class:`AsyncStreamReservation`, whose arguments these
+    are (``docs/streaming.md``).
     """
     if isinstance(client, AsyncBaseCyclesClient):
         return AsyncStreamReservation(
