@@ -859,18 +859,11 @@ class HeartbeatScheduler(_SchedulerCore):
     """Extends every tracked reservation of one sync client from ONE background thread.
 
     The thread starts with the first :meth:`track` and is a daemon, so it never delays
-    interpreter exit. Beats are sent one at a time by that thread.
-
-    Args:
-        client: A :class:`~runcycles.CyclesClient` (anything with ``extend_reservation``);
-            beats are single attempts on its pool (the heartbeat does its own retries).
-        attempt_timeout_ms: Upper bound of one extend attempt used in the schedule. Defaults
-            to the client's ``connect_timeout + read_timeout``.
-        on_event: Called with every :class:`HeartbeatEvent` of every reservation (in the
-            scheduler thread; exceptions are logged and ignored).
-        clock: Monotonic clock in seconds (injectable for tests).
-        autostart: Start the background thread on the first ``track()``. With ``False``
-            nothing runs until :meth:`run_pending` is called (deterministic tests).
+    interpreter exit. Beats are sent one at a time by that thread, as single attempts on
+    the client's pool (the heartbeat does its own retries). ``attempt_timeout_ms`` (default:
+    the client's ``connect_timeout + read_timeout``), ``on_event`` (called in the thread),
+    ``clock`` and ``autostart`` (``False``: nothing runs until :meth:`run_pending`) are
+    described in ``docs/heartbeat.md``.
     """
 
     def __init__(
@@ -1013,17 +1006,8 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
     The async twin of :class:`HeartbeatScheduler`: the task starts with the first
     :meth:`track` (on the event loop) and sleeps until the earliest due beat; up to
     ``max_in_flight`` extend requests run concurrently, each a task only while on the wire.
-
-    Args:
-        client: An :class:`~runcycles.AsyncCyclesClient` (anything with an async
-            ``extend_reservation``).
-        attempt_timeout_ms: As for :class:`HeartbeatScheduler`, and enforced with a timeout
-            (an attempt that exceeds it counts as a transport failure).
-        on_event: Called with every :class:`HeartbeatEvent` (on the event loop).
-        clock: Monotonic clock in seconds (injectable for tests).
-        max_in_flight: Most extend requests on the wire at once.
-        autostart: Start the task on the first ``track()`` (``False``: await
-            :meth:`run_pending`).
+    ``attempt_timeout_ms`` is also enforced (an attempt that exceeds it counts as a
+    transport failure); ``on_event`` runs on the event loop.
     """
 
     def __init__(

@@ -509,15 +509,9 @@ class Settlement(_Setup):
         """Settle ``request`` for a reservation: journal, commit, event fallback.
 
         Never raises for server or network failures; check ``result.settled`` or call
-        ``result.raise_for_error()``.
-
-        Args:
-            reservation_id: The reservation to commit.
-            request: The commit body; its ``idempotency_key`` is used for every attempt.
-            subject: The reservation's subject (for the event fallback; ``None`` makes an
-                expired reservation unsettleable, and the record is kept).
-            action: The reservation's action (same).
-            overage_policy: The reservation's overage policy, applied to the event fallback.
+        ``result.raise_for_error()``. Every attempt uses ``request.idempotency_key``. The
+        reservation's ``subject``, ``action`` and ``overage_policy`` build the event fallback
+        (without a subject or action an expired reservation cannot be settled: kept).
 
         Raises:
             TypeError: ``request`` is not a :class:`~runcycles.models.CommitRequest`.
@@ -561,13 +555,8 @@ class Settlement(_Setup):
     ) -> ReplayReport:
         """Replay every due record of the journal (e.g. at start-up, after a crash).
 
-        Args:
-            deadline_s: Wall-clock time (seconds) after which no new attempt starts.
-            created_before_ms: Only records created before this time (epoch ms), e.g. the
-                ones left by earlier processes; the others are not looked at.
-
-        Returns:
-            What was settled, rejected, left pending, skipped or quarantined.
+        No new attempt starts after ``deadline_s`` (wall clock); ``created_before_ms`` limits
+        it to the records created before then (e.g. those left by earlier processes).
 
         Raises:
             RuntimeError: The settlement has no journal.
