@@ -258,6 +258,18 @@ class _StreamState:
         metadata[ACTUAL_SOURCE_KEY] = "estimate"
         return context.estimate.amount, metadata
 
+    def _settle_unknown(
+        self, unknown: UnknownActualError, metrics: CyclesMetrics | None, outcome: str
+    ) -> Any:
+        """Apply ``on_unknown_actual`` through the guard: its result (async twin: coroutine)."""
+        return self._guard.settle(
+            unknown,
+            on_unknown_actual=self._on_unknown_actual,
+            metrics=metrics,
+            metadata={OUTCOME_KEY: outcome},
+            fix=_FIX,
+        )
+
     def _unknown_settled(self, unknown: UnknownActualError) -> UnknownActualError:
         """Record ``unknown`` once the guard's ``settle`` applied ``on_unknown_actual``."""
         if self._on_unknown_actual == "raise":
@@ -385,12 +397,8 @@ class StreamReservation(_StreamState):
             amount, metadata = self._explicit_commit(context, actual)
         except UnknownActualError as unknown:
             try:
-                result = guard.settle(
-                    unknown,
-                    on_unknown_actual=self._on_unknown_actual,
-                    metrics=metrics,
-                    metadata={OUTCOME_KEY: "completed"},
-                    fix=_FIX,
+                result: SettlementResult | None = self._settle_unknown(
+                    unknown, metrics, "completed"
                 )
             except CyclesError as exc:
                 if not isinstance(exc, UnknownActualError):
@@ -414,13 +422,7 @@ class StreamReservation(_StreamState):
                 amount, metadata = self._final_amount(context, outcome)
             except UnknownActualError as unknown:
                 try:
-                    guard.settle(
-                        unknown,
-                        on_unknown_actual=self._on_unknown_actual,
-                        metrics=self._safe_metrics(context),
-                        metadata={OUTCOME_KEY: outcome},
-                        fix=_FIX,
-                    )
+                    self._settle_unknown(unknown, self._safe_metrics(context), outcome)
                 except UnknownActualError:
                     return self._unknown_settled(unknown)
             else:
@@ -492,12 +494,8 @@ class AsyncStreamReservation(_StreamState):
             amount, metadata = self._explicit_commit(context, actual)
         except UnknownActualError as unknown:
             try:
-                result = await guard.settle(
-                    unknown,
-                    on_unknown_actual=self._on_unknown_actual,
-                    metrics=metrics,
-                    metadata={OUTCOME_KEY: "completed"},
-                    fix=_FIX,
+                result: SettlementResult | None = await self._settle_unknown(
+                    unknown, metrics, "completed"
                 )
             except CyclesError as exc:
                 if not isinstance(exc, UnknownActualError):
@@ -521,13 +519,7 @@ class AsyncStreamReservation(_StreamState):
                 amount, metadata = self._final_amount(context, outcome)
             except UnknownActualError as unknown:
                 try:
-                    await guard.settle(
-                        unknown,
-                        on_unknown_actual=self._on_unknown_actual,
-                        metrics=self._safe_metrics(context),
-                        metadata={OUTCOME_KEY: outcome},
-                        fix=_FIX,
-                    )
+                    await self._settle_unknown(unknown, self._safe_metrics(context), outcome)
                 except UnknownActualError:
                     return self._unknown_settled(unknown)
             else:
