@@ -39,6 +39,7 @@ from runcycles.lifecycle import (
     build_reservation_request,
     check_on_unknown_actual,
     dry_run_result,
+    log_release_failure,
     measure_actual,
     new_idempotency_key,
     resolve_subject,
@@ -738,11 +739,7 @@ _FIX: Final = "the actual= callable (the function's result is on this error's .r
 
 def _log_settle_failure(context: CyclesContext, exc: CyclesError, actual: object) -> None:
     if isinstance(actual, UnknownActualError):  # it was released
-        logger.warning(
-            "could not release reservation %s (%s); it will expire on its own",
-            context.reservation_id,
-            exc,
-        )
+        log_release_failure(context.reservation_id, exc)
         return
     logger.error(
         "commit of reservation %s failed after the guarded function ran: %s",

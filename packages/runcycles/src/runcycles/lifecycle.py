@@ -86,6 +86,7 @@ __all__ = [
     "dry_run",
     "dry_run_result",
     "exit_release_reason",
+    "log_release_failure",
     "measure_actual",
     "new_idempotency_key",
     "price_usage",
@@ -765,6 +766,13 @@ def build_release_request(reason: str | None = None) -> ReleaseRequest:
     )
 
 
+def log_release_failure(reservation_id: str | None, exc: Exception) -> None:
+    """Log a release that failed (the reservation expires at the end of its lease)."""
+    logger.warning(
+        "could not release reservation %s (%s); it will expire on its own", reservation_id, exc
+    )
+
+
 def exit_release_reason(exc: BaseException) -> str:
     """Return the release reason recorded when a guarded block raised ``exc``."""
     if isinstance(exc, asyncio.CancelledError):
@@ -1011,7 +1019,6 @@ class _GuardState:
                 metrics = metrics.model_copy(update={**extra, **known})
         commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
         self._mark_finalized("commit")
-        self._stop_heartbeat()
         return self._client.settlement.commit(
             context.reservation_id,
             commit_request,
@@ -1021,7 +1028,7 @@ class _GuardState:
         )
 
     def _mark_finalized(self, operation: str = "finalize") -> None:
-        """Claim the one finalization atomically (two threads cannot both commit)."""
+        """Claim the one finalization atomically (two threads cannot both commit); stop beating."""
         try:
             self._claim.pop()  # list.pop is atomic: exactly one caller gets the item
         except IndexError:
@@ -1030,6 +1037,7 @@ class _GuardState:
                 "committed or released by another caller"
             ) from None
         self._state = _FINALIZED
+        self._stop_heartbeat()
 
     def abandon(self) -> bool:
         """End the guard without sending anything: the reservation expires at its lease.
@@ -1043,7 +1051,6 @@ class _GuardState:
             self._mark_finalized("abandon")
         except ReservationAlreadyFinalizedError:
             return False
-        self._stop_heartbeat()
         return True
 
     def _stop_heartbeat(self) -> None:
@@ -1225,7 +1232,6 @@ class ReservationGuard(_GuardState):
         """
         context = self._begin_finalize("release")
         self._mark_finalized("release")
-        self._stop_heartbeat()
         return self._send_release(context, reason)
 
     def _release_quietly(self, reason: str) -> None:
@@ -1234,15 +1240,10 @@ class ReservationGuard(_GuardState):
             self._mark_finalized()
         except ReservationAlreadyFinalizedError:
             return  # another thread finalized it meanwhile
-        self._stop_heartbeat()
         try:
             self._send_release(context, reason)
         except Exception as exc:  # never mask the block's own exception
-            logger.warning(
-                "could not release reservation %s (%s); it will expire on its own",
-                context.reservation_id,
-                exc,
-            )
+            log_release_failure(context.reservation_id, exc)
 
     def _send_release(self, context: CyclesContext, reason: str | None) -> ReleaseResponse:
         request = build_release_request(reason)
@@ -1360,7 +1361,6 @@ class AsyncReservationGuard(_GuardState):
         """Async twin of :meth:`ReservationGuard.release`."""
         context = self._begin_finalize("release")
         self._mark_finalized("release")
-        self._stop_heartbeat()
         return await self._send_release(context, reason)
 
     async def _release_quietly(self, reason: str, *, shield: bool) -> None:
@@ -1369,16 +1369,11 @@ class AsyncReservationGuard(_GuardState):
             self._mark_finalized()
         except ReservationAlreadyFinalizedError:
             return  # finalized meanwhile
-        self._stop_heartbeat()
         try:
             release = self._send_release(context, reason)
             await (run_shielded(release) if shield else release)
         except Exception as exc:  # never mask the block's own exception
-            logger.warning(
-                "could not release reservation %s (%s); it will expire on its own",
-                context.reservation_id,
-                exc,
-            )
+            log_release_failure(context.reservation_id, exc)
 
     async def _send_release(self, context: CyclesContext, reason: str | None) -> ReleaseResponse:
         request = build_release_request(reason)
