@@ -367,14 +367,9 @@ def resolve_subject(
 ) -> Subject:
     """Return the subject of a reservation: explicit fields over the config's defaults.
 
-    Args:
-        config: Supplies default subject fields (``tenant``, ``workspace``, ...).
-        fields: Standard subject fields (``{"tenant": ..., "agent": ...}``); ``None``
-            values keep the config's value.
-        subject: A complete subject; then no other field may be given.
-        dimensions: Free-form subject tags.
-        tenant: The API key's tenant (see ``client.discover_tenant()``), used only when no
-            standard field is set anywhere else.
+    ``fields`` are standard subject fields (``None`` keeps the config's value); a complete
+    ``subject`` excludes every other field. ``tenant``, the API key's (see
+    ``client.discover_tenant()``), is used only when no standard field is set anywhere else.
 
     Raises:
         TypeError: ``subject`` was combined with separate fields, or a field is unknown.
@@ -452,12 +447,8 @@ def request_from_options(
 ) -> ReservationCreateRequest:
     """Turn guard options (see :class:`ReserveOptions`) into a reservation request.
 
-    Args:
-        config: The client's config (default subject fields).
-        request: A ready request (then ``options`` may only hold ``heartbeat``).
-        options: See :class:`ReserveOptions`.
-        allowed: Option names accepted (default: those of :class:`ReserveOptions`).
-        tenant: The API key's tenant, used when no subject field is set anywhere.
+    A ready ``request`` allows no option but ``heartbeat``; ``allowed`` narrows the option
+    names accepted; ``tenant`` (the API key's) is used when no subject field is set anywhere.
 
     Raises:
         TypeError: Unknown or missing options, or a request combined with options.
@@ -615,15 +606,11 @@ def build_commit_request(
     metadata: Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
 ) -> CommitRequest:
-    """Build the commit that ends a reservation.
+    """Build the commit that ends the reservation of ``context``.
 
-    Args:
-        context: The reservation (its estimate, ``metrics`` and ``commit_metadata``).
-        actual: What was used (an ``int`` is in the estimate's unit); ``None`` commits the
-            estimate and marks ``metadata["actual_source"] = "estimate"``.
-        metrics: Usage metrics (default: ``context.metrics``).
-        metadata: Commit metadata, merged over ``context.commit_metadata``.
-        idempotency_key: Key of the commit (default: a fresh UUID).
+    An ``int`` ``actual`` is in the estimate's unit; ``None`` commits the estimate, marked
+    ``metadata["actual_source"] = "estimate"``. ``metrics`` default to ``context.metrics``,
+    ``metadata`` goes over ``context.commit_metadata``, the key defaults to a fresh UUID.
 
     Raises:
         TypeError: ``actual`` has the wrong type.
@@ -660,15 +647,9 @@ def measure_actual(
 ) -> Amount | Usage | None:
     """Work out what a successful guarded call used, refusing to guess.
 
-    Args:
-        spec: A callable of ``result``, a fixed amount (an ``int`` is in the estimate's
-            unit), or ``None`` (no actual configured: the estimate is the agreed charge).
-        result: What the guarded call returned.
-        context: The reservation (its estimate's unit; its id for the error).
-
-    Returns:
-        The validated amount, a :class:`~runcycles.Usage` the callable returned (priced
-        when it is committed), or ``None`` when ``spec`` is ``None``.
+    ``spec`` is a callable of ``result``, a fixed amount (an ``int`` is in the estimate's
+    unit), or ``None`` (no actual configured: the estimate is the agreed charge; returns
+    ``None``). A :class:`~runcycles.Usage` the callable returns is priced when committed.
 
     Raises:
         UnknownActualError: ``spec`` raised (the exception is the ``__cause__``), returned
@@ -709,16 +690,11 @@ def measure_actual(
 def price_usage(
     usage: Usage, estimate: Amount, pricer: Pricer | None = None
 ) -> tuple[int | None, CyclesMetrics]:
-    """Turn ``usage`` into the amount to commit against a reservation of ``estimate``.
+    """Turn ``usage`` into ``(amount, metrics)`` to commit against a reservation of ``estimate``.
 
-    Args:
-        usage: What the call used (tokens and model, or a direct ``amount``).
-        estimate: The reservation's estimate (its unit decides how usage is counted).
-        pricer: Prices tokens in ``USD_MICROCENTS`` (default: :func:`~runcycles.default_pricer`).
-
-    Returns:
-        ``(amount, metrics)``: the amount in the estimate's unit (``None``: the pricer's
-        unknown-model policy says to commit the estimate), and the token metrics.
+    The estimate's unit decides how usage is counted; ``pricer`` prices tokens in
+    ``USD_MICROCENTS`` (default: :func:`~runcycles.default_pricer`). ``amount`` is ``None``
+    when the pricer's unknown-model policy says to commit the estimate.
 
     Raises:
         UnknownModelError: The model has no price and the policy is ``"error"``.
