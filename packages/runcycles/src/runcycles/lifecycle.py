@@ -1234,11 +1234,6 @@ class AsyncReservationGuard(_GuardState):
 
     As :class:`ReservationGuard`, on an :class:`~runcycles.AsyncCyclesClient`. If the block is
     cancelled, the release is shielded from a second cancellation; ``commit()`` always is.
-
-    Args:
-        client: The client to reserve, commit and release with.
-        request: A ready reservation request, instead of the keyword options.
-        **options: See :class:`ReserveOptions`.
     """
 
     __slots__ = ()

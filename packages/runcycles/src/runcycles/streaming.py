@@ -157,11 +157,8 @@ def priced(
     and output tokens at the model's price in ``USD_MICROCENTS`` (the model the stream
     reported with ``usage.set_model_version()`` when ``model`` is not given). A model without
     a price makes the actual unknown: ``on_unknown_actual`` decides what happens.
-
-    Args:
-        pricer: The price table (default: :func:`~runcycles.default_pricer`).
-        model: The model to price (default: ``usage.model_version``).
-        provider: The model's provider, when the name alone is ambiguous.
+    ``pricer`` defaults to :func:`~runcycles.default_pricer`; ``provider`` disambiguates a
+    model name.
     """
 
     def cost(usage: StreamUsage) -> int:
@@ -439,13 +436,7 @@ class AsyncStreamReservation(_StreamState):
     """A reservation held while a stream is consumed (async twin of :class:`StreamReservation`).
 
     A cancelled stream still commits its partial usage, shielded from a second cancellation.
-
-    Args:
-        client: The client to reserve and settle with.
-        request: A ready reservation request, instead of the keyword options.
-        cost_fn: Prices the accumulated :class:`StreamUsage`.
-        on_unknown_actual: As for :class:`StreamReservation`.
-        **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+    The arguments are those of :class:`StreamReservation`, with an async client.
     """
 
     __slots__ = ()
