@@ -166,8 +166,7 @@ class BaseCyclesClient:
     ) -> None:
         if http_client is not None and transport is not None:
             raise TypeError("pass either http_client or transport, not both")
-        # Every request carries the full header set: the wire may bypass httpx's merging.
-        self._core = core = ClientCore(config, headers_on_client=False)
+        self._core = core = ClientCore(config)
         self._retry = retry_policy or RetryPolicy.from_config(config)
         self._owns_http = http_client is None
         self._transport = transport
@@ -550,8 +549,7 @@ class AsyncBaseCyclesClient:
     ) -> None:
         if http_client is not None and transport is not None:
             raise TypeError("pass either http_client or transport, not both")
-        # Every request carries the full header set: the wire may bypass httpx's merging.
-        self._core = core = ClientCore(config, headers_on_client=False)
+        self._core = core = ClientCore(config)
         self._retry = retry_policy or RetryPolicy.from_config(config)
         self._owns_http = http_client is None
         self._transport = transport
