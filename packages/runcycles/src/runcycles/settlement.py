@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 
@@ -454,6 +454,25 @@ class _Setup:
         self._commit_options = single_attempt_options(client.commit_reservation)
         self._event_options = single_attempt_options(client.create_event)
 
+    def _due(
+        self,
+        records: list[JournalRecord],
+        report: ReplayReport,
+        created_before_ms: int | None,
+        deadline_s: float | None,
+    ) -> Iterator[str]:
+        """Yield the ids of the records to replay now; report the deferred and not due."""
+        for record in records:
+            rid = record.reservation_id
+            if created_before_ms is not None and record.created_at_ms >= created_before_ms:
+                continue
+            if deadline_s is not None and self._wall() >= deadline_s:
+                report.deferred.append(rid)
+            elif record.not_before_ms > self._wall() * 1000:
+                report.not_due.append(rid)
+            else:
+                yield rid
+
 
 def _journal_failed(record: JournalRecord, exc: OSError) -> tuple[bool, str | None]:
     logger.error(
@@ -564,14 +583,7 @@ class Settlement(_Setup):
         journal = _require_journal(self.journal)
         scan = journal.scan()
         report = _report_from_scan(scan)
-        for record in _created_before(scan.records, created_before_ms):
-            rid = record.reservation_id
-            if deadline_s is not None and self._wall() >= deadline_s:
-                report.deferred.append(rid)
-                continue
-            if record.not_before_ms > self._wall() * 1000:
-                report.not_due.append(rid)
-                continue
+        for rid in self._due(scan.records, report, created_before_ms, deadline_s):
             lock = journal.try_lock(rid)
             if lock is None:
                 report.busy.append(rid)
@@ -775,14 +787,7 @@ class AsyncSettlement(_Setup):
         journal = _require_journal(self.journal)
         scan = await run_journal_io(journal.scan)
         report = _report_from_scan(scan)
-        for record in _created_before(scan.records, created_before_ms):
-            rid = record.reservation_id
-            if deadline_s is not None and self._wall() >= deadline_s:
-                report.deferred.append(rid)
-                continue
-            if record.not_before_ms > self._wall() * 1000:
-                report.not_due.append(rid)
-                continue
+        for rid in self._due(scan.records, report, created_before_ms, deadline_s):
             lock = await _aclaim(_claim_for_loop, journal, rid)  # never lost to a cancellation
             if lock is None:
                 report.busy.append(rid)
@@ -980,12 +985,6 @@ def _close_claims(
             _close_intent(journal, entry, locks)
     finally:
         _release_each([lock for lock in locks if lock is not None])
-
-
-def _created_before(records: list[JournalRecord], before_ms: int | None) -> list[JournalRecord]:
-    if before_ms is None:
-        return records
-    return [record for record in records if record.created_at_ms < before_ms]
 
 
 def _require_journal(journal: Journal | None) -> Journal:
