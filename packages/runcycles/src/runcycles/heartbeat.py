@@ -1,13 +1,9 @@
 """Keep live reservations from expiring: one heartbeat scheduler per client.
 
-One worker per client, never one per reservation: a daemon thread (sync) or one asyncio task
-(async; up to ``max_in_flight`` short-lived extend tasks while requests are on the wire),
-over a heap of due times. The pure :class:`LeasePlanner` implements the spec's
-``extendReservation`` HEARTBEAT GUIDANCE (next delay, same-key retries within the retry
-window, 429 ``Retry-After``, terminal answers, the measured-grant fallback for servers that
-omit ``remaining_ttl_ms``); ``docs/heartbeat.md`` has the API and the formulas. A heartbeat logs and
-reports every retry and stop as a :class:`HeartbeatEvent`, never cancels the user's work and
-never suppresses the commit (a lapsed lease is settled through ``410 -> POST /v1/events``).
+One worker per client (a daemon thread, or one asyncio task), over a heap of due times. The
+pure :class:`LeasePlanner` implements the spec's ``extendReservation`` HEARTBEAT GUIDANCE;
+``docs/heartbeat.md`` has the API, the formulas and the failure policy (log and report every
+retry and stop as a :class:`HeartbeatEvent`; never cancel the work nor suppress the commit).
 
 Times are milliseconds. Budgets and margins round up, leads and delays round down, and an
 unknown request timeout counts as infinite, as the spec requires.
