@@ -363,14 +363,10 @@ class RecordLock:
 class Journal:
     """The journal partition of one server and principal.
 
-    Args:
-        root: Journal root directory (default: :func:`default_journal_dir`).
-        base_url: The Cycles server URL.
-        tenant: The configured tenant; makes the partition stable across API-key rotation.
-        api_key: Used (hashed) only when no tenant is configured. Never stored.
-        fsync: Whether writes ``fsync`` the file and its directory before they return, so
-            records survive a power loss too (without it a write is still atomic and survives
-            a crash of the process). :meth:`for_config` takes it from ``journal_fsync``.
+    ``root`` defaults to :func:`default_journal_dir`. The partition is named after
+    ``base_url`` and ``tenant`` (stable across API-key rotation), or the hashed ``api_key``
+    when no tenant is configured (never stored). ``fsync`` makes every write survive a power
+    loss too (``docs/recovery.md``; :meth:`for_config` takes it from ``journal_fsync``).
 
     Raises:
         ValueError: Neither ``tenant`` nor ``api_key`` is given.
