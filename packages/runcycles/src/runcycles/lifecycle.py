@@ -1004,7 +1004,7 @@ class _GuardState:
         )
 
     def _mark_finalized(self, operation: str = "finalize") -> None:
-        """Claim the one finalization atomically (two threads cannot both commit); stop beating."""
+        """Claim the one finalization atomically (two threads cannot both); stop the heartbeat."""
         try:
             self._claim.pop()  # list.pop is atomic: exactly one caller gets the item
         except IndexError:
@@ -1147,8 +1147,8 @@ class ReservationGuard(_GuardState):
     ) -> SettlementResult | None:
         """End the reservation after the work ran, applying ``on_unknown_actual`` once.
 
-        ``actual`` is as for :meth:`commit`, or an :class:`UnknownActualError` (so is a
-        :class:`~runcycles.Usage` that cannot be priced). For an unknown actual,
+        ``actual`` is as for :meth:`commit`, or an :class:`UnknownActualError` (a
+        :class:`~runcycles.Usage` that cannot be priced counts as one). For an unknown actual,
         ``on_unknown_actual`` decides (``docs/guards.md``): ``"raise"`` (send nothing, leave
         the reservation to its lease, raise the error naming ``fix``), ``"release"`` (return
         ``None``) or ``"commit_estimate"`` (commit the estimate flagged ``actual_error``).
@@ -1185,9 +1185,9 @@ class ReservationGuard(_GuardState):
         ``actual``: an ``int`` in the estimate's unit, an :class:`Amount`, or a
         :class:`~runcycles.Usage` (priced by ``pricer``, default
         :func:`~runcycles.default_pricer`; its tokens become the metrics); ``None`` commits
-        the estimate (marked ``actual_source="estimate"``). ``metrics`` and ``metadata`` go
-        over the context's. The outcome is ``committed``, ``event_applied`` (the reservation
-        had expired) or ``pending`` (retried later from the journal).
+        the estimate (marked ``actual_source="estimate"``). ``metrics`` and ``metadata`` are
+        merged over the context's. The outcome is ``committed``, ``event_applied`` (the
+        reservation had expired) or ``pending`` (retried later from the journal).
 
         Raises:
             ReservationAlreadyFinalizedError: The guard already committed or released.
