@@ -140,7 +140,7 @@ class _Defaults:
             client = self.async_per_loop.get(loop)
             if client is None:
                 client = AsyncCyclesClient(self.source_config())
-                _close_at_loop_shutdown(client)
+                at_loop_shutdown(client.aclose)  # closed when the running loop shuts down
                 self.async_per_loop[loop] = client
             return client
 
@@ -154,11 +154,6 @@ class _Defaults:
             self.sync_client = None
         self.sync_derived = False
         self.async_per_loop.clear()
-
-
-def _close_at_loop_shutdown(client: AsyncCyclesClient) -> None:
-    """Arrange for ``client`` to be closed when the running event loop shuts down."""
-    at_loop_shutdown(client.aclose)
 
 
 def _close_derived_at_exit() -> None:

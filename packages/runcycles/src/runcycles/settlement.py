@@ -371,10 +371,6 @@ def _log_outcome(result: SettlementResult) -> None:
         )
 
 
-def _new_release_key() -> str:
-    return f"release-{uuid.uuid4().hex}"
-
-
 def _record_for(
     reservation_id: str,
     request: CommitRequest,
@@ -484,7 +480,8 @@ def _journal_failed(record: JournalRecord, exc: OSError) -> tuple[bool, str | No
 
 
 def _release_request(reason: str | None, idempotency_key: str | None) -> ReleaseRequest:
-    return ReleaseRequest(idempotency_key=idempotency_key or _new_release_key(), reason=reason)
+    key = idempotency_key or f"release-{uuid.uuid4().hex}"
+    return ReleaseRequest(idempotency_key=key, reason=reason)
 
 
 class Settlement(_Setup):
