@@ -582,10 +582,6 @@ class HeartbeatHandle:
 # Shared scheduler state (both schedulers are thin shells around this)
 
 
-def _new_key() -> str:
-    return f"heartbeat-{uuid.uuid4().hex}"
-
-
 def _timeout_ms_of(client: object) -> int | None:
     config = getattr(client, "config", None)
     connect = getattr(config, "connect_timeout", None)
@@ -754,7 +750,7 @@ class _SchedulerCore:
 
     def _request_for(self, handle: HeartbeatHandle) -> ReservationExtendRequest:
         if handle._key is None:
-            handle._key = _new_key()
+            handle._key = f"heartbeat-{uuid.uuid4().hex}"  # a new beat: a new key
             handle._attempt = 0
         handle._attempt += 1
         return ReservationExtendRequest(

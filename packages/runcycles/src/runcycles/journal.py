@@ -1056,7 +1056,7 @@ class _IoWorker(Executor):
             return self._cond.wait_for(lambda: self._thread is None, timeout_s)
 
     def _run(self) -> None:
-        _mark_io_thread()
+        _io_thread.active = True
         while True:
             with self._cond:
                 if not self._jobs and not self._shutdown:
@@ -1080,10 +1080,6 @@ class _IoWorker(Executor):
 _executor: _IoWorker | None = None
 _executor_lock = threading.Lock()
 _io_thread = threading.local()
-
-
-def _mark_io_thread() -> None:
-    _io_thread.active = True
 
 
 def _journal_executor() -> _IoWorker:
