@@ -41,7 +41,6 @@ from runcycles.models import (
 )
 
 __all__ = [
-    "RISK_COUNTER_KIND",
     "ActionKind",
     "ActionKindRegistry",
     "ActionPolicyKeySpec",
@@ -61,6 +60,7 @@ __all__ = [
     "PolicyListResponse",
     "PolicyStatus",
     "PolicyUpdateRequest",
+    "RISK_COUNTER_KIND",
     "RateLimits",
     "ReservationTtlOverride",
     "RiskClassQuota",
