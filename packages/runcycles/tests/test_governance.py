@@ -44,10 +44,11 @@ from runcycles.governance import (
     RiskClassQuota,
 )
 from runcycles.models import parse_response, to_wire
+from runcycles.testing.fake_server import FakeCyclesServer
 from runcycles.testing.spec import EXTENDED_ADMIN, EXTENDED_RUNTIME, schema_validator
 
 SCOPE = "tenant:acme-corp/workspace:prod/agent:support-bot"
-QUOTA_DENY = {
+QUOTA_DENY: dict[str, Any] = {
     "reason_code": "ACTION_QUOTA_EXCEEDED",
     "quota_violation": {
         "action_kind": "message.email.send",
@@ -64,9 +65,9 @@ QUOTA_DENY = {
 }
 
 
-def _request(**fields: Any) -> ReservationCreateRequest:
+def _request(idempotency_key: str = "k-1", **fields: Any) -> ReservationCreateRequest:
     return ReservationCreateRequest(
-        idempotency_key="k-1",
+        idempotency_key=idempotency_key,
         subject=Subject(tenant="acme-corp", dimensions={"run_id": "run-42"}),
         action=Action(
             kind="message.email.send",
@@ -372,3 +373,21 @@ def test_a_policy_for_a_support_agent_round_trips_through_the_extended_spec():
     assert policy.status is PolicyStatus.ACTIVE
     assert policy.action_quotas is not None
     assert policy.action_quotas[1].window is ActionQuotaWindow.PER_TENANT_PER_DAY
+
+
+# -- the fake server --------------------------------------------------------------------------
+
+
+def test_the_fake_server_observes_without_holding_and_explains_its_rejections():
+    server = FakeCyclesServer(budget=10_000)
+    with server.client() as client:
+        observed = client.create_reservation(_request(observe_mode=ObserveMode.OBSERVE)).data
+        assert observed.decision.value == "ALLOW"
+        assert observed.reservation_id is None
+        assert server.reserved() == 0
+        server.reject = (409, "ACTION_QUOTA_EXCEEDED")
+        server.reject_detail = QUOTA_DENY
+        error = client.create_reservation(_request(idempotency_key="k-2")).to_exception()
+    assert isinstance(error, ActionQuotaExceededError)
+    assert error.deny_detail is not None
+    assert error.deny_detail.blocked_by_policy == "pol_support_limits"
