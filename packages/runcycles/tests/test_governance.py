@@ -26,6 +26,7 @@ from runcycles import (
     CyclesClient,
     CyclesConfig,
     CyclesProtocolError,
+    DecisionRequest,
     DecisionResponse,
     ErrorResponse,
     ObserveMode,
@@ -45,7 +46,13 @@ from runcycles.governance import (
 )
 from runcycles.models import parse_response, to_wire
 from runcycles.testing.fake_server import FakeCyclesServer
-from runcycles.testing.spec import EXTENDED_ADMIN, EXTENDED_RUNTIME, schema_validator
+from runcycles.testing.spec import (
+    EXTENDED_ADMIN,
+    EXTENDED_RUNTIME,
+    extended_spec,
+    load_spec,
+    schema_validator,
+)
 
 SCOPE = "tenant:acme-corp/workspace:prod/agent:support-bot"
 QUOTA_DENY: dict[str, Any] = {
@@ -391,3 +398,30 @@ def test_the_fake_server_observes_without_holding_and_explains_its_rejections():
     assert isinstance(error, ActionQuotaExceededError)
     assert error.deny_detail is not None
     assert error.deny_detail.blocked_by_policy == "pol_support_limits"
+
+
+def test_observe_mode_is_a_reservation_field_only_as_the_spec_has_it():
+    body = {
+        "idempotency_key": "k",
+        "subject": {"tenant": "acme"},
+        "action": {"kind": "llm.completion", "name": "gpt-4o"},
+        "estimate": {"unit": "TOKENS", "amount": 1},
+        "observe_mode": "OBSERVE",
+    }
+    # The extensions add observe_mode to ReservationCreateRequest, not to DecisionRequest.
+    assert list(schema_validator("DecisionRequest", EXTENDED_RUNTIME).iter_errors(body))
+    with pytest.raises(ValidationError, match="observe_mode"):
+        DecisionRequest.model_validate(body)
+    assert ReservationCreateRequest.model_validate(body).observe_mode is ObserveMode.OBSERVE
+    with pytest.raises(ValidationError, match="observe_mode"):
+        ReservationCreateRequest.model_validate({**body, "observe_mode": "SHADOW"})
+
+
+def test_extended_specs_leave_the_base_spec_untouched():
+    extended = extended_spec("runtime")["components"]["schemas"]
+    assert "observe_mode" in extended["ReservationCreateRequest"]["properties"]
+    base = load_spec()["components"]["schemas"]
+    assert "observe_mode" not in base["ReservationCreateRequest"]["properties"]
+    assert "ACTION_QUOTA_EXCEEDED" not in base["ErrorCode"]["enum"]
+    with pytest.raises(ValueError, match="unknown plane 'events'"):
+        extended_spec("events")
