@@ -206,6 +206,29 @@ def test_reserve_replay_returns_the_original_and_mismatch_is_409(
     )
 
 
+def test_observe_mode_is_refused_until_implemented_and_holds_nothing(api: Api, acme: str):
+    response = api.post(acme, "/v1/reservations", reservation_body("obs", observe_mode="OBSERVE"))
+    error = assert_error(response, 400, "INVALID_REQUEST")
+    assert "observe_mode=OBSERVE" in error.message
+    assert "dry_run=true" in error.message
+    assert api.balance(acme, "tenant:acme")["reserved"]["amount"] == 0
+    # ENFORCE (and its synonym DISABLED) is what the server does anyway.
+    for mode in ("ENFORCE", "DISABLED"):
+        body = reserve(api, acme, f"enf-{mode}", 100, observe_mode=mode)
+        assert body["decision"] == "ALLOW"
+        assert body["reservation_id"]
+
+
+def test_policy_keys_are_accepted_and_kept_on_the_reservation(api: Api, acme: str) -> None:
+    keys = {"host": "api.sendgrid.com", "recipient_domain": "customer.com", "custom": {"k": "v"}}
+    action = {"kind": "message.email.send", "name": "send", "policy_keys": keys}
+    body = reserve(api, acme, "pk", 100, action=action)
+    rid = body["reservation_id"]
+    detail = api.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": acme}).json()
+    assert parse_response(ReservationDetail, detail).action.policy_keys is not None
+    assert detail["action"]["policy_keys"] == keys
+
+
 def test_dry_run_evaluates_without_holding(api: Api, acme: str) -> None:
     body = reserve(api, acme, "dry", 500, dry_run=True)
     parsed = parse_response(ReservationCreateResponse, body)
