@@ -33,6 +33,7 @@ from runcycles import (
     ReservationCreateRequest,
     Subject,
     Unit,
+    reserve,
 )
 from runcycles.governance import (
     ActionQuota,
@@ -238,6 +239,31 @@ def test_a_dry_run_deny_answer_carries_its_deny_detail():
     assert data.deny_detail.quota_violation is not None
     assert data.deny_detail.quota_violation.limit == 5
     schema_validator("ReservationCreateResponse", EXTENDED_RUNTIME).validate(answer)
+
+
+def test_a_200_deny_of_a_guarded_reservation_raises_with_its_deny_detail():
+    answer = {
+        "decision": "DENY",
+        "affected_scopes": [SCOPE],
+        "reason_code": "ACTION_QUOTA_EXCEEDED",
+        "deny_detail": QUOTA_DENY,
+    }
+    ran: list[str] = []
+    guard_options: dict[str, Any] = {
+        "subject": Subject(tenant="acme-corp"),
+        "action_kind": "message.email.send",
+        "action_name": "sendgrid",
+        "estimate": 1_000,
+    }
+    with (
+        Server(200, answer).client() as client,
+        pytest.raises(ActionQuotaExceededError) as caught,
+        reserve(client, **guard_options),
+    ):
+        ran.append("body")
+    assert ran == []
+    assert caught.value.deny_detail is not None
+    assert caught.value.deny_detail.blocked_by_policy == "pol_support_limits"
 
 
 # -- unknown values from newer servers --------------------------------------------------------
