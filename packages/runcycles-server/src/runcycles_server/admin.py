@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 from runcycles.models import Amount, CommitOveragePolicy, Unit
 from runcycles_server import ledger
 from runcycles_server.ledger import ApiKeyRow, BudgetRow, LedgerError, TenantRow
+from runcycles_server.roles import TENANT_ADMIN_PERMISSIONS
 from runcycles_server.stores.base import AuditReader, Store, new_id
 from runcycles_server.web import Authenticator, Principal, json_response, parse_body, query_int
 
@@ -45,11 +46,9 @@ Permission = Literal[
     "admin:audit:read",
 ]  # fmt: skip
 
-DEFAULT_PERMISSIONS: Final = [
-    "reservations:create", "reservations:commit", "reservations:release", "reservations:extend",
-    "reservations:list", "balances:read", "budgets:read", "budgets:write", "policies:read",
-    "policies:write",
-]  # fmt: skip
+DEFAULT_PERMISSIONS: Final = list(TENANT_ADMIN_PERMISSIONS)
+"""What ``POST /v1/admin/api-keys`` grants when ``permissions`` is omitted: the spec's default,
+which includes ``budgets:write`` and ``policies:write`` (see :mod:`runcycles_server.roles`)."""
 DEFAULT_KEY_LIFETIME_MS: Final = 90 * ledger.DAY_MS
 TtlMs = Annotated[StrictInt, Field(ge=1_000, le=86_400_000)]
 
