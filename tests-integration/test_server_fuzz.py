@@ -249,11 +249,17 @@ def test_odd_reservation_ids_are_not_found_not_errors(http: httpx.Client) -> Non
     # an encoded '/' is decoded by the HTTP layer, so no route matches: a clean 404
     response = http.get("/v1/reservations/rsv%2F..%2Fx")
     assert_error(response, 404, "NOT_FOUND", "/v1/reservations/rsv/../x")
-    for rid in ("résa-ünïcode", "rsv_%00", "rsv%20space", "💸"):
+    for rid in ("résa-ünïcode", "rsv%20space", "💸"):
         response = http.get(f"/v1/reservations/{rid}")
         assert_error(response, 404, "NOT_FOUND", "does not exist")
         response = http.post(f"/v1/reservations/{rid}/release", json={"idempotency_key": "k"})
         assert_error(response, 404, "NOT_FOUND", "does not exist")
+    # a control character is never part of an id: a 400 naming the field
+    for rid in ("rsv_%00", "rsv_%1B", "rsv_%7F"):
+        response = http.get(f"/v1/reservations/{rid}")
+        assert_error(response, 400, "INVALID_REQUEST", "reservation_id contains a control")
+        response = http.post(f"/v1/reservations/{rid}/release", json={"idempotency_key": "k"})
+        assert_error(response, 400, "INVALID_REQUEST", "reservation_id contains a control")
 
 
 def test_missing_and_wrong_api_keys_are_401(tenant: ProvisionedTenant) -> None:

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runcycles_server import ledger
 from runcycles_server.ledger import ApiKeyRow, LedgerError
+from runcycles_server.query import check_body_ids
 from runcycles_server.ratelimit import RATE_LIMIT_STATE_KEY, TokenBucketLimiter
 from runcycles_server.stores.base import Store
 
@@ -42,6 +43,8 @@ logger = logging.getLogger("runcycles_server")
 
 JSON: Final = "application/json"
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
+CLIENT_CLOSED_REQUEST: Final = 499
+"""Status recorded (access log) for a request whose client hung up before it was read."""
 
 _TRACE_ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 _TRACEPARENT_RE: Final = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
@@ -163,6 +166,18 @@ class ContextMiddleware:
                 }
             )
             await send({"type": "http.response.body", "body": response.body})
+        except ClientDisconnect:
+            # The client hung up before its request was read: nothing was applied and nothing
+            # is wrong with the server, so no 500 and no error log. The access log records the
+            # request with status 499 ("client closed request"); the answer goes nowhere.
+            logger.debug(
+                "client disconnected before its request was read (request_id=%s)", request_id
+            )
+            if not started:
+                await send_with_headers(
+                    {"type": "http.response.start", "status": CLIENT_CLOSED_REQUEST, "headers": []}
+                )
+                await send_with_headers({"type": "http.response.body", "body": b""})
         except Exception:
             logger.exception("unhandled error (request_id=%s)", request_id)
             if started:
@@ -293,15 +308,23 @@ def _too_big(max_bytes: int) -> LedgerError:
 async def parse_body(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
     """Read and strictly validate a JSON body.
 
+    Ids and names in the body (see :data:`runcycles_server.query.ID_FIELDS`) must not hold
+    control characters.
+
     Raises:
         LedgerError: INVALID_REQUEST (400) naming the offending fields, or 413.
     """
     raw = await read_body(request, max_bytes)
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as exc:
         message, fields = describe_validation_error(exc)
         raise LedgerError("INVALID_REQUEST", message, details={"errors": fields}) from None
+    # A control character reaches a JSON string only escaped (a backslash), as DEL (0x7f) or
+    # as a C1 character (UTF-8 0xc2 0x80-0x9f): bodies without those bytes skip the walk.
+    if b"\\" in raw or b"\x7f" in raw or b"\xc2" in raw:
+        check_body_ids(body)
+    return body
 
 
 def check_idempotency_header(request: Request, body_key: str) -> None:
