@@ -15,7 +15,12 @@ Routes (``X-Admin-API-Key`` unless noted; "or tenant" = a tenant key works for i
 * ``POST /v1/admin/budgets/fund?scope=&unit=[&tenant_id=]`` (or tenant): CREDIT, DEBIT, RESET,
   RESET_SPENT, REPAY_DEBT, idempotent by ``idempotency_key``.
 * ``GET /v1/admin/audit/logs[?tenant_id=]``: audit entries of admin-on-behalf-of releases (for
-  stores that implement :class:`~runcycles_server.stores.base.AuditReader`).
+  stores that implement :class:`~runcycles_server.stores.base.AuditReader`; the Redis store
+  keeps them per tenant, so it needs ``tenant_id``).
+
+Every query parameter the governance spec declares for these routes is validated as it says
+(:data:`QUERY_PARAMS`); path parameters and body ids and names refuse control characters (see
+:mod:`runcycles_server.query`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ BUDGET_SORT_KEYS: Final = (
     "tenant_id", "scope", "unit", "status", "commit_overage_policy", "utilization", "debt",
 )  # fmt: skip
 TtlMs = Annotated[StrictInt, Field(ge=1_000, le=86_400_000)]
+TenantMetadata = Annotated[dict[str, str], Field(max_length=32)]
+"""A tenant's metadata: at most 32 string values, as the spec's ``Tenant`` returns it (its
+update request schema allows any object, which the response schema could not carry)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +172,7 @@ class TenantCreateRequest(_Strict):
     tenant_id: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", min_length=3, max_length=64)]
     name: Annotated[str, Field(max_length=256)]
     parent_tenant_id: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: TenantMetadata | None = None
     default_commit_overage_policy: CommitOveragePolicy | None = None
     default_reservation_ttl_ms: TtlMs | None = None
     max_reservation_ttl_ms: TtlMs | None = None
@@ -177,7 +185,7 @@ class TenantUpdateRequest(_Strict):
 
     name: Annotated[str, Field(max_length=256)] | None = None
     status: Literal["ACTIVE", "SUSPENDED", "CLOSED"] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: TenantMetadata | None = None
     default_commit_overage_policy: CommitOveragePolicy | None = None
     default_reservation_ttl_ms: TtlMs | None = None
     max_reservation_ttl_ms: TtlMs | None = None
