@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runcycles_server.testing import ProvisionedTenant, ServerProcess
+from runcycles_server.testing import ProvisionedTenant, ServerProcess, redis_url_for_tests
 
 U = "USD_MICROCENTS"
 JSON = "application/json"
@@ -62,6 +64,18 @@ ADMIN_MAX_EXAMPLES = int(os.environ.get("CYCLES_FUZZ_ADMIN_MAX_EXAMPLES", "20"))
 """The admin run has 16 operations to the runtime run's 9: fewer examples each keep the two
 stores' admin runs to about 90 s of CI time together."""
 SEED = os.environ.get("CYCLES_FUZZ_SEED", "20261122")
+
+
+def _redis_problem() -> str | None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(redis_url_for_tests(), socket_connect_timeout=1)
+        client.ping()
+        client.close()
+        return None
+    except redis.RedisError as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def reserve_body(tenant: str, key: str, amount: int = 1, **extra: Any) -> dict[str, Any]:
@@ -385,3 +399,49 @@ def test_bad_query_values_are_named(
 ) -> None:
     response = http.get(path, params={"tenant": tenant.tenant_id, param: value})
     assert_error(response, 400, "INVALID_REQUEST", param)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_client_hanging_up_mid_body_is_a_499_not_an_error(store: str, tmp_path: Path) -> None:
+    if store == "redis":
+        problem = _redis_problem()
+        if problem is not None:
+            from runcycles_server.stores.redis_testing import redis_unavailable
+
+            redis_unavailable(problem)
+    # log level info: the access log is on, and an ERROR or a traceback would show
+    with ServerProcess.start(store=store, extra_args=["--log-level", "info"]) as server:  # type: ignore[arg-type]
+        tenant = server.provision(budget=1_000)
+        paths = ["/v1/reservations", "/v1/reservations/rsv_x/commit", "/v1/admin/budgets/fund"]
+        query = f"scope=tenant:{tenant.tenant_id}&unit={U}&tenant_id={tenant.tenant_id}"
+        for path in paths:
+            auth = (
+                f"X-Admin-API-Key: {server.admin_key}"
+                if "admin" in path
+                else f"X-Cycles-API-Key: {tenant.api_key}"
+            )
+            with socket.create_connection((server.host, server.port), timeout=5) as sock:
+                head = (
+                    f"POST {path}?{query} HTTP/1.1\r\nHost: {server.host}\r\n"
+                    f"Content-Type: application/json\r\n{auth}\r\nContent-Length: 500\r\n\r\n"
+                )
+                sock.sendall(head.encode() + b'{"idempotency_key": "k", "sub')
+                time.sleep(0.2)  # the server is reading the body when the client goes
+        deadline = time.monotonic() + 5
+        while server.log_text().count('"status":499') < len(paths) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = server.log_text()
+        # still serving, nothing held
+        with tenant.client() as client:
+            balance = client.get_balances(tenant=tenant.tenant_id).raise_for_error().data
+        assert balance.balances[0].reserved is not None
+        assert balance.balances[0].reserved.amount == 0
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    hung_up = [line for line in lines if line["status"] == 499]
+    assert sorted(line["path"] for line in hung_up) == sorted(
+        ["/v1/reservations", "/v1/reservations/{reservation_id}/commit", "/v1/admin/budgets/fund"]
+    ), log
+    assert not [line for line in lines if line["status"] >= 500], log
+    assert "Traceback" not in log
+    assert "ERROR" not in log
+    assert "unhandled error" not in log
