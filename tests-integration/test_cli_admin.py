@@ -7,6 +7,7 @@ at a ``ServerProcess``; results are checked against the server's own API, not th
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -244,6 +245,16 @@ def test_key_create_role_tenant_admin_may_fund_its_own_budgets(server: ServerPro
     funded = _fund(server, secret, scope, 500)
     assert funded.status_code == 200, funded.text
     assert budget(server, scope)["allocated"]["amount"] == 1500
+    ok(run(server, "key", "create", tenant, "--name", "bot"))
+    table = ok(run(server, "key", "list", tenant))
+    rows = [[cell.strip() for cell in re.split("[│┃]", line)[1:-1]] for line in table.splitlines()]
+    header = next(row for row in rows if "role" in row)
+    roles = {
+        row[header.index("name")]: row[header.index("role")]
+        for row in rows
+        if row and row[0].startswith("key_")
+    }
+    assert roles == {"cli": "tenant-admin", "bot": "agent"}, table
 
 
 def test_key_create_role_plus_permissions_and_comma_lists(server: ServerProcess) -> None:

@@ -15,6 +15,7 @@ from runcycles_server.roles import (
     ROLES,
     TENANT_ADMIN_PERMISSIONS,
     describe_permissions,
+    role_of,
 )
 from runcycles_server.stores.base import Store
 
@@ -49,6 +50,13 @@ def test_describe_permissions_names_the_role_or_warns_about_writes() -> None:
     assert describe_permissions(["balances:read"]) == "custom permissions: balances:read"
     text = describe_permissions(["reservations:create", "budgets:write"])
     assert text.endswith("it can change governance (budgets:write)")
+
+
+def test_role_of_names_exact_sets_only() -> None:
+    assert role_of(list(reversed(AGENT_PERMISSIONS))) == "agent"
+    assert role_of(TENANT_ADMIN_PERMISSIONS) == "tenant-admin"
+    assert role_of([*AGENT_PERMISSIONS, "budgets:read"]) == "custom"
+    assert role_of([]) == "custom"
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Final
 
 import typer
 
-from runcycles_server.roles import ALL_PERMISSIONS, ROLES, describe_permissions
+from runcycles_server.roles import ALL_PERMISSIONS, ROLES, describe_permissions, role_of
 
 __all__ = ["UNITS", "CliError", "format_amount", "parse_amount", "register"]
 
@@ -446,7 +446,7 @@ def key_list(
     admin_key: AdminKey = None,
     as_json: AsJson = False,
 ) -> None:
-    """List a tenant's API keys (never their secrets)."""
+    """List a tenant's API keys (never their secrets) and their role (agent, tenant-admin...)."""
     with reported():
         client = ServerClient(url, admin_key=admin_key)
         keys = client.pages("/v1/admin/api-keys", "keys", {"tenant_id": tenant_id, "limit": 100})
@@ -459,6 +459,7 @@ def key_list(
                 ("key id", "left"),
                 ("prefix", "left"),
                 ("name", "left"),
+                ("role", "left"),
                 ("status", "left"),
                 ("expires", "left"),
             ],
@@ -468,6 +469,7 @@ def key_list(
                 k["key_id"],
                 k.get("key_prefix", "") + "…",
                 k.get("name", ""),
+                role_of(k.get("permissions") or []),
                 k["status"],
                 k.get("expires_at", ""),
             )

@@ -26,6 +26,7 @@ __all__ = [
     "ROLE_SUMMARIES",
     "TENANT_ADMIN_PERMISSIONS",
     "describe_permissions",
+    "role_of",
 ]
 
 ALL_PERMISSIONS: Final = (
@@ -71,6 +72,12 @@ ROLE_SUMMARIES: Final[dict[str, str]] = {
     "tenant-admin": "runtime plus budgets:read/write and policies:read/write: can create and "
     "fund its tenant's budgets (not for agents)",
 }
+
+
+def role_of(permissions: list[str] | tuple[str, ...]) -> str:
+    """Return the role name whose permissions are exactly ``permissions``, else ``custom``."""
+    granted = set(permissions)
+    return next((role for role, perms in ROLES.items() if granted == set(perms)), "custom")
 
 
 def describe_permissions(permissions: list[str] | tuple[str, ...]) -> str:
