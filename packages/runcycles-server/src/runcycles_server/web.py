@@ -3,12 +3,15 @@
 * :class:`ContextMiddleware` (pure ASGI): gives every request an ``X-Request-Id`` and an
   ``X-Cycles-Trace-Id`` (from a valid ``traceparent``, else a valid ``X-Cycles-Trace-Id``, else
   random), echoes them and ``X-Cycles-Tenant`` on every response, and turns an unexpected
-  exception into a 500 ``ErrorResponse`` (never a bare traceback). It also dispatches the hot
-  runtime routes (reserve, commit, ...) straight to their handlers (see :data:`FastRoute`),
-  skipping Starlette's router and exception middleware, which cost more per request than
-  the handlers' own Python; every other path goes through Starlette unchanged.
+  exception into a 500 ``ErrorResponse`` (never a bare traceback). A client that hangs up
+  before its body arrived (``ClientDisconnect``) is no error: it is recorded as status 499.
+  It also dispatches the hot runtime routes (reserve, commit, ...) straight to their handlers
+  (see :data:`FastRoute`), skipping Starlette's router and exception middleware, which cost
+  more per request than the handlers' own Python; every other path goes through Starlette
+  unchanged.
 * :func:`parse_body`: size-limited body, strict validation with a pydantic model; any problem is
-  a 400 ``INVALID_REQUEST`` naming the field (413 for an oversized body).
+  a 400 ``INVALID_REQUEST`` naming the field (413 for an oversized body), control characters in
+  ids and names included (see :mod:`runcycles_server.query`).
 * :func:`error_response`: the ``ErrorResponse`` body with ``request_id`` and ``trace_id``.
 * Authentication helpers for tenant keys (``X-Cycles-API-Key``) and the admin key
   (``X-Admin-API-Key``). Successful tenant-key lookups are cached per process for
