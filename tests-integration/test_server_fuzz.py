@@ -220,7 +220,7 @@ def test_schemathesis_admin_spec_finds_no_spec_violation(
         ("GET", "/v1/admin/webhooks"),
         ("GET", "/v1/admin/events"),
         ("GET", "/v1/admin/overview"),
-        ("POST", "/v1/admin/tenants/bulk-action"),
+        ("POST", "/v1/admin/budgets/bulk-action"),
         ("POST", "/v1/auth/validate"),
     ],
 )
