@@ -187,7 +187,9 @@ ADMIN_OPERATIONS = [
     *("freezeBudget", "unfreezeBudget", "listAuditLogs"),
 ]
 """Every governance-spec operation this server implements. The run leaves out the rest, which
-answer a clean 404 (``test_unimplemented_admin_operations_are_a_clean_404``): policies,
+answer a clean 404 (``test_unimplemented_admin_operations_are_a_clean_404``; a 405 listing the
+served methods where the path fits a served route, as ``POST /v1/admin/tenants/bulk-action``
+fits ``/v1/admin/tenants/{tenant_id}``): policies,
 webhooks, events, the overview, bulk actions, ``POST /v1/auth/validate``, ``PATCH
 /v1/admin/api-keys/{key_id}``, the webhook security config, and ``GET /v1/balances``, whose
 runtime contract is the protocol spec's (run above), not this spec's differing copy."""
