@@ -45,6 +45,11 @@ REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "spec" / "cycles-protocol-v0.yaml"
 ADMIN_SPEC = REPO / "spec" / "cycles-governance-admin-v0.1.25.yaml"
 HOOKS_DIR = Path(__file__).resolve().parent
+# Every check but ``positive_data_acceptance`` (schema-valid requests this server refuses):
+# runtime, see the module docstring; admin, it refuses on purpose a ``limit`` over 100 where the
+# spec leaves it open, non-string tenant ``metadata`` values on update (the spec's ``Tenant``
+# could not return them), control characters in ids and names, a cursor it did not issue, and
+# requests about tenants, keys or budgets that do not exist (404 is not listed everywhere).
 CHECKS = [
     "not_a_server_error",
     "status_code_conformance",
