@@ -49,7 +49,7 @@ HOOKS_DIR = Path(__file__).resolve().parent
 # runtime, see the module docstring; admin, it refuses on purpose a ``limit`` over 100 where the
 # spec leaves it open, non-string tenant ``metadata`` values on update (the spec's ``Tenant``
 # could not return them), control characters in ids and names, a cursor it did not issue, and
-# requests about tenants, keys or budgets that do not exist (404 is not listed everywhere).
+# valid requests naming tenants, keys or budgets that do not exist (404).
 CHECKS = [
     "not_a_server_error",
     "status_code_conformance",
