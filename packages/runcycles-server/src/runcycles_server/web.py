@@ -325,7 +325,8 @@ async def parse_body(request: Request, model: type[ModelT], max_bytes: int) -> M
         raise LedgerError("INVALID_REQUEST", message, details={"errors": fields}) from None
     # A control character reaches a JSON string only escaped (a backslash), as DEL (0x7f) or
     # as a C1 character (UTF-8 0xc2 0x80-0x9f): bodies without those bytes skip the walk.
-    if b"\\" in raw or b"\x7f" in raw or b"\xc2" in raw:
+    # (An int ``in`` bytes is one memchr: three cost about 60 ns on a typical body.)
+    if 0x5C in raw or 0x7F in raw or 0xC2 in raw:
         check_body_ids(body)
     return body
 
