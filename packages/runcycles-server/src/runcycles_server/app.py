@@ -59,6 +59,7 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.ledger import LedgerError
+from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
     RESERVATION_SORT_KEYS,
@@ -182,7 +183,14 @@ def _reservation_id(request: Request) -> str:
         raise LedgerError(
             "INVALID_REQUEST", f"reservation_id must be 1 to {MAX_RESERVATION_ID_LEN} characters"
         )
+    check_text(rid, "reservation_id")
     return rid
+
+
+def _check_query_text(request: Request) -> None:
+    """Refuse control characters in any query parameter (ids, names and filters)."""
+    for name, value in request.query_params.multi_items():
+        check_text(value, f"query parameter {name}")
 
 
 def _hint_missing_tenant(error: LedgerError, subject: Subject, tenant_id: str | None) -> None:
@@ -281,6 +289,7 @@ class Runtime:
     async def list_reservations(self, request: Request) -> Response:
         """``GET /v1/reservations``."""
         principal = await self.auth.admin_or_tenant(request, "reservations:list")
+        _check_query_text(request)
         params = request.query_params
         tenant_param = params.get("tenant") or None
         if principal.is_admin:
@@ -421,6 +430,7 @@ class Runtime:
         (descendants included). The admin key may query any tenant via ``tenant``/``tenant_id``.
         """
         principal = await self.auth.admin_or_tenant(request, "balances:read")
+        _check_query_text(request)
         params = request.query_params
         tenant_param = params.get("tenant") or params.get("tenant_id") or None
         if principal.is_admin:
