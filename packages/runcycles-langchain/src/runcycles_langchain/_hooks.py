@@ -1,0 +1,122 @@
+"""What a LangChain call is and what it used: the adapter base's two hooks, shared."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from langchain_core.messages import BaseMessage
+from langchain_core.outputs import LLMResult
+
+from runcycles import (
+    AdapterCall,
+    BudgetClosedError,
+    BudgetExceededError,
+    BudgetFrozenError,
+    CallPlan,
+    CyclesError,
+    DebtOutstandingError,
+    OverdraftLimitExceededError,
+    Usage,
+)
+
+__all__ = ["DENIALS", "LangChainHooks", "ToolNotAllowedError", "allowed", "message_usage"]
+
+DENIALS = (
+    BudgetExceededError,
+    BudgetFrozenError,
+    BudgetClosedError,
+    OverdraftLimitExceededError,
+    DebtOutstandingError,
+)
+"""The answers that mean "the budget says no" (not an outage, not bad credentials)."""
+
+
+class ToolNotAllowedError(CyclesError):
+    """The budget's caps (``tool_allowlist``/``tool_denylist``) forbid this tool; it did not run."""
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(
+            f"tool {tool!r} is not allowed by the budget's caps (tool allowlist/denylist of "
+            "the Cycles reservation); it did not run. Change the budget's caps or remove the "
+            "tool from the agent."
+        )
+
+
+def allowed(call: AdapterCall, tool: str) -> bool:
+    """Whether the caps let ``tool`` run (a dry run only observes: always)."""
+    return call.mode == "dry_run" or call.allows_tool(tool)
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+def message_usage(message: Any) -> Usage | None:
+    """A message's ``usage_metadata`` (LangChain's provider-neutral counts) as a ``Usage``."""
+    used = getattr(message, "usage_metadata", None)
+    if not isinstance(message, BaseMessage) or not used:
+        return None
+    inp, out = _int(used.get("input_tokens")), _int(used.get("output_tokens"))
+    details_in, details_out = (
+        used.get("input_token_details") or {},
+        used.get("output_token_details") or {},
+    )
+    cached = min(_int(details_in.get("cache_read")), inp)
+    meta = message.response_metadata or {}
+    model = meta.get("model_name") or meta.get("model")
+    return Usage(
+        input_tokens=inp, output_tokens=out, cached_input_tokens=cached,
+        cache_write_tokens=min(_int(details_in.get("cache_creation")), inp - cached),
+        reasoning_tokens=min(_int(details_out.get("reasoning")), out),
+        model=model if isinstance(model, str) else None,
+    )  # fmt: skip
+
+
+class LangChainHooks:
+    """``plan()`` and ``usage()`` for LangChain calls; mixed into every adapter class here.
+
+    Events are :class:`~runcycles.CallPlan` objects built by :meth:`model_plan` and
+    :meth:`tool_plan`; results are an ``LLMResult`` (callbacks), a ``ModelResponse`` or an
+    ``AIMessage`` (middleware), or ``None`` (a tool: its estimate).
+    """
+
+    framework = "langchain"
+
+    def __init__(self, client: Any, /, *, model: str | None = None, **options: Any) -> None:
+        super().__init__(client, **options)  # type: ignore[call-arg]  # the adapter base
+        self._default_model = model
+        self._metered_tools = set(options.get("tool_estimates") or ())
+        self._meter_all_tools = options.get("default_tool_estimate") is not None
+
+    def model_plan(self, model: Any, max_tokens: Any) -> CallPlan:
+        """Plan a model call: priced as ``model`` (else the ``model=`` option), worst case."""
+        name = model if isinstance(model, str) and model else self._default_model
+        limit = max_tokens if type(max_tokens) is int else None
+        if name is None:  # the adapter's llm_estimate, or a clear error
+            return CallPlan("llm.completion", "unknown-model", max_tokens=limit)
+        return CallPlan.llm(name, max_tokens=limit)
+
+    def tool_plan(self, tool: str) -> CallPlan | None:
+        """Plan a tool call; ``None`` (not metered) for a tool with no estimate."""
+        if tool in self._metered_tools or self._meter_all_tools:
+            return CallPlan.tool(tool, toolset=tool)
+        return None
+
+    def plan(self, event: CallPlan | None) -> CallPlan | None:
+        """The event is the plan."""
+        return event
+
+    def usage(self, result: Any) -> Usage | None:
+        """What a model call used (summed over a batch); ``None`` (its estimate) if unknown."""
+        if isinstance(result, LLMResult):
+            found = [
+                message_usage(getattr(g, "message", None)) for gs in result.generations for g in gs
+            ]
+            known = [used for used in found if used is not None]
+            if known and len(known) == len(found):
+                return sum(known[1:], known[0])
+            token_usage = (result.llm_output or {}).get("token_usage")  # plain LLMs (OpenAI)
+            return Usage.from_openai(token_usage) if token_usage else None
+        messages: Iterable[Any] = getattr(result, "result", None) or [result]
+        return message_usage(list(messages)[-1])

@@ -1,0 +1,234 @@
+"""``create_agent`` middleware: a model gate (with caps) and a tool gate, sync and async."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from langchain.agents.middleware import (
+    AgentMiddleware,
+    ModelRequest,
+    ModelResponse,
+    ToolCallRequest,
+)
+from langchain_core.messages import AIMessage, ToolMessage
+from langgraph.config import get_config
+
+from runcycles import (
+    AdapterCall,
+    AsyncCyclesAdapter,
+    AsyncCyclesClient,
+    CallPlan,
+    CyclesAdapter,
+    CyclesClient,
+    CyclesConfig,
+    CyclesConfigError,
+    CyclesError,
+)
+from runcycles_langchain._hooks import DENIALS, LangChainHooks, ToolNotAllowedError, allowed
+
+__all__ = ["CyclesBudgetMiddleware"]
+
+ToolResult = Any  # ToolMessage | langgraph Command
+
+
+class _Gate(LangChainHooks, CyclesAdapter[CallPlan | None, Any]):
+    """The sync side's adapter."""
+
+
+class _AsyncGate(LangChainHooks, AsyncCyclesAdapter[CallPlan | None, Any]):
+    """The async side's adapter."""
+
+
+class CyclesBudgetMiddleware(AgentMiddleware):
+    """Budget every model and tool call of a ``create_agent`` agent (sync and async).
+
+    ``create_agent(model, tools, middleware=[CyclesBudgetMiddleware(...)])``. Before each
+    model call it reserves the call's worst case and lowers ``max_tokens`` to the budget's
+    caps through the request's model settings; after it, it commits the priced usage. Each
+    tool call reserves its estimate. Every reservation settles before the hook returns: a
+    failing call is released, nothing is left open.
+
+    Args:
+        client: A ``CyclesClient`` for ``invoke``/``stream`` (an ``AsyncCyclesClient`` here
+            counts as ``async_client``). With neither client, both are built from
+            ``config`` (or the ``CYCLES_*`` variables) and closed by :meth:`aclose`.
+        async_client: An ``AsyncCyclesClient`` for ``ainvoke``/``astream``.
+        config: Builds the clients when none is given.
+        model: The model to price calls at when the chat model does not name one.
+        on_model_denied: ``"end"`` (default): a denied model call ends the run cleanly with
+            an ``AIMessage`` saying why; ``"raise"``: the denial reaches the caller.
+        on_tool_denied: ``"raise"`` (default): a denied tool call (or one the caps forbid)
+            stops the run with the error; ``"message"``: the tool does not run and the model
+            gets an error ``ToolMessage`` instead.
+        **options: :class:`~runcycles.AdapterOptions` (``tenant``, ``tool_estimates``,
+            ``fail_open``, ``dry_run``, ``pricer``...). Tools with no estimate are not metered.
+    """
+
+    def __init__(
+        self,
+        client: CyclesClient | AsyncCyclesClient | None = None,
+        *,
+        async_client: AsyncCyclesClient | None = None,
+        config: CyclesConfig | None = None,
+        model: str | None = None,
+        on_model_denied: Literal["end", "raise"] = "end",
+        on_tool_denied: Literal["raise", "message"] = "raise",
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        for name, value, valid in (
+            ("on_model_denied", on_model_denied, ("end", "raise")),
+            ("on_tool_denied", on_tool_denied, ("raise", "message")),
+        ):
+            if value not in valid:
+                raise CyclesConfigError(f"{name} must be one of {valid}, got {value!r}")
+        self.on_model_denied, self.on_tool_denied = on_model_denied, on_tool_denied
+        if isinstance(client, AsyncCyclesClient):
+            client, async_client = None, client
+        given = client or async_client
+        config = config or (given.config if given else CyclesConfig.from_env())
+        self._owned_sync, self._owned_async = client is None, async_client is None
+        self.adapter = _Gate(client or CyclesClient(config), model=model, **options)
+        self.async_adapter = _AsyncGate(
+            async_client or AsyncCyclesClient(config), model=model, **options
+        )
+        self._attempts: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- what both variants share --------------------------------------------------------
+
+    def _ids(self, runtime: Any) -> tuple[str, str]:
+        """(run id, call id): LangGraph's run and task, and the attempt within the task."""
+        config = get_config()
+        info = getattr(runtime, "execution_info", None)  # langgraph >= 1.1
+        run = getattr(info, "run_id", None) or (config.get("configurable") or {}).get("thread_id")
+        task = (config.get("metadata") or {}).get("langgraph_checkpoint_ns") or "task"
+        key = (str(run or "run"), str(task))
+        with self._lock:  # a retry of the call within the task is a new call
+            attempt = self._attempts[key] = self._attempts.pop(key, -1) + 1
+            if len(self._attempts) > 10_000:
+                self._attempts.popitem(last=False)
+        return key[0], f"{key[1]}#{attempt}"
+
+    def _plan(self, gate: LangChainHooks, request: ModelRequest) -> CallPlan:
+        model = request.model
+        name = getattr(model, "model_name", None) or getattr(model, "model", None)
+        limit = request.model_settings.get("max_tokens") or getattr(model, "max_tokens", None)
+        return gate.model_plan(name, limit)
+
+    @staticmethod
+    def _capped(request: ModelRequest, call: AdapterCall) -> ModelRequest:
+        if call.mode == "dry_run" or call.caps is None or call.caps.max_tokens is None:
+            return request
+        return request.override(
+            model_settings={**request.model_settings, "max_tokens": call.max_tokens}
+        )
+
+    def _model_denied(self, error: CyclesError) -> ModelResponse:
+        if self.on_model_denied == "raise":
+            raise error
+        code = getattr(error, "error_code", None) or type(error).__name__
+        text = f"Stopped: the budget refused the next model call ({code})."
+        message = AIMessage(content=text, response_metadata={"cycles_denied": str(code)})
+        return ModelResponse(result=[message])
+
+    def _tool_denied(self, request: ToolCallRequest, error: CyclesError) -> ToolMessage:
+        if self.on_tool_denied == "raise":
+            raise error
+        call = request.tool_call
+        text = f"Tool {call['name']!r} was not run: {error}"
+        return ToolMessage(text, tool_call_id=call["id"], name=call["name"], status="error")
+
+    # -- the hooks ------------------------------------------------------------------------
+
+    def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+        """Reserve the model call's worst case, apply the caps, call, commit the usage."""
+        gate, (run, call_id) = self.adapter, self._ids(request.runtime)
+        try:
+            call = gate.begin(run, call_id, self._plan(gate, request))
+        except DENIALS as error:
+            return self._model_denied(error)
+        try:
+            response = handler(self._capped(request, call))
+        except BaseException as error:
+            gate.fail(run, call_id, error)
+            raise
+        gate.end(run, call_id, response)
+        return response
+
+    async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        """The async twin of :meth:`wrap_model_call`."""
+        gate, (run, call_id) = self.async_adapter, self._ids(request.runtime)
+        try:
+            call = await gate.begin(run, call_id, self._plan(gate, request))
+        except DENIALS as error:
+            return self._model_denied(error)
+        try:
+            response = await handler(self._capped(request, call))
+        except BaseException as error:
+            await gate.fail(run, call_id, error)
+            raise
+        await gate.end(run, call_id, response)
+        return response
+
+    def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> ToolResult:
+        """Reserve the tool's estimate; deny (raise or message) a refused tool; commit."""
+        gate, (run, call_id), name = (
+            self.adapter,
+            self._ids(request.runtime),
+            request.tool_call["name"],
+        )
+        try:
+            call = gate.begin(run, call_id, gate.tool_plan(name))
+        except DENIALS as error:
+            return self._tool_denied(request, error)
+        if not allowed(call, name):
+            gate.fail(run, call_id)
+            return self._tool_denied(request, ToolNotAllowedError(name))
+        try:
+            result = handler(request)
+        except BaseException as error:
+            gate.fail(run, call_id, error)
+            raise
+        gate.end(run, call_id, None)
+        return result
+
+    async def awrap_tool_call(
+        self, request: ToolCallRequest, handler: Callable[..., Awaitable[Any]]
+    ) -> ToolResult:
+        """The async twin of :meth:`wrap_tool_call`."""
+        gate, (run, call_id), name = (
+            self.async_adapter,
+            self._ids(request.runtime),
+            request.tool_call["name"],
+        )
+        try:
+            call = await gate.begin(run, call_id, gate.tool_plan(name))
+        except DENIALS as error:
+            return self._tool_denied(request, error)
+        if not allowed(call, name):
+            await gate.fail(run, call_id)
+            return self._tool_denied(request, ToolNotAllowedError(name))
+        try:
+            result = await handler(request)
+        except BaseException as error:
+            await gate.fail(run, call_id, error)
+            raise
+        await gate.end(run, call_id, None)
+        return result
+
+    def close(self) -> None:
+        """Close the sync side (and its client, if this middleware built it)."""
+        self.adapter.close()
+        if self._owned_sync:
+            self.adapter.client.close()
+
+    async def aclose(self) -> None:
+        """Close both sides (and the clients this middleware built)."""
+        await self.async_adapter.close()
+        if self._owned_async:
+            await self.async_adapter.client.aclose()
+        self.close()
