@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest

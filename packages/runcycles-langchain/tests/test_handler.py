@@ -16,7 +16,6 @@ from runcycles.testing.fake_server import FakeCyclesServer
 from runcycles_langchain import CyclesCallbackHandler, ToolNotAllowedError
 from runcycles_langchain.testing import ScriptedChatModel, reply, tool_calls, usage
 
-
 USER = {"messages": [{"role": "user", "content": "go"}]}
 PRICER = Pricer(overrides={"tiny": ModelPrice(Decimal("2.5"), 10)}, builtin=False)
 
@@ -169,7 +168,8 @@ def test_sync_tools_run_in_threads_and_the_handler_pairs_them(kit, server):
     calls = [("search", {"query": str(n)}) for n in range(4)]
     model = ScriptedChatModel([tool_calls(*calls), reply("ok")], name="tiny")
     run(create_agent(model, tools=[kit.search]), handler_for(server))
-    assert kit.THREADS and "MainThread" not in kit.THREADS
+    assert kit.THREADS
+    assert "MainThread" not in kit.THREADS
     assert server.spent["USD_MICROCENTS"] == 2 * kit.cost(100, 20) + 4 * 7_000
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -102,16 +103,21 @@ class CyclesBudgetMiddleware(AgentMiddleware):
 
     def _ids(self, runtime: Any) -> tuple[str, str]:
         """(run id, call id): LangGraph's run and task, and the attempt within the task."""
-        config = get_config()
         info = getattr(runtime, "execution_info", None)  # langgraph >= 1.1
+        try:
+            config = get_config()
+        except RuntimeError:  # outside a graph step: no stable ids, fresh ones
+            config = {}
         run = getattr(info, "run_id", None) or (config.get("configurable") or {}).get("thread_id")
-        task = (config.get("metadata") or {}).get("langgraph_checkpoint_ns") or "task"
-        key = (str(run or "run"), str(task))
+        task = getattr(info, "checkpoint_ns", None) or (config.get("metadata") or {}).get(
+            "langgraph_checkpoint_ns"
+        )
+        key = (str(run or "langgraph"), str(task or uuid.uuid4()))
         with self._lock:  # a retry of the call within the task is a new call
             attempt = self._attempts[key] = self._attempts.pop(key, -1) + 1
             if len(self._attempts) > 10_000:
                 self._attempts.popitem(last=False)
-        return key[0], f"{key[1]}#{attempt}"
+        return key[0], f"{key[1]}#{attempt}" if attempt else key[1]
 
     def _plan(self, gate: LangChainHooks, request: ModelRequest) -> CallPlan:
         model = request.model
