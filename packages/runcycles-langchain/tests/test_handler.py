@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -16,7 +17,7 @@ from runcycles.testing.fake_server import FakeCyclesServer
 from runcycles_langchain import CyclesCallbackHandler, ToolNotAllowedError
 from runcycles_langchain.testing import ScriptedChatModel, reply, tool_calls, usage
 
-USER = {"messages": [{"role": "user", "content": "go"}]}
+USER: Any = {"messages": [{"role": "user", "content": "go"}]}
 PRICER = Pricer(overrides={"tiny": ModelPrice(Decimal("2.5"), 10)}, builtin=False)
 
 
@@ -111,7 +112,7 @@ def test_a_failing_tool_is_released_and_the_run_leaves_nothing_open(kit, server)
 
 def test_the_end_of_a_top_level_run_releases_what_it_left_open(kit, server):
     handler = handler_for(server)
-    run_id, call_id = "6d0f0b4e-0000-0000-0000-000000000001", "6d0f0b4e-0000-0000-0000-000000000002"
+    run_id, call_id = uuid.uuid4(), uuid.uuid4()
     handler.on_chain_start({}, {}, run_id=run_id, parent_run_id=None)
     handler.on_tool_start({"name": "search"}, "q", run_id=call_id, parent_run_id=run_id)
     assert server.reserved() == 7_000

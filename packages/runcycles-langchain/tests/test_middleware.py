@@ -24,7 +24,7 @@ from runcycles_langchain.testing import ScriptedChatModel, reply, tool_calls, us
 
 PRICER = Pricer(overrides={"tiny": ModelPrice(Decimal("2.5"), 10)}, builtin=False)
 WORST = PRICER.estimate("tiny", max_tokens=4_096)
-USER = {"messages": [{"role": "user", "content": "go"}]}
+USER: Any = {"messages": [{"role": "user", "content": "go"}]}
 
 
 @pytest.fixture(params=["invoke", "ainvoke"])
@@ -191,18 +191,10 @@ class RetryOnce(AgentMiddleware):
             return await handler(request)
 
 
-class FlakyModel(ScriptedChatModel):
-    failures: int = 1
-
-    def _generate(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("provider timeout")
-        return super()._generate(*args, **kwargs)
-
-
 def test_a_retried_model_call_is_released_then_charged_once(kit, server, mode):
-    model = FlakyModel([reply("ok", usage(300, 30))], name="tiny")
+    model = ScriptedChatModel(
+        [RuntimeError("provider timeout"), reply("ok", usage(300, 30))], name="tiny"
+    )
     out = run(model, [], [RetryOnce(), gate(server, mode)], mode)
     assert out["messages"][-1].content == "ok"
     assert server.statuses() == ["RELEASED", "COMMITTED"]

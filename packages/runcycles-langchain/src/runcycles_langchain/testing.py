@@ -58,6 +58,8 @@ def tool_calls(*calls: tuple[Any, ...], used: Any = None) -> AIMessage:
 class ScriptedChatModel(GenericFakeChatModel):
     """Answers each call with the next scripted message; records the settings of each call.
 
+    A scripted exception is raised by its call (a provider error, a timeout...).
+
     Binds tools (``create_agent`` needs it) and streams a call as one chunk that keeps its
     tool calls and usage. ``calls`` holds each call's keyword arguments (``max_tokens``...).
 
@@ -69,8 +71,10 @@ class ScriptedChatModel(GenericFakeChatModel):
     model_name: str = "gpt-4o-mini"
     calls: list[dict[str, Any]] = Field(default_factory=list)
 
-    def __init__(self, script: Sequence[AIMessage], *, name: str = "gpt-4o-mini") -> None:
-        super().__init__(messages=iter(list(script)), model_name=name)  # type: ignore[call-arg]
+    def __init__(
+        self, script: Sequence[AIMessage | BaseException], *, name: str = "gpt-4o-mini"
+    ) -> None:
+        super().__init__(messages=iter(list(script)), model_name=name)  # type: ignore[call-arg, arg-type]
 
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Any:
         """Bind ``tools`` (and the request's model settings, e.g. ``max_tokens``)."""
@@ -81,12 +85,13 @@ class ScriptedChatModel(GenericFakeChatModel):
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
     ) -> ChatResult:
         self.calls.append({k: v for k, v in kwargs.items() if k not in ("tools", "tool_choice")})
-        try:
-            return super()._generate(messages, stop=stop, **kwargs)
-        except StopIteration:
-            raise RuntimeError(
-                f"ScriptedChatModel: no answer left for call {len(self.calls)}"
-            ) from None
+        answer = next(self.messages, None)
+        if answer is None:
+            raise RuntimeError(f"ScriptedChatModel: no answer left for call {len(self.calls)}")
+        if isinstance(answer, BaseException):
+            raise answer  # a scripted failure (a provider error, a timeout...)
+        self.messages = itertools.chain([answer], self.messages)
+        return super()._generate(messages, stop=stop, **kwargs)
 
     def _stream(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
