@@ -66,15 +66,21 @@ class ScriptedChatModel(GenericFakeChatModel):
     Args:
         script: The messages to answer with, in order.
         name: The model name (what pricing sees as ``model_name``).
+        max_tokens: The model's own output limit (as on ``ChatOpenAI``).
     """
 
     model_name: str = "gpt-4o-mini"
+    max_tokens: int | None = None
     calls: list[dict[str, Any]] = Field(default_factory=list)
 
     def __init__(
-        self, script: Sequence[AIMessage | BaseException], *, name: str = "gpt-4o-mini"
+        self,
+        script: Sequence[AIMessage | BaseException],
+        *,
+        name: str = "gpt-4o-mini",
+        max_tokens: int | None = None,
     ) -> None:
-        super().__init__(messages=iter(list(script)), model_name=name)  # type: ignore[call-arg, arg-type]
+        super().__init__(messages=iter(list(script)), model_name=name, max_tokens=max_tokens)  # type: ignore[call-arg, arg-type]
 
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Any:
         """Bind ``tools`` (and the request's model settings, e.g. ``max_tokens``)."""
