@@ -8,7 +8,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from langchain.agents.middleware import ModelRequest, ModelResponse, ToolCallRequest
+from langchain.agents.middleware import ModelRequest, ModelResponse
+from langchain.tools.tool_node import ToolCallRequest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
@@ -126,6 +127,7 @@ class MiddlewareDriver(AdapterDriver):
         def request(runtime: Any) -> ModelRequest:
             return ModelRequest(
                 model=ScriptedChatModel([], name=model), messages=[HumanMessage("hi")],
+                system_prompt=None, tool_choice=None, tools=[], response_format=None, state={},
                 runtime=runtime, model_settings={"max_tokens": max_tokens},
             )  # fmt: skip
 
