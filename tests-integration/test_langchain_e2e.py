@@ -142,11 +142,15 @@ async def test_a_failing_run_leaves_no_reservation_open(
 @pytest.mark.parametrize("via", VIAS)
 async def test_caps_reach_the_model_call(server: ServerProcess, via: str) -> None:
     tenant = server.provision()
-    tenant.add_budget(10**9, caps={"max_tokens": 64})
+    tenant.add_budget(10**9, caps={"max_tokens": 64, "tool_denylist": ["broken"]})
     model = ScriptedChatModel([tool_calls(("search", {"query": "q"})), reply("ok")], name="tiny")
-    await run_agent(tenant, model, [search], via)
-    expected = [None, None] if via == "handler" else [64, 64]  # callbacks cannot change a call
-    assert [call.get("max_tokens") for call in model.calls] == expected
+    await run_agent(tenant, model, [search, broken], via)
+    if via == "handler":  # a callback cannot change a call
+        assert [call.get("max_tokens") for call in model.calls] == [None, None]
+        assert [call["tools"] for call in model.calls] == [["search", "broken"]] * 2
+    else:
+        assert [call.get("max_tokens") for call in model.calls] == [64, 64]
+        assert [call["tools"] for call in model.calls] == [["search"]] * 2
 
 
 def _dead_config() -> CyclesConfig:

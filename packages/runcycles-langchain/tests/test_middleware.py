@@ -91,10 +91,11 @@ def test_exhaustion_can_raise(server, mode):
 
 
 def test_caps_reach_the_model_call(kit, server, mode):
-    server.caps = {"max_tokens": 64}
+    server.caps = {"max_tokens": 64, "tool_denylist": ["send_email"]}
     model = ScriptedChatModel([tool_calls(("search", {"query": "q"})), reply("ok")], name="tiny")
-    run(model, [kit.search], [gate(server, mode)], mode)
+    run(model, [kit.search, kit.send_email], [gate(server, mode)], mode)
     assert [call.get("max_tokens") for call in model.calls] == [64, 64]
+    assert [call["tools"] for call in model.calls] == [["search"], ["search"]]  # not send_email
 
 
 class MaxTokens(AgentMiddleware):

@@ -31,6 +31,13 @@ __all__ = ["CyclesBudgetMiddleware"]
 ToolResult = Any  # ToolMessage | langgraph Command
 
 
+def _tool_name(tool: Any) -> str | None:
+    """A bound tool's name: a ``BaseTool``'s, or a provider tool dict's (``None``: unnamed)."""
+    if isinstance(tool, dict):
+        return tool.get("name") or (tool.get("function") or {}).get("name")
+    return getattr(tool, "name", None)
+
+
 class _Gate(LangChainHooks, CyclesAdapter[CallPlan | None, Any]):
     """The sync side's adapter."""
 
@@ -123,11 +130,16 @@ class CyclesBudgetMiddleware(AgentMiddleware):
 
     @staticmethod
     def _capped(request: ModelRequest, call: AdapterCall) -> ModelRequest:
-        if call.mode == "dry_run" or call.caps is None or call.caps.max_tokens is None:
+        """The request under the caps: ``max_tokens`` lowered, forbidden tools left out."""
+        if call.mode == "dry_run" or call.caps is None:
             return request
-        return request.override(
-            model_settings={**request.model_settings, "max_tokens": call.max_tokens}
-        )
+        changes: dict[str, Any] = {}
+        if call.caps.max_tokens is not None:
+            changes["model_settings"] = {**request.model_settings, "max_tokens": call.max_tokens}
+        tools = [t for t in request.tools if call.allows_tool(_tool_name(t) or "")]
+        if len(tools) < len(request.tools):
+            changes["tools"] = tools
+        return request.override(**changes) if changes else request
 
     def _model_denied(self, error: CyclesError) -> ModelResponse:
         if self.on_model_denied == "raise":

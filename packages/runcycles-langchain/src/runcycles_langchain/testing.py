@@ -61,7 +61,8 @@ class ScriptedChatModel(GenericFakeChatModel):
     A scripted exception is raised by its call (a provider error, a timeout...).
 
     Binds tools (``create_agent`` needs it) and streams a call as one chunk that keeps its
-    tool calls and usage. ``calls`` holds each call's keyword arguments (``max_tokens``...).
+    tool calls and usage. ``calls`` holds each call's keyword arguments (``max_tokens``...,
+    and ``tools``: the names of the tools it was given).
 
     Args:
         script: The messages to answer with, in order.
@@ -90,7 +91,8 @@ class ScriptedChatModel(GenericFakeChatModel):
     def _generate(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
     ) -> ChatResult:
-        self.calls.append({k: v for k, v in kwargs.items() if k not in ("tools", "tool_choice")})
+        tools = [spec["function"]["name"] for spec in kwargs.get("tools") or []]
+        self.calls.append({**kwargs, "tools": tools})
         answer = next(self.messages, None)
         if answer is None:
             raise RuntimeError(f"ScriptedChatModel: no answer left for call {len(self.calls)}")
