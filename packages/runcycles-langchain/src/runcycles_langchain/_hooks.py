@@ -9,7 +9,6 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
 from runcycles import (
-    AdapterCall,
     BudgetClosedError,
     BudgetExceededError,
     BudgetFrozenError,
@@ -20,7 +19,7 @@ from runcycles import (
     Usage,
 )
 
-__all__ = ["DENIALS", "LangChainHooks", "ToolNotAllowedError", "allowed", "message_usage"]
+__all__ = ["DENIALS", "LangChainHooks", "ToolNotAllowedError", "message_usage"]
 
 DENIALS = (
     BudgetExceededError,
@@ -41,11 +40,6 @@ class ToolNotAllowedError(CyclesError):
             "the Cycles reservation); it did not run. Change the budget's caps or remove the "
             "tool from the agent."
         )
-
-
-def allowed(call: AdapterCall, tool: str) -> bool:
-    """Whether the caps let ``tool`` run (a dry run only observes: always)."""
-    return call.mode == "dry_run" or call.allows_tool(tool)
 
 
 def _int(value: Any) -> int:

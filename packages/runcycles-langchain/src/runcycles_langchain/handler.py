@@ -8,7 +8,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from runcycles import CallPlan, CyclesAdapter, CyclesClient, CyclesConfig
-from runcycles_langchain._hooks import LangChainHooks, ToolNotAllowedError, allowed
+from runcycles_langchain._hooks import LangChainHooks, ToolNotAllowedError
 
 __all__ = ["CyclesCallbackHandler"]
 
@@ -96,7 +96,7 @@ class CyclesCallbackHandler(
         """Reserve the tool's estimate; refuse a tool the budget's caps forbid."""
         name, run_id = str((serialized or {}).get("name") or kw.get("name")), kw["run_id"]
         root = self._track(run_id, kw.get("parent_run_id"))
-        if not allowed(self.begin(root, run_id, self.tool_plan(name)), name):
+        if not self.begin(root, run_id, self.tool_plan(name)).allows_tool(name):
             self.fail(self._untrack(run_id), run_id)
             raise ToolNotAllowedError(name)
 

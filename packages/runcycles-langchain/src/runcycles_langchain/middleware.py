@@ -24,7 +24,7 @@ from runcycles import (
     CyclesConfigError,
     CyclesError,
 )
-from runcycles_langchain._hooks import DENIALS, LangChainHooks, ToolNotAllowedError, allowed
+from runcycles_langchain._hooks import DENIALS, LangChainHooks, ToolNotAllowedError
 
 __all__ = ["CyclesBudgetMiddleware"]
 
@@ -83,12 +83,11 @@ class CyclesBudgetMiddleware(AgentMiddleware):
         **options: Any,
     ) -> None:
         super().__init__()
-        for name, value, valid in (
-            ("on_model_denied", on_model_denied, ("end", "raise")),
-            ("on_tool_denied", on_tool_denied, ("raise", "message")),
-        ):
-            if value not in valid:
-                raise CyclesConfigError(f"{name} must be one of {valid}, got {value!r}")
+        if on_model_denied not in ("end", "raise") or on_tool_denied not in ("raise", "message"):
+            raise CyclesConfigError(
+                "on_model_denied must be 'end' or 'raise', on_tool_denied 'raise' or "
+                f"'message'; got {on_model_denied!r} and {on_tool_denied!r}"
+            )
         self.on_model_denied, self.on_tool_denied = on_model_denied, on_tool_denied
         if isinstance(client, AsyncCyclesClient):
             client, async_client = None, client
@@ -199,7 +198,7 @@ class CyclesBudgetMiddleware(AgentMiddleware):
             call = gate.begin(run, call_id, gate.tool_plan(name))
         except DENIALS as error:
             return self._tool_denied(request, error)
-        if not allowed(call, name):
+        if not call.allows_tool(name):
             gate.fail(run, call_id)
             return self._tool_denied(request, ToolNotAllowedError(name))
         try:
@@ -223,7 +222,7 @@ class CyclesBudgetMiddleware(AgentMiddleware):
             call = await gate.begin(run, call_id, gate.tool_plan(name))
         except DENIALS as error:
             return self._tool_denied(request, error)
-        if not allowed(call, name):
+        if not call.allows_tool(name):
             await gate.fail(run, call_id)
             return self._tool_denied(request, ToolNotAllowedError(name))
         try:
