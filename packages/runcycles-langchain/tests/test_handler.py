@@ -65,8 +65,9 @@ def test_an_agent_run_commits_priced_usage_and_tool_estimates(kit, server, async
 def test_a_denied_model_call_stops_the_run_before_the_model_is_called(kit, server):
     server.reject = (409, "BUDGET_EXCEEDED")
     model = ScriptedChatModel([reply("never")], name="tiny")
+    handler = handler_for(server)
     with pytest.raises(BudgetExceededError):
-        run(create_agent(model, tools=[kit.search]), handler_for(server))
+        run(create_agent(model, tools=[kit.search]), handler)
     assert model.calls == []
     assert server.reserved() == 0
 
@@ -195,3 +196,25 @@ def test_close_closes_a_client_it_built(kit, monkeypatch):
     CyclesCallbackHandler(given, tenant="acme").close()
     assert not given._http.is_closed
     given.close()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["stream", "astream"])
+def test_a_streamed_run_commits_the_usage_of_its_chunks(kit, server, asynchronous):
+    model = ScriptedChatModel(
+        [tool_calls(("search", {"query": "a"}), used=usage(1_000, 50)), reply("done", usage(9, 9))],
+        name="tiny",
+    )
+    agent = create_agent(model, tools=[kit.search])
+    config: Any = {"callbacks": [handler_for(server)]}
+
+    async def consume() -> None:
+        async for _ in agent.astream(USER, config=config, stream_mode="messages"):
+            pass
+
+    if asynchronous:
+        asyncio.run(consume())
+    else:
+        for _ in agent.stream(USER, config=config, stream_mode="messages"):
+            pass
+    assert server.spent["USD_MICROCENTS"] == kit.cost(1_000, 50) + kit.cost(9, 9) + 7_000
+    assert server.reserved() == 0

@@ -235,3 +235,25 @@ def test_bad_options_are_clear_errors(server):
         CyclesBudgetMiddleware(server.client(), on_tool_denied="soft")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unknown adapter option"):
         CyclesBudgetMiddleware(server.client(), tenat="acme")
+
+
+@pytest.mark.parametrize("stream_mode", ["messages", "updates"])
+def test_streamed_runs_are_metered_like_invoked_ones(kit, server, mode, stream_mode):
+    model = ScriptedChatModel(
+        [tool_calls(("search", {"query": "a"}), used=usage(1_000, 50)), reply("done", usage(9, 9))],
+        name="tiny",
+    )
+    agent = create_agent(model, tools=[kit.search], middleware=[gate(server, mode)])
+
+    async def consume() -> None:
+        async for _ in agent.astream(USER, stream_mode=stream_mode):
+            pass
+
+    if mode == "ainvoke":
+        asyncio.run(consume())
+    else:
+        for _ in agent.stream(USER, stream_mode=stream_mode):
+            pass
+    assert kit.RAN == ["search:a"]
+    assert server.spent["USD_MICROCENTS"] == kit.cost(1_000, 50) + kit.cost(9, 9) + 7_000
+    assert server.reserved() == 0

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from runcycles import CallPlan, CyclesAdapter, CyclesClient, CyclesConfig
+from runcycles import AdapterCall, CallPlan, CyclesAdapter, CyclesClient, CyclesConfig
 from runcycles_langchain._hooks import LangChainHooks, ToolNotAllowedError
 
 __all__ = ["CyclesCallbackHandler"]
@@ -59,6 +59,15 @@ class CyclesCallbackHandler(
     def _untrack(self, run_id: UUID) -> str:
         return str(self._roots.pop(run_id, run_id))
 
+    def _begin(self, kw: dict[str, Any], plan: CallPlan | None) -> AdapterCall:
+        """Reserve for the call ``kw`` describes (a denial raises: nothing stays tracked)."""
+        run_id = kw["run_id"]
+        try:
+            return self.begin(self._track(run_id, kw.get("parent_run_id")), run_id, plan)
+        except BaseException:
+            self._untrack(run_id)
+            raise
+
     def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: UUID, **kw: Any) -> None:
         """Remember which run this step belongs to."""
         self._track(run_id, kw.get("parent_run_id"))
@@ -78,7 +87,7 @@ class CyclesCallbackHandler(
         params, meta = kw.get("invocation_params") or {}, kw.get("metadata") or {}
         model = params.get("model") or params.get("model_name") or meta.get("ls_model_name")
         plan = self.model_plan(model, params.get("max_tokens") or meta.get("ls_max_tokens"))
-        self.begin(self._track(kw["run_id"], kw.get("parent_run_id")), kw["run_id"], plan)
+        self._begin(kw, plan)
 
     def on_llm_start(self, serialized: Any, prompts: Any, **kw: Any) -> None:
         """Reserve the LLM call's worst case."""
@@ -94,10 +103,9 @@ class CyclesCallbackHandler(
 
     def on_tool_start(self, serialized: Any, input_str: str, **kw: Any) -> None:
         """Reserve the tool's estimate; refuse a tool the budget's caps forbid."""
-        name, run_id = str((serialized or {}).get("name") or kw.get("name")), kw["run_id"]
-        root = self._track(run_id, kw.get("parent_run_id"))
-        if not self.begin(root, run_id, self.tool_plan(name)).allows_tool(name):
-            self.fail(self._untrack(run_id), run_id)
+        name = str((serialized or {}).get("name") or kw.get("name"))
+        if not self._begin(kw, self.tool_plan(name)).allows_tool(name):
+            self.fail(self._untrack(kw["run_id"]), kw["run_id"])
             raise ToolNotAllowedError(name)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kw: Any) -> None:
