@@ -127,7 +127,8 @@ class MiddlewareDriver(AdapterDriver):
         def request(runtime: Any) -> ModelRequest:
             return ModelRequest(
                 model=ScriptedChatModel([], name=model), messages=[HumanMessage("hi")],
-                system_prompt=None, tool_choice=None, tools=[], response_format=None, state={},
+                system_prompt=None, tool_choice=None, tools=[], response_format=None,
+                state={"messages": []},
                 runtime=runtime, model_settings={"max_tokens": max_tokens},
             )  # fmt: skip
 
