@@ -165,9 +165,9 @@ class TestMiddlewareContract(AdapterContract):
         return MiddlewareDriver()
 
     async def test_a_retried_callback_charges_once(self, driver, make, server) -> None:
-        """A wrapped call that runs again *in the same process* is a new model call (the spend
-        is real: it is charged again); the same task after a restart (a resumed checkpointed
-        run) replays the first call's key and is not."""
+        """The same ids, even from a new process, replay one reservation; a wrapped call that
+        runs again within its step (a retry around this middleware) is a new model call: the
+        spend is real, it is charged again."""
         usage = Usage(input_tokens=1_000, output_tokens=100, model=MODEL)
         await self.llm(driver, make(), "run-r", "call-r", usage)
         await self.llm(driver, make(), "run-r", "call-r", usage)  # after a restart

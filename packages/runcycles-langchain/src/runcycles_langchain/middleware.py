@@ -104,18 +104,19 @@ class CyclesBudgetMiddleware(AgentMiddleware):
     # -- what both variants share --------------------------------------------------------
 
     def _ids(self, runtime: Any) -> tuple[str, str]:
-        """(run id, call id): LangGraph's run and task, and the attempt within the task."""
+        """(run id, call id): the run, the graph step's own run id, the attempt within it."""
         info = getattr(runtime, "execution_info", None)  # langgraph >= 1.1
         try:
             config = get_config()
-        except RuntimeError:  # outside a graph step: no stable ids, fresh ones
+        except RuntimeError:  # outside a graph step
             config = {}
         run = getattr(info, "run_id", None) or (config.get("configurable") or {}).get("thread_id")
-        task = getattr(info, "checkpoint_ns", None) or (config.get("metadata") or {}).get(
-            "langgraph_checkpoint_ns"
+        step = getattr(config.get("callbacks"), "parent_run_id", None)  # unique per execution
+        key = (
+            str(run or "langgraph"),
+            str(step or getattr(info, "checkpoint_ns", None) or uuid.uuid4()),
         )
-        key = (str(run or "langgraph"), str(task or uuid.uuid4()))
-        with self._lock:  # a retry of the call within the task is a new call
+        with self._lock:  # a retry of the call within the step is a new call
             attempt = self._attempts[key] = self._attempts.pop(key, -1) + 1
             if len(self._attempts) > 10_000:
                 self._attempts.popitem(last=False)
