@@ -190,11 +190,8 @@ class CyclesBudgetMiddleware(AgentMiddleware):
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> ToolResult:
         """Reserve the tool's estimate; deny (raise or message) a refused tool; commit."""
-        gate, (run, call_id), name = (
-            self.adapter,
-            self._ids(request.runtime),
-            request.tool_call["name"],
-        )
+        gate, name = self.adapter, request.tool_call["name"]
+        run, call_id = self._ids(request.runtime)
         try:
             call = gate.begin(run, call_id, gate.tool_plan(name))
         except DENIALS as error:
@@ -214,11 +211,8 @@ class CyclesBudgetMiddleware(AgentMiddleware):
         self, request: ToolCallRequest, handler: Callable[..., Awaitable[Any]]
     ) -> ToolResult:
         """The async twin of :meth:`wrap_tool_call`."""
-        gate, (run, call_id), name = (
-            self.async_adapter,
-            self._ids(request.runtime),
-            request.tool_call["name"],
-        )
+        gate, name = self.async_adapter, request.tool_call["name"]
+        run, call_id = self._ids(request.runtime)
         try:
             call = await gate.begin(run, call_id, gate.tool_plan(name))
         except DENIALS as error:
