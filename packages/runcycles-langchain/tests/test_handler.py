@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 from langchain.agents import create_agent
 from langchain_core.language_models.fake import FakeListLLM
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda
 
 from runcycles import BudgetExceededError, CyclesConfigError, ModelPrice, Pricer
 from runcycles.testing.fake_server import FakeCyclesServer
@@ -218,3 +221,31 @@ def test_a_streamed_run_commits_the_usage_of_its_chunks(kit, server, asynchronou
             pass
     assert server.spent["USD_MICROCENTS"] == kit.cost(1_000, 50) + kit.cost(9, 9) + 7_000
     assert server.reserved() == 0
+
+
+def test_an_lcel_chain_and_a_batch_are_metered_call_by_call(kit, server):
+    handler = handler_for(server)
+    model = ScriptedChatModel(
+        [reply(f"r{n}", usage(100 * (n + 1), n)) for n in range(5)], name="tiny"
+    )
+    prompt = ChatPromptTemplate.from_messages([("user", "{q}")])
+    chain = prompt | model | StrOutputParser()
+    assert chain.invoke({"q": "hi"}, config={"callbacks": [handler]}) == "r0"
+    answers = model.batch(["a", "b", "c", "d"], config={"callbacks": [handler]})
+    assert sorted(str(a.content) for a in answers) == ["r1", "r2", "r3", "r4"]
+    assert server.spent["USD_MICROCENTS"] == sum(kit.cost(100 * (n + 1), n) for n in range(5))
+    assert server.reserved() == 0
+    assert handler.pending == []
+
+
+def test_a_chain_that_fails_after_its_model_call_leaves_nothing_open(kit, server):
+    handler = handler_for(server)
+    model = ScriptedChatModel([reply("ok", usage(10, 1))], name="tiny")
+
+    def boom(_: Any) -> str:
+        raise ValueError("parser failed")
+
+    with pytest.raises(ValueError, match="parser failed"):
+        (model | RunnableLambda(boom)).invoke("hi", config={"callbacks": [handler]})
+    assert server.statuses() == ["COMMITTED"]
+    assert server.spent["USD_MICROCENTS"] == kit.cost(10, 1)

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
 
 __all__ = ["ScriptedChatModel", "reply", "tool_calls", "usage"]
 
 _ids = itertools.count(1)
+_lock = threading.Lock()
 
 
 def usage(input_tokens: int, output_tokens: int, *, cached: int = 0, reasoning: int = 0) -> Any:
@@ -93,13 +95,14 @@ class ScriptedChatModel(GenericFakeChatModel):
     ) -> ChatResult:
         tools = [spec["function"]["name"] for spec in kwargs.get("tools") or []]
         self.calls.append({**kwargs, "tools": tools})
-        answer = next(self.messages, None)
+        with _lock:  # batches call from several threads
+            answer = next(self.messages, None)
         if answer is None:
             raise RuntimeError(f"ScriptedChatModel: no answer left for call {len(self.calls)}")
         if isinstance(answer, BaseException):
             raise answer  # a scripted failure (a provider error, a timeout...)
-        self.messages = itertools.chain([answer], self.messages)
-        return super()._generate(messages, stop=stop, **kwargs)
+        message = AIMessage(content=answer) if isinstance(answer, str) else answer
+        return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
