@@ -65,24 +65,26 @@ def test_an_agent_run_commits_priced_usage_and_tool_estimates(kit, server, async
     assert len(runs) == 1  # one top-level run
 
 
-def test_a_denied_model_call_stops_the_run_before_the_model_is_called(kit, server):
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["invoke", "ainvoke"])
+def test_a_denied_model_call_stops_the_run_before_the_model_is_called(kit, server, asynchronous):
     server.reject = (409, "BUDGET_EXCEEDED")
     model = ScriptedChatModel([reply("never")], name="tiny")
     handler = handler_for(server)
     with pytest.raises(BudgetExceededError):
-        run(create_agent(model, tools=[kit.search]), handler)
+        run(create_agent(model, tools=[kit.search]), handler, asynchronous)
     assert model.calls == []
     assert server.reserved() == 0
 
 
-def test_the_budget_runs_out_mid_run(kit, server):
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["invoke", "ainvoke"])
+def test_the_budget_runs_out_mid_run(kit, server, asynchronous):
     worst = PRICER.estimate("tiny", max_tokens=4_096)
     server.budget = 2 * kit.cost(1_000, 50) + worst - 1  # two calls, not a third's worst case
     turns = [tool_calls(("search", {"query": str(n)}), used=usage(1_000, 50)) for n in range(9)]
     model = ScriptedChatModel(turns, name="tiny")
     handler = handler_for(server, tool_estimates={})  # tools not metered
     with pytest.raises(BudgetExceededError):
-        run(create_agent(model, tools=[kit.search]), handler)
+        run(create_agent(model, tools=[kit.search]), handler, asynchronous)
     assert len(model.calls) == 2
     assert kit.RAN == ["search:0", "search:1"]
     assert server.spent["USD_MICROCENTS"] == 2 * kit.cost(1_000, 50)
