@@ -16,6 +16,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from runcycles import BudgetExceededError, CyclesConfigError, ModelPrice, Pricer
+from runcycles.adapters import ToolEstimateConfig, ToolEstimateMap
 from runcycles.testing.fake_server import FakeCyclesServer
 from runcycles_langchain import CyclesCallbackHandler, ToolNotAllowedError
 from runcycles_langchain.testing import ScriptedChatModel, reply, tool_calls, usage
@@ -251,3 +252,24 @@ def test_a_chain_that_fails_after_its_model_call_leaves_nothing_open(kit, server
         (model | RunnableLambda(boom)).invoke("hi", config={"callbacks": [handler]})
     assert server.statuses() == ["COMMITTED"]
     assert server.spent["USD_MICROCENTS"] == kit.cost(10, 1)
+
+
+def test_a_tool_estimate_map_gives_units_kinds_and_a_default(kit, server):
+    server.budgets = {"USD_MICROCENTS": 10**9, "RISK_POINTS": 100}
+    tools = ToolEstimateMap(
+        {"send_email": ToolEstimateConfig(30, action_kind="tool.email"), "search": 0},
+        default_estimate=5,
+        default_unit="RISK_POINTS",
+    )
+    calls = [("send_email", {"to": "x"}), ("search", {"query": "q"})]
+    model = ScriptedChatModel([tool_calls(*calls), reply("ok")], name="tiny")
+    run(
+        create_agent(model, tools=[kit.send_email, kit.search]),
+        handler_for(server, tool_estimates=tools),
+    )
+    (email,) = [
+        r for r in server.reservations.values() if r["request"]["action"]["kind"] == "tool.email"
+    ]
+    assert email["request"]["estimate"] == {"unit": "RISK_POINTS", "amount": 30}
+    assert server.spent["RISK_POINTS"] == 30  # search holds 0: not metered
+    assert sorted(kit.RAN) == ["search:q", "send_email:x"]

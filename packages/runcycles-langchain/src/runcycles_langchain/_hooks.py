@@ -18,6 +18,7 @@ from runcycles import (
     OverdraftLimitExceededError,
     Usage,
 )
+from runcycles.adapters import ToolEstimateMap
 
 __all__ = ["DENIALS", "LangChainHooks", "ToolNotAllowedError", "message_usage"]
 
@@ -80,8 +81,9 @@ class LangChainHooks:
     def __init__(self, client: Any, /, *, model: str | None = None, **options: Any) -> None:
         super().__init__(client, **options)  # type: ignore[call-arg]  # the adapter base
         self._default_model = model
-        self._metered_tools = set(options.get("tool_estimates") or ())
-        self._meter_all_tools = options.get("default_tool_estimate") is not None
+        tools = options.get("tool_estimates")
+        everything = isinstance(tools, ToolEstimateMap) or "default_tool_estimate" in options
+        self._metered: set[str] | None = None if everything else set(tools or ())
 
     def model_plan(self, model: Any, max_tokens: Any) -> CallPlan:
         """Plan a model call: priced as ``model`` (else the ``model=`` option), worst case."""
@@ -91,11 +93,11 @@ class LangChainHooks:
             return CallPlan("llm.completion", "unknown-model", max_tokens=limit)
         return CallPlan.llm(name, max_tokens=limit)
 
-    def tool_plan(self, tool: str) -> CallPlan | None:
-        """Plan a tool call; ``None`` (not metered) for a tool with no estimate."""
-        if tool in self._metered_tools or self._meter_all_tools:
-            return CallPlan.tool(tool, toolset=tool)
-        return None
+    def tool_plan(self, name: str, **fields: Any) -> CallPlan | None:
+        """Plan a tool call from ``tool_estimates``; a tool with no estimate is not metered."""
+        if self._metered is not None and name not in self._metered:
+            return None
+        return super().tool_plan(name, **{"toolset": name, **fields})  # type: ignore[misc, no-any-return]
 
     def plan(self, event: CallPlan | None) -> CallPlan | None:
         """The event is the plan."""

@@ -45,9 +45,7 @@ class CyclesCallbackHandler(
         model: str | None = None,
         **options: Any,
     ) -> None:
-        self._owns_client = client is None
-        client = client or CyclesClient(config or CyclesConfig.from_env())
-        super().__init__(client, model=model, **options)
+        super().__init__(client, config=config, model=model, **options)
         self._roots: dict[UUID, UUID] = {}
 
     def _track(self, run_id: UUID, parent_run_id: UUID | None) -> str:
@@ -113,9 +111,3 @@ class CyclesCallbackHandler(
         self.end(self._untrack(run_id), run_id, None)
 
     on_tool_error = on_llm_error
-
-    def close(self) -> None:
-        """Release whatever is still open; close the client if this handler created it."""
-        super().close()
-        if self._owns_client:
-            self.client.close()

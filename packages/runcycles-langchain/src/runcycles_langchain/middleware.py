@@ -92,12 +92,9 @@ class CyclesBudgetMiddleware(AgentMiddleware):
         if isinstance(client, AsyncCyclesClient):
             client, async_client = None, client
         given = client or async_client
-        config = config or (given.config if given else CyclesConfig.from_env())
-        self._owned_sync, self._owned_async = client is None, async_client is None
-        self.adapter = _Gate(client or CyclesClient(config), model=model, **options)
-        self.async_adapter = _AsyncGate(
-            async_client or AsyncCyclesClient(config), model=model, **options
-        )
+        config = config or (given.config if given else None)  # None: each from the environment
+        self.adapter = _Gate(client, config=config, model=model, **options)
+        self.async_adapter = _AsyncGate(async_client, config=config, model=model, **options)
         self._attempts: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -231,12 +228,8 @@ class CyclesBudgetMiddleware(AgentMiddleware):
     def close(self) -> None:
         """Close the sync side (and its client, if this middleware built it)."""
         self.adapter.close()
-        if self._owned_sync:
-            self.adapter.client.close()
 
     async def aclose(self) -> None:
         """Close both sides (and the clients this middleware built)."""
         await self.async_adapter.close()
-        if self._owned_async:
-            await self.async_adapter.client.aclose()
         self.close()
