@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
-from langchain.agents.middleware import AgentMiddleware
+from langchain.agents.middleware import wrap_model_call
 from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.tools import tool
@@ -227,14 +227,13 @@ async def test_the_async_side_is_built_from_a_sync_client(tenant: ProvisionedTen
     assert balance(tenant)[:2] == (priced(10, 1), 0)
 
 
-class RetryOnce(AgentMiddleware):
-    """Outside the budget gate: calls the model again after its first failure."""
-
-    def wrap_model_call(self, request: Any, handler: Any) -> Any:
-        try:
-            return handler(request)
-        except RuntimeError:
-            return handler(request)
+@wrap_model_call
+def retry_once(request: Any, handler: Any) -> Any:
+    """Outside the budget gate: one more try after a failed model call."""
+    try:
+        return handler(request)
+    except RuntimeError:
+        return handler(request)
 
 
 async def test_a_retried_model_call_is_released_then_charged_once(
@@ -244,6 +243,6 @@ async def test_a_retried_model_call_is_released_then_charged_once(
     model = ScriptedChatModel(script, name="tiny")
     with tenant.client() as client:
         gate = CyclesBudgetMiddleware(client, pricer=PRICER)
-        out = create_agent(model, middleware=[RetryOnce(), gate]).invoke(USER)
+        out = create_agent(model, middleware=[retry_once, gate]).invoke(USER)
     assert out["messages"][-1].content == "ok"
     assert balance(tenant)[:2] == (priced(300, 30), 0)
