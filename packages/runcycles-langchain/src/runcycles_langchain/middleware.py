@@ -50,10 +50,10 @@ class CyclesBudgetMiddleware(AgentMiddleware):
     """Budget every model and tool call of a ``create_agent`` agent (sync and async).
 
     ``create_agent(model, tools, middleware=[CyclesBudgetMiddleware(...)])``. Before each
-    model call it reserves the call's worst case and lowers ``max_tokens`` to the budget's
-    caps through the request's model settings; after it, it commits the priced usage. Each
-    tool call reserves its estimate. Every reservation settles before the hook returns: a
-    failing call is released, nothing is left open.
+    model call it reserves the call's worst case and applies the budget's caps to the request
+    (``max_tokens`` lowered in its model settings, forbidden tools left out); after it, it
+    commits the priced usage. Each metered tool call reserves its estimate. Every reservation
+    settles before the hook returns: a failing call is released, nothing is left open.
 
     Args:
         client: A ``CyclesClient`` for ``invoke``/``stream`` (an ``AsyncCyclesClient`` here
