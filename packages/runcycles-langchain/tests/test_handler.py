@@ -15,7 +15,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
-from runcycles import BudgetExceededError, CyclesConfigError, ModelPrice, Pricer
+from runcycles import BudgetExceededError, CyclesConfigError, ModelPrice, Pricer, UnknownModelError
 from runcycles.adapters import ToolEstimateConfig, ToolEstimateMap
 from runcycles.testing.fake_server import FakeCyclesServer
 from runcycles_langchain import CyclesCallbackHandler, ToolNotAllowedError
@@ -273,3 +273,12 @@ def test_a_tool_estimate_map_gives_units_kinds_and_a_default(kit, server):
     assert email["request"]["estimate"] == {"unit": "RISK_POINTS", "amount": 30}
     assert server.spent["RISK_POINTS"] == 30  # search holds 0: not metered
     assert sorted(kit.RAN) == ["search:q", "send_email:x"]
+
+
+def test_an_unpriced_model_is_a_clear_error_before_the_call(server):
+    model = ScriptedChatModel([reply("never")], name="my-private-model")
+    handler = handler_for(server, pricer=None, default_tool_estimate=None)
+    with pytest.raises(UnknownModelError, match=r"my-private-model.*Pricer\(overrides="):
+        model.invoke("hi", config={"callbacks": [handler]})
+    assert model.calls == []
+    assert server.reservations == {}

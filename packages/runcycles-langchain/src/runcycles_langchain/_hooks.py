@@ -82,7 +82,9 @@ class LangChainHooks:
         super().__init__(client, **options)  # type: ignore[call-arg]  # the adapter base
         self._default_model = model
         tools = options.get("tool_estimates")
-        everything = isinstance(tools, ToolEstimateMap) or "default_tool_estimate" in options
+        everything = (
+            isinstance(tools, ToolEstimateMap) or options.get("default_tool_estimate") is not None
+        )
         self._metered: set[str] | None = None if everything else set(tools or ())
 
     def model_plan(self, model: Any, max_tokens: Any) -> CallPlan:
