@@ -49,6 +49,12 @@ EXPECTED = {
         "would be DENY  tool.call      send_email",
         "charged in all: 0",
     ],
+    "langchain_budget.py": [
+        "escalate soft-denied: HTTP 409 BUDGET_EXCEEDED",
+        "run ended cleanly: 'Stopped: the budget refused the next model call (BUDGET_EXCEEDED).'",
+        "7 model calls ran, 34,500 µ¢ each",
+        "spent 241,500 µ¢ = 7 x 34,500",
+    ],
     "custom_adapter.py": [
         "run-1: 2 steps ran",
         "spent 650,000",
