@@ -61,6 +61,7 @@ def ci(session: nox.Session) -> None:
         session.run("pytest", "-q", *PLAIN_PATH_TESTS, env={"RUNCYCLES_FASTPATH": "0"})
         # The lowest framework versions we declare, and the wheels as users install them.
         agents_floor(session)
+        langchain_floor(session)
         packaging(session)
 
 
