@@ -39,7 +39,7 @@ class BudgetExceeded(BudgetExceededError, AgentCancel):
     """
 
 
-class ToolNotAllowed(AgentCancel):  # noqa: N818 (any-agent's naming, like AgentCancel)
+class ToolNotAllowed(AgentCancel):
     """The budget's caps (``tool_allowlist``/``tool_denylist``) forbid this tool; it did not run."""
 
 
@@ -103,7 +103,7 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
     # -- what a call is and what it used (the adapter base's two hooks) ------------------
 
     def plan(self, event: tuple[str, str, Any]) -> CallPlan:
-        """Plan a model call (``("llm", model, max_tokens)``) or a tool call (``("tool", name, _)``)."""
+        """Plan a model call (``("llm", model, max_tokens)``) or a tool (``("tool", name, _)``)."""
         kind, name, max_tokens = event
         if kind == "tool":
             return CallPlan.tool(name)
@@ -135,6 +135,10 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         return self.run_id(context), kind, task
 
     @staticmethod
+    def _attrs(context: Context) -> Mapping[str, Any]:
+        return getattr(context.current_span, "attributes", None) or {}
+
+    @staticmethod
     def _span_id(context: Context) -> str:
         span = context.current_span.get_span_context()
         return f"{span.span_id:016x}" if span.span_id else uuid.uuid4().hex
@@ -155,7 +159,7 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
 
     def before_llm_call(self, context: Context, *args: Any, **kwargs: Any) -> Context:
         """Reserve for the model call; lower its ``max_tokens`` to the budget's caps."""
-        attrs = context.current_span.attributes or {}
+        attrs = self._attrs(context)
         model = str(attrs.get("gen_ai.request.model") or context.shared.get("model_id") or "?")
         settings = kwargs.get("model_settings")  # openai backend: the call's own settings
         limit = getattr(settings, "max_tokens", None) or kwargs.get("max_tokens")
@@ -168,7 +172,8 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
                 self._warned_caps = True
                 logger.warning(
                     "any-agent: this backend gives callbacks no way to change a call's "
-                    "max_tokens; the budget's cap (%s) is not applied to the model", cap
+                    "max_tokens; the budget's cap (%s) is not applied to the model",
+                    cap,
                 )
             return context
         self._capped.setdefault(self.run_id(context), (settings, settings.max_tokens))
@@ -180,12 +185,12 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         self._uncap(self.run_id(context))
         call_id = self._current.pop(self._slot(context, "llm"), None)
         if call_id is not None:
-            self.end(self.run_id(context), call_id, dict(context.current_span.attributes or {}))
+            self.end(self.run_id(context), call_id, dict(self._attrs(context)))
         return context
 
     def before_tool_execution(self, context: Context, *args: Any, **kwargs: Any) -> Context:
         """Reserve the tool's estimate; refuse a tool the budget's caps forbid."""
-        attrs = context.current_span.attributes or {}
+        attrs = self._attrs(context)
         call_id = str(
             getattr(args[0] if args else None, "tool_call_id", None)  # openai backend
             or attrs.get("gen_ai.tool.call.id")  # agno

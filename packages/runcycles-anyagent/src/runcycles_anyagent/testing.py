@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,7 @@ class ScriptedCompletions(_Script):
     async def __call__(self, **params: Any) -> ChatCompletion:
         """Answer one completion request with the next turn."""
         turn = self._next(params)
-        calls = [
+        calls: list[Any] = [
             ChatCompletionMessageFunctionToolCall(
                 id=call_id, type="function", function=Function(name=name, arguments=json.dumps(a))
             )
@@ -138,9 +138,12 @@ class ScriptedModel(_Script, Model):
             text = ResponseOutputText(type="output_text", text=turn.text, annotations=[])
             output.append(
                 ResponseOutputMessage(
-                    id=f"msg_{next(_ids)}", type="message", role="assistant",
-                    status="completed", content=[text],
-                )  # fmt: skip
+                    id=f"msg_{next(_ids)}",
+                    type="message",
+                    role="assistant",
+                    status="completed",
+                    content=[text],
+                )
             )
         used = Usage(
             requests=1, input_tokens=turn.input_tokens, output_tokens=turn.output_tokens,
@@ -152,6 +155,6 @@ class ScriptedModel(_Script, Model):
         )  # fmt: skip
         return ModelResponse(output=output, usage=used, response_id=f"resp_{len(self.calls)}")
 
-    async def stream_response(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
+    def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # pragma: no cover
         """Not scripted: any-agent's ``run`` does not stream."""
         raise NotImplementedError("ScriptedModel does not stream")
