@@ -17,9 +17,9 @@ from runcycles_anyagent.callback import (
 )
 
 __all__ = [
-    "DEFAULT_LLM_ESTIMATE",
     "BudgetExceeded",
     "BudgetExceededError",
     "CyclesBudgetCallback",
+    "DEFAULT_LLM_ESTIMATE",
     "ToolNotAllowed",
 ]

@@ -22,7 +22,7 @@ from runcycles import (
     Usage,
 )
 
-__all__ = ["DEFAULT_LLM_ESTIMATE", "BudgetExceeded", "CyclesBudgetCallback", "ToolNotAllowed"]
+__all__ = ["BudgetExceeded", "CyclesBudgetCallback", "DEFAULT_LLM_ESTIMATE", "ToolNotAllowed"]
 
 logger = logging.getLogger("runcycles_anyagent")
 DEFAULT_LLM_ESTIMATE = 2_000_000
