@@ -215,6 +215,33 @@ async def test_caps_lower_max_tokens_of_the_call_on_the_openai_backend(server) -
     assert first["estimate"]["amount"] == 4_000 * 250 + 500 * 1_000  # the uncapped worst case
 
 
+async def test_concurrent_capped_runs_give_the_agent_its_own_max_tokens_back(server) -> None:
+    server.caps = {"max_tokens": 64}
+    cb = callback(server)
+    agent, model = await build("openai", [cb], [reply("a"), reply("b"), reply("c")],
+                               model_args={"max_tokens": 500})  # fmt: skip
+    slow = model.get_response
+
+    async def overlapping(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.05)  # the runs' model calls overlap
+        return await slow(*args, **kwargs)
+
+    model.get_response = overlapping
+    await asyncio.gather(*(agent.run_async(p) for p in ("one", "two", "three")))
+    assert [settings.max_tokens for settings in model.calls] == [64, 64, 64]
+    assert agent._agent.model_settings.max_tokens == 500  # type: ignore[attr-defined]
+
+
+async def test_dry_run_enforces_no_caps(server) -> None:
+    server.caps = {"max_tokens": 64, "tool_denylist": ["lookup"]}
+    cb = callback(server, dry_run=True)
+    turns = [tool_calls(("lookup", {"city": "Oslo"})), reply("ok")]
+    agent, model = await build("openai", [cb], turns, model_args={"max_tokens": 500})
+    assert (await agent.run_async("hi")).final_output == "ok"
+    assert RAN == ["lookup Oslo"]
+    assert [settings.max_tokens for settings in model.calls] == [500, 500]
+
+
 async def test_caps_on_tinyagent_are_reported_not_applied(server, caplog) -> None:
     server.caps = {"max_tokens": 64}
     agent, model = await build("tinyagent", [callback(server)], [reply("a")])

@@ -97,7 +97,8 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
             llm_estimate, action_kind, action_name,
         )  # fmt: skip
         self._current: dict[tuple[str, str, int], str] = {}  # (run, kind, task) -> call id
-        self._capped: dict[str, tuple[Any, int | None]] = {}  # run -> (model settings, original)
+        self._capped: dict[str, Any] = {}  # run -> the model settings it capped
+        self._originals: dict[int, tuple[int | None, int]] = {}  # settings -> (own, runs capping)
         self._warned_caps = False
 
     # -- what a call is and what it used (the adapter base's two hooks) ------------------
@@ -164,20 +165,23 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         settings = kwargs.get("model_settings")  # openai backend: the call's own settings
         limit = getattr(settings, "max_tokens", None) or kwargs.get("max_tokens")
         call = self._start(context, "llm", self._span_id(context), ("llm", model, limit))
-        cap = call.max_tokens if call.caps else None
-        if cap is None or cap == limit:
+        cap = call.max_tokens if call.caps and call.guarded else None
+        if cap is None:
             return context
         if settings is None:
-            if not self._warned_caps:
+            if cap != limit and not self._warned_caps:
                 self._warned_caps = True
                 logger.warning(
                     "any-agent: this backend gives callbacks no way to change a call's "
-                    "max_tokens; the budget's cap (%s) is not applied to the model",
-                    cap,
-                )
+                    "max_tokens; the budget's cap (%s) is not applied to the model", cap
+                )  # fmt: skip
             return context
-        self._capped.setdefault(self.run_id(context), (settings, settings.max_tokens))
-        settings.max_tokens = cap  # the object the model receives (restored after the call)
+        # The object the model receives, shared by the agent's concurrent runs: each run's
+        # call lowers it, and the agent's own value is put back after the last of them.
+        own, runs = self._originals.get(id(settings), (settings.max_tokens, 0))
+        self._originals[id(settings)] = (own, runs + 1)
+        self._capped[self.run_id(context)] = settings
+        settings.max_tokens = min(cap, settings.max_tokens or cap)
         return context
 
     def after_llm_call(self, context: Context, *args: Any, **kwargs: Any) -> Context:
@@ -198,7 +202,7 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         )
         name = str(attrs.get("gen_ai.tool.name") or "unknown")
         call = self._start(context, "tool", call_id, ("tool", name, None))
-        if not call.allows_tool(name):
+        if call.guarded and not call.allows_tool(name):
             self._current.pop(self._slot(context, "tool"), None)
             self.fail(self.run_id(context), call_id)
             raise ToolNotAllowed(
@@ -225,9 +229,13 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         return context
 
     def _uncap(self, run: str) -> None:
-        settings, original = self._capped.pop(run, (None, None))
+        settings = self._capped.pop(run, None)
         if settings is not None:
-            settings.max_tokens = original
+            own, runs = self._originals.pop(id(settings))
+            if runs > 1:
+                self._originals[id(settings)] = (own, runs - 1)
+            else:
+                settings.max_tokens = own
 
     def close(self) -> None:
         """Release whatever is still open; close the client if this callback created it."""
