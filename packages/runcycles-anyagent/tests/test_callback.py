@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -347,6 +348,19 @@ def test_the_client_comes_from_the_environment_and_is_closed(server, monkeypatch
     monkeypatch.setattr(mine, "close", lambda: closed.append("mine"))
     CyclesBudgetCallback(mine, tenant="acme").close()
     assert closed == ["own"]  # a client given is the caller's to close
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"llm_estimate": -5}, ValueError, "llm_estimate must be >= 0, got -5"),
+        ({"tool_estimate": "big"}, TypeError, "tool_estimate must be an int"),
+        ({"tool_estimates": {"lookup": -1}}, ValueError, "tool_estimates['lookup'] must be >= 0"),
+    ],
+)
+def test_bad_estimates_are_refused_up_front(options, error, message) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        CyclesBudgetCallback(FakeCyclesServer().client(), **options)
 
 
 def test_bad_options_are_named() -> None:

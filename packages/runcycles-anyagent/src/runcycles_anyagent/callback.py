@@ -19,8 +19,10 @@ from runcycles import (
     CyclesConfig,
     CyclesError,
     Pricer,
+    Unit,
     Usage,
 )
+from runcycles.lifecycle import to_amount
 
 __all__ = ["BudgetExceeded", "CyclesBudgetCallback", "DEFAULT_LLM_ESTIMATE", "ToolNotAllowed"]
 
@@ -86,6 +88,11 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         tool_estimates: Mapping[str, int] | None = None,
         **options: Any,
     ) -> None:
+        estimates = {"llm_estimate": llm_estimate, "tool_estimate": tool_estimate}
+        estimates.update({f"tool_estimates[{k!r}]": v for k, v in (tool_estimates or {}).items()})
+        for what, value in estimates.items():  # a bad amount fails here, not at the first call
+            if value is not None:
+                to_amount(value, Unit.USD_MICROCENTS, what)
         self._owns_client = client is None
         client = client or CyclesClient(CyclesConfig.from_env())
         options.setdefault("pricer", Pricer(unknown_model="estimate"))
