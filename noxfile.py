@@ -150,6 +150,16 @@ def anyagent_floor(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none")
+def anyagent_backends(session: nox.Session) -> None:
+    """Run the AnyAgent package's tests with any-agent's langchain backend installed too."""
+    session.run(
+        "uv", "run", "--with", "any-agent[langchain]>=1.16,<2",
+        "pytest", "-p", "no:cacheprovider", "packages/runcycles-anyagent/tests",
+        *session.posargs, external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
 def packaging(session: nox.Session) -> None:
     """Build every package, install the wheels in a fresh venv (no workspace), run them.
 

@@ -204,6 +204,7 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         attrs = self._attrs(context)
         call_id = str(
             getattr(args[0] if args else None, "tool_call_id", None)  # openai backend
+            or kwargs.get("tool_call_id")  # langchain
             or attrs.get("gen_ai.tool.call.id")  # agno
             or self._span_id(context)  # tinyagent: tools run one at a time
         )
@@ -221,9 +222,12 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
 
     def after_tool_execution(self, context: Context, *args: Any, **kwargs: Any) -> Context:
         """Commit the tool's estimate."""
-        call_id = self._current.pop(self._slot(context, "tool"), None)
+        slot = self._slot(context, "tool")
+        call_id = getattr(args[0] if args else None, "tool_call_id", None)  # langchain's message
+        if call_id is None or self._current.get(slot) == call_id:
+            call_id = self._current.pop(slot, None)
         if call_id is not None:
-            self.end(self.run_id(context), call_id, None)
+            self.end(self.run_id(context), str(call_id), None)
         return context
 
     def after_agent_invocation(self, context: Context, *args: Any, **kwargs: Any) -> Context:
