@@ -59,6 +59,9 @@ def ci(session: nox.Session) -> None:
         # Every shortcut through httpx/pydantic internals off (their public-API twins):
         # the client must behave the same (about 30 s).
         session.run("pytest", "-q", *PLAIN_PATH_TESTS, env={"RUNCYCLES_FASTPATH": "0"})
+        # The lowest framework versions we declare, and the wheels as users install them.
+        agents_floor(session)
+        packaging(session)
 
 
 @nox.session(venv_backend="none")
