@@ -16,7 +16,6 @@ from runcycles import (
     CallPlan,
     CyclesAdapter,
     CyclesClient,
-    CyclesConfig,
     CyclesError,
     Pricer,
     Unit,
@@ -55,8 +54,8 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
     run ends, or fails, whatever it left open is released.
 
     Args:
-        client: The client (default: one from the ``CYCLES_*`` variables, closed by
-            :meth:`close`).
+        client: The client (default: one from ``config=`` or the ``CYCLES_*`` variables,
+            closed by :meth:`close`).
         tenant: Subject fields (default: the client config's).
         workflow: See ``tenant``.
         agent: See ``tenant``.
@@ -93,8 +92,6 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         for what, value in estimates.items():  # a bad amount fails here, not at the first call
             if value is not None:
                 to_amount(value, Unit.USD_MICROCENTS, what)
-        self._owns_client = client is None
-        client = client or CyclesClient(CyclesConfig.from_env())
         options.setdefault("pricer", Pricer(unknown_model="estimate"))
         super().__init__(
             client, tenant=tenant, workflow=workflow, agent=agent, tool_estimates=tool_estimates,
@@ -110,11 +107,11 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
 
     # -- what a call is and what it used (the adapter base's two hooks) ------------------
 
-    def plan(self, event: tuple[str, str, Any]) -> CallPlan:
+    def plan(self, event: tuple[str, str, Any]) -> CallPlan | None:
         """Plan a model call (``("llm", model, max_tokens)``) or a tool (``("tool", name, _)``)."""
         kind, name, max_tokens = event
         if kind == "tool":
-            return CallPlan.tool(name)
+            return self.tool_plan(name)  # None for a tool that holds 0: not metered
         return CallPlan(
             self._action_kind, self._action_name or name, estimate=self._llm_fixed,
             model=name, max_tokens=max_tokens,
@@ -247,9 +244,3 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
                 self._originals[id(settings)] = (own, runs - 1)
             else:
                 settings.max_tokens = own
-
-    def close(self) -> None:
-        """Release whatever is still open; close the client if this callback created it."""
-        super().close()
-        if self._owns_client:
-            self.client.close()
