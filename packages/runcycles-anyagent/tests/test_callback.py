@@ -348,6 +348,9 @@ def test_the_client_comes_from_the_environment_and_is_closed(server, monkeypatch
     monkeypatch.setattr(mine, "close", lambda: closed.append("mine"))
     CyclesBudgetCallback(mine, tenant="acme").close()
     assert closed == ["own"]  # a client given is the caller's to close
+    built = CyclesBudgetCallback(config=server.config(), tenant="acme")
+    assert built.client.config.base_url == server.config().base_url
+    built.close()
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
             micro-cents, default 100,000).
         action_kind: The model calls' action kind (default ``"llm.completion"``).
         action_name: The model calls' action name (default: the model).
-        tool_estimates: Tool name to what one call of it holds.
+        tool_estimates: Tool name to what one call of it holds (0: not metered).
         **options: Other :class:`~runcycles.AdapterOptions`: ``workspace``, ``app``,
             ``toolset``, ``dimensions``, ``fail_open``, ``dry_run``, ``pricer``, ``ttl_ms``...
     """
