@@ -233,6 +233,15 @@ async def test_concurrent_capped_runs_give_the_agent_its_own_max_tokens_back(ser
     assert agent._agent.model_settings.max_tokens == 500  # type: ignore[attr-defined]
 
 
+async def test_a_repeated_capping_callback_still_gives_max_tokens_back(server) -> None:
+    server.caps = {"max_tokens": 64}
+    cb = callback(server)
+    agent, model = await build("openai", [cb, cb], [reply("a")], model_args={"max_tokens": 500})
+    await agent.run_async("one")
+    assert [settings.max_tokens for settings in model.calls] == [64]
+    assert agent._agent.model_settings.max_tokens == 500  # type: ignore[attr-defined]
+
+
 async def test_dry_run_enforces_no_caps(server) -> None:
     server.caps = {"max_tokens": 64, "tool_denylist": ["lookup"]}
     cb = callback(server, dry_run=True)

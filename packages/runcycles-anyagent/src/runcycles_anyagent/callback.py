@@ -182,9 +182,10 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
             return context
         # The object the model receives, shared by the agent's concurrent runs: each run's
         # call lowers it, and the agent's own value is put back after the last of them.
-        own, runs = self._originals.get(id(settings), (settings.max_tokens, 0))
-        self._originals[id(settings)] = (own, runs + 1)
-        self._capped[self.run_id(context)] = settings
+        if self.run_id(context) not in self._capped:  # (not again for a repeated callback)
+            own, runs = self._originals.get(id(settings), (settings.max_tokens, 0))
+            self._originals[id(settings)] = (own, runs + 1)
+            self._capped[self.run_id(context)] = settings
         settings.max_tokens = min(cap, settings.max_tokens or cap)
         return context
 
