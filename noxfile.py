@@ -15,7 +15,13 @@ nox.options.default_venv_backend = "uv"
 nox.options.sessions = ["ci"]
 nox.options.error_on_missing_interpreters = False
 
-PACKAGES = ["runcycles", "runcycles-anyagent", "runcycles-openai-agents", "runcycles-server"]
+PACKAGES = [
+    "runcycles",
+    "runcycles-anyagent",
+    "runcycles-langchain",
+    "runcycles-openai-agents",
+    "runcycles-server",
+]
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 SOURCES = [f"packages/{name}/src" for name in PACKAGES]
 TEST_DIRS = [f"packages/{name}/tests" for name in PACKAGES]
@@ -163,12 +169,29 @@ def anyagent_backends(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none")
+def langchain_floor(session: nox.Session) -> None:
+    """Run the LangChain package's tests on the lowest langchain and langchain-core it declares.
+
+    langchain 1.0.0 takes langgraph 1.0.x; the newest langgraph-checkpoint (4.x) and
+    langgraph-prebuilt (1.1+) need a newer langchain-core / langgraph, so they are held back
+    to what a fresh install of langchain 1.0.0 worked with.
+    """
+    session.run(
+        "uv", "run", "--with", "langchain==1.0.0", "--with", "langchain-core==1.0.0",
+        "--with", "langgraph-checkpoint<4", "--with", "langgraph-prebuilt<1.0.2",
+        "pytest", "-p", "no:cacheprovider", "packages/runcycles-langchain/tests",
+        "tests-integration/test_langchain_e2e.py", *session.posargs, external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
 def packaging(session: nox.Session) -> None:
     """Build every package, install the wheels in a fresh venv (no workspace), run them.
 
     Runs the seed README's quick start (``packaging_check.py``; ``CYCLES_SEEDS_DIR`` or
-    ``../shared/seeds``), the AnyAgent guide's quick start (``packaging_check_anyagent.py``) and
-    ``cycles demo`` from the installed wheels, outside the repository.
+    ``../shared/seeds``), the AnyAgent guide's quick start (``packaging_check_anyagent.py``),
+    the LangChain page's quick start (``packaging_check_langchain.py``) and ``cycles demo``
+    from the installed wheels, outside the repository.
     """
     import pathlib
     import tempfile
@@ -200,4 +223,7 @@ def packaging(session: nox.Session) -> None:
         check = root / "tests-integration" / "packaging_check_anyagent.py"
         guide = seeds / "guide-anyagent-integration.txt"
         session.run(str(venv / "bin" / "python"), str(check), str(guide), external=True)
+        langchain = root / "tests-integration" / "packaging_check_langchain.py"
+        page = root / "docs" / "langchain.md"
+        session.run(str(venv / "bin" / "python"), str(langchain), str(page), external=True)
         session.run(str(venv / "bin" / "cycles"), "demo", "--delay", "0", external=True)

@@ -56,6 +56,12 @@ EXPECTED = {
         "16 model calls at 34,500 µ¢, 16 searches at 10,000",
         "spent 712,000 µ¢, exactly that; 0 held",
     ],
+    "langchain_budget.py": [
+        "escalate soft-denied: HTTP 409 BUDGET_EXCEEDED",
+        "run ended cleanly: 'Stopped: the budget refused the next model call (BUDGET_EXCEEDED).'",
+        "7 model calls ran, 34,500 µ¢ each",
+        "spent 241,500 µ¢ = 7 x 34,500",
+    ],
     "custom_adapter.py": [
         "run-1: 2 steps ran",
         "spent 650,000",

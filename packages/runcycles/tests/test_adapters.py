@@ -139,6 +139,20 @@ def test_tool_caps_follow_the_spec_precedence() -> None:
     assert tool_allowed(Caps(tool_denylist=["x"]), "X")
 
 
+def test_a_dry_run_records_tool_caps_and_never_blocks(server: FakeCyclesServer) -> None:
+    server.caps = {"tool_denylist": ["shell"]}
+    with server.client() as client:
+        live: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client)
+        shadow: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, dry_run=True)
+        for adapter, allowed in ((live, False), (shadow, True)):
+            call = adapter.begin("r", "c", CallPlan.tool("shell", estimate=1))
+            assert call.caps is not None
+            assert call.caps.tool_denylist == ["shell"]
+            assert call.allows_tool() is call.allows_tool("shell") is allowed
+            assert call.allows_tool("search")
+            adapter.end("r", "c")
+
+
 # ---------------------------------------------------------------------------- estimates
 
 

@@ -200,9 +200,12 @@ class AdapterCall:
         return min(known) if known else None
 
     def allows_tool(self, tool: str | None = None) -> bool:
-        """Return whether ``tool`` (default: this call's tool) may run under the caps."""
+        """Return whether ``tool`` (default: this call's tool) may run under the caps.
+
+        Always true in a dry run: shadow mode records the caps (``caps``), it never blocks.
+        """
         name = tool if tool is not None else (self.plan.name if self.plan else "")
-        return tool_allowed(self.caps, name)
+        return self.mode == "dry_run" or tool_allowed(self.caps, name)
 
 
 @dataclass(frozen=True)

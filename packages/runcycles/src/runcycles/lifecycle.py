@@ -531,6 +531,7 @@ def _denial_error(data: ReservationCreateResponse, status: int) -> CyclesProtoco
         error_code=reason,
         reason_code=reason,
         retry_after_ms=data.retry_after_ms,
+        deny_detail=data.deny_detail,
     )
 
 
