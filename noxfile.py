@@ -68,6 +68,8 @@ def ci(session: nox.Session) -> None:
         # The lowest framework versions we declare, and the wheels as users install them.
         agents_floor(session)
         langchain_floor(session)
+        anyagent_floor(session)
+        anyagent_backends(session)
         packaging(session)
 
 
