@@ -15,7 +15,13 @@ nox.options.default_venv_backend = "uv"
 nox.options.sessions = ["ci"]
 nox.options.error_on_missing_interpreters = False
 
-PACKAGES = ["runcycles", "runcycles-openai-agents", "runcycles-server"]
+PACKAGES = [
+    "runcycles",
+    "runcycles-anyagent",
+    "runcycles-langchain",
+    "runcycles-openai-agents",
+    "runcycles-server",
+]
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 SOURCES = [f"packages/{name}/src" for name in PACKAGES]
 TEST_DIRS = [f"packages/{name}/tests" for name in PACKAGES]
@@ -59,6 +65,12 @@ def ci(session: nox.Session) -> None:
         # Every shortcut through httpx/pydantic internals off (their public-API twins):
         # the client must behave the same (about 30 s).
         session.run("pytest", "-q", *PLAIN_PATH_TESTS, env={"RUNCYCLES_FASTPATH": "0"})
+        # The lowest framework versions we declare, and the wheels as users install them.
+        agents_floor(session)
+        langchain_floor(session)
+        anyagent_floor(session)
+        anyagent_backends(session)
+        packaging(session)
 
 
 @nox.session(venv_backend="none")
@@ -78,13 +90,17 @@ def typecheck(session: nox.Session) -> None:
 @nox.parametrize("package", PACKAGES)
 def tests(session: nox.Session, package: str) -> None:
     """Run one package's unit tests in an isolated environment (the CI matrix)."""
+    if package == "runcycles-anyagent":
+        if session.python == "3.10":
+            session.skip("any-agent needs Python 3.11 or later")
+        package += "[openai]"  # its tests drive the openai backend too
     session.install("-e", f"packages/{package}")
     if package != "runcycles":
         session.install("-e", "packages/runcycles")
     session.install(
         "pytest", "pytest-asyncio", "pytest-timeout", "respx", "hypothesis", "jsonschema", "pyyaml"
     )
-    session.run("pytest", f"packages/{package}/tests", *session.posargs)
+    session.run("pytest", f"packages/{package.split('[')[0]}/tests", *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -135,11 +151,50 @@ def agents_floor(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none")
+def anyagent_floor(session: nox.Session) -> None:
+    """Run the AnyAgent package's tests on the lowest any-agent it declares (1.16.0)."""
+    session.run(
+        "uv", "run", "--with", "any-agent==1.16.0",
+        "pytest", "-p", "no:cacheprovider", "packages/runcycles-anyagent/tests",
+        "tests-integration/test_anyagent_e2e.py", "tests-integration/test_seed_anyagent.py",
+        *session.posargs, external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
+def anyagent_backends(session: nox.Session) -> None:
+    """Run the AnyAgent package's tests with any-agent's langchain backend installed too."""
+    session.run(
+        "uv", "run", "--with", "any-agent[langchain]>=1.16,<2",
+        "pytest", "-p", "no:cacheprovider", "packages/runcycles-anyagent/tests",
+        *session.posargs, external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
+def langchain_floor(session: nox.Session) -> None:
+    """Run the LangChain package's tests on the lowest langchain and langchain-core it declares.
+
+    langchain 1.0.0 takes langgraph 1.0.x; the newest langgraph-checkpoint (4.x) and
+    langgraph-prebuilt (1.1+) need a newer langchain-core / langgraph, so they are held back
+    to what a fresh install of langchain 1.0.0 worked with.
+    """
+    session.run(
+        "uv", "run", "--with", "langchain==1.0.0", "--with", "langchain-core==1.0.0",
+        "--with", "langgraph-checkpoint<4", "--with", "langgraph-prebuilt<1.0.2",
+        "pytest", "-p", "no:cacheprovider", "packages/runcycles-langchain/tests",
+        "tests-integration/test_langchain_e2e.py", *session.posargs, external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
 def packaging(session: nox.Session) -> None:
     """Build every package, install the wheels in a fresh venv (no workspace), run them.
 
     Runs the seed README's quick start (``packaging_check.py``; ``CYCLES_SEEDS_DIR`` or
-    ``../shared/seeds``) and ``cycles demo`` from the installed wheels, outside the repository.
+    ``../shared/seeds``), the AnyAgent guide's quick start (``packaging_check_anyagent.py``),
+    the LangChain page's quick start (``packaging_check_langchain.py``) and ``cycles demo``
+    from the installed wheels, outside the repository.
     """
     import pathlib
     import tempfile
@@ -153,7 +208,13 @@ def packaging(session: nox.Session) -> None:
                 "uv", "build", "-q", "--package", package, "--out-dir", str(dist), external=True
             )  # fmt: skip
         session.run("uv", "venv", "-q", str(venv), external=True)
-        wheels = [str(path) for path in sorted(dist.glob("*.whl"))]
+        wheels = [
+            # the AnyAgent quick start runs on the openai backend: any-agent[openai]
+            f"runcycles-anyagent[openai] @ {path.as_uri()}"
+            if "anyagent" in path.name
+            else str(path)
+            for path in sorted(dist.glob("*.whl"))
+        ]
         session.run(
             "uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"), *wheels,
             external=True,
@@ -162,4 +223,10 @@ def packaging(session: nox.Session) -> None:
         check = root / "tests-integration" / "packaging_check.py"
         readme = seeds / "runcycles-openai-agents-README.txt"
         session.run(str(venv / "bin" / "python"), str(check), str(readme), external=True)
+        check = root / "tests-integration" / "packaging_check_anyagent.py"
+        guide = seeds / "guide-anyagent-integration.txt"
+        session.run(str(venv / "bin" / "python"), str(check), str(guide), external=True)
+        langchain = root / "tests-integration" / "packaging_check_langchain.py"
+        page = root / "docs" / "langchain.md"
+        session.run(str(venv / "bin" / "python"), str(langchain), str(page), external=True)
         session.run(str(venv / "bin" / "cycles"), "demo", "--delay", "0", external=True)

@@ -2,8 +2,8 @@
 
 With ``CYCLES_BASE_URL`` (and ``CYCLES_API_KEY``, ``CYCLES_TENANT``) set, an example talks to
 that server. Without them it starts the embedded server (SQLite in a temporary folder) on a
-free loopback port, creates a tenant, an API key and a budget, and stops it at the end, so
-every example runs offline with nothing else installed.
+free loopback port, creates a tenant, an agent API key (runtime permissions only) and a
+budget, and stops it at the end, so every example runs offline with nothing else installed.
 """
 
 from __future__ import annotations
@@ -29,10 +29,14 @@ def cycles_config(*, budget: int, risk_points: int | None = None) -> Iterator[Cy
             raise SystemExit("set CYCLES_TENANT too: the examples read that tenant's balances")
         yield config
         return
+    from runcycles_server.roles import AGENT_PERMISSIONS
     from runcycles_server.testing import ServerProcess
 
     with ServerProcess.start(store="sqlite") as server:
-        tenant = server.provision(tenant_id="examples", budget=budget)
+        # an agent key: it spends the budget but cannot create, fund or change budgets
+        tenant = server.provision(
+            tenant_id="examples", budget=budget, permissions=AGENT_PERMISSIONS
+        )
         if risk_points is not None:
             tenant.add_budget(risk_points, unit="RISK_POINTS")
         print(f"(embedded Cycles server at {server.base_url}, tenant 'examples')")

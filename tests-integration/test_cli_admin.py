@@ -7,6 +7,7 @@ at a ``ServerProcess``; results are checked against the server's own API, not th
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from runcycles_server.cli import cli
+from runcycles_server.roles import AGENT_PERMISSIONS, TENANT_ADMIN_PERMISSIONS
 from runcycles_server.testing import ServerProcess
 
 U = "USD_MICROCENTS"
@@ -128,6 +130,176 @@ def test_key_create_with_restricted_permissions(server: ServerProcess) -> None:
         headers={"X-Cycles-API-Key": values["CYCLES_API_KEY"]},
     ).json()
     assert introspect["permissions"] == ["balances:read"]
+
+
+def _as_key(
+    server: ServerProcess, secret: str, method: str, path: str, **kw: Any
+) -> httpx.Response:
+    return httpx.request(
+        method, server.base_url + path, headers={"X-Cycles-API-Key": secret}, timeout=10, **kw
+    )
+
+
+def _fund(server: ServerProcess, secret: str, scope: str, amount: int) -> httpx.Response:
+    return _as_key(
+        server,
+        secret,
+        "POST",
+        "/v1/admin/budgets/fund",
+        params={"scope": scope, "unit": U},
+        json={
+            "operation": "CREDIT",
+            "amount": {"unit": U, "amount": amount},
+            "idempotency_key": uuid.uuid4().hex,
+        },
+    )
+
+
+def test_key_create_makes_an_agent_key_that_cannot_refill_its_budget(
+    server: ServerProcess,
+) -> None:
+    tenant = fresh_id()
+    scope = f"tenant:{tenant}"
+    ok(run(server, "tenant", "create", tenant))
+    ok(run(server, "budget", "create", scope, "1000"))
+    result = run(server, "key", "create", tenant)
+    secret = exports(ok(result))["CYCLES_API_KEY"]
+    # the printed key line says what the key may do
+    assert "# it may: role agent: runtime only" in result.stderr
+    assert "cannot create, fund or change budgets or policies" in result.stderr
+
+    introspect = _as_key(server, secret, "GET", "/v1/auth/introspect").json()
+    assert sorted(introspect["permissions"]) == sorted(AGENT_PERMISSIONS)
+    assert introspect["capabilities"]["manage_budgets"] is False
+    assert introspect["capabilities"]["manage_policies"] is False
+    assert introspect["capabilities"]["manage_reservations"] is True
+
+    # it does its job: reserve against the budget
+    reserved = _as_key(
+        server,
+        secret,
+        "POST",
+        "/v1/reservations",
+        json={
+            "idempotency_key": "r1",
+            "subject": {"tenant": tenant},
+            "action": {"kind": "llm.completion", "name": "m"},
+            "estimate": {"unit": U, "amount": 10},
+        },
+    )
+    assert reserved.status_code == 200, reserved.text
+    assert reserved.json()["decision"] == "ALLOW"
+
+    # ... and cannot fund (credit 10^12 to itself), create, patch, freeze or unfreeze budgets
+    funded = _fund(server, secret, scope, 10**12)
+    assert funded.status_code == 403, funded.text
+    assert funded.json()["error"] == "FORBIDDEN"
+    assert "budgets:write" in funded.json()["message"]
+    created = _as_key(
+        server,
+        secret,
+        "POST",
+        "/v1/admin/budgets",
+        json={"scope": f"{scope}/agent:me", "unit": U, "allocated": {"unit": U, "amount": 10**12}},
+    )
+    assert created.status_code == 403, created.text
+    assert "budgets:write" in created.json()["message"]
+    for method, path in [
+        ("PATCH", "/v1/admin/budgets"),
+        ("POST", "/v1/admin/budgets/freeze"),
+        ("POST", "/v1/admin/budgets/unfreeze"),
+    ]:
+        refused = _as_key(
+            server,
+            secret,
+            method,
+            path,
+            params={"scope": scope, "unit": U},
+            json={"overdraft_limit": {"unit": U, "amount": 10**12}} if method == "PATCH" else {},
+        )
+        assert refused.status_code == 401, (method, path, refused.text)
+        assert "X-Admin-API-Key" in refused.json()["message"]
+    # policies: the key lacks policies:write (this server has no policy routes at all, so no
+    # request can write one; the permission is what would be checked if it had)
+    assert "policies:write" not in introspect["permissions"]
+    policy = _as_key(server, secret, "POST", "/v1/admin/policies", json={"name": "p"})
+    assert policy.status_code >= 400, policy.text
+
+    row = budget(server, scope)
+    assert row["allocated"]["amount"] == 1000  # nothing was credited
+    assert row["reserved"]["amount"] == 10
+    assert (
+        _as_key(server, secret, "GET", f"/v1/admin/budgets?tenant_id={tenant}").status_code == 403
+    )
+
+
+def test_key_create_role_tenant_admin_may_fund_its_own_budgets(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    scope = f"tenant:{tenant}"
+    ok(run(server, "tenant", "create", tenant))
+    ok(run(server, "budget", "create", scope, "1000"))
+    result = run(server, "key", "create", tenant, "--role", "tenant-admin")
+    secret = exports(ok(result))["CYCLES_API_KEY"]
+    assert "# it may: role tenant-admin" in result.stderr
+    assert "budgets:read/write" in result.stderr
+    funded = _fund(server, secret, scope, 500)
+    assert funded.status_code == 200, funded.text
+    assert budget(server, scope)["allocated"]["amount"] == 1500
+    ok(run(server, "key", "create", tenant, "--name", "bot"))
+    table = ok(run(server, "key", "list", tenant))
+    rows = [[cell.strip() for cell in re.split("[│┃]", line)[1:-1]] for line in table.splitlines()]
+    header = next(row for row in rows if "role" in row)
+    roles = {
+        row[header.index("name")]: row[header.index("role")]
+        for row in rows
+        if row and row[0].startswith("key_")
+    }
+    assert roles == {"cli": "tenant-admin", "bot": "agent"}, table
+
+
+def test_key_create_role_plus_permissions_and_comma_lists(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    result = run(server, "key", "create", tenant, "--role", "agent", "--permission", "budgets:read")
+    secret = exports(ok(result))["CYCLES_API_KEY"]
+    assert "# it may: custom permissions:" in result.stderr
+    granted = _as_key(server, secret, "GET", "/v1/auth/introspect").json()["permissions"]
+    assert sorted(granted) == sorted([*AGENT_PERMISSIONS, "budgets:read"])
+    # no role: exactly the listed permissions; "a,b" is two of them; a write is called out
+    result = run(server, "key", "create", tenant, "--permissions", "balances:read,budgets:write")
+    secret = exports(ok(result))["CYCLES_API_KEY"]
+    granted = _as_key(server, secret, "GET", "/v1/auth/introspect").json()["permissions"]
+    assert granted == ["balances:read", "budgets:write"]
+    assert "it can change governance (budgets:write)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--role", "boss"], "unknown --role 'boss'; use one of agent, tenant-admin"),
+        (["--permission", "budgets:refill"], "unknown permission 'budgets:refill'"),
+    ],
+)
+def test_key_create_bad_role_or_permission_exits_2_without_a_key(
+    server: ServerProcess, args: list[str], needle: str
+) -> None:
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    result = run(server, "key", "create", tenant, *args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "CYCLES_API_KEY" not in result.stdout
+    assert json.loads(ok(run(server, "key", "list", tenant, "--json"))) == []
+
+
+def test_admin_api_without_permissions_keeps_the_spec_default(server: ServerProcess) -> None:
+    """Conformance: POST /v1/admin/api-keys without ``permissions`` grants the spec default."""
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    body = server.admin("POST", "/v1/admin/api-keys", json={"tenant_id": tenant, "name": "raw"})
+    assert body["permissions"] == list(TENANT_ADMIN_PERMISSIONS)
+    assert {"budgets:write", "policies:write"} <= set(body["permissions"])
 
 
 def test_key_revoke_unknown_key_fails_with_one_line(server: ServerProcess) -> None:

@@ -49,6 +49,19 @@ EXPECTED = {
         "would be DENY  tool.call      send_email",
         "charged in all: 0",
     ],
+    "anyagent_budget.py": [
+        "tinyagent: 'Budgets stop runaway agents.' after 2 model calls and 2 searches",
+        "openai: 'Budgets stop runaway agents.' after 2 model calls and 2 searches",
+        "runaway agent stopped before model call 13: BUDGET_EXCEEDED",
+        "16 model calls at 34,500 µ¢, 16 searches at 10,000",
+        "spent 712,000 µ¢, exactly that; 0 held",
+    ],
+    "langchain_budget.py": [
+        "escalate soft-denied: HTTP 409 BUDGET_EXCEEDED",
+        "run ended cleanly: 'Stopped: the budget refused the next model call (BUDGET_EXCEEDED).'",
+        "7 model calls ran, 34,500 µ¢ each",
+        "spent 241,500 µ¢ = 7 x 34,500",
+    ],
     "custom_adapter.py": [
         "run-1: 2 steps ran",
         "spent 650,000",

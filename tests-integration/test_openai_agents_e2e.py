@@ -17,10 +17,12 @@ from agents import (
     Agent,
     InputGuardrailTripwireTriggered,
     ModelSettings,
+    RunConfig,
     Runner,
     function_tool,
     set_tracing_disabled,
 )
+from agents.models.interface import Model, ModelProvider
 
 from runcycles import (
     AsyncCyclesClient,
@@ -225,6 +227,29 @@ async def test_dry_run_never_blocks_and_consumes_nothing(server: ServerProcess) 
     assert TOOLS_RAN == ["send_email:x"]
     assert balance(tenant) == (0, 0, 10)
     assert balance(tenant, "RISK_POINTS") == (0, 0, 0)
+
+
+class _Provider(ModelProvider):
+    def __init__(self, model: ScriptedModel) -> None:
+        self.model = model
+
+    def get_model(self, model_name: str | None) -> Model:
+        return self.model
+
+
+async def test_run_config_caps_every_call_of_a_named_model(server: ServerProcess) -> None:
+    tenant = server.provision()
+    tenant.add_budget(10**9, caps={"max_tokens": 64})
+    model = ScriptedModel(
+        [([tool_call("search", {"query": "q"})], TURN), [reply("ok")]], name="tiny"
+    )
+    bot = Agent(name="support", model="tiny", tools=[search])  # default settings, a name
+    async with tenant.async_client() as client:
+        run_hooks = hooks(client, tool_estimates={"search": 0})
+        base = RunConfig(model_provider=_Provider(model), model_settings=ModelSettings(top_p=1))
+        await Runner.run(bot, "go", hooks=run_hooks, run_config=run_hooks.run_config(base))
+    assert [settings.max_tokens for settings in model.calls] == [64, 64]
+    assert balance(tenant)[1] == 0
 
 
 async def test_caps_lower_max_tokens_and_deny_tools(server: ServerProcess) -> None:

@@ -7,7 +7,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from agents import Agent, ModelSettings, Runner, function_tool, handoff
+from agents import Agent, ModelSettings, RunConfig, Runner, function_tool, handoff
+from agents.models.interface import Model, ModelProvider
 
 from runcycles import BudgetExceededError, ModelPrice, Pricer, Unit
 from runcycles.testing.fake_server import FakeCyclesServer
@@ -236,3 +237,81 @@ def test_tool_maps_and_older_names():
     assert hooks.tool_estimates.lookup("other").estimate == 9
     with pytest.raises(TypeError, match="must be an int"):
         ToolEstimateMap({"bad": 1.5}).lookup("bad")  # type: ignore[dict-item]
+
+
+class _Provider(ModelProvider):
+    """Resolves the model name ``"tiny"`` to one scripted model (as MultiProvider would)."""
+
+    def __init__(self, model: ScriptedModel) -> None:
+        self.model = model
+
+    def get_model(self, model_name: str | None) -> Model:
+        assert model_name == "tiny"
+        return self.model
+
+
+CAPPED_TURNS = [[tool_call("search", {"query": "q"})], [reply("done")]]
+
+
+async def test_without_the_wrapper_a_default_settings_agent_is_capped_from_the_next_call(
+    server, client
+):
+    # Recent SDKs resolve a fresh settings object for an agent with default settings, so the
+    # hook cannot reach the first call (what hooks.run_config() / hooks.capped() are for);
+    # 0.6 still hands over the agent's own object. Both cap the next call.
+    server.caps = {"max_tokens": 64}
+    agent, model = agent_with(CAPPED_TURNS)
+    await Runner.run(agent, "hi", hooks=hooks_for(client))
+    assert model.calls[0].max_tokens in (None, 64)
+    assert model.calls[1].max_tokens == 64
+    assert agent.model_settings.max_tokens is None  # restored
+
+
+async def test_a_capped_model_instance_gets_every_cap(server, client):
+    server.caps = {"max_tokens": 64}
+    hooks = hooks_for(client)
+    model = ScriptedModel(CAPPED_TURNS, name="tiny")
+    agent = Agent(name="support", model=hooks.capped(model), tools=[search])
+    run_config = RunConfig(model_settings=ModelSettings(temperature=0.2, max_tokens=900))
+    await Runner.run(agent, "hi", hooks=hooks, run_config=run_config)
+    assert [(s.max_tokens, s.temperature) for s in model.calls] == [(64, 0.2), (64, 0.2)]
+    assert agent.model.model == "tiny"  # type: ignore[union-attr]  # the wrapper shows its name
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_run_config_caps_named_models_and_run_config_settings(server, client, streamed):
+    server.caps = {"max_tokens": 64}
+    hooks = hooks_for(client)
+    model = ScriptedModel(CAPPED_TURNS, name="tiny")
+    agent = Agent(name="support", model="tiny", tools=[search])
+    base = RunConfig(model_provider=_Provider(model), model_settings=ModelSettings(top_p=0.5))
+    config = hooks.run_config(base)
+    assert base.model_provider is not config.model_provider  # the caller's config is untouched
+    if streamed:
+        result = Runner.run_streamed(agent, "hi", hooks=hooks, run_config=config)
+        async for _ in result.stream_events():
+            pass
+    else:
+        await Runner.run(agent, "hi", hooks=hooks, run_config=config)
+    assert [(s.max_tokens, s.top_p) for s in model.calls] == [(64, 0.5), (64, 0.5)]
+    assert hooks._model_caps == {}  # nothing filed is left behind
+    assert server.reserved() == 0
+
+
+async def test_a_lower_max_tokens_of_the_call_is_kept(server, client):
+    server.caps = {"max_tokens": 64}
+    hooks = hooks_for(client)
+    model = ScriptedModel(CAPPED_TURNS, name="tiny")
+    agent = Agent(name="support", model=hooks.capped(model), tools=[search])
+    await Runner.run(
+        agent, "hi", hooks=hooks, run_config=RunConfig(model_settings=ModelSettings(max_tokens=10))
+    )
+    assert [settings.max_tokens for settings in model.calls] == [10, 10]
+
+
+async def test_without_caps_the_wrapper_passes_settings_through(server, client):
+    hooks = hooks_for(client)
+    model = ScriptedModel(CAPPED_TURNS, name="tiny")
+    agent = Agent(name="support", model=hooks.capped(model), tools=[search])
+    await Runner.run(agent, "hi", hooks=hooks, run_config=hooks.run_config())
+    assert [settings.max_tokens for settings in model.calls] == [None, None]

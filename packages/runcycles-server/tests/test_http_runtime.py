@@ -206,6 +206,29 @@ def test_reserve_replay_returns_the_original_and_mismatch_is_409(
     )
 
 
+def test_observe_mode_is_refused_until_implemented_and_holds_nothing(api: Api, acme: str):
+    response = api.post(acme, "/v1/reservations", reservation_body("obs", observe_mode="OBSERVE"))
+    error = assert_error(response, 400, "INVALID_REQUEST")
+    assert "observe_mode=OBSERVE" in error.message
+    assert "dry_run=true" in error.message
+    assert api.balance(acme, "tenant:acme")["reserved"]["amount"] == 0
+    # ENFORCE (and its synonym DISABLED) is what the server does anyway.
+    for mode in ("ENFORCE", "DISABLED"):
+        body = reserve(api, acme, f"enf-{mode}", 100, observe_mode=mode)
+        assert body["decision"] == "ALLOW"
+        assert body["reservation_id"]
+
+
+def test_policy_keys_are_accepted_and_kept_on_the_reservation(api: Api, acme: str) -> None:
+    keys = {"host": "api.sendgrid.com", "recipient_domain": "customer.com", "custom": {"k": "v"}}
+    action = {"kind": "message.email.send", "name": "send", "policy_keys": keys}
+    body = reserve(api, acme, "pk", 100, action=action)
+    rid = body["reservation_id"]
+    detail = api.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": acme}).json()
+    assert parse_response(ReservationDetail, detail).action.policy_keys is not None
+    assert detail["action"]["policy_keys"] == keys
+
+
 def test_dry_run_evaluates_without_holding(api: Api, acme: str) -> None:
     body = reserve(api, acme, "dry", 500, dry_run=True)
     parsed = parse_response(ReservationCreateResponse, body)
@@ -421,21 +444,22 @@ def test_admin_can_list_get_and_release_any_reservation(
         count = len(audit) if audit is not None else store.count_rows("audit_log")
     assert count == 1
     logs = api.client.get("/v1/admin/audit/logs", params={"tenant_id": "acme"}, headers=h)
-    if logs.status_code == 200:  # the store has a readable audit log
-        entries = logs.json()["logs"]
-        assert [e["resource_id"] for e in entries] == [rid]
-        assert entries[0]["metadata"] == {
-            "actor_type": "admin_on_behalf_of",
-            "reason": "[INCIDENT]",
-        }
-        assert entries[0]["request_id"] == response.headers["x-request-id"]
-        again = api.client.post(
-            f"/v1/reservations/{rid}/release",
-            headers=h,
-            json={"idempotency_key": "adm", "reason": "[INCIDENT]"},
-        )
-        assert again.json() == response.json()
-        assert len(api.client.get("/v1/admin/audit/logs", headers=h).json()["logs"]) == 1
+    assert logs.status_code == 200, logs.text  # every store has a readable audit log
+    entries = logs.json()["logs"]
+    assert [e["resource_id"] for e in entries] == [rid]
+    assert entries[0]["metadata"] == {
+        "actor_type": "admin_on_behalf_of",
+        "reason": "[INCIDENT]",
+    }
+    assert entries[0]["request_id"] == response.headers["x-request-id"]
+    again = api.client.post(
+        f"/v1/reservations/{rid}/release",
+        headers=h,
+        json={"idempotency_key": "adm", "reason": "[INCIDENT]"},
+    )
+    assert again.json() == response.json()
+    listed_again = api.client.get("/v1/admin/audit/logs", params={"tenant_id": "acme"}, headers=h)
+    assert len(listed_again.json()["logs"]) == 1
     # commit is not an admin operation
     response = api.client.post(
         f"/v1/reservations/{rid}/commit",
@@ -455,6 +479,34 @@ def decide_body(idem: str, amount: int, **subject: str) -> dict[str, Any]:
         "action": {"kind": "k", "name": "n"},
         "estimate": {"unit": U, "amount": amount},
     }
+
+
+def test_audit_logs_page_newest_first(api: Api, acme: str) -> None:
+    h = api.admin_headers
+    rids = [reserve(api, acme, f"r{i}", 1)["reservation_id"] for i in range(5)]
+    for rid in rids:
+        released = api.client.post(
+            f"/v1/reservations/{rid}/release", headers=h, json={"idempotency_key": f"a-{rid}"}
+        )
+        assert released.status_code == 200, released.text
+    seen: list[str] = []
+    params: dict[str, Any] = {"tenant_id": "acme", "limit": 2}
+    for _ in range(5):
+        page = api.client.get("/v1/admin/audit/logs", params=params, headers=h).json()
+        seen += [entry["resource_id"] for entry in page["logs"]]
+        if not page["has_more"]:
+            break
+        params["cursor"] = page["next_cursor"]
+    assert sorted(seen) == sorted(rids)
+    assert len(seen) == 5
+    other = api.client.get("/v1/admin/audit/logs", params={"tenant_id": "nobody"}, headers=h)
+    assert other.json() == {"logs": [], "has_more": False}
+    every = api.client.get("/v1/admin/audit/logs", headers=h)
+    if hasattr(api_store(api), "list_audit"):  # Redis keeps audit logs per tenant
+        assert_error(every, 400, "INVALID_REQUEST")
+        assert "tenant_id is required" in every.json()["message"]
+    else:
+        assert len(every.json()["logs"]) == 5
 
 
 def test_decide_allow_deny_and_replay(api: Api, acme: str) -> None:

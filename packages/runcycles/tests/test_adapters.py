@@ -12,11 +12,14 @@ import httpx
 import pytest
 
 from runcycles import (
+    Amount,
     AsyncCyclesAdapter,
+    AsyncCyclesClient,
     BudgetExceededError,
     CallPlan,
     Caps,
     CyclesAdapter,
+    CyclesConfig,
     CyclesConfigError,
     CyclesProtocolError,
     CyclesTimeoutError,
@@ -27,11 +30,17 @@ from runcycles import (
     ModelPrice,
     PendingReservationsWarning,
     Pricer,
+    Unit,
     UnknownModelError,
     Usage,
     tool_allowed,
 )
-from runcycles.adapters import call_idempotency_key, is_outage
+from runcycles.adapters import (
+    ToolEstimateConfig,
+    ToolEstimateMap,
+    call_idempotency_key,
+    is_outage,
+)
 from runcycles.testing.fake_server import FakeCyclesServer
 
 PRICER = Pricer(overrides={"m": ModelPrice(1, 2)}, builtin=False)
@@ -65,7 +74,7 @@ def _public(cls: type) -> set[str]:
 def test_twins_have_the_same_names_and_signatures() -> None:
     assert _public(CyclesAdapter) == _public(AsyncCyclesAdapter)
     renamed = {"__enter__": "__aenter__", "__exit__": "__aexit__"}
-    io = {"begin", "end", "fail", "end_run", "release_pending", "close", *renamed}
+    io = {"begin", "end", "fail", "end_run", "release_pending", "close", "record_event", *renamed}
     for name in [*_public(CyclesAdapter), "__init__", *renamed]:
         sync, other = (
             getattr(CyclesAdapter, name),
@@ -128,6 +137,20 @@ def test_tool_caps_follow_the_spec_precedence() -> None:
     assert tool_allowed(Caps(tool_allowlist=["x"], tool_denylist=["x"]), "x")
     assert not tool_allowed(Caps(tool_denylist=["x"]), "x")
     assert tool_allowed(Caps(tool_denylist=["x"]), "X")
+
+
+def test_a_dry_run_records_tool_caps_and_never_blocks(server: FakeCyclesServer) -> None:
+    server.caps = {"tool_denylist": ["shell"]}
+    with server.client() as client:
+        live: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client)
+        shadow: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, dry_run=True)
+        for adapter, allowed in ((live, False), (shadow, True)):
+            call = adapter.begin("r", "c", CallPlan.tool("shell", estimate=1))
+            assert call.caps is not None
+            assert call.caps.tool_denylist == ["shell"]
+            assert call.allows_tool() is call.allows_tool("shell") is allowed
+            assert call.allows_tool("search")
+            adapter.end("r", "c")
 
 
 # ---------------------------------------------------------------------------- estimates
@@ -332,3 +355,125 @@ def test_the_fake_server_replays_and_refuses_changed_payloads(server: FakeCycles
     changed = httpx.Request("POST", "http://cycles.fake/v1/reservations", json=body)
     assert server.handle(changed).status_code == 409
     assert server.reserved() == 5
+
+
+# ---------------------------------------------------------------------------- tool plans, events
+
+
+def test_tool_plans_come_from_a_tool_estimate_map_or_the_dict(server: FakeCyclesServer) -> None:
+    tools = ToolEstimateMap(
+        {"send_email": 50, "search": 0, "pay": ToolEstimateConfig(7, "payment.charge", "TOKENS")},
+        default_estimate=2,
+    )
+    with server.client() as client:
+        mapped: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, tool_estimates=tools)
+        plain: CyclesAdapter[CallPlan, Any] = CyclesAdapter(
+            client, tool_estimates={"search": 0, "crm": 3}, default_tool_estimate=1
+        )
+    assert mapped.tool_plan("search") is None  # a zero estimate: not metered at all
+    assert plain.tool_plan("search") is None
+    email = mapped.tool_plan("send_email", agent="support")
+    assert email == CallPlan.tool("send_email", estimate=50, unit=Unit.RISK_POINTS, agent="support")
+    pay = mapped.tool_plan("pay")
+    assert pay is not None
+    assert (pay.kind, pay.estimate, pay.unit) == ("payment.charge", 7, "TOKENS")
+    other = mapped.tool_plan("other", toolset="misc")
+    assert other is not None
+    assert (other.estimate, other.toolset) == (2, "misc")
+    assert plain.tool_plan("crm") == CallPlan.tool("crm", estimate=3)
+    assert plain.tool_plan("other") == CallPlan.tool("other", estimate=1)
+    with pytest.raises(TypeError, match="must be an int"):
+        ToolEstimateMap({"bad": 1.5}).lookup("bad")  # type: ignore[dict-item]
+
+
+def test_a_plan_with_a_model_in_another_unit_is_not_priced_in_dollars(
+    server: FakeCyclesServer,
+) -> None:
+    with server.client() as client:
+        adapter: CyclesAdapter[CallPlan, Any] = CyclesAdapter(
+            client, pricer=PRICER, unit="TOKENS", llm_estimate=4_000
+        )
+        call = adapter.begin("r", 1, CallPlan.llm("m", max_tokens=10))
+        assert call.estimate == Amount(unit=Unit.TOKENS, amount=4_000)
+        adapter.end_run("r")
+
+
+def test_record_event_sends_a_zero_amount_event_with_a_stable_key(
+    server: FakeCyclesServer,
+) -> None:
+    with server.client() as client:
+        adapter: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, tenant="acme", agent="a")
+        assert adapter.record_event("run-1", "a->b", kind="agent.handoff", agent="triage")
+        assert adapter.record_event("run-1", "b->c", kind="agent.handoff")
+        adapter.end_run("run-1")
+        again: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, tenant="acme", agent="a")
+        assert again.record_event("run-1", "a->b", kind="agent.handoff", agent="triage")
+        shadow: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, dry_run=True)
+        assert not shadow.record_event("run-1", "x", kind="agent.handoff")
+    first, second, retried = server.posts("/events")
+    assert first["subject"] == {"tenant": "acme", "agent": "triage"}
+    assert second["subject"] == {"tenant": "acme", "agent": "a"}
+    assert first["action"] == {"kind": "agent.handoff", "name": "a->b"}
+    assert first["actual"] == {"unit": "USD_MICROCENTS", "amount": 0}
+    assert first["metadata"] == {"framework": "custom", "run_id": "run-1"}
+    assert first["idempotency_key"] != second["idempotency_key"]
+    assert retried["idempotency_key"] == first["idempotency_key"]  # a rerun is not doubled
+
+
+async def test_record_event_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    config = CyclesConfig(base_url="http://cycles.test", api_key="k", tenant="acme")
+    async with AsyncCyclesClient(
+        config, http_client=httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+    ) as client:
+        adapter: AsyncCyclesAdapter[CallPlan, Any] = AsyncCyclesAdapter(client)
+        with caplog.at_level(logging.WARNING, "runcycles.adapters"):
+            assert not await adapter.record_event("r", "a->b", kind="agent.handoff")
+    assert "agent.handoff 'a->b' not recorded" in caplog.text
+
+
+def test_an_adapter_closes_only_the_client_it_built(
+    server: FakeCyclesServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[object] = []
+    with server.client() as client:
+        monkeypatch.setattr(client, "close", lambda: closed.append(client))
+        CyclesAdapter[CallPlan, Any](client).close()
+        assert closed == []  # the caller's client is the caller's to close
+    closed.clear()
+    monkeypatch.setenv("CYCLES_BASE_URL", "http://cycles.test")
+    monkeypatch.setenv("CYCLES_API_KEY", "k")
+    monkeypatch.setenv("CYCLES_TENANT", "from-env")
+    built: CyclesAdapter[CallPlan, Any] = CyclesAdapter(agent="a")
+    assert built.subject == {"tenant": "from-env", "agent": "a"}
+    original = built.client.close
+
+    def close() -> None:
+        closed.append(built.client)
+        original()
+
+    monkeypatch.setattr(built.client, "close", close)
+    built.close()
+    assert closed == [built.client]
+    config = CyclesConfig(base_url="http://cycles.test", api_key="k", tenant="cfg")
+    with pytest.raises(TypeError, match="fail_opne"):  # checked before a client is built
+        CyclesAdapter(config=config, fail_opne=True)  # type: ignore[call-arg]
+
+
+async def test_an_async_adapter_closes_only_the_client_it_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = CyclesConfig(base_url="http://cycles.test", api_key="k", tenant="cfg")
+    closed: list[object] = []
+    async with AsyncCyclesAdapter[CallPlan, Any](config=config) as adapter:
+        assert adapter.subject == {"tenant": "cfg"}
+        original = adapter.client.aclose
+
+        async def aclose() -> None:
+            closed.append(adapter.client)
+            await original()
+
+        monkeypatch.setattr(adapter.client, "aclose", aclose)
+    assert closed == [adapter.client]

@@ -358,15 +358,16 @@ async def test_every_error_code_maps_to_its_exception(
 async def test_unknown_error_code_is_a_plain_protocol_error(
     api: Any, router: respx.MockRouter
 ) -> None:
-    router.post("/v1/reservations").respond(409, json=error_body("ACTION_QUOTA_EXCEEDED"))
+    # ACTION_QUOTA_EXCEEDED was this test's unknown code until the v0.1.26 extensions.
+    router.post("/v1/reservations").respond(409, json=error_body("A_CODE_FROM_THE_FUTURE"))
 
     response = await api.create_reservation(reserve_request())
 
     error = response.to_exception()
     assert type(error) is CyclesProtocolError
-    assert error.error_code == "ACTION_QUOTA_EXCEEDED"
+    assert error.error_code == "A_CODE_FROM_THE_FUTURE"
     assert not error.is_retryable()
-    assert "ACTION_QUOTA_EXCEEDED" in str(error)
+    assert "A_CODE_FROM_THE_FUTURE" in str(error)
 
 
 async def test_budget_exceeded_reads_like_the_seed_readme(

@@ -21,6 +21,8 @@ MODULES = [
     "runcycles.adapters",
     "runcycles.testing.fake_server",
     "runcycles.testing.adapter_contract",
+    "runcycles.governance",
+    "runcycles.action_kinds",
 ]
 
 

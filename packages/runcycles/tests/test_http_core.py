@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from runcycles import CommitResponse, CyclesConfig, CyclesResponse
 from runcycles._protocol import ClientCore, parse_http_response
 
-CORE = ClientCore(CyclesConfig(base_url="http://cycles.test", api_key="k"), headers_on_client=True)
+CORE = ClientCore(CyclesConfig(base_url="http://cycles.test", api_key="k"))
 
 
 @given(st.text(min_size=1, max_size=128))

@@ -19,8 +19,8 @@ SRC = Path(runcycles.__file__).parent
 
 LAYERS: list[set[str]] = [
     {"_version", "models"},
-    {"exceptions", "_fastpath"},
-    {"config", "context", "response", "usage"},
+    {"exceptions", "_fastpath", "governance"},
+    {"config", "context", "response", "usage", "action_kinds"},
     {"retry", "pricing", "_protocol", "_wire", "journal"},
     {"heartbeat", "settlement"},
     {"_autoreplay"},

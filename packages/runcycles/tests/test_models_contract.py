@@ -4,11 +4,17 @@ Instances are generated from the spec's own JSON Schemas (by the small generator
 every optional field, bound and nesting the spec allows is exercised, not a hand-picked sample.
 Each generated instance is checked against the spec with jsonschema first, so a generator bug
 cannot make a test pass.
+
+The specs are the runtime protocol and the governance admin plane, each with its v0.1.26
+extensions applied (``runcycles.testing.spec.extended_spec``): the runtime models are checked
+with ``observe_mode``, ``policy_keys`` and ``deny_detail`` in place, the governance models
+(``runcycles.governance``) against the extended ``Policy`` and the action-kind registry.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 from typing import Any
 
 import pytest
@@ -16,9 +22,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from runcycles import models
+from runcycles import governance, models
 from runcycles.models import INT64_MAX, parse_response, to_wire
-from runcycles.testing.spec import load_spec, schema_validator
+from runcycles.testing.spec import (
+    ACTION_KINDS_SPEC,
+    EXTENDED_ADMIN,
+    EXTENDED_RUNTIME,
+    GOVERNANCE_EXTENSIONS_SPEC,
+    GOVERNANCE_SPEC,
+    PROTOCOL_EXTENSIONS_SPEC,
+    load_spec,
+    schema_validator,
+)
 
 REQUESTS: dict[str, type[BaseModel]] = {
     "DecisionRequest": models.DecisionRequest,
@@ -33,6 +48,15 @@ REQUESTS: dict[str, type[BaseModel]] = {
     "SignedAmount": models.SignedAmount,
     "Caps": models.Caps,
     "StandardMetrics": models.StandardMetrics,
+    # v0.1.26 extensions
+    "ActionPolicyKeys": models.ActionPolicyKeys,
+    "ActionQuota": governance.ActionQuota,
+    "RiskClassQuota": governance.RiskClassQuota,
+    "ActionQuotaCounterResetRequest": governance.ActionQuotaCounterResetRequest,
+    "PolicyCreateRequest": governance.PolicyCreateRequest,
+    "PolicyUpdateRequest": governance.PolicyUpdateRequest,
+    "ReservationTtlOverride": governance.ReservationTtlOverride,
+    "RateLimits": governance.RateLimits,
 }
 RESPONSES: dict[str, type[BaseModel]] = {
     "DecisionResponse": models.DecisionResponse,
@@ -49,6 +73,66 @@ RESPONSES: dict[str, type[BaseModel]] = {
     "ErrorResponse": models.ErrorResponse,
     "CyclesEvidenceRef": models.CyclesEvidenceRef,
     "ReservationEvidence": models.ReservationEvidence,
+    # v0.1.26 extensions
+    "DenyDetail": models.DenyDetail,
+    "ActionQuotaViolation": models.ActionQuotaViolation,
+    "EventDataObservedDenied": governance.EventDataObservedDenied,
+    "EventDataObservedAllowed": governance.EventDataObservedAllowed,
+    "EventDataQuotaThresholdApproaching": governance.EventDataQuotaThresholdApproaching,
+    "EventDataQuotaCounterReset": governance.EventDataQuotaCounterReset,
+    "ActionKind": governance.ActionKind,
+    "ActionKindRegistry": governance.ActionKindRegistry,
+    "ActionPolicyKeySpec": governance.ActionPolicyKeySpec,
+    "ActionQuotaState": governance.ActionQuotaState,
+    "ActionQuotaCounterListResponse": governance.ActionQuotaCounterListResponse,
+    "ActionQuotaCounterResetResponse": governance.ActionQuotaCounterResetResponse,
+    "Policy": governance.Policy,
+    "PolicyListResponse": governance.PolicyListResponse,
+}
+ADMIN_PLANE = {
+    "PolicyCreateRequest",
+    "PolicyUpdateRequest",
+    "ReservationTtlOverride",
+    "RateLimits",
+    "Policy",
+    "PolicyListResponse",
+}
+"""Schemas checked against the extended governance spec; the rest against the runtime one."""
+
+
+def _plane(name: str) -> str:
+    return EXTENDED_ADMIN if name in ADMIN_PLANE else EXTENDED_RUNTIME
+
+
+def _validator(name: str) -> Any:
+    return schema_validator(name, _plane(name))
+
+
+# Rules the spec states in prose (its JSON Schema cannot): the models enforce them, so the
+# generated bodies are brought in line by dropping the optional field that breaks one (a map,
+# not a filter, so nested quota lists stay well covered); test_governance.py checks that
+# bodies breaking them are refused.
+def _follow_prose_rules(body: Any) -> Any:
+    if isinstance(body, list):
+        return [_follow_prose_rules(item) for item in body]
+    if not isinstance(body, dict):
+        return body
+    body = {key: _follow_prose_rules(value) for key, value in body.items()}
+    if body.get("allowed_action_kinds") and body.get("denied_action_kinds"):
+        del body["denied_action_kinds"]
+    window = body.get("window")
+    if "per_run_counter_ttl_ms" in body and isinstance(window, str) and window != "per_run":
+        del body["per_run_counter_ttl_ms"]
+    return body
+
+
+TIGHTENED_SCHEMAS: dict[str, dict[str, Any]] = {
+    # The create body's inline ttl override and rate limits are looser than the schemas
+    # Policy and the PATCH body use; the model uses those (a server stores what it returns).
+    "PolicyCreateRequest": {
+        "reservation_ttl_override": {"$ref": "#/components/schemas/ReservationTtlOverride"},
+        "rate_limits": {"$ref": "#/components/schemas/RateLimits"},
+    },
 }
 FAST = settings(
     max_examples=40,
@@ -87,6 +171,8 @@ def _inline(node: Any, schemas: dict[str, Any]) -> Any:
     return out
 
 
+DT_MIN = datetime.datetime(2000, 1, 1)
+DT_MAX = datetime.datetime(2100, 1, 1)
 JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8)
 FREE_JSON = st.recursive(
     JSON_SCALARS,
@@ -117,6 +203,18 @@ def _from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.integers(schema.get("minimum", -(2**63)), schema.get("maximum", INT64_MAX))
     if kind == "boolean":
         return st.booleans()
+    if kind == "number":
+        low = schema.get("minimum", schema.get("exclusiveMinimum", -1e6))
+        return st.floats(
+            low,
+            schema.get("maximum", 1e6),
+            exclude_min="exclusiveMinimum" in schema,
+            allow_nan=False,
+        )
+    if kind == "string" and schema.get("format") == "date-time":
+        return st.datetimes(min_value=DT_MIN, max_value=DT_MAX).map(
+            lambda moment: moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        )
     if kind == "string":
         if "pattern" in schema:
             return st.from_regex(schema["pattern"], fullmatch=True)
@@ -146,21 +244,30 @@ def _from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
 
 
 def _strategy(name: str) -> st.SearchStrategy[Any]:
-    schemas = load_spec()["components"]["schemas"]
-    validator = schema_validator(name)
-    strategy = _from_schema(_inline(schemas[name], schemas))
+    schemas = load_spec(_plane(name))["components"]["schemas"]
+    validator = _validator(name)
+    schema = copy.deepcopy(schemas[name])
+    schema["properties"].update(TIGHTENED_SCHEMAS.get(name, {}))
+    if name == "ActionQuotaCounterResetRequest":  # tenant_id: required by the spec's prose
+        schema["required"] = [*schema["required"], "tenant_id"]
+    strategy = _from_schema(_inline(schema, schemas))
 
     def spec_valid(body: Any) -> Any:
         validator.validate(body)  # the generator must only produce spec-valid bodies
         return body
 
-    return strategy.map(spec_valid)
+    reset = name == "ActionQuotaCounterResetRequest"
+    return (
+        strategy.map(_follow_prose_rules)
+        .map(spec_valid)
+        .filter(lambda body: not reset or body["action_kind"] != "__risk__" or "risk_class" in body)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(REQUESTS))
 def test_request_models_accept_every_spec_valid_body_and_round_trip(name: str) -> None:
     model = REQUESTS[name]
-    validator = schema_validator(name)
+    validator = _validator(name)
 
     @FAST
     @given(body=_strategy(name))
@@ -176,7 +283,7 @@ def test_request_models_accept_every_spec_valid_body_and_round_trip(name: str) -
 @pytest.mark.parametrize("name", sorted(RESPONSES))
 def test_response_models_accept_every_spec_valid_body_and_round_trip(name: str) -> None:
     model = RESPONSES[name]
-    validator = schema_validator(name)
+    validator = _validator(name)
 
     @FAST
     @given(body=_strategy(name))
@@ -197,7 +304,7 @@ def test_request_models_reject_unknown_fields(name: str) -> None:
     @given(body=_strategy(name))
     def check(body: dict[str, Any]) -> None:
         bad = {**body, "not_in_the_spec": 1}
-        assert list(schema_validator(name).iter_errors(bad))
+        assert list(_validator(name).iter_errors(bad))
         with pytest.raises(ValidationError, match="not_in_the_spec"):
             model.model_validate(bad)
 
@@ -254,7 +361,7 @@ SPEC_INVALID_REQUESTS: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("name", "body"), SPEC_INVALID_REQUESTS)
 def test_spec_invalid_requests_are_rejected_by_model_and_spec(name: str, body: dict[str, Any]):
-    assert list(schema_validator(name).iter_errors(body)), "the case must be invalid per spec"
+    assert list(_validator(name).iter_errors(body)), "the case must be invalid per spec"
     with pytest.raises(ValidationError):
         REQUESTS[name].model_validate(body)
 
@@ -271,7 +378,7 @@ def test_reservation_create_bounds(field: str, value: Any) -> None:
         "estimate": {"unit": "TOKENS", "amount": 10},
         field: value,
     }
-    assert list(schema_validator("ReservationCreateRequest").iter_errors(body))
+    assert list(_validator("ReservationCreateRequest").iter_errors(body))
     with pytest.raises(ValidationError, match=field):
         models.ReservationCreateRequest.model_validate(body)
 
@@ -289,12 +396,41 @@ def test_open_strings_keep_unknown_codes() -> None:
 
 
 def test_known_error_codes_match_the_spec_enum() -> None:
-    spec_codes = set(load_spec()["components"]["schemas"]["ErrorCode"]["enum"])
+    spec_codes = set(load_spec(EXTENDED_RUNTIME)["components"]["schemas"]["ErrorCode"]["enum"])
     assert spec_codes == models.ErrorCode.ALL
+    base = set(load_spec()["components"]["schemas"]["ErrorCode"]["enum"])
+    assert models.ErrorCode.ALL - base == {
+        "ACTION_QUOTA_EXCEEDED",
+        "ACTION_KIND_NOT_ALLOWED",
+        "ACTION_KIND_DENIED",
+    }
 
 
 def test_enums_match_the_spec() -> None:
-    schemas = load_spec()["components"]["schemas"]
+    schemas = load_spec(EXTENDED_RUNTIME)["components"]["schemas"]
+    assert [m.value for m in models.ObserveMode] == schemas["ObserveModeEnum"]["enum"]
+    assert [r.value for r in models.ActionRiskClass] == schemas["ActionRiskClass"]["enum"]
+    assert [w.value for w in models.ActionQuotaWindow] == schemas["ActionQuotaWindow"]["enum"]
+    admin = load_spec(EXTENDED_ADMIN)["components"]["schemas"]
+    assert [s.value for s in governance.PolicyStatus] == admin["Policy"]["properties"]["status"][
+        "enum"
+    ]
+    assert set(admin["EventType"]["enum"]) >= governance.EventType.ALL
+    assert (
+        set(
+            load_spec(PROTOCOL_EXTENSIONS_SPEC)["components"]["schemas"]["EventTypeExtension"][
+                "enum"
+            ]
+        )
+        - set(load_spec(GOVERNANCE_SPEC)["components"]["schemas"]["EventType"]["enum"])
+        == governance.EventType.ALL
+    )
+    known_reasons = {v for k, v in vars(models.ReasonCode).items() if k.isupper()}
+    assert {
+        "ACTION_QUOTA_EXCEEDED",
+        "ACTION_KIND_NOT_ALLOWED",
+        "ACTION_KIND_DENIED",
+    } <= known_reasons
     assert [u.value for u in models.Unit] == schemas["UnitEnum"]["enum"]
     assert [d.value for d in models.Decision] == schemas["DecisionEnum"]["enum"]
     assert [p.value for p in models.CommitOveragePolicy] == schemas["CommitOveragePolicy"]["enum"]
@@ -308,7 +444,41 @@ def test_every_spec_schema_has_a_model_or_is_an_enum() -> None:
     # Evidence envelopes and JWKs are served by the optional evidence endpoints, which this
     # client does not call; their bodies are free-form (additionalProperties: true).
     evidence = {"CyclesEvidenceEnvelope", "CyclesEvidenceJwk", "CyclesEvidenceJwks"}
-    assert set(load_spec()["components"]["schemas"]) == covered | enums | evidence
+    # Extension enums (typed in models/governance) and the copy of ErrorResponse the
+    # companion specs mirror from their base.
+    enums |= {"ObserveModeEnum", "ActionRiskClass", "ActionQuotaWindow", "EventTypeExtension"}
+    enums |= {"ErrorCodeExtension"}
+    extension_fragments = {
+        "ActionExtension",
+        "DecisionResponseExtension",
+        "ErrorResponseExtension",
+        "ReservationCreateRequestExtension",
+        "ReservationCreateResponseExtension",
+    }
+    runtime = {
+        *load_spec()["components"]["schemas"],
+        *load_spec(PROTOCOL_EXTENSIONS_SPEC)["components"]["schemas"],
+        *load_spec(ACTION_KINDS_SPEC)["components"]["schemas"],
+    }
+    assert runtime - extension_fragments == (covered - ADMIN_PLANE) | enums | evidence
+
+
+def test_every_governance_extension_schema_has_a_model() -> None:
+    fragments = set(load_spec(GOVERNANCE_EXTENSIONS_SPEC)["components"]["schemas"])
+    # Each fragment extends a modelled schema; Tenant and the permission enum stay with the
+    # admin tooling that manages tenants and keys (not this client).
+    extended = {
+        "PolicyExtension": "Policy",
+        "PolicyCreateRequestExtension": "PolicyCreateRequest",
+        "PolicyPatchExtension": "PolicyUpdateRequest",
+    }
+    not_modelled = {"TenantExtension", "TenantPatchExtension", "PermissionExtension"}
+    assert fragments == set(extended) | not_modelled | {"ErrorResponse"}
+    for fragment, target in extended.items():
+        fields = set(
+            load_spec(GOVERNANCE_EXTENSIONS_SPEC)["components"]["schemas"][fragment]["properties"]
+        )
+        assert fields <= set(REQUESTS.get(target, RESPONSES.get(target)).model_fields)  # type: ignore[union-attr]
 
 
 def test_caps_tool_precedence() -> None:

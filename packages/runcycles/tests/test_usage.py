@@ -96,7 +96,7 @@ RESPONSES = {
     "input_tokens": 900,
     "output_tokens": 250,
     "total_tokens": 1150,
-    "input_tokens_details": {"cached_tokens": 512},
+    "input_tokens_details": {"cached_tokens": 512, "cache_write_tokens": 100},
     "output_tokens_details": {"reasoning_tokens": 64},
 }
 
@@ -127,6 +127,7 @@ def test_from_openai_responses_and_agents_sdk(wrap: Any) -> None:
         input_tokens=900,
         output_tokens=250,
         cached_input_tokens=512,
+        cache_write_tokens=100,
         reasoning_tokens=64,
         model="o3",
         provider="azure",

@@ -51,8 +51,10 @@ def cycles_budget_guardrail(
     Args:
         estimate: What the whole run is expected to cost, in ``unit``.
         unit: Unit of ``estimate`` (default ``USD_MICROCENTS``).
-        client: The async client (default: one from ``config`` or the ``CYCLES_*`` variables).
-        config: Builds the client when ``client`` is not given.
+        client: The async client (default: one from ``config`` or the ``CYCLES_*`` variables
+            for each check, closed after it).
+        config: Builds the client when ``client`` is not given (read now, so a bad
+            configuration fails here, not at the first run).
         tenant: Subject fields (default: the config's; ``agent``: the agent's name).
         workspace: See ``tenant``.
         app: See ``tenant``.
@@ -63,13 +65,13 @@ def cycles_budget_guardrail(
             denial trips whatever this says.
         name: The guardrail's name in the SDK's results and traces.
     """
-    cycles = client or AsyncCyclesClient(config or CyclesConfig.from_env())
+    settings = client.config if client is not None else config or CyclesConfig.from_env()
     fields = {"tenant": tenant, "workspace": workspace, "app": app, "workflow": workflow}
+    subject = {k: v or getattr(settings, k) for k, v in fields.items()}
 
     async def check(
         context: RunContextWrapper[Any], starting: Agent[Any], _input: Any
     ) -> GuardrailFunctionOutput:
-        subject = {k: v or getattr(cycles.config, k) for k, v in fields.items()}
         request = DecisionRequest(
             idempotency_key=f"openai-agents-decide-{uuid.uuid4().hex}",
             subject=Subject.model_validate({**subject, "agent": agent or starting.name}),
@@ -77,7 +79,11 @@ def cycles_budget_guardrail(
             estimate=Amount(unit=Unit(unit), amount=estimate),
         )
         try:
-            answer = (await cycles.decide(request)).raise_for_error().data
+            if client is not None:
+                answer = (await client.decide(request)).raise_for_error().data
+            else:  # a client of its own for this one request, closed after it
+                async with AsyncCyclesClient(settings) as own:
+                    answer = (await own.decide(request)).raise_for_error().data
         except CyclesError as error:
             if not (fail_open and is_outage(error)):
                 raise

@@ -2,37 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import logging
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from agents import Agent, AgentsException, ModelResponse, RunContextWrapper, RunHooks, Tool
+from agents import (
+    Agent,
+    AgentsException,
+    ModelResponse,
+    RunConfig,
+    RunContextWrapper,
+    RunHooks,
+    Tool,
+)
+from agents.models.interface import Model
 
 from runcycles import (
-    Action,
     AdapterCall,
-    Amount,
     AsyncCyclesAdapter,
     AsyncCyclesClient,
     CallPlan,
     CommitOveragePolicy,
     CyclesConfig,
     CyclesError,
-    EventCreateRequest,
-    Subject,
     Unit,
     UnknownModelError,
     Usage,
 )
-from runcycles.adapters import call_idempotency_key
-from runcycles_openai_agents.tools import ToolEstimateMap
+from runcycles.adapters import ToolEstimateMap
+from runcycles_openai_agents.capping import CappedModel, CappedProvider, Caps
 
 __all__ = ["CyclesRunHooks", "ToolNotAllowedError"]
 
-logger = logging.getLogger("runcycles_openai_agents")
+_default_model: Callable[[], str] | None
+try:
+    from agents.models import get_default_model as _default_model
+except ImportError:  # openai-agents < 0.4
+    _default_model = None
+
 DEFAULT_LLM_ESTIMATE = 500_000
 """What a model call holds when the pricer does not know its model (about $0.005)."""
 
@@ -51,11 +61,7 @@ def _agents_twin(cls: type[CyclesError]) -> type[CyclesError]:
 def _model_name(agent: Agent[Any]) -> str | None:
     model = agent.model
     if model is None:
-        try:
-            from agents.models import get_default_model
-        except ImportError:  # openai-agents < 0.4
-            return None
-        return get_default_model()
+        return _default_model() if _default_model is not None else None
     return model if isinstance(model, str) else getattr(model, "model", None)
 
 
@@ -114,23 +120,22 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         default_tool_risk: int | None = None,
         **options: Any,
     ) -> None:
-        self._owns_client = client is None
-        client = client or AsyncCyclesClient(config or CyclesConfig.from_env())
-        super().__init__(
-            client, fail_open=fail_open, ttl_ms=ttl_ms, overage_policy=overage_policy,
-            dry_run=dry_run, **options,
-        )  # fmt: skip
         tools = tool_estimates if tool_estimates is not None else tool_risk
         default = default_tool_estimate if default_tool_estimate is not None else default_tool_risk
         if not isinstance(tools, ToolEstimateMap):
             tools = ToolEstimateMap(dict(tools or {}), 1 if default is None else default, tool_unit)
+        super().__init__(
+            client, config=config, fail_open=fail_open, ttl_ms=ttl_ms,
+            overage_policy=overage_policy, dry_run=dry_run, tool_estimates=tools, unit=llm_unit,
+            **options,
+        )  # fmt: skip
         self.tool_estimates = tools
         self._llm_estimate_fixed, self._llm_unit = llm_estimate, Unit(llm_unit)
         self._runs: dict[int, tuple[weakref.ref[Any], str]] = {}
-        self._llm_open: dict[str, str] = {}
+        self._llm_open: dict[str, tuple[str, int]] = {}  # run → (call id, id of its input)
+        self._model_caps: Caps = {}
         self._run_caps: dict[str, AdapterCall] = {}
         self._capped: dict[str, dict[int, tuple[Any, int | None]]] = {}
-        self._handoffs = 0
 
     # -- what a call is and what it used (the adapter base's two hooks) ------------------
 
@@ -138,13 +143,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         """Plan a model call (``("llm", agent, "")``) or a tool call (``("tool", agent, name)``)."""
         kind, agent, tool = event
         if kind == "tool":
-            entry = self.tool_estimates.lookup(tool)
-            if entry.estimate == 0:
-                return None  # a free tool: no reservation, no request
-            return CallPlan.tool(
-                tool, kind=entry.action_kind, estimate=entry.estimate, unit=entry.unit,
-                agent=agent.name, toolset=tool,
-            )  # fmt: skip
+            return self.tool_plan(tool, agent=agent.name, toolset=tool)
         model, max_tokens = _model_name(agent), agent.model_settings.max_tokens
         estimate = self._llm_estimate_fixed
         if estimate is None and (model is None or self._llm_unit is not Unit.USD_MICROCENTS):
@@ -161,18 +160,25 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
 
     def usage(self, result: Any) -> Usage | None:
         """Turn a ``ModelResponse``'s usage into a :class:`~runcycles.Usage` (a tool: ``None``)."""
-        if not isinstance(result, ModelResponse):
-            return None
-        used = result.usage
-        inp, out = used.input_tokens, used.output_tokens
-        cached = getattr(used.input_tokens_details, "cached_tokens", 0) or 0
-        written = getattr(used.input_tokens_details, "cache_write_tokens", 0) or 0
-        reasoning = getattr(used.output_tokens_details, "reasoning_tokens", 0) or 0
-        return Usage(
-            input_tokens=inp, output_tokens=out, cached_input_tokens=min(cached, inp),
-            cache_write_tokens=min(written, inp - min(cached, inp)),
-            reasoning_tokens=min(reasoning, out),
-        )  # fmt: skip
+        return Usage.from_openai(result.usage) if isinstance(result, ModelResponse) else None
+
+    # -- caps on the model call ---------------------------------------------------------
+
+    def run_config(self, base: RunConfig | None = None) -> RunConfig:
+        """Return ``base`` (default ``RunConfig()``) with models that apply every call's caps.
+
+        Pass it as ``Runner.run(..., hooks=hooks, run_config=hooks.run_config(...))`` when
+        agents name their model (``model="gpt-4.1"``), or with ``RunConfig.model_settings``:
+        the caps' ``max_tokens`` then reaches every model call (see the docs' "Caps").
+        """
+        base = base or RunConfig()
+        model = self.capped(base.model) if isinstance(base.model, Model) else base.model
+        provider = CappedProvider(base.model_provider, self._model_caps)
+        return dataclasses.replace(base, model=model, model_provider=provider)
+
+    def capped(self, model: Model) -> Model:
+        """Wrap a model instance (``Agent(model=hooks.capped(model))``) so caps reach it."""
+        return CappedModel(model, self._model_caps)
 
     # -- the SDK's hooks -----------------------------------------------------------------
 
@@ -200,34 +206,44 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
 
     def _uncap(self, run: str | None) -> None:
         """Give the agents their own ``max_tokens`` back (the run, or every run, is over)."""
+        for key in [run] if run is not None else list(self._llm_open):
+            self._model_caps.pop(self._llm_open.get(key, ("", 0))[1], None)
         for key in [run] if run is not None else list(self._capped):
             for settings, original in self._capped.pop(key, {}).values():
                 settings.max_tokens = original
 
     async def on_llm_start(
-        self, context: RunContextWrapper[Any], agent: Agent[Any], *args: Any
+        self,
+        context: RunContextWrapper[Any],
+        agent: Agent[Any],
+        system_prompt: str | None,
+        input_items: list[Any],
     ) -> None:
-        """Reserve for the model call; lower the agent's ``max_tokens`` to the caps."""
+        """Reserve for the model call; lower its ``max_tokens`` to the caps."""
         run = self.run_id(context)
-        call_id = self._llm_open[run] = f"llm-{context.usage.requests}"
+        call_id = f"llm-{context.usage.requests}"
+        self._llm_open[run] = (call_id, id(input_items))
         call = self._run_caps[run] = await self._begin(run, call_id, ("llm", agent, ""))
         settings, cap = agent.model_settings, call.max_tokens if call.caps else None
-        if cap is not None and (settings.max_tokens is None or cap < settings.max_tokens):
-            # The SDK resolved this call's settings before this hook: they are this object
-            # (no RunConfig.model_settings) or a copy of it from the next call on. Kept for
-            # the run, undone when it ends.
-            self._capped.setdefault(run, {}).setdefault(
-                id(settings), (settings, settings.max_tokens)
-            )
-            settings.max_tokens = cap
+        if cap is not None:
+            self._model_caps[id(input_items)] = (input_items, cap)  # CappedModel applies it
+            if settings.max_tokens is None or cap < settings.max_tokens:
+                # Without CappedModel: the SDK resolved this call's settings before this
+                # hook; they are this object only with explicit agent settings and no
+                # RunConfig.model_settings. Kept for the run, undone when it ends.
+                self._capped.setdefault(run, {}).setdefault(
+                    id(settings), (settings, settings.max_tokens)
+                )
+                settings.max_tokens = cap
 
     async def on_llm_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse
     ) -> None:
         """Commit the model call's usage, priced to the micro-cent."""
         run = self.run_id(context)
-        call_id = self._llm_open.pop(run, None)
-        if call_id is not None:
+        call_id, input_id = self._llm_open.pop(run, ("", 0))
+        self._model_caps.pop(input_id, None)
+        if call_id:
             await self.end(run, call_id, response)
 
     async def on_tool_start(self, context: RunContextWrapper[Any], agent: Any, tool: Tool) -> None:
@@ -256,38 +272,20 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         self, context: RunContextWrapper[Any], from_agent: Any, to_agent: Any
     ) -> None:
         """Record the handoff as a zero-amount event (never blocks the run)."""
-        if self.dry_run:
-            return
-        run, self._handoffs = self.run_id(context), self._handoffs + 1
-        name = f"{from_agent.name}->{to_agent.name}"[:256]
-        key = call_idempotency_key(self.framework, run, f"handoff-{self._handoffs}", "event")
-        try:
-            subject = Subject(**{**self.subject, "agent": from_agent.name})
-            request = EventCreateRequest(
-                idempotency_key=key, subject=subject,
-                action=Action(kind="agent.handoff", name=name),
-                actual=Amount(unit=self._llm_unit, amount=0),
-                metadata={"framework": self.framework, "run_id": run, "to_agent": to_agent.name},
-            )  # fmt: skip
-            (await self.client.create_event(request)).raise_for_error()
-        except Exception as error:  # an audit event never stops the run
-            logger.warning("openai-agents: handoff %s not recorded: %s", name, error)
+        await self.record_event(
+            self.run_id(context), f"{from_agent.name}->{to_agent.name}", kind="agent.handoff",
+            agent=from_agent.name, metadata={"to_agent": to_agent.name},
+        )  # fmt: skip
 
     async def on_agent_end(self, context: RunContextWrapper[Any], agent: Any, output: Any) -> None:
         """The run is over: release whatever it left open."""
         run = self.run_id(context)
         self._run_caps.pop(run, None)
-        self._llm_open.pop(run, None)
         self._uncap(run)
+        self._llm_open.pop(run, None)
         await self.end_run(run)
 
     async def release_pending(self, reason: str = "released_by_adapter") -> int:
         """Release every open reservation of every run (after a run raised); return how many."""
         self._uncap(None)
         return await super().release_pending(reason)
-
-    async def close(self) -> None:
-        """Release whatever is still open; close the client if these hooks created it."""
-        await super().close()
-        if self._owns_client:
-            await self.client.aclose()

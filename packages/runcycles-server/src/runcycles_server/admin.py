@@ -15,7 +15,12 @@ Routes (``X-Admin-API-Key`` unless noted; "or tenant" = a tenant key works for i
 * ``POST /v1/admin/budgets/fund?scope=&unit=[&tenant_id=]`` (or tenant): CREDIT, DEBIT, RESET,
   RESET_SPENT, REPAY_DEBT, idempotent by ``idempotency_key``.
 * ``GET /v1/admin/audit/logs[?tenant_id=]``: audit entries of admin-on-behalf-of releases (for
-  stores that implement :class:`~runcycles_server.stores.base.AuditReader`).
+  stores that implement :class:`~runcycles_server.stores.base.AuditReader`; the Redis store
+  keeps them per tenant, so it needs ``tenant_id``).
+
+Every query parameter the governance spec declares for these routes is validated as it says
+(:data:`QUERY_PARAMS`); path parameters and body ids and names refuse control characters (see
+:mod:`runcycles_server.query`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from starlette.routing import BaseRoute, Route
 from runcycles.models import Amount, CommitOveragePolicy, Unit
 from runcycles_server import ledger
 from runcycles_server.ledger import ApiKeyRow, BudgetRow, LedgerError, TenantRow
+from runcycles_server.query import Param, check_path, check_query
+from runcycles_server.roles import TENANT_ADMIN_PERMISSIONS
 from runcycles_server.stores.base import AuditReader, Store, new_id
 from runcycles_server.web import Authenticator, Principal, json_response, parse_body, query_int
 
@@ -45,13 +52,114 @@ Permission = Literal[
     "admin:audit:read",
 ]  # fmt: skip
 
-DEFAULT_PERMISSIONS: Final = [
-    "reservations:create", "reservations:commit", "reservations:release", "reservations:extend",
-    "reservations:list", "balances:read", "budgets:read", "budgets:write", "policies:read",
-    "policies:write",
-]  # fmt: skip
+DEFAULT_PERMISSIONS: Final = list(TENANT_ADMIN_PERMISSIONS)
+"""What ``POST /v1/admin/api-keys`` grants when ``permissions`` is omitted: the spec's default,
+which includes ``budgets:write`` and ``policies:write`` (see :mod:`runcycles_server.roles`)."""
 DEFAULT_KEY_LIFETIME_MS: Final = 90 * ledger.DAY_MS
+TENANT_STATUSES: Final = ("ACTIVE", "SUSPENDED", "CLOSED")
+KEY_STATUSES: Final = ("ACTIVE", "REVOKED", "EXPIRED")
+BUDGET_STATUSES: Final = ("ACTIVE", "FROZEN", "CLOSED")
+BUDGET_SORT_KEYS: Final = (
+    "tenant_id", "scope", "unit", "status", "commit_overage_policy", "utilization", "debt",
+)  # fmt: skip
 TtlMs = Annotated[StrictInt, Field(ge=1_000, le=86_400_000)]
+TenantMetadata = Annotated[dict[str, str], Field(max_length=32)]
+"""A tenant's metadata: at most 32 string values, as the spec's ``Tenant`` returns it (its
+update request schema allows any object, which the response schema could not carry)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Query parameters, as the governance spec declares them (``limit`` is 1 to 100 everywhere: the
+# spec gives that range on tenants and leaves it open on the other lists; this server caps all)
+
+_SORT_DIR: Final = Param("enum", ("asc", "desc"))
+_SEARCH: Final = Param(max_length=128)
+_LIMIT: Final = Param("integer", minimum=1, maximum=100)
+_UNIT: Final = Param("enum", tuple(Unit.__members__))
+_SCOPE_UNIT: Final = {"scope": Param(), "unit": _UNIT}
+_LIST_OF_25: Final = Param("array", max_items=25)
+_STATUS_CODE: Final = Param("integer", minimum=100, maximum=599)
+
+QUERY_PARAMS: Final[dict[tuple[str, str], dict[str, Param]]] = {
+    ("GET", "/v1/admin/tenants"): {
+        "status": Param("enum", TENANT_STATUSES),
+        "parent_tenant_id": Param(),
+        "observe_mode": Param(),
+        "search": _SEARCH,
+        "sort_by": Param("enum", ("tenant_id", "name", "status", "created_at")),
+        "sort_dir": _SORT_DIR,
+        "cursor": Param(),
+        "limit": _LIMIT,
+    },
+    ("GET", "/v1/admin/api-keys"): {
+        "tenant_id": Param(),
+        "status": Param("enum", KEY_STATUSES),
+        "search": _SEARCH,
+        "sort_by": Param(
+            "enum", ("key_id", "name", "tenant_id", "status", "created_at", "expires_at")
+        ),
+        "sort_dir": _SORT_DIR,
+        "cursor": Param(),
+        "limit": _LIMIT,
+    },
+    ("DELETE", "/v1/admin/api-keys/{key_id}"): {"reason": Param(max_length=512)},
+    ("GET", "/v1/admin/budgets"): {
+        "tenant_id": Param(),
+        "scope_prefix": Param(),
+        "unit": _UNIT,
+        "status": Param("enum", BUDGET_STATUSES),
+        "over_limit": Param("boolean"),
+        "has_debt": Param("boolean"),
+        "utilization_min": Param("number", minimum=0, maximum=1),
+        "utilization_max": Param("number", minimum=0, maximum=1),
+        "search": _SEARCH,
+        "sort_by": Param("enum", BUDGET_SORT_KEYS),
+        "sort_dir": _SORT_DIR,
+        "cursor": Param(),
+        "limit": _LIMIT,
+    },
+    ("PATCH", "/v1/admin/budgets"): _SCOPE_UNIT,
+    ("GET", "/v1/admin/budgets/lookup"): _SCOPE_UNIT,
+    ("POST", "/v1/admin/budgets/freeze"): _SCOPE_UNIT,
+    ("POST", "/v1/admin/budgets/unfreeze"): _SCOPE_UNIT,
+    ("POST", "/v1/admin/budgets/fund"): {"tenant_id": Param(), **_SCOPE_UNIT},
+    ("GET", "/v1/admin/audit/logs"): {
+        "tenant_id": Param(),
+        "key_id": Param(),
+        "operation": _LIST_OF_25,
+        "status": Param("integer"),
+        "resource_type": _LIST_OF_25,
+        "resource_id": Param(),
+        "error_code": _LIST_OF_25,
+        "error_code_exclude": _LIST_OF_25,
+        "status_min": _STATUS_CODE,
+        "status_max": _STATUS_CODE,
+        "from": Param("date-time"),
+        "to": Param("date-time"),
+        "search": _SEARCH,
+        "trace_id": Param(pattern="^[0-9a-f]{32}$"),
+        "request_id": Param(),
+        "sort_by": Param(
+            "enum", ("timestamp", "operation", "resource_type", "tenant_id", "key_id", "status")
+        ),
+        "sort_dir": _SORT_DIR,
+        "cursor": Param(),
+        "limit": _LIMIT,
+    },
+}
+"""Every query parameter of every admin route, by ``(method, path template)``. Parameters this
+server accepts but does not apply (``search``, ``sort_by``, ``sort_dir``, most audit filters)
+are still validated, so a typo is an error rather than a silently ignored filter value."""
+
+
+def check_request(request: Request, method: str, path: str) -> None:
+    """Validate ``request``'s path parameters and the query parameters of ``(method, path)``.
+
+    Raises:
+        LedgerError: INVALID_REQUEST (400) naming the first bad parameter.
+    """
+    check_path(request)
+    check_query(request, QUERY_PARAMS.get((method, path), {}))
 
 
 class _Strict(BaseModel):
@@ -64,7 +172,7 @@ class TenantCreateRequest(_Strict):
     tenant_id: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", min_length=3, max_length=64)]
     name: Annotated[str, Field(max_length=256)]
     parent_tenant_id: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: TenantMetadata | None = None
     default_commit_overage_policy: CommitOveragePolicy | None = None
     default_reservation_ttl_ms: TtlMs | None = None
     max_reservation_ttl_ms: TtlMs | None = None
@@ -77,7 +185,7 @@ class TenantUpdateRequest(_Strict):
 
     name: Annotated[str, Field(max_length=256)] | None = None
     status: Literal["ACTIVE", "SUSPENDED", "CLOSED"] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: TenantMetadata | None = None
     default_commit_overage_policy: CommitOveragePolicy | None = None
     default_reservation_ttl_ms: TtlMs | None = None
     max_reservation_ttl_ms: TtlMs | None = None
@@ -300,9 +408,8 @@ class Admin:
     async def list_tenants(self, request: Request) -> Response:
         """``GET /v1/admin/tenants``."""
         self.auth.admin(request)
+        check_request(request, "GET", "/v1/admin/tenants")
         status = request.query_params.get("status") or None
-        if status is not None and status not in ("ACTIVE", "SUSPENDED", "CLOSED"):
-            raise LedgerError("INVALID_REQUEST", "status must be ACTIVE, SUSPENDED or CLOSED")
         page = await self.store.list_tenants(
             status, query_int(request, "limit", 50, 1, 100), request.query_params.get("cursor")
         )
@@ -313,6 +420,7 @@ class Admin:
     async def get_tenant(self, request: Request) -> Response:
         """``GET /v1/admin/tenants/{tenant_id}``."""
         self.auth.admin(request)
+        check_request(request, "GET", "/v1/admin/tenants/{tenant_id}")
         tenant_id = str(request.path_params["tenant_id"])
         row = await self.store.get_tenant(tenant_id)
         if row is None:
@@ -322,6 +430,7 @@ class Admin:
     async def update_tenant(self, request: Request) -> Response:
         """``PATCH /v1/admin/tenants/{tenant_id}``."""
         self.auth.admin(request)
+        check_request(request, "PATCH", "/v1/admin/tenants/{tenant_id}")
         body = await parse_body(request, TenantUpdateRequest, self.max_body)
         changes = body.model_dump(mode="json", exclude_unset=True)
         nullable = {"metadata"}
@@ -369,10 +478,9 @@ class Admin:
     async def list_api_keys(self, request: Request) -> Response:
         """``GET /v1/admin/api-keys``."""
         self.auth.admin(request)
+        check_request(request, "GET", "/v1/admin/api-keys")
         params = request.query_params
         status = params.get("status") or None
-        if status is not None and status not in ("ACTIVE", "REVOKED", "EXPIRED"):
-            raise LedgerError("INVALID_REQUEST", "status must be ACTIVE, REVOKED or EXPIRED")
         page = await self.store.list_api_keys(
             params.get("tenant_id") or None,
             status,
@@ -386,6 +494,7 @@ class Admin:
     async def revoke_api_key(self, request: Request) -> Response:
         """``DELETE /v1/admin/api-keys/{key_id}``: the key fails authentication from now on."""
         self.auth.admin(request)
+        check_request(request, "DELETE", "/v1/admin/api-keys/{key_id}")
         row = await self.store.revoke_api_key(
             str(request.path_params["key_id"]), request.query_params.get("reason") or None
         )
@@ -441,16 +550,11 @@ class Admin:
     async def list_budgets(self, request: Request) -> Response:
         """``GET /v1/admin/budgets`` → ``{ledgers}`` (a tenant key sees only its own)."""
         principal = await self._principal(request, "budgets:read")
+        check_request(request, "GET", "/v1/admin/budgets")
         params = request.query_params
         tenant_id = (params.get("tenant_id") or None) if principal.is_admin else principal.tenant_id
         unit = params.get("unit") or None
-        if unit is not None and unit not in Unit.__members__:
-            raise LedgerError(
-                "INVALID_REQUEST", f"unit must be one of {', '.join(Unit.__members__)}"
-            )
         status = params.get("status") or None
-        if status is not None and status not in ("ACTIVE", "FROZEN", "CLOSED"):
-            raise LedgerError("INVALID_REQUEST", "status must be ACTIVE, FROZEN or CLOSED")
         page = await self.store.list_budgets(
             tenant_id,
             scope_prefix=params.get("scope_prefix") or None,
@@ -466,6 +570,7 @@ class Admin:
     async def lookup_budget(self, request: Request) -> Response:
         """``GET /v1/admin/budgets/lookup?scope=&unit=``."""
         principal = await self._principal(request, "budgets:read")
+        check_request(request, "GET", "/v1/admin/budgets/lookup")
         scope, unit = _scope_unit(request)
         row = await self.store.get_budget(scope, unit)
         if row is None or (not principal.is_admin and row.tenant_id != principal.tenant_id):
@@ -475,6 +580,7 @@ class Admin:
     async def update_budget(self, request: Request) -> Response:
         """``PATCH /v1/admin/budgets?scope=&unit=``."""
         self.auth.admin(request)
+        check_request(request, "PATCH", "/v1/admin/budgets")
         scope, unit = _scope_unit(request)
         body = await parse_body(request, BudgetUpdateRequest, self.max_body)
         _check_unit(body.overdraft_limit, unit, "overdraft_limit")
@@ -493,6 +599,8 @@ class Admin:
 
     async def _set_status(self, request: Request, frm: str, to: str) -> Response:
         self.auth.admin(request)
+        path = "/v1/admin/budgets/freeze" if to == "FROZEN" else "/v1/admin/budgets/unfreeze"
+        check_request(request, "POST", path)
         scope, unit = _scope_unit(request)
         if (await request.body()).strip():
             await parse_body(request, BudgetStatusRequest, self.max_body)
@@ -519,6 +627,7 @@ class Admin:
     async def list_audit_logs(self, request: Request) -> Response:
         """``GET /v1/admin/audit/logs``: admin-on-behalf-of release entries, newest first."""
         self.auth.admin(request)
+        check_request(request, "GET", "/v1/admin/audit/logs")
         if not isinstance(self.store, AuditReader):
             raise LedgerError("NOT_FOUND", "this store does not keep a readable audit log")
         params = request.query_params
@@ -552,6 +661,7 @@ class Admin:
     async def fund_budget(self, request: Request) -> Response:
         """``POST /v1/admin/budgets/fund?scope=&unit=[&tenant_id=]``."""
         principal = await self._principal(request, "budgets:write")
+        check_request(request, "POST", "/v1/admin/budgets/fund")
         scope, unit = _scope_unit(request)
         if principal.is_admin:
             tenant_id = request.query_params.get("tenant_id") or None

@@ -54,6 +54,7 @@ from runcycles.models import (
     CommitRequest,
     DecisionRequest,
     EventCreateRequest,
+    ObserveMode,
     ReleaseRequest,
     ReservationCreateRequest,
     ReservationExtendRequest,
@@ -62,6 +63,7 @@ from runcycles.models import (
 from runcycles_server import ledger
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
+from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
     RESERVATION_SORT_KEYS,
@@ -167,13 +169,34 @@ def _check_subject(principal: Principal, subject: Subject) -> None:
         )
 
 
+def _refuse_observe_mode(request: ReservationCreateRequest) -> None:
+    """Refuse ``observe_mode=OBSERVE``: this server does not implement observe mode yet.
+
+    Accepting and ignoring it would hold (and spend) budget the caller only meant to observe.
+    ``ENFORCE`` and ``DISABLED`` are what the server does anyway.
+    """
+    if request.observe_mode is ObserveMode.OBSERVE:
+        raise LedgerError(
+            "INVALID_REQUEST",
+            "observe_mode=OBSERVE is not supported by this server yet; send dry_run=true to "
+            "evaluate a reservation without holding budget",
+        )
+
+
 def _reservation_id(request: Request) -> str:
     rid = str(request.path_params["reservation_id"])
     if not 1 <= len(rid) <= MAX_RESERVATION_ID_LEN:
         raise LedgerError(
             "INVALID_REQUEST", f"reservation_id must be 1 to {MAX_RESERVATION_ID_LEN} characters"
         )
+    check_text(rid, "reservation_id")
     return rid
+
+
+def _check_query_text(request: Request) -> None:
+    """Refuse control characters in any query parameter (ids, names and filters)."""
+    for name, value in request.query_params.multi_items():
+        check_text(value, f"query parameter {name}")
 
 
 def _hint_missing_tenant(error: LedgerError, subject: Subject, tenant_id: str | None) -> None:
@@ -264,6 +287,7 @@ class Runtime:
         """``POST /v1/reservations``."""
         principal = await self.auth.tenant(request, "reservations:create")
         body = await parse_body(request, ReservationCreateRequest, self.max_body)
+        _refuse_observe_mode(body)
         check_idempotency_header(request, body.idempotency_key)
         _check_subject(principal, body.subject)
         assert principal.tenant_id is not None
@@ -278,6 +302,7 @@ class Runtime:
     async def list_reservations(self, request: Request) -> Response:
         """``GET /v1/reservations``."""
         principal = await self.auth.admin_or_tenant(request, "reservations:list")
+        _check_query_text(request)
         params = request.query_params
         tenant_param = params.get("tenant") or None
         if principal.is_admin:
@@ -418,6 +443,7 @@ class Runtime:
         (descendants included). The admin key may query any tenant via ``tenant``/``tenant_id``.
         """
         principal = await self.auth.admin_or_tenant(request, "balances:read")
+        _check_query_text(request)
         params = request.query_params
         tenant_param = params.get("tenant") or params.get("tenant_id") or None
         if principal.is_admin:

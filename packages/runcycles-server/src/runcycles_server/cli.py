@@ -175,10 +175,10 @@ def _env_number(name: str, default: float | None) -> float | None:
 
 
 async def bootstrap_dev(store: Store) -> str:
-    """Create the demo tenant and budget if missing and a fresh API key; return its secret."""
+    """Create the demo tenant and budget if missing and a fresh agent key; return its secret."""
     from runcycles_server import ledger
-    from runcycles_server.admin import DEFAULT_PERMISSIONS
     from runcycles_server.ledger import ApiKeyRow, BudgetRow, LedgerError, TenantRow
+    from runcycles_server.roles import AGENT_PERMISSIONS, describe_permissions
     from runcycles_server.stores.base import new_id
 
     await store.create_tenant(TenantRow(DEV_TENANT, "Demo tenant"))
@@ -190,8 +190,11 @@ async def bootstrap_dev(store: Store) -> str:
             key_prefix=secret[:14],
             tenant_id=DEV_TENANT,
             name="dev",
-            permissions=list(DEFAULT_PERMISSIONS),
+            permissions=list(AGENT_PERMISSIONS),
         )
+    )
+    typer.echo(
+        f"# the dev API key is an agent key ({describe_permissions(AGENT_PERMISSIONS)})", err=True
     )
     scope = f"tenant:{DEV_TENANT}"
     if await store.get_budget(scope, "USD_MICROCENTS") is None:

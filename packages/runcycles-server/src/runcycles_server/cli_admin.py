@@ -4,7 +4,8 @@ They talk to a running server (``--url``, default ``http://127.0.0.1:7878`` or
 ``CYCLES_BASE_URL``) with the admin key (``--admin-key`` or ``CYCLES_ADMIN_API_KEY``)::
 
     cycles tenant create acme --name "Acme Corp"
-    eval "$(cycles key create acme)"            # sets CYCLES_API_KEY, CYCLES_TENANT, ...
+    eval "$(cycles key create acme)"            # an agent key: CYCLES_API_KEY, CYCLES_TENANT, ...
+    cycles key create acme --role tenant-admin  # a key that may also create and fund budgets
     cycles budget create tenant:acme '$25'       # 25 USD = 2_500_000_000 USD_MICROCENTS
     cycles balances
 
@@ -13,7 +14,8 @@ Amounts are whole numbers in the budget's unit; for ``USD_MICROCENTS`` a dollar 
 problem and what to do, and exits with 1 (the server refused or could not be reached) or 2 (a
 bad value on the command line).
 
-Imports stay light (no server modules) so the commands start quickly.
+Imports stay light (no server modules but the import-free :mod:`runcycles_server.roles`) so
+the commands start quickly.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Final
 
 import typer
+
+from runcycles_server.roles import ALL_PERMISSIONS, ROLES, describe_permissions, role_of
 
 __all__ = ["UNITS", "CliError", "format_amount", "parse_amount", "register"]
 
@@ -361,34 +365,74 @@ def tenant_close(
 key_app = typer.Typer(help="Create, list and revoke tenant API keys.", no_args_is_help=True)
 
 
+def key_permissions(role: str | None, permissions: list[str] | None) -> list[str]:
+    """Return the permissions ``cycles key create`` asks for.
+
+    No option: the ``agent`` role. ``--role`` alone: that role. ``--permission`` alone: exactly
+    those. Both: the role's permissions plus the extra ones. ``--permission`` values may also be
+    comma-separated.
+
+    Raises:
+        CliError: for an unknown role or permission (exit code 2).
+    """
+    extra: list[str] = []
+    for value in permissions or []:
+        extra.extend(part.strip() for part in value.split(",") if part.strip())
+    for name in extra:
+        if name not in ALL_PERMISSIONS:
+            raise CliError(
+                f"unknown permission {name!r}; use one of {', '.join(ALL_PERMISSIONS)}", 2
+            )
+    if role is None and extra:
+        return list(dict.fromkeys(extra))
+    name = (role or "agent").strip().lower()
+    if name not in ROLES:
+        raise CliError(f"unknown --role {role!r}; use one of {', '.join(ROLES)}", 2)
+    return list(dict.fromkeys([*ROLES[name], *extra]))
+
+
 @key_app.command("create")
 def key_create(
     tenant_id: Annotated[str, typer.Argument(help="Tenant the key belongs to.")],
     name: Annotated[str, typer.Option(help="Label for the key.")] = "cli",
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="agent (the default: runtime only, cannot fund or change budgets or "
+            "policies) or tenant-admin (adds budgets:read/write and policies:read/write).",
+            show_default=False,
+        ),
+    ] = None,
     permission: Annotated[
         list[str] | None,
         typer.Option(
-            help="Grant only this permission (repeatable; default: the ten runtime permissions)."
+            "--permission",
+            "--permissions",
+            help="Grant exactly these permissions instead of a role (repeatable or "
+            "comma-separated); with --role, grant them on top of the role's.",
         ),
     ] = None,
     url: Url = DEFAULT_URL,
     admin_key: AdminKey = None,
 ) -> None:
-    """Create an API key; print its secret once, as ``export`` lines for your shell.
+    """Create an API key (an agent key unless told otherwise); print its secret once.
 
-    ``eval "$(cycles key create acme)"`` sets ``CYCLES_BASE_URL``, ``CYCLES_API_KEY`` and
-    ``CYCLES_TENANT`` in the current shell.
+    The secret is printed as ``export`` lines for your shell: ``eval "$(cycles key create
+    acme)"`` sets ``CYCLES_BASE_URL``, ``CYCLES_API_KEY`` and ``CYCLES_TENANT``. A comment line
+    on stderr says what the key may do.
     """
     with reported():
+        granted = key_permissions(role, permission)
         client = ServerClient(url, admin_key=admin_key)
-        payload: dict[str, Any] = {"tenant_id": tenant_id, "name": name}
-        if permission:
-            payload["permissions"] = permission
+        payload: dict[str, Any] = {"tenant_id": tenant_id, "name": name, "permissions": granted}
         body = client.call("POST", "/v1/admin/api-keys", json_body=payload)
         typer.echo(
             f"# created key {body['key_id']} for tenant {body['tenant_id']} "
             f"(expires {body.get('expires_at', 'never')}); the secret is shown only this once",
             err=True,
+        )
+        typer.echo(
+            f"# it may: {describe_permissions(body.get('permissions') or granted)}", err=True
         )
         typer.echo(f"export CYCLES_BASE_URL={client.url}")
         typer.echo(f"export CYCLES_API_KEY={body['key_secret']}")
@@ -402,7 +446,7 @@ def key_list(
     admin_key: AdminKey = None,
     as_json: AsJson = False,
 ) -> None:
-    """List a tenant's API keys (never their secrets)."""
+    """List a tenant's API keys (never their secrets) and their role (agent, tenant-admin...)."""
     with reported():
         client = ServerClient(url, admin_key=admin_key)
         keys = client.pages("/v1/admin/api-keys", "keys", {"tenant_id": tenant_id, "limit": 100})
@@ -415,6 +459,7 @@ def key_list(
                 ("key id", "left"),
                 ("prefix", "left"),
                 ("name", "left"),
+                ("role", "left"),
                 ("status", "left"),
                 ("expires", "left"),
             ],
@@ -424,6 +469,7 @@ def key_list(
                 k["key_id"],
                 k.get("key_prefix", "") + "…",
                 k.get("name", ""),
+                role_of(k.get("permissions") or []),
                 k["status"],
                 k.get("expires_at", ""),
             )

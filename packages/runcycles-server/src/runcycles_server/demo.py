@@ -34,6 +34,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from runcycles_server.roles import AGENT_PERMISSIONS
+
 __all__ = ["FakeModel", "ModelReply", "embedded_server", "run_demo"]
 
 # gpt-4o-mini list prices: $0.15 per million input tokens, $0.60 per million output tokens.
@@ -185,14 +187,17 @@ def embedded_server(db_path: Path | None = None) -> Iterator[EmbeddedServer]:
 
 
 def provision(server: EmbeddedServer, tenant: str, budget: int) -> str:
-    """Create ``tenant`` with a USD budget of ``budget`` microcents; return a new API key."""
+    """Create ``tenant`` with a USD budget of ``budget`` microcents; return a new agent key."""
     with httpx.Client(
         base_url=server.base_url, headers={"X-Admin-API-Key": server.admin_key}, timeout=10
     ) as admin:
         admin.post(
             "/v1/admin/tenants", json={"tenant_id": tenant, "name": "Demo"}
         ).raise_for_status()
-        key = admin.post("/v1/admin/api-keys", json={"tenant_id": tenant, "name": "demo"})
+        key = admin.post(  # an agent key: it can spend the budget, never refill it
+            "/v1/admin/api-keys",
+            json={"tenant_id": tenant, "name": "demo", "permissions": list(AGENT_PERMISSIONS)},
+        )
         key.raise_for_status()
         admin.post(
             "/v1/admin/budgets",

@@ -5,7 +5,7 @@
     from runcycles_server.testing import ServerProcess
 
     with ServerProcess.start(store="sqlite") as server:
-        tenant = server.provision(budget=1_000_000)   # tenant, API key and budget
+        tenant = server.provision(budget=1_000_000)   # tenant, agent key and budget
         with tenant.client() as client:
             ...
 
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +38,7 @@ from typing import Any, Literal
 import httpx
 
 from runcycles.config import CyclesConfig
+from runcycles_server.roles import AGENT_PERMISSIONS
 
 __all__ = ["ProvisionedTenant", "ServerProcess", "free_port", "redis_url_for_tests"]
 
@@ -256,9 +258,15 @@ class ServerProcess:
         tenant_id: str | None = None,
         budget: int | None = None,
         unit: str = "USD_MICROCENTS",
+        permissions: Sequence[str] = AGENT_PERMISSIONS,
         **tenant_fields: Any,
     ) -> ProvisionedTenant:
-        """Create a tenant and an API key, and a tenant-scope budget when ``budget`` is given."""
+        """Create a tenant and an API key, and a tenant-scope budget when ``budget`` is given.
+
+        The key is an agent key (:data:`~runcycles_server.roles.AGENT_PERMISSIONS`: runtime
+        only) unless ``permissions`` says otherwise, e.g.
+        ``permissions=roles.TENANT_ADMIN_PERMISSIONS`` for a key that may manage budgets.
+        """
         tenant_id = tenant_id or f"t-{uuid.uuid4().hex[:10]}"
         self.admin(
             "POST",
@@ -266,7 +274,9 @@ class ServerProcess:
             json={"tenant_id": tenant_id, "name": tenant_id, **tenant_fields},
         )
         key = self.admin(
-            "POST", "/v1/admin/api-keys", json={"tenant_id": tenant_id, "name": "tests"}
+            "POST",
+            "/v1/admin/api-keys",
+            json={"tenant_id": tenant_id, "name": "tests", "permissions": list(permissions)},
         )
         tenant = ProvisionedTenant(
             server=self, tenant_id=tenant_id, api_key=key["key_secret"], key_id=key["key_id"]

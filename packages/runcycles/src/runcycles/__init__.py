@@ -34,6 +34,10 @@ if TYPE_CHECKING:
         set_default_config,
     )
     from runcycles.exceptions import (
+        ActionDeniedError,
+        ActionKindDeniedError,
+        ActionKindNotAllowedError,
+        ActionQuotaExceededError,
         BudgetClosedError,
         BudgetExceededError,
         BudgetFrozenError,
@@ -72,6 +76,10 @@ if TYPE_CHECKING:
     )
     from runcycles.models import (
         Action,
+        ActionPolicyKeys,
+        ActionQuotaViolation,
+        ActionQuotaWindow,
+        ActionRiskClass,
         Amount,
         Balance,
         BalanceResponse,
@@ -84,10 +92,12 @@ if TYPE_CHECKING:
         Decision,
         DecisionRequest,
         DecisionResponse,
+        DenyDetail,
         ErrorCode,
         ErrorResponse,
         EventCreateRequest,
         EventCreateResponse,
+        ObserveMode,
         ReasonCode,
         ReleaseRequest,
         ReleaseResponse,
@@ -125,6 +135,14 @@ if TYPE_CHECKING:
 # Public name -> module that defines it (the single source of the lazy re-exports).
 _LAZY: Final[dict[str, str]] = {
     "Action": "runcycles.models",
+    "ActionDeniedError": "runcycles.exceptions",
+    "ActionKindDeniedError": "runcycles.exceptions",
+    "ActionKindNotAllowedError": "runcycles.exceptions",
+    "ActionPolicyKeys": "runcycles.models",
+    "ActionQuotaExceededError": "runcycles.exceptions",
+    "ActionQuotaViolation": "runcycles.models",
+    "ActionQuotaWindow": "runcycles.models",
+    "ActionRiskClass": "runcycles.models",
     "AdapterCall": "runcycles.adapters",
     "Amount": "runcycles.models",
     "AsyncCyclesAdapter": "runcycles.adapters",
@@ -157,6 +175,7 @@ _LAZY: Final[dict[str, str]] = {
     "Decision": "runcycles.models",
     "DecisionRequest": "runcycles.models",
     "DecisionResponse": "runcycles.models",
+    "DenyDetail": "runcycles.models",
     "DryRunDecision": "runcycles.adapters",
     "DryRunResult": "runcycles.lifecycle",
     "ErrorCode": "runcycles.models",
@@ -171,6 +190,7 @@ _LAZY: Final[dict[str, str]] = {
     "MaxExtensionsExceededError": "runcycles.exceptions",
     "ModelPrice": "runcycles.pricing",
     "NotFoundError": "runcycles.exceptions",
+    "ObserveMode": "runcycles.models",
     "OverdraftLimitExceededError": "runcycles.exceptions",
     "PendingReservationsWarning": "runcycles.adapters",
     "PriceTable": "runcycles.pricing",
@@ -224,6 +244,14 @@ _LAZY: Final[dict[str, str]] = {
 
 __all__ = [
     "Action",
+    "ActionDeniedError",
+    "ActionKindDeniedError",
+    "ActionKindNotAllowedError",
+    "ActionPolicyKeys",
+    "ActionQuotaExceededError",
+    "ActionQuotaViolation",
+    "ActionQuotaWindow",
+    "ActionRiskClass",
     "AdapterCall",
     "Amount",
     "AsyncCyclesAdapter",
@@ -256,6 +284,7 @@ __all__ = [
     "Decision",
     "DecisionRequest",
     "DecisionResponse",
+    "DenyDetail",
     "DryRunDecision",
     "DryRunResult",
     "ErrorCode",
@@ -270,6 +299,7 @@ __all__ = [
     "MaxExtensionsExceededError",
     "ModelPrice",
     "NotFoundError",
+    "ObserveMode",
     "OverdraftLimitExceededError",
     "PendingReservationsWarning",
     "PriceTable",
@@ -322,14 +352,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module defining ``name`` on first access and cache the attribute here."""
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'runcycles' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # hidden from type checkers: a misspelt import must fail mypy too
+
+    def __getattr__(name: str) -> Any:
+        """Import the module defining ``name`` on first access and cache the attribute here."""
+        module_name = _LAZY.get(name)
+        if module_name is None:
+            raise AttributeError(f"module 'runcycles' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module_name), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

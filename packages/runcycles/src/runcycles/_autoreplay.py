@@ -120,6 +120,15 @@ def _log_report(report: ReplayReport, journal: Journal) -> None:
         )
 
 
+def _log_stopped(exc: BaseException) -> None:
+    logger.warning(
+        "automatic journal replay stopped (%s: %s); the records stay in the journal for the "
+        "next replay or flush()",
+        type(exc).__name__,
+        exc,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Sync: one daemon thread per process
 
@@ -171,12 +180,7 @@ class _SyncReplayer:
                 if client is not None:
                     _replay_sync(client, started_ms)
             except BaseException as exc:  # the thread serves every later client: keep it
-                logger.warning(
-                    "automatic journal replay stopped (%s: %s); the records stay in the "
-                    "journal for the next replay or flush()",
-                    type(exc).__name__,
-                    exc,
-                )
+                _log_stopped(exc)
             finally:
                 client = None
                 with self._lock:
@@ -283,12 +287,7 @@ async def _areplay(client: _AsyncReplayable, started_ms: int) -> None:
         report = await settlement.flush(REPLAY_TIMEOUT_S, created_before_ms=started_ms + 1)
         _log_report(report, settlement.journal)
     except Exception as exc:
-        logger.warning(
-            "automatic journal replay stopped (%s: %s); the records stay in the journal for "
-            "the next replay or flush()",
-            type(exc).__name__,
-            exc,
-        )
+        _log_stopped(exc)
 
 
 async def wait_async(timeout_s: float = REPLAY_TIMEOUT_S) -> bool:

@@ -166,8 +166,7 @@ class BaseCyclesClient:
     ) -> None:
         if http_client is not None and transport is not None:
             raise TypeError("pass either http_client or transport, not both")
-        # Every request carries the full header set: the wire may bypass httpx's merging.
-        self._core = core = ClientCore(config, headers_on_client=False)
+        self._core = core = ClientCore(config)
         self._retry = retry_policy or RetryPolicy.from_config(config)
         self._owns_http = http_client is None
         self._transport = transport
@@ -317,16 +316,7 @@ class BaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationCreateResponse]:
-        """Reserve budget: ``POST /v1/reservations``.
-
-        Args:
-            request: The reservation to create.
-            headers: Extra headers for this call (e.g. ``traceparent``).
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationCreateResponse`.
-        """
+        """Reserve budget: ``POST /v1/reservations``."""
         content, hdrs = self._core.post_body(request, ReservationCreateRequest, headers)
         url = self._core.reservations_url
         return self._send(
@@ -349,17 +339,7 @@ class BaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[CommitResponse]:
-        """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: The actual amount (plus optional metrics and metadata).
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.CommitResponse`.
-        """
+        """Record actual usage: ``POST /v1/reservations/{reservation_id}/commit``."""
         content, hdrs = self._core.post_body(request, CommitRequest, headers)
         url = self._core.reservation_url(reservation_id, "/commit")
         return self._send("POST", url, CommitResponse, hdrs, content=content, retry=retry_policy)
@@ -372,17 +352,7 @@ class BaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReleaseResponse]:
-        """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``.
-
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: The idempotency key and an optional reason.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReleaseResponse`.
-        """
+        """Give a reservation back: ``POST /v1/reservations/{reservation_id}/release``."""
         content, hdrs = self._core.post_body(request, ReleaseRequest, headers)
         url = self._core.reservation_url(reservation_id, "/release")
         return self._send("POST", url, ReleaseResponse, hdrs, content=content, retry=retry_policy)
@@ -397,14 +367,7 @@ class BaseCyclesClient:
     ) -> CyclesResponse[ReservationExtendResponse]:
         """Move a reservation's expiry: ``POST /v1/reservations/{reservation_id}/extend``.
 
-        Args:
-            reservation_id: Id returned by :meth:`create_reservation`.
-            request: ``extend_by_ms`` (added to the current expiry) and the idempotency key.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationExtendResponse`.
+        ``request.extend_by_ms`` is added to the current expiry.
         """
         content, hdrs = self._core.post_body(request, ReservationExtendRequest, headers)
         url = self._core.reservation_url(reservation_id, "/extend")
@@ -419,25 +382,10 @@ class BaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[DecisionResponse]:
-        """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``.
-
-        Args:
-            request: The would-be reservation.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.DecisionResponse`.
-        """
+        """Ask whether a reservation would be allowed, holding nothing: ``POST /v1/decide``."""
         content, hdrs = self._core.post_body(request, DecisionRequest, headers)
-        return self._send(
-            "POST",
-            self._core.decide_url,
-            DecisionResponse,
-            hdrs,
-            content=content,
-            retry=retry_policy,
-        )
+        url = self._core.decide_url
+        return self._send("POST", url, DecisionResponse, hdrs, content=content, retry=retry_policy)
 
     def create_event(
         self,
@@ -446,16 +394,7 @@ class BaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[EventCreateResponse]:
-        """Debit usage directly, without a reservation: ``POST /v1/events``.
-
-        Args:
-            request: The event (subject, action, actual amount).
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response (HTTP 201); ``data`` is a :class:`~runcycles.models.EventCreateResponse`.
-        """
+        """Debit usage directly, without a reservation: ``POST /v1/events`` (HTTP 201)."""
         content, hdrs = self._core.post_body(request, EventCreateRequest, headers)
         url = self._core.events_url
         return self._send(
@@ -469,16 +408,7 @@ class BaseCyclesClient:
         headers: Headers | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ReservationDetail]:
-        """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``.
-
-        Args:
-            reservation_id: The reservation's id.
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationDetail`.
-        """
+        """Fetch one reservation: ``GET /v1/reservations/{reservation_id}``."""
         url = self._core.reservation_url(reservation_id)
         return self._send(
             "GET", url, ReservationDetail, self._core.headers_for_get(headers), retry=retry_policy
@@ -493,19 +423,12 @@ class BaseCyclesClient:
     ) -> CyclesResponse[ReservationListResponse]:
         """List one page of reservations: ``GET /v1/reservations``.
 
-        Args:
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-            **filters: See :class:`ReservationFilters` (``status``,
-                ``tenant``, ..., ``limit``, ``cursor``).
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.ReservationListResponse`.
+        ``filters``: see :class:`ReservationFilters` (``status``, ``tenant``, ...,
+        ``limit``, ``cursor``).
         """
         params = reservation_params(filters)
-        return self._list(
-            self._core.reservations_url, ReservationListResponse, params, headers, retry_policy
-        )
+        url = self._core.reservations_url
+        return self._list(url, ReservationListResponse, params, headers, retry_policy)
 
     def iter_reservations(
         self,
@@ -516,18 +439,9 @@ class BaseCyclesClient:
     ) -> Iterator[ReservationSummary]:
         """Iterate over every reservation matching ``filters``, following ``next_cursor``.
 
-        Filters are checked now; pages are fetched as the iterator advances.
-
-        Args:
-            headers: Extra headers for every page request.
-            retry_policy: Retries of each page request (default: the client's policy).
-            **filters: As for :meth:`list_reservations`.
-
-        Returns:
-            An iterator of :class:`~runcycles.models.ReservationSummary`.
-
-        Raises:
-            CyclesError: While iterating, when a page cannot be fetched.
+        Filters are checked now; pages are fetched as the iterator advances (a page that
+        cannot be fetched raises its ``CyclesError`` then). ``headers`` and
+        ``retry_policy`` apply to every page request.
         """
         params = reservation_params(filters)
         url = self._core.reservations_url
@@ -544,14 +458,7 @@ class BaseCyclesClient:
     ) -> CyclesResponse[BalanceResponse]:
         """Read one page of balances: ``GET /v1/balances``.
 
-        Args:
-            headers: Extra headers for this call.
-            retry_policy: Retries of this call (default: the client's policy).
-            **filters: At least one of ``tenant``, ``workspace``, ``app``, ``workflow``,
-                ``agent``, ``toolset``; optionally ``include_children``, ``limit``, ``cursor``.
-
-        Returns:
-            The response; ``data`` is a :class:`~runcycles.models.BalanceResponse`.
+        ``filters``: see :class:`BalanceFilters`; at least one subject field is required.
 
         Raises:
             ValueError: No subject filter was given (checked before sending).
@@ -566,19 +473,7 @@ class BaseCyclesClient:
         retry_policy: RetryPolicy | None = None,
         **filters: Unpack[BalanceFilters],
     ) -> Iterator[Balance]:
-        """Iterate over every balance matching ``filters``, following ``next_cursor``.
-
-        Args:
-            headers: Extra headers for every page request.
-            retry_policy: Retries of each page request (default: the client's policy).
-            **filters: As for :meth:`get_balances`.
-
-        Returns:
-            An iterator of :class:`~runcycles.models.Balance`.
-
-        Raises:
-            CyclesError: While iterating, when a page cannot be fetched.
-        """
+        """Iterate over every balance matching ``filters`` (as :meth:`iter_reservations`)."""
         params = balance_params(filters)
         return self._pages(
             self._core.balances_url, BalanceResponse, "balances", params, headers, retry_policy
@@ -592,14 +487,8 @@ class BaseCyclesClient:
         headers: Headers | None,
         retry_policy: RetryPolicy | None = None,
     ) -> CyclesResponse[ModelT]:
-        return self._send(
-            "GET",
-            url,
-            model,
-            self._core.headers_for_get(headers),
-            params=params,
-            retry=retry_policy,
-        )
+        hdrs = self._core.headers_for_get(headers)
+        return self._send("GET", url, model, hdrs, params=params, retry=retry_policy)
 
     def _pages(
         self,
@@ -660,8 +549,7 @@ class AsyncBaseCyclesClient:
     ) -> None:
         if http_client is not None and transport is not None:
             raise TypeError("pass either http_client or transport, not both")
-        # Every request carries the full header set: the wire may bypass httpx's merging.
-        self._core = core = ClientCore(config, headers_on_client=False)
+        self._core = core = ClientCore(config)
         self._retry = retry_policy or RetryPolicy.from_config(config)
         self._owns_http = http_client is None
         self._transport = transport

@@ -113,14 +113,8 @@ class ClientCore:
         "reservations_url",
     )
 
-    def __init__(self, config: CyclesConfig, *, headers_on_client: bool):
-        """Precompute URLs and headers.
-
-        Args:
-            config: The client's configuration.
-            headers_on_client: Whether :attr:`base_headers` are set once on the (owned)
-                ``httpx`` client; if not, every request carries them.
-        """
+    def __init__(self, config: CyclesConfig):
+        """Precompute URLs and headers (every request carries them all: see ``_wire``)."""
         if not isinstance(config, CyclesConfig):
             raise TypeError(
                 f"expected a CyclesConfig, got {type(config).__name__}; build one with "
@@ -143,7 +137,7 @@ class ClientCore:
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
         }
-        self.get_headers: dict[str, str] = {} if headers_on_client else dict(self.base_headers)
+        self.get_headers: dict[str, str] = dict(self.base_headers)
         self.post_headers: dict[str, str] = {
             **self.get_headers,
             "Content-Type": "application/json",
@@ -190,9 +184,7 @@ class ClientCore:
             the body's key, which any string of 1..256 characters may be, is authoritative.
         """
         content, idempotency_key = encode_body(request, model)
-        headers = dict(self.post_headers)
-        if _header_safe(idempotency_key):
-            headers["X-Idempotency-Key"] = idempotency_key
+        headers = self.encoded_headers(idempotency_key)
         if extra_headers:
             headers.update(extra_headers)
         return content, headers

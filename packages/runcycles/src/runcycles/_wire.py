@@ -1,14 +1,10 @@
 """How a client's requests reach the connection pool.
 
-``httpx.Client.send`` runs machinery a Cycles client never uses with a pool it built itself
-(URL and header merging, cookies, auth flow, redirect and hook loops, transport lookup),
-about a third of the client's CPU per reserve or commit (``benchmarks/guarded_call.py``). So
-a client that owns its pool sends through :class:`SyncWire` / :class:`AsyncWire`: the
-request is built once, complete, and handed straight to the transport ``httpx`` would pick
-(proxies from the environment included); everything under the transport is unchanged. A
-client given ``http_client=`` keeps using that client's ``send`` (its hooks, auth and mounts
-apply). Both shortcuts go through :mod:`runcycles._fastpath` (``RUNCYCLES_FASTPATH=0``: plain
-``httpx.Client.send``).
+A client that owns its pool skips ``httpx.Client.send`` (about a third of its CPU per call;
+``docs/client.md`` says what is skipped): :class:`SyncWire` / :class:`AsyncWire` build the
+request once, complete, and hand it straight to the transport ``httpx`` would pick. A client
+given ``http_client=`` keeps using that client's ``send``. Both shortcuts go through
+:mod:`runcycles._fastpath` (``RUNCYCLES_FASTPATH=0``: plain ``httpx.Client.send``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import hashlib
 import re
 import time
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, TypedDict
 
 from runcycles.exceptions import CyclesProtocolError, CyclesTransportError, MalformedResponseError
@@ -105,6 +105,45 @@ class CallPlan:
         return cls(kind=kind, name=name, is_tool=True, **fields)
 
 
+@dataclass(frozen=True)
+class ToolEstimateConfig:
+    """What one call of a tool holds.
+
+    Attributes:
+        estimate: Amount held per call, in ``unit`` (0: no reservation, no request).
+        action_kind: The reservation's action kind (default ``"tool.call"``).
+        unit: Unit of ``estimate`` (default: the map's ``default_unit``).
+    """
+
+    estimate: int
+    action_kind: str = "tool.call"
+    unit: Unit | str | None = None
+
+
+@dataclass(frozen=True)
+class ToolEstimateMap:
+    """Estimate per tool name (the adapters' ``tool_estimates=``); others hold the default.
+
+    Attributes:
+        mapping: Tool name to an ``int`` (in ``default_unit``) or a :class:`ToolEstimateConfig`.
+        default_estimate: What an unmapped tool holds (0: unmapped tools are not metered).
+        default_unit: Unit of ``int`` values (default ``RISK_POINTS``).
+    """
+
+    mapping: Mapping[str, int | ToolEstimateConfig] = field(default_factory=dict)
+    default_estimate: int = 1
+    default_unit: Unit | str = Unit.RISK_POINTS
+
+    def lookup(self, tool: str) -> ToolEstimateConfig:
+        """Return the estimate, unit and action kind of one call of ``tool``."""
+        entry = self.mapping.get(tool, self.default_estimate)
+        if not isinstance(entry, ToolEstimateConfig):
+            entry = ToolEstimateConfig(entry)
+        if isinstance(entry.estimate, bool) or not isinstance(entry.estimate, int):
+            raise TypeError(f"tool estimate of {tool!r} must be an int, got {entry.estimate!r}")
+        return replace(entry, unit=entry.unit or self.default_unit)
+
+
 def tool_allowed(caps: Caps | None, tool: str) -> bool:
     """Return whether ``tool`` may run under ``caps`` (no caps: always).
 
@@ -161,9 +200,12 @@ class AdapterCall:
         return min(known) if known else None
 
     def allows_tool(self, tool: str | None = None) -> bool:
-        """Return whether ``tool`` (default: this call's tool) may run under the caps."""
+        """Return whether ``tool`` (default: this call's tool) may run under the caps.
+
+        Always true in a dry run: shadow mode records the caps (``caps``), it never blocks.
+        """
         name = tool if tool is not None else (self.plan.name if self.plan else "")
-        return tool_allowed(self.caps, name)
+        return self.mode == "dry_run" or tool_allowed(self.caps, name)
 
 
 @dataclass(frozen=True)
@@ -195,7 +237,8 @@ class AdapterOptions(TypedDict, total=False):
         toolset: Subject toolset (default: the config's; a plan's ``toolset`` overrides it).
         dimensions: Free-form subject tags.
         pricer: Prices estimates and usage (default :func:`~runcycles.default_pricer`).
-        tool_estimates: Estimate per tool name (an ``int`` is in ``unit``).
+        tool_estimates: Estimate per tool name (an ``int`` is in ``unit``), or a
+            :class:`ToolEstimateMap` (per-tool unit and action kind, its own default).
         default_tool_estimate: Estimate of a tool missing from ``tool_estimates``.
         llm_estimate: Estimate of a model call the pricer cannot estimate (a plan without a
             model, or an unknown model under ``Pricer(unknown_model="estimate")``).
@@ -225,7 +268,7 @@ class AdapterOptions(TypedDict, total=False):
     toolset: str | None
     dimensions: Mapping[str, str] | None
     pricer: Pricer | None
-    tool_estimates: Mapping[str, int | Amount] | None
+    tool_estimates: Mapping[str, int | Amount] | ToolEstimateMap | None
     default_tool_estimate: int | Amount | None
     llm_estimate: int | Amount | None
     unit: Unit | str

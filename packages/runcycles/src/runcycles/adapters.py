@@ -46,10 +46,14 @@ from runcycles.adapter_plan import (
     CallPlan,
     DryRunDecision,
     PendingReservationsWarning,
+    ToolEstimateConfig,
+    ToolEstimateMap,
     call_idempotency_key,
     is_outage,
     tool_allowed,
 )
+from runcycles.client import AsyncCyclesClient, CyclesClient
+from runcycles.config import CyclesConfig
 from runcycles.exceptions import CyclesConfigError, CyclesError, ReservationFinalizedError
 from runcycles.lifecycle import (
     DEFAULT_TTL_MS,
@@ -66,9 +70,11 @@ from runcycles.lifecycle import (
 )
 from runcycles.models import (
     STANDARD_SUBJECT_FIELDS,
+    Action,
     Amount,
     CyclesMetrics,
     Decision,
+    EventCreateRequest,
     Subject,
     Unit,
 )
@@ -78,9 +84,6 @@ from runcycles.usage import Usage
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
 
-    from runcycles.client import AsyncCyclesClient, CyclesClient
-    from runcycles.config import CyclesConfig
-
 __all__ = [
     "AdapterCall",
     "AdapterOptions",
@@ -89,6 +92,8 @@ __all__ = [
     "CyclesAdapter",
     "DryRunDecision",
     "PendingReservationsWarning",
+    "ToolEstimateConfig",
+    "ToolEstimateMap",
     "call_idempotency_key",
     "is_outage",
     "tool_allowed",
@@ -143,7 +148,9 @@ class _AdapterBase(Generic[StartT, EndT]):
             Subject(**self._subject, dimensions=self._dimensions)
         self._unit = Unit(options.get("unit", Unit.USD_MICROCENTS))
         self._pricer: Pricer = options.get("pricer") or default_pricer()
-        self._tool_estimates = dict(options.get("tool_estimates") or {})
+        tools = options.get("tool_estimates")
+        self._tool_map = tools if isinstance(tools, ToolEstimateMap) else None
+        self._tool_estimates = {} if self._tool_map else dict(tools or {})
         self._default_tool_estimate = options.get("default_tool_estimate")
         self._llm_estimate = options.get("llm_estimate")
         self.fail_open: bool = options.get("fail_open", False)
@@ -161,6 +168,7 @@ class _AdapterBase(Generic[StartT, EndT]):
         self._outage: str | None = None  # what the current outage is, once logged
         self._unguarded = 0
         self._decisions: deque[DryRunDecision] = deque(maxlen=10_000)
+        self._events: dict[str, int] = {}  # events recorded per run (their idempotency keys)
         weakref.finalize(self, _on_collect, self._open, type(self).__name__)
 
     # -- the hooks a framework package fills ---------------------------------------------
@@ -184,6 +192,40 @@ class _AdapterBase(Generic[StartT, EndT]):
         a ``Usage``, an ``int`` or an ``Amount`` as the result, anything else as ``None``.
         """
         return result if isinstance(result, (Usage, int, Amount)) else None
+
+    def tool_plan(self, name: str, **fields: Any) -> CallPlan | None:
+        """Plan a call of tool ``name`` from ``tool_estimates``; ``None`` if it holds 0.
+
+        A :class:`ToolEstimateMap` also gives the call's unit and action kind. ``fields`` go
+        to :meth:`CallPlan.tool` (``agent=``, ``toolset=``...) and win over the map.
+        """
+        if self._tool_map is not None:
+            entry = self._tool_map.lookup(name)
+            mapped = {"kind": entry.action_kind, "estimate": entry.estimate, "unit": entry.unit}
+            fields = {**mapped, **fields}
+        elif "estimate" not in fields:
+            fields["estimate"] = self._tool_estimates.get(name, self._default_tool_estimate)
+        plan = CallPlan.tool(name, **fields)
+        held = plan.estimate.amount if isinstance(plan.estimate, Amount) else plan.estimate
+        return None if held == 0 else plan
+
+    def _event(
+        self, run_id: Hashable, name: str, kind: str, agent: str | None, metadata: Mapping[str, str]
+    ) -> EventCreateRequest:
+        run = str(run_id)
+        with self._lock:
+            number = self._events[run] = self._events.get(run, 0) + 1
+        key = call_idempotency_key(self.framework, run, f"event-{number}", "event", self._namespace)
+        return EventCreateRequest(
+            idempotency_key=key,
+            subject=Subject(
+                **{**self._subject, **({"agent": agent} if agent else {})},
+                dimensions=self._dimensions,
+            ),
+            action=Action(kind=kind, name=name[:256]),
+            actual=Amount(unit=self._unit, amount=0),
+            metadata={"framework": self.framework, "run_id": run, **metadata},
+        )
 
     # -- what the twins share ------------------------------------------------------------
 
@@ -247,7 +289,7 @@ class _AdapterBase(Generic[StartT, EndT]):
         fallback = self._llm_estimate
         if plan.is_tool:
             fallback = self._tool_estimates.get(plan.name, self._default_tool_estimate)
-        elif plan.model is not None:
+        elif plan.model is not None and unit is Unit.USD_MICROCENTS:
             try:
                 amount = self._pricer.estimate(
                     plan.model,
@@ -390,6 +432,10 @@ class _AdapterBase(Generic[StartT, EndT]):
         with self._lock:
             keys = [k for k in self._open if run_id is None or k[0] == run_id]
             calls = [self._open[k] for k in keys if self._open[k].mode != "pending"]
+            if run_id is None:
+                self._events.clear()
+            else:
+                self._events.pop(run_id, None)
         for call in calls:
             self._forget(call)
         return [call for call in calls if call.guard is not None]
@@ -446,11 +492,13 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
     """Turn a framework's start/end/error callbacks into reserve/commit/release (sync).
 
     Subclass it, set :attr:`framework`, fill :meth:`plan` (and :meth:`usage`), and forward
-    the framework's callbacks to :meth:`begin`, :meth:`end` and :meth:`fail`. The adapter
-    does not close ``client``.
+    the framework's callbacks to :meth:`begin`, :meth:`end` and :meth:`fail`.
 
     Args:
-        client: The client to reserve, commit and release with.
+        client: The client to reserve, commit and release with; the adapter does not close
+            it. Default: one built from ``config``, which :meth:`close` closes.
+        config: Builds the client when none is given (default: the ``CYCLES_*`` variables,
+            :meth:`CyclesConfig.from_env`).
         **options: See :class:`AdapterOptions`.
 
     Raises:
@@ -458,9 +506,18 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         CyclesConfigError: A bad option value (the message says which).
     """
 
-    def __init__(self, client: CyclesClient, /, **options: Unpack[AdapterOptions]) -> None:
-        super().__init__(client.config, options)
-        self.client = client
+    def __init__(
+        self,
+        client: CyclesClient | None = None,
+        /,
+        *,
+        config: CyclesConfig | None = None,
+        **options: Unpack[AdapterOptions],
+    ) -> None:
+        config = client.config if client is not None else config or CyclesConfig.from_env()
+        super().__init__(config, options)  # options checked before a client is built
+        self._owns_client = client is None
+        self.client = client if client is not None else CyclesClient(config)
 
     def begin(self, run_id: Hashable, call_id: Hashable, event: StartT) -> AdapterCall:
         """A call is about to run: reserve for it (or evaluate it, in dry-run mode).
@@ -528,6 +585,30 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         if call is not None:
             self._release([call], None, error)
 
+    def record_event(
+        self,
+        run_id: Hashable,
+        name: str,
+        *,
+        kind: str,
+        agent: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Record something that happened (a handoff, a step) as a zero-amount event.
+
+        An audit record, never a gate: it returns whether the server stored it, logs a
+        warning otherwise, and never raises. Nothing is sent in dry-run mode.
+        """
+        if self.dry_run:
+            return False
+        try:
+            request = self._event(run_id, name, kind, agent, metadata or {})
+            self.client.create_event(request).raise_for_error()
+        except Exception as error:
+            logger.warning("%s: %s %r not recorded: %s", self.framework, kind, name, error)
+            return False
+        return True
+
     def end_run(self, run_id: Hashable, reason: str = "run_ended") -> int:
         """Release every reservation the run left open (calls with no end); return how many."""
         return self._release(self._take(str(run_id)), reason)
@@ -537,9 +618,11 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         return self._release(self._take(None), reason)
 
     def close(self) -> None:
-        """Release whatever is still open (logged); the client stays open."""
+        """Release whatever is still open (logged); close the client if the adapter built it."""
         if released := self.release_pending("adapter_closed"):
             logger.warning("%s: closed with %d open reservation(s)", self.framework, released)
+        if self._owns_client:
+            self.client.close()
 
     def __enter__(self) -> Self:
         return self
@@ -568,13 +651,24 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
     """The async twin of :class:`CyclesAdapter`: the same hooks and names, awaited.
 
     Args:
-        client: The async client to reserve, commit and release with.
+        client: The async client (default: one built from ``config``, closed by
+            :meth:`close`).
+        config: See :class:`CyclesAdapter`.
         **options: See :class:`AdapterOptions`.
     """
 
-    def __init__(self, client: AsyncCyclesClient, /, **options: Unpack[AdapterOptions]) -> None:
-        super().__init__(client.config, options)
-        self.client = client
+    def __init__(
+        self,
+        client: AsyncCyclesClient | None = None,
+        /,
+        *,
+        config: CyclesConfig | None = None,
+        **options: Unpack[AdapterOptions],
+    ) -> None:
+        config = client.config if client is not None else config or CyclesConfig.from_env()
+        super().__init__(config, options)
+        self._owns_client = client is None
+        self.client = client if client is not None else AsyncCyclesClient(config)
 
     async def begin(self, run_id: Hashable, call_id: Hashable, event: StartT) -> AdapterCall:
         """A call is about to run: reserve for it. See :meth:`CyclesAdapter.begin`."""
@@ -619,6 +713,26 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
         if call is not None:
             await self._release([call], None, error)
 
+    async def record_event(
+        self,
+        run_id: Hashable,
+        name: str,
+        *,
+        kind: str,
+        agent: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool:
+        """See :meth:`CyclesAdapter.record_event`."""
+        if self.dry_run:
+            return False
+        try:
+            request = self._event(run_id, name, kind, agent, metadata or {})
+            (await self.client.create_event(request)).raise_for_error()
+        except Exception as error:
+            logger.warning("%s: %s %r not recorded: %s", self.framework, kind, name, error)
+            return False
+        return True
+
     async def end_run(self, run_id: Hashable, reason: str = "run_ended") -> int:
         """Release every reservation the run left open; return how many."""
         return await self._release(self._take(str(run_id)), reason)
@@ -628,9 +742,11 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
         return await self._release(self._take(None), reason)
 
     async def close(self) -> None:
-        """Release whatever is still open (logged); the client stays open."""
+        """Release whatever is still open (logged); close the client if the adapter built it."""
         if released := await self.release_pending("adapter_closed"):
             logger.warning("%s: closed with %d open reservation(s)", self.framework, released)
+        if self._owns_client:
+            await self.client.aclose()
 
     async def __aenter__(self) -> Self:
         return self

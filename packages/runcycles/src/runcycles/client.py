@@ -39,6 +39,11 @@ class CyclesClient(BaseCyclesClient):
     heartbeat. It is safe to share one client between threads, and to keep one across
     ``fork()``: the child starts afresh.
 
+    Each protocol call (``docs/client.md`` lists them) returns a
+    :class:`~runcycles.CyclesResponse` whose ``data`` is the endpoint's response model, and
+    takes ``headers=`` (extra headers for that call, e.g. ``traceparent``) and
+    ``retry_policy=`` (its retries; default: the client's policy).
+
     Args:
         config: Server URL, API key, timeouts and retry settings.
         http_client: An ``httpx.Client`` to send with (its timeouts and pool are used as
@@ -57,14 +62,7 @@ class CyclesClient(BaseCyclesClient):
         """Return a guard that reserves when its ``with`` block is entered.
 
         The method spelling of :func:`runcycles.reserve`: ``client.reserve(...)`` is
-        ``reserve(client, ...)``. Nothing is sent before the block is entered.
-
-        Args:
-            request: A ready reservation request, instead of the keyword options.
-            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-        Returns:
-            A :class:`~runcycles.ReservationGuard`.
+        ``reserve(client, ...)`` (options: :class:`~runcycles.lifecycle.ReserveOptions`).
         """
         return ReservationGuard(self, request, **options)
 
@@ -79,20 +77,7 @@ class CyclesClient(BaseCyclesClient):
     ) -> StreamReservation:
         """Return a stream reservation that reserves when its ``with`` block is entered.
 
-        The method spelling of :func:`runcycles.stream_reservation`.
-
-        Args:
-            request: A ready reservation request, instead of the keyword options.
-            cost_fn: Prices the accumulated :class:`~runcycles.StreamUsage`.
-            on_unknown_actual: When the usage cannot be priced: ``"raise"`` (default),
-                ``"release"`` or ``"commit_estimate"``; see :func:`runcycles.stream_reservation`.
-            **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-        Returns:
-            A :class:`~runcycles.StreamReservation`.
-
-        Raises:
-            ValueError: An unknown ``on_unknown_actual``.
+        The method spelling of :func:`runcycles.stream_reservation` (same options).
         """
         return StreamReservation(
             self, request, cost_fn=cost_fn, on_unknown_actual=on_unknown_actual, **options

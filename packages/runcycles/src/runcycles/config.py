@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -28,34 +29,12 @@ _FALSE: Final = frozenset({"0", "false", "no", "off"})
 class CyclesConfig:
     """Where the Cycles server is, how to authenticate, and how patient to be.
 
-    Attributes:
-        base_url: Server root, e.g. ``http://localhost:7878`` (``/v1/...`` is appended).
-            A trailing slash is removed.
-        api_key: Tenant API key, sent as ``X-Cycles-API-Key``.
-        tenant: Default subject ``tenant`` (see :meth:`default_subject`); likewise
-            ``workspace``, ``app``, ``workflow``, ``agent`` and ``toolset``.
-        connect_timeout: Seconds to wait for a TCP/TLS connection.
-        read_timeout: Seconds to wait for the server's answer (also used for writes and
-            for waiting on a free pooled connection).
-        retry_enabled: Whether the client retries transient failures (transport errors, 5xx,
-            429, ambiguous 2xx) with the same body and idempotency key.
-        retry_max_attempts: Total attempts per call, the first one included (``1`` means no
-            retry).
-        retry_initial_delay: Backoff before the first retry, in seconds.
-        retry_multiplier: Factor applied to the backoff after each attempt (``>= 1``).
-        retry_max_delay: Upper bound of one backoff, in seconds.
-        retry_after_max_s: Longest ``Retry-After`` the client sleeps for inside a call. A
-            429 asking for a longer wait is returned to the caller (``retry_after_ms`` says
-            how long) instead of blocking the call.
-        max_connections: Size of the client's connection pool.
-        journal_enabled: Whether guarded calls write unresolved settlements to the durable
-            journal before committing, so known spend survives a crash (see
-            ``docs/recovery.md``). ``RUNCYCLES_JOURNAL=off`` also disables it.
-        journal_dir: Where the journal lives (default: ``$XDG_STATE_HOME/runcycles/journal``
-            or ``~/.local/state/runcycles/journal``; ``RUNCYCLES_JOURNAL_DIR`` overrides it).
-        journal_fsync: Whether journal writes are ``fsync``-ed, so they also survive a power
-            loss. Off by default: writes are still atomic and survive a crash of the process,
-            without milliseconds of disk flushes per guarded call.
+    Every field, its default, its environment variable (:meth:`from_env`) and its meaning are
+    in the table of ``docs/client.md``; the ``journal_*`` fields (durable journal on, where,
+    ``fsync``-ed or not) are described in ``docs/recovery.md``. ``tenant`` ... ``toolset``
+    are the default subject fields (see :meth:`default_subject`). ``retry_after_max_s`` is
+    the longest ``Retry-After`` slept inside a call: a 429 asking for more is returned to the
+    caller. ``api_key`` is masked in ``repr``.
     """
 
     base_url: str
@@ -182,21 +161,9 @@ class CyclesConfig:
 
 
 _FIELD_TYPES: Final[Mapping[str, type]] = {
-    "base_url": str,
-    "api_key": str,
-    **dict.fromkeys(STANDARD_SUBJECT_FIELDS, str),
-    "connect_timeout": float,
-    "read_timeout": float,
-    "retry_enabled": bool,
-    "retry_max_attempts": int,
-    "retry_initial_delay": float,
-    "retry_multiplier": float,
-    "retry_max_delay": float,
-    "retry_after_max_s": float,
-    "max_connections": int,
-    "journal_enabled": bool,
-    "journal_dir": str,
-    "journal_fsync": bool,
+    # each field's annotation without its ``| None``: what its environment variable parses to
+    name: next(arg for arg in (*typing.get_args(hint), hint) if arg is not type(None))
+    for name, hint in typing.get_type_hints(CyclesConfig).items()
 }
 _EXAMPLES: Final = {"base_url": "http://localhost:7878", "api_key": "<your tenant API key>"}
 

@@ -36,17 +36,17 @@ from runcycles.lifecycle import (
     ReservationGuard,
     SubjectRequiredError,
     UnknownActualError,
-    adiscover_tenant,
     build_reservation_request,
     check_on_unknown_actual,
-    discover_tenant,
     dry_run_result,
+    log_release_failure,
     measure_actual,
     new_idempotency_key,
     resolve_subject,
     to_amount,
 )
 from runcycles.models import (
+    STANDARD_SUBJECT_FIELDS,
     Action,
     Amount,
     CommitOveragePolicy,
@@ -140,7 +140,7 @@ class _Defaults:
             client = self.async_per_loop.get(loop)
             if client is None:
                 client = AsyncCyclesClient(self.source_config())
-                _close_at_loop_shutdown(client)
+                at_loop_shutdown(client.aclose)  # closed when the running loop shuts down
                 self.async_per_loop[loop] = client
             return client
 
@@ -154,11 +154,6 @@ class _Defaults:
             self.sync_client = None
         self.sync_derived = False
         self.async_per_loop.clear()
-
-
-def _close_at_loop_shutdown(client: AsyncCyclesClient) -> None:
-    """Arrange for ``client`` to be closed when the running event loop shuts down."""
-    at_loop_shutdown(client.aclose)
 
 
 def _close_derived_at_exit() -> None:
@@ -598,15 +593,9 @@ def cycles(
         UnknownActualError: At a call, with ``on_unknown_actual="raise"``: the function ran
             but its actual is unknown (nothing was committed).
     """
-    subject = {
-        "tenant": tenant,
-        "workspace": workspace,
-        "app": app,
-        "workflow": workflow,
-        "agent": agent,
-        "toolset": toolset,
-    }
-    subject = {field: value for field, value in subject.items() if value is not None}
+    given = (tenant, workspace, app, workflow, agent, toolset)
+    fields = zip(STANDARD_SUBJECT_FIELDS, given, strict=True)
+    subject = {field: value for field, value in fields if value is not None}
     options: dict[str, Any] = {
         "estimate": estimate,
         "actual": actual,
@@ -665,7 +654,7 @@ def _sync_wrapper(fn: Callable[P, R], policy: _Policy) -> Callable[P, Any]:
         try:
             request, body = policy.request(client.config, args, kwargs)
         except SubjectRequiredError:  # no subject configured: use the API key's tenant
-            request, body = policy.request(client.config, args, kwargs, discover_tenant(client))
+            request, body = policy.request(client.config, args, kwargs, client.discover_tenant())
         if policy.dry_run:
             return dry_run_result(client.create_reservation(request))
         guard = ReservationGuard(client, request, heartbeat=policy.heartbeat)
@@ -706,7 +695,7 @@ def _async_wrapper(
         try:
             request, body = policy.request(client.config, args, kwargs)
         except SubjectRequiredError:  # no subject configured: use the API key's tenant
-            tenant = await adiscover_tenant(client)
+            tenant = await client.discover_tenant()
             request, body = policy.request(client.config, args, kwargs, tenant)
         if policy.dry_run:
             return dry_run_result(await client.create_reservation(request))
@@ -745,11 +734,7 @@ _FIX: Final = "the actual= callable (the function's result is on this error's .r
 
 def _log_settle_failure(context: CyclesContext, exc: CyclesError, actual: object) -> None:
     if isinstance(actual, UnknownActualError):  # it was released
-        logger.warning(
-            "could not release reservation %s (%s); it will expire on its own",
-            context.reservation_id,
-            exc,
-        )
+        log_release_failure(context.reservation_id, exc)
         return
     logger.error(
         "commit of reservation %s failed after the guarded function ran: %s",

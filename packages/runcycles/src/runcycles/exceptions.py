@@ -7,6 +7,12 @@ status alone; :data:`ERROR_CLASSES`). An unknown code (a newer server) gives a p
 :class:`CyclesProtocolError` that still carries it. The clients' methods return a
 :class:`~runcycles.response.CyclesResponse` rather than raising these for server or network
 failures. Every exception survives ``pickle``.
+
+A denial carries the server's :class:`~runcycles.models.DenyDetail` (which rule fired, what
+quota was hit, what to change) as ``error.deny_detail`` when the server sent one; the
+governance denials of the v0.1.26 extensions (:class:`ActionQuotaExceededError`,
+:class:`ActionKindDeniedError`, :class:`ActionKindNotAllowedError`) share the base
+:class:`ActionDeniedError`.
 """
 
 from __future__ import annotations
@@ -14,9 +20,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from runcycles.models import ErrorCode
+from runcycles.models import DenyDetail, ErrorCode, deny_detail_from
 
 __all__ = [
+    "ActionDeniedError",
+    "ActionKindDeniedError",
+    "ActionKindNotAllowedError",
+    "ActionQuotaExceededError",
     "BudgetClosedError",
     "BudgetExceededError",
     "BudgetFrozenError",
@@ -105,6 +115,8 @@ class CyclesProtocolError(CyclesError):
         trace_id: ``trace_id`` from the body or the ``X-Cycles-Trace-Id`` header.
         retry_after_ms: How long the server asked to wait before retrying, if it said.
         details: The body's free-form ``details`` object (e.g. for ``UNIT_MISMATCH``).
+        deny_detail: Why the server denied the request (``details.deny_detail`` parsed, or
+            the ``deny_detail`` given), or ``None`` if it sent none or a malformed one.
     """
 
     def __init__(
@@ -118,6 +130,7 @@ class CyclesProtocolError(CyclesError):
         trace_id: str | None = None,
         retry_after_ms: int | None = None,
         details: Mapping[str, Any] | None = None,
+        deny_detail: DenyDetail | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -128,10 +141,14 @@ class CyclesProtocolError(CyclesError):
         self.trace_id = trace_id
         self.retry_after_ms = retry_after_ms
         self.details: dict[str, Any] = dict(details) if details else {}
+        self.deny_detail = deny_detail if deny_detail is not None else deny_detail_from(details)
 
     def __str__(self) -> str:
         code = self.error_code or "no error code"
         text = f"HTTP {self.status} {code}: {self.message}"
+        fix = self.deny_detail.suggested_fix if self.deny_detail is not None else None
+        if fix:
+            text += f" (suggested fix: {fix})"
         if self.request_id:
             text += f" (request_id={self.request_id})"
         return text
@@ -214,6 +231,18 @@ class CyclesProtocolError(CyclesError):
         """Return whether the error code is ``NOT_FOUND``."""
         return self.error_code == ErrorCode.NOT_FOUND
 
+    def is_action_quota_exceeded(self) -> bool:
+        """Return whether the error code is ``ACTION_QUOTA_EXCEEDED``."""
+        return self.error_code == ErrorCode.ACTION_QUOTA_EXCEEDED
+
+    def is_action_kind_denied(self) -> bool:
+        """Return whether the error code is ``ACTION_KIND_DENIED``."""
+        return self.error_code == ErrorCode.ACTION_KIND_DENIED
+
+    def is_action_kind_not_allowed(self) -> bool:
+        """Return whether the error code is ``ACTION_KIND_NOT_ALLOWED``."""
+        return self.error_code == ErrorCode.ACTION_KIND_NOT_ALLOWED
+
 
 class MalformedResponseError(CyclesProtocolError):
     """The server's answer does not match the spec: not JSON, not an object, wrong schema.
@@ -283,6 +312,32 @@ class TenantClosedError(CyclesProtocolError):
     """409 ``TENANT_CLOSED``: the tenant is closed (irreversible)."""
 
 
+class ActionDeniedError(CyclesProtocolError):
+    """409: a governance policy refused the action (v0.1.26 extensions); nothing was held.
+
+    The base of the three ``ACTION_*`` denials. Retrying the same request does not help:
+    another action kind, a later quota window, or a policy change does. ``deny_detail`` says
+    which policy (``blocked_by_policy``), where (``blocked_by_scope``) and what to change
+    (``suggested_fix``).
+    """
+
+
+class ActionQuotaExceededError(ActionDeniedError):
+    """409 ``ACTION_QUOTA_EXCEEDED``: the action's quota for its window is used up.
+
+    ``deny_detail.quota_violation`` names the rule: action kind (or risk class), window and
+    window key (the run id for ``per_run``), ``used`` of ``limit`` and the policy.
+    """
+
+
+class ActionKindDeniedError(ActionDeniedError):
+    """409 ``ACTION_KIND_DENIED``: the action kind is on the policy's ``denied_action_kinds``."""
+
+
+class ActionKindNotAllowedError(ActionDeniedError):
+    """409 ``ACTION_KIND_NOT_ALLOWED``: the policy's ``allowed_action_kinds`` omits the kind."""
+
+
 class ReservationExpiredError(CyclesProtocolError):
     """410 ``RESERVATION_EXPIRED``: the reservation expired; record the spend as an event."""
 
@@ -313,6 +368,9 @@ ERROR_CLASSES: Final[Mapping[str, type[CyclesProtocolError]]] = {
     ErrorCode.RESERVATION_EXPIRED: ReservationExpiredError,
     ErrorCode.LIMIT_EXCEEDED: RateLimitedError,
     ErrorCode.INTERNAL_ERROR: InternalServerError,
+    ErrorCode.ACTION_QUOTA_EXCEEDED: ActionQuotaExceededError,
+    ErrorCode.ACTION_KIND_DENIED: ActionKindDeniedError,
+    ErrorCode.ACTION_KIND_NOT_ALLOWED: ActionKindNotAllowedError,
 }
 """Exception class for each known error code; look codes up with :func:`protocol_error_class`."""
 

@@ -1,13 +1,9 @@
 """Keep live reservations from expiring: one heartbeat scheduler per client.
 
-One worker per client, never one per reservation: a daemon thread (sync) or one asyncio task
-(async; up to ``max_in_flight`` short-lived extend tasks while requests are on the wire),
-over a heap of due times. The pure :class:`LeasePlanner` implements the spec's
-``extendReservation`` HEARTBEAT GUIDANCE (next delay, same-key retries within the retry
-window, 429 ``Retry-After``, terminal answers, the measured-grant fallback for servers that
-omit ``remaining_ttl_ms``); ``docs/heartbeat.md`` has the API and the formulas. A heartbeat logs and
-reports every retry and stop as a :class:`HeartbeatEvent`, never cancels the user's work and
-never suppresses the commit (a lapsed lease is settled through ``410 -> POST /v1/events``).
+One worker per client (a daemon thread, or one asyncio task), over a heap of due times. The
+pure :class:`LeasePlanner` implements the spec's ``extendReservation`` HEARTBEAT GUIDANCE;
+``docs/heartbeat.md`` has the API, the formulas and the failure policy (log and report every
+retry and stop as a :class:`HeartbeatEvent`; never cancel the work nor suppress the commit).
 
 Times are milliseconds. Budgets and margins round up, leads and delays round down, and an
 unknown request timeout counts as infinite, as the spec requires.
@@ -94,12 +90,9 @@ _FALLBACK_MIN_CADENCE_MS: Final = 1_000
 
 
 def attempt_budget_ms(request_timeout_ms: int | None, max_rtt_ms: int) -> int | None:
-    """Return ``max(request_timeout_budget, 1000, 2 * max_rtt)``; ``None`` means infinite.
+    """Return ``max(request_timeout_ms, 1000, 2 * max_rtt_ms)``; ``None`` means infinite.
 
-    Args:
-        request_timeout_ms: Enforced upper bound of one extend attempt, or ``None`` when the
-            timeout is unknown or unbounded.
-        max_rtt_ms: Largest round-trip time observed so far.
+    ``request_timeout_ms`` bounds one extend attempt (``None``: unknown or unbounded).
     """
     if request_timeout_ms is None:
         return None
@@ -121,17 +114,9 @@ def next_delay_ms(
     """Return how long after a successful response the next extend is due.
 
     ``next_delay = max(0, lead_floor - (2 * attempt_budget + safety_margin))`` with
-    ``lead_floor = max(0, remaining_ttl_ms - rtt)``. Unknown timing (``rtt_ms=None``) or an
-    unbounded timeout gives 0: unknown time is never treated as zero elapsed.
-
-    Example (the spec's): a lead of 60000 ms, a 10000 ms timeout and a 1500 ms rtt give
-    ``60000 - (2 * 10000 + 3000) = 37000``.
-
-    Args:
-        remaining_ttl_ms: ``remaining_ttl_ms`` of the schema-valid 200 response.
-        rtt_ms: Round-trip time of the attempt that produced it (``None``: unknown).
-        request_timeout_ms: Enforced bound of one attempt (``None``: unbounded).
-        max_rtt_ms: Largest rtt observed before this one.
+    ``lead_floor = max(0, remaining_ttl_ms - rtt)`` (``docs/heartbeat.md`` has an example).
+    Unknown timing (``rtt_ms=None``) or an unbounded timeout gives 0: unknown time is never
+    treated as zero elapsed. ``max_rtt_ms`` is the largest rtt observed before this one.
     """
     if rtt_ms is None or rtt_ms < 0:
         return 0
@@ -265,14 +250,10 @@ class LeasePlanner:
         expires_at_ms: int | None,
         initial: bool = False,
     ) -> HeartbeatStep:
-        """Plan after a schema-valid 200 (the create response when ``initial``).
+        """Plan after a schema-valid 200 received at ``now_ms`` (the create one if ``initial``).
 
-        Args:
-            now_ms: Monotonic time at which the response was received.
-            rtt_ms: Duration of the attempt that produced it (``None``: unknown).
-            remaining_ttl_ms: The response's ``remaining_ttl_ms`` (``None``: absent).
-            expires_at_ms: The response's ``expires_at_ms``.
-            initial: Whether this is the create response (no extend happened yet).
+        ``rtt_ms`` is the attempt's duration (``None``: unknown); the other two are the
+        response's fields (``remaining_ttl_ms=None``: absent, the measured-grant fallback).
         """
         self._fail_elapsed_ms = None
         self._fail_window_ms = None
@@ -308,12 +289,10 @@ class LeasePlanner:
     def on_failure(
         self, now_ms: float, kind: FailureKind, *, retry_after_ms: int | None = None
     ) -> HeartbeatStep:
-        """Plan after a failed or ambiguous attempt.
+        """Plan after a failed or ambiguous attempt observed at ``now_ms``.
 
-        Args:
-            now_ms: Monotonic time at which the failure was observed.
-            kind: How the failure is classified (:func:`classify_extend_response`).
-            retry_after_ms: The 429's ``Retry-After`` in ms (``None``: missing or invalid).
+        ``kind`` comes from :func:`classify_extend_response`; ``retry_after_ms`` is the
+        429's ``Retry-After`` (``None``: missing or invalid).
         """
         if kind == "terminal":
             return HeartbeatStep(
@@ -603,10 +582,6 @@ class HeartbeatHandle:
 # Shared scheduler state (both schedulers are thin shells around this)
 
 
-def _new_key() -> str:
-    return f"heartbeat-{uuid.uuid4().hex}"
-
-
 def _timeout_ms_of(client: object) -> int | None:
     config = getattr(client, "config", None)
     connect = getattr(config, "connect_timeout", None)
@@ -775,7 +750,7 @@ class _SchedulerCore:
 
     def _request_for(self, handle: HeartbeatHandle) -> ReservationExtendRequest:
         if handle._key is None:
-            handle._key = _new_key()
+            handle._key = f"heartbeat-{uuid.uuid4().hex}"  # a new beat: a new key
             handle._attempt = 0
         handle._attempt += 1
         return ReservationExtendRequest(
@@ -876,18 +851,11 @@ class HeartbeatScheduler(_SchedulerCore):
     """Extends every tracked reservation of one sync client from ONE background thread.
 
     The thread starts with the first :meth:`track` and is a daemon, so it never delays
-    interpreter exit. Beats are sent one at a time by that thread.
-
-    Args:
-        client: A :class:`~runcycles.CyclesClient` (anything with ``extend_reservation``);
-            beats are single attempts on its pool (the heartbeat does its own retries).
-        attempt_timeout_ms: Upper bound of one extend attempt used in the schedule. Defaults
-            to the client's ``connect_timeout + read_timeout``.
-        on_event: Called with every :class:`HeartbeatEvent` of every reservation (in the
-            scheduler thread; exceptions are logged and ignored).
-        clock: Monotonic clock in seconds (injectable for tests).
-        autostart: Start the background thread on the first ``track()``. With ``False``
-            nothing runs until :meth:`run_pending` is called (deterministic tests).
+    interpreter exit. Beats are sent one at a time by that thread, as single attempts on
+    the client's pool (the heartbeat does its own retries). ``attempt_timeout_ms`` (default:
+    the client's ``connect_timeout + read_timeout``), ``on_event`` (called in the thread),
+    ``clock`` and ``autostart`` (``False``: nothing runs until :meth:`run_pending`) are
+    described in ``docs/heartbeat.md``.
     """
 
     def __init__(
@@ -929,15 +897,9 @@ class HeartbeatScheduler(_SchedulerCore):
     ) -> HeartbeatHandle:
         """Start extending a reservation; returns its handle (call ``handle.stop()`` later).
 
-        Args:
-            reservation_id: The id from the create response.
-            ttl_ms: The ``ttl_ms`` requested at create; every beat extends by it.
-            remaining_ttl_ms: The create response's ``remaining_ttl_ms`` (``None`` if the
-                server omitted it: the measured-grant fallback is used).
-            expires_at_ms: The create response's ``expires_at_ms``.
-            rtt_ms: How long the create request took. Pass it: without it the spec forbids
-                assuming any lead, so the first extend is sent immediately.
-            on_event: Called with every :class:`HeartbeatEvent` of this reservation.
+        ``ttl_ms`` is the one requested at create (every beat extends by it); the other
+        values come from the create response, and ``rtt_ms`` is how long it took (pass it:
+        without it the first extend is sent immediately). See ``docs/heartbeat.md``.
 
         Raises:
             ValueError: Bad ``ttl_ms``/``reservation_id``, or the id is already tracked.
@@ -1036,17 +998,8 @@ class AsyncHeartbeatScheduler(_SchedulerCore):
     The async twin of :class:`HeartbeatScheduler`: the task starts with the first
     :meth:`track` (on the event loop) and sleeps until the earliest due beat; up to
     ``max_in_flight`` extend requests run concurrently, each a task only while on the wire.
-
-    Args:
-        client: An :class:`~runcycles.AsyncCyclesClient` (anything with an async
-            ``extend_reservation``).
-        attempt_timeout_ms: As for :class:`HeartbeatScheduler`, and enforced with a timeout
-            (an attempt that exceeds it counts as a transport failure).
-        on_event: Called with every :class:`HeartbeatEvent` (on the event loop).
-        clock: Monotonic clock in seconds (injectable for tests).
-        max_in_flight: Most extend requests on the wire at once.
-        autostart: Start the task on the first ``track()`` (``False``: await
-            :meth:`run_pending`).
+    ``attempt_timeout_ms`` is also enforced (an attempt that exceeds it counts as a
+    transport failure); ``on_event`` runs on the event loop.
     """
 
     def __init__(

@@ -103,12 +103,10 @@ _T = TypeVar("_T")
 
 
 def default_journal_dir() -> Path:
-    r"""Return where journals live unless configured otherwise.
+    """Return where journals live unless configured otherwise.
 
-    ``$RUNCYCLES_JOURNAL_DIR`` if set; else the platform's per-user state directory:
-    ``$XDG_STATE_HOME/runcycles/journal`` or ``~/.local/state/runcycles/journal`` (Linux and
-    other Unixes), ``~/Library/Application Support/runcycles/journal`` (macOS),
-    ``%LOCALAPPDATA%\runcycles\journal`` (Windows).
+    ``$RUNCYCLES_JOURNAL_DIR`` if set, else the platform's per-user state directory (the
+    table is in ``docs/recovery.md``).
     """
     override = os.environ.get("RUNCYCLES_JOURNAL_DIR", "").strip()
     if override:
@@ -166,24 +164,7 @@ def _now_ms() -> int:
 class JournalRecord(BaseModel):
     """One unresolved settlement, exactly as stored on disk.
 
-    Attributes:
-        schema_version: Always :data:`JOURNAL_SCHEMA_VERSION` when written.
-        reservation_id: The reservation being settled.
-        mode: ``commit`` until a commit answers 410 / ``RESERVATION_EXPIRED``, then ``event``
-            (persisted before the first event request).
-        idempotency_key: The key of every attempt, commit and event alike.
-        actual: The known spend.
-        metrics: Commit/event metrics.
-        metadata: Commit metadata (the event adds ``recovered_reservation_id``).
-        subject: The reservation's subject, needed for the event fallback.
-        action: The reservation's action, needed for the event fallback.
-        overage_policy: Overage policy for the event fallback (server default if ``None``).
-        server: The normalized server URL (for people reading the file; never a secret).
-        attempts: Requests sent so far.
-        not_before_ms: Earliest wall-clock time (epoch ms) of the next attempt, from a 429.
-        created_at_ms: When the record was first written (epoch ms).
-        updated_at_ms: When it was last written (epoch ms).
-        last_error: What the last failed attempt said.
+    ``docs/recovery.md`` ("What is stored") describes every field.
     """
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
@@ -382,14 +363,10 @@ class RecordLock:
 class Journal:
     """The journal partition of one server and principal.
 
-    Args:
-        root: Journal root directory (default: :func:`default_journal_dir`).
-        base_url: The Cycles server URL.
-        tenant: The configured tenant; makes the partition stable across API-key rotation.
-        api_key: Used (hashed) only when no tenant is configured. Never stored.
-        fsync: Whether writes ``fsync`` the file and its directory before they return, so
-            records survive a power loss too (without it a write is still atomic and survives
-            a crash of the process). :meth:`for_config` takes it from ``journal_fsync``.
+    ``root`` defaults to :func:`default_journal_dir`. The partition is named after
+    ``base_url`` and ``tenant`` (stable across API-key rotation), or the hashed ``api_key``
+    when no tenant is configured (never stored). ``fsync`` makes every write survive a power
+    loss too (``docs/recovery.md``; :meth:`for_config` takes it from ``journal_fsync``).
 
     Raises:
         ValueError: Neither ``tenant`` nor ``api_key`` is given.
@@ -490,11 +467,8 @@ class Journal:
     def log_intent(self, record: JournalRecord) -> IntentEntry:
         """Append ``record`` to this process's intent log before its first request is sent.
 
-        The cheap journal-first write: one append to a file this process keeps open (and an
-        ``fsync`` when :attr:`fsync` is set) instead of creating a record file. If the
-        process dies before :meth:`resolve_intent`, the next :meth:`scan` turns the entry
-        into an ordinary record file. A settlement that stays unresolved must be written
-        with :meth:`write` before its intent is resolved.
+        The cheap journal-first write (``docs/recovery.md``). A settlement that stays
+        unresolved must be written with :meth:`write` before its intent is resolved.
 
         Raises:
             OSError: The entry could not be written.
@@ -842,10 +816,8 @@ class IntentEntry:
 class _Segment:
     """One intent log file: preallocated, memory-mapped, appended to by copying bytes.
 
-    A copy into a shared mapping is in the kernel's page cache as soon as it is made, so it
-    survives a crash of the process without a system call per append; ``flush`` (``msync``)
-    makes it survive a power loss too. The file is allocated up front, so a full disk is an
-    ``OSError`` when the segment is created, never a fault while writing.
+    The file is allocated up front, so a full disk is an ``OSError`` when the segment is
+    created, never a fault while writing.
     """
 
     __slots__ = ("capacity", "fd", "live", "map", "path", "retired", "size")
@@ -902,16 +874,7 @@ class _IntentState:
 class IntentLog:
     """This process's append-only log of settlements in flight, in one journal partition.
 
-    Each line is ``{"op":"open","record":{...}}`` (written before the first request of a
-    settlement leaves the process) or ``{"op":"done","reservation_id":...}`` (after it
-    resolved, or after its record file was written). The file is named
-    ``intent-<pid>-<random>.log`` and stays locked (``fcntl.flock``) while this process
-    lives, so :meth:`Journal.scan` in another process (or this one) leaves it alone; once
-    the owner is gone, a scan writes a record file for every entry without a ``done`` line
-    and deletes the log. A log is a preallocated 1 MiB file written through a shared memory
-    mapping (an append is a memory copy; with ``fsync`` on, an ``msync`` of the touched
-    pages). When it is full a fresh one is started; a full log is deleted when its last
-    entry is resolved, the current one at exit when every entry is.
+    Its lines, locking, segments and recovery are described in ``docs/recovery.md``.
     """
 
     def __init__(self, directory: Path, *, fsync: bool) -> None:
@@ -1093,7 +1056,7 @@ class _IoWorker(Executor):
             return self._cond.wait_for(lambda: self._thread is None, timeout_s)
 
     def _run(self) -> None:
-        _mark_io_thread()
+        _io_thread.active = True
         while True:
             with self._cond:
                 if not self._jobs and not self._shutdown:
@@ -1117,10 +1080,6 @@ class _IoWorker(Executor):
 _executor: _IoWorker | None = None
 _executor_lock = threading.Lock()
 _io_thread = threading.local()
-
-
-def _mark_io_thread() -> None:
-    _io_thread.active = True
 
 
 def _journal_executor() -> _IoWorker:

@@ -79,16 +79,14 @@ __all__ = [
     "SubjectRequiredError",
     "UnfinalizedReservationWarning",
     "UnknownActualError",
-    "adiscover_tenant",
     "build_commit_request",
     "build_release_request",
     "build_reservation_request",
     "context_for",
-    "discover_tenant",
     "dry_run",
     "dry_run_result",
     "exit_release_reason",
-    "known_tenant",
+    "log_release_failure",
     "measure_actual",
     "new_idempotency_key",
     "price_usage",
@@ -369,14 +367,9 @@ def resolve_subject(
 ) -> Subject:
     """Return the subject of a reservation: explicit fields over the config's defaults.
 
-    Args:
-        config: Supplies default subject fields (``tenant``, ``workspace``, ...).
-        fields: Standard subject fields (``{"tenant": ..., "agent": ...}``); ``None``
-            values keep the config's value.
-        subject: A complete subject; then no other field may be given.
-        dimensions: Free-form subject tags.
-        tenant: The API key's tenant (see :func:`discover_tenant`), used only when no
-            standard field is set anywhere else.
+    ``fields`` are standard subject fields (``None`` keeps the config's value); a complete
+    ``subject`` excludes every other field. ``tenant``, the API key's (see
+    ``client.discover_tenant()``), is used only when no standard field is set anywhere else.
 
     Raises:
         TypeError: ``subject`` was combined with separate fields, or a field is unknown.
@@ -454,12 +447,8 @@ def request_from_options(
 ) -> ReservationCreateRequest:
     """Turn guard options (see :class:`ReserveOptions`) into a reservation request.
 
-    Args:
-        config: The client's config (default subject fields).
-        request: A ready request (then ``options`` may only hold ``heartbeat``).
-        options: See :class:`ReserveOptions`.
-        allowed: Option names accepted (default: those of :class:`ReserveOptions`).
-        tenant: The API key's tenant, used when no subject field is set anywhere.
+    A ready ``request`` allows no option but ``heartbeat``; ``allowed`` narrows the option
+    names accepted; ``tenant`` (the API key's) is used when no subject field is set anywhere.
 
     Raises:
         TypeError: Unknown or missing options, or a request combined with options.
@@ -532,21 +521,6 @@ _RESERVE_OPTION_NAMES: Final = frozenset(ReserveOptions.__annotations__)
 _REQUEST_FIELD_OPTIONS: Final = _RESERVE_OPTION_NAMES - {"heartbeat"}
 
 
-def known_tenant(client: BaseCyclesClient | AsyncBaseCyclesClient) -> str | None:
-    """Return the tenant :func:`discover_tenant` found for ``client``, if it ran."""
-    return client.api_key_tenant
-
-
-def discover_tenant(client: BaseCyclesClient) -> str:
-    """Return ``client.discover_tenant()``: its API key's tenant (raises as that does)."""
-    return client.discover_tenant()
-
-
-async def adiscover_tenant(client: AsyncBaseCyclesClient) -> str:
-    """Async twin of :func:`discover_tenant`."""
-    return await client.discover_tenant()
-
-
 def _denial_error(data: ReservationCreateResponse, status: int) -> CyclesProtocolError:
     reason = data.reason_code
     cls = NotFoundError if reason == ReasonCode.BUDGET_NOT_FOUND else protocol_error_class(reason)
@@ -557,6 +531,7 @@ def _denial_error(data: ReservationCreateResponse, status: int) -> CyclesProtoco
         error_code=reason,
         reason_code=reason,
         retry_after_ms=data.retry_after_ms,
+        deny_detail=data.deny_detail,
     )
 
 
@@ -632,15 +607,11 @@ def build_commit_request(
     metadata: Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
 ) -> CommitRequest:
-    """Build the commit that ends a reservation.
+    """Build the commit that ends the reservation of ``context``.
 
-    Args:
-        context: The reservation (its estimate, ``metrics`` and ``commit_metadata``).
-        actual: What was used (an ``int`` is in the estimate's unit); ``None`` commits the
-            estimate and marks ``metadata["actual_source"] = "estimate"``.
-        metrics: Usage metrics (default: ``context.metrics``).
-        metadata: Commit metadata, merged over ``context.commit_metadata``.
-        idempotency_key: Key of the commit (default: a fresh UUID).
+    An ``int`` ``actual`` is in the estimate's unit; ``None`` commits the estimate, marked
+    ``metadata["actual_source"] = "estimate"``. ``metrics`` default to ``context.metrics``,
+    ``metadata`` goes over ``context.commit_metadata``, the key defaults to a fresh UUID.
 
     Raises:
         TypeError: ``actual`` has the wrong type.
@@ -677,15 +648,9 @@ def measure_actual(
 ) -> Amount | Usage | None:
     """Work out what a successful guarded call used, refusing to guess.
 
-    Args:
-        spec: A callable of ``result``, a fixed amount (an ``int`` is in the estimate's
-            unit), or ``None`` (no actual configured: the estimate is the agreed charge).
-        result: What the guarded call returned.
-        context: The reservation (its estimate's unit; its id for the error).
-
-    Returns:
-        The validated amount, a :class:`~runcycles.Usage` the callable returned (priced
-        when it is committed), or ``None`` when ``spec`` is ``None``.
+    ``spec`` is a callable of ``result``, a fixed amount (an ``int`` is in the estimate's
+    unit), or ``None`` (no actual configured: the estimate is the agreed charge; returns
+    ``None``). A :class:`~runcycles.Usage` the callable returns is priced when committed.
 
     Raises:
         UnknownActualError: ``spec`` raised (the exception is the ``__cause__``), returned
@@ -726,16 +691,11 @@ def measure_actual(
 def price_usage(
     usage: Usage, estimate: Amount, pricer: Pricer | None = None
 ) -> tuple[int | None, CyclesMetrics]:
-    """Turn ``usage`` into the amount to commit against a reservation of ``estimate``.
+    """Turn ``usage`` into ``(amount, metrics)`` to commit against a reservation of ``estimate``.
 
-    Args:
-        usage: What the call used (tokens and model, or a direct ``amount``).
-        estimate: The reservation's estimate (its unit decides how usage is counted).
-        pricer: Prices tokens in ``USD_MICROCENTS`` (default: :func:`~runcycles.default_pricer`).
-
-    Returns:
-        ``(amount, metrics)``: the amount in the estimate's unit (``None``: the pricer's
-        unknown-model policy says to commit the estimate), and the token metrics.
+    The estimate's unit decides how usage is counted; ``pricer`` prices tokens in
+    ``USD_MICROCENTS`` (default: :func:`~runcycles.default_pricer`). ``amount`` is ``None``
+    when the pricer's unknown-model policy says to commit the estimate.
 
     Raises:
         UnknownModelError: The model has no price and the policy is ``"error"``.
@@ -780,6 +740,13 @@ def build_release_request(reason: str | None = None) -> ReleaseRequest:
     return ReleaseRequest(
         idempotency_key=new_idempotency_key(),
         reason=None if reason is None else reason[:256],
+    )
+
+
+def log_release_failure(reservation_id: str | None, exc: Exception) -> None:
+    """Log a release that failed (the reservation expires at the end of its lease)."""
+    logger.warning(
+        "could not release reservation %s (%s); it will expire on its own", reservation_id, exc
     )
 
 
@@ -1029,7 +996,6 @@ class _GuardState:
                 metrics = metrics.model_copy(update={**extra, **known})
         commit_request = build_commit_request(context, actual, metrics=metrics, metadata=metadata)
         self._mark_finalized("commit")
-        self._stop_heartbeat()
         return self._client.settlement.commit(
             context.reservation_id,
             commit_request,
@@ -1039,7 +1005,7 @@ class _GuardState:
         )
 
     def _mark_finalized(self, operation: str = "finalize") -> None:
-        """Claim the one finalization atomically (two threads cannot both commit)."""
+        """Claim the one finalization atomically (two threads cannot both); stop the heartbeat."""
         try:
             self._claim.pop()  # list.pop is atomic: exactly one caller gets the item
         except IndexError:
@@ -1048,16 +1014,13 @@ class _GuardState:
                 "committed or released by another caller"
             ) from None
         self._state = _FINALIZED
+        self._stop_heartbeat()
 
     def abandon(self) -> bool:
         """End the guard without sending anything: the reservation expires at its lease.
 
-        Stops the heartbeat; no commit, no event, no release is sent (what an unknown
-        actual under ``on_unknown_actual="raise"`` does). The held budget returns to the
-        scopes when the lease ends.
-
-        Returns:
-            Whether this call ended it (``False``: it was already finalized).
+        Stops the heartbeat (what an unknown actual under ``on_unknown_actual="raise"``
+        does); returns whether this call ended it (``False``: it was already finalized).
         """
         if self._state == _NEW:
             return False  # nothing reserved, nothing to abandon
@@ -1065,7 +1028,6 @@ class _GuardState:
             self._mark_finalized("abandon")
         except ReservationAlreadyFinalizedError:
             return False
-        self._stop_heartbeat()
         return True
 
     def _stop_heartbeat(self) -> None:
@@ -1113,23 +1075,17 @@ class ReservationGuard(_GuardState):
         /,
         **options: Unpack[ReserveOptions],
     ) -> None:
-        super().__init__(client.config, request, options, known_tenant(client))
+        super().__init__(client.config, request, options, client.api_key_tenant)
         self._client = client
 
     def start(self, *, publish: bool = False) -> Self:
-        """Reserve now (a denial raises before anything runs) and start the heartbeat.
+        """Reserve now (a denial raises before anything runs), start the heartbeat; return self.
 
-        The explicit spelling of entering the guard, for code whose "before" and "after"
-        run in separate calls (framework callbacks): end the reservation later with
-        :meth:`commit`, :meth:`settle`, :meth:`release`, :meth:`fail` or :meth:`abandon`.
-
-        Args:
-            publish: Also make the reservation :func:`~runcycles.get_cycles_context` for
-                the current context until the guard is left (``with`` does this). A
-                callback leaves it ``False``: it never leaves a context variable set.
-
-        Returns:
-            The guard, live.
+        The explicit spelling of entering the guard, for framework callbacks
+        (``docs/guards.md``): end the reservation later with :meth:`commit`, :meth:`settle`,
+        :meth:`release`, :meth:`fail` or :meth:`abandon`. ``publish=True`` also makes the
+        reservation :func:`~runcycles.get_cycles_context` until the guard is left (what
+        ``with`` does; a callback never leaves a context variable set).
 
         Raises:
             CyclesProtocolError: The server denied the reservation (e.g.
@@ -1139,7 +1095,7 @@ class ReservationGuard(_GuardState):
         """
         self._check_enter()
         if self._pending:
-            self._complete(self._client.config, discover_tenant(self._client))
+            self._complete(self._client.config, self._client.discover_tenant())
         started = time.perf_counter()
         body = self._body
         if body is None:
@@ -1172,14 +1128,9 @@ class ReservationGuard(_GuardState):
     def fail(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
         """Release the reservation because the work failed; never raises.
 
-        A no-op when the guard is not live (never started, or already finalized), so a
-        framework's error callback may call it unconditionally. A failed release is logged:
-        the reservation then expires at the end of its lease.
-
-        Args:
-            exc: What the work raised (recorded as the release reason).
-            reason: The release reason instead (default from ``exc``, else
-                ``"guarded_code_failed"``).
+        A no-op when the guard is not live, so an error callback may call it unconditionally;
+        a failed release is logged. The release reason is ``reason``, else derived from
+        ``exc`` (what the work raised), else ``"guarded_code_failed"``.
         """
         if self._state != _LIVE:
             return
@@ -1197,24 +1148,11 @@ class ReservationGuard(_GuardState):
     ) -> SettlementResult | None:
         """End the reservation after the work ran, applying ``on_unknown_actual`` once.
 
-        Args:
-            actual: What was used (an amount, or a :class:`~runcycles.Usage` priced by
-                ``pricer``; ``None``: the estimate, flagged ``actual_source``), or an
-                :class:`UnknownActualError` saying the actual could not be measured. A usage
-                that cannot be priced (unknown model, wrong unit) is an unknown actual.
-            on_unknown_actual: For an unknown actual: ``"raise"`` (send nothing, leave the
-                reservation to expire at its lease, raise the error), ``"release"`` (release
-                it, log, return ``None``) or ``"commit_estimate"`` (commit the estimate
-                flagged ``actual_error``, log).
-            metrics: Commit metrics.
-            metadata: Commit metadata.
-            pricer: Prices a :class:`~runcycles.Usage` (default:
-                :func:`~runcycles.default_pricer`).
-            fix: What the caller should repair, named in the raised error's message.
-
-        Returns:
-            The commit's :class:`~runcycles.SettlementResult`, or ``None`` when an unknown
-            actual was released.
+        ``actual`` is as for :meth:`commit`, or an :class:`UnknownActualError` (a
+        :class:`~runcycles.Usage` that cannot be priced counts as one). For an unknown actual,
+        ``on_unknown_actual`` decides (``docs/guards.md``): ``"raise"`` (send nothing, leave
+        the reservation to its lease, raise the error naming ``fix``), ``"release"`` (return
+        ``None``) or ``"commit_estimate"`` (commit the estimate flagged ``actual_error``).
 
         Raises:
             UnknownActualError: The actual is unknown and ``on_unknown_actual="raise"``.
@@ -1243,21 +1181,14 @@ class ReservationGuard(_GuardState):
         metadata: Mapping[str, Any] | None = None,
         pricer: Pricer | None = None,
     ) -> SettlementResult:
-        """Charge what was used and end the reservation.
+        """Charge what was used and end the reservation; check ``result.settled``.
 
-        Args:
-            actual: What was used: an ``int`` in the estimate's unit, an :class:`Amount`, or a
-                :class:`~runcycles.Usage` (priced by ``pricer``; its tokens become the
-                metrics); ``None`` commits the estimate (marked ``actual_source="estimate"``).
-            metrics: Usage metrics (default: the context's ``metrics``).
-            metadata: Commit metadata, merged over the context's ``commit_metadata``.
-            pricer: Prices a :class:`~runcycles.Usage` (default:
-                :func:`~runcycles.default_pricer`).
-
-        Returns:
-            How the settlement ended: ``committed``, ``event_applied`` (the reservation had
-            expired, so the spend was recorded as an event), or ``pending`` (not confirmed
-            yet; retried later from the journal). Check ``result.settled``.
+        ``actual``: an ``int`` in the estimate's unit, an :class:`Amount`, or a
+        :class:`~runcycles.Usage` (priced by ``pricer``, default
+        :func:`~runcycles.default_pricer`; its tokens become the metrics); ``None`` commits
+        the estimate (marked ``actual_source="estimate"``). ``metrics`` and ``metadata`` are
+        merged over the context's. The outcome is ``committed``, ``event_applied`` (the
+        reservation had expired) or ``pending`` (retried later from the journal).
 
         Raises:
             ReservationAlreadyFinalizedError: The guard already committed or released.
@@ -1270,13 +1201,7 @@ class ReservationGuard(_GuardState):
         return _checked(self._start_commit(actual, metrics, metadata, pricer))
 
     def release(self, reason: str | None = None) -> ReleaseResponse:
-        """Give the whole reservation back, charging nothing.
-
-        Args:
-            reason: Why (at most 256 characters are kept).
-
-        Returns:
-            The server's answer.
+        """Give the whole reservation back, charging nothing (``reason``: 256 characters kept).
 
         Raises:
             ReservationAlreadyFinalizedError: The guard already committed or released.
@@ -1284,7 +1209,6 @@ class ReservationGuard(_GuardState):
         """
         context = self._begin_finalize("release")
         self._mark_finalized("release")
-        self._stop_heartbeat()
         return self._send_release(context, reason)
 
     def _release_quietly(self, reason: str) -> None:
@@ -1293,15 +1217,10 @@ class ReservationGuard(_GuardState):
             self._mark_finalized()
         except ReservationAlreadyFinalizedError:
             return  # another thread finalized it meanwhile
-        self._stop_heartbeat()
         try:
             self._send_release(context, reason)
         except Exception as exc:  # never mask the block's own exception
-            logger.warning(
-                "could not release reservation %s (%s); it will expire on its own",
-                context.reservation_id,
-                exc,
-            )
+            log_release_failure(context.reservation_id, exc)
 
     def _send_release(self, context: CyclesContext, reason: str | None) -> ReleaseResponse:
         request = build_release_request(reason)
@@ -1316,11 +1235,6 @@ class AsyncReservationGuard(_GuardState):
 
     As :class:`ReservationGuard`, on an :class:`~runcycles.AsyncCyclesClient`. If the block is
     cancelled, the release is shielded from a second cancellation; ``commit()`` always is.
-
-    Args:
-        client: The client to reserve, commit and release with.
-        request: A ready reservation request, instead of the keyword options.
-        **options: See :class:`ReserveOptions`.
     """
 
     __slots__ = ()
@@ -1333,14 +1247,14 @@ class AsyncReservationGuard(_GuardState):
         /,
         **options: Unpack[ReserveOptions],
     ) -> None:
-        super().__init__(client.config, request, options, known_tenant(client))
+        super().__init__(client.config, request, options, client.api_key_tenant)
         self._client = client
 
     async def start(self, *, publish: bool = False) -> Self:
         """Async twin of :meth:`ReservationGuard.start`."""
         self._check_enter()
         if self._pending:
-            self._complete(self._client.config, await adiscover_tenant(self._client))
+            self._complete(self._client.config, await self._client.discover_tenant())
         started = time.perf_counter()
         body = self._body
         if body is None:
@@ -1419,7 +1333,6 @@ class AsyncReservationGuard(_GuardState):
         """Async twin of :meth:`ReservationGuard.release`."""
         context = self._begin_finalize("release")
         self._mark_finalized("release")
-        self._stop_heartbeat()
         return await self._send_release(context, reason)
 
     async def _release_quietly(self, reason: str, *, shield: bool) -> None:
@@ -1428,16 +1341,11 @@ class AsyncReservationGuard(_GuardState):
             self._mark_finalized()
         except ReservationAlreadyFinalizedError:
             return  # finalized meanwhile
-        self._stop_heartbeat()
         try:
             release = self._send_release(context, reason)
             await (run_shielded(release) if shield else release)
         except Exception as exc:  # never mask the block's own exception
-            logger.warning(
-                "could not release reservation %s (%s); it will expire on its own",
-                context.reservation_id,
-                exc,
-            )
+            log_release_failure(context.reservation_id, exc)
 
     async def _send_release(self, context: CyclesContext, reason: str | None) -> ReleaseResponse:
         request = build_release_request(reason)
@@ -1512,14 +1420,8 @@ def reserve(
 ) -> ReservationGuard | AsyncReservationGuard:
     """Return a guard that reserves when its block is entered (``with`` or ``async with``).
 
-    Args:
-        client: A :class:`~runcycles.CyclesClient` (gives a :class:`ReservationGuard`) or an
-            :class:`~runcycles.AsyncCyclesClient` (gives an :class:`AsyncReservationGuard`).
-        request: A ready reservation request, instead of the keyword options.
-        **options: See :class:`ReserveOptions`.
-
-    Returns:
-        The guard matching the client's flavour.
+    A :class:`ReservationGuard` for a sync client, an :class:`AsyncReservationGuard` for an
+    async one; ``request`` or ``options`` (:class:`ReserveOptions`) as for the guard.
     """
     if isinstance(client, AsyncBaseCyclesClient):
         return AsyncReservationGuard(client, request, **options)
@@ -1552,20 +1454,14 @@ def dry_run(
 ) -> DryRunResult | Awaitable[DryRunResult]:
     """Ask the server to evaluate a reservation without holding anything (shadow mode).
 
-    With an :class:`~runcycles.AsyncCyclesClient`, await the result.
-
-    Args:
-        client: The client to ask.
-        request: A ready reservation request (``dry_run`` is forced on), or keywords.
-        **options: See :class:`ReserveOptions` (``heartbeat`` is ignored).
-
-    Returns:
-        The :class:`DryRunResult` (a ``DENY`` is a result, not an error).
+    Returns the :class:`DryRunResult` (a ``DENY`` is a result, not an error); await it with an
+    :class:`~runcycles.AsyncCyclesClient`. ``request`` (its ``dry_run`` forced on) or
+    ``options`` as for :func:`reserve` (``heartbeat`` is ignored).
     """
     if request is not None:
         request = request.model_copy(update={"dry_run": None})
     config = client.config
-    tenant = known_tenant(client)
+    tenant = client.api_key_tenant
     try:
         checked: ReservationCreateRequest | None = request_from_options(
             config, request, options, tenant=tenant
@@ -1576,7 +1472,7 @@ def dry_run(
     if isinstance(client, AsyncBaseCyclesClient):
         return _adry_run(client, checked, options)
     if checked is None:
-        checked = request_from_options(config, None, options, tenant=discover_tenant(client))
+        checked = request_from_options(config, None, options, tenant=client.discover_tenant())
     return dry_run_result(client.create_reservation(checked.model_copy(update={"dry_run": True})))
 
 
@@ -1586,7 +1482,7 @@ async def _adry_run(
     options: Mapping[str, Any],
 ) -> DryRunResult:
     if request is None:
-        tenant = await adiscover_tenant(client)
+        tenant = await client.discover_tenant()
         request = request_from_options(client.config, None, options, tenant=tenant)
     return dry_run_result(
         await client.create_reservation(request.model_copy(update={"dry_run": True}))

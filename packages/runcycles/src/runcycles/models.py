@@ -4,22 +4,41 @@ The single source of truth for the wire format: the client and ``runcycles-serve
 them. Requests forbid unknown fields and enforce every constraint of the spec (strict
 integers and booleans: ``"500"`` or ``5.0`` is not an amount); responses accept unknown
 fields (``extra="allow"``), so a newer server never breaks an older client. Error and reason
-codes stay open strings (known values on :class:`ErrorCode` and :class:`ReasonCode`).
-Optional request fields default to ``None`` and are omitted from the body (serialize with
-:func:`to_wire`), so the server's defaults apply.
+codes stay open strings (known values on :class:`ErrorCode` and :class:`ReasonCode`), and so
+do enum fields that only responses carry (``DenyDetail.quota_violation.window``): a value this
+version does not know is kept as a plain string. Optional request fields default to ``None``
+and are omitted from the body (serialize with :func:`to_wire`), so the server's defaults apply.
+
+The fields of the v0.1.26 extensions (``cycles-protocol-extensions-v0.1.26.yaml``) are here
+too: :class:`DenyDetail` on denials, ``observe_mode`` on reservation requests and
+``policy_keys`` on :class:`Action`. The admin-plane governance models (policies, the
+action-kind registry, quota counters) are in :mod:`runcycles.governance`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 __all__ = [
     "INT64_MAX",
     "STANDARD_SUBJECT_FIELDS",
     "Action",
+    "ActionPolicyKeys",
+    "ActionQuotaViolation",
+    "ActionQuotaWindow",
+    "ActionRiskClass",
     "Amount",
     "Balance",
     "BalanceResponse",
@@ -32,10 +51,12 @@ __all__ = [
     "Decision",
     "DecisionRequest",
     "DecisionResponse",
+    "DenyDetail",
     "ErrorCode",
     "ErrorResponse",
     "EventCreateRequest",
     "EventCreateResponse",
+    "ObserveMode",
     "ReasonCode",
     "ReleaseRequest",
     "ReleaseResponse",
@@ -52,6 +73,7 @@ __all__ = [
     "StandardMetrics",
     "Subject",
     "Unit",
+    "deny_detail_from",
     "parse_response",
     "to_wire",
 ]
@@ -131,6 +153,58 @@ class ReservationStatus(str, Enum):
         return self.value
 
 
+class ObserveMode(str, Enum):
+    """How the server evaluates a reservation (``ObserveModeEnum``, v0.1.26 extension).
+
+    * ``ENFORCE`` (the default): normal enforcement.
+    * ``OBSERVE``: shadow mode. The server evaluates everything (access control, quotas,
+      budget) but changes nothing, answers ``200`` with the decision it would have taken and
+      no ``reservation_id``, and records it as a ``reservation.observed_*`` event.
+    * ``DISABLED``: a synonym of ``ENFORCE``.
+
+    Set per request on :class:`ReservationCreateRequest`; the tenant's ``observe_mode`` applies
+    when the request has none.
+    """
+
+    DISABLED = "DISABLED"
+    OBSERVE = "OBSERVE"
+    ENFORCE = "ENFORCE"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ActionRiskClass(str, Enum):
+    """Risk class of an action kind, in ascending order of risk (action-kind registry)."""
+
+    READ_ONLY = "read_only"
+    LOCAL_MUTATION = "local_mutation"
+    SIDE_EFFECT = "side_effect"
+    EXTERNAL_SIDE_EFFECT = "external_side_effect"
+    HIGH_RISK = "high_risk"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ActionQuotaWindow(str, Enum):
+    """Window of an action quota (action-kind registry).
+
+    ``per_run`` counts per ``subject.dimensions.run_id`` (required when such a quota applies);
+    the others are UTC calendar buckets (minute, hour, day; ``per_tenant_per_day`` counts at
+    the tenant root whatever the subject).
+    """
+
+    PER_RUN = "per_run"
+    PER_MINUTE_TUMBLING = "per_minute_tumbling"
+    PER_HOUR_TUMBLING = "per_hour_tumbling"
+    PER_DAY_TUMBLING = "per_day_tumbling"
+    PER_TENANT_PER_DAY = "per_tenant_per_day"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class ErrorCode:
     """Known values of ``ErrorResponse.error`` (an open string: unknown codes are kept as-is)."""
 
@@ -151,9 +225,13 @@ class ErrorCode:
     LIMIT_EXCEEDED: Final = "LIMIT_EXCEEDED"
     TENANT_CLOSED: Final = "TENANT_CLOSED"
     INTERNAL_ERROR: Final = "INTERNAL_ERROR"
+    # v0.1.26 extensions (action governance): a policy refused the action.
+    ACTION_QUOTA_EXCEEDED: Final = "ACTION_QUOTA_EXCEEDED"
+    ACTION_KIND_NOT_ALLOWED: Final = "ACTION_KIND_NOT_ALLOWED"
+    ACTION_KIND_DENIED: Final = "ACTION_KIND_DENIED"
 
     ALL: Final = frozenset(value for name, value in list(vars().items()) if name.isupper())
-    """Every error code of the v0.1.25 runtime spec (the constants above)."""
+    """Every error code of the runtime spec and its v0.1.26 extensions (the constants above)."""
 
 
 class ReasonCode:
@@ -172,6 +250,14 @@ class ReasonCode:
     ACTION_QUOTA_EXCEEDED: Final = "ACTION_QUOTA_EXCEEDED"
     ACTION_KIND_DENIED: Final = "ACTION_KIND_DENIED"
     ACTION_KIND_NOT_ALLOWED: Final = "ACTION_KIND_NOT_ALLOWED"
+    TENANT_SUSPENDED: Final = "TENANT_SUSPENDED"
+    POLICY_VIOLATION: Final = "POLICY_VIOLATION"
+
+
+OpenRiskClass = Annotated[ActionRiskClass | str, Field(union_mode="left_to_right")]
+"""A risk class in a response: an :class:`ActionRiskClass`, or the string a newer server sent."""
+OpenQuotaWindow = Annotated[ActionQuotaWindow | str, Field(union_mode="left_to_right")]
+"""A quota window in a response: an :class:`ActionQuotaWindow`, or the string as sent."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,12 +348,36 @@ class Subject(_Request):
         return any(getattr(self, name) is not None for name in STANDARD_SUBJECT_FIELDS)
 
 
+class ActionPolicyKeys(_Request):
+    """Extra routing dimensions of an action for policy matching (``Action.policy_keys``).
+
+    Optional, and never an error to omit: a quota rule with an allowlist on a dimension the
+    action does not carry simply does not apply to it. Which dimensions a kind's policies
+    use is in the registry (:func:`runcycles.action_kinds.policy_dimensions`); servers ignore
+    the others. ``custom`` holds up to 8 free string dimensions.
+    """
+
+    host: Annotated[str, Field(max_length=253)] | None = None
+    recipient_domain: Annotated[str, Field(max_length=253)] | None = None
+    resource_type: Annotated[str, Field(max_length=128)] | None = None
+    path_prefix: Annotated[str, Field(max_length=512)] | None = None
+    custom: dict[str, Annotated[str, Field(max_length=256)]] | None = Field(
+        default=None, max_length=8
+    )
+
+
 class Action(_Request):
-    """What is being done: ``kind`` (``llm.completion``) and ``name`` (``openai:gpt-4o``)."""
+    """What is being done: ``kind`` (``llm.completion``) and ``name`` (``openai:gpt-4o``).
+
+    Use a canonical kind of the registry (constants and checks in
+    :mod:`runcycles.action_kinds`) so policies can name it; ``policy_keys`` adds routing
+    dimensions such as the host or the recipient domain.
+    """
 
     kind: Annotated[str, Field(max_length=64)]
     name: Annotated[str, Field(max_length=256)]
     tags: list[Annotated[str, Field(max_length=64)]] | None = Field(default=None, max_length=10)
+    policy_keys: ActionPolicyKeys | None = None
 
 
 class Caps(_Request):
@@ -330,6 +440,42 @@ class ReservationEvidence(_Response):
     release: CyclesEvidenceRef | None = None
 
 
+class ActionQuotaViolation(_Response):
+    """The quota rule that denied an action (``DenyDetail.quota_violation``).
+
+    ``used`` of ``limit`` calls were made in the window (``window_key`` is the run id for
+    ``per_run``, the UTC bucket otherwise) at ``scope``. ``risk_class`` is set when the rule
+    is a risk-class quota; ``action_kind`` is then the kind that tripped it.
+    """
+
+    action_kind: str
+    window: OpenQuotaWindow
+    used: int
+    limit: int
+    scope: str
+    window_key: str | None = None
+    policy_id: str | None = None
+    risk_class: OpenRiskClass | None = None
+
+
+class DenyDetail(_Response):
+    """Why a request was denied, for operators: the rule, the quota, what to change.
+
+    Sent with every ``DENY`` decision (``deny_detail`` of a decide or dry-run answer) and in
+    the ``details`` of a 409 error (read it as ``error.deny_detail``). ``reason_code`` is an
+    open string (known values on :class:`ReasonCode`); ``quota_violation`` is set for
+    ``ACTION_QUOTA_EXCEEDED``; ``budget_remaining`` (in the request's unit, negative in
+    overdraft) for ``BUDGET_EXCEEDED``.
+    """
+
+    reason_code: str
+    quota_violation: ActionQuotaViolation | None = None
+    blocked_by_scope: str | None = None
+    blocked_by_policy: str | None = None
+    suggested_fix: str | None = None
+    budget_remaining: int | None = None
+
+
 class Balance(_Response):
     """Ledger state of one (scope, unit) budget.
 
@@ -373,6 +519,7 @@ class ReservationCreateRequest(_Request):
     overage_policy: CommitOveragePolicy | None = None
     dry_run: StrictBool | None = None
     metadata: Metadata | None = None
+    observe_mode: ObserveMode | None = None
 
 
 class CommitRequest(_Request):
@@ -425,13 +572,15 @@ class DecisionResponse(_Response):
     retry_after_ms: int | None = None
     affected_scopes: list[str] | None = None
     cycles_evidence: CyclesEvidenceRef | None = None
+    deny_detail: DenyDetail | None = None
 
 
 class ReservationCreateResponse(_Response):
     """Answer of ``POST /v1/reservations``.
 
-    ``reservation_id`` is present for a live ``ALLOW``/``ALLOW_WITH_CAPS``; a dry run or a
-    ``DENY`` has none.
+    ``reservation_id`` is present for a live ``ALLOW``/``ALLOW_WITH_CAPS``; a dry run, an
+    ``observe_mode=OBSERVE`` evaluation or a ``DENY`` has none. ``deny_detail`` explains a
+    ``DENY``.
     """
 
     decision: Decision
@@ -446,6 +595,7 @@ class ReservationCreateResponse(_Response):
     reason_code: str | None = None
     retry_after_ms: int | None = None
     cycles_evidence: CyclesEvidenceRef | None = None
+    deny_detail: DenyDetail | None = None
 
 
 class CommitResponse(_Response):
@@ -539,3 +689,25 @@ class ErrorResponse(_Response):
     def error_code(self) -> str:
         """Alias of :attr:`error`."""
         return self.error
+
+    @property
+    def deny_detail(self) -> DenyDetail | None:
+        """``details.deny_detail`` as a :class:`DenyDetail` (``None`` if absent or malformed)."""
+        return deny_detail_from(self.details)
+
+
+def deny_detail_from(details: Any) -> DenyDetail | None:
+    """Return ``details["deny_detail"]`` as a :class:`DenyDetail`, or ``None``.
+
+    ``None`` when ``details`` is not a mapping, has no ``deny_detail``, or holds one that is
+    not a valid ``DenyDetail`` (the raw value stays readable in ``details``).
+    """
+    if not isinstance(details, Mapping):
+        return None
+    raw = details.get("deny_detail")
+    if raw is None:
+        return None
+    try:
+        return parse_response(DenyDetail, raw)
+    except ValidationError:
+        return None

@@ -1,13 +1,9 @@
 """Settle known spend exactly once: :class:`Settlement` and its async twin.
 
-``commit`` (the client-recovery profile, core + durable levels; see ``docs/recovery.md``):
+The client-recovery profile, core and durable levels, as ``docs/recovery.md`` describes it:
 journal first (an I/O failure is reported in ``result.journal_error``, never blocks the
-attempt); retry on the same idempotency key after anything ambiguous (transport error, 5xx,
-429 with its ``Retry-After`` persisted as ``not_before_ms``, a 2xx that is not a schema-valid
-success); an expired reservation (410) switches durably to ``POST /v1/events`` with the same
-key; understood rejections remove the record (``rejected``); everything else keeps it for a
-later replay (``pending``). Known spend is never released because an outcome is ambiguous or
-the credentials were refused.
+attempt), same-key retries, the durable switch to ``POST /v1/events`` after a 410. Known
+spend is never released because an outcome is ambiguous or the credentials were refused.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 
@@ -323,6 +319,7 @@ class _Engine:
     def result(
         self, outcome: SettlementOutcome, journaled: bool, journal_error: str | None
     ) -> SettlementResult:
+        """Return how the settlement ended, and log it."""
         verdict = self.last
         data = None if verdict is None else verdict.data
         error = (
@@ -333,7 +330,7 @@ class _Engine:
                 f"settlement of {self.record.reservation_id!r} must wait until "
                 f"not_before_ms={self.record.not_before_ms} (server Retry-After)"
             )
-        return SettlementResult(
+        result = SettlementResult(
             reservation_id=self.record.reservation_id,
             outcome=outcome,
             mode=self.record.mode,
@@ -346,6 +343,8 @@ class _Engine:
             journal_error=journal_error,
             not_before_ms=self.record.not_before_ms or None,
         )
+        _log_outcome(result)
+        return result
 
     def _past_deadline(self, delay_s: float) -> bool:
         return self.deadline_s is not None and self.wall_s() + delay_s > self.deadline_s
@@ -370,10 +369,6 @@ def _log_outcome(result: SettlementResult) -> None:
             if result.journaled
             else "no journal record: it is NOT recoverable after this process exits",
         )
-
-
-def _new_release_key() -> str:
-    return f"release-{uuid.uuid4().hex}"
 
 
 def _record_for(
@@ -455,6 +450,25 @@ class _Setup:
         self._commit_options = single_attempt_options(client.commit_reservation)
         self._event_options = single_attempt_options(client.create_event)
 
+    def _due(
+        self,
+        records: list[JournalRecord],
+        report: ReplayReport,
+        created_before_ms: int | None,
+        deadline_s: float | None,
+    ) -> Iterator[str]:
+        """Yield the ids of the records to replay now; report the deferred and not due."""
+        for record in records:
+            rid = record.reservation_id
+            if created_before_ms is not None and record.created_at_ms >= created_before_ms:
+                continue
+            if deadline_s is not None and self._wall() >= deadline_s:
+                report.deferred.append(rid)
+            elif record.not_before_ms > self._wall() * 1000:
+                report.not_due.append(rid)
+            else:
+                yield rid
+
 
 def _journal_failed(record: JournalRecord, exc: OSError) -> tuple[bool, str | None]:
     logger.error(
@@ -466,7 +480,8 @@ def _journal_failed(record: JournalRecord, exc: OSError) -> tuple[bool, str | No
 
 
 def _release_request(reason: str | None, idempotency_key: str | None) -> ReleaseRequest:
-    return ReleaseRequest(idempotency_key=idempotency_key or _new_release_key(), reason=reason)
+    key = idempotency_key or f"release-{uuid.uuid4().hex}"
+    return ReleaseRequest(idempotency_key=key, reason=reason)
 
 
 class Settlement(_Setup):
@@ -480,10 +495,8 @@ class Settlement(_Setup):
         retry_policy: Attempts and backoff (default: from the client's config).
         sleep: Blocking sleep in seconds (injectable for tests).
         wall_clock: Wall-clock time in seconds, used for the persisted ``not_before_ms``.
-        journal_first: Write the record before the first request (the default, and what
-            the durable profile recommends: a crash while the first commit is in flight
-            loses nothing). ``False`` writes it only once the first attempt did not settle,
-            saving two fsyncs per successful commit at the price of that crash window.
+        journal_first: Write the record before the first request (the default); ``False``
+            writes it only once the first attempt did not settle (``docs/recovery.md``).
     """
 
     def __init__(
@@ -512,15 +525,9 @@ class Settlement(_Setup):
         """Settle ``request`` for a reservation: journal, commit, event fallback.
 
         Never raises for server or network failures; check ``result.settled`` or call
-        ``result.raise_for_error()``.
-
-        Args:
-            reservation_id: The reservation to commit.
-            request: The commit body; its ``idempotency_key`` is used for every attempt.
-            subject: The reservation's subject (for the event fallback; ``None`` makes an
-                expired reservation unsettleable, and the record is kept).
-            action: The reservation's action (same).
-            overage_policy: The reservation's overage policy, applied to the event fallback.
+        ``result.raise_for_error()``. Every attempt uses ``request.idempotency_key``. The
+        reservation's ``subject``, ``action`` and ``overage_policy`` build the event fallback
+        (without a subject or action an expired reservation cannot be settled: kept).
 
         Raises:
             TypeError: ``request`` is not a :class:`~runcycles.models.CommitRequest`.
@@ -564,13 +571,8 @@ class Settlement(_Setup):
     ) -> ReplayReport:
         """Replay every due record of the journal (e.g. at start-up, after a crash).
 
-        Args:
-            deadline_s: Wall-clock time (seconds) after which no new attempt starts.
-            created_before_ms: Only records created before this time (epoch ms), e.g. the
-                ones left by earlier processes; the others are not looked at.
-
-        Returns:
-            What was settled, rejected, left pending, skipped or quarantined.
+        No new attempt starts after ``deadline_s`` (wall clock); ``created_before_ms`` limits
+        it to the records created before then (e.g. those left by earlier processes).
 
         Raises:
             RuntimeError: The settlement has no journal.
@@ -578,14 +580,7 @@ class Settlement(_Setup):
         journal = _require_journal(self.journal)
         scan = journal.scan()
         report = _report_from_scan(scan)
-        for record in _created_before(scan.records, created_before_ms):
-            rid = record.reservation_id
-            if deadline_s is not None and self._wall() >= deadline_s:
-                report.deferred.append(rid)
-                continue
-            if record.not_before_ms > self._wall() * 1000:
-                report.not_due.append(rid)
-                continue
+        for rid in self._due(scan.records, report, created_before_ms, deadline_s):
             lock = journal.try_lock(rid)
             if lock is None:
                 report.busy.append(rid)
@@ -666,34 +661,28 @@ class Settlement(_Setup):
         outcome = step.stop
         assert outcome is not None
         if journaled and self.journal is not None:
-            try:
-                if outcome == "pending":
-                    if entry is not None and not entry.materialized:
-                        _materialize(self.journal, entry, locks)
-                    elif step.persist:
-                        self.journal.write(record)
-                else:
-                    journaled = False
-                    if entry is not None:
-                        entry.finished = True
-                    if entry is None or entry.materialized:
-                        self.journal.remove(record.reservation_id)
-            except OSError as exc:
-                journal_error = f"journal update failed: {exc}"
-                logger.error("journal update for %s failed: %s", record.reservation_id, exc)
-        result = engine.result(outcome, journaled, journal_error)
-        _log_outcome(result)
-        return result
+            if outcome != "pending":
+                journaled = False
+                if _has_record_file(entry):
+                    journal_error = self._persist(record, remove=True) or journal_error
+            elif step.persist or (entry is not None and not entry.materialized):
+                journal_error = self._persist(record, locks, entry) or journal_error
+        return engine.result(outcome, journaled, journal_error)
 
     def _persist(
         self,
         record: JournalRecord,
         locks: list[RecordLock | None] | None = None,
         entry: IntentEntry | None = None,
+        *,
+        remove: bool = False,
     ) -> str | None:
+        """Write, move to its record file, or (``remove``) delete the settlement's record."""
         assert self.journal is not None
         try:
-            if entry is not None and not entry.materialized:
+            if remove:
+                self.journal.remove(record.reservation_id)
+            elif entry is not None and not entry.materialized:
                 _materialize(self.journal, entry, locks)
             else:
                 self.journal.write(record)
@@ -795,14 +784,7 @@ class AsyncSettlement(_Setup):
         journal = _require_journal(self.journal)
         scan = await run_journal_io(journal.scan)
         report = _report_from_scan(scan)
-        for record in _created_before(scan.records, created_before_ms):
-            rid = record.reservation_id
-            if deadline_s is not None and self._wall() >= deadline_s:
-                report.deferred.append(rid)
-                continue
-            if record.not_before_ms > self._wall() * 1000:
-                report.not_due.append(rid)
-                continue
+        for rid in self._due(scan.records, report, created_before_ms, deadline_s):
             lock = await _aclaim(_claim_for_loop, journal, rid)  # never lost to a cancellation
             if lock is None:
                 report.busy.append(rid)
@@ -881,37 +863,29 @@ class AsyncSettlement(_Setup):
                 journaled, journal_error = await self._journal_now(record, locks)  # late
         outcome = step.stop
         assert outcome is not None
-        journal = self.journal
-        if journaled and journal is not None:
-            try:
-                if outcome == "pending":
-                    if entry is not None and not entry.materialized:
-                        assert locks is not None
-                        locks.append(await _aclaim(_materialize_for_loop, journal, entry))
-                    elif step.persist:
-                        await run_journal_io(journal.write, record)
-                else:
-                    journaled = False
-                    if entry is not None:
-                        entry.finished = True
-                    if entry is None or entry.materialized:
-                        await run_journal_io(journal.remove, record.reservation_id)
-            except OSError as exc:
-                journal_error = f"journal update failed: {exc}"
-                logger.error("journal update for %s failed: %s", record.reservation_id, exc)
-        result = engine.result(outcome, journaled, journal_error)
-        _log_outcome(result)
-        return result
+        if journaled and self.journal is not None:
+            if outcome != "pending":
+                journaled = False
+                if _has_record_file(entry):
+                    journal_error = await self._persist(record, remove=True) or journal_error
+            elif step.persist or (entry is not None and not entry.materialized):
+                journal_error = await self._persist(record, locks, entry) or journal_error
+        return engine.result(outcome, journaled, journal_error)
 
     async def _persist(
         self,
         record: JournalRecord,
         locks: list[RecordLock | None] | None = None,
         entry: IntentEntry | None = None,
+        *,
+        remove: bool = False,
     ) -> str | None:
+        """Async twin of :meth:`Settlement._persist` (the I/O runs on the journal's thread)."""
         assert self.journal is not None
         try:
-            if entry is not None and not entry.materialized:
+            if remove:
+                await run_journal_io(self.journal.remove, record.reservation_id)
+            elif entry is not None and not entry.materialized:
                 assert locks is not None
                 locks.append(await _aclaim(_materialize_for_loop, self.journal, entry))
             else:
@@ -920,6 +894,13 @@ class AsyncSettlement(_Setup):
             logger.error("journal update for %s failed: %s", record.reservation_id, exc)
             return f"journal update failed: {exc}"
         return None
+
+
+def _has_record_file(entry: IntentEntry | None) -> bool:
+    """Mark a finished settlement's intent (if any) done; return whether a record file holds it."""
+    if entry is not None:
+        entry.finished = True
+    return entry is None or entry.materialized
 
 
 def _materialize(
@@ -1001,12 +982,6 @@ def _close_claims(
             _close_intent(journal, entry, locks)
     finally:
         _release_each([lock for lock in locks if lock is not None])
-
-
-def _created_before(records: list[JournalRecord], before_ms: int | None) -> list[JournalRecord]:
-    if before_ms is None:
-        return records
-    return [record for record in records if record.created_at_ms < before_ms]
 
 
 def _require_journal(journal: Journal | None) -> Journal:

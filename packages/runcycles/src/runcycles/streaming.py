@@ -157,11 +157,8 @@ def priced(
     and output tokens at the model's price in ``USD_MICROCENTS`` (the model the stream
     reported with ``usage.set_model_version()`` when ``model`` is not given). A model without
     a price makes the actual unknown: ``on_unknown_actual`` decides what happens.
-
-    Args:
-        pricer: The price table (default: :func:`~runcycles.default_pricer`).
-        model: The model to price (default: ``usage.model_version``).
-        provider: The model's provider, when the name alone is ambiguous.
+    ``pricer`` defaults to :func:`~runcycles.default_pricer`; ``provider`` disambiguates a
+    model name.
     """
 
     def cost(usage: StreamUsage) -> int:
@@ -257,6 +254,18 @@ class _StreamState:
             ) from exc
         metadata[ACTUAL_SOURCE_KEY] = "estimate"
         return context.estimate.amount, metadata
+
+    def _settle_unknown(
+        self, unknown: UnknownActualError, metrics: CyclesMetrics | None, outcome: str
+    ) -> Any:
+        """Apply ``on_unknown_actual`` through the guard: its result (async twin: coroutine)."""
+        return self._guard.settle(
+            unknown,
+            on_unknown_actual=self._on_unknown_actual,
+            metrics=metrics,
+            metadata={OUTCOME_KEY: outcome},
+            fix=_FIX,
+        )
 
     def _unknown_settled(self, unknown: UnknownActualError) -> UnknownActualError:
         """Record ``unknown`` once the guard's ``settle`` applied ``on_unknown_actual``."""
@@ -385,12 +394,8 @@ class StreamReservation(_StreamState):
             amount, metadata = self._explicit_commit(context, actual)
         except UnknownActualError as unknown:
             try:
-                result = guard.settle(
-                    unknown,
-                    on_unknown_actual=self._on_unknown_actual,
-                    metrics=metrics,
-                    metadata={OUTCOME_KEY: "completed"},
-                    fix=_FIX,
+                result: SettlementResult | None = self._settle_unknown(
+                    unknown, metrics, "completed"
                 )
             except CyclesError as exc:
                 if not isinstance(exc, UnknownActualError):
@@ -414,13 +419,7 @@ class StreamReservation(_StreamState):
                 amount, metadata = self._final_amount(context, outcome)
             except UnknownActualError as unknown:
                 try:
-                    guard.settle(
-                        unknown,
-                        on_unknown_actual=self._on_unknown_actual,
-                        metrics=self._safe_metrics(context),
-                        metadata={OUTCOME_KEY: outcome},
-                        fix=_FIX,
-                    )
+                    self._settle_unknown(unknown, self._safe_metrics(context), outcome)
                 except UnknownActualError:
                     return self._unknown_settled(unknown)
             else:
@@ -437,13 +436,7 @@ class AsyncStreamReservation(_StreamState):
     """A reservation held while a stream is consumed (async twin of :class:`StreamReservation`).
 
     A cancelled stream still commits its partial usage, shielded from a second cancellation.
-
-    Args:
-        client: The client to reserve and settle with.
-        request: A ready reservation request, instead of the keyword options.
-        cost_fn: Prices the accumulated :class:`StreamUsage`.
-        on_unknown_actual: As for :class:`StreamReservation`.
-        **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
+    The arguments are those of :class:`StreamReservation`, with an async client.
     """
 
     __slots__ = ()
@@ -492,12 +485,8 @@ class AsyncStreamReservation(_StreamState):
             amount, metadata = self._explicit_commit(context, actual)
         except UnknownActualError as unknown:
             try:
-                result = await guard.settle(
-                    unknown,
-                    on_unknown_actual=self._on_unknown_actual,
-                    metrics=metrics,
-                    metadata={OUTCOME_KEY: "completed"},
-                    fix=_FIX,
+                result: SettlementResult | None = await self._settle_unknown(
+                    unknown, metrics, "completed"
                 )
             except CyclesError as exc:
                 if not isinstance(exc, UnknownActualError):
@@ -521,13 +510,7 @@ class AsyncStreamReservation(_StreamState):
                 amount, metadata = self._final_amount(context, outcome)
             except UnknownActualError as unknown:
                 try:
-                    await guard.settle(
-                        unknown,
-                        on_unknown_actual=self._on_unknown_actual,
-                        metrics=self._safe_metrics(context),
-                        metadata={OUTCOME_KEY: outcome},
-                        fix=_FIX,
-                    )
+                    await self._settle_unknown(unknown, self._safe_metrics(context), outcome)
                 except UnknownActualError:
                     return self._unknown_settled(unknown)
             else:
@@ -577,19 +560,8 @@ def stream_reservation(
 ) -> StreamReservation | AsyncStreamReservation:
     """Return a stream reservation for ``with`` (sync client) or ``async with`` (async client).
 
-    Args:
-        client: A :class:`~runcycles.CyclesClient` or :class:`~runcycles.AsyncCyclesClient`.
-        request: A ready reservation request, instead of the keyword options.
-        cost_fn: Prices the accumulated :class:`StreamUsage` in the reservation's unit.
-        on_unknown_actual: What to do when the usage cannot be priced (nothing is ever
-            committed from an unknown actual); see :class:`StreamReservation`.
-        **options: See :class:`~runcycles.lifecycle.ReserveOptions`.
-
-    Returns:
-        The stream reservation matching the client's flavour.
-
-    Raises:
-        ValueError: An unknown ``on_unknown_actual``.
+    A :class:`StreamReservation` or an :class:`AsyncStreamReservation`, whose arguments these
+    are (``docs/streaming.md``).
     """
     if isinstance(client, AsyncBaseCyclesClient):
         return AsyncStreamReservation(

@@ -134,7 +134,8 @@ class Usage:
         Both shapes are accepted: Chat Completions (``prompt_tokens``, ``completion_tokens``,
         ``prompt_tokens_details.cached_tokens``, ``completion_tokens_details.reasoning_tokens``)
         and the Responses API / Agents SDK (``input_tokens``, ``output_tokens``,
-        ``input_tokens_details.cached_tokens``, ``output_tokens_details.reasoning_tokens``).
+        ``input_tokens_details.cached_tokens`` and ``.cache_write_tokens``,
+        ``output_tokens_details.reasoning_tokens``).
         OpenAI's counts already follow this class's convention. Missing or ``None`` details
         count as 0.
 
@@ -164,6 +165,9 @@ class Usage:
             output_tokens=_count(usage, output_name, source),
             cached_input_tokens=_count(
                 _get(usage, f"{input_name}_details"), "cached_tokens", source
+            ),
+            cache_write_tokens=_count(
+                _get(usage, f"{input_name}_details"), "cache_write_tokens", source
             ),
             reasoning_tokens=_count(
                 _get(usage, f"{output_name}_details"), "reasoning_tokens", source

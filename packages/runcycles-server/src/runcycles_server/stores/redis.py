@@ -1278,6 +1278,39 @@ class RedisStore:
         rows = await self._hget_many([self._k.audit(tenant_id, i.decode()) for i in ids])
         return [_dec(AuditRow, raw) for raw in rows if raw is not None]
 
+    async def list_audit_logs(
+        self, tenant_id: str | None, limit: int, cursor: str | None
+    ) -> Page[AuditRow]:
+        """Return one page of a tenant's audit entries, newest first (see ``AuditReader``).
+
+        Entries are kept per tenant, so ``tenant_id`` is required. The cursor names the last
+        entry returned; entries are never deleted, so its rank is found again exactly.
+
+        Raises:
+            LedgerError: INVALID_REQUEST without ``tenant_id`` or with a cursor that is not one.
+        """
+        if tenant_id is None:
+            raise LedgerError(
+                "INVALID_REQUEST",
+                "query parameter tenant_id is required with the Redis store, which keeps audit "
+                "logs per tenant; pass ?tenant_id=<tenant>",
+            )
+        key = self._k.x_audit(tenant_id)
+        start = 0
+        if cursor:
+            (after,) = decode_cursor(cursor, 1)
+            rank = await self._redis.zrevrank(key, str(after))
+            if rank is None:
+                raise LedgerError(
+                    "INVALID_REQUEST",
+                    "cursor is not valid: pass back next_cursor from the previous page unchanged",
+                )
+            start = int(rank) + 1
+        ids = [i.decode() for i in await self._redis.zrange(key, start, start + limit, desc=True)]
+        rows = await self._hget_many([self._k.audit(tenant_id, i) for i in ids[:limit]])
+        items = [_dec(AuditRow, raw) for raw in rows if raw is not None]
+        return Page(items, encode_cursor([ids[limit - 1]]) if len(ids) > limit else None)
+
     # -- expiry ----------------------------------------------------------------------------------
 
     async def expire_due(self, limit: int = 200) -> int:

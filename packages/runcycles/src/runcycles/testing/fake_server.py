@@ -4,8 +4,9 @@
 extends and events over ``httpx.MockTransport`` like a conformant server where it matters to
 a client: one budget per unit, exact integer balances, stored responses replayed for a
 repeated idempotency key (``409 IDEMPOTENCY_MISMATCH`` for a changed payload), ``409
-RESERVATION_FINALIZED`` for a second settlement. Knobs inject denials, caps, auth failures
-and outages::
+RESERVATION_FINALIZED`` for a second settlement, ``observe_mode=OBSERVE`` evaluated like a
+dry run. Knobs inject denials (with a ``DenyDetail`` if you like), caps, auth failures and
+outages::
 
     server = FakeCyclesServer(budget=1_000_000)
     client = server.client()                  # a CyclesClient (async_client() for async)
@@ -52,6 +53,8 @@ class FakeCyclesServer:
         tenant: The API key's tenant (sent as ``X-Cycles-Tenant``).
         caps: Caps of every allowed reservation (then ``ALLOW_WITH_CAPS``).
         reject: ``(status, error code)`` answered to every live reservation.
+        reject_detail: ``details.deny_detail`` of the ``reject`` error (a ``DenyDetail`` as
+            a dict), as a server that explains its denials sends it.
         deny_reason: Answer ``200 DENY`` with this reason code to every live reservation.
         outage: Fail every request with a connection error.
         server_error: Answer every request ``500 INTERNAL_ERROR``.
@@ -62,6 +65,7 @@ class FakeCyclesServer:
     tenant: str = "acme"
     caps: dict[str, Any] | None = None
     reject: tuple[int, str] | None = None
+    reject_detail: dict[str, Any] | None = None
     deny_reason: str | None = None
     outage: bool = False
     server_error: bool = False
@@ -179,12 +183,16 @@ class FakeCyclesServer:
         answer: dict[str, Any] = {"decision": decision, "affected_scopes": [scope]}
         if self.caps and enough:
             answer["caps"] = self.caps
-        if body.get("dry_run"):
+        if body.get("dry_run") or body.get("observe_mode") == "OBSERVE":
+            # Observe mode: the decision, nothing held, no reservation id (like a dry run).
             if not enough:
                 answer["reason_code"] = "BUDGET_EXCEEDED"
             return 200, answer
         if self.reject is not None:
-            return self._body(*self.reject)
+            status, answer = self._body(*self.reject)
+            if self.reject_detail is not None:
+                answer["details"] = {"deny_detail": self.reject_detail}
+            return status, answer
         if self.deny_reason is not None:
             return 200, {
                 "decision": "DENY",
