@@ -61,6 +61,7 @@ from runcycles.models import (
     Subject,
 )
 from runcycles_server import ledger
+from runcycles_server.admin import Admin
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
 from runcycles_server.query import check_text
@@ -692,7 +693,6 @@ def create_app(
             f"{retention_days}; pass None to keep finished reservations forever"
         )
     retention_ms = None if retention_days is None else int(retention_days * ledger.DAY_MS)
-    from runcycles_server.admin import Admin  # admin depends on this module's helpers
 
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
     auth = Authenticator(store, admin_api_key, limiter=limiter)
