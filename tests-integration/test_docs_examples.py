@@ -13,17 +13,12 @@ Python blocks and none of them is runnable, so new pages cannot silently opt out
 
 from __future__ import annotations
 
-import ast
-import asyncio
-import inspect
 import re
-import types
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from runcycles_server.testing import ServerProcess
+from runcycles_server.testing import ServerProcess, run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -39,22 +34,13 @@ def _examples(kind: str) -> list[tuple[str, str]]:
     return found
 
 
-def _run(source: str, name: str) -> None:
-    code = compile(source, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    namespace: dict[str, Any] = {"__name__": "__main__"}
-    if code.co_flags & inspect.CO_COROUTINE:
-        asyncio.run(types.FunctionType(code, namespace)())
-    else:
-        exec(code, namespace)
-
-
 OFFLINE = _examples("offline")
 SERVER = _examples("server")
 
 
 @pytest.mark.parametrize(("name", "source"), OFFLINE, ids=[n for n, _ in OFFLINE])
 def test_offline_example(name: str, source: str) -> None:
-    _run(source, name)
+    run_example(source, name=name)
 
 
 @pytest.mark.parametrize(("name", "source"), SERVER, ids=[n for n, _ in SERVER])
@@ -64,7 +50,7 @@ def test_server_example(name: str, source: str, server: ServerProcess, monkeypat
     monkeypatch.setenv("CYCLES_API_KEY", tenant.api_key)
     monkeypatch.setenv("CYCLES_TENANT", tenant.tenant_id)
     monkeypatch.setenv("CYCLES_ADMIN_API_KEY", server.admin_key)
-    _run(source, name)
+    run_example(source, name=name)
 
 
 # Pages whose examples another test runs as written (against a scripted fake ledger).

@@ -22,11 +22,9 @@ to the end of each block and re-indents the bodies of ``try``/``except``/``if``/
 from __future__ import annotations
 
 import ast
-import asyncio
 import inspect
 import os
 import re
-import types
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from any_agent.frameworks.tinyagent import TinyAgent
 
 from runcycles_anyagent import CyclesBudgetCallback
 from runcycles_anyagent.testing import ScriptedCompletions, ScriptedModel, Turn, reply, tool_calls
-from runcycles_server.testing import ProvisionedTenant, ServerProcess
+from runcycles_server.testing import ProvisionedTenant, ServerProcess, run_example
 
 set_tracing_disabled(True)
 GUIDE = "guide-anyagent-integration.txt"
@@ -178,14 +176,6 @@ def _spent_and_reserved(tenant: ProvisionedTenant) -> tuple[int, int]:
     return (usd.spent.amount if usd.spent else 0), (usd.reserved.amount if usd.reserved else 0)
 
 
-def _run(source: str, namespace: dict[str, Any]) -> None:
-    code = compile(source, "<seed example>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    if code.co_flags & inspect.CO_COROUTINE:
-        asyncio.run(types.FunctionType(code, namespace)())
-    else:
-        exec(code, namespace)
-
-
 def _check(
     source: str,
     backend: str,
@@ -246,7 +236,7 @@ def _check(
     exec("from runcycles_anyagent import BudgetExceeded, CyclesBudgetCallback", namespace)
     before = _spent_and_reserved(tenant)[0]
     try:
-        _run(source, namespace)
+        run_example(source, namespace, "<seed example>")
     finally:
         for value in list(namespace.values()):  # the callbacks that made their own client
             for callback in value.config.callbacks if isinstance(value, AnyAgent) else []:

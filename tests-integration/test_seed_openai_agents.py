@@ -16,10 +16,8 @@ to the end of each block and re-indents the bodies of ``try:``/``except:`` block
 from __future__ import annotations
 
 import ast
-import inspect
 import os
 import re
-import types
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from agents.models.multi_provider import MultiProvider
 import runcycles
 import runcycles_openai_agents
 from runcycles_openai_agents.testing import ScriptedModel, reply
-from runcycles_server.testing import ProvisionedTenant, ServerProcess
+from runcycles_server.testing import ProvisionedTenant, ServerProcess, run_example
 
 set_tracing_disabled(True)
 README = "runcycles-openai-agents-README.txt"
@@ -116,16 +114,6 @@ def tenants(server: ServerProcess) -> dict[str, ProvisionedTenant]:
     return found
 
 
-def _run(source: str, namespace: dict[str, Any]) -> None:
-    code = compile(source, "<seed example>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    if code.co_flags & inspect.CO_COROUTINE:
-        import asyncio
-
-        asyncio.run(types.FunctionType(code, namespace)())
-    else:
-        exec(code, namespace)
-
-
 def _check(
     source: str,
     server: ServerProcess,
@@ -158,7 +146,7 @@ def _check(
         "hooks": runcycles_openai_agents.CyclesRunHooks(tenant=tenant.tenant_id),
         "load_from_vault": vault.__getitem__,  # the reader's own secret manager
     }
-    _run(source, namespace)
+    run_example(source, namespace, "<seed example>")
     if succeeds and "result = await Runner.run" in source:
         assert namespace["result"].final_output.startswith("Budget authority")
         assert len(models) == 1  # the model ran once, through the hooks

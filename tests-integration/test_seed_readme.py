@@ -12,19 +12,15 @@ public names of ``runcycles`` are pre-imported (the "All options" example has no
 
 from __future__ import annotations
 
-import ast
-import asyncio
-import inspect
 import os
 import re
-import types
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from runcycles_server.testing import ServerProcess
+from runcycles_server.testing import ServerProcess, run_example
 
 SEED_NAME = "runcycles-README.txt"
 
@@ -62,15 +58,6 @@ def test_seed_readme_is_available():
 @pytest.fixture(scope="module")
 def acme(server: ServerProcess) -> Any:
     return server.provision(tenant_id="acme", budget=10**12)
-
-
-def _run(source: str, namespace: dict[str, Any]) -> None:
-    code = compile(source, "<seed example>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    if code.co_flags & inspect.CO_COROUTINE:
-        result = types.FunctionType(code, namespace)()
-        asyncio.run(result)
-    else:
-        exec(code, namespace)
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)), ids=lambda i: f"example{i + 1}")
@@ -113,7 +100,7 @@ def test_seed_example_runs_as_written(index, server, acme, monkeypatch):
         ),
     }
     try:
-        _run(source, namespace)
+        run_example(source, namespace, "<seed example>")
     finally:
         client.close()
         set_default_client(None)

@@ -19,6 +19,9 @@ A pytest plugin built on this lives in ``tests-integration/conftest.py`` of this
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import inspect
 import os
 import secrets
 import shutil
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +44,13 @@ import httpx
 from runcycles.config import CyclesConfig
 from runcycles_server.roles import AGENT_PERMISSIONS
 
-__all__ = ["ProvisionedTenant", "ServerProcess", "free_port", "redis_url_for_tests"]
+__all__ = [
+    "ProvisionedTenant",
+    "ServerProcess",
+    "free_port",
+    "redis_url_for_tests",
+    "run_example",
+]
 
 StoreKind = Literal["sqlite", "redis"]
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -345,3 +355,20 @@ def _delete_redis_prefix(url: str, prefix: str) -> None:
             client.delete(*batch)
     finally:
         client.close()
+
+
+def run_example(
+    source: str, namespace: dict[str, Any] | None = None, name: str = "<example>"
+) -> dict[str, Any]:
+    """Run a documented code block as written, top-level ``await`` included; return its globals.
+
+    A block that awaits at top level runs in a fresh event loop (``asyncio.run``), as a user
+    pasting it into ``python -m asyncio`` would see it.
+    """
+    namespace = {"__name__": "__main__"} if namespace is None else namespace
+    code = compile(source, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    if code.co_flags & inspect.CO_COROUTINE:
+        asyncio.run(types.FunctionType(code, namespace)())
+    else:
+        exec(code, namespace)
+    return namespace
