@@ -1,29 +1,24 @@
 """The store interface, and the shared orchestration of row-based stores.
 
 A *store* owns persistence and atomicity; the protocol's rules live in
-:mod:`runcycles_server.ledger`. Every mutating method follows the same shape::
-
-    in one atomic step:
-        now = store clock
-        same-key replay?  -> ledger.replay(...)            (nothing written)
-        load rows         -> ledger.plan_<op>(rows, now)    (raises LedgerError: nothing written)
-        write outcome's rows
-    return the Outcome (status + exact body bytes)
+:mod:`runcycles_server.ledger`, and the steps of every operation (which rows to load, which
+rule to apply, what to write) live once in :mod:`runcycles_server.stores.operations`, written
+against one transaction interface (:class:`~runcycles_server.stores.operations.Txn`).
 
 :class:`Store` is the interface the ASGI app uses. It is ``async`` so a network store (Redis)
 can await I/O, while an embedded store (SQLite) runs each short transaction inline on the event
 loop thread: a transaction takes tens of microseconds, far less than handing it to a thread.
 
-:class:`RowStore` implements every operation of :class:`Store` once, on top of a handful of
-synchronous row primitives (``_get_budgets``, ``_get_reservation``, ``_apply`` ...) and a
-``_write()`` transaction context. The SQLite store and the in-memory model store implement only
-those primitives. A Redis store implements :class:`Store` directly: each mutating method becomes
-one Lua script doing the same load/check/write steps, with the math of the ``ledger`` module
-re-expressed in Lua (its docstrings specify every formula and check order).
+:class:`OperationStore` implements the ledger methods of :class:`Store` once, as operations
+handed to the store's ``run``. :class:`RowStore` is the ``run`` of the SQL stores: it runs an
+operation inside one write transaction on top of a handful of synchronous row primitives
+(``_get_budgets``, ``_get_reservation``, ``_apply`` ...), which the SQLite store and the
+in-memory model store implement. The Redis store's ``run`` plans on an atomic snapshot and
+writes with one compare-and-set script (see :mod:`runcycles_server.stores.redis`).
 
-Group commit: ``RowStore`` runs the runtime mutations (decide, reserve, commit, release, extend,
-event) that queue up while the event loop is busy in one write transaction, answering each
-only after that transaction committed (``RowStore._mutate``).
+Group commit: ``RowStore`` runs the mutations that queue up while the event loop is busy in
+one write transaction, answering each only after that transaction committed
+(``RowStore._mutate``).
 
 Time: every decision uses ``store.clock()`` (epoch milliseconds), injectable for tests, so
 expiry tests never sleep.
@@ -48,7 +43,6 @@ from runcycles.models import (
     ReservationCreateRequest,
     ReservationExtendRequest,
 )
-from runcycles_server import ledger
 from runcycles_server.ledger import (
     ApiKeyRow,
     AuditRow,
@@ -60,6 +54,8 @@ from runcycles_server.ledger import (
     ReservationRow,
     TenantRow,
 )
+from runcycles_server.stores import operations
+from runcycles_server.stores.operations import Op
 
 Clock = Callable[[], int]
 """Returns the current time in epoch milliseconds."""
@@ -347,17 +343,130 @@ class RetentionPurger(Protocol):
         """
 
 
+class OperationStore(ABC):
+    """Implements the ledger methods of :class:`Store` once, as :mod:`.operations` run by ``run``.
+
+    A store supplies ``run`` (atomicity) and, if its ids must carry routing, a reservation id
+    scheme; every rule and every step lives in the operations.
+    """
+
+    @abstractmethod
+    async def run(self, op: Op[T]) -> T:
+        """Run ``op.plan`` atomically (see :mod:`runcycles_server.stores.operations`)."""
+
+    def new_reservation_id(self, tenant_id: str) -> str:
+        """A fresh reservation id (a sharded store embeds the tenant to route by it)."""
+        return new_id("rsv")
+
+    async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
+        """See :meth:`Store.decide`."""
+        return await self.run(operations.decide(tenant_id, request, request_hash))
+
+    async def reserve(
+        self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
+    ) -> Outcome:
+        """See :meth:`Store.reserve`."""
+        rid = self.new_reservation_id(tenant_id)
+        return await self.run(operations.reserve(tenant_id, request, request_hash, rid))
+
+    async def commit(
+        self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
+    ) -> Outcome:
+        """See :meth:`Store.commit`."""
+        return await self.run(operations.commit(tenant_id, reservation_id, request, request_hash))
+
+    async def release(
+        self,
+        tenant_id: str | None,
+        reservation_id: str,
+        request: ReleaseRequest,
+        request_hash: str,
+        *,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Outcome:
+        """See :meth:`Store.release`."""
+        op = operations.release(
+            tenant_id,
+            reservation_id,
+            request,
+            request_hash,
+            audit_id=new_id("aud") if tenant_id is None else None,
+            request_id=request_id,
+            trace_id=trace_id,
+        )
+        return await self.run(op)
+
+    async def extend(
+        self,
+        tenant_id: str,
+        reservation_id: str,
+        request: ReservationExtendRequest,
+        request_hash: str,
+    ) -> Outcome:
+        """See :meth:`Store.extend`."""
+        return await self.run(operations.extend(tenant_id, reservation_id, request, request_hash))
+
+    async def create_event(
+        self, tenant_id: str, request: EventCreateRequest, request_hash: str
+    ) -> Outcome:
+        """See :meth:`Store.create_event`."""
+        op = operations.event(tenant_id, request, request_hash, new_id("evt"))
+        return await self.run(op)
+
+    async def create_tenant(self, row: TenantRow) -> tuple[TenantRow, bool]:
+        """See :meth:`Store.create_tenant`."""
+        return await self.run(operations.create_tenant(row))
+
+    async def create_budget(self, row: BudgetRow) -> BudgetRow:
+        """See :meth:`Store.create_budget`."""
+        return await self.run(operations.create_budget(row))
+
+    async def update_budget(
+        self, scope: str, unit: str, tenant_id: str | None, changes: dict[str, Any]
+    ) -> BudgetRow:
+        """See :meth:`Store.update_budget`."""
+        return await self.run(operations.update_budget(scope, unit, tenant_id, changes))
+
+    async def fund_budget(
+        self,
+        tenant_id: str | None,
+        scope: str,
+        unit: str,
+        *,
+        operation: str,
+        amount: int,
+        spent: int | None,
+        idempotency_key: str | None,
+        request_hash: str,
+        timestamp: str,
+    ) -> Outcome:
+        """See :meth:`Store.fund_budget`."""
+        op = operations.fund_budget(
+            tenant_id,
+            scope,
+            unit,
+            operation=operation,
+            amount=amount,
+            spent=spent,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            timestamp=timestamp,
+        )
+        return await self.run(op)
+
+
 GROUP_MAX = 64
 """Most runtime mutations group-committed in one transaction (see ``RowStore._mutate``)."""
 
 
 @dataclass(slots=True)
 class _Pending:
-    run: Callable[[], Outcome]
-    future: asyncio.Future[Outcome]
+    run: Callable[[], Any]
+    future: asyncio.Future[Any]
 
 
-def _settle(future: asyncio.Future[Outcome], answer: Outcome | BaseException) -> None:
+def _settle(future: asyncio.Future[Any], answer: object) -> None:
     if future.done():  # the caller was cancelled; the mutation stands (idempotent retries)
         return
     if isinstance(answer, BaseException):
@@ -366,8 +475,40 @@ def _settle(future: asyncio.Future[Outcome], answer: Outcome | BaseException) ->
         future.set_result(answer)
 
 
-class RowStore(ABC):
-    """Implements :class:`Store` once on top of synchronous row primitives.
+class _RowTxn:
+    """A :class:`~.operations.Txn` over a row store's primitives, inside its write transaction."""
+
+    __slots__ = ("_s", "now")
+
+    def __init__(self, store: RowStore, now: int) -> None:
+        self._s = store
+        self.now = now
+
+    def tenant(self, tenant_id: str) -> TenantRow | None:
+        return self._s._get_tenant(tenant_id)
+
+    def budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
+        return self._s._get_budgets(scopes)
+
+    def reservation(self, reservation_id: str) -> ReservationRow | None:
+        return self._s._get_reservation(reservation_id)
+
+    def idem(self, tenant_id: str, endpoint: str, key: str) -> IdempotencyRow | None:
+        idem = self._s._get_idem(tenant_id, endpoint, key)
+        return None if idem is None or idem.retain_until_ms < self.now else idem
+
+    def apply(self, outcome: Outcome) -> None:
+        self._s._apply(outcome)
+
+    def put_tenant(self, row: TenantRow, *, new: bool = False) -> None:
+        self._s._put_tenant(row, insert=new)
+
+    def put_budget(self, row: BudgetRow, *, new: bool = False) -> None:
+        self._s._put_budget(row, insert=new)
+
+
+class RowStore(OperationStore):
+    """Runs operations on top of synchronous row primitives (the SQL stores' ``run``).
 
     Subclasses provide ``_write()`` (an exclusive transaction), ``_read()`` (a consistent read)
     and the ``_get_*`` / ``_put_*`` / ``_apply`` primitives. Methods are ``async`` but never
@@ -387,7 +528,7 @@ class RowStore(ABC):
 
     # -- group commit --------------------------------------------------------------------------
 
-    async def _mutate(self, run: Callable[[], Outcome]) -> Outcome:
+    async def _mutate(self, run: Callable[[], T]) -> T:
         """Run one runtime mutation in this process's next group-committed transaction.
 
         ``run`` does the operation's reads, planning and writes (no ``await``). Mutations
@@ -400,7 +541,7 @@ class RowStore(ABC):
         it writes anything, so it fails alone; any other error rolls the group back, and the
         group's mutations are then retried one transaction each, so only the failing one fails.
         """
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(run, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -413,7 +554,7 @@ class RowStore(ABC):
         if self._pending:
             self._flush_scheduled = True
             group[0].future.get_loop().call_soon(self._flush)
-        answers: list[Outcome | LedgerError] = []
+        answers: list[object] = []
         try:
             with self._write():
                 for op in group:
@@ -501,195 +642,16 @@ class RowStore(ABC):
         idempotency records) and up to ``limit`` events created before ``before_ms``.
         """
 
-    # -- helpers -------------------------------------------------------------------------------
+    # -- operations ----------------------------------------------------------------------------
 
-    def _live_idem(
-        self, tenant_id: str, endpoint: str, key: str, now_ms: int
-    ) -> IdempotencyRow | None:
-        idem = self._get_idem(tenant_id, endpoint, key)
-        if idem is None or idem.retain_until_ms < now_ms:
-            return None
-        return idem
-
-    def _replay(self, idem: IdempotencyRow, request_hash: str, now_ms: int) -> Outcome:
-        res = self._get_reservation(idem.reservation_id) if idem.reservation_id else None
-        return ledger.replay(idem, request_hash, now_ms=now_ms, reservation=res)
-
-    # -- runtime -------------------------------------------------------------------------------
+    async def run(self, op: Op[T]) -> T:
+        """Run one operation in this process's next group-committed write transaction."""
+        return await self._mutate(lambda: op.plan(_RowTxn(self, self.clock())))
 
     async def authenticate(self, key_hash: str) -> AuthRecord | None:
         """See :meth:`Store.authenticate` (one indexed read; the tenant is not loaded)."""
         key = self._get_api_key_by_hash(key_hash)
         return None if key is None else AuthRecord(key)
-
-    async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
-        """See :meth:`Store.decide`."""
-
-        def run() -> Outcome:
-            now = self.clock()
-            idem = self._live_idem(tenant_id, "decide", request.idempotency_key, now)
-            if idem is not None:
-                return self._replay(idem, request_hash, now)
-            outcome = ledger.plan_decide(
-                request=request,
-                tenant_id=tenant_id,
-                tenant=self._get_tenant(tenant_id),
-                budgets=self._get_budgets(ledger.derive_scopes(request.subject)),
-                request_hash=request_hash,
-                now_ms=now,
-            )
-            self._apply(outcome)
-            return outcome
-
-        return await self._mutate(run)
-
-    async def reserve(
-        self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
-    ) -> Outcome:
-        """See :meth:`Store.reserve`."""
-
-        def run() -> Outcome:
-            now = self.clock()
-            idem = self._live_idem(tenant_id, "reserve", request.idempotency_key, now)
-            if idem is not None:
-                return self._replay(idem, request_hash, now)
-            outcome = ledger.plan_reserve(
-                request=request,
-                tenant_id=tenant_id,
-                tenant=self._get_tenant(tenant_id),
-                budgets=self._get_budgets(ledger.derive_scopes(request.subject)),
-                request_hash=request_hash,
-                reservation_id=new_id("rsv"),
-                now_ms=now,
-            )
-            self._apply(outcome)
-            return outcome
-
-        return await self._mutate(run)
-
-    def _owned_reservation(self, reservation_id: str, tenant_id: str | None) -> ReservationRow:
-        # Existence and ownership come before replay, so a foreign key cannot probe replays.
-        return ledger.check_reservation_access(
-            self._get_reservation(reservation_id), reservation_id, tenant_id
-        )
-
-    async def commit(
-        self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
-    ) -> Outcome:
-        """See :meth:`Store.commit`."""
-
-        def run() -> Outcome:
-            now = self.clock()
-            res = self._owned_reservation(reservation_id, tenant_id)
-            endpoint = f"commit:{reservation_id}"
-            idem = self._live_idem(tenant_id, endpoint, request.idempotency_key, now)
-            if idem is not None:
-                return ledger.replay(idem, request_hash, now_ms=now, reservation=res)
-            outcome = ledger.plan_commit(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=self._get_tenant(res.tenant_id),
-                budgets=self._get_budgets(res.budgeted_scopes),
-                request_hash=request_hash,
-                now_ms=now,
-            )
-            self._apply(outcome)
-            return outcome
-
-        return await self._mutate(run)
-
-    async def release(
-        self,
-        tenant_id: str | None,
-        reservation_id: str,
-        request: ReleaseRequest,
-        request_hash: str,
-        *,
-        request_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> Outcome:
-        """See :meth:`Store.release`."""
-
-        def run() -> Outcome:
-            now = self.clock()
-            res = self._owned_reservation(reservation_id, tenant_id)
-            endpoint = f"release:{reservation_id}"
-            idem = self._live_idem(res.tenant_id, endpoint, request.idempotency_key, now)
-            if idem is not None:
-                return ledger.replay(idem, request_hash, now_ms=now, reservation=res)
-            outcome = ledger.plan_release(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=self._get_tenant(res.tenant_id),
-                budgets=self._get_budgets(res.budgeted_scopes),
-                request_hash=request_hash,
-                now_ms=now,
-                audit_id=new_id("aud") if tenant_id is None else None,
-                request_id=request_id,
-                trace_id=trace_id,
-            )
-            self._apply(outcome)
-            return outcome
-
-        return await self._mutate(run)
-
-    async def extend(
-        self,
-        tenant_id: str,
-        reservation_id: str,
-        request: ReservationExtendRequest,
-        request_hash: str,
-    ) -> Outcome:
-        """See :meth:`Store.extend`."""
-
-        def run() -> Outcome:
-            now = self.clock()
-            res = self._owned_reservation(reservation_id, tenant_id)
-            endpoint = f"extend:{reservation_id}"
-            idem = self._live_idem(tenant_id, endpoint, request.idempotency_key, now)
-            if idem is not None:
-                return ledger.replay(idem, request_hash, now_ms=now, reservation=res)
-            outcome = ledger.plan_extend(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=self._get_tenant(tenant_id),
-                request_hash=request_hash,
-                now_ms=now,
-            )
-            self._apply(outcome)
-            return outcome
-
-        return await self._mutate(run)
-
-    async def create_event(
-        self, tenant_id: str, request: EventCreateRequest, request_hash: str
-    ) -> Outcome:
-        """See :meth:`Store.create_event`."""
-
-        def run() -> Outcome:
-            now = self.clock()
-            idem = self._live_idem(tenant_id, "event", request.idempotency_key, now)
-            if idem is not None:
-                return self._replay(idem, request_hash, now)
-            outcome = ledger.plan_event(
-                request=request,
-                tenant_id=tenant_id,
-                tenant=self._get_tenant(tenant_id),
-                budgets=self._get_budgets(ledger.derive_scopes(request.subject)),
-                request_hash=request_hash,
-                event_id=new_id("evt"),
-                now_ms=now,
-            )
-            self._apply(outcome)
-            return outcome
-
-        return await self._mutate(run)
 
     async def get_reservation(self, reservation_id: str) -> ReservationRow | None:
         """See :meth:`Store.get_reservation`."""
@@ -701,12 +663,9 @@ class RowStore(ABC):
         if not self._due_reservations(self.clock(), 1):  # cheap read: skip the write lock
             return 0
         with self._write():
-            now = self.clock()
-            for res in self._due_reservations(now, limit):
-                outcome = ledger.plan_expire(res, self._get_budgets(res.budgeted_scopes), now)
-                if outcome is not None:
-                    self._apply(outcome)
-                    count += 1
+            txn = _RowTxn(self, self.clock())
+            for res in self._due_reservations(txn.now, limit):
+                count += operations.expire(res.reservation_id, txn.now).plan(txn) == "expired"
         return count
 
     async def purge_idempotency(self, limit: int = 1000) -> int:
@@ -729,23 +688,6 @@ class RowStore(ABC):
 
     # -- admin ---------------------------------------------------------------------------------
 
-    async def create_tenant(self, row: TenantRow) -> tuple[TenantRow, bool]:
-        """See :meth:`Store.create_tenant`."""
-        with self._write():
-            existing = self._get_tenant(row.tenant_id)
-            if existing is not None:
-                if existing.name != row.name:
-                    raise LedgerError(
-                        "DUPLICATE_RESOURCE",
-                        f"tenant {row.tenant_id} already exists with a different name "
-                        f"({existing.name!r}); choose another tenant_id",
-                    )
-                return existing, False
-            now = self.clock()
-            row.created_at_ms = row.updated_at_ms = now
-            self._put_tenant(row, insert=True)
-            return row, True
-
     async def get_tenant(self, tenant_id: str) -> TenantRow | None:
         """See :meth:`Store.get_tenant`."""
         return self._get_tenant(tenant_id)
@@ -757,47 +699,21 @@ class RowStore(ABC):
         (their estimates return to their budgets), budgets become CLOSED, keys REVOKED.
         """
         with self._write():
-            now = self.clock()
-            row = self._get_tenant(tenant_id)
-            if row is None:
-                raise LedgerError("NOT_FOUND", f"tenant {tenant_id} does not exist")
-            new_status = changes.get("status")
-            if row.status == "CLOSED" and new_status not in (None, "CLOSED"):
-                raise LedgerError(
-                    "TENANT_CLOSED", f"tenant {tenant_id} is CLOSED; closing is irreversible"
-                )
-            closing = new_status == "CLOSED" and row.status != "CLOSED"
-            for name, value in changes.items():
-                setattr(row, name, value)
-            row.updated_at_ms = now
-            if new_status == "SUSPENDED" and row.suspended_at_ms is None:
-                row.suspended_at_ms = now
-            elif new_status == "ACTIVE":
-                row.suspended_at_ms = None
-            if closing:
-                row.closed_at_ms = now
-                self._close_cascade(tenant_id, now)
-            self._put_tenant(row, insert=False)
+            txn = _RowTxn(self, self.clock())
+            row = operations.update_tenant(tenant_id, changes).plan(txn)
+            if changes.get("status") == "CLOSED":
+                reservations, budgets, keys = self._tenant_children(tenant_id)
+                ids = [r.reservation_id for r in reservations]
+                operations.close_reservations(tenant_id, ids).plan(txn)
+                operations.close_budgets(tenant_id, [b.scope for b in budgets]).plan(txn)
+                for key in keys:
+                    if key.status == "ACTIVE":
+                        key.status = "REVOKED"
+                        key.revoked_at_ms = txn.now
+                        key.revoked_reason = "tenant closed"
+                        self._put_api_key(key, insert=False)
+                        self.auth_epoch += 1
             return row
-
-    def _close_cascade(self, tenant_id: str, now_ms: int) -> None:
-        reservations, budgets, keys = self._tenant_children(tenant_id)
-        for res in reservations:
-            self._apply(
-                ledger.plan_close_release(res, self._get_budgets(res.budgeted_scopes), now_ms)
-            )
-        for budget in self._get_budgets([b.scope for b in budgets]):
-            if budget.tenant_id == tenant_id and budget.status != "CLOSED":
-                budget.status = "CLOSED"
-                budget.updated_at_ms = now_ms
-                self._put_budget(budget, insert=False)
-        for key in keys:
-            if key.status == "ACTIVE":
-                key.status = "REVOKED"
-                key.revoked_at_ms = now_ms
-                key.revoked_reason = "tenant closed"
-                self._put_api_key(key, insert=False)
-                self.auth_epoch += 1
 
     async def create_api_key(self, row: ApiKeyRow) -> ApiKeyRow:
         """See :meth:`Store.create_api_key`."""
@@ -833,84 +749,12 @@ class RowStore(ABC):
             self.auth_epoch += 1
             return row
 
-    async def create_budget(self, row: BudgetRow) -> BudgetRow:
-        """See :meth:`Store.create_budget`."""
-        with self._write():
-            ledger.check_budget_creation(
-                self._get_tenant(row.tenant_id), row, self._get_budgets([row.scope])
-            )
-            row.created_at_ms = row.updated_at_ms = self.clock()
-            self._put_budget(row, insert=True)
-            return row
-
     async def get_budget(self, scope: str, unit: str) -> BudgetRow | None:
         """See :meth:`Store.get_budget`."""
         for row in self._get_budgets([scope]):
             if row.unit == unit:
                 return row
         return None
-
-    def _budget_for(self, scope: str, unit: str, tenant_id: str | None) -> BudgetRow:
-        for row in self._get_budgets([scope]):
-            if row.unit == unit:
-                if tenant_id is not None and row.tenant_id != tenant_id:
-                    raise LedgerError(
-                        "FORBIDDEN", f"budget {scope} ({unit}) belongs to another tenant"
-                    )
-                return row
-        raise LedgerError(
-            "NOT_FOUND",
-            f"no budget for scope {scope} in {unit}; create it with POST /v1/admin/budgets",
-        )
-
-    async def update_budget(
-        self, scope: str, unit: str, tenant_id: str | None, changes: dict[str, Any]
-    ) -> BudgetRow:
-        """See :meth:`Store.update_budget`."""
-        with self._write():
-            row = self._budget_for(scope, unit, tenant_id)
-            for name, value in changes.items():
-                setattr(row, name, value)
-            if "overdraft_limit" in changes:
-                row.is_over_limit = row.debt > row.overdraft_limit
-            row.updated_at_ms = self.clock()
-            self._put_budget(row, insert=False)
-            return row
-
-    async def fund_budget(
-        self,
-        tenant_id: str | None,
-        scope: str,
-        unit: str,
-        *,
-        operation: str,
-        amount: int,
-        spent: int | None,
-        idempotency_key: str | None,
-        request_hash: str,
-        timestamp: str,
-    ) -> Outcome:
-        """See :meth:`Store.fund_budget`."""
-        with self._write():
-            now = self.clock()
-            row = self._budget_for(scope, unit, tenant_id)
-            endpoint = f"fund:{scope}:{unit}"
-            if idempotency_key is not None:
-                idem = self._live_idem(row.tenant_id, endpoint, idempotency_key, now)
-                if idem is not None:
-                    return ledger.replay(idem, request_hash, now_ms=now)
-            new, response = ledger.plan_fund(row, operation, amount, spent=spent, now_ms=now)
-            response["timestamp"] = timestamp
-            raw = ledger.dumps(response)
-            idem_row = None
-            if idempotency_key is not None:
-                idem_row = IdempotencyRow(
-                    row.tenant_id, endpoint, idempotency_key, request_hash, 200, raw, None, now,
-                    now + ledger.RETAIN_DECIDE_MS,
-                )  # fmt: skip
-            outcome = Outcome(200, raw, budgets=[new], idempotency=idem_row)
-            self._apply(outcome)
-            return outcome
 
 
 __all__ = [

@@ -20,9 +20,10 @@ Why this shape:
   int64 (400), and rows travel as JSON text (decimal digits) that Lua stores opaquely (the
   writes reach the script as one JSON argument whose row values are *strings*, so cjson never
   parses an amount). Amounts up to ``2**63 - 1`` round-trip exactly; tests check the boundary.
-* **Identical behaviour to SQLite by construction.** Both stores call the same ``ledger.plan_*``
-  functions on the same rows in the same order (replay, ownership, tenant guard ...); only
-  persistence differs. Tests run random operation sequences on the pure-ledger model store and
+* **Identical behaviour to SQLite by construction.** Both stores run the same operations
+  (:mod:`runcycles_server.stores.operations`, each written once against one transaction
+  interface; here ``_Work`` is that interface over a snapshot); only persistence differs.
+  Tests run random operation sequences on the pure-ledger model store and
   on Redis and require identical answers and rows.
 * **Serializable.** Every row an operation's decision depended on is version-checked,
   including the tenant row (so closing a tenant fences every in-flight mutation in every
@@ -138,14 +139,6 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from runcycles.models import (
-    CommitRequest,
-    DecisionRequest,
-    EventCreateRequest,
-    ReleaseRequest,
-    ReservationCreateRequest,
-    ReservationExtendRequest,
-)
 from runcycles_server import ledger
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -158,15 +151,17 @@ from runcycles_server.ledger import (
     ReservationRow,
     TenantRow,
 )
+from runcycles_server.stores import operations
 from runcycles_server.stores.base import (
     AuthRecord,
     Clock,
+    OperationStore,
     Page,
     ReservationQuery,
     StoreUnavailable,
-    new_id,
     system_clock,
 )
+from runcycles_server.stores.operations import Op
 from runcycles_server.stores.sqlite import decode_cursor, encode_cursor
 
 __all__ = ["RedisStore", "reservation_tenant"]
@@ -439,7 +434,12 @@ class _Work:
             cached = self._decoded[(key, name)] = decode(base, name)
         return cached
 
-    def tenant(self) -> TenantRow | None:
+    def _own(self, tenant_id: str) -> None:
+        if tenant_id != self.tenant_id:  # a batch holds one tenant's slot: a bug, not input
+            raise AssertionError(f"tenant {tenant_id} read in tenant {self.tenant_id}'s batch")
+
+    def tenant(self, tenant_id: str) -> TenantRow | None:
+        self._own(tenant_id)
         row: TenantRow | None = self._get(self.k.tenant(self.tenant_id), _D, _dec_tenant)
         return row  # shared within the batch: callers copy before changing it
 
@@ -463,21 +463,18 @@ class _Work:
         self.seen_reservations.append(row)
         return row  # the ledger never mutates its inputs (it plans with dataclasses.replace)
 
-    def idem(self, endpoint: str, key: str) -> IdempotencyRow | None:
+    def idem(self, tenant_id: str, endpoint: str, key: str) -> IdempotencyRow | None:
+        self._own(tenant_id)
         name = self.k.idem(self.tenant_id, endpoint, key)
         row: IdempotencyRow | None = self._get(name, _D, _dec_idem_field)
         return None if row is None or row.retain_until_ms < self.now else row
-
-    def replay(self, idem: IdempotencyRow, request_hash: str) -> Outcome:
-        res = self.reservation(idem.reservation_id) if idem.reservation_id else None
-        return ledger.replay(idem, request_hash, now_ms=self.now, reservation=res)
 
     # -- writing ---------------------------------------------------------------------------------
 
     def _put(self, key: str, name: bytes, value: Any) -> None:
         self.dirty.setdefault(key, {})[name] = value
 
-    def put_tenant(self, row: TenantRow) -> None:
+    def put_tenant(self, row: TenantRow, *, new: bool = False) -> None:
         self._put(self.k.tenant(self.tenant_id), _D, row)
 
     def put_budget(self, row: BudgetRow, *, new: bool = False) -> None:
@@ -496,6 +493,7 @@ class _Work:
             if not existed:
                 self.zops.append(_ZOp(True, self.k.x_res(self.tenant_id), rid, row.created_at_ms))
                 self.due.append((row.deadline_ms, rid))
+                self.seen_reservations.append(row)  # remembered once written
         else:
             self.zops.append(_ZOp(False, active, rid))
             if self.retention_ms is not None:  # kept ``retention_ms`` after it finished
@@ -649,7 +647,7 @@ def _client_from_url(url: str, max_connections: int, timeout_s: float = DEFAULT_
         raise ValueError(f"{url.partition('@')[2] or url}: {exc}") from None
 
 
-class RedisStore:
+class RedisStore(OperationStore):
     """A :class:`~runcycles_server.stores.base.Store` on Redis, shared by many processes.
 
     Args:
@@ -1026,17 +1024,31 @@ class RedisStore:
             if len(cache) > RESERVATION_CACHE_SIZE:
                 cache.popitem(last=False)
 
-    def _settle_keys(
-        self, tenant_id: str, reservation_id: str, endpoint: str, key: str
-    ) -> list[str]:
-        keys = [self._k.res(tenant_id, reservation_id), self._k.idem(tenant_id, endpoint, key)]
-        scopes = self._scopes_cache.get(reservation_id)
-        if scopes is not None:
-            keys += [self._k.budget(tenant_id, s) for s in scopes]
-        return keys
-
     def _scope_keys(self, tenant_id: str, scopes: Sequence[str]) -> list[str]:
         return [self._k.budget(tenant_id, s) for s in scopes]
+
+    def _owner_tenant(self, reservation_id: str) -> str:
+        owner = reservation_tenant(reservation_id)
+        if owner is None:
+            raise LedgerError("NOT_FOUND", f"reservation {reservation_id} does not exist")
+        return owner
+
+    def new_reservation_id(self, tenant_id: str) -> str:
+        """``rsv_<tenant>_<hex>``: the owning tenant (so its slot) is found from the id."""
+        return _new_reservation_id(tenant_id)
+
+    async def run(self, op: Op[_T]) -> _T:
+        """Run ``op`` in its tenant's next batch, its rows read first in one round trip."""
+        rid = op.reservation_id
+        tenant = op.tenant_id if op.tenant_id is not None else self._owner_tenant(rid or "")
+        keys: list[str] = []
+        if rid is not None:
+            keys.append(self._k.res(tenant, rid))
+            keys += self._scope_keys(tenant, self._scopes_cache.get(rid, ()))
+        if op.idem is not None:
+            keys.append(self._k.idem(tenant, *op.idem))
+        keys += self._scope_keys(tenant, op.scopes)
+        return await self._submit(tenant, keys, op.plan)
 
     # -- runtime ---------------------------------------------------------------------------------
 
@@ -1066,198 +1078,6 @@ class RedisStore:
             self._key_tenants[key_hash] = key.tenant_id
         tenant = None if tenant_raw is None else _dec(TenantRow, tenant_raw)
         return AuthRecord(key, tenant)
-
-    async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
-        """See :meth:`Store.decide`."""
-        scopes = ledger.derive_scopes(request.subject)
-        key = request.idempotency_key
-
-        def plan(w: _Work) -> Outcome:
-            idem = w.idem("decide", key)
-            if idem is not None:
-                return w.replay(idem, request_hash)
-            outcome = ledger.plan_decide(
-                request=request,
-                tenant_id=tenant_id,
-                tenant=w.tenant(),
-                budgets=w.budgets(scopes),
-                request_hash=request_hash,
-                now_ms=w.now,
-            )
-            w.apply(outcome)
-            return outcome
-
-        keys = [self._k.idem(tenant_id, "decide", key), *self._scope_keys(tenant_id, scopes)]
-        return await self._submit(tenant_id, keys, plan)
-
-    async def reserve(
-        self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
-    ) -> Outcome:
-        """See :meth:`Store.reserve`."""
-        scopes = ledger.derive_scopes(request.subject)
-        key = request.idempotency_key
-        reservation_id = _new_reservation_id(tenant_id)
-
-        def plan(w: _Work) -> Outcome:
-            idem = w.idem("reserve", key)
-            if idem is not None:
-                return w.replay(idem, request_hash)
-            outcome = ledger.plan_reserve(
-                request=request,
-                tenant_id=tenant_id,
-                tenant=w.tenant(),
-                budgets=w.budgets(scopes),
-                request_hash=request_hash,
-                reservation_id=reservation_id,
-                now_ms=w.now,
-            )
-            w.apply(outcome)
-            return outcome
-
-        keys = [self._k.idem(tenant_id, "reserve", key), *self._scope_keys(tenant_id, scopes)]
-        outcome = await self._submit(tenant_id, keys, plan)
-        if outcome.reservation is not None:
-            self._remember(outcome.reservation)
-        return outcome
-
-    def _owner_tenant(self, reservation_id: str) -> str:
-        owner = reservation_tenant(reservation_id)
-        if owner is None:
-            raise LedgerError("NOT_FOUND", f"reservation {reservation_id} does not exist")
-        return owner
-
-    async def commit(
-        self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
-    ) -> Outcome:
-        """See :meth:`Store.commit`."""
-        owner = self._owner_tenant(reservation_id)
-        endpoint = f"commit:{reservation_id}"
-        key = request.idempotency_key
-
-        def plan(w: _Work) -> Outcome:
-            res = w.reservation(reservation_id)
-            ledger.check_reservation_access(res, reservation_id, tenant_id)
-            assert res is not None  # checked above
-            idem = w.idem(endpoint, key)
-            if idem is not None:
-                return w.replay(idem, request_hash)
-            outcome = ledger.plan_commit(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=w.tenant(),
-                budgets=w.budgets(res.budgeted_scopes),
-                request_hash=request_hash,
-                now_ms=w.now,
-            )
-            w.apply(outcome)
-            return outcome
-
-        keys = self._settle_keys(owner, reservation_id, endpoint, key)
-        return await self._submit(owner, keys, plan)
-
-    async def release(
-        self,
-        tenant_id: str | None,
-        reservation_id: str,
-        request: ReleaseRequest,
-        request_hash: str,
-        *,
-        request_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> Outcome:
-        """See :meth:`Store.release`."""
-        owner = self._owner_tenant(reservation_id)
-        endpoint = f"release:{reservation_id}"
-        key = request.idempotency_key
-        audit_id = new_id("aud") if tenant_id is None else None
-
-        def plan(w: _Work) -> Outcome:
-            res = w.reservation(reservation_id)
-            ledger.check_reservation_access(res, reservation_id, tenant_id)
-            assert res is not None  # checked above
-            idem = w.idem(endpoint, key)
-            if idem is not None:
-                return w.replay(idem, request_hash)
-            outcome = ledger.plan_release(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=w.tenant(),
-                budgets=w.budgets(res.budgeted_scopes),
-                request_hash=request_hash,
-                now_ms=w.now,
-                audit_id=audit_id,
-                request_id=request_id,
-                trace_id=trace_id,
-            )
-            w.apply(outcome)
-            return outcome
-
-        keys = self._settle_keys(owner, reservation_id, endpoint, key)
-        return await self._submit(owner, keys, plan)
-
-    async def extend(
-        self,
-        tenant_id: str,
-        reservation_id: str,
-        request: ReservationExtendRequest,
-        request_hash: str,
-    ) -> Outcome:
-        """See :meth:`Store.extend`."""
-        owner = self._owner_tenant(reservation_id)
-        endpoint = f"extend:{reservation_id}"
-        key = request.idempotency_key
-
-        def plan(w: _Work) -> Outcome:
-            res = w.reservation(reservation_id)
-            ledger.check_reservation_access(res, reservation_id, tenant_id)
-            idem = w.idem(endpoint, key)
-            if idem is not None:
-                return w.replay(idem, request_hash)
-            outcome = ledger.plan_extend(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=w.tenant(),
-                request_hash=request_hash,
-                now_ms=w.now,
-            )
-            w.apply(outcome)
-            return outcome
-
-        keys = [self._k.res(owner, reservation_id), self._k.idem(owner, endpoint, key)]
-        return await self._submit(owner, keys, plan)
-
-    async def create_event(
-        self, tenant_id: str, request: EventCreateRequest, request_hash: str
-    ) -> Outcome:
-        """See :meth:`Store.create_event`."""
-        scopes = ledger.derive_scopes(request.subject)
-        key = request.idempotency_key
-        event_id = new_id("evt")
-
-        def plan(w: _Work) -> Outcome:
-            idem = w.idem("event", key)
-            if idem is not None:
-                return w.replay(idem, request_hash)
-            outcome = ledger.plan_event(
-                request=request,
-                tenant_id=tenant_id,
-                tenant=w.tenant(),
-                budgets=w.budgets(scopes),
-                request_hash=request_hash,
-                event_id=event_id,
-                now_ms=w.now,
-            )
-            w.apply(outcome)
-            return outcome
-
-        keys = [self._k.idem(tenant_id, "event", key), *self._scope_keys(tenant_id, scopes)]
-        return await self._submit(tenant_id, keys, plan)
 
     async def get_reservation(self, reservation_id: str) -> ReservationRow | None:
         """See :meth:`Store.get_reservation`."""
@@ -1350,7 +1170,7 @@ class RedisStore:
                     refile += [res.deadline_ms, rid]
                 elif expired + len(due) < limit:
                     due.append((owner, rid))
-            results = await asyncio.gather(*(self._expire_one(o, rid, now) for o, rid in due))
+            results = await asyncio.gather(*(self.run(operations.expire(r, now)) for _, r in due))
             for (_, rid), outcome in zip(due, results, strict=True):
                 if outcome == "expired":
                     expired += 1
@@ -1369,23 +1189,6 @@ class RedisStore:
             if not drop and not refile:
                 break  # nothing changed (only entries beyond the limit remain)
         return expired
-
-    async def _expire_one(self, tenant_id: str, reservation_id: str, now_ms: int) -> str:
-        def plan(w: _Work) -> str:
-            res = w.reservation(reservation_id)
-            if res is None or res.status != "ACTIVE":
-                return "gone"
-            outcome = ledger.plan_expire(res, w.budgets(res.budgeted_scopes), max(w.now, now_ms))
-            if outcome is None:
-                return "not due"
-            w.apply(outcome)
-            return "expired"
-
-        keys = [self._k.res(tenant_id, reservation_id)]
-        scopes = self._scopes_cache.get(reservation_id)
-        if scopes is not None:
-            keys += self._scope_keys(tenant_id, scopes)
-        return await self._submit(tenant_id, keys, plan)
 
     async def purge_idempotency(self, limit: int = 1000) -> int:
         """Return 0: Redis expires idempotency records by TTL at their retention."""
@@ -1663,25 +1466,8 @@ class RedisStore:
 
     async def create_tenant(self, row: TenantRow) -> tuple[TenantRow, bool]:
         """See :meth:`Store.create_tenant`."""
-        tenant_id = row.tenant_id
-
-        def plan(w: _Work) -> tuple[TenantRow, bool]:
-            existing = w.tenant()
-            if existing is not None:
-                if existing.name != row.name:
-                    raise LedgerError(
-                        "DUPLICATE_RESOURCE",
-                        f"tenant {tenant_id} already exists with a different name "
-                        f"({existing.name!r}); choose another tenant_id",
-                    )
-                return existing, False
-            new = dataclasses.replace(row, created_at_ms=w.now, updated_at_ms=w.now)
-            w.put_tenant(new)
-            return new, True
-
-        result = await self._submit(tenant_id, [], plan)
-        await self._redis.zadd(self._k.tenants, {tenant_id: 0})
-        row.created_at_ms, row.updated_at_ms = result[0].created_at_ms, result[0].updated_at_ms
+        result = await self.run(operations.create_tenant(row))
+        await self._redis.zadd(self._k.tenants, {row.tenant_id: 0})
         return result
 
     async def update_tenant(self, tenant_id: str, changes: dict[str, Any]) -> TenantRow:
@@ -1692,30 +1478,8 @@ class RedisStore:
         batches, then its keys revoked. Asking to close an already closed tenant finishes an
         interrupted cascade.
         """
-        new_status = changes.get("status")
-
-        def plan(w: _Work) -> TenantRow:
-            row = w.tenant()
-            if row is None:
-                raise LedgerError("NOT_FOUND", f"tenant {tenant_id} does not exist")
-            row = dataclasses.replace(row)
-            if row.status == "CLOSED" and new_status not in (None, "CLOSED"):
-                raise LedgerError(
-                    "TENANT_CLOSED", f"tenant {tenant_id} is CLOSED; closing is irreversible"
-                )
-            was_closed = row.status == "CLOSED"
-            for name, value in changes.items():
-                setattr(row, name, value)
-            row.updated_at_ms = w.now
-            if new_status == "SUSPENDED":
-                row.suspended_at_ms = w.now
-            if new_status == "CLOSED" and not was_closed:
-                row.closed_at_ms = w.now
-            w.put_tenant(row)
-            return row
-
-        updated = await self._submit(tenant_id, [], plan)
-        if new_status == "CLOSED":
+        updated = await self.run(operations.update_tenant(tenant_id, changes))
+        if changes.get("status") == "CLOSED":
             await self._close_cascade(tenant_id)
         return updated
 
@@ -1725,39 +1489,18 @@ class RedisStore:
             ids = [i.decode() for i in await self._redis.zrange(active, 0, CLOSE_BATCH - 1)]
             if not ids:
                 break
-
-            def close_reservations(w: _Work, ids: list[str] = ids) -> None:
-                self._plan_close_batch(w, ids)
-
-            await self._submit(
-                tenant_id, [self._k.res(tenant_id, rid) for rid in ids], close_reservations
-            )
+            stale = await self.run(operations.close_reservations(tenant_id, ids))
+            if stale:  # index entries of reservations no longer ACTIVE
+                await self._redis.zrem(active, *stale)
         scopes = [s.decode() for s in await self._redis.zrange(self._k.x_budgets(tenant_id), 0, -1)]
         for start in range(0, len(scopes), CLOSE_BATCH):
             chunk = scopes[start : start + CLOSE_BATCH]
-
-            def close_budgets(w: _Work, chunk: list[str] = chunk) -> None:
-                for budget in w.budgets(chunk):
-                    if budget.tenant_id == tenant_id and budget.status != "CLOSED":
-                        w.put_budget(
-                            dataclasses.replace(budget, status="CLOSED", updated_at_ms=w.now)
-                        )
-
-            await self._submit(tenant_id, self._scope_keys(tenant_id, chunk), close_budgets)
+            await self.run(operations.close_budgets(tenant_id, chunk))
         key_ids = [k.decode() for k in await self._redis.zrange(self._k.keys_of(tenant_id), 0, -1)]
         for key_id in key_ids:
             row = await self._api_key_by_id(key_id)
             if row is not None and row.status == "ACTIVE":
                 await self._revoke(row, "tenant closed", only_active=True)
-
-    def _plan_close_batch(self, w: _Work, ids: list[str]) -> None:
-        for rid in ids:
-            res = w.reservation(rid)
-            if res is None or res.status != "ACTIVE":  # a stale index entry: just drop it
-                w.zops.append(_ZOp(False, self._k.x_active(w.tenant_id), rid))
-                continue
-            w.require(self._scope_keys(w.tenant_id, res.budgeted_scopes))
-            w.apply(ledger.plan_close_release(res, w.budgets(res.budgeted_scopes), w.now))
 
     # -- admin: API keys -------------------------------------------------------------------------
 
@@ -1856,15 +1599,6 @@ class RedisStore:
 
     # -- admin: budgets --------------------------------------------------------------------------
 
-    def _budget_tenant(self, scope: str) -> str:
-        owner = ledger.scope_tenant(scope)
-        if owner is None:
-            raise LedgerError(
-                "NOT_FOUND",
-                f"no budget for scope {scope}: budget scopes start with 'tenant:<id>'",
-            )
-        return owner
-
     async def create_budget(self, row: BudgetRow) -> BudgetRow:
         """See :meth:`Store.create_budget`."""
         owner = ledger.scope_tenant(row.scope)
@@ -1874,23 +1608,13 @@ class RedisStore:
                 f"scope {row.scope!r} must start with 'tenant:{row.tenant_id}' (the budget's "
                 "tenant)",
             )
-
-        def plan(w: _Work) -> BudgetRow:
-            ledger.check_budget_creation(w.tenant(), row, w.budgets([row.scope]))
-            new = dataclasses.replace(row, created_at_ms=w.now, updated_at_ms=w.now)
-            w.put_budget(new, new=True)
-            return new
-
         try:
-            new = await self._submit(
-                row.tenant_id, self._scope_keys(row.tenant_id, [row.scope]), plan
-            )
+            new = await self.run(operations.create_budget(row))
         except LedgerError as exc:
             if exc.code == "DUPLICATE_RESOURCE":  # repair a missing global index entry
                 await self._redis.zadd(self._k.all_budgets, {row.scope: 0})
             raise
         await self._redis.zadd(self._k.all_budgets, {row.scope: 0})
-        row.created_at_ms, row.updated_at_ms = new.created_at_ms, new.updated_at_ms
         return new
 
     async def get_budget(self, scope: str, unit: str) -> BudgetRow | None:
@@ -1900,79 +1624,6 @@ class RedisStore:
             return None
         raw = await self._redis.hget(self._k.budget(owner, scope), unit)
         return None if raw is None else _dec(BudgetRow, raw)
-
-    @staticmethod
-    def _budget_for(w: _Work, scope: str, unit: str, tenant_id: str | None) -> BudgetRow:
-        for row in w.budgets([scope]):
-            if row.unit == unit:
-                if tenant_id is not None and row.tenant_id != tenant_id:
-                    raise LedgerError(
-                        "FORBIDDEN", f"budget {scope} ({unit}) belongs to another tenant"
-                    )
-                return dataclasses.replace(row)
-        raise LedgerError(
-            "NOT_FOUND",
-            f"no budget for scope {scope} in {unit}; create it with POST /v1/admin/budgets",
-        )
-
-    async def update_budget(
-        self, scope: str, unit: str, tenant_id: str | None, changes: dict[str, Any]
-    ) -> BudgetRow:
-        """See :meth:`Store.update_budget`."""
-        owner = self._budget_tenant(scope)
-
-        def plan(w: _Work) -> BudgetRow:
-            row = self._budget_for(w, scope, unit, tenant_id)
-            for name, value in changes.items():
-                setattr(row, name, value)
-            if "overdraft_limit" in changes:
-                row.is_over_limit = row.debt > row.overdraft_limit
-            row.updated_at_ms = w.now
-            w.put_budget(row)
-            return row
-
-        return await self._submit(owner, self._scope_keys(owner, [scope]), plan)
-
-    async def fund_budget(
-        self,
-        tenant_id: str | None,
-        scope: str,
-        unit: str,
-        *,
-        operation: str,
-        amount: int,
-        spent: int | None,
-        idempotency_key: str | None,
-        request_hash: str,
-        timestamp: str,
-    ) -> Outcome:
-        """See :meth:`Store.fund_budget`."""
-        owner = self._budget_tenant(scope)
-        endpoint = f"fund:{scope}:{unit}"
-
-        def plan(w: _Work) -> Outcome:
-            row = self._budget_for(w, scope, unit, tenant_id)
-            if idempotency_key is not None:
-                idem = w.idem(endpoint, idempotency_key)
-                if idem is not None:
-                    return ledger.replay(idem, request_hash, now_ms=w.now)
-            new, response = ledger.plan_fund(row, operation, amount, spent=spent, now_ms=w.now)
-            response["timestamp"] = timestamp
-            raw = ledger.dumps(response)
-            idem_row = None
-            if idempotency_key is not None:
-                idem_row = IdempotencyRow(
-                    row.tenant_id, endpoint, idempotency_key, request_hash, 200, raw, None, w.now,
-                    w.now + ledger.RETAIN_DECIDE_MS,
-                )  # fmt: skip
-            outcome = Outcome(200, raw, budgets=[new], idempotency=idem_row)
-            w.apply(outcome)
-            return outcome
-
-        keys = self._scope_keys(owner, [scope])
-        if idempotency_key is not None:
-            keys.append(self._k.idem(owner, endpoint, idempotency_key))
-        return await self._submit(owner, keys, plan)
 
     # -- maintenance (tests, CLI) ----------------------------------------------------------------
 

@@ -1,0 +1,502 @@
+"""Every ledger operation, written once against one transaction interface.
+
+A store supplies atomicity; this module supplies the steps. Each operation is an :class:`Op`:
+a ``plan`` function that reads rows from a :class:`Txn`, asks :mod:`runcycles_server.ledger`
+for the outcome and writes it back through the same ``Txn``, plus a description of the rows it
+will read (so a network store can fetch them in one round trip before planning)::
+
+    op = operations.reserve(tenant_id, request, request_hash, reservation_id)
+    outcome = await store.run(op)
+
+How a store runs an ``Op``:
+
+* the SQL stores (:class:`~runcycles_server.stores.base.RowStore`) call ``op.plan`` inside one
+  write transaction, with a ``Txn`` that reads and writes rows directly;
+* the Redis store reads the described rows in one atomic script call, runs ``op.plan`` on that
+  snapshot in memory (the ``Txn`` records the writes) and sends the writes back in one
+  compare-and-set script call; if any row changed meanwhile it runs ``op.plan`` again on the
+  fresh rows. So ``plan`` must be repeatable: no clock reads (``txn.now``), no fresh ids (the
+  factories below draw them once, outside ``plan``), no side effects except through ``txn``.
+
+A refusal raises :class:`~runcycles_server.errors.LedgerError` before anything is written, so
+it never half-applies on either kind of store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from runcycles.models import (
+    CommitRequest,
+    DecisionRequest,
+    EventCreateRequest,
+    ReleaseRequest,
+    ReservationCreateRequest,
+    ReservationExtendRequest,
+)
+from runcycles_server import ledger
+from runcycles_server.errors import LedgerError
+from runcycles_server.ledger import (
+    BudgetRow,
+    IdempotencyRow,
+    Outcome,
+    ReservationRow,
+    TenantRow,
+)
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Txn(Protocol):
+    """The rows of one atomic unit of work, as an operation sees and changes them.
+
+    Rows returned are shared with the transaction: an operation never mutates one in place (it
+    writes a changed copy, ``dataclasses.replace``), so a re-planned operation sees the rows it
+    saw the first time.
+    """
+
+    @property
+    def now(self) -> int:
+        """The transaction's time (epoch ms); every decision in it uses this one instant."""
+
+    def tenant(self, tenant_id: str) -> TenantRow | None:
+        """The tenant row, or ``None`` if there is no such tenant."""
+
+    def budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
+        """The budget rows (every unit) at ``scopes``."""
+
+    def reservation(self, reservation_id: str) -> ReservationRow | None:
+        """The reservation (any status, any tenant), or ``None``."""
+
+    def idem(self, tenant_id: str, endpoint: str, key: str) -> IdempotencyRow | None:
+        """The idempotency record of a keyed request, if still within its retention."""
+
+    def apply(self, outcome: Outcome) -> None:
+        """Write every row of ``outcome`` (budgets, reservation, idempotency, event, audit)."""
+
+    def put_tenant(self, row: TenantRow, *, new: bool = False) -> None:
+        """Write a tenant row (``new``: insert it)."""
+
+    def put_budget(self, row: BudgetRow, *, new: bool = False) -> None:
+        """Write a budget row (``new``: insert it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Op(Generic[T_co]):
+    """One operation: how it plans, and which rows it reads (a prefetch hint, never a limit).
+
+    ``tenant_id`` is the tenant whose rows it touches; ``None`` means the tenant that owns
+    ``reservation_id`` (a store that shards by tenant finds it from the id).
+    """
+
+    plan: Callable[[Txn], T_co]
+    tenant_id: str | None
+    reservation_id: str | None = None
+    idem: tuple[str, str] | None = None
+    """``(endpoint, key)`` of the request's idempotency record."""
+    scopes: Sequence[str] = ()
+
+
+def _replayed(
+    txn: Txn,
+    tenant_id: str,
+    endpoint: str,
+    key: str,
+    request_hash: str,
+    res: ReservationRow | None = None,
+) -> Outcome | None:
+    """The stored answer to an earlier request with the same key, or ``None``.
+
+    ``res`` is the reservation the request names, when the operation already read it.
+    """
+    idem = txn.idem(tenant_id, endpoint, key)
+    if idem is None:
+        return None
+    if res is None and idem.reservation_id:
+        res = txn.reservation(idem.reservation_id)
+    return ledger.replay(idem, request_hash, now_ms=txn.now, reservation=res)
+
+
+def _applied(txn: Txn, outcome: Outcome) -> Outcome:
+    txn.apply(outcome)
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime
+
+
+def decide(tenant_id: str, request: DecisionRequest, request_hash: str) -> Op[Outcome]:
+    """``POST /v1/decide``."""
+    scopes = ledger.derive_scopes(request.subject)
+    key = request.idempotency_key
+
+    def plan(txn: Txn) -> Outcome:
+        replayed = _replayed(txn, tenant_id, "decide", key, request_hash)
+        if replayed is not None:
+            return replayed
+        return _applied(
+            txn,
+            ledger.plan_decide(
+                request=request,
+                tenant_id=tenant_id,
+                tenant=txn.tenant(tenant_id),
+                budgets=txn.budgets(scopes),
+                request_hash=request_hash,
+                now_ms=txn.now,
+            ),
+        )
+
+    return Op(plan, tenant_id, idem=("decide", key), scopes=scopes)
+
+
+def reserve(
+    tenant_id: str, request: ReservationCreateRequest, request_hash: str, reservation_id: str
+) -> Op[Outcome]:
+    """``POST /v1/reservations`` (live or dry run); ``reservation_id`` is the store's new id."""
+    scopes = ledger.derive_scopes(request.subject)
+    key = request.idempotency_key
+
+    def plan(txn: Txn) -> Outcome:
+        replayed = _replayed(txn, tenant_id, "reserve", key, request_hash)
+        if replayed is not None:
+            return replayed
+        return _applied(
+            txn,
+            ledger.plan_reserve(
+                request=request,
+                tenant_id=tenant_id,
+                tenant=txn.tenant(tenant_id),
+                budgets=txn.budgets(scopes),
+                request_hash=request_hash,
+                reservation_id=reservation_id,
+                now_ms=txn.now,
+            ),
+        )
+
+    return Op(plan, tenant_id, idem=("reserve", key), scopes=scopes)
+
+
+def _owned(txn: Txn, reservation_id: str, tenant_id: str | None) -> ReservationRow:
+    # Existence and ownership come before replay, so a foreign key cannot probe replays.
+    return ledger.check_reservation_access(
+        txn.reservation(reservation_id), reservation_id, tenant_id
+    )
+
+
+def commit(
+    tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
+) -> Op[Outcome]:
+    """``POST /v1/reservations/{id}/commit``."""
+    endpoint = f"commit:{reservation_id}"
+    key = request.idempotency_key
+
+    def plan(txn: Txn) -> Outcome:
+        res = _owned(txn, reservation_id, tenant_id)
+        replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
+        if replayed is not None:
+            return replayed
+        return _applied(
+            txn,
+            ledger.plan_commit(
+                reservation_id=reservation_id,
+                request=request,
+                tenant_id=tenant_id,
+                reservation=res,
+                tenant=txn.tenant(res.tenant_id),
+                budgets=txn.budgets(res.budgeted_scopes),
+                request_hash=request_hash,
+                now_ms=txn.now,
+            ),
+        )
+
+    return Op(plan, None, reservation_id, idem=(endpoint, key))
+
+
+def release(
+    tenant_id: str | None,
+    reservation_id: str,
+    request: ReleaseRequest,
+    request_hash: str,
+    *,
+    audit_id: str | None,
+    request_id: str | None = None,
+    trace_id: str | None = None,
+) -> Op[Outcome]:
+    """``POST /v1/reservations/{id}/release``; ``tenant_id=None`` is an audited admin release."""
+    endpoint = f"release:{reservation_id}"
+    key = request.idempotency_key
+
+    def plan(txn: Txn) -> Outcome:
+        res = _owned(txn, reservation_id, tenant_id)
+        replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
+        if replayed is not None:
+            return replayed
+        return _applied(
+            txn,
+            ledger.plan_release(
+                reservation_id=reservation_id,
+                request=request,
+                tenant_id=tenant_id,
+                reservation=res,
+                tenant=txn.tenant(res.tenant_id),
+                budgets=txn.budgets(res.budgeted_scopes),
+                request_hash=request_hash,
+                now_ms=txn.now,
+                audit_id=audit_id,
+                request_id=request_id,
+                trace_id=trace_id,
+            ),
+        )
+
+    return Op(plan, None, reservation_id, idem=(endpoint, key))
+
+
+def extend(
+    tenant_id: str, reservation_id: str, request: ReservationExtendRequest, request_hash: str
+) -> Op[Outcome]:
+    """``POST /v1/reservations/{id}/extend``."""
+    endpoint = f"extend:{reservation_id}"
+    key = request.idempotency_key
+
+    def plan(txn: Txn) -> Outcome:
+        res = _owned(txn, reservation_id, tenant_id)
+        replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
+        if replayed is not None:
+            return replayed
+        return _applied(
+            txn,
+            ledger.plan_extend(
+                reservation_id=reservation_id,
+                request=request,
+                tenant_id=tenant_id,
+                reservation=res,
+                tenant=txn.tenant(res.tenant_id),
+                request_hash=request_hash,
+                now_ms=txn.now,
+            ),
+        )
+
+    return Op(plan, None, reservation_id, idem=(endpoint, key))
+
+
+def event(
+    tenant_id: str, request: EventCreateRequest, request_hash: str, event_id: str
+) -> Op[Outcome]:
+    """``POST /v1/events``."""
+    scopes = ledger.derive_scopes(request.subject)
+    key = request.idempotency_key
+
+    def plan(txn: Txn) -> Outcome:
+        replayed = _replayed(txn, tenant_id, "event", key, request_hash)
+        if replayed is not None:
+            return replayed
+        return _applied(
+            txn,
+            ledger.plan_event(
+                request=request,
+                tenant_id=tenant_id,
+                tenant=txn.tenant(tenant_id),
+                budgets=txn.budgets(scopes),
+                request_hash=request_hash,
+                event_id=event_id,
+                now_ms=txn.now,
+            ),
+        )
+
+    return Op(plan, tenant_id, idem=("event", key), scopes=scopes)
+
+
+Expiry = Literal["expired", "not due", "gone"]
+
+
+def expire(reservation_id: str, now_ms: int) -> Op[Expiry]:
+    """Expire one reservation if still ACTIVE and past ``expires_at + grace`` at ``now_ms``.
+
+    ``gone``: missing or already finished (a stale index entry); ``not due``: extended since
+    the sweep looked at it.
+    """
+
+    def plan(txn: Txn) -> Expiry:
+        res = txn.reservation(reservation_id)
+        if res is None or res.status != "ACTIVE":
+            return "gone"
+        outcome = ledger.plan_expire(res, txn.budgets(res.budgeted_scopes), max(txn.now, now_ms))
+        if outcome is None:
+            return "not due"
+        txn.apply(outcome)
+        return "expired"
+
+    return Op(plan, None, reservation_id)
+
+
+def close_reservations(tenant_id: str, reservation_ids: Sequence[str]) -> Op[list[str]]:
+    """Release ACTIVE reservations of a closing tenant; return the ids that were not ACTIVE."""
+
+    def plan(txn: Txn) -> list[str]:
+        stale = []
+        for rid in reservation_ids:
+            res = txn.reservation(rid)
+            if res is None or res.status != "ACTIVE":
+                stale.append(rid)
+            else:
+                budgets = txn.budgets(res.budgeted_scopes)
+                txn.apply(ledger.plan_close_release(res, budgets, txn.now))
+        return stale
+
+    return Op(plan, tenant_id)
+
+
+def close_budgets(tenant_id: str, scopes: Sequence[str]) -> Op[None]:
+    """Mark a closing tenant's budgets at ``scopes`` CLOSED."""
+
+    def plan(txn: Txn) -> None:
+        for budget in txn.budgets(scopes):
+            if budget.tenant_id == tenant_id and budget.status != "CLOSED":
+                txn.put_budget(dataclasses.replace(budget, status="CLOSED", updated_at_ms=txn.now))
+
+    return Op(plan, tenant_id, scopes=scopes)
+
+
+# --------------------------------------------------------------------------------------------
+# Admin: tenants and budgets
+
+
+def create_tenant(row: TenantRow) -> Op[tuple[TenantRow, bool]]:
+    """Insert a tenant; an identical existing one is returned with ``created=False``."""
+
+    def plan(txn: Txn) -> tuple[TenantRow, bool]:
+        existing = txn.tenant(row.tenant_id)
+        if existing is not None:
+            if existing.name != row.name:
+                raise LedgerError(
+                    "DUPLICATE_RESOURCE",
+                    f"tenant {row.tenant_id} already exists with a different name "
+                    f"({existing.name!r}); choose another tenant_id",
+                )
+            return existing, False
+        new = dataclasses.replace(row, created_at_ms=txn.now, updated_at_ms=txn.now)
+        txn.put_tenant(new, new=True)
+        return new, True
+
+    return Op(plan, row.tenant_id)
+
+
+def update_tenant(tenant_id: str, changes: dict[str, Any]) -> Op[TenantRow]:
+    """Apply field changes to a tenant; closing is irreversible.
+
+    Only the tenant row changes here: the store runs the close cascade (releasing ACTIVE
+    reservations, closing budgets, revoking keys) when ``status`` becomes ``CLOSED``.
+    """
+    new_status = changes.get("status")
+
+    def plan(txn: Txn) -> TenantRow:
+        old = txn.tenant(tenant_id)
+        if old is None:
+            raise LedgerError("NOT_FOUND", f"tenant {tenant_id} does not exist")
+        if old.status == "CLOSED" and new_status not in (None, "CLOSED"):
+            raise LedgerError(
+                "TENANT_CLOSED", f"tenant {tenant_id} is CLOSED; closing is irreversible"
+            )
+        row = dataclasses.replace(old, **changes, updated_at_ms=txn.now)
+        if new_status == "SUSPENDED" and old.status != "SUSPENDED":
+            row.suspended_at_ms = txn.now
+        elif new_status == "ACTIVE":
+            row.suspended_at_ms = None
+        if new_status == "CLOSED" and old.status != "CLOSED":
+            row.closed_at_ms = txn.now
+        txn.put_tenant(row)
+        return row
+
+    return Op(plan, tenant_id)
+
+
+def create_budget(row: BudgetRow) -> Op[BudgetRow]:
+    """Insert a budget ledger for an ACTIVE tenant."""
+
+    def plan(txn: Txn) -> BudgetRow:
+        ledger.check_budget_creation(txn.tenant(row.tenant_id), row, txn.budgets([row.scope]))
+        new = dataclasses.replace(row, created_at_ms=txn.now, updated_at_ms=txn.now)
+        txn.put_budget(new, new=True)
+        return new
+
+    return Op(plan, row.tenant_id, scopes=[row.scope])
+
+
+def _budget_for(txn: Txn, scope: str, unit: str, tenant_id: str | None) -> BudgetRow:
+    for row in txn.budgets([scope]):
+        if row.unit == unit:
+            if tenant_id is not None and row.tenant_id != tenant_id:
+                raise LedgerError("FORBIDDEN", f"budget {scope} ({unit}) belongs to another tenant")
+            return row
+    raise LedgerError(
+        "NOT_FOUND",
+        f"no budget for scope {scope} in {unit}; create it with POST /v1/admin/budgets",
+    )
+
+
+def budget_owner(scope: str) -> str:
+    """The tenant a budget scope belongs to (``NOT_FOUND`` for a scope no budget can have)."""
+    owner = ledger.scope_tenant(scope)
+    if owner is None:
+        raise LedgerError(
+            "NOT_FOUND", f"no budget for scope {scope}: budget scopes start with 'tenant:<id>'"
+        )
+    return owner
+
+
+def update_budget(
+    scope: str, unit: str, tenant_id: str | None, changes: dict[str, Any]
+) -> Op[BudgetRow]:
+    """Update budget properties; ``is_over_limit`` follows a changed ``overdraft_limit``."""
+
+    def plan(txn: Txn) -> BudgetRow:
+        row = dataclasses.replace(_budget_for(txn, scope, unit, tenant_id), **changes)
+        if "overdraft_limit" in changes:
+            row.is_over_limit = row.debt > row.overdraft_limit
+        row.updated_at_ms = txn.now
+        txn.put_budget(row)
+        return row
+
+    return Op(plan, budget_owner(scope), scopes=[scope])
+
+
+def fund_budget(
+    tenant_id: str | None,
+    scope: str,
+    unit: str,
+    *,
+    operation: str,
+    amount: int,
+    spent: int | None,
+    idempotency_key: str | None,
+    request_hash: str,
+    timestamp: str,
+) -> Op[Outcome]:
+    """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key."""
+    endpoint = f"fund:{scope}:{unit}"
+    owner = budget_owner(scope)
+
+    def plan(txn: Txn) -> Outcome:
+        row = _budget_for(txn, scope, unit, tenant_id)
+        if idempotency_key is not None:
+            replayed = _replayed(txn, row.tenant_id, endpoint, idempotency_key, request_hash)
+            if replayed is not None:
+                return replayed
+        new, response = ledger.plan_fund(row, operation, amount, spent=spent, now_ms=txn.now)
+        response["timestamp"] = timestamp
+        raw = ledger.dumps(response)
+        idem_row = None
+        if idempotency_key is not None:
+            idem_row = IdempotencyRow(
+                row.tenant_id, endpoint, idempotency_key, request_hash, 200, raw, None, txn.now,
+                txn.now + ledger.RETAIN_DECIDE_MS,
+            )  # fmt: skip
+        return _applied(txn, Outcome(200, raw, budgets=[new], idempotency=idem_row))
+
+    idem = None if idempotency_key is None else (endpoint, idempotency_key)
+    return Op(plan, owner, idem=idem, scopes=[scope])
