@@ -490,6 +490,7 @@ def test_threshold_crossing_is_reported_once_per_window_instance():
     crossings = [a.thresholds for a in ledger.admitted(act(), 10)]
     assert [i for i, c in enumerate(crossings) if c] == [6]  # the 7th call: 7/10 >= 0.7
     crossing = crossings[6][0]
+    assert crossing.rule == "action_quotas[0]"
     data = crossing.event_data("acme")
     THRESHOLD_EVENT.validate(data)
     assert (data["used"], data["limit"], data["threshold_pct"]) == (7, 10, 0.7)
@@ -515,6 +516,7 @@ def test_risk_class_threshold_names_the_class_and_default_is_80_percent():
     )
     crossings = [a.thresholds for a in ledger.admitted(act(), 5)]
     assert [i for i, c in enumerate(crossings) if c] == [3]  # 4/5 = 0.8
+    assert crossings[3][0].rule == "risk_class_quotas[0]"
     data = crossings[3][0].event_data("acme")
     THRESHOLD_EVENT.validate(data)
     assert (data["action_kind"], data["risk_class"]) == ("__risk__", "external_side_effect")

@@ -45,3 +45,9 @@ def test_no_module_reads_the_clock():
         text = path.read_text()
         for call in ("time.time(", "datetime.now(", "datetime.utcnow(", "monotonic("):
             assert call not in text, f"{path.name} calls {call}"
+
+
+def test_package_all_is_sorted_and_every_name_exists():
+    assert governance.__all__ == sorted(governance.__all__)
+    for name in governance.__all__:
+        assert hasattr(governance, name), name

@@ -13,7 +13,9 @@ from runcycles_server.governance import (
     PolicyRow,
     QuotaRule,
     Registry,
+    caps_body,
     matches,
+    matches_list_filters,
     policy_body,
     policy_from_create,
     policy_from_json,
@@ -279,7 +281,7 @@ def test_storage_json_round_trips_exactly():
         ),
         ({"caps": {"max_tokens": -1}}, "caps.max_tokens"),
         ({"commit_overage_policy": "MAYBE"}, "commit_overage_policy"),
-        ({"status": "ACTIVE"}, "status: is not a field of this request"),
+        ({"status": "ACTIVE"}, "status: is not a field of this request (a new policy is ACTIVE"),
         ({"colour": "red"}, "colour: is not a field"),
     ],
 )
@@ -377,7 +379,8 @@ def test_patch_null_removes_optional_fields_and_is_refused_for_the_others():
             "mutually exclusive",
         ),
         ({"allowed_action_kinds": ["llm.completion"]}, "clear the other with []"),
-        ({"scope_pattern": "tenant:acme"}, "scope_pattern: is not a field"),
+        ({"scope_pattern": "tenant:acme"}, "scope_pattern cannot change: create a policy"),
+        ({"tenant_id": "acme"}, "tenant_id: is not a field of this request (the policy_id"),
         ({"status": "PAUSED"}, "status"),
         ({"effective_until": "2026-03-01T00:00:00Z"}, "must be after effective_from"),
         (
@@ -534,3 +537,39 @@ def test_a_policy_of_another_tenant_never_applies():
     )
     ours = pol("ours", "tenant:acme")
     assert select_policy([theirs, ours], SCOPES, NOW) is ours
+
+
+def test_list_filters():
+    quota = pol(
+        "q",
+        "tenant:acme",
+        action_quotas=[{"action_kind": "llm.completion", "max_calls": 1, "window": "per_run"}],
+    )
+    risk = pol(
+        "r",
+        "tenant:acme/*",
+        risk_class_quotas=[{"risk_class": "high_risk", "max_calls": 1, "window": "per_run"}],
+    )
+    deny = pol("d", "tenant:acme", denied_action_kinds=["payment.charge"])
+    allow = pol("a", "tenant:acme", allowed_action_kinds=["llm.completion"])
+    rows = [quota, risk, deny, allow]
+
+    def ids(**filters: Any) -> list[str]:
+        return [row.policy_id for row in rows if matches_list_filters(row, **filters)]
+
+    assert ids() == ["q", "r", "d", "a"]
+    assert ids(has_action_quotas=True) == ["q", "r"]
+    assert ids(has_action_quotas=False) == ["d", "a"]
+    assert ids(references_action_kind="llm.completion") == ["q", "a"]
+    assert ids(references_action_kind="payment.charge") == ["d"]
+    assert ids(references_action_kind="high_risk") == []
+    assert ids(scope_pattern="tenant:acme/*") == ["r"]
+    assert ids(status="DISABLED") == []
+
+
+def test_caps_body_is_the_wire_caps():
+    row = create(FULL)
+    assert row.caps is not None
+    body = caps_body(row.caps)
+    assert body == {"max_tokens": 4096, "tool_denylist": ["rm"]}
+    schema_validator("Caps", EXTENDED_ADMIN).validate(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 
 import pytest
@@ -9,7 +10,12 @@ import pytest
 from runcycles.testing.spec import ACTION_KINDS_SPEC, schema_validator
 from runcycles_server.governance import CounterKey, CounterRow, calendar_bucket, counter_state_body
 from runcycles_server.governance.policies import QuotaRule
-from runcycles_server.governance.quotas import reset_counter, rule_fingerprint
+from runcycles_server.governance.quotas import (
+    counter_matches_filters,
+    reset_counter,
+    reset_matches,
+    rule_fingerprint,
+)
 
 
 def ms(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:
@@ -147,3 +153,50 @@ def test_reset_keeps_calendar_ttl_and_refreshes_a_runs():
     run = reset_counter(RUN, now)
     assert run.count == 0
     assert run.expires_at_ms == now + 86_400_000
+
+
+def test_counter_list_filters():
+    now = ms(2026, 4, 9, 14, 40)
+    zero = dataclasses.replace(RUN, count=0)
+    assert counter_matches_filters(ROW, now)
+    assert not counter_matches_filters(ROW, ROW.expires_at_ms)  # expired rows are gone
+    assert counter_matches_filters(ROW, now, scope="tenant:acme")
+    assert counter_matches_filters(ROW, now, scope="tenant:acme/agent:bot")
+    assert not counter_matches_filters(ROW, now, scope="tenant:ac")
+    assert not counter_matches_filters(ROW, now, scope="tenant:acme/agent:bo")
+    assert counter_matches_filters(ROW, now, action_kind="__risk__")
+    assert not counter_matches_filters(ROW, now, action_kind="llm.completion")
+    assert counter_matches_filters(ROW, now, window="per_hour_tumbling")
+    assert not counter_matches_filters(ROW, now, window="per_run")
+    assert counter_matches_filters(RUN, now, run_id="run:42|x")
+    assert not counter_matches_filters(RUN, now, run_id="run:42")
+    assert not counter_matches_filters(ROW, now, run_id="2026-04-09T14")  # calendar bucket
+    assert not counter_matches_filters(zero, now)
+    assert counter_matches_filters(zero, now, include_zero=True)
+
+
+def test_reset_request_names_a_counter_by_its_key_fields():
+    fields = {
+        "scope": "tenant:acme",
+        "action_kind": "message.email.send",
+        "window": "per_run",
+        "window_key": "run:42|x",
+    }
+    assert reset_matches(RUN, **fields)
+    filtered = dataclasses.replace(RUN, key=dataclasses.replace(RUN.key, rule="abc"))
+    assert reset_matches(filtered, **fields)  # every allowlist variant of the rule
+    for field, other in (
+        ("scope", "tenant:acme/agent:bot"),
+        ("action_kind", "llm.completion"),
+        ("window", "per_day_tumbling"),
+        ("window_key", "run:43"),
+    ):
+        assert not reset_matches(RUN, **{**fields, field: other})
+    risk = {
+        "scope": "tenant:acme/agent:bot",
+        "action_kind": "__risk__",
+        "window": "per_hour_tumbling",
+        "window_key": "2026-04-09T14",
+    }
+    assert reset_matches(ROW, **risk, risk_class="high_risk")
+    assert not reset_matches(ROW, **risk, risk_class="read_only")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from runcycles import action_kinds
+from runcycles.models import ActionRiskClass
 from runcycles.testing.spec import ACTION_KINDS_SPEC, load_spec, schema_validator
 from runcycles_server.errors import LedgerError
-from runcycles_server.governance import DeclarationError, Registry
+from runcycles_server.governance import DeclarationError, KindInfo, Registry
 
 ERP = {"kind": "custom.acme.erp.post", "risk_class": "high_risk"}
 E = "kinds: [{kind: custom.acme.erp.post, risk_class: high_risk, "
@@ -233,3 +234,26 @@ def test_no_builtin_kind_is_deprecated_in_this_registry_version():
     reg = Registry()
     assert all(reg.deprecated_replacement(k) is None for k in action_kinds.BUILTIN_KINDS)
     assert reg.deprecated_replacement("proprietary.action") is None
+
+
+def test_a_deprecated_kind_names_its_replacement_and_is_listed_only_on_request():
+    old = KindInfo(
+        "custom.acme.old.op",
+        ActionRiskClass.SIDE_EFFECT,
+        custom=True,
+        deprecated=True,
+        replacement_kind="custom.acme.new.op",
+    )
+    bare = KindInfo(
+        "custom.acme.older.op", ActionRiskClass.SIDE_EFFECT, custom=True, deprecated=True
+    )
+    reg = Registry(custom={old.kind: old, bare.kind: bare})
+    assert reg.deprecated_replacement(old.kind) == "custom.acme.new.op"
+    assert reg.deprecated_replacement(bare.kind) == "unknown.call"
+    assert reg.check_kind(old.kind) == old.kind  # deprecated kinds stay usable
+    listed = [k["kind"] for k in reg.registry_body(limit=100, include_custom=True)["kinds"]]
+    assert old.kind not in listed
+    body = reg.registry_body(limit=100, include_custom=True, include_deprecated=True)
+    schema_validator("ActionKindRegistry", ACTION_KINDS_SPEC).validate(body)
+    entry = next(k for k in body["kinds"] if k["kind"] == old.kind)
+    assert (entry["deprecated"], entry["replacement_kind"]) == (True, "custom.acme.new.op")

@@ -73,9 +73,11 @@ _ALLOWLISTS: Final = (
 class ThresholdCrossing:
     """A counter this admission takes across a rule's ``threshold_pct`` (an event to record).
 
-    ``action_kind`` is the kind, or ``__risk__`` with ``risk_class`` for a risk-class rule.
+    ``rule`` is where the rule sits in the policy (``action_quotas[0]``); ``action_kind`` is
+    the kind, or ``__risk__`` with ``risk_class`` for a risk-class rule.
     """
 
+    rule: str
     counter: str
     key: CounterKey
     action_kind: str
@@ -164,6 +166,7 @@ class _Check:
     threshold_pct: float
     ttl_ms: int | None
     kind: str
+    rule: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +307,8 @@ def _plan(
     for index, risk_rule in enumerate(policy.risk_class_quotas):
         if risk_rule.risk_class != risk_class:
             continue
-        where = f"risk_class_quotas[{index}] ({risk_class} {risk_rule.window})"
+        rule_at = f"risk_class_quotas[{index}]"
+        where = f"{rule_at} ({risk_class} {risk_rule.window})"
         key = _key(
             policy,
             RISK_COUNTER_KIND,
@@ -323,6 +327,7 @@ def _plan(
                 risk_rule.threshold_pct,
                 risk_rule.per_run_counter_ttl_ms,
                 kind,
+                rule_at,
             )
         )
     kind_checks = []
@@ -330,12 +335,15 @@ def _plan(
     for index, rule in enumerate(policy.action_quotas):
         if rule.action_kind != kind or not _admits(rule, action, dimensions):
             continue
-        where = f"action_quotas[{index}] ({kind} {rule.window})"
+        rule_at = f"action_quotas[{index}]"
+        where = f"{rule_at} ({kind} {rule.window})"
         key = _key(
             policy, kind, None, rule_fingerprint(rule), rule.window, scope, run_id, now_ms, where
         )
         kind_checks.append(
-            _check(key, rule.max_calls, rule.threshold_pct, rule.per_run_counter_ttl_ms, kind)
+            _check(
+                key, rule.max_calls, rule.threshold_pct, rule.per_run_counter_ttl_ms, kind, rule_at
+            )
         )
     return _Plan(scope, risk_class, tuple(risk_checks), tuple(kind_checks))
 
@@ -395,11 +403,16 @@ def _key(
 
 
 def _check(
-    key: CounterKey, limit: int, threshold_pct: float | None, ttl_ms: int | None, kind: str
+    key: CounterKey,
+    limit: int,
+    threshold_pct: float | None,
+    ttl_ms: int | None,
+    kind: str,
+    rule: str,
 ) -> _Check:
     pct = threshold_pct if threshold_pct is not None else DEFAULT_THRESHOLD_PCT
     ttl = (ttl_ms or DEFAULT_PER_RUN_TTL_MS) if key.window == PER_RUN else None
-    return _Check(key, limit, pct, ttl, kind)
+    return _Check(key, limit, pct, ttl, kind, rule)
 
 
 def _access_denial(policy: PolicyRow, kind: str, scope: str, reason: str) -> Denial:
@@ -498,6 +511,7 @@ def _admit(
             risk = check.key.risk_class
             thresholds.append(
                 ThresholdCrossing(
+                    rule=check.rule,
                     counter=check.key.name,
                     key=check.key,
                     action_kind=RISK_COUNTER_KIND if risk is not None else check.kind,

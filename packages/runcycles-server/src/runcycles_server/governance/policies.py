@@ -53,8 +53,10 @@ __all__ = [
     "RateLimitRule",
     "RiskQuotaRule",
     "TtlOverride",
+    "caps_body",
     "is_effective",
     "matches",
+    "matches_list_filters",
     "policy_body",
     "policy_from_create",
     "policy_from_json",
@@ -180,7 +182,7 @@ def policy_from_create(
         LedgerError: ``INVALID_REQUEST`` naming the field for every rule the body breaks.
     """
     _check_times_are_strings(body)
-    request = _parse(PolicyCreateRequest, body)
+    request = _parse(PolicyCreateRequest, body, _CREATE_HINTS)
     if request.tenant_id is not None and request.tenant_id != tenant_id:
         raise _invalid(
             f"tenant_id {request.tenant_id!r} is not the tenant {tenant_id!r} this policy is "
@@ -247,7 +249,7 @@ def policy_patch(
             both non-empty once the patch is applied: clear one with ``[]``).
     """
     _check_times_are_strings(body)
-    request = _parse(PolicyUpdateRequest, body)
+    request = _parse(PolicyUpdateRequest, body, _PATCH_HINTS)
     sent = request.model_fields_set
     for name in sorted(sent & _NOT_NULL):
         if body.get(name) is None:
@@ -333,8 +335,47 @@ def select_policy(
     return best
 
 
+def matches_list_filters(
+    policy: PolicyRow,
+    *,
+    scope_pattern: str | None = None,
+    status: str | None = None,
+    has_action_quotas: bool | None = None,
+    references_action_kind: str | None = None,
+) -> bool:
+    """Return whether ``policy`` passes the ``GET /v1/admin/policies`` query filters.
+
+    ``has_action_quotas``: non-empty ``action_quotas`` or ``risk_class_quotas`` (or, when
+    false, neither); ``references_action_kind``: the kind is named by an action quota or an
+    allow/deny list (ADMIN OVERVIEW AND LIST FILTERS).
+    """
+    if scope_pattern is not None and policy.scope_pattern != scope_pattern:
+        return False
+    if status is not None and policy.status != status:
+        return False
+    if has_action_quotas is not None and has_action_quotas != bool(
+        policy.action_quotas or policy.risk_class_quotas
+    ):
+        return False
+    if references_action_kind is not None:
+        kind = references_action_kind
+        named = (
+            kind in policy.allowed_action_kinds
+            or kind in policy.denied_action_kinds
+            or any(rule.action_kind == kind for rule in policy.action_quotas)
+        )
+        if not named:
+            return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Wire and storage shapes
+
+
+def caps_body(caps: PolicyCaps) -> dict[str, Any]:
+    """Return the wire ``Caps`` of a policy's caps (for an ``ALLOW_WITH_CAPS`` decision)."""
+    return _plain(caps)
 
 
 def policy_body(row: PolicyRow) -> dict[str, Any]:
@@ -427,22 +468,37 @@ def _plain(value: Any) -> dict[str, Any]:
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
-def _parse(model: type[_ModelT], body: object) -> _ModelT:
+_CREATE_HINTS: Final = {
+    "status": "a new policy is ACTIVE; PATCH its status to disable it",
+    "policy_id": "the server assigns the policy_id",
+}
+_PATCH_HINTS: Final = {
+    "scope_pattern": (
+        "a policy's scope_pattern cannot change: create a policy with the new pattern and "
+        "disable this one"
+    ),
+    "tenant_id": "the policy_id already names the tenant",
+    "policy_id": "the policy_id is in the path",
+}
+
+
+def _parse(model: type[_ModelT], body: object, hints: Mapping[str, str]) -> _ModelT:
     if not isinstance(body, Mapping):
         raise _invalid(f"the request body must be a JSON object, got {type(body).__name__}")
     try:
         return model.model_validate(dict(body))
     except ValidationError as exc:
-        raise _invalid(_validation_message(exc)) from None
+        raise _invalid(_validation_message(exc, hints)) from None
 
 
-def _validation_message(exc: ValidationError) -> str:
+def _validation_message(exc: ValidationError, hints: Mapping[str, str]) -> str:
     problems = []
     for error in exc.errors()[:3]:
         where = _location(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "is not a field of this request (check the spelling; see the Policy schema)"
+            hint = hints.get(where, "check the spelling; see the Policy schema")
+            message = f"is not a field of this request ({hint})"
         problems.append(f"{where}: {message}" if where else message)
     more = len(exc.errors()) - len(problems)
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")

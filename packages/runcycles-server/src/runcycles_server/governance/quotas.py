@@ -35,8 +35,10 @@ __all__ = [
     "CounterKey",
     "CounterRow",
     "calendar_bucket",
+    "counter_matches_filters",
     "counter_state_body",
     "reset_counter",
+    "reset_matches",
     "rule_fingerprint",
 ]
 
@@ -205,6 +207,60 @@ class CounterRow:
             ttl_ms=data["ttl_ms"],
             fired_pcts=tuple(data["fired_pcts"]),
         )
+
+
+def counter_matches_filters(
+    row: CounterRow,
+    now_ms: int,
+    *,
+    scope: str | None = None,
+    action_kind: str | None = None,
+    window: str | None = None,
+    run_id: str | None = None,
+    include_zero: bool = False,
+) -> bool:
+    """Return whether ``row`` is listed by ``GET /v1/admin/action-quota-counters``.
+
+    An expired row is never listed. ``scope`` matches the scope and everything below it
+    (``tenant:acme`` lists ``tenant:acme/agent:bot``, not ``tenant:acme2``); ``run_id``
+    keeps the ``per_run`` counters of that run; rows at 0 only with ``include_zero``.
+    """
+    if now_ms >= row.expires_at_ms:
+        return False
+    key = row.key
+    if scope is not None and key.scope != scope and not key.scope.startswith(scope + "/"):
+        return False
+    if action_kind is not None and key.action_kind != action_kind:
+        return False
+    if window is not None and key.window != window:
+        return False
+    if run_id is not None and (key.window != PER_RUN or key.bucket != run_id):
+        return False
+    return include_zero or row.count > 0
+
+
+def reset_matches(
+    row: CounterRow,
+    *,
+    scope: str,
+    action_kind: str,
+    window: str,
+    window_key: str,
+    risk_class: str | None = None,
+) -> bool:
+    """Return whether ``row`` is the counter an ``ActionQuotaCounterResetRequest`` names.
+
+    Rules of one kind and window that filter on different allowlists keep separate rows
+    (:func:`rule_fingerprint`); a reset request names none of that, so it resets them all.
+    """
+    key = row.key
+    return (
+        key.scope == scope
+        and key.action_kind == action_kind
+        and key.window == window
+        and key.bucket == window_key
+        and (action_kind != RISK_COUNTER_KIND or key.risk_class == risk_class)
+    )
 
 
 def reset_counter(row: CounterRow, now_ms: int) -> CounterRow:
