@@ -264,6 +264,11 @@ def test_storage_json_round_trips_exactly():
             "risk_class_quotas[0].risk_class",
         ),
         ({"priority": -1}, "priority"),
+        ({"priority": 2**63}, "priority: 9223372036854775808 is outside the 64-bit integer range"),
+        (
+            {"rate_limits": {"max_commits_per_minute": 2**64}},
+            "rate_limits.max_commits_per_minute: ",
+        ),
         ({"name": ""}, "name: must be a non-empty string"),
         ({"name": "x" * 257}, "name: at most 256"),
         ({"description": "x" * 1025}, "description: at most 1024"),

@@ -271,7 +271,8 @@ def effective_observe_mode(
             raise LedgerError(
                 "INVALID_REQUEST", f"{field} {value!r} is not one of {modes}"
             ) from None
-        return ObserveMode.OBSERVE.value if mode is ObserveMode.OBSERVE else "ENFORCE"
+        observe = mode is ObserveMode.OBSERVE
+        return ObserveMode.OBSERVE.value if observe else ObserveMode.ENFORCE.value
     return ObserveMode.ENFORCE.value
 
 

@@ -35,7 +35,7 @@ from runcycles.governance import (
     ReservationTtlOverride,
     RiskClassQuota,
 )
-from runcycles.models import ActionRiskClass, Caps
+from runcycles.models import INT64_MAX, INT64_MIN, ActionRiskClass, Caps
 from runcycles_server.errors import LedgerError
 from runcycles_server.governance.registry import Registry
 from runcycles_server.governance.scopes import (
@@ -485,6 +485,7 @@ _PATCH_HINTS: Final = {
 def _parse(model: type[_ModelT], body: object, hints: Mapping[str, str]) -> _ModelT:
     if not isinstance(body, Mapping):
         raise _invalid(f"the request body must be a JSON object, got {type(body).__name__}")
+    _check_int64(body, "")
     try:
         return model.model_validate(dict(body))
     except ValidationError as exc:
@@ -502,6 +503,20 @@ def _validation_message(exc: ValidationError, hints: Mapping[str, str]) -> str:
         problems.append(f"{where}: {message}" if where else message)
     more = len(exc.errors()) - len(problems)
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _check_int64(value: object, where: str) -> None:
+    """Refuse integers the storage JSON (and the protocol's int64) cannot carry."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise _invalid(f"{where}: {value} is outside the 64-bit integer range")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_int64(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_int64(item, f"{where}[{index}]")
 
 
 def _location(loc: Sequence[int | str]) -> str:
