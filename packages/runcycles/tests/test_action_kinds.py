@@ -17,6 +17,7 @@ def test_the_module_holds_exactly_the_spec_registry():
     assert REGISTRY["version"] == action_kinds.REGISTRY_VERSION
     spec = {entry["kind"]: entry for entry in REGISTRY["kinds"]}
     assert set(spec) == action_kinds.BUILTIN_KINDS
+    assert tuple(entry["kind"] for entry in REGISTRY["kinds"]) == action_kinds.BUILTIN_KIND_ORDER
     for kind, entry in spec.items():
         info = action_kinds.builtin(kind)
         assert info is not None

@@ -29,6 +29,12 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = {
     "TENANT_SUSPENDED": 409,
     "DUPLICATE_RESOURCE": 409,
     "KEY_REVOKED": 409,
+    # v0.1.26 action governance: a live reservation a policy refuses is a 409, like a budget
+    # denial (cycles-protocol-extensions: "On live 409 DENY: deny_detail appears in
+    # ErrorResponse.details").
+    "ACTION_KIND_DENIED": 409,
+    "ACTION_KIND_NOT_ALLOWED": 409,
+    "ACTION_QUOTA_EXCEEDED": 409,
     "RESERVATION_EXPIRED": 410,
     "PAYLOAD_TOO_LARGE": 413,
     "LIMIT_EXCEEDED": 429,

@@ -39,6 +39,7 @@ __all__ = [
     "AUDIO_GENERATE",
     "AUDIO_TRANSCRIBE",
     "BUILTIN_KINDS",
+    "BUILTIN_KIND_ORDER",
     "BuiltinKind",
     "CALENDAR_READ",
     "CALENDAR_WRITE",
@@ -344,6 +345,8 @@ def _parse(table: str) -> dict[str, BuiltinKind]:
 _KINDS: Final = _parse(_REGISTRY)
 BUILTIN_KINDS: Final = frozenset(_KINDS)
 """Every kind of the registry."""
+BUILTIN_KIND_ORDER: Final = tuple(_KINDS)
+"""The registry's kinds in the spec's order (by category, ``unknown.call`` last)."""
 _BY_PREFIX: Final = sorted(
     ((prefix, info.kind) for info in _KINDS.values() for prefix in info.tool_prefixes),
     key=lambda item: -len(item[0]),
