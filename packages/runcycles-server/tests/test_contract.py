@@ -6,19 +6,20 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from runcycles.testing.spec import schema_validator
+from runcycles.testing.spec import EXTENDED_ADMIN, EXTENDED_RUNTIME, schema_validator
 
 if TYPE_CHECKING:
     from conftest import Api, FakeClock
 
-GOVERNANCE = "cycles-governance-admin-v0.1.25.yaml"
+GOVERNANCE = EXTENDED_ADMIN
+"""The server implements the v0.1.26 extensions: bodies validate against the extended specs."""
 U = "USD_MICROCENTS"
 
 
 def check(schema: str, response: Any, status: int, spec: str | None = None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
-    validator = schema_validator(schema) if spec is None else schema_validator(schema, spec)
+    validator = schema_validator(schema, EXTENDED_RUNTIME if spec is None else spec)
     validator.validate(body)
     return dict(body)
 

@@ -206,13 +206,16 @@ def test_reserve_replay_returns_the_original_and_mismatch_is_409(
     )
 
 
-def test_observe_mode_is_refused_until_implemented_and_holds_nothing(api: Api, acme: str):
+def test_observe_mode_evaluates_like_a_dry_run_and_records_the_decision(api: Api, acme: str):
     response = api.post(acme, "/v1/reservations", reservation_body("obs", observe_mode="OBSERVE"))
-    error = assert_error(response, 400, "INVALID_REQUEST")
-    assert "observe_mode=OBSERVE" in error.message
-    assert "dry_run=true" in error.message
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["decision"] == "ALLOW"
+    assert "reservation_id" not in body
+    assert "expires_at_ms" not in body
+    assert body["affected_scopes"][0] == "tenant:acme"
     assert api.balance(acme, "tenant:acme")["reserved"]["amount"] == 0
-    # ENFORCE (and its synonym DISABLED) is what the server does anyway.
+    # ENFORCE (and its synonym DISABLED) reserve as usual.
     for mode in ("ENFORCE", "DISABLED"):
         body = reserve(api, acme, f"enf-{mode}", 100, observe_mode=mode)
         assert body["decision"] == "ALLOW"

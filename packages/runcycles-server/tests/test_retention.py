@@ -16,7 +16,7 @@ import pytest
 from runcycles_server.app import create_app, purge_old_data, run_sweeper
 from runcycles_server.ledger import DAY_MS
 from runcycles_server.stores.base import RetentionPurger, RowStore, Store
-from runcycles_server.stores.sqlite import SCHEMA_VERSION, SqliteStore
+from runcycles_server.stores.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 if TYPE_CHECKING:
     from conftest import Api, FakeClock, SyncClient
@@ -197,12 +197,13 @@ def test_create_app_refuses_a_retention_under_one_day(store: Store, days: float)
 
 def test_an_older_sqlite_file_gets_the_retention_indexes(tmp_path: Path, store: Store) -> None:
     path = tmp_path / "old.db"
-    first = SqliteStore(path)
-    asyncio.run(first.close())
-    conn = sqlite3.connect(path)
-    conn.execute("DROP INDEX reservations_finished")
-    conn.execute("DROP INDEX events_created")
-    conn.execute("DELETE FROM schema_migrations WHERE version > 1")  # as schema 1 left it
+    conn = sqlite3.connect(path)  # a file exactly as schema 1 left it
+    conn.executescript(_MIGRATIONS[1])
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at_ms INTEGER "
+        "NOT NULL)"
+    )
+    conn.execute("INSERT INTO schema_migrations VALUES (1, 0)")
     conn.commit()
     conn.close()
 

@@ -190,6 +190,8 @@ class TenantUpdateRequest(_Strict):
     default_reservation_ttl_ms: TtlMs | None = None
     max_reservation_ttl_ms: TtlMs | None = None
     max_reservation_extensions: Annotated[StrictInt, Field(ge=0)] | None = None
+    observe_mode: Literal["DISABLED", "OBSERVE", "ENFORCE"] | None = None
+    """Default observe mode of the tenant's reservations (governance extension v0.1.26)."""
 
 
 class ApiKeyCreateRequest(_Strict):
@@ -287,6 +289,7 @@ def tenant_body(row: TenantRow) -> dict[str, Any]:
             "updated_at": iso(row.updated_at_ms),
             "suspended_at": iso(row.suspended_at_ms),
             "closed_at": iso(row.closed_at_ms),
+            "observe_mode": row.observe_mode,
         }
     )
 

@@ -54,7 +54,6 @@ from runcycles.models import (
     CommitRequest,
     DecisionRequest,
     EventCreateRequest,
-    ObserveMode,
     ReleaseRequest,
     ReservationCreateRequest,
     ReservationExtendRequest,
@@ -170,20 +169,6 @@ def _check_subject(principal: Principal, subject: Subject) -> None:
         )
 
 
-def _refuse_observe_mode(request: ReservationCreateRequest) -> None:
-    """Refuse ``observe_mode=OBSERVE``: this server does not implement observe mode yet.
-
-    Accepting and ignoring it would hold (and spend) budget the caller only meant to observe.
-    ``ENFORCE`` and ``DISABLED`` are what the server does anyway.
-    """
-    if request.observe_mode is ObserveMode.OBSERVE:
-        raise LedgerError(
-            "INVALID_REQUEST",
-            "observe_mode=OBSERVE is not supported by this server yet; send dry_run=true to "
-            "evaluate a reservation without holding budget",
-        )
-
-
 def _reservation_id(request: Request) -> str:
     rid = str(request.path_params["reservation_id"])
     if not 1 <= len(rid) <= MAX_RESERVATION_ID_LEN:
@@ -288,7 +273,6 @@ class Runtime:
         """``POST /v1/reservations``."""
         principal = await self.auth.tenant(request, "reservations:create")
         body = await parse_body(request, ReservationCreateRequest, self.max_body)
-        _refuse_observe_mode(body)
         check_idempotency_header(request, body.idempotency_key)
         _check_subject(principal, body.subject)
         assert principal.tenant_id is not None

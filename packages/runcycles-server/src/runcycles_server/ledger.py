@@ -58,6 +58,7 @@ import orjson
 from runcycles.models import (
     INT64_MAX,
     STANDARD_SUBJECT_FIELDS,
+    Action,
     Caps,
     CommitRequest,
     DecisionRequest,
@@ -67,8 +68,19 @@ from runcycles.models import (
     ReservationExtendRequest,
     Subject,
 )
+from runcycles_server import governance
 from runcycles_server.errors import STATUS_BY_CODE as STATUS_BY_CODE
 from runcycles_server.errors import LedgerError as LedgerError
+from runcycles_server.governance import (
+    Admission,
+    CounterRow,
+    Denial,
+    PolicyCaps,
+    PolicyRow,
+    Registry,
+    TtlOverride,
+    caps_body,
+)
 
 INT64_MIN: Final = -(2**63)
 
@@ -114,6 +126,8 @@ class TenantRow:
     updated_at_ms: int = 0
     suspended_at_ms: int | None = None
     closed_at_ms: int | None = None
+    observe_mode: str | None = None
+    """Default observe mode of the tenant's reservations (``ENFORCE``/``OBSERVE``/``DISABLED``)."""
 
 
 @dataclass(slots=True)
@@ -187,6 +201,9 @@ class ReservationRow:
     committed: int | None = None
     committed_metadata: dict[str, Any] | None = None
     finalized_at_ms: int | None = None
+    quota_counters: list[str] | None = None
+    """Names of the ``per_run`` quota counters this reservation counted in (given back, -1
+    each, when it is released or expires)."""
 
     @property
     def deadline_ms(self) -> int:
@@ -258,6 +275,8 @@ class Outcome:
         idempotency: the idempotency record to insert, if any.
         event: the event row to insert, if any.
         audit: the audit row to insert, if any.
+        counters: new state of the quota counters that changed, all of the tenant of
+            ``reservation`` (counted by a reservation, given back by its release or expiry).
     """
 
     status_code: int
@@ -267,6 +286,7 @@ class Outcome:
     idempotency: IdempotencyRow | None = None
     event: EventRow | None = None
     audit: AuditRow | None = None
+    counters: list[CounterRow] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,22 +476,37 @@ def _tenant_value(tenant: TenantRow | None, name: str, default: int) -> int:
     return default if value is None else int(value)
 
 
-def resolve_ttl_ms(requested: int | None, tenant: TenantRow | None) -> int:
-    """Return the effective TTL: requested or tenant default, capped by the tenant maximum."""
-    ttl = (
-        requested
-        if requested is not None
-        else _tenant_value(tenant, "default_reservation_ttl_ms", DEFAULT_TTL_MS)
-    )
-    return min(ttl, _tenant_value(tenant, "max_reservation_ttl_ms", DEFAULT_MAX_TTL_MS))
+def resolve_ttl_ms(
+    requested: int | None, tenant: TenantRow | None, override: TtlOverride | None = None
+) -> int:
+    """Return the effective TTL: requested or default, capped by the maximum.
+
+    The default and the maximum are the matching policy's ``reservation_ttl_override`` where
+    it sets them, else the tenant's, else the server's.
+    """
+    default = override.default_ttl_ms if override is not None else None
+    if default is None:
+        default = _tenant_value(tenant, "default_reservation_ttl_ms", DEFAULT_TTL_MS)
+    cap = override.max_ttl_ms if override is not None else None
+    if cap is None:
+        cap = _tenant_value(tenant, "max_reservation_ttl_ms", DEFAULT_MAX_TTL_MS)
+    return min(requested if requested is not None else default, cap)
 
 
 def resolve_overage_policy(
-    requested: str | None, budgets: Sequence[BudgetRow], tenant: TenantRow | None
+    requested: str | None,
+    budgets: Sequence[BudgetRow],
+    tenant: TenantRow | None,
+    policy: str | None = None,
 ) -> str:
-    """Resolve the overage policy: request, else deepest budget's, else tenant's, else default."""
+    """Resolve the overage policy: the request's, else the matching policy's.
+
+    Then the deepest budget's, else the tenant's, else the default.
+    """
     if requested is not None:
         return requested
+    if policy is not None:
+        return policy
     for row in reversed(budgets):
         if row.commit_overage_policy:
             return row.commit_overage_policy
@@ -564,7 +599,11 @@ class Evaluation:
         budgeted: the budget rows in the requested unit, in scope order.
         reason: ``None`` if allowed, else a DENY reason code.
         message: human explanation of ``reason``.
-        caps: caps of the deepest budgeted scope (ALLOW_WITH_CAPS), if any.
+        caps: caps of the deepest budgeted scope merged with the matching policy's
+            (ALLOW_WITH_CAPS), if any.
+        deny_detail: the wire ``DenyDetail`` when ``reason`` is set.
+        admission: what action governance let through (counters to write, the policy's
+            TTL and overage rules), when it ran and admitted the request.
     """
 
     scopes: list[str]
@@ -572,6 +611,83 @@ class Evaluation:
     reason: str | None
     message: str
     caps: dict[str, Any] | None
+    deny_detail: dict[str, Any] | None = None
+    admission: Admission | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Governance:
+    """The governance inputs of one request, loaded by the operation in its transaction.
+
+    ``policy`` is the one policy that applies (:func:`governance.select_policy`), ``counters``
+    the quota counters it reads (by name), ``registry`` the action kinds. ``error`` is a
+    refusal met while loading (an undeclared ``custom.*`` kind, a ``per_run`` quota without a
+    run id), raised in evaluation order: after the tenant guard.
+    """
+
+    policy: PolicyRow | None
+    counters: Mapping[str, CounterRow]
+    registry: Registry
+    error: LedgerError | None = None
+
+    def verdict(self, action: Action, subject: Subject, now_ms: int) -> Admission | Denial:
+        """Steps 1-3 of the reservation evaluation order (access control, then quotas)."""
+        if self.error is not None:
+            raise self.error
+        return governance.evaluate(
+            self.policy, action, subject, self.counters, now_ms, self.registry
+        )
+
+
+def merge_caps(
+    budget: Mapping[str, Any] | None, policy: PolicyCaps | None
+) -> dict[str, Any] | None:
+    """Combine a budget's caps and a policy's into the stricter of both, field by field.
+
+    Limits take the lower value (``cooldown_ms`` the longer wait), tool allowlists intersect
+    and denylists unite.
+    """
+    if policy is None:
+        return dict(budget) if budget else None
+    caps = dict(budget or {})
+    for name, value in caps_body(policy).items():
+        if value is None:
+            continue
+        old = caps.get(name)
+        if old is None:
+            caps[name] = value
+        elif name == "tool_allowlist":
+            caps[name] = [tool for tool in old if tool in set(value)]
+        elif name == "tool_denylist":
+            caps[name] = sorted({*old, *value})
+        elif name == "cooldown_ms":
+            caps[name] = max(old, value)
+        else:
+            caps[name] = min(old, value)
+    return caps or None
+
+
+def _budget_fix(reason: str, row: BudgetRow, amount: int) -> str:
+    if reason == "BUDGET_EXCEEDED":
+        return f"Fund {row.scope} by at least {amount - row.remaining} {row.unit}"
+    if reason in ("OVERDRAFT_LIMIT_EXCEEDED", "DEBT_OUTSTANDING"):
+        return f"Repay the debt of {row.debt} {row.unit} on {row.scope} (REPAY_DEBT)"
+    if reason == "BUDGET_FROZEN":
+        return f"Unfreeze the budget {row.scope} ({row.unit})"
+    return f"Create or reopen a budget at {row.scope} ({row.unit})"
+
+
+def _deny_detail(
+    reason: str, scope: str | None = None, fix: str | None = None, remaining: int | None = None
+) -> dict[str, Any]:
+    detail: dict[str, Any] = {"reason_code": reason}
+    if scope is not None:
+        detail["blocked_by_scope"] = scope
+    if fix is not None:
+        detail["suggested_fix"] = fix
+    if remaining is not None:
+        detail["budget_remaining"] = remaining
+    return detail
 
 
 def _select_budgets(
@@ -606,36 +722,53 @@ def evaluate(
     budgets: Iterable[BudgetRow],
     tenant: TenantRow | None,
     tenant_id: str,
+    action: Action | None = None,
+    subject: Subject | None = None,
+    gov: Governance | None = None,
+    now_ms: int = 0,
 ) -> Evaluation:
     """Check a reservation-shaped request without changing anything.
 
-    Steps: tenant guard (CLOSED gives reason TENANT_CLOSED), then each budgeted scope in order
+    Steps, in the spec's RESERVATION EVALUATION ORDER: tenant guard (CLOSED gives reason
+    TENANT_CLOSED); action governance when ``gov`` is given (kind access control, risk-class
+    quotas, per-kind quotas of the one matching policy); then each budgeted scope in order
     (:func:`reserve_check`, first failure wins), then "no budget": a budget in another unit at a
-    derived scope raises 400 UNIT_MISMATCH, otherwise the reason is BUDGET_NOT_FOUND.
+    derived scope raises 400 UNIT_MISMATCH, otherwise the reason is BUDGET_NOT_FOUND. Every
+    denial carries its ``deny_detail``.
 
     Raises:
-        LedgerError: UNIT_MISMATCH, or INTERNAL_ERROR for an unreadable tenant status.
+        LedgerError: UNIT_MISMATCH, INVALID_REQUEST from governance (an undeclared custom
+            kind, a per-run quota without a run id), or INTERNAL_ERROR for an unreadable
+            tenant status.
     """
     budgeted, other_units = _select_budgets(scopes, unit, budgets)
     scope_list = list(scopes)
+
+    def denied(reason: str, message: str, detail: dict[str, Any]) -> Evaluation:
+        return Evaluation(scope_list, budgeted, reason, message, None, detail)
+
     refused = tenant_guard(tenant, new_work=True)
-    if refused == "TENANT_CLOSED":
-        return Evaluation(
-            scope_list, budgeted, refused, _TENANT_CLOSED_MSG.format(t=tenant_id), None
-        )
     if refused is not None:
-        message = _TENANT_SUSPENDED_MSG.format(t=tenant_id)
-        return Evaluation(scope_list, budgeted, refused, message, None)
+        text = _TENANT_CLOSED_MSG if refused == "TENANT_CLOSED" else _TENANT_SUSPENDED_MSG
+        return denied(refused, text.format(t=tenant_id), _deny_detail(refused, scope_list[0]))
+    admission = None
+    if gov is not None and action is not None and subject is not None:
+        verdict = gov.verdict(action, subject, now_ms)
+        if isinstance(verdict, Denial):
+            return denied(verdict.reason_code, verdict.message, dict(verdict.deny_detail))
+        admission = verdict
     if not budgeted:
         if other_units:
             _raise_unit_mismatch(scope_list, unit, other_units)
-        return Evaluation(
-            scope_list,
-            budgeted,
+        return denied(
             "BUDGET_NOT_FOUND",
             f"Budget not found for provided scope: {scope_list[-1]} ({unit}); create a budget "
             "at one of the derived scopes: " + ", ".join(scope_list),
-            None,
+            _deny_detail(
+                "BUDGET_NOT_FOUND",
+                scope_list[-1],
+                f"Create a budget in {unit} at one of: {', '.join(scope_list)}",
+            ),
         )
     for row in budgeted:
         reason = reserve_check(row, amount)
@@ -643,8 +776,12 @@ def evaluate(
             message = _REASON_MESSAGES[reason].format(
                 s=row.scope, u=row.unit, a=amount, r=row.remaining
             )
-            return Evaluation(scope_list, budgeted, reason, message, None)
-    return Evaluation(scope_list, budgeted, None, "", budgeted[-1].caps or None)
+            remaining = row.remaining if reason == "BUDGET_EXCEEDED" else None
+            fix = _budget_fix(reason, row, amount)
+            return denied(reason, message, _deny_detail(reason, row.scope, fix, remaining))
+    policy_caps = admission.caps if admission is not None else None
+    caps = merge_caps(budgeted[-1].caps, policy_caps)
+    return Evaluation(scope_list, budgeted, None, "", caps, None, admission)
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,10 +859,13 @@ def plan_decide(
     budgets: Iterable[BudgetRow],
     request_hash: str,
     now_ms: int,
+    gov: Governance | None = None,
 ) -> Outcome:
-    """Evaluate ``POST /v1/decide``: every budget condition becomes 200 DENY + reason_code.
+    """Evaluate ``POST /v1/decide``: every budget or governance condition is a 200 DENY.
 
-    Only the idempotency record is written. UNIT_MISMATCH stays a 400.
+    A DENY carries ``reason_code`` and ``deny_detail``.
+
+    Only the idempotency record is written (no quota counter moves). UNIT_MISMATCH stays a 400.
     """
     scopes = derive_scopes(request.subject)
     ev = evaluate(
@@ -735,10 +875,19 @@ def plan_decide(
         budgets=budgets,
         tenant=tenant,
         tenant_id=tenant_id,
+        action=request.action,
+        subject=request.subject,
+        gov=gov,
+        now_ms=now_ms,
     )
     body: dict[str, Any]
     if ev.reason is not None:
-        body = {"decision": "DENY", "reason_code": ev.reason, "affected_scopes": ev.scopes}
+        body = {
+            "decision": "DENY",
+            "reason_code": ev.reason,
+            "affected_scopes": ev.scopes,
+            "deny_detail": ev.deny_detail,
+        }
     elif ev.caps:
         body = {"decision": "ALLOW_WITH_CAPS", "caps": ev.caps, "affected_scopes": ev.scopes}
     else:
@@ -760,32 +909,44 @@ def plan_reserve(
     request_hash: str,
     reservation_id: str,
     now_ms: int,
+    gov: Governance | None = None,
+    audit_id: str | None = None,
 ) -> Outcome:
-    """Plan ``POST /v1/reservations`` (live or dry run).
+    """Plan ``POST /v1/reservations`` (live, dry run or observe mode).
 
-    Live: any failing check raises its 409 (or 404 when no budget exists in any unit); on
-    success every budgeted scope gets ``reserved += e; remaining -= e`` and the reservation is
-    created with its TTL (tenant-capped), grace, overage policy and max extensions frozen.
+    Live: any failing check raises its 409 (or 404 when no budget exists in any unit) with
+    ``details.deny_detail``; on success every budgeted scope gets ``reserved += e;
+    remaining -= e``, the governing policy's quota counters move by one (in the same
+    outcome), and the reservation is created with its TTL (tenant- or policy-capped), grace,
+    overage policy and max extensions frozen, and the ``per_run`` counters it must give back.
     Dry run: same evaluation, nothing but the idempotency record written; failures are 200 DENY.
+    Observe mode (the request's ``observe_mode``, else the tenant's): dry-run semantics even
+    without ``dry_run``, and the would-be decision recorded in the audit log
+    (``reservation.observed_denied`` / ``reservation.observed_allowed``, ``audit_id``).
 
     Raises:
-        LedgerError: the live failure, UNIT_MISMATCH, or an int64 overflow.
+        LedgerError: the live failure, UNIT_MISMATCH, an int64 overflow, or INVALID_REQUEST
+            from governance.
     """
     unit = request.estimate.unit.value
     amount = request.estimate.amount
     scopes = derive_scopes(request.subject)
     ev = evaluate(
         scopes=scopes, unit=unit, amount=amount, budgets=budgets, tenant=tenant,
-        tenant_id=tenant_id,
+        tenant_id=tenant_id, action=request.action, subject=request.subject, gov=gov,
+        now_ms=now_ms,
     )  # fmt: skip
     scope_path = scopes[-1]
     key = request.idempotency_key
+    tenant_mode = tenant.observe_mode if tenant is not None else None
+    observe = governance.effective_observe_mode(request.observe_mode, tenant_mode) == "OBSERVE"
 
-    if request.dry_run:
+    if request.dry_run or observe:
         body: dict[str, Any] = {"affected_scopes": ev.scopes, "scope_path": scope_path}
         if ev.reason is not None:
             body["decision"] = "DENY"
             body["reason_code"] = ev.reason
+            body["deny_detail"] = ev.deny_detail
         else:
             body["decision"] = "ALLOW_WITH_CAPS" if ev.caps else "ALLOW"
             body["reserved"] = _amount(unit, amount)
@@ -795,12 +956,16 @@ def plan_reserve(
             body["balances"] = [balance_body(row) for row in ev.budgeted]
         raw = dumps(body)
         idem = _idem(tenant_id, "reserve", key, request_hash, 200, raw, now_ms, RETAIN_DECIDE_MS)
-        return Outcome(200, raw, idempotency=idem)
+        audit = None
+        if observe and audit_id is not None:
+            audit = _observed(audit_id, tenant_id, request, body, now_ms)
+        return Outcome(200, raw, idempotency=idem, audit=audit)
 
     if ev.reason is not None:
+        details = {"deny_detail": ev.deny_detail}
         if ev.reason == "BUDGET_NOT_FOUND":
-            raise LedgerError("NOT_FOUND", ev.message)
-        raise LedgerError(ev.reason, ev.message)
+            raise LedgerError("NOT_FOUND", ev.message, details=details)
+        raise LedgerError(ev.reason, ev.message, details=details)
 
     new_rows: list[BudgetRow] = []
     for row in ev.budgeted:
@@ -813,13 +978,19 @@ def plan_reserve(
         _check_int64(new)
         new_rows.append(new)
 
-    ttl_ms = resolve_ttl_ms(request.ttl_ms, tenant)
+    admitted = ev.admission
+    override = admitted.reservation_ttl_override if admitted is not None else None
+    ttl_ms = resolve_ttl_ms(request.ttl_ms, tenant, override)
     grace_ms = request.grace_period_ms if request.grace_period_ms is not None else DEFAULT_GRACE_MS
     policy = resolve_overage_policy(
         request.overage_policy.value if request.overage_policy is not None else None,
         ev.budgeted,
         tenant,
+        admitted.commit_overage_policy if admitted is not None else None,
     )
+    max_extensions = override.max_extensions if override is not None else None
+    if max_extensions is None:
+        max_extensions = _tenant_value(tenant, "max_reservation_extensions", DEFAULT_MAX_EXTENSIONS)
     expires = now_ms + ttl_ms
     reservation = ReservationRow(
         reservation_id=reservation_id,
@@ -836,9 +1007,12 @@ def plan_reserve(
         expires_at_ms=expires,
         grace_ms=grace_ms,
         overage_policy=policy,
-        max_extensions=_tenant_value(tenant, "max_reservation_extensions", DEFAULT_MAX_EXTENSIONS),
+        max_extensions=max_extensions,
         idempotency_key=key,
         metadata=request.metadata,
+        quota_counters=list(admitted.per_run_counters)
+        if admitted and admitted.per_run_counters
+        else None,
     )
     body = {
         "decision": "ALLOW_WITH_CAPS" if ev.caps else "ALLOW",
@@ -857,7 +1031,52 @@ def plan_reserve(
         tenant_id, "reserve", key, request_hash, 200, raw, now_ms,
         max(ttl_ms + grace_ms, RETAIN_RESERVE_MIN_MS), reservation_id,
     )  # fmt: skip
-    return Outcome(200, raw, budgets=new_rows, reservation=reservation, idempotency=idem)
+    counters = list(admitted.counters) if admitted is not None else []
+    return Outcome(
+        200, raw, budgets=new_rows, reservation=reservation, idempotency=idem, counters=counters
+    )
+
+
+def _observed(
+    audit_id: str,
+    tenant_id: str,
+    request: ReservationCreateRequest,
+    body: Mapping[str, Any],
+    now_ms: int,
+) -> AuditRow:
+    """The audit entry of an observe-mode reservation: its would-be decision and context.
+
+    ``details`` is the spec's ``reservation.observed_denied`` / ``observed_allowed`` event
+    payload (the event plane will emit the same payload as an event).
+    """
+    denied = body["decision"] == "DENY"
+    details: dict[str, Any] = {
+        "scope": body["scope_path"],
+        "unit": request.estimate.unit.value,
+        "action": request.action.model_dump(mode="json", exclude_none=True),
+        "subject": request.subject.model_dump(mode="json", exclude_none=True),
+        "estimated_amount": request.estimate.amount,
+        "observe_mode": "OBSERVE",
+    }
+    if denied:
+        details["deny_detail"] = body["deny_detail"]
+        details["would_have_blocked_at"] = body["deny_detail"].get(
+            "blocked_by_scope", body["scope_path"]
+        )
+    else:
+        details["decision"] = body["decision"]
+        if "caps" in body:
+            details["caps"] = body["caps"]
+    kind = "observed_denied" if denied else "observed_allowed"
+    return AuditRow(
+        audit_id=audit_id,
+        tenant_id=tenant_id,
+        actor_type="system",
+        operation=f"reservation.{kind}",
+        resource_id=body["scope_path"],
+        created_at_ms=now_ms,
+        details=details,
+    )
 
 
 # --------------------------------------------------------------------------------------------

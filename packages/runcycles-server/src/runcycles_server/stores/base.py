@@ -43,6 +43,7 @@ from runcycles.models import (
     ReservationCreateRequest,
     ReservationExtendRequest,
 )
+from runcycles_server.governance import CounterRow, PolicyRow, Registry
 from runcycles_server.ledger import (
     ApiKeyRow,
     AuditRow,
@@ -143,7 +144,42 @@ class AuthRecord:
     tenant: TenantRow | None = None
 
 
-class Store(Protocol):
+class GovernanceStore(Protocol):
+    """The policies and quota counters of action governance (the v0.1.26 extensions)."""
+
+    registry: Registry
+    """The action-kind registry (built-in kinds plus the operator's declared ``custom.*``)."""
+
+    async def create_policy(self, row: PolicyRow) -> PolicyRow:
+        """Insert a validated policy; its ``created_at`` is the store's time.
+
+        Raises:
+            LedgerError: TENANT_NOT_FOUND (400), TENANT_CLOSED.
+        """
+
+    async def get_policy(self, policy_id: str) -> PolicyRow | None:
+        """Return a policy by id (any tenant; the caller checks ownership), or ``None``."""
+
+    async def list_policies(self, tenant_id: str) -> list[PolicyRow]:
+        """Return every policy of a tenant, highest priority first (then by id)."""
+
+    async def update_policy(
+        self, tenant_id: str, policy_id: str, body: dict[str, Any]
+    ) -> tuple[PolicyRow, list[str]]:
+        """Apply a PATCH body atomically; return the policy and its ``changed_fields``.
+
+        Raises:
+            LedgerError: NOT_FOUND (no such policy in that tenant), INVALID_REQUEST.
+        """
+
+    async def list_counters(self, tenant_id: str) -> list[CounterRow]:
+        """Return the tenant's quota counters that have not expired."""
+
+    async def reset_counters(self, tenant_id: str, names: Sequence[str]) -> list[CounterRow]:
+        """Reset these counters to 0 in one atomic step; return their new rows."""
+
+
+class Store(GovernanceStore, Protocol):
     """Everything the ASGI app needs from persistence.
 
     Mutating runtime methods return an :class:`~runcycles_server.ledger.Outcome` (HTTP status
@@ -354,20 +390,55 @@ class OperationStore(ABC):
     async def run(self, op: Op[T]) -> T:
         """Run ``op.plan`` atomically (see :mod:`runcycles_server.stores.operations`)."""
 
+    registry: Registry = Registry()
+    """The action-kind registry (``cycles serve --action-kinds FILE`` declares custom kinds)."""
+
     def new_reservation_id(self, tenant_id: str) -> str:
         """A fresh reservation id (a sharded store embeds the tenant to route by it)."""
         return new_id("rsv")
 
+    def new_policy_id(self, tenant_id: str) -> str:
+        """A fresh policy id (a sharded store embeds the tenant to route by it)."""
+        return new_id("pol")
+
+    # -- governance ------------------------------------------------------------------------------
+
+    async def create_policy(self, row: PolicyRow) -> PolicyRow:
+        """See :meth:`GovernanceStore.create_policy`."""
+        return await self.run(operations.create_policy(row))
+
+    async def list_policies(self, tenant_id: str) -> list[PolicyRow]:
+        """See :meth:`GovernanceStore.list_policies`."""
+        rows = await self.run(Op(lambda txn: txn.policies(tenant_id), tenant_id))
+        return sorted(rows, key=lambda p: (-p.priority, p.policy_id))
+
+    async def update_policy(
+        self, tenant_id: str, policy_id: str, body: dict[str, Any]
+    ) -> tuple[PolicyRow, list[str]]:
+        """See :meth:`GovernanceStore.update_policy`."""
+        return await self.run(operations.update_policy(tenant_id, policy_id, body, self.registry))
+
+    async def reset_counters(self, tenant_id: str, names: Sequence[str]) -> list[CounterRow]:
+        """See :meth:`GovernanceStore.reset_counters`."""
+        return await self.run(operations.reset_counters(tenant_id, names))
+
     async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
         """See :meth:`Store.decide`."""
-        return await self.run(operations.decide(tenant_id, request, request_hash))
+        return await self.run(operations.decide(tenant_id, request, request_hash, self.registry))
 
     async def reserve(
         self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
     ) -> Outcome:
         """See :meth:`Store.reserve`."""
-        rid = self.new_reservation_id(tenant_id)
-        return await self.run(operations.reserve(tenant_id, request, request_hash, rid))
+        op = operations.reserve(
+            tenant_id,
+            request,
+            request_hash,
+            self.new_reservation_id(tenant_id),
+            self.registry,
+            new_id("aud"),
+        )
+        return await self.run(op)
 
     async def commit(
         self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
@@ -481,7 +552,7 @@ class _RowTxn:
     The primitives are bound once per transaction (no extra call layer on the hot path).
     """
 
-    __slots__ = ("_s", "apply", "budgets", "now", "reservation", "tenant")
+    __slots__ = ("_s", "budgets", "now", "policies", "reservation", "tenant")
 
     def __init__(self, store: RowStore, now: int) -> None:
         self._s = store
@@ -489,7 +560,23 @@ class _RowTxn:
         self.tenant = store._get_tenant
         self.budgets = store._get_budgets
         self.reservation = store._get_reservation
-        self.apply = store._apply
+        self.policies = store._get_policies
+
+    def apply(self, outcome: Outcome) -> None:
+        self._s._apply(outcome)
+        if outcome.counters:
+            assert outcome.reservation is not None  # counters move with a reservation
+            self._s._put_counters(outcome.reservation.tenant_id, outcome.counters)
+
+    def put_policy(self, row: PolicyRow, *, new: bool = False) -> None:
+        self._s._put_policy(row, insert=new)
+
+    def counters(self, tenant_id: str, names: Sequence[str]) -> dict[str, CounterRow]:
+        return self._s._get_counters(tenant_id, names) if names else {}
+
+    def put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None:
+        if rows:
+            self._s._put_counters(tenant_id, rows)
 
     def idem(self, tenant_id: str, endpoint: str, key: str) -> IdempotencyRow | None:
         idem = self._s._get_idem(tenant_id, endpoint, key)
@@ -606,6 +693,25 @@ class RowStore(OperationStore):
     @abstractmethod
     def _apply(self, outcome: Outcome) -> None:
         """Write every row of an outcome (budgets, reservation, idempotency, event, audit)."""
+
+    @abstractmethod
+    def _get_policies(self, tenant_id: str) -> list[PolicyRow]: ...
+
+    @abstractmethod
+    def _get_policy(self, policy_id: str) -> PolicyRow | None: ...
+
+    @abstractmethod
+    def _put_policy(self, row: PolicyRow, *, insert: bool) -> None: ...
+
+    @abstractmethod
+    def _get_counters(self, tenant_id: str, names: Sequence[str]) -> dict[str, CounterRow]: ...
+
+    @abstractmethod
+    def _put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None: ...
+
+    @abstractmethod
+    def _live_counters(self, tenant_id: str, now_ms: int) -> list[CounterRow]:
+        """Return the tenant's counters with ``expires_at_ms > now_ms``."""
 
     @abstractmethod
     def _get_api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None: ...
@@ -744,6 +850,14 @@ class RowStore(OperationStore):
             self.auth_epoch += 1
             return row
 
+    async def get_policy(self, policy_id: str) -> PolicyRow | None:
+        """See :meth:`GovernanceStore.get_policy`."""
+        return self._get_policy(policy_id)
+
+    async def list_counters(self, tenant_id: str) -> list[CounterRow]:
+        """See :meth:`GovernanceStore.list_counters`."""
+        return self._live_counters(tenant_id, self.clock())
+
     async def get_budget(self, scope: str, unit: str) -> BudgetRow | None:
         """See :meth:`Store.get_budget`."""
         for row in self._get_budgets([scope]):
@@ -757,6 +871,7 @@ __all__ = [
     "AuditRow",
     "Clock",
     "EventRow",
+    "GovernanceStore",
     "Page",
     "ReservationQuery",
     "RowStore",

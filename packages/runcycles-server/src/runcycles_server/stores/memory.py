@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from runcycles_server import ledger
+from runcycles_server.governance import CounterRow, PolicyRow
 from runcycles_server.ledger import (
     ApiKeyRow,
     AuditRow,
@@ -45,6 +46,8 @@ class MemoryStore(RowStore):
         self.idempotency: dict[tuple[str, str, str], IdempotencyRow] = {}
         self.events: dict[str, EventRow] = {}
         self.audit: dict[str, AuditRow] = {}
+        self.policies: dict[str, PolicyRow] = {}
+        self.counters: dict[tuple[str, str], CounterRow] = {}
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -104,6 +107,27 @@ class MemoryStore(RowStore):
             self.events[outcome.event.event_id] = _copy(outcome.event)
         if outcome.audit is not None:
             self.audit[outcome.audit.audit_id] = _copy(outcome.audit)
+
+    def _get_policies(self, tenant_id: str) -> list[PolicyRow]:
+        return [row for row in self.policies.values() if row.tenant_id == tenant_id]
+
+    def _get_policy(self, policy_id: str) -> PolicyRow | None:
+        return self.policies.get(policy_id)  # frozen: shared safely
+
+    def _put_policy(self, row: PolicyRow, *, insert: bool) -> None:
+        self.policies[row.policy_id] = row
+
+    def _get_counters(self, tenant_id: str, names: Sequence[str]) -> dict[str, CounterRow]:
+        found = (self.counters.get((tenant_id, name)) for name in names)
+        return {row.name: row for row in found if row is not None}
+
+    def _put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None:
+        for row in rows:
+            self.counters[(tenant_id, row.name)] = row
+
+    def _live_counters(self, tenant_id: str, now_ms: int) -> list[CounterRow]:
+        rows = [r for (t, _), r in self.counters.items() if t == tenant_id]
+        return sorted((r for r in rows if r.expires_at_ms > now_ms), key=lambda r: r.name)
 
     def _get_api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
         for row in self.api_keys.values():

@@ -30,15 +30,27 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from runcycles.models import (
+    Action,
     CommitRequest,
     DecisionRequest,
     EventCreateRequest,
     ReleaseRequest,
     ReservationCreateRequest,
     ReservationExtendRequest,
+    Subject,
 )
 from runcycles_server import ledger
 from runcycles_server.errors import LedgerError
+from runcycles_server.governance import (
+    CounterRow,
+    PolicyRow,
+    Registry,
+    counters_needed,
+    policy_patch,
+    release_per_run,
+    reset_counter,
+    select_policy,
+)
 from runcycles_server.ledger import (
     BudgetRow,
     IdempotencyRow,
@@ -84,6 +96,18 @@ class Txn(Protocol):
     def put_budget(self, row: BudgetRow, *, new: bool = False) -> None:
         """Write a budget row (``new``: insert it)."""
 
+    def policies(self, tenant_id: str) -> list[PolicyRow]:
+        """Every policy of the tenant (any status; :func:`select_policy` picks)."""
+
+    def put_policy(self, row: PolicyRow, *, new: bool = False) -> None:
+        """Write a policy row (``new``: insert it)."""
+
+    def counters(self, tenant_id: str, names: Sequence[str]) -> dict[str, CounterRow]:
+        """The tenant's quota counters of these names that exist (expired ones included)."""
+
+    def put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None:
+        """Write quota counter rows (insert or replace; each expires at ``expires_at_ms``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Op(Generic[T_co]):
@@ -99,6 +123,8 @@ class Op(Generic[T_co]):
     idem: tuple[str, str] | None = None
     """``(endpoint, key)`` of the request's idempotency record."""
     scopes: Sequence[str] = ()
+    governed: bool = False
+    """Whether it reads the tenant's policies (and the quota counters they name)."""
 
 
 def _replayed(
@@ -126,11 +152,40 @@ def _applied(txn: Txn, outcome: Outcome) -> Outcome:
     return outcome
 
 
+def _governance(
+    txn: Txn,
+    tenant_id: str,
+    scopes: Sequence[str],
+    action: Action,
+    subject: Subject,
+    registry: Registry,
+) -> ledger.Governance:
+    """Load what action governance needs: the one policy that applies and its counters."""
+    policy = select_policy(txn.policies(tenant_id), scopes, txn.now)
+    try:
+        keys = counters_needed(policy, action, subject, txn.now, registry)
+    except LedgerError as exc:  # raised by the ledger in evaluation order
+        return ledger.Governance(policy, {}, registry, exc)
+    counters = txn.counters(tenant_id, [k.name for k in keys]) if keys else {}
+    return ledger.Governance(policy, counters, registry)
+
+
+def _give_back(txn: Txn, outcome: Outcome) -> Outcome:
+    """Add the ``per_run`` counters a released or expired reservation gives back (-1 each)."""
+    res = outcome.reservation
+    if res is not None and res.quota_counters and res.status in ("RELEASED", "EXPIRED"):
+        counters = txn.counters(res.tenant_id, res.quota_counters)
+        outcome.counters = release_per_run(res.quota_counters, counters, txn.now)
+    return outcome
+
+
 # --------------------------------------------------------------------------------------------
 # Runtime
 
 
-def decide(tenant_id: str, request: DecisionRequest, request_hash: str) -> Op[Outcome]:
+def decide(
+    tenant_id: str, request: DecisionRequest, request_hash: str, registry: Registry
+) -> Op[Outcome]:
     """``POST /v1/decide``."""
     scopes = ledger.derive_scopes(request.subject)
     key = request.idempotency_key
@@ -148,16 +203,26 @@ def decide(tenant_id: str, request: DecisionRequest, request_hash: str) -> Op[Ou
                 budgets=txn.budgets(scopes),
                 request_hash=request_hash,
                 now_ms=txn.now,
+                gov=_governance(txn, tenant_id, scopes, request.action, request.subject, registry),
             ),
         )
 
-    return Op(plan, tenant_id, idem=("decide", key), scopes=scopes)
+    return Op(plan, tenant_id, idem=("decide", key), scopes=scopes, governed=True)
 
 
 def reserve(
-    tenant_id: str, request: ReservationCreateRequest, request_hash: str, reservation_id: str
+    tenant_id: str,
+    request: ReservationCreateRequest,
+    request_hash: str,
+    reservation_id: str,
+    registry: Registry,
+    audit_id: str,
 ) -> Op[Outcome]:
-    """``POST /v1/reservations`` (live or dry run); ``reservation_id`` is the store's new id."""
+    """``POST /v1/reservations`` (live, dry run or observe mode).
+
+    ``reservation_id`` is the store's new id; ``audit_id`` names the audit entry an
+    observe-mode evaluation records.
+    """
     scopes = ledger.derive_scopes(request.subject)
     key = request.idempotency_key
 
@@ -175,10 +240,12 @@ def reserve(
                 request_hash=request_hash,
                 reservation_id=reservation_id,
                 now_ms=txn.now,
+                gov=_governance(txn, tenant_id, scopes, request.action, request.subject, registry),
+                audit_id=audit_id,
             ),
         )
 
-    return Op(plan, tenant_id, idem=("reserve", key), scopes=scopes)
+    return Op(plan, tenant_id, idem=("reserve", key), scopes=scopes, governed=True)
 
 
 def _owned(txn: Txn, reservation_id: str, tenant_id: str | None) -> ReservationRow:
@@ -238,18 +305,21 @@ def release(
             return replayed
         return _applied(
             txn,
-            ledger.plan_release(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=txn.tenant(res.tenant_id),
-                budgets=txn.budgets(res.budgeted_scopes),
-                request_hash=request_hash,
-                now_ms=txn.now,
-                audit_id=audit_id,
-                request_id=request_id,
-                trace_id=trace_id,
+            _give_back(
+                txn,
+                ledger.plan_release(
+                    reservation_id=reservation_id,
+                    request=request,
+                    tenant_id=tenant_id,
+                    reservation=res,
+                    tenant=txn.tenant(res.tenant_id),
+                    budgets=txn.budgets(res.budgeted_scopes),
+                    request_hash=request_hash,
+                    now_ms=txn.now,
+                    audit_id=audit_id,
+                    request_id=request_id,
+                    trace_id=trace_id,
+                ),
             ),
         )
 
@@ -328,7 +398,7 @@ def expire(reservation_id: str, now_ms: int) -> Op[Expiry]:
         outcome = ledger.plan_expire(res, txn.budgets(res.budgeted_scopes), max(txn.now, now_ms))
         if outcome is None:
             return "not due"
-        txn.apply(outcome)
+        txn.apply(_give_back(txn, outcome))
         return "expired"
 
     return Op(plan, None, reservation_id)
@@ -345,7 +415,7 @@ def close_reservations(tenant_id: str, reservation_ids: Sequence[str]) -> Op[lis
                 stale.append(rid)
             else:
                 budgets = txn.budgets(res.budgeted_scopes)
-                txn.apply(ledger.plan_close_release(res, budgets, txn.now))
+                txn.apply(_give_back(txn, ledger.plan_close_release(res, budgets, txn.now)))
         return stale
 
     return Op(plan, tenant_id)
@@ -500,3 +570,57 @@ def fund_budget(
 
     idem = None if idempotency_key is None else (endpoint, idempotency_key)
     return Op(plan, owner, idem=idem, scopes=[scope])
+
+
+# --------------------------------------------------------------------------------------------
+# Admin: policies and quota counters
+
+
+def create_policy(row: PolicyRow) -> Op[PolicyRow]:
+    """Insert a policy (already validated) for an existing tenant that is not CLOSED."""
+
+    def plan(txn: Txn) -> PolicyRow:
+        tenant = txn.tenant(row.tenant_id)
+        if tenant is None:
+            raise LedgerError(
+                "TENANT_NOT_FOUND",
+                f"tenant {row.tenant_id} does not exist; create it first",
+                status=400,
+            )
+        if tenant.status == "CLOSED":
+            raise LedgerError(
+                "TENANT_CLOSED", f"tenant {row.tenant_id} is CLOSED; policies cannot be created"
+            )
+        new = dataclasses.replace(row, created_at_ms=txn.now)
+        txn.put_policy(new, new=True)
+        return new
+
+    return Op(plan, row.tenant_id)
+
+
+def update_policy(
+    tenant_id: str, policy_id: str, body: dict[str, Any], registry: Registry
+) -> Op[tuple[PolicyRow, list[str]]]:
+    """Apply a PATCH body to a policy of ``tenant_id``; return it and its ``changed_fields``."""
+
+    def plan(txn: Txn) -> tuple[PolicyRow, list[str]]:
+        for row in txn.policies(tenant_id):
+            if row.policy_id == policy_id:
+                new, changed = policy_patch(row, body, now_ms=txn.now, registry=registry)
+                if changed:
+                    txn.put_policy(new)
+                return new, changed
+        raise LedgerError("NOT_FOUND", f"policy {policy_id} does not exist")
+
+    return Op(plan, tenant_id)
+
+
+def reset_counters(tenant_id: str, names: Sequence[str]) -> Op[list[CounterRow]]:
+    """Reset the named quota counters of a tenant to 0; return their new rows."""
+
+    def plan(txn: Txn) -> list[CounterRow]:
+        rows = [reset_counter(row, txn.now) for row in txn.counters(tenant_id, names).values()]
+        txn.put_counters(tenant_id, rows)
+        return rows
+
+    return Op(plan, tenant_id)

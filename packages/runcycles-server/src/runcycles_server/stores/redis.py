@@ -140,6 +140,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runcycles_server import ledger
+from runcycles_server.governance import CounterRow, PolicyRow, policy_from_json, policy_to_json
 from runcycles_server.ledger import (
     ApiKeyRow,
     AuditRow,
@@ -210,12 +211,17 @@ def reservation_tenant(reservation_id: str) -> str | None:
 
     Ids look like ``rsv_<tenant>_<32 lower-case hex>``.
     """
-    if len(reservation_id) < 4 + 1 + 33 or not reservation_id.startswith("rsv_"):
+    return _embedded_tenant(reservation_id, "rsv_")
+
+
+def _embedded_tenant(row_id: str, prefix: str) -> str | None:
+    """The tenant of an id shaped ``<prefix><tenant>_<32 lower-case hex>``, else ``None``."""
+    if len(row_id) < len(prefix) + 1 + 33 or not row_id.startswith(prefix):
         return None
-    tail = reservation_id[-32:]
-    if reservation_id[-33] != "_" or not set(tail) <= _HEX:
+    tail = row_id[-32:]
+    if row_id[-33] != "_" or not set(tail) <= _HEX:
         return None
-    tenant = reservation_id[4:-33]
+    tenant = row_id[len(prefix) : -33]
     return tenant or None
 
 
@@ -265,6 +271,14 @@ def _dec_budget(fields: _Fields, name: bytes) -> BudgetRow:
 
 def _dec_reservation(fields: _Fields, name: bytes) -> ReservationRow:
     return _dec(ReservationRow, fields[name])
+
+
+def _dec_policy(fields: _Fields, name: bytes) -> PolicyRow:
+    return policy_from_json(fields[name])
+
+
+def _dec_counter(fields: _Fields, name: bytes) -> CounterRow:
+    return CounterRow.from_json(fields[name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +341,17 @@ class _Keys:
 
     def x_audit(self, tenant_id: str) -> str:
         return f"{self.t(tenant_id)}:x:audit"
+
+    def policies(self, tenant_id: str) -> str:
+        """One hash per tenant: a field per policy (read whole by every governed request)."""
+        return f"{self.t(tenant_id)}:pol"
+
+    def counter(self, tenant_id: str, name: str) -> str:
+        return f"{self.t(tenant_id)}:q:{name}"
+
+    def x_counters(self, tenant_id: str) -> str:
+        """Counter names scored by when they expire (the counters listing)."""
+        return f"{self.t(tenant_id)}:x:q"
 
     def key_by_hash(self, key_hash: str) -> str:
         return f"{self.p}:{{keys}}:h:{key_hash}"
@@ -455,6 +480,39 @@ class _Work:
                 rows.append(self._get(key, name, _dec_budget))
         return rows
 
+    def policies(self, tenant_id: str) -> list[PolicyRow]:
+        """Every policy of the tenant (shared within the batch: rows are frozen)."""
+        self._own(tenant_id)
+        key = self.k.policies(tenant_id)
+        self.require([key])
+        names = set(self.snap.rows.get(key, ())) | set(self.dirty.get(key, ()))
+        names.discard(_V)
+        return [self._get(key, name, _dec_policy) for name in sorted(names)]
+
+    def put_policy(self, row: PolicyRow, *, new: bool = False) -> None:
+        self._own(row.tenant_id)
+        self._put(self.k.policies(row.tenant_id), row.policy_id.encode(), row)
+
+    def counters(self, tenant_id: str, names: Sequence[str]) -> dict[str, CounterRow]:
+        self._own(tenant_id)
+        keys = [self.k.counter(tenant_id, name) for name in names]
+        self.require(keys)
+        found: dict[str, CounterRow] = {}
+        for name, key in zip(names, keys, strict=True):
+            row: CounterRow | None = self._get(key, _D, _dec_counter)
+            if row is not None:
+                found[name] = row
+        return found
+
+    def put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None:
+        self._own(tenant_id)
+        index = self.k.x_counters(tenant_id)
+        for row in rows:
+            key = self.k.counter(tenant_id, row.name)
+            self._put(key, _D, row)
+            self.ttl_ms[key] = max(1, row.expires_at_ms - self.now)
+            self.zops.append(_ZOp(True, index, row.name, row.expires_at_ms))
+
     def reservation(self, reservation_id: str) -> ReservationRow | None:
         key = self.k.res(self.tenant_id, reservation_id)
         row: ReservationRow | None = self._get(key, _D, _dec_reservation)
@@ -525,6 +583,8 @@ class _Work:
             self._put(key, _D, outcome.event)
             if self.retention_ms is not None:
                 self.ttl_ms[key] = self.retention_ms
+        if outcome.counters:
+            self.put_counters(self.tenant_id, outcome.counters)
         if outcome.audit is not None:
             audit = outcome.audit
             self._put(self.k.audit(self.tenant_id, audit.audit_id), _D, audit)
@@ -544,6 +604,10 @@ class _Work:
                 out += [name.decode(), value.decode()]
             elif isinstance(value, IdempotencyRow):
                 out += ["d", _enc_str(value, skip="body"), "b", value.body.decode()]
+            elif isinstance(value, PolicyRow):
+                out += [name.decode(), policy_to_json(value).decode()]
+            elif isinstance(value, CounterRow):
+                out += [name.decode(), value.to_json().decode()]
             else:
                 out += [name.decode(), _enc_str(value)]
         return out
@@ -1048,7 +1112,31 @@ class RedisStore(OperationStore):
         if op.idem is not None:
             keys.append(self._k.idem(tenant, *op.idem))
         keys += self._scope_keys(tenant, op.scopes)
+        if op.governed:
+            keys.append(self._k.policies(tenant))
         return await self._submit(tenant, keys, op.plan)
+
+    def new_policy_id(self, tenant_id: str) -> str:
+        """``pol_<tenant>_<hex>``: the owning tenant (so its slot) is found from the id."""
+        return f"pol_{tenant_id}_{uuid.uuid4().hex}"
+
+    async def get_policy(self, policy_id: str) -> PolicyRow | None:
+        """See :meth:`GovernanceStore.get_policy`."""
+        owner = _embedded_tenant(policy_id, "pol_")
+        if owner is None:
+            return None
+        raw = await self._redis.hget(self._k.policies(owner), policy_id)
+        return None if raw is None else policy_from_json(raw)
+
+    async def list_counters(self, tenant_id: str) -> list[CounterRow]:
+        """See :meth:`GovernanceStore.list_counters` (drops expired index entries on the way)."""
+        index = self._k.x_counters(tenant_id)
+        now = await self._now()
+        await self._redis.zremrangebyscore(index, "-inf", now)
+        names = [n.decode() for n in await self._redis.zrange(index, 0, -1)]
+        raws = await self._hget_many([self._k.counter(tenant_id, n) for n in names])
+        rows = [CounterRow.from_json(raw) for raw in raws if raw is not None]
+        return sorted((r for r in rows if r.expires_at_ms > now), key=lambda r: r.name)
 
     # -- runtime ---------------------------------------------------------------------------------
 

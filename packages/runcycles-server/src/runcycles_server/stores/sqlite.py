@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - Windows falls back to busy_timeout alo
 
 from runcycles.models import INT64_MAX
 from runcycles_server import ledger
+from runcycles_server.governance import CounterRow, PolicyRow, policy_from_json, policy_to_json
 from runcycles_server.ledger import (
     ApiKeyRow,
     AuditRow,
@@ -61,7 +62,7 @@ from runcycles_server.ledger import (
 )
 from runcycles_server.stores.base import Clock, Page, ReservationQuery, RowStore
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 CHECKPOINT_EVERY_COMMITS: Final = 1000
 """Write transactions between two background WAL checkpoints (see :class:`SqliteStore`)."""
 AUTOCHECKPOINT_PAGES: Final = 20_000
@@ -219,6 +220,25 @@ CREATE TABLE audit_log (
 CREATE INDEX reservations_finished ON reservations (deadline_ms) WHERE status != 'ACTIVE';
 CREATE INDEX events_created ON events (created_at_ms);
 """,
+    # 3: action governance (policies, quota counters, observe mode)
+    3: """
+ALTER TABLE tenants ADD COLUMN observe_mode TEXT;
+ALTER TABLE reservations ADD COLUMN quota_counters TEXT;
+CREATE TABLE policies (
+    policy_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX policies_tenant ON policies (tenant_id);
+CREATE TABLE quota_counters (
+    tenant_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (tenant_id, name)
+) WITHOUT ROWID;
+CREATE INDEX quota_counters_expiry ON quota_counters (expires_at_ms);
+""",
 }
 
 
@@ -258,7 +278,7 @@ _TENANT_COLS: Final = (
     "tenant_id, name, status, parent_tenant_id, default_commit_overage_policy, "
     "default_reservation_ttl_ms, max_reservation_ttl_ms, max_reservation_extensions, "
     "reservation_expiry_policy, metadata, created_at_ms, updated_at_ms, suspended_at_ms, "
-    "closed_at_ms"
+    "closed_at_ms, observe_mode"
 )
 _KEY_COLS: Final = (
     "key_id, key_hash, key_prefix, tenant_id, name, status, description, permissions, "
@@ -273,7 +293,7 @@ _RES_COLS: Final = (
     "reservation_id, tenant_id, status, subject, action, unit, estimate, scope_path, "
     "affected_scopes, budgeted_scopes, created_at_ms, expires_at_ms, grace_ms, overage_policy, "
     "max_extensions, extension_count, idempotency_key, metadata, committed, committed_metadata, "
-    "finalized_at_ms"
+    "finalized_at_ms, quota_counters"
 )
 _SELECT_RESERVATION: Final = f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id = ?"
 _SETTLE_KINDS: Final = ("commit", "release")
@@ -291,7 +311,21 @@ _SORT_COLUMNS: Final = {
 
 def _tenant(r: sqlite3.Row | tuple[Any, ...]) -> TenantRow:
     return TenantRow(
-        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], _uj(r[9]), r[10], r[11], r[12], r[13]
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        r[4],
+        r[5],
+        r[6],
+        r[7],
+        r[8],
+        _uj(r[9]),
+        r[10],
+        r[11],
+        r[12],
+        r[13],
+        r[14],
     )
 
 
@@ -325,7 +359,7 @@ def _reservation(r: tuple[Any, ...]) -> ReservationRow:
     return ReservationRow(
         r[0], r[1], r[2], _uj(r[3]), _uj(r[4]), r[5], r[6], r[7], _uj(r[8]),
         _uj(r[9]), r[10], r[11], r[12], r[13], r[14], r[15], r[16], _uj(r[17]), r[18],
-        _uj(r[19]), r[20],
+        _uj(r[19]), r[20], _uj(r[21]),
     )  # fmt: skip
 
 
@@ -566,13 +600,13 @@ class SqliteStore(RowStore):
     def _put_tenant(self, row: TenantRow, *, insert: bool) -> None:
         self._conn.execute(
             f"INSERT OR REPLACE INTO tenants ({_TENANT_COLS}) VALUES "
-            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 row.tenant_id, row.name, row.status, row.parent_tenant_id,
                 row.default_commit_overage_policy, row.default_reservation_ttl_ms,
                 row.max_reservation_ttl_ms, row.max_reservation_extensions,
                 row.reservation_expiry_policy, _j(row.metadata), row.created_at_ms,
-                row.updated_at_ms, row.suspended_at_ms, row.closed_at_ms,
+                row.updated_at_ms, row.suspended_at_ms, row.closed_at_ms, row.observe_mode,
             ),
         )  # fmt: skip
 
@@ -673,7 +707,7 @@ class SqliteStore(RowStore):
                 f"INSERT INTO reservations ({_RES_COLS}, deadline_ms, s_tenant, s_workspace, "
                 "s_app, s_workflow, s_agent, s_toolset, settle_endpoint, settle_key, "
                 "settle_hash, settle_status, settle_body) VALUES "
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (reservation_id) DO UPDATE SET status = excluded.status, "
                 "expires_at_ms = excluded.expires_at_ms, deadline_ms = excluded.deadline_ms, "
                 "extension_count = excluded.extension_count, committed = excluded.committed, "
@@ -690,9 +724,9 @@ class SqliteStore(RowStore):
                     _j(res.affected_scopes), _j(res.budgeted_scopes), res.created_at_ms,
                     res.expires_at_ms, res.grace_ms, res.overage_policy, res.max_extensions,
                     res.extension_count, res.idempotency_key, _j(res.metadata), res.committed,
-                    _j(res.committed_metadata), res.finalized_at_ms, res.deadline_ms,
-                    s.get("tenant"), s.get("workspace"), s.get("app"), s.get("workflow"),
-                    s.get("agent"), s.get("toolset"), *settle,
+                    _j(res.committed_metadata), res.finalized_at_ms, _j(res.quota_counters),
+                    res.deadline_ms, s.get("tenant"), s.get("workspace"), s.get("app"),
+                    s.get("workflow"), s.get("agent"), s.get("toolset"), *settle,
                 ),
             )  # fmt: skip
         if idem is not None:
@@ -730,6 +764,46 @@ class SqliteStore(RowStore):
                     _j(audit.details),
                 ),
             )  # fmt: skip
+
+    def _get_policies(self, tenant_id: str) -> list[PolicyRow]:
+        rows = self._conn.execute("SELECT body FROM policies WHERE tenant_id = ?", (tenant_id,))
+        return [policy_from_json(r[0]) for r in rows]
+
+    def _get_policy(self, policy_id: str) -> PolicyRow | None:
+        r = self._conn.execute(
+            "SELECT body FROM policies WHERE policy_id = ?", (policy_id,)
+        ).fetchone()
+        return None if r is None else policy_from_json(r[0])
+
+    def _put_policy(self, row: PolicyRow, *, insert: bool) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO policies (policy_id, tenant_id, body) VALUES (?,?,?)",
+            (row.policy_id, row.tenant_id, policy_to_json(row)),
+        )
+
+    def _get_counters(self, tenant_id: str, names: Sequence[str]) -> dict[str, CounterRow]:
+        marks = ",".join("?" * len(names))
+        rows = self._conn.execute(
+            f"SELECT body FROM quota_counters WHERE tenant_id = ? AND name IN ({marks})",
+            (tenant_id, *names),
+        )
+        counters = (CounterRow.from_json(r[0]) for r in rows)
+        return {c.name: c for c in counters}
+
+    def _put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None:
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO quota_counters (tenant_id, name, expires_at_ms, body) "
+            "VALUES (?,?,?,?)",
+            [(tenant_id, c.name, c.expires_at_ms, c.to_json()) for c in rows],
+        )
+
+    def _live_counters(self, tenant_id: str, now_ms: int) -> list[CounterRow]:
+        rows = self._conn.execute(
+            "SELECT body FROM quota_counters WHERE tenant_id = ? AND expires_at_ms > ? "
+            "ORDER BY name",
+            (tenant_id, now_ms),
+        )
+        return [CounterRow.from_json(r[0]) for r in rows]
 
     def _get_api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
         r = self._conn.execute(
@@ -791,6 +865,12 @@ class SqliteStore(RowStore):
             "DELETE FROM idempotency WHERE (tenant_id, endpoint, idem_key) IN "
             "(SELECT tenant_id, endpoint, idem_key FROM idempotency WHERE retain_until_ms < ? "
             "LIMIT ?)",
+            (now_ms, limit),
+        )
+        # expired quota counters go with them (an expired counter reads as 0 anyway)
+        self._conn.execute(
+            "DELETE FROM quota_counters WHERE (tenant_id, name) IN "
+            "(SELECT tenant_id, name FROM quota_counters WHERE expires_at_ms <= ? LIMIT ?)",
             (now_ms, limit),
         )
         return cur.rowcount
