@@ -150,6 +150,9 @@ class GovernanceStore(Protocol):
     registry: Registry
     """The action-kind registry (built-in kinds plus the operator's declared ``custom.*``)."""
 
+    def new_policy_id(self, tenant_id: str) -> str:
+        """A fresh id for a new policy of ``tenant_id``."""
+
     async def create_policy(self, row: PolicyRow) -> PolicyRow:
         """Insert a validated policy; its ``created_at`` is the store's time.
 
