@@ -26,9 +26,9 @@ Modules, bottom up:
 How a store uses it on a reservation (one transaction, or one Redis script)::
 
     policy = select_policy(tenant_policies, derive_scopes(subject), now_ms)
-    keys = counters_needed(policy, action, subject, now_ms, registry)  # may raise 400
-    rows = {row.name: row for row in store.read_counters(tenant, keys)}
-    verdict = evaluate(policy, action, subject, rows, now_ms, registry)
+    prepared = prepare(policy, action, subject, now_ms, registry)  # may raise 400
+    rows = {row.name: row for row in store.read_counters(tenant, prepared.counter_keys)}
+    verdict = prepared.evaluate(rows)     # = evaluate(policy, action, subject, rows, ...)
     if isinstance(verdict, Denial):       # 409 live, decision=DENY on dry run / decide
         ...                                # nothing written
     else:                                  # budget check (step 4), then, unless dry run or
@@ -47,10 +47,12 @@ from __future__ import annotations
 from runcycles_server.governance.evaluate import (
     Admission,
     Denial,
+    Prepared,
     ThresholdCrossing,
     counters_needed,
     effective_observe_mode,
     evaluate,
+    prepare,
     release_per_run,
 )
 from runcycles_server.governance.policies import (
@@ -92,6 +94,7 @@ __all__ = [
     "KindInfo",
     "PolicyCaps",
     "PolicyRow",
+    "Prepared",
     "QuotaRule",
     "RateLimitRule",
     "Registry",
@@ -113,6 +116,7 @@ __all__ = [
     "policy_from_json",
     "policy_patch",
     "policy_to_json",
+    "prepare",
     "release_per_run",
     "reset_counter",
     "reset_matches",

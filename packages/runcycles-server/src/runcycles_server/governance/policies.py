@@ -40,7 +40,7 @@ from runcycles_server.errors import LedgerError
 from runcycles_server.governance.registry import Registry
 from runcycles_server.governance.scopes import (
     matches,
-    matching_scope,
+    matching_index,
     tenant_root,
     validate_scope_pattern,
 )
@@ -320,16 +320,17 @@ def select_policy(
     """
     if not scopes:
         return None
-    tenant = tenant_root(scopes[0])
+    tenant = tenant_root(scopes[0]).removeprefix("tenant:")
+    split = [scope.split("/") for scope in scopes]
     best: PolicyRow | None = None
     best_key: tuple[int, int, int, str] | None = None
     for policy in policies:
-        if f"tenant:{policy.tenant_id.lower()}" != tenant or not is_effective(policy, now_ms):
+        if policy.tenant_id.lower() != tenant or not is_effective(policy, now_ms):
             continue
-        scope = matching_scope(policy.scope_pattern, scopes)
-        if scope is None:
+        depth = matching_index(policy.scope_pattern, split)
+        if depth is None:
             continue
-        key = (-policy.priority, -scope.count("/"), policy.created_at_ms, policy.policy_id)
+        key = (-policy.priority, -depth, policy.created_at_ms, policy.policy_id)
         if best_key is None or key < best_key:
             best, best_key = policy, key
     return best

@@ -18,6 +18,7 @@ it ends. A ``per_run`` row lives ``per_run_counter_ttl_ms`` from its last increm
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -76,7 +77,12 @@ def calendar_bucket(window: str, now_ms: int) -> tuple[str, int]:
     if size is None:
         raise ValueError(f"{window!r} is not a calendar window")
     start = now_ms - now_ms % size
-    return utc(start).strftime(_BUCKET_FORMAT[window]), start
+    return _bucket_name(window, start), start
+
+
+@functools.lru_cache(maxsize=256)
+def _bucket_name(window: str, start_ms: int) -> str:
+    return utc(start_ms).strftime(_BUCKET_FORMAT[window])
 
 
 def rule_fingerprint(rule: QuotaRule) -> str:

@@ -20,6 +20,7 @@ policy-key routing (UNREGISTERED KIND HANDLING).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -175,10 +176,9 @@ class Registry:
             LedgerError: ``INVALID_REQUEST`` for a malformed kind, or a ``custom.*`` kind
                 not declared on this server.
         """
-        try:
-            action_kinds.validate_kind(kind)  # type: ignore[arg-type]
-        except CyclesConfigError as exc:
-            raise LedgerError("INVALID_REQUEST", f"{field}: {exc}") from None
+        problem = _kind_problem(kind) if isinstance(kind, str) else _uncached_problem(kind)
+        if problem is not None:
+            raise LedgerError("INVALID_REQUEST", f"{field}: {problem}")
         assert isinstance(kind, str)
         if action_kinds.is_custom(kind) and kind not in self.custom:
             declared = ", ".join(sorted(self.custom)) or "none"
@@ -272,6 +272,20 @@ class Registry:
         if more:
             body["next_cursor"] = page[-1].kind
         return body
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind_problem(kind: str) -> str | None:
+    """What is wrong with the format of ``kind`` (``None``: fine); cached, kinds repeat."""
+    return _uncached_problem(kind)
+
+
+def _uncached_problem(kind: object) -> str | None:
+    try:
+        action_kinds.validate_kind(kind)  # type: ignore[arg-type]
+    except CyclesConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _kind_body(info: KindInfo) -> dict[str, Any]:
