@@ -22,6 +22,7 @@ from runcycles_server.governance import (
     effective_observe_mode,
     evaluate,
     policy_from_create,
+    prepare,
     release_per_run,
 )
 
@@ -550,3 +551,21 @@ def test_effective_observe_mode_precedence(
 def test_an_unknown_observe_mode_is_a_400():
     with pytest.raises(LedgerError, match="observe_mode 'SHADOW' is not one of"):
         effective_observe_mode("SHADOW", None)
+
+
+def test_prepare_once_gives_the_same_keys_and_verdicts_as_the_two_calls():
+    pol = policy(
+        action_quotas=[EMAIL_PER_RUN],
+        risk_class_quotas=[
+            {"risk_class": "external_side_effect", "max_calls": 3, "window": "per_hour_tumbling"}
+        ],
+    )
+    ledger = Ledger(pol)
+    for _ in range(3):
+        prepared = prepare(pol, act(), BOT, NOW, REG)
+        assert prepared.counter_keys == counters_needed(pol, act(), BOT, NOW, REG)
+        assert prepared.evaluate(ledger.rows) == evaluate(pol, act(), BOT, ledger.rows, NOW, REG)
+        ledger.reserve(act())
+    denied = prepare(policy(denied_action_kinds=["message.email.send"]), act(), BOT, NOW, REG)
+    assert denied.counter_keys == []
+    assert isinstance(denied.evaluate({}), Denial)
