@@ -44,6 +44,7 @@ from runcycles_server.governance.quotas import (
     CounterKey,
     CounterRow,
     calendar_bucket,
+    correlation_id,
     rule_fingerprint,
 )
 from runcycles_server.governance.registry import Registry
@@ -89,6 +90,10 @@ class ThresholdCrossing:
     used: int
     limit: int
     threshold_pct: float
+
+    def correlation_id(self, tenant_id: str) -> str:
+        """The event's ``correlation_id`` (:meth:`CounterKey.correlation_id`)."""
+        return self.key.correlation_id(tenant_id)
 
     def event_data(self, tenant_id: str) -> dict[str, Any]:
         """Return the ``quota.threshold_approaching`` event payload."""
@@ -153,6 +158,24 @@ class Denial:
     deny_detail: dict[str, Any]
     message: str
     policy: PolicyRow
+    action_kind: str
+
+    def correlation_id(self, tenant_id: str) -> str:
+        """The ``correlation_id`` of this denial's ``reservation.(observed_)denied`` events.
+
+        A hash over (tenant, scope, action kind, window key, reason code, policy): the same
+        for the shadow and the enforced denial, so dashboards join the two streams.
+        """
+        violation = self.deny_detail.get("quota_violation") or {}
+        return correlation_id(
+            "deny",
+            tenant_id,
+            str(self.deny_detail.get("blocked_by_scope", "")),
+            self.action_kind,
+            str(violation.get("window_key", "")),
+            self.reason_code,
+            self.policy.policy_id,
+        )
 
     def error(self) -> LedgerError:
         """The ``409`` of a live reservation (``details.deny_detail`` carries the detail)."""
@@ -458,7 +481,7 @@ def _access_denial(policy: PolicyRow, kind: str, scope: str, reason: str) -> Den
         "blocked_by_policy": policy.policy_id,
         "suggested_fix": fix[:_MAX_FIX],
     }
-    return Denial(reason, detail, f"{message} (scope {scope})", policy)
+    return Denial(reason, detail, f"{message} (scope {scope})", policy, kind)
 
 
 def _quota_denial(policy: PolicyRow, kind: str, check: _Check, used: int) -> Denial:
@@ -494,7 +517,7 @@ def _quota_denial(policy: PolicyRow, kind: str, check: _Check, used: int) -> Den
         f"action quota exceeded: {used} of {check.limit} {what} calls used "
         f"({key.window} {key.bucket}) at {key.scope}, policy {policy.policy_id!r}"
     )
-    return Denial(ReasonCode.ACTION_QUOTA_EXCEEDED, detail, message, policy)
+    return Denial(ReasonCode.ACTION_QUOTA_EXCEEDED, detail, message, policy, kind)
 
 
 def _admit(

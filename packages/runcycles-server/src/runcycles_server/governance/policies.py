@@ -19,6 +19,7 @@ never depends on the order the store returns rows in.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,6 +71,7 @@ DISABLED: Final = "DISABLED"
 DEFAULT_PER_RUN_TTL_MS: Final = 86_400_000
 DEFAULT_THRESHOLD_PCT: Final = 0.80
 _STORAGE_VERSION: Final = 1
+_DATE_TIME_RE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}")
 _RISK_CLASSES: Final = frozenset(c.value for c in ActionRiskClass)
 _ALLOWLISTS: Final = (
     ("host_allowlist", "host"),
@@ -535,10 +537,11 @@ def _check_times_are_strings(body: object) -> None:
         return
     for name in ("effective_from", "effective_until"):
         value = body.get(name)
-        if value is not None and not isinstance(value, str):
+        if value is not None and not (isinstance(value, str) and _DATE_TIME_RE.match(value)):
+            shown = repr(value) if isinstance(value, str) else type(value).__name__
             raise _invalid(
-                f"{name}: expected an RFC 3339 date-time string such as "
-                f"'2026-04-01T00:00:00Z', got {type(value).__name__}"
+                f"{name}: expected an RFC 3339 date-time such as '2026-04-01T00:00:00Z', "
+                f"got {shown}"
             )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "CounterKey",
     "CounterRow",
     "calendar_bucket",
+    "correlation_id",
     "counter_matches_filters",
     "counter_state_body",
     "reset_counter",
@@ -65,6 +66,16 @@ _BUCKET_FORMAT: Final = {
     TENANT_DAY: "%Y-%m-%d",
 }
 _STORAGE_VERSION: Final = 1
+
+
+def correlation_id(kind: str, *parts: str) -> str:
+    """Return a deterministic event ``correlation_id``: ``kind`` and a digest of ``parts``.
+
+    The spec asks for "a deterministic hash over" named fields so that related events join
+    (a threshold crossing with the denials and the reset of the same counter).
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+    return f"{kind}:{digest}"
 
 
 def calendar_bucket(window: str, now_ms: int) -> tuple[str, int]:
@@ -128,6 +139,15 @@ class CounterKey:
         if self.bucket_start_ms is None:
             return None
         return self.bucket_start_ms + _WINDOW_MS[self.window]
+
+    def correlation_id(self, tenant_id: str) -> str:
+        """The ``correlation_id`` of this counter's threshold and reset events.
+
+        A hash over (tenant, scope, kind or risk class, window, window key), as both
+        ``quota.threshold_approaching`` and ``quota.counter_reset`` require.
+        """
+        subject = self.risk_class if self.risk_class is not None else self.action_kind
+        return correlation_id("quota", tenant_id, self.scope, subject, self.window, self.bucket)
 
     def cleanup_expiry_ms(self) -> int | None:
         """A calendar counter's cleanup expiry (bucket start + spec TTL); ``None`` for runs."""
