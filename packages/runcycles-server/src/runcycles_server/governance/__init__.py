@@ -13,10 +13,11 @@ Modules, bottom up:
 * :mod:`~.registry`: :class:`Registry`, the built-in action kinds plus the operator's
   declared ``custom.*`` kinds (loaded from YAML/JSON, :class:`DeclarationError` on a bad
   file); kind checks, risk classes, the ``/v1/action-kinds`` bodies.
-* :mod:`~.policies`: :class:`PolicyRow` and its rule rows; create/PATCH validation
-  (``400`` naming the field), the wire ``Policy``, the storage JSON, and
+* :mod:`~.policy_rows`: :class:`PolicyRow` and its rule rows (frozen data), the wire
+  ``Policy`` and the storage JSON.
+* :mod:`~.policies`: create/PATCH validation (``400`` naming the field), and
   :func:`select_policy` (the one highest-priority ``ACTIVE`` policy in its effective window
-  that matches the request; deterministic ties).
+  that matches the request; deterministic ties), list filters.
 * :mod:`~.quotas`: :class:`CounterKey` / :class:`CounterRow`, UTC calendar buckets, cleanup
   TTLs, the counters endpoint body.
 * :mod:`~.evaluate`: :func:`evaluate` (steps 1-3 of the RESERVATION EVALUATION ORDER:

@@ -29,7 +29,7 @@ from typing import Any, Final, NamedTuple
 from runcycles.governance import RISK_COUNTER_KIND
 from runcycles.models import Action, ActionRiskClass, ObserveMode, ReasonCode, Subject
 from runcycles_server.errors import LedgerError
-from runcycles_server.governance.policies import (
+from runcycles_server.governance.policy_rows import (
     DEFAULT_PER_RUN_TTL_MS,
     DEFAULT_THRESHOLD_PCT,
     PolicyCaps,

@@ -27,7 +27,7 @@ import orjson
 
 from runcycles.governance import RISK_COUNTER_KIND
 from runcycles.models import ActionQuotaWindow
-from runcycles_server.governance.policies import QuotaRule
+from runcycles_server.governance.policy_rows import QuotaRule
 from runcycles_server.governance.timestamps import DAY_MS, HOUR_MS, MINUTE_MS, iso, utc
 
 __all__ = [
