@@ -257,3 +257,17 @@ def test_a_deprecated_kind_names_its_replacement_and_is_listed_only_on_request()
     schema_validator("ActionKindRegistry", ACTION_KINDS_SPEC).validate(body)
     entry = next(k for k in body["kinds"] if k["kind"] == old.kind)
     assert (entry["deprecated"], entry["replacement_kind"]) == (True, "custom.acme.new.op")
+
+
+def test_etag_changes_with_the_listing_only():
+    plain = Registry()
+    assert plain.etag() == Registry().etag()
+    assert plain.etag().startswith(f'"{action_kinds.REGISTRY_VERSION}-')
+    declared = registry(ERP)
+    assert declared.etag() == plain.etag()  # custom kinds are not in the public listing
+    assert declared.etag(include_custom=True) != plain.etag(include_custom=True)
+
+
+def test_a_registry_can_be_hashed_and_compared_by_identity():
+    reg = registry(ERP)
+    assert {reg: 1}[reg] == 1

@@ -120,7 +120,9 @@ class Admission:
     ``counters`` are the rows *after* the increment, to write atomically with the balance
     (and not at all on a dry run or in observe mode); ``per_run_counters`` the names the
     reservation must keep so that its release or expiry gives them back
-    (:func:`release_per_run`). ``policy`` is ``None`` when no policy governs the request.
+    (:func:`release_per_run`); ``thresholds`` the ``quota.threshold_approaching`` events
+    to record once those rows are written (never in observe mode: nothing moved).
+    ``policy`` is ``None`` when no policy governs the request.
     """
 
     policy: PolicyRow | None

@@ -27,7 +27,7 @@ import orjson
 
 from runcycles.governance import RISK_COUNTER_KIND
 from runcycles.models import ActionQuotaWindow
-from runcycles_server.governance.policy_rows import QuotaRule
+from runcycles_server.governance.policy_rows import PolicyRow, QuotaRule
 from runcycles_server.governance.timestamps import DAY_MS, HOUR_MS, MINUTE_MS, iso, utc
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "CounterRow",
     "calendar_bucket",
     "correlation_id",
+    "counter_limit",
     "counter_matches_filters",
     "counter_state_body",
     "reset_counter",
@@ -287,6 +288,29 @@ def reset_matches(
         and key.bucket == window_key
         and (action_kind != RISK_COUNTER_KIND or key.risk_class == risk_class)
     )
+
+
+def counter_limit(policy: PolicyRow, key: CounterKey) -> int | None:
+    """Return the ``max_calls`` ``policy`` sets today for the counter ``key`` (its limit).
+
+    The smallest of the rules that count on it; ``None`` if the policy no longer has one
+    (a rule removed or changed since the counter moved).
+    """
+    if key.action_kind == RISK_COUNTER_KIND:
+        limits = [
+            rule.max_calls
+            for rule in policy.risk_class_quotas
+            if rule.risk_class == key.risk_class and rule.window == key.window
+        ]
+    else:
+        limits = [
+            rule.max_calls
+            for rule in policy.action_quotas
+            if rule.action_kind == key.action_kind
+            and rule.window == key.window
+            and rule_fingerprint(rule) == key.rule
+        ]
+    return min(limits, default=None)
 
 
 def reset_counter(row: CounterRow, now_ms: int) -> CounterRow:

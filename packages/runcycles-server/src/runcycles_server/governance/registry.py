@@ -21,6 +21,7 @@ policy-key routing (UNREGISTERED KIND HANDLING).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ _ORDER: Final = {kind: index for index, kind in enumerate(action_kinds.BUILTIN_K
 _BUILTIN_PREFIXES: Final = {p: i.kind for i in _BUILTINS.values() for p in i.mcp_tool_prefixes}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Registry:
     """Built-in kinds plus declared custom kinds; immutable, shared by every request.
 
@@ -217,6 +218,23 @@ class Registry:
         """Return the wire ``ActionKind`` of ``kind`` (exact match), or ``None`` (a 404)."""
         info = _BUILTINS.get(kind) or (self.custom.get(kind) if include_custom else None)
         return None if info is None else _kind_body(info)
+
+    def etag(self, *, include_custom: bool = False) -> str:
+        """Return the ``ETag`` of the listing: a quoted digest of every entry it can show."""
+        body = self.registry_body(
+            include_custom=include_custom, include_deprecated=True, limit=_MAX_LIMIT
+        )
+        kinds = list(body["kinds"])
+        while body["has_more"]:
+            body = self.registry_body(
+                include_custom=include_custom,
+                include_deprecated=True,
+                limit=_MAX_LIMIT,
+                cursor=body["next_cursor"],
+            )
+            kinds += body["kinds"]
+        digest = hashlib.sha256(json.dumps(kinds, sort_keys=True).encode()).hexdigest()
+        return f'"{action_kinds.REGISTRY_VERSION}-{digest[:16]}"'
 
     def registry_body(
         self,
