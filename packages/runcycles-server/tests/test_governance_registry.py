@@ -22,11 +22,14 @@ def registry(*entries: Mapping[str, object]) -> Registry:
     return Registry.from_declarations({"kinds": list(entries)})
 
 
-def test_builtin_risk_classes_come_from_the_spec_registry():
+def test_builtin_bodies_are_the_spec_registry_entries():
     spec = load_spec(ACTION_KINDS_SPEC)["x-action-kind-registry"]["kinds"]
     reg = Registry()
     for entry in spec:
         assert reg.risk_class(entry["kind"]).value == entry["risk_class"]
+        body = reg.kind_body(entry["kind"])
+        expected = {**entry, "description": " ".join(entry["description"].split())}
+        assert body == expected, entry["kind"]
 
 
 def test_unregistered_non_custom_kind_defaults_to_side_effect_without_policy_keys():

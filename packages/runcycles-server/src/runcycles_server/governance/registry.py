@@ -34,6 +34,7 @@ from runcycles import action_kinds
 from runcycles.exceptions import CyclesConfigError
 from runcycles.models import ActionRiskClass
 from runcycles_server.errors import LedgerError
+from runcycles_server.governance.kind_descriptions import DESCRIPTIONS
 
 __all__ = ["DeclarationError", "KindInfo", "Registry"]
 
@@ -78,6 +79,7 @@ def _builtin_infos() -> dict[str, KindInfo]:
             risk_class=entry.risk_class,
             policy_dimensions=entry.policy_dimensions,
             resource_type=entry.resource_type,
+            description=DESCRIPTIONS.get(kind),
             mcp_tool_prefixes=entry.tool_prefixes,
         )
     return infos
