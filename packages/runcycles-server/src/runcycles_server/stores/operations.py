@@ -45,8 +45,8 @@ from runcycles_server.governance import (
     CounterRow,
     PolicyRow,
     Registry,
-    counters_needed,
     policy_patch,
+    prepare,
     release_per_run,
     reset_counter,
     select_policy,
@@ -163,11 +163,12 @@ def _governance(
     """Load what action governance needs: the one policy that applies and its counters."""
     policy = select_policy(txn.policies(tenant_id), scopes, txn.now)
     try:
-        keys = counters_needed(policy, action, subject, txn.now, registry)
+        prepared = prepare(policy, action, subject, txn.now, registry)
     except LedgerError as exc:  # raised by the ledger in evaluation order
-        return ledger.Governance(policy, {}, registry, exc)
+        return ledger.Governance(None, {}, exc)
+    keys = prepared.counter_keys
     counters = txn.counters(tenant_id, [k.name for k in keys]) if keys else {}
-    return ledger.Governance(policy, counters, registry)
+    return ledger.Governance(prepared, counters)
 
 
 def _give_back(txn: Txn, outcome: Outcome) -> Outcome:
