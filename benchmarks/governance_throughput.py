@@ -61,8 +61,16 @@ QUOTAS = [
 ]
 
 
-def _add_policy(store: Store, tenant_id: str) -> None:
+def _open_store(server: ServerProcess, db: Path) -> Store:
+    """The server's own store, opened from this process (SQLite file or Redis prefix)."""
+    if server.redis_url is None or server.redis_prefix is None:
+        return SqliteStore(db)
+    return RedisStore(server.redis_url, prefix=server.redis_prefix)
+
+
+def _add_policy(opener: Callable[[], Store], tenant_id: str) -> None:
     async def create() -> None:
+        store = opener()  # opened on this event loop (Redis pools are bound to it)
         row = policy_from_create(
             tenant_id,
             {"name": "bench", "scope_pattern": f"tenant:{tenant_id}/*", "action_quotas": QUOTAS},
@@ -90,14 +98,7 @@ def _one(
     with ServerProcess.start(store=kind, db_path=db, env=env) as server:
         tenant = server.provision(budget=BUDGET)
         if config == "policy":
-            opener: Callable[[], Store]
-            if store == "sqlite":
-                opener = lambda: SqliteStore(db)  # noqa: E731
-            else:
-                url, prefix = server.redis_url, server.redis_prefix
-                assert url is not None and prefix is not None
-                opener = lambda: RedisStore(url, prefix=prefix)  # noqa: E731
-            _add_policy(opener(), tenant.tenant_id)
+            _add_policy(lambda: _open_store(server, db), tenant.tenant_id)
         before = _process_tree_cpu_s(server.process.pid)
         result = run_load(
             "pair",
@@ -170,9 +171,7 @@ def _run(args: argparse.Namespace, baseline: Path) -> int:
         print()
         for config, target in TARGETS.items():
             ratio = statistics.median(cpu[config]) / base
-            paired = statistics.median(
-                a / b for a, b in zip(cpu[config], cpu["base"], strict=True)
-            )
+            paired = statistics.median(a / b for a, b in zip(cpu[config], cpu["base"], strict=True))
             ok = ratio <= target
             met = met and ok
             print(
