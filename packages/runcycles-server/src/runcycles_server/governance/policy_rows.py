@@ -10,6 +10,7 @@ extension lists always present.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -178,9 +179,17 @@ def policy_to_json(row: PolicyRow) -> bytes:
 def policy_from_json(raw: bytes | str) -> PolicyRow:
     """Return the row :func:`policy_to_json` stored.
 
+    Every governed reservation reads its tenant's policies, which rarely change: the decoded
+    rows (frozen, so shared safely) are memoized by their stored bytes.
+
     Raises:
         ValueError: ``raw`` is not a stored policy of a version this code reads.
     """
+    return _decoded_policy(raw)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoded_policy(raw: bytes | str) -> PolicyRow:
     data = orjson.loads(raw)
     if not isinstance(data, dict) or data.pop("v", None) != _STORAGE_VERSION:
         raise ValueError("not a stored policy (version 1)")

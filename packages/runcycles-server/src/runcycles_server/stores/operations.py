@@ -125,6 +125,9 @@ class Op(Generic[T_co]):
     scopes: Sequence[str] = ()
     governed: bool = False
     """Whether it reads the tenant's policies (and the quota counters they name)."""
+    counter_hint: Callable[[Sequence[PolicyRow], int], list[str]] | None = None
+    """The quota counters it would read given the tenant's policies and the time (a store
+    that prefetches uses it with the policies it saw last; a wrong guess costs a re-read)."""
 
 
 def _replayed(
@@ -171,6 +174,22 @@ def _governance(
     return ledger.Governance(prepared, counters)
 
 
+def _counter_hint(
+    scopes: Sequence[str], action: Action, subject: Subject, registry: Registry
+) -> Callable[[Sequence[PolicyRow], int], list[str]]:
+    def names(policies: Sequence[PolicyRow], now_ms: int) -> list[str]:
+        policy = select_policy(policies, scopes, now_ms)
+        if policy is None:
+            return []
+        try:
+            keys = prepare(policy, action, subject, now_ms, registry).counter_keys
+        except LedgerError:
+            return []
+        return [key.name for key in keys]
+
+    return names
+
+
 def _give_back(txn: Txn, outcome: Outcome) -> Outcome:
     """Add the ``per_run`` counters a released or expired reservation gives back (-1 each)."""
     res = outcome.reservation
@@ -208,7 +227,10 @@ def decide(
             ),
         )
 
-    return Op(plan, tenant_id, idem=("decide", key), scopes=scopes, governed=True)
+    hint = _counter_hint(scopes, request.action, request.subject, registry)
+    return Op(
+        plan, tenant_id, idem=("decide", key), scopes=scopes, governed=True, counter_hint=hint
+    )
 
 
 def reserve(
@@ -246,7 +268,10 @@ def reserve(
             ),
         )
 
-    return Op(plan, tenant_id, idem=("reserve", key), scopes=scopes, governed=True)
+    hint = _counter_hint(scopes, request.action, request.subject, registry)
+    return Op(
+        plan, tenant_id, idem=("reserve", key), scopes=scopes, governed=True, counter_hint=hint
+    )
 
 
 def _owned(txn: Txn, reservation_id: str, tenant_id: str | None) -> ReservationRow:
