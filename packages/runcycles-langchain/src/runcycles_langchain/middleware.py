@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain.tools.tool_node import ToolCallRequest  # langchain.agents.middleware's from 1.1
@@ -24,11 +25,12 @@ from runcycles import (
     CyclesConfigError,
     CyclesError,
 )
-from runcycles_langchain._hooks import DENIALS, LangChainHooks, ToolNotAllowedError
+from runcycles_langchain._hooks import LangChainHooks
 
 __all__ = ["CyclesBudgetMiddleware"]
 
 ToolResult = Any  # ToolMessage | langgraph Command
+R = TypeVar("R")
 
 
 def _tool_name(tool: Any) -> str | None:
@@ -138,6 +140,12 @@ class CyclesBudgetMiddleware(AgentMiddleware):
             changes["tools"] = tools
         return request.override(**changes) if changes else request
 
+    def _proceed(
+        self, request: ModelRequest, handler: Callable[[Any], R]
+    ) -> Callable[[AdapterCall], R]:
+        """Call ``handler`` with the request under the begun call's caps."""
+        return lambda call: handler(self._capped(request, call))
+
     def _model_denied(self, error: CyclesError) -> ModelResponse:
         if self.on_model_denied == "raise":
             raise error
@@ -158,51 +166,23 @@ class CyclesBudgetMiddleware(AgentMiddleware):
     def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
         """Reserve the model call's worst case, apply the caps, call, commit the usage."""
         gate, (run, call_id) = self.adapter, self._ids(request.runtime)
-        try:
-            call = gate.begin(run, call_id, self._plan(gate, request))
-        except DENIALS as error:
-            return self._model_denied(error)
-        try:
-            response = handler(self._capped(request, call))
-        except BaseException as error:
-            gate.fail(run, call_id, error)
-            raise
-        gate.end(run, call_id, response)
-        return response
+        plan, proceed = self._plan(gate, request), self._proceed(request, handler)
+        return gate.wrap(run, call_id, plan, proceed, denied=self._model_denied)
 
     async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
         gate, (run, call_id) = self.async_adapter, self._ids(request.runtime)
-        try:
-            call = await gate.begin(run, call_id, self._plan(gate, request))
-        except DENIALS as error:
-            return self._model_denied(error)
-        try:
-            response = await handler(self._capped(request, call))
-        except BaseException as error:
-            await gate.fail(run, call_id, error)
-            raise
-        await gate.end(run, call_id, response)
-        return response
+        plan, proceed = self._plan(gate, request), self._proceed(request, handler)
+        return await gate.wrap(run, call_id, plan, proceed, denied=self._model_denied)
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> ToolResult:
         """Reserve the tool's estimate; deny (raise or message) a refused tool; commit."""
         gate, name = self.adapter, request.tool_call["name"]
         run, call_id = self._ids(request.runtime)
-        try:
-            call = gate.begin(run, call_id, gate.tool_plan(name))
-        except DENIALS as error:
-            return self._tool_denied(request, error)
-        if not call.allows_tool(name):
-            gate.fail(run, call_id)
-            return self._tool_denied(request, ToolNotAllowedError(name))
-        try:
-            result = handler(request)
-        except BaseException as error:
-            gate.fail(run, call_id, error)
-            raise
-        gate.end(run, call_id, None)
-        return result
+        return gate.wrap(
+            run, call_id, gate.tool_plan(name), lambda _: handler(request), tool=name,
+            denied=functools.partial(self._tool_denied, request),
+        )  # fmt: skip
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[..., Awaitable[Any]]
@@ -210,20 +190,10 @@ class CyclesBudgetMiddleware(AgentMiddleware):
         """The async twin of :meth:`wrap_tool_call`."""
         gate, name = self.async_adapter, request.tool_call["name"]
         run, call_id = self._ids(request.runtime)
-        try:
-            call = await gate.begin(run, call_id, gate.tool_plan(name))
-        except DENIALS as error:
-            return self._tool_denied(request, error)
-        if not call.allows_tool(name):
-            await gate.fail(run, call_id)
-            return self._tool_denied(request, ToolNotAllowedError(name))
-        try:
-            result = await handler(request)
-        except BaseException as error:
-            await gate.fail(run, call_id, error)
-            raise
-        await gate.end(run, call_id, None)
-        return result
+        return await gate.wrap(
+            run, call_id, gate.tool_plan(name), lambda _: handler(request), tool=name,
+            denied=functools.partial(self._tool_denied, request),
+        )  # fmt: skip
 
     def close(self) -> None:
         """Close the sync side (and its client, if this middleware built it)."""
