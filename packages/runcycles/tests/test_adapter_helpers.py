@@ -1,5 +1,5 @@
 """What framework packages share through runcycles.adapters: tool refusal, wrap(), denials,
-recast(), MaxTokensLowering, RunIds, a plan's fallback estimate and Usage.from_langchain."""
+recast(), MaxTokensLowering, RunIds and a plan's fallback estimate."""
 
 from __future__ import annotations
 
@@ -34,24 +34,6 @@ from runcycles.testing.fake_server import FakeCyclesServer
 PRICER = Pricer(overrides={"m": ModelPrice(1, 2)}, builtin=False)
 
 
-@pytest.fixture(autouse=True)
-def _journal(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RUNCYCLES_JOURNAL_DIR", str(tmp_path / "journal"))
-
-
-@pytest.fixture
-def server() -> FakeCyclesServer:
-    return FakeCyclesServer()
-
-
-@pytest.fixture
-def adapter(server: FakeCyclesServer) -> Iterator[CyclesAdapter[CallPlan, Any]]:
-    with server.client() as client:
-        built: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, pricer=PRICER)
-        yield built
-        built.close()
-
-
 class FrameworkStop(Exception):
     """A framework's own exception type (as AgentsException or AgentCancel are)."""
 
@@ -62,6 +44,12 @@ class FrameworkToolStop(ToolNotAllowedError, FrameworkStop):
 
 class FrameworkAdapter(CyclesAdapter[CallPlan, Any]):
     tool_error = FrameworkToolStop
+
+
+@pytest.fixture
+def adapter(server: FakeCyclesServer) -> Iterator[FrameworkAdapter]:
+    with server.client() as client, FrameworkAdapter(client, pricer=PRICER) as built:
+        yield built
 
 
 # ---------------------------------------------------------------------- denials, recast
@@ -173,7 +161,7 @@ async def test_async_check_tool(server: FakeCyclesServer) -> None:
 
 
 def test_wrap_commits_a_model_calls_usage(
-    adapter: CyclesAdapter[CallPlan, Any], server: FakeCyclesServer
+    adapter: FrameworkAdapter, server: FakeCyclesServer
 ) -> None:
     seen: list[Any] = []
 
@@ -190,7 +178,7 @@ def test_wrap_commits_a_model_calls_usage(
 
 
 def test_wrap_commits_a_tools_estimate_not_its_result(
-    adapter: CyclesAdapter[CallPlan, Any], server: FakeCyclesServer
+    adapter: FrameworkAdapter, server: FakeCyclesServer
 ) -> None:
     plan = CallPlan.tool("search", estimate=7)
     assert adapter.wrap("r", "c", plan, lambda _: 5, tool="search") == 5
@@ -198,7 +186,7 @@ def test_wrap_commits_a_tools_estimate_not_its_result(
 
 
 def test_wrap_releases_when_the_call_fails(
-    adapter: CyclesAdapter[CallPlan, Any], server: FakeCyclesServer
+    adapter: FrameworkAdapter, server: FakeCyclesServer
 ) -> None:
     def boom(_: Any) -> None:
         raise RuntimeError("model down")
@@ -210,7 +198,7 @@ def test_wrap_releases_when_the_call_fails(
 
 
 def test_wrap_returns_denied_for_a_denial_before_the_call(
-    adapter: CyclesAdapter[CallPlan, Any], server: FakeCyclesServer
+    adapter: FrameworkAdapter, server: FakeCyclesServer
 ) -> None:
     server.budget = 0
     ran: list[Any] = []
@@ -224,7 +212,7 @@ def test_wrap_returns_denied_for_a_denial_before_the_call(
 
 
 def test_wrap_returns_denied_for_a_forbidden_tool(
-    adapter: CyclesAdapter[CallPlan, Any], server: FakeCyclesServer
+    adapter: FrameworkAdapter, server: FakeCyclesServer
 ) -> None:
     server.caps = {"tool_denylist": ["shell"]}
     ran: list[Any] = []
@@ -242,7 +230,7 @@ def test_wrap_returns_denied_for_a_forbidden_tool(
 
 
 def test_a_denial_raised_by_the_call_itself_is_not_a_refusal(
-    adapter: CyclesAdapter[CallPlan, Any], server: FakeCyclesServer
+    adapter: FrameworkAdapter, server: FakeCyclesServer
 ) -> None:
     def nested(_: Any) -> None:  # e.g. a sub-agent with a budget of its own
         raise BudgetExceededError("inner", status=409, error_code="BUDGET_EXCEEDED")
@@ -276,7 +264,7 @@ async def test_async_wrap(server: FakeCyclesServer) -> None:
 
 
 def test_a_plans_fallback_covers_what_the_pricer_cannot_estimate(
-    adapter: CyclesAdapter[CallPlan, Any],
+    adapter: FrameworkAdapter,
 ) -> None:
     def held(plan: CallPlan) -> int:
         call = adapter.begin("r", len(adapter.pending), plan)
@@ -332,38 +320,3 @@ def test_run_ids_follow_the_life_of_their_object() -> None:
     assert ids.of(one) == ids.of(one) != ids.of(two)
     # Each temporary dies before the next is made, often at the same address: a new run.
     assert len({ids.of(Run()) for _ in range(100)}) == 100
-
-
-# ------------------------------------------------------------------ Usage.from_langchain
-
-
-def test_usage_from_langchain_metadata() -> None:
-    metadata = {
-        "input_tokens": 100,
-        "output_tokens": 40,
-        "total_tokens": 140,
-        "input_token_details": {"cache_read": 30, "cache_creation": 10},
-        "output_token_details": {"reasoning": 25},
-    }
-    assert Usage.from_langchain(metadata, model="gpt-4o") == Usage(
-        input_tokens=100,
-        output_tokens=40,
-        cached_input_tokens=30,
-        cache_write_tokens=10,
-        reasoning_tokens=25,
-        model="gpt-4o",
-    )
-
-
-def test_usage_from_langchain_tolerates_uneven_details() -> None:
-    metadata = {
-        "input_tokens": 10,
-        "output_tokens": "5",  # not an int: 0
-        "input_token_details": {"cache_read": 8, "cache_creation": 9},  # more than is left
-        "output_token_details": None,
-    }
-    used = Usage.from_langchain(metadata)
-    assert (used.input_tokens, used.output_tokens) == (10, 0)
-    assert (used.cached_input_tokens, used.cache_write_tokens) == (8, 2)
-    assert used.reasoning_tokens == 0
-    assert Usage.from_langchain(SimpleNamespace(input_tokens=3)).input_tokens == 3

@@ -52,11 +52,6 @@ def _journal(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def server() -> FakeCyclesServer:
-    return FakeCyclesServer()
-
-
-@pytest.fixture
 def adapter(server: FakeCyclesServer) -> Iterator[CyclesAdapter[CallPlan, Any]]:
     with server.client() as client:
         built: CyclesAdapter[CallPlan, Any] = CyclesAdapter(client, pricer=PRICER)
