@@ -14,6 +14,7 @@ from runcycles import (
     BudgetExceededError,
     CallPlan,
     CyclesAdapter,
+    CyclesConfigError,
     CyclesTransportError,
     ForbiddenError,
     ModelPrice,
@@ -26,6 +27,7 @@ from runcycles.adapters import (
     MaxTokensLowering,
     RunIds,
     ToolNotAllowedError,
+    client_config,
     is_denial,
     recast,
 )
@@ -320,3 +322,22 @@ def test_run_ids_follow_the_life_of_their_object() -> None:
     assert ids.of(one) == ids.of(one) != ids.of(two)
     # Each temporary dies before the next is made, often at the same address: a new run.
     assert len({ids.of(Run()) for _ in range(100)}) == 100
+
+
+# ----------------------------------------------------------------------- client_config
+
+
+def test_client_config_prefers_the_client_then_the_config_then_the_environment(
+    server: FakeCyclesServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given = server.config(tenant="from-config")
+    with server.client(tenant="from-client") as client:
+        assert client_config(client, given).tenant == "from-client"
+    assert client_config(None, given) is given
+    monkeypatch.setenv("CYCLES_BASE_URL", "http://cycles.env")
+    monkeypatch.setenv("CYCLES_API_KEY", "k")
+    monkeypatch.setenv("CYCLES_TENANT", "from-env")
+    assert client_config(None, None).tenant == "from-env"
+    monkeypatch.delenv("CYCLES_API_KEY")
+    with pytest.raises(CyclesConfigError, match="CYCLES_"):
+        client_config(None, None)

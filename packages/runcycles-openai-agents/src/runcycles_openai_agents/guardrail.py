@@ -20,7 +20,7 @@ from runcycles import (
     Subject,
     Unit,
 )
-from runcycles.adapters import is_outage
+from runcycles.adapters import client_config, is_outage
 
 __all__ = ["cycles_budget_guardrail"]
 
@@ -66,7 +66,7 @@ def cycles_budget_guardrail(
             denial trips whatever this says.
         name: The guardrail's name in the SDK's results and traces.
     """
-    settings = client.config if client is not None else config or CyclesConfig.from_env()
+    settings = client_config(client, config)
     fields = {"tenant": tenant, "workspace": workspace, "app": app, "workflow": workflow}
     subject = {k: v or getattr(settings, k) for k, v in fields.items()}
 

@@ -4,8 +4,8 @@ The value types and pure helpers of :mod:`runcycles.adapters` (which re-exports 
 :class:`CallPlan` (what a framework package's ``plan()`` hook returns), :class:`AdapterCall`
 (what ``begin()`` returns: caps, ``max_tokens``, ``allows_tool()``), :class:`DryRunDecision`,
 :class:`AdapterOptions`, :func:`call_idempotency_key`, :func:`is_outage`, :func:`is_denial`,
-:func:`tool_allowed`, :class:`ToolNotAllowedError`, :func:`recast`, :class:`RunIds` and
-:class:`MaxTokensLowering`. Nothing here does I/O.
+:func:`tool_allowed`, :func:`client_config`, :class:`ToolNotAllowedError`, :func:`recast`,
+:class:`RunIds` and :class:`MaxTokensLowering`. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import uuid
 import weakref
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, TypeVar
 
+from runcycles.config import CyclesConfig
 from runcycles.exceptions import (
     BudgetClosedError,
     BudgetExceededError,
@@ -41,6 +42,9 @@ from runcycles.lifecycle import (
 from runcycles.models import Amount, Caps, CommitOveragePolicy, Decision, Unit
 from runcycles.pricing import Pricer
 
+if TYPE_CHECKING:
+    from runcycles.client import AsyncCyclesClient, CyclesClient
+
 __all__ = [
     "AdapterCall",
     "AdapterOptions",
@@ -54,6 +58,7 @@ __all__ = [
     "RunIds",
     "ToolNotAllowedError",
     "call_idempotency_key",
+    "client_config",
     "is_denial",
     "is_outage",
     "recast",
@@ -327,6 +332,18 @@ def call_idempotency_key(
     parts = (framework, namespace or "", str(run_id), str(call_id), operation)
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
     return f"{_SLUG.sub('_', framework)[:32]}-{_SLUG.sub('_', operation)[:24]}-{digest[:64]}"
+
+
+def client_config(
+    client: CyclesClient | AsyncCyclesClient | None, config: CyclesConfig | None
+) -> CyclesConfig:
+    """Return the configuration meant by an optional client and an optional config.
+
+    The client's own when one is given (it is what requests go through), else ``config``,
+    else the ``CYCLES_*`` variables, read now: a missing setting fails where the adapter
+    or guardrail is made, not at its first call.
+    """
+    return client.config if client is not None else config or CyclesConfig.from_env()
 
 
 def is_outage(error: BaseException) -> bool:

@@ -57,6 +57,7 @@ from runcycles.adapter_plan import (
     ToolEstimateMap,
     ToolNotAllowedError,
     call_idempotency_key,
+    client_config,
     is_denial,
     is_outage,
     recast,
@@ -109,6 +110,7 @@ __all__ = [
     "ToolEstimateMap",
     "ToolNotAllowedError",
     "call_idempotency_key",
+    "client_config",
     "is_denial",
     "is_outage",
     "recast",
@@ -546,7 +548,7 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         config: CyclesConfig | None = None,
         **options: Unpack[AdapterOptions],
     ) -> None:
-        config = client.config if client is not None else config or CyclesConfig.from_env()
+        config = client_config(client, config)
         super().__init__(config, options)  # options checked before a client is built
         self._owns_client = client is None
         self.client = client if client is not None else CyclesClient(config)
@@ -757,7 +759,7 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
         config: CyclesConfig | None = None,
         **options: Unpack[AdapterOptions],
     ) -> None:
-        config = client.config if client is not None else config or CyclesConfig.from_env()
+        config = client_config(client, config)
         super().__init__(config, options)
         self._owns_client = client is None
         self.client = client if client is not None else AsyncCyclesClient(config)
