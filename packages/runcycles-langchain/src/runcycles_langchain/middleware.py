@@ -7,7 +7,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain.tools.tool_node import ToolCallRequest  # langchain.agents.middleware's from 1.1
@@ -30,7 +30,6 @@ from runcycles_langchain._hooks import LangChainHooks
 __all__ = ["CyclesBudgetMiddleware"]
 
 ToolResult = Any  # ToolMessage | langgraph Command
-R = TypeVar("R")
 
 
 def _tool_name(tool: Any) -> str | None:
@@ -140,12 +139,6 @@ class CyclesBudgetMiddleware(AgentMiddleware):
             changes["tools"] = tools
         return request.override(**changes) if changes else request
 
-    def _proceed(
-        self, request: ModelRequest, handler: Callable[[Any], R]
-    ) -> Callable[[AdapterCall], R]:
-        """Call ``handler`` with the request under the begun call's caps."""
-        return lambda call: handler(self._capped(request, call))
-
     def _model_denied(self, error: CyclesError) -> ModelResponse:
         if self.on_model_denied == "raise":
             raise error
@@ -166,14 +159,18 @@ class CyclesBudgetMiddleware(AgentMiddleware):
     def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
         """Reserve the model call's worst case, apply the caps, call, commit the usage."""
         gate, (run, call_id) = self.adapter, self._ids(request.runtime)
-        plan, proceed = self._plan(gate, request), self._proceed(request, handler)
-        return gate.wrap(run, call_id, plan, proceed, denied=self._model_denied)
+        return gate.wrap(
+            run, call_id, self._plan(gate, request),
+            lambda call: handler(self._capped(request, call)), denied=self._model_denied,
+        )  # fmt: skip
 
     async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
         gate, (run, call_id) = self.async_adapter, self._ids(request.runtime)
-        plan, proceed = self._plan(gate, request), self._proceed(request, handler)
-        return await gate.wrap(run, call_id, plan, proceed, denied=self._model_denied)
+        return await gate.wrap(
+            run, call_id, self._plan(gate, request),
+            lambda call: handler(self._capped(request, call)), denied=self._model_denied,
+        )  # fmt: skip
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> ToolResult:
         """Reserve the tool's estimate; deny (raise or message) a refused tool; commit."""
