@@ -43,24 +43,26 @@ from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 
+from runcycles.adapter_glue import (
+    DENIALS,
+    MaxTokensLowering,
+    RunIds,
+    ToolNotAllowedError,
+    is_denial,
+    recast,
+)
 from runcycles.adapter_plan import (
     DEFAULT_MAX_TOKENS,
-    DENIALS,
     AdapterCall,
     AdapterOptions,
     CallPlan,
     DryRunDecision,
-    MaxTokensLowering,
     PendingReservationsWarning,
-    RunIds,
     ToolEstimateConfig,
     ToolEstimateMap,
-    ToolNotAllowedError,
     call_idempotency_key,
     client_config,
-    is_denial,
     is_outage,
-    recast,
     tool_allowed,
 )
 from runcycles.client import AsyncCyclesClient, CyclesClient
