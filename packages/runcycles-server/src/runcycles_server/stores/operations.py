@@ -274,40 +274,52 @@ def reserve(
     )
 
 
-def _owned(txn: Txn, reservation_id: str, tenant_id: str | None) -> ReservationRow:
-    # Existence and ownership come before replay, so a foreign key cannot probe replays.
-    return ledger.check_reservation_access(
-        txn.reservation(reservation_id), reservation_id, tenant_id
-    )
+def _on_reservation(
+    kind: str,
+    tenant_id: str | None,
+    reservation_id: str,
+    key: str,
+    request_hash: str,
+    planner: Callable[[Txn, ReservationRow], Outcome],
+) -> Op[Outcome]:
+    """A keyed operation on one reservation (commit, release, extend).
+
+    Existence and ownership come before replay, so a foreign key cannot probe replays; then
+    a replay answers, else ``planner`` plans on the reservation and the outcome is written.
+    """
+    endpoint = f"{kind}:{reservation_id}"
+
+    def plan(txn: Txn) -> Outcome:
+        res = ledger.check_reservation_access(
+            txn.reservation(reservation_id), reservation_id, tenant_id
+        )
+        replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
+        if replayed is not None:
+            return replayed
+        return _applied(txn, planner(txn, res))
+
+    return Op(plan, None, reservation_id, idem=(endpoint, key))
 
 
 def commit(
     tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/commit``."""
-    endpoint = f"commit:{reservation_id}"
-    key = request.idempotency_key
 
-    def plan(txn: Txn) -> Outcome:
-        res = _owned(txn, reservation_id, tenant_id)
-        replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
-        if replayed is not None:
-            return replayed
-        return _applied(
-            txn,
-            ledger.plan_commit(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=txn.tenant(res.tenant_id),
-                budgets=txn.budgets(res.budgeted_scopes),
-                request_hash=request_hash,
-                now_ms=txn.now,
-            ),
+    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+        return ledger.plan_commit(
+            reservation_id=reservation_id,
+            request=request,
+            tenant_id=tenant_id,
+            reservation=res,
+            tenant=txn.tenant(res.tenant_id),
+            budgets=txn.budgets(res.budgeted_scopes),
+            request_hash=request_hash,
+            now_ms=txn.now,
         )
 
-    return Op(plan, None, reservation_id, idem=(endpoint, key))
+    key = request.idempotency_key
+    return _on_reservation("commit", tenant_id, reservation_id, key, request_hash, planner)
 
 
 def release(
@@ -321,63 +333,45 @@ def release(
     trace_id: str | None = None,
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/release``; ``tenant_id=None`` is an audited admin release."""
-    endpoint = f"release:{reservation_id}"
-    key = request.idempotency_key
 
-    def plan(txn: Txn) -> Outcome:
-        res = _owned(txn, reservation_id, tenant_id)
-        replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
-        if replayed is not None:
-            return replayed
-        return _applied(
-            txn,
-            _give_back(
-                txn,
-                ledger.plan_release(
-                    reservation_id=reservation_id,
-                    request=request,
-                    tenant_id=tenant_id,
-                    reservation=res,
-                    tenant=txn.tenant(res.tenant_id),
-                    budgets=txn.budgets(res.budgeted_scopes),
-                    request_hash=request_hash,
-                    now_ms=txn.now,
-                    audit_id=audit_id,
-                    request_id=request_id,
-                    trace_id=trace_id,
-                ),
-            ),
+    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+        outcome = ledger.plan_release(
+            reservation_id=reservation_id,
+            request=request,
+            tenant_id=tenant_id,
+            reservation=res,
+            tenant=txn.tenant(res.tenant_id),
+            budgets=txn.budgets(res.budgeted_scopes),
+            request_hash=request_hash,
+            now_ms=txn.now,
+            audit_id=audit_id,
+            request_id=request_id,
+            trace_id=trace_id,
         )
+        return _give_back(txn, outcome)
 
-    return Op(plan, None, reservation_id, idem=(endpoint, key))
+    key = request.idempotency_key
+    return _on_reservation("release", tenant_id, reservation_id, key, request_hash, planner)
 
 
 def extend(
     tenant_id: str, reservation_id: str, request: ReservationExtendRequest, request_hash: str
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/extend``."""
-    endpoint = f"extend:{reservation_id}"
-    key = request.idempotency_key
 
-    def plan(txn: Txn) -> Outcome:
-        res = _owned(txn, reservation_id, tenant_id)
-        replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
-        if replayed is not None:
-            return replayed
-        return _applied(
-            txn,
-            ledger.plan_extend(
-                reservation_id=reservation_id,
-                request=request,
-                tenant_id=tenant_id,
-                reservation=res,
-                tenant=txn.tenant(res.tenant_id),
-                request_hash=request_hash,
-                now_ms=txn.now,
-            ),
+    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+        return ledger.plan_extend(
+            reservation_id=reservation_id,
+            request=request,
+            tenant_id=tenant_id,
+            reservation=res,
+            tenant=txn.tenant(res.tenant_id),
+            request_hash=request_hash,
+            now_ms=txn.now,
         )
 
-    return Op(plan, None, reservation_id, idem=(endpoint, key))
+    key = request.idempotency_key
+    return _on_reservation("extend", tenant_id, reservation_id, key, request_hash, planner)
 
 
 def event(
