@@ -21,6 +21,7 @@ plain ``httpx`` transport throughout. ``tests/test_http11.py`` holds this one to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from typing import Final
@@ -40,13 +41,13 @@ Origin = tuple[bytes, bytes, int]
 class _Answer:
     """A complete response as read off the connection."""
 
-    __slots__ = ("body", "headers", "keep_alive", "reason", "status")
+    __slots__ = ("body", "headers", "keep_alive", "reason", "status", "version")
 
     def __init__(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+        self, version: bytes, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
-        self.status, self.reason, self.headers, self.body = status, reason, headers, body
-        self.keep_alive = True
+        self.version, self.status, self.reason, self.headers = version, status, reason, headers
+        self.body, self.keep_alive = b"", True
 
 
 class _Connection(asyncio.Protocol):
@@ -107,11 +108,12 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, data: bytes, timeout: dict[str, float | None], head: bool) -> _Answer:
         """Send one request's bytes and return its response."""
+        self.answer, self.head_request = None, head
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             raise httpx.RemoteProtocolError("Server disconnected without a response.")
-        waiter = self.waiter = self.loop.create_future()
-        self.answer, self.head_request = None, head
+        waiter: asyncio.Future[_Answer] = self.loop.create_future()
+        self.waiter = waiter
         read_s = timeout.get("read")
         if read_s is not None:
             self.read_s = read_s
@@ -149,7 +151,8 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.pool._uncount(self)
         if self.transport is not None:
-            self.transport.close()
+            with contextlib.suppress(RuntimeError):  # its event loop is closed: gone already
+                self.transport.close()
 
     # -- parsing ---------------------------------------------------------------------
 
@@ -212,7 +215,7 @@ class _Connection(asyncio.Protocol):
             elif lower == b"connection":
                 tokens = {t.strip() for t in value.lower().split(b",")}
                 close = b"close" in tokens or (close and b"keep-alive" not in tokens)
-        answer = _Answer(status, parts[2] if len(parts) > 2 else b"", headers, b"")
+        answer = _Answer(version, status, parts[2] if len(parts) > 2 else b"", headers)
         answer.keep_alive = not close
         if self.head_request or status < 200 or status in (204, 304):
             self.length = 0
@@ -302,7 +305,7 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         try:
             answer = await connection.exchange(data, timeout, head)
         except httpx.RemoteProtocolError:
-            self._drop(connection)
+            connection.close()
             if not connection.served or connection.answer is not None or connection.buffer:
                 raise
             # A kept-alive connection the server had closed: the others may be stale too.
@@ -311,23 +314,19 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
             try:
                 answer = await connection.exchange(data, timeout, head)
             except BaseException:
-                self._drop(connection)
+                connection.close()
                 raise
         except BaseException:
-            self._drop(connection)
+            connection.close()
             raise
         connection.served += 1
-        if answer.keep_alive and not self._closed and not connection.closed:
-            self._idle.setdefault(origin, []).append(connection)
-            self._wake()
-        else:
-            self._drop(connection)
+        self._release(origin, connection, answer.keep_alive)
         return httpx.Response(
             answer.status,
             headers=answer.headers,
             stream=httpx.ByteStream(answer.body),
             request=request,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
+            extensions={"http_version": answer.version, "reason_phrase": answer.reason},
         )
 
     async def aclose(self) -> None:
@@ -349,7 +348,9 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
             idle = self._idle.get(origin)
             while idle:
                 connection = idle.pop()
-                if not connection.closed:
+                if connection.loop is not loop:  # opened on an event loop no longer in use
+                    connection.close()
+                elif not connection.closed:
                     return connection
             if self._closed:
                 raise RuntimeError("the transport is closed")
@@ -399,14 +400,18 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
             raise
         return connection
 
+    def _release(self, origin: Origin, connection: _Connection, keep: bool) -> None:
+        if keep and not self._closed and not connection.closed:
+            self._idle.setdefault(origin, []).append(connection)
+            self._wake()
+        else:
+            connection.close()
+
     def _uncount(self, connection: _Connection) -> None:
         if connection.counted:
             connection.counted = False
             self._count -= 1
             self._wake()
-
-    def _drop(self, connection: _Connection) -> None:
-        connection.close()
 
     def _drop_idle(self) -> None:
         idle, self._idle = self._idle, {}
