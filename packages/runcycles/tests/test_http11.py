@@ -119,6 +119,7 @@ ZIPPED = gzip.compress(BODY)
 SHAPES: dict[str, Reply] = {
     "content-length": answer(BODY, headers=b"x-request-id: abc\r\nSet-Cookie: a=1\r\n"),
     "chunked": raw(CHUNKED),
+    "chunked-dribbled": raw(CHUNKED, dribble=5),
     "dribbled": raw(
         b"HTTP/1.1 201 Created\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY), dribble=7
     ),

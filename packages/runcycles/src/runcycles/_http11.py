@@ -178,6 +178,8 @@ class _Connection(asyncio.Protocol):
             answer.body = bytes(buffer[:length])
             del buffer[:length]
         elif length == -1:
+            if not buffer.endswith(b"\r\n\r\n"):  # how every complete chunked body ends
+                return False
             body = _dechunk(buffer)
             if body is None:
                 return False
