@@ -13,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +31,7 @@ from .conftest import make_config
 
 Reply = Callable[[asyncio.StreamWriter, bytes], Awaitable[bool]]
 """Writes the answer to one request (its raw bytes); returns whether to keep the connection."""
+Serve = Callable[..., Awaitable["Server"]]
 
 
 class Server:
@@ -63,12 +68,12 @@ class Server:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Reply], Awaitable[Server]]]:
+async def serve() -> AsyncIterator[Serve]:
     servers: list[asyncio.Server] = []
 
-    async def start(reply: Reply) -> Server:
+    async def start(reply: Reply, tls: ssl.SSLContext | None = None) -> Server:
         server = Server(reply)
-        server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=tls)
         servers.append(server.server)
         return server
 
@@ -156,9 +161,7 @@ def _lean() -> AsyncHTTP11Transport:
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-async def test_same_exchange_as_httpx(
-    serve: Callable[[Reply], Awaitable[Server]], shape: str
-) -> None:
+async def test_same_exchange_as_httpx(serve: Serve, shape: str) -> None:
     server = await serve(SHAPES[shape])
     ours = await _exchange(_lean(), server.url)
     plain = await _exchange(httpx.AsyncHTTPTransport(), server.url)
@@ -170,7 +173,7 @@ async def test_same_exchange_as_httpx(
     assert ours.http_version == plain.http_version
 
 
-async def test_keeps_the_connection_alive(serve: Callable[[Reply], Awaitable[Server]]) -> None:
+async def test_keeps_the_connection_alive(serve: Serve) -> None:
     server = await serve(answer())
     transport = _lean()
     for _ in range(3):
@@ -182,7 +185,7 @@ async def test_keeps_the_connection_alive(serve: Callable[[Reply], Awaitable[Ser
 
 
 async def test_a_connection_the_server_closed_is_replaced(
-    serve: Callable[[Reply], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
     # The server closes after each answer without saying so: a kept connection goes stale.
     server = await serve(raw(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", keep=False))
@@ -196,7 +199,7 @@ async def test_a_connection_the_server_closed_is_replaced(
 
 
 async def test_a_stale_connection_written_to_is_retried_once(
-    serve: Callable[[Reply], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
     # Each connection answers once, then drops the next request unanswered: what a server
     # that timed the idle connection out does to a request already on its way.
@@ -219,7 +222,7 @@ async def test_a_stale_connection_written_to_is_retried_once(
 
 
 async def test_a_half_sent_response_is_an_error_not_a_retry(
-    serve: Callable[[Reply], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
     server = await serve(raw(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}", keep=False))
     transport = _lean()
@@ -233,9 +236,7 @@ async def test_a_half_sent_response_is_an_error_not_a_retry(
     "data",
     [b"HTTP/1.1 abc\r\n\r\n", b"SMTP ready\r\n\r\n", b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"],
 )
-async def test_a_malformed_response_is_a_protocol_error(
-    serve: Callable[[Reply], Awaitable[Server]], data: bytes
-) -> None:
+async def test_a_malformed_response_is_a_protocol_error(serve: Serve, data: bytes) -> None:
     server = await serve(raw(data))
     transport = _lean()
     with pytest.raises(httpx.RemoteProtocolError):
@@ -243,7 +244,7 @@ async def test_a_malformed_response_is_a_protocol_error(
     await transport.aclose()
 
 
-async def test_read_timeout(serve: Callable[[Reply], Awaitable[Server]]) -> None:
+async def test_read_timeout(serve: Serve) -> None:
     async def silent(writer: asyncio.StreamWriter, request: bytes) -> bool:
         await asyncio.sleep(1)
         return False
@@ -269,7 +270,7 @@ async def test_connect_error_names_the_cause() -> None:
 
 
 async def test_max_connections_queues_then_times_out(
-    serve: Callable[[Reply], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
     release = asyncio.Event()
 
@@ -294,7 +295,7 @@ async def test_max_connections_queues_then_times_out(
 
 
 async def test_a_cancelled_request_does_not_leave_its_connection_in_the_pool(
-    serve: Callable[[Reply], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
     calls = 0
 
@@ -338,7 +339,7 @@ async def test_owned_async_client_uses_it_unless_a_proxy_or_the_plain_path(
 
 
 async def test_a_client_against_a_real_server_matches_the_plain_path(
-    serve: Callable[[Reply], Awaitable[Server]],
+    serve: Serve,
 ) -> None:
     allow = {"decision": "ALLOW", "reservation_id": "r-1", "affected_scopes": ["tenant:acme"]}
     server = await serve(answer(json.dumps(allow).encode()))
@@ -378,3 +379,40 @@ async def test_a_respx_mock_sees_the_requests() -> None:
             )
     assert route.called
     assert response.status == 409
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> Path:
+    """A self-signed certificate (and its key, in the same file) for localhost."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    pem = tmp_path / "localhost.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(pem), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    pem.write_text(pem.read_text() + (tmp_path / "cert.pem").read_text())
+    return pem
+
+
+async def test_tls_verified_with_the_clients_context_like_httpx(
+    serve: Serve, certificate: Path
+) -> None:
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(certificate)
+    server = await serve(answer(BODY), tls)
+    url = server.url.replace("http://127.0.0.1", "https://localhost")
+    trusting = ssl.create_default_context(cafile=str(certificate))
+    ours = AsyncHTTP11Transport(ssl_context=trusting, max_connections=1)
+    plain = httpx.AsyncHTTPTransport(verify=trusting)
+    responses = [await _exchange(transport, url) for transport in (ours, plain)]
+    assert [r.content for r in responses] == [BODY, BODY]
+    assert server.requests[0] == server.requests[1]
+    for transport in (  # the system's CAs do not know this certificate
+        AsyncHTTP11Transport(ssl_context=ssl.create_default_context(), max_connections=1),
+        httpx.AsyncHTTPTransport(verify=ssl.create_default_context()),
+    ):
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await _exchange(transport, url)
