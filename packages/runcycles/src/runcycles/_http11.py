@@ -95,13 +95,15 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.pool._uncount(self)
         if self.waiter is None or self.waiter.done():
+            self.pool._forget_idle(self)
             return
         answer = self.answer
         if answer is not None and self.length == -2:  # the body ended with the connection
             answer.body, answer.keep_alive = bytes(self.buffer), False
             self._finish(answer)
             return
-        what = "without sending a complete response" if self.buffer else "without a response"
+        partly = self.buffer or answer is not None
+        what = "without sending a complete response" if partly else "without a response"
         self._fail(httpx.RemoteProtocolError(f"Server disconnected {what}."))
 
     # -- one exchange ----------------------------------------------------------------
@@ -140,6 +142,9 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def _finish(self, answer: _Answer) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         waiter = self.waiter
         if self.buffer:  # bytes after the response: nothing was asked for them
             answer.keep_alive = False
@@ -408,6 +413,11 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
             self._wake()
         else:
             connection.close()
+
+    def _forget_idle(self, connection: _Connection) -> None:
+        for idle in self._idle.values():
+            if connection in idle:
+                idle.remove(connection)
 
     def _uncount(self, connection: _Connection) -> None:
         if connection.counted:
