@@ -198,6 +198,19 @@ async def test_a_connection_the_server_closed_is_replaced(
     assert server.connections == 3
 
 
+async def test_an_idle_connection_past_its_keepalive_expiry_is_not_reused(
+    serve: Serve,
+) -> None:
+    server = await serve(answer())
+    transport = AsyncHTTP11Transport(ssl_context=None, max_connections=10, keepalive_expiry_s=0.05)
+    await transport.handle_async_request(_request(server.url))
+    await transport.handle_async_request(_request(server.url))  # reused: still fresh
+    await asyncio.sleep(0.1)
+    await transport.handle_async_request(_request(server.url))
+    await transport.aclose()
+    assert server.connections == 2
+
+
 async def test_a_stale_connection_written_to_is_retried_once(
     serve: Serve,
 ) -> None:

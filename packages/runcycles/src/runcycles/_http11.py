@@ -65,6 +65,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.counted = True  # holds one of the pool's max_connections
         self.served = 0  # requests answered on it (a reused connection may have gone stale)
+        self.idle_since = 0.0  # loop time it went back to the pool
         self.head_request = False
 
     # -- asyncio callbacks -----------------------------------------------------------
@@ -271,11 +272,20 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         ssl_context: For ``https`` URLs (the client's own; ``None``: the system default).
         max_connections: Open connections at most; a request beyond waits (the ``pool``
             timeout), as with ``httpx.Limits(max_connections=...)``.
+        keepalive_expiry_s: An idle connection older than this is closed, not reused
+            (``httpx.Limits``' default: a server or a middlebox may have dropped it).
     """
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None, max_connections: int) -> None:
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        max_connections: int,
+        keepalive_expiry_s: float = 5.0,
+    ) -> None:
         self._ssl = ssl_context
         self._max = max_connections
+        self._expiry_s = keepalive_expiry_s
         self._idle: dict[Origin, list[_Connection]] = {}
         self._count = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -351,11 +361,13 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
     async def _acquire(
         self, loop: asyncio.AbstractEventLoop, origin: Origin, timeout: dict[str, float | None]
     ) -> _Connection:
+        expiry_s = self._expiry_s
         while True:
             idle = self._idle.get(origin)
             while idle:
                 connection = idle.pop()
-                if connection.loop is not loop:  # opened on an event loop no longer in use
+                # Opened on an event loop no longer in use, or idle for too long: not reused.
+                if connection.loop is not loop or loop.time() - connection.idle_since > expiry_s:
                     connection.close()
                 elif not connection.closed:
                     return connection
@@ -409,6 +421,7 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
 
     def _release(self, origin: Origin, connection: _Connection, keep: bool) -> None:
         if keep and not self._closed and not connection.closed:
+            connection.idle_since = connection.loop.time()
             self._idle.setdefault(origin, []).append(connection)
             self._wake()
         else:
