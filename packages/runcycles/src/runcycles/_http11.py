@@ -10,12 +10,12 @@ connections to the client's server (at most ``max_connections``), bodies framed 
 errors (``ConnectError``, ``ReadTimeout``, ``RemoteProtocolError``...) and returns
 ``httpx.Response`` objects, so nothing above the transport changes.
 
-A client that builds its own pool uses it while the fast path is on
-(:func:`runcycles._fastpath.pool_transport`); proxies from the environment still go through
-``httpx``'s own transports (the pool's mounts), a request to another origin goes through a
-plain ``httpx`` transport, and so does every request while a test mocks ``httpcore``'s pool
-(``respx``'s default way), so that the mock sees them. ``RUNCYCLES_FASTPATH=0`` gives the
-plain ``httpx`` transport throughout. ``tests/test_http11.py`` holds this one to the plain one.
+An async client that builds its own pool uses it while the fast path is on and no proxy is
+configured (``urllib.request.getproxies()``, where ``httpx`` reads proxies from too): with a
+proxy, or ``RUNCYCLES_FASTPATH=0``, the pool keeps ``httpx``'s own transport. A URL that is
+neither ``http`` nor ``https``, and every request while a test mocks ``httpcore``'s pool
+(``respx``'s default way, so that the mock sees them), go through a plain ``httpx``
+transport. ``tests/test_http11.py`` holds this one to the plain one.
 """
 
 from __future__ import annotations
