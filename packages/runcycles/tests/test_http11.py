@@ -247,14 +247,23 @@ async def test_a_half_sent_response_is_an_error_not_a_retry(
 
 @pytest.mark.parametrize(
     "data",
-    [b"HTTP/1.1 abc\r\n\r\n", b"SMTP ready\r\n\r\n", b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"],
+    [
+        b"HTTP/1.1 abc\r\n\r\n",
+        b"SMTP ready\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-1\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+    ],
 )
-async def test_a_malformed_response_is_a_protocol_error(serve: Serve, data: bytes) -> None:
+async def test_a_malformed_response_is_a_protocol_error_like_httpx(
+    serve: Serve, data: bytes
+) -> None:
     server = await serve(raw(data))
-    transport = _lean()
-    with pytest.raises(httpx.RemoteProtocolError):
-        await transport.handle_async_request(_request(server.url))
-    await transport.aclose()
+    for transport in (_lean(), httpx.AsyncHTTPTransport()):
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _exchange(transport, server.url)
 
 
 async def test_read_timeout(serve: Serve) -> None:

@@ -34,6 +34,7 @@ __all__ = ["AsyncHTTP11Transport"]
 _MAX_HEAD: Final = 64 * 1024
 """Longest status line and headers accepted (``h11``'s default limit too)."""
 _DEFAULT_TIMEOUT: Final = httpx.Timeout(5.0)
+_HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
 
 Origin = tuple[bytes, bytes, int]
 
@@ -216,8 +217,8 @@ class _Connection(asyncio.Protocol):
                 if not value.isdigit() or (length is not None and int(value) != length):
                     raise httpx.RemoteProtocolError(f"bad Content-Length: {value[:40]!r}")
                 length = int(value)
-            elif lower == b"transfer-encoding":
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+            elif lower == b"transfer-encoding":  # only chunked, as h11 (httpx's parser)
+                chunked = value.lower() == b"chunked"
                 if not chunked:
                     raise httpx.RemoteProtocolError(f"unsupported Transfer-Encoding: {value!r}")
             elif lower == b"connection":
@@ -244,11 +245,10 @@ def _dechunk(buffer: bytearray) -> bytes | None:
         line_end = buffer.find(b"\r\n", at)
         if line_end < 0:
             return None
-        size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise httpx.RemoteProtocolError(f"bad chunk size: {size_text[:40]!r}") from None
+        size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip(b" \t")
+        if not size_text or size_text.strip(_HEX_DIGITS):
+            raise httpx.RemoteProtocolError(f"bad chunk size: {size_text[:40]!r}")
+        size = int(size_text, 16)
         at = line_end + 2
         if size == 0:
             trailers_end = buffer.find(b"\r\n", at)
