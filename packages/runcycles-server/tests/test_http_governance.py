@@ -335,7 +335,7 @@ def test_registry_lists_pages_filters_and_gets_kinds(api: Api, store: Store) -> 
         ({"cursor": "no.such"}, "cursor"),
     ):
         refused(api.client.get("/v1/action-kinds", params=params), 400, "INVALID_REQUEST", word)
-    refused(api.client.get("/v1/action-kinds/" + "a" * 65), 400, "INVALID_REQUEST", "64")
+    refused(api.client.get("/v1/action-kinds/" + "a" * 65), 404, "NOT_FOUND", "...")
 
 
 def test_registry_is_cacheable_and_rate_limited(make_api: Callable[..., Api]) -> None:
