@@ -22,6 +22,7 @@ from runcycles_server.governance import (
     effective_observe_mode,
     evaluate,
     policy_from_create,
+    prepare,
     release_per_run,
 )
 
@@ -550,3 +551,52 @@ def test_effective_observe_mode_precedence(
 def test_an_unknown_observe_mode_is_a_400():
     with pytest.raises(LedgerError, match="observe_mode 'SHADOW' is not one of"):
         effective_observe_mode("SHADOW", None)
+
+
+def test_prepare_once_gives_the_same_keys_and_verdicts_as_the_two_calls():
+    pol = policy(
+        action_quotas=[EMAIL_PER_RUN],
+        risk_class_quotas=[
+            {"risk_class": "external_side_effect", "max_calls": 3, "window": "per_hour_tumbling"}
+        ],
+    )
+    ledger = Ledger(pol)
+    for _ in range(3):
+        prepared = prepare(pol, act(), BOT, NOW, REG)
+        assert prepared.counter_keys == counters_needed(pol, act(), BOT, NOW, REG)
+        assert prepared.evaluate(ledger.rows) == evaluate(pol, act(), BOT, ledger.rows, NOW, REG)
+        ledger.reserve(act())
+    denied = prepare(policy(denied_action_kinds=["message.email.send"]), act(), BOT, NOW, REG)
+    assert denied.counter_keys == []
+    assert isinstance(denied.evaluate({}), Denial)
+
+
+def test_correlation_ids_join_the_events_the_spec_joins():
+    pol = policy(action_quotas=[{**EMAIL_PER_RUN, "max_calls": 1}])
+    ledger = Ledger(pol)
+    (adm,) = ledger.admitted(act(), 1)
+    counter_id = adm.counters[0].key.correlation_id("acme")
+    first = denial(ledger.reserve(act()), "ACTION_QUOTA_EXCEEDED")
+    assert first
+    again = ledger.reserve(act())
+    assert isinstance(again, Denial)
+    one = again.correlation_id("acme")
+    assert one == ledger.reserve(act()).correlation_id("acme")  # type: ignore[union-attr]
+    assert one != again.correlation_id("globex")
+    other_run = Ledger(
+        pol, Subject(tenant="acme", workspace="eng", agent="bot", dimensions={"run_id": "r2"})
+    )
+    other_run.rows = ledger.rows
+    other_run.admitted(act(), 1)
+    later = other_run.reserve(act())
+    assert isinstance(later, Denial)
+    assert later.correlation_id("acme") != one  # another window key
+    denied = Ledger(policy(denied_action_kinds=["message.email.send"])).reserve(act())
+    assert isinstance(denied, Denial)
+    assert denied.correlation_id("acme") != one  # another reason
+    # a threshold crossing and a reset of the same counter share the counter's id
+    crossing_ledger = Ledger(policy(action_quotas=[{**EMAIL_PER_RUN, "max_calls": 5}]))
+    crossing = next(a for a in crossing_ledger.admitted(act(), 4) if a.thresholds).thresholds[0]
+    assert crossing.correlation_id("acme") == crossing.key.correlation_id("acme")
+    assert counter_id.startswith("quota:")
+    assert one.startswith("deny:")

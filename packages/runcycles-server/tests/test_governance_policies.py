@@ -275,7 +275,13 @@ def test_storage_json_round_trips_exactly():
         ({"scope_pattern": "tenant:other"}, "outside tenant 'acme'"),
         ({"tenant_id": "other"}, "tenant_id 'other' is not the tenant 'acme'"),
         ({"effective_from": "2026-04-01T00:00:00"}, "effective_from: give a time zone"),
-        ({"effective_from": 1775000000}, "effective_from: expected an RFC 3339 date-time string"),
+        (
+            {"effective_from": 1775000000},
+            "effective_from: expected an RFC 3339 date-time such as '2026-04-01T00:00:00Z', "
+            "got int",
+        ),
+        ({"effective_until": "1775000000"}, "effective_until: expected an RFC 3339 date-time"),
+        ({"effective_until": "2026-04-01"}, "got '2026-04-01'"),
         (
             {"effective_from": "2026-05-01T00:00:00Z", "effective_until": "2026-05-01T00:00:00Z"},
             "effective_until (2026-05-01T00:00:00.000Z) must be after effective_from",

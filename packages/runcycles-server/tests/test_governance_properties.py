@@ -15,8 +15,10 @@ from runcycles_server.governance import (
     Registry,
     calendar_bucket,
     evaluate,
+    matches,
     policy_from_create,
     release_per_run,
+    validate_scope_pattern,
 )
 
 START = int(datetime(2026, 4, 9, 23, 30, tzinfo=timezone.utc).timestamp() * 1000)
@@ -86,3 +88,57 @@ def test_quotas_hold_under_any_sequence(ops: list[tuple[str, object]]):
             if row.key.window == "per_run":
                 live = sum(1 for run, _ in held if run == row.key.bucket)
                 assert row.live_count(now) == live  # default TTL 24 h outlives the test
+
+
+LEVELS = ["tenant", "workspace", "app", "workflow", "agent", "toolset"]
+
+
+def reference_matches(pattern: str, scope: str) -> bool:
+    """The pattern language spelled out naively: try every alignment of the segments."""
+    parts = pattern.split("/")
+    anchored = parts[0].startswith("tenant:")
+    parts = parts[1:] if parts[0] == "*" else parts
+    descendants = parts[-1] == "*"
+    parts = parts[:-1] if descendants else parts
+    segments = scope.split("/")
+    for start in range(len(segments)):
+        if anchored and start:
+            break
+        window = segments[start : start + len(parts)]
+        rest = len(segments) - start - len(parts)
+        if len(window) < len(parts) or (rest < 1 if descendants else rest != 0):
+            continue
+        if all(
+            s == p or (p.endswith(":*") and s.split(":")[0] == p[:-2])
+            for p, s in zip(parts, window, strict=True)
+        ):
+            return True
+    return False
+
+
+@st.composite
+def scope_and_pattern(draw: st.DrawFn) -> tuple[str, str]:
+    levels = sorted(draw(st.sets(st.sampled_from(LEVELS[1:]), max_size=4)), key=LEVELS.index)
+    scope = "/".join(
+        ["tenant:acme", *(f"{lv}:{draw(st.sampled_from(['a', 'b']))}" for lv in levels)]
+    )
+    chosen = sorted(
+        draw(st.sets(st.sampled_from(LEVELS), min_size=1, max_size=3)), key=LEVELS.index
+    )
+    segments = [
+        f"{lv}:{'acme' if lv == 'tenant' else draw(st.sampled_from(['a', 'b', '*']))}"
+        for lv in chosen
+    ]
+    if chosen[0] != "tenant" and draw(st.booleans()):
+        segments.insert(0, "*")
+    if draw(st.booleans()):
+        segments.append("*")
+    return "/".join(segments), scope
+
+
+@settings(max_examples=400, deadline=None)
+@given(scope_and_pattern())
+def test_pattern_matching_agrees_with_the_naive_definition(case: tuple[str, str]):
+    pattern, scope = case
+    validate_scope_pattern(pattern, "acme")
+    assert matches(pattern, scope) is reference_matches(pattern, scope)

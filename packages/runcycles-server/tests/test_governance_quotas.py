@@ -8,9 +8,17 @@ from datetime import datetime, timezone
 import pytest
 
 from runcycles.testing.spec import ACTION_KINDS_SPEC, schema_validator
-from runcycles_server.governance import CounterKey, CounterRow, calendar_bucket, counter_state_body
+from runcycles_server.governance import (
+    CounterKey,
+    CounterRow,
+    Registry,
+    calendar_bucket,
+    counter_state_body,
+    policy_from_create,
+)
 from runcycles_server.governance.policies import QuotaRule
 from runcycles_server.governance.quotas import (
+    counter_limit,
     counter_matches_filters,
     reset_counter,
     reset_matches,
@@ -200,3 +208,35 @@ def test_reset_request_names_a_counter_by_its_key_fields():
     }
     assert reset_matches(ROW, **risk, risk_class="high_risk")
     assert not reset_matches(ROW, **risk, risk_class="read_only")
+
+
+def test_counter_limit_is_the_policys_current_max_calls_for_that_counter():
+    policy = policy_from_create(
+        "acme",
+        {
+            "name": "p",
+            "scope_pattern": "tenant:acme",
+            "action_quotas": [
+                {"action_kind": "message.email.send", "max_calls": 7, "window": "per_run"},
+                {"action_kind": "message.email.send", "max_calls": 4, "window": "per_run"},
+                {
+                    "action_kind": "message.email.send",
+                    "max_calls": 2,
+                    "window": "per_run",
+                    "host_allowlist": ["a.com"],
+                },
+            ],
+            "risk_class_quotas": [
+                {"risk_class": "high_risk", "max_calls": 9, "window": "per_hour_tumbling"}
+            ],
+        },
+        policy_id="pol_1",
+        now_ms=ms(2026, 4, 9),
+        registry=Registry(),
+    )
+    assert counter_limit(policy, RUN.key) == 4
+    filtered = dataclasses.replace(RUN.key, rule=rule_fingerprint(policy.action_quotas[2]))
+    assert counter_limit(policy, filtered) == 2
+    assert counter_limit(policy, ROW.key) == 9
+    assert counter_limit(policy, dataclasses.replace(ROW.key, risk_class="read_only")) is None
+    assert counter_limit(policy, dataclasses.replace(RUN.key, window="per_day_tumbling")) is None

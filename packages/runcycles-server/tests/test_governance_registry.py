@@ -22,11 +22,14 @@ def registry(*entries: Mapping[str, object]) -> Registry:
     return Registry.from_declarations({"kinds": list(entries)})
 
 
-def test_builtin_risk_classes_come_from_the_spec_registry():
+def test_builtin_bodies_are_the_spec_registry_entries():
     spec = load_spec(ACTION_KINDS_SPEC)["x-action-kind-registry"]["kinds"]
     reg = Registry()
     for entry in spec:
         assert reg.risk_class(entry["kind"]).value == entry["risk_class"]
+        body = reg.kind_body(entry["kind"])
+        expected = {**entry, "description": " ".join(entry["description"].split())}
+        assert body == expected, entry["kind"]
 
 
 def test_unregistered_non_custom_kind_defaults_to_side_effect_without_policy_keys():
@@ -257,3 +260,29 @@ def test_a_deprecated_kind_names_its_replacement_and_is_listed_only_on_request()
     schema_validator("ActionKindRegistry", ACTION_KINDS_SPEC).validate(body)
     entry = next(k for k in body["kinds"] if k["kind"] == old.kind)
     assert (entry["deprecated"], entry["replacement_kind"]) == (True, "custom.acme.new.op")
+
+
+def test_etag_changes_with_the_listing_only():
+    plain = Registry()
+    assert plain.etag() == Registry().etag()
+    assert plain.etag().startswith(f'"{action_kinds.REGISTRY_VERSION}-')
+    declared = registry(ERP)
+    assert declared.etag() == plain.etag()  # custom kinds are not in the public listing
+    assert declared.etag(include_custom=True) != plain.etag(include_custom=True)
+
+
+def test_a_registry_can_be_hashed_and_compared_by_identity():
+    reg = registry(ERP)
+    assert {reg: 1}[reg] == 1
+
+
+def test_a_request_may_send_any_non_custom_kind_but_a_policy_may_not():
+    registry = Registry()
+    # Action.kind is a free string in the base protocol: unregistered kinds are side_effect.
+    assert registry.check_kind("k") == "k"
+    assert registry.check_kind("tool.call") == "tool.call"
+    assert registry.risk_class("k").value == "side_effect"
+    with pytest.raises(LedgerError, match="denied_action_kinds"):
+        registry.check_kind("k", field="denied_action_kinds[0]")
+    with pytest.raises(LedgerError, match="not registered"):
+        registry.check_kind("custom.acme.erp.post")

@@ -10,6 +10,7 @@ import pytest
 import respx
 
 from runcycles import AsyncCyclesClient, CyclesClient, CyclesConfig
+from runcycles.testing.fake_server import FakeCyclesServer
 
 BASE_URL = "http://cycles.test"
 API_KEY = "test-api-key"
@@ -104,3 +105,9 @@ def api(make_api: Any) -> Api:
 @pytest.fixture
 def config_factory() -> Any:
     return make_config
+
+
+@pytest.fixture
+def server() -> FakeCyclesServer:
+    """An in-memory Cycles server (the adapter tests talk to it)."""
+    return FakeCyclesServer()

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"_autoreplay"},
     {"_base_client"},
     {"lifecycle"},
-    {"streaming", "adapter_plan"},
+    {"streaming", "adapter_plan", "adapter_glue"},
     {"client"},
     {"decorator", "adapters"},
     {"__init__", "testing"},

@@ -181,6 +181,38 @@ def test_from_anthropic_refuses_other_shapes() -> None:
         Usage.from_anthropic({"prompt_tokens": 3})
 
 
+LANGCHAIN = {  # AIMessage.usage_metadata
+    "input_tokens": 100,
+    "output_tokens": 40,
+    "total_tokens": 140,
+    "input_token_details": {"cache_read": 30, "cache_creation": 10},
+    "output_token_details": {"reasoning": 25},
+}
+
+
+@pytest.mark.parametrize("wrap", [dict, _as_object], ids=["dict", "object"])
+def test_from_langchain_usage_metadata(wrap: Any) -> None:
+    usage = Usage.from_langchain(wrap(LANGCHAIN), model="gpt-4o", provider="azure")
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (100, 40, 140)
+    assert (usage.cached_input_tokens, usage.cache_write_tokens) == (30, 10)
+    assert usage.reasoning_tokens == 25
+    assert (usage.model, usage.provider) == ("gpt-4o", "azure")
+
+
+def test_from_langchain_tolerates_what_integrations_fill_unevenly() -> None:
+    raw = {
+        "input_tokens": 10,
+        "output_tokens": "5",  # not an int: 0
+        "input_token_details": {"cache_read": 8, "cache_creation": 9},  # more than is left
+        "output_token_details": None,
+    }
+    usage = Usage.from_langchain(raw)
+    assert (usage.input_tokens, usage.output_tokens) == (10, 0)
+    assert (usage.cached_input_tokens, usage.cache_write_tokens) == (8, 2)
+    assert usage.reasoning_tokens == 0
+    assert Usage.from_langchain({"output_tokens": 3}) == Usage(output_tokens=3)
+
+
 # -- accumulation ---------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from runcycles import (
     Unit,
     Usage,
 )
+from runcycles.adapters import MaxTokensLowering, ToolNotAllowedError, recast
 from runcycles.lifecycle import to_amount
 
 __all__ = ["BudgetExceeded", "CyclesBudgetCallback", "DEFAULT_LLM_ESTIMATE", "ToolNotAllowed"]
@@ -40,7 +41,7 @@ class BudgetExceeded(BudgetExceededError, AgentCancel):
     """
 
 
-class ToolNotAllowed(AgentCancel):
+class ToolNotAllowed(ToolNotAllowedError, AgentCancel):
     """The budget's caps (``tool_allowlist``/``tool_denylist``) forbid this tool; it did not run."""
 
 
@@ -72,6 +73,7 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
     """
 
     framework = "any-agent"
+    tool_error = ToolNotAllowed
 
     def __init__(
         self,
@@ -101,8 +103,7 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
             llm_estimate, action_kind, action_name,
         )  # fmt: skip
         self._current: dict[tuple[str, str, int], str] = {}  # (run, kind, task) -> call id
-        self._capped: dict[str, Any] = {}  # run -> the model settings it capped
-        self._originals: dict[int, tuple[int | None, int]] = {}  # settings -> (own, runs capping)
+        self._lowered = MaxTokensLowering()  # the model settings each run's calls capped
         self._warned_caps = False
 
     # -- what a call is and what it used (the adapter base's two hooks) ------------------
@@ -152,14 +153,12 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         slot = self._slot(context, kind)
         self._current[slot] = call_id
         try:
-            return self.begin(slot[0], call_id, event)
-        except BudgetExceededError as error:
+            call = self.begin(slot[0], call_id, event)
+            return self.check_tool(call, event[1]) if kind == "tool" else call
+        except CyclesError as error:
             self._current.pop(slot, None)
-            error.__class__ = BudgetExceeded
-            error._trace = None  # type: ignore[attr-defined]  # AgentCancel's, set by any-agent
-            raise
-        except CyclesError:
-            self._current.pop(slot, None)
+            if isinstance(error, BudgetExceededError):  # AgentCancel's trace: set by any-agent
+                recast(error, BudgetExceeded, _trace=None)
             raise
 
     def before_llm_call(self, context: Context, *args: Any, **kwargs: Any) -> Context:
@@ -182,16 +181,12 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
             return context
         # The object the model receives, shared by the agent's concurrent runs: each run's
         # call lowers it, and the agent's own value is put back after the last of them.
-        if self.run_id(context) not in self._capped:  # (not again for a repeated callback)
-            own, runs = self._originals.get(id(settings), (settings.max_tokens, 0))
-            self._originals[id(settings)] = (own, runs + 1)
-            self._capped[self.run_id(context)] = settings
-        settings.max_tokens = min(cap, settings.max_tokens or cap)
+        self._lowered.lower(self.run_id(context), settings, cap)
         return context
 
     def after_llm_call(self, context: Context, *args: Any, **kwargs: Any) -> Context:
         """Commit the model call's usage (the span's ``gen_ai.usage.*``), priced."""
-        self._uncap(self.run_id(context))
+        self._lowered.restore(self.run_id(context))
         call_id = self._current.pop(self._slot(context, "llm"), None)
         if call_id is not None:
             self.end(self.run_id(context), call_id, dict(self._attrs(context)))
@@ -207,15 +202,7 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
             or self._span_id(context)  # tinyagent: tools run one at a time
         )
         name = str(attrs.get("gen_ai.tool.name") or "unknown")
-        call = self._start(context, "tool", call_id, ("tool", name, None))
-        if call.guarded and not call.allows_tool(name):
-            self._current.pop(self._slot(context, "tool"), None)
-            self.fail(self.run_id(context), call_id)
-            raise ToolNotAllowed(
-                f"tool {name!r} is not allowed by the budget's caps (the Cycles reservation's "
-                "tool allowlist/denylist); it did not run. Change the budget's caps or remove "
-                "the tool from the agent."
-            )
+        self._start(context, "tool", call_id, ("tool", name, None))
         return context
 
     def after_tool_execution(self, context: Context, *args: Any, **kwargs: Any) -> Context:
@@ -231,17 +218,8 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
     def after_agent_invocation(self, context: Context, *args: Any, **kwargs: Any) -> Context:
         """The run is over (finished or failed): release whatever it left open."""
         run = self.run_id(context)
-        self._uncap(run)
+        self._lowered.restore(run)
         for slot in [slot for slot in self._current if slot[0] == run]:
             self._current.pop(slot, None)
         self.end_run(run)
         return context
-
-    def _uncap(self, run: str) -> None:
-        settings = self._capped.pop(run, None)
-        if settings is not None:
-            own, runs = self._originals.pop(id(settings))
-            if runs > 1:
-                self._originals[id(settings)] = (own, runs - 1)
-            else:
-                settings.max_tokens = own

@@ -8,43 +8,10 @@ from typing import Any
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
-from runcycles import (
-    BudgetClosedError,
-    BudgetExceededError,
-    BudgetFrozenError,
-    CallPlan,
-    CyclesError,
-    DebtOutstandingError,
-    OverdraftLimitExceededError,
-    Usage,
-)
-from runcycles.adapters import ToolEstimateMap
+from runcycles import CallPlan, Usage
+from runcycles.adapters import ToolEstimateMap, ToolNotAllowedError
 
-__all__ = ["DENIALS", "LangChainHooks", "ToolNotAllowedError", "message_usage"]
-
-DENIALS = (
-    BudgetExceededError,
-    BudgetFrozenError,
-    BudgetClosedError,
-    OverdraftLimitExceededError,
-    DebtOutstandingError,
-)
-"""The answers that mean "the budget says no" (not an outage, not bad credentials)."""
-
-
-class ToolNotAllowedError(CyclesError):
-    """The budget's caps (``tool_allowlist``/``tool_denylist``) forbid this tool; it did not run."""
-
-    def __init__(self, tool: str) -> None:
-        super().__init__(
-            f"tool {tool!r} is not allowed by the budget's caps (tool allowlist/denylist of "
-            "the Cycles reservation); it did not run. Change the budget's caps or remove the "
-            "tool from the agent."
-        )
-
-
-def _int(value: Any) -> int:
-    return value if type(value) is int else 0
+__all__ = ["LangChainHooks", "ToolNotAllowedError", "message_usage"]
 
 
 def message_usage(message: Any) -> Usage | None:
@@ -52,20 +19,9 @@ def message_usage(message: Any) -> Usage | None:
     used = getattr(message, "usage_metadata", None)
     if not isinstance(message, BaseMessage) or not used:
         return None
-    inp, out = _int(used.get("input_tokens")), _int(used.get("output_tokens"))
-    details_in, details_out = (
-        used.get("input_token_details") or {},
-        used.get("output_token_details") or {},
-    )
-    cached = min(_int(details_in.get("cache_read")), inp)
     meta = message.response_metadata or {}
     model = meta.get("model_name") or meta.get("model")
-    return Usage(
-        input_tokens=inp, output_tokens=out, cached_input_tokens=cached,
-        cache_write_tokens=min(_int(details_in.get("cache_creation")), inp - cached),
-        reasoning_tokens=min(_int(details_out.get("reasoning")), out),
-        model=model if isinstance(model, str) else None,
-    )  # fmt: skip
+    return Usage.from_langchain(used, model=model if isinstance(model, str) else None)
 
 
 class LangChainHooks:

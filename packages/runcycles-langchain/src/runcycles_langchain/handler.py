@@ -8,7 +8,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from runcycles import AdapterCall, CallPlan, CyclesAdapter, CyclesClient, CyclesConfig
-from runcycles_langchain._hooks import LangChainHooks, ToolNotAllowedError
+from runcycles_langchain._hooks import LangChainHooks
 
 __all__ = ["CyclesCallbackHandler"]
 
@@ -57,11 +57,12 @@ class CyclesCallbackHandler(
     def _untrack(self, run_id: UUID) -> str:
         return str(self._roots.pop(run_id, run_id))
 
-    def _begin(self, kw: dict[str, Any], plan: CallPlan | None) -> AdapterCall:
+    def _begin(self, kw: dict[str, Any], plan: CallPlan | None, tool: str = "") -> AdapterCall:
         """Reserve for the call ``kw`` describes (a denial raises: nothing stays tracked)."""
         run_id = kw["run_id"]
         try:
-            return self.begin(self._track(run_id, kw.get("parent_run_id")), run_id, plan)
+            call = self.begin(self._track(run_id, kw.get("parent_run_id")), run_id, plan)
+            return self.check_tool(call, tool) if tool else call
         except BaseException:
             self._untrack(run_id)
             raise
@@ -102,9 +103,7 @@ class CyclesCallbackHandler(
     def on_tool_start(self, serialized: Any, input_str: str, **kw: Any) -> None:
         """Reserve the tool's estimate; refuse a tool the budget's caps forbid."""
         name = str((serialized or {}).get("name") or kw.get("name"))
-        if not self._begin(kw, self.tool_plan(name)).allows_tool(name):
-            self.fail(self._untrack(kw["run_id"]), kw["run_id"])
-            raise ToolNotAllowedError(name)
+        self._begin(kw, self.tool_plan(name), name)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kw: Any) -> None:
         """Commit the tool's estimate."""

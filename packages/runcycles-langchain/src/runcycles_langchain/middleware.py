@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from collections import OrderedDict
@@ -24,7 +25,7 @@ from runcycles import (
     CyclesConfigError,
     CyclesError,
 )
-from runcycles_langchain._hooks import DENIALS, LangChainHooks, ToolNotAllowedError
+from runcycles_langchain._hooks import LangChainHooks
 
 __all__ = ["CyclesBudgetMiddleware"]
 
@@ -158,51 +159,27 @@ class CyclesBudgetMiddleware(AgentMiddleware):
     def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
         """Reserve the model call's worst case, apply the caps, call, commit the usage."""
         gate, (run, call_id) = self.adapter, self._ids(request.runtime)
-        try:
-            call = gate.begin(run, call_id, self._plan(gate, request))
-        except DENIALS as error:
-            return self._model_denied(error)
-        try:
-            response = handler(self._capped(request, call))
-        except BaseException as error:
-            gate.fail(run, call_id, error)
-            raise
-        gate.end(run, call_id, response)
-        return response
+        return gate.wrap(
+            run, call_id, self._plan(gate, request),
+            lambda call: handler(self._capped(request, call)), denied=self._model_denied,
+        )  # fmt: skip
 
     async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
         gate, (run, call_id) = self.async_adapter, self._ids(request.runtime)
-        try:
-            call = await gate.begin(run, call_id, self._plan(gate, request))
-        except DENIALS as error:
-            return self._model_denied(error)
-        try:
-            response = await handler(self._capped(request, call))
-        except BaseException as error:
-            await gate.fail(run, call_id, error)
-            raise
-        await gate.end(run, call_id, response)
-        return response
+        return await gate.wrap(
+            run, call_id, self._plan(gate, request),
+            lambda call: handler(self._capped(request, call)), denied=self._model_denied,
+        )  # fmt: skip
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[..., Any]) -> ToolResult:
         """Reserve the tool's estimate; deny (raise or message) a refused tool; commit."""
         gate, name = self.adapter, request.tool_call["name"]
         run, call_id = self._ids(request.runtime)
-        try:
-            call = gate.begin(run, call_id, gate.tool_plan(name))
-        except DENIALS as error:
-            return self._tool_denied(request, error)
-        if not call.allows_tool(name):
-            gate.fail(run, call_id)
-            return self._tool_denied(request, ToolNotAllowedError(name))
-        try:
-            result = handler(request)
-        except BaseException as error:
-            gate.fail(run, call_id, error)
-            raise
-        gate.end(run, call_id, None)
-        return result
+        return gate.wrap(
+            run, call_id, gate.tool_plan(name), lambda _: handler(request), tool=name,
+            denied=functools.partial(self._tool_denied, request),
+        )  # fmt: skip
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[..., Awaitable[Any]]
@@ -210,20 +187,10 @@ class CyclesBudgetMiddleware(AgentMiddleware):
         """The async twin of :meth:`wrap_tool_call`."""
         gate, name = self.async_adapter, request.tool_call["name"]
         run, call_id = self._ids(request.runtime)
-        try:
-            call = await gate.begin(run, call_id, gate.tool_plan(name))
-        except DENIALS as error:
-            return self._tool_denied(request, error)
-        if not call.allows_tool(name):
-            await gate.fail(run, call_id)
-            return self._tool_denied(request, ToolNotAllowedError(name))
-        try:
-            result = await handler(request)
-        except BaseException as error:
-            await gate.fail(run, call_id, error)
-            raise
-        await gate.end(run, call_id, None)
-        return result
+        return await gate.wrap(
+            run, call_id, gate.tool_plan(name), lambda _: handler(request), tool=name,
+            denied=functools.partial(self._tool_denied, request),
+        )  # fmt: skip
 
     def close(self) -> None:
         """Close the sync side (and its client, if this middleware built it)."""

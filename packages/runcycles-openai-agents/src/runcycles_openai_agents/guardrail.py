@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -19,7 +20,7 @@ from runcycles import (
     Subject,
     Unit,
 )
-from runcycles.adapters import is_outage
+from runcycles.adapters import client_config, is_outage
 
 __all__ = ["cycles_budget_guardrail"]
 
@@ -65,7 +66,7 @@ def cycles_budget_guardrail(
             denial trips whatever this says.
         name: The guardrail's name in the SDK's results and traces.
     """
-    settings = client.config if client is not None else config or CyclesConfig.from_env()
+    settings = client_config(client, config)
     fields = {"tenant": tenant, "workspace": workspace, "app": app, "workflow": workflow}
     subject = {k: v or getattr(settings, k) for k, v in fields.items()}
 
@@ -78,12 +79,11 @@ def cycles_budget_guardrail(
             action=Action(kind=action_kind, name=starting.name),
             estimate=Amount(unit=Unit(unit), amount=estimate),
         )
+        # Without a client: one of its own for this one request, closed after it.
+        scope = contextlib.nullcontext(client) if client else AsyncCyclesClient(settings)
         try:
-            if client is not None:
-                answer = (await client.decide(request)).raise_for_error().data
-            else:  # a client of its own for this one request, closed after it
-                async with AsyncCyclesClient(settings) as own:
-                    answer = (await own.decide(request)).raise_for_error().data
+            async with scope as cycles:
+                answer = (await cycles.decide(request)).raise_for_error().data
         except CyclesError as error:
             if not (fail_open and is_outage(error)):
                 raise

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import uuid
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,10 +26,10 @@ from runcycles import (
     CyclesConfig,
     CyclesError,
     Unit,
-    UnknownModelError,
     Usage,
+    adapters,
 )
-from runcycles.adapters import ToolEstimateMap
+from runcycles.adapters import MaxTokensLowering, RunIds, ToolEstimateMap, recast
 from runcycles_openai_agents.capping import CappedModel, CappedProvider, Caps
 
 __all__ = ["CyclesRunHooks", "ToolNotAllowedError"]
@@ -47,15 +44,8 @@ DEFAULT_LLM_ESTIMATE = 500_000
 """What a model call holds when the pricer does not know its model (about $0.005)."""
 
 
-class ToolNotAllowedError(AgentsException):
+class ToolNotAllowedError(adapters.ToolNotAllowedError, AgentsException):
     """The budget's caps (``tool_allowlist``/``tool_denylist``) forbid this tool; it did not run."""
-
-
-@functools.cache
-def _agents_twin(cls: type[CyclesError]) -> type[CyclesError]:
-    # The SDK wraps a tool hook's exception in UserError unless it is an AgentsException:
-    # a twin class keeps `except BudgetExceededError` working and the error unwrapped.
-    return type(cls.__name__, (cls, AgentsException), {"__module__": cls.__module__})
 
 
 def _model_name(agent: Agent[Any]) -> str | None:
@@ -101,6 +91,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
     """
 
     framework = "openai-agents"
+    tool_error = ToolNotAllowedError
 
     def __init__(
         self,
@@ -131,11 +122,10 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         )  # fmt: skip
         self.tool_estimates = tools
         self._llm_estimate_fixed, self._llm_unit = llm_estimate, Unit(llm_unit)
-        self._runs: dict[int, tuple[weakref.ref[Any], str]] = {}
-        self._llm_open: dict[str, tuple[str, int]] = {}  # run → (call id, id of its input)
+        self._runs = RunIds()
+        self._llm: dict[str, tuple[AdapterCall, int]] = {}  # run → its latest model call, input id
         self._model_caps: Caps = {}
-        self._run_caps: dict[str, AdapterCall] = {}
-        self._capped: dict[str, dict[int, tuple[Any, int | None]]] = {}
+        self._lowered = MaxTokensLowering()  # agents' own settings, without CappedModel
 
     # -- what a call is and what it used (the adapter base's two hooks) ------------------
 
@@ -144,18 +134,13 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         kind, agent, tool = event
         if kind == "tool":
             return self.tool_plan(tool, agent=agent.name, toolset=tool)
-        model, max_tokens = _model_name(agent), agent.model_settings.max_tokens
-        estimate = self._llm_estimate_fixed
-        if estimate is None and (model is None or self._llm_unit is not Unit.USD_MICROCENTS):
-            estimate = DEFAULT_LLM_ESTIMATE
-        if estimate is None and model is not None:
-            try:  # the worst case: max_tokens (4,096 when unset) at the model's price
-                estimate = self.pricer.estimate(model, max_tokens=max_tokens or 4_096)
-            except UnknownModelError:
-                estimate = DEFAULT_LLM_ESTIMATE
+        # The base holds the worst case (max_tokens, 4,096 when unset, at the model's price),
+        # else the fallback.
+        model = _model_name(agent)
         return CallPlan(
-            "llm.completion", model or "default", estimate=estimate, unit=self._llm_unit,
-            model=model, max_tokens=max_tokens, agent=agent.name,
+            "llm.completion", model or "default", estimate=self._llm_estimate_fixed,
+            fallback_estimate=DEFAULT_LLM_ESTIMATE, unit=self._llm_unit, model=model,
+            max_tokens=agent.model_settings.max_tokens, agent=agent.name,
         )  # fmt: skip
 
     def usage(self, result: Any) -> Usage | None:
@@ -187,30 +172,25 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
         explicit = getattr(context.context, "cycles_run_id", None)
         if explicit is not None:
             return str(explicit)
-        key = id(context.usage)
-        entry = self._runs.get(key)
-        if entry is None or entry[0]() is not context.usage:
-            forget = functools.partial(self._runs.pop, key, None)
-            entry = (weakref.ref(context.usage, lambda _: forget()), uuid.uuid4().hex)
-            self._runs[key] = entry
-        return entry[1]
+        return self._runs.of(context.usage)
 
     async def _begin(self, run: str, call_id: str, event: tuple[str, Any, str]) -> AdapterCall:
         try:
-            return await self.begin(run, call_id, event)
+            call = await self.begin(run, call_id, event)
+            if event[0] == "tool":  # the model call's caps govern the tools it chose, too
+                await self.check_tool(call, event[2], under=self._llm.get(run, (None, 0))[0])
+            return call
         except CyclesError as error:
             self._uncap(run)
-            error.__class__ = _agents_twin(type(error))  # type: ignore[arg-type]
-            error.run_data = getattr(error, "run_data", None)  # type: ignore[attr-defined]
+            # The SDK wraps a hook's exception in UserError unless it is an AgentsException.
+            recast(error, AgentsException, run_data=None)
             raise
 
     def _uncap(self, run: str | None) -> None:
         """Give the agents their own ``max_tokens`` back (the run, or every run, is over)."""
-        for key in [run] if run is not None else list(self._llm_open):
-            self._model_caps.pop(self._llm_open.get(key, ("", 0))[1], None)
-        for key in [run] if run is not None else list(self._capped):
-            for settings, original in self._capped.pop(key, {}).values():
-                settings.max_tokens = original
+        for key in [run] if run is not None else list(self._llm):
+            self._model_caps.pop(self._llm.get(key, (None, 0))[1], None)
+        self._lowered.restore(run)
 
     async def on_llm_start(
         self,
@@ -221,45 +201,31 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
     ) -> None:
         """Reserve for the model call; lower its ``max_tokens`` to the caps."""
         run = self.run_id(context)
-        call_id = f"llm-{context.usage.requests}"
-        self._llm_open[run] = (call_id, id(input_items))
-        call = self._run_caps[run] = await self._begin(run, call_id, ("llm", agent, ""))
-        settings, cap = agent.model_settings, call.max_tokens if call.caps else None
+        call = await self._begin(run, f"llm-{context.usage.requests}", ("llm", agent, ""))
+        self._llm[run] = (call, id(input_items))
+        cap = call.max_tokens if call.caps else None
         if cap is not None:
             self._model_caps[id(input_items)] = (input_items, cap)  # CappedModel applies it
-            if settings.max_tokens is None or cap < settings.max_tokens:
-                # Without CappedModel: the SDK resolved this call's settings before this
-                # hook; they are this object only with explicit agent settings and no
-                # RunConfig.model_settings. Kept for the run, undone when it ends.
-                self._capped.setdefault(run, {}).setdefault(
-                    id(settings), (settings, settings.max_tokens)
-                )
-                settings.max_tokens = cap
+            # Without CappedModel: the SDK resolved this call's settings before this hook;
+            # they are this object only with explicit agent settings and no
+            # RunConfig.model_settings. Kept for the run, undone when it ends.
+            self._lowered.lower(run, agent.model_settings, cap)
 
     async def on_llm_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse
     ) -> None:
         """Commit the model call's usage, priced to the micro-cent."""
         run = self.run_id(context)
-        call_id, input_id = self._llm_open.pop(run, ("", 0))
-        self._model_caps.pop(input_id, None)
-        if call_id:
-            await self.end(run, call_id, response)
+        if run in self._llm:  # a repeated callback: the base ends a call once
+            call, input_id = self._llm[run]
+            self._model_caps.pop(input_id, None)
+            await self.end(run, call.call_id, response)
 
     async def on_tool_start(self, context: RunContextWrapper[Any], agent: Any, tool: Tool) -> None:
         """Reserve the tool's estimate; refuse a tool the budget's caps forbid."""
         run = self.run_id(context)
         call_id = getattr(context, "tool_call_id", None) or f"tool-{tool.name}-{id(context)}"
-        call = await self._begin(run, call_id, ("tool", agent, tool.name))
-        llm_call = self._run_caps.get(run)
-        if not call.allows_tool(tool.name) or (llm_call and not llm_call.allows_tool(tool.name)):
-            await self.fail(run, call_id)
-            self._uncap(run)
-            raise ToolNotAllowedError(
-                f"tool {tool.name!r} is not allowed by the budget's caps (tool allowlist/"
-                "denylist of the Cycles reservation); it did not run. Change the budget's "
-                "caps or remove the tool from the agent."
-            )
+        await self._begin(run, call_id, ("tool", agent, tool.name))
 
     async def on_tool_end(
         self, context: RunContextWrapper[Any], agent: Any, tool: Tool, result: object
@@ -280,9 +246,8 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
     async def on_agent_end(self, context: RunContextWrapper[Any], agent: Any, output: Any) -> None:
         """The run is over: release whatever it left open."""
         run = self.run_id(context)
-        self._run_caps.pop(run, None)
         self._uncap(run)
-        self._llm_open.pop(run, None)
+        self._llm.pop(run, None)
         await self.end_run(run)
 
     async def release_pending(self, reason: str = "released_by_adapter") -> int:

@@ -58,7 +58,6 @@ import orjson
 from runcycles.models import (
     INT64_MAX,
     STANDARD_SUBJECT_FIELDS,
-    Action,
     Caps,
     CommitRequest,
     DecisionRequest,
@@ -76,8 +75,7 @@ from runcycles_server.governance import (
     CounterRow,
     Denial,
     PolicyCaps,
-    PolicyRow,
-    Registry,
+    Prepared,
     TtlOverride,
     caps_body,
 )
@@ -619,24 +617,22 @@ class Evaluation:
 class Governance:
     """The governance inputs of one request, loaded by the operation in its transaction.
 
-    ``policy`` is the one policy that applies (:func:`governance.select_policy`), ``counters``
-    the quota counters it reads (by name), ``registry`` the action kinds. ``error`` is a
-    refusal met while loading (an undeclared ``custom.*`` kind, a ``per_run`` quota without a
-    run id), raised in evaluation order: after the tenant guard.
+    ``prepared`` is the request after step 1 with the quota rules of the one policy that
+    applies (:func:`governance.prepare`), ``counters`` the quota counters those rules read (by
+    name). ``error`` is a refusal met while preparing (an undeclared ``custom.*`` kind, a
+    ``per_run`` quota without a run id), raised in evaluation order: after the tenant guard.
     """
 
-    policy: PolicyRow | None
+    prepared: Prepared | None
     counters: Mapping[str, CounterRow]
-    registry: Registry
     error: LedgerError | None = None
 
-    def verdict(self, action: Action, subject: Subject, now_ms: int) -> Admission | Denial:
+    def verdict(self) -> Admission | Denial:
         """Steps 1-3 of the reservation evaluation order (access control, then quotas)."""
         if self.error is not None:
             raise self.error
-        return governance.evaluate(
-            self.policy, action, subject, self.counters, now_ms, self.registry
-        )
+        assert self.prepared is not None
+        return self.prepared.evaluate(self.counters)
 
 
 def merge_caps(
@@ -722,10 +718,7 @@ def evaluate(
     budgets: Iterable[BudgetRow],
     tenant: TenantRow | None,
     tenant_id: str,
-    action: Action | None = None,
-    subject: Subject | None = None,
     gov: Governance | None = None,
-    now_ms: int = 0,
 ) -> Evaluation:
     """Check a reservation-shaped request without changing anything.
 
@@ -752,8 +745,8 @@ def evaluate(
         text = _TENANT_CLOSED_MSG if refused == "TENANT_CLOSED" else _TENANT_SUSPENDED_MSG
         return denied(refused, text.format(t=tenant_id), _deny_detail(refused, scope_list[0]))
     admission = None
-    if gov is not None and action is not None and subject is not None:
-        verdict = gov.verdict(action, subject, now_ms)
+    if gov is not None:
+        verdict = gov.verdict()
         if isinstance(verdict, Denial):
             return denied(verdict.reason_code, verdict.message, dict(verdict.deny_detail))
         admission = verdict
@@ -875,10 +868,7 @@ def plan_decide(
         budgets=budgets,
         tenant=tenant,
         tenant_id=tenant_id,
-        action=request.action,
-        subject=request.subject,
         gov=gov,
-        now_ms=now_ms,
     )
     body: dict[str, Any]
     if ev.reason is not None:
@@ -933,8 +923,7 @@ def plan_reserve(
     scopes = derive_scopes(request.subject)
     ev = evaluate(
         scopes=scopes, unit=unit, amount=amount, budgets=budgets, tenant=tenant,
-        tenant_id=tenant_id, action=request.action, subject=request.subject, gov=gov,
-        now_ms=now_ms,
+        tenant_id=tenant_id, gov=gov,
     )  # fmt: skip
     scope_path = scopes[-1]
     key = request.idempotency_key

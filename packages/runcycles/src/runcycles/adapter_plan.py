@@ -3,8 +3,8 @@
 The value types and pure helpers of :mod:`runcycles.adapters` (which re-exports them):
 :class:`CallPlan` (what a framework package's ``plan()`` hook returns), :class:`AdapterCall`
 (what ``begin()`` returns: caps, ``max_tokens``, ``allows_tool()``), :class:`DryRunDecision`,
-:class:`AdapterOptions`, :func:`call_idempotency_key`, :func:`is_outage` and
-:func:`tool_allowed`. Nothing here does I/O.
+:class:`AdapterOptions`, :func:`call_idempotency_key`, :func:`is_outage`,
+:func:`tool_allowed` and :func:`client_config`. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import re
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Final, Literal, Protocol, TypedDict
 
+from runcycles.config import CyclesConfig
 from runcycles.exceptions import CyclesProtocolError, CyclesTransportError, MalformedResponseError
 from runcycles.lifecycle import (
     AsyncReservationGuard,
@@ -35,6 +36,7 @@ __all__ = [
     "DryRunDecision",
     "PendingReservationsWarning",
     "call_idempotency_key",
+    "client_config",
     "is_outage",
     "tool_allowed",
 ]
@@ -61,13 +63,16 @@ class CallPlan:
     """What one framework call is, and how much to hold for it (returned by ``plan()``).
 
     The estimate is, in order: ``estimate``; else the pricer's worst case for ``model`` and
-    ``max_tokens``; else, for a tool, the adapter's ``tool_estimates[name]`` or
-    ``default_tool_estimate``; else the adapter's ``llm_estimate``.
+    ``max_tokens``; else ``fallback_estimate``; else, for a tool, the adapter's
+    ``tool_estimates[name]`` or ``default_tool_estimate``; else the adapter's ``llm_estimate``.
 
     Attributes:
         kind: Action kind (``"llm.completion"``, ``"tool.call"``).
         name: Action name: the model or the tool.
         estimate: An explicit amount (an ``int`` is in ``unit``).
+        fallback_estimate: What to hold when the pricer cannot estimate the call (no model,
+            a unit other than ``USD_MICROCENTS``, a model it does not know, whatever its
+            ``unknown_model`` policy): a framework package's own default.
         unit: Unit of an ``int`` estimate (default: the adapter's ``unit``).
         model: Model to price the estimate and, when the usage names none, the usage.
         provider: The model's provider, when the name alone is ambiguous.
@@ -83,6 +88,7 @@ class CallPlan:
     kind: str
     name: str
     estimate: int | Amount | None = None
+    fallback_estimate: int | Amount | None = None
     unit: Unit | str | None = None
     model: str | None = None
     provider: str | None = None
@@ -301,6 +307,24 @@ def call_idempotency_key(
     parts = (framework, namespace or "", str(run_id), str(call_id), operation)
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
     return f"{_SLUG.sub('_', framework)[:32]}-{_SLUG.sub('_', operation)[:24]}-{digest[:64]}"
+
+
+class Configured(Protocol):
+    """Anything with a client's ``config`` (a ``CyclesClient`` or an ``AsyncCyclesClient``)."""
+
+    @property
+    def config(self) -> CyclesConfig:
+        """The configuration the client was built with."""
+
+
+def client_config(client: Configured | None, config: CyclesConfig | None) -> CyclesConfig:
+    """Return the configuration meant by an optional client and an optional config.
+
+    The client's own when one is given (it is what requests go through), else ``config``,
+    else the ``CYCLES_*`` variables, read now: a missing setting fails where the adapter
+    or guardrail is made, not at its first call.
+    """
+    return client.config if client is not None else config or CyclesConfig.from_env()
 
 
 def is_outage(error: BaseException) -> bool:

@@ -17,6 +17,10 @@ A framework package maps its events onto two small hooks and forwards its callba
     adapter.fail(run_id, call_id, error)            # or release
     adapter.end_run(run_id)                         # release whatever the run left open
 
+A framework that wraps each call (middleware) does all of it in one step, ``adapter.wrap(run_id,
+call_id, event, proceed)``; a tool call goes through ``check_tool()`` so that a tool the
+budget's caps forbid never runs.
+
 Everything else lives here, once: the table of open reservations keyed by the framework's
 own ids (safe under parallel calls), estimates and prices from a
 :class:`~runcycles.pricing.Pricer`, deterministic idempotency keys (a retried callback never
@@ -34,11 +38,19 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 
+from runcycles.adapter_glue import (
+    DENIALS,
+    MaxTokensLowering,
+    RunIds,
+    ToolNotAllowedError,
+    is_denial,
+    recast,
+)
 from runcycles.adapter_plan import (
     DEFAULT_MAX_TOKENS,
     AdapterCall,
@@ -49,6 +61,7 @@ from runcycles.adapter_plan import (
     ToolEstimateConfig,
     ToolEstimateMap,
     call_idempotency_key,
+    client_config,
     is_outage,
     tool_allowed,
 )
@@ -90,12 +103,19 @@ __all__ = [
     "AsyncCyclesAdapter",
     "CallPlan",
     "CyclesAdapter",
+    "DENIALS",
     "DryRunDecision",
+    "MaxTokensLowering",
     "PendingReservationsWarning",
+    "RunIds",
     "ToolEstimateConfig",
     "ToolEstimateMap",
+    "ToolNotAllowedError",
     "call_idempotency_key",
+    "client_config",
+    "is_denial",
     "is_outage",
+    "recast",
     "tool_allowed",
 ]
 
@@ -103,6 +123,7 @@ logger = logging.getLogger("runcycles.adapters")
 
 StartT = TypeVar("StartT")
 EndT = TypeVar("EndT")
+R = TypeVar("R")
 
 _OPTION_NAMES: Final = frozenset(AdapterOptions.__annotations__)
 _RECENT: Final = 4_096  # ended keys remembered, so a second end() is a silent no-op
@@ -130,6 +151,10 @@ class _AdapterBase(Generic[StartT, EndT]):
 
     framework: ClassVar[str] = "custom"
     """The framework's name: part of every idempotency key, reservation metadata, logs."""
+
+    tool_error: ClassVar[type[ToolNotAllowedError]] = ToolNotAllowedError
+    """What :meth:`~CyclesAdapter.check_tool` raises: a framework package's subclass that is
+    also the framework's own exception type, so the framework stops the run as intended."""
 
     def __init__(self, config: CyclesConfig, options: Mapping[str, Any]) -> None:
         unknown = sorted(set(options) - _OPTION_NAMES)
@@ -255,6 +280,14 @@ class _AdapterBase(Generic[StartT, EndT]):
         with self._lock:
             return list(self._open.values())
 
+    def _refusal(
+        self, call: AdapterCall, tool: str, under: AdapterCall | None
+    ) -> ToolNotAllowedError | None:
+        """The error to stop ``tool`` with, if the caps of ``call`` (or of ``under``) forbid it."""
+        if call.allows_tool(tool) and (under is None or under.allows_tool(tool)):
+            return None
+        return self.tool_error(tool)
+
     def _open_call(
         self, run_id: Hashable, call_id: Hashable, event: StartT
     ) -> tuple[AdapterCall, ReserveOptions | None]:
@@ -299,8 +332,11 @@ class _AdapterBase(Generic[StartT, EndT]):
                 )
                 return Amount(unit=Unit.USD_MICROCENTS, amount=amount)
             except UnknownModelError:
-                if fallback is None or self._pricer.unknown_model == "error":
+                strict = fallback is None or self._pricer.unknown_model == "error"
+                if strict and plan.fallback_estimate is None:
                     raise
+        if plan.fallback_estimate is not None:
+            fallback = plan.fallback_estimate
         if fallback is None:
             what = "default_tool_estimate" if plan.is_tool else "llm_estimate"
             raise CyclesConfigError(
@@ -514,7 +550,7 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         config: CyclesConfig | None = None,
         **options: Unpack[AdapterOptions],
     ) -> None:
-        config = client.config if client is not None else config or CyclesConfig.from_env()
+        config = client_config(client, config)
         super().__init__(config, options)  # options checked before a client is built
         self._owns_client = client is None
         self.client = client if client is not None else CyclesClient(config)
@@ -584,6 +620,66 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         call = self._close_call(run_id, call_id, "fail")
         if call is not None:
             self._release([call], None, error)
+
+    def check_tool(
+        self, call: AdapterCall, tool: str, *, under: AdapterCall | None = None
+    ) -> AdapterCall:
+        """Let a begun tool call run only if the budget's caps allow ``tool``; return ``call``.
+
+        The caps are those of ``call`` and, with ``under``, of another call too (the model
+        call that chose the tool: its reservation may carry the run's tool lists). A dry
+        run never forbids. A forbidden tool's call is released before the error is raised.
+
+        Raises:
+            ToolNotAllowedError: Of the adapter's :attr:`tool_error` class; the tool must not run.
+        """
+        refusal = self._refusal(call, tool, under)
+        if refusal is None:
+            return call
+        self.fail(call.run_id, call.call_id)
+        raise refusal
+
+    def wrap(
+        self,
+        run_id: Hashable,
+        call_id: Hashable,
+        event: StartT,
+        proceed: Callable[[AdapterCall], R],
+        *,
+        tool: str | None = None,
+        denied: Callable[[CyclesError], R] | None = None,
+    ) -> R:
+        """Run ``proceed(call)`` under a reservation: for frameworks that wrap each call.
+
+        Begin the call (a tool call, with ``tool``, through :meth:`check_tool`), run
+        ``proceed``, and commit: a model call its result's usage, a tool call its estimate.
+        An exception from ``proceed`` releases the call and propagates.
+
+        Args:
+            run_id: See :meth:`begin`.
+            call_id: See :meth:`begin`.
+            event: See :meth:`begin`.
+            proceed: Runs the call; it gets the begun call (caps to apply) and its result is
+                returned.
+            tool: The tool's name, for a tool call.
+            denied: What to return instead when the budget refuses the call before it runs
+                (:func:`is_denial`); without it the denial is raised.
+        """
+        try:
+            call = self.begin(run_id, call_id, event)
+            if tool is not None:
+                self.check_tool(call, tool)
+        except CyclesError as error:
+            if denied is None or not is_denial(error):
+                raise
+            return denied(error)
+        try:
+            result = proceed(call)
+        except BaseException as error:
+            self.fail(run_id, call_id, error)
+            raise
+        self.end(run_id, call_id, None if tool is not None else result)  # type: ignore[arg-type]
+        return result
 
     def record_event(
         self,
@@ -665,7 +761,7 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
         config: CyclesConfig | None = None,
         **options: Unpack[AdapterOptions],
     ) -> None:
-        config = client.config if client is not None else config or CyclesConfig.from_env()
+        config = client_config(client, config)
         super().__init__(config, options)
         self._owns_client = client is None
         self.client = client if client is not None else AsyncCyclesClient(config)
@@ -712,6 +808,43 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
         call = self._close_call(run_id, call_id, "fail")
         if call is not None:
             await self._release([call], None, error)
+
+    async def check_tool(
+        self, call: AdapterCall, tool: str, *, under: AdapterCall | None = None
+    ) -> AdapterCall:
+        """See :meth:`CyclesAdapter.check_tool`."""
+        refusal = self._refusal(call, tool, under)
+        if refusal is None:
+            return call
+        await self.fail(call.run_id, call.call_id)
+        raise refusal
+
+    async def wrap(
+        self,
+        run_id: Hashable,
+        call_id: Hashable,
+        event: StartT,
+        proceed: Callable[[AdapterCall], Awaitable[R]],
+        *,
+        tool: str | None = None,
+        denied: Callable[[CyclesError], R] | None = None,
+    ) -> R:
+        """See :meth:`CyclesAdapter.wrap` (``proceed`` returns an awaitable)."""
+        try:
+            call = await self.begin(run_id, call_id, event)
+            if tool is not None:
+                await self.check_tool(call, tool)
+        except CyclesError as error:
+            if denied is None or not is_denial(error):
+                raise
+            return denied(error)
+        try:
+            result = await proceed(call)
+        except BaseException as error:
+            await self.fail(run_id, call_id, error)
+            raise
+        await self.end(run_id, call_id, None if tool is not None else result)  # type: ignore[arg-type]
+        return result
 
     async def record_event(
         self,

@@ -8,9 +8,9 @@ OpenAI and genai-prices:
   those two are parts of ``input_tokens``, so they can never exceed it together.
 * ``output_tokens`` is the total completion size, *including* ``reasoning_tokens``.
 
-Providers that count differently are converted by the constructors: Anthropic reports
-``input_tokens`` *without* its cache reads and writes, so :meth:`Usage.from_anthropic` adds
-them back.
+Providers that count differently are converted by the constructors (``from_openai``,
+``from_anthropic``, ``from_langchain``): Anthropic reports ``input_tokens`` *without* its
+cache reads and writes, so :meth:`Usage.from_anthropic` adds them back.
 """
 
 from __future__ import annotations
@@ -213,6 +213,37 @@ class Usage:
             provider=provider,
         )
 
+    @classmethod
+    def from_langchain(
+        cls, usage: object, *, model: str | None = None, provider: str | None = None
+    ) -> Usage:
+        """Convert LangChain's ``usage_metadata`` (``AIMessage.usage_metadata``), any provider.
+
+        LangChain's convention is this class's: ``input_tokens`` is the whole prompt (its
+        ``input_token_details`` ``cache_read`` and ``cache_creation`` are parts of it) and
+        ``output_tokens`` includes ``output_token_details.reasoning``. Provider integrations
+        fill the details unevenly, so a missing or non-``int`` count is 0 and a part larger
+        than what is left of its total is cut to it: a wrong detail never makes a finished
+        call's usage unpriceable (the totals, what the call is charged by, are kept).
+
+        Args:
+            usage: ``message.usage_metadata`` (a dict, or an object with attributes).
+            model: The model that served the call (``response_metadata["model_name"]``).
+            provider: The provider, when the model name alone is ambiguous.
+        """
+        inp, out = _loose(usage, "input_tokens"), _loose(usage, "output_tokens")
+        details_in = _get(usage, "input_token_details")
+        cached = min(_loose(details_in, "cache_read"), inp)
+        return cls(
+            input_tokens=inp,
+            output_tokens=out,
+            cached_input_tokens=cached,
+            cache_write_tokens=min(_loose(details_in, "cache_creation"), inp - cached),
+            reasoning_tokens=min(_loose(_get(usage, "output_token_details"), "reasoning"), out),
+            model=model,
+            provider=provider,
+        )
+
 
 def _check_count(value: object, name: str) -> None:
     if type(value) is not int:
@@ -237,6 +268,11 @@ def _count(source: object, name: str, what: str) -> int:
     if type(value) is not int:
         raise TypeError(f"{what}: {name} must be an int, got {value!r}")
     return value
+
+
+def _loose(source: object, name: str) -> int:
+    value = _get(source, name)
+    return value if type(value) is int else 0
 
 
 def _add_amounts(left: Amount | None, right: Amount | None) -> Amount | None:

@@ -13,10 +13,11 @@ Modules, bottom up:
 * :mod:`~.registry`: :class:`Registry`, the built-in action kinds plus the operator's
   declared ``custom.*`` kinds (loaded from YAML/JSON, :class:`DeclarationError` on a bad
   file); kind checks, risk classes, the ``/v1/action-kinds`` bodies.
-* :mod:`~.policies`: :class:`PolicyRow` and its rule rows; create/PATCH validation
-  (``400`` naming the field), the wire ``Policy``, the storage JSON, and
+* :mod:`~.policy_rows`: :class:`PolicyRow` and its rule rows (frozen data), the wire
+  ``Policy`` and the storage JSON.
+* :mod:`~.policies`: create/PATCH validation (``400`` naming the field), and
   :func:`select_policy` (the one highest-priority ``ACTIVE`` policy in its effective window
-  that matches the request; deterministic ties).
+  that matches the request; deterministic ties), list filters.
 * :mod:`~.quotas`: :class:`CounterKey` / :class:`CounterRow`, UTC calendar buckets, cleanup
   TTLs, the counters endpoint body.
 * :mod:`~.evaluate`: :func:`evaluate` (steps 1-3 of the RESERVATION EVALUATION ORDER:
@@ -26,9 +27,9 @@ Modules, bottom up:
 How a store uses it on a reservation (one transaction, or one Redis script)::
 
     policy = select_policy(tenant_policies, derive_scopes(subject), now_ms)
-    keys = counters_needed(policy, action, subject, now_ms, registry)  # may raise 400
-    rows = {row.name: row for row in store.read_counters(tenant, keys)}
-    verdict = evaluate(policy, action, subject, rows, now_ms, registry)
+    prepared = prepare(policy, action, subject, now_ms, registry)  # may raise 400
+    rows = {row.name: row for row in store.read_counters(tenant, prepared.counter_keys)}
+    verdict = prepared.evaluate(rows)     # = evaluate(policy, action, subject, rows, ...)
     if isinstance(verdict, Denial):       # 409 live, decision=DENY on dry run / decide
         ...                                # nothing written
     else:                                  # budget check (step 4), then, unless dry run or
@@ -47,10 +48,12 @@ from __future__ import annotations
 from runcycles_server.governance.evaluate import (
     Admission,
     Denial,
+    Prepared,
     ThresholdCrossing,
     counters_needed,
     effective_observe_mode,
     evaluate,
+    prepare,
     release_per_run,
 )
 from runcycles_server.governance.policies import (
@@ -75,6 +78,7 @@ from runcycles_server.governance.quotas import (
     CounterKey,
     CounterRow,
     calendar_bucket,
+    counter_limit,
     counter_matches_filters,
     counter_state_body,
     reset_counter,
@@ -92,6 +96,7 @@ __all__ = [
     "KindInfo",
     "PolicyCaps",
     "PolicyRow",
+    "Prepared",
     "QuotaRule",
     "RateLimitRule",
     "Registry",
@@ -100,6 +105,7 @@ __all__ = [
     "TtlOverride",
     "calendar_bucket",
     "caps_body",
+    "counter_limit",
     "counter_matches_filters",
     "counter_state_body",
     "counters_needed",
@@ -113,6 +119,7 @@ __all__ = [
     "policy_from_json",
     "policy_patch",
     "policy_to_json",
+    "prepare",
     "release_per_run",
     "reset_counter",
     "reset_matches",

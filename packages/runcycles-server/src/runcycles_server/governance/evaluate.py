@@ -24,18 +24,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from fractions import Fraction
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from runcycles.governance import RISK_COUNTER_KIND
-from runcycles.models import Action, ObserveMode, ReasonCode, Subject
+from runcycles.models import Action, ActionRiskClass, ObserveMode, ReasonCode, Subject
 from runcycles_server.errors import LedgerError
-from runcycles_server.governance.policies import (
+from runcycles_server.governance.policy_rows import (
     DEFAULT_PER_RUN_TTL_MS,
     DEFAULT_THRESHOLD_PCT,
     PolicyCaps,
     PolicyRow,
     QuotaRule,
+    RiskQuotaRule,
     TtlOverride,
 )
 from runcycles_server.governance.quotas import (
@@ -44,6 +44,7 @@ from runcycles_server.governance.quotas import (
     CounterKey,
     CounterRow,
     calendar_bucket,
+    correlation_id,
     rule_fingerprint,
 )
 from runcycles_server.governance.registry import Registry
@@ -53,14 +54,18 @@ from runcycles_server.governance.timestamps import iso
 __all__ = [
     "Admission",
     "Denial",
+    "Prepared",
     "ThresholdCrossing",
     "counters_needed",
     "effective_observe_mode",
     "evaluate",
+    "prepare",
     "release_per_run",
 ]
 
 _MAX_FIX: Final = 512
+_PPM: Final = 1_000_000
+"""Thresholds compare in parts per million: exact for the spec's two-decimal percentages."""
 _CASE_INSENSITIVE: Final = frozenset({"host", "recipient_domain"})
 _ALLOWLISTS: Final = (
     ("host_allowlist", "host"),
@@ -85,6 +90,10 @@ class ThresholdCrossing:
     used: int
     limit: int
     threshold_pct: float
+
+    def correlation_id(self, tenant_id: str) -> str:
+        """The event's ``correlation_id`` (:meth:`CounterKey.correlation_id`)."""
+        return self.key.correlation_id(tenant_id)
 
     def event_data(self, tenant_id: str) -> dict[str, Any]:
         """Return the ``quota.threshold_approaching`` event payload."""
@@ -111,7 +120,9 @@ class Admission:
     ``counters`` are the rows *after* the increment, to write atomically with the balance
     (and not at all on a dry run or in observe mode); ``per_run_counters`` the names the
     reservation must keep so that its release or expiry gives them back
-    (:func:`release_per_run`). ``policy`` is ``None`` when no policy governs the request.
+    (:func:`release_per_run`); ``thresholds`` the ``quota.threshold_approaching`` events
+    to record once those rows are written (never in observe mode: nothing moved).
+    ``policy`` is ``None`` when no policy governs the request.
     """
 
     policy: PolicyRow | None
@@ -149,6 +160,24 @@ class Denial:
     deny_detail: dict[str, Any]
     message: str
     policy: PolicyRow
+    action_kind: str
+
+    def correlation_id(self, tenant_id: str) -> str:
+        """The ``correlation_id`` of this denial's ``reservation.(observed_)denied`` events.
+
+        A hash over (tenant, scope, action kind, window key, reason code, policy): the same
+        for the shadow and the enforced denial, so dashboards join the two streams.
+        """
+        violation = self.deny_detail.get("quota_violation") or {}
+        return correlation_id(
+            "deny",
+            tenant_id,
+            str(self.deny_detail.get("blocked_by_scope", "")),
+            self.action_kind,
+            str(violation.get("window_key", "")),
+            self.reason_code,
+            self.policy.policy_id,
+        )
 
     def error(self) -> LedgerError:
         """The ``409`` of a live reservation (``details.deny_detail`` carries the detail)."""
@@ -157,24 +186,82 @@ class Denial:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Check:
+class _Check(NamedTuple):
     """One applicable quota rule and the counter it reads."""
 
     key: CounterKey
+    name: str
     limit: int
     threshold_pct: float
+    threshold_ppm: int
     ttl_ms: int | None
     kind: str
     rule: str
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
-    scope: str
+class Prepared:
+    """A request after step 1, with the quota rules that apply to it: evaluation minus counters.
+
+    :func:`prepare` builds it once; :attr:`counter_keys` says which counters to read and
+    :meth:`evaluate` finishes steps 2 and 3 against them (what :func:`counters_needed` and
+    :func:`evaluate` do, without working the rules out twice).
+    """
+
+    policy: PolicyRow | None
+    kind: str
     risk_class: str
-    risk_checks: tuple[_Check, ...]
-    kind_checks: tuple[_Check, ...]
+    now_ms: int
+    scope: str | None = None
+    denial: Denial | None = None
+    risk_checks: tuple[_Check, ...] = ()
+    kind_checks: tuple[_Check, ...] = ()
+
+    @property
+    def counter_keys(self) -> list[CounterKey]:
+        """The counters steps 2 and 3 read, each once (none for a refused kind)."""
+        unique: dict[str, CounterKey] = {}
+        for check in (*self.risk_checks, *self.kind_checks):
+            unique.setdefault(check.name, check.key)
+        return list(unique.values())
+
+    def evaluate(self, counters: Mapping[str, CounterRow]) -> Admission | Denial:
+        """Steps 2 and 3 against ``counters`` (by name; absent or expired rows count 0)."""
+        if self.denial is not None:
+            return self.denial
+        policy = self.policy
+        if policy is None:
+            return Admission(policy=None, scope=None, risk_class=self.risk_class)
+        now_ms = self.now_ms
+
+        def used(check: _Check) -> int:
+            row = counters.get(check.name)
+            return row.live_count(now_ms) if row is not None else 0
+
+        for checks in (self.risk_checks, self.kind_checks):
+            worst: tuple[int, _Check] | None = None
+            for check in checks:
+                headroom = check.limit - used(check)
+                if headroom <= 0 and (worst is None or headroom < worst[0]):
+                    worst = (headroom, check)  # ties keep the first rule
+            if worst is not None:
+                return _quota_denial(policy, self.kind, worst[1], used(worst[1]))
+        return _admit(policy, self, counters, now_ms)
+
+
+def prepare(
+    policy: PolicyRow | None,
+    action: Action,
+    subject: Subject,
+    now_ms: int,
+    registry: Registry,
+) -> Prepared:
+    """Check the kind, run step 1 and find the quota rules that apply (see :class:`Prepared`).
+
+    Raises:
+        LedgerError: ``INVALID_REQUEST`` as :func:`evaluate`.
+    """
+    return _prepare(policy, action, subject, now_ms, registry)
 
 
 def counters_needed(
@@ -189,13 +276,7 @@ def counters_needed(
     Raises:
         LedgerError: ``INVALID_REQUEST`` as :func:`evaluate`.
     """
-    plan = _plan(policy, action, subject, now_ms, registry)
-    if not isinstance(plan, _Plan):
-        return []
-    unique: dict[str, CounterKey] = {}
-    for check in (*plan.risk_checks, *plan.kind_checks):
-        unique.setdefault(check.key.name, check.key)
-    return list(unique.values())
+    return _prepare(policy, action, subject, now_ms, registry).counter_keys
 
 
 def evaluate(
@@ -208,29 +289,14 @@ def evaluate(
 ) -> Admission | Denial:
     """Run steps 1-3 for ``policy`` against the current ``counters`` (by name).
 
-    A counter missing from ``counters`` or expired counts as 0.
+    A counter missing from ``counters`` or expired counts as 0. With ``policy=None`` (no
+    policy governs the request) only the kind is checked.
 
     Raises:
         LedgerError: ``INVALID_REQUEST`` for a malformed or undeclared custom kind, or a
             ``per_run`` quota that applies to a subject without ``dimensions.run_id``.
     """
-    plan = _plan(policy, action, subject, now_ms, registry)
-    if isinstance(plan, Denial):
-        return plan
-    if policy is None or isinstance(plan, str):
-        return Admission(policy=None, scope=None, risk_class=str(plan))
-
-    def used(check: _Check) -> int:
-        row = counters.get(check.key.name)
-        return row.live_count(now_ms) if row is not None else 0
-
-    for checks in (plan.risk_checks, plan.kind_checks):
-        exceeded = [(check.limit - used(check), index, check) for index, check in enumerate(checks)]
-        exceeded = [item for item in exceeded if item[0] <= 0]
-        if exceeded:
-            _, _, worst = min(exceeded, key=lambda item: (item[0], item[1]))
-            return _quota_denial(policy, action.kind, worst, used(worst))
-    return _admit(policy, plan, counters, now_ms)
+    return _prepare(policy, action, subject, now_ms, registry).evaluate(counters)
 
 
 def release_per_run(
@@ -280,18 +346,18 @@ def effective_observe_mode(
 # Steps
 
 
-def _plan(
+def _prepare(
     policy: PolicyRow | None,
     action: Action,
     subject: Subject,
     now_ms: int,
     registry: Registry,
-) -> _Plan | Denial | str:
-    """Step 1 and the list of applicable quota rules (a bare risk class when no policy)."""
+) -> Prepared:
     kind = registry.check_kind(action.kind)
-    risk_class = registry.risk_class(kind).value
+    info = registry.info(kind)
+    risk_class = info.risk_class.value if info is not None else ActionRiskClass.SIDE_EFFECT.value
     if policy is None:
-        return risk_class
+        return Prepared(None, kind, risk_class, now_ms)
     scopes = subject_scopes(subject)
     scope = matching_scope(policy.scope_pattern, scopes)
     if scope is None:
@@ -300,53 +366,48 @@ def _plan(
             "pass the policy select_policy chose for this subject"
         )
     if kind in policy.denied_action_kinds:
-        return _access_denial(policy, kind, scope, ReasonCode.ACTION_KIND_DENIED)
+        denial = _access_denial(policy, kind, scope, ReasonCode.ACTION_KIND_DENIED)
+        return Prepared(policy, kind, risk_class, now_ms, scope, denial)
     if policy.allowed_action_kinds and kind not in policy.allowed_action_kinds:
-        return _access_denial(policy, kind, scope, ReasonCode.ACTION_KIND_NOT_ALLOWED)
+        denial = _access_denial(policy, kind, scope, ReasonCode.ACTION_KIND_NOT_ALLOWED)
+        return Prepared(policy, kind, risk_class, now_ms, scope, denial)
     run_id = (subject.dimensions or {}).get("run_id") or None
-    risk_checks = []
-    for index, risk_rule in enumerate(policy.risk_class_quotas):
-        if risk_rule.risk_class != risk_class:
-            continue
-        rule_at = f"risk_class_quotas[{index}]"
-        where = f"{rule_at} ({risk_class} {risk_rule.window})"
-        key = _key(
+    risk_checks = [
+        _check(
             policy,
+            f"risk_class_quotas[{index}]",
             RISK_COUNTER_KIND,
             risk_class,
             "",
-            risk_rule.window,
+            rule,
+            kind,
             scope,
             run_id,
             now_ms,
-            where,
         )
-        risk_checks.append(
-            _check(
-                key,
-                risk_rule.max_calls,
-                risk_rule.threshold_pct,
-                risk_rule.per_run_counter_ttl_ms,
-                kind,
-                rule_at,
-            )
-        )
-    kind_checks = []
+        for index, rule in enumerate(policy.risk_class_quotas)
+        if rule.risk_class == risk_class
+    ]
     dimensions = registry.policy_dimensions(kind)
-    for index, rule in enumerate(policy.action_quotas):
-        if rule.action_kind != kind or not _admits(rule, action, dimensions):
-            continue
-        rule_at = f"action_quotas[{index}]"
-        where = f"{rule_at} ({kind} {rule.window})"
-        key = _key(
-            policy, kind, None, rule_fingerprint(rule), rule.window, scope, run_id, now_ms, where
+    kind_checks = [
+        _check(
+            policy,
+            f"action_quotas[{index}]",
+            kind,
+            None,
+            rule_fingerprint(rule),
+            rule,
+            kind,
+            scope,
+            run_id,
+            now_ms,
         )
-        kind_checks.append(
-            _check(
-                key, rule.max_calls, rule.threshold_pct, rule.per_run_counter_ttl_ms, kind, rule_at
-            )
-        )
-    return _Plan(scope, risk_class, tuple(risk_checks), tuple(kind_checks))
+        for index, rule in enumerate(policy.action_quotas)
+        if rule.action_kind == kind and _admits(rule, action, dimensions)
+    ]
+    return Prepared(
+        policy, kind, risk_class, now_ms, scope, None, tuple(risk_checks), tuple(kind_checks)
+    )
 
 
 def _admits(rule: QuotaRule, action: Action, dimensions: frozenset[str]) -> bool:
@@ -367,53 +428,40 @@ def _admits(rule: QuotaRule, action: Action, dimensions: frozenset[str]) -> bool
     return True
 
 
-def _key(
+def _check(
     policy: PolicyRow,
-    action_kind: str,
+    rule_at: str,
+    counter_kind: str,
     risk_class: str | None,
-    rule: str,
-    window: str,
+    fingerprint: str,
+    rule: QuotaRule | RiskQuotaRule,
+    kind: str,
     scope: str,
     run_id: str | None,
     now_ms: int,
-    where: str,
-) -> CounterKey:
+) -> _Check:
+    """The counter one applicable rule reads, with what its evaluation needs."""
+    window = rule.window
     if window == PER_RUN:
         if run_id is None:
             raise LedgerError(
                 "INVALID_REQUEST",
                 f"subject.dimensions.run_id is required: policy {policy.policy_id!r} applies a "
-                f"per_run quota ({where}) to this action; send the run's id in "
-                "subject.dimensions.run_id",
+                f"per_run quota ({rule_at}, {rule.max_calls} per run) to {kind}; send the "
+                "run's id in subject.dimensions.run_id",
             )
         bucket, start = run_id, None
+        ttl: int | None = rule.per_run_counter_ttl_ms or DEFAULT_PER_RUN_TTL_MS
     else:
         bucket, begin = calendar_bucket(window, now_ms)
-        start = begin
-    counted_at = tenant_root(scope) if window == TENANT_DAY else scope
-    return CounterKey(
-        policy_id=policy.policy_id,
-        action_kind=action_kind,
-        risk_class=risk_class,
-        window=window,
-        bucket=bucket,
-        scope=counted_at,
-        rule=rule,
-        bucket_start_ms=start,
+        start, ttl = begin, None
+    if window == TENANT_DAY:
+        scope = tenant_root(scope)
+    key = CounterKey(
+        policy.policy_id, counter_kind, risk_class, window, bucket, scope, fingerprint, start
     )
-
-
-def _check(
-    key: CounterKey,
-    limit: int,
-    threshold_pct: float | None,
-    ttl_ms: int | None,
-    kind: str,
-    rule: str,
-) -> _Check:
-    pct = threshold_pct if threshold_pct is not None else DEFAULT_THRESHOLD_PCT
-    ttl = (ttl_ms or DEFAULT_PER_RUN_TTL_MS) if key.window == PER_RUN else None
-    return _Check(key, limit, pct, ttl, kind, rule)
+    pct = rule.threshold_pct if rule.threshold_pct is not None else DEFAULT_THRESHOLD_PCT
+    return _Check(key, key.name, rule.max_calls, pct, round(pct * _PPM), ttl, kind, rule_at)
 
 
 def _access_denial(policy: PolicyRow, kind: str, scope: str, reason: str) -> Denial:
@@ -435,7 +483,7 @@ def _access_denial(policy: PolicyRow, kind: str, scope: str, reason: str) -> Den
         "blocked_by_policy": policy.policy_id,
         "suggested_fix": fix[:_MAX_FIX],
     }
-    return Denial(reason, detail, f"{message} (scope {scope})", policy)
+    return Denial(reason, detail, f"{message} (scope {scope})", policy, kind)
 
 
 def _quota_denial(policy: PolicyRow, kind: str, check: _Check, used: int) -> Denial:
@@ -471,49 +519,54 @@ def _quota_denial(policy: PolicyRow, kind: str, check: _Check, used: int) -> Den
         f"action quota exceeded: {used} of {check.limit} {what} calls used "
         f"({key.window} {key.bucket}) at {key.scope}, policy {policy.policy_id!r}"
     )
-    return Denial(ReasonCode.ACTION_QUOTA_EXCEEDED, detail, message, policy)
+    return Denial(ReasonCode.ACTION_QUOTA_EXCEEDED, detail, message, policy, kind)
 
 
 def _admit(
-    policy: PolicyRow, plan: _Plan, counters: Mapping[str, CounterRow], now_ms: int
+    policy: PolicyRow, plan: Prepared, counters: Mapping[str, CounterRow], now_ms: int
 ) -> Admission:
-    """Step 5's counter half: every applicable counter +1 (once, however many rules share it)."""
+    """Step 5's counter half: every applicable counter +1 (once, however many rules share it).
+
+    A ``per_run`` row lives the longest ``per_run_counter_ttl_ms`` of the rules counting on it
+    from now; a calendar row expires its cleanup TTL after its bucket starts.
+    """
     checks = (*plan.risk_checks, *plan.kind_checks)
+    ttls: dict[str, int | None] = {}
+    for check in checks:
+        if check.ttl_ms is None or check.name not in ttls:
+            ttls[check.name] = check.ttl_ms
+        else:
+            ttls[check.name] = max(check.ttl_ms, ttls[check.name] or 0)
     rows: dict[str, CounterRow] = {}
     for check in checks:
-        name = check.key.name
-        current = rows.get(name)
-        if current is None:
-            old = counters.get(name)
-            live = old if old is not None and old.live_count(now_ms) > 0 else None
-            current = CounterRow(
-                key=check.key,
-                count=(live.count if live is not None else 0) + 1,
-                expires_at_ms=0,
-                updated_at_ms=now_ms,
-                incremented_at_ms=now_ms,
-                fired_pcts=live.fired_pcts if live is not None else (),
-            )
-        if check.ttl_ms is not None:
-            ttl = max(check.ttl_ms, current.ttl_ms or 0)
-            current = replace(current, ttl_ms=ttl, expires_at_ms=now_ms + ttl)
-        else:
-            expiry = check.key.cleanup_expiry_ms()
-            assert expiry is not None
-            current = replace(current, expires_at_ms=expiry)
-        rows[name] = current
+        if check.name in rows:
+            continue
+        old = counters.get(check.name)
+        live = old if old is not None and now_ms < old.expires_at_ms else None
+        ttl = ttls[check.name]
+        expiry = now_ms + ttl if ttl is not None else check.key.cleanup_expiry_ms()
+        assert expiry is not None
+        rows[check.name] = CounterRow(
+            key=check.key,
+            count=(live.count if live is not None else 0) + 1,
+            expires_at_ms=expiry,
+            updated_at_ms=now_ms,
+            incremented_at_ms=now_ms,
+            ttl_ms=ttl,
+            fired_pcts=live.fired_pcts if live is not None else (),
+        )
     thresholds = []
     for check in checks:
-        row = rows[check.key.name]
-        pct = Fraction(str(check.threshold_pct))
-        mark = pct * check.limit
-        if row.count - 1 < mark <= row.count and check.threshold_pct not in row.fired_pcts:
-            rows[check.key.name] = replace(row, fired_pcts=(*row.fired_pcts, check.threshold_pct))
+        row = rows[check.name]
+        mark = check.threshold_ppm * check.limit
+        crossed = (row.count - 1) * _PPM < mark <= row.count * _PPM
+        if crossed and check.threshold_pct not in row.fired_pcts:
+            rows[check.name] = replace(row, fired_pcts=(*row.fired_pcts, check.threshold_pct))
             risk = check.key.risk_class
             thresholds.append(
                 ThresholdCrossing(
                     rule=check.rule,
-                    counter=check.key.name,
+                    counter=check.name,
                     key=check.key,
                     action_kind=RISK_COUNTER_KIND if risk is not None else check.kind,
                     risk_class=risk,

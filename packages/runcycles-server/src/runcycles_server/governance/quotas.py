@@ -18,6 +18,7 @@ it ends. A ``per_run`` row lives ``per_run_counter_ttl_ms`` from its last increm
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -26,7 +27,7 @@ import orjson
 
 from runcycles.governance import RISK_COUNTER_KIND
 from runcycles.models import ActionQuotaWindow
-from runcycles_server.governance.policies import QuotaRule
+from runcycles_server.governance.policy_rows import PolicyRow, QuotaRule
 from runcycles_server.governance.timestamps import DAY_MS, HOUR_MS, MINUTE_MS, iso, utc
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "CounterKey",
     "CounterRow",
     "calendar_bucket",
+    "correlation_id",
+    "counter_limit",
     "counter_matches_filters",
     "counter_state_body",
     "reset_counter",
@@ -66,6 +69,16 @@ _BUCKET_FORMAT: Final = {
 _STORAGE_VERSION: Final = 1
 
 
+def correlation_id(kind: str, *parts: str) -> str:
+    """Return a deterministic event ``correlation_id``: ``kind`` and a digest of ``parts``.
+
+    The spec asks for "a deterministic hash over" named fields so that related events join
+    (a threshold crossing with the denials and the reset of the same counter).
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+    return f"{kind}:{digest}"
+
+
 def calendar_bucket(window: str, now_ms: int) -> tuple[str, int]:
     """Return the UTC bucket string of a calendar ``window`` at ``now_ms`` and its start (ms).
 
@@ -76,7 +89,12 @@ def calendar_bucket(window: str, now_ms: int) -> tuple[str, int]:
     if size is None:
         raise ValueError(f"{window!r} is not a calendar window")
     start = now_ms - now_ms % size
-    return utc(start).strftime(_BUCKET_FORMAT[window]), start
+    return _bucket_name(window, start), start
+
+
+@functools.lru_cache(maxsize=256)
+def _bucket_name(window: str, start_ms: int) -> str:
+    return utc(start_ms).strftime(_BUCKET_FORMAT[window])
 
 
 def rule_fingerprint(rule: QuotaRule) -> str:
@@ -122,6 +140,15 @@ class CounterKey:
         if self.bucket_start_ms is None:
             return None
         return self.bucket_start_ms + _WINDOW_MS[self.window]
+
+    def correlation_id(self, tenant_id: str) -> str:
+        """The ``correlation_id`` of this counter's threshold and reset events.
+
+        A hash over (tenant, scope, kind or risk class, window, window key), as both
+        ``quota.threshold_approaching`` and ``quota.counter_reset`` require.
+        """
+        subject = self.risk_class if self.risk_class is not None else self.action_kind
+        return correlation_id("quota", tenant_id, self.scope, subject, self.window, self.bucket)
 
     def cleanup_expiry_ms(self) -> int | None:
         """A calendar counter's cleanup expiry (bucket start + spec TTL); ``None`` for runs."""
@@ -261,6 +288,29 @@ def reset_matches(
         and key.bucket == window_key
         and (action_kind != RISK_COUNTER_KIND or key.risk_class == risk_class)
     )
+
+
+def counter_limit(policy: PolicyRow, key: CounterKey) -> int | None:
+    """Return the ``max_calls`` ``policy`` sets today for the counter ``key`` (its limit).
+
+    The smallest of the rules that count on it; ``None`` if the policy no longer has one
+    (a rule removed or changed since the counter moved).
+    """
+    if key.action_kind == RISK_COUNTER_KIND:
+        limits = [
+            rule.max_calls
+            for rule in policy.risk_class_quotas
+            if rule.risk_class == key.risk_class and rule.window == key.window
+        ]
+    else:
+        limits = [
+            rule.max_calls
+            for rule in policy.action_quotas
+            if rule.action_kind == key.action_kind
+            and rule.window == key.window
+            and rule_fingerprint(rule) == key.rule
+        ]
+    return min(limits, default=None)
 
 
 def reset_counter(row: CounterRow, now_ms: int) -> CounterRow:

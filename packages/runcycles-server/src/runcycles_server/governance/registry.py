@@ -20,6 +20,8 @@ policy-key routing (UNREGISTERED KIND HANDLING).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from runcycles import action_kinds
 from runcycles.exceptions import CyclesConfigError
 from runcycles.models import ActionRiskClass
 from runcycles_server.errors import LedgerError
+from runcycles_server.governance.kind_descriptions import DESCRIPTIONS
 
 __all__ = ["DeclarationError", "KindInfo", "Registry"]
 
@@ -76,6 +79,7 @@ def _builtin_infos() -> dict[str, KindInfo]:
             risk_class=entry.risk_class,
             policy_dimensions=entry.policy_dimensions,
             resource_type=entry.resource_type,
+            description=DESCRIPTIONS.get(kind),
             mcp_tool_prefixes=entry.tool_prefixes,
         )
     return infos
@@ -86,7 +90,7 @@ _ORDER: Final = {kind: index for index, kind in enumerate(action_kinds.BUILTIN_K
 _BUILTIN_PREFIXES: Final = {p: i.kind for i in _BUILTINS.values() for p in i.mcp_tool_prefixes}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Registry:
     """Built-in kinds plus declared custom kinds; immutable, shared by every request.
 
@@ -179,10 +183,9 @@ class Registry:
             # A request may send any kind string (the base protocol's Action.kind): outside
             # the registry it is an unregistered kind, governed as side_effect.
             return kind
-        try:
-            action_kinds.validate_kind(kind)  # type: ignore[arg-type]
-        except CyclesConfigError as exc:
-            raise LedgerError("INVALID_REQUEST", f"{field}: {exc}") from None
+        problem = _kind_problem(kind) if isinstance(kind, str) else _uncached_problem(kind)
+        if problem is not None:
+            raise LedgerError("INVALID_REQUEST", f"{field}: {problem}")
         assert isinstance(kind, str)
         if action_kinds.is_custom(kind) and kind not in self.custom:
             declared = ", ".join(sorted(self.custom)) or "none"
@@ -221,6 +224,23 @@ class Registry:
         """Return the wire ``ActionKind`` of ``kind`` (exact match), or ``None`` (a 404)."""
         info = _BUILTINS.get(kind) or (self.custom.get(kind) if include_custom else None)
         return None if info is None else _kind_body(info)
+
+    def etag(self, *, include_custom: bool = False) -> str:
+        """Return the ``ETag`` of the listing: a quoted digest of every entry it can show."""
+        body = self.registry_body(
+            include_custom=include_custom, include_deprecated=True, limit=_MAX_LIMIT
+        )
+        kinds = list(body["kinds"])
+        while body["has_more"]:
+            body = self.registry_body(
+                include_custom=include_custom,
+                include_deprecated=True,
+                limit=_MAX_LIMIT,
+                cursor=body["next_cursor"],
+            )
+            kinds += body["kinds"]
+        digest = hashlib.sha256(json.dumps(kinds, sort_keys=True).encode()).hexdigest()
+        return f'"{action_kinds.REGISTRY_VERSION}-{digest[:16]}"'
 
     def registry_body(
         self,
@@ -276,6 +296,20 @@ class Registry:
         if more:
             body["next_cursor"] = page[-1].kind
         return body
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind_problem(kind: str) -> str | None:
+    """What is wrong with the format of ``kind`` (``None``: fine); cached, kinds repeat."""
+    return _uncached_problem(kind)
+
+
+def _uncached_problem(kind: object) -> str | None:
+    try:
+        action_kinds.validate_kind(kind)  # type: ignore[arg-type]
+    except CyclesConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _kind_body(info: KindInfo) -> dict[str, Any]:

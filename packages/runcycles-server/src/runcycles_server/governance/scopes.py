@@ -22,14 +22,22 @@ meets that tenant's scopes (policies are selected per tenant).
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from runcycles.models import STANDARD_SUBJECT_FIELDS, Subject
 from runcycles_server.errors import LedgerError
 
-__all__ = ["matches", "matching_scope", "subject_scopes", "tenant_root", "validate_scope_pattern"]
+__all__ = [
+    "matches",
+    "matching_index",
+    "matching_scope",
+    "subject_scopes",
+    "tenant_root",
+    "validate_scope_pattern",
+]
 
 _LEVEL_RANK: Final = {level: rank for rank, level in enumerate(STANDARD_SUBJECT_FIELDS)}
 _VALUE_RE: Final = re.compile(r"^[a-z0-9_.\-]+$")
@@ -118,42 +126,63 @@ def validate_scope_pattern(pattern: object, tenant_id: str) -> str:
 
 def matches(pattern: str, scope: str) -> bool:
     """Return whether the scope path ``scope`` matches ``pattern`` (see the module docs)."""
-    parts = pattern.split("/")
-    anchored = parts[0] != "*" and parts[0].startswith("tenant:")
-    if parts[0] == "*":
-        parts = parts[1:]
-    descendants = parts[-1] == "*"
-    if descendants:
-        parts = parts[:-1]
-    segments = scope.split("/")
-    width = len(parts)
-    if anchored:
-        starts: Sequence[int] = (0,)
-    else:
-        starts = range(len(segments) - width + 1)
-    for start in starts:
-        end = start + width
-        tail = len(segments) - end
-        if (tail < 1) if descendants else (tail != 0):
-            continue
-        if all(_segment_matches(p, s) for p, s in zip(parts, segments[start:end], strict=True)):
-            return True
-    return False
+    return _compiled(pattern)(scope.split("/"))
 
 
 def matching_scope(pattern: str, scopes: Sequence[str]) -> str | None:
     """Return the most specific of ``scopes`` (shallowest first) that ``pattern`` matches."""
-    for scope in reversed(scopes):
-        if matches(pattern, scope):
-            return scope
+    index = matching_index(pattern, [scope.split("/") for scope in scopes])
+    return None if index is None else scopes[index]
+
+
+def matching_index(pattern: str, split_scopes: Sequence[list[str]]) -> int | None:
+    """Like :func:`matching_scope` on scopes already split at ``/`` (split once, match many)."""
+    matcher = _compiled(pattern)
+    for index in range(len(split_scopes) - 1, -1, -1):
+        if matcher(split_scopes[index]):
+            return index
     return None
 
 
-def _segment_matches(pattern: str, segment: str) -> bool:
-    if pattern == segment:
+_Matcher = Callable[[list[str]], bool]
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(pattern: str) -> _Matcher:
+    """Turn a (validated) pattern into a function of a scope's segments; cached per pattern."""
+    parts = pattern.split("/")
+    anchored = parts[0].startswith("tenant:")
+    if parts[0] == "*":
+        parts = parts[1:]
+    descendants = bool(parts) and parts[-1] == "*"
+    if descendants:
+        parts = parts[:-1]
+    if not parts:
+        return lambda segments: False
+    width = len(parts)
+    wanted = [
+        (level + ":", None if value == "*" else f"{level}:{value}")
+        for level, _, value in (part.partition(":") for part in parts)
+    ]
+
+    def fits(segments: list[str], start: int) -> bool:
+        for offset, (prefix, exact) in enumerate(wanted):
+            segment = segments[start + offset]
+            if segment != exact if exact is not None else not segment.startswith(prefix):
+                return False
         return True
-    level, _, value = pattern.partition(":")
-    return value == "*" and segment.partition(":")[0] == level
+
+    def matcher(segments: list[str]) -> bool:
+        extra = len(segments) - width
+        if extra < 0 or (extra == 0 and descendants):
+            return False
+        if anchored:
+            return (extra > 0) == descendants and fits(segments, 0)
+        if not descendants:
+            return fits(segments, extra)
+        return any(fits(segments, start) for start in range(extra))
+
+    return matcher
 
 
 def _bad(message: str) -> LedgerError:

@@ -151,7 +151,7 @@ class GovernanceStore(Protocol):
     """The action-kind registry (built-in kinds plus the operator's declared ``custom.*``)."""
 
     def new_policy_id(self, tenant_id: str) -> str:
-        """A fresh policy id for a policy of ``tenant_id`` (a sharded store routes by it)."""
+        """A fresh id for a new policy of ``tenant_id``."""
 
     async def create_policy(self, row: PolicyRow, *, audit: AuditRow | None = None) -> PolicyRow:
         """Insert a validated policy; its ``created_at`` is the store's time.

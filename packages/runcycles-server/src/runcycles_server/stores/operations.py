@@ -45,8 +45,8 @@ from runcycles_server.governance import (
     CounterRow,
     PolicyRow,
     Registry,
-    counters_needed,
     policy_patch,
+    prepare,
     release_per_run,
     reset_counter,
     select_policy,
@@ -126,6 +126,9 @@ class Op(Generic[T_co]):
     scopes: Sequence[str] = ()
     governed: bool = False
     """Whether it reads the tenant's policies (and the quota counters they name)."""
+    counter_hint: Callable[[Sequence[PolicyRow], int], list[str]] | None = None
+    """The quota counters it would read given the tenant's policies and the time (a store
+    that prefetches uses it with the policies it saw last; a wrong guess costs a re-read)."""
 
 
 def _replayed(
@@ -164,11 +167,28 @@ def _governance(
     """Load what action governance needs: the one policy that applies and its counters."""
     policy = select_policy(txn.policies(tenant_id), scopes, txn.now)
     try:
-        keys = counters_needed(policy, action, subject, txn.now, registry)
+        prepared = prepare(policy, action, subject, txn.now, registry)
     except LedgerError as exc:  # raised by the ledger in evaluation order
-        return ledger.Governance(policy, {}, registry, exc)
+        return ledger.Governance(None, {}, exc)
+    keys = prepared.counter_keys
     counters = txn.counters(tenant_id, [k.name for k in keys]) if keys else {}
-    return ledger.Governance(policy, counters, registry)
+    return ledger.Governance(prepared, counters)
+
+
+def _counter_hint(
+    scopes: Sequence[str], action: Action, subject: Subject, registry: Registry
+) -> Callable[[Sequence[PolicyRow], int], list[str]]:
+    def names(policies: Sequence[PolicyRow], now_ms: int) -> list[str]:
+        policy = select_policy(policies, scopes, now_ms)
+        if policy is None:
+            return []
+        try:
+            keys = prepare(policy, action, subject, now_ms, registry).counter_keys
+        except LedgerError:
+            return []
+        return [key.name for key in keys]
+
+    return names
 
 
 def _give_back(txn: Txn, outcome: Outcome) -> Outcome:
@@ -208,7 +228,10 @@ def decide(
             ),
         )
 
-    return Op(plan, tenant_id, idem=("decide", key), scopes=scopes, governed=True)
+    hint = _counter_hint(scopes, request.action, request.subject, registry)
+    return Op(
+        plan, tenant_id, idem=("decide", key), scopes=scopes, governed=True, counter_hint=hint
+    )
 
 
 def reserve(
@@ -246,7 +269,10 @@ def reserve(
             ),
         )
 
-    return Op(plan, tenant_id, idem=("reserve", key), scopes=scopes, governed=True)
+    hint = _counter_hint(scopes, request.action, request.subject, registry)
+    return Op(
+        plan, tenant_id, idem=("reserve", key), scopes=scopes, governed=True, counter_hint=hint
+    )
 
 
 def _owned(txn: Txn, reservation_id: str, tenant_id: str | None) -> ReservationRow:

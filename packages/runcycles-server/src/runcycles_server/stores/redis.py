@@ -433,6 +433,7 @@ class _Work:
         self.zops: list[_ZOp] = []
         self.due: list[tuple[int, str]] = []
         self.seen_reservations: list[ReservationRow] = []
+        self.seen_policies: list[PolicyRow] | None = None
         self._decoded: dict[tuple[str, bytes], Any] = {}
 
     # -- reading ---------------------------------------------------------------------------------
@@ -487,7 +488,9 @@ class _Work:
         self.require([key])
         names = set(self.snap.rows.get(key, ())) | set(self.dirty.get(key, ()))
         names.discard(_V)
-        return [self._get(key, name, _dec_policy) for name in sorted(names)]
+        rows = [self._get(key, name, _dec_policy) for name in sorted(names)]
+        self.seen_policies = rows
+        return rows
 
     def put_policy(self, row: PolicyRow, *, new: bool = False) -> None:
         self._own(row.tenant_id)
@@ -786,6 +789,8 @@ class RedisStore(OperationStore):
         self._queues: dict[str, _Queue] = {}
         self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
         self._key_tenants: dict[str, str] = {}
+        self._policies_seen: dict[str, list[PolicyRow]] = {}
+        """Each tenant's policies as the last batch read them (to prefetch quota counters)."""
         self.conflicts = 0
         """Compare-and-set conflicts seen by this instance (observability and tests)."""
         self.batches = 0
@@ -1049,6 +1054,10 @@ class RedisStore(OperationStore):
                     continue
             for row in work.seen_reservations:
                 self._remember(row)
+            if work.seen_policies is not None:
+                if len(self._policies_seen) > 10_000:
+                    self._policies_seen.clear()
+                self._policies_seen[tenant_id] = work.seen_policies
             for op, (ok, value) in zip(batch, results, strict=True):
                 if op.future.done():
                     continue
@@ -1114,6 +1123,9 @@ class RedisStore(OperationStore):
         keys += self._scope_keys(tenant, op.scopes)
         if op.governed:
             keys.append(self._k.policies(tenant))
+            seen = self._policies_seen.get(tenant)
+            if seen and op.counter_hint is not None:
+                keys += [self._k.counter(tenant, n) for n in op.counter_hint(seen, self.clock())]
         return await self._submit(tenant, keys, op.plan)
 
     def new_policy_id(self, tenant_id: str) -> str:
