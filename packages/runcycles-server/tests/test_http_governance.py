@@ -107,6 +107,8 @@ def test_create_refuses_bad_input_naming_the_field(api: Api, acme: str) -> None:
     refused(create_policy(api, name="taken", expect=409), 409, "DUPLICATE_RESOURCE", "taken")
     no_tenant = api.client.post("/v1/admin/policies", json={"name": "x"}, headers=h)
     refused(no_tenant, 400, "INVALID_REQUEST", "tenant_id is required")
+    number = api.client.post("/v1/admin/policies", json={"tenant_id": 7, "name": "x"}, headers=h)
+    refused(number, 400, "INVALID_REQUEST", "tenant_id must be a string")
     ghost = create_policy(api, "ghost", expect=400)
     refused(ghost, 400, "TENANT_NOT_FOUND", "ghost")
     for fields, words in (
@@ -315,6 +317,9 @@ def test_registry_lists_pages_filters_and_gets_kinds(api: Api, store: Store) -> 
         "/v1/action-kinds", params={"limit": 100}, headers=api.admin_headers
     )
     assert "custom.acme.erp.post" in [k["kind"] for k in with_custom.json()["kinds"]]
+    assert with_custom.headers["cache-control"].startswith("private")  # never in shared caches
+    public = api.client.get("/v1/action-kinds", params={"limit": 100})
+    assert with_custom.headers["etag"] != public.headers["etag"]
     high = api.client.get("/v1/action-kinds", params={"risk_class": "high_risk", "limit": 100})
     kinds = valid("ActionKindRegistry", high, 200)["kinds"]
     assert kinds

@@ -23,7 +23,8 @@ The registry (``cycles-action-kinds-v0.1.26.yaml``), public:
   ``GET /v1/action-kinds/{kind}`` (exact match, else 404). The built-in kinds; the server's
   declared ``custom.*`` kinds too when the request carries the admin key (the spec keeps custom
   kinds out of the public list). Answers carry an ``ETag`` (``If-None-Match`` gets 304) and
-  ``Cache-Control: public, max-age=3600``; each client address may make
+  ``Cache-Control: public, max-age=3600`` (``private`` for the admin key's answer, which
+  shows the custom kinds); each client address may make
   :data:`REGISTRY_REQUESTS_PER_MINUTE` requests a minute (a token bucket; a 304 costs nothing),
   then 429 with ``Retry-After``.
 
@@ -321,7 +322,12 @@ class GovernanceApi:
         body = await _json_object(request, self.max_body)
         if principal.is_admin:
             tenant_id = body.get("tenant_id")
-            if not isinstance(tenant_id, str) or not tenant_id:
+            if tenant_id is not None and not isinstance(tenant_id, str):
+                raise LedgerError(
+                    "INVALID_REQUEST",
+                    f"tenant_id must be a string (the tenant's id), not {type(tenant_id).__name__}",
+                )
+            if not tenant_id:
                 raise LedgerError(
                     "INVALID_REQUEST",
                     "tenant_id is required in the body when using the admin key: name the "
@@ -393,11 +399,19 @@ class GovernanceApi:
 
     # -- the registry ----------------------------------------------------------------------------
 
-    def _cached(self, request: Request, body: dict[str, Any]) -> Response:
-        """Answer ``body`` with an ETag, 304 when the client has it, 429 past the rate limit."""
+    def _cached(self, request: Request, body: dict[str, Any], *, private: bool) -> Response:
+        """Answer ``body`` with an ETag, 304 when the client has it, 429 past the rate limit.
+
+        ``private``: the answer shows the operator's custom kinds (admin key), so shared
+        caches must not keep it.
+        """
         raw = orjson.dumps(body)
         etag = '"' + hashlib.sha256(raw).hexdigest()[:32] + '"'
-        headers = {"ETag": etag, "Cache-Control": "public, max-age=3600"}
+        headers = {
+            "ETag": etag,
+            "Cache-Control": f"{'private' if private else 'public'}, max-age=3600",
+            "Vary": "X-Admin-API-Key",
+        }
         match = request.headers.get("if-none-match", "")
         if etag in (tag.strip() for tag in match.split(",")) or match.strip() == "*":
             return Response(status_code=304, headers=headers)
@@ -430,19 +444,21 @@ class GovernanceApi:
     async def list_action_kinds(self, request: Request) -> Response:
         """``GET /v1/action-kinds``."""
         self._check(request, "GET", "/v1/action-kinds")
+        custom = self._with_custom(request)
         body = self.store.registry.registry_body(
             risk_class=_text(request, "risk_class"),
             include_deprecated=bool(_flag(request, "deprecated")),
-            include_custom=self._with_custom(request),
+            include_custom=custom,
             cursor=_text(request, "cursor"),
             limit=query_int(request, "limit", 50, 1, 100),
         )
-        return self._cached(request, body)
+        return self._cached(request, body, private=custom)
 
     async def get_action_kind(self, request: Request) -> Response:
         """``GET /v1/action-kinds/{kind}``: exact match only (anything else is a 404)."""
         kind = str(request.path_params["kind"])
-        body = self.store.registry.kind_body(kind, include_custom=self._with_custom(request))
+        custom = self._with_custom(request)
+        body = self.store.registry.kind_body(kind, include_custom=custom)
         if body is None:  # a kind longer than the spec's 64 characters is never registered
             shown = kind if len(kind) <= 64 else kind[:64] + "..."
             raise LedgerError(
@@ -450,7 +466,7 @@ class GovernanceApi:
                 f"action kind {shown!r} is not in this server's registry (exact match only); "
                 "GET /v1/action-kinds lists the registered kinds",
             )
-        return self._cached(request, body)
+        return self._cached(request, body, private=custom)
 
     # -- quota counters --------------------------------------------------------------------------
 
