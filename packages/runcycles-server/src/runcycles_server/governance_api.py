@@ -283,7 +283,9 @@ class GovernanceApi:
             )
         return tenant_id
 
-    def _audit(self, request: Request, principal: Principal, operation: str) -> AuditRow:
+    def _audit(
+        self, request: Request, principal: Principal, operation: str, tenant_id: str
+    ) -> AuditRow:
         """The audit entry of an admin change (the store completes it in its transaction)."""
         request_id, trace_id = request_ids(request)
         details: dict[str, Any] = {}
@@ -291,7 +293,7 @@ class GovernanceApi:
             details["key_id"] = principal.key.key_id
         return AuditRow(
             audit_id=new_id("aud"),
-            tenant_id=principal.tenant_id or "",
+            tenant_id=tenant_id,
             actor_type="admin_on_behalf_of" if principal.is_admin else "api_key",
             operation=operation,
             resource_id="",
@@ -349,8 +351,7 @@ class GovernanceApi:
             now_ms=self.store.clock(),
             registry=self.store.registry,
         )
-        audit = self._audit(request, principal, "policy.created")
-        audit.tenant_id = tenant_id
+        audit = self._audit(request, principal, "policy.created", tenant_id)
         row = await self.store.create_policy(row, audit=audit)
         return json_response(policy_body(row), 201)
 
@@ -392,8 +393,7 @@ class GovernanceApi:
         self._check(request, "PATCH", "/v1/admin/policies/{policy_id}")
         row = await self._owned_policy(request, principal)
         body = await _json_object(request, self.max_body)
-        audit = self._audit(request, principal, "policy.updated")
-        audit.tenant_id = row.tenant_id
+        audit = self._audit(request, principal, "policy.updated", row.tenant_id)
         updated, _ = await self.store.update_policy(row.tenant_id, row.policy_id, body, audit=audit)
         return json_response(policy_body(updated))
 
@@ -571,8 +571,7 @@ class GovernanceApi:
                 f"action_kind {reset.action_kind!r}, window {reset.window.value} and window_key "
                 f"{reset.window_key!r}; GET /v1/admin/action-quota-counters lists them",
             )
-        audit = self._audit(request, principal, "quota.counter_reset")
-        audit.tenant_id = reset.tenant_id
+        audit = self._audit(request, principal, "quota.counter_reset", reset.tenant_id)
         audit.details = {
             "tenant_id": reset.tenant_id,
             "scope": reset.scope,
