@@ -23,6 +23,8 @@ MODULES = [
     "runcycles.testing.adapter_contract",
     "runcycles.governance",
     "runcycles.action_kinds",
+    "runcycles.events",
+    "runcycles.webhooks",
 ]
 
 

@@ -20,8 +20,8 @@ SRC = Path(runcycles.__file__).parent
 LAYERS: list[set[str]] = [
     {"_version", "models"},
     {"exceptions", "_fastpath", "governance"},
-    {"config", "context", "response", "usage", "action_kinds"},
-    {"retry", "pricing", "_protocol", "_wire", "_http11", "journal"},
+    {"config", "context", "response", "usage", "action_kinds", "events"},
+    {"retry", "pricing", "_protocol", "_wire", "_http11", "journal", "webhooks"},
     {"heartbeat", "settlement"},
     {"_autoreplay"},
     {"_base_client"},
