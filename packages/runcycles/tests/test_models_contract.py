@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from runcycles import governance, models
+from runcycles import events, governance, models
 from runcycles.models import INT64_MAX, parse_response, to_wire
 from runcycles.testing.spec import (
     ACTION_KINDS_SPEC,
@@ -88,8 +88,20 @@ RESPONSES: dict[str, type[BaseModel]] = {
     "ActionQuotaCounterResetResponse": governance.ActionQuotaCounterResetResponse,
     "Policy": governance.Policy,
     "PolicyListResponse": governance.PolicyListResponse,
+    # the event plane (governance admin spec)
+    "Event": events.Event,
+    **{
+        model.__name__: model
+        for model in events.PAYLOAD_MODELS.values()
+        if model.__module__ == events.__name__
+    },
 }
-ADMIN_PLANE = {
+EVENT_PLANE = {"Event"} | {
+    model.__name__
+    for model in events.PAYLOAD_MODELS.values()
+    if model.__module__ == events.__name__
+}
+ADMIN_PLANE = EVENT_PLANE | {
     "PolicyCreateRequest",
     "PolicyUpdateRequest",
     "ReservationTtlOverride",
@@ -243,7 +255,24 @@ def _from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     return FREE_JSON
 
 
+def _event_strategy() -> st.SearchStrategy[Any]:
+    """Events whose ``data`` is a spec-valid payload of their ``event_type`` (one per type)."""
+    admin = load_spec(EXTENDED_ADMIN)["components"]["schemas"]
+    runtime = load_spec(EXTENDED_RUNTIME)["components"]["schemas"]
+    choices = []
+    for event_type, model in sorted(events.PAYLOAD_MODELS.items()):
+        schemas = admin if model.__name__ in admin else runtime
+        envelope = copy.deepcopy(admin["Event"])
+        envelope["properties"]["event_type"] = {"enum": [event_type]}
+        envelope["properties"]["data"] = _inline(schemas[model.__name__], schemas)
+        choices.append(_from_schema(_inline(envelope, admin)))
+    return st.one_of(choices)
+
+
 def _strategy(name: str) -> st.SearchStrategy[Any]:
+    if name == "Event":
+        validator = _validator(name)
+        return _event_strategy().map(lambda body: validator.validate(body) or body)
     schemas = load_spec(_plane(name))["components"]["schemas"]
     validator = _validator(name)
     schema = copy.deepcopy(schemas[name])

@@ -34,8 +34,6 @@ from runcycles.governance import EventType as _ExtensionEventType
 from runcycles.models import CommitOveragePolicy, DenyDetail, Unit, _Response, to_wire
 
 __all__ = [
-    "PAYLOAD_MODELS",
-    "SYSTEM_TENANT",
     "BudgetStateSnapshot",
     "Event",
     "EventActor",
@@ -61,6 +59,8 @@ __all__ = [
     "EventDataWebhookLifecycle",
     "EventPayload",
     "EventType",
+    "PAYLOAD_MODELS",
+    "SYSTEM_TENANT",
 ]
 
 SYSTEM_TENANT: Final = "__system__"
