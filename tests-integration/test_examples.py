@@ -62,6 +62,16 @@ EXPECTED = {
         "7 model calls ran, 34,500 µ¢ each",
         "spent 241,500 µ¢ = 7 x 34,500",
     ],
+    "webhook_receiver.py": [
+        "-> 200 {'status': 'alert: tenant:acme/workspace:prod at 82% of its USD_MICROCENTS budget"
+        " (crossed 80%, rising)'}",
+        "-> 200 {'status': 'duplicate, already handled'}",
+        "-> 401 {'error': 'delivery signed at t=",
+        " s old, outside the tolerance of 300 s: a replayed request",
+        "-> 401 {'error': 'X-Cycles-Signature-256 matches none of the 1 secret(s) given",
+        "-> 500 {'error': 'handler failed: pager unreachable'}",
+        "-> 200 {'status': 'PAGE: tenant:acme/workspace:prod exhausted its USD_MICROCENTS budget",
+    ],
     "custom_adapter.py": [
         "run-1: 2 steps ran",
         "spent 650,000",
