@@ -7,8 +7,10 @@ timestamped one was cross-checked with ``openssl dgst -sha256 -hmac``.
 
 from __future__ import annotations
 
+import email.message
 import pickle
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def _sign(body: bytes = BODY, secrets: list[str] | str = SECRET, **kwargs) -> di
     )
 
 
-def _verify(headers, body: bytes = BODY, secrets: list[str] | str = SECRET, **kwargs):
+def _verify(headers, body: bytes | bytearray = BODY, secrets: list[str] | str = SECRET, **kwargs):
     kwargs.setdefault("now", TS)
     return verify_delivery(body, headers, secrets, **kwargs)
 
@@ -272,6 +274,15 @@ def test_framework_header_mappings_and_raw_asgi_pairs():
     assert _verify(list(_sign().items())).event_id == "evt_0001"
 
 
+def test_stdlib_and_werkzeug_style_header_objects():
+    message = email.message.Message()  # what http.client and http.server hand over
+    for name, value in _sign().items():
+        message[name] = value
+    assert _verify(message).event_id == "evt_0001"
+    with pytest.raises(TypeError, match="mapping of header names"):
+        _verify(["X-Cycles-Signature-256"])
+
+
 def test_a_signing_header_sent_twice_with_different_values_is_refused():
     pairs = [*_sign().items(), ("x-cycles-signature-256", f"t={TS},v1={'c' * 64}")]
     with pytest.raises(WebhookSignatureError, match="sent twice"):
@@ -411,6 +422,25 @@ def test_the_memory_store_is_bounded():
         InMemorySeenEventStore(max_entries=0)
     with pytest.raises(CyclesConfigError):
         InMemorySeenEventStore(ttl_s=0)
+
+
+def test_the_memory_store_lets_one_of_many_concurrent_deliveries_through():
+    seen = InMemorySeenEventStore()
+    start = threading.Barrier(8)
+    results: list[bool] = []
+
+    def deliver() -> None:
+        start.wait()
+        for index in range(200):
+            results.append(seen.add(f"evt_{index}"))
+
+    threads = [threading.Thread(target=deliver) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results.count(True) == 200
+    assert len(results) == 8 * 200
 
 
 # --------------------------------------------------------------------------- properties

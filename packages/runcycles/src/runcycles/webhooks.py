@@ -77,6 +77,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIMESTAMP = re.compile(r"[0-9]{1,15}")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _TRACE_FLAGS = re.compile(r"[0-9a-f]{2}")
+Body = bytes | bytearray | memoryview
+"""The raw request body (a ``bytearray`` or ``memoryview`` of it is copied once)."""
 _MAX_SIGNATURES = 16  # v1 entries read from one header (a sender has one per active secret)
 
 
@@ -268,7 +270,7 @@ def _check_body(body: object) -> bytes:
 
 
 def sign_delivery(
-    body: bytes,
+    body: Body,
     secrets: str | Sequence[str],
     *,
     event_id: str,
@@ -338,10 +340,17 @@ def _text(value: str | bytes) -> str:
 
 def _header_lookup(headers: HeaderSource) -> dict[str, str]:
     """Lower-case the header names; a signing header sent twice with two values is refused."""
-    pairs: Iterable[Any] = headers.items() if isinstance(headers, Mapping) else headers
+    # ``items()`` also covers mappings that are not a ``Mapping`` (``http.client`` messages).
+    items = getattr(headers, "items", None)
+    pairs: Iterable[Any] = items() if callable(items) else headers
     found: dict[str, str] = {}
-    for raw_name, raw_value in pairs:
-        name, value = _text(raw_name).lower(), _text(raw_value).strip()
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(
+                "headers must be a mapping of header names to values or (name, value) pairs, "
+                f"got an item {pair!r}: pass the request's headers object as it is"
+            )
+        name, value = _text(pair[0]).lower(), _text(pair[1]).strip()
         if name in found and found[name] != value and name in _SIGNING_HEADERS:
             raise WebhookSignatureError(
                 f"header {name} was sent twice with different values: refusing an ambiguous "
@@ -353,7 +362,13 @@ def _header_lookup(headers: HeaderSource) -> dict[str, str]:
 
 _SIGNING_HEADERS = frozenset(
     name.lower()
-    for name in (SIGNATURE_HEADER, SIGNATURE_256_HEADER, TIMESTAMP_HEADER, EVENT_ID_HEADER)
+    for name in (
+        SIGNATURE_HEADER,
+        SIGNATURE_256_HEADER,
+        TIMESTAMP_HEADER,
+        EVENT_ID_HEADER,
+        EVENT_TYPE_HEADER,
+    )
 )
 
 
@@ -453,7 +468,7 @@ def _verify_body_only(value: str | None, payload: bytes, keys: list[str]) -> Non
 
 
 def verify_delivery(
-    body: bytes,
+    body: Body,
     headers: HeaderSource,
     secrets: str | Sequence[str],
     *,
