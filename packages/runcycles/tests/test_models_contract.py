@@ -90,13 +90,14 @@ RESPONSES: dict[str, type[BaseModel]] = {
     "PolicyListResponse": governance.PolicyListResponse,
     # the event plane (governance admin spec)
     "Event": events.Event,
+    "EventListResponse": events.EventListResponse,
     **{
         model.__name__: model
         for model in events.PAYLOAD_MODELS.values()
         if model.__module__ == events.__name__
     },
 }
-EVENT_PLANE = {"Event"} | {
+EVENT_PLANE = {"Event", "EventListResponse"} | {
     model.__name__
     for model in events.PAYLOAD_MODELS.values()
     if model.__module__ == events.__name__
@@ -270,9 +271,15 @@ def _event_strategy() -> st.SearchStrategy[Any]:
 
 
 def _strategy(name: str) -> st.SearchStrategy[Any]:
-    if name == "Event":
+    if name in ("Event", "EventListResponse"):
         validator = _validator(name)
-        return _event_strategy().map(lambda body: validator.validate(body) or body)
+        strategy = _event_strategy()
+        if name == "EventListResponse":
+            strategy = st.fixed_dictionaries(
+                {"events": st.lists(strategy, max_size=3), "has_more": st.booleans()},
+                optional={"next_cursor": st.text(max_size=20)},
+            )
+        return strategy.map(lambda body: validator.validate(body) or body)
     schemas = load_spec(_plane(name))["components"]["schemas"]
     validator = _validator(name)
     schema = copy.deepcopy(schemas[name])

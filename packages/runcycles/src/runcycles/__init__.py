@@ -57,6 +57,7 @@ if TYPE_CHECKING:
         EventDataTenantCascade,
         EventDataTenantLifecycle,
         EventDataWebhookLifecycle,
+        EventListResponse,
         EventPayload,
         EventType,
     )
@@ -243,6 +244,7 @@ _LAZY: Final[dict[str, str]] = {
     "EventDataTenantCascade": "runcycles.events",
     "EventDataTenantLifecycle": "runcycles.events",
     "EventDataWebhookLifecycle": "runcycles.events",
+    "EventListResponse": "runcycles.events",
     "EventPayload": "runcycles.events",
     "EventType": "runcycles.events",
     "ForbiddenError": "runcycles.exceptions",
@@ -386,6 +388,7 @@ __all__ = [
     "EventDataTenantCascade",
     "EventDataTenantLifecycle",
     "EventDataWebhookLifecycle",
+    "EventListResponse",
     "EventPayload",
     "EventType",
     "ForbiddenError",

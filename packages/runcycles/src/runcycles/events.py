@@ -57,6 +57,7 @@ __all__ = [
     "EventDataTenantCascade",
     "EventDataTenantLifecycle",
     "EventDataWebhookLifecycle",
+    "EventListResponse",
     "EventPayload",
     "EventType",
     "PAYLOAD_MODELS",
@@ -594,3 +595,11 @@ class Event(_Response):
             pydantic.ValidationError: if the body is not JSON or not a valid event.
         """
         return cls.model_validate_json(body)
+
+
+class EventListResponse(_Response):
+    """One page of ``GET /v1/admin/events`` or ``GET /v1/events`` (cursor pagination)."""
+
+    events: list[Event]
+    has_more: bool
+    next_cursor: str | None = None
