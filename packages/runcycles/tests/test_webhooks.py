@@ -460,15 +460,40 @@ def test_any_single_byte_change_of_the_body_fails(index, delta):
 SIGNED_VALUE = f"t={TS},v1={TIMESTAMPED_SIGNATURE}"
 
 
+OFFICIAL_VALUE = f"sha256={BODY_SIGNATURE}"
+
+
+def _change(value: str, index: int, replacement: str) -> str:
+    if replacement.lower() == value[index].lower():  # hex case is not a change
+        replacement = "0" if value[index] != "0" else "1"
+    return value[:index] + replacement + value[index + 1 :]
+
+
 @settings(max_examples=300, deadline=None)
-@given(
-    index=st.integers(len(f"t={TS},v1="), len(SIGNED_VALUE) - 1),
-    replacement=st.sampled_from("0123456789abcdefABCDEF=, zx"),
-)
-def test_any_single_character_change_of_the_signature_fails(index, replacement):
-    original = SIGNED_VALUE[index]
-    if replacement.lower() == original:
-        replacement = "0" if original != "0" else "1"
-    value = SIGNED_VALUE[:index] + replacement + SIGNED_VALUE[index + 1 :]
+@given(data=st.data(), replacement=st.sampled_from("0123456789abcdefABCDEF=, zxtv"))
+def test_any_single_character_change_of_a_signature_fails(data, replacement):
+    index = data.draw(st.integers(0, len(SIGNED_VALUE) - 1))
     with pytest.raises(WebhookVerificationError):
-        _verify({"X-Cycles-Signature-256": value})
+        _verify({"X-Cycles-Signature-256": _change(SIGNED_VALUE, index, replacement)})
+    index = data.draw(st.integers(0, len(OFFICIAL_VALUE) - 1))
+    with pytest.raises(WebhookSignatureError):
+        _verify(
+            {"X-Cycles-Signature": _change(OFFICIAL_VALUE, index, replacement)},
+            allow_body_only=True,
+        )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    secrets=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=3),
+    timestamp=st.integers(0, 10**12),
+    pick=st.integers(0, 2),
+)
+def test_any_secret_and_time_round_trip(secrets, timestamp, pick):
+    headers = _sign(secrets=secrets, timestamp=timestamp)
+    receiver_secret = secrets[pick % len(secrets)]
+    assert _verify(headers, secrets=[receiver_secret], now=timestamp).event_id == "evt_0001"
+    others = [f"{secret}x" for secret in secrets]
+    if not set(others) & set(secrets):
+        with pytest.raises(WebhookSignatureError):
+            _verify(headers, secrets=others, now=timestamp)
