@@ -23,7 +23,7 @@ from runcycles import (
     ReasonCode,
 )
 from runcycles import events as events_module
-from runcycles.events import PAYLOAD_MODELS
+from runcycles.events import PAYLOAD_MODELS, category_of
 from runcycles.testing.spec import EXTENDED_ADMIN, GOVERNANCE_SPEC, load_spec
 
 ADMIN = load_spec(EXTENDED_ADMIN)["components"]["schemas"]
@@ -54,8 +54,12 @@ def test_each_payload_model_is_the_one_its_schema_names():
 
 def test_categories_match_the_spec():
     assert [c.value for c in EventCategory] == ADMIN["EventCategory"]["enum"]
-    for event_type in EventType.ALL - {t for t in EventType.ALL if t.startswith("quota.")}:
-        assert EventCategory(event_type.split(".")[0])
+    for event_type in EventType.ALL:  # every known type gets a category the spec allows
+        assert EventCategory(category_of(event_type))
+        assert Event.new(event_type, tenant_id="t", source="s").category == category_of(event_type)
+    assert category_of(EventType.QUOTA_THRESHOLD_APPROACHING) == "reservation"
+    assert category_of(EventType.QUOTA_COUNTER_RESET) == "policy"
+    assert category_of("custom.billing.invoice_sent") == "custom"
 
 
 def test_a_known_type_gets_its_payload_and_keeps_its_data():
