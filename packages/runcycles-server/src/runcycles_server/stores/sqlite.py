@@ -60,7 +60,7 @@ from runcycles_server.ledger import (
     ReservationRow,
     TenantRow,
 )
-from runcycles_server.stores.base import Clock, Page, ReservationQuery, RowStore
+from runcycles_server.stores.base import Clock, Page, ReservationQuery, RowStore, StoreUnavailable
 
 SCHEMA_VERSION: Final = 3
 CHECKPOINT_EVERY_COMMITS: Final = 1000
@@ -395,6 +395,16 @@ class _WriteTx:
             store._locked = True
         try:
             conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            store._release_lock()
+            if "locked" in str(exc) or "busy" in str(exc):
+                # Another program held the write lock past busy_timeout (a backup tool, an
+                # sqlite3 shell): the store is unavailable for now, the request can be retried.
+                raise StoreUnavailable(
+                    f"SQLite database {store.path} stayed locked by another program for "
+                    f"{store.busy_timeout_ms} ms"
+                ) from exc
+            raise
         except BaseException:
             store._release_lock()
             raise
@@ -450,6 +460,7 @@ class SqliteStore(RowStore):
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
+        self.busy_timeout_ms = busy_timeout_ms
         self._lock_fd: int | None = None
         self._locked = False  # this process holds the flock on <db>.lock
         self._commits = 0
