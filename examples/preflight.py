@@ -58,7 +58,7 @@ async def main() -> None:
             result = await Runner.run(small, "Email 3 customers.", hooks=shadow)
             print(f"small job ($0.001): ran in shadow mode -> {result.final_output!r}")
             for d in shadow.decisions:
-                print(f"  would be {d.decision.value:5} {d.action_kind:14} {d.action_name}")
+                print(f"  would be {d.decision.value:5} {d.action_kind:18} {d.action_name}")
             data = (await client.get_balances(tenant=tenant_of(config))).raise_for_error().data
     spent = sum(b.spent.amount for b in data.balances if b.spent is not None)
     print(f"charged in all: {spent}")

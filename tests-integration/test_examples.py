@@ -46,7 +46,7 @@ EXPECTED = {
     "preflight.py": [
         "big job ($0.05): DENY before it started, 0 model calls",
         "small job ($0.001): ran in shadow mode -> '3 emails sent'",
-        "would be DENY  tool.call      send_email",
+        "would be DENY  message.email.send send_email",
         "charged in all: 0",
     ],
     "anyagent_budget.py": [

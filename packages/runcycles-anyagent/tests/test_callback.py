@@ -107,7 +107,7 @@ async def test_a_run_commits_priced_usage_and_tool_estimates(server, backend) ->
                for r in server.reservations.values()]  # fmt: skip
     assert commits == [
         ("llm.completion", cost(1_000, 50)),
-        ("tool.call", 30_000),
+        ("unknown.call", 30_000),  # "lookup" maps to no registry kind
         ("llm.completion", cost(1_200, 10)),
     ]
     assert server.reserved() == 0
@@ -130,7 +130,7 @@ async def test_parallel_tool_calls_are_paired_by_call_id(server, backend) -> Non
             r["commit"]["actual"]["amount"],
         )
         for r in server.reservations.values()
-        if r["request"]["action"]["kind"] == "tool.call"
+        if r["request"]["action"]["kind"] == "unknown.call"
     }
     assert {name: amount for name, (_, amount) in tools.items()} == {
         "fetch": 70_000,
