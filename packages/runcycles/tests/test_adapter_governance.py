@@ -80,6 +80,11 @@ def test_tool_estimate_maps_default_to_the_registry_and_an_explicit_kind_wins() 
     assert mapping.lookup("anything").action_kind == "unknown.call"
 
 
+def test_a_malformed_tool_kind_fails_where_it_is_configured() -> None:
+    with pytest.raises(CyclesConfigError, match=r"capital letters.*'tool\.crm'"):
+        ToolEstimateConfig(1, "Tool.CRM")
+
+
 def test_adapters_send_the_kinds_and_policy_keys_of_their_tools() -> None:
     server = FakeCyclesServer()
     mapping = ToolEstimateMap(

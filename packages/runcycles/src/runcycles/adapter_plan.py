@@ -16,7 +16,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol, TypedDict
 
-from runcycles.action_kinds import LLM_COMPLETION, kind_for_tool
+from runcycles.action_kinds import LLM_COMPLETION, kind_for_tool, validate_kind
 from runcycles.config import CyclesConfig
 from runcycles.exceptions import CyclesProtocolError, CyclesTransportError, MalformedResponseError
 from runcycles.lifecycle import (
@@ -135,7 +135,9 @@ class ToolEstimateConfig:
     Attributes:
         estimate: Amount held per call, in ``unit`` (0: no reservation, no request).
         action_kind: The reservation's action kind (default: the registry's kind for the
-            tool's name, :func:`~runcycles.action_kinds.kind_for_tool`).
+            tool's name, :func:`~runcycles.action_kinds.kind_for_tool`); checked by
+            :func:`~runcycles.action_kinds.validate_kind` (a malformed kind raises
+            :class:`~runcycles.CyclesConfigError` saying what to send instead).
         unit: Unit of ``estimate`` (default: the map's ``default_unit``).
         policy_keys: The calls' policy routing dimensions, for policies that match on them
             (``ActionPolicyKeys(host="api.sendgrid.com")``).
@@ -145,6 +147,10 @@ class ToolEstimateConfig:
     action_kind: str | None = None
     unit: Unit | str | None = None
     policy_keys: ActionPolicyKeys | None = None
+
+    def __post_init__(self) -> None:
+        if self.action_kind is not None:  # a malformed kind fails here, not at the first call
+            validate_kind(self.action_kind)
 
 
 @dataclass(frozen=True)
