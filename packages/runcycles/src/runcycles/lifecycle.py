@@ -2,7 +2,8 @@
 
 * **The plan** (pure, no I/O): build a :class:`~runcycles.models.ReservationCreateRequest`
   from options and the config's default subject, turn the answer into a live reservation, a
-  :class:`DryRunResult` or the typed exception of a denial, and build the commit or release.
+  :class:`DryRunResult` (a dry run, or an observe-mode answer: :func:`observed_result`) or
+  the typed exception of a denial, and build the commit or release.
 * **Guards**: :class:`ReservationGuard` (``with``) and :class:`AsyncReservationGuard`
   (``async with``) hold one live reservation, extended by the client's heartbeat and
   settled through its settlement engine. Their explicit lifecycle (``start()``, then one of
@@ -290,7 +291,8 @@ class ReserveOptions(TypedDict, total=False):
 
     Attributes:
         estimate: Amount to hold, an ``int`` in ``unit`` or an :class:`Amount`.
-        action_kind: What kind of action, e.g. ``"llm.completion"`` or ``"tool.search"``.
+        action_kind: What kind of action: a kind of the registry
+            (:mod:`runcycles.action_kinds`), e.g. ``"llm.completion"`` or ``"web.search"``.
         action_name: Which one, e.g. ``"openai:gpt-4o"``.
         action_tags: Up to 10 tags for the action.
         action_policy_keys: The action's policy routing dimensions (host, recipient
