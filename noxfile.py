@@ -34,6 +34,7 @@ PLAIN_PATH_TESTS = [
         "test_client_parity.py",
         "test_fastpath.py",
         "test_hot_path.py",
+        "test_http11.py",
         "test_http_core.py",
         "test_journal.py",
         "test_settlement.py",

@@ -36,8 +36,10 @@ tenant key or the admin key and whose resources have methods this server does no
   with 409 ``TENANT_CLOSED``, but that operation's response list omits 409 (a gap in the spec).
 
 Configured through environment variables set by the test: ``CYCLES_FUZZ_TENANT``,
-``CYCLES_FUZZ_RESERVATION_IDS`` (a JSON list), ``CYCLES_FUZZ_SPEC`` (the spec file's name, default
-the protocol spec) and ``CYCLES_FUZZ_ADMIN_KEY``.
+``CYCLES_FUZZ_RESERVATION_IDS`` and ``CYCLES_FUZZ_POLICY_IDS`` (JSON lists),
+``CYCLES_FUZZ_SPEC`` (the spec file's name, default the protocol spec, or ``extended:admin``)
+and ``CYCLES_FUZZ_ADMIN_KEY``. Bodies that name a tenant (a policy, a counter reset) get the
+fuzzed tenant and its root scope, and ``policy_id`` one of the pool of real policies.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from runcycles.testing.spec import PROTOCOL_SPEC, load_spec
 
 TENANT = os.environ.get("CYCLES_FUZZ_TENANT", "")
 RESERVATION_IDS: list[str] = json.loads(os.environ.get("CYCLES_FUZZ_RESERVATION_IDS", "[]"))
+POLICY_IDS: list[str] = json.loads(os.environ.get("CYCLES_FUZZ_POLICY_IDS", "[]"))
+TENANT_BODIES = ("/v1/admin/policies", "/v1/admin/action-quota-counters/reset")
+"""Operations whose body names the tenant (steered to the fuzzed tenant, with its scope)."""
 SPEC_NAME = os.environ.get("CYCLES_FUZZ_SPEC", PROTOCOL_SPEC)
 ADMIN_KEY = os.environ.get("CYCLES_FUZZ_ADMIN_KEY", "")
 UNIMPLEMENTED: dict[str, set[str]] = {
@@ -109,6 +114,11 @@ def map_case(context: Any, case: Any) -> Any:
     if isinstance(body, dict):
         if isinstance(body.get("subject"), dict):
             _steer_subject(body["subject"])
+        if case.operation.path in TENANT_BODIES and "tenant_id" in body:
+            body["tenant_id"] = TENANT
+            for field in ("scope_pattern", "scope"):
+                if field in body:
+                    body[field] = f"tenant:{TENANT}"
         headers = case.headers
         if isinstance(headers, dict) and "X-Idempotency-Key" in headers:
             key = body.get("idempotency_key")
@@ -119,6 +129,8 @@ def map_case(context: Any, case: Any) -> Any:
     params = case.path_parameters
     if isinstance(params, dict) and "reservation_id" in params and RESERVATION_IDS:
         params["reservation_id"] = RESERVATION_IDS[pick % len(RESERVATION_IDS)]
+    if isinstance(params, dict) and "policy_id" in params and POLICY_IDS:
+        params["policy_id"] = POLICY_IDS[pick % len(POLICY_IDS)]
     query = case.query
     if isinstance(query, dict):
         if "tenant" in query:

@@ -28,7 +28,10 @@ from typing import Any
 import pytest
 
 from runcycles import AsyncCyclesClient, CyclesClient
+from runcycles_server.governance import policy_from_create
+from runcycles_server.stores.redis import RedisStore
 from runcycles_server.stores.redis_testing import require_redis
+from runcycles_server.stores.sqlite import SqliteStore
 from runcycles_server.testing import ProvisionedTenant, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -244,3 +247,72 @@ def test_two_redis_server_processes_share_one_budget_exactly() -> None:
             assert seen >= set(granted)
             settle_all(on_first, granted)
             assert ledger(on_first, second) == ledger(on_first)
+
+
+# ------------------------------------------------------------------------------ action quotas
+
+QUOTA = 50
+
+
+def add_quota_policy(store: Any, tenant_id: str) -> None:
+    """A policy capping ``llm.completion`` (what reserve_body sends) at QUOTA a day."""
+
+    async def create() -> None:
+        row = policy_from_create(
+            tenant_id,
+            {
+                "name": "quota",
+                "scope_pattern": f"tenant:{tenant_id}",
+                "action_quotas": [
+                    {
+                        "action_kind": "llm.completion",
+                        "max_calls": QUOTA,
+                        "window": "per_day_tumbling",
+                    }
+                ],
+            },
+            policy_id=store.new_policy_id(tenant_id),
+            now_ms=store.clock(),
+            registry=store.registry,
+        )
+        await store.create_policy(row)
+        await store.close()
+
+    asyncio.run(create())
+
+
+def assert_exactly_quota_granted(outcomes: list[tuple[int, str | None, str | None]]) -> None:
+    granted = [rid for status, _, rid in outcomes if status == 200]
+    refused = {(status, code) for status, code, _ in outcomes if status != 200}
+    assert len(granted) == QUOTA, f"{len(granted)} granted; refusals: {sorted(refused)}"
+    assert refused == {(409, "ACTION_QUOTA_EXCEEDED")}
+
+
+def test_two_redis_processes_grant_exactly_the_quota() -> None:
+    url = require_redis()
+    with ServerProcess.start(store="redis", redis_url=url) as first:
+        assert first.redis_prefix is not None
+        with ServerProcess.start(
+            store="redis", redis_url=url, redis_prefix=first.redis_prefix
+        ) as second:
+            tenant = first.provision(budget=RESERVERS * ESTIMATE * 10)
+            add_quota_policy(RedisStore(url, prefix=first.redis_prefix), tenant.tenant_id)
+            on_second = ProvisionedTenant(
+                server=second,
+                tenant_id=tenant.tenant_id,
+                api_key=tenant.api_key,
+                key_id=tenant.key_id,
+            )
+            outcomes = reserve_from_threads([tenant, on_second], RESERVERS, "quota")
+            assert_exactly_quota_granted(outcomes)
+            assert ledger(tenant)["reserved"] == QUOTA * ESTIMATE  # denials held nothing
+
+
+def test_two_sqlite_workers_grant_exactly_the_quota(tmp_path: Path) -> None:
+    db = tmp_path / "cycles.db"
+    with ServerProcess.start(store="sqlite", workers=2, db_path=db) as server:
+        tenant = server.provision(budget=RESERVERS * ESTIMATE * 10)
+        add_quota_policy(SqliteStore(db), tenant.tenant_id)
+        outcomes = reserve_from_threads([tenant], RESERVERS, "quota")
+        assert_exactly_quota_granted(outcomes)
+        assert ledger(tenant)["reserved"] == QUOTA * ESTIMATE

@@ -14,11 +14,14 @@ The evidence routes (``/v1/evidence/{id}``, ``/v1/.well-known/cycles-jwks.json``
 and not implemented; they are excluded from the run and checked here to 404 cleanly, which
 their declared responses allow.
 
-A second run covers the governance (admin) spec, ``spec/cycles-governance-admin-v0.1.25.yaml``,
-with the admin key, over every operation this server implements (:data:`ADMIN_OPERATIONS`),
-with the same checks; the deviations its hooks filter (and why) are listed in
-``schemathesis_hooks.py``. Set ``CYCLES_FUZZ_FILTER_LOG=/some/file`` to see every filtered
-failure of a run.
+A second run covers the governance (admin) spec, ``spec/cycles-governance-admin-v0.1.25.yaml``
+with its v0.1.26 extensions applied (``runcycles.testing.spec.extended_spec("admin")``: the
+extended ``Policy`` and ``Tenant`` this server returns), with the admin key, over every
+operation this server implements (:data:`ADMIN_OPERATIONS`), policies included, with the same
+checks; the deviations its hooks filter (and why) are listed in ``schemathesis_hooks.py``. A
+third run covers the action-kind spec (``spec/cycles-action-kinds-v0.1.26.yaml``): the public
+registry and the quota counters (:data:`ACTION_KIND_OPERATIONS`). Set
+``CYCLES_FUZZ_FILTER_LOG=/some/file`` to see every filtered failure of a run.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ U = "USD_MICROCENTS"
 JSON = "application/json"
 REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "spec" / "cycles-protocol-v0.yaml"
-ADMIN_SPEC = REPO / "spec" / "cycles-governance-admin-v0.1.25.yaml"
+ACTION_KINDS_SPEC = REPO / "spec" / "cycles-action-kinds-v0.1.26.yaml"
 HOOKS_DIR = Path(__file__).resolve().parent
 # Every check but ``positive_data_acceptance`` (schema-valid requests this server refuses):
 # runtime, see the module docstring; admin, it refuses on purpose a ``limit`` over 100 where the
@@ -115,6 +118,15 @@ def _junit_totals(report_dir: Path) -> dict[str, int]:
         for name in totals:
             totals[name] += int(suite.get(name, "0"))
     return totals
+
+
+def _extended_admin_spec(tmp_path: Path) -> Path:
+    """Write the admin spec with its v0.1.26 extensions applied as one file for ``st run``."""
+    from runcycles.testing.spec import extended_spec
+
+    path = tmp_path / "cycles-governance-admin-extended.json"
+    path.write_text(json.dumps(extended_spec("admin")))
+    return path
 
 
 def _schemathesis(
@@ -207,12 +219,30 @@ def test_schemathesis_admin_spec_finds_no_spec_violation(
     tenant = server.provision(budget=10**15)
     for unit in ("TOKENS", "CREDITS", "RISK_POINTS"):
         tenant.add_budget(10**15, unit=unit)
+    policies = [
+        server.admin(
+            "POST",
+            "/v1/admin/policies",
+            json={
+                "tenant_id": tenant.tenant_id,
+                "name": f"fuzz-{i}",
+                "scope_pattern": f"tenant:{tenant.tenant_id}",
+            },
+        )["policy_id"]
+        for i in range(5)
+    ]
     output, totals = _schemathesis(
         server,
         tmp_path,
-        ADMIN_SPEC,
+        _extended_admin_spec(tmp_path),
         f"X-Admin-API-Key: {server.admin_key}",
-        {"CYCLES_FUZZ_TENANT": tenant.tenant_id, "CYCLES_FUZZ_ADMIN_KEY": server.admin_key},
+        {
+            "CYCLES_FUZZ_TENANT": tenant.tenant_id,
+            "CYCLES_FUZZ_ADMIN_KEY": server.admin_key,
+            "CYCLES_FUZZ_POLICY_IDS": json.dumps(policies),
+            "CYCLES_SPEC_DIR": str(SPEC.parent),
+            "CYCLES_FUZZ_SPEC": "extended:admin",
+        },
         ["--include-operation-id-regex", f"^({'|'.join(ADMIN_OPERATIONS)})$"],
         ADMIN_MAX_EXAMPLES,
     )
@@ -220,10 +250,34 @@ def test_schemathesis_admin_spec_finds_no_spec_violation(
     assert totals["tests"] >= len(ADMIN_OPERATIONS), totals
 
 
+ACTION_KIND_OPERATIONS = [
+    *("listActionKinds", "getActionKind"),
+    *("listActionQuotaCounters", "resetActionQuotaCounter"),
+]
+"""Every operation of the action-kind spec (this server implements them all)."""
+
+
+@pytest.mark.slow
+def test_schemathesis_action_kinds_spec_finds_no_spec_violation(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    tenant = server.provision(budget=10**15)
+    output, totals = _schemathesis(
+        server,
+        tmp_path,
+        ACTION_KINDS_SPEC,
+        f"X-Admin-API-Key: {server.admin_key}",
+        {"CYCLES_FUZZ_TENANT": tenant.tenant_id, "CYCLES_FUZZ_ADMIN_KEY": server.admin_key},
+        [],
+        ADMIN_MAX_EXAMPLES,
+    )
+    assert f"Tested: {len(ACTION_KIND_OPERATIONS)}" in output, output[-5000:]
+    assert totals["tests"] >= len(ACTION_KIND_OPERATIONS), totals
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("POST", "/v1/admin/policies"),
         ("GET", "/v1/admin/webhooks"),
         ("GET", "/v1/admin/events"),
         ("GET", "/v1/admin/overview"),

@@ -139,6 +139,13 @@ COMMANDS = [
     ["budget", "create"],
     ["budget", "list"],
     ["budget", "fund"],
+    ["policy"],
+    ["policy", "create"],
+    ["policy", "list"],
+    ["policy", "update"],
+    ["quota"],
+    ["quota", "counters"],
+    ["quota", "reset"],
 ]
 
 

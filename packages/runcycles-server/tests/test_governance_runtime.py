@@ -12,6 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from runcycles.models import Action, Amount, ReservationCreateRequest, Subject, Unit
 from runcycles_server.governance import PolicyRow, Registry, policy_from_create
@@ -433,3 +434,29 @@ def test_an_observing_tenant_row_survives_its_store(api: Api, store: Store, acme
     again = api.client.run(store.get_tenant("acme"))
     assert again is not None
     assert again.observe_mode == "OBSERVE"
+
+
+@pytest.mark.parametrize("store", [pytest.param("redis", marks=pytest.mark.redis)], indirect=True)
+def test_a_redis_failure_on_the_write_leaves_no_partial_state(
+    api: Api, store: Store, acme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Redis the balance, the reservation and the counters go in one script call: when
+    that call fails, none of them is written (and the request fails, to be retried)."""
+    add_policy(
+        api,
+        store,
+        action_quotas=[{"action_kind": "web.search", "max_calls": 5, "window": "per_day_tumbling"}],
+    )
+    assert post(api, acme, reservation("ok", "web.search")).status_code == 200
+    before = (api.balance(acme, "tenant:acme"), counters(api, store))
+
+    async def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise RedisConnectionError("connection reset while writing")
+
+    monkeypatch.setattr(store, "_cas", unreachable)
+    assert post(api, acme, reservation("boom", "web.search")).status_code == 503
+    monkeypatch.undo()
+    assert (api.balance(acme, "tenant:acme"), counters(api, store)) == before
+    # the retry with the same key succeeds and counts once
+    assert post(api, acme, reservation("boom", "web.search")).status_code == 200
+    assert list(counters(api, store).values()) == [2]

@@ -55,7 +55,15 @@ def test_every_script_call_keeps_its_keys_in_one_slot(
         api.budget(tenant, f"tenant:{tenant}", 1_000_000)
         api.budget(tenant, f"tenant:{tenant}/workspace:eng", 500_000)
         h = {"X-Cycles-API-Key": key}
-        subject = {"tenant": tenant, "workspace": "eng", "agent": "a1"}
+        quotas = [  # governed: every reservation also reads and writes quota counters
+            {"action_kind": "llm.completion", "max_calls": 100, "window": "per_run"},
+            {"action_kind": "llm.completion", "max_calls": 100, "window": "per_minute_tumbling"},
+        ]
+        policy = {"tenant_id": tenant, "name": "q", "scope_pattern": f"tenant:{tenant}/*",
+                  "action_quotas": quotas}  # fmt: skip
+        api.admin("POST", "/v1/admin/policies", 201, json=policy)
+        subject = {"tenant": tenant, "workspace": "eng", "agent": "a1",
+                   "dimensions": {"run_id": "run-1"}}  # fmt: skip
         action = {"kind": "llm.completion", "name": "gpt"}
         est = {"unit": U, "amount": 100}
         rids = []
@@ -82,6 +90,10 @@ def test_every_script_call_keeps_its_keys_in_one_slot(
     clock.advance(60_000)
     store = api.client._client._transport.app.state.store  # type: ignore[attr-defined]
     assert api.client.run(store.expire_due()) == 2  # the third reservation of each tenant
+    reset = {"tenant_id": "acme", "scope": "tenant:acme/workspace:eng/agent:a1",
+             "action_kind": "llm.completion", "window": "per_run",
+             "window_key": "run-1", "reason": "test"}  # fmt: skip
+    api.admin("POST", "/v1/admin/action-quota-counters/reset", 200, json=reset)
     api.admin("PATCH", "/v1/admin/tenants/globex", json={"status": "CLOSED"})
 
     assert len(recorded) > 20

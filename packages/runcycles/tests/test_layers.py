@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"_version", "models"},
     {"exceptions", "_fastpath", "governance"},
     {"config", "context", "response", "usage", "action_kinds"},
-    {"retry", "pricing", "_protocol", "_wire", "journal"},
+    {"retry", "pricing", "_protocol", "_wire", "_http11", "journal"},
     {"heartbeat", "settlement"},
     {"_autoreplay"},
     {"_base_client"},

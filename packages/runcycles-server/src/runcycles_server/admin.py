@@ -14,7 +14,8 @@ Routes (``X-Admin-API-Key`` unless noted; "or tenant" = a tenant key works for i
   /v1/admin/budgets/freeze|unfreeze?scope=&unit=``.
 * ``POST /v1/admin/budgets/fund?scope=&unit=[&tenant_id=]`` (or tenant): CREDIT, DEBIT, RESET,
   RESET_SPENT, REPAY_DEBT, idempotent by ``idempotency_key``.
-* ``GET /v1/admin/audit/logs[?tenant_id=]``: audit entries of admin-on-behalf-of releases (for
+* ``GET /v1/admin/audit/logs[?tenant_id=]``: audit entries of admin-on-behalf-of releases,
+  observe-mode decisions, policy changes and quota counter resets (for
   stores that implement :class:`~runcycles_server.stores.base.AuditReader`; the Redis store
   keeps them per tenant, so it needs ``tenant_id``).
 
@@ -49,7 +50,7 @@ Permission = Literal[
     "admin:write", "admin:tenants:read", "admin:tenants:write", "admin:budgets:read",
     "admin:budgets:write", "admin:policies:read", "admin:policies:write", "admin:apikeys:read",
     "admin:apikeys:write", "admin:webhooks:read", "admin:webhooks:write", "admin:events:read",
-    "admin:audit:read",
+    "admin:audit:read", "action_quotas:read",
 ]  # fmt: skip
 
 DEFAULT_PERMISSIONS: Final = list(TENANT_ADMIN_PERMISSIONS)
@@ -342,6 +343,15 @@ def budget_body(row: BudgetRow) -> dict[str, Any]:
             "caps": row.caps,
         }
     )
+
+
+def _resource_type(operation: str) -> str:
+    """The audit log's ``resource_type`` of an entry, from its operation."""
+    if operation.startswith("policy."):
+        return "policy"
+    if operation.startswith("quota."):
+        return "quota_counter"
+    return "reservation"
 
 
 def _page_body(name: str, items: list[dict[str, Any]], cursor: str | None) -> dict[str, Any]:
@@ -646,7 +656,7 @@ class Admin:
                     "timestamp": iso(row.created_at_ms),
                     "tenant_id": row.tenant_id,
                     "operation": row.operation,
-                    "resource_type": "reservation",
+                    "resource_type": _resource_type(row.operation),
                     "resource_id": row.resource_id,
                     "request_id": row.request_id,
                     "trace_id": row.trace_id,

@@ -17,7 +17,9 @@ Runtime routes (``cycles-protocol-v0.yaml``): ``POST /v1/decide``, ``POST /v1/re
 ``GET /v1/reservations``, ``GET /v1/reservations/{id}``, ``POST /v1/reservations/{id}/commit``,
 ``/release``, ``/extend``, ``GET /v1/balances``, ``POST /v1/events``, ``GET /v1/auth/introspect``,
 plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable; answers within
-:data:`READY_TIMEOUT_S`). Admin routes live in :mod:`runcycles_server.admin`.
+:data:`READY_TIMEOUT_S`). Admin routes live in :mod:`runcycles_server.admin`; the action
+governance routes (policies, ``/v1/action-kinds``, quota counters) in
+:mod:`runcycles_server.governance_api`.
 
 A store that is unavailable (down, or hung past its timeout) makes a request fail with ``503``
 and ``Retry-After``, and each outage is logged once (:mod:`runcycles_server.health`).
@@ -61,6 +63,7 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
+from runcycles_server.governance_api import REGISTRY_REQUESTS_PER_MINUTE, GovernanceApi
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
 from runcycles_server.query import check_text
@@ -650,6 +653,7 @@ def create_app(
     close_store: bool = True,
     rate_limit_per_s: float | None = None,
     retention_days: float | None = DEFAULT_RETENTION_DAYS,
+    registry_requests_per_minute: int | None = REGISTRY_REQUESTS_PER_MINUTE,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -666,6 +670,9 @@ def create_app(
             records are deleted this many days after their deadline / creation by the sweeper
             (``None``: kept forever). Idempotency records are purged at their own retention
             either way (see ``ledger.RETAIN_*``).
+        registry_requests_per_minute: requests a minute each client address may make to the
+            public ``/v1/action-kinds`` endpoints (``None``: no limit); see
+            :mod:`runcycles_server.governance_api`.
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, or ``retention_days``
@@ -683,6 +690,9 @@ def create_app(
     health = StoreHealth(store)
     runtime = Runtime(store, auth, max_body_bytes, health)
     admin = Admin(store, auth, max_body_bytes)
+    governance = GovernanceApi(
+        store, auth, max_body_bytes, registry_requests_per_minute=registry_requests_per_minute
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -704,7 +714,7 @@ def create_app(
                 await store.close()
 
     app = Starlette(
-        routes=[*runtime.routes(), *admin.routes()],
+        routes=[*runtime.routes(), *admin.routes(), *governance.routes()],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
     )

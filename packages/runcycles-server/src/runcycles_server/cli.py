@@ -8,12 +8,15 @@
     cycles serve --redis redis://localhost:6379/0 --admin-key "$ADMIN"
     cycles tenant create acme && eval "$(cycles key create acme)"
     cycles budget create tenant:acme '$25' && cycles balances
+    cycles serve --action-kinds kinds.yaml   # declare the operator's custom.* action kinds
+    cycles policy create support --scope 'tenant:acme/agent:*' --deny payment.charge
+    cycles quota counters --tenant acme
 
 Several workers share one SQLite file safely (one ``BEGIN IMMEDIATE`` transaction per
 mutation). Configuration reaches worker processes through environment variables
 (``CYCLES_DB``, ``CYCLES_ADMIN_API_KEY``, ``CYCLES_SQLITE_SYNCHRONOUS``, ``CYCLES_REDIS_URL``,
 ``CYCLES_ACCESS_LOG``, ``CYCLES_MAX_BODY_BYTES``, ``CYCLES_RATE_LIMIT``,
-``CYCLES_RETENTION_DAYS``), which :func:`app_from_env` reads.
+``CYCLES_RETENTION_DAYS``, ``CYCLES_ACTION_KINDS``), which :func:`app_from_env` reads.
 
 Imports of the server itself are deferred to the commands that need them, so ``cycles --help``
 and the admin commands start quickly.
@@ -32,10 +35,12 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 
 from runcycles_server.cli_admin import CliError, register, reported
+from runcycles_server.cli_governance import register_governance
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
+    from runcycles_server.governance import Registry
     from runcycles_server.stores.base import Store
 
 DEV_TENANT: Final = "demo"
@@ -50,6 +55,16 @@ ENV_MAX_BODY: Final = "CYCLES_MAX_BODY_BYTES"
 ENV_RATE_LIMIT: Final = "CYCLES_RATE_LIMIT"
 ENV_RETENTION_DAYS: Final = "CYCLES_RETENTION_DAYS"
 ENV_STORE_TIMEOUT: Final = "CYCLES_STORE_TIMEOUT_S"
+ENV_ACTION_KINDS: Final = "CYCLES_ACTION_KINDS"
+DEV_POLICY: Final = "dev-example-guardrails"
+DEV_POLICY_BODY: Final = {
+    "name": DEV_POLICY,
+    "description": "Example created by `cycles serve --dev`: change it with `cycles policy update`",
+    "scope_pattern": f"tenant:{DEV_TENANT}",
+    "denied_action_kinds": ["payment.charge"],
+    "action_quotas": [{"action_kind": "message.email.send", "max_calls": 20, "window": "per_run"}],
+}
+"""The example policy of the dev tenant: no payments, at most 20 emails per run."""
 DEFAULT_RETENTION_DAYS: Final = 7  # = app.DEFAULT_RETENTION_DAYS (not imported: startup time)
 LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
 GRACEFUL_SHUTDOWN_S: Final = 30
@@ -142,6 +157,14 @@ def app_from_env() -> Starlette:
             os.environ.get(ENV_DB) or default_db_path(),
             synchronous="FULL" if synchronous == "FULL" else "NORMAL",
         )
+    kinds_file = os.environ.get(ENV_ACTION_KINDS)
+    if kinds_file:
+        from runcycles_server.governance import DeclarationError, Registry
+
+        try:
+            store.registry = Registry.load(kinds_file)
+        except DeclarationError as exc:
+            raise SystemExit(f"{ENV_ACTION_KINDS}: {exc}") from None
     try:
         app = create_app(
             store,
@@ -212,7 +235,41 @@ async def bootstrap_dev(store: Store) -> str:
             )
         except LedgerError as exc:  # e.g. the demo tenant was closed earlier
             typer.echo(f"note: could not create the demo budget: {exc.message}", err=True)
+    await _example_policy(store)
     return secret
+
+
+async def _example_policy(store: Store) -> None:
+    """Create the dev tenant's example policy unless it exists; say what it does (stderr)."""
+    from runcycles_server.governance import policy_from_create
+    from runcycles_server.ledger import LedgerError
+
+    policy = next((p for p in await store.list_policies(DEV_TENANT) if p.name == DEV_POLICY), None)
+    if policy is None:
+        try:
+            policy = await store.create_policy(
+                policy_from_create(
+                    DEV_TENANT,
+                    DEV_POLICY_BODY,
+                    policy_id=store.new_policy_id(DEV_TENANT),
+                    now_ms=store.clock(),
+                    registry=store.registry,
+                )
+            )
+        except LedgerError as exc:  # e.g. the demo tenant was closed earlier
+            typer.echo(f"note: could not create the example policy: {exc.message}", err=True)
+            return
+    typer.echo(
+        f"# example policy {policy.policy_id} ({policy.name}) on {policy.scope_pattern}: "
+        "payment.charge is denied (409 ACTION_KIND_DENIED); at most 20 message.email.send per "
+        "run (send subject.dimensions.run_id; the 21st is 409 ACTION_QUOTA_EXCEEDED)",
+        err=True,
+    )
+    typer.echo(
+        f"# see it with `cycles policy list --tenant {DEV_TENANT}`, change it with "
+        f"`cycles policy update {policy.policy_id} ...` (docs/governance.md)",
+        err=True,
+    )
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -364,6 +421,14 @@ def serve(
             "(established connections are unaffected).",
         ),
     ] = 1000,
+    action_kinds: Annotated[
+        Path | None,
+        typer.Option(
+            "--action-kinds",
+            help="YAML or JSON file declaring this server's custom.* action kinds (each with "
+            "its risk_class); see docs/governance.md.",
+        ),
+    ] = None,
     store_timeout: Annotated[
         float,
         typer.Option(
@@ -391,11 +456,14 @@ def serve(
         ):
             if not 0 < seconds < float("inf"):  # also NaN
                 raise CliError(f"{flag} must be a positive number of seconds, not {seconds}", 2)
+        registry = _load_action_kinds(action_kinds)
         max_connections, fd_note = _fit_connection_cap(max_connections)
         _check_port_free(host, port)
         if dev and not admin_key:
             admin_key = "adm_" + secrets.token_urlsafe(24)
         store, description = _open_store(db, redis, redis_prefix, mode)
+        if registry is not None:
+            store.registry = registry
         import asyncio
 
         secret = asyncio.run(_bootstrap_and_close(store)) if dev else None
@@ -420,6 +488,10 @@ def serve(
         os.environ[ENV_RATE_LIMIT] = repr(rate_limit)
         os.environ[ENV_RETENTION_DAYS] = str(retention_days)
         os.environ[ENV_STORE_TIMEOUT] = repr(store_timeout)
+        if action_kinds is not None:
+            os.environ[ENV_ACTION_KINDS] = str(action_kinds.resolve())
+        else:
+            os.environ.pop(ENV_ACTION_KINDS, None)
         from runcycles_server.connections import ConnectionLimits
 
         limits = ConnectionLimits(header_timeout, body_timeout, idle_timeout, max_connections)
@@ -460,6 +532,22 @@ def serve(
         http=GuardedHttpToolsProtocol,
         timeout_keep_alive=idle_timeout,
     )
+
+
+def _load_action_kinds(path: Path | None) -> Registry | None:
+    """Load ``--action-kinds`` (a bad file: one line naming file, entry and fix; exit 2)."""
+    if path is None:
+        return None
+    from runcycles_server.governance import DeclarationError, Registry
+
+    try:
+        registry = Registry.load(path)
+    except DeclarationError as exc:
+        raise CliError(f"--action-kinds {exc}", 2) from None
+    for warning in registry.warnings:
+        typer.echo(f"note: {warning}", err=True)
+    typer.echo(f"cycles: {len(registry.custom)} custom action kind(s) declared in {path}", err=True)
+    return registry
 
 
 def _fit_connection_cap(cap: int) -> tuple[int, str | None]:
@@ -571,6 +659,7 @@ async def _answers(store: Store) -> bool:
 
 
 register(cli)  # tenant, key, budget and balances, listed after serve and demo
+register_governance(cli)  # policy and quota
 
 
 def main() -> None:

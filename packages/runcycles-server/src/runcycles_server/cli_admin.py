@@ -31,7 +31,19 @@ import typer
 
 from runcycles_server.roles import ALL_PERMISSIONS, ROLES, describe_permissions, role_of
 
-__all__ = ["UNITS", "CliError", "format_amount", "parse_amount", "register"]
+__all__ = [
+    "UNITS",
+    "CliError",
+    "ServerClient",
+    "console",
+    "format_amount",
+    "make_table",
+    "parse_amount",
+    "print_json",
+    "register",
+    "reported",
+    "tenant_of_scope",
+]
 
 UNITS: Final = ("USD_MICROCENTS", "TOKENS", "CREDITS", "RISK_POINTS")
 MICROCENTS_PER_USD: Final = 10**8
@@ -245,13 +257,22 @@ AdminKey = Annotated[
         show_default=False,
     ),
 ]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="CYCLES_API_KEY",
+        help="Tenant API key, used when no admin key is given.",
+        show_default=False,
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the raw JSON instead of a table.")]
 Raw = Annotated[
     bool, typer.Option("--raw", help="Show USD_MICROCENTS as integers instead of dollars.")
 ]
 
 
-def _console() -> Any:
+def console() -> Any:
+    """A rich console that never truncates ids and amounts when output is piped."""
     from rich.console import Console
 
     console = Console()
@@ -260,7 +281,8 @@ def _console() -> Any:
     return console
 
 
-def _table(title: str, columns: list[tuple[str, str]]) -> Any:
+def make_table(title: str, columns: list[tuple[str, str]]) -> Any:
+    """A table whose ``scope`` and ``name`` columns fold; ids and amounts never wrap."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -276,7 +298,8 @@ def _table(title: str, columns: list[tuple[str, str]]) -> Any:
     return table
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON (the ``--json`` output)."""
     typer.echo(json.dumps(value, indent=2))
 
 
@@ -326,15 +349,15 @@ def tenant_list(
         params = {"status": status.upper() if status else None, "limit": 100}
         tenants = client.pages("/v1/admin/tenants", "tenants", params)
         if as_json:
-            _print_json(tenants)
+            print_json(tenants)
             return
-        table = _table(
+        table = make_table(
             f"{len(tenants)} tenant(s)",
             [("tenant", "left"), ("name", "left"), ("status", "left"), ("created", "left")],
         )
         for t in tenants:
             table.add_row(t["tenant_id"], t.get("name", ""), t["status"], t.get("created_at", ""))
-        _console().print(table)
+        console().print(table)
 
 
 @tenant_app.command("close")
@@ -451,9 +474,9 @@ def key_list(
         client = ServerClient(url, admin_key=admin_key)
         keys = client.pages("/v1/admin/api-keys", "keys", {"tenant_id": tenant_id, "limit": 100})
         if as_json:
-            _print_json(keys)
+            print_json(keys)
             return
-        table = _table(
+        table = make_table(
             f"{len(keys)} key(s) of {tenant_id}",
             [
                 ("key id", "left"),
@@ -473,7 +496,7 @@ def key_list(
                 k["status"],
                 k.get("expires_at", ""),
             )
-        _console().print(table)
+        console().print(table)
 
 
 @key_app.command("revoke")
@@ -565,9 +588,9 @@ def budget_list(
         client = ServerClient(url, admin_key=admin_key)
         ledgers = client.pages("/v1/admin/budgets", "ledgers", {"tenant_id": tenant, "limit": 100})
         if as_json:
-            _print_json(ledgers)
+            print_json(ledgers)
             return
-        table = _table(
+        table = make_table(
             f"{len(ledgers)} budget(s)",
             [
                 ("scope", "left"),
@@ -589,7 +612,7 @@ def budget_list(
                 _amount(b, "debt", raw),
                 b.get("status", ""),
             )
-        _console().print(table)
+        console().print(table)
 
 
 @budget_app.command("fund")
@@ -653,14 +676,7 @@ def balances(
     ] = None,
     url: Url = DEFAULT_URL,
     admin_key: AdminKey = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            envvar="CYCLES_API_KEY",
-            help="Tenant API key, used when no admin key is given.",
-            show_default=False,
-        ),
-    ] = None,
+    api_key: ApiKey = None,
     as_json: AsJson = False,
     raw: Raw = False,
 ) -> None:
@@ -685,9 +701,9 @@ def balances(
                 tenant = client.call("GET", "/v1/auth/introspect").get("tenant_id")
             rows = client.pages("/v1/balances", "balances", {"tenant": tenant, "limit": 200})
         if as_json:
-            _print_json(rows)
+            print_json(rows)
             return
-        table = _table(
+        table = make_table(
             f"Balances ({len(rows)} budget(s))",
             [
                 ("scope", "left"),
@@ -711,7 +727,7 @@ def balances(
                 _amount(row, "debt", raw),
                 _amount(row, "remaining", raw),
             )
-        _console().print(table)
+        console().print(table)
 
 
 def register(cli: typer.Typer) -> None:

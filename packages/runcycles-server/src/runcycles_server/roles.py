@@ -36,10 +36,11 @@ ALL_PERMISSIONS: Final = (
     "admin:write", "admin:tenants:read", "admin:tenants:write", "admin:budgets:read",
     "admin:budgets:write", "admin:policies:read", "admin:policies:write", "admin:apikeys:read",
     "admin:apikeys:write", "admin:webhooks:read", "admin:webhooks:write", "admin:events:read",
-    "admin:audit:read",
+    "admin:audit:read", "action_quotas:read",
 )  # fmt: skip
-"""Every permission the governance spec defines (``Permission`` in :mod:`runcycles_server.admin`
-is the same list as a type)."""
+"""Every permission the governance spec defines, with the v0.1.26 extension's
+``action_quotas:read`` (``Permission`` in :mod:`runcycles_server.admin` is the same list as a
+type)."""
 AGENT_PERMISSIONS: Final[tuple[str, ...]] = (
     "reservations:create",
     "reservations:commit",

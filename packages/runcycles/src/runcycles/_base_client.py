@@ -22,6 +22,7 @@ import os
 import ssl
 import sys
 import threading
+import urllib.request
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
@@ -29,7 +30,8 @@ from typing import Any
 
 import httpx
 
-from runcycles import _autoreplay
+from runcycles import _autoreplay, _fastpath
+from runcycles._http11 import AsyncHTTP11Transport
 from runcycles._protocol import (
     BalanceFilters,
     ClientCore,
@@ -570,11 +572,17 @@ class AsyncBaseCyclesClient:
 
     def _new_pool(self) -> httpx.AsyncClient:
         core = self._core
+        transport = self._transport
+        if transport is None and _fastpath.enabled and not urllib.request.getproxies():
+            # Our lean pool (runcycles._http11); with a proxy configured, httpx's own mounts.
+            transport = AsyncHTTP11Transport(
+                ssl_context=default_ssl_context(), max_connections=core.config.max_connections
+            )
         return httpx.AsyncClient(
             headers=core.base_headers,
             timeout=core.timeout(),
             limits=core.limits(),
-            transport=self._transport,
+            transport=transport,
             verify=default_ssl_context(),
         )
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import orjson
@@ -125,14 +125,16 @@ class CounterKey:
     scope: str
     rule: str = ""
     bucket_start_ms: int | None = None
+    name: str = field(init=False, repr=False, compare=False)
+    """The row key within the tenant (the run id last: it is the one free-text part);
+    computed once, since every read and write of the counter looks it up."""
 
-    @property
-    def name(self) -> str:
-        """The row key within the tenant (the run id last: it is the one free-text part)."""
-        return (
+    def __post_init__(self) -> None:
+        name = (
             f"quota|{self.scope}|{self.action_kind}|{self.risk_class or ''}|{self.rule}|"
             f"{self.window}|{self.bucket}"
         )
+        object.__setattr__(self, "name", name)
 
     @property
     def window_end_ms(self) -> int | None:

@@ -153,11 +153,14 @@ class GovernanceStore(Protocol):
     def new_policy_id(self, tenant_id: str) -> str:
         """A fresh id for a new policy of ``tenant_id``."""
 
-    async def create_policy(self, row: PolicyRow) -> PolicyRow:
+    async def create_policy(self, row: PolicyRow, *, audit: AuditRow | None = None) -> PolicyRow:
         """Insert a validated policy; its ``created_at`` is the store's time.
 
+        ``audit``: the ``policy.created`` entry to record in the same transaction.
+
         Raises:
-            LedgerError: TENANT_NOT_FOUND (400), TENANT_CLOSED.
+            LedgerError: TENANT_NOT_FOUND (400), TENANT_CLOSED, DUPLICATE_RESOURCE (a policy
+                of that name exists in the tenant).
         """
 
     async def get_policy(self, policy_id: str) -> PolicyRow | None:
@@ -167,19 +170,32 @@ class GovernanceStore(Protocol):
         """Return every policy of a tenant, highest priority first (then by id)."""
 
     async def update_policy(
-        self, tenant_id: str, policy_id: str, body: dict[str, Any]
+        self,
+        tenant_id: str,
+        policy_id: str,
+        body: dict[str, Any],
+        *,
+        audit: AuditRow | None = None,
     ) -> tuple[PolicyRow, list[str]]:
         """Apply a PATCH body atomically; return the policy and its ``changed_fields``.
 
+        ``audit``: the ``policy.updated`` entry, recorded only when a field changed.
+
         Raises:
-            LedgerError: NOT_FOUND (no such policy in that tenant), INVALID_REQUEST.
+            LedgerError: NOT_FOUND (no such policy in that tenant), INVALID_REQUEST,
+                TENANT_CLOSED.
         """
 
     async def list_counters(self, tenant_id: str) -> list[CounterRow]:
         """Return the tenant's quota counters that have not expired."""
 
-    async def reset_counters(self, tenant_id: str, names: Sequence[str]) -> list[CounterRow]:
-        """Reset these counters to 0 in one atomic step; return their new rows."""
+    async def reset_counters(
+        self, tenant_id: str, names: Sequence[str], *, audit: AuditRow | None = None
+    ) -> list[tuple[CounterRow, CounterRow]]:
+        """Reset these counters to 0 in one atomic step; return each one before and after.
+
+        ``audit``: the ``quota.counter_reset`` entry, recorded once per counter reset.
+        """
 
 
 class Store(GovernanceStore, Protocol):
@@ -406,9 +422,9 @@ class OperationStore(ABC):
 
     # -- governance ------------------------------------------------------------------------------
 
-    async def create_policy(self, row: PolicyRow) -> PolicyRow:
+    async def create_policy(self, row: PolicyRow, *, audit: AuditRow | None = None) -> PolicyRow:
         """See :meth:`GovernanceStore.create_policy`."""
-        return await self.run(operations.create_policy(row))
+        return await self.run(operations.create_policy(row, audit))
 
     async def list_policies(self, tenant_id: str) -> list[PolicyRow]:
         """See :meth:`GovernanceStore.list_policies`."""
@@ -416,14 +432,23 @@ class OperationStore(ABC):
         return sorted(rows, key=lambda p: (-p.priority, p.policy_id))
 
     async def update_policy(
-        self, tenant_id: str, policy_id: str, body: dict[str, Any]
+        self,
+        tenant_id: str,
+        policy_id: str,
+        body: dict[str, Any],
+        *,
+        audit: AuditRow | None = None,
     ) -> tuple[PolicyRow, list[str]]:
         """See :meth:`GovernanceStore.update_policy`."""
-        return await self.run(operations.update_policy(tenant_id, policy_id, body, self.registry))
+        return await self.run(
+            operations.update_policy(tenant_id, policy_id, body, self.registry, audit)
+        )
 
-    async def reset_counters(self, tenant_id: str, names: Sequence[str]) -> list[CounterRow]:
+    async def reset_counters(
+        self, tenant_id: str, names: Sequence[str], *, audit: AuditRow | None = None
+    ) -> list[tuple[CounterRow, CounterRow]]:
         """See :meth:`GovernanceStore.reset_counters`."""
-        return await self.run(operations.reset_counters(tenant_id, names))
+        return await self.run(operations.reset_counters(tenant_id, names, audit))
 
     async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
         """See :meth:`Store.decide`."""

@@ -52,6 +52,7 @@ from runcycles_server.governance import (
     select_policy,
 )
 from runcycles_server.ledger import (
+    AuditRow,
     BudgetRow,
     IdempotencyRow,
     Outcome,
@@ -596,8 +597,13 @@ def fund_budget(
 # Admin: policies and quota counters
 
 
-def create_policy(row: PolicyRow) -> Op[PolicyRow]:
-    """Insert a policy (already validated) for an existing tenant that is not CLOSED."""
+def create_policy(row: PolicyRow, audit: AuditRow | None = None) -> Op[PolicyRow]:
+    """Insert a policy (already validated) for an existing tenant that is not CLOSED.
+
+    ``audit`` is the entry to record (``policy.created``; its time and the policy's
+    ``policy_id``/``name``/``scope_pattern`` details are filled in here). A policy name is
+    unique within its tenant (409 ``DUPLICATE_RESOURCE``).
+    """
 
     def plan(txn: Txn) -> PolicyRow:
         tenant = txn.tenant(row.tenant_id)
@@ -611,36 +617,100 @@ def create_policy(row: PolicyRow) -> Op[PolicyRow]:
             raise LedgerError(
                 "TENANT_CLOSED", f"tenant {row.tenant_id} is CLOSED; policies cannot be created"
             )
+        for other in txn.policies(row.tenant_id):
+            if other.name == row.name:
+                raise LedgerError(
+                    "DUPLICATE_RESOURCE",
+                    f"tenant {row.tenant_id} already has a policy named {row.name!r} "
+                    f"({other.policy_id}); pick another name or PATCH that policy",
+                )
         new = dataclasses.replace(row, created_at_ms=txn.now)
         txn.put_policy(new, new=True)
+        _audit(txn, audit, new, [])
         return new
 
     return Op(plan, row.tenant_id)
 
 
 def update_policy(
-    tenant_id: str, policy_id: str, body: dict[str, Any], registry: Registry
+    tenant_id: str,
+    policy_id: str,
+    body: dict[str, Any],
+    registry: Registry,
+    audit: AuditRow | None = None,
 ) -> Op[tuple[PolicyRow, list[str]]]:
-    """Apply a PATCH body to a policy of ``tenant_id``; return it and its ``changed_fields``."""
+    """Apply a PATCH body to a policy of ``tenant_id``; return it and its ``changed_fields``.
+
+    A policy of a CLOSED tenant is read-only (409 ``TENANT_CLOSED``). ``audit`` is recorded
+    (``policy.updated`` with the ``changed_fields``) only when a field actually changed.
+    """
 
     def plan(txn: Txn) -> tuple[PolicyRow, list[str]]:
         for row in txn.policies(tenant_id):
             if row.policy_id == policy_id:
+                tenant = txn.tenant(tenant_id)
+                if tenant is not None and tenant.status == "CLOSED":
+                    raise LedgerError(
+                        "TENANT_CLOSED",
+                        f"tenant {tenant_id} is CLOSED; its policies are read-only",
+                    )
                 new, changed = policy_patch(row, body, now_ms=txn.now, registry=registry)
                 if changed:
                     txn.put_policy(new)
+                    _audit(txn, audit, new, changed)
                 return new, changed
         raise LedgerError("NOT_FOUND", f"policy {policy_id} does not exist")
 
     return Op(plan, tenant_id)
 
 
-def reset_counters(tenant_id: str, names: Sequence[str]) -> Op[list[CounterRow]]:
-    """Reset the named quota counters of a tenant to 0; return their new rows."""
+def _audit(txn: Txn, audit: AuditRow | None, policy: PolicyRow, changed: list[str]) -> None:
+    if audit is None:
+        return
+    details: dict[str, Any] = {
+        **(audit.details or {}),
+        "policy_id": policy.policy_id,
+        "name": policy.name,
+        "scope_pattern": policy.scope_pattern,
+    }
+    if changed:
+        details["changed_fields"] = changed
+    entry = dataclasses.replace(
+        audit, resource_id=policy.policy_id, created_at_ms=txn.now, details=details
+    )
+    txn.apply(Outcome(200, b"", audit=entry))
 
-    def plan(txn: Txn) -> list[CounterRow]:
-        rows = [reset_counter(row, txn.now) for row in txn.counters(tenant_id, names).values()]
-        txn.put_counters(tenant_id, rows)
-        return rows
+
+def reset_counters(
+    tenant_id: str, names: Sequence[str], audit: AuditRow | None = None
+) -> Op[list[tuple[CounterRow, CounterRow]]]:
+    """Reset the named quota counters of a tenant to 0; return each one before and after.
+
+    ``audit`` (``quota.counter_reset``) is recorded once per counter reset, its details
+    completed with the counter's ``previous_used``, ``policy_id`` and ``window_key`` (the
+    ``i``-th counter's entry id is ``audit_id`` plus ``_i`` from the second one on).
+    """
+
+    def plan(txn: Txn) -> list[tuple[CounterRow, CounterRow]]:
+        found = txn.counters(tenant_id, names)
+        pairs = [(row, reset_counter(row, txn.now)) for row in found.values()]
+        txn.put_counters(tenant_id, [new for _, new in pairs])
+        if audit is not None:
+            for index, (old, _) in enumerate(pairs):
+                details = {
+                    **(audit.details or {}),
+                    "window_key": old.key.bucket,
+                    "previous_used": old.count,
+                    "policy_id": old.key.policy_id,
+                }
+                entry = dataclasses.replace(
+                    audit,
+                    audit_id=audit.audit_id + (f"_{index}" if index else ""),
+                    resource_id=old.name,
+                    created_at_ms=txn.now,
+                    details=details,
+                )
+                txn.apply(Outcome(200, b"", audit=entry))
+        return pairs
 
     return Op(plan, tenant_id)
