@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from runcycles import (
+    ActionKindDeniedError,
     AsyncCyclesAdapter,
     BudgetExceededError,
     CallPlan,
@@ -208,3 +209,33 @@ def test_adapter_tool_calls_reach_the_server_under_registry_kinds(
         "lookup_order": "unknown.call",
     }
     assert {row.status.value for row in rows.reservations} == {"COMMITTED"}
+
+
+def test_a_deny_list_stops_a_tool_by_the_kind_of_its_name_and_observe_lets_it_run(
+    server: ServerProcess, tenant: ProvisionedTenant
+) -> None:
+    """What registry kinds are for: a policy names ``message.email.send``, not a tool."""
+    server.admin(
+        "POST",
+        "/v1/admin/policies",
+        json={
+            "tenant_id": tenant.tenant_id,
+            "name": "no-email",
+            "scope_pattern": f"tenant:{tenant.tenant_id}",
+            "denied_action_kinds": ["message.email.send"],
+        },
+    )
+    ran: list[str] = []
+    with tenant.client() as client:
+        adapter = Tools(client, default_tool_estimate=100)
+        with pytest.raises(ActionKindDeniedError) as denied:
+            adapter.wrap("run-1", "c1", "send_email", lambda c: ran.append("email"))
+        assert denied.value.deny_detail is not None
+        adapter.wrap("run-1", "c2", "search_docs", lambda c: ran.append("search"))
+        assert ran == ["search"]
+        observing = Tools(client, default_tool_estimate=100, observe_mode="OBSERVE")
+        observing.wrap("run-2", "c1", "send_email", lambda c: ran.append("email"))
+        assert ran == ["search", "email"]
+        (decision,) = observing.decisions
+        assert decision.result.reason_code == "ACTION_KIND_DENIED"
+    assert _observed_operations(server, tenant) == ["reservation.observed_denied"]
