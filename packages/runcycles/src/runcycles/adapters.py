@@ -274,7 +274,7 @@ class _AdapterBase(Generic[StartT, EndT]):
 
     @property
     def decisions(self) -> list[DryRunDecision]:
-        """Decisions seen in dry-run mode, oldest first (the last 10,000)."""
+        """Decisions seen in dry-run or observe mode, oldest first (the last 10,000)."""
         return list(self._decisions)
 
     @property
