@@ -29,7 +29,6 @@ from runcycles import (
     Usage,
     adapters,
 )
-from runcycles.action_kinds import AGENT_DELEGATE
 from runcycles.adapters import MaxTokensLowering, RunIds, ToolEstimateMap, recast
 from runcycles_openai_agents.capping import CappedModel, CappedProvider, Caps
 
@@ -240,7 +239,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
     ) -> None:
         """Record the handoff as a zero-amount event (never blocks the run)."""
         await self.record_event(
-            self.run_id(context), f"{from_agent.name}->{to_agent.name}", kind=AGENT_DELEGATE,
+            self.run_id(context), f"{from_agent.name}->{to_agent.name}", kind="agent.delegate",
             agent=from_agent.name, metadata={"to_agent": to_agent.name},
         )  # fmt: skip
 
