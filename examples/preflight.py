@@ -1,11 +1,14 @@
-"""OpenAI Agents SDK: check before you spend, with a pre-run guardrail and a shadow (dry) run.
+"""OpenAI Agents SDK: check before you spend: a pre-run guardrail, a dry run, observe mode.
 
 Run: ``uv run --all-packages python examples/preflight.py`` (offline, scripted models).
 ``cycles_budget_guardrail`` asks the server (``/v1/decide``, nothing held) whether a run's
 estimate fits before the agent starts: a big job is refused with zero model calls, a small one
 starts. ``CyclesRunHooks(dry_run=True)`` then shadows a whole run: every call is evaluated,
 nothing blocks, nothing is charged, and ``hooks.decisions`` says which calls would be denied
-(here each email holds 40 risk points of a 30-point budget).
+(here each email holds 40 risk points of a 30-point budget). ``observe_mode="OBSERVE"`` is the
+protocol's shadow mode for production: the same, and the server itself records every
+would-be decision (``reservation.observed_denied``) for the operator. Each email reserves
+under the registry's kind for ``send_email``: ``message.email.send``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,15 @@ async def main() -> None:
             result = await Runner.run(small, "Email 3 customers.", hooks=shadow)
             print(f"small job ($0.001): ran in shadow mode -> {result.final_output!r}")
             for d in shadow.decisions:
-                print(f"  would be {d.decision.value:5} {d.action_kind:14} {d.action_name}")
+                print(f"  would be {d.decision.value:5} {d.action_kind:18} {d.action_name}")
+            emails = [[tool_call("send_email", {"to": f"c{n}@example.com"})] for n in range(3)]
+            observed = agent(100_000, client, [*emails, [reply("3 emails sent")]])
+            observe = CyclesRunHooks(
+                client=client, observe_mode="OBSERVE", tool_estimates={"send_email": 40}
+            )
+            result = await Runner.run(observed, "Email 3 customers.", hooks=observe)
+            denied = sum(d.decision.value == "DENY" for d in observe.decisions)
+            print(f"observe mode: ran -> {result.final_output!r}, {denied} would-be denials")
             data = (await client.get_balances(tenant=tenant_of(config))).raise_for_error().data
     spent = sum(b.spent.amount for b in data.balances if b.spent is not None)
     print(f"charged in all: {spent}")

@@ -46,7 +46,8 @@ EXPECTED = {
     "preflight.py": [
         "big job ($0.05): DENY before it started, 0 model calls",
         "small job ($0.001): ran in shadow mode -> '3 emails sent'",
-        "would be DENY  tool.call      send_email",
+        "would be DENY  message.email.send send_email",
+        "observe mode: ran -> '3 emails sent', 3 would-be denials",
         "charged in all: 0",
     ],
     "anyagent_budget.py": [

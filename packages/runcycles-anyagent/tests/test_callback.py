@@ -14,7 +14,16 @@ from typing import Any
 import pytest
 from any_agent import AgentCancel, AgentConfig, AgentRunError, AnyAgent
 
-from runcycles import BudgetExceededError, CyclesTransportError, ModelPrice, Pricer
+from runcycles import (
+    ActionPolicyKeys,
+    BudgetExceededError,
+    CyclesTransportError,
+    ModelPrice,
+    Pricer,
+    Unit,
+    action_kinds,
+)
+from runcycles.adapters import ToolEstimateConfig, ToolEstimateMap
 from runcycles.testing.fake_server import FakeCyclesServer
 from runcycles_anyagent import BudgetExceeded, CyclesBudgetCallback, ToolNotAllowed
 from runcycles_anyagent.testing import (
@@ -107,11 +116,39 @@ async def test_a_run_commits_priced_usage_and_tool_estimates(server, backend) ->
                for r in server.reservations.values()]  # fmt: skip
     assert commits == [
         ("llm.completion", cost(1_000, 50)),
-        ("tool.call", 30_000),
+        ("unknown.call", 30_000),  # "lookup" maps to no registry kind
         ("llm.completion", cost(1_200, 10)),
     ]
     assert server.reserved() == 0
     assert cb.pending == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_tools_reserve_registry_kinds_and_a_map_sets_kind_and_policy_keys(
+    server, backend
+) -> None:
+    keys = ActionPolicyKeys(host="weather.example.com")
+    tools = ToolEstimateMap(
+        {"lookup": ToolEstimateConfig(30_000, action_kinds.HTTP_GET, policy_keys=keys)},
+        default_estimate=70_000,
+        default_unit=Unit.USD_MICROCENTS,
+    )
+    cb = callback(server, tool_estimates=tools)
+    turns = [tool_calls(("lookup", {"city": "Oslo"}), ("fetch", {"url": "a"})), reply("Done.")]
+    agent, _ = await build(backend, [cb], turns)
+    await agent.run_async("Both?")
+    actions = {
+        r["request"]["action"]["name"]: (r["request"]["action"], r["commit"]["actual"]["amount"])
+        for r in server.reservations.values()
+        if r["request"]["action"]["kind"] != "llm.completion"
+    }
+    assert actions == {
+        "lookup": (
+            {"kind": "http.get", "name": "lookup", "policy_keys": {"host": "weather.example.com"}},
+            30_000,
+        ),
+        "fetch": ({"kind": "unknown.call", "name": "fetch"}, 70_000),  # the name maps to none
+    }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,7 +167,7 @@ async def test_parallel_tool_calls_are_paired_by_call_id(server, backend) -> Non
             r["commit"]["actual"]["amount"],
         )
         for r in server.reservations.values()
-        if r["request"]["action"]["kind"] == "tool.call"
+        if r["request"]["action"]["kind"] == "unknown.call"
     }
     assert {name: amount for name, (_, amount) in tools.items()} == {
         "fetch": 70_000,

@@ -53,7 +53,7 @@ async def test_parallel_tools_are_paired_and_a_denial_stops_the_run(monkeypatch,
     tools = sorted(
         (r["request"]["metadata"]["call_id"], r["status"], r["commit"]["actual"]["amount"])
         for r in server.reservations.values()
-        if r["request"]["action"]["kind"] == "tool.call"
+        if r["request"]["action"]["kind"] == "web.search"  # the registry's kind of "search"
     )
     assert tools == [("c1", "COMMITTED", 7_000), ("c2", "COMMITTED", 7_000)]
     assert sorted(RAN) == ["a", "b"]

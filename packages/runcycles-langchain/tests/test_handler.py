@@ -61,7 +61,7 @@ def test_an_agent_run_commits_priced_usage_and_tool_estimates(kit, server, async
     assert server.reserved() == 0
     assert handler.pending == []
     kinds = [r["request"]["action"]["kind"] for r in server.reservations.values()]
-    assert kinds == ["llm.completion", "tool.call", "llm.completion"]
+    assert kinds == ["llm.completion", "web.search", "llm.completion"]  # the registry's
     runs = {r["request"]["metadata"]["run_id"] for r in server.reservations.values()}
     assert len(runs) == 1  # one top-level run
 
@@ -99,7 +99,9 @@ def test_parallel_tool_calls_are_paired_by_run_id(kit, server):
     run(create_agent(model, tools=[kit.send_email]), handler)
     assert sorted(kit.RAN) == [f"send_email:u{n}" for n in range(5)]
     tools = [
-        r for r in server.reservations.values() if r["request"]["action"]["kind"] == "tool.call"
+        r
+        for r in server.reservations.values()
+        if r["request"]["action"]["kind"] == "message.email.send"
     ]
     assert len(tools) == 5
     assert {r["commit"]["actual"]["amount"] for r in tools} == {50_000}

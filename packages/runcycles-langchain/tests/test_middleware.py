@@ -66,7 +66,7 @@ def test_the_ledger_is_the_priced_usage_of_the_calls_that_ran(kit, server, mode)
     assert server.spent["USD_MICROCENTS"] == kit.cost(1_000, 50) + kit.cost(1_200, 80) + 7_000
     assert server.reserved() == 0
     kinds = [r["request"]["action"]["kind"] for r in server.reservations.values()]
-    assert kinds == ["llm.completion", "tool.call", "llm.completion"]
+    assert kinds == ["llm.completion", "web.search", "llm.completion"]  # the registry's
 
 
 def test_exhaustion_ends_the_run_cleanly(kit, server, mode):
@@ -161,7 +161,9 @@ def test_parallel_tool_calls_are_paired(kit, server, mode):
     run(model, [kit.send_email], [middleware], mode)
     assert sorted(kit.RAN) == [f"send_email:u{n}" for n in range(5)]
     tools = [
-        r for r in server.reservations.values() if r["request"]["action"]["kind"] == "tool.call"
+        r
+        for r in server.reservations.values()
+        if r["request"]["action"]["kind"] == "message.email.send"
     ]
     assert [r["commit"]["actual"]["amount"] for r in tools] == [50_000] * 5
     assert len({r["request"]["idempotency_key"] for r in tools}) == 5

@@ -178,7 +178,7 @@ async def test_handoff_is_an_event(server, client):
     result = await Runner.run(triage, "help", hooks=hooks_for(client))
     assert result.final_output == "fixed"
     (event,) = server.posts("/v1/events")
-    assert event["action"] == {"kind": "agent.handoff", "name": "triage->specialist"}
+    assert event["action"] == {"kind": "agent.delegate", "name": "triage->specialist"}
     agents = [p["subject"]["agent"] for p in server.posts("/v1/reservations")]
     assert agents == ["triage", "specialist"]
 
@@ -224,7 +224,7 @@ async def test_llm_estimate_and_unit_options(server, client):
 
 def test_tool_maps_and_older_names():
     mapping = ToolEstimateMap({"a": 5, "b": ToolEstimateConfig(2, "tool.b", Unit.USD_MICROCENTS)})
-    assert mapping.lookup("a") == ToolEstimateConfig(5, "tool.call", Unit.RISK_POINTS)
+    assert mapping.lookup("a") == ToolEstimateConfig(5, "unknown.call", Unit.RISK_POINTS)
     assert mapping.lookup("b").unit == Unit.USD_MICROCENTS
     assert mapping.lookup("zzz").estimate == 1
     legacy = ToolRiskMap({"x": ToolRiskConfig(risk_points=10)}, default_risk=3)

@@ -18,7 +18,7 @@ from runcycles_server.roles import AGENT_PERMISSIONS
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from conftest import Api
+    from conftest import Api, FakeClock
 
     from runcycles_server.stores.base import Store
 
@@ -236,8 +236,11 @@ def test_list_filters_pagination_and_query_validation(api: Api, acme: str) -> No
         refused(response, 400, "INVALID_REQUEST", word)
 
 
-def test_patch_changes_only_what_it_names_and_audits_the_change(api: Api, acme: str) -> None:
+def test_patch_changes_only_what_it_names_and_audits_the_change(
+    api: Api, acme: str, clock: FakeClock
+) -> None:
     policy = create_policy(api, name="rollout", denied_action_kinds=["payment.charge"])
+    clock.advance(1)  # the audit log lists newest first; same-millisecond entries are unordered
     path = f"/v1/admin/policies/{policy['policy_id']}"
     operator = {"X-Cycles-API-Key": acme}
     response = api.client.request(

@@ -202,3 +202,43 @@ async def test_the_redis_store_bounds_every_wait_by_its_timeout() -> None:
         await store.close()
     with pytest.raises(ValueError, match="timeout_s must be a positive number"):
         RedisStore("redis://127.0.0.1:1/0", timeout_s=0)
+
+
+def test_a_sqlite_file_locked_by_another_program_answers_503_and_recovers(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another program (a backup, an ``sqlite3`` shell) holding the write lock past the busy
+    timeout makes writes answer 503 with Retry-After, logged once without a traceback; when it
+    lets go, the same request succeeds."""
+    import sqlite3
+
+    from runcycles_server.stores.sqlite import SqliteStore
+
+    path = tmp_path / "cycles.db"
+    store = SqliteStore(path, busy_timeout_ms=50)
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        app = create_app(store, admin_api_key=ADMIN, sweep_interval_s=None)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            secret = await bootstrap_dev(store)
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the other program's write lock
+            headers = {"X-Cycles-API-Key": secret}
+            try:
+                locked = await client.post("/v1/decide", json=_decide_body(), headers=headers)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            after = await client.post("/v1/decide", json=_decide_body(), headers=headers)
+        await store.close()
+        return locked, after
+
+    with caplog.at_level(logging.WARNING, logger="runcycles_server"):
+        locked, after = asyncio.run(scenario())
+    assert locked.status_code == 503, locked.text
+    assert locked.headers["retry-after"] == "1"
+    assert "locked" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert all(record.exc_info is None for record in caplog.records)
+    assert after.status_code == 200, after.text

@@ -242,6 +242,11 @@ def test_a_dry_run_deny_answer_carries_its_deny_detail():
 
 
 def test_a_200_deny_of_a_guarded_reservation_raises_with_its_deny_detail():
+    """A request that sends ``ENFORCE``: a 200 DENY is a denial, never an observed one.
+
+    (Without a mode, a 200 DENY *with* ``deny_detail`` is the tenant's observe mode:
+    ``tests/guarded/test_observe.py``.)
+    """
     answer = {
         "decision": "DENY",
         "affected_scopes": [SCOPE],
@@ -254,6 +259,7 @@ def test_a_200_deny_of_a_guarded_reservation_raises_with_its_deny_detail():
         "action_kind": "message.email.send",
         "action_name": "sendgrid",
         "estimate": 1_000,
+        "observe_mode": "ENFORCE",
     }
     with (
         Server(200, answer).client() as client,

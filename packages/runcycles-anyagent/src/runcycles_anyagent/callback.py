@@ -21,7 +21,7 @@ from runcycles import (
     Unit,
     Usage,
 )
-from runcycles.adapters import MaxTokensLowering, ToolNotAllowedError, recast
+from runcycles.adapters import MaxTokensLowering, ToolEstimateMap, ToolNotAllowedError, recast
 from runcycles.lifecycle import to_amount
 
 __all__ = ["BudgetExceeded", "CyclesBudgetCallback", "DEFAULT_LLM_ESTIMATE", "ToolNotAllowed"]
@@ -67,7 +67,9 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
             micro-cents, default 100,000).
         action_kind: The model calls' action kind (default ``"llm.completion"``).
         action_name: The model calls' action name (default: the model).
-        tool_estimates: Tool name to what one call of it holds (0: not metered).
+        tool_estimates: Tool name to what one call of it holds (0: not metered), or a
+            :class:`~runcycles.adapters.ToolEstimateMap` (per tool also the unit, the action
+            kind and the policy keys; its own default instead of ``tool_estimate``).
         **options: Other :class:`~runcycles.AdapterOptions`: ``workspace``, ``app``,
             ``toolset``, ``dimensions``, ``fail_open``, ``dry_run``, ``pricer``, ``ttl_ms``...
     """
@@ -86,11 +88,14 @@ class CyclesBudgetCallback(Callback, CyclesAdapter[tuple[str, str, Any], Any]):
         action_kind: str = "llm.completion",
         action_name: str | None = None,
         *,
-        tool_estimates: Mapping[str, int] | None = None,
+        tool_estimates: Mapping[str, int] | ToolEstimateMap | None = None,
         **options: Any,
     ) -> None:
         estimates = {"llm_estimate": llm_estimate, "tool_estimate": tool_estimate}
-        estimates.update({f"tool_estimates[{k!r}]": v for k, v in (tool_estimates or {}).items()})
+        if not isinstance(tool_estimates, ToolEstimateMap):  # a map checks its own at lookup
+            estimates.update(
+                {f"tool_estimates[{k!r}]": v for k, v in (tool_estimates or {}).items()}
+            )
         for what, value in estimates.items():  # a bad amount fails here, not at the first call
             if value is not None:
                 to_amount(value, Unit.USD_MICROCENTS, what)

@@ -239,7 +239,7 @@ class CyclesRunHooks(RunHooks[Any], AsyncCyclesAdapter[tuple[str, Any, str], Any
     ) -> None:
         """Record the handoff as a zero-amount event (never blocks the run)."""
         await self.record_event(
-            self.run_id(context), f"{from_agent.name}->{to_agent.name}", kind="agent.handoff",
+            self.run_id(context), f"{from_agent.name}->{to_agent.name}", kind="agent.delegate",
             agent=from_agent.name, metadata={"to_agent": to_agent.name},
         )  # fmt: skip
 

@@ -11,7 +11,7 @@ __all__ = ["ToolEstimateConfig", "ToolEstimateMap", "ToolRiskConfig", "ToolRiskM
 
 
 def ToolRiskConfig(
-    risk_points: int, action_kind: str = "tool.call", unit: Unit | str | None = None
+    risk_points: int, action_kind: str | None = None, unit: Unit | str | None = None
 ) -> ToolEstimateConfig:
     """Older name of :class:`ToolEstimateConfig` (``risk_points`` is its ``estimate``)."""
     return ToolEstimateConfig(risk_points, action_kind, unit)

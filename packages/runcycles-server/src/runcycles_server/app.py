@@ -63,6 +63,7 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
+from runcycles_server.events_api import EventsApi
 from runcycles_server.governance_api import REGISTRY_REQUESTS_PER_MINUTE, GovernanceApi
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
@@ -693,6 +694,7 @@ def create_app(
     governance = GovernanceApi(
         store, auth, max_body_bytes, registry_requests_per_minute=registry_requests_per_minute
     )
+    events = EventsApi(store, auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -714,7 +716,7 @@ def create_app(
                 await store.close()
 
     app = Starlette(
-        routes=[*runtime.routes(), *admin.routes(), *governance.routes()],
+        routes=[*runtime.routes(), *admin.routes(), *governance.routes(), *events.routes()],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
     )

@@ -70,6 +70,7 @@ from runcycles.models import (
 from runcycles_server import governance
 from runcycles_server.errors import STATUS_BY_CODE as STATUS_BY_CODE
 from runcycles_server.errors import LedgerError as LedgerError
+from runcycles_server.events import EventRecord
 from runcycles_server.governance import (
     Admission,
     CounterRow,
@@ -275,6 +276,7 @@ class Outcome:
         audit: the audit row to insert, if any.
         counters: new state of the quota counters that changed, all of the tenant of
             ``reservation`` (counted by a reservation, given back by its release or expiry).
+        events: the events this change causes (written with it, see :mod:`.events`).
     """
 
     status_code: int
@@ -285,6 +287,7 @@ class Outcome:
     event: EventRow | None = None
     audit: AuditRow | None = None
     counters: list[CounterRow] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------

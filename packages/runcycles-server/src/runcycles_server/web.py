@@ -38,6 +38,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runcycles_server import ledger
+from runcycles_server.events.context import CURRENT as _event_context
+from runcycles_server.events.context import EventContext, set_actor
 from runcycles_server.health import RETRY_AFTER_S, StoreHealth
 from runcycles_server.ledger import ApiKeyRow, LedgerError
 from runcycles_server.query import check_body_ids
@@ -160,6 +162,14 @@ class ContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), *context_headers()]
             await send(message)
 
+        client = scope.get("client")
+        context = EventContext(
+            request_id=request_id,
+            trace_id=trace_id,
+            actor_type="system",
+            source_ip=client[0] if client else None,
+        )
+        token = _event_context.set(context)
         try:
             handler = self.fast_route(scope) if self.fast_route is not None else None
             if handler is None:
@@ -225,6 +235,8 @@ class ContextMiddleware:
                 }
             )
             await send_with_headers({"type": "http.response.body", "body": body})
+        finally:
+            _event_context.reset(token)
 
 
 def request_ids(request: Request) -> tuple[str, str]:
@@ -519,6 +531,7 @@ class Authenticator:
                 f"API key {key.key_prefix}... lacks the {permission} permission; ask an operator "
                 "for a key that has it",
             )
+        set_actor("api_key", key.key_id)
         return Principal(key.tenant_id, key)
 
     def admin(self, request: Request) -> Principal:
@@ -538,6 +551,7 @@ class Authenticator:
             raise LedgerError("UNAUTHORIZED", "missing X-Admin-API-Key header")
         if not hmac.compare_digest(secret.encode(), self._admin_key):
             raise LedgerError("UNAUTHORIZED", "X-Admin-API-Key is not valid")
+        set_actor("admin")
         return Principal(None)
 
     async def admin_or_tenant(self, request: Request, permission: str | None = None) -> Principal:

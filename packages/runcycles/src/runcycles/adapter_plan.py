@@ -16,6 +16,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol, TypedDict
 
+from runcycles.action_kinds import LLM_COMPLETION, kind_for_tool, validate_kind
 from runcycles.config import CyclesConfig
 from runcycles.exceptions import CyclesProtocolError, CyclesTransportError, MalformedResponseError
 from runcycles.lifecycle import (
@@ -24,7 +25,15 @@ from runcycles.lifecycle import (
     OnUnknownActual,
     ReservationGuard,
 )
-from runcycles.models import Amount, Caps, CommitOveragePolicy, Decision, Unit
+from runcycles.models import (
+    ActionPolicyKeys,
+    Amount,
+    Caps,
+    CommitOveragePolicy,
+    Decision,
+    ObserveMode,
+    Unit,
+)
 from runcycles.pricing import Pricer
 
 __all__ = [
@@ -67,7 +76,9 @@ class CallPlan:
     ``tool_estimates[name]`` or ``default_tool_estimate``; else the adapter's ``llm_estimate``.
 
     Attributes:
-        kind: Action kind (``"llm.completion"``, ``"tool.call"``).
+        kind: Action kind, a kind of the registry (:mod:`runcycles.action_kinds`):
+            ``"llm.completion"``, or for a tool the kind its name maps to
+            (``"message.email.send"`` for ``send_email``, else ``"unknown.call"``).
         name: Action name: the model or the tool.
         estimate: An explicit amount (an ``int`` is in ``unit``).
         fallback_estimate: What to hold when the pricer cannot estimate the call (no model,
@@ -83,6 +94,7 @@ class CallPlan:
         toolset: The tool's toolset (overrides the adapter's ``toolset``).
         tags: Action tags (up to 10).
         metadata: Extra reservation metadata (must be the same when a callback is retried).
+        policy_keys: The action's policy routing dimensions (host, recipient domain...).
     """
 
     kind: str
@@ -99,16 +111,21 @@ class CallPlan:
     toolset: str | None = None
     tags: Sequence[str] | None = None
     metadata: Mapping[str, Any] | None = None
+    policy_keys: ActionPolicyKeys | None = None
 
     @classmethod
-    def llm(cls, model: str, *, kind: str = "llm.completion", **fields: Any) -> CallPlan:
+    def llm(cls, model: str, *, kind: str = LLM_COMPLETION, **fields: Any) -> CallPlan:
         """Plan a model call, estimated from ``model`` and ``max_tokens`` by the pricer."""
         return cls(kind=kind, name=model, model=model, **fields)
 
     @classmethod
-    def tool(cls, name: str, *, kind: str = "tool.call", **fields: Any) -> CallPlan:
-        """Plan a tool call, estimated from the adapter's ``tool_estimates``."""
-        return cls(kind=kind, name=name, is_tool=True, **fields)
+    def tool(cls, name: str, *, kind: str | None = None, **fields: Any) -> CallPlan:
+        """Plan a tool call, estimated from the adapter's ``tool_estimates``.
+
+        The kind defaults to the registry's for the tool's name
+        (:func:`~runcycles.action_kinds.kind_for_tool`), so policies can name it.
+        """
+        return cls(kind=kind or kind_for_tool(name), name=name, is_tool=True, **fields)
 
 
 @dataclass(frozen=True)
@@ -117,13 +134,23 @@ class ToolEstimateConfig:
 
     Attributes:
         estimate: Amount held per call, in ``unit`` (0: no reservation, no request).
-        action_kind: The reservation's action kind (default ``"tool.call"``).
+        action_kind: The reservation's action kind (default: the registry's kind for the
+            tool's name, :func:`~runcycles.action_kinds.kind_for_tool`); checked by
+            :func:`~runcycles.action_kinds.validate_kind` (a malformed kind raises
+            :class:`~runcycles.CyclesConfigError` saying what to send instead).
         unit: Unit of ``estimate`` (default: the map's ``default_unit``).
+        policy_keys: The calls' policy routing dimensions, for policies that match on them
+            (``ActionPolicyKeys(host="api.sendgrid.com")``).
     """
 
     estimate: int
-    action_kind: str = "tool.call"
+    action_kind: str | None = None
     unit: Unit | str | None = None
+    policy_keys: ActionPolicyKeys | None = None
+
+    def __post_init__(self) -> None:
+        if self.action_kind is not None:  # a malformed kind fails here, not at the first call
+            validate_kind(self.action_kind)
 
 
 @dataclass(frozen=True)
@@ -141,13 +168,14 @@ class ToolEstimateMap:
     default_unit: Unit | str = Unit.RISK_POINTS
 
     def lookup(self, tool: str) -> ToolEstimateConfig:
-        """Return the estimate, unit and action kind of one call of ``tool``."""
+        """Return the estimate, unit, action kind and policy keys of one call of ``tool``."""
         entry = self.mapping.get(tool, self.default_estimate)
         if not isinstance(entry, ToolEstimateConfig):
             entry = ToolEstimateConfig(entry)
         if isinstance(entry.estimate, bool) or not isinstance(entry.estimate, int):
             raise TypeError(f"tool estimate of {tool!r} must be an int, got {entry.estimate!r}")
-        return replace(entry, unit=entry.unit or self.default_unit)
+        kind = entry.action_kind or kind_for_tool(tool)
+        return replace(entry, unit=entry.unit or self.default_unit, action_kind=kind)
 
 
 def tool_allowed(caps: Caps | None, tool: str) -> bool:
@@ -167,8 +195,9 @@ class AdapterCall:
         run_id: The framework's run id (as a string).
         call_id: The framework's call id (as a string).
         plan: What the call is (``None``: ``plan()`` said not to meter it).
-        mode: ``live`` (reserved), ``dry_run`` (evaluated only), ``unguarded`` (the server
-            was unreachable and ``fail_open`` let it run) or ``untracked`` (not metered).
+        mode: ``live`` (reserved), ``dry_run`` (evaluated only: a dry run, or observe
+            mode), ``unguarded`` (the server was unreachable and ``fail_open`` or shadow
+            mode let it run) or ``untracked`` (not metered).
         estimate: The amount held (or evaluated).
         decision: ``ALLOW``, ``ALLOW_WITH_CAPS`` (or ``DENY`` in a dry run).
         caps: Caps the framework package should apply (``ALLOW_WITH_CAPS``).
@@ -254,6 +283,12 @@ class AdapterOptions(TypedDict, total=False):
             stops the call, and 401/403 still raise. Default ``False``.
         dry_run: Shadow mode: ask the server to evaluate each call, log and keep the
             decision (:attr:`CyclesAdapter.decisions`); never block, never hold or charge.
+        observe_mode: ``"OBSERVE"``: the protocol's shadow mode. Each call is reserved with
+            ``observe_mode=OBSERVE``: the server evaluates it, holds nothing and records
+            what it would have decided; the call runs as in a dry run (decision logged and
+            kept, never blocked, nothing committed). ``"ENFORCE"`` overrides a tenant in
+            observe mode. Default: the tenant's mode (a tenant in observe mode gives the
+            same result without the option).
         ttl_ms: Reservation lease (the heartbeat extends it while the call runs).
         overage_policy: What a commit above the estimate does (server default
             ``ALLOW_IF_AVAILABLE``).
@@ -280,6 +315,7 @@ class AdapterOptions(TypedDict, total=False):
     unit: Unit | str
     fail_open: bool
     dry_run: bool
+    observe_mode: ObserveMode | str | None
     ttl_ms: int
     overage_policy: CommitOveragePolicy | str | None
     on_unknown_actual: OnUnknownActual

@@ -88,6 +88,7 @@ from runcycles.models import (
     CyclesMetrics,
     Decision,
     EventCreateRequest,
+    ObserveMode,
     Subject,
     Unit,
 )
@@ -180,6 +181,7 @@ class _AdapterBase(Generic[StartT, EndT]):
         self._llm_estimate = options.get("llm_estimate")
         self.fail_open: bool = options.get("fail_open", False)
         self.dry_run: bool = options.get("dry_run", False)
+        self.observe_mode = _observe_mode(options.get("observe_mode"))
         self._ttl_ms: int = options.get("ttl_ms", DEFAULT_TTL_MS)
         self._overage_policy = options.get("overage_policy")
         self._on_unknown: OnUnknownActual = options.get("on_unknown_actual", "commit_estimate")
@@ -221,12 +223,18 @@ class _AdapterBase(Generic[StartT, EndT]):
     def tool_plan(self, name: str, **fields: Any) -> CallPlan | None:
         """Plan a call of tool ``name`` from ``tool_estimates``; ``None`` if it holds 0.
 
-        A :class:`ToolEstimateMap` also gives the call's unit and action kind. ``fields`` go
-        to :meth:`CallPlan.tool` (``agent=``, ``toolset=``...) and win over the map.
+        A :class:`ToolEstimateMap` also gives the call's unit, action kind and policy keys
+        (the kind defaults to the registry's for the tool's name). ``fields`` go to
+        :meth:`CallPlan.tool` (``agent=``, ``toolset=``...) and win over the map.
         """
         if self._tool_map is not None:
             entry = self._tool_map.lookup(name)
-            mapped = {"kind": entry.action_kind, "estimate": entry.estimate, "unit": entry.unit}
+            mapped = {
+                "kind": entry.action_kind,
+                "estimate": entry.estimate,
+                "unit": entry.unit,
+                "policy_keys": entry.policy_keys,
+            }
             fields = {**mapped, **fields}
         elif "estimate" not in fields:
             fields["estimate"] = self._tool_estimates.get(name, self._default_tool_estimate)
@@ -266,8 +274,13 @@ class _AdapterBase(Generic[StartT, EndT]):
 
     @property
     def decisions(self) -> list[DryRunDecision]:
-        """Decisions seen in dry-run mode, oldest first (the last 10,000)."""
+        """Decisions seen in dry-run or observe mode, oldest first (the last 10,000)."""
         return list(self._decisions)
+
+    @property
+    def _shadow(self) -> bool:
+        """Whether calls are only evaluated, never blocked (a dry run or observe mode)."""
+        return self.dry_run or self.observe_mode is ObserveMode.OBSERVE
 
     @property
     def unguarded_calls(self) -> int:
@@ -306,6 +319,8 @@ class _AdapterBase(Generic[StartT, EndT]):
         try:
             call.estimate = self._estimate(plan)
             operation = "dry_run" if self.dry_run else "reserve"
+            if operation == "reserve" and self.observe_mode is ObserveMode.OBSERVE:
+                operation = "observe"  # its answer is stored apart from a live one's
             call.idempotency_key = call_idempotency_key(
                 self.framework, key[0], key[1], operation, self._namespace
             )
@@ -356,6 +371,7 @@ class _AdapterBase(Generic[StartT, EndT]):
             action_kind=plan.kind,
             action_name=plan.name,
             action_tags=plan.tags,
+            action_policy_keys=plan.policy_keys,
             tenant=subject.get("tenant"),
             workspace=subject.get("workspace"),
             app=subject.get("app"),
@@ -367,10 +383,14 @@ class _AdapterBase(Generic[StartT, EndT]):
             overage_policy=self._overage_policy,
             metadata=metadata,
             idempotency_key=call.idempotency_key,
+            observe_mode=self.observe_mode,
             heartbeat=self._heartbeat,
         )
 
     def _granted(self, call: AdapterCall, guard: ReservationGuard | AsyncReservationGuard) -> None:
+        if guard.observed is not None:  # observe mode (the option's or the tenant's)
+            self._evaluated(call, guard.observed, log=False)  # the guard logged it
+            return
         self._reachable()
         call.guard, call.mode = guard, "live"
         call.reservation_id, call.decision, call.caps = (
@@ -379,7 +399,7 @@ class _AdapterBase(Generic[StartT, EndT]):
             guard.caps,
         )
 
-    def _evaluated(self, call: AdapterCall, result: DryRunResult) -> None:
+    def _evaluated(self, call: AdapterCall, result: DryRunResult, *, log: bool = True) -> None:
         self._reachable()
         assert call.plan is not None
         assert call.estimate is not None
@@ -389,11 +409,14 @@ class _AdapterBase(Generic[StartT, EndT]):
                 call.run_id, call.call_id, call.plan.kind, call.plan.name, call.estimate, result
             )
         )
+        if not log:
+            return
         level = logging.WARNING if result.decision is Decision.DENY else logging.INFO
         logger.log(
             level,
-            "%s dry run: %s %r (estimate %s %s) would be %s%s",
+            "%s %s: %s %r (estimate %s %s) would be %s%s",
             self.framework,
+            "dry run" if self.dry_run else "observe mode",
             call.plan.kind,
             call.plan.name,
             call.estimate.amount,
@@ -404,7 +427,7 @@ class _AdapterBase(Generic[StartT, EndT]):
 
     def _refused(self, call: AdapterCall, error: CyclesError) -> None:
         """Decide what a failed reservation means; raise ``error`` unless the call may run."""
-        if not is_outage(error) or not (self.fail_open or self.dry_run):
+        if not is_outage(error) or not (self.fail_open or self._shadow):
             self._forget(call)
             raise error
         call.mode = "unguarded"
@@ -417,7 +440,7 @@ class _AdapterBase(Generic[StartT, EndT]):
                 "until it answers again (logged once per outage)",
                 self.framework,
                 error,
-                "dry_run" if self.dry_run else "fail_open=True",
+                "shadow mode" if self._shadow else "fail_open=True",
             )
 
     def _reachable(self) -> None:
@@ -522,6 +545,20 @@ class _AdapterBase(Generic[StartT, EndT]):
 
 
 _FIX: Final = "the adapter's usage() hook, or add the model to Pricer(overrides=...)"
+
+
+def _observe_mode(value: object) -> ObserveMode | None:
+    """The ``observe_mode`` option, checked where the adapter is made."""
+    if value is None:
+        return None
+    try:
+        return ObserveMode(value)
+    except ValueError:
+        modes = ", ".join(repr(mode.value) for mode in ObserveMode)
+        raise CyclesConfigError(
+            f"observe_mode={value!r} is not an observe mode; use one of {modes} (or None: "
+            "the tenant's mode)"
+        ) from None
 
 
 class CyclesAdapter(_AdapterBase[StartT, EndT]):
@@ -693,9 +730,9 @@ class CyclesAdapter(_AdapterBase[StartT, EndT]):
         """Record something that happened (a handoff, a step) as a zero-amount event.
 
         An audit record, never a gate: it returns whether the server stored it, logs a
-        warning otherwise, and never raises. Nothing is sent in dry-run mode.
+        warning otherwise, and never raises. Nothing is sent in dry-run or observe mode.
         """
-        if self.dry_run:
+        if self._shadow:
             return False
         try:
             request = self._event(run_id, name, kind, agent, metadata or {})
@@ -856,7 +893,7 @@ class AsyncCyclesAdapter(_AdapterBase[StartT, EndT]):
         metadata: Mapping[str, str] | None = None,
     ) -> bool:
         """See :meth:`CyclesAdapter.record_event`."""
-        if self.dry_run:
+        if self._shadow:
             return False
         try:
             request = self._event(run_id, name, kind, agent, metadata or {})

@@ -30,7 +30,7 @@ class CyclesContext:
 
     Attributes:
         reservation_id: The live reservation's id.
-        decision: ``ALLOW`` or ``ALLOW_WITH_CAPS``.
+        decision: ``ALLOW`` or ``ALLOW_WITH_CAPS`` (observed: also ``DENY``).
         estimate: The amount that was asked for.
         caps: Soft-landing limits that come with ``ALLOW_WITH_CAPS`` (else ``None``).
         expires_at_ms: When the reservation expires (server clock, epoch ms). Kept up to
@@ -41,6 +41,9 @@ class CyclesContext:
         balances: Balances of the affected scopes at reservation time, if sent.
         metrics: Usage metrics the guarded code reports; sent with the commit.
         commit_metadata: Extra metadata the guarded code adds; merged into the commit's.
+        observed: The server only evaluated the reservation (observe mode): nothing is
+            held, ``reservation_id`` is empty, and ``decision`` (``DENY`` too) and ``caps``
+            are what enforcement would have decided.
     """
 
     reservation_id: str
@@ -54,6 +57,7 @@ class CyclesContext:
     balances: list[Balance] | None = None
     metrics: CyclesMetrics | None = None
     commit_metadata: dict[str, Any] | None = None
+    observed: bool = False
 
     def has_caps(self) -> bool:
         """Return whether the server attached caps (``ALLOW_WITH_CAPS``) to the reservation."""

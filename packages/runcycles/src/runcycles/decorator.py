@@ -48,9 +48,11 @@ from runcycles.lifecycle import (
 from runcycles.models import (
     STANDARD_SUBJECT_FIELDS,
     Action,
+    ActionPolicyKeys,
     Amount,
     CommitOveragePolicy,
     CyclesMetrics,
+    ObserveMode,
     Subject,
     Unit,
 )
@@ -255,6 +257,7 @@ class _Policy:
         "grace_period_ms",
         "heartbeat",
         "metadata",
+        "observe_mode",
         "on_unknown_actual",
         "overage_policy",
         "pricer",
@@ -275,11 +278,13 @@ class _Policy:
         action_kind: str,
         action_name: str | None,
         action_tags: Sequence[str] | None,
+        action_policy_keys: ActionPolicyKeys | Mapping[str, Any] | None,
         unit: Unit | str,
         ttl_ms: int | None,
         grace_period_ms: int | None,
         overage_policy: CommitOveragePolicy | str | None,
         dry_run: bool,
+        observe_mode: ObserveMode | str | None,
         subject: Mapping[str, SubjectArg],
         dimensions: DimensionsArg,
         metadata: Mapping[str, Any] | None,
@@ -311,6 +316,9 @@ class _Policy:
             kind=action_kind,
             name=name[:_ACTION_NAME_MAX],
             tags=list(action_tags) if action_tags is not None else None,
+            policy_keys=None
+            if action_policy_keys is None
+            else ActionPolicyKeys.model_validate(action_policy_keys),
         )
         self.ttl_ms = ttl_ms
         self.grace_period_ms = grace_period_ms
@@ -318,6 +326,7 @@ class _Policy:
             None if overage_policy is None else CommitOveragePolicy(overage_policy)
         )
         self.dry_run = dry_run
+        self.observe_mode = observe_mode
         self.metadata = dict(metadata) if metadata else None
         self.client = client
         self.heartbeat = heartbeat
@@ -355,6 +364,7 @@ class _Policy:
             overage_policy=self.overage_policy,
             metadata=self.metadata,
             idempotency_key="decoration-check",
+            observe_mode=self.observe_mode,
         )
 
     def subject(self, config: CyclesConfig, args: Any, kwargs: Any, tenant: str | None) -> Subject:
@@ -404,6 +414,7 @@ class _Policy:
             overage_policy=self.overage_policy,
             dry_run=self.dry_run,
             metadata=self.metadata,
+            observe_mode=self.observe_mode,
         )
         if static:
             self.request_cache = (config, tenant, request, _fastpath.body_after_key(request))
@@ -471,11 +482,13 @@ def cycles(
     action_kind: str = DEFAULT_ACTION_KIND,
     action_name: str | None = None,
     action_tags: Sequence[str] | None = None,
+    action_policy_keys: ActionPolicyKeys | Mapping[str, Any] | None = None,
     unit: Unit | str = Unit.USD_MICROCENTS,
     ttl_ms: int | None = DEFAULT_TTL_MS,
     grace_period_ms: int | None = None,
     overage_policy: CommitOveragePolicy | str | None = None,
     dry_run: Literal[False] = False,
+    observe_mode: ObserveMode | str | None = None,
     tenant: SubjectArg = None,
     workspace: SubjectArg = None,
     app: SubjectArg = None,
@@ -499,11 +512,13 @@ def cycles(
     action_kind: str = DEFAULT_ACTION_KIND,
     action_name: str | None = None,
     action_tags: Sequence[str] | None = None,
+    action_policy_keys: ActionPolicyKeys | Mapping[str, Any] | None = None,
     unit: Unit | str = Unit.USD_MICROCENTS,
     ttl_ms: int | None = DEFAULT_TTL_MS,
     grace_period_ms: int | None = None,
     overage_policy: CommitOveragePolicy | str | None = None,
     dry_run: Literal[True],
+    observe_mode: ObserveMode | str | None = None,
     tenant: SubjectArg = None,
     workspace: SubjectArg = None,
     app: SubjectArg = None,
@@ -526,11 +541,13 @@ def cycles(
     action_kind: str = DEFAULT_ACTION_KIND,
     action_name: str | None = None,
     action_tags: Sequence[str] | None = None,
+    action_policy_keys: ActionPolicyKeys | Mapping[str, Any] | None = None,
     unit: Unit | str = Unit.USD_MICROCENTS,
     ttl_ms: int | None = DEFAULT_TTL_MS,
     grace_period_ms: int | None = None,
     overage_policy: CommitOveragePolicy | str | None = None,
     dry_run: bool = False,
+    observe_mode: ObserveMode | str | None = None,
     tenant: SubjectArg = None,
     workspace: SubjectArg = None,
     app: SubjectArg = None,
@@ -557,12 +574,18 @@ def cycles(
         action_kind: ``action.kind``, e.g. ``"llm.completion"``.
         action_name: ``action.name`` (default: the function's qualified name).
         action_tags: Up to 10 tags for the action.
+        action_policy_keys: The action's policy routing dimensions
+            (:class:`~runcycles.ActionPolicyKeys` or a dict of its fields).
         unit: Unit of ``int`` amounts (default ``USD_MICROCENTS``).
         ttl_ms: Reservation lease; the heartbeat extends it while the function runs.
         grace_period_ms: How long after expiry a commit is still accepted.
         overage_policy: What a commit above the estimate does (default: the server's).
         dry_run: Shadow mode: hold nothing, do **not** run the function, and return a
             :class:`~runcycles.DryRunResult` instead.
+        observe_mode: ``"OBSERVE"``: shadow mode for a live function. The server evaluates
+            each call and holds nothing; the function runs whatever it decided (a ``DENY``
+            is only logged and is on ``get_cycles_context()``), and nothing is committed.
+            ``"ENFORCE"`` overrides a tenant in observe mode. Default: the tenant's mode.
         tenant: Subject ``tenant`` (default: the client config's): a string, or a callable
             of the function's arguments; likewise the five fields below.
         workspace: Subject ``workspace``.
@@ -602,11 +625,13 @@ def cycles(
         "action_kind": action_kind,
         "action_name": action_name,
         "action_tags": action_tags,
+        "action_policy_keys": action_policy_keys,
         "unit": unit,
         "ttl_ms": ttl_ms,
         "grace_period_ms": grace_period_ms,
         "overage_policy": overage_policy,
         "dry_run": dry_run,
+        "observe_mode": observe_mode,
         "subject": subject,
         "dimensions": dimensions,
         "metadata": metadata,

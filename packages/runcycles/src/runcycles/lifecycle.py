@@ -2,7 +2,8 @@
 
 * **The plan** (pure, no I/O): build a :class:`~runcycles.models.ReservationCreateRequest`
   from options and the config's default subject, turn the answer into a live reservation, a
-  :class:`DryRunResult` or the typed exception of a denial, and build the commit or release.
+  :class:`DryRunResult` (a dry run, or an observe-mode answer: :func:`observed_result`) or
+  the typed exception of a denial, and build the commit or release.
 * **Guards**: :class:`ReservationGuard` (``with``) and :class:`AsyncReservationGuard`
   (``async with``) hold one live reservation, extended by the client's heartbeat and
   settled through its settlement engine. Their explicit lifecycle (``start()``, then one of
@@ -43,6 +44,7 @@ from runcycles.heartbeat import (
 from runcycles.models import (
     STANDARD_SUBJECT_FIELDS,
     Action,
+    ActionPolicyKeys,
     Amount,
     Balance,
     Caps,
@@ -50,6 +52,8 @@ from runcycles.models import (
     CommitRequest,
     CyclesMetrics,
     Decision,
+    DenyDetail,
+    ObserveMode,
     ReasonCode,
     ReleaseRequest,
     ReleaseResponse,
@@ -89,6 +93,7 @@ __all__ = [
     "log_release_failure",
     "measure_actual",
     "new_idempotency_key",
+    "observed_result",
     "price_usage",
     "request_from_options",
     "reservation_granted",
@@ -239,9 +244,10 @@ def _fail_reason(exc: BaseException | None) -> str:
 
 @dataclass(frozen=True)
 class DryRunResult:
-    """The server's evaluation of a reservation made with ``dry_run=True``.
+    """The server's evaluation of a reservation it did not hold (dry run or observe mode).
 
-    Nothing was held or charged, and the guarded function did not run.
+    Nothing was held or charged. After :func:`dry_run` the guarded code did not run; in
+    observe mode (a guard's :attr:`~ReservationGuard.observed`) it ran anyway.
 
     Attributes:
         decision: ``ALLOW``, ``ALLOW_WITH_CAPS`` or ``DENY``.
@@ -253,6 +259,8 @@ class DryRunResult:
         scope_path: The subject's canonical scope path, if sent.
         reserved: The amount that would be held, if sent.
         retry_after_ms: The server's retry hint for a denial, if sent.
+        deny_detail: Why it would be denied (a v0.1.26 server's structured context: the
+            quota, policy or scope that blocks it), if sent.
     """
 
     decision: Decision
@@ -263,6 +271,7 @@ class DryRunResult:
     scope_path: str | None = None
     reserved: Amount | None = None
     retry_after_ms: int | None = None
+    deny_detail: DenyDetail | None = None
 
     @property
     def is_allowed(self) -> bool:
@@ -282,9 +291,12 @@ class ReserveOptions(TypedDict, total=False):
 
     Attributes:
         estimate: Amount to hold, an ``int`` in ``unit`` or an :class:`Amount`.
-        action_kind: What kind of action, e.g. ``"llm.completion"`` or ``"tool.search"``.
+        action_kind: What kind of action: a kind of the registry
+            (:mod:`runcycles.action_kinds`), e.g. ``"llm.completion"`` or ``"web.search"``.
         action_name: Which one, e.g. ``"openai:gpt-4o"``.
         action_tags: Up to 10 tags for the action.
+        action_policy_keys: The action's policy routing dimensions (host, recipient
+            domain...: :class:`~runcycles.models.ActionPolicyKeys` or a dict of its fields).
         unit: Unit of an ``int`` estimate (default ``USD_MICROCENTS``).
         subject: A complete subject (instead of the fields below).
         tenant: Subject tenant (default: the config's); likewise ``workspace``, ``app``,
@@ -296,6 +308,10 @@ class ReserveOptions(TypedDict, total=False):
             ``ALLOW_IF_AVAILABLE``).
         metadata: Metadata stored with the reservation.
         idempotency_key: Key of the reservation (default: a fresh UUID).
+        observe_mode: ``OBSERVE``: shadow mode. The server evaluates the reservation and
+            holds nothing; the guarded code runs whatever it decided, and nothing is
+            committed or released (:attr:`ReservationGuard.observed`). ``ENFORCE``
+            overrides a tenant in observe mode. Default: the tenant's mode.
         heartbeat: Whether to keep the reservation alive while it is held (default ``True``).
     """
 
@@ -303,6 +319,7 @@ class ReserveOptions(TypedDict, total=False):
     action_kind: str
     action_name: str
     action_tags: Sequence[str] | None
+    action_policy_keys: ActionPolicyKeys | Mapping[str, Any] | None
     unit: Unit | str
     subject: Subject | None
     tenant: str | None
@@ -317,6 +334,7 @@ class ReserveOptions(TypedDict, total=False):
     overage_policy: CommitOveragePolicy | str | None
     metadata: Mapping[str, Any] | None
     idempotency_key: str | None
+    observe_mode: ObserveMode | str | None
     heartbeat: bool
 
 
@@ -418,6 +436,7 @@ def build_reservation_request(
     dry_run: bool = False,
     metadata: Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
+    observe_mode: ObserveMode | str | None = None,
 ) -> ReservationCreateRequest:
     """Build the body of ``POST /v1/reservations``.
 
@@ -434,6 +453,7 @@ def build_reservation_request(
         overage_policy=None if overage_policy is None else CommitOveragePolicy(overage_policy),
         dry_run=True if dry_run else None,
         metadata=dict(metadata) if metadata else None,
+        observe_mode=observe_mode,  # type: ignore[arg-type]  # a str is validated here
     )
 
 
@@ -494,6 +514,7 @@ def request_from_options(
         )
     unit = options.get("unit") or Unit.USD_MICROCENTS
     tags = options.get("action_tags")
+    keys = options.get("action_policy_keys")
     subject = resolve_subject(
         config,
         subject=options.get("subject"),
@@ -507,6 +528,7 @@ def request_from_options(
             kind=options["action_kind"],
             name=options["action_name"],
             tags=list(tags) if tags is not None else None,
+            policy_keys=ActionPolicyKeys.model_validate(keys) if keys is not None else None,
         ),
         estimate=to_amount(options["estimate"], unit, "estimate"),
         ttl_ms=options.get("ttl_ms", DEFAULT_TTL_MS),
@@ -514,6 +536,7 @@ def request_from_options(
         overage_policy=options.get("overage_policy"),
         metadata=options.get("metadata"),
         idempotency_key=options.get("idempotency_key"),
+        observe_mode=options.get("observe_mode"),
     )
 
 
@@ -579,7 +602,36 @@ def dry_run_result(response: CyclesResponse[ReservationCreateResponse]) -> DryRu
         scope_path=data.scope_path,
         reserved=data.reserved,
         retry_after_ms=data.retry_after_ms,
+        deny_detail=data.deny_detail,
     )
+
+
+def observed_result(
+    request: ReservationCreateRequest, response: CyclesResponse[ReservationCreateResponse]
+) -> DryRunResult | None:
+    """Return the evaluation when the server only observed a live reservation, else ``None``.
+
+    In observe mode (the request's ``observe_mode=OBSERVE``, or the tenant's when the request
+    names no mode) the server answers a live reservation as it answers a dry run: ``200``,
+    the decision it would have taken, no ``reservation_id``, no ``expires_at_ms``, and
+    ``affected_scopes`` (the spec's SIDE-EFFECT CONTRACT). Without an ``OBSERVE`` of its
+    own, the request takes such an answer for the tenant's observe mode only when it is
+    one a live reservation never gets: a ``DENY`` of a live reservation is a ``409`` whose
+    ``deny_detail`` is in the error, so a ``200 DENY`` *with* ``deny_detail`` is an
+    observed one, and one without it stays a denial.
+    """
+    data = response.data
+    if data.reservation_id or data.expires_at_ms is not None:
+        return None
+    mode = request.observe_mode
+    if mode is None:
+        if not data.affected_scopes:
+            return None
+        if data.decision is Decision.DENY and data.deny_detail is None:
+            return None
+    elif mode is not ObserveMode.OBSERVE:
+        return None  # ENFORCE sent: the tenant's observe mode does not apply
+    return dry_run_result(response)
 
 
 def context_for(
@@ -824,6 +876,7 @@ def _checked(result: SettlementResult) -> SettlementResult:
 _NEW: Final = 0
 _LIVE: Final = 1
 _FINALIZED: Final = 2
+_OBSERVED: Final = 3  # the server only evaluated (observe mode): nothing to settle
 
 
 class _GuardState:
@@ -835,6 +888,7 @@ class _GuardState:
         "_client",
         "_context",
         "_heartbeat",
+        "_observed",
         "_options",
         "_pending",
         "_request",
@@ -866,11 +920,12 @@ class _GuardState:
         self._state = _NEW
         self._claim = [True]
         self._context: CyclesContext | None = None
+        self._observed: DryRunResult | None = None
         self._heartbeat: HeartbeatHandle | NoHeartbeat | None = None
         self._token: Token[CyclesContext | None] | None = None
 
     def __repr__(self) -> str:
-        state = ("new", "live", "finalized")[self._state]
+        state = ("new", "live", "finalized", "observed")[self._state]
         return (
             f"<{type(self).__name__} {state} reservation_id={self.reservation_id!r} "
             f"estimate={self._request.estimate.amount} {self._request.estimate.unit.value}>"
@@ -901,13 +956,23 @@ class _GuardState:
 
     @property
     def reservation_id(self) -> str | None:
-        """The reservation's id (``None`` before the guard is entered)."""
-        return None if self._context is None else self._context.reservation_id
+        """The reservation's id (``None`` before the guard is entered, or when observed)."""
+        return None if self._context is None else self._context.reservation_id or None
 
     @property
     def decision(self) -> Decision:
-        """``ALLOW`` or ``ALLOW_WITH_CAPS``."""
+        """``ALLOW`` or ``ALLOW_WITH_CAPS`` (observed: also ``DENY``)."""
         return self.context.decision
+
+    @property
+    def observed(self) -> DryRunResult | None:
+        """The server's evaluation when it only observed the reservation, else ``None``.
+
+        Observe mode (``observe_mode="OBSERVE"``, or the tenant's): the server held nothing
+        and answered the decision it would have taken, a ``DENY`` included. The block runs
+        anyway; ``commit()``, ``settle()``, ``release()`` and ``fail()`` send nothing.
+        """
+        return self._observed
 
     @property
     def caps(self) -> Caps | None:
@@ -954,6 +1019,11 @@ class _GuardState:
         self, response: CyclesResponse[ReservationCreateResponse], rtt_s: float, publish: bool
     ) -> None:
         """Hold the granted reservation: its heartbeat, and the context if ``publish``."""
+        if not response.data.reservation_id:
+            observed = observed_result(self._request, response)
+            if observed is not None:
+                self._observe(observed, response.data, publish)
+                return
         data = reservation_granted(response)
         context = self._context = context_for(self._request, data)
         self._state = _LIVE
@@ -962,6 +1032,41 @@ class _GuardState:
             self._heartbeat = _track(self._client.heartbeat, lease_ms, data, context, rtt_s)
         if publish:
             self._token = push_context(context)
+
+    def _observe(
+        self, observed: DryRunResult, data: ReservationCreateResponse, publish: bool
+    ) -> None:
+        """Run the block under an observed evaluation: no heartbeat, nothing to settle."""
+        self._observed = observed
+        self._context = context_for(self._request, data)
+        self._context.observed = True
+        self._state = _OBSERVED
+        action = self._request.action
+        logger.log(
+            logging.INFO if observed.is_allowed else logging.WARNING,
+            "observe mode: %s %r would be %s%s; nothing is held, the guarded code runs",
+            action.kind,
+            action.name,
+            observed.decision.value,
+            f" ({observed.reason_code})" if observed.reason_code else "",
+        )
+        if publish:
+            self._token = push_context(self._context)
+
+    def _observed_settlement(self) -> SettlementResult:
+        """What a commit of an observed guard returns: nothing was held, nothing is sent."""
+        return SettlementResult(
+            reservation_id="",
+            outcome="observed",
+            mode="commit",
+            idempotency_key="",
+            attempts=0,
+        )
+
+    def _observed_release(self) -> ReleaseResponse:
+        """What a release of an observed guard returns: nothing was held, nothing is sent."""
+        unit = self._request.estimate.unit
+        return ReleaseResponse(status="RELEASED", released=Amount(unit=unit, amount=0))
 
     def _begin_finalize(self, operation: str) -> CyclesContext:
         if self._state == _NEW:
@@ -1022,7 +1127,7 @@ class _GuardState:
         Stops the heartbeat (what an unknown actual under ``on_unknown_actual="raise"``
         does); returns whether this call ended it (``False``: it was already finalized).
         """
-        if self._state == _NEW:
+        if self._state in (_NEW, _OBSERVED):
             return False  # nothing reserved, nothing to abandon
         try:
             self._mark_finalized("abandon")
@@ -1158,6 +1263,8 @@ class ReservationGuard(_GuardState):
             UnknownActualError: The actual is unknown and ``on_unknown_actual="raise"``.
             CyclesError: The commit or release failed.
         """
+        if self._state == _OBSERVED:
+            return self._observed_settlement()
         if isinstance(actual, Usage):
             try:
                 return self.commit(actual, metrics=metrics, metadata=metadata, pricer=pricer)
@@ -1198,6 +1305,8 @@ class ReservationGuard(_GuardState):
             UnknownModelError: A :class:`~runcycles.Usage` of a model without a price (under
                 the pricer's ``"error"`` policy); nothing was sent.
         """
+        if self._state == _OBSERVED:
+            return self._observed_settlement()
         return _checked(self._start_commit(actual, metrics, metadata, pricer))
 
     def release(self, reason: str | None = None) -> ReleaseResponse:
@@ -1207,6 +1316,8 @@ class ReservationGuard(_GuardState):
             ReservationAlreadyFinalizedError: The guard already committed or released.
             CyclesError: The release failed (the reservation then expires on its own).
         """
+        if self._state == _OBSERVED:
+            return self._observed_release()
         context = self._begin_finalize("release")
         self._mark_finalized("release")
         return self._send_release(context, reason)
@@ -1302,6 +1413,8 @@ class AsyncReservationGuard(_GuardState):
         fix: str = "the actual",
     ) -> SettlementResult | None:
         """Async twin of :meth:`ReservationGuard.settle`."""
+        if self._state == _OBSERVED:
+            return self._observed_settlement()
         if isinstance(actual, Usage):
             try:
                 return await self.commit(actual, metrics=metrics, metadata=metadata, pricer=pricer)
@@ -1326,11 +1439,15 @@ class AsyncReservationGuard(_GuardState):
         pricer: Pricer | None = None,
     ) -> SettlementResult:
         """Async twin of :meth:`ReservationGuard.commit`; the settlement is shielded."""
+        if self._state == _OBSERVED:
+            return self._observed_settlement()
         # Known spend: a cancellation of the caller must not interrupt the settlement.
         return _checked(await run_shielded(self._start_commit(actual, metrics, metadata, pricer)))
 
     async def release(self, reason: str | None = None) -> ReleaseResponse:
         """Async twin of :meth:`ReservationGuard.release`."""
+        if self._state == _OBSERVED:
+            return self._observed_release()
         context = self._begin_finalize("release")
         self._mark_finalized("release")
         return await self._send_release(context, reason)

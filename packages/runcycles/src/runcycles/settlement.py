@@ -66,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger("runcycles.settlement")
 
-SettlementOutcome = Literal["committed", "event_applied", "rejected", "pending"]
+SettlementOutcome = Literal["committed", "event_applied", "rejected", "pending", "observed"]
 
 UNDERSTOOD_REJECTIONS: Final = ErrorCode.ALL - {
     ErrorCode.UNAUTHORIZED,
@@ -99,8 +99,9 @@ class SettlementResult:
     Attributes:
         reservation_id: The reservation settled.
         outcome: ``committed`` (200 COMMITTED), ``event_applied`` (201 APPLIED after the
-            reservation expired), ``rejected`` (understood terminal error, record removed) or
-            ``pending`` (unresolved; the journal record, if any, is kept for replay).
+            reservation expired), ``rejected`` (understood terminal error, record removed),
+            ``pending`` (unresolved; the journal record, if any, is kept for replay) or
+            ``observed`` (observe mode: nothing was held, nothing was sent).
         mode: ``commit`` or ``event`` (the mode of the last attempt).
         idempotency_key: The key every attempt used.
         attempts: Requests sent by this call.
@@ -135,7 +136,7 @@ class SettlementResult:
         Raises:
             CyclesError: The settlement was rejected or is still pending.
         """
-        if not self.settled:
+        if not self.settled and self.outcome != "observed":
             if self.error is not None:
                 raise self.error
             raise CyclesError(f"settlement of {self.reservation_id!r} is {self.outcome}")

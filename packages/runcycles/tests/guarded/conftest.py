@@ -76,7 +76,7 @@ class FakeCycles:
         if self.create_override is not None:
             return self.create_override(body)
         scopes = [f"tenant:{body['subject'].get('tenant', '-')}"]
-        if body.get("dry_run"):
+        if body.get("dry_run") or body.get("observe_mode") == "OBSERVE":  # evaluated only
             answer: dict[str, Any] = {"decision": self.dry_run_decision, "affected_scopes": scopes}
             if self.dry_run_decision == "DENY":
                 answer["reason_code"] = "BUDGET_EXCEEDED"

@@ -326,13 +326,29 @@ def test_transport_error_on_reserve_raises(fake: Any) -> None:
             pytest.fail("the block must not run")
 
 
-def test_allow_without_reservation_id_is_malformed(fake: Any, client: Any) -> None:
-    fake.create_override = lambda body: httpx.Response(
-        200, json={"decision": "ALLOW", "affected_scopes": ["tenant:acme"]}
-    )
+@pytest.mark.parametrize(
+    ("answer", "options"),
+    [
+        ({"decision": "ALLOW", "affected_scopes": []}, {}),  # observed ones name scopes
+        (  # nor is one with an expiry
+            {"decision": "ALLOW", "affected_scopes": ["tenant:acme"], "expires_at_ms": 1},
+            {},
+        ),
+        (  # ENFORCE sent: the tenant's observe mode cannot apply
+            {"decision": "ALLOW", "affected_scopes": ["tenant:acme"]},
+            {"observe_mode": "ENFORCE"},
+        ),
+    ],
+    ids=["no-scopes", "expiry", "enforce-sent"],
+)
+def test_allow_without_reservation_id_is_malformed(
+    fake: Any, client: Any, answer: dict[str, Any], options: dict[str, Any]
+) -> None:
+    """An observe-mode answer (``tests/guarded/test_observe.py``) is the only id-less ALLOW."""
+    fake.create_override = lambda body: httpx.Response(200, json=answer)
     with (
         pytest.raises(MalformedResponseError, match="without a reservation_id"),
-        reserve(client, **OPTIONS),
+        reserve(client, **OPTIONS, **options),
     ):
         pytest.fail("the block must not run")
 

@@ -43,6 +43,7 @@ from runcycles.models import (
     ReservationCreateRequest,
     ReservationExtendRequest,
 )
+from runcycles_server.events import EventRecord
 from runcycles_server.governance import CounterRow, PolicyRow, Registry
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -119,6 +120,50 @@ class ReservationQuery:
     sort_desc: bool = True
     limit: int = 50
     cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventQuery:
+    """Filters of ``GET /v1/admin/events`` and ``GET /v1/events`` (AND semantics).
+
+    Events come newest first (by time, then id). ``scope`` matches the scope and every scope
+    below it; time bounds are inclusive epoch milliseconds.
+    """
+
+    tenant_id: str | None
+    event_type: str | None = None
+    category: str | None = None
+    scope: str | None = None
+    correlation_id: str | None = None
+    request_id: str | None = None
+    trace_id: str | None = None
+    from_ms: int | None = None
+    to_ms: int | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+    def matches(self, row: EventRecord) -> bool:
+        """Whether ``row`` passes every filter (the cursor and limit aside)."""
+        return (
+            (self.tenant_id is None or row.tenant_id == self.tenant_id)
+            and (self.event_type is None or row.event_type == self.event_type)
+            and (self.category is None or row.event_type.startswith(self.category + "."))
+            and (
+                self.scope is None
+                or row.scope == self.scope
+                or (row.scope or "").startswith(self.scope + "/")
+            )
+            and all(
+                value is None or getattr(row, name) == value
+                for name, value in (
+                    ("correlation_id", self.correlation_id),
+                    ("request_id", self.request_id),
+                    ("trace_id", self.trace_id),
+                )
+            )
+            and (self.from_ms is None or row.created_at_ms >= self.from_ms)
+            and (self.to_ms is None or row.created_at_ms <= self.to_ms)
+        )
 
 
 RESERVATION_SORT_KEYS = (
@@ -258,6 +303,14 @@ class Store(GovernanceStore, Protocol):
 
     async def get_reservation(self, reservation_id: str) -> ReservationRow | None:
         """Return a reservation by id (any tenant; the caller checks ownership)."""
+
+    async def list_events(self, query: EventQuery) -> Page[EventRecord]:
+        """Return one page of events, newest first.
+
+        Raises:
+            LedgerError: INVALID_REQUEST for a malformed cursor, or a store that keeps
+                events per tenant asked without ``tenant_id``.
+        """
 
     async def list_reservations(self, query: ReservationQuery) -> Page[ReservationRow]:
         """Return one page of a tenant's reservations.
@@ -580,21 +633,36 @@ class _RowTxn:
     The primitives are bound once per transaction (no extra call layer on the hot path).
     """
 
-    __slots__ = ("_s", "budgets", "now", "policies", "reservation", "tenant")
+    __slots__ = ("_read", "_s", "now", "policies", "reservation", "tenant")
 
     def __init__(self, store: RowStore, now: int) -> None:
         self._s = store
         self.now = now
         self.tenant = store._get_tenant
-        self.budgets = store._get_budgets
         self.reservation = store._get_reservation
         self.policies = store._get_policies
+        self._read: dict[tuple[str, str], BudgetRow] = {}
+
+    def budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
+        rows = self._s._get_budgets(scopes)
+        for row in rows:
+            self._read[(row.scope, row.unit)] = row
+        return rows
+
+    def current_budgets(self, rows: Sequence[BudgetRow]) -> list[BudgetRow]:
+        read = self._read
+        if all((r.scope, r.unit) in read for r in rows):
+            return [read[(r.scope, r.unit)] for r in rows]
+        return self.budgets(sorted({r.scope for r in rows}))
 
     def apply(self, outcome: Outcome) -> None:
         self._s._apply(outcome)
+        self._read.clear()  # written: no longer the stored state
         if outcome.counters:
             assert outcome.reservation is not None  # counters move with a reservation
             self._s._put_counters(outcome.reservation.tenant_id, outcome.counters)
+        if outcome.events:
+            self._s._put_events(outcome.events)
 
     def put_policy(self, row: PolicyRow, *, new: bool = False) -> None:
         self._s._put_policy(row, insert=new)
@@ -742,6 +810,12 @@ class RowStore(OperationStore):
         """Return the tenant's counters with ``expires_at_ms > now_ms``."""
 
     @abstractmethod
+    def _put_events(self, rows: Sequence[EventRecord]) -> None: ...
+
+    @abstractmethod
+    def _list_events(self, query: EventQuery) -> Page[EventRecord]: ...
+
+    @abstractmethod
     def _get_api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None: ...
 
     @abstractmethod
@@ -886,6 +960,10 @@ class RowStore(OperationStore):
         """See :meth:`GovernanceStore.list_counters`."""
         return self._live_counters(tenant_id, self.clock())
 
+    async def list_events(self, query: EventQuery) -> Page[EventRecord]:
+        """See :meth:`Store.list_events`."""
+        return self._list_events(query)
+
     async def get_budget(self, scope: str, unit: str) -> BudgetRow | None:
         """See :meth:`Store.get_budget`."""
         for row in self._get_budgets([scope]):
@@ -898,6 +976,7 @@ __all__ = [
     "AuthRecord",
     "AuditRow",
     "Clock",
+    "EventQuery",
     "EventRow",
     "GovernanceStore",
     "Page",

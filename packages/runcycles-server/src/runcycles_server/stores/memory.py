@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from runcycles_server import ledger
+from runcycles_server.events import EventRecord
 from runcycles_server.governance import CounterRow, PolicyRow
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -24,7 +25,7 @@ from runcycles_server.ledger import (
     ReservationRow,
     TenantRow,
 )
-from runcycles_server.stores.base import Clock, Page, ReservationQuery, RowStore
+from runcycles_server.stores.base import Clock, EventQuery, Page, ReservationQuery, RowStore
 from runcycles_server.stores.sqlite import decode_cursor, encode_cursor
 
 _T = TypeVar("_T")
@@ -47,6 +48,7 @@ class MemoryStore(RowStore):
         self.events: dict[str, EventRow] = {}
         self.audit: dict[str, AuditRow] = {}
         self.policies: dict[str, PolicyRow] = {}
+        self.event_log: list[EventRecord] = []
         self.counters: dict[tuple[str, str], CounterRow] = {}
 
     @contextmanager
@@ -128,6 +130,23 @@ class MemoryStore(RowStore):
     def _live_counters(self, tenant_id: str, now_ms: int) -> list[CounterRow]:
         rows = [r for (t, _), r in self.counters.items() if t == tenant_id]
         return sorted((r for r in rows if r.expires_at_ms > now_ms), key=lambda r: r.name)
+
+    def _put_events(self, rows: Sequence[EventRecord]) -> None:
+        self.event_log.extend(rows)  # frozen: shared safely
+
+    def _list_events(self, query: EventQuery) -> Page[EventRecord]:
+        rows = sorted(
+            (e for e in self.event_log if query.matches(e)),
+            key=lambda e: (e.created_at_ms, e.event_id),
+            reverse=True,
+        )
+        if query.cursor:
+            at, last_id = decode_cursor(query.cursor, 2)
+            rows = [e for e in rows if (e.created_at_ms, e.event_id) < (at, last_id)]
+        items = rows[: query.limit]
+        more = len(rows) > query.limit
+        last = items[-1] if more else None
+        return Page(items, encode_cursor([last.created_at_ms, last.event_id]) if last else None)
 
     def _get_api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
         for row in self.api_keys.values():

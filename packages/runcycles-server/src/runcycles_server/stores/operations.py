@@ -41,6 +41,16 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.errors import LedgerError
+from runcycles_server.events import (
+    SOURCE,
+    SWEEPER_SOURCE,
+    Detected,
+    EventContext,
+    EventRecord,
+    budget_transitions,
+    current_context,
+    new_event_id,
+)
 from runcycles_server.governance import (
     CounterRow,
     PolicyRow,
@@ -97,6 +107,9 @@ class Txn(Protocol):
     def put_budget(self, row: BudgetRow, *, new: bool = False) -> None:
         """Write a budget row (``new``: insert it)."""
 
+    def current_budgets(self, rows: Sequence[BudgetRow]) -> list[BudgetRow]:
+        """The stored state of these budget rows (as read before they are written)."""
+
     def policies(self, tenant_id: str) -> list[PolicyRow]:
         """Every policy of the tenant (any status; :func:`select_policy` picks)."""
 
@@ -151,9 +164,56 @@ def _replayed(
     return ledger.replay(idem, request_hash, now_ms=txn.now, reservation=res)
 
 
-def _applied(txn: Txn, outcome: Outcome) -> Outcome:
+def _applied(
+    txn: Txn,
+    outcome: Outcome,
+    context: EventContext | None = None,
+    extra: Sequence[Detected] = (),
+    correlation_id: str | None = None,
+) -> Outcome:
+    """Write ``outcome`` with the events its changed budgets (and ``extra``) cause.
+
+    ``context`` is the request's (captured when the operation was made); ``None`` for the
+    system's own work.
+    """
+    if outcome.budgets or extra:
+        found = [*budget_transitions(txn.current_budgets(outcome.budgets), outcome.budgets), *extra]
+        if found:
+            tenant_id = outcome.budgets[0].tenant_id if outcome.budgets else None
+            if outcome.reservation is not None:
+                tenant_id = outcome.reservation.tenant_id
+            assert tenant_id is not None
+            outcome.events = _records(found, tenant_id, txn.now, context, correlation_id)
     txn.apply(outcome)
     return outcome
+
+
+def _records(
+    found: Sequence[Detected],
+    tenant_id: str,
+    now_ms: int,
+    context: EventContext | None,
+    correlation_id: str | None,
+) -> list[EventRecord]:
+    ctx = context or EventContext()
+    return [
+        EventRecord(
+            event_id=new_event_id(now_ms),
+            event_type=d.event_type,
+            tenant_id=tenant_id,
+            created_at_ms=now_ms,
+            source=SOURCE if context is not None else SWEEPER_SOURCE,
+            scope=d.scope,
+            actor_type=ctx.actor_type,
+            key_id=ctx.key_id,
+            source_ip=ctx.source_ip,
+            data=d.data,
+            correlation_id=correlation_id or ctx.request_id,
+            request_id=ctx.request_id,
+            trace_id=ctx.trace_id,
+        )
+        for d in found
+    ]
 
 
 def _governance(
@@ -249,6 +309,7 @@ def reserve(
     """
     scopes = ledger.derive_scopes(request.subject)
     key = request.idempotency_key
+    context = current_context()
 
     def plan(txn: Txn) -> Outcome:
         replayed = _replayed(txn, tenant_id, "reserve", key, request_hash)
@@ -267,6 +328,8 @@ def reserve(
                 gov=_governance(txn, tenant_id, scopes, request.action, request.subject, registry),
                 audit_id=audit_id,
             ),
+            context,
+            correlation_id=reservation_id,
         )
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
@@ -289,6 +352,7 @@ def _on_reservation(
     a replay answers, else ``planner`` plans on the reservation and the outcome is written.
     """
     endpoint = f"{kind}:{reservation_id}"
+    context = current_context()
 
     def plan(txn: Txn) -> Outcome:
         res = ledger.check_reservation_access(
@@ -297,7 +361,15 @@ def _on_reservation(
         replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
         if replayed is not None:
             return replayed
-        return _applied(txn, planner(txn, res))
+        outcome = planner(txn, res)
+        extra = []
+        done = outcome.reservation
+        if done is not None and done.committed is not None and done.committed > done.estimate:
+            data = {"reservation_id": reservation_id, "scope": done.scope_path,
+                    "unit": done.unit, "estimated": done.estimate, "actual": done.committed,
+                    "overage": done.committed - done.estimate}  # fmt: skip
+            extra.append(Detected("reservation.commit_overage", done.scope_path, data))
+        return _applied(txn, outcome, context, extra, reservation_id)
 
     return Op(plan, None, reservation_id, idem=(endpoint, key))
 
@@ -381,6 +453,7 @@ def event(
     """``POST /v1/events``."""
     scopes = ledger.derive_scopes(request.subject)
     key = request.idempotency_key
+    context = current_context()
 
     def plan(txn: Txn) -> Outcome:
         replayed = _replayed(txn, tenant_id, "event", key, request_hash)
@@ -397,6 +470,7 @@ def event(
                 event_id=event_id,
                 now_ms=txn.now,
             ),
+            context,
         )
 
     return Op(plan, tenant_id, idem=("event", key), scopes=scopes)
@@ -419,7 +493,10 @@ def expire(reservation_id: str, now_ms: int) -> Op[Expiry]:
         outcome = ledger.plan_expire(res, txn.budgets(res.budgeted_scopes), max(txn.now, now_ms))
         if outcome is None:
             return "not due"
-        txn.apply(_give_back(txn, outcome))
+        data = {"reservation_id": reservation_id, "scope": res.scope_path, "unit": res.unit,
+                "estimated": res.estimate, "expires_at_ms": res.expires_at_ms}  # fmt: skip
+        expired = Detected("reservation.expired", res.scope_path, data)
+        _applied(txn, _give_back(txn, outcome), None, [expired], reservation_id)
         return "expired"
 
     return Op(plan, None, reservation_id)
@@ -556,6 +633,15 @@ def update_budget(
     return Op(plan, budget_owner(scope), scopes=[scope])
 
 
+_FUND_EVENTS = {
+    "CREDIT": "budget.funded",
+    "DEBIT": "budget.debited",
+    "RESET": "budget.reset",
+    "RESET_SPENT": "budget.reset_spent",
+    "REPAY_DEBT": "budget.debt_repaid",
+}
+
+
 def fund_budget(
     tenant_id: str | None,
     scope: str,
@@ -587,8 +673,11 @@ def fund_budget(
                 row.tenant_id, endpoint, idempotency_key, request_hash, 200, raw, None, txn.now,
                 txn.now + ledger.RETAIN_DECIDE_MS,
             )  # fmt: skip
-        return _applied(txn, Outcome(200, raw, budgets=[new], idempotency=idem_row))
+        outcome = Outcome(200, raw, budgets=[new], idempotency=idem_row)
+        funded = Detected(_FUND_EVENTS[operation], scope, {**response, "operation": operation})
+        return _applied(txn, outcome, context, [funded])
 
+    context = current_context()
     idem = None if idempotency_key is None else (endpoint, idempotency_key)
     return Op(plan, owner, idem=idem, scopes=[scope])
 

@@ -140,6 +140,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runcycles_server import ledger
+from runcycles_server.events import EventRecord, event_from_json, event_to_json
 from runcycles_server.governance import CounterRow, PolicyRow, policy_from_json, policy_to_json
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -156,6 +157,7 @@ from runcycles_server.stores import operations
 from runcycles_server.stores.base import (
     AuthRecord,
     Clock,
+    EventQuery,
     OperationStore,
     Page,
     ReservationQuery,
@@ -177,6 +179,8 @@ MAX_ATTEMPTS: Final = 200
 RESERVATION_CACHE_SIZE: Final = 65_536
 """Reservations whose budgeted scopes a process remembers (saves a round trip on commit)."""
 SWEEP_BATCH: Final = 500
+EVENT_SCAN_MAX: Final = 5_000
+"""Most event index entries one ``list_events`` call examines."""
 SWEEP_MAX_SCAN: Final = 50_000
 """Most due-index entries one :meth:`RedisStore.expire_due` call examines."""
 CLOSE_BATCH: Final = 200
@@ -349,6 +353,13 @@ class _Keys:
     def counter(self, tenant_id: str, name: str) -> str:
         return f"{self.t(tenant_id)}:q:{name}"
 
+    def event_log(self, tenant_id: str, event_id: str) -> str:
+        return f"{self.t(tenant_id)}:ev:{event_id}"
+
+    def x_event_log(self, tenant_id: str) -> str:
+        """The tenant's events scored by time (ties ordered by id, as the listing wants)."""
+        return f"{self.t(tenant_id)}:x:ev"
+
     def x_counters(self, tenant_id: str) -> str:
         """Counter names scored by when they expire (the counters listing)."""
         return f"{self.t(tenant_id)}:x:q"
@@ -481,6 +492,12 @@ class _Work:
                 rows.append(self._get(key, name, _dec_budget))
         return rows
 
+    def current_budgets(self, rows: Sequence[BudgetRow]) -> list[BudgetRow]:
+        """The batch's current state of these rows (what the next write replaces)."""
+        wanted = {(r.scope, r.unit) for r in rows}
+        scopes = sorted({r.scope for r in rows})
+        return [b for b in self.budgets(scopes) if (b.scope, b.unit) in wanted]
+
     def policies(self, tenant_id: str) -> list[PolicyRow]:
         """Every policy of the tenant (shared within the batch: rows are frozen)."""
         self._own(tenant_id)
@@ -588,6 +605,13 @@ class _Work:
                 self.ttl_ms[key] = self.retention_ms
         if outcome.counters:
             self.put_counters(self.tenant_id, outcome.counters)
+        for ev in outcome.events:
+            key = self.k.event_log(self.tenant_id, ev.event_id)
+            self._put(key, _D, ev)
+            if self.retention_ms is not None:
+                self.ttl_ms[key] = self.retention_ms
+            index = self.k.x_event_log(self.tenant_id)
+            self.zops.append(_ZOp(True, index, ev.event_id, ev.created_at_ms))
         if outcome.audit is not None:
             audit = outcome.audit
             self._put(self.k.audit(self.tenant_id, audit.audit_id), _D, audit)
@@ -611,6 +635,8 @@ class _Work:
                 out += [name.decode(), policy_to_json(value).decode()]
             elif isinstance(value, CounterRow):
                 out += [name.decode(), value.to_json().decode()]
+            elif isinstance(value, EventRecord):
+                out += [name.decode(), event_to_json(value).decode()]
             else:
                 out += [name.decode(), _enc_str(value)]
         return out
@@ -1139,6 +1165,68 @@ class RedisStore(OperationStore):
             return None
         raw = await self._redis.hget(self._k.policies(owner), policy_id)
         return None if raw is None else policy_from_json(raw)
+
+    async def list_events(self, query: EventQuery) -> Page[EventRecord]:
+        """See :meth:`Store.list_events`.
+
+        Events are kept per tenant, so ``tenant_id`` is required. The tenant's time index is
+        read newest first in chunks and filtered here; one call examines at most
+        :data:`EVENT_SCAN_MAX` entries (a page may then hold fewer than ``limit`` events, with
+        a cursor to go on from).
+
+        Raises:
+            LedgerError: INVALID_REQUEST without ``tenant_id`` or for a malformed cursor.
+        """
+        if query.tenant_id is None:
+            raise LedgerError(
+                "INVALID_REQUEST",
+                "query parameter tenant_id is required with the Redis store, which keeps events "
+                "per tenant; pass ?tenant_id=<tenant>",
+            )
+        tenant = query.tenant_id
+        index = self._k.x_event_log(tenant)
+        if self.retention_ms is not None:  # entries whose event expired by TTL
+            await self._redis.zremrangebyscore(
+                index, "-inf", f"({await self._now() - self.retention_ms}"
+            )
+        top: Any = "+inf" if query.to_ms is None else query.to_ms
+        bottom: Any = "-inf" if query.from_ms is None else query.from_ms
+        after: tuple[int, str] | None = None
+        if query.cursor:
+            at, last_id = decode_cursor(query.cursor, 2)
+            after = (int(at), str(last_id))
+            top = at if top == "+inf" else min(top, at)
+        found: list[EventRecord] = []
+        scanned = 0
+        offset = 0
+        last_seen: tuple[int, str] | None = None
+        while len(found) <= query.limit and scanned < EVENT_SCAN_MAX:
+            chunk = await self._redis.zrevrangebyscore(
+                index, top, bottom, start=offset, num=SWEEP_BATCH, withscores=True
+            )
+            if not chunk:
+                break
+            offset += len(chunk)
+            scanned += len(chunk)
+            members = [(int(score), m.decode()) for m, score in chunk]
+            members = [m for m in members if after is None or m < after]
+            raws = await self._hget_many([self._k.event_log(tenant, eid) for _, eid in members])
+            for (at_ms, eid), raw in zip(members, raws, strict=True):
+                last_seen = (at_ms, eid)
+                if raw is None:
+                    continue
+                row = event_from_json(raw)
+                if query.matches(row):
+                    found.append(row)
+                    if len(found) > query.limit:
+                        break
+        items = found[: query.limit]
+        if len(found) > query.limit:
+            last = items[-1]
+            return Page(items, encode_cursor([last.created_at_ms, last.event_id]))
+        if scanned >= EVENT_SCAN_MAX and last_seen is not None:
+            return Page(items, encode_cursor(list(last_seen)))
+        return Page(items, None)
 
     async def list_counters(self, tenant_id: str) -> list[CounterRow]:
         """See :meth:`GovernanceStore.list_counters` (drops expired index entries on the way)."""

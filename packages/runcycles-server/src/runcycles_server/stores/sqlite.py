@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - Windows falls back to busy_timeout alo
 
 from runcycles.models import INT64_MAX
 from runcycles_server import ledger
+from runcycles_server.events import EventRecord, event_from_json, event_to_json
 from runcycles_server.governance import CounterRow, PolicyRow, policy_from_json, policy_to_json
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -60,9 +61,16 @@ from runcycles_server.ledger import (
     ReservationRow,
     TenantRow,
 )
-from runcycles_server.stores.base import Clock, Page, ReservationQuery, RowStore
+from runcycles_server.stores.base import (
+    Clock,
+    EventQuery,
+    Page,
+    ReservationQuery,
+    RowStore,
+    StoreUnavailable,
+)
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 CHECKPOINT_EVERY_COMMITS: Final = 1000
 """Write transactions between two background WAL checkpoints (see :class:`SqliteStore`)."""
 AUTOCHECKPOINT_PAGES: Final = 20_000
@@ -239,6 +247,22 @@ CREATE TABLE quota_counters (
 ) WITHOUT ROWID;
 CREATE INDEX quota_counters_expiry ON quota_counters (expires_at_ms);
 """,
+    # 4: the event plane's events (the `events` table holds POST /v1/events debits)
+    4: """
+CREATE TABLE event_log (
+    event_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    event_type TEXT NOT NULL,
+    scope TEXT,
+    correlation_id TEXT,
+    request_id TEXT,
+    trace_id TEXT,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX event_log_tenant_time ON event_log (tenant_id, created_at_ms, event_id);
+CREATE INDEX event_log_time ON event_log (created_at_ms, event_id);
+""",
 }
 
 
@@ -395,6 +419,16 @@ class _WriteTx:
             store._locked = True
         try:
             conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            store._release_lock()
+            if "locked" in str(exc) or "busy" in str(exc):
+                # Another program held the write lock past busy_timeout (a backup tool, an
+                # sqlite3 shell): the store is unavailable for now, the request can be retried.
+                raise StoreUnavailable(
+                    f"SQLite database {store.path} stayed locked by another program for "
+                    f"{store.busy_timeout_ms} ms"
+                ) from exc
+            raise
         except BaseException:
             store._release_lock()
             raise
@@ -450,6 +484,7 @@ class SqliteStore(RowStore):
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
+        self.busy_timeout_ms = busy_timeout_ms
         self._lock_fd: int | None = None
         self._locked = False  # this process holds the flock on <db>.lock
         self._commits = 0
@@ -804,6 +839,55 @@ class SqliteStore(RowStore):
             (tenant_id, now_ms),
         )
         return [CounterRow.from_json(r[0]) for r in rows]
+
+    def _put_events(self, rows: Sequence[EventRecord]) -> None:
+        self._conn.executemany(
+            "INSERT INTO event_log (event_id, tenant_id, created_at_ms, event_type, scope, "
+            "correlation_id, request_id, trace_id, body) VALUES (?,?,?,?,?,?,?,?,?)",
+            [
+                (e.event_id, e.tenant_id, e.created_at_ms, e.event_type, e.scope,
+                 e.correlation_id, e.request_id, e.trace_id, event_to_json(e))
+                for e in rows
+            ],
+        )  # fmt: skip
+
+    def _list_events(self, query: EventQuery) -> Page[EventRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (
+            ("tenant_id", query.tenant_id),
+            ("event_type", query.event_type),
+            ("correlation_id", query.correlation_id),
+            ("request_id", query.request_id),
+            ("trace_id", query.trace_id),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if query.category is not None:
+            where.append("substr(event_type, 1, ?) = ?")
+            args += [len(query.category) + 1, query.category + "."]
+        if query.scope is not None:
+            where.append("(scope = ? OR substr(scope, 1, ?) = ?)")
+            args += [query.scope, len(query.scope) + 1, query.scope + "/"]
+        if query.from_ms is not None:
+            where.append("created_at_ms >= ?")
+            args.append(query.from_ms)
+        if query.to_ms is not None:
+            where.append("created_at_ms <= ?")
+            args.append(query.to_ms)
+        if query.cursor:
+            at, last_id = decode_cursor(query.cursor, 2)
+            where.append("(created_at_ms < ? OR (created_at_ms = ? AND event_id < ?))")
+            args += [at, at, last_id]
+        sql = "SELECT body FROM event_log"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at_ms DESC, event_id DESC LIMIT ?"
+        rows = self._conn.execute(sql, (*args, query.limit + 1)).fetchall()
+        items = [event_from_json(r[0]) for r in rows[: query.limit]]
+        last = items[-1] if len(rows) > query.limit else None
+        return Page(items, encode_cursor([last.created_at_ms, last.event_id]) if last else None)
 
     def _get_api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
         r = self._conn.execute(

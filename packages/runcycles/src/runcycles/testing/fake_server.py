@@ -4,9 +4,9 @@
 extends and events over ``httpx.MockTransport`` like a conformant server where it matters to
 a client: one budget per unit, exact integer balances, stored responses replayed for a
 repeated idempotency key (``409 IDEMPOTENCY_MISMATCH`` for a changed payload), ``409
-RESERVATION_FINALIZED`` for a second settlement, ``observe_mode=OBSERVE`` evaluated like a
-dry run. Knobs inject denials (with a ``DenyDetail`` if you like), caps, auth failures and
-outages::
+RESERVATION_FINALIZED`` for a second settlement, ``observe_mode=OBSERVE`` (the request's, or
+the tenant's: :attr:`FakeCyclesServer.observe_mode`) evaluated like a dry run. Knobs
+inject denials (with a ``DenyDetail`` if you like), caps, auth failures and outages::
 
     server = FakeCyclesServer(budget=1_000_000)
     client = server.client()                  # a CyclesClient (async_client() for async)
@@ -56,6 +56,8 @@ class FakeCyclesServer:
         reject_detail: ``details.deny_detail`` of the ``reject`` error (a ``DenyDetail`` as
             a dict), as a server that explains its denials sends it.
         deny_reason: Answer ``200 DENY`` with this reason code to every live reservation.
+        observe_mode: The tenant's observe mode: ``"OBSERVE"`` evaluates every reservation
+            that names no mode of its own like a dry run (no reservation id).
         outage: Fail every request with a connection error.
         server_error: Answer every request ``500 INTERNAL_ERROR``.
     """
@@ -67,6 +69,7 @@ class FakeCyclesServer:
     reject: tuple[int, str] | None = None
     reject_detail: dict[str, Any] | None = None
     deny_reason: str | None = None
+    observe_mode: str | None = None
     outage: bool = False
     server_error: bool = False
     calls: list[RecordedCall] = field(default_factory=list)
@@ -183,10 +186,15 @@ class FakeCyclesServer:
         answer: dict[str, Any] = {"decision": decision, "affected_scopes": [scope]}
         if self.caps and enough:
             answer["caps"] = self.caps
-        if body.get("dry_run") or body.get("observe_mode") == "OBSERVE":
+        mode = body.get("observe_mode") or self.observe_mode
+        if body.get("dry_run") or mode == "OBSERVE":
             # Observe mode: the decision, nothing held, no reservation id (like a dry run).
             if not enough:
                 answer["reason_code"] = "BUDGET_EXCEEDED"
+                answer["deny_detail"] = {
+                    "reason_code": "BUDGET_EXCEEDED",
+                    "blocked_by_scope": scope,
+                }
             return 200, answer
         if self.reject is not None:
             status, answer = self._body(*self.reject)

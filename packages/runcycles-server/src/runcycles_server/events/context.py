@@ -1,0 +1,55 @@
+"""Who and what caused the events of the current request.
+
+The HTTP layer opens an :func:`event_context` per request (request and trace ids, the
+caller's address) and fills in the actor once the caller is authenticated; an operation
+captures :func:`current_context` when it is created, in the request's own task, because a
+store may run the operation later in another task (Redis batches several requests in one).
+Background work (the expiry sweep) has no context: its events are the ``system``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+
+SYSTEM_SOURCE = "cycles-server"
+
+
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    """The request context events carry (all optional: absent for background work)."""
+
+    request_id: str | None = None
+    trace_id: str | None = None
+    actor_type: str = "system"
+    key_id: str | None = None
+    source_ip: str | None = None
+
+
+_SYSTEM = EventContext()
+CURRENT: ContextVar[EventContext] = ContextVar("cycles_event_context", default=_SYSTEM)
+"""The context variable itself (the HTTP layer sets and resets it around each request)."""
+_current = CURRENT
+
+
+def current_context() -> EventContext:
+    """The context of the running request (the system's outside any request)."""
+    return _current.get()
+
+
+@contextmanager
+def event_context(**fields: str | None) -> Iterator[EventContext]:
+    """Set the event context for the ``with`` block (fields replace the current ones)."""
+    context = replace(_current.get(), **fields)  # type: ignore[arg-type]
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)
+
+
+def set_actor(actor_type: str, key_id: str | None = None) -> None:
+    """Record who the authenticated caller is, for the rest of the request."""
+    _current.set(replace(_current.get(), actor_type=actor_type, key_id=key_id))
