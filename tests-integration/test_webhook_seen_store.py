@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 
 from runcycles import (
+    AsyncSeenEventStore,
     Event,
     EventType,
     SeenEventStore,
     WebhookReplayError,
+    averify_delivery,
     sign_delivery,
     verify_delivery,
 )
@@ -27,15 +30,15 @@ from runcycles_server.testing import redis_url_for_tests
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "webhooks.md"
 
 
-def _documented_store() -> type:
+def _documented_store(name: str = "RedisSeenEventStore") -> type:
     code = next(
         block
         for block in re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.S)
-        if "class RedisSeenEventStore" in block
+        if f"class {name}" in block
     )
     namespace: dict[str, object] = {"__name__": "docs_webhooks"}
-    exec(compile(code, f"{PAGE.name}:RedisSeenEventStore", "exec"), namespace)
-    store = namespace["RedisSeenEventStore"]
+    exec(compile(code, f"{PAGE.name}:{name}", "exec"), namespace)
+    store = namespace[name]
     assert isinstance(store, type)
     return store
 
@@ -72,3 +75,27 @@ def test_the_documented_redis_store_is_shared_by_receivers(redis_client):
         assert verify_delivery(body, headers, "whsec_x", seen=second) == event
     finally:
         redis_client.delete(f"cycles:webhook:{event.event_id}")
+
+
+async def test_the_documented_async_redis_store(redis_client):
+    store = _documented_store("AsyncRedisSeenEventStore")
+    client = redis.asyncio.Redis.from_url(redis_url_for_tests(), socket_connect_timeout=1)
+    seen = store(client, ttl_s=60)
+    assert isinstance(seen, AsyncSeenEventStore)
+    event = Event.new(
+        EventType.BUDGET_EXHAUSTED,
+        tenant_id="acme",
+        source="test",
+        event_id=f"evt_{uuid.uuid4().hex}",
+    )
+    body = event.encode()
+    headers = sign_delivery(body, "whsec_x", event_id=event.event_id, event_type=event.event_type)
+    try:
+        assert await averify_delivery(body, headers, "whsec_x", seen=seen) == event
+        with pytest.raises(WebhookReplayError):
+            await averify_delivery(body, headers, "whsec_x", seen=seen)
+        await seen.discard(event.event_id)
+        assert await averify_delivery(body, headers, "whsec_x", seen=seen) == event
+    finally:
+        await client.delete(f"cycles:webhook:{event.event_id}")
+        await client.aclose()

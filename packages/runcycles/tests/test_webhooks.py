@@ -8,6 +8,7 @@ timestamped one was cross-checked with ``openssl dgst -sha256 -hmac``.
 from __future__ import annotations
 
 import email.message
+import inspect
 import pickle
 import re
 import threading
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runcycles import (
+    AsyncSeenEventStore,
     CyclesConfigError,
     CyclesError,
     EventDataBudgetThreshold,
@@ -28,6 +30,7 @@ from runcycles import (
     WebhookSignatureError,
     WebhookTimestampError,
     WebhookVerificationError,
+    averify_delivery,
     sign_delivery,
     verify_delivery,
 )
@@ -395,6 +398,52 @@ def test_errors_form_one_hierarchy_and_survive_pickle():
     assert (str(copy), copy.timestamp, copy.now) == (str(caught.value), TS, TS + 999)
     replay = pickle.loads(pickle.dumps(WebhookReplayError("again", event_id="evt_9")))
     assert (str(replay), replay.event_id) == ("again", "evt_9")
+
+
+# ------------------------------------------------------------------------------- async
+
+
+class _AsyncStore:
+    """An async seen store (what a redis.asyncio-backed one looks like)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.calls = 0
+
+    async def add(self, event_id: str) -> bool:
+        self.calls += 1
+        if event_id in self.ids:
+            return False
+        self.ids.add(event_id)
+        return True
+
+    async def discard(self, event_id: str) -> None:
+        self.ids.discard(event_id)
+
+
+def test_the_async_twin_has_the_same_signature():
+    sync, asynchronous = inspect.signature(verify_delivery), inspect.signature(averify_delivery)
+    assert list(sync.parameters) == list(asynchronous.parameters)
+    for name, parameter in sync.parameters.items():
+        assert parameter.default == asynchronous.parameters[name].default, name
+        assert parameter.kind == asynchronous.parameters[name].kind, name
+
+
+async def test_async_verification_with_an_async_store():
+    seen = _AsyncStore()
+    assert isinstance(seen, AsyncSeenEventStore)
+    event = await averify_delivery(BODY, _sign(), SECRET, now=TS, seen=seen)
+    assert event.event_id == "evt_0001"
+    with pytest.raises(WebhookReplayError):
+        await averify_delivery(BODY, _sign(), SECRET, now=TS, seen=seen)
+    await seen.discard("evt_0001")
+    assert (await averify_delivery(BODY, _sign(), SECRET, now=TS, seen=seen)).event_id
+    with pytest.raises(WebhookTimestampError):
+        await averify_delivery(BODY, _sign(), SECRET, now=TS + 301, seen=seen)
+    with pytest.raises(WebhookSignatureError):
+        await averify_delivery(BODY, _sign(), "wrong", now=TS, seen=seen)
+    assert seen.calls == 3  # a refused delivery never reaches the store
+    assert (await averify_delivery(BODY, _sign(), SECRET, now=TS)).event_id == "evt_0001"
 
 
 # ------------------------------------------------------------------------------ the store

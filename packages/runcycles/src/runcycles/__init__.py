@@ -160,6 +160,7 @@ if TYPE_CHECKING:
     )
     from runcycles.usage import Usage
     from runcycles.webhooks import (
+        AsyncSeenEventStore,
         InMemorySeenEventStore,
         SeenEventStore,
         WebhookPayloadError,
@@ -167,6 +168,7 @@ if TYPE_CHECKING:
         WebhookSignatureError,
         WebhookTimestampError,
         WebhookVerificationError,
+        averify_delivery,
         sign_delivery,
         verify_delivery,
     )
@@ -187,6 +189,7 @@ _LAZY: Final[dict[str, str]] = {
     "AsyncCyclesAdapter": "runcycles.adapters",
     "AsyncCyclesClient": "runcycles.client",
     "AsyncReservationGuard": "runcycles.lifecycle",
+    "AsyncSeenEventStore": "runcycles.webhooks",
     "AsyncStreamReservation": "runcycles.streaming",
     "Balance": "runcycles.models",
     "BalanceResponse": "runcycles.models",
@@ -301,6 +304,7 @@ _LAZY: Final[dict[str, str]] = {
     "WebhookTimestampError": "runcycles.webhooks",
     "WebhookVerificationError": "runcycles.webhooks",
     "__version__": "runcycles._version",
+    "averify_delivery": "runcycles.webhooks",
     "cycles": "runcycles.decorator",
     "default_pricer": "runcycles.pricing",
     "dry_run": "runcycles.lifecycle",
@@ -331,6 +335,7 @@ __all__ = [
     "AsyncCyclesAdapter",
     "AsyncCyclesClient",
     "AsyncReservationGuard",
+    "AsyncSeenEventStore",
     "AsyncStreamReservation",
     "Balance",
     "BalanceResponse",
@@ -445,6 +450,7 @@ __all__ = [
     "WebhookTimestampError",
     "WebhookVerificationError",
     "__version__",
+    "averify_delivery",
     "cycles",
     "default_pricer",
     "dry_run",

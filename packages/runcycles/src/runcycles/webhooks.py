@@ -36,6 +36,7 @@ from runcycles.events import Event
 from runcycles.exceptions import CyclesConfigError, CyclesError
 
 __all__ = [
+    "AsyncSeenEventStore",
     "DEFAULT_TOLERANCE_S",
     "EVENT_ID_HEADER",
     "EVENT_TYPE_HEADER",
@@ -52,6 +53,7 @@ __all__ = [
     "WebhookSignatureError",
     "WebhookTimestampError",
     "WebhookVerificationError",
+    "averify_delivery",
     "sign_body",
     "sign_delivery",
     "sign_timestamped",
@@ -168,6 +170,19 @@ class SeenEventStore(Protocol):
         ...
 
     def discard(self, event_id: str) -> None:
+        """Forget ``event_id`` (processing failed: let the sender's retry through)."""
+        ...
+
+
+@runtime_checkable
+class AsyncSeenEventStore(Protocol):
+    """:class:`SeenEventStore` for async receivers (:func:`averify_delivery`)."""
+
+    async def add(self, event_id: str) -> bool:
+        """Record ``event_id``; return ``False`` if it was already recorded."""
+        ...
+
+    async def discard(self, event_id: str) -> None:
         """Forget ``event_id`` (processing failed: let the sender's retry through)."""
         ...
 
@@ -504,6 +519,52 @@ def verify_delivery(
         CyclesConfigError: no secret, an empty secret, or a negative tolerance.
         TypeError: ``body`` is not bytes (pass the raw body, not parsed JSON).
     """
+    event = _verified_event(body, headers, secrets, tolerance_s, now, allow_body_only)
+    if seen is not None and not seen.add(event.event_id):
+        raise _replayed(event)
+    return event
+
+
+async def averify_delivery(
+    body: Body,
+    headers: HeaderSource,
+    secrets: str | Sequence[str],
+    *,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    now: float | None = None,
+    seen: AsyncSeenEventStore | None = None,
+    allow_body_only: bool = False,
+) -> Event:
+    """:func:`verify_delivery` with an async seen store (``redis.asyncio``, a database pool).
+
+    The checks are the same and run without I/O; only ``seen.add`` is awaited.
+
+    Raises:
+        WebhookVerificationError: as :func:`verify_delivery` (and the same other errors).
+    """
+    event = _verified_event(body, headers, secrets, tolerance_s, now, allow_body_only)
+    if seen is not None and not await seen.add(event.event_id):
+        raise _replayed(event)
+    return event
+
+
+def _replayed(event: Event) -> WebhookReplayError:
+    return WebhookReplayError(
+        f"event {event.event_id} was already received: a replay or a redelivery "
+        "(answer 200 so the sender stops retrying; do not process it again)",
+        event_id=event.event_id,
+    )
+
+
+def _verified_event(
+    body: Body,
+    headers: HeaderSource,
+    secrets: str | Sequence[str],
+    tolerance_s: float,
+    now: float | None,
+    allow_body_only: bool,
+) -> Event:
+    """Every check but the seen store: signature, age, payload, header agreement."""
     payload = _check_body(body)
     keys = _secret_list(secrets)
     if not (tolerance_s >= 0 and math.isfinite(tolerance_s)):
@@ -535,10 +596,4 @@ def verify_delivery(
                 f"{header}: {sent!r} disagrees with the signed body's {value!r}: the headers "
                 "were altered (route by the returned event, never by unsigned headers)"
             )
-    if seen is not None and not seen.add(event.event_id):
-        raise WebhookReplayError(
-            f"event {event.event_id} was already received: a replay or a redelivery "
-            "(answer 200 so the sender stops retrying; do not process it again)",
-            event_id=event.event_id,
-        )
     return event
