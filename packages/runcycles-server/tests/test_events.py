@@ -79,10 +79,11 @@ def test_commit_overage_debt_and_over_limit(api: Api) -> None:
     commit = {"idempotency_key": "c", "actual": {"unit": U, "amount": 1_250}}
     assert api.post(key, f"/v1/reservations/{rid}/commit", commit).status_code == 200
     overage = events(api, event_type="reservation.commit_overage")
-    assert [(e["data"]["estimated"], e["data"]["actual"]) for e in overage] == [(900, 1_250)]
+    pairs = [(e["data"]["estimated_amount"], e["data"]["actual_amount"]) for e in overage]
+    assert pairs == [(900, 1_250)]
     assert overage[0]["correlation_id"] == rid
     debt = events(api, event_type="budget.debt_incurred")
-    assert [e["data"]["debt"] for e in debt] == [250]
+    assert [(e["data"]["debt_incurred"], e["data"]["total_debt"]) for e in debt] == [(250, 250)]
     assert events(api, event_type="budget.exhausted")
 
 
@@ -133,6 +134,8 @@ def test_funding_records_its_event(api: Api) -> None:
     (funded,) = events(api, event_type="budget.funded")
     assert funded["actor"]["type"] == "admin"
     assert funded["data"]["operation"] == "CREDIT"
+    assert funded["data"]["previous_state"]["allocated"] == 1_000
+    assert funded["data"]["new_state"]["allocated"] == 1_500
 
 
 def test_a_refused_operation_records_no_event(api: Api) -> None:

@@ -85,10 +85,24 @@ def budget_transitions(
             found.append(Detected("budget.exhausted", new.scope, data))
         if new.is_over_limit != prev.is_over_limit:
             kind = "entered" if new.is_over_limit else "exited"
-            data = {**_amounts(new), "debt": new.debt, "overdraft_limit": new.overdraft_limit}
+            data = {
+                "scope": new.scope,
+                "unit": new.unit,
+                "debt": new.debt,
+                "overdraft_limit": new.overdraft_limit,
+                "is_over_limit": new.is_over_limit,
+            }
+            if new.overdraft_limit > 0:
+                data["debt_utilization"] = new.debt / new.overdraft_limit
             found.append(Detected(f"budget.over_limit_{kind}", new.scope, data))
         if new.debt > prev.debt:
-            data = {**_amounts(new), "debt": new.debt, "overdraft_limit": new.overdraft_limit}
+            data = {
+                "scope": new.scope,
+                "unit": new.unit,
+                "debt_incurred": new.debt - prev.debt,
+                "total_debt": new.debt,
+                "overdraft_limit": new.overdraft_limit,
+            }
             found.append(Detected("budget.debt_incurred", new.scope, data))
     return found
 

@@ -61,6 +61,7 @@ from runcycles_server.governance import (
     reset_counter,
     select_policy,
 )
+from runcycles_server.governance.timestamps import iso
 from runcycles_server.ledger import (
     AuditRow,
     BudgetRow,
@@ -366,8 +367,9 @@ def _on_reservation(
         done = outcome.reservation
         if done is not None and done.committed is not None and done.committed > done.estimate:
             data = {"reservation_id": reservation_id, "scope": done.scope_path,
-                    "unit": done.unit, "estimated": done.estimate, "actual": done.committed,
-                    "overage": done.committed - done.estimate}  # fmt: skip
+                    "unit": done.unit, "estimated_amount": done.estimate,
+                    "actual_amount": done.committed, "overage": done.committed - done.estimate,
+                    "overage_policy": done.overage_policy, "tenant_id": done.tenant_id}  # fmt: skip
             extra.append(Detected("reservation.commit_overage", done.scope_path, data))
         return _applied(txn, outcome, context, extra, reservation_id)
 
@@ -494,7 +496,10 @@ def expire(reservation_id: str, now_ms: int) -> Op[Expiry]:
         if outcome is None:
             return "not due"
         data = {"reservation_id": reservation_id, "scope": res.scope_path, "unit": res.unit,
-                "estimated": res.estimate, "expires_at_ms": res.expires_at_ms}  # fmt: skip
+                "estimated_amount": res.estimate, "created_at": iso(res.created_at_ms),
+                "expired_at": iso(res.expires_at_ms),
+                "ttl_ms": res.expires_at_ms - res.created_at_ms,
+                "extensions_used": res.extension_count}  # fmt: skip
         expired = Detected("reservation.expired", res.scope_path, data)
         _applied(txn, _give_back(txn, outcome), None, [expired], reservation_id)
         return "expired"
@@ -633,6 +638,12 @@ def update_budget(
     return Op(plan, budget_owner(scope), scopes=[scope])
 
 
+def _state(row: BudgetRow) -> dict[str, Any]:
+    """A budget's amounts and status (the ``previous_state`` / ``new_state`` of an event)."""
+    return {"allocated": row.allocated, "remaining": row.remaining, "debt": row.debt,
+            "spent": row.spent, "reserved": row.reserved, "status": row.status}  # fmt: skip
+
+
 _FUND_EVENTS = {
     "CREDIT": "budget.funded",
     "DEBIT": "budget.debited",
@@ -674,7 +685,9 @@ def fund_budget(
                 txn.now + ledger.RETAIN_DECIDE_MS,
             )  # fmt: skip
         outcome = Outcome(200, raw, budgets=[new], idempotency=idem_row)
-        funded = Detected(_FUND_EVENTS[operation], scope, {**response, "operation": operation})
+        data = {"ledger_id": new.ledger_id, "scope": scope, "unit": unit, "operation": operation,
+                "previous_state": _state(row), "new_state": _state(new)}  # fmt: skip
+        funded = Detected(_FUND_EVENTS[operation], scope, data)
         return _applied(txn, outcome, context, [funded])
 
     context = current_context()
