@@ -460,3 +460,18 @@ def test_a_redis_failure_on_the_write_leaves_no_partial_state(
     # the retry with the same key succeeds and counts once
     assert post(api, acme, reservation("boom", "web.search")).status_code == 200
     assert list(counters(api, store).values()) == [2]
+
+
+def test_a_tenant_row_without_a_policy_count_still_reads_its_policies(
+    api: Api, store: Store, acme: str
+) -> None:
+    """Tenants keep a policy count so that reservations of tenants without policies skip
+    reading them; a row written before the count was kept (``None``) reads them every time."""
+    add_policy(api, store, denied_action_kinds=["payment.charge"])
+    tenant = api.client.run(store.get_tenant("acme"))
+    assert tenant is not None
+    assert tenant.policy_count == 1
+    api.client.run(store.update_tenant("acme", {"policy_count": None}))
+    denial(post(api, acme, reservation("a", "payment.charge")), "ACTION_KIND_DENIED")
+    api.client.run(store.update_tenant("acme", {"policy_count": 0}))  # a wrong count skips them
+    assert post(api, acme, reservation("b", "payment.charge")).status_code == 200

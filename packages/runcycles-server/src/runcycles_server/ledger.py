@@ -127,6 +127,9 @@ class TenantRow:
     closed_at_ms: int | None = None
     observe_mode: str | None = None
     """Default observe mode of the tenant's reservations (``ENFORCE``/``OBSERVE``/``DISABLED``)."""
+    policy_count: int | None = 0
+    """How many policies the tenant has, so a reservation of a tenant without any skips
+    reading them (``None``: not known, as on a row written before it was kept: read them)."""
 
 
 @dataclass(slots=True)

@@ -220,13 +220,16 @@ def _records(
 def _governance(
     txn: Txn,
     tenant_id: str,
+    tenant: TenantRow | None,
     scopes: Sequence[str],
     action: Action,
     subject: Subject,
     registry: Registry,
 ) -> ledger.Governance:
     """Load what action governance needs: the one policy that applies and its counters."""
-    policy = select_policy(txn.policies(tenant_id), scopes, txn.now)
+    count = tenant.policy_count if tenant is not None else 0
+    policies = txn.policies(tenant_id) if count != 0 else []
+    policy = select_policy(policies, scopes, txn.now)
     try:
         prepared = prepare(policy, action, subject, txn.now, registry)
     except LedgerError as exc:  # raised by the ledger in evaluation order
@@ -276,16 +279,19 @@ def decide(
         replayed = _replayed(txn, tenant_id, "decide", key, request_hash)
         if replayed is not None:
             return replayed
+        tenant = txn.tenant(tenant_id)
         return _applied(
             txn,
             ledger.plan_decide(
                 request=request,
                 tenant_id=tenant_id,
-                tenant=txn.tenant(tenant_id),
+                tenant=tenant,
                 budgets=txn.budgets(scopes),
                 request_hash=request_hash,
                 now_ms=txn.now,
-                gov=_governance(txn, tenant_id, scopes, request.action, request.subject, registry),
+                gov=_governance(
+                    txn, tenant_id, tenant, scopes, request.action, request.subject, registry
+                ),
             ),
         )
 
@@ -316,17 +322,20 @@ def reserve(
         replayed = _replayed(txn, tenant_id, "reserve", key, request_hash)
         if replayed is not None:
             return replayed
+        tenant = txn.tenant(tenant_id)
         return _applied(
             txn,
             ledger.plan_reserve(
                 request=request,
                 tenant_id=tenant_id,
-                tenant=txn.tenant(tenant_id),
+                tenant=tenant,
                 budgets=txn.budgets(scopes),
                 request_hash=request_hash,
                 reservation_id=reservation_id,
                 now_ms=txn.now,
-                gov=_governance(txn, tenant_id, scopes, request.action, request.subject, registry),
+                gov=_governance(
+                    txn, tenant_id, tenant, scopes, request.action, request.subject, registry
+                ),
                 audit_id=audit_id,
             ),
             context,
@@ -728,6 +737,8 @@ def create_policy(row: PolicyRow, audit: AuditRow | None = None) -> Op[PolicyRow
                 )
         new = dataclasses.replace(row, created_at_ms=txn.now)
         txn.put_policy(new, new=True)
+        if tenant.policy_count is not None:
+            txn.put_tenant(dataclasses.replace(tenant, policy_count=tenant.policy_count + 1))
         _audit(txn, audit, new, [])
         return new
 

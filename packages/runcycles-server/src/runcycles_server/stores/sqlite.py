@@ -70,7 +70,7 @@ from runcycles_server.stores.base import (
     StoreUnavailable,
 )
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 CHECKPOINT_EVERY_COMMITS: Final = 1000
 """Write transactions between two background WAL checkpoints (see :class:`SqliteStore`)."""
 AUTOCHECKPOINT_PAGES: Final = 20_000
@@ -263,6 +263,13 @@ CREATE TABLE event_log (
 CREATE INDEX event_log_tenant_time ON event_log (tenant_id, created_at_ms, event_id);
 CREATE INDEX event_log_time ON event_log (created_at_ms, event_id);
 """,
+    # 5: a tenant's policy count (a reservation of a tenant without policies skips them)
+    5: """
+ALTER TABLE tenants ADD COLUMN policy_count INTEGER;
+UPDATE tenants SET policy_count = (
+    SELECT count(*) FROM policies WHERE policies.tenant_id = tenants.tenant_id
+);
+""",
 }
 
 
@@ -302,7 +309,7 @@ _TENANT_COLS: Final = (
     "tenant_id, name, status, parent_tenant_id, default_commit_overage_policy, "
     "default_reservation_ttl_ms, max_reservation_ttl_ms, max_reservation_extensions, "
     "reservation_expiry_policy, metadata, created_at_ms, updated_at_ms, suspended_at_ms, "
-    "closed_at_ms, observe_mode"
+    "closed_at_ms, observe_mode, policy_count"
 )
 _KEY_COLS: Final = (
     "key_id, key_hash, key_prefix, tenant_id, name, status, description, permissions, "
@@ -350,6 +357,7 @@ def _tenant(r: sqlite3.Row | tuple[Any, ...]) -> TenantRow:
         r[12],
         r[13],
         r[14],
+        r[15],
     )
 
 
@@ -635,13 +643,14 @@ class SqliteStore(RowStore):
     def _put_tenant(self, row: TenantRow, *, insert: bool) -> None:
         self._conn.execute(
             f"INSERT OR REPLACE INTO tenants ({_TENANT_COLS}) VALUES "
-            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 row.tenant_id, row.name, row.status, row.parent_tenant_id,
                 row.default_commit_overage_policy, row.default_reservation_ttl_ms,
                 row.max_reservation_ttl_ms, row.max_reservation_extensions,
                 row.reservation_expiry_policy, _j(row.metadata), row.created_at_ms,
                 row.updated_at_ms, row.suspended_at_ms, row.closed_at_ms, row.observe_mode,
+                row.policy_count,
             ),
         )  # fmt: skip
 
