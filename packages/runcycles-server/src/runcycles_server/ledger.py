@@ -49,7 +49,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -906,7 +906,7 @@ def plan_reserve(
     reservation_id: str,
     now_ms: int,
     gov: Governance | None = None,
-    audit_id: str | None = None,
+    audit_id: Callable[[], str] | None = None,
 ) -> Outcome:
     """Plan ``POST /v1/reservations`` (live, dry run or observe mode).
 
@@ -918,7 +918,8 @@ def plan_reserve(
     Dry run: same evaluation, nothing but the idempotency record written; failures are 200 DENY.
     Observe mode (the request's ``observe_mode``, else the tenant's): dry-run semantics even
     without ``dry_run``, and the would-be decision recorded in the audit log
-    (``reservation.observed_denied`` / ``reservation.observed_allowed``, ``audit_id``).
+    (``reservation.observed_denied`` / ``reservation.observed_allowed``, its id drawn from
+    ``audit_id``).
 
     Raises:
         LedgerError: the live failure, UNIT_MISMATCH, an int64 overflow, or INVALID_REQUEST
@@ -953,7 +954,7 @@ def plan_reserve(
         idem = _idem(tenant_id, "reserve", key, request_hash, 200, raw, now_ms, RETAIN_DECIDE_MS)
         audit = None
         if observe and audit_id is not None:
-            audit = _observed(audit_id, tenant_id, request, body, now_ms)
+            audit = _observed(audit_id(), tenant_id, request, body, now_ms)
         return Outcome(200, raw, idempotency=idem, audit=audit)
 
     if ev.reason is not None:

@@ -18,6 +18,7 @@ from typing import Any, Final, Protocol
 
 DEFAULT_THRESHOLDS: Final = (0.80, 0.95, 1.0)
 """The spec's default ``budget_utilization`` thresholds (``WebhookThresholdConfig``)."""
+_DEFAULT: Final = tuple(sorted(DEFAULT_THRESHOLDS))
 
 
 class BudgetState(Protocol):
@@ -71,15 +72,21 @@ def budget_transitions(
     Rows are matched by ``(scope, unit)``; a row only in ``after`` is compared with nothing
     (a new budget crosses nothing). Per row, in this order: thresholds (ascending when
     rising, descending when falling), ``budget.exhausted`` (remaining reached 0 or below),
-    ``budget.over_limit_entered`` / ``exited``, ``budget.debt_incurred``.
+    ``budget.over_limit_entered`` / ``exited``, ``budget.debt_incurred``. Runs on every
+    write of a budget, so the common case (nothing crossed) returns after a few comparisons.
     """
     old: Mapping[tuple[str, str], BudgetState] = {(b.scope, b.unit): b for b in before}
+    ordered = tuple(sorted(thresholds)) if thresholds is not DEFAULT_THRESHOLDS else _DEFAULT
     found: list[Detected] = []
     for new in after:
         prev = old.get((new.scope, new.unit))
         if prev is None:
             continue
-        found += _threshold_crossings(prev, new, thresholds)
+        if new.allocated > 0 and prev.allocated > 0:
+            was = (prev.spent + prev.reserved) / prev.allocated
+            now = (new.spent + new.reserved) / new.allocated
+            if was != now and any(min(was, now) < t <= max(was, now) for t in ordered):
+                found += _threshold_crossings(prev, new, ordered)
         if prev.remaining > 0 >= new.remaining:
             data = {**_amounts(new), "utilization": utilization(new), "direction": "rising"}
             found.append(Detected("budget.exhausted", new.scope, data))
@@ -114,7 +121,7 @@ def _threshold_crossings(
     if was is None or now is None or was == now:
         return []
     rising = now > was
-    crossed = [t for t in sorted(thresholds) if (was < t <= now if rising else now < t <= was)]
+    crossed = [t for t in thresholds if (was < t <= now if rising else now < t <= was)]
     if not rising:
         crossed.reverse()
     direction = "rising" if rising else "falling"

@@ -81,6 +81,10 @@ def system_clock() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _new_audit_id() -> str:
+    return new_id("aud")
+
+
 def new_id(prefix: str) -> str:
     """Return a new opaque identifier such as ``rsv_0195f2...``.
 
@@ -517,7 +521,7 @@ class OperationStore(ABC):
             request_hash,
             self.new_reservation_id(tenant_id),
             self.registry,
-            new_id("aud"),
+            _new_audit_id,
         )
         return await self.run(op)
 

@@ -307,7 +307,7 @@ def reserve(
     request_hash: str,
     reservation_id: str,
     registry: Registry,
-    audit_id: str,
+    audit_id: Callable[[], str],
 ) -> Op[Outcome]:
     """``POST /v1/reservations`` (live, dry run or observe mode).
 

@@ -494,9 +494,9 @@ class _Work:
 
     def current_budgets(self, rows: Sequence[BudgetRow]) -> list[BudgetRow]:
         """The batch's current state of these rows (what the next write replaces)."""
-        wanted = {(r.scope, r.unit) for r in rows}
-        scopes = sorted({r.scope for r in rows})
-        return [b for b in self.budgets(scopes) if (b.scope, b.unit) in wanted]
+        budget = self.k.budget
+        tenant = self.tenant_id
+        return [self._get(budget(tenant, r.scope), r.unit.encode(), _dec_budget) for r in rows]
 
     def policies(self, tenant_id: str) -> list[PolicyRow]:
         """Every policy of the tenant (shared within the batch: rows are frozen)."""
