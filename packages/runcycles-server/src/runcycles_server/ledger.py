@@ -80,6 +80,7 @@ from runcycles_server.governance import (
     TtlOverride,
     caps_body,
 )
+from runcycles_server.governance.scopes import subject_scopes
 
 INT64_MIN: Final = -(2**63)
 
@@ -383,16 +384,7 @@ def derive_scopes(subject: Subject) -> list[str]:
 
     ``{tenant: Acme, agent: bot}`` gives ``["tenant:acme", "tenant:acme/agent:bot"]``.
     """
-    scopes: list[str] = []
-    path = ""
-    for level in STANDARD_SUBJECT_FIELDS:
-        value = getattr(subject, level)
-        if value is None:
-            continue
-        segment = f"{level}:{value.lower()}"
-        path = f"{path}/{segment}" if path else segment
-        scopes.append(path)
-    return scopes
+    return subject_scopes(subject)
 
 
 def leaf_scope(scope_path: str) -> str:
