@@ -20,7 +20,7 @@ delivery.
 
 from __future__ import annotations
 
-from runcycles_server.events.context import EventContext, current_context, event_context
+from runcycles_server.events.context import EventContext, current_context
 from runcycles_server.events.detect import Detected, budget_transitions
 from runcycles_server.events.records import (
     CATEGORIES,
@@ -48,7 +48,6 @@ __all__ = [
     "category_of",
     "current_context",
     "event_body",
-    "event_context",
     "event_from_json",
     "event_to_json",
 ]

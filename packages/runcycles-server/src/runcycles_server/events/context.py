@@ -1,7 +1,7 @@
 """Who and what caused the events of the current request.
 
-The HTTP layer opens an :func:`event_context` per request (request and trace ids, the
-caller's address) and fills in the actor once the caller is authenticated; an operation
+The HTTP layer sets :data:`CURRENT` per request (request and trace ids, the caller's
+address) and fills in the actor once the caller is authenticated (:func:`set_actor`); an operation
 captures :func:`current_context` when it is created, in the request's own task, because a
 store may run the operation later in another task (Redis batches several requests in one).
 Background work (the expiry sweep) has no context: its events are the ``system``'s.
@@ -9,8 +9,6 @@ Background work (the expiry sweep) has no context: its events are the ``system``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
@@ -37,17 +35,6 @@ _current = CURRENT
 def current_context() -> EventContext:
     """The context of the running request (the system's outside any request)."""
     return _current.get()
-
-
-@contextmanager
-def event_context(**fields: str | None) -> Iterator[EventContext]:
-    """Set the event context for the ``with`` block (fields replace the current ones)."""
-    context = replace(_current.get(), **fields)  # type: ignore[arg-type]
-    token = _current.set(context)
-    try:
-        yield context
-    finally:
-        _current.reset(token)
 
 
 def set_actor(actor_type: str, key_id: str | None = None) -> None:
