@@ -714,14 +714,13 @@ def create_app(
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
     auth = Authenticator(store, admin_api_key, limiter=limiter)
     health = StoreHealth(store)
-    runtime = Runtime(store, auth, max_body_bytes, health)
+    meter = Metrics(top_scopes=metrics_top_scopes, public=metrics_public) if metrics else None
+    runtime = Runtime(store, auth, max_body_bytes, health, meter)
     admin = Admin(store, auth, max_body_bytes)
     governance = GovernanceApi(
         store, auth, max_body_bytes, registry_requests_per_minute=registry_requests_per_minute
     )
     events = EventsApi(store, auth)
-    meter = Metrics(top_scopes=metrics_top_scopes, public=metrics_public) if metrics else None
-    runtime.metrics = meter
     extra_routes = MetricsApi(store, auth, health, meter).routes() if meter is not None else []
 
     @contextlib.asynccontextmanager

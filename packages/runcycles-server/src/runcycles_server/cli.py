@@ -472,7 +472,7 @@ def serve(
             min=0,
             max=10_000,
             help="Budgets reported by cycles_budget_utilization_ratio (the most used ones; "
-            "the rest are counted in cycles_budget_utilization_omitted).",
+            "the rest are counted in cycles_budget_utilization_omitted; 0: no budget series).",
         ),
     ] = DEFAULT_METRICS_TOP_SCOPES,
 ) -> None:

@@ -25,6 +25,7 @@ Labels are bounded: ``route`` is the route *template* (``/v1/reservations/{reser
 ``unmatched`` for a path no route serves), ``method`` one of the HTTP methods or ``OTHER``,
 ``status`` a number; decision reasons are the server's own reason codes.
 
+Counters have no ``*_created`` twin series (``prometheus_client.disable_created_metrics()``).
 Each process has its own registry: with ``cycles serve --workers N`` a scrape reaches one worker,
 whose counters it reports (see ``docs/metrics.md``).
 
@@ -150,7 +151,7 @@ class Metrics:
 
     Args:
         top_scopes: budgets reported by ``cycles_budget_utilization_ratio`` (the most used
-            ones; 0 reports none, only the count of omitted budgets).
+            ones; 0 turns the per-budget series, and the scrape's budget reads, off).
         public: serve ``GET /metrics`` without credentials (aggregate series only: the
             per-scope ones still need the admin key).
         templates: endpoint (route handler) to route template, for the ``route`` label.
@@ -345,7 +346,7 @@ class Metrics:
         snapshot = StoreSnapshot()
         if isinstance(store, ActiveCounter):
             snapshot.active_reservations = await store.count_active_reservations()
-        if scopes:
+        if scopes and self.top_scopes:
             snapshot.top, snapshot.budgets = await self._rank_budgets(store)
         return snapshot
 
@@ -362,8 +363,6 @@ class Metrics:
                 if row.status == "CLOSED":
                     continue
                 count += 1
-                if self.top_scopes == 0:
-                    continue
                 entry = (utilization(row.allocated, row.remaining), row.scope, row.unit)
                 if len(heap) < self.top_scopes:
                     heapq.heappush(heap, entry)
@@ -372,6 +371,7 @@ class Metrics:
             cursor = page.next_cursor
             if cursor is None:
                 break
+            await asyncio.sleep(0)  # SQLite reads do not yield: let requests run between pages
         return sorted(heap, reverse=True), count
 
     def render(self, snapshot: StoreSnapshot, health: StoreHealth) -> bytes:
