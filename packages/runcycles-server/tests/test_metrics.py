@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runcycles_server.app import create_app, run_sweeper
 from runcycles_server.cli import bootstrap_dev
-from runcycles_server.metrics import MAX_TOP_SCOPES, Metrics
+from runcycles_server.ledger import BudgetRow, TenantRow
+from runcycles_server.metrics import BUDGET_PAGE, MAX_TOP_SCOPES, Metrics
 from runcycles_server.stores.base import Store, StoreUnavailable
 from runcycles_server.stores.memory import MemoryStore
 
@@ -370,3 +371,40 @@ def test_the_webhook_seam_counts_deliveries_and_reports_gauge_callbacks(
     assert value(found, "cycles_webhook_deliveries_total", outcome="FAILED") == 1
     assert value(found, "cycles_webhook_queue_depth") == 7
     assert "cycles_broken" not in {name for name, _ in found}
+
+
+async def test_a_scrape_lets_requests_run_between_budget_pages() -> None:
+    store = MemoryStore()
+    await store.create_tenant(TenantRow("acme", "acme"))
+    for i in range(1_000):
+        await store.create_budget(
+            BudgetRow(
+                scope=f"tenant:acme/agent:a{i:04d}",
+                unit=U,
+                tenant_id="acme",
+                allocated=1_000,
+                remaining=1_000 - i,
+                ledger_id=f"ldg-{i}",
+            )
+        )
+    meter = Metrics(top_scopes=3)
+    ticks = 0
+
+    async def other_work() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    started = ticks
+    snapshot = await meter.read_store(store, scopes=True)
+    task.cancel()
+    assert snapshot.budgets == 1_000
+    assert [scope for _, scope, _ in snapshot.top] == [
+        "tenant:acme/agent:a0999",
+        "tenant:acme/agent:a0998",
+        "tenant:acme/agent:a0997",
+    ]
+    assert ticks - started >= 1_000 // BUDGET_PAGE - 1  # one turn per page at least
