@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.responses import PlainTextResponse
 
 from runcycles_server.app import create_app, run_sweeper
 from runcycles_server.cli import bootstrap_dev
@@ -267,6 +268,16 @@ def test_unmatched_paths_and_odd_methods_have_bounded_labels(
     routes = {labels["route"] for labels in series(found, "cycles_http_requests_total")}
     assert "unmatched" in routes
     assert not any(route.startswith("/probe") for route in routes)
+    assert "other" not in routes
+
+    async def extra(request: Any) -> Any:
+        return PlainTextResponse("extra")
+
+    api.client.app.add_route("/extra/{thing}", extra)  # added after create_app built the app
+    assert api.client.get("/extra/1").status_code == 200
+    routes = {labels["route"] for labels in series(scrape(api), "cycles_http_requests_total")}
+    assert "other" in routes
+    assert not any(route.startswith("/extra") for route in routes)
     methods = {labels["method"] for labels in series(found, "cycles_http_requests_total")}
     assert "BREW" not in methods
     assert "OTHER" in methods

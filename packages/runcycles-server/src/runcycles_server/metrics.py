@@ -22,7 +22,8 @@ one, so several apps in one process do not collide). Two kinds of series:
   health. Nothing on the request path reads the store for metrics.
 
 Labels are bounded: ``route`` is the route *template* (``/v1/reservations/{reservation_id}/commit``,
-``unmatched`` for a path no route serves), ``method`` one of the HTTP methods or ``OTHER``,
+``unmatched`` for a path no route serves, ``other`` for a route added after the app was built),
+``method`` one of the HTTP methods or ``OTHER``,
 ``status`` a number; decision reasons are the server's own reason codes.
 
 Counters have no ``*_created`` twin series (``prometheus_client.disable_created_metrics()``).
@@ -89,6 +90,8 @@ WEBHOOK_OUTCOMES: Final = ("SUCCESS", "RETRYING", "FAILED")
 delivered (2xx), failed with a retry scheduled, failed for good (retries exhausted)."""
 UNMATCHED_ROUTE: Final = "unmatched"
 """``route`` label of a request no route serves (404): never the raw path."""
+OTHER_ROUTE: Final = "other"
+"""``route`` label of a route whose template :class:`Metrics` was not told (see ``templates``)."""
 
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CACHE_MAX: Final = 4096
@@ -244,8 +247,8 @@ class Metrics:
             children.outcome.inc()
 
     def _new_children(self, endpoint: Any, method: str, status: int) -> _Children:
-        route = self.templates.get(endpoint, UNMATCHED_ROUTE) if endpoint is not None else None
-        route = route or UNMATCHED_ROUTE
+        # (a route added to the app after it was built has no known template: "other")
+        route = UNMATCHED_ROUTE if endpoint is None else self.templates.get(endpoint, OTHER_ROUTE)
         method_label = method if method in _METHODS else "OTHER"
         kind = _OUTCOME_ROUTES.get((method_label, route)) if status == 200 else None
         children = _Children(
