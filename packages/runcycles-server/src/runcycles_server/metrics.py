@@ -229,7 +229,11 @@ class Metrics:
             self.webhook_deliveries.labels(outcome)  # every series exists from the start
         self._outcomes = {"commit": self.commits, "release": self.releases}
         self._children: dict[tuple[Any, str, int], _Children] = {}
-        self._decisions: dict[tuple[str, str, str], Any] = {}
+        self._decisions: dict[tuple[str, str, str], Any] = {
+            (endpoint, decision, "none"): self.decisions.labels(endpoint, decision, "none")
+            for endpoint in ("decide", "reserve")
+            for decision in ("ALLOW", "ALLOW_WITH_CAPS")
+        }  # the allow series exist from the start (DENY ones appear with their reasons)
         self._scrape = _ScrapeCollector(self)
         reg.register(self._scrape)
         ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_start_time_seconds...
