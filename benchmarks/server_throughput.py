@@ -26,6 +26,15 @@ Usage::
     uv run python benchmarks/server_throughput.py                # both stores, 1 and 2 workers
     uv run python benchmarks/server_throughput.py --seconds 5 --workers 2,3 --stores sqlite
 
+Metrics overhead (``--metrics``): instead of the above, two servers per store and worker
+count, one started with ``cycles serve --metrics`` and one without, take turns running the
+same reserve+commit load for ``--rounds`` rounds (the order alternating each round, so drift in
+the machine's load hits both alike); printed are each round's server CPU per pair, the medians
+and the ratio on : off (the goal: at most 1.05), and a check that the metered server's
+``/metrics`` counted the commits::
+
+    uv run python benchmarks/server_throughput.py --metrics --stores sqlite --workers 1
+
 Options: ``--clients 64``, ``--seconds 10``, ``--workers 1,2`` (comma list to compare),
 ``--stores sqlite,redis`` (Redis from ``CYCLES_TEST_REDIS_URL``, default db 15 on loopback,
 under a fresh key prefix that is deleted afterwards). The exit status is 1 on a ledger
@@ -38,20 +47,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
+import timeit
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import httpx
 from _loadgen import LoadResult, run_load
+from prometheus_client.parser import text_string_to_metric_families
 
+from runcycles_server.app import create_app
+from runcycles_server.stores.memory import MemoryStore
 from runcycles_server.testing import ServerProcess, redis_url_for_tests
 
 BUDGET = 10**15
 AMOUNT = 1_000
 TARGET_PAIRS_PER_S = 1_500
+METRICS_TARGET_RATIO = 1.05
 
 
 def _redis_available(url: str) -> bool:
@@ -203,6 +219,123 @@ def bench_store(store: str, clients: int, seconds: float, workers: int) -> bool:
     return ok
 
 
+def _cpu_per_pair_us(server: ServerProcess, tenant_id: str, api_key: str, **kw: Any) -> float:
+    """Run one reserve+commit load; return the server's CPU microseconds per pair."""
+    before = _process_tree_cpu_s(server.process.pid)
+    result = run_load(
+        "pair", host=server.host, port=server.port, tenant=tenant_id, api_key=api_key, **kw
+    )
+    after = _process_tree_cpu_s(server.process.pid)
+    if before is None or after is None:
+        raise SystemExit("--metrics needs Linux /proc to read the server's CPU time")
+    if result.errors:
+        raise SystemExit(f"{result.errors} errors during the load: {result.statuses}")
+    return (after - before) / max(result.completed, 1) * 1e6
+
+
+def _metrics_calls_us() -> float:
+    """Return the CPU microseconds the metrics calls of one reserve+commit pair take.
+
+    The calls the server makes per pair when metrics are on (two ``observe`` with their
+    ``perf_counter`` pairs, one ``decided``) on the metrics object of a real app, timed in
+    this process by CPU time (best of 5): a number that does not swing with the machine's
+    load like the end-to-end comparison does.
+    """
+    app = create_app(MemoryStore(), metrics=True, sweep_interval_s=None)
+    meter = app.state.metrics
+    by_route = {route: endpoint for endpoint, route in meter.templates.items()}
+    reserve = by_route["/v1/reservations"]
+    commit = by_route["/v1/reservations/{reservation_id}/commit"]
+    body = (
+        b'{"decision":"ALLOW","reservation_id":"rsv_0123456789abcdef0123","reserved":{"unit":'
+        b'"USD_MICROCENTS","amount":1000},"expires_at_ms":1800000060000,"affected_scopes":'
+        b'["tenant:acme"],"scope_path":"tenant:acme","balances":[]}'
+    )
+
+    def pair() -> None:
+        began = time.perf_counter()
+        meter.decided("reserve", body)
+        meter.observe(reserve, "POST", 200, time.perf_counter() - began)
+        began = time.perf_counter()
+        meter.observe(commit, "POST", 200, time.perf_counter() - began)
+
+    number = 100_000
+    runs = timeit.repeat(pair, number=number, repeat=5, timer=time.process_time)
+    return min(runs) / number * 1e6
+
+
+def bench_metrics_overhead(
+    store: str, clients: int, seconds: float, workers: int, rounds: int
+) -> bool:
+    """Compare server CPU per pair with metrics on and off; return whether /metrics counted."""
+    print(
+        f"\n== metrics overhead, store: {store} ({workers} server workers, {clients} clients, "
+        f"{rounds} rounds of {seconds:g} s each; load average {_load_average()} on "
+        f"{os.cpu_count()} CPUs)"
+    )
+    kinds: Any = store
+    with (
+        ServerProcess.start(store=kinds, workers=workers) as off,
+        ServerProcess.start(store=kinds, workers=workers, extra_args=["--metrics"]) as on,
+    ):
+        tenants = {
+            name: server.provision(budget=BUDGET) for name, server in (("off", off), ("on", on))
+        }
+        servers = {"off": off, "on": on}
+        cpu: dict[str, list[float]] = {"off": [], "on": []}
+        warm = {"clients": clients, "duration_s": min(2.0, seconds), "amount": AMOUNT}
+        for name, server in servers.items():  # warm up both (caches, first-request imports)
+            _cpu_per_pair_us(server, tenants[name].tenant_id, tenants[name].api_key, **warm)
+        for i in range(rounds):
+            order = ("off", "on") if i % 2 == 0 else ("on", "off")
+            for name in order:
+                tenant = tenants[name]
+                cpu[name].append(
+                    _cpu_per_pair_us(
+                        servers[name],
+                        tenant.tenant_id,
+                        tenant.api_key,
+                        clients=clients,
+                        duration_s=seconds,
+                        amount=AMOUNT,
+                    )
+                )
+            print(
+                f"  round {i + 1}: server CPU/pair off {cpu['off'][-1]:6.1f} us, "
+                f"on {cpu['on'][-1]:6.1f} us"
+            )
+        scraped = httpx.get(
+            f"{on.base_url}/metrics", headers={"X-Admin-API-Key": on.admin_key}, timeout=10
+        ).text
+    median_off, median_on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+    ratio = median_on / median_off
+    print(
+        f"  median server CPU/pair: off {median_off:.1f} us, on {median_on:.1f} us, "
+        f"ratio on:off {ratio:.3f} (goal <= {METRICS_TARGET_RATIO})"
+    )
+    ratios = sorted(on_us / off_us for off_us, on_us in zip(cpu["off"], cpu["on"], strict=True))
+    print(f"  per-round ratios on:off, sorted: {' '.join(f'{r:.3f}' for r in ratios)}")
+    calls = _metrics_calls_us()
+    print(
+        f"  the metrics calls alone (CPU in-process, best of 5): {calls:.2f} us per pair = "
+        f"{calls / median_off:.1%} of the median server CPU per pair without metrics"
+    )
+    commits = [
+        sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "cycles_commits_total"
+    ]
+    counted = bool(commits) and commits[0] > 0
+    print(
+        f"  /metrics of the metered server: cycles_commits_total "
+        f"{commits[0] if commits else 'missing'} ({'OK' if counted else 'NOT counted'}"
+        + (", one worker's count" if workers > 1 else "")
+        + ")"
+    )
+    return counted
+
+
 def main() -> int:
     """Run the benchmark for every requested store and worker count."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
@@ -210,6 +343,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--workers", default="1,2", help="worker count, or a comma list (2,3)")
     parser.add_argument("--stores", default="sqlite,redis")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="compare server CPU per pair with `serve --metrics` on and off instead",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="--metrics: rounds per side")
     args = parser.parse_args()
     ok = True
     for store in args.stores.split(","):
@@ -217,7 +356,13 @@ def main() -> int:
             print(f"\n== store: redis skipped: no Redis at {redis_url_for_tests()}")
             continue
         for workers in (int(w) for w in args.workers.split(",")):
-            ok = bench_store(store, args.clients, args.seconds, workers) and ok
+            if args.metrics:
+                ok = (
+                    bench_metrics_overhead(store, args.clients, args.seconds, workers, args.rounds)
+                    and ok
+                )
+            else:
+                ok = bench_store(store, args.clients, args.seconds, workers) and ok
     return 0 if ok else 1
 
 

@@ -55,6 +55,7 @@ class SyncClient:
     """A synchronous facade over ``httpx.AsyncClient`` + ``ASGITransport`` (one private loop)."""
 
     def __init__(self, app: Any) -> None:
+        self.app = app
         self.loop = asyncio.new_event_loop()
         self._client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://testserver"

@@ -40,6 +40,8 @@ CLEAN_ENV: dict[str, str | None] = {
     "CYCLES_ADMIN_API_KEY": None,
     "CYCLES_API_KEY": None,
     "OPENAI_API_KEY": None,
+    "CYCLES_METRICS": None,
+    "CYCLES_METRICS_PUBLIC": None,
 }
 
 
@@ -220,6 +222,17 @@ def test_serve_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
     assert not Path(db).exists()
 
 
+def test_serve_refuses_metrics_nobody_could_read(tmp_path: Path) -> None:
+    db = str(tmp_path / "x.db")
+    no_admin = invoke("serve", "--db", db, "--metrics")
+    _one_error_line(no_admin, 2, "--metrics needs --admin-key")
+    assert "--metrics-public" in no_admin.stderr
+    _one_error_line(invoke("serve", "--db", db, "--metrics-public"), 2, "needs --metrics")
+    too_many = invoke("serve", "--db", db, "--metrics", "--metrics-top-scopes", "10001")
+    assert too_many.exit_code == 2
+    assert not Path(db).exists()
+
+
 def test_serve_reports_a_busy_port(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -333,6 +346,23 @@ def test_app_from_env_applies_access_log_and_body_limit(
     quiet = app_from_env()
     assert AccessLogMiddleware not in _middleware(quiet)
     asyncio.run(quiet.state.store.close())
+
+
+def test_app_from_env_turns_metrics_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CYCLES_DB", str(tmp_path / "x.db"))
+    monkeypatch.delenv("CYCLES_REDIS_URL", raising=False)
+    monkeypatch.setenv("CYCLES_ADMIN_API_KEY", "adm")
+    monkeypatch.delenv("CYCLES_METRICS", raising=False)
+    off = app_from_env()
+    assert off.state.metrics is None
+    asyncio.run(off.state.store.close())
+    monkeypatch.setenv("CYCLES_METRICS", "1")
+    monkeypatch.setenv("CYCLES_METRICS_PUBLIC", "1")
+    monkeypatch.setenv("CYCLES_METRICS_TOP_SCOPES", "7")
+    on = app_from_env()
+    assert on.state.metrics.public
+    assert on.state.metrics.top_scopes == 7
+    asyncio.run(on.state.store.close())
 
 
 @pytest.mark.parametrize(("days", "retention_ms"), [("3", 3 * 86_400_000), ("0", None)])

@@ -67,6 +67,8 @@ from runcycles_server.events_api import EventsApi
 from runcycles_server.governance_api import REGISTRY_REQUESTS_PER_MINUTE, GovernanceApi
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
+from runcycles_server.metrics import DEFAULT_TOP_SCOPES, Metrics
+from runcycles_server.metrics_api import MetricsApi
 from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
@@ -206,11 +208,13 @@ class Runtime:
         auth: Authenticator,
         max_body_bytes: int,
         health: StoreHealth | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.auth = auth
         self.max_body = max_body_bytes
         self.health = health or StoreHealth(store)
+        self.metrics = metrics
         self._settle_routes: dict[str, Handler] = {
             "commit": self.commit,
             "release": self.release,
@@ -271,6 +275,8 @@ class Runtime:
         assert principal.tenant_id is not None
         digest = ledger.payload_hash("decide", ledger.request_payload(body))
         outcome = await self.store.decide(principal.tenant_id, body, digest)
+        if self.metrics is not None:
+            self.metrics.decided("decide", outcome.body)
         return json_response(outcome.body, outcome.status_code)
 
     async def create_reservation(self, request: Request) -> Response:
@@ -285,7 +291,12 @@ class Runtime:
             outcome = await self.store.reserve(principal.tenant_id, body, digest)
         except LedgerError as exc:
             _hint_missing_tenant(exc, body.subject, principal.tenant_id)
+            deny = exc.details.get("deny_detail") if exc.details else None
+            if self.metrics is not None and isinstance(deny, dict):  # a live denial
+                self.metrics.denied("reserve", deny.get("reason_code"))
             raise
+        if self.metrics is not None:
+            self.metrics.decided("reserve", outcome.body)
         return json_response(outcome.body, outcome.status_code)
 
     async def list_reservations(self, request: Request) -> Response:
@@ -608,6 +619,7 @@ async def run_sweeper(
     retention_ms: int | None = DEFAULT_RETENTION_DAYS * ledger.DAY_MS,
     purge_every_s: float = PURGE_EVERY_S,
     health: StoreHealth | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Expire due reservations every ``interval_s`` and purge old data, forever.
 
@@ -623,7 +635,10 @@ async def run_sweeper(
         await asyncio.sleep(interval_s)
         try:
             for _ in range(50):  # a backlog drains in batches, yielding between them
-                if await store.expire_due(200) < 200:
+                expired = await store.expire_due(200)
+                if metrics is not None:
+                    metrics.expired(expired)
+                if expired < 200:
                     break
                 await asyncio.sleep(0)
         except Exception as exc:  # keep sweeping; one failure must not stop expiry
@@ -655,6 +670,9 @@ def create_app(
     rate_limit_per_s: float | None = None,
     retention_days: float | None = DEFAULT_RETENTION_DAYS,
     registry_requests_per_minute: int | None = REGISTRY_REQUESTS_PER_MINUTE,
+    metrics: bool = False,
+    metrics_public: bool = False,
+    metrics_top_scopes: int = DEFAULT_TOP_SCOPES,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -674,10 +692,17 @@ def create_app(
         registry_requests_per_minute: requests a minute each client address may make to the
             public ``/v1/action-kinds`` endpoints (``None``: no limit); see
             :mod:`runcycles_server.governance_api`.
+        metrics: serve ``GET /metrics`` (Prometheus) and count requests for it; off, no
+            request pays anything for metrics. See :mod:`runcycles_server.metrics` and
+            ``docs/metrics.md``.
+        metrics_public: serve ``GET /metrics`` without credentials (aggregate series only;
+            the per-budget ones still need the admin key).
+        metrics_top_scopes: budgets reported by ``cycles_budget_utilization_ratio`` (the
+            most used ones, 0 to 10000).
 
     Raises:
-        ValueError: if ``rate_limit_per_s`` is not a positive number, or ``retention_days``
-            is less than 1.
+        ValueError: if ``rate_limit_per_s`` is not a positive number, ``retention_days``
+            is less than 1, or ``metrics_top_scopes`` is out of range.
     """
     if retention_days is not None and not retention_days >= 1:
         raise ValueError(
@@ -689,18 +714,26 @@ def create_app(
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
     auth = Authenticator(store, admin_api_key, limiter=limiter)
     health = StoreHealth(store)
-    runtime = Runtime(store, auth, max_body_bytes, health)
+    meter = Metrics(top_scopes=metrics_top_scopes, public=metrics_public) if metrics else None
+    runtime = Runtime(store, auth, max_body_bytes, health, meter)
     admin = Admin(store, auth, max_body_bytes)
     governance = GovernanceApi(
         store, auth, max_body_bytes, registry_requests_per_minute=registry_requests_per_minute
     )
     events = EventsApi(store, auth)
+    extra_routes = MetricsApi(store, auth, health, meter).routes() if meter is not None else []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = (
             asyncio.create_task(
-                run_sweeper(store, sweep_interval_s, retention_ms=retention_ms, health=health)
+                run_sweeper(
+                    store,
+                    sweep_interval_s,
+                    retention_ms=retention_ms,
+                    health=health,
+                    metrics=meter,
+                )
             )
             if sweep_interval_s is not None
             else None
@@ -716,11 +749,24 @@ def create_app(
                 await store.close()
 
     app = Starlette(
-        routes=[*runtime.routes(), *admin.routes(), *governance.routes(), *events.routes()],
+        routes=[
+            *runtime.routes(),
+            *admin.routes(),
+            *governance.routes(),
+            *events.routes(),
+            *extra_routes,
+        ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
-    app.add_middleware(ContextMiddleware, fast_route=runtime.fast_route, health=health)
+    if meter is not None:
+        meter.templates.update(
+            (route.endpoint, route.path) for route in app.routes if isinstance(route, Route)
+        )
+    app.add_middleware(
+        ContextMiddleware, fast_route=runtime.fast_route, health=health, metrics=meter
+    )
     app.state.store = store
     app.state.store_health = health
+    app.state.metrics = meter  # the webhook dispatcher's seam (None: metrics off)
     return app

@@ -16,7 +16,8 @@ Several workers share one SQLite file safely (one ``BEGIN IMMEDIATE`` transactio
 mutation). Configuration reaches worker processes through environment variables
 (``CYCLES_DB``, ``CYCLES_ADMIN_API_KEY``, ``CYCLES_SQLITE_SYNCHRONOUS``, ``CYCLES_REDIS_URL``,
 ``CYCLES_ACCESS_LOG``, ``CYCLES_MAX_BODY_BYTES``, ``CYCLES_RATE_LIMIT``,
-``CYCLES_RETENTION_DAYS``, ``CYCLES_ACTION_KINDS``), which :func:`app_from_env` reads.
+``CYCLES_RETENTION_DAYS``, ``CYCLES_ACTION_KINDS``, ``CYCLES_METRICS``,
+``CYCLES_METRICS_PUBLIC``, ``CYCLES_METRICS_TOP_SCOPES``), which :func:`app_from_env` reads.
 
 Imports of the server itself are deferred to the commands that need them, so ``cycles --help``
 and the admin commands start quickly.
@@ -56,6 +57,10 @@ ENV_RATE_LIMIT: Final = "CYCLES_RATE_LIMIT"
 ENV_RETENTION_DAYS: Final = "CYCLES_RETENTION_DAYS"
 ENV_STORE_TIMEOUT: Final = "CYCLES_STORE_TIMEOUT_S"
 ENV_ACTION_KINDS: Final = "CYCLES_ACTION_KINDS"
+ENV_METRICS: Final = "CYCLES_METRICS"
+ENV_METRICS_PUBLIC: Final = "CYCLES_METRICS_PUBLIC"
+ENV_METRICS_TOP_SCOPES: Final = "CYCLES_METRICS_TOP_SCOPES"
+DEFAULT_METRICS_TOP_SCOPES: Final = 100  # = metrics.DEFAULT_TOP_SCOPES (not imported: startup)
 DEV_POLICY: Final = "dev-example-guardrails"
 DEV_POLICY_BODY: Final = {
     "name": DEV_POLICY,
@@ -172,9 +177,16 @@ def app_from_env() -> Starlette:
             max_body_bytes=max_body,
             rate_limit_per_s=rate_limit or None,  # 0 (or unset) = no rate limit
             retention_days=retention_days or None,  # 0 = keep finished reservations forever
+            metrics=os.environ.get(ENV_METRICS) == "1",
+            metrics_public=os.environ.get(ENV_METRICS_PUBLIC) == "1",
+            metrics_top_scopes=int(
+                _env_number(ENV_METRICS_TOP_SCOPES, DEFAULT_METRICS_TOP_SCOPES) or 0
+            ),
         )
     except ValueError as exc:
-        raise SystemExit(f"{ENV_RATE_LIMIT} / {ENV_RETENTION_DAYS}: {exc}") from None
+        raise SystemExit(
+            f"{ENV_RATE_LIMIT} / {ENV_RETENTION_DAYS} / {ENV_METRICS_TOP_SCOPES}: {exc}"
+        ) from None
     if os.environ.get(ENV_ACCESS_LOG) == "1":
         from runcycles_server.access_log import AccessLogMiddleware, configure_access_logger
 
@@ -436,6 +448,33 @@ def serve(
             "answered 503 with Retry-After (and /readyz 503 within a second either way).",
         ),
     ] = DEFAULT_STORE_TIMEOUT_S,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            envvar=ENV_METRICS,
+            help="Serve Prometheus metrics at GET /metrics (admin key required unless "
+            "--metrics-public); see docs/metrics.md.",
+        ),
+    ] = False,
+    metrics_public: Annotated[
+        bool,
+        typer.Option(
+            "--metrics-public",
+            envvar=ENV_METRICS_PUBLIC,
+            help="Serve /metrics without credentials (a scraper on a private network); the "
+            "per-budget series, which name tenants, still need the admin key.",
+        ),
+    ] = False,
+    metrics_top_scopes: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=10_000,
+            help="Budgets reported by cycles_budget_utilization_ratio (the most used ones; "
+            "the rest are counted in cycles_budget_utilization_omitted; 0: no budget series).",
+        ),
+    ] = DEFAULT_METRICS_TOP_SCOPES,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -447,6 +486,14 @@ def serve(
             raise CliError(f"--durability {durability!r} must be normal or full", 2)
         if db is not None and redis is not None:
             raise CliError("--db and --redis are alternatives; pass only one of them", 2)
+        if metrics_public and not metrics:
+            raise CliError("--metrics-public needs --metrics (it says who may read them)", 2)
+        if metrics and not metrics_public and not admin_key and not dev:
+            raise CliError(
+                "--metrics needs --admin-key (scrapers authenticate with it) or "
+                "--metrics-public (no credentials, for a scraper on a private network)",
+                2,
+            )
         if not rate_limit < float("inf"):  # also NaN
             raise CliError("--rate-limit must be a finite number of requests/s", 2)
         for flag, seconds in (
@@ -488,6 +535,9 @@ def serve(
         os.environ[ENV_RATE_LIMIT] = repr(rate_limit)
         os.environ[ENV_RETENTION_DAYS] = str(retention_days)
         os.environ[ENV_STORE_TIMEOUT] = repr(store_timeout)
+        os.environ[ENV_METRICS] = "1" if metrics else "0"
+        os.environ[ENV_METRICS_PUBLIC] = "1" if metrics_public else "0"
+        os.environ[ENV_METRICS_TOP_SCOPES] = str(metrics_top_scopes)
         if action_kinds is not None:
             os.environ[ENV_ACTION_KINDS] = str(action_kinds.resolve())
         else:
@@ -507,7 +557,14 @@ def serve(
         typer.echo(
             f"cycles: listening on http://{host}:{port} | store: {description} | admin API: "
             f"{'on' if admin_key else 'off (pass --admin-key)'} | workers: {workers}"
-            + (f" | rate limit: {rate_limit:g} req/s per tenant per worker" if rate_limit else ""),
+            + (f" | rate limit: {rate_limit:g} req/s per tenant per worker" if rate_limit else "")
+            + (
+                f" | metrics: /metrics ({'public' if metrics_public else 'admin key'}"
+                + (", per worker" if workers > 1 else "")
+                + ")"
+                if metrics
+                else ""
+            ),
             err=True,
         )
         if fd_note:

@@ -56,6 +56,11 @@ class StoreHealth:
         """Requests answered 503 during the current (or last) outage."""
         self.outages = 0
         """Outages seen by this process."""
+        self.total_failed_requests = 0
+        """Requests answered 503 because the store was unavailable, since the process began."""
+        self.background_failures = 0
+        """Background rounds (expiry sweep, retention purge) that failed on an unavailable
+        store, since the process began."""
 
     def is_unavailable(self, exc: BaseException) -> bool:
         """Return whether ``exc`` means the store is unavailable."""
@@ -79,6 +84,9 @@ class StoreHealth:
             )
         if request:
             self.failed_requests += 1
+            self.total_failed_requests += 1
+        else:
+            self.background_failures += 1
 
     def succeeded(self) -> None:
         """Record that the store answered; ends an outage (writing its closing line)."""

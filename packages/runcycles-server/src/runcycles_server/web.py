@@ -30,6 +30,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -42,6 +43,7 @@ from runcycles_server.events.context import CURRENT as _event_context
 from runcycles_server.events.context import EventContext, set_actor
 from runcycles_server.health import RETRY_AFTER_S, StoreHealth
 from runcycles_server.ledger import ApiKeyRow, LedgerError
+from runcycles_server.metrics import Metrics
 from runcycles_server.query import check_body_ids
 from runcycles_server.ratelimit import RATE_LIMIT_STATE_KEY, TokenBucketLimiter
 from runcycles_server.stores.base import Store
@@ -116,6 +118,8 @@ class ContextMiddleware:
             :func:`error_response` exactly as the app's exception handler would.
         health: recognizes a store outage: such a failure is answered ``503`` with
             ``Retry-After`` and counted (one log line per outage), not logged as a traceback.
+        metrics: counts every answered request by endpoint, method and status with its
+            ``time.perf_counter()`` duration (``None``: metrics off; nothing is timed).
     """
 
     def __init__(
@@ -123,16 +127,20 @@ class ContextMiddleware:
         app: ASGIApp,
         fast_route: FastRoute | None = None,
         health: StoreHealth | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
         self.fast_route = fast_route
         self.health = health
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the wrapped app (or a hot route's handler) with the request context set up."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        metrics = self.metrics
+        began = perf_counter() if metrics is not None else 0.0
         request_id = new_request_id()
         trace_id = trace_id_from_headers(*_trace_headers(scope))
         state = scope.get("state")
@@ -141,6 +149,8 @@ class ContextMiddleware:
         state["request_id"] = request_id
         state["trace_id"] = trace_id
         started = False
+        status = 500
+        handler: Callable[[Request], Awaitable[Response]] | None = None
 
         def context_headers() -> list[tuple[bytes, bytes]]:
             extra = [
@@ -156,9 +166,10 @@ class ContextMiddleware:
             return extra
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), *context_headers()]
             await send(message)
 
@@ -181,10 +192,11 @@ class ContextMiddleware:
             except LedgerError as exc:
                 response = error_response(request, exc)
             started = True
+            status = response.status_code
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
+                    "status": status,
                     "headers": [*response.raw_headers, *context_headers()],
                 }
             )
@@ -237,6 +249,9 @@ class ContextMiddleware:
             await send_with_headers({"type": "http.response.body", "body": body})
         finally:
             _event_context.reset(token)
+            if metrics is not None:  # the route the router matched, if it was not a hot one
+                endpoint = handler if handler is not None else scope.get("endpoint")
+                metrics.observe(endpoint, scope["method"], status, perf_counter() - began)
 
 
 def request_ids(request: Request) -> tuple[str, str]:
@@ -549,8 +564,22 @@ class Authenticator:
             )
         if not secret:
             raise LedgerError("UNAUTHORIZED", "missing X-Admin-API-Key header")
+        return self.admin_secret(secret, "X-Admin-API-Key")
+
+    def admin_secret(self, secret: str, sent_as: str = "the admin key") -> Principal:
+        """Authenticate an admin key secret however it was sent (``sent_as`` names it).
+
+        Raises:
+            LedgerError: UNAUTHORIZED (401).
+        """
+        if self._admin_key is None:
+            raise LedgerError(
+                "UNAUTHORIZED",
+                "the admin API is disabled on this server; start it with --admin-key or "
+                "CYCLES_ADMIN_API_KEY",
+            )
         if not hmac.compare_digest(secret.encode(), self._admin_key):
-            raise LedgerError("UNAUTHORIZED", "X-Admin-API-Key is not valid")
+            raise LedgerError("UNAUTHORIZED", f"{sent_as} is not valid")
         set_actor("admin")
         return Principal(None)
 

@@ -455,6 +455,18 @@ class RetentionPurger(Protocol):
         """
 
 
+@runtime_checkable
+class ActiveCounter(Protocol):
+    """Optional store capability: count the ACTIVE reservations of every tenant.
+
+    Read at scrape time by :mod:`runcycles_server.metrics` (``cycles_reservations_active``),
+    never on the request path.
+    """
+
+    async def count_active_reservations(self) -> int:
+        """Return how many reservations are ACTIVE now (all tenants)."""
+
+
 class OperationStore(ABC):
     """Implements the ledger methods of :class:`Store` once, as :mod:`.operations` run by ``run``.
 

@@ -273,6 +273,10 @@ class MemoryStore(RowStore):
             cursor,
         )
 
+    async def count_active_reservations(self) -> int:
+        """See :class:`~runcycles_server.stores.base.ActiveCounter`."""
+        return sum(1 for r in self.reservations.values() if r.status == "ACTIVE")
+
     async def list_budgets(
         self,
         tenant_id: str | None,

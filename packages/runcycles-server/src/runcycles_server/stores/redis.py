@@ -184,6 +184,8 @@ EVENT_SCAN_MAX: Final = 5_000
 SWEEP_MAX_SCAN: Final = 50_000
 """Most due-index entries one :meth:`RedisStore.expire_due` call examines."""
 CLOSE_BATCH: Final = 200
+COUNT_BATCH: Final = 500
+"""Tenants per pipeline when :meth:`RedisStore.count_active_reservations` sums their indexes."""
 DEFAULT_TIMEOUT_S: Final = 2.0
 """Longest wait for one Redis reply, a connection, or a free pooled connection (seconds)."""
 UNAVAILABLE_ERRORS: Final[tuple[type[Exception], ...]] = (
@@ -1638,6 +1640,26 @@ class RedisStore(OperationStore):
     async def _tenants(self, ids: list[str]) -> list[TenantRow | None]:
         raws = await self._hget_many([self._k.tenant(t) for t in ids])
         return [None if raw is None else _dec(TenantRow, raw) for raw in raws]
+
+    async def count_active_reservations(self) -> int:
+        """See :class:`~runcycles_server.stores.base.ActiveCounter`.
+
+        Sums ``ZCARD`` of every tenant's ``x:active`` index (tenants read from the global
+        tenant index in pages of :data:`COUNT_BATCH`, one pipeline per page).
+        """
+        total = 0
+        start = 0
+        while True:
+            ids = await self._redis.zrange(self._k.tenants, start, start + COUNT_BATCH - 1)
+            if not ids:
+                return total
+            pipe = self._redis.pipeline(transaction=False)
+            for raw in ids:
+                pipe.zcard(self._k.x_active(raw.decode()))
+            total += sum(int(n) for n in await pipe.execute())
+            if len(ids) < COUNT_BATCH:
+                return total
+            start += COUNT_BATCH
 
     async def list_tenants(
         self, status: str | None, limit: int, cursor: str | None

@@ -1132,6 +1132,13 @@ class SqliteStore(RowStore):
         )
         return self._page_budgets(" AND ".join(where), args, limit, cursor, keep)
 
+    async def count_active_reservations(self) -> int:
+        """See :class:`~runcycles_server.stores.base.ActiveCounter` (the partial due index)."""
+        row = self._conn.execute(
+            "SELECT COUNT(*) FROM reservations WHERE status = 'ACTIVE'"
+        ).fetchone()
+        return int(row[0])
+
     async def list_tenants(
         self, status: str | None, limit: int, cursor: str | None
     ) -> Page[TenantRow]:
