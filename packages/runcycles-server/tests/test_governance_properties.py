@@ -8,18 +8,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runcycles.models import Action, Subject
+from runcycles_server.errors import LedgerError
 from runcycles_server.governance import (
     Admission,
     CounterRow,
     Denial,
+    PolicyRow,
     Registry,
     calendar_bucket,
     evaluate,
     matches,
     policy_from_create,
     release_per_run,
+    select_policy,
+    subject_scopes,
     validate_scope_pattern,
 )
+from runcycles_server.governance.evaluate import prepare, prepare_uncached
 
 START = int(datetime(2026, 4, 9, 23, 30, tzinfo=timezone.utc).timestamp() * 1000)
 REG = Registry()
@@ -142,3 +147,70 @@ def test_pattern_matching_agrees_with_the_naive_definition(case: tuple[str, str]
     pattern, scope = case
     validate_scope_pattern(pattern, "acme")
     assert matches(pattern, scope) is reference_matches(pattern, scope)
+
+
+MEMO_POLICIES = [
+    POLICY,
+    policy_from_create(
+        "acme",
+        {
+            "name": "q",
+            "scope_pattern": "tenant:acme/*",
+            "denied_action_kinds": ["payment.charge"],
+            "action_quotas": [
+                {
+                    "action_kind": "message.email.send",
+                    "max_calls": 4,
+                    "window": "per_minute_tumbling",
+                    "host_allowlist": ["API.example.com"],
+                },
+                {"action_kind": "llm.completion", "max_calls": 9, "window": "per_day_tumbling"},
+                {"action_kind": "llm.completion", "max_calls": 9, "window": "per_tenant_per_day"},
+            ],
+            "risk_class_quotas": [
+                {"risk_class": "side_effect", "max_calls": 2, "window": "per_hour_tumbling"}
+            ],
+        },
+        policy_id="pol2",
+        now_ms=START,
+        registry=REG,
+    ),
+    None,
+]
+KINDS = ["message.email.send", "http.request", "llm.completion", "payment.charge", "x.unknown"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(MEMO_POLICIES),
+            st.sampled_from(KINDS),
+            st.sampled_from([None, "api.example.com", "API.EXAMPLE.com", "other.org"]),
+            st.sampled_from([None, "bot", "Bot"]),
+            st.sampled_from([None, "r1", "r2"]),
+            st.integers(0, 3 * 24 * 3600 * 1000),
+        ),
+        max_size=25,
+    )
+)
+def test_the_memoized_prepare_answers_as_the_plain_computation(
+    calls: list[tuple[PolicyRow | None, str, str | None, str | None, str | None, int]],
+) -> None:
+    """The memo of ``prepare`` (by policy, kind, keys, subject and minute) changes nothing."""
+    for candidate, kind, host, agent, run, offset in calls:
+        keys = {"host": host} if host is not None else None
+        action = Action.model_validate({"kind": kind, "name": "x", "policy_keys": keys})
+        dims = {"run_id": run} if run is not None else None
+        subject = Subject(tenant="acme", agent=agent, dimensions=dims)
+        now = START + offset
+        policies = [candidate] if candidate is not None else []
+        policy = select_policy(policies, subject_scopes(subject), now)
+        for at in (now, now + 1, now + 59_999):  # memo hits in the minute, misses across it
+            outcomes: list[object] = []
+            for compute in (prepare, prepare_uncached):
+                try:
+                    outcomes.append(compute(policy, action, subject, at, REG))
+                except LedgerError as exc:
+                    outcomes.append(("error", exc.code, exc.message))
+            assert outcomes[0] == outcomes[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timezone
 
+import orjson
 import pytest
 
 from runcycles.testing.spec import ACTION_KINDS_SPEC, schema_validator
@@ -128,6 +129,33 @@ def test_rows_round_trip_exactly():
         assert CounterRow.from_json(row.to_json()) == row
     with pytest.raises(ValueError, match="not a stored quota counter"):
         CounterRow.from_json(b"{}")
+    with pytest.raises(ValueError, match="not a stored quota counter"):
+        CounterRow.from_json(b"[3, 1]")
+
+
+def test_rows_stored_in_the_first_storage_form_still_read():
+    """Version 1 stored a JSON object (databases and Redis written before version 2)."""
+    for row in (ROW, RUN):
+        key = row.key
+        v1 = {
+            "v": 1,
+            "policy_id": key.policy_id,
+            "action_kind": key.action_kind,
+            "risk_class": key.risk_class,
+            "window": key.window,
+            "bucket": key.bucket,
+            "scope": key.scope,
+            "rule": key.rule,
+            "bucket_start_ms": key.bucket_start_ms,
+            "count": row.count,
+            "expires_at_ms": row.expires_at_ms,
+            "updated_at_ms": row.updated_at_ms,
+            "incremented_at_ms": row.incremented_at_ms,
+            "ttl_ms": row.ttl_ms,
+            "fired_pcts": list(row.fired_pcts),
+        }
+        assert CounterRow.from_json(orjson.dumps(v1)) == row
+        assert CounterRow.from_json(orjson.dumps(v1).decode()) == row
 
 
 def test_an_expired_row_counts_zero():

@@ -407,7 +407,7 @@ def test_a_store_error_mid_commit_leaves_no_partial_state(
     assert post(api, acme, reservation("ok", "web.search")).status_code == 200
     before = (api.balance(acme, "tenant:acme"), counters(api, store))
 
-    def broken(tenant_id: str, rows: Any) -> None:
+    def broken(tenant_id: str, rows: Any, read: Any) -> None:
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(store, "_put_counters", broken)  # fails after the balance is written

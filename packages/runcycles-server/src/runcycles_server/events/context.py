@@ -10,7 +10,7 @@ Background work (the expiry sweep) has no context: its events are the ``system``
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 SYSTEM_SOURCE = "cycles-server"
 
@@ -39,4 +39,5 @@ def current_context() -> EventContext:
 
 def set_actor(actor_type: str, key_id: str | None = None) -> None:
     """Record who the authenticated caller is, for the rest of the request."""
-    _current.set(replace(_current.get(), actor_type=actor_type, key_id=key_id))
+    now = _current.get()  # built directly: dataclasses.replace costs several times more
+    _current.set(EventContext(now.request_id, now.trace_id, actor_type, key_id, now.source_ip))

@@ -49,7 +49,7 @@ from runcycles_server.governance.quotas import (
 )
 from runcycles_server.governance.registry import Registry
 from runcycles_server.governance.scopes import matching_scope, subject_scopes, tenant_root
-from runcycles_server.governance.timestamps import iso
+from runcycles_server.governance.timestamps import MINUTE_MS, iso
 
 __all__ = [
     "Admission",
@@ -60,6 +60,7 @@ __all__ = [
     "effective_observe_mode",
     "evaluate",
     "prepare",
+    "prepare_uncached",
     "release_per_run",
 ]
 
@@ -258,10 +259,74 @@ def prepare(
 ) -> Prepared:
     """Check the kind, run step 1 and find the quota rules that apply (see :class:`Prepared`).
 
+    Memoized: what this works out depends only on the policy (a stored row is decoded once,
+    so the same object comes back until it changes), the registry, the action's kind and
+    policy keys, the subject's scope fields and run id, and the UTC minute (every calendar
+    bucket starts on a minute). The result for ``now_ms`` is the cached one with ``now_ms``
+    set; :func:`prepare_uncached` is the plain computation, which a test compares it with.
+
     Raises:
         LedgerError: ``INVALID_REQUEST`` as :func:`evaluate`.
     """
+    if policy is None:  # only the kind is checked
+        cache_key: tuple[object, ...] = (id(registry), action.kind)
+    else:
+        keys = action.policy_keys
+        cache_key = (
+            id(policy),
+            id(registry),
+            action.kind,
+            None if keys is None else (keys.host, keys.recipient_domain, keys.resource_type),
+            subject.tenant,
+            subject.workspace,
+            subject.app,
+            subject.workflow,
+            subject.agent,
+            subject.toolset,
+            (subject.dimensions or {}).get("run_id"),
+            now_ms // MINUTE_MS,
+        )
+    hit = _PREPARED.get(cache_key)
+    if hit is not None and hit.policy is policy and hit.registry is registry:
+        done = hit.prepared
+    else:
+        done = _prepare(policy, action, subject, now_ms, registry)
+        if len(_PREPARED) >= _PREPARED_MAX:
+            _PREPARED.clear()
+        _PREPARED[cache_key] = _Memo(policy, registry, done)
+    return Prepared(
+        done.policy,
+        done.kind,
+        done.risk_class,
+        now_ms,
+        done.scope,
+        done.denial,
+        done.risk_checks,
+        done.kind_checks,
+    )
+
+
+def prepare_uncached(
+    policy: PolicyRow | None,
+    action: Action,
+    subject: Subject,
+    now_ms: int,
+    registry: Registry,
+) -> Prepared:
+    """:func:`prepare` without its memo (the reference a test compares the memo with)."""
     return _prepare(policy, action, subject, now_ms, registry)
+
+
+class _Memo(NamedTuple):
+    """A memoized :func:`prepare`: the objects its key names by ``id`` (kept alive, checked)."""
+
+    policy: PolicyRow | None
+    registry: Registry
+    prepared: Prepared
+
+
+_PREPARED_MAX: Final = 4096
+_PREPARED: dict[tuple[object, ...], _Memo] = {}
 
 
 def counters_needed(
@@ -276,7 +341,7 @@ def counters_needed(
     Raises:
         LedgerError: ``INVALID_REQUEST`` as :func:`evaluate`.
     """
-    return _prepare(policy, action, subject, now_ms, registry).counter_keys
+    return prepare(policy, action, subject, now_ms, registry).counter_keys
 
 
 def evaluate(
@@ -296,7 +361,7 @@ def evaluate(
         LedgerError: ``INVALID_REQUEST`` for a malformed or undeclared custom kind, or a
             ``per_run`` quota that applies to a subject without ``dimensions.run_id``.
     """
-    return _prepare(policy, action, subject, now_ms, registry).evaluate(counters)
+    return prepare(policy, action, subject, now_ms, registry).evaluate(counters)
 
 
 def release_per_run(

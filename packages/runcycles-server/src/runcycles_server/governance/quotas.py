@@ -66,7 +66,7 @@ _BUCKET_FORMAT: Final = {
     ActionQuotaWindow.PER_DAY_TUMBLING.value: "%Y-%m-%d",
     TENANT_DAY: "%Y-%m-%d",
 }
-_STORAGE_VERSION: Final = 1
+_STORAGE_VERSION: Final = 2
 
 
 def correlation_id(kind: str, *parts: str) -> str:
@@ -186,37 +186,52 @@ class CounterRow:
         return self.count if now_ms < self.expires_at_ms else 0
 
     def to_json(self) -> bytes:
-        """Return the storage form (read back exactly by :meth:`from_json`)."""
+        """Return the storage form (read back exactly by :meth:`from_json`).
+
+        A JSON array, the moving fields first and the key's fields last: every reservation a
+        quota counts reads and writes its counters, and an array is cheaper both ways than an
+        object, and lets :meth:`from_json` reuse the (immutable) key of a row it has seen.
+        """
         key = self.key
-        data: dict[str, Any] = {
-            "v": _STORAGE_VERSION,
-            "policy_id": key.policy_id,
-            "action_kind": key.action_kind,
-            "risk_class": key.risk_class,
-            "window": key.window,
-            "bucket": key.bucket,
-            "scope": key.scope,
-            "rule": key.rule,
-            "bucket_start_ms": key.bucket_start_ms,
-            "count": self.count,
-            "expires_at_ms": self.expires_at_ms,
-            "updated_at_ms": self.updated_at_ms,
-            "incremented_at_ms": self.incremented_at_ms,
-            "ttl_ms": self.ttl_ms,
-            "fired_pcts": list(self.fired_pcts),
-        }
-        return orjson.dumps(data)
+        return orjson.dumps(
+            [
+                _STORAGE_VERSION,
+                self.count,
+                self.expires_at_ms,
+                self.updated_at_ms,
+                self.incremented_at_ms,
+                self.ttl_ms,
+                self.fired_pcts,
+                key.policy_id,
+                key.action_kind,
+                key.risk_class,
+                key.window,
+                key.bucket,
+                key.scope,
+                key.rule,
+                key.bucket_start_ms,
+            ]
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> CounterRow:
-        """Return the row :meth:`to_json` stored.
+        """Return the row :meth:`to_json` stored (or the object form of storage version 1).
 
         Raises:
             ValueError: ``raw`` is not a stored counter of a version this code reads.
         """
         data = orjson.loads(raw)
-        if not isinstance(data, dict) or data.get("v") != _STORAGE_VERSION:
-            raise ValueError("not a stored quota counter (version 1)")
+        if isinstance(data, list) and len(data) == 15 and data[0] == _STORAGE_VERSION:
+            fields = tuple(data[7:])
+            key = _KEYS.get(fields)
+            if key is None:
+                key = CounterKey(*fields)
+                if len(_KEYS) >= _KEYS_MAX:
+                    _KEYS.clear()
+                _KEYS[fields] = key
+            return cls(key, data[1], data[2], data[3], data[4], data[5], tuple(data[6]))
+        if not isinstance(data, dict) or data.get("v") != 1:
+            raise ValueError(f"not a stored quota counter (version 1 or {_STORAGE_VERSION})")
         key = CounterKey(
             policy_id=data["policy_id"],
             action_kind=data["action_kind"],
@@ -236,6 +251,11 @@ class CounterRow:
             ttl_ms=data["ttl_ms"],
             fired_pcts=tuple(data["fired_pcts"]),
         )
+
+
+_KEYS_MAX: Final = 16_384
+_KEYS: dict[tuple[Any, ...], CounterKey] = {}
+"""Keys of the counter rows read lately, by their stored fields (keys are immutable)."""
 
 
 def counter_matches_filters(

@@ -30,7 +30,7 @@ import asyncio
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -649,7 +649,7 @@ class _RowTxn:
     The primitives are bound once per transaction (no extra call layer on the hot path).
     """
 
-    __slots__ = ("_read", "_s", "now", "policies", "reservation", "tenant")
+    __slots__ = ("_counters", "_read", "_s", "now", "policies", "reservation", "tenant")
 
     def __init__(self, store: RowStore, now: int) -> None:
         self._s = store
@@ -658,6 +658,7 @@ class _RowTxn:
         self.reservation = store._get_reservation
         self.policies = store._get_policies
         self._read: dict[tuple[str, str], BudgetRow] = {}
+        self._counters: dict[str, CounterRow] = {}
 
     def budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
         rows = self._s._get_budgets(scopes)
@@ -676,7 +677,9 @@ class _RowTxn:
         self._read.clear()  # written: no longer the stored state
         if outcome.counters:
             assert outcome.reservation is not None  # counters move with a reservation
-            self._s._put_counters(outcome.reservation.tenant_id, outcome.counters)
+            tenant_id = outcome.reservation.tenant_id
+            self._s._put_counters(tenant_id, outcome.counters, self._counters)
+        self._counters = {}
         if outcome.events:
             self._s._put_events(outcome.events)
 
@@ -684,11 +687,14 @@ class _RowTxn:
         self._s._put_policy(row, insert=new)
 
     def counters(self, tenant_id: str, names: Sequence[str]) -> dict[str, CounterRow]:
-        return self._s._get_counters(tenant_id, names) if names else {}
+        found = self._s._get_counters(tenant_id, names) if names else {}
+        self._counters = found  # what this operation's write replaces (see _put_counters)
+        return found
 
     def put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None:
         if rows:
-            self._s._put_counters(tenant_id, rows)
+            self._s._put_counters(tenant_id, rows, self._counters)
+        self._counters = {}
 
     def idem(self, tenant_id: str, endpoint: str, key: str) -> IdempotencyRow | None:
         idem = self._s._get_idem(tenant_id, endpoint, key)
@@ -819,7 +825,14 @@ class RowStore(OperationStore):
     def _get_counters(self, tenant_id: str, names: Sequence[str]) -> dict[str, CounterRow]: ...
 
     @abstractmethod
-    def _put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None: ...
+    def _put_counters(
+        self, tenant_id: str, rows: Sequence[CounterRow], read: Mapping[str, CounterRow]
+    ) -> None:
+        """Write counter rows.
+
+        ``read`` holds the rows of those names this operation read in this transaction: the
+        stored state the write replaces (a store may write less for them).
+        """
 
     @abstractmethod
     def _live_counters(self, tenant_id: str, now_ms: int) -> list[CounterRow]:

@@ -8,7 +8,7 @@ Rows are copied in and out, so callers can never alias the stored state. One pro
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
@@ -123,7 +123,9 @@ class MemoryStore(RowStore):
         found = (self.counters.get((tenant_id, name)) for name in names)
         return {row.name: row for row in found if row is not None}
 
-    def _put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None:
+    def _put_counters(
+        self, tenant_id: str, rows: Sequence[CounterRow], read: Mapping[str, CounterRow]
+    ) -> None:
         for row in rows:
             self.counters[(tenant_id, row.name)] = row
 

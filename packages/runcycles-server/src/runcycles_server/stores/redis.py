@@ -480,6 +480,8 @@ class _Work:
     def tenant(self, tenant_id: str) -> TenantRow | None:
         self._own(tenant_id)
         row: TenantRow | None = self._get(self.k.tenant(self.tenant_id), _D, _dec_tenant)
+        if row is not None and row.policy_count == 0 and self.seen_policies is None:
+            self.seen_policies = []  # known to have none: later batches skip reading them
         return row  # shared within the batch: callers copy before changing it
 
     def budgets(self, scopes: Sequence[str]) -> list[BudgetRow]:
@@ -1150,8 +1152,9 @@ class RedisStore(OperationStore):
             keys.append(self._k.idem(tenant, *op.idem))
         keys += self._scope_keys(tenant, op.scopes)
         if op.governed:
-            keys.append(self._k.policies(tenant))
             seen = self._policies_seen.get(tenant)
+            if seen is None or seen:  # not when the tenant is known to have none (a tenant
+                keys.append(self._k.policies(tenant))  # that gained one reads them on demand)
             if seen and op.counter_hint is not None:
                 keys += [self._k.counter(tenant, n) for n in op.counter_hint(seen, self.clock())]
         return await self._submit(tenant, keys, op.plan)

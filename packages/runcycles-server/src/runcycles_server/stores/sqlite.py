@@ -36,7 +36,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -71,6 +71,10 @@ from runcycles_server.stores.base import (
 )
 
 SCHEMA_VERSION: Final = 5
+_UPSERT_COUNTER: Final = (
+    "INSERT INTO quota_counters (tenant_id, name, expires_at_ms, body) VALUES (?,?,?,?) "
+    "ON CONFLICT (tenant_id, name) DO UPDATE"
+)
 CHECKPOINT_EVERY_COMMITS: Final = 1000
 """Write transactions between two background WAL checkpoints (see :class:`SqliteStore`)."""
 AUTOCHECKPOINT_PAGES: Final = 20_000
@@ -834,12 +838,25 @@ class SqliteStore(RowStore):
         counters = (CounterRow.from_json(r[0]) for r in rows)
         return {c.name: c for c in counters}
 
-    def _put_counters(self, tenant_id: str, rows: Sequence[CounterRow]) -> None:
-        self._conn.executemany(
-            "INSERT OR REPLACE INTO quota_counters (tenant_id, name, expires_at_ms, body) "
-            "VALUES (?,?,?,?)",
-            [(tenant_id, c.name, c.expires_at_ms, c.to_json()) for c in rows],
-        )
+    def _put_counters(
+        self, tenant_id: str, rows: Sequence[CounterRow], read: Mapping[str, CounterRow]
+    ) -> None:
+        # A counter whose expiry stays (a calendar bucket's, every increment in its window)
+        # updates its body only, leaving the expiry index alone: about half the work.
+        same: list[tuple[str, str, int, bytes]] = []
+        moved: list[tuple[str, str, int, bytes]] = []
+        for c in rows:
+            old = read.get(c.name)
+            stays = old is not None and old.expires_at_ms == c.expires_at_ms
+            (same if stays else moved).append((tenant_id, c.name, c.expires_at_ms, c.to_json()))
+        if same:
+            self._conn.executemany(_UPSERT_COUNTER + " SET body = excluded.body", same)
+        if moved:
+            self._conn.executemany(
+                _UPSERT_COUNTER
+                + " SET expires_at_ms = excluded.expires_at_ms, body = excluded.body",
+                moved,
+            )
 
     def _live_counters(self, tenant_id: str, now_ms: int) -> list[CounterRow]:
         rows = self._conn.execute(
