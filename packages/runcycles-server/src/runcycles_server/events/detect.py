@@ -12,6 +12,7 @@ goes from ``t`` or above to below ``t``; a budget that falls back and rises agai
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -85,7 +86,9 @@ def budget_transitions(
         if new.allocated > 0 and prev.allocated > 0:
             was = (prev.spent + prev.reserved) / prev.allocated
             now = (new.spent + new.reserved) / new.allocated
-            if was != now and any(min(was, now) < t <= max(was, now) for t in ordered):
+            low, high = (was, now) if was < now else (now, was)
+            first_above = bisect.bisect_right(ordered, low)  # thresholds are sorted
+            if was != now and first_above < len(ordered) and ordered[first_above] <= high:
                 found += _threshold_crossings(prev, new, ordered)
         if prev.remaining > 0 >= new.remaining:
             data = {**_amounts(new), "utilization": utilization(new), "direction": "rising"}

@@ -22,6 +22,7 @@ with or without a policy, and so is a missing ``subject.dimensions.run_id`` when
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, NamedTuple
@@ -232,7 +233,7 @@ class Prepared:
             return self.denial
         policy = self.policy
         if policy is None:
-            return Admission(policy=None, scope=None, risk_class=self.risk_class)
+            return _ungoverned(self.risk_class)
         now_ms = self.now_ms
 
         def used(check: _Check) -> int:
@@ -315,6 +316,12 @@ def prepare_uncached(
 ) -> Prepared:
     """:func:`prepare` without its memo (the reference a test compares the memo with)."""
     return _prepare(policy, action, subject, now_ms, registry)
+
+
+@functools.cache
+def _ungoverned(risk_class: str) -> Admission:
+    """The admission of a request no policy governs (frozen: one per risk class, shared)."""
+    return Admission(policy=None, scope=None, risk_class=risk_class)
 
 
 class _Memo(NamedTuple):
