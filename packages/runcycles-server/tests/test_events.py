@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
+from runcycles_server.governance import deny_correlation_id
 
 if TYPE_CHECKING:
     from conftest import Api, FakeClock
@@ -186,3 +187,91 @@ def test_pages_filters_and_the_tenant_route(api: Api) -> None:
         "/v1/events", params={"category": "policy"}, headers={"X-Cycles-API-Key": reader}
     )
     assert bad.status_code == 400
+
+
+# --------------------------------------------------------------------------------------------
+# The v0.1.26 extensions' events: observe mode and quotas
+
+
+def policy(api: Api, **fields: Any) -> dict[str, Any]:
+    body = {"tenant_id": "acme", "name": "p", "scope_pattern": "tenant:acme/*", **fields}
+    created: dict[str, Any] = api.admin("POST", "/v1/admin/policies", 201, json=body)
+    return created
+
+
+def test_observe_mode_records_the_would_be_decision_as_an_event(api: Api) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1_000)
+    policy(api, denied_action_kinds=["payment.charge"])
+    denied = reserve(
+        api, key, "o1", 10, observe_mode="OBSERVE", action={"kind": "payment.charge", "name": "x"}
+    ).json()
+    assert denied["decision"] == "DENY"
+    assert "reservation_id" not in denied
+    enforced = reserve(api, key, "e1", 10, action={"kind": "payment.charge", "name": "x"})
+    assert enforced.status_code == 409
+    allowed = reserve(
+        api, key, "o2", 10, observe_mode="OBSERVE", subject={"tenant": "acme", "agent": "bot",
+                                                              "dimensions": {"run_id": "run-7"}},
+    ).json()  # fmt: skip
+    assert allowed["decision"] == "ALLOW"
+    reserve(api, key, "o3", 10, observe_mode="OBSERVE")  # no run id: no correlation
+
+    (shadow,) = events(api, event_type="reservation.observed_denied")
+    assert shadow["category"] == "reservation"
+    data = shadow["data"]
+    assert data["observe_mode"] == "OBSERVE"
+    assert data["deny_detail"]["reason_code"] == "ACTION_KIND_DENIED"
+    assert data["would_have_blocked_at"] == data["deny_detail"]["blocked_by_scope"]
+    assert data["action"]["kind"] == "payment.charge"
+    assert data["estimated_amount"] == 10
+    # joins the enforced denial of the same cause (its deny_detail gives the same hash)
+    detail = enforced.json()["details"]["deny_detail"]
+    assert shadow["correlation_id"] == deny_correlation_id("acme", "payment.charge", detail)
+    with_run, without_run = events(api, event_type="reservation.observed_allowed")
+    assert with_run["data"]["decision"] == "ALLOW"
+    assert with_run["data"]["subject"]["dimensions"] == {"run_id": "run-7"}
+    assert with_run["correlation_id"].startswith("observed:")
+    assert "correlation_id" not in without_run or without_run["correlation_id"] is None
+    # nothing moved: no reservation, no balance change, no budget event
+    assert events(api, event_type="budget.threshold_crossed") == []
+
+
+def test_quota_threshold_approaching_fires_once_per_window_and_reset_records_an_event(
+    api: Api,
+) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1_000_000)
+    quota = {"action_kind": "llm.completion", "max_calls": 5, "window": "per_day_tumbling",
+             "threshold_pct": 0.6}  # fmt: skip
+    created = policy(api, action_quotas=[quota])
+    for i in range(5):
+        assert reserve(api, key, f"q{i}", 1).status_code == 200
+    (approaching,) = events(api, event_type="quota.threshold_approaching")
+    assert approaching["category"] == "policy"
+    data = approaching["data"]
+    assert (data["used"], data["limit"], data["threshold_pct"]) == (3, 5, 0.6)
+    assert data["action_kind"] == "llm.completion"
+    assert data["window"] == "per_day_tumbling"
+    assert data["policy_id"] == created["policy_id"]
+    assert data["scope"] == "tenant:acme/agent:bot"
+    # observe mode moves no counter and records no threshold event
+    reserve(api, key, "obs", 1, observe_mode="OBSERVE")
+    assert len(events(api, event_type="quota.threshold_approaching")) == 1
+
+    reset = {"tenant_id": "acme", "scope": data["scope"], "action_kind": "llm.completion",
+             "window": "per_day_tumbling", "window_key": data["window_key"],
+             "reason": "double count"}  # fmt: skip
+    api.admin("POST", "/v1/admin/action-quota-counters/reset", 200, json=reset)
+    (done,) = events(api, event_type="quota.counter_reset")
+    assert done["data"]["previous_used"] == 5
+    assert done["data"]["reason"] == "double count"
+    assert done["data"]["window_key"] == data["window_key"]
+    assert done["data"]["actor_id"]
+    assert done["actor"]["type"] == "admin"
+    assert done["correlation_id"] == approaching["correlation_id"]
+    # counting again after the reset crosses the threshold again in the same window, which
+    # the spec's emission rules report once per window instance: nothing new
+    for i in range(3):
+        assert reserve(api, key, f"again{i}", 1).status_code == 200
+    assert len(events(api, event_type="quota.threshold_approaching")) == 1

@@ -185,7 +185,8 @@ def test_counter_state_body_matches_the_spec():
 def test_reset_keeps_calendar_ttl_and_refreshes_a_runs():
     now = ms(2026, 4, 9, 14, 45)
     reset = reset_counter(ROW, now)
-    assert (reset.count, reset.expires_at_ms, reset.fired_pcts) == (0, ROW.expires_at_ms, ())
+    # the window instance stays the same: its reported thresholds stay reported
+    assert (reset.count, reset.expires_at_ms, reset.fired_pcts) == (0, ROW.expires_at_ms, (0.5,))
     run = reset_counter(RUN, now)
     assert run.count == 0
     assert run.expires_at_ms == now + 86_400_000

@@ -70,7 +70,7 @@ from runcycles.models import (
 from runcycles_server import governance
 from runcycles_server.errors import STATUS_BY_CODE as STATUS_BY_CODE
 from runcycles_server.errors import LedgerError as LedgerError
-from runcycles_server.events import EventRecord
+from runcycles_server.events import NO_CORRELATION, Detected, EventRecord
 from runcycles_server.governance import (
     Admission,
     CounterRow,
@@ -80,6 +80,7 @@ from runcycles_server.governance import (
     TtlOverride,
     caps_body,
 )
+from runcycles_server.governance.quotas import correlation_id
 from runcycles_server.governance.scopes import subject_scopes
 
 INT64_MIN: Final = -(2**63)
@@ -281,6 +282,8 @@ class Outcome:
         counters: new state of the quota counters that changed, all of the tenant of
             ``reservation`` (counted by a reservation, given back by its release or expiry).
         events: the events this change causes (written with it, see :mod:`.events`).
+        signals: events the plan itself names (an observe-mode decision, a quota threshold
+            approached), which the operation records in :attr:`events` with the rest.
     """
 
     status_code: int
@@ -292,6 +295,7 @@ class Outcome:
     audit: AuditRow | None = None
     counters: list[CounterRow] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
+    signals: list[Detected] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -944,10 +948,11 @@ def plan_reserve(
             body["balances"] = [balance_body(row) for row in ev.budgeted]
         raw = dumps(body)
         idem = _idem(tenant_id, "reserve", key, request_hash, 200, raw, now_ms, RETAIN_DECIDE_MS)
-        audit = None
-        if observe and audit_id is not None:
-            audit = _observed(audit_id(), tenant_id, request, body, now_ms)
-        return Outcome(200, raw, idempotency=idem, audit=audit)
+        if not observe or audit_id is None:
+            return Outcome(200, raw, idempotency=idem)
+        audit = _observed(audit_id(), tenant_id, request, body, now_ms)
+        signal = _observed_event(tenant_id, request, audit)
+        return Outcome(200, raw, idempotency=idem, audit=audit, signals=[signal])
 
     if ev.reason is not None:
         details = {"deny_detail": ev.deny_detail}
@@ -1020,9 +1025,43 @@ def plan_reserve(
         max(ttl_ms + grace_ms, RETAIN_RESERVE_MIN_MS), reservation_id,
     )  # fmt: skip
     counters = list(admitted.counters) if admitted is not None else []
+    signals = [
+        Detected(
+            "quota.threshold_approaching",
+            crossing.key.scope,
+            crossing.event_data(tenant_id),
+            crossing.correlation_id(tenant_id),
+        )
+        for crossing in (admitted.thresholds if admitted is not None else ())
+    ]
     return Outcome(
-        200, raw, budgets=new_rows, reservation=reservation, idempotency=idem, counters=counters
-    )
+        200, raw, budgets=new_rows, reservation=reservation, idempotency=idem,
+        counters=counters, signals=signals,
+    )  # fmt: skip
+
+
+def _observed_event(tenant_id: str, request: ReservationCreateRequest, audit: AuditRow) -> Detected:
+    """The ``reservation.observed_denied`` / ``observed_allowed`` event of an observe mode.
+
+    The audit entry's payload, with the correlation id its type defines: a denial's joins the
+    enforced denials; an allowance's groups one run (none without a run id).
+    """
+    details = dict(audit.details or {})
+    scope = str(details["scope"])
+    if audit.operation == "reservation.observed_denied":
+        correlation = governance.deny_correlation_id(
+            tenant_id, request.action.kind, details["deny_detail"]
+        )
+    else:
+        run_id = (request.subject.dimensions or {}).get("run_id")
+        correlation = (
+            NO_CORRELATION
+            if not run_id
+            else correlation_id("observed", tenant_id, scope, str(run_id))
+        )
+        if "caps" in details:
+            details["caps_applied"] = details.pop("caps")
+    return Detected(audit.operation, scope, details, correlation)
 
 
 def _observed(

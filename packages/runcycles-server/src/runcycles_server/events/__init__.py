@@ -21,7 +21,7 @@ delivery.
 from __future__ import annotations
 
 from runcycles_server.events.context import EventContext, current_context
-from runcycles_server.events.detect import Detected, budget_transitions
+from runcycles_server.events.detect import NO_CORRELATION, Detected, budget_transitions
 from runcycles_server.events.records import (
     CATEGORIES,
     EVENT_TYPES,
@@ -38,6 +38,7 @@ from runcycles_server.events.records import (
 __all__ = [
     "CATEGORIES",
     "EVENT_TYPES",
+    "NO_CORRELATION",
     "SOURCE",
     "SWEEPER_SOURCE",
     "Detected",

@@ -43,6 +43,13 @@ class Detected:
     event_type: str
     scope: str
     data: dict[str, Any]
+    correlation_id: str | None = None
+    """The event's own ``correlation_id`` where its type defines one (``None``: the
+    operation's); :data:`NO_CORRELATION` where its type defines one that does not apply."""
+
+
+NO_CORRELATION: Final = ""
+"""A :attr:`Detected.correlation_id` that records the event without any correlation id."""
 
 
 def utilization(row: BudgetState) -> float | None:

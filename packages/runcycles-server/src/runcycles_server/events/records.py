@@ -14,7 +14,10 @@ from runcycles_server.governance.timestamps import iso
 CATEGORIES: Final = frozenset(
     {"budget", "tenant", "api_key", "policy", "reservation", "system", "webhook"}
 )
-"""The spec's ``EventCategory`` values: an event type is ``{category}.{action}``."""
+"""The spec's ``EventCategory`` values: an event type is ``{category}.{action}``, except the
+``quota.*`` types of the v0.1.26 extensions, which add no category: theirs is ``policy``
+(quota counters are kept for the policies that declare them)."""
+_CATEGORY_OF_PREFIX: Final = {"quota": "policy"}
 
 EVENT_TYPES: Final = (
     "budget.created", "budget.updated", "budget.funded", "budget.debited", "budget.reset",
@@ -32,9 +35,11 @@ EVENT_TYPES: Final = (
     "api_key.auth_failed", "api_key.auth_failure_rate_spike", "policy.created",
     "policy.updated", "policy.deleted", "system.store_connection_lost",
     "system.store_connection_restored", "system.high_latency", "system.webhook_delivery_failed",
-    "system.webhook_test",
+    "system.webhook_test", "reservation.observed_denied", "reservation.observed_allowed",
+    "quota.threshold_approaching", "quota.counter_reset",
 )  # fmt: skip
-"""The spec's ``EventType`` values (governance admin spec, revision 0.1.25)."""
+"""The spec's ``EventType`` values (governance admin spec, revision 0.1.25) and the four of
+the protocol extensions v0.1.26 (``EventTypeExtension``: observe mode and quotas)."""
 
 _STORAGE_VERSION: Final = 1
 
@@ -64,6 +69,7 @@ def category_of(event_type: str) -> str:
         ValueError: the type's first segment is not a category of the spec.
     """
     category = event_type.partition(".")[0]
+    category = _CATEGORY_OF_PREFIX.get(category, category)
     if category not in CATEGORIES:
         raise ValueError(f"event type {event_type!r} has no known category")
     return category

@@ -58,6 +58,7 @@ __all__ = [
     "Prepared",
     "ThresholdCrossing",
     "counters_needed",
+    "deny_correlation_id",
     "effective_observe_mode",
     "evaluate",
     "prepare",
@@ -165,27 +166,33 @@ class Denial:
     action_kind: str
 
     def correlation_id(self, tenant_id: str) -> str:
-        """The ``correlation_id`` of this denial's ``reservation.(observed_)denied`` events.
-
-        A hash over (tenant, scope, action kind, window key, reason code, policy): the same
-        for the shadow and the enforced denial, so dashboards join the two streams.
-        """
-        violation = self.deny_detail.get("quota_violation") or {}
-        return correlation_id(
-            "deny",
-            tenant_id,
-            str(self.deny_detail.get("blocked_by_scope", "")),
-            self.action_kind,
-            str(violation.get("window_key", "")),
-            self.reason_code,
-            self.policy.policy_id,
-        )
+        """The ``correlation_id`` of this denial's ``reservation.(observed_)denied`` events."""
+        return deny_correlation_id(tenant_id, self.action_kind, self.deny_detail)
 
     def error(self) -> LedgerError:
         """The ``409`` of a live reservation (``details.deny_detail`` carries the detail)."""
         return LedgerError(
             self.reason_code, self.message, details={"deny_detail": dict(self.deny_detail)}
         )
+
+
+def deny_correlation_id(tenant_id: str, action_kind: str, deny_detail: Mapping[str, Any]) -> str:
+    """The ``correlation_id`` of the ``reservation.(observed_)denied`` events of a denial.
+
+    A hash over (tenant, scope, action kind, window key, reason code, policy), read from the
+    ``deny_detail``: the same for the shadow and the enforced denial, so dashboards join the
+    two streams (``EventDataObservedDenied``).
+    """
+    violation = deny_detail.get("quota_violation") or {}
+    return correlation_id(
+        "deny",
+        tenant_id,
+        str(deny_detail.get("blocked_by_scope", "")),
+        action_kind,
+        str(violation.get("window_key", "")),
+        str(deny_detail.get("reason_code", "")),
+        str(deny_detail.get("blocked_by_policy", "")),
+    )
 
 
 class _Check(NamedTuple):

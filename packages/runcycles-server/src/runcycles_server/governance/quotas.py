@@ -336,11 +336,16 @@ def counter_limit(policy: PolicyRow, key: CounterKey) -> int | None:
 
 
 def reset_counter(row: CounterRow, now_ms: int) -> CounterRow:
-    """Return ``row`` reset to 0 (RESET SEMANTICS): calendar TTL kept, a run's TTL refreshed."""
+    """Return ``row`` reset to 0 (RESET SEMANTICS): calendar TTL kept, a run's TTL refreshed.
+
+    The thresholds already reported stay reported: ``quota.threshold_approaching`` is never
+    re-emitted for a window instance whose threshold was crossed (its EMISSION RULES), and a
+    reset does not start a new window instance.
+    """
     expires = row.expires_at_ms
     if row.key.window == PER_RUN and row.ttl_ms is not None:
         expires = now_ms + row.ttl_ms
-    return replace(row, count=0, expires_at_ms=expires, updated_at_ms=now_ms, fired_pcts=())
+    return replace(row, count=0, expires_at_ms=expires, updated_at_ms=now_ms)
 
 
 def counter_state_body(row: CounterRow, max_calls: int) -> dict[str, Any]:

@@ -171,19 +171,23 @@ def _applied(
     context: EventContext | None = None,
     extra: Sequence[Detected] = (),
     correlation_id: str | None = None,
+    tenant_id: str | None = None,
 ) -> Outcome:
     """Write ``outcome`` with the events its changed budgets (and ``extra``) cause.
 
     ``context`` is the request's (captured when the operation was made); ``None`` for the
     system's own work.
     """
+    if outcome.signals:
+        extra = [*extra, *outcome.signals]
     if outcome.budgets or extra:
         found = [*budget_transitions(txn.current_budgets(outcome.budgets), outcome.budgets), *extra]
         if found:
-            tenant_id = outcome.budgets[0].tenant_id if outcome.budgets else None
             if outcome.reservation is not None:
                 tenant_id = outcome.reservation.tenant_id
-            assert tenant_id is not None
+            elif outcome.budgets:
+                tenant_id = outcome.budgets[0].tenant_id
+            assert tenant_id is not None  # else the caller names it
             outcome.events = _records(found, tenant_id, txn.now, context, correlation_id)
     txn.apply(outcome)
     return outcome
@@ -209,7 +213,11 @@ def _records(
             key_id=ctx.key_id,
             source_ip=ctx.source_ip,
             data=d.data,
-            correlation_id=correlation_id or ctx.request_id,
+            correlation_id=(
+                (d.correlation_id or None)
+                if d.correlation_id is not None
+                else correlation_id or ctx.request_id
+            ),
             request_id=ctx.request_id,
             trace_id=ctx.trace_id,
         )
@@ -340,6 +348,7 @@ def reserve(
             ),
             context,
             correlation_id=reservation_id,
+            tenant_id=tenant_id,
         )
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
@@ -801,8 +810,11 @@ def reset_counters(
 
     ``audit`` (``quota.counter_reset``) is recorded once per counter reset, its details
     completed with the counter's ``previous_used``, ``policy_id`` and ``window_key`` (the
-    ``i``-th counter's entry id is ``audit_id`` plus ``_i`` from the second one on).
+    ``i``-th counter's entry id is ``audit_id`` plus ``_i`` from the second one on), and so
+    is a ``quota.counter_reset`` event with the same payload (``EventDataQuotaCounterReset``,
+    correlated with the counter's threshold events by :meth:`CounterKey.correlation_id`).
     """
+    context = current_context()
 
     def plan(txn: Txn) -> list[tuple[CounterRow, CounterRow]]:
         found = txn.counters(tenant_id, names)
@@ -823,7 +835,10 @@ def reset_counters(
                     created_at_ms=txn.now,
                     details=details,
                 )
-                txn.apply(Outcome(200, b"", audit=entry))
+                correlation = old.key.correlation_id(tenant_id)
+                event = Detected("quota.counter_reset", old.key.scope, details, correlation)
+                events = _records([event], tenant_id, txn.now, context, None)
+                txn.apply(Outcome(200, b"", audit=entry, events=events))
         return pairs
 
     return Op(plan, tenant_id)
