@@ -308,6 +308,12 @@ class Store(GovernanceStore, Protocol):
     async def get_reservation(self, reservation_id: str) -> ReservationRow | None:
         """Return a reservation by id (any tenant; the caller checks ownership)."""
 
+    async def record_events(self, rows: Sequence[EventRecord]) -> None:
+        """Write events that no ledger change carries (detectors, aggregated refusals).
+
+        Each tenant's events are written in one transaction.
+        """
+
     async def list_events(self, query: EventQuery) -> Page[EventRecord]:
         """Return one page of events, newest first.
 
@@ -449,8 +455,9 @@ class RetentionPurger(Protocol):
         Deletes up to ``limit`` finished (COMMITTED, RELEASED or EXPIRED) reservations whose
         deadline (``expires_at + grace``, never earlier than when they finished) is more than
         ``retention_ms`` in the past, together with their idempotency records (reserve,
-        commit, release and extend replays), and up to ``limit`` event records created more
-        than ``retention_ms`` ago. ACTIVE reservations, budgets, tenants, keys and the audit
+        commit, release and extend replays), up to ``limit`` ``POST /v1/events`` records and
+        up to ``limit`` event-log entries (the event plane) created more than ``retention_ms``
+        ago. ACTIVE reservations, budgets, tenants, keys and the audit
         log are never touched.
         """
 
@@ -573,6 +580,12 @@ class OperationStore(ABC):
     async def create_tenant(self, row: TenantRow) -> tuple[TenantRow, bool]:
         """See :meth:`Store.create_tenant`."""
         return await self.run(operations.create_tenant(row))
+
+    async def record_events(self, rows: Sequence[EventRecord]) -> None:
+        """See :meth:`Store.record_events`."""
+        for tenant_id in dict.fromkeys(r.tenant_id for r in rows):
+            mine = [r for r in rows if r.tenant_id == tenant_id]
+            await self.run(operations.record_events(tenant_id, mine))
 
     async def create_budget(self, row: BudgetRow) -> BudgetRow:
         """See :meth:`Store.create_budget`."""
@@ -920,6 +933,8 @@ class RowStore(OperationStore):
                         key.revoked_reason = "tenant closed"
                         self._put_api_key(key, insert=False)
                         self.auth_epoch += 1
+                        kind = "api_key.revoked_via_tenant_cascade"
+                        self._put_events(operations.api_key_events(kind, key, "ACTIVE", txn.now))
             return row
 
     async def create_api_key(self, row: ApiKeyRow) -> ApiKeyRow:
@@ -939,6 +954,9 @@ class RowStore(OperationStore):
                 )
             row.created_at_ms = self.clock()
             self._put_api_key(row, insert=True)
+            self._put_events(
+                operations.api_key_events("api_key.created", row, None, row.created_at_ms)
+            )
             return row
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
@@ -949,10 +967,14 @@ class RowStore(OperationStore):
                 raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
             if row.status == "REVOKED":
                 raise LedgerError("KEY_REVOKED", f"API key {key_id} is already revoked")
+            previous = row.status
             row.status = "REVOKED"
             row.revoked_at_ms = self.clock()
             row.revoked_reason = reason
             self._put_api_key(row, insert=False)
+            self._put_events(
+                operations.api_key_events("api_key.revoked", row, previous, row.revoked_at_ms)
+            )
             self.auth_epoch += 1
             return row
 

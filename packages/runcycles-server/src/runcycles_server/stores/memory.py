@@ -202,7 +202,11 @@ class MemoryStore(RowStore):
         events = [eid for eid, e in self.events.items() if e.created_at_ms < before_ms][:limit]
         for eid in events:
             del self.events[eid]
-        return len(finished) + len(events)
+        old = [e for e in self.event_log if e.created_at_ms < before_ms][:limit]
+        if old:
+            gone_events = {e.event_id for e in old}
+            self.event_log = [e for e in self.event_log if e.event_id not in gone_events]
+        return len(finished) + len(events) + len(old)
 
     # -- listings --------------------------------------------------------------------------------
 

@@ -1729,6 +1729,8 @@ class RedisStore(OperationStore):
             except _Conflict:
                 await asyncio.sleep(random.uniform(0, 0.002))
                 continue  # read again: a concurrent create of the same key is a duplicate
+            kind = "api_key.created"
+            await self.record_events(operations.api_key_events(kind, row, None, snap.now_ms))
             return row
 
     async def _api_keys(self, ids: list[str]) -> list[ApiKeyRow | None]:
@@ -1776,6 +1778,12 @@ class RedisStore(OperationStore):
                 await asyncio.sleep(random.uniform(0, 0.002))
                 continue
             self.auth_epoch += 1
+            # The key and its tenant's events live in different slots: two writes, in this
+            # order (a crash between them loses the event, never the revocation).
+            kind = "api_key.revoked_via_tenant_cascade" if only_active else "api_key.revoked"
+            await self.record_events(
+                operations.api_key_events(kind, current, "ACTIVE", snap.now_ms)
+            )
             return current
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:

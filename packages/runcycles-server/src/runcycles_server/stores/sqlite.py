@@ -996,6 +996,11 @@ class SqliteStore(RowStore):
             "(SELECT event_id FROM events WHERE created_at_ms < ? LIMIT ?)",
             (before_ms, limit),
         ).rowcount
+        events += conn.execute(
+            "DELETE FROM event_log WHERE event_id IN (SELECT event_id FROM event_log "
+            "WHERE created_at_ms < ? ORDER BY created_at_ms LIMIT ?)",
+            (before_ms, limit),
+        ).rowcount
         return len(finished) + events
 
     # -- listings --------------------------------------------------------------------------------
