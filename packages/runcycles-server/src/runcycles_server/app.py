@@ -63,10 +63,14 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
+from runcycles_server.events.rates import DetectorConfig
+from runcycles_server.events.signals import Signals
 from runcycles_server.events_api import EventsApi
 from runcycles_server.governance_api import REGISTRY_REQUESTS_PER_MINUTE, GovernanceApi
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
+from runcycles_server.monitor import Monitor, note_denial, note_spend
+from runcycles_server.overview import OverviewApi
 from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
@@ -211,6 +215,8 @@ class Runtime:
         self.auth = auth
         self.max_body = max_body_bytes
         self.health = health or StoreHealth(store)
+        self.signals: Signals | None = None
+        """Where reservations, denials and spend are tallied (see :mod:`.monitor`)."""
         self._settle_routes: dict[str, Handler] = {
             "commit": self.commit,
             "release": self.release,
@@ -281,9 +287,14 @@ class Runtime:
         _check_subject(principal, body.subject)
         assert principal.tenant_id is not None
         digest = ledger.payload_hash("reserve", ledger.request_payload(body))
+        signals = self.signals if not body.dry_run else None
+        if signals is not None:
+            signals.reservation(principal.tenant_id)
         try:
             outcome = await self.store.reserve(principal.tenant_id, body, digest)
         except LedgerError as exc:
+            if signals is not None:
+                note_denial(signals, principal.tenant_id, body, exc)
             _hint_missing_tenant(exc, body.subject, principal.tenant_id)
             raise
         return json_response(outcome.body, outcome.status_code)
@@ -384,6 +395,8 @@ class Runtime:
         assert principal.tenant_id is not None
         digest = ledger.payload_hash("commit", ledger.request_payload(body))
         outcome = await self.store.commit(principal.tenant_id, rid, body, digest)
+        if self.signals is not None:
+            note_spend(self.signals, principal.tenant_id, outcome)
         return json_response(outcome.body, outcome.status_code)
 
     async def release(self, request: Request) -> Response:
@@ -423,6 +436,8 @@ class Runtime:
         except LedgerError as exc:
             _hint_missing_tenant(exc, body.subject, principal.tenant_id)
             raise
+        if self.signals is not None:
+            note_spend(self.signals, principal.tenant_id, outcome)
         return json_response(outcome.body, outcome.status_code)
 
     async def balances(self, request: Request) -> Response:
@@ -655,6 +670,7 @@ def create_app(
     rate_limit_per_s: float | None = None,
     retention_days: float | None = DEFAULT_RETENTION_DAYS,
     registry_requests_per_minute: int | None = REGISTRY_REQUESTS_PER_MINUTE,
+    detectors: DetectorConfig | None = DetectorConfig(),  # noqa: B008 (frozen)
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -674,6 +690,11 @@ def create_app(
         registry_requests_per_minute: requests a minute each client address may make to the
             public ``/v1/action-kinds`` endpoints (``None``: no limit); see
             :mod:`runcycles_server.governance_api`.
+        detectors: parameters of the event monitor (aggregated ``reservation.denied`` and
+            ``api_key.auth_failed``, burn-rate and rate-spike detectors; see
+            :mod:`runcycles_server.monitor`), started beside the sweeper (``None``: no
+            tallies and no monitor). With ``sweep_interval_s=None`` it is not started either:
+            tests call ``app.state.monitor.tick()``.
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, or ``retention_days``
@@ -687,14 +708,18 @@ def create_app(
     retention_ms = None if retention_days is None else int(retention_days * ledger.DAY_MS)
 
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
-    auth = Authenticator(store, admin_api_key, limiter=limiter)
+    signals = Signals() if detectors is not None else None
+    monitor = Monitor(store, signals, detectors) if signals is not None else None
+    auth = Authenticator(store, admin_api_key, limiter=limiter, signals=signals)
     health = StoreHealth(store)
     runtime = Runtime(store, auth, max_body_bytes, health)
+    runtime.signals = signals
     admin = Admin(store, auth, max_body_bytes)
     governance = GovernanceApi(
         store, auth, max_body_bytes, registry_requests_per_minute=registry_requests_per_minute
     )
     events = EventsApi(store, auth)
+    overview = OverviewApi(store, auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -705,22 +730,40 @@ def create_app(
             if sweep_interval_s is not None
             else None
         )
+        watcher = (
+            asyncio.create_task(monitor.run())
+            if monitor is not None and sweep_interval_s is not None
+            else None
+        )
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, watcher):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
+            if watcher is not None and monitor is not None:
+                try:  # the refusals still held back by their window
+                    await monitor.tick(final=True)
+                except Exception:
+                    logger.warning("could not record the last refusal events", exc_info=True)
             if close_store:
                 await store.close()
 
     app = Starlette(
-        routes=[*runtime.routes(), *admin.routes(), *governance.routes(), *events.routes()],
+        routes=[
+            *runtime.routes(),
+            *admin.routes(),
+            *governance.routes(),
+            *events.routes(),
+            *overview.routes(),
+        ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.add_middleware(ContextMiddleware, fast_route=runtime.fast_route, health=health)
     app.state.store = store
     app.state.store_health = health
+    app.state.monitor = monitor
     return app

@@ -462,6 +462,30 @@ class RetentionPurger(Protocol):
         """
 
 
+SignalCount = tuple[int, str, str, int]
+"""``(bucket start ms, tenant_id, counter name, n)``: one per-minute counter increment."""
+
+
+@runtime_checkable
+class SignalStore(Protocol):
+    """Optional store capability: shared per-minute counters and flags of the rate detectors.
+
+    Every server process adds its tallies to the same counters (so counts add up across
+    processes) and the detectors read them back; a flag marks a condition (a spike) as
+    already reported, so several processes report its start once (see
+    :mod:`runcycles_server.monitor`).
+    """
+
+    async def add_signal_counts(self, rows: Sequence[SignalCount], keep_ms: int) -> None:
+        """Add these increments; counters older than ``keep_ms`` may be dropped."""
+
+    async def signal_counts(self, since_ms: int) -> dict[tuple[int, str, str], int]:
+        """Every counter of a bucket starting at or after ``since_ms``."""
+
+    async def raise_flag(self, name: str, ttl_ms: int) -> bool:
+        """Set the flag ``name`` for ``ttl_ms`` (refreshing it if set); whether it was not set."""
+
+
 class OperationStore(ABC):
     """Implements the ledger methods of :class:`Store` once, as :mod:`.operations` run by ``run``.
 
@@ -999,6 +1023,8 @@ class RowStore(OperationStore):
 
 
 __all__ = [
+    "SignalCount",
+    "SignalStore",
     "AuthRecord",
     "AuditRow",
     "Clock",

@@ -161,6 +161,7 @@ from runcycles_server.stores.base import (
     OperationStore,
     Page,
     ReservationQuery,
+    SignalCount,
     StoreUnavailable,
     system_clock,
 )
@@ -184,6 +185,8 @@ EVENT_SCAN_MAX: Final = 5_000
 SWEEP_MAX_SCAN: Final = 50_000
 """Most due-index entries one :meth:`RedisStore.expire_due` call examines."""
 CLOSE_BATCH: Final = 200
+SIGNAL_BUCKET_MS: Final = 60_000
+"""Width of one bucket of the rate detectors' counters (``events.rates.BUCKET_MS``)."""
 DEFAULT_TIMEOUT_S: Final = 2.0
 """Longest wait for one Redis reply, a connection, or a free pooled connection (seconds)."""
 UNAVAILABLE_ERRORS: Final[tuple[type[Exception], ...]] = (
@@ -372,6 +375,13 @@ class _Keys:
 
     def keys_of(self, tenant_id: str) -> str:
         return f"{self.p}:{{keys}}:x:t:{tenant_id}"
+
+    def signal_bucket(self, bucket_ms: int) -> str:
+        """One minute of the detectors' counters: a hash of ``tenant|name`` fields."""
+        return f"{self.p}:{{sig}}:c:{bucket_ms}"
+
+    def signal_flag(self, name: str) -> str:
+        return f"{self.p}:{{sig}}:f:{name}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1820,6 +1830,49 @@ class RedisStore(OperationStore):
             return None
         raw = await self._redis.hget(self._k.budget(owner, scope), unit)
         return None if raw is None else _dec(BudgetRow, raw)
+
+    # -- rate detectors (see runcycles_server.monitor) -------------------------------------------
+
+    async def add_signal_counts(self, rows: Sequence[SignalCount], keep_ms: int) -> None:
+        """See :class:`~runcycles_server.stores.base.SignalStore`.
+
+        One pipeline of ``HINCRBY`` per counter and a ``PEXPIRE`` per minute touched (the
+        counters go by TTL).
+        """
+        pipe = self._redis.pipeline(transaction=False)
+        buckets = set()
+        for bucket, tenant, name, n in rows:
+            key = self._k.signal_bucket(bucket)
+            pipe.hincrby(key, f"{tenant}\x1f{name}", n)
+            buckets.add(key)
+        for key in buckets:
+            pipe.pexpire(key, keep_ms)
+        await pipe.execute()
+
+    async def signal_counts(self, since_ms: int) -> dict[tuple[int, str, str], int]:
+        """See :class:`~runcycles_server.stores.base.SignalStore` (a ``HGETALL`` a minute)."""
+        now = await self._now()
+        first = since_ms // SIGNAL_BUCKET_MS * SIGNAL_BUCKET_MS
+        buckets = list(range(first, now + 1, SIGNAL_BUCKET_MS))
+        pipe = self._redis.pipeline(transaction=False)
+        for bucket in buckets:
+            pipe.hgetall(self._k.signal_bucket(bucket))
+        found: dict[tuple[int, str, str], int] = {}
+        for bucket, fields in zip(buckets, await pipe.execute(), strict=True):
+            if bucket < since_ms:
+                continue
+            for raw, n in fields.items():
+                tenant, _, name = raw.decode().partition("\x1f")
+                found[(bucket, tenant, name)] = int(n)
+        return found
+
+    async def raise_flag(self, name: str, ttl_ms: int) -> bool:
+        """See :class:`~runcycles_server.stores.base.SignalStore` (``SET NX PX``)."""
+        key = self._k.signal_flag(name)
+        if await self._redis.set(key, b"1", nx=True, px=ttl_ms):
+            return True
+        await self._redis.pexpire(key, ttl_ms)
+        return False
 
     # -- maintenance (tests, CLI) ----------------------------------------------------------------
 
