@@ -185,7 +185,9 @@ def test_pages_filters_and_the_tenant_route(api: Api) -> None:
     schema_validator("EventListResponse", EXTENDED_ADMIN).validate(mine)
     assert {e["tenant_id"] for e in mine["events"]} == {"globex"}
     assert [e["event_type"] for e in mine["events"]] == [
-        "budget.threshold_crossed", "budget.created", "tenant.created"
+        "budget.threshold_crossed",
+        "budget.created",
+        "tenant.created",
     ]  # api_key events are not a tenant key's to read
     bad = api.client.get(
         "/v1/events", params={"category": "policy"}, headers={"X-Cycles-API-Key": reader}

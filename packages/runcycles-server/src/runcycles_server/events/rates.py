@@ -126,13 +126,14 @@ def _spike(
     attempts: int,
     threshold: float,
     config: DetectorConfig,
+    span_ms: int,
 ) -> Condition | None:
     if attempts < config.min_samples or count == 0:
         return None
     ratio = count / attempts
     if ratio < threshold:
         return None
-    minutes = config.rate_window_seconds / 60
+    minutes = span_ms / BUCKET_MS
     data = {
         "metric": metric,
         "current_rate": count / minutes,
@@ -153,7 +154,9 @@ def rate_spikes(
 
     ``expired``: reservations expired per tenant within the rate window.
     """
-    sums = _window_sums(counts, _edge(now_ms, config.rate_window_seconds))
+    since = _edge(now_ms, config.rate_window_seconds)
+    sums = _window_sums(counts, since)
+    span = max(now_ms - since, BUCKET_MS)
     tenants = sorted({t for t, _ in sums} | set(expired))
     found: list[Condition] = []
     all_auth = 0
@@ -164,21 +167,22 @@ def rate_spikes(
         candidates = [
             _spike("denial_rate", "reservation.denial_rate_spike", tenant,
                    sums.get((tenant, DENIED), 0), reservations, config.denial_rate_threshold,
-                   config),
+                   config, span),
             _spike("expiry_rate", "reservation.expiry_rate_spike", tenant,
-                   expired.get(tenant, 0), reservations, config.expiry_rate_threshold, config),
+                   expired.get(tenant, 0), reservations, config.expiry_rate_threshold, config,
+                   span),
         ]  # fmt: skip
         if tenant != SYSTEM_TENANT:
             candidates.append(
                 _spike("auth_failure_rate", "api_key.auth_failure_rate_spike", tenant, failed,
-                       ok + failed, config.auth_failure_rate_threshold, config)
+                       ok + failed, config.auth_failure_rate_threshold, config, span)
             )  # fmt: skip
         found += [c for c in candidates if c is not None]
     unknown = sums.get((SYSTEM_TENANT, AUTH_FAILED), 0)
     threshold = config.auth_failure_rate_threshold
     system = _spike(
         "auth_failure_rate", "api_key.auth_failure_rate_spike", SYSTEM_TENANT, unknown,
-        all_auth + unknown, threshold, config,
+        all_auth + unknown, threshold, config, span,
     )  # fmt: skip
     if system is not None:
         found.append(system)
@@ -197,25 +201,37 @@ class Burn:
 
 
 def burn_rates(counts: Counts, now_ms: int, config: DetectorConfig) -> list[Burn]:
-    """The budgets whose current spend rate is anomalous against their baseline."""
+    """The budgets whose current spend rate is anomalous against their baseline.
+
+    Rates are per minute over the span the buckets actually cover. The baseline is judged
+    over the part of its span the counters cover (a fresh deployment has less than an hour
+    of history), and only once that part is at least one window long.
+    """
     window_start = _edge(now_ms, config.burn_rate_window_seconds)
     baseline_start = window_start - config.burn_rate_baseline_seconds * 1000
+    if not counts:
+        return []
+    covered_from = max(baseline_start, min(bucket for bucket, _, _ in counts))
+    covered_ms = window_start - covered_from
+    if covered_ms < config.burn_rate_window_seconds * 1000:
+        return []
     current: dict[tuple[str, str, str], int] = {}
     baseline: dict[tuple[str, str, str], int] = {}
     for (bucket, tenant, name), n in counts.items():
         parsed = parse_spend_name(name)
-        if parsed is None or bucket < baseline_start:
+        if parsed is None or bucket < covered_from:
             continue
         key = (tenant, *parsed)
         into = current if bucket >= window_start else baseline
         into[key] = into.get(key, 0) + n
     found = []
+    minutes = max(now_ms - window_start, BUCKET_MS) / BUCKET_MS
     for key, spent in sorted(current.items()):
         base = baseline.get(key, 0)
         if base <= 0:
             continue
-        rate = spent / (config.burn_rate_window_seconds / 60)
-        base_rate = base / (config.burn_rate_baseline_seconds / 60)
+        rate = spent / minutes
+        base_rate = base / (covered_ms / BUCKET_MS)
         if rate >= config.burn_rate_multiplier * base_rate:
             found.append(Burn(*key, rate, base_rate))
     return found

@@ -652,6 +652,17 @@ class _Work:
         return out
 
 
+_RAISE_FLAG_LUA: Final = """#!lua
+-- KEYS[1]: a detector flag; ARGV: raised until (ms), key TTL (ms), now (ms), by the store clock.
+-- Raise (or refresh) the flag; 1 if it was not raised at ARGV[3].
+local raised = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if raised and tonumber(raised) > tonumber(ARGV[3]) then
+  return 0
+end
+return 1
+"""
+
 _DROP_DUE_LUA: Final = """#!lua
 -- KEYS[1]: the due index; ARGV: member, score, member, score ...
 -- ZREM each member whose score is still the given one (an exact integer below 2^53).
@@ -822,6 +833,7 @@ class RedisStore(OperationStore):
         self._sha: str | None = None
         self._token = uuid.uuid4().hex[:16]
         self._drop_script = _Script(_DROP_DUE_LUA)
+        self._flag_script = _Script(_RAISE_FLAG_LUA)
         self._queues: dict[str, _Queue] = {}
         self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
         self._key_tenants: dict[str, str] = {}
@@ -1867,12 +1879,15 @@ class RedisStore(OperationStore):
         return found
 
     async def raise_flag(self, name: str, ttl_ms: int) -> bool:
-        """See :class:`~runcycles_server.stores.base.SignalStore` (``SET NX PX``)."""
-        key = self._k.signal_flag(name)
-        if await self._redis.set(key, b"1", nx=True, px=ttl_ms):
-            return True
-        await self._redis.pexpire(key, ttl_ms)
-        return False
+        """See :class:`~runcycles_server.stores.base.SignalStore`.
+
+        One atomic script call; the flag holds its expiry by the store clock (so an injected
+        clock drives it), and the key itself goes by TTL a little later.
+        """
+        now = await self._now()
+        args = [now + ttl_ms, ttl_ms + SIGNAL_BUCKET_MS, now]
+        raised = await self._run_script(self._flag_script, [self._k.signal_flag(name)], args)
+        return bool(raised)
 
     # -- maintenance (tests, CLI) ----------------------------------------------------------------
 
