@@ -42,7 +42,8 @@ def test_tenant_lifecycle(api: Api) -> None:
     assert created["event_type"] == "tenant.created"
     assert created["actor"] == {"type": "admin", "source_ip": created["actor"]["source_ip"]}
     assert created["data"] == {"tenant_id": "acme", "new_status": "ACTIVE", "changed_fields": []}
-    assert created["request_id"] and created["trace_id"]
+    assert created["request_id"]
+    assert created["trace_id"]
 
     def patch(body: dict[str, Any]) -> None:
         api.admin("PATCH", "/v1/admin/tenants/acme", 200, json=body)
@@ -109,7 +110,8 @@ def test_api_key_created_and_revoked(api: Api) -> None:
     assert [e["event_type"] for e in found] == ["api_key.created", "api_key.revoked"]
     assert found[0]["data"]["permissions"] == ["events:read"]
     assert found[0]["data"]["key_name"] == "ci"
-    assert "key_secret" not in str(found) and made["key_secret"] not in str(found)
+    assert "key_secret" not in str(found)
+    assert made["key_secret"] not in str(found)
     assert (found[1]["data"]["previous_status"], found[1]["data"]["new_status"]) == (
         "ACTIVE", "REVOKED",
     )  # fmt: skip
