@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 
 from runcycles_server.cli_admin import CliError, register, reported
+from runcycles_server.cli_events import register_events
 from runcycles_server.cli_governance import register_governance
 
 if TYPE_CHECKING:
@@ -660,6 +661,7 @@ async def _answers(store: Store) -> bool:
 
 register(cli)  # tenant, key, budget and balances, listed after serve and demo
 register_governance(cli)  # policy and quota
+register_events(cli)  # events and overview
 
 
 def main() -> None:
