@@ -155,3 +155,32 @@ def test_overview(server: ServerProcess) -> None:
     assert "budgets:" in text
     assert "events in the last 1 h:" in text
     assert run(server, "overview", admin=False).exit_code == 2  # no admin key
+
+
+def test_serve_checks_the_detector_parameters() -> None:
+    bad = CliRunner().invoke(cli, ["serve", "--detectors", '{"burn_rate_multiplier": 1}'])
+    assert bad.exit_code == 2
+    assert "--detectors: burn_rate_multiplier must be >= 1.5" in bad.output
+    unknown = CliRunner().invoke(cli, ["serve", "--detectors", '{"nope": 1}'])
+    assert unknown.exit_code == 2
+    assert "unknown field(s) nope" in unknown.output
+
+
+def test_a_server_with_its_own_detector_parameters(tmp_path: Any) -> None:
+    params = '{"tick_seconds": 0.2, "refusal_window_seconds": 1}'
+    with ServerProcess.start(store="sqlite", extra_args=["--detectors", params]) as server:
+        tenant = server.provision(budget=100)
+        for i in range(4):
+            assert reserve(tenant, f"no{i}", 500).status_code == 409
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = server.admin(
+                "GET", "/v1/admin/events",
+                params={"tenant_id": tenant.tenant_id, "event_type": "reservation.denied"},
+            )["events"]  # fmt: skip
+            if sum(e["data"]["count"] for e in found) == 4:
+                break
+            time.sleep(0.1)
+        # the first denial at the next tick (0.2 s), the others once its 1 s window passed
+        assert sum(e["data"]["count"] for e in found) == 4
+        assert 1 <= len(found) <= 2

@@ -57,6 +57,7 @@ ENV_RATE_LIMIT: Final = "CYCLES_RATE_LIMIT"
 ENV_RETENTION_DAYS: Final = "CYCLES_RETENTION_DAYS"
 ENV_STORE_TIMEOUT: Final = "CYCLES_STORE_TIMEOUT_S"
 ENV_ACTION_KINDS: Final = "CYCLES_ACTION_KINDS"
+ENV_DETECTORS: Final = "CYCLES_DETECTORS"
 DEV_POLICY: Final = "dev-example-guardrails"
 DEV_POLICY_BODY: Final = {
     "name": DEV_POLICY,
@@ -166,6 +167,12 @@ def app_from_env() -> Starlette:
             store.registry = Registry.load(kinds_file)
         except DeclarationError as exc:
             raise SystemExit(f"{ENV_ACTION_KINDS}: {exc}") from None
+    from runcycles_server.events.rates import DetectorConfig
+
+    try:
+        detectors = DetectorConfig.parse(os.environ.get(ENV_DETECTORS) or "")
+    except ValueError as exc:
+        raise SystemExit(f"{ENV_DETECTORS}: {exc}") from None
     try:
         app = create_app(
             store,
@@ -173,6 +180,7 @@ def app_from_env() -> Starlette:
             max_body_bytes=max_body,
             rate_limit_per_s=rate_limit or None,  # 0 (or unset) = no rate limit
             retention_days=retention_days or None,  # 0 = keep finished reservations forever
+            detectors=detectors,
         )
     except ValueError as exc:
         raise SystemExit(f"{ENV_RATE_LIMIT} / {ENV_RETENTION_DAYS}: {exc}") from None
@@ -430,6 +438,15 @@ def serve(
             "its risk_class); see docs/governance.md.",
         ),
     ] = None,
+    detectors: Annotated[
+        str | None,
+        typer.Option(
+            "--detectors",
+            help='Event monitor parameters as JSON, e.g. \'{"burn_rate_multiplier": 4, '
+            "\"rate_window_seconds\": 600}' (spec defaults otherwise), or 'off'; see "
+            "docs/events.md.",
+        ),
+    ] = None,
     store_timeout: Annotated[
         float,
         typer.Option(
@@ -457,6 +474,13 @@ def serve(
         ):
             if not 0 < seconds < float("inf"):  # also NaN
                 raise CliError(f"{flag} must be a positive number of seconds, not {seconds}", 2)
+        if detectors is not None:
+            from runcycles_server.events.rates import DetectorConfig
+
+            try:
+                DetectorConfig.parse(detectors)
+            except ValueError as exc:
+                raise CliError(f"--detectors: {exc}", 2) from None
         registry = _load_action_kinds(action_kinds)
         max_connections, fd_note = _fit_connection_cap(max_connections)
         _check_port_free(host, port)
@@ -489,6 +513,10 @@ def serve(
         os.environ[ENV_RATE_LIMIT] = repr(rate_limit)
         os.environ[ENV_RETENTION_DAYS] = str(retention_days)
         os.environ[ENV_STORE_TIMEOUT] = repr(store_timeout)
+        if detectors is not None:
+            os.environ[ENV_DETECTORS] = detectors
+        else:
+            os.environ.pop(ENV_DETECTORS, None)
         if action_kinds is not None:
             os.environ[ENV_ACTION_KINDS] = str(action_kinds.resolve())
         else:

@@ -25,6 +25,8 @@ and ``EventDataBurnRateAnomaly`` fields, plus the fraction (``ratio``) and the c
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -87,6 +89,34 @@ class DetectorConfig:
         for name, ok, bounds in checks:
             if not ok:
                 raise ValueError(f"{name} must be {bounds}, not {getattr(self, name)}")
+
+    @classmethod
+    def parse(cls, text: str) -> DetectorConfig | None:
+        """Read ``cycles serve --detectors``: ``off``, or a JSON object of fields to change.
+
+        Raises:
+            ValueError: not ``off`` nor a JSON object of known fields with valid values.
+        """
+        if text.strip().lower() in ("off", "none", "false", "0"):
+            return None
+        try:
+            fields = json.loads(text) if text.strip() else {}
+        except ValueError as exc:
+            raise ValueError(f"not 'off' nor a JSON object: {exc}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(
+                "expected 'off' or a JSON object such as {\"burn_rate_multiplier\": 4}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
 
     @property
     def history_ms(self) -> int:
