@@ -3,6 +3,7 @@ and counts that add up across two server processes on one store."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 from runcycles_server.app import create_app
 from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.monitor import Monitor
-from runcycles_server.stores.base import Store
+from runcycles_server.stores.base import Store, StoreUnavailable
 from runcycles_server.stores.memory import MemoryStore
 from runcycles_server.stores.redis import RedisStore
 from runcycles_server.stores.sqlite import SqliteStore
@@ -228,14 +229,51 @@ def test_counts_add_up_across_two_processes(
     try:
         for i in range(30):  # interleaved denials in both processes
             assert reserve(api if i % 3 else other, key, f"d{i}", 500).status_code == 409
+
+        async def burst(which: Api, prefix: str) -> list[int]:  # concurrent in one process
+            body = {"subject": {"tenant": "acme", "agent": "bot"},
+                    "action": {"kind": "llm.completion", "name": "m"},
+                    "estimate": {"unit": U, "amount": 500}}  # fmt: skip
+            calls = [
+                which.client._client.post(
+                    "/v1/reservations", json={**body, "idempotency_key": f"{prefix}{n}"},
+                    headers={"X-Cycles-API-Key": key},
+                )
+                for n in range(40)
+            ]  # fmt: skip
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+        assert api.client.run(burst(api, "x")) == [409] * 40
+        assert other.client.run(burst(other, "y")) == [409] * 40
         first, second = tick(api), tick(other)
         assert first.count("reservation.denied") == 1 == second.count("reservation.denied")
         # both see all 30 attempts in the shared counters, and one of them reports the spike
         assert (first + second).count("reservation.denial_rate_spike") == 1
         denied = events(api, event_type="reservation.denied")
-        assert sorted(e["data"]["count"] for e in denied) == [10, 20]
-        assert sum(e["data"]["count"] for e in denied) == 30
+        assert sorted(e["data"]["count"] for e in denied) == [10 + 40, 20 + 40]
+        assert sum(e["data"]["count"] for e in denied) == 30 + 80
         assert "reservation.denial_rate_spike" not in tick(api) + tick(other)
     finally:
         other.client.run(app.state.store.close())
         other.client.close()
+
+
+def test_a_failed_write_keeps_the_refusals_for_the_next_tick(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 100)
+    for i in range(3):
+        reserve(api, key, f"d{i}", 500)
+    store = api.client._client._transport.app.state.store  # type: ignore[attr-defined]
+
+    async def down(rows: Any) -> None:
+        raise StoreUnavailable("store down")
+
+    monkeypatch.setattr(store, "record_events", down)
+    with pytest.raises(StoreUnavailable):
+        api.client.run(monitor_of(api).tick())
+    monkeypatch.undo()
+    reserve(api, key, "d3", 500)
+    assert "reservation.denied" in tick(api)
+    assert [e["data"]["count"] for e in events(api, event_type="reservation.denied")] == [4]

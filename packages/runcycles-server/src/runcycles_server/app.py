@@ -708,10 +708,10 @@ def create_app(
     retention_ms = None if retention_days is None else int(retention_days * ledger.DAY_MS)
 
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
-    signals = Signals() if detectors is not None else None
-    monitor = Monitor(store, signals, detectors) if signals is not None else None
-    auth = Authenticator(store, admin_api_key, limiter=limiter, signals=signals)
     health = StoreHealth(store)
+    signals = Signals() if detectors is not None else None
+    monitor = Monitor(store, signals, detectors, health=health) if signals is not None else None
+    auth = Authenticator(store, admin_api_key, limiter=limiter, signals=signals)
     runtime = Runtime(store, auth, max_body_bytes, health)
     runtime.signals = signals
     admin = Admin(store, auth, max_body_bytes)

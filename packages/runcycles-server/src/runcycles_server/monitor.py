@@ -53,6 +53,7 @@ from runcycles_server.events.rates import (
 from runcycles_server.events.records import SOURCE
 from runcycles_server.events.signals import RESERVATIONS, Refusals, Signals, Tally
 from runcycles_server.governance.timestamps import iso
+from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import Outcome
 from runcycles_server.stores.base import Clock, EventQuery, SignalStore, Store
 
@@ -134,8 +135,10 @@ class Monitor:
         signals: Signals,
         config: DetectorConfig | None = None,
         clock: Clock | None = None,
+        health: StoreHealth | None = None,
     ) -> None:
         self.store = store
+        self.health = health
         self.signals = signals
         self.config = config or DetectorConfig()
         self.clock = clock or store.clock
@@ -148,8 +151,11 @@ class Monitor:
             await asyncio.sleep(self.config.tick_seconds)
             try:
                 await self.tick()
-            except Exception:  # keep monitoring; a store outage is the health check's to log
-                logger.warning("event monitor tick failed", exc_info=True)
+            except Exception as exc:  # keep monitoring; the next tick retries
+                if self.health is not None and self.health.is_unavailable(exc):
+                    self.health.failed(exc, request=False)  # one log line per outage
+                else:
+                    logger.warning("event monitor tick failed", exc_info=True)
 
     async def tick(self, *, final: bool = False) -> list[EventRecord]:
         """Flush the tallies, record due refusals, run the detectors; return what it recorded.
@@ -162,12 +168,18 @@ class Monitor:
         window_ms = self.config.refusal_window_seconds * 1000
         self._denied.merge(tally.denied, now)
         self._auth.merge(tally.auth_failed, now)
+        kept = [(w, dict(w.pending), dict(w.last)) for w in (self._denied, self._auth)]
         records = self._denied.due(now, window_ms, everything=final)
         records += self._auth.due(now, window_ms, everything=final)
-        if not final:
-            records += await self._detect(now)
-        if records:
-            await self.store.record_events(records)
+        try:
+            if not final:
+                records += await self._detect(now)
+            if records:
+                await self.store.record_events(records)
+        except Exception:
+            for window, pending, last in kept:  # the refusals go into the next tick's events
+                window.pending, window.last = pending, last
+            raise
         return records
 
     async def _add_counts(self, tally: Tally, now_ms: int) -> None:
