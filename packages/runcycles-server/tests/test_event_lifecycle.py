@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 
 if TYPE_CHECKING:
-    from conftest import Api
+    from conftest import Api, FakeClock
 
 U = "USD_MICROCENTS"
 PAYLOAD = {
@@ -153,3 +153,26 @@ def test_policy_created_and_updated(api: Api) -> None:
     assert [e["event_type"] for e in found] == ["policy.created", "policy.updated"]
     assert found[0]["data"]["policy_id"] == pid
     assert found[1]["data"]["changed_fields"] == ["priority"]
+
+
+def test_api_keys_past_their_expiry_become_expired_once(api: Api, clock: FakeClock) -> None:
+    key = api.tenant("acme")  # a key of the default lifetime (90 days)
+    made = api.admin(
+        "POST", "/v1/admin/api-keys", 201,
+        json={"tenant_id": "acme", "name": "short",
+              "expires_at": "2027-01-15T09:00:00Z"},
+    )  # fmt: skip
+    store = api.client._client._transport.app.state.store  # type: ignore[attr-defined]
+    assert api.client.run(store.expire_api_keys()) == 0
+    clock.advance(91 * 86_400_000)
+    assert api.client.get("/v1/balances", headers={"X-Cycles-API-Key": key}).status_code == 401
+    assert api.client.run(store.expire_api_keys()) == 2
+    assert api.client.run(store.expire_api_keys()) == 0  # once
+    expired = events(api, event_type="api_key.expired")
+    assert sorted(e["data"]["key_name"] for e in expired) == ["short", "test"]
+    for e in expired:
+        assert (e["data"]["previous_status"], e["data"]["new_status"]) == ("ACTIVE", "EXPIRED")
+        assert e["actor"] == {"type": "system"}
+        assert e["source"] == "expiry-sweeper"
+    keys = api.admin("GET", "/v1/admin/api-keys", 200, params={"tenant_id": "acme"})["keys"]
+    assert {k["key_id"]: k["status"] for k in keys}[made["key_id"]] == "EXPIRED"

@@ -648,6 +648,7 @@ async def run_sweeper(
         ticks += 1
         if ticks % purge_every == 0:
             try:
+                await store.expire_api_keys()  # keys past expires_at: EXPIRED, with an event
                 await purge_old_data(store, retention_ms)
             except Exception as exc:  # the next round tries again; expiry goes on meanwhile
                 _background_failure(health, exc, "retention purge failed")

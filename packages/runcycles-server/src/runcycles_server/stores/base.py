@@ -337,6 +337,13 @@ class Store(GovernanceStore, Protocol):
     async def expire_due(self, limit: int = 200) -> int:
         """Expire up to ``limit`` ACTIVE reservations past expiry + grace; return how many."""
 
+    async def expire_api_keys(self, limit: int = 200) -> int:
+        """Mark up to ``limit`` ACTIVE keys past their ``expires_at`` EXPIRED; return how many.
+
+        Each records ``api_key.expired`` (actor ``system``, source ``expiry-sweeper``). A key
+        past its ``expires_at`` is refused either way; this makes its status say so.
+        """
+
     async def purge_idempotency(self, limit: int = 1000) -> int:
         """Delete up to ``limit`` idempotency records past retention; return how many."""
 
@@ -872,6 +879,10 @@ class RowStore(OperationStore):
         """Return a tenant's ACTIVE reservations, all its budgets and all its API keys."""
 
     @abstractmethod
+    def _due_api_keys(self, now_ms: int, limit: int) -> list[ApiKeyRow]:
+        """Return ACTIVE keys with ``expires_at_ms <= now_ms``."""
+
+    @abstractmethod
     def _due_reservations(self, now_ms: int, limit: int) -> list[ReservationRow]:
         """Return ACTIVE reservations whose ``expires_at + grace < now``."""
 
@@ -911,6 +922,24 @@ class RowStore(OperationStore):
             for res in self._due_reservations(txn.now, limit):
                 count += operations.expire(res.reservation_id, txn.now).plan(txn) == "expired"
         return count
+
+    async def expire_api_keys(self, limit: int = 200) -> int:
+        """See :meth:`Store.expire_api_keys` (one transaction)."""
+        if not self._due_api_keys(self.clock(), 1):  # cheap read: skip the write lock
+            return 0
+        with self._write():
+            now = self.clock()
+            due = self._due_api_keys(now, limit)
+            for key in due:
+                key.status = "EXPIRED"
+                self._put_api_key(key, insert=False)
+                events = operations.api_key_events(
+                    "api_key.expired", key, "ACTIVE", now, system=True
+                )
+                self._put_events(events)
+            if due:
+                self.auth_epoch += 1
+            return len(due)
 
     async def purge_idempotency(self, limit: int = 1000) -> int:
         """See :meth:`Store.purge_idempotency`."""

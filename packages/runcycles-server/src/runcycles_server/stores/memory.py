@@ -190,6 +190,14 @@ class MemoryStore(RowStore):
     def _put_api_key(self, row: ApiKeyRow, *, insert: bool) -> None:
         self.api_keys[row.key_id] = _copy(row)
 
+    def _due_api_keys(self, now_ms: int, limit: int) -> list[ApiKeyRow]:
+        due = [
+            k
+            for k in self.api_keys.values()
+            if k.status == "ACTIVE" and k.expires_at_ms is not None and k.expires_at_ms <= now_ms
+        ]
+        return [_copy(k) for k in sorted(due, key=lambda k: k.expires_at_ms or 0)[:limit]]
+
     def _tenant_children(
         self, tenant_id: str
     ) -> tuple[list[ReservationRow], list[BudgetRow], list[ApiKeyRow]]:

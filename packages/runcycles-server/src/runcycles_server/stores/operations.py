@@ -830,13 +830,19 @@ def record_events(tenant_id: str, rows: Sequence[EventRecord]) -> Op[None]:
 
 
 def api_key_events(
-    kind: str, key: ApiKeyRow, previous_status: str | None, now_ms: int
+    kind: str,
+    key: ApiKeyRow,
+    previous_status: str | None,
+    now_ms: int,
+    *,
+    system: bool = False,
 ) -> list[EventRecord]:
     """The event of an API key change (``api_key.created``, ``revoked``, ...), for the stores.
 
     API keys are not rows of a tenant's :class:`Txn` (a sharded store keeps them apart), so
     the stores write these records themselves, with the key change.
-    ``api_key.revoked_via_tenant_cascade`` carries the spec's cascade payload.
+    ``api_key.revoked_via_tenant_cascade`` carries the spec's cascade payload. ``system``: the
+    sweep's own change (``api_key.expired``), not a request's.
     """
     if kind == "api_key.revoked_via_tenant_cascade":
         data: dict[str, Any] = {"key_id": key.key_id, "name": key.name,
@@ -850,7 +856,8 @@ def api_key_events(
         if key.revoked_reason and key.status == "REVOKED":
             data["reason"] = key.revoked_reason
     found = [Detected(kind, f"tenant:{key.tenant_id}", data)]
-    return _records(found, key.tenant_id, now_ms, current_context(), None)
+    context = None if system else current_context()
+    return _records(found, key.tenant_id, now_ms, context, None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1808,6 +1808,62 @@ class RedisStore(OperationStore):
             )
             return current
 
+    async def expire_api_keys(self, limit: int = 200) -> int:
+        """See :meth:`Store.expire_api_keys`.
+
+        Reads the key index in chunks (keys have no expiry index: a sweep reads every key id
+        and row once, a few round trips per thousand keys) and marks each due ACTIVE key
+        EXPIRED with a compare-and-set, then records its event (another slot, as for
+        revocations). Concurrent sweeps in other processes expire each key once.
+        """
+        now = await self._now()
+        done = 0
+        start = 0
+        while done < limit:
+            ids = [
+                i.decode() for i in await self._redis.zrange(self._k.keys_all, start, start + 499)
+            ]
+            if not ids:
+                break
+            start += len(ids)
+            for row in await self._api_keys(ids):
+                if done >= limit:
+                    break
+                if (
+                    row is not None
+                    and row.status == "ACTIVE"
+                    and row.expires_at_ms is not None
+                    and row.expires_at_ms <= now
+                    and await self._expire_key(row)
+                ):
+                    done += 1
+        return done
+
+    async def _expire_key(self, row: ApiKeyRow) -> bool:
+        by_hash = self._k.key_by_hash(row.key_hash)
+        while True:
+            snap = await self._read([by_hash])
+            raw = snap.rows[by_hash].get(_D)
+            if raw is None:
+                return False
+            current = _dec(ApiKeyRow, raw)
+            if current.status != "ACTIVE":
+                return False  # revoked or expired meanwhile (another process's sweep)
+            current.status = "EXPIRED"
+            work = _Work(self._k, current.tenant_id, snap)
+            work.dirty[by_hash] = {_D: current}
+            try:
+                await self._cas([by_hash], snap, work, self._k.keys_turn)
+            except _Conflict:
+                await asyncio.sleep(random.uniform(0, 0.002))
+                continue
+            self.auth_epoch += 1
+            events = operations.api_key_events(
+                "api_key.expired", current, "ACTIVE", snap.now_ms, system=True
+            )
+            await self.record_events(events)
+            return True
+
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
         """See :meth:`Store.revoke_api_key`."""
         row = await self._api_key_by_id(key_id)

@@ -286,6 +286,7 @@ CREATE TABLE signal_flags (
     name TEXT PRIMARY KEY,
     expires_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX api_keys_expiry ON api_keys (status, expires_at_ms);
 """,
 }
 
@@ -954,6 +955,14 @@ class SqliteStore(RowStore):
             f"SELECT {_KEY_COLS} FROM api_keys WHERE key_hash = ?", (key_hash,)
         ).fetchone()
         return None if r is None else _key(r)
+
+    def _due_api_keys(self, now_ms: int, limit: int) -> list[ApiKeyRow]:
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLS} FROM api_keys WHERE status = 'ACTIVE' "
+            "AND expires_at_ms <= ? ORDER BY expires_at_ms LIMIT ?",
+            (now_ms, limit),
+        ).fetchall()
+        return [_key(r) for r in rows]
 
     def _get_api_key(self, key_id: str) -> ApiKeyRow | None:
         r = self._conn.execute(
