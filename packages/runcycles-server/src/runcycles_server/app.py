@@ -28,7 +28,12 @@ A background task expires reservations past ``expires_at + grace`` (returning th
 every ``sweep_interval_s``; commit, release and extend enforce the deadlines themselves, so
 correctness never waits for the sweep. Every :data:`PURGE_EVERY_S` it also deletes, in short
 batches, idempotency records past their retention and (SQLite, memory) finished reservations
-and event records older than ``retention_days`` (Redis expires those by key TTL).
+and event records older than ``retention_days`` (Redis expires those by key TTL), and marks
+API keys past their ``expires_at`` EXPIRED (``api_key.expired``).
+
+Beside it runs the event monitor (:mod:`runcycles_server.monitor`): refusals (denied
+reservations, refused keys) are only tallied on the request path, and the monitor records them
+as aggregated events and runs the burn-rate and rate-spike detectors (``detectors``).
 
 With ``rate_limit_per_s`` every tenant-key request takes a token from its tenant's bucket
 (see :mod:`runcycles_server.ratelimit`): responses carry ``X-RateLimit-Remaining`` and
