@@ -51,6 +51,13 @@ def test_overview_matches_the_state(api: Api, clock: FakeClock) -> None:
     api.budget("acme", "tenant:acme", 1_000, overdraft_limit={"unit": U, "amount": 300})
     api.budget("acme", "tenant:acme/workspace:w", 500, unit="TOKENS")
     api.budget("gamma", "tenant:gamma", 10)
+    for name, rules in (("a", {"denied_action_kinds": ["payment.charge"]}),
+                        ("b", {"allowed_action_kinds": ["llm.completion"]}),
+                        ("d", {"denied_action_kinds": ["payment.refund"]}),
+                        ("c", {"priority": 3})):  # fmt: skip
+        api.admin("POST", "/v1/admin/policies", 201,
+                  json={"tenant_id": "gamma", "name": name, "scope_pattern": "tenant:gamma/*",
+                        **rules})  # fmt: skip
     api.admin("POST", "/v1/admin/budgets/freeze", 200,
               params={"scope": "tenant:gamma", "unit": U})  # fmt: skip
     api.admin("PATCH", "/v1/admin/tenants/gamma", 200, json={"status": "CLOSED"})
@@ -87,6 +94,8 @@ def test_overview_matches_the_state(api: Api, clock: FakeClock) -> None:
     assert found["debt_scopes"] == [
         {"scope": "tenant:acme", "unit": U, "debt": 250, "overdraft_limit": 100}
     ]
+    assert found["access_control_stats"] == {"policies_with_allow_list": 1,
+                                             "policies_with_deny_list": 2}  # fmt: skip
     (denial,) = found["recent_denials"]
     assert denial["event_type"] == "reservation.denied"
     assert denial["data"]["count"] == 3

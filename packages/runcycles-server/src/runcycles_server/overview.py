@@ -9,7 +9,8 @@ every budget is paged through for exact counts (``tenant_counts``, ``budget_coun
 of the last hour (``event_window_seconds``: 3600) are counted per category, with the ten most
 recent ``reservation.denied`` and ``reservation.expired`` events and the denials per
 ``reason_code`` (``recent_denials_by_reason``; an aggregated ``reservation.denied`` counts
-``data.count`` refusals).
+``data.count`` refusals). ``access_control_stats`` counts the policies (of every tenant, any
+status) with an allow list and with a deny list; ``quota_health`` is not served.
 
 Webhook counts come from a store that implements :class:`WebhookOverview`; without one (no
 webhook subscriptions on this server yet) they are zero and ``failing_webhooks`` is empty.
@@ -125,6 +126,13 @@ async def overview(store: Store) -> dict[str, Any]:
         count = e.data.get("count", 1)
         reason = str(e.data.get("reason_code", "UNKNOWN"))
         by_reason[reason] += count if isinstance(count, int) else 1
+    allow_lists = deny_lists = 0
+    for tenant in tenants:
+        if tenant.policy_count == 0:
+            continue
+        for policy in await store.list_policies(tenant.tenant_id):
+            allow_lists += bool(policy.allowed_action_kinds)
+            deny_lists += bool(policy.denied_action_kinds)
     webhook_counts = {"total": 0, "active": 0, "disabled": 0, "with_failures": 0}
     failing: list[dict[str, Any]] = []
     if isinstance(store, WebhookOverview):
@@ -159,6 +167,10 @@ async def overview(store: Store) -> dict[str, Any]:
         "recent_denials": [event_body(e) for e in denials[:TOP]],
         "recent_expiries": [event_body(e) for e in expiries[:TOP]],
         "recent_denials_by_reason": dict(sorted(by_reason.items())),
+        "access_control_stats": {
+            "policies_with_allow_list": allow_lists,
+            "policies_with_deny_list": deny_lists,
+        },
     }
 
 
