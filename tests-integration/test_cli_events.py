@@ -7,6 +7,7 @@ SIGINT (Ctrl-C) and must exit 0 without a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import signal
@@ -14,12 +15,16 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 from typer.testing import CliRunner, Result
 
 from runcycles_server.cli import cli
+from runcycles_server.events import EventRecord, new_event_id
+from runcycles_server.stores.base import system_clock
+from runcycles_server.stores.sqlite import SqliteStore
 from runcycles_server.testing import ProvisionedTenant, ServerProcess
 
 U = "USD_MICROCENTS"
@@ -142,6 +147,37 @@ def test_events_follow_prints_new_events_and_stops_on_ctrl_c(server: ServerProce
         _, err = process.communicate(timeout=15)
     assert process.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_follow_prints_an_event_committed_a_moment_late(tmp_path: Path) -> None:
+    db = tmp_path / "cycles.db"
+    with ServerProcess.start(store="sqlite", db_path=db) as server:
+        tenant = server.provision(budget=1_000)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "runcycles_server", "events", "--tenant", tenant.tenant_id,
+             "--follow", "--interval", "0.2", "--json", "--url", server.base_url,
+             "--admin-key", server.admin_key],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
+        try:
+            _wait_for(lines, "budget.created")
+            assert reserve(tenant, "a", 850).status_code == 200
+            _wait_for(lines, "budget.threshold_crossed")
+            # another process commits an event stamped 2 s before the newest one printed
+            late = SqliteStore(db, clock=lambda: system_clock() - 2_000)
+            now = late.clock()
+            row = EventRecord(new_event_id(now), "tenant.updated", tenant.tenant_id, now,
+                              "cycles-server", data={"changed_fields": ["name"]})  # fmt: skip
+            asyncio.run(late.record_events([row]))
+            asyncio.run(late.close())
+            printed = _wait_for(lines, row.event_id)
+            assert [json.loads(line)["event_id"] for line in printed] == [row.event_id]
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=15)
+    assert process.returncode == 0
 
 
 def test_overview(server: ServerProcess) -> None:

@@ -10,8 +10,9 @@
 
 ``cycles events`` calls ``GET /v1/admin/events`` with the admin key, or ``GET /v1/events`` with
 a tenant key (``events:read``), with the API's filters. ``--follow`` keeps polling every
-``--interval`` seconds for events from the newest one seen on (following ``next_cursor``
-through each answer, so a burst between two polls is printed whole, oldest first) and prints
+``--interval`` seconds for events from a few seconds before the newest one seen on (following
+``next_cursor`` through each answer, so a burst between two polls is printed whole, oldest
+first, and an event another server process committed a moment late is not missed) and prints
 each new event once; Ctrl-C stops it cleanly (exit 0). With ``--json`` the listing is one JSON
 array, and with ``--follow`` one JSON object per line (for ``jq``).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from typing import Annotated, Any, Final
 
 import typer
@@ -42,6 +44,17 @@ __all__ = ["register_events", "summary"]
 DEFAULT_URL: Final = "http://127.0.0.1:7878"
 FOLLOW_PAGES: Final = 50
 """Most pages one ``--follow`` poll reads (5,000 events at 100 a page)."""
+OVERLAP_MS: Final = 5_000
+"""How far before the newest event seen each ``--follow`` poll reads again."""
+
+
+def _ms(timestamp: str) -> int:
+    return round(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def _iso(ms: int) -> str:
+    moment = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 def _client(url: str, admin_key: str | None, api_key: str | None) -> ServerClient:
@@ -201,20 +214,24 @@ def events_command(
             return
         for e in found:
             typer.echo(_line(e, as_json))
-        newest = found[-1]["timestamp"] if found else None
-        seen = {e["event_id"] for e in found if e["timestamp"] == newest}
+        # Events are listed by their time, and a transaction in another server process may
+        # commit an event stamped a moment before one already seen: each poll reads again from
+        # OVERLAP_MS before the newest event seen, and skips the ids it printed.
+        seen = {e["event_id"]: _ms(e["timestamp"]) for e in found}
         try:
             while True:
                 time.sleep(interval)
-                start = newest or since or "1970-01-01T00:00:00Z"
-                fresh = _newer(client, path, params, start, seen)
+                newest = max(seen.values(), default=None)
+                if newest is None:
+                    start = since or "1970-01-01T00:00:00Z"
+                else:
+                    start = _iso(newest - OVERLAP_MS)
+                    seen = {i: at for i, at in seen.items() if at >= newest - OVERLAP_MS}
+                fresh = _newer(client, path, params, start, set(seen))
+                fresh.sort(key=lambda e: e["timestamp"])
                 for e in fresh:
                     typer.echo(_line(e, as_json))
-                if fresh:
-                    if fresh[-1]["timestamp"] != newest:
-                        newest = fresh[-1]["timestamp"]
-                        seen = set()
-                    seen |= {e["event_id"] for e in fresh if e["timestamp"] == newest}
+                    seen[e["event_id"]] = _ms(e["timestamp"])
         except KeyboardInterrupt:
             return
 
