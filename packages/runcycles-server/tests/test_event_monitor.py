@@ -201,6 +201,17 @@ def test_detector_parameters_are_checked() -> None:
         DetectorConfig(burn_rate_multiplier=1.0)
     with pytest.raises(ValueError, match="rate_window_seconds"):
         DetectorConfig(rate_window_seconds=10)
+    with pytest.raises(ValueError, match="tick_seconds must be a number, not '5'"):
+        DetectorConfig.parse('{"tick_seconds": "5"}')
+    with pytest.raises(ValueError, match=r"min_samples must be a whole number, not 2\.5"):
+        DetectorConfig.parse('{"min_samples": 2.5}')
+    with pytest.raises(ValueError, match="unknown field"):
+        DetectorConfig.parse('{"burn_rate": 2}')
+    with pytest.raises(ValueError, match="JSON object"):
+        DetectorConfig.parse("[1]")
+    assert DetectorConfig.parse("off") is None
+    assert DetectorConfig.parse("") == DetectorConfig()
+    assert DetectorConfig.parse('{"burn_rate_multiplier": 4}') == DetectorConfig(4.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,6 +71,13 @@ class DetectorConfig:
     """How often the monitor flushes tallies and runs the detectors."""
 
     def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            whole = spec.type in ("int", int)
+            kinds: tuple[type, ...] = (int,) if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                what = "a whole number" if whole else "a number"
+                raise ValueError(f"{spec.name} must be {what}, not {value!r}")
         checks = [
             ("burn_rate_multiplier", self.burn_rate_multiplier >= 1.5, ">= 1.5"),
             ("burn_rate_window_seconds", 60 <= self.burn_rate_window_seconds <= 86_400,
