@@ -151,19 +151,35 @@ def test_denial_rate_spike_fires_once_when_it_starts(api: Api, clock: FakeClock)
 def test_expiry_and_auth_failure_rate_spikes(api: Api, clock: FakeClock) -> None:
     key = api.tenant("acme")
     api.budget("acme", "tenant:acme", 10_000_000)
+    store = api.client._client._transport.app.state.store  # type: ignore[attr-defined]
+    # steady load: 1 in 50 expires (2 %, the threshold is 5 %), 1 in 20 keys fails (5 %, 10 %)
+    revoked = api.admin("POST", "/v1/admin/api-keys", 201,
+                        json={"tenant_id": "acme", "name": "gone"})  # fmt: skip
+    api.admin("DELETE", f"/v1/admin/api-keys/{revoked['key_id']}", 200)
+    for i in range(100):
+        ttl = 1_000 if i % 50 == 0 else 60_000
+        response = reserve(api, key, f"s{i}", 10, ttl_ms=ttl)
+        rid = response.json()["reservation_id"]
+        if ttl == 60_000:
+            body = {"idempotency_key": f"c{i}", "actual": {"unit": U, "amount": 10}}
+            api.post(key, f"/v1/reservations/{rid}/commit", body)
+        if i % 10 == 0:
+            api.client.get("/v1/balances", headers={"X-Cycles-API-Key": revoked["key_secret"]})
+    clock.advance(7_000)
+    assert api.client.run(store.expire_due()) == 2
+    assert not any("spike" in t for t in tick(api))
+    clock.advance(6 * MINUTE)  # the steady load leaves the window
+    tick(api)
     for i in range(30):
         reserve(api, key, f"r{i}", 10, ttl_ms=1_000)
     clock.advance(7_000)
-    store = api.client._client._transport.app.state.store  # type: ignore[attr-defined]
     assert api.client.run(store.expire_due()) == 30
     found = tick(api)
     assert found.count("reservation.expiry_rate_spike") == 1
     (spike,) = events(api, event_type="reservation.expiry_rate_spike")
     assert (spike["data"]["metric"], spike["data"]["sample_count"]) == ("expiry_rate", 30)
-    made = api.admin("POST", "/v1/admin/api-keys", 201, json={"tenant_id": "acme", "name": "x"})
-    api.admin("DELETE", f"/v1/admin/api-keys/{made['key_id']}", 200)
     for _ in range(30):
-        api.client.get("/v1/balances", headers={"X-Cycles-API-Key": made["key_secret"]})
+        api.client.get("/v1/balances", headers={"X-Cycles-API-Key": revoked["key_secret"]})
     assert tick(api).count("api_key.auth_failure_rate_spike") == 1
     (auth,) = events(api, event_type="api_key.auth_failure_rate_spike")
     assert auth["data"]["metric"] == "auth_failure_rate"
