@@ -103,9 +103,14 @@ def test_finished_reservations_events_and_their_replays_go_after_the_retention(
     assert settle(api, key, committed, "commit", commit_body) == first_commit  # replay
 
     clock.advance(200_000)  # every deadline is now more than a week old
-    assert client.run(store.purge_finished(WEEK_MS)) == 4  # 3 reservations + 1 event
+    # 3 reservations, 1 POST /v1/events record and 4 of the event plane (tenant, key and
+    # budget created, reservation expired); the ones recorded since are younger
+    log = api.admin("GET", "/v1/admin/events", 200, params={"tenant_id": "acme"})["events"]
+    assert client.run(store.purge_finished(WEEK_MS)) == 3 + 1 + 4
     assert reservation_ids(store) == {active}  # ACTIVE survives even past its deadline
     assert event_count(store) == 0
+    left = api.admin("GET", "/v1/admin/events", 200, params={"tenant_id": "acme"})["events"]
+    assert [e["event_id"] for e in left] == [e["event_id"] for e in log[:-4]]
     for tenant, endpoint, idem in [
         ("acme", "reserve", "r-commit"),
         ("acme", f"extend:{committed}", "x1"),
@@ -132,7 +137,8 @@ def test_purge_runs_in_batches_of_the_given_size(
         rid = reserve(api, key, f"r{n}")
         settle(api, key, rid, "release", {"idempotency_key": f"l{n}"})
     clock.advance(WEEK_MS + 120_000)
-    assert [client.run(store.purge_finished(WEEK_MS, 3)) for _ in range(4)] == [3, 3, 1, 0]
+    # 7 reservations, and 3 event-log entries (tenant, key and budget created) in the first
+    assert [client.run(store.purge_finished(WEEK_MS, 3)) for _ in range(4)] == [3 + 3, 3, 1, 0]
     assert reservation_ids(store) == set()
 
 
@@ -144,8 +150,9 @@ def test_purge_old_data_drains_idempotency_then_finished_rows(
     for n in range(5):
         event(api, key, f"ev{n}")  # event replays are kept 7 days, the rows `retention`
     clock.advance(8 * DAY_MS)
-    # 5 event idempotency records (past their 7 days) + 5 event rows, 2 per transaction
-    assert client.run(purge_old_data(store, WEEK_MS, batch=2)) == 10
+    # 5 event idempotency records (past their 7 days) + 5 event rows + 3 event-log entries
+    # (tenant, key and budget created), 2 of each kind per transaction
+    assert client.run(purge_old_data(store, WEEK_MS, batch=2)) == 13
     assert event_count(store) == 0
     assert client.run(purge_old_data(store, None)) == 0
 

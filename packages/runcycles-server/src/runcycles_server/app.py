@@ -28,7 +28,12 @@ A background task expires reservations past ``expires_at + grace`` (returning th
 every ``sweep_interval_s``; commit, release and extend enforce the deadlines themselves, so
 correctness never waits for the sweep. Every :data:`PURGE_EVERY_S` it also deletes, in short
 batches, idempotency records past their retention and (SQLite, memory) finished reservations
-and event records older than ``retention_days`` (Redis expires those by key TTL).
+and event records older than ``retention_days`` (Redis expires those by key TTL), and marks
+API keys past their ``expires_at`` EXPIRED (``api_key.expired``).
+
+Beside it runs the event monitor (:mod:`runcycles_server.monitor`): refusals (denied
+reservations, refused keys) are only tallied on the request path, and the monitor records them
+as aggregated events and runs the burn-rate and rate-spike detectors (``detectors``).
 
 With ``rate_limit_per_s`` every tenant-key request takes a token from its tenant's bucket
 (see :mod:`runcycles_server.ratelimit`): responses carry ``X-RateLimit-Remaining`` and
@@ -63,12 +68,16 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
+from runcycles_server.events.rates import DetectorConfig
+from runcycles_server.events.signals import Signals
 from runcycles_server.events_api import EventsApi
 from runcycles_server.governance_api import REGISTRY_REQUESTS_PER_MINUTE, GovernanceApi
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
 from runcycles_server.metrics import DEFAULT_TOP_SCOPES, Metrics
 from runcycles_server.metrics_api import MetricsApi
+from runcycles_server.monitor import Monitor, note_denial, note_spend
+from runcycles_server.overview import OverviewApi
 from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
@@ -215,6 +224,8 @@ class Runtime:
         self.max_body = max_body_bytes
         self.health = health or StoreHealth(store)
         self.metrics = metrics
+        self.signals: Signals | None = None
+        """Where reservations, denials and spend are tallied (see :mod:`.monitor`)."""
         self._settle_routes: dict[str, Handler] = {
             "commit": self.commit,
             "release": self.release,
@@ -287,9 +298,14 @@ class Runtime:
         _check_subject(principal, body.subject)
         assert principal.tenant_id is not None
         digest = ledger.payload_hash("reserve", ledger.request_payload(body))
+        signals = self.signals if not body.dry_run else None
+        if signals is not None:
+            signals.reservation(principal.tenant_id)
         try:
             outcome = await self.store.reserve(principal.tenant_id, body, digest)
         except LedgerError as exc:
+            if signals is not None:
+                note_denial(signals, principal.tenant_id, body, exc)
             _hint_missing_tenant(exc, body.subject, principal.tenant_id)
             deny = exc.details.get("deny_detail") if exc.details else None
             if self.metrics is not None and isinstance(deny, dict):  # a live denial
@@ -395,6 +411,8 @@ class Runtime:
         assert principal.tenant_id is not None
         digest = ledger.payload_hash("commit", ledger.request_payload(body))
         outcome = await self.store.commit(principal.tenant_id, rid, body, digest)
+        if self.signals is not None:
+            note_spend(self.signals, principal.tenant_id, outcome)
         return json_response(outcome.body, outcome.status_code)
 
     async def release(self, request: Request) -> Response:
@@ -434,6 +452,8 @@ class Runtime:
         except LedgerError as exc:
             _hint_missing_tenant(exc, body.subject, principal.tenant_id)
             raise
+        if self.signals is not None:
+            note_spend(self.signals, principal.tenant_id, outcome)
         return json_response(outcome.body, outcome.status_code)
 
     async def balances(self, request: Request) -> Response:
@@ -648,6 +668,7 @@ async def run_sweeper(
         ticks += 1
         if ticks % purge_every == 0:
             try:
+                await store.expire_api_keys()  # keys past expires_at: EXPIRED, with an event
                 await purge_old_data(store, retention_ms)
             except Exception as exc:  # the next round tries again; expiry goes on meanwhile
                 _background_failure(health, exc, "retention purge failed")
@@ -673,6 +694,7 @@ def create_app(
     metrics: bool = False,
     metrics_public: bool = False,
     metrics_top_scopes: int = DEFAULT_TOP_SCOPES,
+    detectors: DetectorConfig | None = DetectorConfig(),  # noqa: B008 (frozen)
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -699,6 +721,11 @@ def create_app(
             the per-budget ones still need the admin key).
         metrics_top_scopes: budgets reported by ``cycles_budget_utilization_ratio`` (the
             most used ones, 0 to 10000).
+        detectors: parameters of the event monitor (aggregated ``reservation.denied`` and
+            ``api_key.auth_failed``, burn-rate and rate-spike detectors; see
+            :mod:`runcycles_server.monitor`), started beside the sweeper (``None``: no
+            tallies and no monitor). With ``sweep_interval_s=None`` it is not started either:
+            tests call ``app.state.monitor.tick()``.
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, ``retention_days``
@@ -712,16 +739,20 @@ def create_app(
     retention_ms = None if retention_days is None else int(retention_days * ledger.DAY_MS)
 
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
-    auth = Authenticator(store, admin_api_key, limiter=limiter)
     health = StoreHealth(store)
+    signals = Signals() if detectors is not None else None
+    monitor = Monitor(store, signals, detectors, health=health) if signals is not None else None
+    auth = Authenticator(store, admin_api_key, limiter=limiter, signals=signals)
     meter = Metrics(top_scopes=metrics_top_scopes, public=metrics_public) if metrics else None
     runtime = Runtime(store, auth, max_body_bytes, health, meter)
+    runtime.signals = signals
     admin = Admin(store, auth, max_body_bytes)
     governance = GovernanceApi(
         store, auth, max_body_bytes, registry_requests_per_minute=registry_requests_per_minute
     )
     events = EventsApi(store, auth)
     extra_routes = MetricsApi(store, auth, health, meter).routes() if meter is not None else []
+    overview = OverviewApi(store, auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -738,13 +769,24 @@ def create_app(
             if sweep_interval_s is not None
             else None
         )
+        watcher = (
+            asyncio.create_task(monitor.run())
+            if monitor is not None and sweep_interval_s is not None
+            else None
+        )
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, watcher):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
+            if watcher is not None and monitor is not None:
+                try:  # the refusals still held back by their window
+                    await monitor.tick(final=True)
+                except Exception:
+                    logger.warning("could not record the last refusal events", exc_info=True)
             if close_store:
                 await store.close()
 
@@ -755,6 +797,7 @@ def create_app(
             *governance.routes(),
             *events.routes(),
             *extra_routes,
+            *overview.routes(),
         ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
@@ -769,4 +812,5 @@ def create_app(
     app.state.store = store
     app.state.store_health = health
     app.state.metrics = meter  # the webhook dispatcher's seam (None: metrics off)
+    app.state.monitor = monitor
     return app

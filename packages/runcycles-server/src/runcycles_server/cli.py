@@ -36,6 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 
 from runcycles_server.cli_admin import CliError, register, reported
+from runcycles_server.cli_events import register_events
 from runcycles_server.cli_governance import register_governance
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ ENV_METRICS: Final = "CYCLES_METRICS"
 ENV_METRICS_PUBLIC: Final = "CYCLES_METRICS_PUBLIC"
 ENV_METRICS_TOP_SCOPES: Final = "CYCLES_METRICS_TOP_SCOPES"
 DEFAULT_METRICS_TOP_SCOPES: Final = 100  # = metrics.DEFAULT_TOP_SCOPES (not imported: startup)
+ENV_DETECTORS: Final = "CYCLES_DETECTORS"
 DEV_POLICY: Final = "dev-example-guardrails"
 DEV_POLICY_BODY: Final = {
     "name": DEV_POLICY,
@@ -170,6 +172,12 @@ def app_from_env() -> Starlette:
             store.registry = Registry.load(kinds_file)
         except DeclarationError as exc:
             raise SystemExit(f"{ENV_ACTION_KINDS}: {exc}") from None
+    from runcycles_server.events.rates import DetectorConfig
+
+    try:
+        detectors = DetectorConfig.parse(os.environ.get(ENV_DETECTORS) or "")
+    except ValueError as exc:
+        raise SystemExit(f"{ENV_DETECTORS}: {exc}") from None
     try:
         app = create_app(
             store,
@@ -182,6 +190,7 @@ def app_from_env() -> Starlette:
             metrics_top_scopes=int(
                 _env_number(ENV_METRICS_TOP_SCOPES, DEFAULT_METRICS_TOP_SCOPES) or 0
             ),
+            detectors=detectors,
         )
     except ValueError as exc:
         raise SystemExit(
@@ -441,6 +450,15 @@ def serve(
             "its risk_class); see docs/governance.md.",
         ),
     ] = None,
+    detectors: Annotated[
+        str | None,
+        typer.Option(
+            "--detectors",
+            help='Event monitor parameters as JSON, e.g. \'{"burn_rate_multiplier": 4, '
+            "\"rate_window_seconds\": 600}' (spec defaults otherwise), or 'off'; see "
+            "docs/events.md.",
+        ),
+    ] = None,
     store_timeout: Annotated[
         float,
         typer.Option(
@@ -503,6 +521,13 @@ def serve(
         ):
             if not 0 < seconds < float("inf"):  # also NaN
                 raise CliError(f"{flag} must be a positive number of seconds, not {seconds}", 2)
+        if detectors is not None:
+            from runcycles_server.events.rates import DetectorConfig
+
+            try:
+                DetectorConfig.parse(detectors)
+            except ValueError as exc:
+                raise CliError(f"--detectors: {exc}", 2) from None
         registry = _load_action_kinds(action_kinds)
         max_connections, fd_note = _fit_connection_cap(max_connections)
         _check_port_free(host, port)
@@ -538,6 +563,10 @@ def serve(
         os.environ[ENV_METRICS] = "1" if metrics else "0"
         os.environ[ENV_METRICS_PUBLIC] = "1" if metrics_public else "0"
         os.environ[ENV_METRICS_TOP_SCOPES] = str(metrics_top_scopes)
+        if detectors is not None:
+            os.environ[ENV_DETECTORS] = detectors
+        else:
+            os.environ.pop(ENV_DETECTORS, None)
         if action_kinds is not None:
             os.environ[ENV_ACTION_KINDS] = str(action_kinds.resolve())
         else:
@@ -717,6 +746,7 @@ async def _answers(store: Store) -> bool:
 
 register(cli)  # tenant, key, budget and balances, listed after serve and demo
 register_governance(cli)  # policy and quota
+register_events(cli)  # events and overview
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Any, Final, TypeVar
 
@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from runcycles_server import ledger
 from runcycles_server.events.context import CURRENT as _event_context
 from runcycles_server.events.context import EventContext, set_actor
+from runcycles_server.events.signals import Signals
 from runcycles_server.health import RETRY_AFTER_S, StoreHealth
 from runcycles_server.ledger import ApiKeyRow, LedgerError
 from runcycles_server.metrics import Metrics
@@ -467,6 +468,9 @@ class Authenticator:
         monotonic_s: the clock of the cache's time-to-live (seconds; tests inject one).
         limiter: per-tenant rate limit applied to every tenant-key request (``None``: off);
             see :mod:`runcycles_server.ratelimit`.
+        signals: where authentications and refused keys are tallied (``None``: nowhere); a
+            refusal is aggregated into ``api_key.auth_failed`` events off the request path
+            (see :mod:`runcycles_server.events.signals`).
     """
 
     def __init__(
@@ -476,9 +480,11 @@ class Authenticator:
         *,
         monotonic_s: Callable[[], float] = time.monotonic,
         limiter: TokenBucketLimiter | None = None,
+        signals: Signals | None = None,
     ) -> None:
         self.store = store
         self.limiter = limiter
+        self.signals = signals
         self._admin_key = admin_api_key.encode() if admin_api_key else None
         self._monotonic_s = monotonic_s
         self._keys: dict[str, tuple[float, ApiKeyRow]] = {}
@@ -517,6 +523,7 @@ class Authenticator:
         """
         secret = request.headers.get("x-cycles-api-key")
         if not secret:
+            self._failed(request, None, "key_missing")
             raise LedgerError(
                 "UNAUTHORIZED",
                 "missing X-Cycles-API-Key header; send the tenant API key you got from "
@@ -524,8 +531,10 @@ class Authenticator:
             )
         key = await self._key_for(secret)
         if key is None:
+            self._failed(request, None, "key_not_found")
             raise LedgerError("UNAUTHORIZED", "X-Cycles-API-Key is not a valid API key")
         if key.status != "ACTIVE":
+            self._failed(request, key, f"key_{key.status.lower()}")
             raise LedgerError(
                 "UNAUTHORIZED",
                 f"API key {key.key_prefix}... is {key.status}"
@@ -533,9 +542,12 @@ class Authenticator:
                 + "; ask an operator for a new key",
             )
         if key.expires_at_ms is not None and key.expires_at_ms <= self.store.clock():
+            self._failed(request, key, "key_expired")
             raise LedgerError(
                 "UNAUTHORIZED", f"API key {key.key_prefix}... has expired; create a new key"
             )
+        if self.signals is not None:
+            self.signals.authenticated(key.tenant_id)
         state = request.scope.setdefault("state", {})
         state["tenant"] = key.tenant_id
         if self.limiter is not None:
@@ -548,6 +560,23 @@ class Authenticator:
             )
         set_actor("api_key", key.key_id)
         return Principal(key.tenant_id, key)
+
+    def _failed(self, request: Request, key: ApiKeyRow | None, reason: str) -> None:
+        """Tally a refused tenant key (the aggregated ``api_key.auth_failed``)."""
+        if self.signals is None:
+            return
+        client = request.scope.get("client")
+        data: dict[str, Any] = {"failure_reason": reason}
+        if client:
+            data["source_ip"] = client[0]
+        if key is not None:
+            data.update(key_id=key.key_id, key_name=key.name, new_status=key.status)
+        context = _event_context.get()
+        if key is None:
+            self.signals.auth_failed(None, None, reason, data, context)
+            return
+        context = replace(context, actor_type="api_key", key_id=key.key_id)
+        self.signals.auth_failed(key.tenant_id, key.key_id, reason, data, context)
 
     def admin(self, request: Request) -> Principal:
         """Authenticate the admin key.

@@ -10,6 +10,13 @@ Design (issue 13), bottom up:
   ``budget.threshold_crossed`` (rising and falling, once per crossing),
   ``budget.exhausted``, ``budget.over_limit_entered``/``exited``, ``budget.debt_incurred``,
   ``reservation.commit_overage``, ``reservation.expired``.
+* :mod:`~.signals`: in-process tallies of the hot path (reservations, denials, failed keys,
+  spend), so a refusal costs no store write; :mod:`~.rates`: the burn-rate and rate-spike
+  detectors over the store's per-minute counters. The monitor task
+  (:mod:`runcycles_server.monitor`) turns both into events.
+
+Lifecycle events (tenants, keys, budgets, policies, the tenant-close cascade) are recorded by
+the operations that make the change (:mod:`runcycles_server.stores.operations`).
 
 Events are part of an operation's :class:`~runcycles_server.ledger.Outcome`, so a store
 writes them in the same transaction (one SQLite transaction, one Redis script) as the state

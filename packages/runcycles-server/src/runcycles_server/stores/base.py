@@ -308,6 +308,12 @@ class Store(GovernanceStore, Protocol):
     async def get_reservation(self, reservation_id: str) -> ReservationRow | None:
         """Return a reservation by id (any tenant; the caller checks ownership)."""
 
+    async def record_events(self, rows: Sequence[EventRecord]) -> None:
+        """Write events that no ledger change carries (detectors, aggregated refusals).
+
+        Each tenant's events are written in one transaction.
+        """
+
     async def list_events(self, query: EventQuery) -> Page[EventRecord]:
         """Return one page of events, newest first.
 
@@ -330,6 +336,13 @@ class Store(GovernanceStore, Protocol):
 
     async def expire_due(self, limit: int = 200) -> int:
         """Expire up to ``limit`` ACTIVE reservations past expiry + grace; return how many."""
+
+    async def expire_api_keys(self, limit: int = 200) -> int:
+        """Mark up to ``limit`` ACTIVE keys past their ``expires_at`` EXPIRED; return how many.
+
+        Each records ``api_key.expired`` (actor ``system``, source ``expiry-sweeper``). A key
+        past its ``expires_at`` is refused either way; this makes its status say so.
+        """
 
     async def purge_idempotency(self, limit: int = 1000) -> int:
         """Delete up to ``limit`` idempotency records past retention; return how many."""
@@ -449,8 +462,9 @@ class RetentionPurger(Protocol):
         Deletes up to ``limit`` finished (COMMITTED, RELEASED or EXPIRED) reservations whose
         deadline (``expires_at + grace``, never earlier than when they finished) is more than
         ``retention_ms`` in the past, together with their idempotency records (reserve,
-        commit, release and extend replays), and up to ``limit`` event records created more
-        than ``retention_ms`` ago. ACTIVE reservations, budgets, tenants, keys and the audit
+        commit, release and extend replays), up to ``limit`` ``POST /v1/events`` records and
+        up to ``limit`` event-log entries (the event plane) created more than ``retention_ms``
+        ago. ACTIVE reservations, budgets, tenants, keys and the audit
         log are never touched.
         """
 
@@ -465,6 +479,30 @@ class ActiveCounter(Protocol):
 
     async def count_active_reservations(self) -> int:
         """Return how many reservations are ACTIVE now (all tenants)."""
+
+
+SignalCount = tuple[int, str, str, int]
+"""``(bucket start ms, tenant_id, counter name, n)``: one per-minute counter increment."""
+
+
+@runtime_checkable
+class SignalStore(Protocol):
+    """Optional store capability: shared per-minute counters and flags of the rate detectors.
+
+    Every server process adds its tallies to the same counters (so counts add up across
+    processes) and the detectors read them back; a flag marks a condition (a spike) as
+    already reported, so several processes report its start once (see
+    :mod:`runcycles_server.monitor`).
+    """
+
+    async def add_signal_counts(self, rows: Sequence[SignalCount], keep_ms: int) -> None:
+        """Add these increments; counters older than ``keep_ms`` may be dropped."""
+
+    async def signal_counts(self, since_ms: int) -> dict[tuple[int, str, str], int]:
+        """Every counter of a bucket starting at or after ``since_ms``."""
+
+    async def raise_flag(self, name: str, ttl_ms: int) -> bool:
+        """Set the flag ``name`` for ``ttl_ms`` (refreshing it if set); whether it was not set."""
 
 
 class OperationStore(ABC):
@@ -585,6 +623,12 @@ class OperationStore(ABC):
     async def create_tenant(self, row: TenantRow) -> tuple[TenantRow, bool]:
         """See :meth:`Store.create_tenant`."""
         return await self.run(operations.create_tenant(row))
+
+    async def record_events(self, rows: Sequence[EventRecord]) -> None:
+        """See :meth:`Store.record_events`."""
+        for tenant_id in dict.fromkeys(r.tenant_id for r in rows):
+            mine = [r for r in rows if r.tenant_id == tenant_id]
+            await self.run(operations.record_events(tenant_id, mine))
 
     async def create_budget(self, row: BudgetRow) -> BudgetRow:
         """See :meth:`Store.create_budget`."""
@@ -860,6 +904,10 @@ class RowStore(OperationStore):
         """Return a tenant's ACTIVE reservations, all its budgets and all its API keys."""
 
     @abstractmethod
+    def _due_api_keys(self, now_ms: int, limit: int) -> list[ApiKeyRow]:
+        """Return ACTIVE keys with ``expires_at_ms <= now_ms``."""
+
+    @abstractmethod
     def _due_reservations(self, now_ms: int, limit: int) -> list[ReservationRow]:
         """Return ACTIVE reservations whose ``expires_at + grace < now``."""
 
@@ -899,6 +947,24 @@ class RowStore(OperationStore):
             for res in self._due_reservations(txn.now, limit):
                 count += operations.expire(res.reservation_id, txn.now).plan(txn) == "expired"
         return count
+
+    async def expire_api_keys(self, limit: int = 200) -> int:
+        """See :meth:`Store.expire_api_keys` (one transaction)."""
+        if not self._due_api_keys(self.clock(), 1):  # cheap read: skip the write lock
+            return 0
+        with self._write():
+            now = self.clock()
+            due = self._due_api_keys(now, limit)
+            for key in due:
+                key.status = "EXPIRED"
+                self._put_api_key(key, insert=False)
+                events = operations.api_key_events(
+                    "api_key.expired", key, "ACTIVE", now, system=True
+                )
+                self._put_events(events)
+            if due:
+                self.auth_epoch += 1
+            return len(due)
 
     async def purge_idempotency(self, limit: int = 1000) -> int:
         """See :meth:`Store.purge_idempotency`."""
@@ -945,6 +1011,8 @@ class RowStore(OperationStore):
                         key.revoked_reason = "tenant closed"
                         self._put_api_key(key, insert=False)
                         self.auth_epoch += 1
+                        kind = "api_key.revoked_via_tenant_cascade"
+                        self._put_events(operations.api_key_events(kind, key, "ACTIVE", txn.now))
             return row
 
     async def create_api_key(self, row: ApiKeyRow) -> ApiKeyRow:
@@ -964,6 +1032,9 @@ class RowStore(OperationStore):
                 )
             row.created_at_ms = self.clock()
             self._put_api_key(row, insert=True)
+            self._put_events(
+                operations.api_key_events("api_key.created", row, None, row.created_at_ms)
+            )
             return row
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
@@ -974,10 +1045,14 @@ class RowStore(OperationStore):
                 raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
             if row.status == "REVOKED":
                 raise LedgerError("KEY_REVOKED", f"API key {key_id} is already revoked")
+            previous = row.status
             row.status = "REVOKED"
             row.revoked_at_ms = self.clock()
             row.revoked_reason = reason
             self._put_api_key(row, insert=False)
+            self._put_events(
+                operations.api_key_events("api_key.revoked", row, previous, row.revoked_at_ms)
+            )
             self.auth_epoch += 1
             return row
 
@@ -1002,6 +1077,8 @@ class RowStore(OperationStore):
 
 
 __all__ = [
+    "SignalCount",
+    "SignalStore",
     "AuthRecord",
     "AuditRow",
     "Clock",

@@ -25,7 +25,14 @@ from runcycles_server.ledger import (
     ReservationRow,
     TenantRow,
 )
-from runcycles_server.stores.base import Clock, EventQuery, Page, ReservationQuery, RowStore
+from runcycles_server.stores.base import (
+    Clock,
+    EventQuery,
+    Page,
+    ReservationQuery,
+    RowStore,
+    SignalCount,
+)
 from runcycles_server.stores.sqlite import decode_cursor, encode_cursor
 
 _T = TypeVar("_T")
@@ -50,6 +57,8 @@ class MemoryStore(RowStore):
         self.policies: dict[str, PolicyRow] = {}
         self.event_log: list[EventRecord] = []
         self.counters: dict[tuple[str, str], CounterRow] = {}
+        self.signal_counters: dict[tuple[int, str, str], int] = {}
+        self.signal_flags: dict[str, int] = {}
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -136,6 +145,26 @@ class MemoryStore(RowStore):
     def _put_events(self, rows: Sequence[EventRecord]) -> None:
         self.event_log.extend(rows)  # frozen: shared safely
 
+    async def add_signal_counts(self, rows: Sequence[SignalCount], keep_ms: int) -> None:
+        """See :class:`~runcycles_server.stores.base.SignalStore`."""
+        counters = self.signal_counters
+        for bucket, tenant, name, n in rows:
+            counters[(bucket, tenant, name)] = counters.get((bucket, tenant, name), 0) + n
+        oldest = self.clock() - keep_ms
+        for key in [k for k in counters if k[0] < oldest]:
+            del counters[key]
+
+    async def signal_counts(self, since_ms: int) -> dict[tuple[int, str, str], int]:
+        """See :class:`~runcycles_server.stores.base.SignalStore`."""
+        return {k: n for k, n in self.signal_counters.items() if k[0] >= since_ms}
+
+    async def raise_flag(self, name: str, ttl_ms: int) -> bool:
+        """See :class:`~runcycles_server.stores.base.SignalStore`."""
+        now = self.clock()
+        until = self.signal_flags.get(name)
+        self.signal_flags[name] = now + ttl_ms
+        return until is None or until <= now
+
     def _list_events(self, query: EventQuery) -> Page[EventRecord]:
         rows = sorted(
             (e for e in self.event_log if query.matches(e)),
@@ -162,6 +191,14 @@ class MemoryStore(RowStore):
 
     def _put_api_key(self, row: ApiKeyRow, *, insert: bool) -> None:
         self.api_keys[row.key_id] = _copy(row)
+
+    def _due_api_keys(self, now_ms: int, limit: int) -> list[ApiKeyRow]:
+        due = [
+            k
+            for k in self.api_keys.values()
+            if k.status == "ACTIVE" and k.expires_at_ms is not None and k.expires_at_ms <= now_ms
+        ]
+        return [_copy(k) for k in sorted(due, key=lambda k: k.expires_at_ms or 0)[:limit]]
 
     def _tenant_children(
         self, tenant_id: str
@@ -204,7 +241,11 @@ class MemoryStore(RowStore):
         events = [eid for eid, e in self.events.items() if e.created_at_ms < before_ms][:limit]
         for eid in events:
             del self.events[eid]
-        return len(finished) + len(events)
+        old = [e for e in self.event_log if e.created_at_ms < before_ms][:limit]
+        if old:
+            gone_events = {e.event_id for e in old}
+            self.event_log = [e for e in self.event_log if e.event_id not in gone_events]
+        return len(finished) + len(events) + len(old)
 
     # -- listings --------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 from runcycles.models import (
     Action,
@@ -42,6 +42,7 @@ from runcycles.models import (
 from runcycles_server import ledger
 from runcycles_server.errors import LedgerError
 from runcycles_server.events import (
+    EVENT_TYPES,
     SOURCE,
     SWEEPER_SOURCE,
     Detected,
@@ -63,6 +64,7 @@ from runcycles_server.governance import (
 )
 from runcycles_server.governance.timestamps import iso
 from runcycles_server.ledger import (
+    ApiKeyRow,
     AuditRow,
     BudgetRow,
     IdempotencyRow,
@@ -223,6 +225,19 @@ def _records(
         )
         for d in found
     ]
+
+
+def _emit(
+    txn: Txn,
+    tenant_id: str,
+    found: Sequence[Detected],
+    context: EventContext | None,
+    correlation_id: str | None = None,
+) -> None:
+    """Write the events ``found`` in this transaction (an outcome of events alone)."""
+    if found:
+        events = _records(found, tenant_id, txn.now, context, correlation_id)
+        txn.apply(Outcome(200, b"", events=events))
 
 
 def _governance(
@@ -526,29 +541,60 @@ def expire(reservation_id: str, now_ms: int) -> Op[Expiry]:
 
 
 def close_reservations(tenant_id: str, reservation_ids: Sequence[str]) -> Op[list[str]]:
-    """Release ACTIVE reservations of a closing tenant; return the ids that were not ACTIVE."""
+    """Release ACTIVE reservations of a closing tenant; return the ids that were not ACTIVE.
+
+    Records one ``reservation.released_via_tenant_cascade`` per budget whose reserved amount
+    this step drained (the spec's ledger-level aggregate, ``released_amount``); a store that
+    closes in batches records one per budget per batch.
+    """
+    context = current_context()
 
     def plan(txn: Txn) -> list[str]:
         stale = []
+        drained: dict[tuple[str, str], tuple[BudgetRow, int]] = {}
         for rid in reservation_ids:
             res = txn.reservation(rid)
             if res is None or res.status != "ACTIVE":
                 stale.append(rid)
             else:
                 budgets = txn.budgets(res.budgeted_scopes)
-                txn.apply(_give_back(txn, ledger.plan_close_release(res, budgets, txn.now)))
+                outcome = ledger.plan_close_release(res, budgets, txn.now)
+                before = {(b.scope, b.unit): b for b in txn.current_budgets(outcome.budgets)}
+                for new in outcome.budgets:
+                    old = before[(new.scope, new.unit)]
+                    first, total = drained.get((new.scope, new.unit), (old, 0))
+                    drained[(new.scope, new.unit)] = (first, total + old.reserved - new.reserved)
+                txn.apply(_give_back(txn, outcome))
+        found = [
+            Detected("reservation.released_via_tenant_cascade", b.scope,
+                     {"ledger_id": b.ledger_id, "scope": b.scope, "unit": b.unit,
+                      "prior_status": b.status, "released_amount": amount,
+                      "cascade_reason": "tenant_closed"})
+            for b, amount in drained.values() if amount > 0
+        ]  # fmt: skip
+        _emit(txn, tenant_id, found, context)
         return stale
 
     return Op(plan, tenant_id)
 
 
 def close_budgets(tenant_id: str, scopes: Sequence[str]) -> Op[None]:
-    """Mark a closing tenant's budgets at ``scopes`` CLOSED."""
+    """Mark a closing tenant's budgets at ``scopes`` CLOSED.
+
+    Records ``budget.closed_via_tenant_cascade`` for each budget it closes.
+    """
+    context = current_context()
 
     def plan(txn: Txn) -> None:
+        found = []
         for budget in txn.budgets(scopes):
             if budget.tenant_id == tenant_id and budget.status != "CLOSED":
                 txn.put_budget(dataclasses.replace(budget, status="CLOSED", updated_at_ms=txn.now))
+                data = {"ledger_id": budget.ledger_id, "scope": budget.scope, "unit": budget.unit,
+                        "prior_status": budget.status, "new_status": "CLOSED",
+                        "cascade_reason": "tenant_closed"}  # fmt: skip
+                found.append(Detected("budget.closed_via_tenant_cascade", budget.scope, data))
+        _emit(txn, tenant_id, found, context)
 
     return Op(plan, tenant_id, scopes=scopes)
 
@@ -572,8 +618,11 @@ def create_tenant(row: TenantRow) -> Op[tuple[TenantRow, bool]]:
             return existing, False
         new = dataclasses.replace(row, created_at_ms=txn.now, updated_at_ms=txn.now)
         txn.put_tenant(new, new=True)
+        data = {"tenant_id": new.tenant_id, "new_status": new.status, "changed_fields": []}
+        _emit(txn, new.tenant_id, [Detected("tenant.created", _tenant_scope(new), data)], context)
         return new, True
 
+    context = current_context()
     return Op(plan, row.tenant_id)
 
 
@@ -601,9 +650,43 @@ def update_tenant(tenant_id: str, changes: dict[str, Any]) -> Op[TenantRow]:
         if new_status == "CLOSED" and old.status != "CLOSED":
             row.closed_at_ms = txn.now
         txn.put_tenant(row)
+        _emit(txn, tenant_id, _tenant_events(old, row, changes), context)
         return row
 
+    context = current_context()
     return Op(plan, tenant_id)
+
+
+TENANT_SETTINGS: Final = frozenset(
+    {"default_commit_overage_policy", "default_reservation_ttl_ms", "max_reservation_ttl_ms",
+     "max_reservation_extensions", "reservation_expiry_policy", "observe_mode"}
+)  # fmt: skip
+"""Tenant fields whose change is ``tenant.settings_changed`` (others: ``tenant.updated``)."""
+_STATUS_EVENTS: Final = {"SUSPENDED": "tenant.suspended", "CLOSED": "tenant.closed"}
+
+
+def _tenant_scope(row: TenantRow) -> str:
+    return f"tenant:{row.tenant_id}"
+
+
+def _tenant_events(old: TenantRow, new: TenantRow, changes: dict[str, Any]) -> list[Detected]:
+    """The lifecycle events of one tenant update (nothing when nothing changed)."""
+    changed = sorted(k for k in changes if k != "status" and getattr(old, k) != getattr(new, k))
+    base = {"tenant_id": new.tenant_id, "previous_status": old.status, "new_status": new.status}
+    scope = _tenant_scope(new)
+    found = []
+    if new.status != old.status:
+        kind = _STATUS_EVENTS.get(new.status, "tenant.reactivated")
+        found.append(Detected(kind, scope, {**base, "changed_fields": ["status"]}))
+    settings = [k for k in changed if k in TENANT_SETTINGS]
+    other = [k for k in changed if k not in TENANT_SETTINGS]
+    if settings:
+        found.append(
+            Detected("tenant.settings_changed", scope, {**base, "changed_fields": settings})
+        )
+    if other:
+        found.append(Detected("tenant.updated", scope, {**base, "changed_fields": other}))
+    return found
 
 
 def create_budget(row: BudgetRow) -> Op[BudgetRow]:
@@ -613,8 +696,12 @@ def create_budget(row: BudgetRow) -> Op[BudgetRow]:
         ledger.check_budget_creation(txn.tenant(row.tenant_id), row, txn.budgets([row.scope]))
         new = dataclasses.replace(row, created_at_ms=txn.now, updated_at_ms=txn.now)
         txn.put_budget(new, new=True)
+        data = {"ledger_id": new.ledger_id, "scope": new.scope, "unit": new.unit,
+                "operation": "CREATE", "new_state": _state(new)}  # fmt: skip
+        _emit(txn, new.tenant_id, [Detected("budget.created", new.scope, data)], context)
         return new
 
+    context = current_context()
     return Op(plan, row.tenant_id, scopes=[row.scope])
 
 
@@ -646,14 +733,42 @@ def update_budget(
     """Update budget properties; ``is_over_limit`` follows a changed ``overdraft_limit``."""
 
     def plan(txn: Txn) -> BudgetRow:
-        row = dataclasses.replace(_budget_for(txn, scope, unit, tenant_id), **changes)
+        old = _budget_for(txn, scope, unit, tenant_id)
+        row = dataclasses.replace(old, **changes)
         if "overdraft_limit" in changes:
             row.is_over_limit = row.debt > row.overdraft_limit
         row.updated_at_ms = txn.now
         txn.put_budget(row)
+        _emit(txn, row.tenant_id, _budget_events(old, row, changes), context)
         return row
 
+    context = current_context()
     return Op(plan, budget_owner(scope), scopes=[scope])
+
+
+_BUDGET_STATUS_EVENTS: Final = {
+    ("ACTIVE", "FROZEN"): "budget.frozen",
+    ("FROZEN", "ACTIVE"): "budget.unfrozen",
+}
+
+
+def _budget_events(old: BudgetRow, new: BudgetRow, changes: dict[str, Any]) -> list[Detected]:
+    """``budget.frozen``/``unfrozen``/``closed`` or ``budget.updated``, then what it crossed."""
+    changed = sorted(k for k in changes if getattr(old, k) != getattr(new, k))
+    if not changed:
+        return []
+    data = {"ledger_id": new.ledger_id, "scope": new.scope, "unit": new.unit,
+            "previous_state": _state(old), "new_state": _state(new)}  # fmt: skip
+    if old.status != new.status:
+        kind = _BUDGET_STATUS_EVENTS.get((old.status, new.status), f"budget.{new.status.lower()}")
+        if kind not in EVENT_TYPES:
+            kind = "budget.updated"
+        data["operation"] = "STATUS_CHANGE"
+    else:
+        kind = "budget.updated"
+        data["operation"] = "UPDATE"
+    data["changed_fields"] = changed
+    return [Detected(kind, new.scope, data), *budget_transitions([old], [new])]
 
 
 def _state(row: BudgetRow) -> dict[str, Any]:
@@ -713,6 +828,47 @@ def fund_budget(
     return Op(plan, owner, idem=idem, scopes=[scope])
 
 
+def record_events(tenant_id: str, rows: Sequence[EventRecord]) -> Op[None]:
+    """Write events of one tenant on their own (detectors, aggregated refusals, key changes)."""
+
+    def plan(txn: Txn) -> None:
+        if rows:
+            txn.apply(Outcome(200, b"", events=list(rows)))
+
+    return Op(plan, tenant_id)
+
+
+def api_key_events(
+    kind: str,
+    key: ApiKeyRow,
+    previous_status: str | None,
+    now_ms: int,
+    *,
+    system: bool = False,
+) -> list[EventRecord]:
+    """The event of an API key change (``api_key.created``, ``revoked``, ...), for the stores.
+
+    API keys are not rows of a tenant's :class:`Txn` (a sharded store keeps them apart), so
+    the stores write these records themselves, with the key change.
+    ``api_key.revoked_via_tenant_cascade`` carries the spec's cascade payload. ``system``: the
+    sweep's own change (``api_key.expired``), not a request's.
+    """
+    if kind == "api_key.revoked_via_tenant_cascade":
+        data: dict[str, Any] = {"key_id": key.key_id, "name": key.name,
+                                "prior_status": previous_status, "new_status": key.status,
+                                "cascade_reason": "tenant_closed"}  # fmt: skip
+    else:
+        data = {"key_id": key.key_id, "key_name": key.name, "new_status": key.status,
+                "permissions": list(key.permissions)}  # fmt: skip
+        if previous_status is not None:
+            data["previous_status"] = previous_status
+        if key.revoked_reason and key.status == "REVOKED":
+            data["reason"] = key.revoked_reason
+    found = [Detected(kind, f"tenant:{key.tenant_id}", data)]
+    context = None if system else current_context()
+    return _records(found, key.tenant_id, now_ms, context, None)
+
+
 # --------------------------------------------------------------------------------------------
 # Admin: policies and quota counters
 
@@ -749,8 +905,10 @@ def create_policy(row: PolicyRow, audit: AuditRow | None = None) -> Op[PolicyRow
         if tenant.policy_count is not None:
             txn.put_tenant(dataclasses.replace(tenant, policy_count=tenant.policy_count + 1))
         _audit(txn, audit, new, [])
+        _emit(txn, new.tenant_id, [_policy_event("policy.created", new, [])], context)
         return new
 
+    context = current_context()
     return Op(plan, row.tenant_id)
 
 
@@ -780,10 +938,19 @@ def update_policy(
                 if changed:
                     txn.put_policy(new)
                     _audit(txn, audit, new, changed)
+                    event = _policy_event("policy.updated", new, changed)
+                    _emit(txn, tenant_id, [event], context)
                 return new, changed
         raise LedgerError("NOT_FOUND", f"policy {policy_id} does not exist")
 
+    context = current_context()
     return Op(plan, tenant_id)
+
+
+def _policy_event(kind: str, policy: PolicyRow, changed: list[str]) -> Detected:
+    data = {"policy_id": policy.policy_id, "name": policy.name,
+            "scope_pattern": policy.scope_pattern, "changed_fields": changed}  # fmt: skip
+    return Detected(kind, f"tenant:{policy.tenant_id}", data)
 
 
 def _audit(txn: Txn, audit: AuditRow | None, policy: PolicyRow, changed: list[str]) -> None:

@@ -161,6 +161,7 @@ from runcycles_server.stores.base import (
     OperationStore,
     Page,
     ReservationQuery,
+    SignalCount,
     StoreUnavailable,
     system_clock,
 )
@@ -186,6 +187,8 @@ SWEEP_MAX_SCAN: Final = 50_000
 CLOSE_BATCH: Final = 200
 COUNT_BATCH: Final = 500
 """Tenants per pipeline when :meth:`RedisStore.count_active_reservations` sums their indexes."""
+SIGNAL_BUCKET_MS: Final = 60_000
+"""Width of one bucket of the rate detectors' counters (``events.rates.BUCKET_MS``)."""
 DEFAULT_TIMEOUT_S: Final = 2.0
 """Longest wait for one Redis reply, a connection, or a free pooled connection (seconds)."""
 UNAVAILABLE_ERRORS: Final[tuple[type[Exception], ...]] = (
@@ -374,6 +377,13 @@ class _Keys:
 
     def keys_of(self, tenant_id: str) -> str:
         return f"{self.p}:{{keys}}:x:t:{tenant_id}"
+
+    def signal_bucket(self, bucket_ms: int) -> str:
+        """One minute of the detectors' counters: a hash of ``tenant|name`` fields."""
+        return f"{self.p}:{{sig}}:c:{bucket_ms}"
+
+    def signal_flag(self, name: str) -> str:
+        return f"{self.p}:{{sig}}:f:{name}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,6 +656,17 @@ class _Work:
         return out
 
 
+_RAISE_FLAG_LUA: Final = """#!lua
+-- KEYS[1]: a detector flag; ARGV: raised until (ms), key TTL (ms), now (ms), by the store clock.
+-- Raise (or refresh) the flag; 1 if it was not raised at ARGV[3].
+local raised = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if raised and tonumber(raised) > tonumber(ARGV[3]) then
+  return 0
+end
+return 1
+"""
+
 _DROP_DUE_LUA: Final = """#!lua
 -- KEYS[1]: the due index; ARGV: member, score, member, score ...
 -- ZREM each member whose score is still the given one (an exact integer below 2^53).
@@ -816,6 +837,7 @@ class RedisStore(OperationStore):
         self._sha: str | None = None
         self._token = uuid.uuid4().hex[:16]
         self._drop_script = _Script(_DROP_DUE_LUA)
+        self._flag_script = _Script(_RAISE_FLAG_LUA)
         self._queues: dict[str, _Queue] = {}
         self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
         self._key_tenants: dict[str, str] = {}
@@ -1754,6 +1776,8 @@ class RedisStore(OperationStore):
             except _Conflict:
                 await asyncio.sleep(random.uniform(0, 0.002))
                 continue  # read again: a concurrent create of the same key is a duplicate
+            kind = "api_key.created"
+            await self.record_events(operations.api_key_events(kind, row, None, snap.now_ms))
             return row
 
     async def _api_keys(self, ids: list[str]) -> list[ApiKeyRow | None]:
@@ -1801,7 +1825,69 @@ class RedisStore(OperationStore):
                 await asyncio.sleep(random.uniform(0, 0.002))
                 continue
             self.auth_epoch += 1
+            # The key and its tenant's events live in different slots: two writes, in this
+            # order (a crash between them loses the event, never the revocation).
+            kind = "api_key.revoked_via_tenant_cascade" if only_active else "api_key.revoked"
+            await self.record_events(
+                operations.api_key_events(kind, current, "ACTIVE", snap.now_ms)
+            )
             return current
+
+    async def expire_api_keys(self, limit: int = 200) -> int:
+        """See :meth:`Store.expire_api_keys`.
+
+        Reads the key index in chunks (keys have no expiry index: a sweep reads every key id
+        and row once, a few round trips per thousand keys) and marks each due ACTIVE key
+        EXPIRED with a compare-and-set, then records its event (another slot, as for
+        revocations). Concurrent sweeps in other processes expire each key once.
+        """
+        now = await self._now()
+        done = 0
+        start = 0
+        while done < limit:
+            ids = [
+                i.decode() for i in await self._redis.zrange(self._k.keys_all, start, start + 499)
+            ]
+            if not ids:
+                break
+            start += len(ids)
+            for row in await self._api_keys(ids):
+                if done >= limit:
+                    break
+                if (
+                    row is not None
+                    and row.status == "ACTIVE"
+                    and row.expires_at_ms is not None
+                    and row.expires_at_ms <= now
+                    and await self._expire_key(row)
+                ):
+                    done += 1
+        return done
+
+    async def _expire_key(self, row: ApiKeyRow) -> bool:
+        by_hash = self._k.key_by_hash(row.key_hash)
+        while True:
+            snap = await self._read([by_hash])
+            raw = snap.rows[by_hash].get(_D)
+            if raw is None:
+                return False
+            current = _dec(ApiKeyRow, raw)
+            if current.status != "ACTIVE":
+                return False  # revoked or expired meanwhile (another process's sweep)
+            current.status = "EXPIRED"
+            work = _Work(self._k, current.tenant_id, snap)
+            work.dirty[by_hash] = {_D: current}
+            try:
+                await self._cas([by_hash], snap, work, self._k.keys_turn)
+            except _Conflict:
+                await asyncio.sleep(random.uniform(0, 0.002))
+                continue
+            self.auth_epoch += 1
+            events = operations.api_key_events(
+                "api_key.expired", current, "ACTIVE", snap.now_ms, system=True
+            )
+            await self.record_events(events)
+            return True
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
         """See :meth:`Store.revoke_api_key`."""
@@ -1837,6 +1923,52 @@ class RedisStore(OperationStore):
             return None
         raw = await self._redis.hget(self._k.budget(owner, scope), unit)
         return None if raw is None else _dec(BudgetRow, raw)
+
+    # -- rate detectors (see runcycles_server.monitor) -------------------------------------------
+
+    async def add_signal_counts(self, rows: Sequence[SignalCount], keep_ms: int) -> None:
+        """See :class:`~runcycles_server.stores.base.SignalStore`.
+
+        One pipeline of ``HINCRBY`` per counter and a ``PEXPIRE`` per minute touched (the
+        counters go by TTL).
+        """
+        pipe = self._redis.pipeline(transaction=False)
+        buckets = set()
+        for bucket, tenant, name, n in rows:
+            key = self._k.signal_bucket(bucket)
+            pipe.hincrby(key, f"{tenant}\x1f{name}", n)
+            buckets.add(key)
+        for key in buckets:
+            pipe.pexpire(key, keep_ms)
+        await pipe.execute()
+
+    async def signal_counts(self, since_ms: int) -> dict[tuple[int, str, str], int]:
+        """See :class:`~runcycles_server.stores.base.SignalStore` (a ``HGETALL`` a minute)."""
+        now = await self._now()
+        first = since_ms // SIGNAL_BUCKET_MS * SIGNAL_BUCKET_MS
+        buckets = list(range(first, now + 1, SIGNAL_BUCKET_MS))
+        pipe = self._redis.pipeline(transaction=False)
+        for bucket in buckets:
+            pipe.hgetall(self._k.signal_bucket(bucket))
+        found: dict[tuple[int, str, str], int] = {}
+        for bucket, fields in zip(buckets, await pipe.execute(), strict=True):
+            if bucket < since_ms:
+                continue
+            for raw, n in fields.items():
+                tenant, _, name = raw.decode().partition("\x1f")
+                found[(bucket, tenant, name)] = int(n)
+        return found
+
+    async def raise_flag(self, name: str, ttl_ms: int) -> bool:
+        """See :class:`~runcycles_server.stores.base.SignalStore`.
+
+        One atomic script call; the flag holds its expiry by the store clock (so an injected
+        clock drives it), and the key itself goes by TTL a little later.
+        """
+        now = await self._now()
+        args = [now + ttl_ms, ttl_ms + SIGNAL_BUCKET_MS, now]
+        raised = await self._run_script(self._flag_script, [self._k.signal_flag(name)], args)
+        return bool(raised)
 
     # -- maintenance (tests, CLI) ----------------------------------------------------------------
 

@@ -67,10 +67,11 @@ from runcycles_server.stores.base import (
     Page,
     ReservationQuery,
     RowStore,
+    SignalCount,
     StoreUnavailable,
 )
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 7
 _UPSERT_COUNTER: Final = (
     "INSERT INTO quota_counters (tenant_id, name, expires_at_ms, body) VALUES (?,?,?,?) "
     "ON CONFLICT (tenant_id, name) DO UPDATE"
@@ -273,6 +274,23 @@ ALTER TABLE tenants ADD COLUMN policy_count INTEGER;
 UPDATE tenants SET policy_count = (
     SELECT count(*) FROM policies WHERE policies.tenant_id = tenants.tenant_id
 );
+""",
+    # 6: reserved (another change takes it; numbering settled at merge)
+    6: "",
+    # 7: the rate detectors' per-minute counters and flags (see runcycles_server.monitor)
+    7: """
+CREATE TABLE signal_counts (
+    bucket_ms INTEGER NOT NULL,
+    tenant_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (bucket_ms, tenant_id, name)
+) WITHOUT ROWID;
+CREATE TABLE signal_flags (
+    name TEXT PRIMARY KEY,
+    expires_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX api_keys_expiry ON api_keys (status, expires_at_ms);
 """,
 }
 
@@ -877,6 +895,40 @@ class SqliteStore(RowStore):
             ],
         )  # fmt: skip
 
+    async def add_signal_counts(self, rows: Sequence[SignalCount], keep_ms: int) -> None:
+        """See :class:`~runcycles_server.stores.base.SignalStore` (one short transaction)."""
+        with self._write():
+            self._conn.executemany(
+                "INSERT INTO signal_counts VALUES (?, ?, ?, ?) ON CONFLICT "
+                "(bucket_ms, tenant_id, name) DO UPDATE SET n = n + excluded.n",
+                rows,
+            )
+            self._conn.execute(
+                "DELETE FROM signal_counts WHERE bucket_ms < ?", (self.clock() - keep_ms,)
+            )
+
+    async def signal_counts(self, since_ms: int) -> dict[tuple[int, str, str], int]:
+        """See :class:`~runcycles_server.stores.base.SignalStore`."""
+        rows = self._conn.execute(
+            "SELECT bucket_ms, tenant_id, name, n FROM signal_counts WHERE bucket_ms >= ?",
+            (since_ms,),
+        ).fetchall()
+        return {(b, t, n): count for b, t, n, count in rows}
+
+    async def raise_flag(self, name: str, ttl_ms: int) -> bool:
+        """See :class:`~runcycles_server.stores.base.SignalStore`."""
+        now = self.clock()
+        with self._write():
+            row = self._conn.execute(
+                "SELECT expires_at_ms FROM signal_flags WHERE name = ?", (name,)
+            ).fetchone()
+            self._conn.execute(
+                "INSERT OR REPLACE INTO signal_flags VALUES (?, ?)", (name, now + ttl_ms)
+            )
+            if row is None:
+                self._conn.execute("DELETE FROM signal_flags WHERE expires_at_ms <= ?", (now,))
+            return row is None or row[0] <= now
+
     def _list_events(self, query: EventQuery) -> Page[EventRecord]:
         where: list[str] = []
         args: list[Any] = []
@@ -920,6 +972,14 @@ class SqliteStore(RowStore):
             f"SELECT {_KEY_COLS} FROM api_keys WHERE key_hash = ?", (key_hash,)
         ).fetchone()
         return None if r is None else _key(r)
+
+    def _due_api_keys(self, now_ms: int, limit: int) -> list[ApiKeyRow]:
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLS} FROM api_keys WHERE status = 'ACTIVE' "
+            "AND expires_at_ms <= ? ORDER BY expires_at_ms LIMIT ?",
+            (now_ms, limit),
+        ).fetchall()
+        return [_key(r) for r in rows]
 
     def _get_api_key(self, key_id: str) -> ApiKeyRow | None:
         r = self._conn.execute(
@@ -1011,6 +1071,11 @@ class SqliteStore(RowStore):
         events = conn.execute(
             "DELETE FROM events WHERE event_id IN "
             "(SELECT event_id FROM events WHERE created_at_ms < ? LIMIT ?)",
+            (before_ms, limit),
+        ).rowcount
+        events += conn.execute(
+            "DELETE FROM event_log WHERE event_id IN (SELECT event_id FROM event_log "
+            "WHERE created_at_ms < ? ORDER BY created_at_ms LIMIT ?)",
             (before_ms, limit),
         ).rowcount
         return len(finished) + events

@@ -1,0 +1,286 @@
+"""The monitor: a background task that turns the hot path's tallies into events.
+
+Owned by the app (started and stopped in ``create_app``'s lifespan, beside the expiry
+sweeper). Every ``DetectorConfig.tick_seconds`` it
+
+1. takes this process's :class:`~runcycles_server.events.signals.Signals` tallies and adds
+   their counts to the store's per-minute counters (one write per tick; a failed write puts
+   them back for the next tick);
+2. records the aggregated refusals: one ``reservation.denied`` per
+   ``(tenant, scope, unit, reason_code)`` and one ``api_key.auth_failed`` per
+   ``(tenant, key, failure_reason)`` at most once per ``refusal_window_seconds``, each with
+   the ``count`` of refusals it stands for and the window they fell in (``window_start``,
+   ``window_end``). A refusal the window holds back is counted into the next event, and
+   pending ones are written when the app stops, so the counts of all events (of all
+   processes) add up to the number of refusals;
+3. runs the rate detectors (:mod:`runcycles_server.events.rates`) over the store's counters
+   (every process's) and records ``budget.burn_rate_anomaly``,
+   ``reservation.denial_rate_spike``, ``reservation.expiry_rate_spike`` and
+   ``api_key.auth_failure_rate_spike`` when a condition **starts**: each condition has a
+   shared flag in the store (``SignalStore.raise_flag``), raised for three ticks and
+   refreshed every tick while the condition holds; only the process whose call raised it
+   records the event. A condition that stops holding lets its flag lapse, and holding again
+   later is a new spike. The spec's payloads have no field for an end, so none is recorded.
+
+Expirations for the expiry rate are read from the event log (``reservation.expired`` of the
+tenants that reserved within the window), which every process's sweeper writes.
+
+A store without :class:`~runcycles_server.stores.base.SignalStore` still gets the refusal
+events; its detectors do not run. Time comes from the store's clock (injectable), so tests
+drive ticks with :meth:`Monitor.tick`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any, Final
+
+from runcycles.models import ReservationCreateRequest
+from runcycles_server import ledger
+from runcycles_server.errors import LedgerError
+from runcycles_server.events import EventRecord, new_event_id
+from runcycles_server.events.context import EventContext, current_context
+from runcycles_server.events.rates import (
+    BUCKET_MS,
+    Condition,
+    DetectorConfig,
+    burn_condition,
+    burn_rates,
+    rate_spikes,
+)
+from runcycles_server.events.records import SOURCE
+from runcycles_server.events.signals import RESERVATIONS, Refusals, Signals, Tally
+from runcycles_server.governance.timestamps import iso
+from runcycles_server.health import StoreHealth
+from runcycles_server.ledger import Outcome
+from runcycles_server.stores.base import Clock, EventQuery, SignalStore, Store
+
+logger = logging.getLogger("runcycles_server.monitor")
+
+DETECTOR_SOURCE: Final = "anomaly-detector"
+"""``source`` of the detectors' events (the spec's example)."""
+EXPIRED_SCAN_MAX: Final = 1_000
+"""Most ``reservation.expired`` events counted per tenant per tick."""
+
+_Key = tuple[str, ...]
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    refusals: Refusals
+    since_ms: int
+
+
+class _Window:
+    """Refusals of one kind held back by the refusal window, per aggregation key."""
+
+    def __init__(self, event_type: str) -> None:
+        self.event_type = event_type
+        self.pending: dict[_Key, _Pending] = {}
+        self.last: dict[_Key, int] = {}
+
+    def merge(self, found: dict[Any, Refusals], now_ms: int) -> None:
+        for key, entry in found.items():
+            held = self.pending.get(key)
+            if held is None:
+                self.pending[key] = _Pending(entry, self.last.get(key, now_ms))
+            else:
+                held.refusals.count += entry.count
+                held.refusals.data = entry.data
+                held.refusals.context = entry.context
+
+    def due(self, now_ms: int, window_ms: int, *, everything: bool = False) -> list[EventRecord]:
+        out = []
+        for key, held in list(self.pending.items()):
+            last = self.last.get(key)
+            if everything or last is None or now_ms - last >= window_ms:
+                out.append(self._record(key, held, now_ms))
+                del self.pending[key]
+                self.last[key] = now_ms
+        for key in [k for k, at in self.last.items() if now_ms - at >= window_ms]:
+            if key not in self.pending:
+                del self.last[key]
+        return out
+
+    def _record(self, key: _Key, held: _Pending, now_ms: int) -> EventRecord:
+        entry = held.refusals
+        ctx = entry.context or EventContext()
+        data = {**entry.data, "count": entry.count, "window_start": iso(held.since_ms),
+                "window_end": iso(now_ms)}  # fmt: skip
+        return EventRecord(
+            event_id=new_event_id(now_ms),
+            event_type=self.event_type,
+            tenant_id=key[0],
+            created_at_ms=now_ms,
+            source=SOURCE,
+            scope=entry.scope,
+            actor_type=ctx.actor_type,
+            key_id=ctx.key_id,
+            source_ip=ctx.source_ip,
+            data=data,
+            correlation_id=ctx.request_id,
+            request_id=ctx.request_id,
+            trace_id=ctx.trace_id,
+        )
+
+
+class Monitor:
+    """Flushes :class:`Signals` to the store and runs the rate detectors (see the module)."""
+
+    def __init__(
+        self,
+        store: Store,
+        signals: Signals,
+        config: DetectorConfig | None = None,
+        clock: Clock | None = None,
+        health: StoreHealth | None = None,
+    ) -> None:
+        self.store = store
+        self.health = health
+        self.signals = signals
+        self.config = config or DetectorConfig()
+        self.clock = clock or store.clock
+        self._denied = _Window("reservation.denied")
+        self._auth = _Window("api_key.auth_failed")
+
+    async def run(self) -> None:
+        """Tick every ``tick_seconds`` forever (a failed tick is logged; the next retries)."""
+        while True:
+            await asyncio.sleep(self.config.tick_seconds)
+            try:
+                await self.tick()
+            except Exception as exc:  # keep monitoring; the next tick retries
+                if self.health is not None and self.health.is_unavailable(exc):
+                    self.health.failed(exc, request=False)  # one log line per outage
+                else:
+                    logger.warning("event monitor tick failed", exc_info=True)
+
+    async def tick(self, *, final: bool = False) -> list[EventRecord]:
+        """Flush the tallies, record due refusals, run the detectors; return what it recorded.
+
+        ``final``: the app is stopping: record every pending refusal now.
+        """
+        now = self.clock()
+        tally = self.signals.take()
+        await self._add_counts(tally, now)
+        window_ms = self.config.refusal_window_seconds * 1000
+        self._denied.merge(tally.denied, now)
+        self._auth.merge(tally.auth_failed, now)
+        kept = [(w, dict(w.pending), dict(w.last)) for w in (self._denied, self._auth)]
+        records = self._denied.due(now, window_ms, everything=final)
+        records += self._auth.due(now, window_ms, everything=final)
+        try:
+            if not final:
+                records += await self._detect(now)
+            if records:
+                await self.store.record_events(records)
+        except Exception:
+            for window, pending, last in kept:  # the refusals go into the next tick's events
+                window.pending, window.last = pending, last
+            raise
+        return records
+
+    async def _add_counts(self, tally: Tally, now_ms: int) -> None:
+        store = self.store
+        if not tally.counts or not isinstance(store, SignalStore):
+            return
+        bucket = now_ms // BUCKET_MS * BUCKET_MS
+        rows = [(bucket, tenant, name, n) for (tenant, name), n in tally.counts.items()]
+        try:
+            await store.add_signal_counts(rows, self.config.history_ms + BUCKET_MS)
+        except Exception:
+            self.signals.restore(Tally(tally.counts, {}, {}))
+            raise
+
+    async def _detect(self, now_ms: int) -> list[EventRecord]:
+        store = self.store
+        if not isinstance(store, SignalStore):
+            return []
+        config = self.config
+        counts = await store.signal_counts(now_ms - config.history_ms)
+        edge = (now_ms - config.rate_window_seconds * 1000) // BUCKET_MS * BUCKET_MS
+        reserved: dict[str, int] = {}
+        for (bucket, tenant, name), n in counts.items():
+            if name == RESERVATIONS and bucket >= edge:
+                reserved[tenant] = reserved.get(tenant, 0) + n
+        expired = {
+            tenant: await self._expired(tenant, edge)
+            for tenant, n in reserved.items()
+            if n >= config.min_samples
+        }
+        conditions = rate_spikes(counts, expired, now_ms, config)
+        for burn in burn_rates(counts, now_ms, config):
+            budget = await store.get_budget(burn.scope, burn.unit)
+            remaining = budget.remaining if budget is not None else None
+            conditions.append(burn_condition(burn, remaining, config))
+        ttl_ms = int(3 * config.tick_seconds * 1000)
+        started = [c for c in conditions if await store.raise_flag(c.flag, ttl_ms)]
+        return [self._record(c, now_ms) for c in started]
+
+    async def _expired(self, tenant_id: str, since_ms: int) -> int:
+        count, cursor = 0, None
+        while count < EXPIRED_SCAN_MAX:
+            query = EventQuery(
+                tenant_id, event_type="reservation.expired", from_ms=since_ms, limit=100,
+                cursor=cursor,
+            )  # fmt: skip
+            page = await self.store.list_events(query)
+            count += len(page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return count
+
+    @staticmethod
+    def _record(condition: Condition, now_ms: int) -> EventRecord:
+        return EventRecord(
+            event_id=new_event_id(now_ms),
+            event_type=condition.event_type,
+            tenant_id=condition.tenant_id,
+            created_at_ms=now_ms,
+            source=DETECTOR_SOURCE,
+            scope=condition.scope,
+            actor_type="system",
+            data=condition.data,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# What the request handlers tally (a few dictionary operations; no store access, no clock)
+
+
+def note_denial(
+    signals: Signals, tenant_id: str, request: ReservationCreateRequest, error: LedgerError
+) -> None:
+    """Tally a denied live reservation (a refusal that carries a ``deny_detail``)."""
+    detail = (error.details or {}).get("deny_detail")
+    if not isinstance(detail, dict):
+        return
+    unit = request.estimate.unit.value
+    scope = detail.get("blocked_by_scope") or ledger.derive_scopes(request.subject)[-1]
+    data: dict[str, Any] = {
+        "scope": scope,
+        "unit": unit,
+        "reason_code": error.code,
+        "requested_amount": request.estimate.amount,
+        "action": request.action.model_dump(mode="json", exclude_none=True),
+        "subject": request.subject.model_dump(mode="json", exclude_none=True),
+        "deny_detail": detail,
+    }
+    if isinstance(detail.get("budget_remaining"), int):
+        data["remaining"] = detail["budget_remaining"]
+    if isinstance(detail.get("blocked_by_policy"), str):
+        data["policy_id"] = detail["blocked_by_policy"]
+    signals.denied(tenant_id, str(scope), unit, error.code, data, current_context())
+
+
+def note_spend(signals: Signals, tenant_id: str, outcome: Outcome) -> None:
+    """Tally what a commit or ``POST /v1/events`` charged (a replay carries no rows)."""
+    res = outcome.reservation
+    if res is not None and res.committed:
+        signals.spent(tenant_id, res.budgeted_scopes, res.unit, res.committed)
+    event = outcome.event
+    if event is not None:
+        signals.spent(tenant_id, event.budgeted_scopes, event.unit, event.charged)
