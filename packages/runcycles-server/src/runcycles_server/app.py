@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -71,6 +72,7 @@ from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
     RESERVATION_SORT_KEYS,
+    OperationStore,
     ReservationQuery,
     RetentionPurger,
     Store,
@@ -87,6 +89,8 @@ from runcycles_server.web import (
     query_int,
     request_ids,
 )
+from runcycles_server.webhooks import Dispatcher, Resolver, storage_for, system_resolver
+from runcycles_server.webhooks.api import WebhooksApi
 
 logger = logging.getLogger("runcycles_server")
 
@@ -645,6 +649,17 @@ def _background_failure(health: StoreHealth, exc: Exception, what: str) -> None:
         logger.exception(what)
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookOptions:
+    """Settings of the webhook dispatcher (see :mod:`runcycles_server.webhooks.dispatch`)."""
+
+    poll_interval_s: float = 1.0
+    lease_ms: int = 60_000
+    timeout_s: float = 10.0
+    max_age_ms: int = ledger.DAY_MS
+    resolver: Resolver = system_resolver
+
+
 def create_app(
     store: Store,
     *,
@@ -655,6 +670,7 @@ def create_app(
     rate_limit_per_s: float | None = None,
     retention_days: float | None = DEFAULT_RETENTION_DAYS,
     registry_requests_per_minute: int | None = REGISTRY_REQUESTS_PER_MINUTE,
+    webhook_options: WebhookOptions | None = None,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -674,6 +690,10 @@ def create_app(
         registry_requests_per_minute: requests a minute each client address may make to the
             public ``/v1/action-kinds`` endpoints (``None``: no limit); see
             :mod:`runcycles_server.governance_api`.
+        webhook_options: the webhook dispatcher's settings (poll interval, lease, timeouts,
+            resolver; ``None``: the defaults). The dispatcher runs with the sweeper
+            (``sweep_interval_s`` ``None`` runs neither: tests call
+            ``app.state.webhook_dispatcher.run_once()``).
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, or ``retention_days``
@@ -695,6 +715,19 @@ def create_app(
         store, auth, max_body_bytes, registry_requests_per_minute=registry_requests_per_minute
     )
     events = EventsApi(store, auth)
+    options = webhook_options or WebhookOptions()
+    dispatcher = Dispatcher(
+        store,
+        storage_for(store),
+        resolver=options.resolver,
+        poll_interval_s=options.poll_interval_s,
+        lease_ms=options.lease_ms,
+        timeout_s=options.timeout_s,
+        max_age_ms=options.max_age_ms,
+    )
+    webhooks = WebhooksApi(store, dispatcher.storage, dispatcher, auth, max_body_bytes)
+    if isinstance(store, OperationStore):
+        store.on_events = dispatcher.wake
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -705,22 +738,32 @@ def create_app(
             if sweep_interval_s is not None
             else None
         )
+        dispatch = asyncio.create_task(dispatcher.run()) if sweep_interval_s is not None else None
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, dispatch):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
+            await dispatcher.close()
             if close_store:
                 await store.close()
 
     app = Starlette(
-        routes=[*runtime.routes(), *admin.routes(), *governance.routes(), *events.routes()],
+        routes=[
+            *runtime.routes(),
+            *admin.routes(),
+            *governance.routes(),
+            *events.routes(),
+            *webhooks.routes(),
+        ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.add_middleware(ContextMiddleware, fast_route=runtime.fast_route, health=health)
     app.state.store = store
+    app.state.webhook_dispatcher = dispatcher
     app.state.store_health = health
     return app

@@ -51,6 +51,7 @@ from runcycles_server.events import (
     current_context,
     new_event_id,
 )
+from runcycles_server.events.detect import DEFAULT_THRESHOLDS
 from runcycles_server.governance import (
     CounterRow,
     PolicyRow,
@@ -178,11 +179,17 @@ def _applied(
     system's own work.
     """
     if outcome.budgets or extra:
-        found = [*budget_transitions(txn.current_budgets(outcome.budgets), outcome.budgets), *extra]
+        tenant_id = outcome.budgets[0].tenant_id if outcome.budgets else None
+        if outcome.reservation is not None:
+            tenant_id = outcome.reservation.tenant_id
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+        if outcome.budgets and tenant_id is not None:
+            tenant = txn.tenant(tenant_id)
+            if tenant is not None and tenant.event_thresholds:
+                thresholds = tenant.event_thresholds
+        before = txn.current_budgets(outcome.budgets)
+        found = [*budget_transitions(before, outcome.budgets, thresholds), *extra]
         if found:
-            tenant_id = outcome.budgets[0].tenant_id if outcome.budgets else None
-            if outcome.reservation is not None:
-                tenant_id = outcome.reservation.tenant_id
             assert tenant_id is not None
             outcome.events = _records(found, tenant_id, txn.now, context, correlation_id)
     txn.apply(outcome)
@@ -825,5 +832,22 @@ def reset_counters(
                 )
                 txn.apply(Outcome(200, b"", audit=entry))
         return pairs
+
+    return Op(plan, tenant_id)
+
+
+def set_event_thresholds(tenant_id: str, thresholds: Sequence[float] | None) -> Op[bool]:
+    """Set the tenant's recorded threshold set (``None``: the defaults); ``False`` when the
+    tenant does not exist. Its ``updated_at`` is not touched: the tenant itself did not change.
+    """
+    wanted = None if thresholds is None else sorted(set(thresholds))
+
+    def plan(txn: Txn) -> bool:
+        tenant = txn.tenant(tenant_id)
+        if tenant is None:
+            return False
+        if tenant.event_thresholds != wanted:
+            txn.put_tenant(dataclasses.replace(tenant, event_thresholds=wanted))
+        return True
 
     return Op(plan, tenant_id)

@@ -1,0 +1,383 @@
+"""Webhook subscriptions and delivery on every store, against a real local HTTP receiver.
+
+The dispatcher is driven round by round (``app.state.webhook_dispatcher.run_once()``) and
+time moves with the fake clock, so retries, backoff and leases need no sleeping. The receiver
+is a real HTTP server on 127.0.0.1 (allowed by relaxing the SSRF configuration through its
+admin route, as an operator would in development).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from runcycles import InMemorySeenEventStore, WebhookReplayError, verify_delivery
+from runcycles_server.app import WebhookOptions
+
+if TYPE_CHECKING:
+    from conftest import Api, FakeClock
+
+U = "USD_MICROCENTS"
+HOOK_PERMS = ["reservations:create", "reservations:commit", "reservations:release",
+              "balances:read", "webhooks:read", "webhooks:write", "events:read"]  # fmt: skip
+
+
+class Receiver:
+    """A real HTTP server that records each request and answers from a script of statuses."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.script: list[int] = []
+        self.default = 200
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", "0"))
+                body = self.rfile.read(length)
+                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = receiver.script.pop(0) if receiver.script else receiver.default
+                self.send_response(status)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}/hook"
+
+    def events(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(body) for _, body in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    found = Receiver()
+    yield found
+    found.close()
+
+
+class Dns:
+    """The resolver seam: a host's address can change between save and delivery."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, str] = {"hooks.example": "127.0.0.1"}
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        if host not in self.hosts:
+            raise OSError(f"unknown host {host}")
+        return [self.hosts[host]]
+
+
+@pytest.fixture
+def dns() -> Dns:
+    return Dns()
+
+
+@pytest.fixture
+def hooks(make_api: Callable[..., Api], dns: Dns) -> Api:
+    api = make_api(webhook_options=WebhookOptions(resolver=dns))
+    api.admin(
+        "PUT",
+        "/v1/admin/config/webhook-security",
+        200,
+        json={"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8", "169.254.0.0/16"]},
+    )
+    return api
+
+
+def dispatch(api: Api, rounds: int = 1) -> int:
+    app = api.client._client._transport.app  # type: ignore[attr-defined]
+    return sum(api.client.run(app.state.webhook_dispatcher.run_once()) for _ in range(rounds))
+
+
+def tenant_key(api: Api, tenant: str = "acme") -> str:
+    api.admin("POST", "/v1/admin/tenants", json={"tenant_id": tenant, "name": tenant})
+    body = {"tenant_id": tenant, "name": "ops", "permissions": HOOK_PERMS}
+    return str(api.admin("POST", "/v1/admin/api-keys", 201, json=body)["key_secret"])
+
+
+def subscribe(api: Api, key: str, url: str, expect: int = 201, **fields: Any) -> Any:
+    body = {"url": url, "event_types": ["budget.threshold_crossed", "budget.exhausted"], **fields}
+    response = api.client.post("/v1/webhooks", json=body, headers={"X-Cycles-API-Key": key})
+    assert response.status_code == expect, response.text
+    return response.json()
+
+
+def reserve(api: Api, key: str, idem: str, amount: int) -> Any:
+    body = {
+        "idempotency_key": idem,
+        "subject": {"tenant": "acme", "agent": "bot"},
+        "action": {"kind": "llm.completion", "name": "m"},
+        "estimate": {"unit": U, "amount": amount},
+    }
+    response = api.post(key, "/v1/reservations", body)
+    assert response.status_code in (200, 409), response.text
+    return response.json()
+
+
+def crossings(receiver: Receiver) -> list[tuple[str, Any, Any]]:
+    return [
+        (e["event_type"], e["data"].get("threshold"), e["data"].get("direction"))
+        for e in receiver.events()
+    ]
+
+
+def test_crossings_and_exhaustion_each_deliver_once(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    created = subscribe(hooks, key, receiver.url())
+    secret = created["signing_secret"]
+    reserve(hooks, key, "a", 800)  # 80 %
+    dispatch(hooks, 3)
+    assert crossings(receiver) == [("budget.threshold_crossed", 0.8, "rising")]
+    second = reserve(hooks, key, "b", 150)  # 95 %
+    dispatch(hooks, 3)
+    assert crossings(receiver)[1:] == [("budget.threshold_crossed", 0.95, "rising")]
+    rid = second["reservation_id"]
+    hooks.post(key, f"/v1/reservations/{rid}/release", {"idempotency_key": "r"})  # back to 80 %
+    dispatch(hooks, 3)
+    reserve(hooks, key, "c", 150)  # 95 % again: delivered again
+    dispatch(hooks, 3)
+    assert crossings(receiver)[2:] == [
+        ("budget.threshold_crossed", 0.95, "falling"),
+        ("budget.threshold_crossed", 0.95, "rising"),
+    ]
+    reserve(hooks, key, "d", 50)  # 100 %: exhausted once
+    reserve(hooks, key, "e", 10)  # refused: nothing new
+    dispatch(hooks, 4)
+    tail = crossings(receiver)[4:]
+    assert tail == [
+        ("budget.threshold_crossed", 1.0, "rising"),
+        ("budget.exhausted", None, "rising"),
+    ]
+    # every delivery verifies with the secret answered at creation, ids are unique
+    seen = InMemorySeenEventStore()
+    for headers, body in receiver.requests:
+        assert headers["x-cycles-signature"].startswith("sha256=")
+        assert headers["user-agent"].startswith("runcycles-server-webhooks")
+        verify_delivery(body, headers, [secret], seen=seen, now=clock.now_ms / 1000)
+    # the secret is never answered again
+    sid = created["subscription"]["subscription_id"]
+    got = hooks.client.get(f"/v1/webhooks/{sid}", headers={"X-Cycles-API-Key": key}).json()
+    assert "signing_secret" not in got and secret not in str(got)
+    listed = hooks.admin("GET", "/v1/admin/webhooks", 200)
+    assert secret not in str(listed)
+    deliveries = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)["deliveries"]
+    assert len(deliveries) == 6 and {d["status"] for d in deliveries} == {"SUCCESS"}
+
+
+def test_retries_until_success_then_exactly_once(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    secret = subscribe(hooks, key, receiver.url())["signing_secret"]
+    receiver.script = [500, 503, 502]
+    reserve(hooks, key, "a", 800)
+    dispatch(hooks)
+    for _ in range(3):
+        clock.advance(61_000)  # past any backoff (capped at 60 s)
+        dispatch(hooks)
+    clock.advance(61_000)
+    dispatch(hooks, 2)
+    statuses = [h for h, _ in receiver.requests]
+    assert len(statuses) == 4
+    ids = [e["event_id"] for e in receiver.events()]
+    assert len(set(ids)) == 1  # the same event, four attempts
+    seen = InMemorySeenEventStore()
+    verify_delivery(receiver.requests[-1][1], receiver.requests[-1][0], [secret],
+                    seen=seen, now=clock.now_ms / 1000)  # fmt: skip
+    with pytest.raises(WebhookReplayError):
+        verify_delivery(receiver.requests[-2][1], receiver.requests[-2][0], [secret],
+                        seen=seen, now=clock.now_ms / 1000)  # fmt: skip
+    # timestamps are fresh on every attempt
+    stamps = [h["x-cycles-timestamp"] for h, _ in receiver.requests]
+    assert len(set(stamps)) == 4
+
+
+def test_always_failing_receiver_disables_after_n(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    created = subscribe(hooks, key, receiver.url(), disable_after_failures=2,
+                        retry_policy={"max_retries": 1, "initial_delay_ms": 100})  # fmt: skip
+    sid = created["subscription"]["subscription_id"]
+    receiver.default = 500
+    reserve(hooks, key, "a", 800)
+    reserve(hooks, key, "b", 150)
+    for _ in range(6):
+        dispatch(hooks)
+        clock.advance(1_000)
+    assert len(receiver.requests) == 4  # two deliveries, each tried twice
+    sub = hooks.admin("GET", f"/v1/admin/webhooks/{sid}", 200)
+    assert sub["status"] == "DISABLED"
+    assert sub["consecutive_failures"] == 2
+    events = hooks.admin("GET", "/v1/admin/events", 200,
+                         params={"tenant_id": "acme", "event_type": "webhook.disabled"})["events"]  # fmt: skip
+    assert [e["data"]["disable_reason"] for e in events] == [
+        "consecutive_failures_exceeded_threshold"
+    ]
+    failed = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200,
+                         params={"status": "FAILED"})["deliveries"]  # fmt: skip
+    assert len(failed) == 2 and failed[0]["response_status"] == 500
+    # re-enabled by PATCH: resumed, counter reset
+    resumed = hooks.admin("PATCH", f"/v1/admin/webhooks/{sid}", 200, json={"status": "ACTIVE"})
+    assert resumed["status"] == "ACTIVE" and resumed["consecutive_failures"] == 0
+
+
+def test_ssrf_refused_at_save_and_at_delivery(
+    hooks: Api, receiver: Receiver, dns: Dns, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    dns.hosts["internal.example"] = "10.1.2.3"
+    refused = subscribe(hooks, key, receiver.url("internal.example"), expect=400)
+    assert "10.1.2.3" in refused["message"]
+    metadata = subscribe(hooks, key, "http://169.254.169.254/latest", expect=400)
+    assert "169.254" in metadata["message"]
+    created = subscribe(hooks, key, receiver.url("hooks.example"),
+                        retry_policy={"max_retries": 0})  # fmt: skip
+    sid = created["subscription"]["subscription_id"]
+    dns.hosts["hooks.example"] = "10.9.9.9"  # rebinding after the save
+    reserve(hooks, key, "a", 800)
+    dispatch(hooks, 2)
+    assert receiver.requests == []
+    (delivery,) = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)["deliveries"]
+    assert delivery["status"] == "FAILED" and "10.9.9.9" in delivery["error_message"]
+    # back to an allowed address: the pinned connection carries the real Host header
+    dns.hosts["hooks.example"] = "127.0.0.1"
+    reserve(hooks, key, "b", 150)
+    dispatch(hooks, 2)
+    assert receiver.requests[0][0]["host"] == f"hooks.example:{receiver.port}"
+    # https only by default
+    hooks.admin("PUT", "/v1/admin/config/webhook-security", 200, json={})
+    assert "https" in subscribe(hooks, key, receiver.url(), expect=400)["message"]
+
+
+def test_replay_resends_a_window(hooks: Api, receiver: Receiver, clock: FakeClock) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    reserve(hooks, key, "a", 800)  # before the subscription existed
+    clock.advance(1_000)
+    created = subscribe(hooks, key, receiver.url())
+    sid = created["subscription"]["subscription_id"]
+    reserve(hooks, key, "b", 150)
+    dispatch(hooks, 2)
+    assert crossings(receiver) == [("budget.threshold_crossed", 0.95, "rising")]
+    accepted = hooks.admin("POST", f"/v1/admin/webhooks/{sid}/replay", 202,
+                           json={"from": "2020-01-01T00:00:00Z"})  # fmt: skip
+    assert accepted["events_queued"] == 2
+    dispatch(hooks, 3)
+    assert crossings(receiver)[1:] == [
+        ("budget.threshold_crossed", 0.8, "rising"),
+        ("budget.threshold_crossed", 0.95, "rising"),
+    ]
+    too_many = hooks.admin("POST", f"/v1/admin/webhooks/{sid}/replay", 400,
+                           json={"from": "2020-01-01T00:00:00Z", "max_events": 1})  # fmt: skip
+    assert "max_events" in too_many["message"]
+
+
+def test_tenant_isolation(hooks: Api, receiver: Receiver) -> None:
+    acme = tenant_key(hooks, "acme")
+    other = tenant_key(hooks, "globex")
+    hooks.budget("acme", "tenant:acme", 1_000)
+    hooks.budget("globex", "tenant:globex", 1_000)
+    created = subscribe(hooks, other, receiver.url())
+    sid = created["subscription"]["subscription_id"]
+    # acme cannot see, change or test globex's subscription
+    for method, path in [("GET", f"/v1/webhooks/{sid}"), ("PATCH", f"/v1/webhooks/{sid}"),
+                         ("DELETE", f"/v1/webhooks/{sid}"), ("POST", f"/v1/webhooks/{sid}/test"),
+                         ("GET", f"/v1/webhooks/{sid}/deliveries")]:  # fmt: skip
+        kwargs: dict[str, Any] = {"json": {}} if method == "PATCH" else {}
+        response = hooks.client.request(method, path, headers={"X-Cycles-API-Key": acme}, **kwargs)
+        assert response.status_code == 404, (method, path, response.text)
+    assert (
+        hooks.client.get("/v1/webhooks", headers={"X-Cycles-API-Key": acme}).json()["subscriptions"]
+        == []
+    )
+    # nor subscribe to admin-only events
+    bad = subscribe(hooks, acme, receiver.url(), expect=400, event_types=["api_key.created"])
+    assert "admin-only" in bad["message"]
+    subscribe(hooks, acme, receiver.url(), expect=400, event_categories=["system"])
+    # globex's subscription never receives acme's events
+    reserve(hooks, acme, "a", 900)
+    dispatch(hooks, 2)
+    assert receiver.requests == []
+
+
+def test_subscription_thresholds_are_recorded_and_filtered(hooks: Api, receiver: Receiver) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    subscribe(hooks, key, receiver.url(), thresholds={"budget_utilization": [0.5]},
+              event_types=["budget.threshold_crossed"])  # fmt: skip
+    reserve(hooks, key, "a", 600)  # crosses 0.5 only
+    reserve(hooks, key, "b", 250)  # crosses 0.8 (recorded, not this subscription's)
+    dispatch(hooks, 3)
+    assert crossings(receiver) == [("budget.threshold_crossed", 0.5, "rising")]
+
+
+def test_lifecycle_events_pause_resume_rotate_delete(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    created = subscribe(hooks, key, receiver.url())
+    sid = created["subscription"]["subscription_id"]
+    old = created["signing_secret"]
+    headers = {"X-Cycles-API-Key": key}
+    patch = f"/v1/webhooks/{sid}"
+    paused = hooks.client.request("PATCH", patch, json={"status": "PAUSED"}, headers=headers)
+    assert paused.json()["status"] == "PAUSED"
+    hooks.client.request("PATCH", patch, json={"status": "ACTIVE"}, headers=headers)
+    rotated = hooks.client.post(f"/v1/webhooks/{sid}/rotate-secret", json={}, headers=headers)
+    new = rotated.json()["signing_secret"]
+    assert new != old
+    test = hooks.client.post(f"/v1/webhooks/{sid}/test", headers=headers).json()
+    assert test["success"] is True and test["response_status"] == 200
+    hdrs, body = receiver.requests[-1]
+    assert receiver.events()[-1]["event_type"] == "system.webhook_test"
+    now = clock.now_ms / 1000
+    verify_delivery(body, hdrs, [old], now=now)  # both secrets sign during the overlap
+    verify_delivery(body, hdrs, [new], now=now)
+    assert hooks.client.request("DELETE", patch, headers=headers).status_code == 204
+    events = hooks.admin("GET", "/v1/admin/events", 200,
+                         params={"tenant_id": "acme", "category": "webhook"})["events"]  # fmt: skip
+    kinds = [e["event_type"] for e in reversed(events)]
+    assert kinds == ["webhook.created", "webhook.paused", "webhook.resumed", "webhook.updated",
+                     "webhook.deleted"]  # fmt: skip
+
+
+def test_bulk_action(hooks: Api, receiver: Receiver) -> None:
+    key = tenant_key(hooks)
+    for _ in range(3):
+        subscribe(hooks, key, receiver.url())
+    body = {"filter": {"tenant_id": "acme"}, "action": "PAUSE", "idempotency_key": "k1",
+            "expected_count": 3}  # fmt: skip
+    out = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=body)
+    assert out["total_matched"] == 3 and len(out["succeeded"]) == 3
+    again = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=body)
+    assert again == out
+    mismatch = {**body, "idempotency_key": "k2", "expected_count": 2}
+    hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 409, json=mismatch)
+    listed = hooks.admin("GET", "/v1/admin/webhooks", 200, params={"status": "PAUSED"})
+    assert len(listed["subscriptions"]) == 3
