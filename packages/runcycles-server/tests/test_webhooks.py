@@ -179,11 +179,13 @@ def test_crossings_and_exhaustion_each_deliver_once(
     # the secret is never answered again
     sid = created["subscription"]["subscription_id"]
     got = hooks.client.get(f"/v1/webhooks/{sid}", headers={"X-Cycles-API-Key": key}).json()
-    assert "signing_secret" not in got and secret not in str(got)
+    assert "signing_secret" not in got
+    assert secret not in str(got)
     listed = hooks.admin("GET", "/v1/admin/webhooks", 200)
     assert secret not in str(listed)
     deliveries = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)["deliveries"]
-    assert len(deliveries) == 6 and {d["status"] for d in deliveries} == {"SUCCESS"}
+    assert len(deliveries) == 6
+    assert {d["status"] for d in deliveries} == {"SUCCESS"}
 
 
 def test_retries_until_success_then_exactly_once(
@@ -233,17 +235,19 @@ def test_always_failing_receiver_disables_after_n(
     sub = hooks.admin("GET", f"/v1/admin/webhooks/{sid}", 200)
     assert sub["status"] == "DISABLED"
     assert sub["consecutive_failures"] == 2
-    events = hooks.admin("GET", "/v1/admin/events", 200,
-                         params={"tenant_id": "acme", "event_type": "webhook.disabled"})["events"]  # fmt: skip
+    params = {"tenant_id": "acme", "event_type": "webhook.disabled"}
+    events = hooks.admin("GET", "/v1/admin/events", 200, params=params)["events"]
     assert [e["data"]["disable_reason"] for e in events] == [
         "consecutive_failures_exceeded_threshold"
     ]
     failed = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200,
                          params={"status": "FAILED"})["deliveries"]  # fmt: skip
-    assert len(failed) == 2 and failed[0]["response_status"] == 500
+    assert len(failed) == 2
+    assert failed[0]["response_status"] == 500
     # re-enabled by PATCH: resumed, counter reset
     resumed = hooks.admin("PATCH", f"/v1/admin/webhooks/{sid}", 200, json={"status": "ACTIVE"})
-    assert resumed["status"] == "ACTIVE" and resumed["consecutive_failures"] == 0
+    assert resumed["status"] == "ACTIVE"
+    assert resumed["consecutive_failures"] == 0
 
 
 def test_ssrf_refused_at_save_and_at_delivery(
@@ -264,7 +268,8 @@ def test_ssrf_refused_at_save_and_at_delivery(
     dispatch(hooks, 2)
     assert receiver.requests == []
     (delivery,) = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)["deliveries"]
-    assert delivery["status"] == "FAILED" and "10.9.9.9" in delivery["error_message"]
+    assert delivery["status"] == "FAILED"
+    assert "10.9.9.9" in delivery["error_message"]
     # back to an allowed address: the pinned connection carries the real Host header
     dns.hosts["hooks.example"] = "127.0.0.1"
     reserve(hooks, key, "b", 150)
@@ -353,7 +358,8 @@ def test_lifecycle_events_pause_resume_rotate_delete(
     new = rotated.json()["signing_secret"]
     assert new != old
     test = hooks.client.post(f"/v1/webhooks/{sid}/test", headers=headers).json()
-    assert test["success"] is True and test["response_status"] == 200
+    assert test["success"] is True
+    assert test["response_status"] == 200
     hdrs, body = receiver.requests[-1]
     assert receiver.events()[-1]["event_type"] == "system.webhook_test"
     now = clock.now_ms / 1000
@@ -374,7 +380,8 @@ def test_bulk_action(hooks: Api, receiver: Receiver) -> None:
     body = {"filter": {"tenant_id": "acme"}, "action": "PAUSE", "idempotency_key": "k1",
             "expected_count": 3}  # fmt: skip
     out = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=body)
-    assert out["total_matched"] == 3 and len(out["succeeded"]) == 3
+    assert out["total_matched"] == 3
+    assert len(out["succeeded"]) == 3
     again = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=body)
     assert again == out
     mismatch = {**body, "idempotency_key": "k2", "expected_count": 2}

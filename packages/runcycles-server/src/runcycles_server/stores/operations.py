@@ -837,8 +837,10 @@ def reset_counters(
 
 
 def set_event_thresholds(tenant_id: str, thresholds: Sequence[float] | None) -> Op[bool]:
-    """Set the tenant's recorded threshold set (``None``: the defaults); ``False`` when the
-    tenant does not exist. Its ``updated_at`` is not touched: the tenant itself did not change.
+    """Set the tenant's recorded threshold set (``None``: the defaults).
+
+    Answers ``False`` when the tenant does not exist. Its ``updated_at`` is not touched: the
+    tenant itself did not change.
     """
     wanted = None if thresholds is None else sorted(set(thresholds))
 

@@ -1276,8 +1276,9 @@ class RedisStore(OperationStore):
         return None if raw is None else _dec(ReservationRow, raw)
 
     async def append_events(self, tenant_id: str, events: Sequence[EventRecord]) -> None:
-        """Write events to a tenant's event log outside any ledger operation (webhook
-        lifecycle events; one transaction on the tenant's slot).
+        """Write events to a tenant's event log outside any ledger operation.
+
+        For webhook lifecycle events; one transaction on the tenant's slot.
         """
         if not events:
             return

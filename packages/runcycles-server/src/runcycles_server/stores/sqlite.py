@@ -587,8 +587,9 @@ class SqliteStore(RowStore):
         return _WriteTx(self)
 
     def write_transaction(self) -> AbstractContextManager[None]:
-        """One write transaction (``BEGIN IMMEDIATE`` under the writer lock; nests inside an
-        open one): for tables this module does not own (webhooks).
+        """One write transaction, for tables this module does not own (webhooks).
+
+        ``BEGIN IMMEDIATE`` under the writer lock; nests inside an open one.
         """
         return _WriteTx(self)
 

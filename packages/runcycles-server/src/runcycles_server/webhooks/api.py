@@ -349,13 +349,12 @@ class WebhooksApi:
         found: list[EventRecord] = []
         scanned = 0
         for tenant_id in tenants:
-            cursor = None
+            at: str | None = None
             while True:
-                query = EventQuery(tenant_id, from_ms=from_ms, to_ms=to_ms, limit=100,
-                                   cursor=cursor)  # fmt: skip
-                page = await self.store.list_events(query)
-                scanned += len(page.items)
-                for event in page.items:
+                query = EventQuery(tenant_id, from_ms=from_ms, to_ms=to_ms, limit=100, cursor=at)
+                events = await self.store.list_events(query)
+                scanned += len(events.items)
+                for event in events.items:
                     if types and event.event_type not in types:
                         continue
                     if matches(unbounded, event):
@@ -366,8 +365,8 @@ class WebhooksApi:
                         f"the window holds more than max_events={max_events} events for this "
                         "subscription: narrow from/to or raise max_events (up to 1000)",
                     )
-                cursor = page.next_cursor
-                if cursor is None or scanned > REPLAY_SCAN_MAX:
+                at = events.next_cursor
+                if at is None or scanned > REPLAY_SCAN_MAX:
                     break
         found.sort(key=lambda e: (e.created_at_ms, e.event_id))
         return found

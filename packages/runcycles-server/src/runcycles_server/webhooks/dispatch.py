@@ -131,6 +131,7 @@ class Dispatcher:
         self._wake.set()
 
     async def close(self) -> None:
+        """Close the HTTP client."""
         await self.sender.close()
 
     async def run(self) -> None:

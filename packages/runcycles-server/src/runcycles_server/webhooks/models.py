@@ -23,7 +23,7 @@ from typing import Annotated, Any, Final, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from runcycles_server.events import CATEGORIES, EVENT_TYPES, EventRecord, category_of
+from runcycles_server.events import EVENT_TYPES, EventRecord, category_of
 from runcycles_server.events.detect import DEFAULT_THRESHOLDS
 from runcycles_server.governance.timestamps import iso
 from runcycles_server.ledger import LedgerError
@@ -42,7 +42,7 @@ SECRET_PREFIX: Final = "whsec_"
 MASK: Final = "********"
 
 EventTypeName = Literal[EVENT_TYPES]  # type: ignore[valid-type]
-CategoryName = Literal[tuple(sorted(CATEGORIES))]  # type: ignore[valid-type]
+CategoryName = Literal["budget", "tenant", "api_key", "policy", "reservation", "system", "webhook"]
 Url = Annotated[str, Field(min_length=1, max_length=2048)]
 Utilization = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -66,8 +66,10 @@ class RetryPolicy(_Strict):
 
 
 class ThresholdConfig(_Strict):
-    """``WebhookThresholdConfig``: ``budget_utilization`` is the one this server applies per
-    subscription; the rate and burn-rate settings are stored and answered as given.
+    """``WebhookThresholdConfig``.
+
+    ``budget_utilization`` is the one this server applies per subscription; the rate and
+    burn-rate settings are stored and answered as given.
     """
 
     budget_utilization: Annotated[list[Utilization], Field(min_length=1, max_length=20)] | None = (
@@ -120,8 +122,10 @@ class UpdateRequest(_Strict):
 
 
 class RotateRequest(_Strict):
-    """Body of ``POST .../rotate-secret`` (an extension): the new secret (generated when
-    omitted) and how long the previous one keeps signing (default 24 h, 0 = retire now).
+    """Body of ``POST .../rotate-secret`` (an extension).
+
+    The new secret (generated when omitted) and how long the previous one keeps signing
+    (default 24 h, 0 = retire now).
     """
 
     signing_secret: Annotated[str, Field(min_length=16, max_length=256)] | None = None
@@ -141,6 +145,13 @@ class ReplayRequest(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+DEFAULT_BLOCKED_CIDRS: Final = (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
+    "::1/128", "fc00::/7",
+)  # fmt: skip
+"""The spec's default ``blocked_cidr_ranges``."""
+
+
 class SecurityConfig(_Strict):
     """``WebhookSecurityConfig`` with the spec's defaults."""
 
@@ -151,13 +162,6 @@ class SecurityConfig(_Strict):
         default_factory=list, max_length=256
     )
     allow_http: StrictBool = False
-
-
-DEFAULT_BLOCKED_CIDRS: Final = (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
-    "::1/128", "fc00::/7",
-)  # fmt: skip
-"""The spec's default ``blocked_cidr_ranges``."""
 
 
 class BulkFilter(_Strict):
@@ -273,14 +277,17 @@ class DeliveryRow:
 
     @property
     def event_id(self) -> str:
+        """The delivered event's id."""
         return str(self.event["event_id"])
 
     @property
     def event_type(self) -> str:
+        """The delivered event's type."""
         return str(self.event["event_type"])
 
     @property
     def order(self) -> str:
+        """Sending order: when queued, then the event's time and id."""
         return f"{self.queued_at_ms:013d}:{int(self.event['created_at_ms']):013d}:{self.event_id}"
 
     def record(self) -> EventRecord:
@@ -290,10 +297,12 @@ class DeliveryRow:
         return EventRecord(**data)
 
     def to_json(self) -> bytes:
+        """The storage form (read back by :meth:`from_json`)."""
         return orjson.dumps({name: getattr(self, name) for name in DeliveryRow.__slots__})
 
     @staticmethod
     def from_json(raw: bytes | str) -> DeliveryRow:
+        """Read a row :meth:`to_json` wrote."""
         return DeliveryRow(**orjson.loads(raw))
 
 

@@ -115,6 +115,7 @@ class RedisWebhookStorage(WebhookStorage):
         self.k = _Keys(store.key_prefix())
 
     async def transact(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
+        """See :meth:`WebhookStorage.transact`."""
         client = self.ledger.client
         for _ in range(MAX_ATTEMPTS):
             async with client.pipeline(transaction=True) as pipe:
@@ -146,21 +147,22 @@ class RedisWebhookStorage(WebhookStorage):
                 pipe.sadd(k.subs, sid)
         for sid in w.dropped_queues:
             pipe.delete(k.queue(sid))
-        for did, (row, old) in w.deliveries.items():
-            pipe.set(k.delivery(did), row.to_json())
-            queue = k.queue(row.subscription_id)
-            if old is not None and old.order != row.order:
+        for did, (delivery, old) in w.deliveries.items():
+            pipe.set(k.delivery(did), delivery.to_json())
+            queue = k.queue(delivery.subscription_id)
+            if old is not None and old.order != delivery.order:
                 pipe.zrem(queue, f"{old.order}|{did}")
-            if row.status in ("PENDING", "RETRYING"):
-                pipe.zadd(queue, {f"{row.order}|{did}": 0})
+            if delivery.status in ("PENDING", "RETRYING"):
+                pipe.zadd(queue, {f"{delivery.order}|{did}": 0})
             else:
-                pipe.zrem(queue, f"{row.order}|{did}")
+                pipe.zrem(queue, f"{delivery.order}|{did}")
             if old is None:
-                pipe.zadd(k.listing(row.subscription_id), {did: row.queued_at_ms})
+                pipe.zadd(k.listing(delivery.subscription_id), {did: delivery.queued_at_ms})
         for name, value in w.state.items():
             pipe.set(k.state(name), value)
 
     async def list_deliveries(self, query: DeliveryQuery) -> Page[DeliveryRow]:
+        """See :meth:`WebhookStorage.list_deliveries`."""
         client = self.ledger.client
         listing = self.k.listing(query.subscription_id)
         top: Any = "+inf" if query.to_ms is None else query.to_ms

@@ -83,6 +83,7 @@ class Sender:
         )
 
     async def close(self) -> None:
+        """Close the HTTP client."""
         await self.client.aclose()
 
     async def send(

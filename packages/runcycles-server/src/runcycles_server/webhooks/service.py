@@ -21,7 +21,7 @@ from runcycles_server.events import SOURCE, EventRecord, current_context, new_ev
 from runcycles_server.events.detect import DEFAULT_THRESHOLDS
 from runcycles_server.ledger import LedgerError
 from runcycles_server.stores import operations
-from runcycles_server.stores.base import Store, new_id
+from runcycles_server.stores.base import OperationStore, Store, new_id
 from runcycles_server.webhooks.models import (
     SYSTEM_TENANT,
     CreateRequest,
@@ -295,9 +295,9 @@ class Subscriptions:
                 if action == "RESUME" and old.status == "ACTIVE":
                     return "skipped", {"id": sid, "reason": "ALREADY_IN_TARGET_STATE"}
                 if action == "RESUME" and old.status == "DISABLED":
+                    message = "re-enable a DISABLED subscription with PATCH status=ACTIVE"
                     return "failed", {"id": sid, "error_code": "INVALID_TRANSITION",
-                                      "message": "a DISABLED subscription is re-enabled by "
-                                      "PATCH status=ACTIVE after its endpoint is fixed"}  # fmt: skip
+                                      "message": message}  # fmt: skip
                 new = dataclasses.replace(old, status=target, updated_at_ms=t.now)
                 t.put_sub(new)
                 kind = "webhook.paused" if target == "PAUSED" else "webhook.resumed"
@@ -312,8 +312,9 @@ class Subscriptions:
         return out
 
     async def sync_thresholds(self, tenant_id: str) -> None:
-        """Make the tenant's recorded thresholds the union of the defaults and its
-        subscriptions' ``budget_utilization`` (``None`` when that is just the defaults).
+        """Make the tenant's recorded thresholds the defaults and its subscriptions' ones.
+
+        ``None`` when that union is just the defaults.
         """
         if tenant_id == SYSTEM_TENANT:
             return
@@ -322,7 +323,8 @@ class Subscriptions:
             if row.tenant_id == tenant_id:
                 wanted |= set(row.utilization_thresholds)
         value = None if wanted == set(DEFAULT_THRESHOLDS) else sorted(wanted)
-        await self.store.run(operations.set_event_thresholds(tenant_id, value))
+        if isinstance(self.store, OperationStore):
+            await self.store.run(operations.set_event_thresholds(tenant_id, value))
 
 
 def rotate(row: SubscriptionRow, secret: str, now_ms: int, overlap_ms: int | None = None) -> None:

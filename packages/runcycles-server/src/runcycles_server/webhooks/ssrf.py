@@ -74,6 +74,7 @@ class Target:
 
     @property
     def host_header(self) -> str:
+        """The HTTP ``Host`` header of the URL."""
         default = 443 if self.scheme == "https" else 80
         shown = f"[{self.host}]" if ":" in self.host else self.host
         return shown if self.port == default else f"{shown}:{self.port}"

@@ -57,6 +57,7 @@ class DeliveryQuery:
     cursor: str | None = None
 
     def keeps(self, row: DeliveryRow) -> bool:
+        """Whether ``row`` passes the filters (the cursor aside)."""
         at = row.queued_at_ms
         return (
             (self.status is None or row.status == self.status)
@@ -123,8 +124,9 @@ class WebhookTxn(ABC):
         return await self._delivery(delivery_id)
 
     async def open_deliveries(self, subscription_id: str, limit: int = 1) -> list[DeliveryRow]:
-        """The subscription's first ``limit`` deliveries still to send, in sending order
-        (this txn's own writes are not reflected: read before writing).
+        """The subscription's first ``limit`` deliveries still to send, in sending order.
+
+        This txn's own writes are not reflected: read before writing.
         """
         return await self._open(subscription_id, limit)
 
@@ -142,6 +144,7 @@ class WebhookTxn(ABC):
     # -- writes --------------------------------------------------------------------------------
 
     def put_sub(self, row: SubscriptionRow) -> None:
+        """Write a subscription."""
         self.writes.subs[row.subscription_id] = row
 
     def delete_sub(self, subscription_id: str) -> None:
@@ -155,9 +158,11 @@ class WebhookTxn(ABC):
         self.writes.deliveries[row.delivery_id] = (row, previous[1] if previous else old)
 
     def put_state(self, name: str, value: bytes) -> None:
+        """Write a named state value."""
         self.writes.state[name] = value
 
     def put_security(self, config: SecurityConfig) -> None:
+        """Save the webhook security configuration."""
         self.put_state(SECURITY_KEY, config.model_dump_json().encode())
 
     def record(self, events: list[EventRecord]) -> None:
@@ -242,6 +247,7 @@ class MemoryWebhookStorage(WebhookStorage):
         self.state: dict[str, bytes] = {}
 
     async def transact(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
+        """See :meth:`WebhookStorage.transact`."""
         txn = _MemoryTxn(self, self.clock())
         result = await fn(txn)
         w = txn.writes
@@ -253,10 +259,10 @@ class MemoryWebhookStorage(WebhookStorage):
         for sid in w.dropped_queues:
             for did in self.by_sub.pop(sid, []):
                 self.deliveries.pop(did, None)
-        for did, (row, old) in w.deliveries.items():
+        for did, (delivery, old) in w.deliveries.items():
             if old is None and did not in self.deliveries:
-                self.by_sub.setdefault(row.subscription_id, []).append(did)
-            self.deliveries[did] = row.to_json()
+                self.by_sub.setdefault(delivery.subscription_id, []).append(did)
+            self.deliveries[did] = delivery.to_json()
         self.state.update(w.state)
         if w.events:
             with self.ledger._write():
@@ -264,6 +270,7 @@ class MemoryWebhookStorage(WebhookStorage):
         return result
 
     async def list_deliveries(self, query: DeliveryQuery) -> Page[DeliveryRow]:
+        """See :meth:`WebhookStorage.list_deliveries`."""
         rows = [
             DeliveryRow.from_json(self.deliveries[d])
             for d in self.by_sub.get(query.subscription_id, ())
@@ -322,6 +329,7 @@ class SqliteWebhookStorage(WebhookStorage):
         self.ledger = store
 
     async def transact(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
+        """See :meth:`WebhookStorage.transact`."""
         with self.ledger.write_transaction():
             txn = _SqliteTxn(self, self.clock())
             result = _run_now(fn(txn))
@@ -356,6 +364,7 @@ class SqliteWebhookStorage(WebhookStorage):
             self.ledger._put_events(w.events)
 
     async def list_deliveries(self, query: DeliveryQuery) -> Page[DeliveryRow]:
+        """See :meth:`WebhookStorage.list_deliveries`."""
         sql = "SELECT body FROM webhook_deliveries WHERE subscription_id = ?"
         args: list[Any] = [query.subscription_id]
         if query.status is not None:
