@@ -56,6 +56,9 @@ ENV_RATE_LIMIT: Final = "CYCLES_RATE_LIMIT"
 ENV_RETENTION_DAYS: Final = "CYCLES_RETENTION_DAYS"
 ENV_STORE_TIMEOUT: Final = "CYCLES_STORE_TIMEOUT_S"
 ENV_ACTION_KINDS: Final = "CYCLES_ACTION_KINDS"
+ENV_WEBHOOK_POLL: Final = "CYCLES_WEBHOOK_POLL_S"
+ENV_WEBHOOK_LEASE: Final = "CYCLES_WEBHOOK_LEASE_S"
+ENV_WEBHOOK_TIMEOUT: Final = "CYCLES_WEBHOOK_TIMEOUT_S"
 DEV_POLICY: Final = "dev-example-guardrails"
 DEV_POLICY_BODY: Final = {
     "name": DEV_POLICY,
@@ -165,6 +168,13 @@ def app_from_env() -> Starlette:
             store.registry = Registry.load(kinds_file)
         except DeclarationError as exc:
             raise SystemExit(f"{ENV_ACTION_KINDS}: {exc}") from None
+    from runcycles_server.app import WebhookOptions
+
+    hooks = WebhookOptions(
+        poll_interval_s=_env_number(ENV_WEBHOOK_POLL, None) or 1.0,
+        lease_ms=round((_env_number(ENV_WEBHOOK_LEASE, None) or 60.0) * 1000),
+        timeout_s=_env_number(ENV_WEBHOOK_TIMEOUT, None) or 10.0,
+    )
     try:
         app = create_app(
             store,
@@ -172,6 +182,7 @@ def app_from_env() -> Starlette:
             max_body_bytes=max_body,
             rate_limit_per_s=rate_limit or None,  # 0 (or unset) = no rate limit
             retention_days=retention_days or None,  # 0 = keep finished reservations forever
+            webhook_options=hooks,
         )
     except ValueError as exc:
         raise SystemExit(f"{ENV_RATE_LIMIT} / {ENV_RETENTION_DAYS}: {exc}") from None
@@ -436,6 +447,23 @@ def serve(
             "answered 503 with Retry-After (and /readyz 503 within a second either way).",
         ),
     ] = DEFAULT_STORE_TIMEOUT_S,
+    webhook_poll: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between webhook dispatcher rounds when nothing wakes it (events "
+            "written by this process wake it at once)."
+        ),
+    ] = 1.0,
+    webhook_lease: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a delivery stays claimed by the process sending it; a process that "
+            "dies mid-delivery has it sent again by another after this long."
+        ),
+    ] = 60.0,
+    webhook_timeout: Annotated[
+        float, typer.Option(help="Seconds one webhook delivery attempt may take.")
+    ] = 10.0,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -453,6 +481,9 @@ def serve(
             ("--header-timeout", header_timeout),
             ("--body-timeout", body_timeout),
             ("--store-timeout", store_timeout),
+            ("--webhook-poll", webhook_poll),
+            ("--webhook-lease", webhook_lease),
+            ("--webhook-timeout", webhook_timeout),
         ):
             if not 0 < seconds < float("inf"):  # also NaN
                 raise CliError(f"{flag} must be a positive number of seconds, not {seconds}", 2)
@@ -488,6 +519,9 @@ def serve(
         os.environ[ENV_RATE_LIMIT] = repr(rate_limit)
         os.environ[ENV_RETENTION_DAYS] = str(retention_days)
         os.environ[ENV_STORE_TIMEOUT] = repr(store_timeout)
+        os.environ[ENV_WEBHOOK_POLL] = repr(webhook_poll)
+        os.environ[ENV_WEBHOOK_LEASE] = repr(webhook_lease)
+        os.environ[ENV_WEBHOOK_TIMEOUT] = repr(webhook_timeout)
         if action_kinds is not None:
             os.environ[ENV_ACTION_KINDS] = str(action_kinds.resolve())
         else:
