@@ -38,7 +38,7 @@ class HoldingReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 receiver.bodies.append(json.loads(body))
                 if len(receiver.bodies) == 1:
