@@ -16,12 +16,23 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from runcycles import InMemorySeenEventStore, WebhookReplayError, verify_delivery
+from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 from runcycles_server.app import WebhookOptions
+from runcycles_server.webhooks import Dispatcher
 
 if TYPE_CHECKING:
     from conftest import Api, FakeClock
 
 U = "USD_MICROCENTS"
+GOVERNANCE = "cycles-governance-admin-v0.1.25.yaml"
+
+
+def valid(schema: str, body: Any, spec: str = GOVERNANCE) -> Any:
+    """Validate ``body`` against the governance spec's ``schema``; return it."""
+    schema_validator(schema, spec).validate(body)
+    return body
+
+
 HOOK_PERMS = ["reservations:create", "reservations:commit", "reservations:release",
               "balances:read", "webhooks:read", "webhooks:write", "events:read"]  # fmt: skip
 
@@ -94,12 +105,13 @@ def dns() -> Dns:
 @pytest.fixture
 def hooks(make_api: Callable[..., Api], dns: Dns) -> Api:
     api = make_api(webhook_options=WebhookOptions(resolver=dns))
-    api.admin(
-        "PUT",
-        "/v1/admin/config/webhook-security",
-        200,
-        json={"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8", "169.254.0.0/16"]},
-    )
+    defaults = api.admin("GET", "/v1/admin/config/webhook-security", 200)
+    assert valid("WebhookSecurityConfig", defaults)["allow_http"] is False
+    assert "127.0.0.0/8" in defaults["blocked_cidr_ranges"]
+    config = {"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8", "169.254.0.0/16"]}
+    valid("WebhookSecurityConfig", config)
+    saved = api.admin("PUT", "/v1/admin/config/webhook-security", 200, json=config)
+    assert valid("WebhookSecurityConfig", saved)["allow_http"] is True
     return api
 
 
@@ -116,9 +128,10 @@ def tenant_key(api: Api, tenant: str = "acme") -> str:
 
 def subscribe(api: Api, key: str, url: str, expect: int = 201, **fields: Any) -> Any:
     body = {"url": url, "event_types": ["budget.threshold_crossed", "budget.exhausted"], **fields}
+    valid("WebhookCreateRequest", body)
     response = api.client.post("/v1/webhooks", json=body, headers={"X-Cycles-API-Key": key})
     assert response.status_code == expect, response.text
-    return response.json()
+    return valid("WebhookCreateResponse" if expect == 201 else "ErrorResponse", response.json())
 
 
 def reserve(api: Api, key: str, idem: str, amount: int) -> Any:
@@ -179,11 +192,13 @@ def test_crossings_and_exhaustion_each_deliver_once(
     # the secret is never answered again
     sid = created["subscription"]["subscription_id"]
     got = hooks.client.get(f"/v1/webhooks/{sid}", headers={"X-Cycles-API-Key": key}).json()
+    valid("WebhookSubscription", got)
     assert "signing_secret" not in got
     assert secret not in str(got)
-    listed = hooks.admin("GET", "/v1/admin/webhooks", 200)
+    listed = valid("WebhookListResponse", hooks.admin("GET", "/v1/admin/webhooks", 200))
     assert secret not in str(listed)
-    deliveries = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)["deliveries"]
+    page = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)
+    deliveries = valid("WebhookDeliveryListResponse", page)["deliveries"]
     assert len(deliveries) == 6
     assert {d["status"] for d in deliveries} == {"SUCCESS"}
 
@@ -232,11 +247,12 @@ def test_always_failing_receiver_disables_after_n(
         dispatch(hooks)
         clock.advance(1_000)
     assert len(receiver.requests) == 4  # two deliveries, each tried twice
-    sub = hooks.admin("GET", f"/v1/admin/webhooks/{sid}", 200)
+    sub = valid("WebhookSubscription", hooks.admin("GET", f"/v1/admin/webhooks/{sid}", 200))
     assert sub["status"] == "DISABLED"
     assert sub["consecutive_failures"] == 2
     params = {"tenant_id": "acme", "event_type": "webhook.disabled"}
-    events = hooks.admin("GET", "/v1/admin/events", 200, params=params)["events"]
+    events = hooks.admin("GET", "/v1/admin/events", 200, params=params)
+    events = valid("EventListResponse", events, EXTENDED_ADMIN)["events"]
     assert [e["data"]["disable_reason"] for e in events] == [
         "consecutive_failures_exceeded_threshold"
     ]
@@ -357,7 +373,9 @@ def test_lifecycle_events_pause_resume_rotate_delete(
     rotated = hooks.client.post(f"/v1/webhooks/{sid}/rotate-secret", json={}, headers=headers)
     new = rotated.json()["signing_secret"]
     assert new != old
-    test = hooks.client.post(f"/v1/webhooks/{sid}/test", headers=headers).json()
+    test = valid(
+        "WebhookTestResponse", hooks.client.post(f"/v1/webhooks/{sid}/test", headers=headers).json()
+    )
     assert test["success"] is True
     assert test["response_status"] == 200
     hdrs, body = receiver.requests[-1]
@@ -379,7 +397,9 @@ def test_bulk_action(hooks: Api, receiver: Receiver) -> None:
         subscribe(hooks, key, receiver.url())
     body = {"filter": {"tenant_id": "acme"}, "action": "PAUSE", "idempotency_key": "k1",
             "expected_count": 3}  # fmt: skip
+    valid("WebhookBulkActionRequest", body)
     out = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=body)
+    valid("WebhookBulkActionResponse", out)
     assert out["total_matched"] == 3
     assert len(out["succeeded"]) == 3
     again = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=body)
@@ -388,3 +408,63 @@ def test_bulk_action(hooks: Api, receiver: Receiver) -> None:
     hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 409, json=mismatch)
     listed = hooks.admin("GET", "/v1/admin/webhooks", 200, params={"status": "PAUSED"})
     assert len(listed["subscriptions"]) == 3
+
+
+def test_a_late_event_inside_the_lag_window_is_delivered(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    subscribe(hooks, key, receiver.url())
+    clock.advance(3_000)
+    dispatch(hooks)  # the cursor moves to now
+    clock.now_ms -= 2_000  # another process's clock, 2 s behind, writes an event now
+    reserve(hooks, key, "a", 800)
+    clock.now_ms += 2_000
+    dispatch(hooks, 2)
+    assert crossings(receiver) == [("budget.threshold_crossed", 0.8, "rising")]
+    dispatch(hooks, 2)  # re-reading the window queues nothing twice
+    assert len(receiver.requests) == 1
+
+
+def test_a_lease_makes_one_dispatcher_send_and_an_expired_one_is_taken_over(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    app = hooks.client._client._transport.app  # type: ignore[attr-defined]
+    first = app.state.webhook_dispatcher
+    second = Dispatcher(first.store, first.storage, resolver=first.sender.resolver)
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    subscribe(hooks, key, receiver.url())
+    reserve(hooks, key, "a", 800)
+    run = hooks.client.run
+    run(first.follow([s for s in run(first._subs())]))
+    assert len(run(first.claim())) == 1  # first takes it, then "dies" before sending
+    assert run(second.claim()) == []  # leased: second does not send it too
+    clock.advance(first.lease_ms + 1)
+    ((sub, row),) = run(second.claim())  # the lease ran out: second takes it over
+    assert row.attempts == 2
+    run(second._deliver(sub, row))
+    assert len(receiver.requests) == 1
+    page = hooks.admin("GET", f"/v1/admin/webhooks/{sub.subscription_id}/deliveries", 200)
+    assert page["deliveries"][0]["status"] == "SUCCESS"
+    run(second.close())
+
+
+def test_admin_on_the_tenant_plane(hooks: Api, receiver: Receiver) -> None:
+    key = tenant_key(hooks)
+    sid = subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+    missing = hooks.admin("GET", "/v1/webhooks", 400)
+    assert "tenant query parameter is required" in missing["message"]
+    listed = hooks.admin("GET", "/v1/webhooks", 200, params={"tenant": "acme"})
+    assert [s["subscription_id"] for s in listed["subscriptions"]] == [sid]
+    hooks.admin("PATCH", f"/v1/webhooks/{sid}", 200, json={"status": "PAUSED"})
+    params = {"tenant_id": "acme", "event_type": "webhook.paused"}
+    (paused,) = hooks.admin("GET", "/v1/admin/events", 200, params=params)["events"]
+    assert paused["actor"]["type"] == "admin_on_behalf_of"
+    assert paused["data"]["previous_status"] == "ACTIVE"
+    # a key without webhooks:write cannot create
+    agent = hooks.tenant("globex")
+    body = {"url": receiver.url(), "event_types": ["budget.exhausted"]}
+    response = hooks.client.post("/v1/webhooks", json=body, headers={"X-Cycles-API-Key": agent})
+    assert response.status_code == 403

@@ -80,6 +80,14 @@ _TENANT_LIST: Final = {
     "cursor": Param(),
     "limit": _LIMIT,
 }
+QUERY_PARAMS: Final = {
+    ("POST", "/v1/admin/webhooks"): {"tenant_id": Param()},
+    ("GET", "/v1/admin/webhooks"): _ADMIN_LIST,
+    ("GET", "/v1/admin/webhooks/{subscription_id}/deliveries"): _DELIVERY_PARAMS,
+    ("GET", "/v1/webhooks"): _TENANT_LIST,
+    ("GET", "/v1/webhooks/{subscription_id}/deliveries"): _DELIVERY_PARAMS,
+}
+"""The query parameters of the webhook routes, as the spec declares them."""
 BULK_WINDOW_MS: Final = 15 * 60_000
 """How long a bulk action's answer is replayed for the same ``idempotency_key``."""
 REPLAY_SCAN_MAX: Final = 20_000
@@ -288,8 +296,8 @@ class WebhooksApi:
 
     async def deliveries(self, request: Request) -> Response:
         """``GET .../{subscription_id}/deliveries``."""
-        _, row = await self._target(request, write=False)
         check_query(request, _DELIVERY_PARAMS)
+        _, row = await self._target(request, write=False)
         query = DeliveryQuery(
             subscription_id=row.subscription_id,
             status=request.query_params.get("status") or None,
