@@ -19,10 +19,10 @@ from starlette.routing import Route
 
 from runcycles.testing.spec import load_spec, schema_validator
 from runcycles_server import admin, events_api, governance_api
-from runcycles_server.webhooks import api as webhooks_api
 from runcycles_server.app import create_app
 from runcycles_server.stores.memory import MemoryStore
 from runcycles_server.web import CLIENT_CLOSED_REQUEST
+from runcycles_server.webhooks import api as webhooks_api
 
 if TYPE_CHECKING:
     from conftest import Api

@@ -438,7 +438,7 @@ def test_a_lease_makes_one_dispatcher_send_and_an_expired_one_is_taken_over(
     subscribe(hooks, key, receiver.url())
     reserve(hooks, key, "a", 800)
     run = hooks.client.run
-    run(first.follow([s for s in run(first._subs())]))
+    run(first.follow(list(run(first._subs()))))
     assert len(run(first.claim())) == 1  # first takes it, then "dies" before sending
     assert run(second.claim()) == []  # leased: second does not send it too
     clock.advance(first.lease_ms + 1)
