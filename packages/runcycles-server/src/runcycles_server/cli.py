@@ -36,6 +36,7 @@ import typer
 
 from runcycles_server.cli_admin import CliError, register, reported
 from runcycles_server.cli_governance import register_governance
+from runcycles_server.cli_webhooks import register_webhooks
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -694,6 +695,7 @@ async def _answers(store: Store) -> bool:
 
 register(cli)  # tenant, key, budget and balances, listed after serve and demo
 register_governance(cli)  # policy and quota
+register_webhooks(cli)  # webhook
 
 
 def main() -> None:
