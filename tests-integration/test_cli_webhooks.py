@@ -48,7 +48,7 @@ def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     bodies: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:
             bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
             self.send_response(204)
             self.end_headers()
@@ -104,7 +104,7 @@ def test_webhook_commands(
                 "--threshold",
                 "0.5",
                 "--json",
-            )  # fmt: skip
+            )
         )
     )
     sid = created["subscription"]["subscription_id"]
