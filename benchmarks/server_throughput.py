@@ -20,10 +20,11 @@ clients doing reserve+commit pairs for a fixed time with a lean HTTP/1.1 load ge
   must show ``spent`` equal to the sum of acknowledged commits, ``reserved == 0`` and
   ``remaining == allocated - spent - reserved - debt``;
 * the 1-minute load average before and after, so a number can be judged against the noise;
-* the cost of webhooks (``--webhook``, on by default): server CPU per pair without and then with
-  one ACTIVE webhook subscription of the tenant (to a receiver on 127.0.0.1), in alternating
-  rounds, as medians and their ratio (issue target: at most 1.10x). The request path reads no
-  subscription; the dispatcher follows the tenant's event log in the background.
+* the cost of webhooks (on unless ``--no-webhook``): server CPU per pair without and with one
+  ACTIVE webhook subscription of the tenant (to a receiver on 127.0.0.1), in alternating
+  rounds (the subscription created and deleted each round), as medians and their ratio
+  (issue target: at most 1.10x). The request path reads no subscription; the dispatcher
+  follows the tenant's event log in the background.
 
 Usage::
 
@@ -268,28 +269,27 @@ def bench_webhook(store: str, clients: int, seconds: float, workers: int, rounds
             )
             without: list[float] = []
             with_sub: list[float] = []
-            for _ in range(rounds):
+            for _ in range(rounds):  # alternating, so drifting load hits both alike
                 cost, _result = _cpu_per_pair(
                     server, tenant.tenant_id, tenant.api_key, seconds, clients
                 )
                 without.append(cost)
-            created = server.admin(
-                "POST",
-                "/v1/admin/webhooks",
-                params={"tenant_id": tenant.tenant_id},
-                json={
-                    "url": f"http://127.0.0.1:{http.server_address[1]}/hook",
-                    "event_categories": ["budget", "reservation"],
-                    "event_types": ["budget.exhausted"],
-                },
-            )
-            for _ in range(rounds):
+                created = server.admin(
+                    "POST",
+                    "/v1/admin/webhooks",
+                    params={"tenant_id": tenant.tenant_id},
+                    json={
+                        "url": f"http://127.0.0.1:{http.server_address[1]}/hook",
+                        "event_categories": ["budget", "reservation"],
+                        "event_types": ["budget.exhausted"],
+                    },
+                )
                 cost, _result = _cpu_per_pair(
                     server, tenant.tenant_id, tenant.api_key, seconds, clients
                 )
                 with_sub.append(cost)
-            sid = created["subscription"]["subscription_id"]
-            server.admin("DELETE", f"/v1/admin/webhooks/{sid}")
+                sid = created["subscription"]["subscription_id"]
+                server.admin("DELETE", f"/v1/admin/webhooks/{sid}")
     finally:
         http.shutdown()
         http.server_close()
