@@ -172,11 +172,13 @@ def _applied(
     context: EventContext | None = None,
     extra: Sequence[Detected] = (),
     correlation_id: str | None = None,
+    tenant: TenantRow | None = None,
 ) -> Outcome:
     """Write ``outcome`` with the events its changed budgets (and ``extra``) cause.
 
     ``context`` is the request's (captured when the operation was made); ``None`` for the
-    system's own work.
+    system's own work. ``tenant`` is the tenant row when the operation already read it (its
+    ``event_thresholds`` are the thresholds recorded); otherwise it is read here.
     """
     if outcome.budgets or extra:
         tenant_id = outcome.budgets[0].tenant_id if outcome.budgets else None
@@ -184,7 +186,8 @@ def _applied(
             tenant_id = outcome.reservation.tenant_id
         thresholds: Sequence[float] = DEFAULT_THRESHOLDS
         if outcome.budgets and tenant_id is not None:
-            tenant = txn.tenant(tenant_id)
+            if tenant is None or tenant.tenant_id != tenant_id:
+                tenant = txn.tenant(tenant_id)
             if tenant is not None and tenant.event_thresholds:
                 thresholds = tenant.event_thresholds
         before = txn.current_budgets(outcome.budgets)
@@ -300,6 +303,7 @@ def decide(
                     txn, tenant_id, tenant, scopes, request.action, request.subject, registry
                 ),
             ),
+            tenant=tenant,
         )
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
@@ -347,6 +351,7 @@ def reserve(
             ),
             context,
             correlation_id=reservation_id,
+            tenant=tenant,
         )
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
@@ -361,7 +366,7 @@ def _on_reservation(
     reservation_id: str,
     key: str,
     request_hash: str,
-    planner: Callable[[Txn, ReservationRow], Outcome],
+    planner: Callable[[Txn, ReservationRow, TenantRow | None], Outcome],
 ) -> Op[Outcome]:
     """A keyed operation on one reservation (commit, release, extend).
 
@@ -378,7 +383,8 @@ def _on_reservation(
         replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
         if replayed is not None:
             return replayed
-        outcome = planner(txn, res)
+        tenant = txn.tenant(res.tenant_id)
+        outcome = planner(txn, res, tenant)
         extra = []
         done = outcome.reservation
         if done is not None and done.committed is not None and done.committed > done.estimate:
@@ -387,7 +393,7 @@ def _on_reservation(
                     "actual_amount": done.committed, "overage": done.committed - done.estimate,
                     "overage_policy": done.overage_policy, "tenant_id": done.tenant_id}  # fmt: skip
             extra.append(Detected("reservation.commit_overage", done.scope_path, data))
-        return _applied(txn, outcome, context, extra, reservation_id)
+        return _applied(txn, outcome, context, extra, reservation_id, tenant)
 
     return Op(plan, None, reservation_id, idem=(endpoint, key))
 
@@ -397,13 +403,13 @@ def commit(
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/commit``."""
 
-    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+    def planner(txn: Txn, res: ReservationRow, tenant: TenantRow | None) -> Outcome:
         return ledger.plan_commit(
             reservation_id=reservation_id,
             request=request,
             tenant_id=tenant_id,
             reservation=res,
-            tenant=txn.tenant(res.tenant_id),
+            tenant=tenant,
             budgets=txn.budgets(res.budgeted_scopes),
             request_hash=request_hash,
             now_ms=txn.now,
@@ -425,13 +431,13 @@ def release(
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/release``; ``tenant_id=None`` is an audited admin release."""
 
-    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+    def planner(txn: Txn, res: ReservationRow, tenant: TenantRow | None) -> Outcome:
         outcome = ledger.plan_release(
             reservation_id=reservation_id,
             request=request,
             tenant_id=tenant_id,
             reservation=res,
-            tenant=txn.tenant(res.tenant_id),
+            tenant=tenant,
             budgets=txn.budgets(res.budgeted_scopes),
             request_hash=request_hash,
             now_ms=txn.now,
@@ -450,13 +456,13 @@ def extend(
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/extend``."""
 
-    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+    def planner(txn: Txn, res: ReservationRow, tenant: TenantRow | None) -> Outcome:
         return ledger.plan_extend(
             reservation_id=reservation_id,
             request=request,
             tenant_id=tenant_id,
             reservation=res,
-            tenant=txn.tenant(res.tenant_id),
+            tenant=tenant,
             request_hash=request_hash,
             now_ms=txn.now,
         )
@@ -477,18 +483,20 @@ def event(
         replayed = _replayed(txn, tenant_id, "event", key, request_hash)
         if replayed is not None:
             return replayed
+        tenant = txn.tenant(tenant_id)
         return _applied(
             txn,
             ledger.plan_event(
                 request=request,
                 tenant_id=tenant_id,
-                tenant=txn.tenant(tenant_id),
+                tenant=tenant,
                 budgets=txn.budgets(scopes),
                 request_hash=request_hash,
                 event_id=event_id,
                 now_ms=txn.now,
             ),
             context,
+            tenant=tenant,
         )
 
     return Op(plan, tenant_id, idem=("event", key), scopes=scopes)
