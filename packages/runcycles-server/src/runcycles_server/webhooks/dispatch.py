@@ -38,9 +38,8 @@ import os
 import random
 import uuid
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 import orjson
 
 from runcycles_server.events import EventRecord, event_to_json, new_event_id
@@ -58,6 +57,9 @@ from runcycles_server.webhooks.sender import Attempt, Sender
 from runcycles_server.webhooks.service import lifecycle_event
 from runcycles_server.webhooks.ssrf import Resolver, system_resolver
 from runcycles_server.webhooks.storage import WebhookStorage, WebhookTxn
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger("runcycles_server.webhooks")
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Final
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 import orjson
 
 from runcycles.webhooks import sign_delivery
 from runcycles_server.events import EventRecord, event_body
 from runcycles_server.webhooks.models import SecurityConfig, SubscriptionRow
 from runcycles_server.webhooks.ssrf import Resolver, UrlRefused, resolve_target
+
+if TYPE_CHECKING:
+    import httpx
 
 RESPONSE_CAP: Final = 4096
 """Most response body bytes read (for the error message of a failed attempt)."""
@@ -64,8 +67,19 @@ def encode(event: EventRecord) -> bytes:
     return orjson.dumps(event_body(event))
 
 
+def _httpx() -> ModuleType:
+    """The ``httpx`` module, imported on the first delivery.
+
+    A server that sends no webhook starts without loading it (``cycles serve`` start-up time);
+    deferred for that, not to dodge an import cycle.
+    """
+    import httpx
+
+    return httpx
+
+
 class Sender:
-    """Sends attempts over one pooled ``httpx.AsyncClient``."""
+    """Sends attempts over one pooled ``httpx.AsyncClient`` (made on the first attempt)."""
 
     def __init__(
         self,
@@ -75,16 +89,29 @@ class Sender:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.resolver = resolver
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            follow_redirects=False,
-            transport=transport,
-            trust_env=False,
-        )
+        self.timeout_s = timeout_s
+        self.transport = transport
+        self._client: Any = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The pooled client (no redirects followed, no proxy from the environment)."""
+        if self._client is None:
+            http = _httpx()
+            self._client = http.AsyncClient(
+                timeout=http.Timeout(self.timeout_s),
+                follow_redirects=False,
+                transport=self.transport,
+                trust_env=False,
+            )
+        client: httpx.AsyncClient = self._client
+        return client
 
     async def close(self) -> None:
         """Close the HTTP client."""
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     async def send(
         self,
@@ -116,7 +143,7 @@ class Sender:
                         break
             finally:
                 await response.aclose()
-        except httpx.HTTPError as exc:
+        except _httpx().HTTPError as exc:
             elapsed = int((time.monotonic() - started) * 1000)
             return Attempt(False, None, elapsed, f"{type(exc).__name__}: {exc}"[:500])
         elapsed = int((time.monotonic() - started) * 1000)
