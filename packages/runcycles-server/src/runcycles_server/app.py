@@ -556,12 +556,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at the request's path (several routes may share it)."""
+    """Every method some route serves at the request's path (several routes may share it).
+
+    A literal path (``/v1/admin/webhooks/bulk-action``) hides the parameterized routes it
+    also fits (``/v1/admin/webhooks/{subscription_id}``): it names its own resource.
+    """
+    literal: set[str] = set()
     methods: set[str] = set()
+    path = request.url.path
     for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
             methods.update(route.methods)
-    return sorted(methods)
+            if route.path == path:
+                literal.update(route.methods)
+    return sorted(literal or methods)
 
 
 DEFAULT_RETENTION_DAYS: Final = 7
