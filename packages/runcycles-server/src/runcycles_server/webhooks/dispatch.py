@@ -133,8 +133,9 @@ class Dispatcher:
         self._wake.set()
 
     async def close(self) -> None:
-        """Close the HTTP client."""
+        """Close the HTTP client and the storage's own connections."""
         await self.sender.close()
+        await self.storage.close()
 
     async def run(self) -> None:
         """Run rounds forever (a failing round is logged; the next one tries again)."""

@@ -21,6 +21,11 @@ Key layout (``P`` = the store's prefix):
 
 Lifecycle events (``webhook.*``) are appended to the owning tenant's event log right after the
 transaction commits (the log lives in the tenant's slot).
+
+Redis Cluster: redis-py's asyncio cluster pipeline cannot run ``WATCH`` transactions, so on a
+cluster the transactions go over a plain connection to the master that owns the ``{wh}`` slot
+(found through the cluster client; found again after a failover or a resharding, when that
+connection answers ``MOVED`` or fails).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
-from redis.exceptions import WatchError
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, WatchError
 
 from runcycles_server.stores.base import Page, StoreUnavailable
 from runcycles_server.stores.redis import RedisStore
@@ -113,10 +120,46 @@ class RedisWebhookStorage(WebhookStorage):
         super().__init__(store)
         self.ledger = store
         self.k = _Keys(store.key_prefix())
+        self._direct: Any = None
+
+    async def _transaction_client(self) -> Any:
+        """The client whose pipelines can ``WATCH``.
+
+        The store's own, or on a cluster a plain client of the master owning the ``{wh}`` slot.
+        """
+        base = self.ledger.client
+        if not self.ledger.cluster:
+            return base
+        if self._direct is None:
+            if getattr(base, "_initialize", False):
+                await base.initialize()
+            node = base.get_node_from_key(self.k.subs)
+            pool = aioredis.ConnectionPool(
+                connection_class=node.connection_class, **node.connection_kwargs
+            )
+            self._direct = aioredis.Redis(connection_pool=pool)
+        return self._direct
+
+    async def close(self) -> None:
+        """Close the cluster master's connection (the store closes its own client)."""
+        if self._direct is not None:
+            await self._direct.aclose()
+            self._direct = None
 
     async def transact(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
         """See :meth:`WebhookStorage.transact`."""
-        client = self.ledger.client
+        try:
+            return await self._transact(fn)
+        except (ResponseError, RedisConnectionError) as exc:
+            if self._direct is None or (
+                isinstance(exc, ResponseError) and not str(exc).startswith("MOVED")
+            ):
+                raise
+            await self.close()  # the slot moved or its master failed: find it again
+            raise StoreUnavailable(f"the webhook slot's master changed: {exc}") from exc
+
+    async def _transact(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
+        client = await self._transaction_client()
         for _ in range(MAX_ATTEMPTS):
             async with client.pipeline(transaction=True) as pipe:
                 txn = _RedisTxn(pipe, self.k, self.clock())

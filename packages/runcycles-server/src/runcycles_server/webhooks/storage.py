@@ -185,6 +185,9 @@ class WebhookStorage(ABC):
     async def list_deliveries(self, query: DeliveryQuery) -> Page[DeliveryRow]:
         """A subscription's deliveries, newest first."""
 
+    async def close(self) -> None:  # noqa: B027 - optional hook, most storages own nothing
+        """Release what the storage holds beside its store (nothing by default)."""
+
 
 def _page(rows: list[DeliveryRow], query: DeliveryQuery) -> Page[DeliveryRow]:
     """Keyset page over rows sorted newest first by ``(queued_at_ms, delivery_id)``."""
