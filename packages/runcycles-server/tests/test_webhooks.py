@@ -468,3 +468,18 @@ def test_admin_on_the_tenant_plane(hooks: Api, receiver: Receiver) -> None:
     body = {"url": receiver.url(), "event_types": ["budget.exhausted"]}
     response = hooks.client.post("/v1/webhooks", json=body, headers={"X-Cycles-API-Key": agent})
     assert response.status_code == 403
+
+
+def test_finished_deliveries_are_purged_after_the_retention(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    sid = subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+    reserve(hooks, key, "a", 800)
+    dispatch(hooks, 2)
+    path = f"/v1/admin/webhooks/{sid}/deliveries"
+    assert len(hooks.admin("GET", path, 200)["deliveries"]) == 1
+    clock.advance(8 * 86_400_000)  # past the 7-day retention (and the purge interval)
+    dispatch(hooks)
+    assert hooks.admin("GET", path, 200)["deliveries"] == []

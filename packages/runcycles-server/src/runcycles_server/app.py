@@ -732,6 +732,7 @@ def create_app(
         lease_ms=options.lease_ms,
         timeout_s=options.timeout_s,
         max_age_ms=options.max_age_ms,
+        retention_ms=retention_ms,
     )
     webhooks = WebhooksApi(store, dispatcher.storage, dispatcher, auth, max_body_bytes)
     if isinstance(store, OperationStore):

@@ -292,6 +292,8 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_open ON webhook_deliveries (subscription_id, sort_key)
     WHERE status IN ('PENDING', 'RETRYING');
 CREATE INDEX webhook_deliveries_listing ON webhook_deliveries (subscription_id, queued_at_ms);
+CREATE INDEX webhook_deliveries_done ON webhook_deliveries (queued_at_ms)
+    WHERE status IN ('SUCCESS', 'FAILED');
 CREATE TABLE webhook_state (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -592,6 +594,10 @@ class SqliteStore(RowStore):
         ``BEGIN IMMEDIATE`` under the writer lock; nests inside an open one.
         """
         return _WriteTx(self)
+
+    def read_transaction(self) -> AbstractContextManager[None]:
+        """One read transaction (a consistent snapshot; takes no writer lock)."""
+        return self._read_tx()
 
     @property
     def connection(self) -> sqlite3.Connection:

@@ -396,7 +396,7 @@ class WebhooksApi:
         async def seen(t: WebhookTxn) -> bytes | None:
             return await t.state(state_key)
 
-        previous = await self.storage.transact(seen)
+        previous = await self.storage.read(seen)
         if previous is not None:
             stored = orjson.loads(previous)
             if stored["until"] > time.time() * 1000:
@@ -436,7 +436,7 @@ class WebhooksApi:
         async def read(t: WebhookTxn) -> SecurityConfig:
             return await t.security()
 
-        return json_response((await self.storage.transact(read)).model_dump())
+        return json_response((await self.storage.read(read)).model_dump())
 
     async def put_security(self, request: Request) -> Response:
         """``PUT /v1/admin/config/webhook-security`` (takes effect at once, deliveries too)."""

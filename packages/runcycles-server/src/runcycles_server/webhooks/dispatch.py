@@ -67,6 +67,8 @@ LAG_MS: Final = 5_000
 """How far behind its cursor the dispatcher re-reads a tenant's events."""
 LEASE_MS: Final = 60_000
 """How long a claimed delivery is this dispatcher's (longer than an attempt can take)."""
+PURGE_EVERY_MS: Final = 600_000
+"""How often a dispatcher deletes finished deliveries older than its retention."""
 FOLLOW_MAX: Final = 10_000
 """Most events one round reads per tenant (a backlog drains over the next rounds)."""
 DeliveryHook = Callable[[str], None]
@@ -97,6 +99,8 @@ class Dispatcher:
         concurrency: most attempts in flight.
         transport: an httpx transport (tests, proxies).
         owner: this dispatcher's lease name (default: host, pid and a random part).
+        retention_ms: finished deliveries are deleted this long after they were queued
+            (``None``: kept).
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class Dispatcher:
         transport: httpx.AsyncBaseTransport | None = None,
         owner: str | None = None,
         jitter: Callable[[], float] = random.random,
+        retention_ms: int | None = 7 * DAY_MS,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -121,6 +126,8 @@ class Dispatcher:
         self.max_age_ms = max_age_ms
         self.concurrency = concurrency
         self.jitter = jitter
+        self.retention_ms = retention_ms
+        self._purged_at = 0
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.sender = Sender(resolver, timeout_s=timeout_s, transport=transport)
         self.on_delivery: DeliveryHook | None = None
@@ -157,9 +164,11 @@ class Dispatcher:
         """One round: follow, claim, send. Returns how many attempts it made."""
         subs = await self._subs()
         active = [s for s in subs if s.status == "ACTIVE"]
+        if active:
+            await self.follow(active)
+        await self._purge()  # after following: the cursors no longer reach what it deletes
         if not active:
             return 0
-        await self.follow(active)
         claimed = await self.claim()
         if not claimed:
             return 0
@@ -172,11 +181,21 @@ class Dispatcher:
         await asyncio.gather(*(one(s, d) for s, d in claimed))
         return len(claimed)
 
+    async def _purge(self) -> None:
+        """Every :data:`PURGE_EVERY_MS`, delete finished deliveries older than the retention."""
+        now = self.store.clock()
+        if self.retention_ms is None or now - self._purged_at < PURGE_EVERY_MS:
+            return
+        self._purged_at = now
+        for _ in range(20):
+            if await self.storage.purge_deliveries(now - self.retention_ms) < 500:
+                break
+
     async def _subs(self) -> list[SubscriptionRow]:
         async def read(t: WebhookTxn) -> list[SubscriptionRow]:
             return await t.subs()
 
-        return await self.storage.transact(read)
+        return await self.storage.read(read)
 
     # -- follow ----------------------------------------------------------------------------
 
@@ -205,7 +224,7 @@ class Dispatcher:
         async def read_cursor(t: WebhookTxn) -> bytes | None:
             return await t.state(_cursor_key(tenant_id))
 
-        raw = await self.storage.transact(read_cursor)
+        raw = await self.storage.read(read_cursor)
         start = int(raw) if raw is not None else min(s.created_at_ms for s in subs)
         now = self.store.clock()
         events = await self._events(tenant_id, start - LAG_MS, now)
@@ -294,7 +313,7 @@ class Dispatcher:
         async def read(t: WebhookTxn) -> Any:
             return await t.security()
 
-        security = await self.storage.transact(read)
+        security = await self.storage.read(read)
         attempt = await self.sender.send(sub, event, security, now)
         await self._finish(row, attempt)
 
@@ -404,7 +423,7 @@ class Dispatcher:
         async def read(t: WebhookTxn) -> Any:
             return await t.security()
 
-        attempt = await self.sender.send(sub, event, await self.storage.transact(read), now)
+        attempt = await self.sender.send(sub, event, await self.storage.read(read), now)
         row = DeliveryRow(
             delivery_id=delivery_id(sub.subscription_id, event.event_id),
             subscription_id=sub.subscription_id,

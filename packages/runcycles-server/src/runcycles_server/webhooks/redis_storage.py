@@ -204,6 +204,32 @@ class RedisWebhookStorage(WebhookStorage):
         for name, value in w.state.items():
             pipe.set(k.state(name), value)
 
+    async def purge_deliveries(self, before_ms: int, limit: int = 500) -> int:
+        """See :meth:`WebhookStorage.purge_deliveries` (subscription by subscription)."""
+        client = self.ledger.client
+        done = 0
+        for member in await client.smembers(self.k.subs):
+            listing = self.k.listing(member.decode())
+            ids = await client.zrangebyscore(listing, "-inf", f"({before_ms}", start=0,
+                                             num=limit - done)  # fmt: skip
+            if not ids:
+                continue
+            raws = await client.mget([self.k.delivery(i.decode()) for i in ids])
+            gone = [
+                i.decode()
+                for i, raw in zip(ids, raws, strict=True)
+                if raw is None or DeliveryRow.from_json(raw).status in ("SUCCESS", "FAILED")
+            ]
+            if gone:
+                pipe = client.pipeline(transaction=False)
+                pipe.delete(*[self.k.delivery(d) for d in gone])
+                pipe.zrem(listing, *gone)
+                await pipe.execute()
+                done += len(gone)
+            if done >= limit:
+                break
+        return done
+
     async def list_deliveries(self, query: DeliveryQuery) -> Page[DeliveryRow]:
         """See :meth:`WebhookStorage.list_deliveries`."""
         client = self.ledger.client

@@ -90,7 +90,7 @@ class Subscriptions:
         async def read(t: WebhookTxn) -> Any:
             return await t.security()
 
-        security = await self.storage.transact(read)
+        security = await self.storage.read(read)
         await resolve_target(url, security, self.resolver)
 
     async def get(self, subscription_id: str, tenant_id: str | None = None) -> SubscriptionRow:
@@ -103,7 +103,7 @@ class Subscriptions:
         async def read(t: WebhookTxn) -> SubscriptionRow | None:
             return await t.sub(subscription_id)
 
-        row = await self.storage.transact(read)
+        row = await self.storage.read(read)
         if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
             raise LedgerError("NOT_FOUND", f"webhook subscription {subscription_id} not found")
         return row
@@ -114,7 +114,7 @@ class Subscriptions:
         async def read(t: WebhookTxn) -> list[SubscriptionRow]:
             return await t.subs()
 
-        return await self.storage.transact(read)
+        return await self.storage.read(read)
 
     async def create(self, tenant_id: str, body: CreateRequest) -> tuple[SubscriptionRow, str]:
         """Create a subscription; return it and its signing secret (answered only now).

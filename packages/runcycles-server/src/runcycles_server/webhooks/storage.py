@@ -41,6 +41,7 @@ from runcycles_server.webhooks.models import (
 )
 
 T = TypeVar("T")
+FINAL: Final = ("SUCCESS", "FAILED")
 SECURITY_KEY: Final = "security"
 """The state name of the webhook security configuration."""
 
@@ -181,9 +182,24 @@ class WebhookStorage(ABC):
     async def transact(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
         """Run ``fn`` atomically (possibly more than once) and return its result."""
 
+    async def read(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
+        """Run a function that only reads (a store may skip its write lock for it).
+
+        Raises:
+            RuntimeError: ``fn`` wrote.
+        """
+        return await self.transact(fn)
+
     @abstractmethod
     async def list_deliveries(self, query: DeliveryQuery) -> Page[DeliveryRow]:
         """A subscription's deliveries, newest first."""
+
+    @abstractmethod
+    async def purge_deliveries(self, before_ms: int, limit: int = 500) -> int:
+        """Delete up to ``limit`` finished deliveries queued before ``before_ms``.
+
+        Only ``SUCCESS`` and ``FAILED`` ones; returns how many were deleted.
+        """
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most storages own nothing
         """Release what the storage holds beside its store (nothing by default)."""
@@ -280,6 +296,21 @@ class MemoryWebhookStorage(WebhookStorage):
         ]
         return _page(_newest_first(rows), query)
 
+    async def purge_deliveries(self, before_ms: int, limit: int = 500) -> int:
+        """See :meth:`WebhookStorage.purge_deliveries`."""
+        done = 0
+        for sid, ids in self.by_sub.items():
+            kept = []
+            for did in ids:
+                row = DeliveryRow.from_json(self.deliveries[did])
+                if done < limit and row.status in FINAL and row.queued_at_ms < before_ms:
+                    del self.deliveries[did]
+                    done += 1
+                else:
+                    kept.append(did)
+            self.by_sub[sid] = kept
+        return done
+
 
 # --------------------------------------------------------------------------------------------
 # SQLite
@@ -339,6 +370,16 @@ class SqliteWebhookStorage(WebhookStorage):
             self._commit(txn)
         return result
 
+    async def read(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
+        """See :meth:`WebhookStorage.read`: a read transaction, no writer lock."""
+        with self.ledger.read_transaction():
+            txn = _SqliteTxn(self, self.clock())
+            result = _run_now(fn(txn))
+        w = txn.writes
+        if w.subs or w.deliveries or w.state or w.events or w.dropped_queues:
+            raise RuntimeError("a read-only webhook function wrote")
+        return result
+
     def _commit(self, txn: _SqliteTxn) -> None:
         conn = txn.conn
         w = txn.writes
@@ -387,6 +428,21 @@ class SqliteWebhookStorage(WebhookStorage):
         rows = self.ledger.connection.execute(sql, (*args, query.limit + 1)).fetchall()
         items = [DeliveryRow.from_json(r[0]) for r in rows]
         return _page(items, DeliveryQuery(query.subscription_id, limit=query.limit))
+
+    async def purge_deliveries(self, before_ms: int, limit: int = 500) -> int:
+        """See :meth:`WebhookStorage.purge_deliveries`."""
+        return _purge_sql(self, before_ms, limit)
+
+
+def _purge_sql(storage: SqliteWebhookStorage, before_ms: int, limit: int) -> int:
+    with storage.ledger.write_transaction():
+        cursor = storage.ledger.connection.execute(
+            "DELETE FROM webhook_deliveries WHERE delivery_id IN (SELECT delivery_id FROM "
+            "webhook_deliveries WHERE status IN ('SUCCESS', 'FAILED') AND queued_at_ms < ? "
+            "LIMIT ?)",
+            (before_ms, limit),
+        )
+        return int(cursor.rowcount)
 
 
 def _run_now(awaitable: Awaitable[T]) -> T:
