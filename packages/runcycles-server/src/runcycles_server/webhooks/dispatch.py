@@ -70,6 +70,8 @@ LEASE_MS: Final = 60_000
 PURGE_EVERY_MS: Final = 600_000
 """How often a dispatcher deletes finished deliveries older than its retention."""
 FOLLOW_MAX: Final = 10_000
+CURSOR_IDLE_MS: Final = 60_000
+"""How often the cursor of a tenant without new events is moved."""
 """Most events one round reads per tenant (a backlog drains over the next rounds)."""
 DeliveryHook = Callable[[str], None]
 
@@ -229,6 +231,8 @@ class Dispatcher:
         now = self.store.clock()
         events = await self._events(tenant_id, start - LAG_MS, now)
         pairs = [(s, e) for e in events for s in subs if matches(s, e)]
+        if not events and raw is not None and now - int(raw) < CURSOR_IDLE_MS:
+            return 0  # nothing new, cursor fresh enough: no transaction at all
 
         async def write(t: WebhookTxn) -> int:
             made = 0
@@ -246,8 +250,11 @@ class Dispatcher:
                 )
                 t.put_delivery(row, None)
                 made += 1
+            # An idle tenant's cursor moves once a minute, not every round: re-reading an
+            # empty window costs an index probe, a write costs the writer lock.
             current = await t.state(_cursor_key(tenant_id))
-            if current is None or int(current) < now:
+            stale = current is None or now - int(current) >= CURSOR_IDLE_MS
+            if (events or stale) and (current is None or int(current) < now):
                 t.put_state(_cursor_key(tenant_id), str(now).encode())
             return made
 

@@ -395,12 +395,14 @@ class SqliteWebhookStorage(WebhookStorage):
             conn.execute("DELETE FROM webhook_deliveries WHERE subscription_id = ?", (sid,))
         conn.executemany(
             "INSERT OR REPLACE INTO webhook_deliveries (delivery_id, subscription_id, status, "
-            "sort_key, queued_at_ms, body) VALUES (?, ?, ?, ?, ?, ?)",
+            "sort_key, queued_at_ms, lease_owner, lease_until_ms, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (did, row.subscription_id, row.status, row.order, row.queued_at_ms, row.to_json())
+                (did, row.subscription_id, row.status, row.order, row.queued_at_ms,
+                 row.lease_owner, row.lease_until_ms, row.to_json())
                 for did, (row, _old) in w.deliveries.items()
             ],
-        )
+        )  # fmt: skip
         conn.executemany(
             "INSERT OR REPLACE INTO webhook_state VALUES (?, ?)", list(w.state.items())
         )
