@@ -3,8 +3,8 @@
 The spec's ``WebhookSecurityConfig`` decides: ``https`` only unless ``allow_http``; when
 ``allowed_url_patterns`` is non-empty the URL must match one of its globs; and no address the
 host resolves to may lie in ``blocked_cidr_ranges`` (default: RFC 1918, loopback, link-local,
-IPv6 loopback and ULA). Unspecified, multicast and reserved addresses are always refused, as
-are IPv4-mapped IPv6 addresses whose IPv4 address is blocked.
+IPv6 loopback and ULA). Unspecified, multicast and reserved addresses are always refused; an
+IPv4-mapped IPv6 address is judged as its IPv4 address.
 
 The check runs when a subscription is saved **and** before every delivery attempt, against the
 addresses the host resolves to *then*: a host that pointed to a public address when it was
@@ -102,16 +102,17 @@ _ALWAYS: Final = "unspecified, multicast or reserved"
 
 
 def _blocked(address: IpAddress, networks: Sequence[IpNetwork]) -> str | None:
-    """Return why ``address`` is refused, or ``None``."""
+    """Return why ``address`` is refused, or ``None``.
+
+    An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) is judged as its IPv4 address.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for network in networks:
+        if address.version == network.version and address in network:
+            return f"in blocked range {network}"
     if address.is_unspecified or address.is_multicast or address.is_reserved:
         return _ALWAYS
-    candidates: list[IpAddress] = [address]
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        candidates.append(address.ipv4_mapped)
-    for candidate in candidates:
-        for network in networks:
-            if candidate.version == network.version and candidate in network:
-                return f"in blocked range {network}"
     return None
 
 
