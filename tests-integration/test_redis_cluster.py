@@ -9,15 +9,19 @@ list through the client for two tenants whose hash slots live on different maste
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from runcycles_server.testing import ServerProcess
@@ -249,12 +253,6 @@ def test_a_plain_url_to_a_cluster_node_is_refused_with_the_cluster_url(cluster_u
 
 
 def test_webhooks_are_delivered_by_a_server_on_a_redis_cluster(cluster_url: str) -> None:
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import httpx
-
     bodies: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):

@@ -8,11 +8,16 @@ admin route, as an operator would in development).
 
 from __future__ import annotations
 
+import json
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 from runcycles import InMemorySeenEventStore, WebhookReplayError, verify_delivery
@@ -69,8 +74,6 @@ class Receiver:
         return f"http://{host}:{self.port}/hook"
 
     def events(self) -> list[dict[str, Any]]:
-        import json
-
         return [json.loads(body) for _, body in self.requests]
 
     def close(self) -> None:
@@ -483,3 +486,41 @@ def test_finished_deliveries_are_purged_after_the_retention(
     clock.advance(8 * 86_400_000)  # past the 7-day retention (and the purge interval)
     dispatch(hooks)
     assert hooks.admin("GET", path, 200)["deliveries"] == []
+
+
+def test_https_delivery_is_pinned_with_the_hostname_as_sni_and_host(
+    make_api: Callable[..., Api], dns: Dns, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=hooks.example",
+         "-addext", "subjectAltName=DNS:hooks.example"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    seen_sni: list[str | None] = []
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    server_ctx.sni_callback = lambda sock, name, ctx: seen_sni.append(name)
+    receiver = Receiver()
+    receiver.server.socket = server_ctx.wrap_socket(receiver.server.socket, server_side=True)
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        options = WebhookOptions(
+            resolver=dns, transport=httpx.AsyncHTTPTransport(verify=client_ctx)
+        )
+        api = make_api(webhook_options=options)
+        config = {"blocked_cidr_ranges": ["10.0.0.0/8"]}  # https only (the default)
+        api.admin("PUT", "/v1/admin/config/webhook-security", 200, json=config)
+        key_secret = tenant_key(api)
+        api.budget("acme", "tenant:acme", 1_000)
+        url = f"https://hooks.example:{receiver.port}/hook"
+        sid = subscribe(api, key_secret, url)["subscription"]["subscription_id"]
+        reserve(api, key_secret, "a", 800)
+        dispatch(api, 2)
+        page = api.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)
+        assert page["deliveries"][0]["status"] == "SUCCESS", page
+        assert seen_sni == ["hooks.example"]
+        assert receiver.requests[0][0]["host"] == f"hooks.example:{receiver.port}"
+    finally:
+        receiver.close()

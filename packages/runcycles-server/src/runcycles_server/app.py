@@ -666,6 +666,8 @@ class WebhookOptions:
     timeout_s: float = 10.0
     max_age_ms: int = ledger.DAY_MS
     resolver: Resolver = system_resolver
+    transport: Any = None
+    """An ``httpx.AsyncBaseTransport`` for the deliveries (a custom CA, a test server)."""
 
 
 def create_app(
@@ -733,6 +735,7 @@ def create_app(
         timeout_s=options.timeout_s,
         max_age_ms=options.max_age_ms,
         retention_ms=retention_ms,
+        transport=options.transport,
     )
     webhooks = WebhooksApi(store, dispatcher.storage, dispatcher, auth, max_body_bytes)
     if isinstance(store, OperationStore):
