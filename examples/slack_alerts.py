@@ -66,7 +66,8 @@ async def receive(request: Request) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=401)
     message = {"text": slack_text(event)}
     if SLACK_WEBHOOK_URL:
-        httpx.post(SLACK_WEBHOOK_URL, json=message, timeout=5).raise_for_status()
+        async with httpx.AsyncClient(timeout=5) as slack:
+            (await slack.post(SLACK_WEBHOOK_URL, json=message)).raise_for_status()
     print(f"slack <- {message['text']}")
     posted.append(message["text"])
     return JSONResponse({"status": "posted"})
@@ -101,7 +102,10 @@ def spend(server: ServerProcess, api_key: str, key: str, amount: int) -> None:
     httpx.post(
         f"{server.base_url}/v1/reservations/{reservation['reservation_id']}/commit",
         headers=headers,
-        json={"idempotency_key": f"{key}-c", "actual": {"unit": "USD_MICROCENTS", "amount": amount}},
+        json={
+            "idempotency_key": f"{key}-c",
+            "actual": {"unit": "USD_MICROCENTS", "amount": amount},
+        },
     )
 
 

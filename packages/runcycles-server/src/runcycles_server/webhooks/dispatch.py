@@ -158,7 +158,7 @@ class Dispatcher:
                 busy = 0
             if busy:
                 continue
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError on 3.10
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()
 
