@@ -524,3 +524,26 @@ def test_https_delivery_is_pinned_with_the_hostname_as_sni_and_host(
         assert receiver.requests[0][0]["host"] == f"hooks.example:{receiver.port}"
     finally:
         receiver.close()
+
+
+def test_a_delivery_older_than_a_day_is_given_up(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    policy = {"max_retries": 10, "initial_delay_ms": 60_000, "max_delay_ms": 3_600_000}
+    sid = subscribe(hooks, key, receiver.url(), retry_policy=policy)["subscription"][
+        "subscription_id"
+    ]
+    receiver.default = 503
+    reserve(hooks, key, "a", 800)
+    dispatch(hooks, 2)
+    (retrying,) = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)["deliveries"]
+    assert retrying["status"] == "RETRYING"
+    assert "next_retry_at" in retrying
+    clock.advance(86_400_000 + 1)
+    dispatch(hooks, 2)
+    (given_up,) = hooks.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries", 200)["deliveries"]
+    assert given_up["status"] == "FAILED"
+    assert "older than" in given_up["error_message"]
+    assert len(receiver.requests) == 1  # not sent again once too old
