@@ -189,6 +189,11 @@ def test_crossings_and_exhaustion_each_deliver_once(
     # every delivery verifies with the secret answered at creation, ids are unique
     seen = InMemorySeenEventStore()
     for headers, body in receiver.requests:
+        event = json.loads(body)
+        assert headers["x-cycles-event-id"] == event["event_id"]
+        assert headers["x-cycles-event-type"] == event["event_type"]
+        assert headers["traceparent"].split("-")[1] == event["trace_id"]
+        assert headers["x-request-id"] == event["request_id"]
         assert headers["x-cycles-signature"].startswith("sha256=")
         assert headers["user-agent"].startswith("runcycles-server-webhooks")
         verify_delivery(body, headers, [secret], seen=seen, now=clock.now_ms / 1000)
