@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from runcycles import InMemorySeenEventStore, WebhookReplayError, verify_delivery
+from runcycles import (
+    InMemorySeenEventStore,
+    WebhookReplayError,
+    WebhookVerificationError,
+    verify_delivery,
+)
 from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 from runcycles_server.app import WebhookOptions
 from runcycles_server.webhooks import Dispatcher
@@ -552,3 +557,31 @@ def test_a_delivery_older_than_a_day_is_given_up(
     assert given_up["status"] == "FAILED"
     assert "older than" in given_up["error_message"]
     assert len(receiver.requests) == 1  # not sent again once too old
+
+
+def test_the_old_secret_retires_when_its_window_ends_or_on_demand(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    created = subscribe(hooks, key, receiver.url())
+    sid, old = created["subscription"]["subscription_id"], created["signing_secret"]
+    headers = {"X-Cycles-API-Key": key}
+    body = {"signing_secret": "whsec_new_secret_0123456789", "previous_secret_ttl_s": 60}
+    hooks.client.post(f"/v1/webhooks/{sid}/rotate-secret", json=body, headers=headers)
+
+    def signatures() -> int:
+        hooks.client.post(f"/v1/webhooks/{sid}/test", headers=headers)
+        return receiver.requests[-1][0]["x-cycles-signature-256"].count("v1=")
+
+    assert signatures() == 2
+    clock.advance(61_000)
+    assert signatures() == 1  # the window ended
+    hooks.client.post(f"/v1/webhooks/{sid}/rotate-secret", json={}, headers=headers)
+    assert signatures() == 2
+    again = {"signing_secret": "whsec_newer_secret_012345678", "previous_secret_ttl_s": 0}
+    hooks.client.post(f"/v1/webhooks/{sid}/rotate-secret", json=again, headers=headers)
+    assert signatures() == 1  # retired at once
+    hdrs, raw = receiver.requests[-1]
+    verify_delivery(raw, hdrs, [again["signing_secret"]], now=clock.now_ms / 1000)
+    with pytest.raises(WebhookVerificationError):
+        verify_delivery(raw, hdrs, [old], now=clock.now_ms / 1000)
