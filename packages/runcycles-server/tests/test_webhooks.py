@@ -578,10 +578,11 @@ def test_the_old_secret_retires_when_its_window_ends_or_on_demand(
     assert signatures() == 1  # the window ended
     hooks.client.post(f"/v1/webhooks/{sid}/rotate-secret", json={}, headers=headers)
     assert signatures() == 2
-    again = {"signing_secret": "whsec_newer_secret_012345678", "previous_secret_ttl_s": 0}
+    newer = "whsec_newer_secret_012345678"
+    again = {"signing_secret": newer, "previous_secret_ttl_s": 0}
     hooks.client.post(f"/v1/webhooks/{sid}/rotate-secret", json=again, headers=headers)
     assert signatures() == 1  # retired at once
     hdrs, raw = receiver.requests[-1]
-    verify_delivery(raw, hdrs, [again["signing_secret"]], now=clock.now_ms / 1000)
+    verify_delivery(raw, hdrs, [newer], now=clock.now_ms / 1000)
     with pytest.raises(WebhookVerificationError):
         verify_delivery(raw, hdrs, [old], now=clock.now_ms / 1000)
