@@ -463,7 +463,10 @@ def serve(
         ),
     ] = 60.0,
     webhook_timeout: Annotated[
-        float, typer.Option(help="Seconds one webhook delivery attempt may take.")
+        float,
+        typer.Option(
+            help="Seconds one webhook delivery attempt may take (at most 80% of --webhook-lease)."
+        ),
     ] = 10.0,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""

@@ -96,7 +96,7 @@ class Dispatcher:
         resolver: how hosts are resolved (the SSRF seam).
         poll_interval_s: seconds between rounds when nothing wakes it.
         lease_ms: how long a claim lasts.
-        timeout_s: per-attempt HTTP timeout.
+        timeout_s: per-attempt HTTP timeout (at most 80 % of ``lease_ms``).
         max_age_ms: deliveries of older events are given up.
         concurrency: most attempts in flight.
         transport: an httpx transport (tests, proxies).
@@ -131,7 +131,11 @@ class Dispatcher:
         self.retention_ms = retention_ms
         self._purged_at = 0
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.sender = Sender(resolver, timeout_s=timeout_s, transport=transport)
+        # An attempt never outlives its claim: past the lease another dispatcher may send the
+        # delivery too, so the attempt's timeout is capped at 80 % of the lease.
+        self.sender = Sender(
+            resolver, timeout_s=min(timeout_s, lease_ms / 1000 * 0.8), transport=transport
+        )
         self.on_delivery: DeliveryHook | None = None
         """Called with each attempt's outcome: ``success``, ``retry``, ``failed``, ``refused``
         (connect a metrics counter here)."""
