@@ -586,3 +586,21 @@ def test_the_old_secret_retires_when_its_window_ends_or_on_demand(
     verify_delivery(raw, hdrs, [newer], now=clock.now_ms / 1000)
     with pytest.raises(WebhookVerificationError):
         verify_delivery(raw, hdrs, [old], now=clock.now_ms / 1000)
+
+
+def test_listings_page_and_refuse_a_forged_cursor(hooks: Api, receiver: Receiver) -> None:
+    key = tenant_key(hooks)
+    made = [subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+            for _ in range(3)]  # fmt: skip
+    first = hooks.admin("GET", "/v1/admin/webhooks", 200, params={"limit": 2})
+    assert first["has_more"] is True
+    second = hooks.admin(
+        "GET", "/v1/admin/webhooks", 200, params={"limit": 2, "cursor": first["next_cursor"]}
+    )
+    assert second["has_more"] is False
+    got = [s["subscription_id"] for s in first["subscriptions"] + second["subscriptions"]]
+    assert sorted(got) == sorted(made)
+    for path in ("/v1/admin/webhooks", f"/v1/admin/webhooks/{made[0]}/deliveries"):
+        for forged in ("nonsense", "WyJhIl0", "WyJhIiwgMV0"):  # junk, ["a"], ["a", 1]
+            body = hooks.admin("GET", path, 400, params={"cursor": forged})
+            assert body["error"] == "INVALID_REQUEST"

@@ -234,7 +234,7 @@ class WebhooksApi:
         start = 0
         cursor = request.query_params.get("cursor")
         if cursor:
-            start = int(decode_cursor(cursor, 1)[0])
+            start = _int_cursor(decode_cursor(cursor, 1)[0])
         items = rows[start : start + limit]
         body: dict[str, Any] = {"subscriptions": [subscription_body(r) for r in items]}
         more = start + limit < len(rows)
@@ -298,13 +298,19 @@ class WebhooksApi:
         """``GET .../{subscription_id}/deliveries``."""
         check_query(request, _DELIVERY_PARAMS)
         _, row = await self._target(request, write=False)
+        cursor = request.query_params.get("cursor") or None
+        if cursor is not None:
+            at, last = decode_cursor(cursor, 2)
+            if not isinstance(last, str):
+                _int_cursor(None)
+            _int_cursor(at)
         query = DeliveryQuery(
             subscription_id=row.subscription_id,
             status=request.query_params.get("status") or None,
             from_ms=_moment(request, "from"),
             to_ms=_moment(request, "to"),
             limit=query_int(request, "limit", 50, 1, 100),
-            cursor=request.query_params.get("cursor") or None,
+            cursor=cursor,
         )
         page = await self.storage.list_deliveries(query)
         body: dict[str, Any] = {"deliveries": [delivery_body(d) for d in page.items]}
@@ -454,6 +460,15 @@ class WebhooksApi:
 def _on_behalf() -> None:
     """Record the request's events as the admin's acting on a tenant's subscription."""
     set_actor("admin_on_behalf_of")
+
+
+def _int_cursor(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise LedgerError(
+        "INVALID_REQUEST",
+        "cursor is not valid: pass back next_cursor from the previous page unchanged",
+    )
 
 
 def _fields(row: SubscriptionRow) -> dict[str, Any]:
