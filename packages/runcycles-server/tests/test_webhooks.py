@@ -471,6 +471,9 @@ def test_admin_on_the_tenant_plane(hooks: Api, receiver: Receiver) -> None:
     assert "tenant query parameter is required" in missing["message"]
     listed = hooks.admin("GET", "/v1/webhooks", 200, params={"tenant": "acme"})
     assert [s["subscription_id"] for s in listed["subscriptions"]] == [sid]
+    hooks.admin("PATCH", f"/v1/webhooks/{sid}", 400, json={"url": None})
+    bad = hooks.admin("PATCH", f"/v1/webhooks/{sid}", 400, json={"event_types": []})
+    assert "at least one selector" in bad["message"]
     hooks.admin("PATCH", f"/v1/webhooks/{sid}", 200, json={"status": "PAUSED"})
     params = {"tenant_id": "acme", "event_type": "webhook.paused"}
     (paused,) = hooks.admin("GET", "/v1/admin/events", 200, params=params)["events"]

@@ -166,7 +166,9 @@ class Subscriptions:
             LedgerError: NOT_FOUND, INVALID_REQUEST.
         """
         changes = body.model_dump(exclude_unset=True)
-        if "url" in changes and changes["url"] is not None:
+        if "url" in changes:
+            if changes["url"] is None:
+                raise LedgerError("INVALID_REQUEST", "url cannot be null: give the new URL")
             await self.check_url(changes["url"])
         if changes.get("scope_filter") is not None:
             check_scope_filter(changes["scope_filter"])
