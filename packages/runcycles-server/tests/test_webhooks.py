@@ -327,6 +327,13 @@ def test_replay_resends_a_window(hooks: Api, receiver: Receiver, clock: FakeCloc
         ("budget.threshold_crossed", 0.8, "rising"),
         ("budget.threshold_crossed", 0.95, "rising"),
     ]
+    receiver.default = 500  # a replay still being retried blocks the next one
+    hooks.admin("POST", f"/v1/admin/webhooks/{sid}/replay", 202,
+                json={"from": "2020-01-01T00:00:00Z"})  # fmt: skip
+    dispatch(hooks)
+    busy = hooks.admin("POST", f"/v1/admin/webhooks/{sid}/replay", 409,
+                       json={"from": "2020-01-01T00:00:00Z"})  # fmt: skip
+    assert "still being delivered" in busy["message"]
     too_many = hooks.admin("POST", f"/v1/admin/webhooks/{sid}/replay", 400,
                            json={"from": "2020-01-01T00:00:00Z", "max_events": 1})  # fmt: skip
     assert "max_events" in too_many["message"]

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from runcycles_server.events import EventRecord, event_to_json, new_event_id
-from runcycles_server.ledger import DAY_MS
+from runcycles_server.ledger import DAY_MS, LedgerError
 from runcycles_server.stores.base import EventQuery, Store
 from runcycles_server.webhooks.models import (
     SYSTEM_TENANT,
@@ -70,6 +70,9 @@ LEASE_MS: Final = 60_000
 PURGE_EVERY_MS: Final = 600_000
 """How often a dispatcher deletes finished deliveries older than its retention."""
 FOLLOW_MAX: Final = 10_000
+REPLAY_PREFIX: Final = "whd_rpl_"
+"""Delivery ids of replays start with it (a new replay waits until none is left to send)."""
+REPLAY_MAX: Final = 1000
 CURSOR_IDLE_MS: Final = 60_000
 """How often the cursor of a tenant without new events is moved."""
 """Most events one round reads per tenant (a backlog drains over the next rounds)."""
@@ -469,9 +472,18 @@ class Dispatcher:
             current = await t.sub(sub.subscription_id)
             if current is None:
                 return 0
+            pending = await t.open_deliveries(sub.subscription_id, REPLAY_MAX + 1)
+            if any(d.delivery_id.startswith(REPLAY_PREFIX) for d in pending):
+                raise LedgerError(
+                    "INVALID_REQUEST",
+                    "an earlier replay of this subscription is still being delivered; wait "
+                    "for it to finish (see .../deliveries) and try again",
+                    status=409,
+                )
             for event in events:
                 row = DeliveryRow(
-                    delivery_id=f"whd_{replay_id}_{event.event_id.removeprefix('evt_')}",
+                    delivery_id=f"{REPLAY_PREFIX}{replay_id.removeprefix('rpl_')}_"
+                    f"{event.event_id.removeprefix('evt_')}",
                     subscription_id=sub.subscription_id,
                     tenant_id=sub.tenant_id,
                     event=orjson.loads(event_to_json(event)),
