@@ -12,7 +12,8 @@ Key layout (``P`` = the store's prefix):
 =====================================  ===========================================================
 ``P:{wh}:s:<subscription_id>``         subscription (JSON, secrets included)
 ``P:{wh}:subs``                        set of every subscription id
-``P:{wh}:d:<delivery_id>``             delivery (JSON, with its lease)
+``P:{wh}:d:<delivery_id>``             delivery (JSON, with its lease); a finished one expires
+                                       after the store's retention
 ``P:{wh}:q:<subscription_id>``         zset (lex, score 0): ``<order>|<delivery_id>`` of the
                                        deliveries still to send, in sending order
 ``P:{wh}:l:<subscription_id>``         zset: every delivery id by when it was queued (listing)
@@ -189,9 +190,14 @@ class RedisWebhookStorage(WebhookStorage):
                 pipe.set(k.sub(sid), row.to_json())
                 pipe.sadd(k.subs, sid)
         for sid in w.dropped_queues:
-            pipe.delete(k.queue(sid))
+            pipe.delete(k.queue(sid), k.listing(sid))  # its rows expire by their TTL
+        retention = self.ledger.retention_ms
         for did, (delivery, old) in w.deliveries.items():
-            pipe.set(k.delivery(did), delivery.to_json())
+            final = delivery.status in ("SUCCESS", "FAILED")
+            if final and retention is not None:
+                pipe.set(k.delivery(did), delivery.to_json(), px=retention)
+            else:
+                pipe.set(k.delivery(did), delivery.to_json())
             queue = k.queue(delivery.subscription_id)
             if old is not None and old.order != delivery.order:
                 pipe.zrem(queue, f"{old.order}|{did}")
