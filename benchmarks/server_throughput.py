@@ -19,7 +19,12 @@ clients doing reserve+commit pairs for a fixed time with a lean HTTP/1.1 load ge
 * a ledger check: afterwards ``GET /v1/admin/budgets?tenant_id=`` (``{"ledgers": [...]}``)
   must show ``spent`` equal to the sum of acknowledged commits, ``reserved == 0`` and
   ``remaining == allocated - spent - reserved - debt``;
-* the 1-minute load average before and after, so a number can be judged against the noise.
+* the 1-minute load average before and after, so a number can be judged against the noise;
+* the cost of webhooks (on unless ``--no-webhook``): server CPU per pair without and with one
+  ACTIVE webhook subscription of the tenant (to a receiver on 127.0.0.1), in alternating
+  rounds (the subscription created and deleted each round), as medians and their ratio
+  (issue target: at most 1.10x). The request path reads no subscription; the dispatcher
+  follows the tenant's event log in the background.
 
 Usage::
 
@@ -35,7 +40,8 @@ and the ratio on : off (the goal: at most 1.05), and a check that the metered se
 
     uv run python benchmarks/server_throughput.py --metrics --stores sqlite --workers 1
 
-Options: ``--clients 64``, ``--seconds 10``, ``--workers 1,2`` (comma list to compare),
+Options: ``--no-webhook``, ``--rounds 3`` (webhook rounds per configuration),
+``--clients 64``, ``--seconds 10``, ``--workers 1,2`` (comma list to compare),
 ``--stores sqlite,redis`` (Redis from ``CYCLES_TEST_REDIS_URL``, default db 15 on loopback,
 under a fresh key prefix that is deleted afterwards). The exit status is 1 on a ledger
 mismatch. Target (the GitHub issue): on a 2-core machine with the load generator on the same
@@ -49,8 +55,10 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 import timeit
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +344,103 @@ def bench_metrics_overhead(
     return counted
 
 
+class _Receiver(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _cpu_per_pair(
+    server: ServerProcess, tenant_id: str, api_key: str, seconds: float, clients: int
+) -> tuple[float, LoadResult]:
+    before = _process_tree_cpu_s(server.process.pid)
+    result = run_load(
+        "pair",
+        host=server.host,
+        port=server.port,
+        api_key=api_key,
+        tenant=tenant_id,
+        clients=clients,
+        duration_s=seconds,
+        amount=AMOUNT,
+    )
+    after = _process_tree_cpu_s(server.process.pid)
+    if before is None or after is None:
+        return float("nan"), result
+    return (after - before) / max(result.completed, 1) * 1e6, result
+
+
+def bench_webhook(store: str, clients: int, seconds: float, workers: int, rounds: int) -> None:
+    """Server CPU per pair without, then with, one ACTIVE subscription; medians and ratio."""
+    print(
+        f"\n== webhooks: {store} ({workers} workers, {clients} clients, {rounds} rounds of "
+        f"{seconds:g} s per configuration)"
+    )
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        with ServerProcess.start(store=store, workers=workers) as server:  # type: ignore[arg-type]
+            server.admin(
+                "PUT",
+                "/v1/admin/config/webhook-security",
+                json={"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8"]},
+            )
+            tenant = server.provision(budget=BUDGET)
+            run_load(
+                "pair",
+                host=server.host,
+                port=server.port,
+                api_key=tenant.api_key,
+                tenant=tenant.tenant_id,
+                clients=clients,
+                duration_s=1.0,
+            )
+            without: list[float] = []
+            with_sub: list[float] = []
+            for _ in range(rounds):  # alternating, so drifting load hits both alike
+                cost, _result = _cpu_per_pair(
+                    server, tenant.tenant_id, tenant.api_key, seconds, clients
+                )
+                without.append(cost)
+                created = server.admin(
+                    "POST",
+                    "/v1/admin/webhooks",
+                    params={"tenant_id": tenant.tenant_id},
+                    json={
+                        "url": f"http://127.0.0.1:{http.server_address[1]}/hook",
+                        "event_categories": ["budget", "reservation"],
+                        "event_types": ["budget.exhausted"],
+                    },
+                )
+                cost, _result = _cpu_per_pair(
+                    server, tenant.tenant_id, tenant.api_key, seconds, clients
+                )
+                with_sub.append(cost)
+                sid = created["subscription"]["subscription_id"]
+                server.admin("DELETE", f"/v1/admin/webhooks/{sid}")
+    finally:
+        http.shutdown()
+        http.server_close()
+    base, hooked = statistics.median(without), statistics.median(with_sub)
+    print(
+        f"  server CPU per pair without a subscription: median {base:6.0f} us "
+        f"(rounds: {', '.join(f'{c:.0f}' for c in without)})"
+    )
+    print(
+        f"  server CPU per pair with one subscription:  median {hooked:6.0f} us "
+        f"(rounds: {', '.join(f'{c:.0f}' for c in with_sub)})"
+    )
+    ratio = hooked / base if base else float("nan")
+    print(
+        f"  ratio with : without = {ratio:.3f} (target <= 1.10: "
+        f"{'met' if ratio <= 1.10 else 'NOT met'})"
+    )
+
+
 def main() -> int:
     """Run the benchmark for every requested store and worker count."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
@@ -348,7 +453,10 @@ def main() -> int:
         action="store_true",
         help="compare server CPU per pair with `serve --metrics` on and off instead",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="--metrics: rounds per side")
+    parser.add_argument("--no-webhook", action="store_true", help="skip the webhook comparison")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per side (--metrics, webhook comparison)"
+    )
     args = parser.parse_args()
     ok = True
     for store in args.stores.split(","):
@@ -363,6 +471,8 @@ def main() -> int:
                 )
             else:
                 ok = bench_store(store, args.clients, args.seconds, workers) and ok
+                if not args.no_webhook:
+                    bench_webhook(store, args.clients, args.seconds / 2, workers, args.rounds)
     return 0 if ok else 1
 
 

@@ -76,7 +76,8 @@ ELSEWHERE: dict[str, set[str]] = {
 """Methods this server serves on a path of the fuzzed spec that another spec documents."""
 SUBJECT_LEVELS = ("workspace", "app", "workflow", "agent", "toolset")
 _OUTSIDE_CHARSET = re.compile(r"[^a-zA-Z0-9_.-]")
-_QUERY_PARAMETER = re.compile(r"parameter `([^`]+)` in query")
+_QUERY_PARAMETERS = re.compile(r"parameters? ((?:`[^`]+`(?:, )?)+) in query")
+"""``parameter `a` in query`` or ``parameters `a`, `b` in query`` (several violate at once)."""
 
 
 def _case_hash(case: Any) -> int:
@@ -243,7 +244,11 @@ def _keep(failure: Any, case: Any, response: Any) -> bool:
     if not isinstance(failure, AcceptedNegativeData):
         return True
     query = case.query if isinstance(case.query, dict) else {}
-    named = _QUERY_PARAMETER.findall(failure.message)
+    named = [
+        name
+        for group in _QUERY_PARAMETERS.findall(failure.message)
+        for name in re.findall(r"`([^`]+)`", group)
+    ]
     if named and all(query.get(name) == "" for name in named):
         return False
     validator = _body_validator(case.method.upper(), case.operation.path)

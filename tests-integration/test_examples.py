@@ -73,6 +73,12 @@ EXPECTED = {
         "-> 500 {'error': 'handler failed: pager unreachable'}",
         "-> 200 {'status': 'PAGE: tenant:acme/workspace:prod exhausted its USD_MICROCENTS budget",
     ],
+    "slack_alerts.py": [
+        "slack <- :warning: *tenant:acme* crossed 80% of its budget (82% used)",
+        "slack <- :fire: *tenant:acme* crossed 95% of its budget (96% used)",
+        "slack <- :rotating_light: *tenant:acme* is out of budget (100% used)",
+        "3 alerts posted",
+    ],
     "custom_adapter.py": [
         "run-1: 2 steps ran",
         "spent 650,000",

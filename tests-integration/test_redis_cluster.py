@@ -9,15 +9,19 @@ list through the client for two tenants whose hash slots live on different maste
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from runcycles_server.testing import ServerProcess
@@ -246,3 +250,66 @@ def test_a_plain_url_to_a_cluster_node_is_refused_with_the_cluster_url(cluster_u
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"--redis redis+cluster://{node}" in result.stderr
+
+
+def test_webhooks_are_delivered_by_a_server_on_a_redis_cluster(cluster_url: str) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        with ServerProcess.start(
+            store="redis",
+            redis_url=cluster_url,
+            redis_prefix="cyclesclusterhooks",
+            extra_args=["--webhook-poll", "0.1"],
+        ) as server:
+            server.admin(
+                "PUT",
+                "/v1/admin/config/webhook-security",
+                json={"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8"]},
+            )
+            tenant = server.provision(budget=1_000)
+            hook = f"http://127.0.0.1:{http.server_address[1]}/hook"
+            created = server.admin(
+                "POST",
+                "/v1/admin/webhooks",
+                params={"tenant_id": tenant.tenant_id},
+                json={"url": hook, "event_types": ["budget.threshold_crossed"]},
+            )
+            answer = httpx.post(
+                f"{server.base_url}/v1/reservations",
+                headers={"X-Cycles-API-Key": tenant.api_key},
+                json={
+                    "idempotency_key": "r1",
+                    "subject": {"tenant": tenant.tenant_id},
+                    "action": {"kind": "llm.completion", "name": "gpt"},
+                    "estimate": {"unit": U, "amount": 900},
+                },
+            )
+            assert answer.status_code == 200, answer.text
+            _wait(lambda: len(bodies) == 1, "the webhook delivery")
+            assert bodies[0]["data"]["threshold"] == 0.8
+            sid = created["subscription"]["subscription_id"]
+            _wait(
+                lambda: (
+                    server.admin("GET", f"/v1/admin/webhooks/{sid}/deliveries")["deliveries"][0][
+                        "status"
+                    ]
+                    == "SUCCESS"
+                ),
+                "the delivery to be recorded",
+            )
+    finally:
+        http.shutdown()
+        http.server_close()

@@ -22,6 +22,7 @@ from runcycles_server import admin, events_api, governance_api
 from runcycles_server.app import create_app
 from runcycles_server.stores.memory import MemoryStore
 from runcycles_server.web import CLIENT_CLOSED_REQUEST
+from runcycles_server.webhooks import api as webhooks_api
 
 if TYPE_CHECKING:
     from conftest import Api
@@ -133,10 +134,15 @@ CASES = [
 def test_every_spec_query_parameter_has_a_validator() -> None:
     declared = {(m, p, n) for m, p, n, _, _ in SPEC_PARAMS}
     routes = {(m, p) for m, p, _, _, _ in SPEC_PARAMS}
-    rules = {**admin.QUERY_PARAMS, **governance_api.QUERY_PARAMS, **events_api.QUERY_PARAMS}
+    rules = {
+        **admin.QUERY_PARAMS,
+        **governance_api.QUERY_PARAMS,
+        **events_api.QUERY_PARAMS,
+        **webhooks_api.QUERY_PARAMS,
+    }
     validated = {(m, p, n) for (m, p), params in rules.items() if (m, p) in routes for n in params}
     assert declared == validated
-    assert len(declared) == 80  # the spec's admin lists; a parse slip would show here
+    assert len(declared) == 94  # the spec's admin lists; a parse slip would show here
     assert len(CASES) >= 150
 
 

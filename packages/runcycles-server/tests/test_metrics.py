@@ -360,7 +360,7 @@ def test_the_webhook_seam_counts_deliveries_and_reports_gauge_callbacks(
     meter = api.client.app.state.metrics
     assert isinstance(meter, Metrics)
     zero = scrape(api)
-    for outcome in ("SUCCESS", "RETRYING", "FAILED"):
+    for outcome in ("SUCCESS", "RETRYING", "FAILED", "REFUSED"):
         assert (
             "cycles_webhook_deliveries_total",
             frozenset({("outcome", outcome)}),
@@ -368,7 +368,7 @@ def test_the_webhook_seam_counts_deliveries_and_reports_gauge_callbacks(
     meter.record_webhook_delivery("SUCCESS")
     meter.record_webhook_delivery("SUCCESS")
     meter.record_webhook_delivery("FAILED")
-    with pytest.raises(ValueError, match="must be one of SUCCESS, RETRYING, FAILED"):
+    with pytest.raises(ValueError, match="must be one of SUCCESS, RETRYING, FAILED, REFUSED"):
         meter.record_webhook_delivery("maybe")
     depth = [7.0]
     meter.add_gauge_callback("cycles_webhook_queue_depth", "Deliveries waiting.", lambda: depth[0])

@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -82,6 +83,7 @@ from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
     RESERVATION_SORT_KEYS,
+    OperationStore,
     ReservationQuery,
     RetentionPurger,
     Store,
@@ -98,6 +100,8 @@ from runcycles_server.web import (
     query_int,
     request_ids,
 )
+from runcycles_server.webhooks import Dispatcher, Resolver, storage_for, system_resolver
+from runcycles_server.webhooks.api import WebhooksApi
 
 logger = logging.getLogger("runcycles_server")
 
@@ -583,12 +587,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at the request's path (several routes may share it)."""
+    """Every method some route serves at the request's path (several routes may share it).
+
+    A literal path (``/v1/admin/webhooks/bulk-action``) hides the parameterized routes it
+    also fits (``/v1/admin/webhooks/{subscription_id}``): it names its own resource.
+    """
+    literal: set[str] = set()
     methods: set[str] = set()
+    path = request.url.path
     for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
             methods.update(route.methods)
-    return sorted(methods)
+            if route.path == path:
+                literal.update(route.methods)
+    return sorted(literal or methods)
 
 
 DEFAULT_RETENTION_DAYS: Final = 7
@@ -681,6 +693,28 @@ def _background_failure(health: StoreHealth, exc: Exception, what: str) -> None:
         logger.exception(what)
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookOptions:
+    """Settings of the webhook dispatcher (see :mod:`runcycles_server.webhooks.dispatch`)."""
+
+    poll_interval_s: float = 1.0
+    lease_ms: int = 60_000
+    timeout_s: float = 10.0
+    max_age_ms: int = ledger.DAY_MS
+    resolver: Resolver = system_resolver
+    transport: Any = None
+    """An ``httpx.AsyncBaseTransport`` for the deliveries (a custom CA, a test server)."""
+
+
+_DELIVERY_OUTCOMES: Final = {
+    "success": "SUCCESS",
+    "retry": "RETRYING",
+    "failed": "FAILED",
+    "refused": "REFUSED",
+}
+"""The dispatcher's attempt outcomes as ``cycles_webhook_deliveries_total`` labels."""
+
+
 def create_app(
     store: Store,
     *,
@@ -695,6 +729,7 @@ def create_app(
     metrics_public: bool = False,
     metrics_top_scopes: int = DEFAULT_TOP_SCOPES,
     detectors: DetectorConfig | None = DetectorConfig(),  # noqa: B008 (frozen)
+    webhook_options: WebhookOptions | None = None,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -726,6 +761,10 @@ def create_app(
             :mod:`runcycles_server.monitor`), started beside the sweeper (``None``: no
             tallies and no monitor). With ``sweep_interval_s=None`` it is not started either:
             tests call ``app.state.monitor.tick()``.
+        webhook_options: the webhook dispatcher's settings (poll interval, lease, timeouts,
+            resolver; ``None``: the defaults). The dispatcher runs with the sweeper
+            (``sweep_interval_s`` ``None`` runs neither: tests call
+            ``app.state.webhook_dispatcher.run_once()``).
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, ``retention_days``
@@ -753,6 +792,24 @@ def create_app(
     events = EventsApi(store, auth)
     extra_routes = MetricsApi(store, auth, health, meter).routes() if meter is not None else []
     overview = OverviewApi(store, auth)
+    options = webhook_options or WebhookOptions()
+    dispatcher = Dispatcher(
+        store,
+        storage_for(store),
+        resolver=options.resolver,
+        poll_interval_s=options.poll_interval_s,
+        lease_ms=options.lease_ms,
+        timeout_s=options.timeout_s,
+        max_age_ms=options.max_age_ms,
+        retention_ms=retention_ms,
+        transport=options.transport,
+    )
+    webhooks = WebhooksApi(store, dispatcher.storage, dispatcher, auth, max_body_bytes)
+    if meter is not None:
+        record = meter.record_webhook_delivery
+        dispatcher.on_delivery = lambda outcome: record(_DELIVERY_OUTCOMES[outcome])
+    if isinstance(store, OperationStore):
+        store.on_events = dispatcher.wake
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -774,10 +831,11 @@ def create_app(
             if monitor is not None and sweep_interval_s is not None
             else None
         )
+        dispatch = asyncio.create_task(dispatcher.run()) if sweep_interval_s is not None else None
         try:
             yield
         finally:
-            for running in (task, watcher):
+            for running in (task, watcher, dispatch):
                 if running is not None:
                     running.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -787,6 +845,7 @@ def create_app(
                     await monitor.tick(final=True)
                 except Exception:
                     logger.warning("could not record the last refusal events", exc_info=True)
+            await dispatcher.close()
             if close_store:
                 await store.close()
 
@@ -798,6 +857,7 @@ def create_app(
             *events.routes(),
             *extra_routes,
             *overview.routes(),
+            *webhooks.routes(),
         ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
@@ -810,6 +870,7 @@ def create_app(
         ContextMiddleware, fast_route=runtime.fast_route, health=health, metrics=meter
     )
     app.state.store = store
+    app.state.webhook_dispatcher = dispatcher
     app.state.store_health = health
     app.state.metrics = meter  # the webhook dispatcher's seam (None: metrics off)
     app.state.monitor = monitor

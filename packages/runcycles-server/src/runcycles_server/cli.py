@@ -38,6 +38,7 @@ import typer
 from runcycles_server.cli_admin import CliError, register, reported
 from runcycles_server.cli_events import register_events
 from runcycles_server.cli_governance import register_governance
+from runcycles_server.cli_webhooks import register_webhooks
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -63,6 +64,9 @@ ENV_METRICS_PUBLIC: Final = "CYCLES_METRICS_PUBLIC"
 ENV_METRICS_TOP_SCOPES: Final = "CYCLES_METRICS_TOP_SCOPES"
 DEFAULT_METRICS_TOP_SCOPES: Final = 100  # = metrics.DEFAULT_TOP_SCOPES (not imported: startup)
 ENV_DETECTORS: Final = "CYCLES_DETECTORS"
+ENV_WEBHOOK_POLL: Final = "CYCLES_WEBHOOK_POLL_S"
+ENV_WEBHOOK_LEASE: Final = "CYCLES_WEBHOOK_LEASE_S"
+ENV_WEBHOOK_TIMEOUT: Final = "CYCLES_WEBHOOK_TIMEOUT_S"
 DEV_POLICY: Final = "dev-example-guardrails"
 DEV_POLICY_BODY: Final = {
     "name": DEV_POLICY,
@@ -178,6 +182,13 @@ def app_from_env() -> Starlette:
         detectors = DetectorConfig.parse(os.environ.get(ENV_DETECTORS) or "")
     except ValueError as exc:
         raise SystemExit(f"{ENV_DETECTORS}: {exc}") from None
+    from runcycles_server.app import WebhookOptions
+
+    hooks = WebhookOptions(
+        poll_interval_s=_env_number(ENV_WEBHOOK_POLL, None) or 1.0,
+        lease_ms=round((_env_number(ENV_WEBHOOK_LEASE, None) or 60.0) * 1000),
+        timeout_s=_env_number(ENV_WEBHOOK_TIMEOUT, None) or 10.0,
+    )
     try:
         app = create_app(
             store,
@@ -191,6 +202,7 @@ def app_from_env() -> Starlette:
                 _env_number(ENV_METRICS_TOP_SCOPES, DEFAULT_METRICS_TOP_SCOPES) or 0
             ),
             detectors=detectors,
+            webhook_options=hooks,
         )
     except ValueError as exc:
         raise SystemExit(
@@ -493,6 +505,26 @@ def serve(
             "the rest are counted in cycles_budget_utilization_omitted; 0: no budget series).",
         ),
     ] = DEFAULT_METRICS_TOP_SCOPES,
+    webhook_poll: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between webhook dispatcher rounds when nothing wakes it (events "
+            "written by this process wake it at once)."
+        ),
+    ] = 1.0,
+    webhook_lease: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a delivery stays claimed by the process sending it; a process that "
+            "dies mid-delivery has it sent again by another after this long."
+        ),
+    ] = 60.0,
+    webhook_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds one webhook delivery attempt may take (at most 80% of --webhook-lease)."
+        ),
+    ] = 10.0,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -518,6 +550,9 @@ def serve(
             ("--header-timeout", header_timeout),
             ("--body-timeout", body_timeout),
             ("--store-timeout", store_timeout),
+            ("--webhook-poll", webhook_poll),
+            ("--webhook-lease", webhook_lease),
+            ("--webhook-timeout", webhook_timeout),
         ):
             if not 0 < seconds < float("inf"):  # also NaN
                 raise CliError(f"{flag} must be a positive number of seconds, not {seconds}", 2)
@@ -567,6 +602,9 @@ def serve(
             os.environ[ENV_DETECTORS] = detectors
         else:
             os.environ.pop(ENV_DETECTORS, None)
+        os.environ[ENV_WEBHOOK_POLL] = repr(webhook_poll)
+        os.environ[ENV_WEBHOOK_LEASE] = repr(webhook_lease)
+        os.environ[ENV_WEBHOOK_TIMEOUT] = repr(webhook_timeout)
         if action_kinds is not None:
             os.environ[ENV_ACTION_KINDS] = str(action_kinds.resolve())
         else:
@@ -747,6 +785,7 @@ async def _answers(store: Store) -> bool:
 register(cli)  # tenant, key, budget and balances, listed after serve and demo
 register_governance(cli)  # policy and quota
 register_events(cli)  # events and overview
+register_webhooks(cli)  # webhook
 
 
 def main() -> None:

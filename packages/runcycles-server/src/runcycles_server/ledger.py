@@ -132,6 +132,10 @@ class TenantRow:
     policy_count: int | None = 0
     """How many policies the tenant has, so a reservation of a tenant without any skips
     reading them (``None``: not known, as on a row written before it was kept: read them)."""
+    event_thresholds: list[float] | None = None
+    """The ``budget.threshold_crossed`` utilizations recorded for this tenant's budgets
+    (``None``: the defaults): the union of the defaults and its webhook subscriptions'
+    ``budget_utilization``, kept here so an operation reads no subscription."""
 
 
 @dataclass(slots=True)

@@ -85,7 +85,7 @@ SCRAPE_STORE_TIMEOUT_S: Final = 5.0
 """Longest a scrape waits for its store reads; past it the store-derived series are left out."""
 BUDGET_PAGE: Final = 200
 """Budgets read per store call while ranking utilization at scrape time."""
-WEBHOOK_OUTCOMES: Final = ("SUCCESS", "RETRYING", "FAILED")
+WEBHOOK_OUTCOMES: Final = ("SUCCESS", "RETRYING", "FAILED", "REFUSED")
 """Outcomes of a webhook delivery attempt, as the governance spec's ``WebhookDelivery.status``:
 delivered (2xx), failed with a retry scheduled, failed for good (retries exhausted)."""
 UNMATCHED_ROUTE: Final = "unmatched"

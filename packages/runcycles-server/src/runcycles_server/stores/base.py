@@ -519,6 +519,15 @@ class OperationStore(ABC):
     registry: Registry = Registry()
     """The action-kind registry (``cycles serve --action-kinds FILE`` declares custom kinds)."""
 
+    on_events: Callable[[], None] | None = None
+    """Called after an operation of this process recorded events (the webhook dispatcher's
+    wake-up; it must not block)."""
+
+    def _recorded(self, outcome: Outcome) -> Outcome:
+        if outcome.events and self.on_events is not None:
+            self.on_events()
+        return outcome
+
     def new_reservation_id(self, tenant_id: str) -> str:
         """A fresh reservation id (a sharded store embeds the tenant to route by it)."""
         return new_id("rsv")
@@ -559,7 +568,9 @@ class OperationStore(ABC):
 
     async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
         """See :meth:`Store.decide`."""
-        return await self.run(operations.decide(tenant_id, request, request_hash, self.registry))
+        return self._recorded(
+            await self.run(operations.decide(tenant_id, request, request_hash, self.registry))
+        )
 
     async def reserve(
         self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
@@ -573,13 +584,15 @@ class OperationStore(ABC):
             self.registry,
             _new_audit_id,
         )
-        return await self.run(op)
+        return self._recorded(await self.run(op))
 
     async def commit(
         self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
     ) -> Outcome:
         """See :meth:`Store.commit`."""
-        return await self.run(operations.commit(tenant_id, reservation_id, request, request_hash))
+        return self._recorded(
+            await self.run(operations.commit(tenant_id, reservation_id, request, request_hash))
+        )
 
     async def release(
         self,
@@ -601,7 +614,7 @@ class OperationStore(ABC):
             request_id=request_id,
             trace_id=trace_id,
         )
-        return await self.run(op)
+        return self._recorded(await self.run(op))
 
     async def extend(
         self,
@@ -611,14 +624,16 @@ class OperationStore(ABC):
         request_hash: str,
     ) -> Outcome:
         """See :meth:`Store.extend`."""
-        return await self.run(operations.extend(tenant_id, reservation_id, request, request_hash))
+        return self._recorded(
+            await self.run(operations.extend(tenant_id, reservation_id, request, request_hash))
+        )
 
     async def create_event(
         self, tenant_id: str, request: EventCreateRequest, request_hash: str
     ) -> Outcome:
         """See :meth:`Store.create_event`."""
         op = operations.event(tenant_id, request, request_hash, new_id("evt"))
-        return await self.run(op)
+        return self._recorded(await self.run(op))
 
     async def create_tenant(self, row: TenantRow) -> tuple[TenantRow, bool]:
         """See :meth:`Store.create_tenant`."""
@@ -665,7 +680,7 @@ class OperationStore(ABC):
             request_hash=request_hash,
             timestamp=timestamp,
         )
-        return await self.run(op)
+        return self._recorded(await self.run(op))
 
 
 GROUP_MAX = 64

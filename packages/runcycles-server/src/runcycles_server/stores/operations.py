@@ -52,6 +52,7 @@ from runcycles_server.events import (
     current_context,
     new_event_id,
 )
+from runcycles_server.events.detect import DEFAULT_THRESHOLDS
 from runcycles_server.governance import (
     CounterRow,
     PolicyRow,
@@ -174,21 +175,32 @@ def _applied(
     extra: Sequence[Detected] = (),
     correlation_id: str | None = None,
     tenant_id: str | None = None,
+    tenant: TenantRow | None = None,
 ) -> Outcome:
     """Write ``outcome`` with the events its changed budgets (and ``extra``) cause.
 
     ``context`` is the request's (captured when the operation was made); ``None`` for the
-    system's own work.
+    system's own work. ``tenant`` is the tenant row when the operation already read it (its
+    ``event_thresholds`` are the thresholds recorded); otherwise it is read here.
+    ``tenant_id`` names the tenant of an outcome that changes neither a reservation nor a
+    budget (an observe-mode evaluation's events).
     """
     if outcome.signals:
         extra = [*extra, *outcome.signals]
     if outcome.budgets or extra:
-        found = [*budget_transitions(txn.current_budgets(outcome.budgets), outcome.budgets), *extra]
+        if outcome.reservation is not None:
+            tenant_id = outcome.reservation.tenant_id
+        elif outcome.budgets:
+            tenant_id = outcome.budgets[0].tenant_id
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+        if outcome.budgets and tenant_id is not None:
+            if tenant is None or tenant.tenant_id != tenant_id:
+                tenant = txn.tenant(tenant_id)
+            if tenant is not None and tenant.event_thresholds:
+                thresholds = tenant.event_thresholds
+        before = txn.current_budgets(outcome.budgets)
+        found = [*budget_transitions(before, outcome.budgets, thresholds), *extra]
         if found:
-            if outcome.reservation is not None:
-                tenant_id = outcome.reservation.tenant_id
-            elif outcome.budgets:
-                tenant_id = outcome.budgets[0].tenant_id
             assert tenant_id is not None  # else the caller names it
             outcome.events = _records(found, tenant_id, txn.now, context, correlation_id)
     txn.apply(outcome)
@@ -316,6 +328,7 @@ def decide(
                     txn, tenant_id, tenant, scopes, request.action, request.subject, registry
                 ),
             ),
+            tenant=tenant,
         )
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
@@ -364,6 +377,7 @@ def reserve(
             context,
             correlation_id=reservation_id,
             tenant_id=tenant_id,
+            tenant=tenant,
         )
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
@@ -378,7 +392,7 @@ def _on_reservation(
     reservation_id: str,
     key: str,
     request_hash: str,
-    planner: Callable[[Txn, ReservationRow], Outcome],
+    planner: Callable[[Txn, ReservationRow, TenantRow | None], Outcome],
 ) -> Op[Outcome]:
     """A keyed operation on one reservation (commit, release, extend).
 
@@ -395,7 +409,8 @@ def _on_reservation(
         replayed = _replayed(txn, res.tenant_id, endpoint, key, request_hash, res)
         if replayed is not None:
             return replayed
-        outcome = planner(txn, res)
+        tenant = txn.tenant(res.tenant_id)
+        outcome = planner(txn, res, tenant)
         extra = []
         done = outcome.reservation
         if done is not None and done.committed is not None and done.committed > done.estimate:
@@ -404,7 +419,7 @@ def _on_reservation(
                     "actual_amount": done.committed, "overage": done.committed - done.estimate,
                     "overage_policy": done.overage_policy, "tenant_id": done.tenant_id}  # fmt: skip
             extra.append(Detected("reservation.commit_overage", done.scope_path, data))
-        return _applied(txn, outcome, context, extra, reservation_id)
+        return _applied(txn, outcome, context, extra, reservation_id, tenant=tenant)
 
     return Op(plan, None, reservation_id, idem=(endpoint, key))
 
@@ -414,13 +429,13 @@ def commit(
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/commit``."""
 
-    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+    def planner(txn: Txn, res: ReservationRow, tenant: TenantRow | None) -> Outcome:
         return ledger.plan_commit(
             reservation_id=reservation_id,
             request=request,
             tenant_id=tenant_id,
             reservation=res,
-            tenant=txn.tenant(res.tenant_id),
+            tenant=tenant,
             budgets=txn.budgets(res.budgeted_scopes),
             request_hash=request_hash,
             now_ms=txn.now,
@@ -442,13 +457,13 @@ def release(
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/release``; ``tenant_id=None`` is an audited admin release."""
 
-    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+    def planner(txn: Txn, res: ReservationRow, tenant: TenantRow | None) -> Outcome:
         outcome = ledger.plan_release(
             reservation_id=reservation_id,
             request=request,
             tenant_id=tenant_id,
             reservation=res,
-            tenant=txn.tenant(res.tenant_id),
+            tenant=tenant,
             budgets=txn.budgets(res.budgeted_scopes),
             request_hash=request_hash,
             now_ms=txn.now,
@@ -467,13 +482,13 @@ def extend(
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/extend``."""
 
-    def planner(txn: Txn, res: ReservationRow) -> Outcome:
+    def planner(txn: Txn, res: ReservationRow, tenant: TenantRow | None) -> Outcome:
         return ledger.plan_extend(
             reservation_id=reservation_id,
             request=request,
             tenant_id=tenant_id,
             reservation=res,
-            tenant=txn.tenant(res.tenant_id),
+            tenant=tenant,
             request_hash=request_hash,
             now_ms=txn.now,
         )
@@ -494,18 +509,20 @@ def event(
         replayed = _replayed(txn, tenant_id, "event", key, request_hash)
         if replayed is not None:
             return replayed
+        tenant = txn.tenant(tenant_id)
         return _applied(
             txn,
             ledger.plan_event(
                 request=request,
                 tenant_id=tenant_id,
-                tenant=txn.tenant(tenant_id),
+                tenant=tenant,
                 budgets=txn.budgets(scopes),
                 request_hash=request_hash,
                 event_id=event_id,
                 now_ms=txn.now,
             ),
             context,
+            tenant=tenant,
         )
 
     return Op(plan, tenant_id, idem=("event", key), scopes=scopes)
@@ -1007,5 +1024,24 @@ def reset_counters(
                 events = _records([event], tenant_id, txn.now, context, None)
                 txn.apply(Outcome(200, b"", audit=entry, events=events))
         return pairs
+
+    return Op(plan, tenant_id)
+
+
+def set_event_thresholds(tenant_id: str, thresholds: Sequence[float] | None) -> Op[bool]:
+    """Set the tenant's recorded threshold set (``None``: the defaults).
+
+    Answers ``False`` when the tenant does not exist. Its ``updated_at`` is not touched: the
+    tenant itself did not change.
+    """
+    wanted = None if thresholds is None else sorted(set(thresholds))
+
+    def plan(txn: Txn) -> bool:
+        tenant = txn.tenant(tenant_id)
+        if tenant is None:
+            return False
+        if tenant.event_thresholds != wanted:
+            txn.put_tenant(dataclasses.replace(tenant, event_thresholds=wanted))
+        return True
 
     return Op(plan, tenant_id)

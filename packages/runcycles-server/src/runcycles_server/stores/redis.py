@@ -1302,6 +1302,32 @@ class RedisStore(OperationStore):
         raw = await self._redis.hget(self._k.res(owner, reservation_id), _D)
         return None if raw is None else _dec(ReservationRow, raw)
 
+    async def append_events(self, tenant_id: str, events: Sequence[EventRecord]) -> None:
+        """Write events to a tenant's event log outside any ledger operation.
+
+        For webhook lifecycle events; one transaction on the tenant's slot.
+        """
+        if not events:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        index = self._k.x_event_log(tenant_id)
+        for ev in events:
+            key = self._k.event_log(tenant_id, ev.event_id)
+            pipe.hset(key, mapping={_V: 1, _D: event_to_json(ev)})
+            if self.retention_ms is not None:
+                pipe.pexpire(key, self.retention_ms)
+            pipe.zadd(index, {ev.event_id: ev.created_at_ms})
+        await pipe.execute()
+
+    @property
+    def client(self) -> Any:
+        """The Redis client (for data this module does not own: webhooks)."""
+        return self._redis
+
+    def key_prefix(self) -> str:
+        """The key prefix (``--redis-prefix``)."""
+        return self.prefix
+
     async def get_event(self, tenant_id: str, event_id: str) -> EventRow | None:
         """Return a stored event (kept ``retention_ms``), or ``None``."""
         raw = await self._redis.hget(self._k.event(tenant_id, event_id), _D)

@@ -71,7 +71,7 @@ from runcycles_server.stores.base import (
     StoreUnavailable,
 )
 
-SCHEMA_VERSION: Final = 7
+SCHEMA_VERSION: Final = 8
 _UPSERT_COUNTER: Final = (
     "INSERT INTO quota_counters (tenant_id, name, expires_at_ms, body) VALUES (?,?,?,?) "
     "ON CONFLICT (tenant_id, name) DO UPDATE"
@@ -275,7 +275,7 @@ UPDATE tenants SET policy_count = (
     SELECT count(*) FROM policies WHERE policies.tenant_id = tenants.tenant_id
 );
 """,
-    # 6: reserved (another change takes it; numbering settled at merge)
+    # 6: unused (a number left free while two changes landed side by side)
     6: "",
     # 7: the rate detectors' per-minute counters and flags (see runcycles_server.monitor)
     7: """
@@ -291,6 +291,35 @@ CREATE TABLE signal_flags (
     expires_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX api_keys_expiry ON api_keys (status, expires_at_ms);
+""",
+    # 8: webhook subscriptions, their delivery queue (with leases), the dispatcher's cursors,
+    # and each tenant's extra threshold set (see runcycles_server.webhooks)
+    8: """
+ALTER TABLE tenants ADD COLUMN event_thresholds TEXT;
+CREATE TABLE webhook_subscriptions (
+    subscription_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE webhook_deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    subscription_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    sort_key TEXT NOT NULL,
+    queued_at_ms INTEGER NOT NULL,
+    lease_owner TEXT,
+    lease_until_ms INTEGER,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX webhook_deliveries_open ON webhook_deliveries (subscription_id, sort_key)
+    WHERE status IN ('PENDING', 'RETRYING');
+CREATE INDEX webhook_deliveries_listing ON webhook_deliveries (subscription_id, queued_at_ms);
+CREATE INDEX webhook_deliveries_done ON webhook_deliveries (queued_at_ms)
+    WHERE status IN ('SUCCESS', 'FAILED');
+CREATE TABLE webhook_state (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
 """,
 }
 
@@ -331,7 +360,7 @@ _TENANT_COLS: Final = (
     "tenant_id, name, status, parent_tenant_id, default_commit_overage_policy, "
     "default_reservation_ttl_ms, max_reservation_ttl_ms, max_reservation_extensions, "
     "reservation_expiry_policy, metadata, created_at_ms, updated_at_ms, suspended_at_ms, "
-    "closed_at_ms, observe_mode, policy_count"
+    "closed_at_ms, observe_mode, policy_count, event_thresholds"
 )
 _KEY_COLS: Final = (
     "key_id, key_hash, key_prefix, tenant_id, name, status, description, permissions, "
@@ -380,6 +409,7 @@ def _tenant(r: sqlite3.Row | tuple[Any, ...]) -> TenantRow:
         r[13],
         r[14],
         r[15],
+        _uj(r[16]),
     )
 
 
@@ -580,6 +610,22 @@ class SqliteStore(RowStore):
     def _write(self) -> AbstractContextManager[None]:
         return _WriteTx(self)
 
+    def write_transaction(self) -> AbstractContextManager[None]:
+        """One write transaction, for tables this module does not own (webhooks).
+
+        ``BEGIN IMMEDIATE`` under the writer lock; nests inside an open one.
+        """
+        return _WriteTx(self)
+
+    def read_transaction(self) -> AbstractContextManager[None]:
+        """One read transaction (a consistent snapshot; takes no writer lock)."""
+        return self._read_tx()
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The store's connection (use it inside :meth:`write_transaction` to write)."""
+        return self._conn
+
     @contextmanager
     def _read_tx(self) -> Iterator[None]:
         conn = self._conn
@@ -665,14 +711,14 @@ class SqliteStore(RowStore):
     def _put_tenant(self, row: TenantRow, *, insert: bool) -> None:
         self._conn.execute(
             f"INSERT OR REPLACE INTO tenants ({_TENANT_COLS}) VALUES "
-            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 row.tenant_id, row.name, row.status, row.parent_tenant_id,
                 row.default_commit_overage_policy, row.default_reservation_ttl_ms,
                 row.max_reservation_ttl_ms, row.max_reservation_extensions,
                 row.reservation_expiry_policy, _j(row.metadata), row.created_at_ms,
                 row.updated_at_ms, row.suspended_at_ms, row.closed_at_ms, row.observe_mode,
-                row.policy_count,
+                row.policy_count, _j(row.event_thresholds),
             ),
         )  # fmt: skip
 
