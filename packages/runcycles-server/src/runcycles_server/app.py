@@ -64,6 +64,8 @@ from runcycles.models import (
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
 from runcycles_server.events_api import EventsApi
+from runcycles_server.evidence.api import PUBLIC_REQUESTS_PER_MINUTE, EvidenceApi
+from runcycles_server.evidence.issuer import Issuer
 from runcycles_server.governance_api import REGISTRY_REQUESTS_PER_MINUTE, GovernanceApi
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
@@ -71,6 +73,8 @@ from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
     RESERVATION_SORT_KEYS,
+    EvidenceStore,
+    OperationStore,
     ReservationQuery,
     RetentionPurger,
     Store,
@@ -206,11 +210,13 @@ class Runtime:
         auth: Authenticator,
         max_body_bytes: int,
         health: StoreHealth | None = None,
+        evidence: EvidenceApi | None = None,
     ) -> None:
         self.store = store
         self.auth = auth
         self.max_body = max_body_bytes
         self.health = health or StoreHealth(store)
+        self.evidence = evidence or EvidenceApi(store, None)
         self._settle_routes: dict[str, Handler] = {
             "commit": self.commit,
             "release": self.release,
@@ -267,10 +273,14 @@ class Runtime:
         principal = await self.auth.tenant(request, "reservations:create")
         body = await parse_body(request, DecisionRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
-        _check_subject(principal, body.subject)
         assert principal.tenant_id is not None
-        digest = ledger.payload_hash("decide", ledger.request_payload(body))
-        outcome = await self.store.decide(principal.tenant_id, body, digest)
+        try:
+            _check_subject(principal, body.subject)
+            digest = ledger.payload_hash("decide", ledger.request_payload(body))
+            outcome = await self.store.decide(principal.tenant_id, body, digest)
+        except LedgerError as exc:
+            await self.evidence.denied(request, exc, "decide", body, principal.tenant_id)
+            raise
         return json_response(outcome.body, outcome.status_code)
 
     async def create_reservation(self, request: Request) -> Response:
@@ -278,13 +288,14 @@ class Runtime:
         principal = await self.auth.tenant(request, "reservations:create")
         body = await parse_body(request, ReservationCreateRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
-        _check_subject(principal, body.subject)
         assert principal.tenant_id is not None
-        digest = ledger.payload_hash("reserve", ledger.request_payload(body))
         try:
+            _check_subject(principal, body.subject)
+            digest = ledger.payload_hash("reserve", ledger.request_payload(body))
             outcome = await self.store.reserve(principal.tenant_id, body, digest)
         except LedgerError as exc:
             _hint_missing_tenant(exc, body.subject, principal.tenant_id)
+            await self.evidence.denied(request, exc, "reserve", body, principal.tenant_id)
             raise
         return json_response(outcome.body, outcome.status_code)
 
@@ -352,10 +363,13 @@ class Runtime:
         )
         page = await self.store.list_reservations(query)
         include = {token.strip() for token in params.get("include", "").split(",")}
-        body: dict[str, Any] = {
-            "reservations": [ledger.reservation_body(r, include=include) for r in page.items],
-            "has_more": page.next_cursor is not None,
-        }
+        rows = [ledger.reservation_body(r, include=include) for r in page.items]
+        if "evidence" in include:
+            for row in rows:
+                refs = await self.evidence.reservation_refs(row["reservation_id"])
+                if refs is not None:
+                    row["evidence"] = refs
+        body: dict[str, Any] = {"reservations": rows, "has_more": page.next_cursor is not None}
         if page.next_cursor is not None:
             body["next_cursor"] = page.next_cursor
         return json_response(body)
@@ -373,7 +387,11 @@ class Runtime:
             res.status == "ACTIVE" and self.store.clock() > res.deadline_ms
         ):
             raise LedgerError("RESERVATION_EXPIRED", f"reservation {rid} expired")
-        return json_response(ledger.reservation_body(res))
+        body = ledger.reservation_body(res)
+        refs = await self.evidence.reservation_refs(rid)
+        if refs is not None:
+            body["evidence"] = refs
+        return json_response(body)
 
     async def commit(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/commit``."""
@@ -383,7 +401,11 @@ class Runtime:
         check_idempotency_header(request, body.idempotency_key)
         assert principal.tenant_id is not None
         digest = ledger.payload_hash("commit", ledger.request_payload(body))
-        outcome = await self.store.commit(principal.tenant_id, rid, body, digest)
+        try:
+            outcome = await self.store.commit(principal.tenant_id, rid, body, digest)
+        except LedgerError as exc:
+            await self.evidence.denied(request, exc, "commit", body, principal.tenant_id, rid)
+            raise
         return json_response(outcome.body, outcome.status_code)
 
     async def release(self, request: Request) -> Response:
@@ -394,9 +416,13 @@ class Runtime:
         check_idempotency_header(request, body.idempotency_key)
         digest = ledger.payload_hash("release", ledger.request_payload(body))
         request_id, trace_id = request_ids(request)
-        outcome = await self.store.release(
-            principal.tenant_id, rid, body, digest, request_id=request_id, trace_id=trace_id
-        )
+        try:
+            outcome = await self.store.release(
+                principal.tenant_id, rid, body, digest, request_id=request_id, trace_id=trace_id
+            )
+        except LedgerError as exc:
+            await self.evidence.denied(request, exc, "release", body, principal.tenant_id, rid)
+            raise
         return json_response(outcome.body, outcome.status_code)
 
     async def extend(self, request: Request) -> Response:
@@ -591,6 +617,13 @@ async def purge_old_data(
         if done < batch:
             break
         await asyncio.sleep(0)
+    if isinstance(store, EvidenceStore):  # envelopes past their own retention
+        for _ in range(max_batches):
+            done = await store.purge_evidence(batch)
+            total += done
+            if done < batch:
+                break
+            await asyncio.sleep(0)
     if retention_ms is not None and isinstance(store, RetentionPurger):
         for _ in range(max_batches):
             done = await store.purge_finished(retention_ms, batch)
@@ -655,6 +688,8 @@ def create_app(
     rate_limit_per_s: float | None = None,
     retention_days: float | None = DEFAULT_RETENTION_DAYS,
     registry_requests_per_minute: int | None = REGISTRY_REQUESTS_PER_MINUTE,
+    evidence: Issuer | None = None,
+    evidence_requests_per_minute: int | None = PUBLIC_REQUESTS_PER_MINUTE,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -674,6 +709,12 @@ def create_app(
         registry_requests_per_minute: requests a minute each client address may make to the
             public ``/v1/action-kinds`` endpoints (``None``: no limit); see
             :mod:`runcycles_server.governance_api`.
+        evidence: signs every decide, reserve, commit, release and denial (see
+            :mod:`runcycles_server.evidence` and ``docs/evidence.md``); ``None``: evidence off
+            (no ``cycles_evidence`` on responses, the two evidence routes answer 404).
+            ``cycles serve`` turns it on unless given ``--no-evidence``.
+        evidence_requests_per_minute: per-address limit of the two public evidence routes
+            (``None``: no limit).
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, or ``retention_days``
@@ -689,7 +730,12 @@ def create_app(
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
     auth = Authenticator(store, admin_api_key, limiter=limiter)
     health = StoreHealth(store)
-    runtime = Runtime(store, auth, max_body_bytes, health)
+    if isinstance(store, OperationStore):
+        store.issuer = evidence
+    elif evidence is not None:
+        raise ValueError(f"{type(store).__name__} cannot emit evidence")
+    evidence_api = EvidenceApi(store, evidence, requests_per_minute=evidence_requests_per_minute)
+    runtime = Runtime(store, auth, max_body_bytes, health, evidence_api)
     admin = Admin(store, auth, max_body_bytes)
     governance = GovernanceApi(
         store, auth, max_body_bytes, registry_requests_per_minute=registry_requests_per_minute
@@ -716,7 +762,13 @@ def create_app(
                 await store.close()
 
     app = Starlette(
-        routes=[*runtime.routes(), *admin.routes(), *governance.routes(), *events.routes()],
+        routes=[
+            *runtime.routes(),
+            *admin.routes(),
+            *governance.routes(),
+            *events.routes(),
+            *evidence_api.routes(),
+        ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,
     )

@@ -71,6 +71,7 @@ from runcycles_server import governance
 from runcycles_server.errors import STATUS_BY_CODE as STATUS_BY_CODE
 from runcycles_server.errors import LedgerError as LedgerError
 from runcycles_server.events import EventRecord
+from runcycles_server.evidence.records import EvidenceRow
 from runcycles_server.governance import (
     Admission,
     CounterRow,
@@ -281,6 +282,8 @@ class Outcome:
         counters: new state of the quota counters that changed, all of the tenant of
             ``reservation`` (counted by a reservation, given back by its release or expiry).
         events: the events this change causes (written with it, see :mod:`.events`).
+        evidence: the signed-evidence envelope of this answer, written with it so an
+            ``evidence_id`` the answer carries always resolves (see :mod:`.evidence`).
     """
 
     status_code: int
@@ -292,6 +295,7 @@ class Outcome:
     audit: AuditRow | None = None
     counters: list[CounterRow] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
+    evidence: EvidenceRow | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ from runcycles.models import (
     ReservationExtendRequest,
 )
 from runcycles_server.events import EventRecord
+from runcycles_server.evidence.issuer import Issuer
+from runcycles_server.evidence.records import EvidenceRow
 from runcycles_server.governance import CounterRow, PolicyRow, Registry
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -455,6 +457,28 @@ class RetentionPurger(Protocol):
         """
 
 
+@runtime_checkable
+class EvidenceStore(Protocol):
+    """Store capability: evidence envelopes (every store of this package has it).
+
+    Envelopes of successful operations are written by the operation itself, in its
+    transaction (``Outcome.evidence``); :meth:`put_evidence` is for denials, which write
+    nothing else.
+    """
+
+    async def put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        """Store envelopes durably; return only once they survive a crash of this process."""
+
+    async def get_evidence(self, evidence_id: str) -> EvidenceRow | None:
+        """Return a stored envelope (``None`` if unknown or past its retention)."""
+
+    async def reservation_evidence(self, reservation_id: str) -> dict[str, str]:
+        """Return ``{artifact_type: evidence_id}`` of a reservation's reserve/commit/release."""
+
+    async def purge_evidence(self, limit: int = 1000) -> int:
+        """Delete up to ``limit`` envelopes past their retention; return how many."""
+
+
 class OperationStore(ABC):
     """Implements the ledger methods of :class:`Store` once, as :mod:`.operations` run by ``run``.
 
@@ -468,6 +492,10 @@ class OperationStore(ABC):
 
     registry: Registry = Registry()
     """The action-kind registry (``cycles serve --action-kinds FILE`` declares custom kinds)."""
+
+    issuer: Issuer | None = None
+    """Emits signed evidence for decide, reserve, commit and release (set by ``create_app``;
+    ``None``: evidence off)."""
 
     def new_reservation_id(self, tenant_id: str) -> str:
         """A fresh reservation id (a sharded store embeds the tenant to route by it)."""
@@ -509,7 +537,8 @@ class OperationStore(ABC):
 
     async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
         """See :meth:`Store.decide`."""
-        return await self.run(operations.decide(tenant_id, request, request_hash, self.registry))
+        op = operations.decide(tenant_id, request, request_hash, self.registry, self.issuer)
+        return await self.run(op)
 
     async def reserve(
         self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
@@ -522,6 +551,7 @@ class OperationStore(ABC):
             self.new_reservation_id(tenant_id),
             self.registry,
             _new_audit_id,
+            self.issuer,
         )
         return await self.run(op)
 
@@ -529,7 +559,8 @@ class OperationStore(ABC):
         self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
     ) -> Outcome:
         """See :meth:`Store.commit`."""
-        return await self.run(operations.commit(tenant_id, reservation_id, request, request_hash))
+        op = operations.commit(tenant_id, reservation_id, request, request_hash, self.issuer)
+        return await self.run(op)
 
     async def release(
         self,
@@ -550,6 +581,7 @@ class OperationStore(ABC):
             audit_id=new_id("aud") if tenant_id is None else None,
             request_id=request_id,
             trace_id=trace_id,
+            issuer=self.issuer,
         )
         return await self.run(op)
 
@@ -667,6 +699,8 @@ class _RowTxn:
             self._s._put_counters(outcome.reservation.tenant_id, outcome.counters)
         if outcome.events:
             self._s._put_events(outcome.events)
+        if outcome.evidence is not None:
+            self._s._put_evidence([outcome.evidence])
 
     def put_policy(self, row: PolicyRow, *, new: bool = False) -> None:
         self._s._put_policy(row, insert=new)
@@ -842,6 +876,20 @@ class RowStore(OperationStore):
     def _purge_idem(self, now_ms: int, limit: int) -> int: ...
 
     @abstractmethod
+    def _put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        """Insert envelopes (an id already stored is left as it is: same id, same bytes)."""
+
+    @abstractmethod
+    def _get_evidence(self, evidence_id: str) -> EvidenceRow | None: ...
+
+    @abstractmethod
+    def _reservation_evidence(self, reservation_id: str) -> dict[str, str]: ...
+
+    @abstractmethod
+    def _purge_evidence(self, now_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` envelopes with ``retain_until_ms < now_ms``."""
+
+    @abstractmethod
     def _purge_finished(self, before_ms: int, limit: int) -> int:
         """Delete old finished rows; return how many reservations and events went.
 
@@ -879,6 +927,24 @@ class RowStore(OperationStore):
         """See :meth:`Store.purge_idempotency`."""
         with self._write():
             return self._purge_idem(self.clock(), limit)
+
+    async def put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        """See :meth:`EvidenceStore.put_evidence`: group-committed with concurrent mutations."""
+        await self._mutate(lambda: self._put_evidence(rows))
+
+    async def get_evidence(self, evidence_id: str) -> EvidenceRow | None:
+        """See :meth:`EvidenceStore.get_evidence`."""
+        row = self._get_evidence(evidence_id)
+        return None if row is None or row.retain_until_ms < self.clock() else row
+
+    async def reservation_evidence(self, reservation_id: str) -> dict[str, str]:
+        """See :meth:`EvidenceStore.reservation_evidence`."""
+        return self._reservation_evidence(reservation_id)
+
+    async def purge_evidence(self, limit: int = 1000) -> int:
+        """See :meth:`EvidenceStore.purge_evidence`."""
+        with self._write():
+            return self._purge_evidence(self.clock(), limit)
 
     async def purge_finished(self, retention_ms: int, limit: int = 500) -> int:
         """See :meth:`RetentionPurger.purge_finished`.
@@ -982,6 +1048,7 @@ __all__ = [
     "Clock",
     "EventQuery",
     "EventRow",
+    "EvidenceStore",
     "GovernanceStore",
     "Page",
     "ReservationQuery",
