@@ -1,4 +1,4 @@
-"""RFC 8785 (JCS) canonical JSON, fast for the values evidence envelopes hold.
+r"""RFC 8785 (JCS) canonical JSON, fast for the values evidence envelopes hold.
 
 :func:`canonical_bytes` is the one canonicaliser evidence uses (ids, signing input, served
 bodies). The maintained ``rfc8785`` package is the reference; it is pure Python and costs about

@@ -71,7 +71,13 @@ _BALANCE: Final = (
     "scope", "scope_path", "remaining", "reserved", "spent", "allocated", "debt",
     "overdraft_limit", "is_over_limit",
 )  # fmt: skip
-_CAPS: Final = ("max_tokens", "max_steps_remaining", "tool_allowlist", "tool_denylist", "cooldown_ms")
+_CAPS: Final = (
+    "max_tokens",
+    "max_steps_remaining",
+    "tool_allowlist",
+    "tool_denylist",
+    "cooldown_ms",
+)
 _DECIDE_RESPONSE: Final = ("decision", "caps", "reason_code", "retry_after_ms", "affected_scopes")
 _RESERVE_RESPONSE: Final = (
     "decision", "affected_scopes", "reservation_id", "reserved", "caps", "reason_code",
@@ -80,7 +86,13 @@ _RESERVE_RESPONSE: Final = (
 _COMMIT_RESPONSE: Final = ("status", "charged", "released", "balances")
 _RELEASE_RESPONSE: Final = ("status", "released", "balances")
 _ERROR_RESPONSE: Final = ("error", "message", "request_id", "trace_id", "details")
-_STANDARD_METRICS: Final = ("tokens_input", "tokens_output", "latency_ms", "model_version", "custom")
+_STANDARD_METRICS: Final = (
+    "tokens_input",
+    "tokens_output",
+    "latency_ms",
+    "model_version",
+    "custom",
+)
 SIGNED_CACHE_SIZE: Final = 4096
 
 Request = DecisionRequest | ReservationCreateRequest | CommitRequest | ReleaseRequest
@@ -221,9 +233,9 @@ class Issuer:
         payload without a canonical form.
         """
         response = orjson.loads(body)
-        if artifact == "reserve" and "reservation_id" not in response:
-            if not getattr(request, "dry_run", False):
-                return None
+        live = "reservation_id" in response or getattr(request, "dry_run", False)
+        if artifact == "reserve" and not live:
+            return None
         payload: dict[str, Any] = {
             "request": request_mirror(request),
             "response": _response_mirror(artifact, response),

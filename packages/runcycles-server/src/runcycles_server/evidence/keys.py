@@ -30,6 +30,8 @@ signed with that key. Private material never leaves this module except into the 
 from __future__ import annotations
 
 import base64
+import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -176,7 +178,7 @@ class KeyRing:
         kids = [k.kid for k in ordered]
         if len(set(kids)) != len(kids):
             raise KeyRingError("duplicate kid in the key ring")
-        for before, after in zip(ordered, ordered[1:], strict=False):
+        for before, after in itertools.pairwise(ordered):
             if before.exp_ms is None or before.exp_ms > after.nbf_ms:
                 raise KeyRingError(
                     f"key windows overlap: {before.kid} {before.window} and "
@@ -271,9 +273,7 @@ class KeyRing:
         """
         path = self.path
         if path is None:
-            raise KeyRingError(
-                f"this key ring came from ${KEYS_ENV}: update that variable instead"
-            )
+            raise KeyRingError(f"this key ring came from ${KEYS_ENV}: update that variable instead")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".evidence-keys.", dir=path.parent)
         try:
@@ -283,10 +283,8 @@ class KeyRing:
                 out.flush()
                 os.fsync(out.fileno())
             if exclusive:
-                try:
-                    os.link(tmp, path)  # fails if a file appeared meanwhile
-                except FileExistsError:
-                    pass
+                with contextlib.suppress(FileExistsError):  # a file appeared meanwhile: keep it
+                    os.link(tmp, path)
             else:
                 os.replace(tmp, path)
         finally:

@@ -1233,7 +1233,8 @@ class RedisStore(OperationStore):
             return None
         tenant_id = owner.decode()
         fields = await self._redis.hgetall(self._k.evidence(tenant_id, evidence_id))
-        return _dec_evidence(tenant_id, evidence_id, fields)
+        row = _dec_evidence(tenant_id, evidence_id, fields)
+        return None if row is None or row.retain_until_ms < self.clock() else row
 
     async def reservation_evidence(self, reservation_id: str) -> dict[str, str]:
         """See :meth:`EvidenceStore.reservation_evidence`."""

@@ -1003,7 +1003,7 @@ class SqliteStore(RowStore):
             "retain_until_ms, body FROM evidence WHERE evidence_id = ?",
             (evidence_id,),
         ).fetchone()
-        return None if r is None else EvidenceRow(*r[:6], bytes(r[6]))
+        return None if r is None else EvidenceRow(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
 
     def _reservation_evidence(self, reservation_id: str) -> dict[str, str]:
         rows = self._conn.execute(
@@ -1011,7 +1011,7 @@ class SqliteStore(RowStore):
             "AND artifact_type != 'error'",
             (reservation_id,),
         ).fetchall()
-        return {artifact: evidence_id for artifact, evidence_id in rows}
+        return dict(rows)
 
     def _purge_evidence(self, now_ms: int, limit: int) -> int:
         return self._conn.execute(
