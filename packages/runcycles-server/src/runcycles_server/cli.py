@@ -35,6 +35,16 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 
 from runcycles_server.cli_admin import CliError, register, reported
+from runcycles_server.cli_evidence import (
+    DEFAULT_EVIDENCE_RATE_LIMIT,
+    DEFAULT_EVIDENCE_RETENTION_DAYS,
+    ENV_EVIDENCE,
+    default_keys_path,
+    evidence_rate_limit_from_env,
+    issuer_from_env,
+    prepare_serve,
+    register_evidence,
+)
 from runcycles_server.cli_governance import register_governance
 
 if TYPE_CHECKING:
@@ -172,6 +182,8 @@ def app_from_env() -> Starlette:
             max_body_bytes=max_body,
             rate_limit_per_s=rate_limit or None,  # 0 (or unset) = no rate limit
             retention_days=retention_days or None,  # 0 = keep finished reservations forever
+            evidence=issuer_from_env(),
+            evidence_requests_per_minute=evidence_rate_limit_from_env(),
         )
     except ValueError as exc:
         raise SystemExit(f"{ENV_RATE_LIMIT} / {ENV_RETENTION_DAYS}: {exc}") from None
@@ -436,6 +448,43 @@ def serve(
             "answered 503 with Retry-After (and /readyz 503 within a second either way).",
         ),
     ] = DEFAULT_STORE_TIMEOUT_S,
+    evidence: Annotated[
+        bool,
+        typer.Option(
+            "--evidence/--no-evidence",
+            help="Sign every decide, reserve, commit, release and denial (docs/evidence.md).",
+        ),
+    ] = True,
+    evidence_keys: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="CYCLES_EVIDENCE_KEYS_FILE",
+            help="Evidence signing key file, created (mode 0600) if missing; share it between "
+            "servers of one identity (default: beside the SQLite file, or in the user data "
+            "directory with --redis).",
+            show_default=False,
+        ),
+    ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CYCLES_PUBLIC_URL",
+            help="The URL clients reach this server at (the evidence server_id is it plus /v1; "
+            "default: http://HOST:PORT).",
+            show_default=False,
+        ),
+    ] = None,
+    evidence_retention_days: Annotated[
+        int, typer.Option(min=1, help="Days signed evidence envelopes are kept.")
+    ] = DEFAULT_EVIDENCE_RETENTION_DAYS,
+    evidence_rate_limit: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Requests a minute per client address on the public evidence routes (429 "
+            "over it; 0 = no limit).",
+        ),
+    ] = DEFAULT_EVIDENCE_RATE_LIMIT,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -498,6 +547,20 @@ def serve(
         os.environ.update(limits.to_env())
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         base_url = f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
+        evidence_note = "evidence: off"
+        if evidence:
+            keys_default = default_keys_path(db or default_db_path())
+            if redis is not None:
+                keys_default = default_db_path().with_name("evidence-keys.json")
+            evidence_note = prepare_serve(
+                keys=evidence_keys,
+                default=keys_default,
+                public_url=public_url or base_url,
+                retention_days=evidence_retention_days,
+                rate_limit=evidence_rate_limit,
+            )
+        else:
+            os.environ[ENV_EVIDENCE] = "0"
         if dev:
             typer.echo("# Cycles dev server: paste these into your shell")
             typer.echo(f"export CYCLES_BASE_URL={base_url}")
@@ -510,6 +573,7 @@ def serve(
             + (f" | rate limit: {rate_limit:g} req/s per tenant per worker" if rate_limit else ""),
             err=True,
         )
+        typer.echo(evidence_note, err=True)
         if fd_note:
             typer.echo(fd_note, err=True)
     import uvicorn
@@ -660,6 +724,7 @@ async def _answers(store: Store) -> bool:
 
 register(cli)  # tenant, key, budget and balances, listed after serve and demo
 register_governance(cli)  # policy and quota
+register_evidence(cli)  # evidence get / verify / keys
 
 
 def main() -> None:
