@@ -27,6 +27,7 @@ such an integer with a float or a non-ASCII key has no canonical form here and r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 import orjson
@@ -69,20 +70,32 @@ def _scan(value: Any) -> int:
     return flags
 
 
-def canonical_bytes(value: Any) -> bytes:
+_STRICT: Final = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
+
+
+def canonical_bytes(value: Any, *, free: Sequence[Any] | None = None) -> bytes:
     """Return the RFC 8785 canonical UTF-8 bytes of a JSON value.
+
+    ``free``: the only parts of ``value`` that may hold a float or a non-ASCII object key
+    (free-form metadata, say), when the caller built the rest itself and knows it holds
+    neither; only they are scanned (integer sizes are checked by ``orjson`` either way).
+    ``None``: scan everything.
 
     Raises:
         NotCanonicalizable: the value mixes an integer beyond ``2**53 - 1`` with a float or a
             non-ASCII key, or holds something that is not JSON (NaN, a lone surrogate...).
     """
-    flags = _scan(value)
+    flags = _scan(value if free is None else list(free))
     if flags & _FOREIGN == 0:
         try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        except (TypeError, orjson.JSONEncodeError) as exc:  # a lone surrogate, an int > 64 bits
+            return orjson.dumps(value, option=_STRICT)
+        except orjson.JSONEncodeError:  # an integer beyond 2**53 (or not JSON at all)
+            pass
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)  # exact digits
+        except orjson.JSONEncodeError as exc:  # a lone surrogate, an int > 64 bits
             raise NotCanonicalizable(str(exc)) from None
-    if flags & _BIG_INT:
+    if flags & _BIG_INT or _scan(value) & _BIG_INT:
         raise NotCanonicalizable(
             "an integer beyond 2**53 - 1 together with a float or a non-ASCII object key"
         )

@@ -78,6 +78,8 @@ _CAPS: Final = (
     "tool_denylist",
     "cooldown_ms",
 )
+_BALANCE_SET: Final = frozenset(_BALANCE)
+_CAPS_SET: Final = frozenset(_CAPS)
 _DECIDE_RESPONSE: Final = ("decision", "caps", "reason_code", "retry_after_ms", "affected_scopes")
 _RESERVE_RESPONSE: Final = (
     "decision", "affected_scopes", "reservation_id", "reserved", "caps", "reason_code",
@@ -115,6 +117,14 @@ def request_mirror(request: BaseModel) -> dict[str, Any]:
     return data
 
 
+def _free_parts(request: Mapping[str, Any]) -> list[Any]:
+    """The parts of a request mirror whose values or keys the caller chose freely."""
+    subject = request.get("subject") or {}
+    metrics = request.get("metrics") or {}
+    parts = (request.get("metadata"), subject.get("dimensions"), metrics.get("custom"))
+    return [part for part in parts if part]
+
+
 def _response_mirror(artifact: str, body: Mapping[str, Any]) -> dict[str, Any]:
     names = {
         "decide": _DECIDE_RESPONSE,
@@ -125,10 +135,10 @@ def _response_mirror(artifact: str, body: Mapping[str, Any]) -> dict[str, Any]:
     }[artifact]
     out = _pick(body, names)
     caps = out.get("caps")
-    if caps is not None:
+    if caps is not None and not caps.keys() <= _CAPS_SET:
         out["caps"] = _pick(caps, _CAPS)
     balances = out.get("balances")
-    if balances is not None:
+    if balances and not balances[0].keys() <= _BALANCE_SET:  # ours are the mirror already
         out["balances"] = [_pick(b, _BALANCE) for b in balances]
     return out
 
@@ -176,11 +186,13 @@ class Issuer:
         reservation_id: str | None,
         issued_at_ms: int,
         trace_id: str | None,
+        free: list[Any] | None = None,
     ) -> EvidenceRow | None:
-        """Build one envelope; ``None`` if its payload has no canonical form (logged by caller).
+        """Build one envelope; ``None`` if its payload has no canonical form.
 
         The id is computed synchronously: sha256 of the canonical bytes with ``evidence_id``
-        and ``signature`` empty; the returned row's body is the signing input.
+        and ``signature`` empty; the returned row's body is the signing input. ``free``: the
+        payload's free-form parts (see :func:`canonical_bytes`; ``None``: check everything).
         """
         self.keys.reload_if_changed()
         env: dict[str, Any] = {
@@ -196,7 +208,7 @@ class Issuer:
         if trace_id is not None:
             env["trace_id"] = trace_id
         try:
-            blank = canonical_bytes(env)
+            blank = canonical_bytes(env, free=free)
         except NotCanonicalizable:
             return None
         evidence_id = hashlib.sha256(blank).hexdigest()
@@ -236,8 +248,9 @@ class Issuer:
         live = "reservation_id" in response or getattr(request, "dry_run", False)
         if artifact == "reserve" and not live:
             return None
+        attested = request_mirror(request)
         payload: dict[str, Any] = {
-            "request": request_mirror(request),
+            "request": attested,
             "response": _response_mirror(artifact, response),
         }
         if artifact in ("commit", "release"):
@@ -250,11 +263,13 @@ class Issuer:
             reservation_id=reservation_id,
             issued_at_ms=issued_at_ms,
             trace_id=trace_id,
+            free=_free_parts(attested),
         )
         if row is None:
             return None
-        response["cycles_evidence"] = self.ref(row.evidence_id)
-        return orjson.dumps(response), row
+        # The body is a non-empty JSON object from orjson: add the ref as its last member.
+        ref = orjson.dumps(self.ref(row.evidence_id))
+        return body[:-1] + b',"cycles_evidence":' + ref + b"}", row
 
     def error(
         self,
@@ -277,9 +292,13 @@ class Issuer:
         payload: dict[str, Any] = {"endpoint": ENDPOINTS[operation], "http_status": status}
         if operation in ("commit", "release"):
             payload["reservation_id"] = reservation_id
+        free: list[Any] = []
         if request is not None:
-            payload["request"] = request_mirror(request)
+            payload["request"] = attested = request_mirror(request)
+            free = _free_parts(attested)
         payload["response"] = _response_mirror("error", response)
+        if response.get("details"):
+            free.append(response["details"])
         return self.envelope(
             "error",
             payload,
@@ -287,6 +306,7 @@ class Issuer:
             reservation_id=reservation_id if operation in ("commit", "release") else None,
             issued_at_ms=issued_at_ms,
             trace_id=trace_id,
+            free=free,
         )
 
     # -- signing -----------------------------------------------------------------------------------

@@ -274,19 +274,22 @@ UPDATE tenants SET policy_count = (
     # 6, 7: taken by work merged beside this one (webhooks, metrics); renumbered at merge
     6: "",
     7: "",
-    # 8: signed evidence envelopes (body = the canonical signing input; see .evidence)
+    # 8: signed evidence envelopes (body = the canonical signing input; see .evidence).
+    # Rows append in issue order (rowid); the id index holds the id's first 64 bits only
+    # (an integer: a small index, so the one random insert per envelope stays cheap).
     8: """
 CREATE TABLE evidence (
-    evidence_id TEXT PRIMARY KEY,
+    id_key INTEGER NOT NULL,
+    evidence_id TEXT NOT NULL,
     tenant_id TEXT NOT NULL,
     artifact_type TEXT NOT NULL,
     reservation_id TEXT,
     created_at_ms INTEGER NOT NULL,
     retain_until_ms INTEGER NOT NULL,
     body BLOB NOT NULL
-) WITHOUT ROWID;
+);
+CREATE INDEX evidence_id ON evidence (id_key);
 CREATE INDEX evidence_reservation ON evidence (reservation_id) WHERE reservation_id IS NOT NULL;
-CREATE INDEX evidence_retention ON evidence (retain_until_ms);
 """,
 }
 
@@ -356,6 +359,17 @@ _SORT_COLUMNS: Final = {
     "created_at_ms": "created_at_ms",
     "expires_at_ms": "expires_at_ms",
 }
+
+
+_INSERT_EVIDENCE: Final = (
+    "INSERT INTO evidence (id_key, evidence_id, tenant_id, artifact_type, reservation_id, "
+    "created_at_ms, retain_until_ms, body) VALUES (?,?,?,?,?,?,?,?)"
+)
+
+
+def _id_key(evidence_id: str) -> int:
+    """The first 64 bits of an evidence id as a signed integer (the id index's key)."""
+    return int.from_bytes(bytes.fromhex(evidence_id[:16]), "big", signed=True)
 
 
 def _tenant(r: sqlite3.Row | tuple[Any, ...]) -> TenantRow:
@@ -987,21 +1001,23 @@ class SqliteStore(RowStore):
         return cur.rowcount
 
     def _put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
-        self._conn.executemany(
-            "INSERT OR IGNORE INTO evidence (evidence_id, tenant_id, artifact_type, "
-            "reservation_id, created_at_ms, retain_until_ms, body) VALUES (?,?,?,?,?,?,?)",
-            [
-                (r.evidence_id, r.tenant_id, r.artifact_type, r.reservation_id,
-                 r.created_at_ms, r.retain_until_ms, r.body)
-                for r in rows
-            ],
-        )  # fmt: skip
+        # An id is written once: the operation that emits it runs once (replays answer the
+        # stored body and emit nothing), so no uniqueness check is needed on the hot path.
+        values = [
+            (_id_key(r.evidence_id), r.evidence_id, r.tenant_id, r.artifact_type,
+             r.reservation_id, r.created_at_ms, r.retain_until_ms, r.body)
+            for r in rows
+        ]  # fmt: skip
+        if len(values) == 1:
+            self._conn.execute(_INSERT_EVIDENCE, values[0])
+        else:
+            self._conn.executemany(_INSERT_EVIDENCE, values)
 
     def _get_evidence(self, evidence_id: str) -> EvidenceRow | None:
         r = self._conn.execute(
             "SELECT evidence_id, tenant_id, artifact_type, reservation_id, created_at_ms, "
-            "retain_until_ms, body FROM evidence WHERE evidence_id = ?",
-            (evidence_id,),
+            "retain_until_ms, body FROM evidence WHERE id_key = ? AND evidence_id = ? LIMIT 1",
+            (_id_key(evidence_id), evidence_id),
         ).fetchone()
         return None if r is None else EvidenceRow(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
 
@@ -1014,11 +1030,18 @@ class SqliteStore(RowStore):
         return dict(rows)
 
     def _purge_evidence(self, now_ms: int, limit: int) -> int:
-        return self._conn.execute(
-            "DELETE FROM evidence WHERE evidence_id IN (SELECT evidence_id FROM evidence "
-            "WHERE retain_until_ms < ? LIMIT ?)",
-            (now_ms, limit),
-        ).rowcount
+        # Oldest first (rowid = issue order) up to the first one still retained: no index on
+        # retain_until_ms. (After a shortened retention, rows behind a longer-kept one wait
+        # for it: deleted late, never early.)
+        rows = self._conn.execute(
+            "SELECT rowid, retain_until_ms FROM evidence ORDER BY rowid LIMIT ?", (limit,)
+        ).fetchall()
+        due = 0
+        while due < len(rows) and rows[due][1] < now_ms:
+            due += 1
+        if due:
+            self._conn.execute("DELETE FROM evidence WHERE rowid <= ?", (rows[due - 1][0],))
+        return due
 
     def _purge_finished(self, before_ms: int, limit: int) -> int:
         conn = self._conn
