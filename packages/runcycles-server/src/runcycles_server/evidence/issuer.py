@@ -125,22 +125,28 @@ def _free_parts(request: Mapping[str, Any]) -> list[Any]:
     return [part for part in parts if part]
 
 
-def _response_mirror(artifact: str, body: Mapping[str, Any]) -> dict[str, Any]:
-    names = {
-        "decide": _DECIDE_RESPONSE,
-        "reserve": _RESERVE_RESPONSE,
-        "commit": _COMMIT_RESPONSE,
-        "release": _RELEASE_RESPONSE,
-        "error": _ERROR_RESPONSE,
-    }[artifact]
-    out = _pick(body, names)
-    caps = out.get("caps")
+_RESPONSE_FIELDS: Final = {
+    "decide": frozenset(_DECIDE_RESPONSE),
+    "reserve": frozenset(_RESERVE_RESPONSE),
+    "commit": frozenset(_COMMIT_RESPONSE),
+    "release": frozenset(_RELEASE_RESPONSE),
+    "error": frozenset(_ERROR_RESPONSE),
+}
+
+
+def _response_mirror(artifact: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Restrict a response to its mirror schema, in place (``body`` is the caller's copy)."""
+    allowed = _RESPONSE_FIELDS[artifact]
+    if not body.keys() <= allowed:
+        for name in [name for name in body if name not in allowed]:
+            del body[name]  # deny_detail, remaining_ttl_ms (transport / not in the mirror)
+    caps = body.get("caps")
     if caps is not None and not caps.keys() <= _CAPS_SET:
-        out["caps"] = _pick(caps, _CAPS)
-    balances = out.get("balances")
+        body["caps"] = _pick(caps, _CAPS)
+    balances = body.get("balances")
     if balances and not balances[0].keys() <= _BALANCE_SET:  # ours are the mirror already
-        out["balances"] = [_pick(b, _BALANCE) for b in balances]
-    return out
+        body["balances"] = [_pick(b, _BALANCE) for b in balances]
+    return body
 
 
 class Issuer:
@@ -296,7 +302,7 @@ class Issuer:
         if request is not None:
             payload["request"] = attested = request_mirror(request)
             free = _free_parts(attested)
-        payload["response"] = _response_mirror("error", response)
+        payload["response"] = _response_mirror("error", dict(response))
         if response.get("details"):
             free.append(response["details"])
         return self.envelope(
