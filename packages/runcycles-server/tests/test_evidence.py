@@ -195,10 +195,23 @@ def test_every_artifact_and_branch_verifies_independently(ev: Api, clock: FakeCl
     other = ev.tenant("globex")
     ev.budget("globex", "tenant:globex", 1_000)
 
+    schemas = {
+        "decide": "DecisionResponse",
+        "reserve": "ReservationCreateResponse",
+        "commit": "CommitResponse",
+        "release": "ReleaseResponse",
+    }
+
     def ok(path: str, payload: dict[str, Any], artifact: str) -> dict[str, Any]:
         response = ev.post(key, path, payload)
         assert response.status_code == 200, response.text
-        return check_envelope(ev, response.json()["cycles_evidence"], artifact)
+        schema_validator(schemas[artifact], EXTENDED_RUNTIME).validate(response.json())
+        env = check_envelope(ev, response.json()["cycles_evidence"], artifact)
+        wire = {k: v for k, v in response.json().items() if k != "cycles_evidence"}
+        attested = env["payload"][artifact]["response"]
+        assert {k: v for k, v in wire.items() if k in attested} == attested
+        assert set(wire) - set(attested) <= {"remaining_ttl_ms", "deny_detail"}
+        return env
 
     def denied(path: str, payload: dict[str, Any], status: int, code: str, who: str = key):
         response = ev.post(who, path, payload)
