@@ -17,7 +17,10 @@ Runtime routes (``cycles-protocol-v0.yaml``): ``POST /v1/decide``, ``POST /v1/re
 ``GET /v1/reservations``, ``GET /v1/reservations/{id}``, ``POST /v1/reservations/{id}/commit``,
 ``/release``, ``/extend``, ``GET /v1/balances``, ``POST /v1/events``, ``GET /v1/auth/introspect``,
 plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable; answers within
-:data:`READY_TIMEOUT_S`). Admin routes live in :mod:`runcycles_server.admin`; the action
+:data:`READY_TIMEOUT_S`). With ``evidence`` (see :mod:`runcycles_server.evidence`), decide,
+reserve, commit, release and their denials carry ``cycles_evidence``, and the public
+``GET /v1/evidence/{id}`` and ``GET /v1/.well-known/cycles-jwks.json`` serve the signed
+envelopes and the keys (:mod:`runcycles_server.evidence.api`). Admin routes live in :mod:`runcycles_server.admin`; the action
 governance routes (policies, ``/v1/action-kinds``, quota counters) in
 :mod:`runcycles_server.governance_api`.
 

@@ -16,7 +16,8 @@ Several workers share one SQLite file safely (one ``BEGIN IMMEDIATE`` transactio
 mutation). Configuration reaches worker processes through environment variables
 (``CYCLES_DB``, ``CYCLES_ADMIN_API_KEY``, ``CYCLES_SQLITE_SYNCHRONOUS``, ``CYCLES_REDIS_URL``,
 ``CYCLES_ACCESS_LOG``, ``CYCLES_MAX_BODY_BYTES``, ``CYCLES_RATE_LIMIT``,
-``CYCLES_RETENTION_DAYS``, ``CYCLES_ACTION_KINDS``), which :func:`app_from_env` reads.
+``CYCLES_RETENTION_DAYS``, ``CYCLES_ACTION_KINDS``, and the evidence settings of
+:mod:`runcycles_server.cli_evidence`), which :func:`app_from_env` reads.
 
 Imports of the server itself are deferred to the commands that need them, so ``cycles --help``
 and the admin commands start quickly.
