@@ -20,8 +20,8 @@ plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable; answers w
 :data:`READY_TIMEOUT_S`). With ``evidence`` (see :mod:`runcycles_server.evidence`), decide,
 reserve, commit, release and their denials carry ``cycles_evidence``, and the public
 ``GET /v1/evidence/{id}`` and ``GET /v1/.well-known/cycles-jwks.json`` serve the signed
-envelopes and the keys (:mod:`runcycles_server.evidence.api`). Admin routes live in :mod:`runcycles_server.admin`; the action
-governance routes (policies, ``/v1/action-kinds``, quota counters) in
+envelopes and the keys (:mod:`runcycles_server.evidence.api`). Admin routes live in
+:mod:`runcycles_server.admin`; the action governance routes (policies, ``/v1/action-kinds``, quota counters) in
 :mod:`runcycles_server.governance_api`.
 
 A store that is unavailable (down, or hung past its timeout) makes a request fail with ``503``
