@@ -21,8 +21,8 @@ plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable; answers w
 reserve, commit, release and their denials carry ``cycles_evidence``, and the public
 ``GET /v1/evidence/{id}`` and ``GET /v1/.well-known/cycles-jwks.json`` serve the signed
 envelopes and the keys (:mod:`runcycles_server.evidence.api`). Admin routes live in
-:mod:`runcycles_server.admin`; the action governance routes (policies, ``/v1/action-kinds``, quota counters) in
-:mod:`runcycles_server.governance_api`.
+:mod:`runcycles_server.admin`; the action governance routes (policies, ``/v1/action-kinds``,
+quota counters) in :mod:`runcycles_server.governance_api`.
 
 A store that is unavailable (down, or hung past its timeout) makes a request fail with ``503``
 and ``Retry-After``, and each outage is logged once (:mod:`runcycles_server.health`).
