@@ -32,6 +32,7 @@ from runcycles_server.evidence.canonical import SAFE_INT, NotCanonicalizable, ca
 from runcycles_server.evidence.issuer import Issuer
 from runcycles_server.evidence.keys import KeyRing, KeyRingError
 from runcycles_server.stores.memory import MemoryStore
+from runcycles_server.stores.redis import RedisStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -475,3 +476,17 @@ def test_store_without_evidence_support_is_refused() -> None:
     with pytest.raises(TypeError, match="cannot store evidence"):
         EvidenceApi(Plain(), Issuer(SERVER_ID, KeyRing.generate(0)))  # type: ignore[arg-type]
     EvidenceApi(MemoryStore(), Issuer(SERVER_ID, KeyRing.generate(0)))  # ours all can
+
+
+@pytest.mark.parametrize("store", [pytest.param("redis", marks=pytest.mark.redis)], indirect=True)
+def test_redis_replay_restores_a_lost_owner_pointer(ev: Api, store: Store) -> None:
+    assert isinstance(store, RedisStore)
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    ref = ev.post(key, "/v1/reservations", body("r1")).json()["cycles_evidence"]
+    pointer = store._k.evidence_owner(ref["evidence_id"])
+    ev.client.run(store._redis.delete(pointer))  # as if Redis failed the pointer writes
+    assert ev.client.get(f"/v1/evidence/{ref['evidence_id']}").status_code == 404
+    again = ev.post(key, "/v1/reservations", body("r1")).json()["cycles_evidence"]
+    assert again == ref  # the client's retry replays ...
+    check_envelope(ev, ref, "reserve")  # ... and the id resolves again

@@ -1204,7 +1204,29 @@ class RedisStore(OperationStore):
             seen = self._policies_seen.get(tenant)
             if seen and op.counter_hint is not None:
                 keys += [self._k.counter(tenant, n) for n in op.counter_hint(seen, self.clock())]
-        return await self._submit(tenant, keys, op.plan)
+        result = await self._submit(tenant, keys, op.plan)
+        if (
+            isinstance(result, Outcome)
+            and result.evidence is None
+            and self.issuer is not None
+            and b'"cycles_evidence"' in result.body
+        ):
+            await self._reassert_owner(tenant, result.body, self.issuer.retention_ms)
+        return result
+
+    async def _reassert_owner(self, tenant_id: str, body: bytes, retention_ms: int) -> None:
+        """Write a replayed answer's evidence pointer again (if absent).
+
+        The pointer is written ahead of the script that stores the envelope, and again after
+        it if that first write failed; if Redis failed both times the request failed too (503)
+        and its client retries: this replay restores the pointer, so the id it answers
+        resolves.
+        """
+        ref = ledger.loads(body).get("cycles_evidence") or {}
+        evidence_id = ref.get("evidence_id")
+        if isinstance(evidence_id, str):
+            owner = self._k.evidence_owner(evidence_id)
+            await self._redis.set(owner, tenant_id, px=retention_ms, nx=True)
 
     # -- evidence --------------------------------------------------------------------------------
 
