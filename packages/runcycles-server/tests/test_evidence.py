@@ -58,6 +58,15 @@ def jcs(value: Any) -> str:
         return "false"
     if isinstance(value, int):
         return str(value)  # ECMAScript Number-to-String of an integer: its digits
+    if isinstance(value, float):  # ECMAScript Number-to-String (shortest round trip)
+        if value.is_integer() and abs(value) < 1e21:
+            return str(int(value))
+        mantissa, _, exponent = repr(value).partition("e")
+        return (
+            mantissa
+            if not exponent
+            else f"{mantissa}e{'+' if int(exponent) > 0 else '-'}{abs(int(exponent))}"
+        )
     if isinstance(value, str):
         out = ['"']
         for ch in value:
@@ -252,8 +261,8 @@ def test_every_artifact_and_branch_verifies_independently(ev: Api, clock: FakeCl
     commit = {
         "idempotency_key": "c1",
         "actual": {"unit": "USD_MICROCENTS", "amount": 7},
-        "metrics": {"tokens_input": 12, "tokens_output": 3, "latency_ms": 40, "custom": {"a": 1}},
-        "metadata": {"note": "ünïcödé \u2028 \x01"},
+        "metrics": {"tokens_input": 12, "tokens_output": 3, "custom": {"ratio": 0.25, "t": 1.5e-7}},
+        "metadata": {"note": "ünïcödé \u2028 \x01", "weight": 2.0, "größe": 1},
     }
     env = ok(f"/v1/reservations/{rids['USD_MICROCENTS']}/commit", commit, "commit")
     assert env["payload"]["commit"]["reservation_id"] == rids["USD_MICROCENTS"]
