@@ -76,10 +76,11 @@ version and JSON fields):
 ``P:{t:T}:v:<id>``                     evidence envelope (``b`` signing input, ``d`` metadata),
                                        TTL'd at its retention; written by the operation's script
 ``P:{t:T}:rv:<rid>``                   a reservation's envelope ids (field per artifact type)
-``P:{v:<id>}``                         the tenant of envelope ``<id>`` (its own slot, so a
-                                       public read finds the envelope from the id alone);
-                                       written *ahead* of the script (a pointer whose envelope
-                                       never got written reads as 404, never as a wrong one)
+``P:{v:<id>}``                         the tenant of envelope ``<id>`` (``d``; its own slot, so
+                                       a public read finds the envelope from the id alone);
+                                       one node: written by the script; a cluster: written
+                                       *ahead* of the script (a pointer whose envelope never
+                                       got written reads as 404, never as a wrong one)
 ``P:{t:T}:turn``, ``:turn:next``        whose turn it is / who waits next (tokens, ms TTLs)
 ``P:{due}:reservations``               **global** expiry index: reservation ids by
                                        ``expires_at + grace`` (own slot, see below)
@@ -477,7 +478,9 @@ class _Work:
         self.zops: list[_ZOp] = []
         self.due: list[tuple[int, str]] = []
         self.evidence: list[EvidenceRow] = []
-        """Envelopes written by this batch (their owner pointers are written ahead of it)."""
+        """Envelopes whose owner pointers must be written ahead of the script (cluster)."""
+        self.inline_owners = False
+        """Whether the script may write owner pointers (a single node: any key, any slot)."""
         self.seen_reservations: list[ReservationRow] = []
         self.seen_policies: list[PolicyRow] | None = None
         self._decoded: dict[tuple[str, bytes], Any] = {}
@@ -666,7 +669,12 @@ class _Work:
             link = self.k.reservation_evidence(self.tenant_id, row.reservation_id)
             self._put(link, row.artifact_type.encode(), row.evidence_id.encode())
             self.ttl_ms[link] = ttl
-        self.evidence.append(row)
+        if self.inline_owners:  # one node: the script itself writes the owner pointer
+            owner = self.k.evidence_owner(row.evidence_id)
+            self._put(owner, _D, self.tenant_id.encode())
+            self.ttl_ms[owner] = ttl
+        else:
+            self.evidence.append(row)
 
     @property
     def writes(self) -> bool:
@@ -1006,7 +1014,9 @@ class RedisStore(OperationStore):
             pre.append(("ZADD", self._k.due, *due))
         for row in work.evidence:  # write-ahead: a pointer without its envelope reads as 404
             ttl = max(1, row.retain_until_ms - work.now)
-            pre.append(("SET", self._k.evidence_owner(row.evidence_id), work.tenant_id, "PX", ttl))
+            owner = self._k.evidence_owner(row.evidence_id)
+            pre.append(("HSET", owner, "d", work.tenant_id))
+            pre.append(("PEXPIRE", owner, ttl))
         reply = await self._eval(all_keys, args, pre)
         code = int(reply[0])
         if code != 1:
@@ -1078,6 +1088,7 @@ class RedisStore(OperationStore):
         attempts = 0
         while True:
             work = _Work(self._k, tenant_id, snap, self.retention_ms)
+            work.inline_owners = not self.cluster
             results: list[tuple[bool, Any]] = []
             missing: list[str] = []
             broken: _Op | None = None
@@ -1226,7 +1237,8 @@ class RedisStore(OperationStore):
         evidence_id = ref.get("evidence_id")
         if isinstance(evidence_id, str):
             owner = self._k.evidence_owner(evidence_id)
-            await self._redis.set(owner, tenant_id, px=retention_ms, nx=True)
+            if await self._redis.hsetnx(owner, _D, tenant_id):
+                await self._redis.pexpire(owner, retention_ms)
 
     # -- evidence --------------------------------------------------------------------------------
 
@@ -1242,7 +1254,9 @@ class RedisStore(OperationStore):
         pipe = self._redis.pipeline(transaction=False)
         for row in rows:
             ttl = max(1, row.retain_until_ms - now)
-            pipe.set(self._k.evidence_owner(row.evidence_id), row.tenant_id, px=ttl)
+            owner = self._k.evidence_owner(row.evidence_id)
+            pipe.hset(owner, _D, row.tenant_id)
+            pipe.pexpire(owner, ttl)
             key = self._k.evidence(row.tenant_id, row.evidence_id)
             pipe.hset(key, mapping={_BODY: row.body, _D: _evidence_meta(row)})
             pipe.pexpire(key, ttl)
@@ -1250,7 +1264,7 @@ class RedisStore(OperationStore):
 
     async def get_evidence(self, evidence_id: str) -> EvidenceRow | None:
         """See :meth:`EvidenceStore.get_evidence` (the owner pointer, then the envelope)."""
-        owner = await self._redis.get(self._k.evidence_owner(evidence_id))
+        owner = await self._redis.hget(self._k.evidence_owner(evidence_id), _D)
         if owner is None:
             return None
         tenant_id = owner.decode()
