@@ -31,6 +31,7 @@ from runcycles_server.evidence.api import EvidenceApi
 from runcycles_server.evidence.canonical import SAFE_INT, NotCanonicalizable, canonical_bytes
 from runcycles_server.evidence.issuer import Issuer
 from runcycles_server.evidence.keys import KeyRing, KeyRingError
+from runcycles_server.stores.base import EvidenceStore
 from runcycles_server.stores.memory import MemoryStore
 from runcycles_server.stores.redis import RedisStore
 
@@ -390,6 +391,8 @@ def test_envelopes_past_retention_are_purged(
     api.budget("acme", "tenant:acme", 1_000)
     ref = api.post(key, "/v1/decide", body("d")).json()["cycles_evidence"]
     assert api.client.get(f"/v1/evidence/{ref['evidence_id']}").status_code == 200
+    assert isinstance(store, EvidenceStore)
+    api.client.run(store.index_evidence())
     clock.advance(2_000)
     assert api.client.get(f"/v1/evidence/{ref['evidence_id']}").status_code == 404
     api.client.run(purge_old_data(store, None))
@@ -499,3 +502,26 @@ def test_redis_replay_restores_a_lost_owner_pointer(ev: Api, store: Store) -> No
     again = ev.post(key, "/v1/reservations", body("r1")).json()["cycles_evidence"]
     assert again == ref  # the client's retry replays ...
     check_envelope(ev, ref, "reserve")  # ... and the id resolves again
+
+
+def test_envelopes_resolve_before_and_after_background_indexing(ev: Api, store: Store) -> None:
+    assert isinstance(store, EvidenceStore)
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    reserve = ev.post(key, "/v1/reservations", body("r1")).json()
+    rid = reserve["reservation_id"]
+    check_envelope(ev, reserve["cycles_evidence"], "reserve")  # not indexed yet
+    ev.client.run(store.index_evidence())
+    assert ev.client.run(store.index_evidence()) == 0  # nothing left
+    check_envelope(ev, reserve["cycles_evidence"], "reserve")  # through the index
+    commit = {"idempotency_key": "c", "actual": {"unit": "USD_MICROCENTS", "amount": 5}}
+    done = ev.post(key, f"/v1/reservations/{rid}/commit", commit).json()
+    detail = ev.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": key}).json()
+    assert detail["evidence"] == {  # one indexed, one in the tail
+        "reserve": reserve["cycles_evidence"],
+        "commit": done["cycles_evidence"],
+    }
+    ev.client.run(store.index_evidence())
+    check_envelope(ev, done["cycles_evidence"], "commit")
+    again = ev.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": key}).json()
+    assert again["evidence"] == detail["evidence"]

@@ -662,6 +662,8 @@ async def run_sweeper(
                 if await store.expire_due(200) < 200:
                     break
                 await asyncio.sleep(0)
+            if isinstance(store, EvidenceStore):  # envelopes written since the last round
+                await store.index_evidence()
         except Exception as exc:  # keep sweeping; one failure must not stop expiry
             _background_failure(health, exc, "expiry sweep failed")
         else:

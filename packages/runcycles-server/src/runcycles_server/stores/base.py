@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Generic, Protocol, TypeVar, runtime_checkable
 
 from runcycles.models import (
     CommitRequest,
@@ -457,6 +457,10 @@ class RetentionPurger(Protocol):
         """
 
 
+EVIDENCE_INDEX_BATCH: Final = 5000
+"""Envelopes indexed per background transaction (``EvidenceStore.index_evidence``)."""
+
+
 @runtime_checkable
 class EvidenceStore(Protocol):
     """Store capability: evidence envelopes (every store of this package has it).
@@ -477,6 +481,12 @@ class EvidenceStore(Protocol):
 
     async def purge_evidence(self, limit: int = 1000) -> int:
         """Delete up to ``limit`` envelopes past their retention; return how many."""
+
+    async def index_evidence(self, limit: int = EVIDENCE_INDEX_BATCH) -> int:
+        """Index up to ``limit`` recently stored envelopes (a store that defers it); how many.
+
+        Run in the background (the sweeper); an unindexed envelope is still found, slower.
+        """
 
 
 class OperationStore(ABC):
@@ -889,6 +899,14 @@ class RowStore(OperationStore):
     def _purge_evidence(self, now_ms: int, limit: int) -> int:
         """Delete up to ``limit`` envelopes with ``retain_until_ms < now_ms``."""
 
+    def _index_evidence(self, limit: int) -> int:
+        """Index up to ``limit`` stored envelopes; return how many (default: nothing to do)."""
+        return 0
+
+    def _evidence_unindexed(self) -> bool:
+        """Whether some stored envelope is not indexed yet (default: never)."""
+        return False
+
     @abstractmethod
     def _purge_finished(self, before_ms: int, limit: int) -> int:
         """Delete old finished rows; return how many reservations and events went.
@@ -945,6 +963,13 @@ class RowStore(OperationStore):
         """See :meth:`EvidenceStore.purge_evidence`."""
         with self._write():
             return self._purge_evidence(self.clock(), limit)
+
+    async def index_evidence(self, limit: int = EVIDENCE_INDEX_BATCH) -> int:
+        """See :meth:`EvidenceStore.index_evidence` (one short write transaction, if any)."""
+        if not self._evidence_unindexed():  # a cheap read: skip the write lock
+            return 0
+        with self._write():
+            return self._index_evidence(limit)
 
     async def purge_finished(self, retention_ms: int, limit: int = 500) -> int:
         """See :meth:`RetentionPurger.purge_finished`.

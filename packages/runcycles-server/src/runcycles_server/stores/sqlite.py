@@ -275,11 +275,13 @@ UPDATE tenants SET policy_count = (
     6: "",
     7: "",
     # 8: signed evidence envelopes (body = the canonical signing input; see .evidence).
-    # Rows append in issue order (rowid); the id index holds the id's first 64 bits only
-    # (an integer: a small index, so the one random insert per envelope stays cheap).
+    # `evidence` has no index: the hot path only appends to it (rowid = issue order).
+    # `evidence_index` (row = the envelope's rowid; the id's first 64 bits; its reservation)
+    # is filled in the background in large batches (see SqliteStore._index_evidence), so the
+    # random inserts a content-addressed index needs cost one page write per batch, not per
+    # envelope. Rows past the index's highest row are found by a scan of that short tail.
     8: """
 CREATE TABLE evidence (
-    id_key INTEGER NOT NULL,
     evidence_id TEXT NOT NULL,
     tenant_id TEXT NOT NULL,
     artifact_type TEXT NOT NULL,
@@ -288,8 +290,14 @@ CREATE TABLE evidence (
     retain_until_ms INTEGER NOT NULL,
     body BLOB NOT NULL
 );
-CREATE INDEX evidence_id ON evidence (id_key);
-CREATE INDEX evidence_reservation ON evidence (reservation_id) WHERE reservation_id IS NOT NULL;
+CREATE TABLE evidence_index (
+    row INTEGER PRIMARY KEY,
+    id_key INTEGER NOT NULL,
+    reservation_id TEXT
+);
+CREATE INDEX evidence_index_id ON evidence_index (id_key);
+CREATE INDEX evidence_index_reservation ON evidence_index (reservation_id)
+    WHERE reservation_id IS NOT NULL;
 """,
 }
 
@@ -362,9 +370,15 @@ _SORT_COLUMNS: Final = {
 
 
 _INSERT_EVIDENCE: Final = (
-    "INSERT INTO evidence (id_key, evidence_id, tenant_id, artifact_type, reservation_id, "
-    "created_at_ms, retain_until_ms, body) VALUES (?,?,?,?,?,?,?,?)"
+    "INSERT INTO evidence (evidence_id, tenant_id, artifact_type, reservation_id, "
+    "created_at_ms, retain_until_ms, body) VALUES (?,?,?,?,?,?,?)"
 )
+_EVIDENCE_COLS: Final = (
+    "e.evidence_id, e.tenant_id, e.artifact_type, e.reservation_id, e.created_at_ms, "
+    "e.retain_until_ms, e.body"
+)
+_INDEXED_UPTO: Final = "(SELECT COALESCE(MAX(row), 0) FROM evidence_index)"
+"""The highest envelope row the index covers (rows above it are the unindexed tail)."""
 
 
 def _id_key(evidence_id: str) -> int:
@@ -1004,8 +1018,8 @@ class SqliteStore(RowStore):
         # An id is written once: the operation that emits it runs once (replays answer the
         # stored body and emit nothing), so no uniqueness check is needed on the hot path.
         values = [
-            (_id_key(r.evidence_id), r.evidence_id, r.tenant_id, r.artifact_type,
-             r.reservation_id, r.created_at_ms, r.retain_until_ms, r.body)
+            (r.evidence_id, r.tenant_id, r.artifact_type, r.reservation_id, r.created_at_ms,
+             r.retain_until_ms, r.body)
             for r in rows
         ]  # fmt: skip
         if len(values) == 1:
@@ -1014,20 +1028,50 @@ class SqliteStore(RowStore):
             self._conn.executemany(_INSERT_EVIDENCE, values)
 
     def _get_evidence(self, evidence_id: str) -> EvidenceRow | None:
-        r = self._conn.execute(
-            "SELECT evidence_id, tenant_id, artifact_type, reservation_id, created_at_ms, "
-            "retain_until_ms, body FROM evidence WHERE id_key = ? AND evidence_id = ? LIMIT 1",
+        conn = self._conn
+        r = conn.execute(
+            f"SELECT {_EVIDENCE_COLS} FROM evidence_index i JOIN evidence e ON e.rowid = i.row "
+            "WHERE i.id_key = ? AND e.evidence_id = ? LIMIT 1",
             (_id_key(evidence_id), evidence_id),
         ).fetchone()
+        if r is None:  # not indexed yet: the tail
+            r = conn.execute(
+                f"SELECT {_EVIDENCE_COLS} FROM evidence e WHERE e.rowid > {_INDEXED_UPTO} "
+                "AND e.evidence_id = ? LIMIT 1",
+                (evidence_id,),
+            ).fetchone()
         return None if r is None else EvidenceRow(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
 
     def _reservation_evidence(self, reservation_id: str) -> dict[str, str]:
         rows = self._conn.execute(
-            "SELECT artifact_type, evidence_id FROM evidence WHERE reservation_id = ? "
-            "AND artifact_type != 'error'",
-            (reservation_id,),
+            "SELECT e.artifact_type, e.evidence_id FROM evidence_index i "
+            "JOIN evidence e ON e.rowid = i.row WHERE i.reservation_id = ? "
+            f"UNION ALL SELECT artifact_type, evidence_id FROM evidence "
+            f"WHERE rowid > {_INDEXED_UPTO} AND reservation_id = ? AND artifact_type != 'error'",
+            (reservation_id, reservation_id),
         ).fetchall()
         return dict(rows)
+
+    def _evidence_unindexed(self) -> bool:
+        row = self._conn.execute(
+            f"SELECT COALESCE(MAX(rowid), 0) > {_INDEXED_UPTO} FROM evidence"
+        ).fetchone()
+        return bool(row[0])
+
+    def _index_evidence(self, limit: int) -> int:
+        rows = self._conn.execute(
+            "SELECT rowid, evidence_id, artifact_type, reservation_id FROM evidence "
+            f"WHERE rowid > {_INDEXED_UPTO} ORDER BY rowid LIMIT ?",
+            (limit,),
+        ).fetchall()
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO evidence_index (row, id_key, reservation_id) VALUES (?,?,?)",
+            [
+                (row, _id_key(eid), rid if artifact != "error" else None)
+                for row, eid, artifact, rid in rows
+            ],
+        )
+        return len(rows)
 
     def _purge_evidence(self, now_ms: int, limit: int) -> int:
         # Oldest first (rowid = issue order) up to the first one still retained: no index on
@@ -1040,7 +1084,9 @@ class SqliteStore(RowStore):
         while due < len(rows) and rows[due][1] < now_ms:
             due += 1
         if due:
-            self._conn.execute("DELETE FROM evidence WHERE rowid <= ?", (rows[due - 1][0],))
+            last = rows[due - 1][0]
+            self._conn.execute("DELETE FROM evidence WHERE rowid <= ?", (last,))
+            self._conn.execute("DELETE FROM evidence_index WHERE row <= ?", (last,))
         return due
 
     def _purge_finished(self, before_ms: int, limit: int) -> int:
