@@ -37,8 +37,12 @@ Decisions:
   operation's script); a public read knows only the id, so a pointer ``{v:<id>} -> tenant``
   in its own slot is written *ahead* of the script (a pointer whose script then failed reads
   as 404: nothing wrong is ever served). Both expire at the envelope's retention.
-* **SQLite.** Envelopes append in issue order (rowid); the id index holds the id's first 64
-  bits (small and cheap to insert into at random); retention deletes from the oldest.
+* **SQLite.** Envelopes append in issue order (rowid) with no index maintenance on the hot
+  path; the sweeper indexes them (the id's first 64 bits, the reservation) in batches of
+  thousands, so a content-addressed index's random page writes are paid once per batch, and
+  reads scan the short unindexed tail. Retention deletes from the oldest.
+* **Redis, one node.** The owner pointer is written by the operation's own script (no extra
+  round trip); only a cluster needs the write-ahead above.
 * **What is attested** is the spec's mirror schemas: transport-only fields
   (``cycles_evidence``, ``remaining_ttl_ms``) and fields the mirrors lack (``deny_detail``,
   ``observe_mode``, ``action.policy_keys``) are left out, since the mirrors are closed.
