@@ -8,6 +8,7 @@ SubjectPublicKeyInfo (the server uses raw key bytes). It shares no code with the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import hashlib
@@ -525,3 +526,28 @@ def test_envelopes_resolve_before_and_after_background_indexing(ev: Api, store: 
     check_envelope(ev, done["cycles_evidence"], "commit")
     again = ev.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": key}).json()
     assert again["evidence"] == detail["evidence"]
+
+
+def test_a_burst_of_concurrent_denials_is_stored_together_and_resolves(ev: Api) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 10)
+    big = {"unit": "USD_MICROCENTS", "amount": 1_000}
+    http = ev.client._client  # the app's async client: fire the burst concurrently
+
+    async def burst() -> list[Any]:
+        calls = [
+            http.post(
+                "/v1/reservations",
+                json=body(f"deny-{i}", estimate=big),
+                headers={"X-Cycles-API-Key": key},
+            )
+            for i in range(25)
+        ]
+        return list(await asyncio.gather(*calls))
+
+    answers = ev.client.run(burst())
+    assert {a.status_code for a in answers} == {409}
+    ids = {a.json()["cycles_evidence"]["evidence_id"] for a in answers}
+    assert len(ids) == 25  # one envelope per denial (each has its own request_id)
+    for evidence_id in ids:
+        assert ev.client.get(f"/v1/evidence/{evidence_id}").status_code == 200

@@ -870,6 +870,8 @@ class RedisStore(OperationStore):
         self._token = uuid.uuid4().hex[:16]
         self._drop_script = _Script(_DROP_DUE_LUA)
         self._queues: dict[str, _Queue] = {}
+        self._evidence_pending: list[tuple[Sequence[EvidenceRow], asyncio.Future[None]]] = []
+        self._evidence_task: asyncio.Task[None] | None = None
         self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
         self._key_tenants: dict[str, str] = {}
         self._policies_seen: dict[str, list[PolicyRow]] = {}
@@ -1243,24 +1245,48 @@ class RedisStore(OperationStore):
     # -- evidence --------------------------------------------------------------------------------
 
     async def put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
-        """See :meth:`EvidenceStore.put_evidence` (one pipeline: owner pointer, then envelope).
+        """See :meth:`EvidenceStore.put_evidence`: calls are batched into shared pipelines.
 
-        Denial envelopes change no ledger row, so they need no compare-and-set; the call
-        returns once Redis acknowledged every write (durable as Redis's ``appendfsync``).
+        Denial envelopes change no ledger row, so they need no compare-and-set. Calls made
+        while a pipeline is in flight go out together in the next one (a storm of denials
+        costs a round trip per batch); each returns once Redis acknowledged its writes
+        (durable as Redis's ``appendfsync``), owner pointer first, then the envelope.
         """
         if not rows:
             return
-        now = self.clock()
-        pipe = self._redis.pipeline(transaction=False)
-        for row in rows:
-            ttl = max(1, row.retain_until_ms - now)
-            owner = self._k.evidence_owner(row.evidence_id)
-            pipe.hset(owner, _D, row.tenant_id)
-            pipe.pexpire(owner, ttl)
-            key = self._k.evidence(row.tenant_id, row.evidence_id)
-            pipe.hset(key, mapping={_BODY: row.body, _D: _evidence_meta(row)})
-            pipe.pexpire(key, ttl)
-        await pipe.execute()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._evidence_pending.append((rows, future))
+        if self._evidence_task is None:
+            self._evidence_task = asyncio.get_running_loop().create_task(self._write_evidence())
+        await future
+
+    async def _write_evidence(self) -> None:
+        try:
+            while self._evidence_pending:
+                batch, self._evidence_pending = self._evidence_pending, []
+                now = self.clock()
+                pipe = self._redis.pipeline(transaction=False)
+                for rows, _ in batch:
+                    for row in rows:
+                        ttl = max(1, row.retain_until_ms - now)
+                        owner = self._k.evidence_owner(row.evidence_id)
+                        pipe.hset(owner, _D, row.tenant_id)
+                        pipe.pexpire(owner, ttl)
+                        key = self._k.evidence(row.tenant_id, row.evidence_id)
+                        pipe.hset(key, mapping={_BODY: row.body, _D: _evidence_meta(row)})
+                        pipe.pexpire(key, ttl)
+                try:
+                    await pipe.execute()
+                except Exception as exc:  # every caller of the batch answers without a ref
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._evidence_task = None
 
     async def get_evidence(self, evidence_id: str) -> EvidenceRow | None:
         """See :meth:`EvidenceStore.get_evidence` (the owner pointer, then the envelope)."""
