@@ -74,6 +74,10 @@ from runcycles_server.stores.base import (
 SCHEMA_VERSION: Final = 8
 CHECKPOINT_EVERY_COMMITS: Final = 1000
 """Write transactions between two background WAL checkpoints (see :class:`SqliteStore`)."""
+CHECKPOINT_EVERY_EVIDENCE_BYTES: Final = 2 * 1024 * 1024
+"""Evidence envelope bytes written between two background checkpoints, whatever the number of
+commits: envelopes grow the WAL fast, and every page read searches the WAL's index, so a
+long WAL slows every read (a checkpoint lets the next writer restart it)."""
 AUTOCHECKPOINT_PAGES: Final = 20_000
 """SQLite's own checkpoint-on-commit threshold: only a backstop (no event loop running)."""
 MMAP_BYTES: Final = 256 * 1024 * 1024
@@ -542,6 +546,7 @@ class SqliteStore(RowStore):
         self._lock_fd: int | None = None
         self._locked = False  # this process holds the flock on <db>.lock
         self._commits = 0
+        self._evidence_bytes = 0
         self._checkpointing = False
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._seen_reservation: str | None = None  # last reservation id read (and found)
@@ -628,7 +633,11 @@ class SqliteStore(RowStore):
     def _after_commit(self) -> None:
         """Count a commit; every CHECKPOINT_EVERY_COMMITS, checkpoint the WAL in a thread."""
         self._commits += 1
-        if self._commits < CHECKPOINT_EVERY_COMMITS or self._checkpointing:
+        due = (
+            self._commits >= CHECKPOINT_EVERY_COMMITS
+            or self._evidence_bytes >= CHECKPOINT_EVERY_EVIDENCE_BYTES
+        )
+        if not due or self._checkpointing:
             return
         if self.path == ":memory:":
             return
@@ -637,6 +646,7 @@ class SqliteStore(RowStore):
         except RuntimeError:  # no event loop: SQLite's autocheckpoint is the backstop
             return
         self._commits = 0
+        self._evidence_bytes = 0
         self._checkpointing = True
         loop.run_in_executor(None, self._checkpoint)
 
@@ -1022,6 +1032,7 @@ class SqliteStore(RowStore):
              r.retain_until_ms, r.body)
             for r in rows
         ]  # fmt: skip
+        self._evidence_bytes += sum(len(r.body) for r in rows)
         if len(values) == 1:
             self._conn.execute(_INSERT_EVIDENCE, values[0])
         else:
