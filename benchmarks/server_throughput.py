@@ -25,6 +25,9 @@ clients doing reserve+commit pairs for a fixed time with a lean HTTP/1.1 load ge
   rounds (the subscription created and deleted each round), as medians and their ratio
   (issue target: at most 1.10x). The request path reads no subscription; the dispatcher
   follows the tenant's event log in the background.
+* with ``--evidence off,on`` (the default), each store runs twice, without and with signed
+  evidence (``cycles serve --no-evidence`` / the default), and the **evidence cost** is printed:
+  server CPU per pair with evidence on divided by off (target <= 1.25x; see docs/evidence.md).
 
 Usage::
 
@@ -42,6 +45,7 @@ and the ratio on : off (the goal: at most 1.05), and a check that the metered se
 
 Options: ``--no-webhook``, ``--rounds 3`` (webhook rounds per configuration),
 ``--clients 64``, ``--seconds 10``, ``--workers 1,2`` (comma list to compare),
+``--evidence off,on`` (``on``, ``off`` or both),
 ``--stores sqlite,redis`` (Redis from ``CYCLES_TEST_REDIS_URL``, default db 15 on loopback,
 under a fresh key prefix that is deleted afterwards). The exit status is 1 on a ledger
 mismatch. Target (the GitHub issue): on a 2-core machine with the load generator on the same
@@ -76,6 +80,8 @@ BUDGET = 10**15
 AMOUNT = 1_000
 TARGET_PAIRS_PER_S = 1_500
 METRICS_TARGET_RATIO = 1.05
+EVIDENCE_CPU_TARGET = 1.25
+"""Most server CPU per pair with evidence on, relative to off."""
 
 
 def _redis_available(url: str) -> bool:
@@ -144,19 +150,17 @@ def _process_tree_cpu_s(root: int) -> float | None:
     return sum(cpu[pid] for pid in tree)
 
 
-def _measure(server: ServerProcess, scenario: str, **kwargs: Any) -> tuple[LoadResult, str, str]:
-    """Run one load scenario; return it with server and load-generator CPU per operation."""
+def _measure(
+    server: ServerProcess, scenario: str, **kwargs: Any
+) -> tuple[LoadResult, float | None, str]:
+    """Run one load scenario; return it with server CPU (us, or None) and loadgen CPU per op."""
     before = _process_tree_cpu_s(server.process.pid)
     own = time.process_time()
     result = run_load(scenario, host=server.host, port=server.port, **kwargs)
     own = time.process_time() - own
     after = _process_tree_cpu_s(server.process.pid)
     done = max(result.completed, 1)
-    server_cpu = (
-        f"{(after - before) / done * 1e6:6.0f} us"
-        if before is not None and after is not None
-        else "   n/a"
-    )
+    server_cpu = (after - before) / done * 1e6 if before is not None and after is not None else None
     return result, server_cpu, f"{own / done * 1e6:4.0f} us"
 
 
@@ -178,7 +182,8 @@ def _ledger_check(server: ServerProcess, tenant_id: str, committed: int) -> tupl
     )
 
 
-def _row(label: str, result: LoadResult, unit: str, server_cpu: str, own_cpu: str) -> str:
+def _row(label: str, result: LoadResult, unit: str, cpu_us: float | None, own_cpu: str) -> str:
+    server_cpu = "   n/a" if cpu_us is None else f"{cpu_us:6.0f} us"
     return (
         f"  {label:<26} {result.rate:>8,.0f} {unit:<7} p50 {result.p50:6.2f} ms  "
         f"p99 {result.percentile(99):6.2f} ms  errors {result.errors}  "
@@ -193,13 +198,20 @@ def _load_average() -> str:
         return "n/a"
 
 
-def bench_store(store: str, clients: int, seconds: float, workers: int) -> bool:
-    """Benchmark one store with ``workers`` server processes; return whether the ledger held."""
+def bench_store(
+    store: str, clients: int, seconds: float, workers: int, evidence: bool = True
+) -> tuple[bool, float | None]:
+    """Benchmark one store with ``workers`` server processes.
+
+    Returns whether the ledger held, and the server CPU per pair (us; ``None`` without /proc).
+    """
     print(
-        f"\n== store: {store} ({workers} server workers, {clients} clients, {seconds:g} s; "
-        f"load average {_load_average()} on {os.cpu_count()} CPUs)"
+        f"\n== store: {store} ({workers} server workers, {clients} clients, {seconds:g} s, "
+        f"evidence {'on' if evidence else 'off'}; load average {_load_average()} on "
+        f"{os.cpu_count()} CPUs)"
     )
-    with ServerProcess.start(store=store, workers=workers) as server:  # type: ignore[arg-type]
+    extra = [] if evidence else ["--no-evidence"]
+    with ServerProcess.start(store=store, workers=workers, extra_args=extra) as server:  # type: ignore[arg-type]
         tenant = server.provision(budget=BUDGET)
         common: dict[str, Any] = {"api_key": tenant.api_key, "clients": clients}
         noop, noop_cpu, noop_own = _measure(server, "noop", duration_s=seconds / 2, **common)
@@ -224,7 +236,7 @@ def bench_store(store: str, clients: int, seconds: float, workers: int) -> bool:
         f"  target >= {TARGET_PAIRS_PER_S:,} pairs/s, 0 errors, ledger OK: "
         f"{'met' if met else 'NOT met'} (load average now {_load_average()})"
     )
-    return ok
+    return ok, pair_cpu
 
 
 def _cpu_per_pair_us(server: ServerProcess, tenant_id: str, api_key: str, **kw: Any) -> float:
@@ -457,7 +469,9 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds per side (--metrics, webhook comparison)"
     )
+    parser.add_argument("--evidence", default="off,on", help="off, on, or both (off,on)")
     args = parser.parse_args()
+    modes = [mode.strip() == "on" for mode in args.evidence.split(",")]
     ok = True
     for store in args.stores.split(","):
         if store == "redis" and not _redis_available(redis_url_for_tests()):
@@ -469,10 +483,24 @@ def main() -> int:
                     bench_metrics_overhead(store, args.clients, args.seconds, workers, args.rounds)
                     and ok
                 )
-            else:
-                ok = bench_store(store, args.clients, args.seconds, workers) and ok
-                if not args.no_webhook:
-                    bench_webhook(store, args.clients, args.seconds / 2, workers, args.rounds)
+                continue
+            cpu: dict[bool, float | None] = {}
+            for evidence in modes:
+                held, cpu[evidence] = bench_store(
+                    store, args.clients, args.seconds, workers, evidence
+                )
+                ok = held and ok
+            off, on = cpu.get(False), cpu.get(True)
+            if off and on:
+                ratio = on / off
+                verdict = "met" if ratio <= EVIDENCE_CPU_TARGET else "NOT met"
+                print(
+                    f"  evidence cost ({store}, {workers} workers): server CPU per pair "
+                    f"{on:.0f} us on / {off:.0f} us off = {ratio:.2f}x "
+                    f"(target <= {EVIDENCE_CPU_TARGET}x: {verdict})"
+                )
+            if not args.no_webhook:
+                bench_webhook(store, args.clients, args.seconds / 2, workers, args.rounds)
     return 0 if ok else 1
 
 

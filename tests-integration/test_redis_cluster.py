@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from runcycles.evidence import Disposition
 from runcycles_server.testing import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -190,6 +191,22 @@ def test_a_server_on_a_redis_cluster_serves_two_tenants_on_different_masters(
                     rid, {"idempotency_key": f"{name}-c1", "actual": {"unit": U, "amount": 600}}
                 )
                 assert done.is_success, done
+                # signed evidence: the envelope is in the tenant's slot, its owner pointer in
+                # its own; a public read finds it from the id alone, and a denial's too
+                denied = client.create_reservation(
+                    {
+                        "idempotency_key": f"{name}-big",
+                        "subject": subject,
+                        "action": {"kind": "llm.completion", "name": "gpt"},
+                        "estimate": {"unit": U, "amount": 10**9},
+                    }
+                )
+                assert denied.status == 409, denied
+                for answer in (committed, done, denied):
+                    assert answer.body is not None
+                    evidence_id = answer.body["cycles_evidence"]["evidence_id"]
+                    verified = client.verify_evidence(evidence_id)
+                    assert verified.disposition is Disposition.AUTHENTIC, verified.reason
                 released = client.create_reservation(
                     {
                         "idempotency_key": f"{name}-r2",

@@ -10,9 +10,8 @@ integer). ``schemathesis_hooks.py`` steers most generated cases onto the tenant'
 and documents the one filtered deviation (explicit ``null`` for an optional field means
 "absent").
 
-The evidence routes (``/v1/evidence/{id}``, ``/v1/.well-known/cycles-jwks.json``) are optional
-and not implemented; they are excluded from the run and checked here to 404 cleanly, which
-their declared responses allow.
+The public evidence routes (``/v1/evidence/{id}``, ``/v1/.well-known/cycles-jwks.json``) are
+in the run too, and checked by hand below (malformed id 400, unknown id 404, the JWK Set).
 
 A second run covers the governance (admin) spec, ``spec/cycles-governance-admin-v0.1.25.yaml``
 with its v0.1.26 extensions applied (``runcycles.testing.spec.extended_spec("admin")``: the
@@ -191,10 +190,10 @@ def test_schemathesis_finds_no_spec_violation(server: ServerProcess, tmp_path: P
         SPEC,
         f"X-Cycles-API-Key: {tenant.api_key}",
         {"CYCLES_FUZZ_TENANT": tenant.tenant_id, "CYCLES_FUZZ_RESERVATION_IDS": json.dumps(pool)},
-        ["--exclude-path-regex", r"^/v1/(evidence/|\.well-known/)"],
+        [],
     )
-    assert "Tested: 9" in output, output[-5000:]  # every runtime operation, evidence excluded
-    assert totals["tests"] >= 9, totals
+    assert "Tested: 11" in output, output[-5000:]  # every runtime operation, evidence included
+    assert totals["tests"] >= 11, totals
 
 
 ADMIN_OPERATIONS = [
@@ -295,14 +294,14 @@ def test_unimplemented_admin_operations_are_a_clean_404(
     assert_error(response, 404, "NOT_FOUND", path)
 
 
-def test_optional_evidence_routes_are_a_clean_404(http: httpx.Client) -> None:
-    for path in ("/v1/evidence/ev_123", "/v1/.well-known/cycles-jwks.json"):
-        response = http.get(path)
-        assert response.status_code == 404, response.text
-        body = response.json()
-        assert body["error"] == "NOT_FOUND"
-        assert path in body["message"]
-        assert {"request_id", "trace_id"} <= set(body)
+def test_evidence_routes_answer_cleanly_without_a_key(http: httpx.Client) -> None:
+    malformed = http.get("/v1/evidence/ev_123")
+    assert_error(malformed, 400, "INVALID_REQUEST", "64 lower-case hex")
+    unknown = http.get("/v1/evidence/" + "0" * 64)
+    assert_error(unknown, 404, "NOT_FOUND", "retry")
+    jwks = http.get("/v1/.well-known/cycles-jwks.json")
+    assert jwks.status_code == 200, jwks.text
+    assert [key["kty"] for key in jwks.json()["keys"]] == ["OKP"]
 
 
 # ------------------------------------------------------------------------------ hand-written

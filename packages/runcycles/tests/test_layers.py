@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"_version", "models"},
     {"exceptions", "_fastpath", "governance"},
     {"config", "context", "response", "usage", "action_kinds", "events"},
-    {"retry", "pricing", "_protocol", "_wire", "_http11", "journal", "webhooks"},
+    {"retry", "pricing", "_protocol", "_wire", "_http11", "journal", "webhooks", "evidence"},
     {"heartbeat", "settlement"},
     {"_autoreplay"},
     {"_base_client"},

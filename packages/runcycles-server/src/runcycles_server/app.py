@@ -17,9 +17,12 @@ Runtime routes (``cycles-protocol-v0.yaml``): ``POST /v1/decide``, ``POST /v1/re
 ``GET /v1/reservations``, ``GET /v1/reservations/{id}``, ``POST /v1/reservations/{id}/commit``,
 ``/release``, ``/extend``, ``GET /v1/balances``, ``POST /v1/events``, ``GET /v1/auth/introspect``,
 plus ``GET /healthz`` (liveness) and ``GET /readyz`` (store reachable; answers within
-:data:`READY_TIMEOUT_S`). Admin routes live in :mod:`runcycles_server.admin`; the action
-governance routes (policies, ``/v1/action-kinds``, quota counters) in
-:mod:`runcycles_server.governance_api`.
+:data:`READY_TIMEOUT_S`). With ``evidence`` (see :mod:`runcycles_server.evidence`), decide,
+reserve, commit, release and their denials carry ``cycles_evidence``, and the public
+``GET /v1/evidence/{id}`` and ``GET /v1/.well-known/cycles-jwks.json`` serve the signed
+envelopes and the keys (:mod:`runcycles_server.evidence.api`). Admin routes live in
+:mod:`runcycles_server.admin`; the action governance routes (policies, ``/v1/action-kinds``,
+quota counters) in :mod:`runcycles_server.governance_api`.
 
 A store that is unavailable (down, or hung past its timeout) makes a request fail with ``503``
 and ``Retry-After``, and each outage is logged once (:mod:`runcycles_server.health`).
@@ -72,6 +75,8 @@ from runcycles_server.admin import Admin
 from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.events.signals import Signals
 from runcycles_server.events_api import EventsApi
+from runcycles_server.evidence.api import PUBLIC_REQUESTS_PER_MINUTE, EvidenceApi
+from runcycles_server.evidence.issuer import Issuer
 from runcycles_server.governance_api import REGISTRY_REQUESTS_PER_MINUTE, GovernanceApi
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import LedgerError
@@ -83,6 +88,7 @@ from runcycles_server.query import check_text
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import (
     RESERVATION_SORT_KEYS,
+    EvidenceStore,
     OperationStore,
     ReservationQuery,
     RetentionPurger,
@@ -222,6 +228,7 @@ class Runtime:
         max_body_bytes: int,
         health: StoreHealth | None = None,
         metrics: Metrics | None = None,
+        evidence: EvidenceApi | None = None,
     ) -> None:
         self.store = store
         self.auth = auth
@@ -230,6 +237,7 @@ class Runtime:
         self.metrics = metrics
         self.signals: Signals | None = None
         """Where reservations, denials and spend are tallied (see :mod:`.monitor`)."""
+        self.evidence = evidence or EvidenceApi(store, None)
         self._settle_routes: dict[str, Handler] = {
             "commit": self.commit,
             "release": self.release,
@@ -286,10 +294,14 @@ class Runtime:
         principal = await self.auth.tenant(request, "reservations:create")
         body = await parse_body(request, DecisionRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
-        _check_subject(principal, body.subject)
         assert principal.tenant_id is not None
-        digest = ledger.payload_hash("decide", ledger.request_payload(body))
-        outcome = await self.store.decide(principal.tenant_id, body, digest)
+        try:
+            _check_subject(principal, body.subject)
+            digest = ledger.payload_hash("decide", ledger.request_payload(body))
+            outcome = await self.store.decide(principal.tenant_id, body, digest)
+        except LedgerError as exc:
+            await self.evidence.denied(request, exc, "decide", body, principal.tenant_id)
+            raise
         if self.metrics is not None:
             self.metrics.decided("decide", outcome.body)
         return json_response(outcome.body, outcome.status_code)
@@ -299,13 +311,13 @@ class Runtime:
         principal = await self.auth.tenant(request, "reservations:create")
         body = await parse_body(request, ReservationCreateRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
-        _check_subject(principal, body.subject)
         assert principal.tenant_id is not None
-        digest = ledger.payload_hash("reserve", ledger.request_payload(body))
         signals = self.signals if not body.dry_run else None
         if signals is not None:
             signals.reservation(principal.tenant_id)
         try:
+            _check_subject(principal, body.subject)
+            digest = ledger.payload_hash("reserve", ledger.request_payload(body))
             outcome = await self.store.reserve(principal.tenant_id, body, digest)
         except LedgerError as exc:
             if signals is not None:
@@ -314,6 +326,7 @@ class Runtime:
             deny = exc.details.get("deny_detail") if exc.details else None
             if self.metrics is not None and isinstance(deny, dict):  # a live denial
                 self.metrics.denied("reserve", deny.get("reason_code"))
+            await self.evidence.denied(request, exc, "reserve", body, principal.tenant_id)
             raise
         if self.metrics is not None:
             self.metrics.decided("reserve", outcome.body)
@@ -383,10 +396,13 @@ class Runtime:
         )
         page = await self.store.list_reservations(query)
         include = {token.strip() for token in params.get("include", "").split(",")}
-        body: dict[str, Any] = {
-            "reservations": [ledger.reservation_body(r, include=include) for r in page.items],
-            "has_more": page.next_cursor is not None,
-        }
+        rows = [ledger.reservation_body(r, include=include) for r in page.items]
+        if "evidence" in include:
+            for row in rows:
+                refs = await self.evidence.reservation_refs(row["reservation_id"])
+                if refs is not None:
+                    row["evidence"] = refs
+        body: dict[str, Any] = {"reservations": rows, "has_more": page.next_cursor is not None}
         if page.next_cursor is not None:
             body["next_cursor"] = page.next_cursor
         return json_response(body)
@@ -404,7 +420,11 @@ class Runtime:
             res.status == "ACTIVE" and self.store.clock() > res.deadline_ms
         ):
             raise LedgerError("RESERVATION_EXPIRED", f"reservation {rid} expired")
-        return json_response(ledger.reservation_body(res))
+        body = ledger.reservation_body(res)
+        refs = await self.evidence.reservation_refs(rid)
+        if refs is not None:
+            body["evidence"] = refs
+        return json_response(body)
 
     async def commit(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/commit``."""
@@ -414,7 +434,11 @@ class Runtime:
         check_idempotency_header(request, body.idempotency_key)
         assert principal.tenant_id is not None
         digest = ledger.payload_hash("commit", ledger.request_payload(body))
-        outcome = await self.store.commit(principal.tenant_id, rid, body, digest)
+        try:
+            outcome = await self.store.commit(principal.tenant_id, rid, body, digest)
+        except LedgerError as exc:
+            await self.evidence.denied(request, exc, "commit", body, principal.tenant_id, rid)
+            raise
         if self.signals is not None:
             note_spend(self.signals, principal.tenant_id, outcome)
         return json_response(outcome.body, outcome.status_code)
@@ -427,9 +451,13 @@ class Runtime:
         check_idempotency_header(request, body.idempotency_key)
         digest = ledger.payload_hash("release", ledger.request_payload(body))
         request_id, trace_id = request_ids(request)
-        outcome = await self.store.release(
-            principal.tenant_id, rid, body, digest, request_id=request_id, trace_id=trace_id
-        )
+        try:
+            outcome = await self.store.release(
+                principal.tenant_id, rid, body, digest, request_id=request_id, trace_id=trace_id
+            )
+        except LedgerError as exc:
+            await self.evidence.denied(request, exc, "release", body, principal.tenant_id, rid)
+            raise
         return json_response(outcome.body, outcome.status_code)
 
     async def extend(self, request: Request) -> Response:
@@ -634,6 +662,13 @@ async def purge_old_data(
         if done < batch:
             break
         await asyncio.sleep(0)
+    if isinstance(store, EvidenceStore):  # envelopes past their own retention
+        for _ in range(max_batches):
+            done = await store.purge_evidence(batch)
+            total += done
+            if done < batch:
+                break
+            await asyncio.sleep(0)
     if retention_ms is not None and isinstance(store, RetentionPurger):
         for _ in range(max_batches):
             done = await store.purge_finished(retention_ms, batch)
@@ -673,6 +708,8 @@ async def run_sweeper(
                 if expired < 200:
                     break
                 await asyncio.sleep(0)
+            if isinstance(store, EvidenceStore):  # envelopes written since the last round
+                await store.index_evidence()
         except Exception as exc:  # keep sweeping; one failure must not stop expiry
             _background_failure(health, exc, "expiry sweep failed")
         else:
@@ -730,6 +767,8 @@ def create_app(
     metrics_top_scopes: int = DEFAULT_TOP_SCOPES,
     detectors: DetectorConfig | None = DetectorConfig(),  # noqa: B008 (frozen)
     webhook_options: WebhookOptions | None = None,
+    evidence: Issuer | None = None,
+    evidence_requests_per_minute: int | None = PUBLIC_REQUESTS_PER_MINUTE,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -765,6 +804,12 @@ def create_app(
             resolver; ``None``: the defaults). The dispatcher runs with the sweeper
             (``sweep_interval_s`` ``None`` runs neither: tests call
             ``app.state.webhook_dispatcher.run_once()``).
+        evidence: signs every decide, reserve, commit, release and denial (see
+            :mod:`runcycles_server.evidence` and ``docs/evidence.md``); ``None``: evidence off
+            (no ``cycles_evidence`` on responses, the two evidence routes answer 404).
+            ``cycles serve`` turns it on unless given ``--no-evidence``.
+        evidence_requests_per_minute: per-address limit of the two public evidence routes
+            (``None``: no limit).
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, ``retention_days``
@@ -783,7 +828,12 @@ def create_app(
     monitor = Monitor(store, signals, detectors, health=health) if signals is not None else None
     auth = Authenticator(store, admin_api_key, limiter=limiter, signals=signals)
     meter = Metrics(top_scopes=metrics_top_scopes, public=metrics_public) if metrics else None
-    runtime = Runtime(store, auth, max_body_bytes, health, meter)
+    if isinstance(store, OperationStore):
+        store.issuer = evidence
+    elif evidence is not None:
+        raise ValueError(f"{type(store).__name__} cannot emit evidence")
+    evidence_api = EvidenceApi(store, evidence, requests_per_minute=evidence_requests_per_minute)
+    runtime = Runtime(store, auth, max_body_bytes, health, meter, evidence_api)
     runtime.signals = signals
     admin = Admin(store, auth, max_body_bytes)
     governance = GovernanceApi(
@@ -858,6 +908,7 @@ def create_app(
             *extra_routes,
             *overview.routes(),
             *webhooks.routes(),
+            *evidence_api.routes(),
         ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,

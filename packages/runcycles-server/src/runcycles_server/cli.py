@@ -17,7 +17,8 @@ mutation). Configuration reaches worker processes through environment variables
 (``CYCLES_DB``, ``CYCLES_ADMIN_API_KEY``, ``CYCLES_SQLITE_SYNCHRONOUS``, ``CYCLES_REDIS_URL``,
 ``CYCLES_ACCESS_LOG``, ``CYCLES_MAX_BODY_BYTES``, ``CYCLES_RATE_LIMIT``,
 ``CYCLES_RETENTION_DAYS``, ``CYCLES_ACTION_KINDS``, ``CYCLES_METRICS``,
-``CYCLES_METRICS_PUBLIC``, ``CYCLES_METRICS_TOP_SCOPES``), which :func:`app_from_env` reads.
+``CYCLES_METRICS_PUBLIC``, ``CYCLES_METRICS_TOP_SCOPES``, and the evidence settings of
+:mod:`runcycles_server.cli_evidence`), which :func:`app_from_env` reads.
 
 Imports of the server itself are deferred to the commands that need them, so ``cycles --help``
 and the admin commands start quickly.
@@ -37,6 +38,16 @@ import typer
 
 from runcycles_server.cli_admin import CliError, register, reported
 from runcycles_server.cli_events import register_events
+from runcycles_server.cli_evidence import (
+    DEFAULT_EVIDENCE_RATE_LIMIT,
+    DEFAULT_EVIDENCE_RETENTION_DAYS,
+    ENV_EVIDENCE,
+    default_keys_path,
+    evidence_rate_limit_from_env,
+    issuer_from_env,
+    prepare_serve,
+    register_evidence,
+)
 from runcycles_server.cli_governance import register_governance
 from runcycles_server.cli_webhooks import register_webhooks
 
@@ -203,6 +214,8 @@ def app_from_env() -> Starlette:
             ),
             detectors=detectors,
             webhook_options=hooks,
+            evidence=issuer_from_env(),
+            evidence_requests_per_minute=evidence_rate_limit_from_env(),
         )
     except ValueError as exc:
         raise SystemExit(
@@ -525,6 +538,43 @@ def serve(
             help="Seconds one webhook delivery attempt may take (at most 80% of --webhook-lease)."
         ),
     ] = 10.0,
+    evidence: Annotated[
+        bool,
+        typer.Option(
+            "--evidence/--no-evidence",
+            help="Sign every decide, reserve, commit, release and denial (docs/evidence.md).",
+        ),
+    ] = True,
+    evidence_keys: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="CYCLES_EVIDENCE_KEYS_FILE",
+            help="Evidence signing key file, created (mode 0600) if missing; share it between "
+            "servers of one identity (default: beside the SQLite file, or in the user data "
+            "directory with --redis).",
+            show_default=False,
+        ),
+    ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CYCLES_PUBLIC_URL",
+            help="The URL clients reach this server at (the evidence server_id is it plus /v1; "
+            "default: http://HOST:PORT).",
+            show_default=False,
+        ),
+    ] = None,
+    evidence_retention_days: Annotated[
+        int, typer.Option(min=1, help="Days signed evidence envelopes are kept.")
+    ] = DEFAULT_EVIDENCE_RETENTION_DAYS,
+    evidence_rate_limit: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Requests a minute per client address on the public evidence routes (429 "
+            "over it; 0 = no limit).",
+        ),
+    ] = DEFAULT_EVIDENCE_RATE_LIMIT,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -615,6 +665,20 @@ def serve(
         os.environ.update(limits.to_env())
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         base_url = f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
+        evidence_note = "evidence: off"
+        if evidence:
+            keys_default = default_keys_path(db or default_db_path())
+            if redis is not None:
+                keys_default = default_db_path().with_name("evidence-keys.json")
+            evidence_note = prepare_serve(
+                keys=evidence_keys,
+                default=keys_default,
+                public_url=public_url or base_url,
+                retention_days=evidence_retention_days,
+                rate_limit=evidence_rate_limit,
+            )
+        else:
+            os.environ[ENV_EVIDENCE] = "0"
         if dev:
             typer.echo("# Cycles dev server: paste these into your shell")
             typer.echo(f"export CYCLES_BASE_URL={base_url}")
@@ -634,6 +698,7 @@ def serve(
             ),
             err=True,
         )
+        typer.echo(evidence_note, err=True)
         if fd_note:
             typer.echo(fd_note, err=True)
     import uvicorn
@@ -786,6 +851,7 @@ register(cli)  # tenant, key, budget and balances, listed after serve and demo
 register_governance(cli)  # policy and quota
 register_events(cli)  # events and overview
 register_webhooks(cli)  # webhook
+register_evidence(cli)  # evidence get / verify / keys
 
 
 def main() -> None:

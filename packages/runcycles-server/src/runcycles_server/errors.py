@@ -51,7 +51,11 @@ class LedgerError(Exception):
         message: a sentence saying what is wrong and what to do.
         status: the HTTP status (from :data:`STATUS_BY_CODE` unless given).
         details: optional machine-readable context.
+        evidence: the ``CyclesEvidenceRef`` of the denial's stored evidence envelope, if any
+            (answered as ``cycles_evidence``).
     """
+
+    evidence: dict[str, str] | None = None
 
     def __init__(
         self,

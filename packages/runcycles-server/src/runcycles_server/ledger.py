@@ -71,6 +71,7 @@ from runcycles_server import governance
 from runcycles_server.errors import STATUS_BY_CODE as STATUS_BY_CODE
 from runcycles_server.errors import LedgerError as LedgerError
 from runcycles_server.events import NO_CORRELATION, Detected, EventRecord
+from runcycles_server.evidence.records import EvidenceRow
 from runcycles_server.governance import (
     Admission,
     CounterRow,
@@ -288,6 +289,8 @@ class Outcome:
         events: the events this change causes (written with it, see :mod:`.events`).
         signals: events the plan itself names (an observe-mode decision, a quota threshold
             approached), which the operation records in :attr:`events` with the rest.
+        evidence: the signed-evidence envelope of this answer, written with it so an
+            ``evidence_id`` the answer carries always resolves (see :mod:`.evidence`).
     """
 
     status_code: int
@@ -300,6 +303,7 @@ class Outcome:
     counters: list[CounterRow] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
     signals: list[Detected] = field(default_factory=list)
+    evidence: EvidenceRow | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -263,8 +263,8 @@ def request_ids(request: Request) -> tuple[str, str]:
     )
 
 
-def error_response(request: Request, error: LedgerError) -> Response:
-    """Render a :class:`LedgerError` as an ``ErrorResponse``."""
+def error_body(request: Request, error: LedgerError) -> dict[str, Any]:
+    """The ``ErrorResponse`` body of a :class:`LedgerError` (without ``cycles_evidence``)."""
     request_id, trace_id = request_ids(request)
     body: dict[str, Any] = {
         "error": error.code,
@@ -274,6 +274,14 @@ def error_response(request: Request, error: LedgerError) -> Response:
     }
     if error.details:
         body["details"] = error.details
+    return body
+
+
+def error_response(request: Request, error: LedgerError) -> Response:
+    """Render a :class:`LedgerError` as an ``ErrorResponse``."""
+    body = error_body(request, error)
+    if error.evidence is not None:
+        body["cycles_evidence"] = error.evidence
     return Response(ledger.dumps(body), status_code=error.status, media_type=JSON)
 
 

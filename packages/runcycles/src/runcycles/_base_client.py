@@ -44,6 +44,7 @@ from runcycles._protocol import (
 )
 from runcycles._wire import AsyncWire, SyncWire
 from runcycles.config import CyclesConfig
+from runcycles.evidence import ResolutionFailure, Verification, verify_envelope
 from runcycles.exceptions import SubjectRequiredError
 from runcycles.heartbeat import AsyncHeartbeatScheduler, HeartbeatScheduler
 from runcycles.models import (
@@ -51,6 +52,8 @@ from runcycles.models import (
     BalanceResponse,
     CommitRequest,
     CommitResponse,
+    CyclesEvidence,
+    CyclesEvidenceJwks,
     DecisionRequest,
     DecisionResponse,
     EventCreateRequest,
@@ -75,6 +78,29 @@ else:  # pragma: no cover - Python 3.10
     from typing_extensions import Self, Unpack
 
 __all__ = ["AsyncBaseCyclesClient", "BalanceFilters", "BaseCyclesClient", "ReservationFilters"]
+
+
+def _evidence_id(evidence_id: str) -> str:
+    """Check an evidence id before it goes into a URL.
+
+    Raises:
+        ValueError: not 64 lower-case hex digits.
+    """
+    if len(evidence_id) != 64 or any(c not in "0123456789abcdef" for c in evidence_id):
+        raise ValueError(
+            f"evidence_id must be 64 lower-case hex digits (a sha256), not {evidence_id!r}"
+        )
+    return evidence_id
+
+
+def _verify(
+    envelope: bytes, keys: CyclesResponse[CyclesEvidenceJwks], expected_signer: str | None
+) -> Verification:
+    jwks: Any = keys.content
+    if not keys.is_success:
+        jwks = ResolutionFailure(f"the JWK Set could not be fetched ({keys.error_message})")
+    return verify_envelope(envelope, jwks=jwks, expected_signer=expected_signer)
+
 
 _logger = logging.getLogger("runcycles")
 
@@ -415,6 +441,41 @@ class BaseCyclesClient:
         return self._send(
             "GET", url, ReservationDetail, self._core.headers_for_get(headers), retry=retry_policy
         )
+
+    def get_evidence(
+        self, evidence_id: str, *, retry_policy: RetryPolicy | None = None
+    ) -> CyclesResponse[CyclesEvidence]:
+        """Fetch a signed envelope: ``GET /v1/evidence/{evidence_id}`` (public; 404 till stored)."""
+        url = f"{self._core.config.base_url}/v1/evidence/{_evidence_id(evidence_id)}"
+        return self._send("GET", url, CyclesEvidence, {}, retry=retry_policy)
+
+    def get_evidence_jwks(
+        self, *, retry_policy: RetryPolicy | None = None
+    ) -> CyclesResponse[CyclesEvidenceJwks]:
+        """Fetch the server's signing keys: ``GET /v1/.well-known/cycles-jwks.json`` (public)."""
+        url = f"{self._core.config.base_url}/v1/.well-known/cycles-jwks.json"
+        return self._send("GET", url, CyclesEvidenceJwks, {}, retry=retry_policy)
+
+    def verify_evidence(
+        self,
+        evidence_id: str,
+        *,
+        expected_signer: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> Verification:
+        """Fetch an envelope and this server's JWK Set, and verify it offline.
+
+        The envelope is checked by content (its id must re-derive), so the server that served
+        it is not trusted; authority comes from the JWK Set (``authentic``), or, if the set
+        cannot be fetched, the result says ``signer_resolution_failed``.
+
+        Raises:
+            CyclesProtocolError: the envelope could not be fetched (404 until it is stored:
+                retry shortly).
+        """
+        envelope = self.get_evidence(evidence_id, retry_policy=retry_policy).raise_for_error()
+        keys = self.get_evidence_jwks(retry_policy=retry_policy)
+        return _verify(envelope.content, keys, expected_signer)
 
     def list_reservations(
         self,
@@ -821,6 +882,33 @@ class AsyncBaseCyclesClient:
         return await self._send(
             "GET", url, ReservationDetail, self._core.headers_for_get(headers), retry=retry_policy
         )
+
+    async def get_evidence(
+        self, evidence_id: str, *, retry_policy: RetryPolicy | None = None
+    ) -> CyclesResponse[CyclesEvidence]:
+        """Async twin of :meth:`BaseCyclesClient.get_evidence`."""
+        url = f"{self._core.config.base_url}/v1/evidence/{_evidence_id(evidence_id)}"
+        return await self._send("GET", url, CyclesEvidence, {}, retry=retry_policy)
+
+    async def get_evidence_jwks(
+        self, *, retry_policy: RetryPolicy | None = None
+    ) -> CyclesResponse[CyclesEvidenceJwks]:
+        """Async twin of :meth:`BaseCyclesClient.get_evidence_jwks`."""
+        url = f"{self._core.config.base_url}/v1/.well-known/cycles-jwks.json"
+        return await self._send("GET", url, CyclesEvidenceJwks, {}, retry=retry_policy)
+
+    async def verify_evidence(
+        self,
+        evidence_id: str,
+        *,
+        expected_signer: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> Verification:
+        """Async twin of :meth:`BaseCyclesClient.verify_evidence`."""
+        fetched = await self.get_evidence(evidence_id, retry_policy=retry_policy)
+        envelope = fetched.raise_for_error()
+        keys = await self.get_evidence_jwks(retry_policy=retry_policy)
+        return _verify(envelope.content, keys, expected_signer)
 
     async def list_reservations(
         self,

@@ -440,6 +440,46 @@ class ReservationEvidence(_Response):
     release: CyclesEvidenceRef | None = None
 
 
+class CyclesEvidence(_Response):
+    """A signed evidence envelope (``GET /v1/evidence/{evidence_id}``; ``cycles-evidence-v0.2``).
+
+    ``artifact_type`` is an open string (``decide``, ``reserve``, ``commit``, ``release``,
+    ``error``); ``payload`` holds one key, the artifact type. Verify it with
+    :func:`runcycles.evidence.verify_envelope` (on the served bytes or on this model's
+    ``model_dump(mode="json", exclude_unset=True)``).
+    """
+
+    schema_version: str
+    artifact_type: str
+    server_id: str
+    signer_did: str
+    issued_at_ms: int
+    payload: dict[str, Any]
+    evidence_id: str
+    signature: str
+    trace_id: str | None = None
+
+
+class CyclesEvidenceJwk(_Response):
+    """One Ed25519 signing key of a server with its validity window (epoch ms, end exclusive)."""
+
+    kty: str
+    crv: str
+    x: str
+    kid: str
+    cycles_nbf_ms: int
+    cycles_exp_ms: int | None = None
+    alg: str | None = None
+    status: str | None = None
+    """``active`` or ``retired`` (advisory: keys are selected by window, never by status)."""
+
+
+class CyclesEvidenceJwks(_Response):
+    """A server's evidence signing keys (``GET /v1/.well-known/cycles-jwks.json``)."""
+
+    keys: list[CyclesEvidenceJwk]
+
+
 class ActionQuotaViolation(_Response):
     """The quota rule that denied an action (``DenyDetail.quota_violation``).
 

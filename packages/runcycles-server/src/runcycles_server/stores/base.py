@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Generic, Protocol, TypeVar, runtime_checkable
 
 from runcycles.models import (
     CommitRequest,
@@ -44,6 +44,8 @@ from runcycles.models import (
     ReservationExtendRequest,
 )
 from runcycles_server.events import EventRecord
+from runcycles_server.evidence.issuer import Issuer
+from runcycles_server.evidence.records import EvidenceRow
 from runcycles_server.governance import CounterRow, PolicyRow, Registry
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -505,6 +507,38 @@ class SignalStore(Protocol):
         """Set the flag ``name`` for ``ttl_ms`` (refreshing it if set); whether it was not set."""
 
 
+EVIDENCE_INDEX_BATCH: Final = 5000
+"""Envelopes indexed per background transaction (``EvidenceStore.index_evidence``)."""
+
+
+@runtime_checkable
+class EvidenceStore(Protocol):
+    """Store capability: evidence envelopes (every store of this package has it).
+
+    Envelopes of successful operations are written by the operation itself, in its
+    transaction (``Outcome.evidence``); :meth:`put_evidence` is for denials, which write
+    nothing else.
+    """
+
+    async def put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        """Store envelopes durably; return only once they survive a crash of this process."""
+
+    async def get_evidence(self, evidence_id: str) -> EvidenceRow | None:
+        """Return a stored envelope (``None`` if unknown or past its retention)."""
+
+    async def reservation_evidence(self, reservation_id: str) -> dict[str, str]:
+        """Return ``{artifact_type: evidence_id}`` of a reservation's reserve/commit/release."""
+
+    async def purge_evidence(self, limit: int = 1000) -> int:
+        """Delete up to ``limit`` envelopes past their retention; return how many."""
+
+    async def index_evidence(self, limit: int = EVIDENCE_INDEX_BATCH) -> int:
+        """Index up to ``limit`` recently stored envelopes (a store that defers it); how many.
+
+        Run in the background (the sweeper); an unindexed envelope is still found, slower.
+        """
+
+
 class OperationStore(ABC):
     """Implements the ledger methods of :class:`Store` once, as :mod:`.operations` run by ``run``.
 
@@ -527,6 +561,10 @@ class OperationStore(ABC):
         if outcome.events and self.on_events is not None:
             self.on_events()
         return outcome
+
+    issuer: Issuer | None = None
+    """Emits signed evidence for decide, reserve, commit and release (set by ``create_app``;
+    ``None``: evidence off)."""
 
     def new_reservation_id(self, tenant_id: str) -> str:
         """A fresh reservation id (a sharded store embeds the tenant to route by it)."""
@@ -568,9 +606,8 @@ class OperationStore(ABC):
 
     async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
         """See :meth:`Store.decide`."""
-        return self._recorded(
-            await self.run(operations.decide(tenant_id, request, request_hash, self.registry))
-        )
+        op = operations.decide(tenant_id, request, request_hash, self.registry, self.issuer)
+        return self._recorded(await self.run(op))
 
     async def reserve(
         self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
@@ -583,6 +620,7 @@ class OperationStore(ABC):
             self.new_reservation_id(tenant_id),
             self.registry,
             _new_audit_id,
+            self.issuer,
         )
         return self._recorded(await self.run(op))
 
@@ -590,9 +628,8 @@ class OperationStore(ABC):
         self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
     ) -> Outcome:
         """See :meth:`Store.commit`."""
-        return self._recorded(
-            await self.run(operations.commit(tenant_id, reservation_id, request, request_hash))
-        )
+        op = operations.commit(tenant_id, reservation_id, request, request_hash, self.issuer)
+        return self._recorded(await self.run(op))
 
     async def release(
         self,
@@ -613,6 +650,7 @@ class OperationStore(ABC):
             audit_id=new_id("aud") if tenant_id is None else None,
             request_id=request_id,
             trace_id=trace_id,
+            issuer=self.issuer,
         )
         return self._recorded(await self.run(op))
 
@@ -741,6 +779,8 @@ class _RowTxn:
         self._counters = {}
         if outcome.events:
             self._s._put_events(outcome.events)
+        if outcome.evidence is not None:
+            self._s._put_evidence([outcome.evidence])
 
     def put_policy(self, row: PolicyRow, *, new: bool = False) -> None:
         self._s._put_policy(row, insert=new)
@@ -930,6 +970,28 @@ class RowStore(OperationStore):
     def _purge_idem(self, now_ms: int, limit: int) -> int: ...
 
     @abstractmethod
+    def _put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        """Insert envelopes (an id already stored is left as it is: same id, same bytes)."""
+
+    @abstractmethod
+    def _get_evidence(self, evidence_id: str) -> EvidenceRow | None: ...
+
+    @abstractmethod
+    def _reservation_evidence(self, reservation_id: str) -> dict[str, str]: ...
+
+    @abstractmethod
+    def _purge_evidence(self, now_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` envelopes with ``retain_until_ms < now_ms``."""
+
+    def _index_evidence(self, limit: int) -> int:
+        """Index up to ``limit`` stored envelopes; return how many (default: nothing to do)."""
+        return 0
+
+    def _evidence_unindexed(self) -> bool:
+        """Whether some stored envelope is not indexed yet (default: never)."""
+        return False
+
+    @abstractmethod
     def _purge_finished(self, before_ms: int, limit: int) -> int:
         """Delete old finished rows; return how many reservations and events went.
 
@@ -985,6 +1047,31 @@ class RowStore(OperationStore):
         """See :meth:`Store.purge_idempotency`."""
         with self._write():
             return self._purge_idem(self.clock(), limit)
+
+    async def put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        """See :meth:`EvidenceStore.put_evidence`: group-committed with concurrent mutations."""
+        await self._mutate(lambda: self._put_evidence(rows))
+
+    async def get_evidence(self, evidence_id: str) -> EvidenceRow | None:
+        """See :meth:`EvidenceStore.get_evidence`."""
+        row = self._get_evidence(evidence_id)
+        return None if row is None or row.retain_until_ms < self.clock() else row
+
+    async def reservation_evidence(self, reservation_id: str) -> dict[str, str]:
+        """See :meth:`EvidenceStore.reservation_evidence`."""
+        return self._reservation_evidence(reservation_id)
+
+    async def purge_evidence(self, limit: int = 1000) -> int:
+        """See :meth:`EvidenceStore.purge_evidence`."""
+        with self._write():
+            return self._purge_evidence(self.clock(), limit)
+
+    async def index_evidence(self, limit: int = EVIDENCE_INDEX_BATCH) -> int:
+        """See :meth:`EvidenceStore.index_evidence` (one short write transaction, if any)."""
+        if not self._evidence_unindexed():  # a cheap read: skip the write lock
+            return 0
+        with self._write():
+            return self._index_evidence(limit)
 
     async def purge_finished(self, retention_ms: int, limit: int = 500) -> int:
         """See :meth:`RetentionPurger.purge_finished`.
@@ -1099,6 +1186,7 @@ __all__ = [
     "Clock",
     "EventQuery",
     "EventRow",
+    "EvidenceStore",
     "GovernanceStore",
     "Page",
     "ReservationQuery",

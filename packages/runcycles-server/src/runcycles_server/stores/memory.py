@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from runcycles_server import ledger
 from runcycles_server.events import EventRecord
+from runcycles_server.evidence.records import EvidenceRow
 from runcycles_server.governance import CounterRow, PolicyRow
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -59,6 +60,7 @@ class MemoryStore(RowStore):
         self.counters: dict[tuple[str, str], CounterRow] = {}
         self.signal_counters: dict[tuple[int, str, str], int] = {}
         self.signal_flags: dict[str, int] = {}
+        self.evidence: dict[str, EvidenceRow] = {}
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -224,6 +226,27 @@ class MemoryStore(RowStore):
         old = [k for k, v in self.idempotency.items() if v.retain_until_ms < now_ms][:limit]
         for k in old:
             del self.idempotency[k]
+        return len(old)
+
+    def _put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        for row in rows:
+            self.evidence.setdefault(row.evidence_id, _copy(row))
+
+    def _get_evidence(self, evidence_id: str) -> EvidenceRow | None:
+        row = self.evidence.get(evidence_id)
+        return None if row is None else _copy(row)
+
+    def _reservation_evidence(self, reservation_id: str) -> dict[str, str]:
+        return {
+            row.artifact_type: row.evidence_id
+            for row in self.evidence.values()
+            if row.reservation_id == reservation_id and row.artifact_type != "error"
+        }
+
+    def _purge_evidence(self, now_ms: int, limit: int) -> int:
+        old = [k for k, v in self.evidence.items() if v.retain_until_ms < now_ms][:limit]
+        for k in old:
+            del self.evidence[k]
         return len(old)
 
     def _purge_finished(self, before_ms: int, limit: int) -> int:

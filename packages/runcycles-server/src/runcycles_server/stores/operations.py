@@ -53,6 +53,7 @@ from runcycles_server.events import (
     new_event_id,
 )
 from runcycles_server.events.detect import DEFAULT_THRESHOLDS
+from runcycles_server.evidence.issuer import Issuer
 from runcycles_server.governance import (
     CounterRow,
     PolicyRow,
@@ -290,6 +291,40 @@ def _counter_hint(
     return names
 
 
+def _stamp(
+    issuer: Issuer | None,
+    artifact: str,
+    request: DecisionRequest | ReservationCreateRequest | CommitRequest | ReleaseRequest,
+    outcome: Outcome,
+    tenant_id: str,
+    reservation_id: str | None,
+    now_ms: int,
+    context: EventContext | None,
+) -> Outcome:
+    """Attach the answer's evidence envelope (written with it) and its ``cycles_evidence`` ref.
+
+    The stored idempotency body gets the ref too, so a replay answers the same ``evidence_id``
+    and emits no second envelope. Deterministic (no clock, no randomness): a re-planned
+    operation builds the identical envelope.
+    """
+    if issuer is None:
+        return outcome
+    stamped = issuer.stamp(
+        artifact,
+        request,
+        outcome.body,
+        tenant_id=tenant_id,
+        reservation_id=reservation_id,
+        issued_at_ms=now_ms,
+        trace_id=context.trace_id if context is not None else None,
+    )
+    if stamped is not None:
+        outcome.body, outcome.evidence = stamped
+        if outcome.idempotency is not None:
+            outcome.idempotency = dataclasses.replace(outcome.idempotency, body=outcome.body)
+    return outcome
+
+
 def _give_back(txn: Txn, outcome: Outcome) -> Outcome:
     """Add the ``per_run`` counters a released or expired reservation gives back (-1 each)."""
     res = outcome.reservation
@@ -304,32 +339,35 @@ def _give_back(txn: Txn, outcome: Outcome) -> Outcome:
 
 
 def decide(
-    tenant_id: str, request: DecisionRequest, request_hash: str, registry: Registry
+    tenant_id: str,
+    request: DecisionRequest,
+    request_hash: str,
+    registry: Registry,
+    issuer: Issuer | None = None,
 ) -> Op[Outcome]:
-    """``POST /v1/decide``."""
+    """``POST /v1/decide`` (``issuer``: emit its evidence envelope)."""
     scopes = ledger.derive_scopes(request.subject)
     key = request.idempotency_key
+    context = current_context()
 
     def plan(txn: Txn) -> Outcome:
         replayed = _replayed(txn, tenant_id, "decide", key, request_hash)
         if replayed is not None:
             return replayed
         tenant = txn.tenant(tenant_id)
-        return _applied(
-            txn,
-            ledger.plan_decide(
-                request=request,
-                tenant_id=tenant_id,
-                tenant=tenant,
-                budgets=txn.budgets(scopes),
-                request_hash=request_hash,
-                now_ms=txn.now,
-                gov=_governance(
-                    txn, tenant_id, tenant, scopes, request.action, request.subject, registry
-                ),
-            ),
+        outcome = ledger.plan_decide(
+            request=request,
+            tenant_id=tenant_id,
             tenant=tenant,
+            budgets=txn.budgets(scopes),
+            request_hash=request_hash,
+            now_ms=txn.now,
+            gov=_governance(
+                txn, tenant_id, tenant, scopes, request.action, request.subject, registry
+            ),
         )
+        outcome = _stamp(issuer, "decide", request, outcome, tenant_id, None, txn.now, context)
+        return _applied(txn, outcome, tenant=tenant)
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
     return Op(
@@ -344,11 +382,12 @@ def reserve(
     reservation_id: str,
     registry: Registry,
     audit_id: Callable[[], str],
+    issuer: Issuer | None = None,
 ) -> Op[Outcome]:
     """``POST /v1/reservations`` (live, dry run or observe mode).
 
     ``reservation_id`` is the store's new id; ``audit_id`` names the audit entry an
-    observe-mode evaluation records.
+    observe-mode evaluation records; ``issuer`` emits the evidence envelope.
     """
     scopes = ledger.derive_scopes(request.subject)
     key = request.idempotency_key
@@ -359,21 +398,25 @@ def reserve(
         if replayed is not None:
             return replayed
         tenant = txn.tenant(tenant_id)
+        outcome = ledger.plan_reserve(
+            request=request,
+            tenant_id=tenant_id,
+            tenant=tenant,
+            budgets=txn.budgets(scopes),
+            request_hash=request_hash,
+            reservation_id=reservation_id,
+            now_ms=txn.now,
+            gov=_governance(
+                txn, tenant_id, tenant, scopes, request.action, request.subject, registry
+            ),
+            audit_id=audit_id,
+        )
+        live = outcome.reservation is not None
+        rid = reservation_id if live else None
+        outcome = _stamp(issuer, "reserve", request, outcome, tenant_id, rid, txn.now, context)
         return _applied(
             txn,
-            ledger.plan_reserve(
-                request=request,
-                tenant_id=tenant_id,
-                tenant=tenant,
-                budgets=txn.budgets(scopes),
-                request_hash=request_hash,
-                reservation_id=reservation_id,
-                now_ms=txn.now,
-                gov=_governance(
-                    txn, tenant_id, tenant, scopes, request.action, request.subject, registry
-                ),
-                audit_id=audit_id,
-            ),
+            outcome,
             context,
             correlation_id=reservation_id,
             tenant_id=tenant_id,
@@ -393,11 +436,14 @@ def _on_reservation(
     key: str,
     request_hash: str,
     planner: Callable[[Txn, ReservationRow, TenantRow | None], Outcome],
+    issuer: Issuer | None = None,
+    request: CommitRequest | ReleaseRequest | None = None,
 ) -> Op[Outcome]:
     """A keyed operation on one reservation (commit, release, extend).
 
     Existence and ownership come before replay, so a foreign key cannot probe replays; then
-    a replay answers, else ``planner`` plans on the reservation and the outcome is written.
+    a replay answers, else ``planner`` plans on the reservation and the outcome is written
+    (with its evidence envelope when ``issuer`` and ``request`` are given).
     """
     endpoint = f"{kind}:{reservation_id}"
     context = current_context()
@@ -411,6 +457,10 @@ def _on_reservation(
             return replayed
         tenant = txn.tenant(res.tenant_id)
         outcome = planner(txn, res, tenant)
+        if request is not None:
+            outcome = _stamp(
+                issuer, kind, request, outcome, res.tenant_id, reservation_id, txn.now, context
+            )
         extra = []
         done = outcome.reservation
         if done is not None and done.committed is not None and done.committed > done.estimate:
@@ -425,7 +475,11 @@ def _on_reservation(
 
 
 def commit(
-    tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
+    tenant_id: str,
+    reservation_id: str,
+    request: CommitRequest,
+    request_hash: str,
+    issuer: Issuer | None = None,
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/commit``."""
 
@@ -442,7 +496,9 @@ def commit(
         )
 
     key = request.idempotency_key
-    return _on_reservation("commit", tenant_id, reservation_id, key, request_hash, planner)
+    return _on_reservation(
+        "commit", tenant_id, reservation_id, key, request_hash, planner, issuer, request
+    )
 
 
 def release(
@@ -454,6 +510,7 @@ def release(
     audit_id: str | None,
     request_id: str | None = None,
     trace_id: str | None = None,
+    issuer: Issuer | None = None,
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/release``; ``tenant_id=None`` is an audited admin release."""
 
@@ -474,7 +531,9 @@ def release(
         return _give_back(txn, outcome)
 
     key = request.idempotency_key
-    return _on_reservation("release", tenant_id, reservation_id, key, request_hash, planner)
+    return _on_reservation(
+        "release", tenant_id, reservation_id, key, request_hash, planner, issuer, request
+    )
 
 
 def extend(

@@ -73,6 +73,14 @@ version and JSON fields):
                                        expires; writes that finalize trim ``x:res`` (and it)
                                        of the entries that are due
 ``P:{t:T}:x:audit``                    zset: audit ids by time
+``P:{t:T}:v:<id>``                     evidence envelope (``b`` signing input, ``d`` metadata),
+                                       TTL'd at its retention; written by the operation's script
+``P:{t:T}:rv:<rid>``                   a reservation's envelope ids (field per artifact type)
+``P:{v:<id>}``                         the tenant of envelope ``<id>`` (``d``; its own slot, so
+                                       a public read finds the envelope from the id alone);
+                                       one node: written by the script; a cluster: written
+                                       *ahead* of the script (a pointer whose envelope never
+                                       got written reads as 404, never as a wrong one)
 ``P:{t:T}:turn``, ``:turn:next``        whose turn it is / who waits next (tokens, ms TTLs)
 ``P:{due}:reservations``               **global** expiry index: reservation ids by
                                        ``expires_at + grace`` (own slot, see below)
@@ -141,6 +149,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runcycles_server import ledger
 from runcycles_server.events import EventRecord, event_from_json, event_to_json
+from runcycles_server.evidence.records import EvidenceRow
 from runcycles_server.governance import CounterRow, PolicyRow, policy_from_json, policy_to_json
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -294,6 +303,19 @@ def _dec_counter(fields: _Fields, name: bytes) -> CounterRow:
 # Keys
 
 
+def _evidence_meta(row: EvidenceRow) -> bytes:
+    meta = [row.artifact_type, row.reservation_id, row.created_at_ms, row.retain_until_ms]
+    return ledger.dumps(meta)
+
+
+def _dec_evidence(tenant_id: str, evidence_id: str, fields: _Fields) -> EvidenceRow | None:
+    body, meta = fields.get(_BODY), fields.get(_D)
+    if body is None or meta is None:
+        return None
+    artifact, rid, created, retain = ledger.loads(meta)
+    return EvidenceRow(evidence_id, tenant_id, artifact, rid, created, retain, body)
+
+
 class _Keys:
     """Builds every key name; the first ``{...}`` in each is its Redis Cluster hash tag."""
 
@@ -368,6 +390,18 @@ class _Keys:
     def x_counters(self, tenant_id: str) -> str:
         """Counter names scored by when they expire (the counters listing)."""
         return f"{self.t(tenant_id)}:x:q"
+
+    def evidence(self, tenant_id: str, evidence_id: str) -> str:
+        """An envelope (``b`` its body, ``d`` its metadata), in its tenant's slot."""
+        return f"{self.t(tenant_id)}:v:{evidence_id}"
+
+    def reservation_evidence(self, tenant_id: str, reservation_id: str) -> str:
+        """A reservation's envelope ids, one field per artifact type."""
+        return f"{self.t(tenant_id)}:rv:{reservation_id}"
+
+    def evidence_owner(self, evidence_id: str) -> str:
+        """Which tenant an envelope id belongs to (its own slot: found from the id alone)."""
+        return f"{self.p}:{{v:{evidence_id}}}"
 
     def key_by_hash(self, key_hash: str) -> str:
         return f"{self.p}:{{keys}}:h:{key_hash}"
@@ -455,6 +489,10 @@ class _Work:
         self.ttl_ms: dict[str, int] = {}
         self.zops: list[_ZOp] = []
         self.due: list[tuple[int, str]] = []
+        self.evidence: list[EvidenceRow] = []
+        """Envelopes whose owner pointers must be written ahead of the script (cluster)."""
+        self.inline_owners = False
+        """Whether the script may write owner pointers (a single node: any key, any slot)."""
         self.seen_reservations: list[ReservationRow] = []
         self.seen_policies: list[PolicyRow] | None = None
         self._decoded: dict[tuple[str, bytes], Any] = {}
@@ -626,12 +664,31 @@ class _Work:
                 self.ttl_ms[key] = self.retention_ms
             index = self.k.x_event_log(self.tenant_id)
             self.zops.append(_ZOp(True, index, ev.event_id, ev.created_at_ms))
+        if outcome.evidence is not None:
+            self.put_evidence(outcome.evidence)
         if outcome.audit is not None:
             audit = outcome.audit
             self._put(self.k.audit(self.tenant_id, audit.audit_id), _D, audit)
             self.zops.append(
                 _ZOp(True, self.k.x_audit(self.tenant_id), audit.audit_id, audit.created_at_ms)
             )
+
+    def put_evidence(self, row: EvidenceRow) -> None:
+        key = self.k.evidence(self.tenant_id, row.evidence_id)
+        self._put(key, _BODY, row.body)
+        self._put(key, _D, _evidence_meta(row))
+        ttl = max(1, row.retain_until_ms - self.now)
+        self.ttl_ms[key] = ttl
+        if row.reservation_id is not None and row.artifact_type != "error":
+            link = self.k.reservation_evidence(self.tenant_id, row.reservation_id)
+            self._put(link, row.artifact_type.encode(), row.evidence_id.encode())
+            self.ttl_ms[link] = ttl
+        if self.inline_owners:  # one node: the script itself writes the owner pointer
+            owner = self.k.evidence_owner(row.evidence_id)
+            self._put(owner, _D, self.tenant_id.encode())
+            self.ttl_ms[owner] = ttl
+        else:
+            self.evidence.append(row)
 
     @property
     def writes(self) -> bool:
@@ -839,6 +896,8 @@ class RedisStore(OperationStore):
         self._drop_script = _Script(_DROP_DUE_LUA)
         self._flag_script = _Script(_RAISE_FLAG_LUA)
         self._queues: dict[str, _Queue] = {}
+        self._evidence_pending: list[tuple[Sequence[EvidenceRow], asyncio.Future[None]]] = []
+        self._evidence_task: asyncio.Task[None] | None = None
         self._scopes_cache: OrderedDict[str, list[str]] = OrderedDict()
         self._key_tenants: dict[str, str] = {}
         self._policies_seen: dict[str, list[PolicyRow]] = {}
@@ -981,6 +1040,11 @@ class RedisStore(OperationStore):
             for score, member in work.due:
                 due += [score, member]
             pre.append(("ZADD", self._k.due, *due))
+        for row in work.evidence:  # write-ahead: a pointer without its envelope reads as 404
+            ttl = max(1, row.retain_until_ms - work.now)
+            owner = self._k.evidence_owner(row.evidence_id)
+            pre.append(("HSET", owner, "d", work.tenant_id))
+            pre.append(("PEXPIRE", owner, ttl))
         reply = await self._eval(all_keys, args, pre)
         code = int(reply[0])
         if code != 1:
@@ -1052,6 +1116,7 @@ class RedisStore(OperationStore):
         attempts = 0
         while True:
             work = _Work(self._k, tenant_id, snap, self.retention_ms)
+            work.inline_owners = not self.cluster
             results: list[tuple[bool, Any]] = []
             missing: list[str] = []
             broken: _Op | None = None
@@ -1179,7 +1244,102 @@ class RedisStore(OperationStore):
                 keys.append(self._k.policies(tenant))  # that gained one reads them on demand)
             if seen and op.counter_hint is not None:
                 keys += [self._k.counter(tenant, n) for n in op.counter_hint(seen, self.clock())]
-        return await self._submit(tenant, keys, op.plan)
+        result = await self._submit(tenant, keys, op.plan)
+        if (
+            isinstance(result, Outcome)
+            and result.evidence is None
+            and self.issuer is not None
+            and b'"cycles_evidence"' in result.body
+        ):
+            await self._reassert_owner(tenant, result.body, self.issuer.retention_ms)
+        return result
+
+    async def _reassert_owner(self, tenant_id: str, body: bytes, retention_ms: int) -> None:
+        """Write a replayed answer's evidence pointer again (if absent).
+
+        The pointer is written ahead of the script that stores the envelope, and again after
+        it if that first write failed; if Redis failed both times the request failed too (503)
+        and its client retries: this replay restores the pointer, so the id it answers
+        resolves.
+        """
+        ref = ledger.loads(body).get("cycles_evidence") or {}
+        evidence_id = ref.get("evidence_id")
+        if isinstance(evidence_id, str):
+            owner = self._k.evidence_owner(evidence_id)
+            if await self._redis.hsetnx(owner, _D, tenant_id):
+                await self._redis.pexpire(owner, retention_ms)
+
+    # -- evidence --------------------------------------------------------------------------------
+
+    async def put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        """See :meth:`EvidenceStore.put_evidence`: calls are batched into shared pipelines.
+
+        Denial envelopes change no ledger row, so they need no compare-and-set. Calls made
+        while a pipeline is in flight go out together in the next one (a storm of denials
+        costs a round trip per batch); each returns once Redis acknowledged its writes
+        (durable as Redis's ``appendfsync``), owner pointer first, then the envelope.
+        """
+        if not rows:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._evidence_pending.append((rows, future))
+        if self._evidence_task is None:
+            self._evidence_task = asyncio.get_running_loop().create_task(self._write_evidence())
+        await future
+
+    async def _write_evidence(self) -> None:
+        try:
+            while self._evidence_pending:
+                batch, self._evidence_pending = self._evidence_pending, []
+                now = self.clock()
+                pipe = self._redis.pipeline(transaction=False)
+                for rows, _ in batch:
+                    for row in rows:
+                        ttl = max(1, row.retain_until_ms - now)
+                        owner = self._k.evidence_owner(row.evidence_id)
+                        pipe.hset(owner, _D, row.tenant_id)
+                        pipe.pexpire(owner, ttl)
+                        key = self._k.evidence(row.tenant_id, row.evidence_id)
+                        pipe.hset(key, mapping={_BODY: row.body, _D: _evidence_meta(row)})
+                        pipe.pexpire(key, ttl)
+                try:
+                    await pipe.execute()
+                except Exception as exc:  # every caller of the batch answers without a ref
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._evidence_task = None
+
+    async def get_evidence(self, evidence_id: str) -> EvidenceRow | None:
+        """See :meth:`EvidenceStore.get_evidence` (the owner pointer, then the envelope)."""
+        owner = await self._redis.hget(self._k.evidence_owner(evidence_id), _D)
+        if owner is None:
+            return None
+        tenant_id = owner.decode()
+        fields = await self._redis.hgetall(self._k.evidence(tenant_id, evidence_id))
+        row = _dec_evidence(tenant_id, evidence_id, fields)
+        return None if row is None or row.retain_until_ms < self.clock() else row
+
+    async def reservation_evidence(self, reservation_id: str) -> dict[str, str]:
+        """See :meth:`EvidenceStore.reservation_evidence`."""
+        tenant_id = reservation_tenant(reservation_id)
+        if tenant_id is None:
+            return {}
+        fields = await self._redis.hgetall(self._k.reservation_evidence(tenant_id, reservation_id))
+        return {k.decode(): v.decode() for k, v in fields.items() if k != b"_v"}
+
+    async def purge_evidence(self, limit: int = 1000) -> int:
+        """Nothing to do: envelopes expire by key TTL at their retention."""
+        return 0
+
+    async def index_evidence(self, limit: int = 5000) -> int:
+        """Nothing to do: an envelope's keys are written with it."""
+        return 0
 
     def new_policy_id(self, tenant_id: str) -> str:
         """``pol_<tenant>_<hex>``: the owning tenant (so its slot) is found from the id."""

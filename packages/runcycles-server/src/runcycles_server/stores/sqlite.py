@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - Windows falls back to busy_timeout alo
 from runcycles.models import INT64_MAX
 from runcycles_server import ledger
 from runcycles_server.events import EventRecord, event_from_json, event_to_json
+from runcycles_server.evidence.records import EvidenceRow
 from runcycles_server.governance import CounterRow, PolicyRow, policy_from_json, policy_to_json
 from runcycles_server.ledger import (
     ApiKeyRow,
@@ -71,13 +72,17 @@ from runcycles_server.stores.base import (
     StoreUnavailable,
 )
 
-SCHEMA_VERSION: Final = 8
+SCHEMA_VERSION: Final = 9
 _UPSERT_COUNTER: Final = (
     "INSERT INTO quota_counters (tenant_id, name, expires_at_ms, body) VALUES (?,?,?,?) "
     "ON CONFLICT (tenant_id, name) DO UPDATE"
 )
 CHECKPOINT_EVERY_COMMITS: Final = 1000
 """Write transactions between two background WAL checkpoints (see :class:`SqliteStore`)."""
+CHECKPOINT_EVERY_EVIDENCE_BYTES: Final = 2 * 1024 * 1024
+"""Evidence envelope bytes written between two background checkpoints, whatever the number of
+commits: envelopes grow the WAL fast, and every page read searches the WAL's index, so a
+long WAL slows every read (a checkpoint lets the next writer restart it)."""
 AUTOCHECKPOINT_PAGES: Final = 20_000
 """SQLite's own checkpoint-on-commit threshold: only a backstop (no event loop running)."""
 MMAP_BYTES: Final = 256 * 1024 * 1024
@@ -321,6 +326,31 @@ CREATE TABLE webhook_state (
     value BLOB NOT NULL
 ) WITHOUT ROWID;
 """,
+    # 9: signed evidence envelopes (body = the canonical signing input; see .evidence).
+    # `evidence` has no index: the hot path only appends to it (rowid = issue order).
+    # `evidence_index` (row = the envelope's rowid; the id's first 64 bits; its reservation)
+    # is filled in the background in large batches (see SqliteStore._index_evidence), so the
+    # random inserts a content-addressed index needs cost one page write per batch, not per
+    # envelope. Rows past the index's highest row are found by a scan of that short tail.
+    9: """
+CREATE TABLE evidence (
+    evidence_id TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    artifact_type TEXT NOT NULL,
+    reservation_id TEXT,
+    created_at_ms INTEGER NOT NULL,
+    retain_until_ms INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE evidence_index (
+    row INTEGER PRIMARY KEY,
+    id_key INTEGER NOT NULL,
+    reservation_id TEXT
+);
+CREATE INDEX evidence_index_id ON evidence_index (id_key);
+CREATE INDEX evidence_index_reservation ON evidence_index (reservation_id)
+    WHERE reservation_id IS NOT NULL;
+""",
 }
 
 
@@ -389,6 +419,23 @@ _SORT_COLUMNS: Final = {
     "created_at_ms": "created_at_ms",
     "expires_at_ms": "expires_at_ms",
 }
+
+
+_INSERT_EVIDENCE: Final = (
+    "INSERT INTO evidence (evidence_id, tenant_id, artifact_type, reservation_id, "
+    "created_at_ms, retain_until_ms, body) VALUES (?,?,?,?,?,?,?)"
+)
+_EVIDENCE_COLS: Final = (
+    "e.evidence_id, e.tenant_id, e.artifact_type, e.reservation_id, e.created_at_ms, "
+    "e.retain_until_ms, e.body"
+)
+_INDEXED_UPTO: Final = "(SELECT COALESCE(MAX(row), 0) FROM evidence_index)"
+"""The highest envelope row the index covers (rows above it are the unindexed tail)."""
+
+
+def _id_key(evidence_id: str) -> int:
+    """The first 64 bits of an evidence id as a signed integer (the id index's key)."""
+    return int.from_bytes(bytes.fromhex(evidence_id[:16]), "big", signed=True)
 
 
 def _tenant(r: sqlite3.Row | tuple[Any, ...]) -> TenantRow:
@@ -548,6 +595,7 @@ class SqliteStore(RowStore):
         self._lock_fd: int | None = None
         self._locked = False  # this process holds the flock on <db>.lock
         self._commits = 0
+        self._evidence_bytes = 0
         self._checkpointing = False
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._seen_reservation: str | None = None  # last reservation id read (and found)
@@ -650,7 +698,11 @@ class SqliteStore(RowStore):
     def _after_commit(self) -> None:
         """Count a commit; every CHECKPOINT_EVERY_COMMITS, checkpoint the WAL in a thread."""
         self._commits += 1
-        if self._commits < CHECKPOINT_EVERY_COMMITS or self._checkpointing:
+        due = (
+            self._commits >= CHECKPOINT_EVERY_COMMITS
+            or self._evidence_bytes >= CHECKPOINT_EVERY_EVIDENCE_BYTES
+        )
+        if not due or self._checkpointing:
             return
         if self.path == ":memory:":
             return
@@ -659,6 +711,7 @@ class SqliteStore(RowStore):
         except RuntimeError:  # no event loop: SQLite's autocheckpoint is the backstop
             return
         self._commits = 0
+        self._evidence_bytes = 0
         self._checkpointing = True
         loop.run_in_executor(None, self._checkpoint)
 
@@ -1090,6 +1143,82 @@ class SqliteStore(RowStore):
             (now_ms, limit),
         )
         return cur.rowcount
+
+    def _put_evidence(self, rows: Sequence[EvidenceRow]) -> None:
+        # An id is written once: the operation that emits it runs once (replays answer the
+        # stored body and emit nothing), so no uniqueness check is needed on the hot path.
+        values = [
+            (r.evidence_id, r.tenant_id, r.artifact_type, r.reservation_id, r.created_at_ms,
+             r.retain_until_ms, r.body)
+            for r in rows
+        ]  # fmt: skip
+        self._evidence_bytes += sum(len(r.body) for r in rows)
+        if len(values) == 1:
+            self._conn.execute(_INSERT_EVIDENCE, values[0])
+        else:
+            self._conn.executemany(_INSERT_EVIDENCE, values)
+
+    def _get_evidence(self, evidence_id: str) -> EvidenceRow | None:
+        conn = self._conn
+        r = conn.execute(
+            f"SELECT {_EVIDENCE_COLS} FROM evidence_index i JOIN evidence e ON e.rowid = i.row "
+            "WHERE i.id_key = ? AND e.evidence_id = ? LIMIT 1",
+            (_id_key(evidence_id), evidence_id),
+        ).fetchone()
+        if r is None:  # not indexed yet: the tail
+            r = conn.execute(
+                f"SELECT {_EVIDENCE_COLS} FROM evidence e WHERE e.rowid > {_INDEXED_UPTO} "
+                "AND e.evidence_id = ? LIMIT 1",
+                (evidence_id,),
+            ).fetchone()
+        return None if r is None else EvidenceRow(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
+
+    def _reservation_evidence(self, reservation_id: str) -> dict[str, str]:
+        rows = self._conn.execute(
+            "SELECT e.artifact_type, e.evidence_id FROM evidence_index i "
+            "JOIN evidence e ON e.rowid = i.row WHERE i.reservation_id = ? "
+            f"UNION ALL SELECT artifact_type, evidence_id FROM evidence "
+            f"WHERE rowid > {_INDEXED_UPTO} AND reservation_id = ? AND artifact_type != 'error'",
+            (reservation_id, reservation_id),
+        ).fetchall()
+        return dict(rows)
+
+    def _evidence_unindexed(self) -> bool:
+        row = self._conn.execute(
+            f"SELECT COALESCE(MAX(rowid), 0) > {_INDEXED_UPTO} FROM evidence"
+        ).fetchone()
+        return bool(row[0])
+
+    def _index_evidence(self, limit: int) -> int:
+        rows = self._conn.execute(
+            "SELECT rowid, evidence_id, artifact_type, reservation_id FROM evidence "
+            f"WHERE rowid > {_INDEXED_UPTO} ORDER BY rowid LIMIT ?",
+            (limit,),
+        ).fetchall()
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO evidence_index (row, id_key, reservation_id) VALUES (?,?,?)",
+            [
+                (row, _id_key(eid), rid if artifact != "error" else None)
+                for row, eid, artifact, rid in rows
+            ],
+        )
+        return len(rows)
+
+    def _purge_evidence(self, now_ms: int, limit: int) -> int:
+        # Oldest first (rowid = issue order) up to the first one still retained: no index on
+        # retain_until_ms. (After a shortened retention, rows behind a longer-kept one wait
+        # for it: deleted late, never early.)
+        rows = self._conn.execute(
+            "SELECT rowid, retain_until_ms FROM evidence ORDER BY rowid LIMIT ?", (limit,)
+        ).fetchall()
+        due = 0
+        while due < len(rows) and rows[due][1] < now_ms:
+            due += 1
+        if due:
+            last = rows[due - 1][0]
+            self._conn.execute("DELETE FROM evidence WHERE rowid <= ?", (last,))
+            self._conn.execute("DELETE FROM evidence_index WHERE row <= ?", (last,))
+        return due
 
     def _purge_finished(self, before_ms: int, limit: int) -> int:
         conn = self._conn

@@ -32,6 +32,7 @@ from typing import Any
 __all__ = [
     "ACTION_KINDS_SPEC",
     "EXTENDED_ADMIN",
+    "EVIDENCE_SPEC",
     "EXTENDED_RUNTIME",
     "GOVERNANCE_EXTENSIONS_SPEC",
     "GOVERNANCE_SPEC",
@@ -49,6 +50,8 @@ GOVERNANCE_SPEC = "cycles-governance-admin-v0.1.25.yaml"
 PROTOCOL_EXTENSIONS_SPEC = "cycles-protocol-extensions-v0.1.26.yaml"
 GOVERNANCE_EXTENSIONS_SPEC = "cycles-governance-extensions-v0.1.26.yaml"
 ACTION_KINDS_SPEC = "cycles-action-kinds-v0.1.26.yaml"
+EVIDENCE_SPEC = "cycles-evidence-v0.2.yaml"
+"""The signed evidence envelope (``CyclesEvidence``) and the signer JWK Set."""
 EXTENDED_RUNTIME = "extended:runtime"
 """Spec name for :func:`load_spec`: the runtime protocol with its v0.1.26 extensions applied."""
 EXTENDED_ADMIN = "extended:admin"

@@ -1,0 +1,347 @@
+"""Building, identifying and signing evidence envelopes (``cycles-evidence-v0.2.yaml``).
+
+:class:`Issuer` turns an operation's request and response into a ``CyclesEvidence``
+envelope: the payload is the request and the response projected onto the spec's mirror
+schemas (fields the mirrors do not have, such as ``deny_detail``, ``remaining_ttl_ms``,
+``observe_mode`` or ``action.policy_keys``, are not attested: the mirrors are
+``additionalProperties: false``), the ``evidence_id`` is the sha256 of the RFC 8785 bytes with
+``evidence_id`` and ``signature`` both ``""``, and the stored body is the signing input (the
+same bytes with the id filled in). Signing happens when the envelope is first read
+(:meth:`Issuer.signed`); Ed25519 is deterministic, so every read gives the same envelope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+from pydantic import BaseModel
+
+from runcycles.models import (
+    CommitRequest,
+    DecisionRequest,
+    ReleaseRequest,
+    ReservationCreateRequest,
+)
+from runcycles_server.evidence.canonical import NotCanonicalizable, canonical_bytes
+from runcycles_server.evidence.keys import KeyRing
+from runcycles_server.evidence.records import EvidenceRow
+
+SCHEMA_VERSION: Final = "cycles-evidence/v0.1"
+ARTIFACT_TYPES: Final = ("decide", "reserve", "commit", "release", "error")
+DEFAULT_RETENTION_DAYS: Final = 400
+"""Days envelopes are kept (``--evidence-retention-days``): above the six months the EU AI Act
+(Article 19) asks deployers to keep automatically generated logs, with room for a yearly audit."""
+
+ENDPOINTS: Final = {
+    "decide": "POST /v1/decide",
+    "reserve": "POST /v1/reservations",
+    "commit": "POST /v1/reservations/{reservation_id}/commit",
+    "release": "POST /v1/reservations/{reservation_id}/release",
+}
+"""The ``ErrorPayload.endpoint`` of each operation."""
+
+DENIAL_CODES: Final = frozenset(
+    {
+        "FORBIDDEN",
+        "NOT_FOUND",
+        "BUDGET_EXCEEDED",
+        "BUDGET_FROZEN",
+        "BUDGET_CLOSED",
+        "RESERVATION_EXPIRED",
+        "RESERVATION_FINALIZED",
+        "UNIT_MISMATCH",
+        "OVERDRAFT_LIMIT_EXCEEDED",
+        "DEBT_OUTSTANDING",
+        "TENANT_CLOSED",
+    }
+)
+"""Error codes that are *decisions* and get an ``error`` envelope.
+
+Not: failures before anything was evaluated (``INVALID_REQUEST``, ``UNAUTHORIZED``, a rate
+limit's ``LIMIT_EXCEEDED``, ``IDEMPOTENCY_MISMATCH``) and ``INTERNAL_ERROR``, as the spec's
+emission policy says; nor the codes outside the spec's ``ErrorResponseMirror`` enum (the
+governance extension's ``ACTION_*`` denials and ``TENANT_SUSPENDED``), which a conformant
+verifier must reject until the mirror is re-cut."""
+
+_BALANCE: Final = (
+    "scope", "scope_path", "remaining", "reserved", "spent", "allocated", "debt",
+    "overdraft_limit", "is_over_limit",
+)  # fmt: skip
+_CAPS: Final = (
+    "max_tokens",
+    "max_steps_remaining",
+    "tool_allowlist",
+    "tool_denylist",
+    "cooldown_ms",
+)
+_BALANCE_SET: Final = frozenset(_BALANCE)
+_CAPS_SET: Final = frozenset(_CAPS)
+_DECIDE_RESPONSE: Final = ("decision", "caps", "reason_code", "retry_after_ms", "affected_scopes")
+_RESERVE_RESPONSE: Final = (
+    "decision", "affected_scopes", "reservation_id", "reserved", "caps", "reason_code",
+    "retry_after_ms", "expires_at_ms", "scope_path", "balances",
+)  # fmt: skip
+_COMMIT_RESPONSE: Final = ("status", "charged", "released", "balances")
+_RELEASE_RESPONSE: Final = ("status", "released", "balances")
+_ERROR_RESPONSE: Final = ("error", "message", "request_id", "trace_id", "details")
+_STANDARD_METRICS: Final = (
+    "tokens_input",
+    "tokens_output",
+    "latency_ms",
+    "model_version",
+    "custom",
+)
+SIGNED_CACHE_SIZE: Final = 4096
+
+Request = DecisionRequest | ReservationCreateRequest | CommitRequest | ReleaseRequest
+
+
+def _pick(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: data[name] for name in names if name in data}
+
+
+def request_mirror(request: BaseModel) -> dict[str, Any]:
+    """The request as submitted (no defaults filled), restricted to the spec's mirror schema."""
+    data: dict[str, Any] = request.model_dump(mode="json", exclude_none=True)
+    action = data.get("action")
+    if action is not None:
+        data["action"] = _pick(action, ("kind", "name", "tags"))
+    data.pop("observe_mode", None)
+    metrics = data.get("metrics")
+    if metrics is not None:
+        data["metrics"] = _pick(metrics, _STANDARD_METRICS)
+    return data
+
+
+def _free_parts(request: Mapping[str, Any]) -> list[Any]:
+    """The parts of a request mirror whose values or keys the caller chose freely."""
+    subject = request.get("subject") or {}
+    metrics = request.get("metrics") or {}
+    parts = (request.get("metadata"), subject.get("dimensions"), metrics.get("custom"))
+    return [part for part in parts if part]
+
+
+_RESPONSE_FIELDS: Final = {
+    "decide": frozenset(_DECIDE_RESPONSE),
+    "reserve": frozenset(_RESERVE_RESPONSE),
+    "commit": frozenset(_COMMIT_RESPONSE),
+    "release": frozenset(_RELEASE_RESPONSE),
+    "error": frozenset(_ERROR_RESPONSE),
+}
+
+
+def _response_mirror(artifact: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Restrict a response to its mirror schema, in place (``body`` is the caller's copy)."""
+    allowed = _RESPONSE_FIELDS[artifact]
+    if not body.keys() <= allowed:
+        for name in [name for name in body if name not in allowed]:
+            del body[name]  # deny_detail, remaining_ttl_ms (transport / not in the mirror)
+    caps = body.get("caps")
+    if caps is not None and not caps.keys() <= _CAPS_SET:
+        body["caps"] = _pick(caps, _CAPS)
+    balances = body.get("balances")
+    if balances and not balances[0].keys() <= _BALANCE_SET:  # ours are the mirror already
+        body["balances"] = [_pick(b, _BALANCE) for b in balances]
+    return body
+
+
+class Issuer:
+    """Makes the envelopes of one server identity.
+
+    Args:
+        server_id: the canonical base URL *including* ``/v1`` (``https://cycles.example.com/v1``);
+            envelopes are served at ``{server_id}/evidence/{id}`` and the JWK Set at
+            ``{server_id}/.well-known/cycles-jwks.json``, so it must be the URL clients use.
+        keys: the signing key ring.
+        retention_ms: how long stored envelopes are kept.
+    """
+
+    def __init__(
+        self,
+        server_id: str,
+        keys: KeyRing,
+        retention_ms: int = DEFAULT_RETENTION_DAYS * 86_400_000,
+    ) -> None:
+        if not server_id.startswith(("http://", "https://")):
+            raise ValueError(
+                f"evidence server_id must be an http(s) URL such as https://host/v1, not "
+                f"{server_id!r}"
+            )
+        self.server_id = server_id.rstrip("/")
+        self.keys = keys
+        self.retention_ms = retention_ms
+        self._url_prefix = f"{self.server_id}/evidence/"
+        self._signed: OrderedDict[str, bytes] = OrderedDict()
+
+    def ref(self, evidence_id: str) -> dict[str, str]:
+        """The wire ``CyclesEvidenceRef`` of an envelope."""
+        return {"evidence_id": evidence_id, "cycles_evidence_url": self._url_prefix + evidence_id}
+
+    # -- building ----------------------------------------------------------------------------------
+
+    def envelope(
+        self,
+        artifact: str,
+        payload: dict[str, Any],
+        *,
+        tenant_id: str,
+        reservation_id: str | None,
+        issued_at_ms: int,
+        trace_id: str | None,
+        free: list[Any] | None = None,
+    ) -> EvidenceRow | None:
+        """Build one envelope; ``None`` if its payload has no canonical form.
+
+        The id is computed synchronously: sha256 of the canonical bytes with ``evidence_id``
+        and ``signature`` empty; the returned row's body is the signing input. ``free``: the
+        payload's free-form parts (see :func:`canonical_bytes`; ``None``: check everything).
+        """
+        self.keys.reload_if_changed()
+        env: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "artifact_type": artifact,
+            "server_id": self.server_id,
+            "signer_did": self.keys.signer_at(issued_at_ms).public_hex,
+            "issued_at_ms": issued_at_ms,
+            "payload": {artifact: payload},
+            "evidence_id": "",
+            "signature": "",
+        }
+        if trace_id is not None:
+            env["trace_id"] = trace_id
+        try:
+            blank = canonical_bytes(env, free=free)
+        except NotCanonicalizable:
+            return None
+        evidence_id = hashlib.sha256(blank).hexdigest()
+        # Keys sort "artifact_type" < "evidence_id" < everything else, so the empty id is always
+        # at this exact prefix: fill it in without canonicalising again.
+        prefix = b'{"artifact_type":"' + artifact.encode() + b'","evidence_id":""'
+        assert blank.startswith(prefix)
+        body = prefix[:-1] + evidence_id.encode() + b'"' + blank[len(prefix) :]
+        return EvidenceRow(
+            evidence_id=evidence_id,
+            tenant_id=tenant_id,
+            artifact_type=artifact,
+            reservation_id=reservation_id,
+            created_at_ms=issued_at_ms,
+            retain_until_ms=issued_at_ms + self.retention_ms,
+            body=body,
+        )
+
+    def stamp(
+        self,
+        artifact: str,
+        request: BaseModel,
+        body: bytes,
+        *,
+        tenant_id: str,
+        reservation_id: str | None,
+        issued_at_ms: int,
+        trace_id: str | None,
+    ) -> tuple[bytes, EvidenceRow] | None:
+        """Envelope a successful response; return the response with ``cycles_evidence`` added.
+
+        ``None`` when no envelope is emitted: an observe-mode reservation (a simulation
+        outside the ``ReservePayload`` rules: no ``reservation_id`` without ``dry_run``), or a
+        payload without a canonical form.
+        """
+        response = orjson.loads(body)
+        live = "reservation_id" in response or getattr(request, "dry_run", False)
+        if artifact == "reserve" and not live:
+            return None
+        attested = request_mirror(request)
+        payload: dict[str, Any] = {
+            "request": attested,
+            "response": _response_mirror(artifact, response),
+        }
+        if artifact in ("commit", "release"):
+            assert reservation_id is not None
+            payload = {"reservation_id": reservation_id, **payload}
+        row = self.envelope(
+            artifact,
+            payload,
+            tenant_id=tenant_id,
+            reservation_id=reservation_id,
+            issued_at_ms=issued_at_ms,
+            trace_id=trace_id,
+            free=_free_parts(attested),
+        )
+        if row is None:
+            return None
+        # The body is a non-empty JSON object from orjson: add the ref as its last member.
+        ref = orjson.dumps(self.ref(row.evidence_id))
+        return body[:-1] + b',"cycles_evidence":' + ref + b"}", row
+
+    def error(
+        self,
+        operation: str,
+        status: int,
+        response: Mapping[str, Any],
+        request: BaseModel | None,
+        *,
+        tenant_id: str,
+        reservation_id: str | None,
+        issued_at_ms: int,
+        trace_id: str | None,
+    ) -> EvidenceRow | None:
+        """Envelope a denial (``artifact_type: error``) of ``operation`` (decide, reserve...).
+
+        ``None`` when the code is not a decision (see :data:`DENIAL_CODES`).
+        """
+        if response.get("error") not in DENIAL_CODES:
+            return None
+        payload: dict[str, Any] = {"endpoint": ENDPOINTS[operation], "http_status": status}
+        if operation in ("commit", "release"):
+            payload["reservation_id"] = reservation_id
+        free: list[Any] = []
+        if request is not None:
+            payload["request"] = attested = request_mirror(request)
+            free = _free_parts(attested)
+        payload["response"] = _response_mirror("error", dict(response))
+        if response.get("details"):
+            free.append(response["details"])
+        return self.envelope(
+            "error",
+            payload,
+            tenant_id=tenant_id,
+            reservation_id=reservation_id if operation in ("commit", "release") else None,
+            issued_at_ms=issued_at_ms,
+            trace_id=trace_id,
+            free=free,
+        )
+
+    # -- signing -----------------------------------------------------------------------------------
+
+    def signed(self, row: EvidenceRow) -> bytes | None:
+        """The complete envelope (canonical JSON, signature filled in) of a stored row.
+
+        ``None`` if the key that must sign it (its ``signer_did``) is no longer in the ring.
+        Results are cached (the envelope never changes).
+        """
+        cached = self._signed.get(row.evidence_id)
+        if cached is not None:
+            self._signed.move_to_end(row.evidence_id)
+            return cached
+        env = _loads(row.body)
+        key = self.keys.by_public_hex(str(env.get("signer_did", "")))
+        if key is None:
+            self.keys.reload_if_changed()
+            key = self.keys.by_public_hex(str(env.get("signer_did", "")))
+            if key is None:
+                return None
+        env["signature"] = key.sign(row.body).hex()
+        signed = canonical_bytes(env)
+        self._signed[row.evidence_id] = signed
+        if len(self._signed) > SIGNED_CACHE_SIZE:
+            self._signed.popitem(last=False)
+        return signed
+
+
+def _loads(raw: bytes) -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads(raw)  # canonical bytes came from orjson or rfc8785
+    return data

@@ -1,0 +1,553 @@
+"""Signed evidence: every envelope the server emits verifies with an independent implementation.
+
+The verifier below is written from ``spec/cycles-evidence-v0.2.yaml`` and RFC 8785 alone: its
+own canonicaliser (UTF-16 key order, the RFC's string escapes, integers as digits), stdlib
+``json`` parsing, ``hashlib``, and the Ed25519 key loaded from a hand-built DER
+SubjectPublicKeyInfo (the server uses raw key bytes). It shares no code with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runcycles.testing.spec import EVIDENCE_SPEC, EXTENDED_RUNTIME, schema_validator
+from runcycles_server.app import purge_old_data
+from runcycles_server.evidence.api import EvidenceApi
+from runcycles_server.evidence.canonical import SAFE_INT, NotCanonicalizable, canonical_bytes
+from runcycles_server.evidence.issuer import Issuer
+from runcycles_server.evidence.keys import KeyRing, KeyRingError
+from runcycles_server.stores.base import EvidenceStore
+from runcycles_server.stores.memory import MemoryStore
+from runcycles_server.stores.redis import RedisStore
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from conftest import Api, FakeClock
+
+    from runcycles_server.stores.base import Store
+
+SERVER_ID = "http://testserver/v1"
+UNITS = ("USD_MICROCENTS", "TOKENS", "CREDITS", "RISK_POINTS")
+
+# --------------------------------------------------------------------------------------------
+# The independent verifier
+
+
+def jcs(value: Any) -> str:
+    """RFC 8785 for the values envelopes hold: objects, arrays, strings, integers, booleans."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)  # ECMAScript Number-to-String of an integer: its digits
+    if isinstance(value, float):  # ECMAScript Number-to-String (shortest round trip)
+        if value.is_integer() and abs(value) < 1e21:
+            return str(int(value))
+        mantissa, _, exponent = repr(value).partition("e")
+        return (
+            mantissa
+            if not exponent
+            else f"{mantissa}e{'+' if int(exponent) > 0 else '-'}{abs(int(exponent))}"
+        )
+    if isinstance(value, str):
+        out = ['"']
+        for ch in value:
+            code = ord(ch)
+            if ch == '"':
+                out.append('\\"')
+            elif ch == "\\":
+                out.append("\\\\")
+            elif ch in "\b\t\n\f\r":
+                out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[ch])
+            elif code < 0x20:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(ch)
+        out.append('"')
+        return "".join(out)
+    if isinstance(value, list):
+        return "[" + ",".join(jcs(item) for item in value) + "]"
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: k.encode("utf-16-be"))  # UTF-16 code unit order
+        return "{" + ",".join(jcs(k) + ":" + jcs(value[k]) for k in keys) + "}"
+    raise TypeError(f"no JCS form in this verifier for {type(value).__name__}")
+
+
+_SPKI_ED25519 = bytes.fromhex("302a300506032b6570032100")
+
+
+def public_key(raw: bytes) -> Ed25519PublicKey:
+    key = load_der_public_key(_SPKI_ED25519 + raw)
+    assert isinstance(key, Ed25519PublicKey)
+    return key
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Tampered(Exception):
+    pass
+
+
+def verify(raw: bytes, jwks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Verify one served envelope; return it parsed. Raises Tampered on any failure."""
+    try:
+        env = json.loads(raw)
+    except ValueError as exc:
+        raise Tampered("not JSON") from exc
+    if raw.decode() != jcs(env):
+        raise Tampered("not served as canonical JSON")
+    blank = copy.deepcopy(env)
+    blank["evidence_id"] = ""
+    blank["signature"] = ""
+    if hashlib.sha256(jcs(blank).encode()).hexdigest() != env["evidence_id"]:
+        raise Tampered("evidence_id does not re-derive")
+    unsigned = copy.deepcopy(env)
+    unsigned["signature"] = ""
+    key_bytes = bytes.fromhex(env["signer_did"])
+    try:
+        public_key(key_bytes).verify(bytes.fromhex(env["signature"]), jcs(unsigned).encode())
+    except (InvalidSignature, ValueError) as exc:
+        raise Tampered("signature does not verify") from exc
+    if jwks is not None:  # authority: exactly one window-covering JWK with these key bytes
+        at = env["issued_at_ms"]
+        covering = [
+            k
+            for k in jwks["keys"]
+            if b64url_decode(k["x"]) == key_bytes
+            and k["cycles_nbf_ms"] <= at
+            and (k.get("cycles_exp_ms") is None or at < k["cycles_exp_ms"])
+        ]
+        if len(covering) != 1:
+            raise Tampered("signer not authorized by the JWK Set")
+    (only,) = env["payload"]
+    assert only == env["artifact_type"]
+    return dict(env)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture
+def keys() -> KeyRing:
+    return KeyRing.generate(0)
+
+
+@pytest.fixture
+def ev(make_api: Callable[..., Api], keys: KeyRing) -> Api:
+    return make_api(evidence=Issuer(SERVER_ID, keys))
+
+
+def fetch(api: Api, ref: dict[str, str]) -> bytes:
+    assert ref["cycles_evidence_url"] == f"{SERVER_ID}/evidence/{ref['evidence_id']}"
+    response = api.client.get(f"/v1/evidence/{ref['evidence_id']}")
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "public, max-age=31536000, immutable"
+    return response.content
+
+
+def check_envelope(api: Api, ref: dict[str, str], artifact: str) -> dict[str, Any]:
+    raw = fetch(api, ref)
+    jwks = api.client.get("/v1/.well-known/cycles-jwks.json").json()
+    env = verify(raw, jwks)
+    assert env["evidence_id"] == ref["evidence_id"]
+    assert env["artifact_type"] == artifact
+    assert env["server_id"] == SERVER_ID
+    schema_validator("CyclesEvidence", EVIDENCE_SPEC).validate(env)
+    schema_validator("CyclesEvidenceEnvelope").validate(env)
+    for i in range(0, len(raw), max(1, len(raw) // 7)):  # one flipped byte anywhere fails
+        bad = bytearray(raw)
+        bad[i] = ord("0") if bad[i] != ord("0") else ord("1")
+        with pytest.raises(Tampered):
+            verify(bytes(bad), jwks)
+    return env
+
+
+def body(key: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "idempotency_key": key,
+        "subject": {"tenant": "acme", "agent": "bot"},
+        "action": {"kind": "llm.completion", "name": "gpt-4o", "tags": ["prod"]},
+        "estimate": {"unit": "USD_MICROCENTS", "amount": 100},
+        **fields,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Every artifact type and decision branch
+
+
+def test_every_artifact_and_branch_verifies_independently(ev: Api, clock: FakeClock) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 10_000, caps={"max_tokens": 256})
+    for unit in UNITS[1:]:
+        ev.budget("acme", "tenant:acme", 1_000, unit=unit)
+    other = ev.tenant("globex")
+    ev.budget("globex", "tenant:globex", 1_000)
+
+    schemas = {
+        "decide": "DecisionResponse",
+        "reserve": "ReservationCreateResponse",
+        "commit": "CommitResponse",
+        "release": "ReleaseResponse",
+    }
+
+    def ok(path: str, payload: dict[str, Any], artifact: str) -> dict[str, Any]:
+        response = ev.post(key, path, payload)
+        assert response.status_code == 200, response.text
+        schema_validator(schemas[artifact], EXTENDED_RUNTIME).validate(response.json())
+        env = check_envelope(ev, response.json()["cycles_evidence"], artifact)
+        wire = {k: v for k, v in response.json().items() if k != "cycles_evidence"}
+        attested = env["payload"][artifact]["response"]
+        assert {k: v for k, v in wire.items() if k in attested} == attested
+        assert set(wire) - set(attested) <= {"remaining_ttl_ms", "deny_detail"}
+        return env
+
+    def denied(path: str, payload: dict[str, Any], status: int, code: str, who: str = key):
+        response = ev.post(who, path, payload)
+        assert response.status_code == status, response.text
+        assert response.json()["error"] == code
+        schema_validator("ErrorResponse", EXTENDED_RUNTIME).validate(response.json())
+        env = check_envelope(ev, response.json()["cycles_evidence"], "error")
+        wire = {k: v for k, v in response.json().items() if k != "cycles_evidence"}
+        assert env["payload"]["error"]["response"] == wire
+        assert env["payload"]["error"]["http_status"] == status
+        return env
+
+    # decide: ALLOW_WITH_CAPS (the budget has caps), DENY
+    env = ok("/v1/decide", body("d1"), "decide")
+    assert env["payload"]["decide"]["response"]["decision"] == "ALLOW_WITH_CAPS"
+    assert env["trace_id"]
+    env = ok(
+        "/v1/decide", body("d2", estimate={"unit": "USD_MICROCENTS", "amount": 10**9}), "decide"
+    )
+    assert env["payload"]["decide"]["response"]["decision"] == "DENY"
+    # dry run: ALLOW and DENY
+    env = ok("/v1/reservations", body("dry1", dry_run=True), "reserve")
+    assert "reservation_id" not in env["payload"]["reserve"]["response"]
+    big = {"unit": "USD_MICROCENTS", "amount": 10**9}
+    env = ok("/v1/reservations", body("dry2", dry_run=True, estimate=big), "reserve")
+    assert env["payload"]["reserve"]["response"]["decision"] == "DENY"
+    # live: every unit (ALLOW), USD with caps (ALLOW_WITH_CAPS)
+    rids = {}
+    for unit in UNITS:
+        est = {"unit": unit, "amount": 10}
+        env = ok("/v1/reservations", body(f"r-{unit}", estimate=est, metadata={"n": 1}), "reserve")
+        response = env["payload"]["reserve"]["response"]
+        assert response["decision"] == ("ALLOW_WITH_CAPS" if unit == UNITS[0] else "ALLOW")
+        assert "remaining_ttl_ms" not in response
+        rids[unit] = response["reservation_id"]
+    # commit with metrics, release with reason
+    commit = {
+        "idempotency_key": "c1",
+        "actual": {"unit": "USD_MICROCENTS", "amount": 7},
+        "metrics": {"tokens_input": 12, "tokens_output": 3, "custom": {"ratio": 0.25, "t": 1.5e-7}},
+        "metadata": {"note": "ünïcödé \u2028 \x01", "weight": 2.0, "größe": 1},
+    }
+    env = ok(f"/v1/reservations/{rids['USD_MICROCENTS']}/commit", commit, "commit")
+    assert env["payload"]["commit"]["reservation_id"] == rids["USD_MICROCENTS"]
+    assert env["payload"]["commit"]["request"]["metrics"]["tokens_input"] == 12
+    release = {"idempotency_key": "rel1", "reason": "tool failed"}
+    env = ok(f"/v1/reservations/{rids['TOKENS']}/release", release, "release")
+    assert env["payload"]["release"]["request"]["reason"] == "tool failed"
+    # denials: live 409, 404 budget not found, 403 foreign tenant, 403 foreign reservation,
+    # 409 finalized, 410 expired
+    denied("/v1/reservations", body("live-big", estimate=big), 409, "BUDGET_EXCEEDED")
+    missing = {"idempotency_key": "nf", "actual": {"unit": "CREDITS", "amount": 1}}
+    env = denied("/v1/reservations/rsv_missing/commit", missing, 404, "NOT_FOUND")
+    assert env["payload"]["error"]["reservation_id"] == "rsv_missing"
+    denied("/v1/reservations", body("forbid", subject={"tenant": "globex"}), 403, "FORBIDDEN")
+    env = denied(
+        f"/v1/reservations/{rids['CREDITS']}/commit",
+        {"idempotency_key": "steal", "actual": {"unit": "CREDITS", "amount": 1}},
+        403,
+        "FORBIDDEN",
+        who=other,
+    )
+    assert env["payload"]["error"]["reservation_id"] == rids["CREDITS"]
+    assert env["payload"]["error"]["endpoint"] == "POST /v1/reservations/{reservation_id}/commit"
+    denied(
+        f"/v1/reservations/{rids['USD_MICROCENTS']}/release",
+        {"idempotency_key": "late"},
+        409,
+        "RESERVATION_FINALIZED",
+    )
+    clock.advance(3_600_000)
+    denied(
+        f"/v1/reservations/{rids['RISK_POINTS']}/commit",
+        {"idempotency_key": "exp", "actual": {"unit": "RISK_POINTS", "amount": 1}},
+        410,
+        "RESERVATION_EXPIRED",
+    )
+
+
+def test_pre_evaluation_failures_carry_no_evidence(ev: Api) -> None:
+    key = ev.tenant("acme")
+    response = ev.post(key, "/v1/reservations", {"idempotency_key": "x"})
+    assert response.status_code == 400
+    assert "cycles_evidence" not in response.json()
+    response = ev.post("not-a-key", "/v1/reservations", body("y"))
+    assert response.status_code == 401
+    assert "cycles_evidence" not in response.json()
+
+
+def test_replay_answers_the_same_evidence_id(ev: Api) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    first = ev.post(key, "/v1/reservations", body("r1")).json()
+    again = ev.post(key, "/v1/reservations", body("r1")).json()
+    assert again["cycles_evidence"] == first["cycles_evidence"]
+    rid = first["reservation_id"]
+    commit = {"idempotency_key": "c1", "actual": {"unit": "USD_MICROCENTS", "amount": 5}}
+    c1 = ev.post(key, f"/v1/reservations/{rid}/commit", commit).json()
+    c2 = ev.post(key, f"/v1/reservations/{rid}/commit", commit).json()
+    assert c1["cycles_evidence"] == c2["cycles_evidence"]
+    d1 = ev.post(key, "/v1/decide", body("d")).json()
+    assert ev.post(key, "/v1/decide", body("d")).json()["cycles_evidence"] == d1["cycles_evidence"]
+
+
+def test_reservations_list_their_evidence(ev: Api) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    reserve = ev.post(key, "/v1/reservations", body("r1")).json()
+    rid = reserve["reservation_id"]
+    release = ev.post(key, f"/v1/reservations/{rid}/release", {"idempotency_key": "x"}).json()
+    h = {"X-Cycles-API-Key": key}
+    detail = ev.client.get(f"/v1/reservations/{rid}", headers=h).json()
+    assert detail["evidence"] == {
+        "reserve": reserve["cycles_evidence"],
+        "release": release["cycles_evidence"],
+    }
+    schema_validator("ReservationDetail", EXTENDED_RUNTIME).validate(detail)
+    listed = ev.client.get("/v1/reservations", params={"include": "evidence"}, headers=h).json()
+    assert listed["reservations"][0]["evidence"] == detail["evidence"]
+    plain = ev.client.get("/v1/reservations", headers=h).json()
+    assert "evidence" not in plain["reservations"][0]
+
+
+def test_evidence_routes_are_public_validated_and_404_until_stored(ev: Api) -> None:
+    unknown = "ab" * 32
+    response = ev.client.get(f"/v1/evidence/{unknown}")
+    assert response.status_code == 404
+    assert "retry" in response.json()["message"]
+    response = ev.client.get("/v1/evidence/NOT-HEX")
+    assert response.status_code == 400
+    assert "64 lower-case hex" in response.json()["message"]
+    jwks = ev.client.get("/v1/.well-known/cycles-jwks.json")
+    assert jwks.status_code == 200
+    assert jwks.headers["cache-control"] == "public, max-age=60"
+    schema_validator("CyclesEvidenceJwks", EVIDENCE_SPEC).validate(jwks.json())
+    schema_validator("CyclesEvidenceJwks").validate(jwks.json())
+    assert all(set(k).isdisjoint({"d", "p", "q"}) for k in jwks.json()["keys"])
+
+
+def test_evidence_off_means_no_refs_and_404(make_api: Callable[..., Api]) -> None:
+    api = make_api()
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1_000)
+    assert "cycles_evidence" not in api.post(key, "/v1/reservations", body("r")).json()
+    assert "cycles_evidence" not in api.post(key, "/v1/decide", body("d")).json()
+    for path in ("/v1/evidence/" + "a" * 64, "/v1/.well-known/cycles-jwks.json"):
+        response = api.client.get(path)
+        assert response.status_code == 404
+        assert "--no-evidence" in response.json()["message"]
+
+
+def test_public_routes_are_throttled_per_address(make_api: Callable[..., Api]) -> None:
+    api = make_api(evidence=Issuer(SERVER_ID, KeyRing.generate(0)), evidence_requests_per_minute=2)
+    for _ in range(2):
+        assert api.client.get("/v1/.well-known/cycles-jwks.json").status_code == 200
+    response = api.client.get("/v1/.well-known/cycles-jwks.json")
+    assert response.status_code == 429
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_envelopes_past_retention_are_purged(
+    make_api: Callable[..., Api], clock: FakeClock, store: Store
+) -> None:
+    api = make_api(evidence=Issuer(SERVER_ID, KeyRing.generate(0), retention_ms=1_000))
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1_000)
+    ref = api.post(key, "/v1/decide", body("d")).json()["cycles_evidence"]
+    assert api.client.get(f"/v1/evidence/{ref['evidence_id']}").status_code == 200
+    assert isinstance(store, EvidenceStore)
+    api.client.run(store.index_evidence())
+    clock.advance(2_000)
+    assert api.client.get(f"/v1/evidence/{ref['evidence_id']}").status_code == 404
+    api.client.run(purge_old_data(store, None))
+    assert api.client.get(f"/v1/evidence/{ref['evidence_id']}").status_code == 404
+
+
+# --------------------------------------------------------------------------------------------
+# Keys: file, mode, rotation
+
+
+def test_key_file_is_created_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    ring = KeyRing.load_or_create(path, 1_000)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again = KeyRing.load_or_create(path, 5_000)
+    assert [k.public_hex for k in again.keys] == [k.public_hex for k in ring.keys]
+    assert "d" not in ring.jwks(2_000)["keys"][0]
+    assert ring.keys[0].private.private_bytes_raw().hex() not in repr(ring)
+
+
+def test_bad_key_files_are_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text("{}")
+    with pytest.raises(KeyRingError, match=r'expected \{"keys"'):
+        KeyRing.load(path)
+    path.write_text('{"keys": [{"kid": "a", "d": "!!", "cycles_nbf_ms": 0}]}')
+    with pytest.raises(KeyRingError, match="base64url 32-byte seed"):
+        KeyRing.load(path)
+
+
+def test_rotation_keeps_old_envelopes_verifiable(
+    make_api: Callable[..., Api], clock: FakeClock, tmp_path: Path
+) -> None:
+    path = tmp_path / "keys.json"
+    ring = KeyRing.load_or_create(path, 0)
+    api = make_api(evidence=Issuer(SERVER_ID, ring))
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1_000)
+    before = api.post(key, "/v1/decide", body("d1")).json()["cycles_evidence"]
+    switch = clock() + 60_000
+    ring.rotate(switch)
+    ring.save()
+    clock.advance(60_000)
+    after = api.post(key, "/v1/decide", body("d2")).json()["cycles_evidence"]
+    jwks = api.client.get("/v1/.well-known/cycles-jwks.json").json()
+    assert [k["status"] for k in jwks["keys"]] == ["retired", "active"]
+    old, new = (verify(fetch(api, ref), jwks) for ref in (before, after))
+    assert old["signer_did"] != new["signer_did"]
+    assert KeyRing.load(path).keys[0].exp_ms == switch
+    with pytest.raises(KeyRingError, match="after the active key's start"):
+        ring.rotate(switch)
+
+
+# --------------------------------------------------------------------------------------------
+# The canonicaliser
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-SAFE_INT, max_value=SAFE_INT)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_canonical_bytes_equal_the_reference_rfc8785(value: Any) -> None:
+    try:
+        expected = rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, UnicodeEncodeError):
+        with pytest.raises(NotCanonicalizable):
+            canonical_bytes(value)
+        return
+    assert canonical_bytes(value) == expected
+
+
+def test_integers_beyond_2_53_are_written_exactly() -> None:
+    assert canonical_bytes({"b": 2**63 - 1, "a": 1}) == b'{"a":1,"b":9223372036854775807}'
+    with pytest.raises(NotCanonicalizable):
+        canonical_bytes({"a": 2**60, "b": 0.5})
+
+
+def test_store_without_evidence_support_is_refused() -> None:
+    class Plain:
+        clock = staticmethod(lambda: 0)
+
+    with pytest.raises(TypeError, match="cannot store evidence"):
+        EvidenceApi(Plain(), Issuer(SERVER_ID, KeyRing.generate(0)))  # type: ignore[arg-type]
+    EvidenceApi(MemoryStore(), Issuer(SERVER_ID, KeyRing.generate(0)))  # ours all can
+
+
+@pytest.mark.parametrize("store", [pytest.param("redis", marks=pytest.mark.redis)], indirect=True)
+def test_redis_replay_restores_a_lost_owner_pointer(ev: Api, store: Store) -> None:
+    assert isinstance(store, RedisStore)
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    ref = ev.post(key, "/v1/reservations", body("r1")).json()["cycles_evidence"]
+    pointer = store._k.evidence_owner(ref["evidence_id"])
+    ev.client.run(store._redis.delete(pointer))  # as if Redis failed the pointer writes
+    assert ev.client.get(f"/v1/evidence/{ref['evidence_id']}").status_code == 404
+    again = ev.post(key, "/v1/reservations", body("r1")).json()["cycles_evidence"]
+    assert again == ref  # the client's retry replays ...
+    check_envelope(ev, ref, "reserve")  # ... and the id resolves again
+
+
+def test_envelopes_resolve_before_and_after_background_indexing(ev: Api, store: Store) -> None:
+    assert isinstance(store, EvidenceStore)
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    reserve = ev.post(key, "/v1/reservations", body("r1")).json()
+    rid = reserve["reservation_id"]
+    check_envelope(ev, reserve["cycles_evidence"], "reserve")  # not indexed yet
+    ev.client.run(store.index_evidence())
+    assert ev.client.run(store.index_evidence()) == 0  # nothing left
+    check_envelope(ev, reserve["cycles_evidence"], "reserve")  # through the index
+    commit = {"idempotency_key": "c", "actual": {"unit": "USD_MICROCENTS", "amount": 5}}
+    done = ev.post(key, f"/v1/reservations/{rid}/commit", commit).json()
+    detail = ev.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": key}).json()
+    assert detail["evidence"] == {  # one indexed, one in the tail
+        "reserve": reserve["cycles_evidence"],
+        "commit": done["cycles_evidence"],
+    }
+    ev.client.run(store.index_evidence())
+    check_envelope(ev, done["cycles_evidence"], "commit")
+    again = ev.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": key}).json()
+    assert again["evidence"] == detail["evidence"]
+
+
+def test_a_burst_of_concurrent_denials_is_stored_together_and_resolves(ev: Api) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 10)
+    big = {"unit": "USD_MICROCENTS", "amount": 1_000}
+    http = ev.client._client  # the app's async client: fire the burst concurrently
+
+    async def burst() -> list[Any]:
+        calls = [
+            http.post(
+                "/v1/reservations",
+                json=body(f"deny-{i}", estimate=big),
+                headers={"X-Cycles-API-Key": key},
+            )
+            for i in range(25)
+        ]
+        return list(await asyncio.gather(*calls))
+
+    answers = ev.client.run(burst())
+    assert {a.status_code for a in answers} == {409}
+    ids = {a.json()["cycles_evidence"]["evidence_id"] for a in answers}
+    assert len(ids) == 25  # one envelope per denial (each has its own request_id)
+    for evidence_id in ids:
+        assert ev.client.get(f"/v1/evidence/{evidence_id}").status_code == 200
