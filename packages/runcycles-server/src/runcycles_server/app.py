@@ -68,6 +68,7 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
+from runcycles_server.console import Console
 from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.events.signals import Signals
 from runcycles_server.events_api import EventsApi
@@ -695,6 +696,7 @@ def create_app(
     metrics_public: bool = False,
     metrics_top_scopes: int = DEFAULT_TOP_SCOPES,
     detectors: DetectorConfig | None = DetectorConfig(),  # noqa: B008 (frozen)
+    console: bool = True,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -726,6 +728,9 @@ def create_app(
             :mod:`runcycles_server.monitor`), started beside the sweeper (``None``: no
             tallies and no monitor). With ``sweep_interval_s=None`` it is not started either:
             tests call ``app.state.monitor.tick()``.
+        console: serve the operator console at ``/console`` (see
+            :mod:`runcycles_server.console` and ``docs/console.md``); its routes sit behind
+            the router, never on the runtime's fast routes.
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, ``retention_days``
@@ -753,6 +758,7 @@ def create_app(
     events = EventsApi(store, auth)
     extra_routes = MetricsApi(store, auth, health, meter).routes() if meter is not None else []
     overview = OverviewApi(store, auth)
+    console_routes = Console().routes() if console else []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -798,6 +804,7 @@ def create_app(
             *events.routes(),
             *extra_routes,
             *overview.routes(),
+            *console_routes,
         ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,

@@ -63,6 +63,7 @@ ENV_METRICS_PUBLIC: Final = "CYCLES_METRICS_PUBLIC"
 ENV_METRICS_TOP_SCOPES: Final = "CYCLES_METRICS_TOP_SCOPES"
 DEFAULT_METRICS_TOP_SCOPES: Final = 100  # = metrics.DEFAULT_TOP_SCOPES (not imported: startup)
 ENV_DETECTORS: Final = "CYCLES_DETECTORS"
+ENV_CONSOLE: Final = "CYCLES_CONSOLE"
 DEV_POLICY: Final = "dev-example-guardrails"
 DEV_POLICY_BODY: Final = {
     "name": DEV_POLICY,
@@ -191,6 +192,7 @@ def app_from_env() -> Starlette:
                 _env_number(ENV_METRICS_TOP_SCOPES, DEFAULT_METRICS_TOP_SCOPES) or 0
             ),
             detectors=detectors,
+            console=os.environ.get(ENV_CONSOLE, "1") == "1",
         )
     except ValueError as exc:
         raise SystemExit(
@@ -493,6 +495,14 @@ def serve(
             "the rest are counted in cycles_budget_utilization_omitted; 0: no budget series).",
         ),
     ] = DEFAULT_METRICS_TOP_SCOPES,
+    console: Annotated[
+        bool,
+        typer.Option(
+            "--console/--no-console",
+            help="Serve the operator console at /console (sign in with the admin key or a "
+            "tenant key); see docs/console.md.",
+        ),
+    ] = True,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -563,6 +573,7 @@ def serve(
         os.environ[ENV_METRICS] = "1" if metrics else "0"
         os.environ[ENV_METRICS_PUBLIC] = "1" if metrics_public else "0"
         os.environ[ENV_METRICS_TOP_SCOPES] = str(metrics_top_scopes)
+        os.environ[ENV_CONSOLE] = "1" if console else "0"
         if detectors is not None:
             os.environ[ENV_DETECTORS] = detectors
         else:
@@ -593,7 +604,8 @@ def serve(
                 + ")"
                 if metrics
                 else ""
-            ),
+            )
+            + (f" | console: {base_url}/console" if console else ""),
             err=True,
         )
         if fd_note:
