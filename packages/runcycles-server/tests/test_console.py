@@ -140,6 +140,12 @@ def test_freeze_needs_a_reason_and_goes_through_the_admin_api(api: Api, admin: S
         "GET", "/v1/admin/events", 200, params={"tenant_id": "acme", "event_type": "budget.frozen"}
     )
     assert events["events"][0]["actor"]["type"] == "admin"
+    logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
+    entry = next(log for log in logs if log["operation"] == "freezeBudget")
+    assert entry["resource_type"] == "budget"
+    assert entry["metadata"]["reason"] == "incident 42"
+    assert entry["metadata"]["new_status"] == "FROZEN"
+    assert "incident 42" in admin.get("/console/audit?tenant_id=acme").text
     admin.post("/console/budgets/unfreeze", data={**form, "reason": "resolved"})
     assert reserve(api, key, "acme", "r2", 10).status_code == 200
 
@@ -154,6 +160,10 @@ def test_fund_credits_a_budget(api: Api, admin: SyncClient) -> None:
         "GET", "/v1/admin/budgets/lookup", 200, params={"scope": "tenant:acme", "unit": U}
     )
     assert budget["allocated"]["amount"] == 2500
+    logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
+    funded = [log for log in logs if log["operation"] == "fundBudget"]
+    assert [log["metadata"]["reason"] for log in funded] == ["top-up"]
+    assert funded[0]["metadata"]["amount"] == 1500
     bad = admin.post("/console/budgets/fund", data={**form, "amount": "lots"})
     assert bad.status_code == 303
     assert "whole number" in admin.get("/console/budgets").text
