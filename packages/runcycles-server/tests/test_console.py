@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from runcycles_server.console import format as fmt
 from runcycles_server.console.pages import SESSION_COOKIE
 from runcycles_server.console.sessions import SessionStore
 
@@ -262,3 +263,36 @@ def test_sessions_are_capped() -> None:
     store.create("tenant", "k2", "acme")
     assert len(store) == 2
     assert store.get(first.session_id) is None
+
+
+def test_a_tenant_page_shows_its_budgets_keys_and_policies(api: Api, admin: SyncClient) -> None:
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 250_000_000)
+    page = admin.get("/console/tenants/acme")
+    assert page.status_code == 200
+    assert "tenant:acme" in page.text
+    assert "$2.50" in page.text
+    assert "cyc_live_" in page.text  # the key's prefix, never its secret
+    assert "Not shown" not in page.text
+    assert "No policies." in page.text
+    assert admin.get("/console/tenants/nobody").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("microcents", "shown"),
+    [(0, "$0.00"), (200_000, "$0.002"), (1_250_000_000, "$12.50"), (1, "$0.00000001"),
+     (-300_000_000, "-$3.00"), (123_456_789_000, "$1,234.56789")],
+)  # fmt: skip
+def test_dollar_amounts_never_round_a_small_budget_to_zero(microcents: int, shown: str) -> None:
+    assert fmt.amount({"unit": U, "amount": microcents}) == shown
+
+
+def test_other_units_and_utilization() -> None:
+    assert fmt.amount({"unit": "TOKENS", "amount": 12_000}) == "12,000 tokens"
+    assert fmt.amount(None) == "—"
+    budget = {"allocated": {"amount": 1000}, "remaining": {"amount": 200}}
+    assert fmt.utilization(budget) == 0.8
+    assert fmt.level(0.8) == "near"
+    assert fmt.level(1.2) == "over"
+    assert fmt.level(0.5, "FROZEN") == "frozen"
+    assert fmt.utilization({"allocated": {"amount": 0}, "spent": {"amount": 5}}) == 1.0

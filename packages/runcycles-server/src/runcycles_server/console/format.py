@@ -20,8 +20,20 @@ def amount(value: Any) -> str:
     if not isinstance(number, int):
         return "—"
     if unit == "USD_MICROCENTS":
-        return f"${number / _MICROCENTS_PER_USD:,.2f}"
+        return dollars(number)
     return f"{number:,} {unit.lower().replace('_', ' ')}"
+
+
+def dollars(microcents: int) -> str:
+    """USD microcents as dollars, never rounding a small amount to ``$0.00``.
+
+    Cents when whole (``$12.50``), else every digit needed (``$0.002``, ``$0.00000001``).
+    """
+    sign = "-" if microcents < 0 else ""
+    whole, rest = divmod(abs(microcents), _MICROCENTS_PER_USD)
+    fraction = f"{rest:08d}".rstrip("0")
+    fraction = fraction.ljust(2, "0")
+    return f"{sign}${whole:,}.{fraction}"
 
 
 def utilization(budget: dict[str, Any]) -> float:

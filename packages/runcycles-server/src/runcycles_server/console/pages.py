@@ -310,7 +310,7 @@ class Console:
             }
             if session.is_admin:
                 calls["tenant"] = (f"/v1/admin/tenants/{tenant_id}", {})
-                calls["keys"] = ("/v1/admin/api-keys", {"tenant_id": tenant_id, "limit": "100"})
+                calls["api_keys"] = ("/v1/admin/api-keys", {"tenant_id": tenant_id, "limit": "100"})
             for name, (path, params) in calls.items():
                 try:
                     sections[name] = await api.get(path, params)
