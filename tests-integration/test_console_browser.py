@@ -123,8 +123,15 @@ def reserve(tenant: ProvisionedTenant, amount: int) -> Any:
 def test_sign_in_and_every_page_fits_a_laptop_screen(
     page: WebDriver, server: ServerProcess
 ) -> None:
-    tenant = server.provision(budget=1_000_000)
+    tenant = server.provision(budget=100_000_000)
     reserve(tenant, 100_000)
+    with tenant.client() as client:  # some spend for the chart
+        for n in range(1, 6):
+            rid = reserve(tenant, 3_000_000).body["reservation_id"]
+            done = client.commit_reservation(
+                rid, {"idempotency_key": f"c-{rid}", "actual": {"unit": U, "amount": n * 500_000}}
+            )
+            assert done.status == 200
     page.get(f"{server.base_url}/console/sign-in")
     shoot(page, "sign-in")
     sign_in(page, server, server.admin_key)
@@ -138,6 +145,11 @@ def test_sign_in_and_every_page_fits_a_laptop_screen(
         page.get(f"{server.base_url}/console/{slug}")
         assert page.find_element(By.TAG_NAME, "h1").text
         shoot(page, slug.replace("/", "-").replace(tenant.tenant_id, "detail"))
+    page.get(f"{server.base_url}/console/spend?tenant={tenant.tenant_id}&range=hour")
+    summary = page.find_element(By.CSS_SELECTOR, "dl.spend-summary")
+    assert "$0.075 (5 commits)" in summary.text  # 0.5 + 1 + ... + 2.5 cents
+    assert len(page.find_elements(By.CSS_SELECTOR, "svg rect.spend-bar")) == 12
+    shoot(page, "spend")
     # keyboard: the skip link is the first stop and leads to the content
     page.get(f"{server.base_url}/console/budgets")
     page.find_element(By.TAG_NAME, "body").send_keys("\ue004")  # Tab

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from runcycles_server.console import format as fmt
+from runcycles_server.console import spend as spending
 from runcycles_server.console.pages import SESSION_COOKIE
 from runcycles_server.console.sessions import SessionStore
 
@@ -296,3 +297,47 @@ def test_other_units_and_utilization() -> None:
     assert fmt.level(1.2) == "over"
     assert fmt.level(0.5, "FROZEN") == "frozen"
     assert fmt.utilization({"allocated": {"amount": 0}, "spent": {"amount": 5}}) == 1.0
+
+
+def committed(scope: str, amount: int, done_ms: int, unit: str = U) -> dict[str, Any]:
+    return {"status": "COMMITTED", "committed": {"unit": unit, "amount": amount},
+            "finalized_at_ms": done_ms, "affected_scopes": [scope]}  # fmt: skip
+
+
+def test_a_spend_series_buckets_the_commits_of_its_scope() -> None:
+    end = 10 * spending.HOUR_MS
+    day = spending.RANGES["day"]
+    rows = [
+        committed("tenant:acme", 100, end - 1),  # last bucket, last hour
+        committed("tenant:acme", 50, end - 90 * 60_000),  # two hours' bucket, not last hour
+        committed("tenant:acme", 7, end - 25 * spending.HOUR_MS),  # before the range
+        committed("tenant:other", 1_000, end - 1),  # another scope
+        committed("tenant:acme", 1_000, end - 1, unit="TOKENS"),  # another unit
+        {"status": "COMMITTED", "affected_scopes": ["tenant:acme"]},  # no amount
+    ]
+    series = spending.series(rows, "tenant:acme", U, day, end)
+    assert series.amounts[-1] == 100
+    assert series.amounts[-2] == 50
+    assert series.total == 150
+    assert series.counted == 2
+    assert series.last_hour == 100
+    assert series.per_hour() == 150 / 24
+    assert series.hours_left(1_000) == 10
+    assert spending.series([], "tenant:acme", U, day, end).hours_left(5) is None
+
+
+def test_the_spend_page_charts_committed_spend(api: Api, admin: SyncClient) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 100_000_000)
+    for n in (1, 2):
+        rid = reserve(api, key, "acme", f"r{n}", 1_000_000).json()["reservation_id"]
+        body = {"idempotency_key": f"c{n}", "actual": {"unit": U, "amount": n * 400_000}}
+        assert api.post(key, f"/v1/reservations/{rid}/commit", body).status_code == 200
+    page = admin.get("/console/spend?tenant=acme&range=week")
+    assert page.status_code == 200
+    assert 'name="range" value="week" checked' in page.text
+    assert 'data-total="1200000"' in page.text
+    assert "$0.012 (2 commits)" in page.text
+    assert page.text.count('class="spend-bar"') == 28
+    assert admin.get("/console/spend?range=year").status_code == 400
+    assert "no budgets" in admin.get("/console/spend?tenant=nobody").text

@@ -758,7 +758,7 @@ def create_app(
     events = EventsApi(store, auth)
     extra_routes = MetricsApi(store, auth, health, meter).routes() if meter is not None else []
     overview = OverviewApi(store, auth)
-    console_routes = Console().routes() if console else []
+    console_routes = Console(clock=store.clock).routes() if console else []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -84,3 +84,20 @@ def when(epoch_ms: Any) -> str:
         return "—"
     moment = datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc)
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def iso(epoch_ms: int) -> str:
+    """Epoch milliseconds as an RFC 3339 UTC timestamp (a query parameter of the API)."""
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def duration(hours: float | None) -> str:
+    """A number of hours for people: ``45 min``, ``6.5 h``, ``3.2 days``; ``—`` for none."""
+    if hours is None:
+        return "—"
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:.1f} days"

@@ -15,7 +15,9 @@ API enforces that too: the console only ever calls it with the session's own key
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs, urlencode
@@ -27,6 +29,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from runcycles_server.console import format as fmt
+from runcycles_server.console import spend as spending
 from runcycles_server.console.backend import ApiError, Backend
 from runcycles_server.console.sessions import KeyKind, Session, SessionStore
 from runcycles_server.events import CATEGORIES, EVENT_TYPES
@@ -70,6 +73,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update(
         amount=fmt.amount,
         when=fmt.when,
+        duration=fmt.duration,
         percent=fmt.percent,
         json=fmt.compact_json,
         utilization=fmt.utilization,
@@ -81,9 +85,16 @@ def _environment() -> jinja2.Environment:
 class Console:
     """The operator console (mounted at :data:`CONSOLE_PATH` by ``create_app``)."""
 
-    def __init__(self, sessions: SessionStore | None = None) -> None:
+    def __init__(
+        self,
+        sessions: SessionStore | None = None,
+        *,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
         self.sessions = sessions or SessionStore()
         self.templates = _environment()
+        self.clock = clock or (lambda: int(time.time() * 1000))
+        """The server's epoch-ms clock (the store's), where spend charts end."""
 
     def routes(self) -> list[BaseRoute]:
         """One ``Mount`` holding every console route (nothing outside ``/console``)."""
@@ -103,6 +114,7 @@ class Console:
                     Route("/budgets/{action}", self.budget_action, methods=["POST"]),
                     Route("/reservations", self.reservations, methods=["GET"]),
                     Route("/reservations/{reservation_id}/release", self.release, methods=["POST"]),
+                    Route("/spend", self.spend, methods=["GET"]),
                     Route("/events", self.events, methods=["GET"]),
                     Route("/audit", self.audit, methods=["GET"]),
                     Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
@@ -459,6 +471,69 @@ class Console:
         session.flash = ("ok", f"Reservation {rid} released.")
         return _redirect(back)
 
+    async def spend(self, request: Request) -> Response:
+        """Spend over time for one budget scope (hour, day or week) and its burn rate."""
+        session = self._signed_in(request)
+        if isinstance(session, Response):
+            return session
+        params = _params(request, "tenant", "scope", "unit", "range")
+        chart = spending.RANGES.get(params.setdefault("range", "day"))
+        if chart is None:
+            return self.render(
+                request,
+                "error.html",
+                session,
+                400,
+                title="INVALID_REQUEST",
+                message="range must be hour, day or week",
+            )
+        tenants: list[dict[str, Any]] = []
+        budgets: list[dict[str, Any]] = []
+        budget: dict[str, Any] | None = None
+        result = None
+        async with Backend(request.app, session.kind, session.key) as api:
+            try:
+                if session.is_admin:
+                    tenants = (await api.get("/v1/admin/tenants", {"limit": "100"}))["tenants"]
+                    if "tenant" not in params and tenants:
+                        params["tenant"] = tenants[0]["tenant_id"]
+                else:
+                    params["tenant"] = session.tenant_id or ""
+                if params.get("tenant"):
+                    budgets = await _all_budgets(api, {"tenant_id": params["tenant"]})
+                budget = next(
+                    (
+                        b
+                        for b in budgets
+                        if b["scope"] == params.get("scope")
+                        and b["unit"] == params.get("unit", b["unit"])
+                    ),
+                    budgets[0] if budgets and "scope" not in params else None,
+                )
+                if budget is not None:
+                    params["scope"], params["unit"] = budget["scope"], budget["unit"]
+                    end = self.clock()
+                    rows, partial = await _committed(
+                        api, params["tenant"], end - chart.span_ms, end
+                    )
+                    result = spending.series(
+                        rows, budget["scope"], budget["unit"], chart, end, partial=partial
+                    )
+            except ApiError as exc:
+                return self._api_error(request, session, exc)
+        return self.render(
+            request,
+            "spend.html",
+            session,
+            params=params,
+            tenants=tenants,
+            budgets=budgets,
+            budget=budget,
+            series=result,
+            chart=chart,
+            ranges=spending.RANGES.values(),
+        )
+
     async def events(self, request: Request) -> Response:
         """The event log with the API's filters."""
         session = self._signed_in(request)
@@ -572,6 +647,29 @@ async def _identify(request: Request, key: str) -> tuple[KeyKind, str | None] | 
         if kind == "tenant" and found.get("tenant_id"):
             return "tenant", str(found["tenant_id"])
     return None
+
+
+async def _committed(
+    api: Backend, tenant_id: str, start_ms: int, end_ms: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """A tenant's reservations committed in ``[start_ms, end_ms]``; whether the cap cut them."""
+    found: list[dict[str, Any]] = []
+    cursor = None
+    window = {
+        "tenant": tenant_id,
+        "status": "COMMITTED",
+        "finalized_from": fmt.iso(start_ms),
+        "finalized_to": fmt.iso(end_ms),
+        "limit": "200",
+    }
+    while True:
+        page = await api.get("/v1/reservations", {**window, "cursor": cursor or ""})
+        found += page.get("reservations", [])
+        cursor = page.get("next_cursor")
+        if not page.get("has_more") or not cursor:
+            return found, False
+        if len(found) >= spending.MAX_RESERVATIONS:
+            return found, True
 
 
 async def _all_budgets(api: Backend, params: dict[str, str]) -> list[dict[str, Any]]:
