@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from runcycles_server.app import create_app
 from runcycles_server.console import format as fmt
 from runcycles_server.console import spend as spending
 from runcycles_server.console.pages import SESSION_COOKIE
@@ -15,6 +16,8 @@ from runcycles_server.console.sessions import SessionStore
 
 if TYPE_CHECKING:
     from conftest import Api, SyncClient
+
+    from runcycles_server.stores.base import Store
 
 U = "USD_MICROCENTS"
 
@@ -341,3 +344,15 @@ def test_the_spend_page_charts_committed_spend(api: Api, admin: SyncClient) -> N
     assert page.text.count('class="spend-bar"') == 28
     assert admin.get("/console/spend?range=year").status_code == 400
     assert "no budgets" in admin.get("/console/spend?tenant=nobody").text
+
+
+def test_the_console_adds_nothing_in_front_of_the_api(store: Store) -> None:
+    """Same middleware, same routes first, console last: no API request pays for it."""
+    on = create_app(store, admin_api_key="k", sweep_interval_s=None, close_store=False)
+    off = create_app(store, admin_api_key="k", sweep_interval_s=None, console=False)
+    assert [m.cls for m in on.user_middleware] == [m.cls for m in off.user_middleware]
+    api_routes = len(off.routes)
+    assert [getattr(r, "path", None) for r in on.routes[:api_routes]] == [
+        getattr(r, "path", None) for r in off.routes
+    ]
+    assert all(getattr(r, "path", "").startswith("/console") for r in on.routes[api_routes:])
