@@ -304,3 +304,9 @@ def test_a_request_without_the_csrf_token_is_refused(
     assert cookie is not None
     assert cookie["sameSite"] == "Strict"
     assert httpx.get(f"{server.base_url}/console/overview").status_code == 303
+
+
+def test_cycles_serve_no_console_serves_none() -> None:
+    with ServerProcess.start(store="sqlite", extra_args=["--no-console"]) as process:
+        assert httpx.get(f"{process.base_url}/console/sign-in").status_code == 404
+        assert httpx.get(f"{process.base_url}/healthz").status_code == 200

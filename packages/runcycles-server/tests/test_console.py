@@ -356,3 +356,17 @@ def test_the_console_adds_nothing_in_front_of_the_api(store: Store) -> None:
         getattr(r, "path", None) for r in off.routes
     ]
     assert all(getattr(r, "path", "").startswith("/console") for r in on.routes[api_routes:])
+
+
+def test_a_post_from_another_site_is_refused_even_with_the_token(
+    api: Api, admin: SyncClient
+) -> None:
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1000)
+    form = {"scope": "tenant:acme", "unit": U, "reason": "r", "csrf_token": csrf(admin)}
+    for origin in ("https://evil.example", "null"):
+        refused = admin.post("/console/budgets/freeze", data=form, headers={"Origin": origin})
+        assert refused.status_code == 403
+        assert "another site" in refused.text
+    same = admin.post("/console/budgets/freeze", data=form, headers={"Origin": "http://testserver"})
+    assert same.status_code == 303
