@@ -370,3 +370,9 @@ def test_a_post_from_another_site_is_refused_even_with_the_token(
         assert "another site" in refused.text
     same = admin.post("/console/budgets/freeze", data=form, headers={"Origin": "http://testserver"})
     assert same.status_code == 303
+
+
+def test_an_oversized_form_is_refused(api: Api, admin: SyncClient) -> None:
+    big = {"reason": "x" * 20_000, "csrf_token": csrf(admin)}
+    assert admin.post("/console/budgets/freeze", data=big).status_code == 413
+    assert api.client.post("/console/sign-in", data={"key": "k" * 20_000}).status_code == 413

@@ -32,6 +32,7 @@ from runcycles_server.console import spend as spending
 from runcycles_server.console.backend import ApiError, Backend
 from runcycles_server.console.sessions import KeyKind, Session, SessionStore
 from runcycles_server.events import CATEGORIES, EVENT_TYPES
+from runcycles_server.web import read_body
 
 if TYPE_CHECKING:
     import jinja2
@@ -180,12 +181,7 @@ class Console:
 
     async def _form(self, request: Request, session: Session | None) -> dict[str, str] | Response:
         """The urlencoded form of a POST, or a 403 page when its CSRF token is missing/wrong."""
-        raw = await request.body()
-        if len(raw) > MAX_FORM_BYTES:
-            return self.render(
-                request, "error.html", session, 413, title="Too large", message="form too large"
-            )
-        form = {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
+        form = await _read_form(request)
         token = form.get("csrf_token") or request.headers.get("x-csrf-token")
         if _cross_site(request):
             return self.forbidden(request, session, "This request came from another site.")
@@ -234,10 +230,7 @@ class Console:
 
     async def sign_in(self, request: Request) -> Response:
         """Verify a key with ``GET /v1/auth/introspect`` and start a session."""
-        raw = await request.body()
-        form = {
-            k: v[0] for k, v in parse_qs(raw[:MAX_FORM_BYTES].decode("utf-8", "replace")).items()
-        }
+        form = await _read_form(request)
         cookie = request.cookies.get(SIGN_IN_COOKIE)
         token = form.get("signin_token")
         if (
@@ -636,6 +629,12 @@ def _secure(response: ResponseT) -> ResponseT:
 
 def _redirect(url: str) -> Response:
     return _secure(RedirectResponse(url, status_code=303))
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    """The urlencoded form of a POST (first value of each field; 413 past MAX_FORM_BYTES)."""
+    raw = await read_body(request, MAX_FORM_BYTES)
+    return {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
 
 
 def _cross_site(request: Request) -> bool:
