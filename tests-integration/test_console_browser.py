@@ -124,6 +124,8 @@ def test_sign_in_and_every_page_fits_a_laptop_screen(
     page: WebDriver, server: ServerProcess
 ) -> None:
     tenant = server.provision(budget=100_000_000)
+    deep = "/workspace:research-and-development/app:customer-support-assistant/agent:summarizer"
+    tenant.add_budget(5_000_000, scope=f"tenant:{tenant.tenant_id}{deep}")  # a long scope
     reserve(tenant, 100_000)
     with tenant.client() as client:  # some spend for the chart
         for n in range(1, 6):
