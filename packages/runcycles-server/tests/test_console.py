@@ -145,6 +145,8 @@ def test_freeze_needs_a_reason_and_goes_through_the_admin_api(api: Api, admin: S
         "GET", "/v1/admin/events", 200, params={"tenant_id": "acme", "event_type": "budget.frozen"}
     )
     assert events["events"][0]["actor"]["type"] == "admin"
+    # the console request and the API call it made are one trace
+    assert events["events"][0]["trace_id"] == done.headers["x-cycles-trace-id"]
     logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
     entry = next(log for log in logs if log["operation"] == "freezeBudget")
     assert entry["resource_type"] == "budget"

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
+from starlette.requests import Request
 from starlette.types import ASGIApp
 
 from runcycles_server.console.sessions import KeyKind
+from runcycles_server.web import request_ids
 
 INTERNAL_BASE_URL: Final = "http://console.internal"
 CALL_TIMEOUT_S: Final = 30.0
@@ -41,12 +43,39 @@ def key_headers(kind: KeyKind, key: str) -> dict[str, str]:
 class Backend:
     """Calls into one ASGI app with one key."""
 
-    def __init__(self, app: ASGIApp, kind: KeyKind, key: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        kind: KeyKind,
+        key: str,
+        *,
+        client: tuple[str, int] = ("127.0.0.1", 0),
+        trace_id: str | None = None,
+    ) -> None:
+        headers = key_headers(kind, key)
+        if trace_id is not None:
+            headers["X-Cycles-Trace-Id"] = trace_id
         self._client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
+            transport=httpx.ASGITransport(app=app, client=client),
             base_url=INTERNAL_BASE_URL,
-            headers=key_headers(kind, key),
+            headers=headers,
             timeout=CALL_TIMEOUT_S,
+        )
+
+    @classmethod
+    def of(cls, request: Request, kind: KeyKind, key: str) -> Backend:
+        """Calls on behalf of a console request: from the operator's address, in its trace.
+
+        Events and audit entries of what the calls change carry the operator's address as
+        ``source_ip`` and the console request's trace id, so one page or action is one trace.
+        """
+        address = (request.client.host, request.client.port) if request.client else None
+        return cls(
+            request.app,
+            kind,
+            key,
+            client=address or ("127.0.0.1", 0),
+            trace_id=request_ids(request)[1],
         )
 
     async def __aenter__(self) -> Backend:

@@ -284,7 +284,7 @@ class Console:
             return session
         if not session.is_admin:
             return self.forbidden(request, session, "The overview needs the admin key.")
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 data = await api.get("/v1/admin/overview")
                 budgets = await _all_budgets(api, {})
@@ -307,7 +307,7 @@ class Console:
         if not session.is_admin:
             return _redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
         params = _params(request, "status", "cursor")
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 page = await api.get("/v1/admin/tenants", {**params, "limit": "100"})
             except ApiError as exc:
@@ -329,7 +329,7 @@ class Console:
             )
         sections: dict[str, Any] = {}
         errors: dict[str, str] = {}
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             calls: dict[str, tuple[str, dict[str, str]]] = {
                 "budgets": ("/v1/admin/budgets", {"tenant_id": tenant_id, "limit": "100"}),
                 "policies": ("/v1/admin/policies", {"tenant_id": tenant_id, "limit": "100"}),
@@ -354,7 +354,7 @@ class Console:
         if isinstance(session, Response):
             return session
         params = _params(request, "tenant_id", "status", "unit", "scope_prefix", "attention")
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 budgets = await _all_budgets(
                     api, {k: v for k, v in params.items() if k != "attention"}
@@ -407,7 +407,7 @@ class Console:
             return _redirect(back)
         where = {"scope": scope, "unit": unit}
         body: dict[str, Any] = {"reason": reason}
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 if action == "fund":
                     operation = form.get("operation", "CREDIT")
@@ -438,7 +438,7 @@ class Console:
         params = _params(request, "tenant", "status", "cursor")
         params.setdefault("status", "ACTIVE")
         tenants: list[dict[str, Any]] = []
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 if session.is_admin:
                     tenants = (await api.get("/v1/admin/tenants", {"limit": "100"}))["tenants"]
@@ -473,7 +473,7 @@ class Console:
         if not reason or len(reason) > REASON_MAX:
             session.flash = ("error", f"A reason (1 to {REASON_MAX} characters) is required.")
             return _redirect(back)
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 await api.post(
                     f"/v1/reservations/{rid}/release",
@@ -505,7 +505,7 @@ class Console:
         budgets: list[dict[str, Any]] = []
         budget: dict[str, Any] | None = None
         result = None
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 if session.is_admin:
                     tenants = (await api.get("/v1/admin/tenants", {"limit": "100"}))["tenants"]
@@ -569,7 +569,7 @@ class Console:
         params = _params(request, *names)
         path = "/v1/admin/events" if session.is_admin else "/v1/events"
         error = None
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 page = await api.get(path, {**params, "limit": "100"})
             except ApiError as exc:
@@ -596,7 +596,7 @@ class Console:
         if not session.is_admin:
             return self.forbidden(request, session, "The audit log needs the admin key.")
         params = _params(request, "tenant_id", "cursor")
-        async with Backend(request.app, session.kind, session.key) as api:
+        async with Backend.of(request, session.kind, session.key) as api:
             try:
                 page = await api.get("/v1/admin/audit/logs", {**params, "limit": "100"})
             except ApiError as exc:
@@ -669,7 +669,7 @@ async def _identify(request: Request, key: str) -> tuple[KeyKind, str | None] | 
         ("tenant", "admin") if key.startswith("cyc_") else ("admin", "tenant")
     )
     for kind in order:
-        async with Backend(request.app, kind, key) as api:
+        async with Backend.of(request, kind, key) as api:
             try:
                 found = await api.get("/v1/auth/introspect")
             except ApiError:
