@@ -15,7 +15,9 @@ Routes (``X-Admin-API-Key`` unless noted; "or tenant" = a tenant key works for i
 * ``POST /v1/admin/budgets/fund?scope=&unit=[&tenant_id=]`` (or tenant): CREDIT, DEBIT, RESET,
   RESET_SPENT, REPAY_DEBT, idempotent by ``idempotency_key``.
 * ``GET /v1/admin/audit/logs[?tenant_id=]``: audit entries of admin-on-behalf-of releases,
-  observe-mode decisions, policy changes and quota counter resets (for
+  budget freezes, unfreezes and funding (``freezeBudget``, ``unfreezeBudget``,
+  ``fundBudget``, with the request's ``reason``), observe-mode decisions, policy changes and
+  quota counter resets (for
   stores that implement :class:`~runcycles_server.stores.base.AuditReader`; the Redis store
   keeps them per tenant, so it needs ``tenant_id``).
 
@@ -37,11 +39,18 @@ from starlette.routing import BaseRoute, Route
 
 from runcycles.models import Amount, CommitOveragePolicy, Unit
 from runcycles_server import ledger
-from runcycles_server.ledger import ApiKeyRow, BudgetRow, LedgerError, TenantRow
+from runcycles_server.ledger import ApiKeyRow, AuditRow, BudgetRow, LedgerError, TenantRow
 from runcycles_server.query import Param, check_path, check_query
 from runcycles_server.roles import TENANT_ADMIN_PERMISSIONS
 from runcycles_server.stores.base import AuditReader, Store, new_id
-from runcycles_server.web import Authenticator, Principal, json_response, parse_body, query_int
+from runcycles_server.web import (
+    Authenticator,
+    Principal,
+    json_response,
+    parse_body,
+    query_int,
+    request_ids,
+)
 
 Permission = Literal[
     "reservations:create", "reservations:commit", "reservations:release", "reservations:extend",
@@ -351,7 +360,32 @@ def _resource_type(operation: str) -> str:
         return "policy"
     if operation.startswith("quota."):
         return "quota_counter"
+    if operation.endswith("Budget"):
+        return "budget"
     return "reservation"
+
+
+def _audit_entry(
+    request: Request, principal: Principal, operation: str, reason: str | None
+) -> AuditRow:
+    """The audit entry of a budget change made by this request (the store completes it)."""
+    request_id, trace_id = request_ids(request)
+    details: dict[str, Any] = {}
+    if principal.key is not None:
+        details["key_id"] = principal.key.key_id
+    if reason:
+        details["reason"] = reason
+    return AuditRow(
+        audit_id=new_id("aud"),
+        tenant_id="",
+        actor_type="api_key" if principal.key is not None else "admin_on_behalf_of",
+        operation=operation,
+        resource_id="",
+        created_at_ms=0,
+        request_id=request_id,
+        trace_id=trace_id,
+        details=details,
+    )
 
 
 def _page_body(name: str, items: list[dict[str, Any]], cursor: str | None) -> dict[str, Any]:
@@ -611,12 +645,13 @@ class Admin:
         return json_response(budget_body(row))
 
     async def _set_status(self, request: Request, frm: str, to: str) -> Response:
-        self.auth.admin(request)
+        principal = self.auth.admin(request)
         path = "/v1/admin/budgets/freeze" if to == "FROZEN" else "/v1/admin/budgets/unfreeze"
         check_request(request, "POST", path)
         scope, unit = _scope_unit(request)
+        body = BudgetStatusRequest()
         if (await request.body()).strip():
-            await parse_body(request, BudgetStatusRequest, self.max_body)
+            body = await parse_body(request, BudgetStatusRequest, self.max_body)
         row = await self.store.get_budget(scope, unit)
         if row is None:
             raise LedgerError("NOT_FOUND", f"no budget for scope {scope} in {unit}")
@@ -626,7 +661,9 @@ class Admin:
                 f"budget {scope} ({unit}) is {row.status}; only a {frm} budget can become {to}",
                 status=409,
             )
-        row = await self.store.update_budget(scope, unit, None, {"status": to})
+        operation = "freezeBudget" if to == "FROZEN" else "unfreezeBudget"
+        audit = _audit_entry(request, principal, operation, body.reason)
+        row = await self.store.update_budget(scope, unit, None, {"status": to}, audit=audit)
         return json_response(budget_body(row))
 
     async def freeze_budget(self, request: Request) -> Response:
@@ -700,5 +737,6 @@ class Admin:
             idempotency_key=body.idempotency_key,
             request_hash=ledger.payload_hash("fund", payload),
             timestamp=iso(self.store.clock()) or "",
+            audit=_audit_entry(request, principal, "fundBudget", body.reason),
         )
         return json_response(outcome.body, outcome.status_code)

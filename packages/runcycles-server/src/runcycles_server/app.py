@@ -72,6 +72,7 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
+from runcycles_server.console import Console
 from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.events.signals import Signals
 from runcycles_server.events_api import EventsApi
@@ -769,6 +770,7 @@ def create_app(
     webhook_options: WebhookOptions | None = None,
     evidence: Issuer | None = None,
     evidence_requests_per_minute: int | None = PUBLIC_REQUESTS_PER_MINUTE,
+    console: bool = True,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -810,6 +812,9 @@ def create_app(
             ``cycles serve`` turns it on unless given ``--no-evidence``.
         evidence_requests_per_minute: per-address limit of the two public evidence routes
             (``None``: no limit).
+        console: serve the operator console at ``/console`` (see
+            :mod:`runcycles_server.console` and ``docs/console.md``); its routes sit behind
+            the router, never on the runtime's fast routes.
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, ``retention_days``
@@ -860,6 +865,7 @@ def create_app(
         dispatcher.on_delivery = lambda outcome: record(_DELIVERY_OUTCOMES[outcome])
     if isinstance(store, OperationStore):
         store.on_events = dispatcher.wake
+    console_routes = Console(clock=store.clock).routes() if console else []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -909,6 +915,7 @@ def create_app(
             *overview.routes(),
             *webhooks.routes(),
             *evidence_api.routes(),
+            *console_routes,
         ],
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
         lifespan=lifespan,

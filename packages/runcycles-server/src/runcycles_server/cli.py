@@ -78,6 +78,7 @@ ENV_DETECTORS: Final = "CYCLES_DETECTORS"
 ENV_WEBHOOK_POLL: Final = "CYCLES_WEBHOOK_POLL_S"
 ENV_WEBHOOK_LEASE: Final = "CYCLES_WEBHOOK_LEASE_S"
 ENV_WEBHOOK_TIMEOUT: Final = "CYCLES_WEBHOOK_TIMEOUT_S"
+ENV_CONSOLE: Final = "CYCLES_CONSOLE"
 DEV_POLICY: Final = "dev-example-guardrails"
 DEV_POLICY_BODY: Final = {
     "name": DEV_POLICY,
@@ -216,6 +217,7 @@ def app_from_env() -> Starlette:
             webhook_options=hooks,
             evidence=issuer_from_env(),
             evidence_requests_per_minute=evidence_rate_limit_from_env(),
+            console=os.environ.get(ENV_CONSOLE, "1") == "1",
         )
     except ValueError as exc:
         raise SystemExit(
@@ -575,6 +577,14 @@ def serve(
             "over it; 0 = no limit).",
         ),
     ] = DEFAULT_EVIDENCE_RATE_LIMIT,
+    console: Annotated[
+        bool,
+        typer.Option(
+            "--console/--no-console",
+            help="Serve the operator console at /console (sign in with the admin key or a "
+            "tenant key); see docs/console.md.",
+        ),
+    ] = True,
 ) -> None:
     """Run the Cycles server (SQLite by default, Redis with --redis)."""
     with reported():
@@ -648,6 +658,7 @@ def serve(
         os.environ[ENV_METRICS] = "1" if metrics else "0"
         os.environ[ENV_METRICS_PUBLIC] = "1" if metrics_public else "0"
         os.environ[ENV_METRICS_TOP_SCOPES] = str(metrics_top_scopes)
+        os.environ[ENV_CONSOLE] = "1" if console else "0"
         if detectors is not None:
             os.environ[ENV_DETECTORS] = detectors
         else:
@@ -695,7 +706,8 @@ def serve(
                 + ")"
                 if metrics
                 else ""
-            ),
+            )
+            + (f" | console: {base_url}/console" if console else ""),
             err=True,
         )
         typer.echo(evidence_note, err=True)

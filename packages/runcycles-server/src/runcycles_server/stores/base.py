@@ -415,11 +415,19 @@ class Store(GovernanceStore, Protocol):
         """Return one page of budgets ordered by (scope, unit)."""
 
     async def update_budget(
-        self, scope: str, unit: str, tenant_id: str | None, changes: dict[str, Any]
+        self,
+        scope: str,
+        unit: str,
+        tenant_id: str | None,
+        changes: dict[str, Any],
+        *,
+        audit: AuditRow | None = None,
     ) -> BudgetRow:
         """Update budget properties (overdraft_limit, commit_overage_policy, caps, metadata).
 
         Recomputes ``is_over_limit = debt > overdraft_limit`` when the limit changes.
+        ``audit``: the entry to record in the same transaction when something changed (its
+        tenant, resource, time and the budget's old and new status are filled in).
 
         Raises:
             LedgerError: NOT_FOUND / FORBIDDEN.
@@ -437,8 +445,12 @@ class Store(GovernanceStore, Protocol):
         idempotency_key: str | None,
         request_hash: str,
         timestamp: str,
+        audit: AuditRow | None = None,
     ) -> Outcome:
-        """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key."""
+        """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key.
+
+        ``audit``: the entry to record with it (not again on an idempotent replay).
+        """
 
 
 @runtime_checkable
@@ -688,10 +700,16 @@ class OperationStore(ABC):
         return await self.run(operations.create_budget(row))
 
     async def update_budget(
-        self, scope: str, unit: str, tenant_id: str | None, changes: dict[str, Any]
+        self,
+        scope: str,
+        unit: str,
+        tenant_id: str | None,
+        changes: dict[str, Any],
+        *,
+        audit: AuditRow | None = None,
     ) -> BudgetRow:
         """See :meth:`Store.update_budget`."""
-        return await self.run(operations.update_budget(scope, unit, tenant_id, changes))
+        return await self.run(operations.update_budget(scope, unit, tenant_id, changes, audit))
 
     async def fund_budget(
         self,
@@ -705,6 +723,7 @@ class OperationStore(ABC):
         idempotency_key: str | None,
         request_hash: str,
         timestamp: str,
+        audit: AuditRow | None = None,
     ) -> Outcome:
         """See :meth:`Store.fund_budget`."""
         op = operations.fund_budget(
@@ -717,6 +736,7 @@ class OperationStore(ABC):
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             timestamp=timestamp,
+            audit=audit,
         )
         return self._recorded(await self.run(op))
 

@@ -804,9 +804,17 @@ def budget_owner(scope: str) -> str:
 
 
 def update_budget(
-    scope: str, unit: str, tenant_id: str | None, changes: dict[str, Any]
+    scope: str,
+    unit: str,
+    tenant_id: str | None,
+    changes: dict[str, Any],
+    audit: AuditRow | None = None,
 ) -> Op[BudgetRow]:
-    """Update budget properties; ``is_over_limit`` follows a changed ``overdraft_limit``."""
+    """Update budget properties; ``is_over_limit`` follows a changed ``overdraft_limit``.
+
+    ``audit`` is recorded (for the budget's tenant, with its old and new status) when a
+    field changed.
+    """
 
     def plan(txn: Txn) -> BudgetRow:
         old = _budget_for(txn, scope, unit, tenant_id)
@@ -815,11 +823,28 @@ def update_budget(
             row.is_over_limit = row.debt > row.overdraft_limit
         row.updated_at_ms = txn.now
         txn.put_budget(row)
-        _emit(txn, row.tenant_id, _budget_events(old, row, changes), context)
+        events = _budget_events(old, row, changes)
+        _emit(txn, row.tenant_id, events, context)
+        if audit is not None and events:
+            details = {"previous_status": old.status, "new_status": row.status}
+            txn.apply(Outcome(200, b"", audit=_budget_audit(txn, audit, row, details)))
         return row
 
     context = current_context()
     return Op(plan, budget_owner(scope), scopes=[scope])
+
+
+def _budget_audit(
+    txn: Txn, audit: AuditRow, budget: BudgetRow, details: dict[str, Any]
+) -> AuditRow:
+    """The audit entry of a budget change: the budget's tenant and ledger id, the change."""
+    return dataclasses.replace(
+        audit,
+        tenant_id=budget.tenant_id,
+        resource_id=budget.ledger_id,
+        created_at_ms=txn.now,
+        details={**(audit.details or {}), "scope": budget.scope, "unit": budget.unit, **details},
+    )
 
 
 _BUDGET_STATUS_EVENTS: Final = {
@@ -873,8 +898,12 @@ def fund_budget(
     idempotency_key: str | None,
     request_hash: str,
     timestamp: str,
+    audit: AuditRow | None = None,
 ) -> Op[Outcome]:
-    """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key."""
+    """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key.
+
+    ``audit`` is recorded with it (not on an idempotent replay).
+    """
     endpoint = f"fund:{scope}:{unit}"
     owner = budget_owner(scope)
 
@@ -897,6 +926,14 @@ def fund_budget(
         data = {"ledger_id": new.ledger_id, "scope": scope, "unit": unit, "operation": operation,
                 "previous_state": _state(row), "new_state": _state(new)}  # fmt: skip
         funded = Detected(_FUND_EVENTS[operation], scope, data)
+        if audit is not None:
+            details = {
+                "operation": operation,
+                "amount": amount,
+                "previous_remaining": row.remaining,
+                "new_remaining": new.remaining,
+            }
+            outcome.audit = _budget_audit(txn, audit, new, details)
         return _applied(txn, outcome, context, [funded])
 
     context = current_context()

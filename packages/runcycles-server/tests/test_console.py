@@ -1,0 +1,380 @@
+"""The operator console at ``/console``, through HTTP: sign-in, sessions, CSRF, tenant
+isolation, and actions that go through the admin API (events, audit log)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from runcycles_server.app import create_app
+from runcycles_server.console import format as fmt
+from runcycles_server.console import spend as spending
+from runcycles_server.console.pages import SESSION_COOKIE
+from runcycles_server.console.sessions import SessionStore
+
+if TYPE_CHECKING:
+    from conftest import Api, SyncClient
+
+    from runcycles_server.stores.base import Store
+
+U = "USD_MICROCENTS"
+
+
+def sign_in(client: SyncClient, key: str, next_url: str = "") -> Any:
+    page = client.get("/console/sign-in" + (f"?next={next_url}" if next_url else ""))
+    assert page.status_code == 200
+    token = re.search(r'name="signin_token" value="([^"]+)"', page.text)
+    assert token is not None
+    form = {"signin_token": token.group(1), "key": key}
+    if next_url:
+        form["next"] = next_url
+    return client.post("/console/sign-in", data=form)
+
+
+def csrf(client: SyncClient, path: str = "/console/budgets") -> str:
+    page = client.get(path)
+    assert page.status_code == 200, page.text
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found is not None
+    return found.group(1)
+
+
+def reserve(api: Api, key: str, tenant: str, idem: str, amount: int) -> Any:
+    body = {
+        "idempotency_key": idem,
+        "subject": {"tenant": tenant},
+        "action": {"kind": "llm.completion", "name": "m"},
+        "estimate": {"unit": U, "amount": amount},
+    }
+    return api.post(key, "/v1/reservations", body)
+
+
+@pytest.fixture
+def admin(api: Api) -> SyncClient:
+    """The test client, signed in to the console with the admin key."""
+    response = sign_in(api.client, api.admin_headers["X-Admin-API-Key"])
+    assert response.status_code == 303, response.text
+    return api.client
+
+
+def test_sign_in_sets_a_strict_http_only_session_cookie(api: Api) -> None:
+    response = sign_in(api.client, api.admin_headers["X-Admin-API-Key"])
+    assert response.status_code == 303
+    assert response.headers["location"] == "/console/"
+    cookie = next(
+        c for c in response.headers.get_list("set-cookie") if c.startswith(SESSION_COOKIE + "=")
+    )
+    assert "HttpOnly" in cookie
+    assert "SameSite=strict" in cookie
+    assert "Path=/console" in cookie
+    assert api.admin_headers["X-Admin-API-Key"] not in cookie
+    home = api.client.get("/console/")
+    assert home.headers["location"] == "/console/overview"
+    page = api.client.get("/console/overview")
+    assert page.status_code == 200
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
+
+
+def test_a_wrong_key_is_refused_and_pages_need_a_session(api: Api) -> None:
+    response = sign_in(api.client, "not-a-key")
+    assert response.status_code == 401
+    assert "not valid" in response.text
+    page = api.client.get("/console/budgets?status=FROZEN")
+    assert page.status_code == 303
+    assert (
+        page.headers["location"] == "/console/sign-in?next=%2Fconsole%2Fbudgets%3Fstatus%3DFROZEN"
+    )
+
+
+def test_sign_in_without_its_form_token_is_refused(api: Api) -> None:
+    response = api.client.post("/console/sign-in", data={"key": "x", "signin_token": "forged"})
+    assert response.status_code == 403
+
+
+def test_sign_in_returns_to_the_page_asked_for_but_never_off_site(api: Api) -> None:
+    key = api.admin_headers["X-Admin-API-Key"]
+    assert sign_in(api.client, key, "/console/events").headers["location"] == "/console/events"
+    assert sign_in(api.client, key, "https://evil.example/").headers["location"] == "/console/"
+
+
+def test_the_overview_lists_a_tenant_at_80_percent(api: Api, admin: SyncClient) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1000)
+    assert reserve(api, key, "acme", "r1", 800).status_code == 200
+    page = admin.get("/console/overview")
+    assert page.status_code == 200
+    assert "tenant:acme" in page.text
+    assert "80 %" in page.text
+    near = admin.get("/console/budgets?attention=near")
+    assert "tenant:acme" in near.text
+    assert "near limit" in near.text
+
+
+def test_actions_without_the_csrf_token_are_refused(api: Api, admin: SyncClient) -> None:
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1000)
+    form = {"scope": "tenant:acme", "unit": U, "reason": "incident 42"}
+    refused = admin.post("/console/budgets/freeze", data=form)
+    assert refused.status_code == 403
+    assert "CSRF" in refused.text
+    wrong = admin.post("/console/budgets/freeze", data={**form, "csrf_token": "x" * 43})
+    assert wrong.status_code == 403
+    assert admin.post("/console/sign-out", data={}).status_code == 403
+    budget = api.admin(
+        "GET", "/v1/admin/budgets/lookup", 200, params={"scope": "tenant:acme", "unit": U}
+    )
+    assert budget["status"] == "ACTIVE"
+
+
+def test_freeze_needs_a_reason_and_goes_through_the_admin_api(api: Api, admin: SyncClient) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1000)
+    token = csrf(admin)
+    form = {"scope": "tenant:acme", "unit": U, "csrf_token": token}
+    no_reason = admin.post("/console/budgets/freeze", data={**form, "reason": " "})
+    assert no_reason.status_code == 303
+    assert "A reason" in admin.get("/console/budgets").text
+    done = admin.post("/console/budgets/freeze", data={**form, "reason": "incident 42"})
+    assert done.status_code == 303
+    assert "frozen" in admin.get("/console/budgets").text
+    assert reserve(api, key, "acme", "r1", 10).json()["error"] == "BUDGET_FROZEN"
+    events = api.admin(
+        "GET", "/v1/admin/events", 200, params={"tenant_id": "acme", "event_type": "budget.frozen"}
+    )
+    assert events["events"][0]["actor"]["type"] == "admin"
+    # the console request and the API call it made are one trace
+    assert events["events"][0]["trace_id"] == done.headers["x-cycles-trace-id"]
+    logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
+    entry = next(log for log in logs if log["operation"] == "freezeBudget")
+    assert entry["resource_type"] == "budget"
+    assert entry["metadata"]["reason"] == "incident 42"
+    assert entry["metadata"]["new_status"] == "FROZEN"
+    assert "incident 42" in admin.get("/console/audit?tenant_id=acme").text
+    admin.post("/console/budgets/unfreeze", data={**form, "reason": "resolved"})
+    assert reserve(api, key, "acme", "r2", 10).status_code == 200
+
+
+def test_fund_credits_a_budget(api: Api, admin: SyncClient) -> None:
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1000)
+    form = {"scope": "tenant:acme", "unit": U, "tenant_id": "acme", "csrf_token": csrf(admin),
+            "operation": "CREDIT", "amount": "1,500", "reason": "top-up"}  # fmt: skip
+    assert admin.post("/console/budgets/fund", data=form).status_code == 303
+    budget = api.admin(
+        "GET", "/v1/admin/budgets/lookup", 200, params={"scope": "tenant:acme", "unit": U}
+    )
+    assert budget["allocated"]["amount"] == 2500
+    logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
+    funded = [log for log in logs if log["operation"] == "fundBudget"]
+    assert [log["metadata"]["reason"] for log in funded] == ["top-up"]
+    assert funded[0]["metadata"]["amount"] == 1500
+    bad = admin.post("/console/budgets/fund", data={**form, "amount": "lots"})
+    assert bad.status_code == 303
+    assert "whole number" in admin.get("/console/budgets").text
+
+
+def test_force_release_is_audited(api: Api, admin: SyncClient) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1000)
+    rid = reserve(api, key, "acme", "r1", 300).json()["reservation_id"]
+    page = admin.get("/console/reservations?tenant=acme")
+    assert rid in page.text
+    response = admin.post(
+        f"/console/reservations/{rid}/release",
+        data={"reason": "stuck agent", "csrf_token": csrf(admin), "next": "/console/reservations"},
+    )
+    assert response.status_code == 303
+    after = admin.get("/console/reservations?tenant=acme").text
+    assert f"Reservation {rid} released." in after
+    assert f'data-reservation="{rid}"' not in after
+    audit = admin.get("/console/audit?tenant_id=acme")
+    assert rid in audit.text
+    assert "stuck agent" in audit.text
+
+
+def test_events_are_filtered_as_the_api_does(api: Api, admin: SyncClient) -> None:
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1000)
+    page = admin.get("/console/events?tenant_id=acme&event_type=budget.created")
+    assert page.status_code == 200
+    assert page.text.count('data-event-type="budget.created"') == 1
+    assert 'data-event-type="tenant.created"' not in page.text
+    bad = admin.get("/console/events?tenant_id=acme&trace_id=nope")
+    assert bad.status_code == 400
+    assert "trace_id" in bad.text
+
+
+def test_a_tenant_key_sees_only_its_tenant_and_cannot_act(api: Api) -> None:
+    key = api.tenant("acme")
+    api.tenant("globex")
+    api.budget("acme", "tenant:acme", 1000)
+    api.budget("globex", "tenant:globex", 1000)
+    client = api.client
+    assert sign_in(client, key).status_code == 303
+    assert client.get("/console/").headers["location"] == "/console/tenants/acme"
+    own = client.get("/console/tenants/acme")
+    assert own.status_code == 200
+    assert "tenant:acme" in own.text
+    assert client.get("/console/tenants/globex").status_code == 403
+    assert client.get("/console/overview").status_code == 403
+    assert client.get("/console/audit").status_code == 403
+    budgets = client.get("/console/budgets?tenant_id=globex")
+    assert "tenant:globex" not in budgets.text
+    assert "tenant:acme" in budgets.text
+    assert "globex" not in client.get("/console/reservations?tenant=globex").text.replace(
+        "tenant=globex", ""
+    )
+    form = {"scope": "tenant:acme", "unit": U, "reason": "r", "csrf_token": csrf(client)}
+    assert client.post("/console/budgets/freeze", data=form).status_code == 403
+
+
+def test_sign_out_ends_the_session(api: Api, admin: SyncClient) -> None:
+    token = csrf(admin)
+    assert admin.post("/console/sign-out", data={"csrf_token": token}).status_code == 303
+    assert admin.get("/console/overview").status_code == 303
+
+
+def test_the_console_can_be_turned_off(make_api: Any) -> None:
+    api = make_api(console=False)
+    assert api.client.get("/console/sign-in").status_code == 404
+
+
+def test_sessions_end_when_idle_or_too_old() -> None:
+    now = [0.0]
+    store = SessionStore(idle_timeout_s=60, absolute_timeout_s=300, clock=lambda: now[0])
+    session = store.create("admin", "k", None)
+    now[0] = 59
+    assert store.get(session.session_id) is session
+    now[0] = 110
+    assert store.get(session.session_id, touch=False) is session  # a poll keeps nothing alive
+    now[0] = 121
+    assert store.get(session.session_id) is None
+    busy = store.create("admin", "k", None)
+    for t in range(150, 421, 50):
+        now[0] = t
+        assert store.get(busy.session_id) is not None
+    now[0] = 121 + 301
+    assert store.get(busy.session_id) is None
+    assert store.get("unknown") is None
+    assert store.get(None) is None
+
+
+def test_sessions_are_capped() -> None:
+    store = SessionStore(max_sessions=2)
+    first = store.create("admin", "k", None)
+    store.create("admin", "k", None)
+    store.create("tenant", "k2", "acme")
+    assert len(store) == 2
+    assert store.get(first.session_id) is None
+
+
+def test_a_tenant_page_shows_its_budgets_keys_and_policies(api: Api, admin: SyncClient) -> None:
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 250_000_000)
+    page = admin.get("/console/tenants/acme")
+    assert page.status_code == 200
+    assert "tenant:acme" in page.text
+    assert "$2.50" in page.text
+    assert "cyc_live_" in page.text  # the key's prefix, never its secret
+    assert "Not shown" not in page.text
+    assert "No policies." in page.text
+    assert admin.get("/console/tenants/nobody").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("microcents", "shown"),
+    [(0, "$0.00"), (200_000, "$0.002"), (1_250_000_000, "$12.50"), (1, "$0.00000001"),
+     (-300_000_000, "-$3.00"), (123_456_789_000, "$1,234.56789")],
+)  # fmt: skip
+def test_dollar_amounts_never_round_a_small_budget_to_zero(microcents: int, shown: str) -> None:
+    assert fmt.amount({"unit": U, "amount": microcents}) == shown
+
+
+def test_other_units_and_utilization() -> None:
+    assert fmt.amount({"unit": "TOKENS", "amount": 12_000}) == "12,000 tokens"
+    assert fmt.amount(None) == "—"
+    budget = {"allocated": {"amount": 1000}, "remaining": {"amount": 200}}
+    assert fmt.utilization(budget) == 0.8
+    assert fmt.level(0.8) == "near"
+    assert fmt.level(1.2) == "over"
+    assert fmt.level(0.5, "FROZEN") == "frozen"
+    assert fmt.utilization({"allocated": {"amount": 0}, "spent": {"amount": 5}}) == 1.0
+
+
+def committed(scope: str, amount: int, done_ms: int, unit: str = U) -> dict[str, Any]:
+    return {"status": "COMMITTED", "committed": {"unit": unit, "amount": amount},
+            "finalized_at_ms": done_ms, "affected_scopes": [scope]}  # fmt: skip
+
+
+def test_a_spend_series_buckets_the_commits_of_its_scope() -> None:
+    end = 10 * spending.HOUR_MS
+    day = spending.RANGES["day"]
+    rows = [
+        committed("tenant:acme", 100, end - 1),  # last bucket, last hour
+        committed("tenant:acme", 50, end - 90 * 60_000),  # two hours' bucket, not last hour
+        committed("tenant:acme", 7, end - 25 * spending.HOUR_MS),  # before the range
+        committed("tenant:other", 1_000, end - 1),  # another scope
+        committed("tenant:acme", 1_000, end - 1, unit="TOKENS"),  # another unit
+        {"status": "COMMITTED", "affected_scopes": ["tenant:acme"]},  # no amount
+    ]
+    series = spending.series(rows, "tenant:acme", U, day, end)
+    assert series.amounts[-1] == 100
+    assert series.amounts[-2] == 50
+    assert series.total == 150
+    assert series.counted == 2
+    assert series.last_hour == 100
+    assert series.per_hour() == 150 / 24
+    assert series.hours_left(1_000) == 10
+    assert spending.series([], "tenant:acme", U, day, end).hours_left(5) is None
+
+
+def test_the_spend_page_charts_committed_spend(api: Api, admin: SyncClient) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 100_000_000)
+    for n in (1, 2):
+        rid = reserve(api, key, "acme", f"r{n}", 1_000_000).json()["reservation_id"]
+        body = {"idempotency_key": f"c{n}", "actual": {"unit": U, "amount": n * 400_000}}
+        assert api.post(key, f"/v1/reservations/{rid}/commit", body).status_code == 200
+    page = admin.get("/console/spend?tenant=acme&range=week")
+    assert page.status_code == 200
+    assert 'name="range" value="week" checked' in page.text
+    assert 'data-total="1200000"' in page.text
+    assert "$0.012 (2 commits)" in page.text
+    assert page.text.count('class="spend-bar"') == 28
+    assert admin.get("/console/spend?range=year").status_code == 400
+    assert "no budgets" in admin.get("/console/spend?tenant=nobody").text
+
+
+def test_the_console_adds_nothing_in_front_of_the_api(store: Store) -> None:
+    """Same middleware, same routes first, console last: no API request pays for it."""
+    on = create_app(store, admin_api_key="k", sweep_interval_s=None, close_store=False)
+    off = create_app(store, admin_api_key="k", sweep_interval_s=None, console=False)
+    assert [m.cls for m in on.user_middleware] == [m.cls for m in off.user_middleware]
+    api_routes = len(off.routes)
+    assert [getattr(r, "path", None) for r in on.routes[:api_routes]] == [
+        getattr(r, "path", None) for r in off.routes
+    ]
+    assert all(getattr(r, "path", "").startswith("/console") for r in on.routes[api_routes:])
+
+
+def test_a_post_from_another_site_is_refused_even_with_the_token(
+    api: Api, admin: SyncClient
+) -> None:
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1000)
+    form = {"scope": "tenant:acme", "unit": U, "reason": "r", "csrf_token": csrf(admin)}
+    for origin in ("https://evil.example", "null"):
+        refused = admin.post("/console/budgets/freeze", data=form, headers={"Origin": origin})
+        assert refused.status_code == 403
+        assert "another site" in refused.text
+    same = admin.post("/console/budgets/freeze", data=form, headers={"Origin": "http://testserver"})
+    assert same.status_code == 303
+
+
+def test_an_oversized_form_is_refused(api: Api, admin: SyncClient) -> None:
+    big = {"reason": "x" * 20_000, "csrf_token": csrf(admin)}
+    assert admin.post("/console/budgets/freeze", data=big).status_code == 413
+    assert api.client.post("/console/sign-in", data={"key": "k" * 20_000}).status_code == 413
