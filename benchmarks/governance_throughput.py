@@ -18,6 +18,11 @@ the server process from ``/proc``), the figure that stays comparable on a shared
 Printed: the median per configuration and the ratios none/base and policy/base (of the
 medians, and the median of the per-round ratios).
 
+This tree's servers run with ``--current-args`` (default ``--no-evidence``): signed evidence
+(issue 14) came after governance with a cost target of its own (``server_throughput.py
+--evidence off,on``), so it is off here to measure what governance costs; everything else
+(the event log, the monitor's tallies, the webhook dispatcher, the console) runs as by default.
+
 Run::
 
     uv run python benchmarks/governance_throughput.py                  # both stores, 5 rounds
@@ -85,17 +90,23 @@ def _add_policy(opener: Callable[[], Store], tenant_id: str) -> None:
 
 
 def _one(
-    store: str, config: str, baseline: Path, clients: int, seconds: float
+    store: str, config: str, baseline: Path, clients: int, seconds: float, current: list[str]
 ) -> tuple[float, int]:
-    """Run one server configuration; return (server CPU µs per pair, pairs)."""
+    """Run one server configuration; return (server CPU µs per pair, pairs).
+
+    ``current`` are the ``cycles serve`` arguments of this tree's servers (not the baseline's).
+    """
     env: dict[str, str] = {}
+    extra: list[str] = []
     if config == "base":
         paths = [baseline / "packages/runcycles-server/src", baseline / "packages/runcycles/src"]
         env["PYTHONPATH"] = os.pathsep.join(str(p) for p in paths)
+    else:
+        extra = current
     workdir = Path(tempfile.mkdtemp(prefix="cycles-govbench-"))
     db = workdir / "cycles.db"
     kind: Any = store
-    with ServerProcess.start(store=kind, db_path=db, env=env) as server:
+    with ServerProcess.start(store=kind, db_path=db, env=env, extra_args=extra) as server:
         tenant = server.provision(budget=BUDGET)
         if config == "policy":
             _add_policy(lambda: _open_store(server, db), tenant.tenant_id)
@@ -126,6 +137,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument(
+        "--current-args",
+        default="--no-evidence",
+        help="cycles serve arguments of this tree's servers (default: signed evidence off, "
+        "a later issue's feature with its own cost target, so the ratios measure governance; "
+        "'' to run with every default)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cycles-govbench-tree-") as tmp:
         baseline = Path(tmp) / "tree"
@@ -160,7 +178,9 @@ def _run(args: argparse.Namespace, baseline: Path) -> int:
             random.shuffle(order)
             line = []
             for config in order:
-                per_pair, pairs = _one(store, config, baseline, args.clients, args.seconds)
+                per_pair, pairs = _one(
+                    store, config, baseline, args.clients, args.seconds, args.current_args.split()
+                )
                 cpu[config].append(per_pair)
                 line.append(f"{config} {per_pair:5.0f} us ({pairs} pairs)")
             print(f"  round {i + 1}: " + ", ".join(line))
