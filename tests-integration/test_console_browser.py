@@ -26,7 +26,11 @@ from runcycles_server.roles import TENANT_ADMIN_PERMISSIONS
 from runcycles_server.testing import ProvisionedTenant, ServerProcess
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -101,7 +105,11 @@ def sign_in(driver: WebDriver, server: ServerProcess, key: str) -> None:
 
 
 def wait_for(driver: WebDriver, condition: Any, timeout_s: float = 10) -> Any:
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(condition)
+    # A page being replaced (a form just posted, a live refresh) leaves stale elements behind
+    # for a moment: look again rather than fail.
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    wait = WebDriverWait(driver, timeout_s, poll_frequency=0.1, ignored_exceptions=ignored)
+    return wait.until(condition)
 
 
 def text(driver: WebDriver) -> str:

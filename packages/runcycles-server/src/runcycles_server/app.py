@@ -858,6 +858,7 @@ def create_app(
         max_age_ms=options.max_age_ms,
         retention_ms=retention_ms,
         transport=options.transport,
+        health=health,
     )
     webhooks = WebhooksApi(store, dispatcher.storage, dispatcher, auth, max_body_bytes)
     if meter is not None:

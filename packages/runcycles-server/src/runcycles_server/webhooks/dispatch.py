@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from runcycles_server.events import EventRecord, event_to_json, new_event_id
+from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import DAY_MS, LedgerError
 from runcycles_server.stores.base import EventQuery, Store
 from runcycles_server.webhooks.models import (
@@ -123,8 +124,12 @@ class Dispatcher:
         owner: str | None = None,
         jitter: Callable[[], float] = random.random,
         retention_ms: int | None = 7 * DAY_MS,
+        health: StoreHealth | None = None,
     ) -> None:
         self.store = store
+        self.health = health
+        """Where a round that failed because the store is unavailable is reported (one log
+        line per outage, as the sweeper's), instead of a traceback each round."""
         self.storage = storage
         self.poll_interval_s = poll_interval_s
         self.lease_ms = lease_ms
@@ -160,8 +165,11 @@ class Dispatcher:
                 busy = await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("webhook dispatch round failed")
+            except Exception as exc:
+                if self.health is not None and self.health.is_unavailable(exc):
+                    self.health.failed(exc, request=False)
+                else:
+                    logger.exception("webhook dispatch round failed")
                 busy = 0
             if busy:
                 continue
