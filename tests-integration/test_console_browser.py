@@ -223,10 +223,14 @@ def test_force_release_a_reservation(page: WebDriver, server: ServerProcess) -> 
     page.get(f"{server.base_url}/console/reservations")
     Select(page.find_element(By.ID, "f-tenant")).select_by_visible_text(tenant.tenant_id)
     page.find_element(By.CSS_SELECTOR, "form.filters button").click()
-    row = page.find_element(By.XPATH, f"//tr[@data-reservation='{rid}']")
+    row = f"//tr[@data-reservation='{rid}']"
+    page.find_element(By.XPATH, row)
     shoot(page, "reservations")
-    row.find_element(By.NAME, "reason").send_keys("agent crashed")
-    row.find_element(By.CSS_SELECTOR, "button").click()
+    # The live refresh may replace the table between finding an element and using it: each
+    # step looks the element up again until it acts (typing pauses the refresh).
+    wait_for(page, lambda d: d.find_element(By.XPATH, f"{row}//*[@name='reason']").send_keys(
+        "agent crashed") or True)  # fmt: skip
+    wait_for(page, lambda d: d.find_element(By.XPATH, f"{row}//button").click() or True)
     wait_for(page, lambda d: f"Reservation {rid} released." in text(d))
     assert not page.find_elements(By.XPATH, f"//tr[@data-reservation='{rid}']")
     shoot(page, "reservations-released")

@@ -179,6 +179,22 @@ class Console:
             request, "error.html", session, 403, title="Not allowed", message=message
         )
 
+    async def _admin_action(self, request: Request) -> tuple[Session, dict[str, str]] | Response:
+        """The session and form of an admin action, or the page refusing it.
+
+        Refused: a request without a session, with a wrong CSRF token, or from a read-only
+        tenant-key session.
+        """
+        session = self._signed_in(request)
+        if isinstance(session, Response):
+            return session
+        form = await self._form(request, session)
+        if isinstance(form, Response):
+            return form
+        if not session.is_admin:
+            return self.forbidden(request, session, "A tenant-key session is read-only.")
+        return session, form
+
     async def _form(self, request: Request, session: Session | None) -> dict[str, str] | Response:
         """The urlencoded form of a POST, or a 403 page when its CSRF token is missing/wrong."""
         form = await _read_form(request)
@@ -381,14 +397,10 @@ class Console:
 
     async def budget_action(self, request: Request) -> Response:
         """``freeze``, ``unfreeze`` or ``fund`` one budget through the admin API."""
-        session = self._signed_in(request)
-        if isinstance(session, Response):
-            return session
-        form = await self._form(request, session)
-        if isinstance(form, Response):
-            return form
-        if not session.is_admin:
-            return self.forbidden(request, session, "A tenant-key session is read-only.")
+        checked = await self._admin_action(request)
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
         action = str(request.path_params["action"])
         reason = form.get("reason", "").strip()
         scope, unit = form.get("scope", ""), form.get("unit", "")
@@ -459,14 +471,10 @@ class Console:
 
     async def release(self, request: Request) -> Response:
         """Force-release a reservation as the admin (the API records it in the audit log)."""
-        session = self._signed_in(request)
-        if isinstance(session, Response):
-            return session
-        form = await self._form(request, session)
-        if isinstance(form, Response):
-            return form
-        if not session.is_admin:
-            return self.forbidden(request, session, "A tenant-key session is read-only.")
+        checked = await self._admin_action(request)
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
         rid = str(request.path_params["reservation_id"])
         reason = form.get("reason", "").strip()
         back = _safe_next(form.get("next")) or f"{CONSOLE_PATH}/reservations"
