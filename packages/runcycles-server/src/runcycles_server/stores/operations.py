@@ -951,6 +951,20 @@ def record_events(tenant_id: str, rows: Sequence[EventRecord]) -> Op[None]:
     return Op(plan, tenant_id)
 
 
+def record_audit(tenant_id: str, entry: AuditRow) -> Op[None]:
+    """Write one audit entry on its own, stamped with the transaction's time.
+
+    For admin actions that change no ledger row (a webhook test or replay): the entry is the
+    only trace they leave in the audit log.
+    """
+
+    def plan(txn: Txn) -> None:
+        stamped = dataclasses.replace(entry, tenant_id=tenant_id, created_at_ms=txn.now)
+        txn.apply(Outcome(200, b"", audit=stamped))
+
+    return Op(plan, tenant_id)
+
+
 def api_key_events(
     kind: str,
     key: ApiKeyRow,
