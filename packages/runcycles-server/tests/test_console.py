@@ -3,7 +3,11 @@ isolation, and actions that go through the admin API (events, audit log)."""
 
 from __future__ import annotations
 
+import json
 import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -378,3 +382,203 @@ def test_an_oversized_form_is_refused(api: Api, admin: SyncClient) -> None:
     big = {"reason": "x" * 20_000, "csrf_token": csrf(admin)}
     assert admin.post("/console/budgets/freeze", data=big).status_code == 413
     assert api.client.post("/console/sign-in", data={"key": "k" * 20_000}).status_code == 413
+
+
+# --------------------------------------------------------------------------------------------
+# Webhooks
+
+
+HOOK_PERMS = ["reservations:create", "reservations:commit", "balances:read", "webhooks:read",
+              "webhooks:write"]  # fmt: skip
+
+
+class Receiver:
+    """A real local HTTP receiver answering ``status`` and keeping each event it got."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.events: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                receiver.events.append(json.loads(body))
+                self.send_response(receiver.status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def types(self) -> list[str]:
+        return [e["event_type"] for e in self.events]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    found = Receiver()
+    yield found
+    found.server.shutdown()
+    found.server.server_close()
+
+
+def hooked_tenant(api: Api, tenant: str, url: str, **fields: Any) -> tuple[str, str]:
+    """A tenant with a budget, a key allowed webhooks, and a subscription to ``url``."""
+    config = {"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8"]}
+    api.admin("PUT", "/v1/admin/config/webhook-security", 200, json=config)
+    api.admin("POST", "/v1/admin/tenants", json={"tenant_id": tenant, "name": tenant})
+    body = {"tenant_id": tenant, "name": "ops", "permissions": HOOK_PERMS}
+    key = str(api.admin("POST", "/v1/admin/api-keys", 201, json=body)["key_secret"])
+    api.budget(tenant, f"tenant:{tenant}", 1_000)
+    hook = {"url": url, "event_types": ["budget.threshold_crossed"], "name": f"{tenant}-alerts",
+            "retry_policy": {"max_retries": 0}, **fields}  # fmt: skip
+    created = api.client.post("/v1/webhooks", json=hook, headers={"X-Cycles-API-Key": key})
+    assert created.status_code == 201, created.text
+    return key, str(created.json()["subscription"]["subscription_id"])
+
+
+def dispatch(api: Api) -> int:
+    return int(api.client.run(api.client.app.state.webhook_dispatcher.run_once()))
+
+
+def test_the_webhooks_page_shows_health_and_a_failing_subscriptions_deliveries(
+    api: Api, admin: SyncClient, receiver: Receiver
+) -> None:
+    key, sid = hooked_tenant(api, "acme", receiver.url, disable_after_failures=2)
+    receiver.status = 500
+    assert reserve(api, key, "acme", "r1", 850).status_code == 200  # crosses 80 %
+    assert dispatch(api) == 1
+    listing = admin.get("/console/webhooks")
+    assert listing.status_code == 200
+    row = re.search(rf'<tr data-subscription="{sid}">(.*?)</tr>', listing.text, re.S)
+    assert row is not None
+    assert "acme-alerts" in row.group(1)
+    assert "ACTIVE" in row.group(1)
+    assert "failing" in row.group(1)  # said in words, not by colour alone
+    assert "1 of 2" in row.group(1)
+    detail = admin.get(f"/console/webhooks/{sid}")
+    assert detail.status_code == 200
+    delivery = re.search(r'<tr data-delivery="[^"]+" data-status="FAILED">(.*?)</tr>', detail.text,
+                         re.S)  # fmt: skip
+    assert delivery is not None
+    assert "budget.threshold_crossed" in delivery.group(1)
+    assert "HTTP 500" in delivery.group(1)
+    assert reserve(api, key, "acme", "r2", 100).status_code == 200  # crosses 95 %
+    dispatch(api)
+    detail = admin.get(f"/console/webhooks/{sid}")
+    assert "DISABLED" in detail.text
+    assert "disabled: consecutive failures exceeded threshold" in detail.text
+    assert detail.text.count('data-status="FAILED"') == 2
+    only_ok = admin.get(f"/console/webhooks/{sid}?status=SUCCESS")
+    assert "data-status=" not in only_ok.text
+    assert admin.get(f"/console/webhooks/{sid}?status=BOGUS").status_code == 400
+    assert admin.get("/console/webhooks?status=BOGUS").status_code == 400
+    assert admin.get("/console/webhooks/whsub_nope").status_code == 404
+
+
+def test_webhook_test_replay_pause_resume_are_audited_admin_actions(
+    api: Api, admin: SyncClient, receiver: Receiver
+) -> None:
+    key, sid = hooked_tenant(api, "acme", receiver.url)
+    assert reserve(api, key, "acme", "r1", 850).status_code == 200
+    dispatch(api)
+    assert receiver.types() == ["budget.threshold_crossed"]
+    page = f"/console/webhooks/{sid}"
+    token = csrf(admin, page)
+    assert admin.post(f"{page}/test", data={}).status_code == 403  # no CSRF token
+    sent = admin.post(f"{page}/test", data={"csrf_token": token})
+    assert sent.status_code == 303
+    assert "Test delivered: the receiver answered HTTP 200" in admin.get(page).text
+    assert receiver.types()[-1] == "system.webhook_test"
+    no_reason = admin.post(f"{page}/replay", data={"csrf_token": token, "window": "day"})
+    assert no_reason.status_code == 303
+    assert "A reason" in admin.get(page).text
+    form = {
+        "csrf_token": token,
+        "window": "day",
+        "max_events": "100",
+        "reason": "receiver lost data",
+    }
+    assert admin.post(f"{page}/replay", data=form).status_code == 303
+    assert "1 event(s) of the last 24 hours queued" in admin.get(page).text
+    dispatch(api)
+    assert receiver.types().count("budget.threshold_crossed") == 2  # sent again
+    bad = admin.post(f"{page}/replay", data={**form, "max_events": "5000"})
+    assert bad.status_code == 303
+    assert "at most 1 to 1000 events" in admin.get(page).text
+    paused = admin.post(f"{page}/pause", data={"csrf_token": token, "reason": "maintenance"})
+    assert paused.status_code == 303
+    assert f"Subscription {sid} is now PAUSED." in admin.get(page).text
+    sub = api.admin("GET", f"/v1/admin/webhooks/{sid}", 200)
+    assert sub["status"] == "PAUSED"
+    refused = admin.post(f"{page}/replay", data=form)
+    assert refused.status_code == 303
+    assert "resume it" in admin.get(page).text
+    admin.post(f"{page}/resume", data={"csrf_token": token, "reason": "back"})
+    assert api.admin("GET", f"/v1/admin/webhooks/{sid}", 200)["status"] == "ACTIVE"
+    assert admin.post(f"{page}/delete", data={"csrf_token": token}).status_code == 404
+    logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
+    by_op = {entry["operation"]: entry for entry in logs}
+    for operation in ("testWebhookSubscription", "replayEvents", "pauseWebhookSubscription",
+                      "resumeWebhookSubscription"):  # fmt: skip
+        assert by_op[operation]["resource_id"] == sid
+        assert by_op[operation]["metadata"]["actor_type"] == "admin_on_behalf_of"
+    assert by_op["replayEvents"]["metadata"]["reason"] == "receiver lost data"
+    assert by_op["replayEvents"]["metadata"]["events_queued"] == 1
+    assert by_op["pauseWebhookSubscription"]["metadata"]["reason"] == "maintenance"
+    events = api.admin("GET", "/v1/admin/events", 200,
+                       params={"tenant_id": "acme", "event_type": "webhook.paused"})  # fmt: skip
+    assert events["events"][0]["actor"]["type"] == "admin"
+
+
+def test_the_webhook_api_audits_its_test_and_replay_too(api: Api, receiver: Receiver) -> None:
+    key, sid = hooked_tenant(api, "acme", receiver.url)
+    tested = api.client.post(f"/v1/webhooks/{sid}/test", headers={"X-Cycles-API-Key": key})
+    assert tested.status_code == 200, tested.text
+    api.admin(
+        "POST", f"/v1/admin/webhooks/{sid}/replay", 202, json={"from": "2020-01-01T00:00:00Z"}
+    )
+    logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
+    ops = {entry["operation"]: entry["metadata"] for entry in logs}
+    assert ops["testWebhookSubscription"]["actor_type"] == "api_key"
+    assert ops["testWebhookSubscription"]["success"] is True
+    assert ops["replayEvents"]["actor_type"] == "admin_on_behalf_of"
+
+
+def test_a_tenant_key_sees_only_its_own_subscriptions_and_cannot_act(
+    api: Api, receiver: Receiver
+) -> None:
+    key, mine = hooked_tenant(api, "acme", receiver.url)
+    _, theirs = hooked_tenant(api, "globex", receiver.url)
+    assert sign_in(api.client, key).status_code == 303
+    listing = api.client.get("/console/webhooks")
+    assert listing.status_code == 200
+    assert mine in listing.text
+    assert theirs not in listing.text
+    assert "globex" not in api.client.get("/console/webhooks?tenant_id=globex").text
+    assert api.client.get(f"/console/webhooks/{theirs}").status_code == 404
+    page = api.client.get(f"/console/webhooks/{mine}")
+    assert page.status_code == 200
+    assert "Send a test event" not in page.text  # read-only: no action forms
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token is not None
+    for action in ("test", "pause"):
+        refused = api.client.post(f"/console/webhooks/{mine}/{action}",
+                                  data={"csrf_token": token.group(1), "reason": "r"})  # fmt: skip
+        assert refused.status_code == 403
+        assert "read-only" in refused.text
+    assert receiver.events == []
+    assert api.admin("GET", f"/v1/admin/webhooks/{mine}", 200)["status"] == "ACTIVE"
+
+
+def test_a_tenant_key_without_webhooks_read_is_told_so(api: Api) -> None:
+    key = api.tenant("acme")
+    assert sign_in(api.client, key).status_code == 303
+    page = api.client.get("/console/webhooks")
+    assert page.status_code == 403
+    assert "webhooks:read" in page.text

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -29,10 +29,18 @@ from starlette.staticfiles import StaticFiles
 
 from runcycles_server.console import format as fmt
 from runcycles_server.console import spend as spending
-from runcycles_server.console.backend import ApiError, Backend
+from runcycles_server.console.backend import ApiError, Backend, WebhookDesk
 from runcycles_server.console.sessions import KeyKind, Session, SessionStore
 from runcycles_server.events import CATEGORIES, EVENT_TYPES
+from runcycles_server.events.context import set_actor
 from runcycles_server.web import read_body
+from runcycles_server.webhooks.models import (
+    DELIVERY_STATUSES,
+    STATUSES,
+    SubscriptionRow,
+    delivery_body,
+    subscription_body,
+)
 
 if TYPE_CHECKING:
     import jinja2
@@ -48,6 +56,14 @@ MAX_FORM_BYTES: Final = 16_384
 MAX_BUDGETS: Final = 2000
 """Budgets the budgets page and the near-limit card read (20 pages of 100)."""
 REASON_MAX: Final = 256
+REPLAY_WINDOWS: Final = {
+    "hour": ("the last hour", 3_600_000),
+    "day": ("the last 24 hours", 24 * 3_600_000),
+    "week": ("the last 7 days", 7 * 24 * 3_600_000),
+}
+"""The windows a replay from the webhooks page may resend (ending now)."""
+REPLAY_MAX_EVENTS: Final = 1000
+WEBHOOK_ACTIONS: Final = ("test", "replay", "pause", "resume")
 _HERE: Final = Path(__file__).parent
 _SECURITY_HEADERS: Final = {
     "Content-Security-Policy": (
@@ -132,6 +148,13 @@ class Console:
                     Route("/spend", self.spend, methods=["GET"]),
                     Route("/events", self.events, methods=["GET"]),
                     Route("/audit", self.audit, methods=["GET"]),
+                    Route("/webhooks", self.webhooks, methods=["GET"]),
+                    Route("/webhooks/{subscription_id}", self.webhook, methods=["GET"]),
+                    Route(
+                        "/webhooks/{subscription_id}/{action}",
+                        self.webhook_action,
+                        methods=["POST"],
+                    ),
                     Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
                 ],
             ),
@@ -611,6 +634,136 @@ class Console:
                 return self._api_error(request, session, exc)
         return self.render(request, "audit.html", session, page=page, params=params)
 
+    # ----------------------------------------------------------------------------------------
+    # Webhooks
+
+    async def _webhook_desk(self, request: Request, session: Session) -> WebhookDesk | Response:
+        """The session's webhook desk, once its key is checked again and may see webhooks.
+
+        The key is asked of ``GET /v1/auth/introspect`` on every page (a key revoked since
+        sign-in sees nothing more); a tenant key needs ``webhooks:read``.
+        """
+        async with Backend.of(request, session.kind, session.key) as api:
+            try:
+                found = await api.get("/v1/auth/introspect")
+            except ApiError as exc:
+                return self._api_error(request, session, exc)
+        if not session.is_admin and not found.get("capabilities", {}).get("view_webhooks"):
+            return self.forbidden(
+                request, session, "This tenant key lacks the webhooks:read permission."
+            )
+        return WebhookDesk.of(request, None if session.is_admin else session.tenant_id)
+
+    async def webhooks(self, request: Request) -> Response:
+        """Subscriptions with their health; a tenant key sees its own tenant's only."""
+        session = self._signed_in(request)
+        if isinstance(session, Response):
+            return session
+        desk = await self._webhook_desk(request, session)
+        if isinstance(desk, Response):
+            return desk
+        params = _params(request, "tenant_id", "status")
+        if params.get("status", "ACTIVE") not in STATUSES:
+            return self._bad_request(
+                request, session, f"status must be one of {', '.join(STATUSES)}"
+            )
+        try:
+            rows = await desk.subscriptions(params.get("tenant_id"), params.get("status"))
+            items = [await _subscription_view(desk, r) for r in rows]
+        except ApiError as exc:
+            return self._api_error(request, session, exc)
+        return self.render(
+            request, "webhooks.html", session, subscriptions=items, params=params, statuses=STATUSES
+        )
+
+    async def webhook(self, request: Request) -> Response:
+        """One subscription: health, deliveries (filter by status), test, replay, pause."""
+        session = self._signed_in(request)
+        if isinstance(session, Response):
+            return session
+        desk = await self._webhook_desk(request, session)
+        if isinstance(desk, Response):
+            return desk
+        sid = str(request.path_params["subscription_id"])
+        params = _params(request, "status", "cursor")
+        if params.get("status", "SUCCESS") not in DELIVERY_STATUSES:
+            return self._bad_request(
+                request, session, f"status must be one of {', '.join(DELIVERY_STATUSES)}"
+            )
+        try:
+            row = await desk.get(sid)
+            sub = await _subscription_view(desk, row)
+            page = await desk.deliveries(sid, params.get("status"), params.get("cursor"))
+        except ApiError as exc:
+            return self._api_error(request, session, exc)
+        return self.render(
+            request,
+            "webhook.html",
+            session,
+            sub=sub,
+            deliveries=[delivery_body(d) for d in page.items],
+            next_cursor=page.next_cursor,
+            params=params,
+            statuses=DELIVERY_STATUSES,
+            windows=REPLAY_WINDOWS,
+            max_events=REPLAY_MAX_EVENTS,
+        )
+
+    async def webhook_action(self, request: Request) -> Response:
+        """``test``, ``replay``, ``pause`` or ``resume`` one subscription (admin, audited)."""
+        checked = await self._admin_action(request)
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
+        sid = str(request.path_params["subscription_id"])
+        action = str(request.path_params["action"])
+        back = f"{CONSOLE_PATH}/webhooks/{quote(sid, safe='')}"
+        if action not in WEBHOOK_ACTIONS:
+            return self.render(
+                request, "error.html", session, 404, title="Not found",
+                message=f"no webhook action {action!r}: use one of {', '.join(WEBHOOK_ACTIONS)}",
+            )  # fmt: skip
+        reason = form.get("reason", "").strip()
+        if action != "test" and (not reason or len(reason) > REASON_MAX):
+            session.flash = ("error", f"A reason (1 to {REASON_MAX} characters) is required.")
+            return _redirect(back)
+        desk = await self._webhook_desk(request, session)
+        if isinstance(desk, Response):
+            return desk
+        set_actor("admin")  # the lifecycle events and audit entry are the admin's
+        try:
+            if action == "test":
+                _, attempt = await desk.test(sid)
+                session.flash = _test_outcome(attempt.ok, attempt.status, attempt.error,
+                                              attempt.elapsed_ms)  # fmt: skip
+            elif action == "replay":
+                window = REPLAY_WINDOWS.get(form.get("window", ""))
+                try:
+                    most = int(form.get("max_events", "100"))
+                except ValueError:
+                    most = 0
+                if window is None or not 1 <= most <= REPLAY_MAX_EVENTS:
+                    session.flash = ("error", "Choose a window (last hour, 24 hours or 7 days) "
+                                     f"and at most 1 to {REPLAY_MAX_EVENTS} events.")  # fmt: skip
+                    return _redirect(back)
+                end = self.clock()
+                done = await desk.replay(sid, end - window[1], end, most, reason)
+                session.flash = ("ok", f"Replay {done.replay_id}: {done.events_queued} "
+                                 f"event(s) of {window[0]} queued for delivery again.")  # fmt: skip
+            else:
+                row = await (
+                    desk.pause(sid, reason) if action == "pause" else desk.resume(sid, reason)
+                )
+                session.flash = ("ok", f"Subscription {sid} is now {row.status}.")
+        except ApiError as exc:
+            session.flash = ("error", f"{action} {sid} failed: {exc.message}")
+        return _redirect(back)
+
+    def _bad_request(self, request: Request, session: Session, message: str) -> HTMLResponse:
+        return self.render(
+            request, "error.html", session, 400, title="INVALID_REQUEST", message=message
+        )
+
     def _api_error(self, request: Request, session: Session, exc: ApiError) -> HTMLResponse:
         status = exc.status if 400 <= exc.status < 600 else 502
         return self.render(
@@ -725,3 +878,18 @@ async def _all_budgets(api: Backend, params: dict[str, str]) -> list[dict[str, A
         if not page.get("has_more") or not cursor:
             break
     return found
+
+
+async def _subscription_view(desk: WebhookDesk, row: SubscriptionRow) -> dict[str, Any]:
+    """A subscription as the pages show it: the spec's body and why it is disabled."""
+    return {**subscription_body(row), "disable_reason": await desk.disable_reason(row)}
+
+
+def _test_outcome(
+    ok: bool, status: int | None, error: str | None, elapsed_ms: int
+) -> tuple[str, str]:
+    """The flash message of a test delivery, in words."""
+    answered = f"HTTP {status}" if status is not None else "no answer"
+    if ok:
+        return "ok", f"Test delivered: the receiver answered {answered} in {elapsed_ms} ms."
+    return "error", f"Test failed: {answered}" + (f" ({error})" if error else "") + "."
