@@ -17,9 +17,10 @@ from runcycles_server.console import format as fmt
 from runcycles_server.console import spend as spending
 from runcycles_server.console.pages import SESSION_COOKIE
 from runcycles_server.console.sessions import SessionStore
+from runcycles_server.ledger import EventRow
 
 if TYPE_CHECKING:
-    from conftest import Api, SyncClient
+    from conftest import Api, FakeClock, SyncClient
 
     from runcycles_server.stores.base import Store
 
@@ -350,6 +351,57 @@ def test_the_spend_page_charts_committed_spend(api: Api, admin: SyncClient) -> N
     assert page.text.count('class="spend-bar"') == 28
     assert admin.get("/console/spend?range=year").status_code == 400
     assert "no budgets" in admin.get("/console/spend?tenant=nobody").text
+
+
+def test_the_spend_page_counts_direct_debits_from_post_events(
+    api: Api, admin: SyncClient, clock: FakeClock
+) -> None:
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 100_000_000)
+    rid = reserve(api, key, "acme", "r1", 1_000_000).json()["reservation_id"]
+    body = {"idempotency_key": "c1", "actual": {"unit": U, "amount": 400_000}}
+    assert api.post(key, f"/v1/reservations/{rid}/commit", body).status_code == 200
+    for n, amount in enumerate((300_000, 200_000)):
+        event = {
+            "idempotency_key": f"e{n}",
+            "subject": {"tenant": "acme", "agent": "bot"},
+            "action": {"kind": "tool.call", "name": "search"},
+            "actual": {"unit": U, "amount": amount},
+        }
+        assert api.post(key, "/v1/events", event).status_code == 201
+    page = admin.get("/console/spend?tenant=acme&range=hour")
+    assert page.status_code == 200
+    assert 'data-total="900000"' in page.text  # 0.4 committed + 0.3 + 0.2 debited
+    assert "(1 commits, 2 direct debits by <code>POST /v1/events</code>)" in page.text
+    clock.advance(2 * spending.HOUR_MS)  # out of the hour's range, still in the day's
+    assert 'data-total="0"' in admin.get("/console/spend?tenant=acme&range=hour").text
+    assert 'data-total="900000"' in admin.get("/console/spend?tenant=acme&range=day").text
+    other = api.tenant("globex")
+    api.budget("globex", "tenant:globex", 1_000_000)
+    assert sign_in(api.client, other).status_code == 303
+    mine = api.client.get("/console/spend?tenant=acme&range=day")  # a tenant key: its own only
+    assert 'data-total="0"' in mine.text
+
+
+def test_a_spend_series_adds_direct_debits_of_its_scope_and_unit() -> None:
+    end = 10 * spending.HOUR_MS
+    day = spending.RANGES["day"]
+
+    def debit(scope: str, charged: int, at_ms: int, unit: str = U) -> EventRow:
+        return EventRow("evt", "acme", {}, {}, unit, charged, charged, scope, [scope], [scope],
+                        "REJECT", "k", at_ms)  # fmt: skip
+
+    rows = [committed("tenant:acme", 100, end - 1)]
+    debits = [
+        debit("tenant:acme", 40, end - 2),
+        debit("tenant:acme", 5, end - 30 * 3_600_000),
+        debit("tenant:other", 9, end - 1),
+        debit("tenant:acme", 7, end - 1, "TOKENS"),
+    ]
+    series = spending.series(rows, "tenant:acme", U, day, end, debits=debits)  # fmt: skip
+    assert series.total == 140
+    assert (series.counted, series.debits) == (1, 1)
+    assert series.last_hour == 140
 
 
 def test_the_console_adds_nothing_in_front_of_the_api(store: Store) -> None:

@@ -25,8 +25,8 @@ from starlette.types import ASGIApp
 
 from runcycles_server.console.sessions import KeyKind
 from runcycles_server.events import EventRecord
-from runcycles_server.ledger import LedgerError
-from runcycles_server.stores.base import EventQuery, Page, Store
+from runcycles_server.ledger import EventRow, LedgerError
+from runcycles_server.stores.base import DebitReader, EventQuery, Page, Store
 from runcycles_server.web import request_ids
 from runcycles_server.webhooks.actions import Replay, WebhookActions
 from runcycles_server.webhooks.dispatch import Dispatcher
@@ -127,6 +127,21 @@ def _result(response: httpx.Response) -> dict[str, Any]:
             str(body.get("message", response.reason_phrase)),
         )
     return body if isinstance(body, dict) else {"items": body}
+
+
+async def direct_debits(
+    request: Request, tenant_id: str, from_ms: int, to_ms: int, limit: int
+) -> tuple[list[EventRow], bool]:
+    """The tenant's ``POST /v1/events`` debits in the window, read from the store.
+
+    No API path lists them (the spend chart is their only reader). Answers at most ``limit``
+    and whether there were more; none from a store that does not keep them readable.
+    """
+    store = request.app.state.store
+    if not isinstance(store, DebitReader):
+        return [], False
+    rows = await store.list_debits(tenant_id, from_ms, to_ms, limit + 1)
+    return rows[:limit], len(rows) > limit
 
 
 class WebhookDesk:

@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from runcycles_server.console import format as fmt
 from runcycles_server.console import spend as spending
-from runcycles_server.console.backend import ApiError, Backend, WebhookDesk
+from runcycles_server.console.backend import ApiError, Backend, WebhookDesk, direct_debits
 from runcycles_server.console.sessions import KeyKind, Session, SessionStore
 from runcycles_server.events import CATEGORIES, EVENT_TYPES
 from runcycles_server.events.context import set_actor
@@ -558,12 +558,15 @@ class Console:
                 if budget is not None:
                     params["scope"], params["unit"] = budget["scope"], budget["unit"]
                     end = self.clock()
-                    rows, partial = await _committed(
-                        api, params["tenant"], end - chart.span_ms, end
+                    start = end - chart.span_ms
+                    rows, partial = await _committed(api, params["tenant"], start, end)
+                    debits, cut = await direct_debits(
+                        request, params["tenant"], start, end, spending.MAX_DEBITS
                     )
                     result = spending.series(
-                        rows, budget["scope"], budget["unit"], chart, end, partial=partial
-                    )
+                        rows, budget["scope"], budget["unit"], chart, end,
+                        debits=debits, partial=partial or cut,
+                    )  # fmt: skip
             except ApiError as exc:
                 return self._api_error(request, session, exc)
         return self.render(

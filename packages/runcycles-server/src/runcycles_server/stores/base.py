@@ -464,6 +464,20 @@ class AuditReader(Protocol):
 
 
 @runtime_checkable
+class DebitReader(Protocol):
+    """Optional store capability: list the direct debits ``POST /v1/events`` recorded.
+
+    The console's spend chart adds them to committed reservations (spend without a
+    reservation is spend too). They are kept as long as events (``retention_ms``).
+    """
+
+    async def list_debits(
+        self, tenant_id: str, from_ms: int, to_ms: int, limit: int
+    ) -> list[EventRow]:
+        """The tenant's debits recorded in ``[from_ms, to_ms]``, oldest first, at most ``limit``."""
+
+
+@runtime_checkable
 class RetentionPurger(Protocol):
     """Optional store capability: delete finished reservations and events past a retention.
 
@@ -1205,6 +1219,7 @@ __all__ = [
     "AuditRow",
     "Clock",
     "EventQuery",
+    "DebitReader",
     "EventRow",
     "EvidenceStore",
     "GovernanceStore",

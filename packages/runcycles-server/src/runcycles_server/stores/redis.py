@@ -73,6 +73,8 @@ version and JSON fields):
                                        expires; writes that finalize trim ``x:res`` (and it)
                                        of the entries that are due
 ``P:{t:T}:x:audit``                    zset: audit ids by time
+``P:{t:T}:x:debits``                   zset: direct debit (``e:``) ids by time; reads drop
+                                       the entries older than ``retention_ms``
 ``P:{t:T}:v:<id>``                     evidence envelope (``b`` signing input, ``d`` metadata),
                                        TTL'd at its retention; written by the operation's script
 ``P:{t:T}:rv:<rid>``                   a reservation's envelope ids (field per artifact type)
@@ -373,6 +375,10 @@ class _Keys:
     def x_audit(self, tenant_id: str) -> str:
         return f"{self.t(tenant_id)}:x:audit"
 
+    def x_debits(self, tenant_id: str) -> str:
+        """The tenant's direct debits (``POST /v1/events``) scored by time (spend charts)."""
+        return f"{self.t(tenant_id)}:x:debits"
+
     def policies(self, tenant_id: str) -> str:
         """One hash per tenant: a field per policy (read whole by every governed request)."""
         return f"{self.t(tenant_id)}:pol"
@@ -655,6 +661,10 @@ class _Work:
             self._put(key, _D, outcome.event)
             if self.retention_ms is not None:
                 self.ttl_ms[key] = self.retention_ms
+            debits = self.k.x_debits(self.tenant_id)
+            self.zops.append(
+                _ZOp(True, debits, outcome.event.event_id, outcome.event.created_at_ms)
+            )
         if outcome.counters:
             self.put_counters(self.tenant_id, outcome.counters)
         for ev in outcome.events:
@@ -1492,6 +1502,19 @@ class RedisStore(OperationStore):
         """Return a stored event (kept ``retention_ms``), or ``None``."""
         raw = await self._redis.hget(self._k.event(tenant_id, event_id), _D)
         return None if raw is None else _dec(EventRow, raw)
+
+    async def list_debits(
+        self, tenant_id: str, from_ms: int, to_ms: int, limit: int
+    ) -> list[EventRow]:
+        """See :class:`~runcycles_server.stores.base.DebitReader`."""
+        index = self._k.x_debits(tenant_id)
+        if self.retention_ms is not None:  # entries whose debit expired by TTL
+            await self._redis.zremrangebyscore(
+                index, "-inf", f"({await self._now() - self.retention_ms}"
+            )
+        ids = await self._redis.zrangebyscore(index, from_ms, to_ms, start=0, num=limit)
+        rows = await self._hget_many([self._k.event(tenant_id, i.decode()) for i in ids])
+        return [_dec(EventRow, raw) for raw in rows if raw is not None]
 
     async def list_audit(self, tenant_id: str, limit: int = 100) -> list[AuditRow]:
         """Return a tenant's most recent audit entries, newest first."""
