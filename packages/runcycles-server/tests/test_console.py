@@ -14,6 +14,7 @@ import pytest
 
 from runcycles_server.app import create_app
 from runcycles_server.console import format as fmt
+from runcycles_server.console import signin_limits
 from runcycles_server.console import spend as spending
 from runcycles_server.console.pages import SESSION_COOKIE
 from runcycles_server.console.sessions import SessionStore
@@ -634,3 +635,50 @@ def test_a_tenant_key_without_webhooks_read_is_told_so(api: Api) -> None:
     page = api.client.get("/console/webhooks")
     assert page.status_code == 403
     assert "webhooks:read" in page.text
+
+
+# --------------------------------------------------------------------------------------------
+# Sign-in limits
+
+
+def test_repeated_failed_sign_ins_are_refused_for_a_while(api: Api, clock: FakeClock) -> None:
+    admin_key = api.admin_headers["X-Admin-API-Key"]
+    for n in range(signin_limits.CLIENT_FAILURES):
+        assert sign_in(api.client, f"guess-{n}").status_code == 401
+    refused = sign_in(api.client, "guess-again")
+    assert refused.status_code == 401  # the 6th failure is counted: the address is locked
+    locked = sign_in(api.client, admin_key)  # even the right key waits: it is not checked
+    assert locked.status_code == 429
+    assert locked.headers["retry-after"] == "30"
+    assert "Too many failed sign-ins" in locked.text
+    assert "paused for 30 seconds" in locked.text
+    assert SESSION_COOKIE + "=" not in locked.headers.get("set-cookie", "")
+    clock.advance(31_000)
+    assert sign_in(api.client, "guess-7").status_code == 401  # one more: locked twice as long
+    assert sign_in(api.client, admin_key).headers["retry-after"] == "60"
+    clock.advance(61_000)
+    assert sign_in(api.client, admin_key).status_code == 303  # the lock ends; success clears
+    for n in range(signin_limits.CLIENT_FAILURES):
+        assert sign_in(api.client, f"later-{n}").status_code == 401
+    assert sign_in(api.client, admin_key).status_code == 303
+
+
+def test_locks_are_per_address_and_per_key_and_never_longer_than_the_cap() -> None:
+    now = [0.0]
+    limiter = signin_limits.SignInLimiter(clock=lambda: now[0])
+    for _ in range(30):
+        limiter.failed("10.0.0.1", "wrong")
+    assert limiter.retry_after("10.0.0.1", "admin-key") == signin_limits.MAX_LOCK_S
+    assert limiter.retry_after("10.0.0.2", "admin-key") is None  # another address: not locked
+    assert limiter.retry_after("10.0.0.2", "wrong") is not None  # the same wrong key is
+    # guesses at one tenant key from many addresses add up on its public prefix
+    for n in range(signin_limits.KEY_FAILURES + 1):
+        limiter.failed(f"192.0.2.{n}", f"cyc_live_AbCdE{n:030d}")
+    assert limiter.retry_after("198.51.100.1", "cyc_live_AbCdEzzzz") == 30
+    assert limiter.retry_after("198.51.100.1", "cyc_live_XyZwVzzzz") is None
+    now[0] += signin_limits.MAX_LOCK_S + 1
+    assert limiter.retry_after("10.0.0.1", "admin-key") is None
+    small = signin_limits.SignInLimiter(max_tracked=4, clock=lambda: now[0])
+    for n in range(10):
+        small.failed(f"10.1.0.{n}", f"k{n}")
+    assert len(small) == 4

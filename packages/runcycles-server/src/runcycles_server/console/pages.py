@@ -31,6 +31,7 @@ from runcycles_server.console import format as fmt
 from runcycles_server.console import spend as spending
 from runcycles_server.console.backend import ApiError, Backend, WebhookDesk, direct_debits
 from runcycles_server.console.sessions import KeyKind, Session, SessionStore
+from runcycles_server.console.signin_limits import SignInLimiter
 from runcycles_server.events import CATEGORIES, EVENT_TYPES
 from runcycles_server.events.context import set_actor
 from runcycles_server.web import read_body
@@ -114,11 +115,14 @@ class Console:
         sessions: SessionStore | None = None,
         *,
         clock: Callable[[], int] | None = None,
+        limiter: SignInLimiter | None = None,
     ) -> None:
         self.sessions = sessions or SessionStore()
         self._templates: jinja2.Environment | None = None
         self.clock = clock or (lambda: int(time.time() * 1000))
         """The server's epoch-ms clock (the store's), where spend charts end."""
+        self.limiter = limiter or SignInLimiter(clock=lambda: self.clock() / 1000)
+        """Failed sign-ins per address and per key (:mod:`.signin_limits`)."""
 
     @property
     def templates(self) -> jinja2.Environment:
@@ -244,14 +248,16 @@ class Console:
             return _redirect(f"{CONSOLE_PATH}/overview")
         return _redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
 
-    async def sign_in_page(self, request: Request, error: str | None = None) -> Response:
+    async def sign_in_page(
+        self, request: Request, error: str | None = None, status: int | None = None
+    ) -> Response:
         """The sign-in form, with a fresh double-submit token."""
         token = secrets.token_urlsafe(32)
         response = self.render(
             request,
             "sign_in.html",
             None,
-            401 if error else 200,
+            status or (401 if error else 200),
             error=error,
             signin_token=token,
             next=_safe_next(request.query_params.get("next")),
@@ -284,9 +290,22 @@ class Console:
         key = form.get("key", "").strip()
         if not key:
             return await self.sign_in_page(request, "Enter the admin key or a tenant API key.")
+        client = request.client.host if request.client else "unknown"
+        wait = self.limiter.retry_after(client, key)
+        if wait is not None:
+            response = await self.sign_in_page(
+                request,
+                "Too many failed sign-ins from this address or with this key: sign-in is "
+                f"paused for {_wait_words(wait)}. Try again then.",
+                429,
+            )
+            response.headers["Retry-After"] = str(wait)
+            return response
         found = await _identify(request, key)
         if found is None:
+            self.limiter.failed(client, key)
             return await self.sign_in_page(request, "This key is not valid on this server.")
+        self.limiter.succeeded(client, key)
         kind, tenant_id = found
         session = self.sessions.create(kind, key, tenant_id)
         response = _redirect(_safe_next(form.get("next")) or f"{CONSOLE_PATH}/")
@@ -896,3 +915,11 @@ def _test_outcome(
     if ok:
         return "ok", f"Test delivered: the receiver answered {answered} in {elapsed_ms} ms."
     return "error", f"Test failed: {answered}" + (f" ({error})" if error else "") + "."
+
+
+def _wait_words(seconds: int) -> str:
+    """A short wait for people: ``30 seconds``, ``1 minute``, ``15 minutes``."""
+    if seconds < 60:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = -(-seconds // 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
