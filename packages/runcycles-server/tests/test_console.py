@@ -290,6 +290,31 @@ def test_a_tenant_page_shows_its_budgets_keys_and_policies(api: Api, admin: Sync
     assert admin.get("/console/tenants/nobody").status_code == 404
 
 
+def test_a_tenant_page_shows_what_its_policies_do_and_its_webhooks(
+    api: Api, admin: SyncClient, receiver: Receiver
+) -> None:
+    key, sid = hooked_tenant(api, "acme", receiver.url)
+    quota = {"action_kind": "email.send", "max_calls": 20, "window": "per_run"}
+    body = {"tenant_id": "acme", "name": "guard-rails", "scope_pattern": "tenant:acme/*",
+            "denied_action_kinds": ["payment.charge"], "action_quotas": [quota]}  # fmt: skip
+    policy = api.admin("POST", "/v1/admin/policies", 201, json=body)
+    page = admin.get("/console/tenants/acme")
+    assert page.status_code == 200
+    row = re.search(rf'<tr data-policy="{policy["policy_id"]}">(.*?)</tr>', page.text, re.S)
+    assert row is not None
+    assert "guard-rails" in row.group(1)
+    assert "Denies: payment.charge" in row.group(1)
+    assert "Quota: 20 calls of email.send per run" in row.group(1)
+    assert "always" in row.group(1)
+    assert f'href="/console/webhooks/{sid}"' in page.text
+    assert "Not shown" not in page.text
+    assert sign_in(api.client, key).status_code == 303  # the tenant's own read-only view
+    mine = api.client.get("/console/tenants/acme")
+    assert "API keys are listed to the admin key only" in mine.text
+    assert f'href="/console/webhooks/{sid}"' in mine.text
+    assert key not in mine.text  # the session's key never reaches the page
+
+
 @pytest.mark.parametrize(
     ("microcents", "shown"),
     [(0, "$0.00"), (200_000, "$0.002"), (1_250_000_000, "$12.50"), (1, "$0.00000001"),

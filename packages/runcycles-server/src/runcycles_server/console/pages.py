@@ -395,6 +395,8 @@ class Console:
             if session.is_admin:
                 calls["tenant"] = (f"/v1/admin/tenants/{tenant_id}", {})
                 calls["api_keys"] = ("/v1/admin/api-keys", {"tenant_id": tenant_id, "limit": "100"})
+            else:
+                calls["auth"] = ("/v1/auth/introspect", {})
             for name, (path, params) in calls.items():
                 try:
                     sections[name] = await api.get(path, params)
@@ -402,6 +404,15 @@ class Console:
                     if name == "tenant" and exc.status == 404:
                         return self._api_error(request, session, exc)
                     errors[name] = exc.message
+        caps = sections.get("auth", {}).get("capabilities", {})
+        if session.is_admin or caps.get("view_webhooks"):
+            desk = WebhookDesk.of(request, None if session.is_admin else session.tenant_id)
+            try:
+                sections["webhooks"] = await desk.subscriptions(tenant_id)
+            except ApiError as exc:
+                errors["webhooks"] = exc.message
+        else:
+            errors["webhooks"] = "this tenant key lacks the webhooks:read permission"
         return self.render(
             request, "tenant.html", session, tenant_id=tenant_id, sections=sections, errors=errors
         )
