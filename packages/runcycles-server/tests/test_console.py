@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 from runcycles_server.app import create_app
 from runcycles_server.console import format as fmt
 from runcycles_server.console import signin_limits
@@ -600,8 +601,9 @@ def test_webhook_test_replay_pause_resume_are_audited_admin_actions(
     admin.post(f"{page}/resume", data={"csrf_token": token, "reason": "back"})
     assert api.admin("GET", f"/v1/admin/webhooks/{sid}", 200)["status"] == "ACTIVE"
     assert admin.post(f"{page}/delete", data={"csrf_token": token}).status_code == 404
-    logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
-    by_op = {entry["operation"]: entry for entry in logs}
+    page_body = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})
+    schema_validator("AuditLogListResponse", EXTENDED_ADMIN).validate(page_body)
+    by_op = {entry["operation"]: entry for entry in page_body["logs"]}
     for operation in ("testWebhookSubscription", "replayEvents", "pauseWebhookSubscription",
                       "resumeWebhookSubscription"):  # fmt: skip
         assert by_op[operation]["resource_id"] == sid
@@ -618,11 +620,16 @@ def test_the_webhook_api_audits_its_test_and_replay_too(api: Api, receiver: Rece
     key, sid = hooked_tenant(api, "acme", receiver.url)
     tested = api.client.post(f"/v1/webhooks/{sid}/test", headers={"X-Cycles-API-Key": key})
     assert tested.status_code == 200, tested.text
-    api.admin(
-        "POST", f"/v1/admin/webhooks/{sid}/replay", 202, json={"from": "2020-01-01T00:00:00Z"}
-    )
-    logs = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})["logs"]
-    ops = {entry["operation"]: entry["metadata"] for entry in logs}
+    schema_validator("WebhookTestResponse", EXTENDED_ADMIN).validate(tested.json())
+    window = {"from": "2020-01-01T00:00:00Z"}
+    api.admin("POST", f"/v1/admin/webhooks/{sid}/replay", 202, json=window)
+    api.admin("PATCH", f"/v1/admin/webhooks/{sid}", 200, json={"status": "PAUSED"})
+    api.admin("PATCH", f"/v1/admin/webhooks/{sid}", 200, json={"name": "renamed"})  # not audited
+    page_body = api.admin("GET", "/v1/admin/audit/logs", 200, params={"tenant_id": "acme"})
+    schema_validator("AuditLogListResponse", EXTENDED_ADMIN).validate(page_body)
+    assert [e["operation"] for e in page_body["logs"]] == [
+        "pauseWebhookSubscription", "replayEvents", "testWebhookSubscription"]  # fmt: skip
+    ops = {entry["operation"]: entry["metadata"] for entry in page_body["logs"]}
     assert ops["testWebhookSubscription"]["actor_type"] == "api_key"
     assert ops["testWebhookSubscription"]["success"] is True
     assert ops["replayEvents"]["actor_type"] == "admin_on_behalf_of"

@@ -19,11 +19,11 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -32,50 +32,29 @@ from runcycles_server.console import spend as spending
 from runcycles_server.console.backend import ApiError, Backend, WebhookDesk, direct_debits
 from runcycles_server.console.sessions import KeyKind, Session, SessionStore
 from runcycles_server.console.signin_limits import SignInLimiter
-from runcycles_server.events import CATEGORIES, EVENT_TYPES
-from runcycles_server.events.context import set_actor
-from runcycles_server.web import read_body
-from runcycles_server.webhooks.models import (
-    DELIVERY_STATUSES,
-    STATUSES,
-    SubscriptionRow,
-    delivery_body,
-    subscription_body,
+from runcycles_server.console.web import (
+    CONSOLE_PATH,
+    REASON_MAX,
+    cross_site,
+    query_params,
+    read_form,
+    redirect,
+    safe_next,
+    secure,
 )
+from runcycles_server.console.webhook_pages import WebhookPages
+from runcycles_server.events import CATEGORIES, EVENT_TYPES
 
 if TYPE_CHECKING:
     import jinja2
 
-ResponseT = TypeVar("ResponseT", bound=Response)
-
-CONSOLE_PATH: Final = "/console"
 SESSION_COOKIE: Final = "cycles_console"
 SIGN_IN_COOKIE: Final = "cycles_console_signin"
 POLL_INTERVAL_S: Final = 5
 """Seconds between two refreshes of a visible page."""
-MAX_FORM_BYTES: Final = 16_384
 MAX_BUDGETS: Final = 2000
 """Budgets the budgets page and the near-limit card read (20 pages of 100)."""
-REASON_MAX: Final = 256
-REPLAY_WINDOWS: Final = {
-    "hour": ("the last hour", 3_600_000),
-    "day": ("the last 24 hours", 24 * 3_600_000),
-    "week": ("the last 7 days", 7 * 24 * 3_600_000),
-}
-"""The windows a replay from the webhooks page may resend (ending now)."""
-REPLAY_MAX_EVENTS: Final = 1000
-WEBHOOK_ACTIONS: Final = ("test", "replay", "pause", "resume")
 _HERE: Final = Path(__file__).parent
-_SECURITY_HEADERS: Final = {
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-store",
-}
 
 
 class Forbidden(Exception):
@@ -123,6 +102,7 @@ class Console:
         """The server's epoch-ms clock (the store's), where spend charts end."""
         self.limiter = limiter or SignInLimiter(clock=lambda: self.clock() / 1000)
         """Failed sign-ins per address and per key (:mod:`.signin_limits`)."""
+        self.webhook_pages = WebhookPages(self)
 
     @property
     def templates(self) -> jinja2.Environment:
@@ -152,13 +132,7 @@ class Console:
                     Route("/spend", self.spend, methods=["GET"]),
                     Route("/events", self.events, methods=["GET"]),
                     Route("/audit", self.audit, methods=["GET"]),
-                    Route("/webhooks", self.webhooks, methods=["GET"]),
-                    Route("/webhooks/{subscription_id}", self.webhook, methods=["GET"]),
-                    Route(
-                        "/webhooks/{subscription_id}/{action}",
-                        self.webhook_action,
-                        methods=["POST"],
-                    ),
+                    *self.webhook_pages.routes(),
                     Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
                 ],
             ),
@@ -184,20 +158,21 @@ class Console:
             path=request.url.path,
             **context,
         )
-        return _secure(HTMLResponse(html, status_code=status))
+        return secure(HTMLResponse(html, status_code=status))
 
     def session(self, request: Request) -> Session | None:
         """The request's live session (a background refresh does not count as activity)."""
         touch = request.headers.get("x-console-poll") != "1"
         return self.sessions.get(request.cookies.get(SESSION_COOKIE), touch=touch)
 
-    def _signed_in(self, request: Request) -> Session | Response:
+    def signed_in(self, request: Request) -> Session | Response:
+        """The request's session, or the redirect to sign in (a 401 for a background refresh)."""
         session = self.session(request)
         if session is None:
             if request.headers.get("x-console-poll") == "1":
-                return _secure(Response("signed out", status_code=401))
+                return secure(Response("signed out", status_code=401))
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return _redirect(f"{CONSOLE_PATH}/sign-in?{urlencode({'next': target})}")
+            return redirect(f"{CONSOLE_PATH}/sign-in?{urlencode({'next': target})}")
         return session
 
     def forbidden(self, request: Request, session: Session | None, message: str) -> HTMLResponse:
@@ -206,13 +181,13 @@ class Console:
             request, "error.html", session, 403, title="Not allowed", message=message
         )
 
-    async def _admin_action(self, request: Request) -> tuple[Session, dict[str, str]] | Response:
+    async def admin_action(self, request: Request) -> tuple[Session, dict[str, str]] | Response:
         """The session and form of an admin action, or the page refusing it.
 
         Refused: a request without a session, with a wrong CSRF token, or from a read-only
         tenant-key session.
         """
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         form = await self._form(request, session)
@@ -224,9 +199,9 @@ class Console:
 
     async def _form(self, request: Request, session: Session | None) -> dict[str, str] | Response:
         """The urlencoded form of a POST, or a 403 page when its CSRF token is missing/wrong."""
-        form = await _read_form(request)
+        form = await read_form(request)
         token = form.get("csrf_token") or request.headers.get("x-csrf-token")
-        if _cross_site(request):
+        if cross_site(request):
             return self.forbidden(request, session, "This request came from another site.")
         if session is None or not session.check_csrf(token):
             return self.forbidden(
@@ -243,10 +218,10 @@ class Console:
         """``/console``: the overview (admin) or the tenant's own page (tenant key)."""
         session = self.session(request)
         if session is None:
-            return _redirect(f"{CONSOLE_PATH}/sign-in")
+            return redirect(f"{CONSOLE_PATH}/sign-in")
         if session.is_admin:
-            return _redirect(f"{CONSOLE_PATH}/overview")
-        return _redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
+            return redirect(f"{CONSOLE_PATH}/overview")
+        return redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
 
     async def sign_in_page(
         self, request: Request, error: str | None = None, status: int | None = None
@@ -260,7 +235,7 @@ class Console:
             status or (401 if error else 200),
             error=error,
             signin_token=token,
-            next=_safe_next(request.query_params.get("next")),
+            next=safe_next(request.query_params.get("next")),
         )
         response.set_cookie(
             SIGN_IN_COOKIE,
@@ -275,11 +250,11 @@ class Console:
 
     async def sign_in(self, request: Request) -> Response:
         """Verify a key with ``GET /v1/auth/introspect`` and start a session."""
-        form = await _read_form(request)
+        form = await read_form(request)
         cookie = request.cookies.get(SIGN_IN_COOKIE)
         token = form.get("signin_token")
         if (
-            _cross_site(request)
+            cross_site(request)
             or not cookie
             or not token
             or not secrets.compare_digest(cookie, token)
@@ -308,7 +283,7 @@ class Console:
         self.limiter.succeeded(client, key)
         kind, tenant_id = found
         session = self.sessions.create(kind, key, tenant_id)
-        response = _redirect(_safe_next(form.get("next")) or f"{CONSOLE_PATH}/")
+        response = redirect(safe_next(form.get("next")) or f"{CONSOLE_PATH}/")
         response.set_cookie(
             SESSION_COOKIE,
             session.session_id,
@@ -328,7 +303,7 @@ class Console:
             return form
         assert session is not None
         self.sessions.end(session.session_id)
-        response = _redirect(f"{CONSOLE_PATH}/sign-in")
+        response = redirect(f"{CONSOLE_PATH}/sign-in")
         response.delete_cookie(SESSION_COOKIE, path=CONSOLE_PATH)
         return response
 
@@ -337,7 +312,7 @@ class Console:
 
     async def overview(self, request: Request) -> Response:
         """The spec's ``AdminOverviewResponse`` as attention cards, plus near-limit budgets."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         if not session.is_admin:
@@ -347,7 +322,7 @@ class Console:
                 data = await api.get("/v1/admin/overview")
                 budgets = await _all_budgets(api, {})
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         near = sorted(
             (b for b in budgets if fmt.utilization(b) >= fmt.NEAR_LIMIT),
             key=fmt.utilization,
@@ -359,22 +334,22 @@ class Console:
 
     async def tenants(self, request: Request) -> Response:
         """Every tenant (admin)."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         if not session.is_admin:
-            return _redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
-        params = _params(request, "status", "cursor")
+            return redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
+        params = query_params(request, "status", "cursor")
         async with Backend.of(request, session.kind, session.key) as api:
             try:
                 page = await api.get("/v1/admin/tenants", {**params, "limit": "100"})
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         return self.render(request, "tenants.html", session, page=page, params=params)
 
     async def tenant(self, request: Request) -> Response:
         """One tenant: its budgets, API keys and policies."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         tenant_id = str(request.path_params["tenant_id"])
@@ -402,7 +377,7 @@ class Console:
                     sections[name] = await api.get(path, params)
                 except ApiError as exc:
                     if name == "tenant" and exc.status == 404:
-                        return self._api_error(request, session, exc)
+                        return self.api_error(request, session, exc)
                     errors[name] = exc.message
         caps = sections.get("auth", {}).get("capabilities", {})
         if session.is_admin or caps.get("view_webhooks"):
@@ -419,17 +394,17 @@ class Console:
 
     async def budgets(self, request: Request) -> Response:
         """Budgets with utilization bars; filters; freeze, unfreeze and fund (admin)."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
-        params = _params(request, "tenant_id", "status", "unit", "scope_prefix", "attention")
+        params = query_params(request, "tenant_id", "status", "unit", "scope_prefix", "attention")
         async with Backend.of(request, session.kind, session.key) as api:
             try:
                 budgets = await _all_budgets(
                     api, {k: v for k, v in params.items() if k != "attention"}
                 )
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         attention = params.get("attention", "")
         keep = {
             "near": lambda b: fmt.utilization(b) >= fmt.NEAR_LIMIT,
@@ -450,14 +425,14 @@ class Console:
 
     async def budget_action(self, request: Request) -> Response:
         """``freeze``, ``unfreeze`` or ``fund`` one budget through the admin API."""
-        checked = await self._admin_action(request)
+        checked = await self.admin_action(request)
         if isinstance(checked, Response):
             return checked
         session, form = checked
         action = str(request.path_params["action"])
         reason = form.get("reason", "").strip()
         scope, unit = form.get("scope", ""), form.get("unit", "")
-        back = _safe_next(form.get("next")) or f"{CONSOLE_PATH}/budgets"
+        back = safe_next(form.get("next")) or f"{CONSOLE_PATH}/budgets"
         if action not in ("freeze", "unfreeze", "fund"):
             return self.render(
                 request,
@@ -469,7 +444,7 @@ class Console:
             )
         if not reason or len(reason) > REASON_MAX:
             session.flash = ("error", f"A reason (1 to {REASON_MAX} characters) is required.")
-            return _redirect(back)
+            return redirect(back)
         where = {"scope": scope, "unit": unit}
         body: dict[str, Any] = {"reason": reason}
         async with Backend.of(request, session.kind, session.key) as api:
@@ -480,7 +455,7 @@ class Console:
                         number = int(form.get("amount", "").replace(",", "").replace("_", ""))
                     except ValueError:
                         session.flash = ("error", "The amount must be a whole number.")
-                        return _redirect(back)
+                        return redirect(back)
                     body.update(
                         operation=operation,
                         amount={"unit": unit, "amount": number},
@@ -490,17 +465,17 @@ class Console:
                 await api.post(f"/v1/admin/budgets/{action}", body, where)
             except ApiError as exc:
                 session.flash = ("error", f"{action} {scope} failed: {exc.message}")
-                return _redirect(back)
+                return redirect(back)
         done = {"freeze": "frozen", "unfreeze": "unfrozen", "fund": "funded"}[action]
         session.flash = ("ok", f"Budget {scope} ({unit}) {done}.")
-        return _redirect(back)
+        return redirect(back)
 
     async def reservations(self, request: Request) -> Response:
         """A tenant's reservations (ACTIVE by default) with force release (admin)."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
-        params = _params(request, "tenant", "status", "cursor")
+        params = query_params(request, "tenant", "status", "cursor")
         params.setdefault("status", "ACTIVE")
         tenants: list[dict[str, Any]] = []
         async with Backend.of(request, session.kind, session.key) as api:
@@ -517,23 +492,23 @@ class Console:
                     else {"reservations": []}
                 )
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         return self.render(
             request, "reservations.html", session, page=page, params=params, tenants=tenants
         )
 
     async def release(self, request: Request) -> Response:
         """Force-release a reservation as the admin (the API records it in the audit log)."""
-        checked = await self._admin_action(request)
+        checked = await self.admin_action(request)
         if isinstance(checked, Response):
             return checked
         session, form = checked
         rid = str(request.path_params["reservation_id"])
         reason = form.get("reason", "").strip()
-        back = _safe_next(form.get("next")) or f"{CONSOLE_PATH}/reservations"
+        back = safe_next(form.get("next")) or f"{CONSOLE_PATH}/reservations"
         if not reason or len(reason) > REASON_MAX:
             session.flash = ("error", f"A reason (1 to {REASON_MAX} characters) is required.")
-            return _redirect(back)
+            return redirect(back)
         async with Backend.of(request, session.kind, session.key) as api:
             try:
                 await api.post(
@@ -542,16 +517,16 @@ class Console:
                 )
             except ApiError as exc:
                 session.flash = ("error", f"Release of {rid} failed: {exc.message}")
-                return _redirect(back)
+                return redirect(back)
         session.flash = ("ok", f"Reservation {rid} released.")
-        return _redirect(back)
+        return redirect(back)
 
     async def spend(self, request: Request) -> Response:
         """Spend over time for one budget scope (hour, day or week) and its burn rate."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
-        params = _params(request, "tenant", "scope", "unit", "range")
+        params = query_params(request, "tenant", "scope", "unit", "range")
         chart = spending.RANGES.get(params.setdefault("range", "day"))
         if chart is None:
             return self.render(
@@ -598,7 +573,7 @@ class Console:
                         debits=debits, partial=partial or cut,
                     )  # fmt: skip
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         return self.render(
             request,
             "spend.html",
@@ -614,7 +589,7 @@ class Console:
 
     async def events(self, request: Request) -> Response:
         """The event log with the API's filters."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         names = [
@@ -630,7 +605,7 @@ class Console:
         ]
         if session.is_admin:
             names.append("tenant_id")
-        params = _params(request, *names)
+        params = query_params(request, *names)
         path = "/v1/admin/events" if session.is_admin else "/v1/events"
         error = None
         async with Backend.of(request, session.kind, session.key) as api:
@@ -638,7 +613,7 @@ class Console:
                 page = await api.get(path, {**params, "limit": "100"})
             except ApiError as exc:
                 if exc.status != 400:
-                    return self._api_error(request, session, exc)
+                    return self.api_error(request, session, exc)
                 page, error = {"events": []}, exc.message
         return self.render(
             request,
@@ -654,150 +629,27 @@ class Console:
 
     async def audit(self, request: Request) -> Response:
         """The audit log (admin)."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         if not session.is_admin:
             return self.forbidden(request, session, "The audit log needs the admin key.")
-        params = _params(request, "tenant_id", "cursor")
+        params = query_params(request, "tenant_id", "cursor")
         async with Backend.of(request, session.kind, session.key) as api:
             try:
                 page = await api.get("/v1/admin/audit/logs", {**params, "limit": "100"})
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         return self.render(request, "audit.html", session, page=page, params=params)
 
-    # ----------------------------------------------------------------------------------------
-    # Webhooks
-
-    async def _webhook_desk(self, request: Request, session: Session) -> WebhookDesk | Response:
-        """The session's webhook desk, once its key is checked again and may see webhooks.
-
-        The key is asked of ``GET /v1/auth/introspect`` on every page (a key revoked since
-        sign-in sees nothing more); a tenant key needs ``webhooks:read``.
-        """
-        async with Backend.of(request, session.kind, session.key) as api:
-            try:
-                found = await api.get("/v1/auth/introspect")
-            except ApiError as exc:
-                return self._api_error(request, session, exc)
-        if not session.is_admin and not found.get("capabilities", {}).get("view_webhooks"):
-            return self.forbidden(
-                request, session, "This tenant key lacks the webhooks:read permission."
-            )
-        return WebhookDesk.of(request, None if session.is_admin else session.tenant_id)
-
-    async def webhooks(self, request: Request) -> Response:
-        """Subscriptions with their health; a tenant key sees its own tenant's only."""
-        session = self._signed_in(request)
-        if isinstance(session, Response):
-            return session
-        desk = await self._webhook_desk(request, session)
-        if isinstance(desk, Response):
-            return desk
-        params = _params(request, "tenant_id", "status")
-        if params.get("status", "ACTIVE") not in STATUSES:
-            return self._bad_request(
-                request, session, f"status must be one of {', '.join(STATUSES)}"
-            )
-        try:
-            rows = await desk.subscriptions(params.get("tenant_id"), params.get("status"))
-            items = [await _subscription_view(desk, r) for r in rows]
-        except ApiError as exc:
-            return self._api_error(request, session, exc)
-        return self.render(
-            request, "webhooks.html", session, subscriptions=items, params=params, statuses=STATUSES
-        )
-
-    async def webhook(self, request: Request) -> Response:
-        """One subscription: health, deliveries (filter by status), test, replay, pause."""
-        session = self._signed_in(request)
-        if isinstance(session, Response):
-            return session
-        desk = await self._webhook_desk(request, session)
-        if isinstance(desk, Response):
-            return desk
-        sid = str(request.path_params["subscription_id"])
-        params = _params(request, "status", "cursor")
-        if params.get("status", "SUCCESS") not in DELIVERY_STATUSES:
-            return self._bad_request(
-                request, session, f"status must be one of {', '.join(DELIVERY_STATUSES)}"
-            )
-        try:
-            row = await desk.get(sid)
-            sub = await _subscription_view(desk, row)
-            page = await desk.deliveries(sid, params.get("status"), params.get("cursor"))
-        except ApiError as exc:
-            return self._api_error(request, session, exc)
-        return self.render(
-            request,
-            "webhook.html",
-            session,
-            sub=sub,
-            deliveries=[delivery_body(d) for d in page.items],
-            next_cursor=page.next_cursor,
-            params=params,
-            statuses=DELIVERY_STATUSES,
-            windows=REPLAY_WINDOWS,
-            max_events=REPLAY_MAX_EVENTS,
-        )
-
-    async def webhook_action(self, request: Request) -> Response:
-        """``test``, ``replay``, ``pause`` or ``resume`` one subscription (admin, audited)."""
-        checked = await self._admin_action(request)
-        if isinstance(checked, Response):
-            return checked
-        session, form = checked
-        sid = str(request.path_params["subscription_id"])
-        action = str(request.path_params["action"])
-        back = f"{CONSOLE_PATH}/webhooks/{quote(sid, safe='')}"
-        if action not in WEBHOOK_ACTIONS:
-            return self.render(
-                request, "error.html", session, 404, title="Not found",
-                message=f"no webhook action {action!r}: use one of {', '.join(WEBHOOK_ACTIONS)}",
-            )  # fmt: skip
-        reason = form.get("reason", "").strip()
-        if action != "test" and (not reason or len(reason) > REASON_MAX):
-            session.flash = ("error", f"A reason (1 to {REASON_MAX} characters) is required.")
-            return _redirect(back)
-        desk = await self._webhook_desk(request, session)
-        if isinstance(desk, Response):
-            return desk
-        set_actor("admin")  # the lifecycle events and audit entry are the admin's
-        try:
-            if action == "test":
-                _, attempt = await desk.test(sid)
-                session.flash = _test_outcome(attempt.ok, attempt.status, attempt.error,
-                                              attempt.elapsed_ms)  # fmt: skip
-            elif action == "replay":
-                window = REPLAY_WINDOWS.get(form.get("window", ""))
-                try:
-                    most = int(form.get("max_events", "100"))
-                except ValueError:
-                    most = 0
-                if window is None or not 1 <= most <= REPLAY_MAX_EVENTS:
-                    session.flash = ("error", "Choose a window (last hour, 24 hours or 7 days) "
-                                     f"and at most 1 to {REPLAY_MAX_EVENTS} events.")  # fmt: skip
-                    return _redirect(back)
-                end = self.clock()
-                done = await desk.replay(sid, end - window[1], end, most, reason)
-                session.flash = ("ok", f"Replay {done.replay_id}: {done.events_queued} "
-                                 f"event(s) of {window[0]} queued for delivery again.")  # fmt: skip
-            else:
-                row = await (
-                    desk.pause(sid, reason) if action == "pause" else desk.resume(sid, reason)
-                )
-                session.flash = ("ok", f"Subscription {sid} is now {row.status}.")
-        except ApiError as exc:
-            session.flash = ("error", f"{action} {sid} failed: {exc.message}")
-        return _redirect(back)
-
-    def _bad_request(self, request: Request, session: Session, message: str) -> HTMLResponse:
+    def bad_request(self, request: Request, session: Session, message: str) -> HTMLResponse:
+        """A 400 page naming what is wrong with the request."""
         return self.render(
             request, "error.html", session, 400, title="INVALID_REQUEST", message=message
         )
 
-    def _api_error(self, request: Request, session: Session, exc: ApiError) -> HTMLResponse:
+    def api_error(self, request: Request, session: Session, exc: ApiError) -> HTMLResponse:
+        """The page of a refused API call, with its status (a 502 for anything else)."""
         status = exc.status if 400 <= exc.status < 600 else 502
         return self.render(
             request, "error.html", session, status, title=exc.code, message=exc.message
@@ -814,47 +666,6 @@ def session_flash(session: Session | None) -> tuple[str, str] | None:
         return None
     flash, session.flash = session.flash, None
     return flash
-
-
-def _secure(response: ResponseT) -> ResponseT:
-    response.headers.update(_SECURITY_HEADERS)
-    return response
-
-
-def _redirect(url: str) -> Response:
-    return _secure(RedirectResponse(url, status_code=303))
-
-
-async def _read_form(request: Request) -> dict[str, str]:
-    """The urlencoded form of a POST (first value of each field; 413 past MAX_FORM_BYTES)."""
-    raw = await read_body(request, MAX_FORM_BYTES)
-    return {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
-
-
-def _cross_site(request: Request) -> bool:
-    """Whether the browser says the request comes from a page of another host (``Origin``).
-
-    A second line behind the CSRF token and ``SameSite=Strict``; a request without the header
-    (not a browser, or an old one) is judged by its token alone.
-    """
-    origin = request.headers.get("origin")
-    if origin is None:
-        return False
-    return origin == "null" or urlsplit(origin).netloc != request.headers.get("host", "")
-
-
-def _safe_next(target: str | None) -> str | None:
-    """A console-relative redirect target, or ``None`` (never another site)."""
-    if not target or not target.startswith(CONSOLE_PATH) or target.startswith("//"):
-        return None
-    if "\\" in target or any(ord(c) < 32 for c in target):
-        return None
-    return target
-
-
-def _params(request: Request, *names: str) -> dict[str, str]:
-    """The non-empty query parameters among ``names``."""
-    return {n: v.strip() for n in names if (v := request.query_params.get(n, "")).strip()}
 
 
 async def _identify(request: Request, key: str) -> tuple[KeyKind, str | None] | None:
@@ -911,21 +722,6 @@ async def _all_budgets(api: Backend, params: dict[str, str]) -> list[dict[str, A
         if not page.get("has_more") or not cursor:
             break
     return found
-
-
-async def _subscription_view(desk: WebhookDesk, row: SubscriptionRow) -> dict[str, Any]:
-    """A subscription as the pages show it: the spec's body and why it is disabled."""
-    return {**subscription_body(row), "disable_reason": await desk.disable_reason(row)}
-
-
-def _test_outcome(
-    ok: bool, status: int | None, error: str | None, elapsed_ms: int
-) -> tuple[str, str]:
-    """The flash message of a test delivery, in words."""
-    answered = f"HTTP {status}" if status is not None else "no answer"
-    if ok:
-        return "ok", f"Test delivered: the receiver answered {answered} in {elapsed_ms} ms."
-    return "error", f"Test failed: {answered}" + (f" ({error})" if error else "") + "."
 
 
 def _wait_words(seconds: int) -> str:
