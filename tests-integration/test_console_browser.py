@@ -477,3 +477,24 @@ def test_a_tenant_key_sees_only_its_own_webhooks(
     page.get(f"{server.base_url}/console/webhooks/{their_sid}")
     assert "not found" in text(page)
     assert theirs.tenant_id not in page.page_source
+
+
+def test_repeated_failed_sign_ins_are_refused_for_a_while(browser: WebDriver) -> None:
+    # A server of its own: the lock applies to this machine's address.
+    with ServerProcess.start(store="sqlite") as own:
+        browser.get(f"{own.base_url}/console/sign-in")
+        browser.delete_all_cookies()
+
+        def attempt(key: str) -> str:
+            browser.get(f"{own.base_url}/console/sign-in")
+            browser.find_element(By.ID, "key").send_keys(key + "\ue007")  # Enter submits
+            wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "p.flash-error"))
+            return text(browser)
+
+        for n in range(6):
+            assert "not valid" in attempt(f"guess-{n}")
+        refused = attempt(own.admin_key)  # the right key waits too, without being checked
+        assert "Too many failed sign-ins" in refused
+        assert "paused for 30 seconds" in refused
+        assert browser.get_cookie("cycles_console") is None
+        shoot(browser, "sign-in-limited")
