@@ -555,6 +555,20 @@ def test_the_webhooks_page_shows_health_and_a_failing_subscriptions_deliveries(
     assert detail.text.count('data-status="FAILED"') == 2
     only_ok = admin.get(f"/console/webhooks/{sid}?status=SUCCESS")
     assert "data-status=" not in only_ok.text
+    overview = api.admin("GET", "/v1/admin/overview", 200)
+    schema_validator("AdminOverviewResponse", EXTENDED_ADMIN).validate(overview)
+    assert overview["webhook_counts"] == {"total": 1, "active": 0, "disabled": 1,
+                                          "with_failures": 1}  # fmt: skip
+    (failing,) = overview["failing_webhooks"]
+    assert (failing["subscription_id"], failing["consecutive_failures"]) == (sid, 2)
+    card = (
+        r'class="card card-alert" href="/console/webhooks\?health=failing">\s*<span class="num">1<'
+    )
+    assert re.search(card, admin.get("/console/overview").text) is not None
+    assert sid in admin.get("/console/webhooks?health=failing").text
+    api.admin("PATCH", f"/v1/admin/webhooks/{sid}", 200, json={"status": "ACTIVE"})  # resets
+    assert sid not in admin.get("/console/webhooks?health=failing").text
+    assert "No failing webhook subscriptions" in admin.get("/console/webhooks?health=failing").text
     assert admin.get(f"/console/webhooks/{sid}?status=BOGUS").status_code == 400
     assert admin.get("/console/webhooks?status=BOGUS").status_code == 400
     assert admin.get("/console/webhooks/whsub_nope").status_code == 404

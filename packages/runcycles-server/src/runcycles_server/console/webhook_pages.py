@@ -119,13 +119,18 @@ class WebhookPages:
         desk = await self.webhook_desk(request, session)
         if isinstance(desk, Response):
             return desk
-        params = query_params(request, "tenant_id", "status")
+        params = query_params(request, "tenant_id", "status", "health")
         if params.get("status", "ACTIVE") not in STATUSES:
             return self.pages.bad_request(
                 request, session, f"status must be one of {', '.join(STATUSES)}"
             )
         try:
             rows = await desk.subscriptions(params.get("tenant_id"), params.get("status"))
+            if params.get("health") == "failing":
+                rows = sorted(
+                    (r for r in rows if r.consecutive_failures > 0),
+                    key=lambda r: -r.consecutive_failures,
+                )
             items = [await _subscription_view(desk, r) for r in rows]
         except ApiError as exc:
             return self.pages.api_error(request, session, exc)
