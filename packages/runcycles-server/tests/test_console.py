@@ -20,6 +20,8 @@ from runcycles_server.console import spend as spending
 from runcycles_server.console.pages import SESSION_COOKIE
 from runcycles_server.console.sessions import SessionStore
 from runcycles_server.ledger import EventRow
+from runcycles_server.stores.base import DebitReader
+from runcycles_server.stores.redis import RedisStore
 
 if TYPE_CHECKING:
     from conftest import Api, FakeClock, SyncClient
@@ -408,6 +410,36 @@ def test_the_spend_page_counts_direct_debits_from_post_events(
     assert sign_in(api.client, other).status_code == 303
     mine = api.client.get("/console/spend?tenant=acme&range=day")  # a tenant key: its own only
     assert 'data-total="0"' in mine.text
+
+
+def test_direct_debits_are_listed_by_window_and_their_index_is_trimmed(
+    api: Api, store: Store, clock: FakeClock
+) -> None:
+    assert isinstance(store, DebitReader)
+    key = api.tenant("acme")
+    api.budget("acme", "tenant:acme", 100_000_000)
+
+    def debit(n: int) -> None:
+        event = {"idempotency_key": f"e{n}", "subject": {"tenant": "acme"},
+                 "action": {"kind": "tool.call", "name": "search"},
+                 "actual": {"unit": U, "amount": 1_000 * (n + 1)}}  # fmt: skip
+        assert api.post(key, "/v1/events", event).status_code == 201
+
+    start = clock.now_ms
+    debit(0)
+    clock.advance(1_000)
+    debit(1)
+    rows = api.client.run(store.list_debits("acme", 0, start + 10_000, 10))
+    assert [(r.charged, r.created_at_ms) for r in rows] == [(1_000, start), (2_000, start + 1_000)]
+    assert [r.charged for r in api.client.run(store.list_debits("acme", 0, 2**62, 1))] == [1_000]
+    later = api.client.run(store.list_debits("acme", start + 1, 2**62, 10))
+    assert [r.charged for r in later] == [2_000]
+    assert api.client.run(store.list_debits("other", 0, 2**62, 10)) == []
+    if isinstance(store, RedisStore):  # the index does not outgrow the retention
+        index = store._k.x_debits("acme")
+        clock.advance((store.retention_ms or 0) + 1_000)  # both older than the retention
+        debit(2)
+        assert api.client.run(store.client.zcard(index)) == 1
 
 
 def test_a_spend_series_adds_direct_debits_of_its_scope_and_unit() -> None:

@@ -73,8 +73,8 @@ version and JSON fields):
                                        expires; writes that finalize trim ``x:res`` (and it)
                                        of the entries that are due
 ``P:{t:T}:x:audit``                    zset: audit ids by time
-``P:{t:T}:x:debits``                   zset: direct debit (``e:``) ids by time; reads drop
-                                       the entries older than ``retention_ms``
+``P:{t:T}:x:debits``                   zset: direct debit (``e:``) ids by time; each new
+                                       debit trims the entries older than ``retention_ms``
 ``P:{t:T}:v:<id>``                     evidence envelope (``b`` signing input, ``d`` metadata),
                                        TTL'd at its retention; written by the operation's script
 ``P:{t:T}:rv:<rid>``                   a reservation's envelope ids (field per artifact type)
@@ -488,6 +488,8 @@ class _Work:
         self.retention_ms = retention_ms
         self.trim = False
         """Whether the write also trims ``x:res`` entries whose reservation's retention ran out."""
+        self.trim_debits = False
+        """Whether the write also trims ``x:debits`` entries older than the retention."""
         self.tenant_id = tenant_id
         self.snap = snap
         self.now = snap.now_ms
@@ -665,6 +667,7 @@ class _Work:
             self.zops.append(
                 _ZOp(True, debits, outcome.event.event_id, outcome.event.created_at_ms)
             )
+            self.trim_debits = self.retention_ms is not None
         if outcome.counters:
             self.put_counters(self.tenant_id, outcome.counters)
         for ev in outcome.events:
@@ -1041,6 +1044,11 @@ class RedisStore(OperationStore):
             tenant = work.tenant_id
             done, res = ix(self._k.x_done(tenant)), ix(self._k.x_res(tenant))
             writes.append(["T", done, res, str(work.now), str(TRIM_BATCH)])
+        if work.trim_debits and work.retention_ms is not None:
+            # the debits whose row expired by TTL leave the index (at most a batch a write)
+            debits = ix(self._k.x_debits(work.tenant_id))
+            cutoff = work.now - work.retention_ms - 1
+            writes.append(["T", debits, debits, str(cutoff), str(TRIM_BATCH)])
         args: list[Any] = [len(keys), *(snap.version(k) for k in keys)]
         args += [self._token, TURN_MS, "1" if keep else "0"]
         args.append(ledger.dumps(writes).decode())
