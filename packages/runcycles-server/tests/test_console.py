@@ -603,6 +603,7 @@ def test_the_webhooks_page_shows_health_and_a_failing_subscriptions_deliveries(
     assert "No failing webhook subscriptions" in admin.get("/console/webhooks?health=failing").text
     assert admin.get(f"/console/webhooks/{sid}?status=BOGUS").status_code == 400
     assert admin.get("/console/webhooks?status=BOGUS").status_code == 400
+    assert "health must be failing" in admin.get("/console/webhooks?health=sick").text
     assert admin.get("/console/webhooks/whsub_nope").status_code == 404
 
 

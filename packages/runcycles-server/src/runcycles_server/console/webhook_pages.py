@@ -124,6 +124,8 @@ class WebhookPages:
             return self.pages.bad_request(
                 request, session, f"status must be one of {', '.join(STATUSES)}"
             )
+        if params.get("health", "failing") != "failing":
+            return self.pages.bad_request(request, session, "health must be failing (or empty)")
         try:
             rows = await desk.subscriptions(params.get("tenant_id"), params.get("status"))
             if params.get("health") == "failing":
