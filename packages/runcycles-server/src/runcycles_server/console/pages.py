@@ -8,8 +8,10 @@ says ``'self'`` only).
 
 State-changing requests are ``POST`` forms carrying the session's CSRF token (refused with
 403 without it); sign-in, which has no session yet, uses a double-submit token in a
-short-lived cookie instead. A tenant-key session is read-only and sees only its tenant (the
-API enforces that too: the console only ever calls it with the session's own key).
+short-lived cookie instead, and repeated failures are paused (:mod:`.signin_limits`). A
+tenant-key session is read-only and sees only its tenant (the API enforces that too: the
+console only ever calls it with the session's own key). The webhooks pages live in
+:mod:`.webhook_pages` and are mounted here.
 """
 
 from __future__ import annotations
