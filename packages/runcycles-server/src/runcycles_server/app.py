@@ -305,7 +305,7 @@ class Runtime:
             raise
         if self.metrics is not None:
             self.metrics.decided("decide", outcome.body)
-        return json_response(outcome.body, outcome.status_code)
+        return self.evidence.answer(outcome.body, outcome.status_code)
 
     async def create_reservation(self, request: Request) -> Response:
         """``POST /v1/reservations``."""
@@ -331,7 +331,7 @@ class Runtime:
             raise
         if self.metrics is not None:
             self.metrics.decided("reserve", outcome.body)
-        return json_response(outcome.body, outcome.status_code)
+        return self.evidence.answer(outcome.body, outcome.status_code)
 
     async def list_reservations(self, request: Request) -> Response:
         """``GET /v1/reservations``."""
@@ -442,7 +442,7 @@ class Runtime:
             raise
         if self.signals is not None:
             note_spend(self.signals, principal.tenant_id, outcome)
-        return json_response(outcome.body, outcome.status_code)
+        return self.evidence.answer(outcome.body, outcome.status_code)
 
     async def release(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/release`` (tenant or audited admin)."""
@@ -459,7 +459,7 @@ class Runtime:
         except LedgerError as exc:
             await self.evidence.denied(request, exc, "release", body, principal.tenant_id, rid)
             raise
-        return json_response(outcome.body, outcome.status_code)
+        return self.evidence.answer(outcome.body, outcome.status_code)
 
     async def extend(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/extend``."""
