@@ -26,6 +26,16 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runcycles import (
+    Action,
+    Amount,
+    AsyncCyclesClient,
+    CyclesConfig,
+    DecisionRequest,
+    Subject,
+    Unit,
+)
+from runcycles.evidence import Disposition
 from runcycles.testing.spec import EVIDENCE_SPEC, EXTENDED_RUNTIME, schema_validator
 from runcycles_server.app import purge_old_data
 from runcycles_server.evidence.api import EvidenceApi
@@ -731,6 +741,35 @@ def test_amounts_beyond_2_53_are_answered_without_evidence_and_flagged(ev: Api) 
     assert EVIDENCE_OMITTED_HEADER not in response.headers
     env = check_envelope(ev, response.json()["cycles_evidence"], "reserve")
     assert env["payload"]["reserve"]["request"]["estimate"]["amount"] == SAFE_INT
+
+
+def test_the_client_reports_the_omission_and_verifies_the_rest(ev: Api) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    config = CyclesConfig(base_url="http://testserver", api_key=key, tenant="acme")
+    client = AsyncCyclesClient(config, http_client=ev.client._client)
+
+    def decision(amount: int) -> DecisionRequest:
+        return DecisionRequest(
+            idempotency_key=f"d{amount}",
+            subject=Subject(tenant="acme"),
+            action=Action(kind="llm.completion", name="gpt-4o"),
+            estimate=Amount(unit=Unit.USD_MICROCENTS, amount=amount),
+        )
+
+    async def calls() -> tuple[Any, Any, Any]:
+        over = await client.decide(decision(2**53 + 1))
+        fine = await client.decide(decision(10))
+        ref = fine.data.cycles_evidence
+        assert ref is not None
+        return over, fine, await client.verify_evidence(ref.evidence_id)
+
+    over, fine, verified = ev.client.run(calls())
+    assert over.is_success
+    assert over.data.cycles_evidence is None
+    assert over.evidence_omitted == NO_RFC8785_FORM
+    assert fine.evidence_omitted is None
+    assert verified.disposition is Disposition.AUTHENTIC
 
 
 def test_evidence_off_answers_carry_no_omission_flag(make_api: Callable[..., Api]) -> None:
