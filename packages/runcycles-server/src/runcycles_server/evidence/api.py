@@ -166,7 +166,7 @@ class EvidenceApi:
         mistakes it for a server with evidence off.
         """
         response = json_response(body, status)
-        if self.issuer is not None and _REF not in body:
+        if self.issuer is not None and body.rfind(_REF) < 0:  # the ref is the last member
             response.headers[EVIDENCE_OMITTED_HEADER] = NO_RFC8785_FORM
         return response
 
