@@ -58,6 +58,7 @@ from runcycles_server.governance import (
     CounterRow,
     PolicyRow,
     Registry,
+    counter_memory,
     policy_patch,
     prepare,
     release_per_run,
@@ -329,7 +330,8 @@ def _give_back(txn: Txn, outcome: Outcome) -> Outcome:
     """Add the ``per_run`` counters a released or expired reservation gives back (-1 each)."""
     res = outcome.reservation
     if res is not None and res.quota_counters and res.status in ("RELEASED", "EXPIRED"):
-        counters = txn.counters(res.tenant_id, res.quota_counters)
+        names = [counter_memory(entry)[0] for entry in res.quota_counters]
+        counters = txn.counters(res.tenant_id, names)
         outcome.counters = release_per_run(res.quota_counters, counters, txn.now)
     return outcome
 
