@@ -354,12 +354,21 @@ def budget_body(row: BudgetRow) -> dict[str, Any]:
     )
 
 
+_RESOURCE_TYPES: Final = {
+    "bulkActionTenants": "tenant",
+    "bulkActionBudgets": "budget",
+    "updateApiKey": "api_key",
+}
+
+
 def _resource_type(operation: str) -> str:
     """The audit log's ``resource_type`` of an entry, from its operation."""
     if operation.startswith("policy."):
         return "policy"
     if operation.startswith("quota."):
         return "quota_counter"
+    if operation in _RESOURCE_TYPES:
+        return _RESOURCE_TYPES[operation]
     if operation.endswith("Budget"):
         return "budget"
     return "reservation"
