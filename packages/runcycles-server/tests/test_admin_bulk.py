@@ -7,6 +7,7 @@ with the bulk correlation id, one audit entry, replay by ``idempotency_key``, th
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -271,6 +272,8 @@ def test_budget_bulk_row_outcomes(books: Api) -> None:
                    "amount": {"unit": U, "amount": 1}, "idempotency_key": "x"}, "utilization_min"),
         (BUDGETS, {"filter": {"tenant_id": "acme"}, "action": "CREDIT",
                    "amount": {"unit": U, "amount": -1}, "idempotency_key": "x"}, "amount"),
+        (BUDGETS, {"filter": {"tenant_id": "acme", "has_debt": "yes"}, "action": "CREDIT",
+                   "amount": {"unit": U, "amount": 1}, "idempotency_key": "x"}, "has_debt"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_400_naming_it(api: Api, path: str, body: Any, named: str) -> None:
@@ -279,6 +282,29 @@ def test_bad_input_is_a_400_naming_it(api: Api, path: str, body: Any, named: str
     valid("ErrorResponse", refused)
     assert refused["error"] == "INVALID_REQUEST"
     assert named in refused["message"] + str(refused.get("details", "")), refused
+
+
+def test_racing_submits_with_one_key_apply_once(api: Api) -> None:
+    for i in range(3):
+        api.tenant(f"race-{i}")
+        api.budget(f"race-{i}", f"tenant:race-{i}", 1_000)
+    body = {"filter": {"search": "race"}, "action": "SUSPEND", "idempotency_key": "race"}
+
+    async def both() -> list[Any]:
+        send = api.client._client.post
+        return list(await asyncio.gather(
+            send(TENANTS, json=body, headers=api.admin_headers),
+            send(TENANTS, json=body, headers=api.admin_headers),
+        ))  # fmt: skip
+
+    answers = api.client.run(both())
+    codes = sorted(r.status_code for r in answers)
+    assert codes in ([200, 200], [200, 409]), [r.text for r in answers]
+    if codes == [200, 200]:  # the second came after the first answered: the same answer
+        assert answers[0].json() == answers[1].json()
+    for i in range(3):
+        assert len(events(api, f"race-{i}", event_type="tenant.suspended")) == 1
+    assert len(audit(api, "__admin__", "bulkActionTenants")) == 1
 
 
 def test_bad_dry_run_value_and_unknown_tenant(api: Api) -> None:

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -87,8 +87,8 @@ class BudgetBulkFilter(_Strict):
     scope_prefix: StrictStr | None = None
     unit: Unit | None = None
     status: Literal["ACTIVE", "FROZEN", "CLOSED"] | None = None
-    over_limit: bool | None = None
-    has_debt: bool | None = None
+    over_limit: StrictBool | None = None
+    has_debt: StrictBool | None = None
     utilization_min: Ratio | None = None
     utilization_max: Ratio | None = None
     search: Search | None = None

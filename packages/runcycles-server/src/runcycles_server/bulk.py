@@ -10,7 +10,9 @@ safety rules, so they live here once:
   repeat with the same key and body gets it again without the action running twice. The key
   is **claimed** in one atomic step before any row changes (the store's idempotency records,
   on every store), so two submits racing with one key cannot both apply; the loser gets 409
-  until the first finishes. The same key with a different body is 409 ``IDEMPOTENCY_MISMATCH``.
+  until the first finishes (a server that dies mid-action leaves the claim until the window
+  ends: the rows it changed carry the action's correlation id in their events). The same key
+  with a different body is 409 ``IDEMPOTENCY_MISMATCH``.
 * ``?dry_run=true`` (this server's preview; the spec declares no query parameter here and
   servers ignore unknown ones): the same checks and the same response shape, with each row's
   *predicted* outcome, and nothing written — not the rows, not the idempotency key.
