@@ -17,6 +17,8 @@ from runcycles.testing.spec import EXTENDED_ADMIN, load_spec, schema_validator
 if TYPE_CHECKING:
     from conftest import Api
 
+    from runcycles_server.stores.base import Store
+
 U = "USD_MICROCENTS"
 
 
@@ -153,3 +155,13 @@ def test_get_one_event_by_id(api: Api) -> None:
         assert refused["error"] == "EVENT_NOT_FOUND"
         valid("ErrorResponse", refused)
     assert api.client.get(f"/v1/admin/events/{first}").status_code == 401
+
+
+def test_store_update_without_an_audit_entry_still_changes_the_key(api: Api, store: Store) -> None:
+    api.tenant("acme")
+    kid = key_id_of(api, "acme")
+    row = api.client.run(store.update_api_key(kid, {"name": "plain"}))
+    assert row.name == "plain"
+    assert api.client.run(store.update_api_key(kid, {"name": "plain"})).name == "plain"
+    listed = api.admin("GET", "/v1/admin/api-keys", 200, params={"tenant_id": "acme"})["keys"]
+    assert listed[0]["name"] == "plain"

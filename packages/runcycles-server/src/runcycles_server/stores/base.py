@@ -1193,11 +1193,12 @@ class RowStore(OperationStore):
                 raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
             now = self.clock()
             new, events, entry = operations.plan_api_key_update(row, changes, now, audit)
-            if entry is None:
+            if new is row:  # nothing changed
                 return row
             self._put_api_key(new, insert=False)
             self._put_events(events)
-            self._apply(Outcome(200, b"", audit=entry))
+            if entry is not None:
+                self._apply(Outcome(200, b"", audit=entry))
             self.auth_epoch += 1  # cached authentications carry the old permissions
             return new
 

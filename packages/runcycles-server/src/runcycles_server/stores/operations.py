@@ -1011,7 +1011,7 @@ API_KEY_MUTABLE: Final = ("name", "description", "permissions", "scope_filter", 
 def plan_api_key_update(
     row: ApiKeyRow, changes: dict[str, Any], now_ms: int, audit: AuditRow | None
 ) -> tuple[ApiKeyRow, list[EventRecord], AuditRow | None]:
-    """The changed key, its events and its audit entry (``None``: nothing changed).
+    """The changed key (``row`` itself when nothing changed), its events and audit entry.
 
     Shared by the stores so both apply the same rules: only an ACTIVE, unexpired key changes;
     ``api_key.permissions_changed`` is recorded when the permissions or the scope filter

@@ -2099,7 +2099,7 @@ class RedisStore(OperationStore):
             new, events, entry = operations.plan_api_key_update(
                 current, changes, snap.now_ms, audit
             )
-            if entry is None:
+            if new is current:  # nothing changed
                 return current
             work = _Work(self._k, current.tenant_id, snap)
             work.dirty[by_hash] = {_D: new}
