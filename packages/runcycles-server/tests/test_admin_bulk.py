@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
+from runcycles_server.errors import LedgerError
 
 if TYPE_CHECKING:
     from conftest import Api
+
+    from runcycles_server.stores.base import Store
 
 TENANTS = "/v1/admin/tenants/bulk-action"
 BUDGETS = "/v1/admin/budgets/bulk-action"
@@ -333,3 +336,33 @@ def test_a_tenant_key_cannot_call_them(api: Api) -> None:
         assert response.json()["error"] == "FORBIDDEN"
         assert api.client.post(path, json=body).status_code == 401
     assert status_of(api, "acme") == "ACTIVE"
+
+
+def test_the_row_guards_are_checked_in_the_rows_transaction(api: Api, store: Store) -> None:
+    """What a bulk row does when the row changed after it was listed (a race, made directly)."""
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 1_000)
+    api.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "SUSPENDED"})
+    with pytest.raises(LedgerError) as already:
+        api.client.run(store.update_tenant("acme", {"status": "SUSPENDED"},
+                                           only_from=("ACTIVE",)))  # fmt: skip
+    assert already.value.code == "ALREADY_IN_TARGET_STATE"
+    api.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "ACTIVE"})
+    with pytest.raises(LedgerError) as again:
+        api.client.run(store.update_tenant("acme", {"status": "ACTIVE"},
+                                           only_from=("SUSPENDED",)))  # fmt: skip
+    assert again.value.code == "ALREADY_IN_TARGET_STATE"
+    with pytest.raises(LedgerError) as no_debt:
+        api.client.run(store.fund_budget(
+            "acme", "tenant:acme", U, operation="REPAY_DEBT", amount=10, spent=None,
+            idempotency_key=None, request_hash="", timestamp="", require_debt=True,
+        ))  # fmt: skip
+    assert no_debt.value.code == "ALREADY_IN_TARGET_STATE"
+    assert lookup(api, "tenant:acme")["allocated"]["amount"] == 1_000  # nothing credited
+    assert status_of(api, "acme") == "ACTIVE"
+    api.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "CLOSED"})
+    with pytest.raises(LedgerError) as invalid:
+        api.client.run(store.update_tenant("acme", {"status": "ACTIVE"},
+                                           only_from=("SUSPENDED",)))  # fmt: skip
+    assert invalid.value.code == "INVALID_TRANSITION"
+    assert status_of(api, "acme") == "CLOSED"

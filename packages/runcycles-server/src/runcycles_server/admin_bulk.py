@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 _PAGE: Final = 100
 _TARGET: Final = {"SUSPEND": "SUSPENDED", "REACTIVATE": "ACTIVE", "CLOSE": "CLOSED"}
+_FROM: Final = {"SUSPEND": ("ACTIVE",), "REACTIVATE": ("SUSPENDED",),
+                "CLOSE": ("ACTIVE", "SUSPENDED")}  # fmt: skip
+"""The statuses each action may start from, checked again in the row's own transaction."""
 _ROW_CODES: Final = {"BUDGET_EXCEEDED": "BUDGET_EXCEEDED", "NOT_FOUND": "NOT_FOUND",
                      "FORBIDDEN": "PERMISSION_DENIED"}  # fmt: skip
 """Per-row codes kept as they are; any other refusal of a row is ``INVALID_TRANSITION``."""
@@ -225,8 +228,12 @@ class BulkApi:
                 return failed(tid, "INVALID_TRANSITION", f"tenant {tid} is {row.status}")
             if corr is not None:
                 try:
-                    await self.store.update_tenant(tid, {"status": target}, correlation_id=corr)
+                    await self.store.update_tenant(
+                        tid, {"status": target}, correlation_id=corr, only_from=_FROM[action]
+                    )
                 except LedgerError as exc:
+                    if exc.code == "ALREADY_IN_TARGET_STATE":  # changed since it was listed
+                        return skipped(tid)
                     return failed(tid, _row_code(exc), exc.message)
             return "succeeded", {"id": tid}
 
@@ -319,9 +326,11 @@ class BulkApi:
                         row.tenant_id, row.scope, row.unit, operation=action,
                         amount=amount.amount, spent=spent_amount, idempotency_key=None,
                         request_hash="", timestamp=iso(self.store.clock()), audit=None,
-                        correlation_id=corr,
+                        correlation_id=corr, require_debt=action == "REPAY_DEBT",
                     )  # fmt: skip
             except LedgerError as exc:
+                if exc.code == "ALREADY_IN_TARGET_STATE":  # repaid since it was listed
+                    return skipped(rid)
                 return failed(rid, _row_code(exc), exc.message)
             return "succeeded", {"id": rid}
 

@@ -367,12 +367,18 @@ class Store(GovernanceStore, Protocol):
         """Return one page of tenants ordered by id."""
 
     async def update_tenant(
-        self, tenant_id: str, changes: dict[str, Any], *, correlation_id: str | None = None
+        self,
+        tenant_id: str,
+        changes: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        only_from: Sequence[str] | None = None,
     ) -> TenantRow:
         """Apply field changes; ``status=CLOSED`` cascades atomically (see RowStore).
 
         ``correlation_id``: the correlation of the tenant's own events (default: the request
-        id); a bulk action names itself here.
+        id); a bulk action names itself here. ``only_from``: the statuses the change may start
+        from (see :func:`operations.update_tenant`).
 
         Raises:
             LedgerError: NOT_FOUND, or INVALID_REQUEST for reopening a closed tenant.
@@ -465,11 +471,13 @@ class Store(GovernanceStore, Protocol):
         timestamp: str,
         audit: AuditRow | None = None,
         correlation_id: str | None = None,
+        require_debt: bool = False,
     ) -> Outcome:
         """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key.
 
         ``audit``: the entry to record with it (not again on an idempotent replay).
         ``correlation_id``: the correlation of its events (default: the request id).
+        ``require_debt``: see :func:`operations.fund_budget`.
         """
 
 
@@ -745,6 +753,7 @@ class OperationStore(ABC):
         timestamp: str,
         audit: AuditRow | None = None,
         correlation_id: str | None = None,
+        require_debt: bool = False,
     ) -> Outcome:
         """See :meth:`Store.fund_budget`."""
         op = operations.fund_budget(
@@ -759,6 +768,7 @@ class OperationStore(ABC):
             timestamp=timestamp,
             audit=audit,
             correlation_id=correlation_id,
+            require_debt=require_debt,
         )
         return self._recorded(await self.run(op))
 
@@ -1135,7 +1145,12 @@ class RowStore(OperationStore):
         return self._get_tenant(tenant_id)
 
     async def update_tenant(
-        self, tenant_id: str, changes: dict[str, Any], *, correlation_id: str | None = None
+        self,
+        tenant_id: str,
+        changes: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        only_from: Sequence[str] | None = None,
     ) -> TenantRow:
         """See :meth:`Store.update_tenant`.
 
@@ -1144,7 +1159,8 @@ class RowStore(OperationStore):
         """
         with self._write():
             txn = _RowTxn(self, self.clock())
-            row = operations.update_tenant(tenant_id, changes, correlation_id).plan(txn)
+            op = operations.update_tenant(tenant_id, changes, correlation_id, only_from)
+            row = op.plan(txn)
             if changes.get("status") == "CLOSED":
                 reservations, budgets, keys = self._tenant_children(tenant_id)
                 ids = [r.reservation_id for r in reservations]

@@ -703,14 +703,19 @@ def create_tenant(row: TenantRow) -> Op[tuple[TenantRow, bool]]:
 
 
 def update_tenant(
-    tenant_id: str, changes: dict[str, Any], correlation_id: str | None = None
+    tenant_id: str,
+    changes: dict[str, Any],
+    correlation_id: str | None = None,
+    only_from: Sequence[str] | None = None,
 ) -> Op[TenantRow]:
     """Apply field changes to a tenant; closing is irreversible.
 
     Only the tenant row changes here: the store runs the close cascade (releasing ACTIVE
     reservations, closing budgets, revoking keys) when ``status`` becomes ``CLOSED``.
     ``correlation_id`` ties its events to a larger request (a bulk action); by default they
-    carry the request id.
+    carry the request id. ``only_from``: the statuses the change may start from, checked in the
+    transaction (a bulk action's row); otherwise 409 ``ALREADY_IN_TARGET_STATE`` when the tenant
+    already has the new status, ``INVALID_TRANSITION`` when it has another.
     """
     new_status = changes.get("status")
 
@@ -718,6 +723,9 @@ def update_tenant(
         old = txn.tenant(tenant_id)
         if old is None:
             raise LedgerError("NOT_FOUND", f"tenant {tenant_id} does not exist")
+        if only_from is not None and old.status not in only_from:
+            code = "ALREADY_IN_TARGET_STATE" if old.status == new_status else "INVALID_TRANSITION"
+            raise LedgerError(code, f"tenant {tenant_id} is {old.status}", status=409)
         if old.status == "CLOSED" and new_status not in (None, "CLOSED"):
             raise LedgerError(
                 "TENANT_CLOSED", f"tenant {tenant_id} is CLOSED; closing is irreversible"
@@ -904,11 +912,14 @@ def fund_budget(
     timestamp: str,
     audit: AuditRow | None = None,
     correlation_id: str | None = None,
+    require_debt: bool = False,
 ) -> Op[Outcome]:
     """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key.
 
     ``audit`` is recorded with it (not on an idempotent replay). ``correlation_id`` ties its
     events to a larger request (a bulk action); by default they carry the request id.
+    ``require_debt``: refuse (409 ``ALREADY_IN_TARGET_STATE``, nothing written) when the
+    budget has no debt, checked in the transaction (a bulk ``REPAY_DEBT``'s row).
     """
     endpoint = f"fund:{scope}:{unit}"
     owner = budget_owner(scope)
@@ -919,6 +930,10 @@ def fund_budget(
             replayed = _replayed(txn, row.tenant_id, endpoint, idempotency_key, request_hash)
             if replayed is not None:
                 return replayed
+        if require_debt and row.debt == 0:
+            raise LedgerError(
+                "ALREADY_IN_TARGET_STATE", f"budget {scope} ({unit}) has no debt", status=409
+            )
         new, response = ledger.plan_fund(row, operation, amount, spent=spent, now_ms=txn.now)
         response["timestamp"] = timestamp
         raw = ledger.dumps(response)

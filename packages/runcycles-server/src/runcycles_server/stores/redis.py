@@ -1892,7 +1892,12 @@ class RedisStore(OperationStore):
         return result
 
     async def update_tenant(
-        self, tenant_id: str, changes: dict[str, Any], *, correlation_id: str | None = None
+        self,
+        tenant_id: str,
+        changes: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        only_from: Sequence[str] | None = None,
     ) -> TenantRow:
         """See :meth:`Store.update_tenant`.
 
@@ -1901,7 +1906,8 @@ class RedisStore(OperationStore):
         batches, then its keys revoked. Asking to close an already closed tenant finishes an
         interrupted cascade.
         """
-        updated = await self.run(operations.update_tenant(tenant_id, changes, correlation_id))
+        op = operations.update_tenant(tenant_id, changes, correlation_id, only_from)
+        updated = await self.run(op)
         if changes.get("status") == "CLOSED":
             await self._close_cascade(tenant_id)
         return updated
