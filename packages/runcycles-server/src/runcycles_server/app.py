@@ -72,6 +72,8 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
+from runcycles_server.admin_bulk import BulkApi
+from runcycles_server.admin_keys import KeysApi
 from runcycles_server.console import Console
 from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.events.signals import Signals
@@ -910,6 +912,8 @@ def create_app(
         routes=[
             *runtime.routes(),
             *admin.routes(),
+            *BulkApi(store, auth, max_body_bytes).routes(),
+            *KeysApi(store, auth, max_body_bytes).routes(),
             *governance.routes(),
             *events.routes(),
             *extra_routes,

@@ -625,6 +625,23 @@ class Authenticator:
         set_actor("admin")
         return Principal(None)
 
+    async def admin_only(self, request: Request) -> Principal:
+        """Authenticate the admin key on a route no tenant key may call.
+
+        A valid tenant key is told so with 403 (it is authenticated, just not allowed here),
+        rather than the 401 of a missing credential.
+
+        Raises:
+            LedgerError: UNAUTHORIZED (401), or FORBIDDEN (403) for a tenant key.
+        """
+        if "x-admin-api-key" not in request.headers and "x-cycles-api-key" in request.headers:
+            await self.tenant(request)
+            raise LedgerError(
+                "FORBIDDEN",
+                "this route needs the admin key (X-Admin-API-Key); a tenant API key cannot call it",
+            )
+        return self.admin(request)
+
     async def admin_or_tenant(self, request: Request, permission: str | None = None) -> Principal:
         """Use the admin key if ``X-Admin-API-Key`` is sent, else a tenant key."""
         if "x-admin-api-key" in request.headers:
