@@ -418,6 +418,14 @@ def test_bulk_action(hooks: Api, receiver: Receiver) -> None:
     body = {"filter": {"tenant_id": "acme"}, "action": "PAUSE", "idempotency_key": "k1",
             "expected_count": 3}  # fmt: skip
     valid("WebhookBulkActionRequest", body)
+    preview = hooks.client.post("/v1/admin/webhooks/bulk-action", params={"dry_run": "true"},
+                                json=body, headers=hooks.admin_headers)  # fmt: skip
+    assert preview.headers["X-Cycles-Dry-Run"] == "true"
+    assert len(valid("WebhookBulkActionResponse", preview.json())["succeeded"]) == 3
+    assert (
+        hooks.admin("GET", "/v1/admin/webhooks", 200, params={"status": "PAUSED"})["subscriptions"]
+        == []
+    )  # the preview changed nothing
     out = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=body)
     valid("WebhookBulkActionResponse", out)
     assert out["total_matched"] == 3

@@ -1922,7 +1922,14 @@ class RedisStore(OperationStore):
         await self._redis.zadd(self._k.tenants, {row.tenant_id: 0})
         return result
 
-    async def update_tenant(self, tenant_id: str, changes: dict[str, Any]) -> TenantRow:
+    async def update_tenant(
+        self,
+        tenant_id: str,
+        changes: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        only_from: Sequence[str] | None = None,
+    ) -> TenantRow:
         """See :meth:`Store.update_tenant`.
 
         Closing runs in steps (see the module docstring): the tenant row first (a fence for
@@ -1930,7 +1937,8 @@ class RedisStore(OperationStore):
         batches, then its keys revoked. Asking to close an already closed tenant finishes an
         interrupted cascade.
         """
-        updated = await self.run(operations.update_tenant(tenant_id, changes))
+        op = operations.update_tenant(tenant_id, changes, correlation_id, only_from)
+        updated = await self.run(op)
         if changes.get("status") == "CLOSED":
             await self._close_cascade(tenant_id)
         return updated
@@ -2105,6 +2113,41 @@ class RedisStore(OperationStore):
             )
             await self.record_events(events)
             return True
+
+    async def update_api_key(
+        self, key_id: str, changes: dict[str, Any], *, audit: AuditRow | None = None
+    ) -> ApiKeyRow:
+        """See :meth:`Store.update_api_key`.
+
+        The key is changed with a compare-and-set; its event and audit entry live in its
+        tenant's slot and follow in one more write (a crash between them loses the record,
+        never the change), as for revocations.
+        """
+        row = await self._api_key_by_id(key_id)
+        if row is None:
+            raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
+        by_hash = self._k.key_by_hash(row.key_hash)
+        while True:
+            snap = await self._read([by_hash])
+            raw = snap.rows[by_hash].get(_D)
+            if raw is None:
+                raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
+            current = _dec(ApiKeyRow, raw)
+            new, events, entry = operations.plan_api_key_update(
+                current, changes, snap.now_ms, audit
+            )
+            if new is current:  # nothing changed
+                return current
+            work = _Work(self._k, current.tenant_id, snap)
+            work.dirty[by_hash] = {_D: new}
+            try:
+                await self._cas([by_hash], snap, work, self._k.keys_turn)
+            except _Conflict:
+                await asyncio.sleep(random.uniform(0, 0.002))
+                continue
+            self.auth_epoch += 1
+            await self.run(operations.record_changes(new.tenant_id, events, entry))
+            return new
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
         """See :meth:`Store.revoke_api_key`."""

@@ -192,9 +192,9 @@ class WebhookActions:
             actor_type="api_key" if ctx.key_id is not None else "admin_on_behalf_of",
             operation=OPERATIONS[action],
             resource_id=row.subscription_id,
-            created_at_ms=0,
+            created_at_ms=self.store.clock(),
             request_id=ctx.request_id,
             trace_id=ctx.trace_id,
             details={**extra, **details},
         )
-        await self.store.run(operations.record_audit(row.tenant_id, entry))
+        await self.store.run(operations.record_changes(row.tenant_id, [], entry))

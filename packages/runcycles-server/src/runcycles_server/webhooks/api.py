@@ -19,15 +19,14 @@ once, like the create.
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Any, Final
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from runcycles_server.bulk import ADMIN_TENANT, BulkReplay, check_matches, dry_run, envelope
 from runcycles_server.events import EVENT_TYPES, current_context
 from runcycles_server.events.context import set_actor
 from runcycles_server.governance.timestamps import ms_from_datetime
@@ -52,7 +51,6 @@ from runcycles_server.webhooks.models import (
     delivery_body,
     subscription_body,
 )
-from runcycles_server.webhooks.service import BULK_MAX
 from runcycles_server.webhooks.ssrf import parse_networks
 from runcycles_server.webhooks.storage import DeliveryQuery, WebhookStorage, WebhookTxn
 
@@ -88,8 +86,6 @@ QUERY_PARAMS: Final = {
     ("GET", "/v1/webhooks/{subscription_id}/deliveries"): _DELIVERY_PARAMS,
 }
 """The query parameters of the webhook routes, as the spec declares them."""
-BULK_WINDOW_MS: Final = 15 * 60_000
-"""How long a bulk action's answer is replayed for the same ``idempotency_key``."""
 
 
 def _moment(request: Request, name: str) -> int | None:
@@ -126,6 +122,7 @@ class WebhooksApi:
         self.max_body = max_body_bytes
         self.actions = WebhookActions(store, dispatcher)
         self.subs = self.actions.subs
+        self.bulk_replay = BulkReplay(store, "bulk:webhooks")
 
     def routes(self) -> list[BaseRoute]:
         """Return the webhook routes."""
@@ -345,42 +342,20 @@ class WebhooksApi:
                 "INVALID_REQUEST",
                 "filter needs at least one of tenant_id, status, event_type, search",
             )
-        state_key = f"bulk:{body.idempotency_key}"
-
-        async def seen(t: WebhookTxn) -> bytes | None:
-            return await t.state(state_key)
-
-        previous = await self.storage.read(seen)
-        if previous is not None:
-            stored = orjson.loads(previous)
-            if stored["until"] > time.time() * 1000:
-                return json_response(stored["response"])
         rows = _filtered(await self.subs.all(), tenant_id=f.tenant_id, status=f.status,
                          event_type=f.event_type, search=f.search)  # fmt: skip
-        if len(rows) > BULK_MAX:
-            raise LedgerError(
-                "LIMIT_EXCEEDED",
-                f"the filter matches {len(rows)} subscriptions, more than {BULK_MAX}: narrow it",
-                status=400,
-            )
-        if body.expected_count is not None and body.expected_count != len(rows):
-            raise LedgerError(
-                "COUNT_MISMATCH",
-                f"the filter matches {len(rows)} subscriptions, not expected_count="
-                f"{body.expected_count}; nothing was changed",
-                status=409,
-            )
+        check_matches(len(rows), body.expected_count, "subscriptions")
+        if dry_run(request):
+            ids = [r.subscription_id for r in rows]
+            out = await self.subs.bulk(ids, body.action, "", preview=True)
+            return _preview(envelope(body.action, len(rows), out, body.idempotency_key))
+        replayed = await self.bulk_replay.claim(ADMIN_TENANT, body)
+        if replayed is not None:
+            return json_response(replayed)
         request_id = current_context().request_id or new_id("req")
         outcome = await self.subs.bulk([r.subscription_id for r in rows], body.action, request_id)
-        response = {"action": body.action, "total_matched": len(rows), **outcome,
-                    "idempotency_key": body.idempotency_key}  # fmt: skip
-        until = time.time() * 1000 + BULK_WINDOW_MS
-        record = orjson.dumps({"until": until, "response": response})
-
-        async def remember(t: WebhookTxn) -> None:
-            t.put_state(state_key, record)
-
-        await self.storage.transact(remember)
+        response = envelope(body.action, len(rows), outcome, body.idempotency_key)
+        await self.bulk_replay.finish(ADMIN_TENANT, body, response)
         return json_response(response)
 
     async def get_security(self, request: Request) -> Response:
@@ -403,6 +378,12 @@ class WebhooksApi:
 
         await self.storage.transact(write)
         return json_response(config.model_dump())
+
+
+def _preview(body: dict[str, Any]) -> Response:
+    response = json_response(body)
+    response.headers["X-Cycles-Dry-Run"] = "true"
+    return response
 
 
 def _on_behalf() -> None:

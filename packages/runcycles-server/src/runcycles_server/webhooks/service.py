@@ -37,8 +37,6 @@ from runcycles_server.webhooks.models import (
 from runcycles_server.webhooks.ssrf import Resolver, resolve_target
 from runcycles_server.webhooks.storage import WebhookStorage, WebhookTxn
 
-BULK_MAX: Final = 500
-"""Most subscriptions one bulk action may match (the spec's hard limit)."""
 _CONFIG_FIELDS: Final = (
     "url", "event_types", "event_categories", "name", "description", "scope_filter",
     "thresholds", "headers", "retry_policy", "disable_after_failures", "metadata",
@@ -270,9 +268,12 @@ class Subscriptions:
         return row
 
     async def bulk(
-        self, ids: Iterable[str], action: str, request_id: str
+        self, ids: Iterable[str], action: str, request_id: str, *, preview: bool = False
     ) -> dict[str, list[dict[str, Any]]]:
-        """Apply PAUSE/RESUME/DELETE to each id; return ``succeeded``/``failed``/``skipped``."""
+        """Apply PAUSE/RESUME/DELETE to each id; return ``succeeded``/``failed``/``skipped``.
+
+        ``preview``: decide each row the same way, in a read, and change nothing.
+        """
         out: dict[str, list[dict[str, Any]]] = {"succeeded": [], "failed": [], "skipped": []}
         touched: set[str] = set()
         corr = f"webhook_bulk_action:{action.lower()}:{request_id}"
@@ -286,10 +287,11 @@ class Subscriptions:
                     return "failed", {"id": sid, "error_code": "NOT_FOUND",
                                       "message": "subscription not found"}  # fmt: skip
                 if action == "DELETE":
-                    t.delete_sub(sid)
-                    data = lifecycle_data(old, old.status, None)
-                    t.record([lifecycle_event(old, "webhook.deleted", t.now, data, corr)])
-                    touched.add(old.tenant_id)
+                    if not preview:
+                        t.delete_sub(sid)
+                        data = lifecycle_data(old, old.status, None)
+                        t.record([lifecycle_event(old, "webhook.deleted", t.now, data, corr)])
+                        touched.add(old.tenant_id)
                     return "succeeded", {"id": sid}
                 target = "PAUSED" if action == "PAUSE" else "ACTIVE"
                 if action == "PAUSE" and old.status in ("PAUSED", "DISABLED"):
@@ -300,6 +302,8 @@ class Subscriptions:
                     message = "re-enable a DISABLED subscription with PATCH status=ACTIVE"
                     return "failed", {"id": sid, "error_code": "INVALID_TRANSITION",
                                       "message": message}  # fmt: skip
+                if preview:
+                    return "succeeded", {"id": sid}
                 new = dataclasses.replace(old, status=target, updated_at_ms=t.now)
                 t.put_sub(new)
                 kind = "webhook.paused" if target == "PAUSED" else "webhook.resumed"
@@ -307,7 +311,8 @@ class Subscriptions:
                 t.record([lifecycle_event(new, kind, t.now, data, corr)])
                 return "succeeded", {"id": sid}
 
-            bucket, entry = await self.storage.transact(write)
+            run = self.storage.read if preview else self.storage.transact
+            bucket, entry = await run(write)
             out[bucket].append(entry)
         for tenant_id in touched:
             await self.sync_thresholds(tenant_id)
