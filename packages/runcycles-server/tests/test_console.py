@@ -15,7 +15,7 @@ import pytest
 from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 from runcycles_server.app import create_app
 from runcycles_server.console import format as fmt
-from runcycles_server.console import signin_limits
+from runcycles_server.console import signin_limits, webhook_pages
 from runcycles_server.console import spend as spending
 from runcycles_server.console.pages import SESSION_COOKIE
 from runcycles_server.console.sessions import SessionStore
@@ -706,6 +706,20 @@ def test_a_tenant_key_sees_only_its_own_subscriptions_and_cannot_act(
         assert "read-only" in refused.text
     assert receiver.events == []
     assert api.admin("GET", f"/v1/admin/webhooks/{mine}", 200)["status"] == "ACTIVE"
+
+
+def test_a_long_webhooks_list_says_how_many_are_not_shown(
+    api: Api, admin: SyncClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hooked_tenant(api, "acme", receiver.url)
+    _, second = hooked_tenant(api, "globex", receiver.url)
+    monkeypatch.setattr(webhook_pages, "MAX_LISTED", 1)
+    page = admin.get("/console/webhooks")
+    assert page.text.count("<tr data-subscription=") == 1
+    assert "1 more subscription(s) not shown" in page.text
+    narrowed = admin.get("/console/webhooks?tenant_id=globex")
+    assert second in narrowed.text
+    assert "not shown" not in narrowed.text
 
 
 def test_a_tenant_key_without_webhooks_read_is_told_so(api: Api) -> None:

@@ -40,6 +40,8 @@ REPLAY_WINDOWS: Final = {
 }
 """The windows a replay from the page may resend (ending now)."""
 REPLAY_MAX_EVENTS: Final = 1000
+MAX_LISTED: Final = 500
+"""Subscriptions one webhooks page shows (the rest: filter by tenant or status)."""
 WEBHOOK_ACTIONS: Final = ("test", "replay", "pause", "resume")
 
 
@@ -133,12 +135,13 @@ class WebhookPages:
                     (r for r in rows if r.consecutive_failures > 0),
                     key=lambda r: -r.consecutive_failures,
                 )
-            items = [await _subscription_view(desk, r) for r in rows]
+            items = [await _subscription_view(desk, r) for r in rows[:MAX_LISTED]]
         except ApiError as exc:
             return self.pages.api_error(request, session, exc)
         return self.pages.render(
-            request, "webhooks.html", session, subscriptions=items, params=params, statuses=STATUSES
-        )
+            request, "webhooks.html", session, subscriptions=items, params=params,
+            statuses=STATUSES, hidden=max(0, len(rows) - MAX_LISTED),
+        )  # fmt: skip
 
     async def webhook(self, request: Request) -> Response:
         """One subscription: health, deliveries (filter by status), test, replay, pause."""
