@@ -126,6 +126,16 @@ def test_tenant_reactivate_and_close(fleet: Api) -> None:
     lookup = api.admin("GET", "/v1/admin/budgets/lookup", 200,
                        params={"scope": "tenant:team-e", "unit": U})  # fmt: skip
     assert lookup["status"] == "CLOSED"
+    # The parent event carries the bulk id, the cascade's children the Rule 1 cascade id.
+    found = api.admin("GET", "/v1/admin/events", 200, params={"tenant_id": "team-e"})["events"]
+    (parent,) = [e for e in found if e["event_type"] == "tenant.closed"]
+    assert parent["correlation_id"] == f"tenant_bulk_action:close:{parent['request_id']}"
+    children = [e for e in found if e["event_type"].endswith("_via_tenant_cascade")]
+    assert {e["event_type"] for e in children} == {
+        "budget.closed_via_tenant_cascade", "api_key.revoked_via_tenant_cascade",
+    }  # fmt: skip
+    cascade = f"tenant_close_cascade:team-e:{parent['request_id']}"
+    assert {e["correlation_id"] for e in children} == {cascade}
 
 
 def test_expected_count_mismatch_changes_nothing(fleet: Api) -> None:

@@ -241,6 +241,16 @@ def _records(
     ]
 
 
+def cascade_correlation_id(tenant_id: str, context: EventContext | None) -> str:
+    """Return the ``correlation_id`` of a tenant-close cascade's child events.
+
+    The spec's CASCADE SEMANTICS Rule 1 identity, ``tenant_close_cascade:<tenant_id>:<request_id>``:
+    the same for every child of one close, whether it came from ``PATCH`` or a bulk ``CLOSE``.
+    """
+    request_id = context.request_id if context is not None else None
+    return f"tenant_close_cascade:{tenant_id}:{request_id or ''}"
+
+
 def _emit(
     txn: Txn,
     tenant_id: str,
@@ -650,7 +660,7 @@ def close_reservations(tenant_id: str, reservation_ids: Sequence[str]) -> Op[lis
                       "cascade_reason": "tenant_closed"})
             for b, amount in drained.values() if amount > 0
         ]  # fmt: skip
-        _emit(txn, tenant_id, found, context)
+        _emit(txn, tenant_id, found, context, cascade_correlation_id(tenant_id, context))
         return stale
 
     return Op(plan, tenant_id)
@@ -672,7 +682,7 @@ def close_budgets(tenant_id: str, scopes: Sequence[str]) -> Op[None]:
                         "prior_status": budget.status, "new_status": "CLOSED",
                         "cascade_reason": "tenant_closed"}  # fmt: skip
                 found.append(Detected("budget.closed_via_tenant_cascade", budget.scope, data))
-        _emit(txn, tenant_id, found, context)
+        _emit(txn, tenant_id, found, context, cascade_correlation_id(tenant_id, context))
 
     return Op(plan, tenant_id, scopes=scopes)
 
@@ -1018,7 +1028,10 @@ def api_key_events(
             data["reason"] = key.revoked_reason
     found = [Detected(kind, f"tenant:{key.tenant_id}", data)]
     context = None if system else current_context()
-    return _records(found, key.tenant_id, now_ms, context, None)
+    correlation = None
+    if kind == "api_key.revoked_via_tenant_cascade":
+        correlation = cascade_correlation_id(key.tenant_id, context)
+    return _records(found, key.tenant_id, now_ms, context, correlation)
 
 
 API_KEY_MUTABLE: Final = ("name", "description", "permissions", "scope_filter", "metadata")
