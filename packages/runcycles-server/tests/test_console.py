@@ -654,6 +654,7 @@ def test_webhook_test_replay_pause_resume_are_audited_admin_actions(
     for operation in ("testWebhookSubscription", "replayEvents", "pauseWebhookSubscription",
                       "resumeWebhookSubscription"):  # fmt: skip
         assert by_op[operation]["resource_id"] == sid
+        assert by_op[operation]["resource_type"] == "webhook"
         assert by_op[operation]["metadata"]["actor_type"] == "admin_on_behalf_of"
     assert by_op["replayEvents"]["metadata"]["reason"] == "receiver lost data"
     assert by_op["replayEvents"]["metadata"]["events_queued"] == 1

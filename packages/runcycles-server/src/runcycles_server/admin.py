@@ -360,6 +360,10 @@ _RESOURCE_TYPES: Final = {
     "bulkActionTenants": "tenant",
     "bulkActionBudgets": "budget",
     "updateApiKey": "api_key",
+    "testWebhookSubscription": "webhook",
+    "replayEvents": "webhook",
+    "pauseWebhookSubscription": "webhook",
+    "resumeWebhookSubscription": "webhook",
 }
 
 
