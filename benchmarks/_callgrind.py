@@ -10,9 +10,9 @@ whatever else the machine does. This module runs a ``cycles serve`` process unde
 1. start the server under callgrind (startup under valgrind takes a minute) and set up
    whatever the configuration needs (tenant, budget, policy, subscription ...);
 2. warm up with ``warmup`` pairs (first-use imports, caches, the memo of prepared policies);
-3. **idle**: zero the counters (``callgrind_control --zero``), wait ``idle_s`` seconds with no
-   request, dump: the background tasks' instructions per second (sweeper, event monitor,
-   webhook dispatcher polling, evidence flusher ...);
+3. **idle**: zero the counters (``callgrind_control --zero``), wait ``idle_s / 2`` seconds
+   with no request, dump; once before the load and once after it: the background tasks'
+   instructions per second (sweeper, event monitor, webhook dispatcher polling ...);
 4. **load**: zero, run ``pairs`` pairs from one client, one request at a time, dump;
 5. instructions per pair = (load count - idle rate * load seconds) / pairs.
 
@@ -54,6 +54,8 @@ class InstructionCount:
 
     per_pair: float
     """Instructions per reserve+commit pair, background taken out."""
+    raw_per_pair: float
+    """Everything the process executed during the load, per pair (background included)."""
     background_per_s: float
     """Instructions per second of the idle server's timer-driven tasks."""
     pairs: int
@@ -121,7 +123,7 @@ def count_pair_instructions(
     setup: Callable[[ServerProcess, ProvisionedTenant], None] | None = None,
     pairs: int = 200,
     warmup: int = 30,
-    idle_s: float = 10.0,
+    idle_s: float = 20.0,
     budget: int = 10**15,
     **start: Any,
 ) -> InstructionCount:
@@ -150,22 +152,28 @@ def count_pair_instructions(
         warm = run_pairs(warmup)
         if warm.errors:
             raise RuntimeError(f"warm-up: {warm.statuses}\n{server.log_text()}")
-        counter.zero()
-        began = time.monotonic()
-        time.sleep(idle_s)
-        idle = counter.dump()
-        idle_rate = idle / (time.monotonic() - began)
+
+        def idle_window() -> tuple[int, float]:
+            counter.zero()
+            began = time.monotonic()
+            time.sleep(idle_s / 2)
+            return counter.dump(), time.monotonic() - began
+
+        before = idle_window()
         counter.zero()
         began = time.monotonic()
         result = run_pairs(pairs)
         total = counter.dump()
         load_s = time.monotonic() - began
+        after = idle_window()  # background measured on both sides of the load
         if result.errors or result.completed != pairs:
             raise RuntimeError(
                 f"{result.completed}/{pairs} pairs, {result.statuses}\n{server.log_text()}"
             )
+    idle_rate = (before[0] + after[0]) / (before[1] + after[1])
     return InstructionCount(
         per_pair=(total - idle_rate * load_s) / pairs,
+        raw_per_pair=total / pairs,
         background_per_s=idle_rate,
         pairs=pairs,
         load_s=load_s,

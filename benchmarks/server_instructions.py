@@ -177,7 +177,9 @@ def main() -> int:
     )
     parser.add_argument("--baseline", default=BASELINE)
     parser.add_argument("--pairs", type=int, default=200)
-    parser.add_argument("--idle", type=float, default=10.0, help="idle seconds measured")
+    parser.add_argument(
+        "--idle", type=float, default=20.0, help="idle seconds measured (half before the load)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="servers counted at once")
     args = parser.parse_args()
     if not callgrind_available():
@@ -245,18 +247,19 @@ def _report(
         for name in needed:
             c = counts[(store, name)]
             print(
-                f"  {name:<10} {c.per_pair / 1e3:8.0f} K instructions per pair"
-                f"   (background {c.background_per_s / 1e3:5.0f} K/s idle, taken out;"
-                f" {c.load_s:.0f} s under valgrind)"
+                f"  {name:<10} {c.per_pair / 1e3:6.0f} K instructions per pair"
+                f"  (raw {c.raw_per_pair / 1e3:5.0f} K, of which background"
+                f" {c.background_per_s / 1e3:4.0f} K/s x {c.load_s:.0f} s taken out)"
             )
         for ratio in ratios:
             top, bottom, target = RATIOS[ratio]
             value = counts[(store, top)].per_pair / counts[(store, bottom)].per_pair
+            raw = counts[(store, top)].raw_per_pair / counts[(store, bottom)].raw_per_pair
             ok = value <= target
             met = met and ok
             print(
                 f"  ratio {ratio:<15} = {value:.3f}  target <= {target:.2f}: "
-                f"{'met' if ok else 'NOT met'}"
+                f"{'met' if ok else 'NOT met'}   (raw, background in: {raw:.3f})"
             )
     return 0 if met else 1
 
