@@ -63,7 +63,7 @@ BASELINE = "110a68b"
 """The last commit before action governance (issue 12's "today")."""
 KIND = "llm.completion"  # what _loadgen reserves
 QUOTAS = [
-    {"action_kind": KIND, "max_calls": 10**9, "window": window}
+    {"action_kind": KIND, "max_calls": 100_000, "window": window}  # the most allowed
     for window in ("per_minute_tumbling", "per_hour_tumbling", "per_day_tumbling")
 ]
 RATIOS: dict[str, tuple[str, str, float]] = {
@@ -221,7 +221,13 @@ def main() -> int:
                     for store in stores
                     for name in needed
                 }
-                counts = {key: future.result() for key, future in futures.items()}
+                counts = {}
+                for (store, name), future in futures.items():
+                    counts[(store, name)] = c = future.result()
+                    print(
+                        f"  counted {store}/{name}: {c.per_pair / 1e3:.0f} K per pair",
+                        flush=True,
+                    )
         finally:
             http.shutdown()
             http.server_close()
