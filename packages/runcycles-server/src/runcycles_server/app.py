@@ -73,6 +73,7 @@ from runcycles.models import (
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
 from runcycles_server.console import Console
+from runcycles_server.events.latency import LatencyWatch
 from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.events.signals import Signals
 from runcycles_server.events_api import EventsApi
@@ -261,6 +262,14 @@ class Runtime:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
         ]
+
+    def timed_endpoints(self) -> list[Handler]:
+        """The runtime routes whose latency ``system.high_latency`` judges (not the probes)."""
+        return [
+            self.decide, self.create_reservation, self.list_reservations, self.get_reservation,
+            self.commit, self.release, self.extend, self.balances, self.create_event,
+            self.introspect,
+        ]  # fmt: skip
 
     def fast_route(self, scope: Scope) -> Handler | None:
         """Return the handler of a hot route for this request, or ``None`` (Starlette's router).
@@ -715,6 +724,10 @@ async def run_sweeper(
             _background_failure(health, exc, "expiry sweep failed")
         else:
             health.succeeded()
+            try:  # the outage events kept while the store was down
+                await health.flush()
+            except Exception:
+                logger.exception("could not record the store outage events")
         ticks += 1
         if ticks % purge_every == 0:
             try:
@@ -830,7 +843,12 @@ def create_app(
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
     health = StoreHealth(store)
     signals = Signals() if detectors is not None else None
-    monitor = Monitor(store, signals, detectors, health=health) if signals is not None else None
+    latency = LatencyWatch() if detectors is not None else None
+    monitor = (
+        Monitor(store, signals, detectors, health=health, latency=latency)
+        if signals is not None
+        else None
+    )
     auth = Authenticator(store, admin_api_key, limiter=limiter, signals=signals)
     meter = Metrics(top_scopes=metrics_top_scopes, public=metrics_public) if metrics else None
     if isinstance(store, OperationStore):
@@ -902,6 +920,11 @@ def create_app(
                     await monitor.tick(final=True)
                 except Exception:
                     logger.warning("could not record the last refusal events", exc_info=True)
+            if health.pending and health.down_since is None:
+                try:  # an outage that ended just before the stop
+                    await health.flush()
+                except Exception:
+                    logger.warning("could not record the store outage events", exc_info=True)
             await dispatcher.close()
             if close_store:
                 await store.close()
@@ -926,7 +949,12 @@ def create_app(
             (route.endpoint, route.path) for route in app.routes if isinstance(route, Route)
         )
     app.add_middleware(
-        ContextMiddleware, fast_route=runtime.fast_route, health=health, metrics=meter
+        ContextMiddleware,
+        fast_route=runtime.fast_route,
+        health=health,
+        metrics=meter,
+        latency=latency,
+        timed=runtime.timed_endpoints(),
     )
     app.state.store = store
     app.state.webhook_dispatcher = dispatcher

@@ -22,6 +22,11 @@ sweeper). Every ``DetectorConfig.tick_seconds`` it
    records the event. A condition that stops holding lets its flag lapse, and holding again
    later is a new spike. The spec's payloads have no field for an end, so none is recorded.
 
+It also judges the request latency of the runtime routes (:mod:`runcycles_server.events.latency`):
+``system.high_latency`` when the window's percentile crosses ``latency_threshold_ms``, once
+per crossing, per process. And it writes the store outage events :class:`StoreHealth` holds
+(``system.store_connection_lost``/``restored``) once the store answers again.
+
 Expirations for the expiry rate are read from the event log (``reservation.expired`` of the
 tenants that reserved within the window), which every process's sweeper writes.
 
@@ -42,6 +47,7 @@ from runcycles_server import ledger
 from runcycles_server.errors import LedgerError
 from runcycles_server.events import EventRecord, new_event_id
 from runcycles_server.events.context import EventContext, current_context
+from runcycles_server.events.latency import LatencyRule, LatencyWatch
 from runcycles_server.events.rates import (
     BUCKET_MS,
     Condition,
@@ -51,7 +57,13 @@ from runcycles_server.events.rates import (
     rate_spikes,
 )
 from runcycles_server.events.records import SOURCE
-from runcycles_server.events.signals import RESERVATIONS, Refusals, Signals, Tally
+from runcycles_server.events.signals import (
+    RESERVATIONS,
+    SYSTEM_TENANT,
+    Refusals,
+    Signals,
+    Tally,
+)
 from runcycles_server.governance.timestamps import iso
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import Outcome
@@ -136,12 +148,22 @@ class Monitor:
         config: DetectorConfig | None = None,
         clock: Clock | None = None,
         health: StoreHealth | None = None,
+        latency: LatencyWatch | None = None,
     ) -> None:
         self.store = store
         self.health = health
         self.signals = signals
         self.config = config or DetectorConfig()
         self.clock = clock or store.clock
+        self.latency = latency
+        """The runtime routes' latency histogram (``None``: latency not judged)."""
+        config = self.config
+        self.latency_rule = LatencyRule(
+            config.latency_threshold_ms,
+            config.latency_window_seconds * 1000,
+            config.latency_percentile,
+            config.latency_min_samples,
+        )
         self._denied = _Window("reservation.denied")
         self._auth = _Window("api_key.auth_failed")
 
@@ -171,16 +193,48 @@ class Monitor:
         kept = [(w, dict(w.pending), dict(w.last)) for w in (self._denied, self._auth)]
         records = self._denied.due(now, window_ms, everything=final)
         records += self._auth.due(now, window_ms, everything=final)
+        latency = self._judge_latency(now) if not final else None
         try:
             if not final:
                 records += await self._detect(now)
+            if latency is not None:
+                records.append(latency)
             if records:
                 await self.store.record_events(records)
         except Exception:
             for window, pending, last in kept:  # the refusals go into the next tick's events
                 window.pending, window.last = pending, last
+            if latency is not None:
+                self.latency_rule.high = False  # not recorded: the next tick crosses again
             raise
+        if self.health is not None:
+            await self.health.flush()
         return records
+
+    def _judge_latency(self, now_ms: int) -> EventRecord | None:
+        if self.latency is None:
+            return None
+        rule = self.latency_rule
+        was_high = rule.high
+        rule.add(now_ms, self.latency.take())
+        crossing, value = rule.judge()
+        if was_high and not rule.high:
+            logger.info("runtime latency back to %.1f ms (threshold %g ms)", value,
+                        rule.threshold_ms)  # fmt: skip
+        if crossing is None:
+            return None
+        details = crossing.data["details"]
+        if self.health is not None:
+            details["process"] = self.health.process
+        return EventRecord(
+            event_id=new_event_id(now_ms),
+            event_type="system.high_latency",
+            tenant_id=SYSTEM_TENANT,
+            created_at_ms=now_ms,
+            source=DETECTOR_SOURCE,
+            actor_type="system",
+            data=crossing.data,
+        )
 
     async def _add_counts(self, tally: Tally, now_ms: int) -> None:
         store = self.store

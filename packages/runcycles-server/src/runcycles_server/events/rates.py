@@ -69,6 +69,15 @@ class DetectorConfig:
     """At most one ``reservation.denied`` / ``api_key.auth_failed`` per key per this."""
     tick_seconds: float = 5.0
     """How often the monitor flushes tallies and runs the detectors."""
+    latency_threshold_ms: float = 500.0
+    """``system.high_latency`` when the runtime routes' percentile exceeds it (not in the
+    spec; see :mod:`runcycles_server.events.latency`)."""
+    latency_percentile: float = 0.95
+    """Which percentile is judged (0.95: p95)."""
+    latency_window_seconds: int = 60
+    """The rolling window the percentile is computed over."""
+    latency_min_samples: int = 20
+    """Fewest requests in the window for a judgement."""
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
@@ -92,6 +101,11 @@ class DetectorConfig:
             ("min_samples", self.min_samples >= 1, ">= 1"),
             ("refusal_window_seconds", self.refusal_window_seconds >= 1, ">= 1"),
             ("tick_seconds", self.tick_seconds > 0, "> 0"),
+            ("latency_threshold_ms", self.latency_threshold_ms > 0, "> 0"),
+            ("latency_percentile", 0.5 <= self.latency_percentile < 1, "0.5 to 0.999"),
+            ("latency_window_seconds", 10 <= self.latency_window_seconds <= 3600,
+             "10 to 3600"),
+            ("latency_min_samples", self.latency_min_samples >= 1, ">= 1"),
         ]  # fmt: skip
         for name, ok, bounds in checks:
             if not ok:
