@@ -614,3 +614,121 @@ def test_listings_page_and_refuse_a_forged_cursor(hooks: Api, receiver: Receiver
         for forged in ("nonsense", "WyJhIl0", "WyJhIiwgMV0"):  # junk, ["a"], ["a", 1]
             body = hooks.admin("GET", path, 400, params={"cursor": forged})
             assert body["error"] == "INVALID_REQUEST"
+
+
+# --------------------------------------------------------------------------------------------
+# The tenant-close cascade (spec CASCADE SEMANTICS, Rules 1 and 2)
+
+
+def test_closing_a_tenant_disables_its_subscriptions_with_one_event_each(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    own = subscribe(hooks, key, receiver.url(), name="ops",
+                    event_types=["tenant.closed", "budget.exhausted"])  # fmt: skip
+    own_id = own["subscription"]["subscription_id"]
+    paused_id = subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+    hooks.admin("PATCH", f"/v1/admin/webhooks/{paused_id}", 200, json={"status": "PAUSED"})
+    beta = tenant_key(hooks, "beta")
+    beta_id = subscribe(hooks, beta, receiver.url())["subscription"]["subscription_id"]
+    watcher = Receiver()
+    try:
+        body = {"url": watcher.url(), "event_types": ["tenant.closed", CASCADE]}
+        system = hooks.admin("POST", "/v1/admin/webhooks", 201, json=body)
+        system_id = system["subscription"]["subscription_id"]
+        dispatch(hooks, 2)
+        # suspension is reversible: the subscriptions stay as they are
+        hooks.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "SUSPENDED"})
+        dispatch(hooks, 2)
+        assert status_of(hooks, own_id) == "ACTIVE"
+        hooks.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "CLOSED"})
+        # Rule 2 holds from the close on, before the cascade has run
+        refused = hooks.client.request("PATCH", f"/v1/admin/webhooks/{own_id}",
+                                       json={"name": "x"}, headers=hooks.admin_headers)  # fmt: skip
+        assert refused.status_code == 409, refused.text
+        assert valid("ErrorResponse", refused.json())["error"] == "TENANT_CLOSED"
+        dispatch(hooks, 3)
+        assert status_of(hooks, own_id) == status_of(hooks, paused_id) == "DISABLED"
+        assert status_of(hooks, beta_id) == status_of(hooks, system_id) == "ACTIVE"
+        found = events_of(hooks, "acme", CASCADE)
+        (close_event,) = events_of(hooks, "acme", "tenant.closed")
+        assert len(found) == 2
+        by_sub = {e["data"]["subscription_id"]: e for e in found}
+        for event in found:
+            valid("Event", event)
+            valid("EventDataTenantCascade", event["data"])
+            assert event["category"] == "webhook"
+            assert event["correlation_id"] == close_event["correlation_id"]
+            assert event["request_id"] == close_event["request_id"]
+            assert event["actor"]["type"] == close_event["actor"]["type"] == "admin"
+        assert by_sub[own_id]["data"] == {
+            "subscription_id": own_id, "name": "ops", "prior_status": "ACTIVE",
+            "new_status": "DISABLED", "cascade_reason": "tenant_closed",
+        }  # fmt: skip
+        assert by_sub[paused_id]["data"]["prior_status"] == "PAUSED"
+        # the closed tenant's own subscription received nothing after the close; the
+        # system-wide one received the close and both cascade events
+        assert [e["event_type"] for e in receiver.events()] == []
+        assert sorted(e["event_type"] for e in watcher.events()) == [
+            "tenant.closed",
+            CASCADE,
+            CASCADE,
+        ]
+        # DISABLED is terminal for a closed tenant: no re-enable, test, replay, delete, bulk
+        for method, path, payload in [
+            ("PATCH", f"/v1/admin/webhooks/{own_id}", {"status": "ACTIVE"}),
+            ("POST", f"/v1/admin/webhooks/{own_id}/test", None),
+            ("POST", f"/v1/admin/webhooks/{own_id}/replay", {"from": "2020-01-01T00:00:00Z"}),
+            ("DELETE", f"/v1/admin/webhooks/{own_id}", None),
+        ]:
+            answer = hooks.client.request(method, path, json=payload, headers=hooks.admin_headers)
+            assert answer.status_code == 409, (method, path, answer.text)
+            assert answer.json()["error"] == "TENANT_CLOSED"
+        bulk = {"filter": {"tenant_id": "acme"}, "action": "RESUME", "idempotency_key": "b1"}
+        answered = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=bulk)
+        out = valid("WebhookBulkActionResponse", answered)
+        assert {f["error_code"] for f in out["failed"]} == {"TENANT_CLOSED"}
+        assert hooks.client.get(f"/v1/admin/webhooks/{own_id}",
+                                headers=hooks.admin_headers).status_code == 200  # fmt: skip
+        # running the cascade again (the periodic check) records nothing twice
+        clock.advance(31_000)
+        dispatch(hooks, 2)
+        assert len(events_of(hooks, "acme", CASCADE)) == 2
+    finally:
+        watcher.close()
+
+
+def test_a_close_the_dispatcher_did_not_follow_is_cascaded_by_the_periodic_check(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    """A tenant with only a PAUSED subscription is not followed: the periodic check finds it."""
+    key = tenant_key(hooks)
+    sid = subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+    hooks.admin("PATCH", f"/v1/admin/webhooks/{sid}", 200, json={"status": "PAUSED"})
+    dispatch(hooks)  # the first round checks every tenant once
+    hooks.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "CLOSED"})
+    dispatch(hooks)
+    assert status_of(hooks, sid) == "PAUSED"  # not yet: checked every 30 s
+    clock.advance(30_000)
+    dispatch(hooks)
+    assert status_of(hooks, sid) == "DISABLED"
+    found = events_of(hooks, "acme", CASCADE)
+    assert [e["data"]["prior_status"] for e in found] == ["PAUSED"]
+    create = {"url": receiver.url(), "event_types": ["budget.exhausted"]}
+    refused = hooks.client.post("/v1/admin/webhooks", params={"tenant_id": "acme"}, json=create,
+                                headers=hooks.admin_headers)  # fmt: skip
+    assert refused.status_code == 409
+    assert refused.json()["error"] == "TENANT_CLOSED"
+
+
+CASCADE = "webhook.disabled_via_tenant_cascade"
+
+
+def status_of(api: Api, subscription_id: str) -> str:
+    return str(api.admin("GET", f"/v1/admin/webhooks/{subscription_id}", 200)["status"])
+
+
+def events_of(api: Api, tenant: str, event_type: str) -> list[dict[str, Any]]:
+    params = {"tenant_id": tenant, "event_type": event_type}
+    body = valid("EventListResponse", api.admin("GET", "/v1/admin/events", 200, params=params))
+    return list(body["events"])

@@ -23,6 +23,13 @@ A background task of the app (started in ``create_app``'s lifespan). Each round:
    ``max_age_ms`` (a day). ``disable_after_failures`` failed deliveries in a row disable the
    subscription and record ``webhook.disabled``.
 
+Between following and claiming, a round runs the tenant-close cascade
+(:func:`~.service.disable_for_closed_tenant`): at once for a tenant whose ``tenant.closed``
+event it has just followed, and every :data:`CASCADE_CHECK_MS` (and on its first round) for
+every tenant that still has an ACTIVE or PAUSED subscription, which catches a close it did not
+follow (only PAUSED subscriptions, a restart mid-cascade). Since it runs before the claim, a
+closed tenant's own subscriptions receive nothing after the close.
+
 It wakes at once when this process recorded events (``OperationStore.on_events``) and polls
 every ``poll_interval_s`` otherwise (other processes' events, retries coming due).
 ``on_delivery`` (``success``/``retry``/``failed``/``refused``) is the hook for metrics.
@@ -55,7 +62,7 @@ from runcycles_server.webhooks.models import (
     matches,
 )
 from runcycles_server.webhooks.sender import Attempt, Sender
-from runcycles_server.webhooks.service import lifecycle_event
+from runcycles_server.webhooks.service import disable_for_closed_tenant, lifecycle_event
 from runcycles_server.webhooks.ssrf import Resolver, system_resolver
 from runcycles_server.webhooks.storage import WebhookStorage, WebhookTxn
 
@@ -76,6 +83,8 @@ REPLAY_PREFIX: Final = "whd_rpl_"
 REPLAY_MAX: Final = 1000
 CURSOR_IDLE_MS: Final = 60_000
 """How often the cursor of a tenant without new events is moved."""
+CASCADE_CHECK_MS: Final = 30_000
+"""How often every subscription's tenant is checked for a close the dispatcher missed."""
 """Most events one round reads per tenant (a backlog drains over the next rounds)."""
 DeliveryHook = Callable[[str], None]
 
@@ -148,6 +157,9 @@ class Dispatcher:
         """Called with each attempt's outcome: ``success``, ``retry``, ``failed``, ``refused``
         (connect a metrics counter here)."""
         self._wake = asyncio.Event()
+        self._cascade_checked_ms: int | None = None
+        self._closed_seen: dict[str, EventRecord] = {}
+        """Tenants whose ``tenant.closed`` the last follow read (their cascade is due)."""
 
     def wake(self) -> None:
         """Run a round soon (safe to call from the request path: it only sets a flag)."""
@@ -183,6 +195,8 @@ class Dispatcher:
         active = [s for s in subs if s.status == "ACTIVE"]
         if active:
             await self.follow(active)
+        if await self.cascade(subs):
+            active = [s for s in await self._subs() if s.status == "ACTIVE"]
         await self._purge()  # after following: the cursors no longer reach what it deletes
         if not active:
             return 0
@@ -213,6 +227,35 @@ class Dispatcher:
             return await t.subs()
 
         return await self.storage.read(read)
+
+    # -- tenant-close cascade --------------------------------------------------------------
+
+    async def cascade(self, subs: list[SubscriptionRow]) -> int:
+        """Disable the subscriptions of CLOSED tenants (see the module); return how many."""
+        now = self.store.clock()
+        open_tenants = {
+            s.tenant_id for s in subs if s.tenant_id != SYSTEM_TENANT and s.status != "DISABLED"
+        }
+        due: dict[str, EventRecord | None] = {
+            t: e for t, e in self._closed_seen.items() if t in open_tenants
+        }
+        self._closed_seen.clear()
+        last = self._cascade_checked_ms
+        if open_tenants and (last is None or now - last >= CASCADE_CHECK_MS):
+            self._cascade_checked_ms = now
+            for tenant_id in sorted(open_tenants - set(due)):
+                tenant = await self.store.get_tenant(tenant_id)
+                if tenant is not None and tenant.status == "CLOSED":
+                    due[tenant_id] = await self._close_event(tenant_id)
+        done = 0
+        for tenant_id in sorted(due):
+            done += len(await disable_for_closed_tenant(self.storage, tenant_id, due[tenant_id]))
+        return done
+
+    async def _close_event(self, tenant_id: str) -> EventRecord | None:
+        query = EventQuery(tenant_id, event_type="tenant.closed", limit=1)
+        page = await self.store.list_events(query)
+        return page.items[0] if page.items else None
 
     # -- follow ----------------------------------------------------------------------------
 
@@ -246,6 +289,9 @@ class Dispatcher:
         now = self.store.clock()
         events = await self._events(tenant_id, start - LAG_MS, now)
         pairs = [(s, e) for e in events for s in subs if matches(s, e)]
+        for event in events:
+            if event.event_type == "tenant.closed":
+                self._closed_seen[tenant_id] = event
         if not events and raw is not None and now - int(raw) < CURSOR_IDLE_MS:
             return 0  # nothing new, cursor fresh enough: no transaction at all
 
