@@ -28,7 +28,13 @@ from runcycles import (
 )
 from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 from runcycles_server.app import WebhookOptions
-from runcycles_server.webhooks import Dispatcher
+from runcycles_server.stores.base import Store
+from runcycles_server.stores.memory import MemoryStore
+from runcycles_server.stores.sqlite import SqliteStore
+from runcycles_server.webhooks import Dispatcher, storage_for
+from runcycles_server.webhooks.models import SubscriptionRow
+from runcycles_server.webhooks.sealing import SecretBox
+from runcycles_server.webhooks.storage import WebhookTxn
 
 if TYPE_CHECKING:
     from conftest import Api, FakeClock
@@ -112,7 +118,12 @@ def dns() -> Dns:
 
 @pytest.fixture
 def hooks(make_api: Callable[..., Api], dns: Dns) -> Api:
-    api = make_api(webhook_options=WebhookOptions(resolver=dns))
+    return relaxed(make_api(webhook_options=WebhookOptions(resolver=dns),
+                            webhook_key=SecretBox.generate()))  # fmt: skip
+
+
+def relaxed(api: Api) -> Api:
+    """``api`` with the SSRF configuration relaxed for a receiver on 127.0.0.1."""
     defaults = api.admin("GET", "/v1/admin/config/webhook-security", 200)
     assert valid("WebhookSecurityConfig", defaults)["allow_http"] is False
     assert "127.0.0.0/8" in defaults["blocked_cidr_ranges"]
@@ -732,3 +743,101 @@ def events_of(api: Api, tenant: str, event_type: str) -> list[dict[str, Any]]:
     params = {"tenant_id": tenant, "event_type": event_type}
     body = valid("EventListResponse", api.admin("GET", "/v1/admin/events", 200, params=params))
     return list(body["events"])
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets and header values sealed at rest
+
+
+def stored_bytes(api: Api, store: Store) -> bytes:
+    """Everything the store holds for webhooks, as bytes (files, rows, keys)."""
+    if isinstance(store, SqliteStore):
+        rows = store.connection.execute("SELECT body FROM webhook_subscriptions").fetchall()
+        files = [Path(store.path), Path(store.path + "-wal")]
+        return b"".join(bytes(r[0]) for r in rows) + b"".join(
+            f.read_bytes() for f in files if f.exists()
+        )
+    if isinstance(store, MemoryStore):
+        return b"".join(storage_for(store).subs.values())  # type: ignore[attr-defined]
+
+    async def dump() -> bytes:
+        client = store.client  # type: ignore[attr-defined]
+        keys = [k async for k in client.scan_iter(match=f"{store.key_prefix()}*")]  # type: ignore[attr-defined]
+        values = []
+        for k in keys:  # uncompressed values (a DUMP may compress them)
+            kind = await client.type(k)
+            if kind == b"string":
+                values.append(await client.get(k))
+            elif kind == b"hash":
+                values += [b for pair in (await client.hgetall(k)).items() for b in pair]
+            else:
+                values.append(await client.dump(k))
+        return b"".join(v for v in values if v)
+
+    return bytes(api.client.run(dump()))
+
+
+def test_secrets_and_header_values_are_sealed_at_rest(
+    hooks: Api, receiver: Receiver, store: Store, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    secret = "whsec_" + "s3cr3t-signing-value-0123456789"
+    token = "Bearer receiver-credential-abcdef0123456789"
+    created = subscribe(hooks, key, receiver.url(), signing_secret=secret,
+                        headers={"Authorization": token})  # fmt: skip
+    sid = created["subscription"]["subscription_id"]
+    rotated = hooks.admin("POST", f"/v1/admin/webhooks/{sid}/rotate-secret", 200, json={})
+    new_secret = rotated["signing_secret"]
+    raw = stored_bytes(hooks, store)
+    assert sid.encode() in raw  # the rows are there...
+    for value in (secret, new_secret, token, "receiver-credential"):
+        assert value.encode() not in raw  # ...their secrets are not
+    assert b"sealed:v1:" in raw
+    reserve(hooks, key, "a", 800)
+    dispatch(hooks, 3)
+    ((headers, body),) = receiver.requests
+    assert headers["authorization"] == token  # opened for the delivery
+    now = clock.now_ms / 1000
+    verify_delivery(body, headers, [secret], now=now)  # both live secrets sign
+    verify_delivery(body, headers, [new_secret], now=now)
+
+
+def test_rows_stored_plain_keep_working_and_are_sealed_on_the_first_round(
+    make_api: Callable[..., Api], dns: Dns, receiver: Receiver, store: Store, clock: FakeClock
+) -> None:
+    """A server without a key (an earlier version) stored plain values; given a key (as the
+    next version's start does, before its dispatcher's first round), it reads them, delivers
+    with them and seals them."""
+    before = relaxed(make_api(webhook_options=WebhookOptions(resolver=dns)))
+    key = tenant_key(before)
+    before.budget("acme", "tenant:acme", 1_000)
+    token = "Bearer plain-credential-0123456789"
+    created = subscribe(before, key, receiver.url(), headers={"Authorization": token})
+    secret = created["signing_secret"]
+    assert secret.encode() in stored_bytes(before, store)
+    storage_for(store).box = SecretBox.generate()  # one app: a store's connections, one loop
+    after = before
+    reserve(after, key, "a", 800)
+    dispatch(after, 3)
+    ((headers, body),) = receiver.requests
+    assert headers["authorization"] == token
+    verify_delivery(body, headers, [secret], now=clock.now_ms / 1000)
+    sealed = stored_bytes(after, store)
+    if isinstance(store, SqliteStore):  # the file keeps freed pages until reused or VACUUM
+        rows = store.connection.execute("SELECT body FROM webhook_subscriptions").fetchall()
+        sealed = b"".join(bytes(r[0]) for r in rows)
+    assert secret.encode() not in sealed
+    assert token.encode() not in sealed
+    storage = storage_for(store)
+    assert storage.box is not None
+
+    async def subs(t: WebhookTxn) -> list[SubscriptionRow]:
+        return await t.subs()
+
+    async def read() -> list[SubscriptionRow]:
+        return await storage.read(subs)
+
+    (row,) = after.client.run(read())
+    assert not row.stored_plain  # read back sealed
+    assert row.live_secrets(clock.now_ms) == [secret]

@@ -110,6 +110,7 @@ from runcycles_server.web import (
 )
 from runcycles_server.webhooks import Dispatcher, Resolver, storage_for, system_resolver
 from runcycles_server.webhooks.api import WebhooksApi
+from runcycles_server.webhooks.sealing import SecretBox
 
 logger = logging.getLogger("runcycles_server")
 
@@ -784,6 +785,7 @@ def create_app(
     evidence: Issuer | None = None,
     evidence_requests_per_minute: int | None = PUBLIC_REQUESTS_PER_MINUTE,
     console: bool = True,
+    webhook_key: SecretBox | None = None,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -828,6 +830,9 @@ def create_app(
         console: serve the operator console at ``/console`` (see
             :mod:`runcycles_server.console` and ``docs/console.md``); its routes sit behind
             the router, never on the runtime's fast routes.
+        webhook_key: seals webhook signing secrets and custom header values at rest (see
+            :mod:`runcycles_server.webhooks.sealing`); ``None`` stores them plain.
+            ``cycles serve`` always passes one (created on first start).
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, ``retention_days``
@@ -866,9 +871,11 @@ def create_app(
     extra_routes = MetricsApi(store, auth, health, meter).routes() if meter is not None else []
     overview = OverviewApi(store, auth)
     options = webhook_options or WebhookOptions()
+    webhook_storage = storage_for(store)
+    webhook_storage.box = webhook_key
     dispatcher = Dispatcher(
         store,
-        storage_for(store),
+        webhook_storage,
         resolver=options.resolver,
         poll_interval_s=options.poll_interval_s,
         lease_ms=options.lease_ms,

@@ -158,6 +158,7 @@ class Dispatcher:
         (connect a metrics counter here)."""
         self._wake = asyncio.Event()
         self._cascade_checked_ms: int | None = None
+        self._resealed = False
         self._closed_seen: dict[str, EventRecord] = {}
         """Tenants whose ``tenant.closed`` the last follow read (their cascade is due)."""
 
@@ -191,6 +192,9 @@ class Dispatcher:
 
     async def run_once(self) -> int:
         """One round: follow, claim, send. Returns how many attempts it made."""
+        if not self._resealed:  # rows written before sealing: sealed once, on the first round
+            await self.storage.reseal()
+            self._resealed = True
         subs = await self._subs()
         active = [s for s in subs if s.status == "ACTIVE"]
         if active:

@@ -27,6 +27,7 @@ from runcycles_server.events import EVENT_TYPES, EventRecord, category_of
 from runcycles_server.events.detect import DEFAULT_THRESHOLDS
 from runcycles_server.governance.timestamps import iso
 from runcycles_server.ledger import LedgerError
+from runcycles_server.webhooks.sealing import SealingError, SecretBox, is_sealed
 
 SYSTEM_TENANT: Final = "__system__"
 """Owner of system-wide subscriptions (they receive every tenant's events)."""
@@ -219,6 +220,9 @@ class SubscriptionRow:
     last_success_at_ms: int | None = None
     last_failure_at_ms: int | None = None
     metadata: dict[str, Any] | None = None
+    stored_plain: bool = False
+    """Read from a row whose secrets or header values were stored plain (before sealing):
+    the dispatcher writes it again, sealed. Not stored."""
 
     def live_secrets(self, now_ms: int) -> list[str]:
         """The secrets that sign a delivery now, newest first."""
@@ -232,18 +236,49 @@ class SubscriptionRow:
         found = (self.thresholds or {}).get("budget_utilization")
         return tuple(sorted(set(found))) if found else DEFAULT_THRESHOLDS
 
-    def to_json(self) -> bytes:
-        """The storage form (read back by :meth:`from_json`)."""
+    def to_json(self, box: SecretBox | None = None) -> bytes:
+        """The storage form (read back by :meth:`from_json`).
+
+        With ``box`` the secrets and the header values are sealed (:mod:`.sealing`), each
+        bound to this subscription and its place.
+        """
         data = {name: getattr(self, name) for name in SubscriptionRow.__slots__}
-        data["secrets"] = [[s.secret, s.expires_at_ms] for s in self.secrets]
+        del data["stored_plain"]
+        sid = self.subscription_id
+        seal = box.seal if box is not None else _as_is
+        data["secrets"] = [[seal(s.secret, f"{sid}/secret"), s.expires_at_ms] for s in self.secrets]
+        data["headers"] = {k: seal(v, f"{sid}/header/{k}") for k, v in self.headers.items()}
         return orjson.dumps(data)
 
     @staticmethod
-    def from_json(raw: bytes | str) -> SubscriptionRow:
-        """Read a row :meth:`to_json` wrote."""
+    def from_json(raw: bytes | str, box: SecretBox | None = None) -> SubscriptionRow:
+        """Read a row :meth:`to_json` wrote (sealed with ``box``, or plain).
+
+        Raises:
+            SealingError: a value is sealed and ``box`` cannot open it (or is ``None``).
+        """
         data = orjson.loads(raw)
-        data["secrets"] = [SecretRow(s, e) for s, e in data["secrets"]]
+        sid = data["subscription_id"]
+        plain = [s for s, _ in data["secrets"]] + list(data.get("headers", {}).values())
+        data["stored_plain"] = any(not is_sealed(v) for v in plain)
+        if box is None:
+            if any(map(is_sealed, plain)):
+                raise SealingError(
+                    f"the secrets of {sid} are sealed: start the server with its webhook key "
+                    "(--webhook-key, $CYCLES_WEBHOOK_KEY_FILE or $CYCLES_WEBHOOK_KEY)"
+                )
+            unseal = _as_is
+        else:
+            unseal = box.open
+        data["secrets"] = [SecretRow(unseal(s, f"{sid}/secret"), e) for s, e in data["secrets"]]
+        data["headers"] = {
+            k: unseal(v, f"{sid}/header/{k}") for k, v in data.get("headers", {}).items()
+        }
         return SubscriptionRow(**data)
+
+
+def _as_is(value: str, place: str) -> str:
+    return value
 
 
 @dataclass(slots=True)
