@@ -153,10 +153,10 @@ def subscribe(api: Api, key: str, url: str, expect: int = 201, **fields: Any) ->
     return valid("WebhookCreateResponse" if expect == 201 else "ErrorResponse", response.json())
 
 
-def reserve(api: Api, key: str, idem: str, amount: int) -> Any:
+def reserve(api: Api, key: str, idem: str, amount: int, agent: str = "bot") -> Any:
     body = {
         "idempotency_key": idem,
-        "subject": {"tenant": "acme", "agent": "bot"},
+        "subject": {"tenant": "acme", "agent": agent},
         "action": {"kind": "llm.completion", "name": "m"},
         "estimate": {"unit": U, "amount": amount},
     }
@@ -841,3 +841,54 @@ def test_rows_stored_plain_keep_working_and_are_sealed_on_the_first_round(
     (row,) = after.client.run(read())
     assert not row.stored_plain  # read back sealed
     assert row.live_secrets(clock.now_ms) == [secret]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-subscription detector thresholds
+
+
+def tick_monitor(api: Api) -> list[str]:
+    app = api.client._client._transport.app  # type: ignore[attr-defined]
+    return [e.event_type for e in api.client.run(app.state.monitor.tick())]
+
+
+def test_each_subscription_gets_the_rate_spikes_of_its_own_threshold(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    """The server judges denials at 10 %; one subscription asks for 5 %. At 7 % only it hears
+    of a spike; at 15 % the other one does too, and the first is not told twice."""
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 10_000_000)
+    hooks.budget("acme", "tenant:acme/agent:bot", 100)
+    strict = Receiver()
+    try:
+        kinds = ["reservation.denial_rate_spike"]
+        subscribe(hooks, key, strict.url(), event_types=kinds,
+                  thresholds={"denial_rate_threshold": 0.05})  # fmt: skip
+        subscribe(hooks, key, receiver.url(), event_types=kinds)
+
+        def burst(prefix: str, allowed: int, denied: int) -> None:
+            for i in range(allowed):
+                assert reserve(hooks, key, f"{prefix}ok{i}", 1, agent="x")["decision"] == "ALLOW"
+            for i in range(denied):
+                assert reserve(hooks, key, f"{prefix}no{i}", 1_000)["error"] == "BUDGET_EXCEEDED"
+
+        burst("a", 93, 7)  # 7 % denied
+        assert tick_monitor(hooks) == ["reservation.denied", "reservation.denial_rate_spike"]
+        dispatch(hooks, 3)
+        assert [e["data"]["ratio_threshold"] for e in strict.events()] == [0.05]
+        assert receiver.events() == []
+        clock.advance(5_000)
+        burst("b", 0, 10)  # 17 of 110: 15 %
+        assert "reservation.denial_rate_spike" in tick_monitor(hooks)
+        dispatch(hooks, 3)
+        (spike,) = receiver.events()
+        assert spike["data"]["ratio_threshold"] == 0.10
+        assert spike["data"]["ratio"] > 0.15
+        assert len(strict.events()) == 1  # its own spike still holds: once
+        clock.advance(5_000)
+        assert "reservation.denial_rate_spike" not in tick_monitor(hooks)
+        spikes = events_of(hooks, "acme", "reservation.denial_rate_spike")
+        assert sorted(e["data"]["ratio_threshold"] for e in spikes) == [0.05, 0.10]
+    finally:
+        strict.close()

@@ -110,6 +110,7 @@ from runcycles_server.web import (
 )
 from runcycles_server.webhooks import Dispatcher, Resolver, storage_for, system_resolver
 from runcycles_server.webhooks.api import WebhooksApi
+from runcycles_server.webhooks.profiles import detector_profiles
 from runcycles_server.webhooks.sealing import SecretBox
 
 logger = logging.getLogger("runcycles_server")
@@ -886,6 +887,10 @@ def create_app(
         health=health,
     )
     webhooks = WebhooksApi(store, dispatcher.storage, dispatcher, auth, max_body_bytes)
+    if monitor is not None and detectors is not None:
+        defaults = detectors
+        dispatcher.detectors = defaults
+        monitor.profiles = lambda: detector_profiles(webhook_storage, defaults)
     if meter is not None:
         record = meter.record_webhook_delivery
         dispatcher.on_delivery = lambda outcome: record(_DELIVERY_OUTCOMES[outcome])

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from runcycles.models import ReservationCreateRequest
@@ -51,10 +52,14 @@ from runcycles_server.events.latency import LatencyRule, LatencyWatch
 from runcycles_server.events.rates import (
     BUCKET_MS,
     Condition,
+    Counts,
     DetectorConfig,
+    Profile,
     burn_condition,
     burn_rates,
+    level_of,
     rate_spikes,
+    wanted_level,
 )
 from runcycles_server.events.records import SOURCE
 from runcycles_server.events.signals import (
@@ -71,6 +76,10 @@ from runcycles_server.stores.base import Clock, EventQuery, SignalStore, Store
 
 logger = logging.getLogger("runcycles_server.monitor")
 
+ANOMALY_TYPES: Final = (
+    "budget.burn_rate_anomaly", "reservation.denial_rate_spike",
+    "reservation.expiry_rate_spike", "api_key.auth_failure_rate_spike",
+)  # fmt: skip
 DETECTOR_SOURCE: Final = "anomaly-detector"
 """``source`` of the detectors' events (the spec's example)."""
 EXPIRED_SCAN_MAX: Final = 1_000
@@ -157,6 +166,9 @@ class Monitor:
         self.clock = clock or store.clock
         self.latency = latency
         """The runtime routes' latency histogram (``None``: latency not judged)."""
+        self.profiles: Callable[[], Awaitable[list[Profile]]] | None = None
+        """The detector parameter sets subscriptions want besides :attr:`config` (see
+        :mod:`runcycles_server.webhooks.profiles`); ``None``: the server's only."""
         config = self.config
         self.latency_rule = LatencyRule(
             config.latency_threshold_ms,
@@ -253,7 +265,31 @@ class Monitor:
         if not isinstance(store, SignalStore):
             return []
         config = self.config
-        counts = await store.signal_counts(now_ms - config.history_ms)
+        profiles = [Profile(config), *(await self.profiles() if self.profiles else [])]
+        history = max(p.config.history_ms for p in profiles)
+        counts = await store.signal_counts(now_ms - history)
+        default_levels = {t: wanted_level(t, config) for t in ANOMALY_TYPES}
+        seen: set[tuple[Any, ...]] = set()
+        conditions: list[Condition] = []
+        for profile in profiles:
+            for condition in await self._conditions(counts, now_ms, profile):
+                level = level_of(condition.event_type, condition.data)
+                key = (condition.event_type, condition.tenant_id, condition.scope, level)
+                if key in seen:
+                    continue  # the same level another profile (the server's) already judged
+                seen.add(key)
+                if level != default_levels[condition.event_type] and level is not None:
+                    flag = f"{condition.flag}|{level[0]:g}|{level[1]}"
+                    condition = dataclasses.replace(condition, flag=flag)
+                conditions.append(condition)
+        ttl_ms = int(3 * config.tick_seconds * 1000)
+        started = [c for c in conditions if await store.raise_flag(c.flag, ttl_ms)]
+        return [self._record(c, now_ms) for c in started]
+
+    async def _conditions(self, counts: Counts, now_ms: int, profile: Profile) -> list[Condition]:
+        """The conditions that hold under one profile's parameters, for its tenants."""
+        config = profile.config
+        tenants = profile.tenants
         edge = (now_ms - config.rate_window_seconds * 1000) // BUCKET_MS * BUCKET_MS
         reserved: dict[str, int] = {}
         for (bucket, tenant, name), n in counts.items():
@@ -262,16 +298,18 @@ class Monitor:
         expired = {
             tenant: await self._expired(tenant, edge)
             for tenant, n in reserved.items()
-            if n >= config.min_samples
+            if n >= config.min_samples and (tenants is None or tenant in tenants)
         }
         conditions = rate_spikes(counts, expired, now_ms, config)
         for burn in burn_rates(counts, now_ms, config):
-            budget = await store.get_budget(burn.scope, burn.unit)
+            if tenants is not None and burn.tenant_id not in tenants:
+                continue
+            budget = await self.store.get_budget(burn.scope, burn.unit)
             remaining = budget.remaining if budget is not None else None
             conditions.append(burn_condition(burn, remaining, config))
-        ttl_ms = int(3 * config.tick_seconds * 1000)
-        started = [c for c in conditions if await store.raise_flag(c.flag, ttl_ms)]
-        return [self._record(c, now_ms) for c in started]
+        if tenants is None:
+            return conditions
+        return [c for c in conditions if c.tenant_id in tenants]
 
     async def _expired(self, tenant_id: str, since_ms: int) -> int:
         count, cursor = 0, None

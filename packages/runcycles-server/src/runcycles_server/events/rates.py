@@ -147,6 +147,50 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Profile:
+    """A set of detector parameters some subscribers want, and whose events they are.
+
+    ``tenants`` ``None``: every tenant's (a system-wide subscription wants it).
+    """
+
+    config: DetectorConfig
+    tenants: frozenset[str] | None = None
+
+
+RATE_FIELDS: Final = {
+    "reservation.denial_rate_spike": "denial_rate_threshold",
+    "reservation.expiry_rate_spike": "expiry_rate_threshold",
+    "api_key.auth_failure_rate_spike": "auth_failure_rate_threshold",
+}
+"""The ``WebhookThresholdConfig`` field of each rate-spike event type (its window:
+``rate_window_seconds``)."""
+
+
+def level_of(event_type: str, data: dict[str, Any]) -> tuple[float, int] | None:
+    """The ``(threshold, window_seconds)`` an anomaly event was detected at (else ``None``)."""
+    if event_type in RATE_FIELDS:
+        threshold = data.get("ratio_threshold")
+    elif event_type == "budget.burn_rate_anomaly":
+        threshold = data.get("threshold_multiplier")
+    else:
+        return None
+    window = data.get("window_seconds")
+    if not isinstance(threshold, (int, float)) or not isinstance(window, int):
+        return None
+    return float(threshold), window
+
+
+def wanted_level(event_type: str, config: DetectorConfig) -> tuple[float, int] | None:
+    """The ``(threshold, window_seconds)`` of ``event_type`` under ``config``."""
+    field = RATE_FIELDS.get(event_type)
+    if field is not None:
+        return float(getattr(config, field)), config.rate_window_seconds
+    if event_type == "budget.burn_rate_anomaly":
+        return config.burn_rate_multiplier, config.burn_rate_window_seconds
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class Condition:
     """A condition that holds now: the event it means, and its identity (``flag``)."""
 

@@ -374,7 +374,7 @@ class WebhooksApi:
                 for event in events.items:
                     if types and event.event_type not in types:
                         continue
-                    if matches(unbounded, event):
+                    if matches(unbounded, event, self.dispatcher.detectors):
                         found.append(event)
                 if len(found) > max_events:
                     raise LedgerError(

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from runcycles_server.events import EventRecord, event_to_json, new_event_id
+from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import DAY_MS, LedgerError
 from runcycles_server.stores.base import EventQuery, Store
@@ -158,6 +159,9 @@ class Dispatcher:
         (connect a metrics counter here)."""
         self._wake = asyncio.Event()
         self._cascade_checked_ms: int | None = None
+        self.detectors: DetectorConfig | None = None
+        """The server's detector parameters: anomaly events go to the subscriptions whose
+        parameters they were detected at (see :mod:`.profiles`); ``None``: to all."""
         self._resealed = False
         self._closed_seen: dict[str, EventRecord] = {}
         """Tenants whose ``tenant.closed`` the last follow read (their cascade is due)."""
@@ -292,7 +296,7 @@ class Dispatcher:
         start = int(raw) if raw is not None else min(s.created_at_ms for s in subs)
         now = self.store.clock()
         events = await self._events(tenant_id, start - LAG_MS, now)
-        pairs = [(s, e) for e in events for s in subs if matches(s, e)]
+        pairs = [(s, e) for e in events for s in subs if matches(s, e, self.detectors)]
         for event in events:
             if event.event_type == "tenant.closed":
                 self._closed_seen[tenant_id] = event

@@ -15,6 +15,7 @@ create (or rotate) ever carries a secret; custom header values are masked.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import secrets as _secrets
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from runcycles_server.events import EVENT_TYPES, EventRecord, category_of
 from runcycles_server.events.detect import DEFAULT_THRESHOLDS
+from runcycles_server.events.rates import DetectorConfig, level_of, wanted_level
 from runcycles_server.governance.timestamps import iso
 from runcycles_server.ledger import LedgerError
 from runcycles_server.webhooks.sealing import SealingError, SecretBox, is_sealed
@@ -41,6 +43,12 @@ ROTATION_OVERLAP_MS: Final = 24 * 3_600_000
 """How long a rotated-out secret keeps signing deliveries by default (24 h)."""
 SECRET_PREFIX: Final = "whsec_"
 MASK: Final = "********"
+
+DETECTOR_FIELDS: Final = frozenset(
+    {"burn_rate_multiplier", "burn_rate_window_seconds", "denial_rate_threshold",
+     "expiry_rate_threshold", "auth_failure_rate_threshold", "rate_window_seconds"}
+)  # fmt: skip
+"""The ``WebhookThresholdConfig`` fields that are detector parameters (``DetectorConfig``)."""
 
 EventTypeName = Literal[EVENT_TYPES]  # type: ignore[valid-type]
 CategoryName = Literal["budget", "tenant", "api_key", "policy", "reservation", "system", "webhook"]
@@ -67,10 +75,11 @@ class RetryPolicy(_Strict):
 
 
 class ThresholdConfig(_Strict):
-    """``WebhookThresholdConfig``.
+    """``WebhookThresholdConfig``: what this subscription counts as a crossing or an anomaly.
 
-    ``budget_utilization`` is the one this server applies per subscription; the rate and
-    burn-rate settings are stored and answered as given.
+    Every field applies to what is delivered to the subscription (the server's settings stand
+    for the fields it leaves out); see :mod:`.profiles` for how, without the request path
+    reading any subscription.
     """
 
     budget_utilization: Annotated[list[Utilization], Field(min_length=1, max_length=20)] | None = (
@@ -229,6 +238,16 @@ class SubscriptionRow:
         return [
             s.secret for s in self.secrets if s.expires_at_ms is None or s.expires_at_ms > now_ms
         ]
+
+    def detector_config(self, defaults: DetectorConfig) -> DetectorConfig:
+        """The detector parameters this subscription wants: ``defaults`` with its overrides."""
+        overrides = {k: v for k, v in (self.thresholds or {}).items() if k in DETECTOR_FIELDS}
+        if not overrides:
+            return defaults
+        try:
+            return dataclasses.replace(defaults, **overrides)
+        except ValueError:  # validated on save with the spec's bounds; the server's are wider
+            return defaults
 
     @property
     def utilization_thresholds(self) -> tuple[float, ...]:
@@ -417,8 +436,15 @@ def scope_matches(pattern: str | None, scope: str | None) -> bool:
     return all(fnmatch.fnmatchcase(h, w) for h, w in zip(have, want, strict=False))
 
 
-def matches(row: SubscriptionRow, event: EventRecord) -> bool:
-    """Whether ``row`` receives ``event`` (selectors, tenant, scope and its thresholds)."""
+def matches(
+    row: SubscriptionRow, event: EventRecord, defaults: DetectorConfig | None = None
+) -> bool:
+    """Whether ``row`` receives ``event`` (selectors, tenant, scope and its thresholds).
+
+    ``defaults``: the server's detector parameters. A burn-rate or rate-spike event is then
+    delivered only to the subscriptions whose parameters (theirs, or these) it was detected at
+    (its ``data`` carries the threshold and window); ``None`` delivers every such event.
+    """
     if event.created_at_ms < row.created_at_ms:
         return False
     if row.tenant_id != SYSTEM_TENANT:
@@ -437,6 +463,11 @@ def matches(row: SubscriptionRow, event: EventRecord) -> bool:
         return isinstance(threshold, (int, float)) and any(
             abs(threshold - t) < 1e-9 for t in row.utilization_thresholds
         )
+    if defaults is not None:
+        level = level_of(event.event_type, event.data)
+        if level is not None:
+            wanted = wanted_level(event.event_type, row.detector_config(defaults))
+            return wanted is not None and abs(wanted[0] - level[0]) < 1e-9 and wanted[1] == level[1]
     return True
 
 
