@@ -9,6 +9,7 @@ kept in memory with the time the outage began and written once the store answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -22,11 +23,11 @@ import httpx
 import pytest
 
 from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
-from runcycles_server.app import create_app
+from runcycles_server.app import create_app, run_sweeper
 from runcycles_server.cli import bootstrap_dev
 from runcycles_server.events.latency import LatencyRule, LatencyWatch, percentile_ms
 from runcycles_server.events.rates import DetectorConfig
-from runcycles_server.stores.base import Store
+from runcycles_server.stores.base import EventQuery, Store
 from runcycles_server.stores.sqlite import SqliteStore
 from runcycles_server.testing import free_port
 
@@ -120,8 +121,24 @@ async def _outage_steps(
     await come_back()
     clock.now_ms += 10_000
     ended = clock.now_ms
-    ready = await client.get("/readyz")  # the first store call that succeeds ends it
+    ready = await client.get("/readyz")
     assert ready.status_code == 200, ready.text
+    health = app.state.store_health
+    if not health.reads_prove_writes:  # SQLite: a read does not prove the lock is gone
+        assert health.down_since is not None
+        sweeper = asyncio.create_task(  # the sweep's purge round writes: it ends the outage
+            run_sweeper(store, 0.01, retention_ms=None, purge_every_s=0.01, health=health)
+        )
+        try:
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if health.down_since is None and not health.pending:
+                    break
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+    assert health.down_since is None
     clock.now_ms += 5_000
     await app.state.monitor.tick()  # writes the pending pair
     health = app.state.store_health
@@ -340,3 +357,51 @@ def test_latency_parameters_are_checked() -> None:
     parsed = DetectorConfig.parse('{"latency_threshold_ms": 250, "latency_percentile": 0.99}')
     assert parsed is not None
     assert parsed.latency_threshold_ms == 250
+
+
+def test_the_sweeper_writes_the_outage_events_once_the_store_is_back(tmp_path: Path) -> None:
+    """No request and no monitor: the expiry sweep, which ends the outage, writes them."""
+    from runcycles_server.health import StoreHealth
+
+    clock = Clock()
+    path = tmp_path / "cycles.db"
+    store = SqliteStore(path, busy_timeout_ms=20, clock=clock)
+    other = sqlite3.connect(path, isolation_level=None)
+
+    async def scenario() -> list[Any]:
+        await bootstrap_dev(store)
+        health = StoreHealth(store)
+        other.execute("BEGIN IMMEDIATE")
+        task = asyncio.create_task(
+            run_sweeper(store, 0.01, retention_ms=None, purge_every_s=0.02, health=health)
+        )
+        try:
+            for _ in range(500):  # a sweep that needs the write lock fails: the outage begins
+                await asyncio.sleep(0.01)
+                if health.outages:
+                    break
+            assert health.outages == 1
+            assert [e.event_type for e in health.pending] == ["system.store_connection_lost"]
+            await asyncio.sleep(0.1)  # more failed sweeps: still one outage, one event
+            assert len(health.pending) == 1
+            other.execute("ROLLBACK")
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if not health.pending:
+                    break
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        page = await store.list_events(EventQuery("__system__", category="system", limit=10))
+        await store.close()
+        return list(reversed(page.items))
+
+    try:
+        found = asyncio.run(scenario())
+    finally:
+        other.close()
+    assert [e.event_type for e in found] == [
+        "system.store_connection_lost",
+        "system.store_connection_restored",
+    ]

@@ -592,7 +592,7 @@ class Runtime:
         except asyncio.TimeoutError:
             ready = False
         if ready:
-            self.health.succeeded()
+            self.health.succeeded(wrote=False)
             return json_response({"status": "ready"})
         return json_response({"status": "unavailable"}, 503)
 
@@ -725,11 +725,8 @@ async def run_sweeper(
         except Exception as exc:  # keep sweeping; one failure must not stop expiry
             _background_failure(health, exc, "expiry sweep failed")
         else:
-            health.succeeded()
-            try:  # the outage events kept while the store was down
-                await health.flush()
-            except Exception:
-                logger.exception("could not record the store outage events")
+            health.succeeded(wrote=False)  # a sweep with nothing due only reads
+            await _flush_outage_events(health)
         ticks += 1
         if ticks % purge_every == 0:
             try:
@@ -737,6 +734,17 @@ async def run_sweeper(
                 await purge_old_data(store, retention_ms)
             except Exception as exc:  # the next round tries again; expiry goes on meanwhile
                 _background_failure(health, exc, "retention purge failed")
+            else:
+                health.succeeded()  # the purge writes
+                await _flush_outage_events(health)
+
+
+async def _flush_outage_events(health: StoreHealth) -> None:
+    """Write the outage events kept while the store was down (see :class:`StoreHealth`)."""
+    try:
+        await health.flush()
+    except Exception:
+        logger.exception("could not record the store outage events")
 
 
 def _background_failure(health: StoreHealth, exc: Exception, what: str) -> None:

@@ -8,7 +8,9 @@ an outage into two lines on the ``runcycles_server`` logger, whatever the number
     store available again after 12.4 s; 57 requests were answered 503 meanwhile
 
 The first is written by the first failure (ERROR), the second (WARNING) by the first store call
-that succeeds afterwards: the expiry sweep (every second) or ``GET /readyz``. Requests that
+that succeeds afterwards: the expiry sweep (every second) or ``GET /readyz`` (on SQLite, whose
+file another program may hold locked for writes while reads go on, a write: the sweep's
+purge). Requests that
 fail meanwhile are counted, not logged, and answered ``503`` with ``Retry-After`` (see
 :class:`runcycles_server.web.ContextMiddleware`).
 
@@ -78,6 +80,10 @@ class StoreHealth:
         """Background rounds (expiry sweep, retention purge) that failed on an unavailable
         store, since the process began."""
         self.store = store
+        self.reads_prove_writes: bool = getattr(store, "reads_prove_writes", True)
+        """Whether a read that succeeds ends an outage. Not on SQLite, where a file another
+        program holds locked answers reads and refuses writes: there only a write ends it
+        (else the outage would end and begin again with every read and failed write)."""
         self.process = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         """This process's name in the events' ``details`` and correlation ids."""
         self.pending: list[EventRecord] = []
@@ -122,9 +128,14 @@ class StoreHealth:
         else:
             self.background_failures += 1
 
-    def succeeded(self) -> None:
-        """Record that the store answered; ends an outage (writing its closing line)."""
-        if self.down_since is None:
+    def succeeded(self, *, wrote: bool = True) -> None:
+        """Record that the store answered; ends an outage (writing its closing line).
+
+        Args:
+            wrote: the call that succeeded wrote (else it only read, which ends an outage only
+                where reads prove writes, see :attr:`reads_prove_writes`).
+        """
+        if self.down_since is None or not (wrote or self.reads_prove_writes):
             return
         lasted = self._monotonic_s() - self.down_since
         self.down_since = None
