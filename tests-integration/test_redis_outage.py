@@ -255,7 +255,8 @@ def test_frozen_then_killed_redis_fails_fast_with_503_and_recovers(own_redis: Ow
     # the same two outages as events, written once Redis answered again
     kinds = [e["event_type"].rpartition("_")[2] for e in outages]
     assert kinds == ["lost", "restored", "lost", "restored"], outages
-    for lost, restored, failed in ((*outages[:2], failed_frozen), (*outages[2:], failed_down)):
+    for pair, failed in ((outages[:2], failed_frozen), (outages[2:], failed_down)):
+        lost, restored = pair
         assert lost["correlation_id"] == restored["correlation_id"]
         assert lost["timestamp"] < restored["timestamp"]
         assert restored["data"]["details"]["failed_requests"] == failed
