@@ -7,8 +7,8 @@ The test starts its own ``redis-server`` on a free port (never the shared one), 
 ``/healthz`` stays fast, the server recovers by itself once Redis is back, and the server's log
 holds one line when the outage begins and one when it ends (with the number of requests
 answered 503), with no traceback; the event log holds one ``system.store_connection_lost`` and
-one ``system.store_connection_restored`` per outage, written once Redis is back. A reservation whose reserve call failed during the freeze
-holds no budget past its TTL.
+one ``system.store_connection_restored`` per outage, written once Redis is back. A reservation
+whose reserve call failed during the freeze holds no budget past its TTL.
 """
 
 from __future__ import annotations
