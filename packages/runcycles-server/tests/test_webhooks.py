@@ -9,6 +9,7 @@ admin route, as an operator would in development).
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import subprocess
 import threading
@@ -892,3 +893,28 @@ def test_each_subscription_gets_the_rate_spikes_of_its_own_threshold(
         assert sorted(e["data"]["ratio_threshold"] for e in spikes) == [0.05, 0.10]
     finally:
         strict.close()
+
+
+def test_a_server_with_another_key_says_so_without_a_traceback(
+    hooks: Api, receiver: Receiver, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = tenant_key(hooks)
+    sid = subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+    wrong = SecretBox.generate()
+    storage_for(store).box = wrong  # as a server started with another key file would be
+    response = hooks.client.get("/v1/admin/webhooks", headers=hooks.admin_headers)
+    assert response.status_code == 500
+    body = valid("ErrorResponse", response.json())
+    assert body["error"] == "INTERNAL_ERROR"
+    assert "webhook key" in body["message"]
+    dispatcher = hooks.client.app.state.webhook_dispatcher
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):  # rounds of the dispatcher's loop: each fails to open the secrets
+            assert hooks.client.run(dispatcher.run_round()) == 0
+    lines = [r for r in caplog.records if "cannot be opened" in r.getMessage()
+             or "dispatch stopped" in r.getMessage()]  # fmt: skip
+    assert all(r.exc_info is None for r in lines)
+    stopped = [r for r in lines if "dispatch stopped" in r.getMessage()]
+    assert len(stopped) == 1
+    assert sid in stopped[0].getMessage()
+    assert wrong.active in stopped[0].getMessage()

@@ -111,7 +111,7 @@ from runcycles_server.web import (
 from runcycles_server.webhooks import Dispatcher, Resolver, storage_for, system_resolver
 from runcycles_server.webhooks.api import WebhooksApi
 from runcycles_server.webhooks.profiles import detector_profiles
-from runcycles_server.webhooks.sealing import SecretBox
+from runcycles_server.webhooks.sealing import SealingError, SecretBox
 
 logger = logging.getLogger("runcycles_server")
 
@@ -606,6 +606,18 @@ async def _ledger_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc)
 
 
+async def _sealing_error(request: Request, exc: Exception) -> Response:
+    """A webhook secret that does not open: the server's key is not the one that sealed it."""
+    logger.error("webhook secrets cannot be opened: %s", exc)  # a configuration error: no trace
+    error = LedgerError(
+        "INTERNAL_ERROR",
+        "this server cannot open the stored webhook secrets (it was not started with the "
+        "webhook key that sealed them); the operator finds the details in the server log",
+        status=500,
+    )
+    return error_response(request, error)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
@@ -961,7 +973,11 @@ def create_app(
             *evidence_api.routes(),
             *console_routes,
         ],
-        exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
+        exception_handlers={
+            LedgerError: _ledger_error,
+            HTTPException: _http_error,
+            SealingError: _sealing_error,
+        },
         lifespan=lifespan,
     )
     if meter is not None:

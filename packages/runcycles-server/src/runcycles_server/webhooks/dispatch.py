@@ -62,6 +62,7 @@ from runcycles_server.webhooks.models import (
     lifecycle_data,
     matches,
 )
+from runcycles_server.webhooks.sealing import SealingError
 from runcycles_server.webhooks.sender import Attempt, Sender
 from runcycles_server.webhooks.service import disable_for_closed_tenant, lifecycle_event
 from runcycles_server.webhooks.ssrf import Resolver, system_resolver
@@ -163,6 +164,7 @@ class Dispatcher:
         """The server's detector parameters: anomaly events go to the subscriptions whose
         parameters they were detected at (see :mod:`.profiles`); ``None``: to all."""
         self._resealed = False
+        self._sealing_error = ""
         self._closed_seen: dict[str, EventRecord] = {}
         """Tenants whose ``tenant.closed`` the last follow read (their cascade is due)."""
 
@@ -178,21 +180,33 @@ class Dispatcher:
     async def run(self) -> None:
         """Run rounds forever (a failing round is logged; the next one tries again)."""
         while True:
-            try:
-                busy = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.health is not None and self.health.is_unavailable(exc):
-                    self.health.failed(exc, request=False)
-                else:
-                    logger.exception("webhook dispatch round failed")
-                busy = 0
-            if busy:
+            if await self.run_round():
                 continue
             with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError on 3.10
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()
+
+    async def run_round(self) -> int:
+        """One round of :meth:`run`: :meth:`run_once`, its failure reported instead of raised.
+
+        An unavailable store goes to the store health (one line per outage), secrets that do
+        not open (a server started with another webhook key) are said once, anything else is
+        logged with its traceback. Returns how many attempts the round made (0 if it failed).
+        """
+        try:
+            return await self.run_once()
+        except asyncio.CancelledError:
+            raise
+        except SealingError as exc:  # a configuration error: say it once, not every round
+            if str(exc) != self._sealing_error:
+                self._sealing_error = str(exc)
+                logger.error("webhook dispatch stopped: %s", exc)
+        except Exception as exc:
+            if self.health is not None and self.health.is_unavailable(exc):
+                self.health.failed(exc, request=False)
+            else:
+                logger.exception("webhook dispatch round failed")
+        return 0
 
     async def run_once(self) -> int:
         """One round: follow, claim, send. Returns how many attempts it made."""
