@@ -516,7 +516,8 @@ def serve(
         typer.Option(
             "--detectors",
             help='Event monitor parameters as JSON, e.g. \'{"burn_rate_multiplier": 4, '
-            "\"rate_window_seconds\": 600}' (spec defaults otherwise), or 'off'; see "
+            '"rate_window_seconds": 600, "latency_threshold_ms": 250}\' (spec defaults '
+            "otherwise; system.high_latency: p95 over 60 s above 500 ms), or 'off'; see "
             "docs/events.md.",
         ),
     ] = None,
