@@ -36,6 +36,8 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)
     committed_amount: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
+    started: int = 0
+    """Operations begun (counted only when the run has a ``count``)."""
 
     @property
     def rate(self) -> float:
@@ -127,6 +129,7 @@ async def _client(
     amount: int,
     deadline: float,
     result: LoadResult,
+    count: int | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     _, conn = await loop.create_connection(_Connection, host, port)
@@ -135,6 +138,10 @@ async def _client(
     seq = 0
     try:
         while time.perf_counter() < deadline:
+            if count is not None:
+                if result.started >= count:
+                    break
+                result.started += 1
             seq += 1
             start = time.perf_counter()
             if scenario == "noop":
@@ -187,6 +194,7 @@ async def _run(
     clients: int,
     duration_s: float,
     amount: int,
+    count: int | None,
 ) -> LoadResult:
     headers = {"X-Cycles-API-Key": api_key, "Connection": "keep-alive"}
 
@@ -203,7 +211,7 @@ async def _run(
     deadline = started + duration_s
     await asyncio.gather(
         *(
-            _client(i, scenario, host, port, headers, make_reserve, amount, deadline, result)
+            _client(i, scenario, host, port, headers, make_reserve, amount, deadline, result, count)
             for i in range(clients)
         )
     )
@@ -221,12 +229,16 @@ def run_load(
     clients: int = 64,
     duration_s: float = 5.0,
     amount: int = 1_000,
+    count: int | None = None,
 ) -> LoadResult:
-    """Run one load scenario (``"pair"`` or ``"noop"``) and return its measurements."""
+    """Run one load scenario (``"pair"`` or ``"noop"``) and return its measurements.
+
+    With ``count``, the clients stop after that many operations in all (or at the deadline).
+    """
     try:
         import uvloop
 
         runner: Callable[..., LoadResult] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    return runner(_run(scenario, host, port, api_key, tenant, clients, duration_s, amount))
+    return runner(_run(scenario, host, port, api_key, tenant, clients, duration_s, amount, count))

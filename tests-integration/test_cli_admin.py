@@ -456,3 +456,90 @@ def test_url_and_admin_key_come_from_the_environment(server: ServerProcess) -> N
     )
     ok(result)
     assert server.admin("GET", f"/v1/admin/tenants/{tenant}")["tenant_id"] == tenant
+
+
+# -- bulk actions and key update -------------------------------------------------------------
+
+
+def status(server: ServerProcess, tenant: str) -> str:
+    return str(server.admin("GET", f"/v1/admin/tenants/{tenant}")["status"])
+
+
+def test_tenant_bulk_previews_then_applies_with_yes(server: ServerProcess) -> None:
+    tag = uuid.uuid4().hex[:8]
+    tenants = [f"bulk-{tag}-{i}" for i in range(3)]
+    for tenant in tenants:
+        ok(run(server, "tenant", "create", tenant))
+
+    preview = ok(run(server, "tenant", "bulk", "suspend", "--search", tag))
+    assert "3 tenant(s) matched" in preview
+    assert "would change" in preview
+    assert "run again with --yes" in preview
+    assert [status(server, t) for t in tenants] == ["ACTIVE"] * 3  # only a preview
+
+    applied = ok(run(server, "tenant", "bulk", "suspend", "--search", tag, "--yes"))
+    assert "3 changed, 0 skipped, 0 failed" in applied
+    assert [status(server, t) for t in tenants] == ["SUSPENDED"] * 3
+
+    # --expected-count pins an earlier preview: a drifted count changes nothing
+    ok(run(server, "tenant", "create", f"bulk-{tag}-new"))
+    drifted = run(server, "tenant", "bulk", "reactivate", "--search", tag, "--expected-count", "3")
+    assert drifted.exit_code == 1
+    assert "COUNT_MISMATCH" in drifted.output
+    assert [status(server, t) for t in tenants] == ["SUSPENDED"] * 3
+    again = json.loads(ok(run(server, "tenant", "bulk", "reactivate", "--search", tag,
+                              "--expected-count", "4", "--json")))  # fmt: skip
+    assert sorted(r["id"] for r in again["succeeded"]) == tenants
+    assert [s["id"] for s in again["skipped"]] == [f"bulk-{tag}-new"]
+
+
+def test_tenant_bulk_bad_input_exits_2(server: ServerProcess) -> None:
+    empty = run(server, "tenant", "bulk", "suspend")
+    assert empty.exit_code == 2
+    assert "give a filter" in empty.output
+    unknown = run(server, "tenant", "bulk", "pause", "--search", "x")
+    assert unknown.exit_code == 2
+    assert "suspend, reactivate, close" in unknown.output
+
+
+def test_budget_bulk_credit_and_reset_spent(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    for team in ("eng", "ops"):
+        ok(run(server, "budget", "create", f"tenant:{tenant}/workspace:{team}", "$10"))
+    ok(run(server, "budget", "create", f"tenant:{tenant}/workspace:tok", "500", "--unit", "TOKENS"))
+
+    preview = ok(run(server, "budget", "bulk", "credit", "$5", "--tenant", tenant))
+    assert "3 budget(s) matched" in preview
+    assert "2 to change, 0 skipped, 1 failed" in preview
+    assert budget(server, f"tenant:{tenant}/workspace:eng")["allocated"]["amount"] == 10 * 10**8
+
+    applied = ok(run(server, "budget", "bulk", "credit", "$5", "--tenant", tenant,
+                     "--only-unit", "--reason", "top-up", "--yes"))  # fmt: skip
+    assert "2 changed" in applied
+    assert budget(server, f"tenant:{tenant}/workspace:eng")["allocated"]["amount"] == 15 * 10**8
+    assert budget(server, f"tenant:{tenant}/workspace:tok", "TOKENS")["allocated"]["amount"] == 500
+
+    ok(run(server, "budget", "bulk", "reset-spent", "$20", "--tenant", tenant, "--scope-prefix",
+           f"tenant:{tenant}/workspace:ops", "--spent", "$1", "--yes"))  # fmt: skip
+    ops = budget(server, f"tenant:{tenant}/workspace:ops")
+    assert (ops["allocated"]["amount"], ops["spent"]["amount"]) == (20 * 10**8, 10**8)
+    wrong = run(server, "budget", "bulk", "credit", "$1", "--tenant", tenant, "--spent", "$1")
+    assert wrong.exit_code == 2
+
+
+def test_key_update_changes_name_and_permissions(server: ServerProcess) -> None:
+    tenant = fresh_id()
+    ok(run(server, "tenant", "create", tenant))
+    ok(run(server, "key", "create", tenant))
+    [key] = server.admin("GET", "/v1/admin/api-keys", params={"tenant_id": tenant})["keys"]
+    out = ok(run(server, "key", "update", key["key_id"], "--name", "ci", "--role", "tenant-admin"))
+    assert "updated" in out
+    [after] = server.admin("GET", "/v1/admin/api-keys", params={"tenant_id": tenant})["keys"]
+    assert after["name"] == "ci"
+    assert "budgets:write" in after["permissions"]
+    assert run(server, "key", "update", key["key_id"]).exit_code == 2
+    ok(run(server, "key", "revoke", key["key_id"]))
+    revoked = run(server, "key", "update", key["key_id"], "--name", "x")
+    assert revoked.exit_code == 1
+    assert "KEY_REVOKED" in revoked.output

@@ -12,10 +12,14 @@ scroll sideways at that size.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +155,7 @@ def test_sign_in_and_every_page_fits_a_laptop_screen(
     assert cookie["httpOnly"] is True
     assert page.execute_script("return document.cookie") == ""  # nothing readable by scripts
     for slug in ("tenants", f"tenants/{tenant.tenant_id}", "budgets", "reservations",
-                 "events", "audit"):  # fmt: skip
+                 "events", "webhooks", "audit"):  # fmt: skip
         page.get(f"{server.base_url}/console/{slug}")
         assert page.find_element(By.TAG_NAME, "h1").text
         shoot(page, slug.replace("/", "-").replace(tenant.tenant_id, "detail"))
@@ -324,3 +328,173 @@ def test_cycles_serve_no_console_serves_none() -> None:
     with ServerProcess.start(store="sqlite", extra_args=["--no-console"]) as process:
         assert httpx.get(f"{process.base_url}/console/sign-in").status_code == 404
         assert httpx.get(f"{process.base_url}/healthz").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Webhooks
+
+HOOK_PERMS = ["reservations:create", "reservations:commit", "balances:read", "budgets:read",
+              "policies:read", "webhooks:read", "webhooks:write"]  # fmt: skip
+
+
+class Receiver:
+    """A real local HTTP receiver: answers ``status``, keeps every event it was sent."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.events: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                receiver.events.append(json.loads(body))
+                self.send_response(receiver.status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hook"
+
+    def count(self, event_type: str) -> int:
+        return sum(1 for e in self.events if e["event_type"] == event_type)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    found = Receiver()
+    yield found
+    found.http.shutdown()
+    found.http.server_close()
+
+
+def subscribe(server: ServerProcess, tenant: ProvisionedTenant, url: str, **fields: Any) -> str:
+    """A subscription of the tenant to its threshold crossings (loopback http allowed)."""
+    server.admin("PUT", "/v1/admin/config/webhook-security",
+                 json={"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8"]})  # fmt: skip
+    body = {"url": url, "event_types": ["budget.threshold_crossed"], "name": "alerts",
+            "retry_policy": {"max_retries": 0}, **fields}  # fmt: skip
+    created = server.admin("POST", "/v1/admin/webhooks", params={"tenant_id": tenant.tenant_id},
+                           json=body)  # fmt: skip
+    return str(created["subscription"]["subscription_id"])
+
+
+def wait_until(condition: Any, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_the_webhooks_page_shows_a_failing_subscriptions_deliveries(
+    page: WebDriver, server: ServerProcess, receiver: Receiver
+) -> None:
+    tenant = server.provision(budget=1_000_000, permissions=HOOK_PERMS)
+    sid = subscribe(server, tenant, receiver.url, disable_after_failures=5)
+    receiver.status = 500
+    assert reserve(tenant, 850_000).status == 200  # crosses 80 %: one delivery, refused
+    wait_until(lambda: receiver.count("budget.threshold_crossed") == 1)
+    sign_in(page, server, server.admin_key)
+    page.get(f"{server.base_url}/console/webhooks?tenant_id={tenant.tenant_id}")
+    row = f"//tr[@data-subscription='{sid}']"
+    wait_for(page, lambda d: "failing" in d.find_element(By.XPATH, row).text, timeout_s=15)
+    assert "1 of 5" in page.find_element(By.XPATH, row).text  # in words, not colour alone
+    shoot(page, "webhooks")
+    page.find_element(By.XPATH, f"{row}//a").click()
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-status='FAILED']"))
+    failed = page.find_element(By.CSS_SELECTOR, "tr[data-status='FAILED']")
+    assert "budget.threshold_crossed" in failed.text
+    assert "HTTP 500" in failed.text
+    assert "FAILED" in failed.text
+    assert "Failures in a row" in text(page)
+    shoot(page, "webhook-failing")
+    # keyboard: every action control is reachable with Tab, each with a visible label
+    labels = [e.text for e in page.find_elements(By.CSS_SELECTOR, ".webhook-actions label")]
+    assert labels == ["Reason", "Replay events of", "at most", "Reason"]
+    page.find_element(By.TAG_NAME, "body").send_keys("\ue004")  # Tab: the skip link
+    stops = []
+    for _ in range(40):
+        page.switch_to.active_element.send_keys("\ue004")
+        active = page.switch_to.active_element
+        stops.append(active.get_attribute("id") or active.text)
+        if active.text == "Replay":
+            break
+    assert stops.index("w-reason") < stops.index("rp-window") < stops.index("rp-reason")
+    assert stops[-1] == "Replay"
+
+
+def test_replay_from_the_page_sends_again_to_the_receiver(
+    page: WebDriver, server: ServerProcess, receiver: Receiver
+) -> None:
+    tenant = server.provision(budget=1_000_000, permissions=HOOK_PERMS)
+    sid = subscribe(server, tenant, receiver.url)
+    assert reserve(tenant, 850_000).status == 200
+    wait_until(lambda: receiver.count("budget.threshold_crossed") == 1)
+    sign_in(page, server, server.admin_key)
+    page.get(f"{server.base_url}/console/webhooks/{sid}")
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-status='SUCCESS']"))
+    Select(page.find_element(By.ID, "rp-window")).select_by_visible_text("the last hour")
+    reason = page.find_element(By.ID, "rp-reason")
+    reason.send_keys("receiver lost its queue")
+    reason.send_keys("\ue007")  # Enter submits the form: no mouse needed
+    wait_for(page, lambda d: "queued for delivery again" in text(d))
+    assert "1 event(s) of the last hour" in text(page)
+    wait_until(lambda: receiver.count("budget.threshold_crossed") == 2)
+    first, again = [e for e in receiver.events if e["event_type"] == "budget.threshold_crossed"]
+    assert first["event_id"] == again["event_id"]  # the same event, sent again
+    delivered = "tr[data-status='SUCCESS']"
+    wait_for(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, delivered)) == 2, timeout_s=15)
+    shoot(page, "webhook-replayed")
+    page.find_element(By.XPATH, "//button[text()='Send a test event']").click()
+    wait_for(page, lambda d: "Test delivered" in text(d))
+    assert receiver.count("system.webhook_test") == 1
+    page.get(f"{server.base_url}/console/audit?tenant_id={tenant.tenant_id}")
+    assert "replayEvents" in text(page)
+    assert "receiver lost its queue" in text(page)
+    assert "testWebhookSubscription" in text(page)
+
+
+def test_a_tenant_key_sees_only_its_own_webhooks(
+    page: WebDriver, server: ServerProcess, receiver: Receiver
+) -> None:
+    mine = server.provision(budget=1_000_000, permissions=HOOK_PERMS)
+    theirs = server.provision(budget=1_000_000, permissions=HOOK_PERMS)
+    my_sid = subscribe(server, mine, receiver.url)
+    their_sid = subscribe(server, theirs, receiver.url)
+    sign_in(page, server, mine.api_key)
+    page.get(f"{server.base_url}/console/webhooks")
+    assert page.find_elements(By.XPATH, f"//tr[@data-subscription='{my_sid}']")
+    assert their_sid not in page.page_source
+    assert theirs.tenant_id not in page.page_source
+    shoot(page, "webhooks-tenant")
+    page.get(f"{server.base_url}/console/webhooks/{my_sid}")
+    assert not page.find_elements(By.CSS_SELECTOR, "form[method=post] input[name=reason]")
+    assert not page.find_elements(By.XPATH, "//button[text()='Send a test event']")
+    page.get(f"{server.base_url}/console/webhooks/{their_sid}")
+    assert "not found" in text(page)
+    assert theirs.tenant_id not in page.page_source
+
+
+def test_repeated_failed_sign_ins_are_refused_for_a_while(browser: WebDriver) -> None:
+    # A server of its own: the lock applies to this machine's address.
+    with ServerProcess.start(store="sqlite") as own:
+        browser.get(f"{own.base_url}/console/sign-in")
+        browser.delete_all_cookies()
+
+        def attempt(key: str) -> str:
+            browser.get(f"{own.base_url}/console/sign-in")
+            browser.find_element(By.ID, "key").send_keys(key + "\ue007")  # Enter submits
+            wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "p.flash-error"))
+            return text(browser)
+
+        for n in range(6):
+            assert "not valid" in attempt(f"guess-{n}")
+        refused = attempt(own.admin_key)  # the right key waits too, without being checked
+        assert "Too many failed sign-ins" in refused
+        assert "paused for 30 seconds" in refused
+        assert browser.get_cookie("cycles_console") is None
+        shoot(browser, "sign-in-limited")

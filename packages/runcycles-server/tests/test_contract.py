@@ -260,3 +260,36 @@ def test_admin_responses_match_the_governance_spec(api: Api) -> None:
     check("AuthIntrospectResponse", c.get("/v1/auth/introspect", headers=a), 200, GOVERNANCE)
     check("ErrorResponse", c.get("/v1/admin/tenants/nope", headers=a), 404, GOVERNANCE)
     check("AuditLogListResponse", c.get("/v1/admin/audit/logs", headers=a), 200, GOVERNANCE)
+
+
+def test_the_remaining_admin_paths_match_the_governance_spec(api: Api) -> None:
+    """Bulk actions (answer, preview, refusals), key update, key validation, one event."""
+    a = api.admin_headers
+    c = api.client
+    api.tenant("acme")
+    api.budget("acme", "tenant:acme", 10)
+    request = {"filter": {"search": "acme"}, "action": "SUSPEND", "idempotency_key": "k"}
+    schema_validator("TenantBulkActionRequest", GOVERNANCE).validate(request)
+    preview = c.post("/v1/admin/tenants/bulk-action?dry_run=true", headers=a, json=request)
+    check("TenantBulkActionResponse", preview, 200, GOVERNANCE)
+    refused = c.post("/v1/admin/tenants/bulk-action", headers=a,
+                     json={**request, "expected_count": 9})  # fmt: skip
+    check("ErrorResponse", refused, 409, GOVERNANCE)
+    applied = c.post("/v1/admin/tenants/bulk-action", headers=a, json=request)
+    check("TenantBulkActionResponse", applied, 200, GOVERNANCE)
+    budgets = {"filter": {"tenant_id": "acme"}, "action": "CREDIT",
+               "amount": {"unit": U, "amount": 1}, "idempotency_key": "b"}  # fmt: skip
+    schema_validator("BudgetBulkActionRequest", GOVERNANCE).validate(budgets)
+    funded = c.post("/v1/admin/budgets/bulk-action", headers=a, json=budgets)
+    check("BudgetBulkActionResponse", funded, 200, GOVERNANCE)
+    check("ErrorResponse", c.post("/v1/admin/budgets/bulk-action", headers=a,
+                                  json={**budgets, "filter": {}}), 400, GOVERNANCE)  # fmt: skip
+    key_id = c.get("/v1/admin/api-keys", headers=a).json()["keys"][0]["key_id"]
+    patch = c.request("PATCH", f"/v1/admin/api-keys/{key_id}", headers=a, json={"name": "n"})
+    check("ApiKey", patch, 200, GOVERNANCE)
+    validated = c.post("/v1/auth/validate", headers=a, json={"key_secret": "cyc_live_x"})
+    check("ApiKeyValidationResponse", validated, 200, GOVERNANCE)
+    listed = c.get("/v1/admin/events", headers=a, params={"tenant_id": "acme"}).json()
+    event_id = listed["events"][0]["event_id"]
+    check("Event", c.get(f"/v1/admin/events/{event_id}", headers=a), 200, GOVERNANCE)
+    check("ErrorResponse", c.get("/v1/admin/events/evt_nope", headers=a), 404, GOVERNANCE)

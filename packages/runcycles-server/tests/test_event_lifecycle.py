@@ -93,6 +93,13 @@ def test_closing_a_tenant_cascades_with_one_event_per_object(api: Api) -> None:
     assert revoked["data"]["prior_status"] == "ACTIVE"
     assert revoked["data"]["new_status"] == "REVOKED"
     assert revoked["actor"]["type"] == "admin"
+    # the children carry the spec's cascade id (Rule 1); the parent its request's id
+    (parent,) = [e for e in found if e["event_type"] == "tenant.closed"]
+    children = [e for e in found if e["event_type"].endswith("_via_tenant_cascade")]
+    assert len(children) == 6
+    cascade = f"tenant_close_cascade:acme:{parent['request_id']}"
+    assert {e["correlation_id"] for e in children} == {cascade}
+    assert parent["correlation_id"] != cascade
     # closing again finishes nothing new
     api.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "CLOSED"})
     assert len(events(api)) == len(found)

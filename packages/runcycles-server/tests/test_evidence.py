@@ -1,7 +1,7 @@
 """Signed evidence: every envelope the server emits verifies with an independent implementation.
 
 The verifier below is written from ``spec/cycles-evidence-v0.2.yaml`` and RFC 8785 alone: its
-own canonicaliser (UTF-16 key order, the RFC's string escapes, integers as digits), stdlib
+own canonicaliser (UTF-16 key order, the RFC's string escapes, I-JSON integers as digits), stdlib
 ``json`` parsing, ``hashlib``, and the Ed25519 key loaded from a hand-built DER
 SubjectPublicKeyInfo (the server uses raw key bytes). It shares no code with the server.
 """
@@ -26,15 +26,32 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runcycles import (
+    Action,
+    Amount,
+    AsyncCyclesClient,
+    CyclesConfig,
+    DecisionRequest,
+    Subject,
+    Unit,
+)
+from runcycles.evidence import Disposition
 from runcycles.testing.spec import EVIDENCE_SPEC, EXTENDED_RUNTIME, schema_validator
 from runcycles_server.app import purge_old_data
 from runcycles_server.evidence.api import EvidenceApi
-from runcycles_server.evidence.canonical import SAFE_INT, NotCanonicalizable, canonical_bytes
-from runcycles_server.evidence.issuer import Issuer
+from runcycles_server.evidence.canonical import (
+    NO_RFC8785_FORM,
+    SAFE_INT,
+    NotCanonicalizable,
+    canonical_bytes,
+)
+from runcycles_server.evidence.issuer import GENERIC_CODES, Issuer
 from runcycles_server.evidence.keys import KeyRing, KeyRingError
+from runcycles_server.governance import policy_from_create
 from runcycles_server.stores.base import EvidenceStore
 from runcycles_server.stores.memory import MemoryStore
 from runcycles_server.stores.redis import RedisStore
+from runcycles_server.web import EVIDENCE_OMITTED_HEADER
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -59,6 +76,8 @@ def jcs(value: Any) -> str:
     if value is False:
         return "false"
     if isinstance(value, int):
+        if abs(value) > 2**53 - 1:  # RFC 8785 section 3.1: I-JSON numbers (exact doubles) only
+            raise ValueError(f"{value} is no IEEE 754 double: outside RFC 8785")
         return str(value)  # ECMAScript Number-to-String of an integer: its digits
     if isinstance(value, float):  # ECMAScript Number-to-String (shortest round trip)
         if value.is_integer() and abs(value) < 1e21:
@@ -476,10 +495,18 @@ def test_canonical_bytes_equal_the_reference_rfc8785(value: Any) -> None:
     assert canonical_bytes(value) == expected
 
 
-def test_integers_beyond_2_53_are_written_exactly() -> None:
-    assert canonical_bytes({"b": 2**63 - 1, "a": 1}) == b'{"a":1,"b":9223372036854775807}'
-    with pytest.raises(NotCanonicalizable):
-        canonical_bytes({"a": 2**60, "b": 0.5})
+def test_integers_beyond_2_53_have_no_canonical_form() -> None:
+    edge = {"b": 2**53 - 1, "a": -(2**53 - 1)}
+    assert canonical_bytes(edge) == rfc8785.dumps(edge) == jcs(edge).encode()
+    for bad in (2**53, 2**53 + 1, -(2**53 + 1), 2**63 - 1):
+        values: list[dict[str, Any]] = [{"a": bad}, {"a": [bad], "b": 0.5}, {"a": bad, "é": 1}]
+        for value in values:
+            with pytest.raises(NotCanonicalizable, match=r"2\*\*53 - 1"):
+                canonical_bytes(value)
+            with pytest.raises(rfc8785.IntegerDomainError):  # the reference agrees
+                rfc8785.dumps(value)
+        with pytest.raises(NotCanonicalizable):  # a big integer outside the scanned free parts
+            canonical_bytes({"amount": bad, "metadata": {"x": 1}}, free=[{"x": 1}])
 
 
 def test_store_without_evidence_support_is_refused() -> None:
@@ -551,3 +578,234 @@ def test_a_burst_of_concurrent_denials_is_stored_together_and_resolves(ev: Api) 
     assert len(ids) == 25  # one envelope per denial (each has its own request_id)
     for evidence_id in ids:
         assert ev.client.get(f"/v1/evidence/{evidence_id}").status_code == 200
+
+
+# ============================================================================================
+# Beyond the base answers: observe mode, the denials the evidence spec's error enum lacks,
+# numbers beyond 2**53, and the answers the spec has no artifact for (extend, events).
+
+
+def add_policy(api: Api, store: Store, tenant: str, **fields: Any) -> None:
+    row = policy_from_create(
+        tenant,
+        {"name": "p", "scope_pattern": f"tenant:{tenant}/*", **fields},
+        policy_id=store.new_policy_id(tenant),
+        now_ms=store.clock(),
+        registry=store.registry,
+    )
+    api.client.run(store.create_policy(row))
+
+
+def on(tenant: str, key: str, **fields: Any) -> dict[str, Any]:
+    return body(key, subject={"tenant": tenant, "agent": "bot"}, **fields)
+
+
+def without_ref(response: Any) -> dict[str, Any]:
+    return {k: v for k, v in response.json().items() if k != "cycles_evidence"}
+
+
+# --------------------------------------------------------------------------------------------
+# Observe mode: a signed reserve envelope, attested as the dry run it was evaluated as
+
+
+def test_observe_mode_reservations_are_signed_as_dry_runs(ev: Api, store: Store) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    add_policy(ev, store, "acme", denied_action_kinds=["payment.charge"])
+    schema = schema_validator("ReservationCreateResponse", EXTENDED_RUNTIME)
+
+    def observed(request: dict[str, Any], decision: str) -> dict[str, Any]:
+        response = ev.post(key, "/v1/reservations", request)
+        assert response.status_code == 200, response.text
+        schema.validate(response.json())
+        assert response.json()["decision"] == decision
+        assert "reservation_id" not in response.json()
+        assert EVIDENCE_OMITTED_HEADER not in response.headers
+        env = check_envelope(ev, response.json()["cycles_evidence"], "reserve")
+        reserve = env["payload"]["reserve"]
+        # the request as sent, but evaluated as a dry run (observe_mode is not in the mirror)
+        sent = {k: v for k, v in request.items() if k not in ("observe_mode", "dry_run")}
+        assert reserve["request"] == {**sent, "dry_run": True}
+        wire = without_ref(response)
+        assert reserve["response"] == {k: v for k, v in wire.items() if k != "deny_detail"}
+        again = ev.post(key, "/v1/reservations", request).json()["cycles_evidence"]
+        assert again == response.json()["cycles_evidence"]  # a replay: the same envelope
+        return dict(reserve)
+
+    # per request: ALLOW, a budget DENY, a policy DENY (an extension reason code)
+    observed(on("acme", "o1", observe_mode="OBSERVE"), "ALLOW")
+    big = {"unit": "USD_MICROCENTS", "amount": 10**9}
+    denied = observed(on("acme", "o2", observe_mode="OBSERVE", estimate=big), "DENY")
+    assert denied["response"]["reason_code"] == "BUDGET_EXCEEDED"
+    pay = {"kind": "payment.charge", "name": "stripe"}
+    denied = observed(on("acme", "o3", observe_mode="OBSERVE", action=pay), "DENY")
+    assert denied["response"]["reason_code"] == "ACTION_KIND_DENIED"
+    # dry_run false is overridden by observe mode, and dry_run true stays
+    observed(on("acme", "o4", observe_mode="OBSERVE", dry_run=False), "ALLOW")
+    observed(on("acme", "o5", observe_mode="OBSERVE", dry_run=True), "ALLOW")
+    # the tenant's observe mode, with no observe_mode on the request
+    ev.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"observe_mode": "OBSERVE"})
+    observed(on("acme", "t1"), "ALLOW")
+    observed(on("acme", "t2", action=pay), "DENY")
+    # and nothing was reserved by any of it
+    balance = ev.balance(key, "tenant:acme")
+    assert balance["reserved"]["amount"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Denials outside the mirror's ErrorCode enum: attested as FORBIDDEN, the wire code in details
+
+
+def test_extension_denials_are_signed_under_a_generic_code(ev: Api, store: Store) -> None:
+    keys = {tenant: ev.tenant(tenant) for tenant in ("acme", "globex", "initech")}
+    for tenant in keys:
+        ev.budget(tenant, f"tenant:{tenant}", 10_000)
+    quota = {"action_kind": "web.search", "max_calls": 1, "window": "per_day_tumbling"}
+    add_policy(ev, store, "acme", denied_action_kinds=["payment.charge"], action_quotas=[quota])
+    add_policy(ev, store, "globex", allowed_action_kinds=["llm.completion"])
+    search = {"kind": "web.search", "name": "bing"}
+    assert ev.post(keys["acme"], "/v1/reservations", on("acme", "s1", action=search)).is_success
+    cases = [
+        ("acme", on("acme", "p", action={"kind": "payment.charge", "name": "stripe"})),
+        ("acme", on("acme", "s2", action=search)),
+        ("globex", on("globex", "g", action=search)),
+        ("initech", on("initech", "i")),
+    ]
+    ev.admin("PATCH", "/v1/admin/tenants/initech", 200, json={"status": "SUSPENDED"})
+    seen = set()
+    for tenant, request in cases:
+        response = ev.post(keys[tenant], "/v1/reservations", request)
+        assert response.status_code == 409, response.text
+        code = response.json()["error"]
+        if code != "TENANT_SUSPENDED":  # a governance-admin code the runtime enums lack
+            schema_validator("ErrorResponse", EXTENDED_RUNTIME).validate(response.json())
+        seen.add(code)
+        env = check_envelope(ev, response.json()["cycles_evidence"], "error")
+        error = env["payload"]["error"]
+        assert error["endpoint"] == "POST /v1/reservations"
+        assert error["http_status"] == 409
+        assert "reservation_id" not in error
+        assert error["request"] == request
+        wire = without_ref(response)
+        details = {**wire.get("details", {}), "wire_error": code}
+        assert error["response"] == {**wire, "error": "FORBIDDEN", "details": details}
+    assert seen == set(GENERIC_CODES)
+    # the same refusals on decide and dry runs are 200 DENY, signed with their reason code
+    pay = on("acme", "pd", action={"kind": "payment.charge", "name": "stripe"})
+    decided = ev.post(keys["acme"], "/v1/decide", pay)
+    env = check_envelope(ev, decided.json()["cycles_evidence"], "decide")
+    assert env["payload"]["decide"]["response"]["reason_code"] == "ACTION_KIND_DENIED"
+    dry = ev.post(keys["initech"], "/v1/reservations", on("initech", "id", dry_run=True))
+    env = check_envelope(ev, dry.json()["cycles_evidence"], "reserve")
+    assert env["payload"]["reserve"]["response"]["reason_code"] == "TENANT_SUSPENDED"
+
+
+# --------------------------------------------------------------------------------------------
+# Integers beyond 2**53 - 1: no RFC 8785 form, so no envelope, and the answer says so
+
+
+def test_amounts_beyond_2_53_are_answered_without_evidence_and_flagged(ev: Api) -> None:
+    over = {"unit": "USD_MICROCENTS", "amount": 2**53 + 1}
+
+    def omitted(response: Any, status: int) -> dict[str, Any]:
+        assert response.status_code == status, response.text
+        assert "cycles_evidence" not in response.json()
+        assert response.headers[EVIDENCE_OMITTED_HEADER] == NO_RFC8785_FORM
+        return dict(response.json())
+
+    small = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    omitted(ev.post(small, "/v1/reservations", on("acme", "r", estimate=over)), 409)
+    omitted(ev.post(small, "/v1/decide", on("acme", "d", estimate=over)), 200)
+    omitted(ev.post(small, "/v1/reservations", on("acme", "y", estimate=over, dry_run=True)), 200)
+
+    rich = ev.tenant("big")
+    ev.budget("big", "tenant:big", 2**63 - 1)
+    # a small estimate, but the balances the answer carries are beyond 2**53 too
+    for request in (on("big", "b1", estimate=over), on("big", "b2")):
+        reserved = omitted(ev.post(rich, "/v1/reservations", request), 200)
+        again = ev.post(rich, "/v1/reservations", request)  # a replay says so again
+        assert again.json() == reserved
+        assert again.headers[EVIDENCE_OMITTED_HEADER] == NO_RFC8785_FORM
+        rid = reserved["reservation_id"]
+        detail = ev.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": rich})
+        assert "evidence" not in detail.json()
+        commit = {"idempotency_key": "c" + rid, "actual": {"unit": "USD_MICROCENTS", "amount": 1}}
+        omitted(ev.post(rich, f"/v1/reservations/{rid}/commit", commit), 200)
+
+    edge = ev.tenant("edge")
+    ev.budget("edge", "tenant:edge", SAFE_INT)  # 2**53 - 1 is still exact: signed as usual
+    at_edge = {"unit": "USD_MICROCENTS", "amount": SAFE_INT}
+    response = ev.post(edge, "/v1/reservations", on("edge", "e", estimate=at_edge))
+    assert response.status_code == 200, response.text
+    assert EVIDENCE_OMITTED_HEADER not in response.headers
+    env = check_envelope(ev, response.json()["cycles_evidence"], "reserve")
+    assert env["payload"]["reserve"]["request"]["estimate"]["amount"] == SAFE_INT
+
+
+def test_the_client_reports_the_omission_and_verifies_the_rest(ev: Api) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    config = CyclesConfig(base_url="http://testserver", api_key=key, tenant="acme")
+    client = AsyncCyclesClient(config, http_client=ev.client._client)
+
+    def decision(amount: int) -> DecisionRequest:
+        return DecisionRequest(
+            idempotency_key=f"d{amount}",
+            subject=Subject(tenant="acme"),
+            action=Action(kind="llm.completion", name="gpt-4o"),
+            estimate=Amount(unit=Unit.USD_MICROCENTS, amount=amount),
+        )
+
+    async def calls() -> tuple[Any, Any, Any]:
+        over = await client.decide(decision(2**53 + 1))
+        fine = await client.decide(decision(10))
+        ref = fine.data.cycles_evidence
+        assert ref is not None
+        return over, fine, await client.verify_evidence(ref.evidence_id)
+
+    over, fine, verified = ev.client.run(calls())
+    assert over.is_success
+    assert over.data.cycles_evidence is None
+    assert over.evidence_omitted == NO_RFC8785_FORM
+    assert fine.evidence_omitted is None
+    assert verified.disposition is Disposition.AUTHENTIC
+
+
+def test_evidence_off_answers_carry_no_omission_flag(make_api: Callable[..., Api]) -> None:
+    api = make_api()
+    key = api.tenant("big")
+    api.budget("big", "tenant:big", 2**63 - 1)
+    response = api.post(key, "/v1/reservations", on("big", "r"))
+    assert response.status_code == 200
+    assert EVIDENCE_OMITTED_HEADER not in response.headers
+
+
+# --------------------------------------------------------------------------------------------
+# extend and events: the evidence spec has no artifact type for them
+
+
+def test_extend_and_events_carry_no_evidence(ev: Api) -> None:
+    key = ev.tenant("acme")
+    ev.budget("acme", "tenant:acme", 1_000)
+    rid = ev.post(key, "/v1/reservations", on("acme", "r")).json()["reservation_id"]
+    extended = ev.post(
+        key, f"/v1/reservations/{rid}/extend", {"idempotency_key": "e", "extend_by_ms": 1_000}
+    )
+    assert extended.status_code == 200, extended.text
+    schema_validator("ReservationExtendResponse", EXTENDED_RUNTIME).validate(extended.json())
+    event = {
+        "idempotency_key": "ev",
+        "subject": {"tenant": "acme"},
+        "action": {"kind": "llm.completion", "name": "gpt-4o"},
+        "actual": {"unit": "USD_MICROCENTS", "amount": 5},
+    }
+    applied = ev.post(key, "/v1/events", event)
+    assert applied.status_code == 201, applied.text
+    schema_validator("EventCreateResponse", EXTENDED_RUNTIME).validate(applied.json())
+    for response in (extended, applied):
+        assert "cycles_evidence" not in response.json()
+        assert EVIDENCE_OMITTED_HEADER not in response.headers
+    # ... and the reservation lists only the envelopes of the artifacts the spec has
+    detail = ev.client.get(f"/v1/reservations/{rid}", headers={"X-Cycles-API-Key": key}).json()
+    assert set(detail["evidence"]) == {"reserve"}

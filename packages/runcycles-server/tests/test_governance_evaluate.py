@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 import pytest
 
 from runcycles.models import Action, ActionPolicyKeys, Subject
@@ -18,6 +19,7 @@ from runcycles_server.governance import (
     Denial,
     PolicyRow,
     Registry,
+    counter_memory,
     counters_needed,
     effective_observe_mode,
     evaluate,
@@ -384,23 +386,50 @@ def test_an_expired_row_is_a_fresh_count():
 def test_per_run_counters_increment_refresh_ttl_and_are_given_back_on_release():
     ledger = Ledger(policy(action_quotas=[{**EMAIL_PER_RUN, "per_run_counter_ttl_ms": 600_000}]))
     (first,) = ledger.admitted(act(), 1)
-    name = first.per_run_counters[0]
+    entry = first.per_run_counters[0]
+    name, generation = counter_memory(entry)
+    assert (name, generation) == (first.counters[0].name, NOW)  # the row's first life
     assert first.counters[0].expires_at_ms == NOW + 600_000
     (second,) = ledger.admitted(act(), 1, now=NOW + 1000)
-    assert second.per_run_counters == (name,)
+    assert second.per_run_counters == (entry,)  # the same life
     assert ledger.rows[name].count == 2
     assert ledger.rows[name].expires_at_ms == NOW + 1000 + 600_000  # refreshed
     denial(ledger.reserve(act(), NOW + 2000), "ACTION_QUOTA_EXCEEDED")
-    ledger.release([name], now=NOW + 3000)
+    ledger.release([entry], now=NOW + 3000)
     assert ledger.rows[name].count == 1
     assert ledger.rows[name].expires_at_ms == NOW + 1000 + 600_000  # not refreshed
     ledger.admitted(act(), 1, now=NOW + 4000)
-    ledger.release([name, name], now=NOW + 5000)  # one reservation, one decrement
-    ledger.release([name], now=NOW + 5000)
-    ledger.release([name], now=NOW + 5000)
+    ledger.release([entry, entry], now=NOW + 5000)  # one reservation, one decrement
+    ledger.release([entry], now=NOW + 5000)
+    ledger.release([entry], now=NOW + 5000)
     assert ledger.rows[name].count == 0  # never below 0
-    assert release_per_run(["absent"], ledger.rows, NOW) == []
-    assert release_per_run([name], ledger.rows, NOW + 10_000_000) == []  # expired
+    assert release_per_run(["1@absent"], ledger.rows, NOW) == []
+    assert release_per_run([entry], ledger.rows, NOW + 10_000_000) == []  # expired
+    ledger.release([name], now=NOW + 5000)  # a plain name (stored before generations) still works
+    assert ledger.rows[name].count == 0
+
+
+def test_a_run_counter_that_starts_again_is_a_new_generation():
+    ledger = Ledger(policy(action_quotas=[{**EMAIL_PER_RUN, "per_run_counter_ttl_ms": 60_000}]))
+    (old,) = ledger.admitted(act(), 1)
+    (new,) = ledger.admitted(act(), 1, now=NOW + 60_000)  # after the first life expired
+    assert new.per_run_counters != old.per_run_counters
+    name, generation = counter_memory(new.per_run_counters[0])
+    assert generation == NOW + 60_000
+    ledger.release(old.per_run_counters, now=NOW + 60_001)  # the old life's reservation
+    assert ledger.rows[name].count == 1
+    ledger.release(new.per_run_counters, now=NOW + 60_001)
+    assert ledger.rows[name].count == 0
+
+
+def test_counter_rows_round_trip_with_their_generation_and_read_the_older_form():
+    ledger = Ledger(policy(action_quotas=[EMAIL_PER_RUN]))
+    (adm,) = ledger.admitted(act(), 1)
+    row = adm.counters[0]
+    assert CounterRow.from_json(row.to_json()) == row
+    older = orjson.loads(row.to_json())[:15]
+    older[0] = 2  # storage version 2 had no generation
+    assert CounterRow.from_json(orjson.dumps(older)) == dataclasses.replace(row, generation=0)
 
 
 def test_per_run_risk_class_counter_has_the_same_lifecycle():

@@ -189,6 +189,51 @@ def test_a_per_run_quota_counts_reservations_and_gets_them_back(
     assert post(api, acme, reservation("e7", email, run_id="r1")).status_code == 200
 
 
+def test_a_late_release_gives_back_only_to_the_counter_life_it_counted_in(
+    api: Api, store: Store, acme: str, clock: FakeClock
+) -> None:
+    """A run's counter that expired while a long reservation stayed open starts again at the
+    next call; the old reservation's release must not lower the new count (it would let one
+    call more through than the quota)."""
+    email = "message.email.send"
+    quota = {"action_kind": email, "max_calls": 1, "window": "per_run"}
+    add_policy(api, store, action_quotas=[{**quota, "per_run_counter_ttl_ms": 60_000}])
+    old = post(api, acme, reservation("a", email, run_id="r1", ttl_ms=3_600_000)).json()
+    clock.advance(60_001)  # the counter expired, the reservation is still live
+    assert post(api, acme, reservation("b", email, run_id="r1")).status_code == 200
+    release = {"idempotency_key": "rel-a"}
+    rid = old["reservation_id"]
+    assert api.post(acme, f"/v1/reservations/{rid}/release", release).status_code == 200
+    assert list(counters(api, store).values()) == [1]
+    denial(post(api, acme, reservation("c", email, run_id="r1")), "ACTION_QUOTA_EXCEEDED")
+
+
+def test_a_release_after_an_operator_reset_gives_nothing_back(
+    api: Api, store: Store, acme: str
+) -> None:
+    email = "message.email.send"
+    add_policy(
+        api, store, action_quotas=[{"action_kind": email, "max_calls": 1, "window": "per_run"}]
+    )
+    old = post(api, acme, reservation("a", email, run_id="r1")).json()
+    (row,) = api.client.run(store.list_counters("acme"))
+    reset = {
+        "tenant_id": "acme",
+        "scope": row.key.scope,
+        "action_kind": email,
+        "window": "per_run",
+        "window_key": "r1",
+        "reason": "operator reset",
+    }
+    api.admin("POST", "/v1/admin/action-quota-counters/reset", expect=200, json=reset)
+    assert post(api, acme, reservation("b", email, run_id="r1")).status_code == 200
+    rid = old["reservation_id"]
+    release = {"idempotency_key": "rel-a"}
+    assert api.post(acme, f"/v1/reservations/{rid}/release", release).status_code == 200
+    assert list(counters(api, store).values()) == [1]
+    denial(post(api, acme, reservation("c", email, run_id="r1")), "ACTION_QUOTA_EXCEEDED")
+
+
 def test_a_per_run_quota_needs_a_run_id(api: Api, store: Store, acme: str) -> None:
     add_policy(
         api,

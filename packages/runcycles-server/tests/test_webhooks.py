@@ -430,6 +430,14 @@ def test_bulk_action(hooks: Api, receiver: Receiver) -> None:
     body = {"filter": {"tenant_id": "acme"}, "action": "PAUSE", "idempotency_key": "k1",
             "expected_count": 3}  # fmt: skip
     valid("WebhookBulkActionRequest", body)
+    preview = hooks.client.post("/v1/admin/webhooks/bulk-action", params={"dry_run": "true"},
+                                json=body, headers=hooks.admin_headers)  # fmt: skip
+    assert preview.headers["X-Cycles-Dry-Run"] == "true"
+    assert len(valid("WebhookBulkActionResponse", preview.json())["succeeded"]) == 3
+    assert (
+        hooks.admin("GET", "/v1/admin/webhooks", 200, params={"status": "PAUSED"})["subscriptions"]
+        == []
+    )  # the preview changed nothing
     out = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=body)
     valid("WebhookBulkActionResponse", out)
     assert out["total_matched"] == 3
@@ -670,7 +678,9 @@ def test_closing_a_tenant_disables_its_subscriptions_with_one_event_each(
             valid("Event", event)
             valid("EventDataTenantCascade", event["data"])
             assert event["category"] == "webhook"
-            assert event["correlation_id"] == close_event["correlation_id"]
+            assert (
+                event["correlation_id"] == f"tenant_close_cascade:acme:{close_event['request_id']}"
+            )
             assert event["request_id"] == close_event["request_id"]
             assert event["actor"]["type"] == close_event["actor"]["type"] == "admin"
         assert by_sub[own_id]["data"] == {

@@ -192,15 +192,38 @@ def test_malformed_envelopes_are_rejected_with_a_reason(change: dict[str, Any], 
     assert verify_envelope(b"{").disposition is Disposition.SIGNATURE_INVALID
 
 
-def test_integers_beyond_2_53_are_canonical_as_exact_digits() -> None:
+def _exact_digits_envelope(amount: int) -> dict[str, Any]:
+    """An envelope signed over sorted keys and exact integer digits (no RFC 8785 for 2**53+)."""
     env = NEW.envelope(6_000)
-    env["payload"]["commit"]["request"]["actual"]["amount"] = 2**62
+    env["payload"]["commit"]["request"]["actual"]["amount"] = amount
     env = {**env, "evidence_id": "", "signature": ""}
     blank = json.dumps(env, sort_keys=True, separators=(",", ":")).encode()
     env["evidence_id"] = hashlib.sha256(blank).hexdigest()
     signed_input = json.dumps(env, sort_keys=True, separators=(",", ":")).encode()
     env["signature"] = NEW.key.sign(signed_input).hex()
-    assert verify_envelope(env, jwks=JWKS).disposition is Disposition.AUTHENTIC
+    return env
+
+
+def test_integers_beyond_2_53_have_no_canonical_form_and_do_not_verify() -> None:
+    # 2**53 - 1 is the largest I-JSON integer: exact digits are its RFC 8785 form, it verifies.
+    edge = _exact_digits_envelope(2**53 - 1)
+    assert verify_envelope(edge, jwks=JWKS).disposition is Disposition.AUTHENTIC
+    # 2**53 + 1 is no IEEE 754 double: RFC 8785 has no form for it, so nobody can re-derive the
+    # id the way every verifier must, even though the signature over these digits is "valid".
+    for amount in (2**53 + 1, 2**63 - 1):
+        env = _exact_digits_envelope(amount)
+        for given in (env, json.dumps(env), json.dumps(env).encode()):
+            result = verify_envelope(given, jwks=JWKS)
+            assert result.disposition is Disposition.SIGNATURE_INVALID
+            assert "2**53 - 1" in result.reason
+            assert not result.ok
+    with pytest.raises(ValueError, match="no RFC 8785 form"):
+        canonical_bytes({"amount": 2**53 + 1})
+    with pytest.raises(ValueError, match="no RFC 8785 form"):
+        canonical_bytes({"amount": -(2**53 + 1)})
+    assert canonical_bytes({"b": -(2**53 - 1), "a": 2**53 - 1}) == (
+        b'{"a":9007199254740991,"b":-9007199254740991}'
+    )
 
 
 def test_jwks_url_is_appended_after_the_server_id_path() -> None:

@@ -5,7 +5,9 @@ Routes (``X-Admin-API-Key`` unless noted; "or tenant" = a tenant key works for i
 * ``POST/GET /v1/admin/tenants``, ``GET/PATCH /v1/admin/tenants/{tenant_id}`` (``status: CLOSED``
   is irreversible and cascades in one transaction: ACTIVE reservations released, budgets
   CLOSED, keys REVOKED).
-* ``POST/GET /v1/admin/api-keys``, ``DELETE /v1/admin/api-keys/{key_id}``. The secret
+* ``POST/GET /v1/admin/api-keys``, ``DELETE /v1/admin/api-keys/{key_id}`` (``PATCH`` and
+  ``POST /v1/auth/validate``: :mod:`runcycles_server.admin_keys`; the two bulk actions:
+  :mod:`runcycles_server.admin_bulk`). The secret
   (``cyc_live_`` + 32 random characters) is returned once; only its sha256 is stored.
 * ``POST /v1/admin/budgets`` (or tenant), ``GET /v1/admin/budgets`` (or tenant),
   ``GET /v1/admin/budgets/lookup`` (or tenant), ``PATCH /v1/admin/budgets?scope=&unit=``
@@ -354,12 +356,25 @@ def budget_body(row: BudgetRow) -> dict[str, Any]:
     )
 
 
+_RESOURCE_TYPES: Final = {
+    "bulkActionTenants": "tenant",
+    "bulkActionBudgets": "budget",
+    "updateApiKey": "api_key",
+    "testWebhookSubscription": "webhook",
+    "replayEvents": "webhook",
+    "pauseWebhookSubscription": "webhook",
+    "resumeWebhookSubscription": "webhook",
+}
+
+
 def _resource_type(operation: str) -> str:
     """The audit log's ``resource_type`` of an entry, from its operation."""
     if operation.startswith("policy."):
         return "policy"
     if operation.startswith("quota."):
         return "quota_counter"
+    if operation in _RESOURCE_TYPES:
+        return _RESOURCE_TYPES[operation]
     if operation.endswith("Budget"):
         return "budget"
     return "reservation"

@@ -72,6 +72,8 @@ from runcycles.models import (
 )
 from runcycles_server import ledger
 from runcycles_server.admin import Admin
+from runcycles_server.admin_bulk import BulkApi
+from runcycles_server.admin_keys import KeysApi
 from runcycles_server.console import Console
 from runcycles_server.events.latency import LatencyWatch
 from runcycles_server.events.rates import DetectorConfig
@@ -316,7 +318,7 @@ class Runtime:
             raise
         if self.metrics is not None:
             self.metrics.decided("decide", outcome.body)
-        return json_response(outcome.body, outcome.status_code)
+        return self.evidence.answer(outcome.body, outcome.status_code)
 
     async def create_reservation(self, request: Request) -> Response:
         """``POST /v1/reservations``."""
@@ -342,7 +344,7 @@ class Runtime:
             raise
         if self.metrics is not None:
             self.metrics.decided("reserve", outcome.body)
-        return json_response(outcome.body, outcome.status_code)
+        return self.evidence.answer(outcome.body, outcome.status_code)
 
     async def list_reservations(self, request: Request) -> Response:
         """``GET /v1/reservations``."""
@@ -453,7 +455,7 @@ class Runtime:
             raise
         if self.signals is not None:
             note_spend(self.signals, principal.tenant_id, outcome)
-        return json_response(outcome.body, outcome.status_code)
+        return self.evidence.answer(outcome.body, outcome.status_code)
 
     async def release(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/release`` (tenant or audited admin)."""
@@ -470,7 +472,7 @@ class Runtime:
         except LedgerError as exc:
             await self.evidence.denied(request, exc, "release", body, principal.tenant_id, rid)
             raise
-        return json_response(outcome.body, outcome.status_code)
+        return self.evidence.answer(outcome.body, outcome.status_code)
 
     async def extend(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/extend``."""
@@ -965,6 +967,8 @@ def create_app(
         routes=[
             *runtime.routes(),
             *admin.routes(),
+            *BulkApi(store, auth, max_body_bytes).routes(),
+            *KeysApi(store, auth, max_body_bytes).routes(),
             *governance.routes(),
             *events.routes(),
             *extra_routes,

@@ -36,7 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from runcycles_server.cli_admin import CliError, register, reported
+from runcycles_server.cli_admin import CliError, budget_app, register, reported, tenant_app
+from runcycles_server.cli_bulk import register as register_bulk
 from runcycles_server.cli_events import register_events
 from runcycles_server.cli_evidence import (
     DEFAULT_EVIDENCE_RATE_LIMIT,
@@ -907,6 +908,7 @@ async def _answers(store: Store) -> bool:
 
 
 register(cli)  # tenant, key, budget and balances, listed after serve and demo
+register_bulk(tenant_app, budget_app)  # tenant bulk, budget bulk
 register_governance(cli)  # policy and quota
 register_events(cli)  # events and overview
 register_webhooks(cli)  # webhook

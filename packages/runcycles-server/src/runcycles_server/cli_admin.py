@@ -513,6 +513,64 @@ def key_revoke(
         typer.echo(f"key {body['key_id']} of tenant {body['tenant_id']} is {body['status']}")
 
 
+@key_app.command("update")
+def key_update(
+    key_id: Annotated[str, typer.Argument(help="Key id (key_...), as `cycles key list` shows.")],
+    name: Annotated[str | None, typer.Option(help="New label.")] = None,
+    description: Annotated[str | None, typer.Option(help="New description.")] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(help="Replace the permissions with this role's (agent, tenant-admin)."),
+    ] = None,
+    permission: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--permission",
+            "--permissions",
+            help="Replace the permissions with exactly these (repeatable or comma-separated); "
+            "with --role, the role's plus these.",
+        ),
+    ] = None,
+    scope_filter: Annotated[
+        list[str] | None,
+        typer.Option("--scope-filter", help="Replace the scope filter (repeatable)."),
+    ] = None,
+    clear_scope_filter: Annotated[
+        bool, typer.Option("--clear-scope-filter", help="Remove the scope filter.")
+    ] = False,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
+    """Change a key's name, description, permissions or scope filter (same secret).
+
+    Its expiry and tenant cannot change: revoke it and create a new key instead.
+    """
+    with reported():
+        payload: dict[str, Any] = {}
+        if name is not None:
+            payload["name"] = name
+        if description is not None:
+            payload["description"] = description
+        if role is not None or permission:
+            payload["permissions"] = key_permissions(role, permission)
+        if scope_filter and clear_scope_filter:
+            raise CliError("give --scope-filter or --clear-scope-filter, not both", 2)
+        if scope_filter or clear_scope_filter:
+            payload["scope_filter"] = list(scope_filter or [])
+        if not payload:
+            raise CliError(
+                "nothing to change: give --name, --description, --role, --permission, "
+                "--scope-filter or --clear-scope-filter",
+                2,
+            )
+        client = ServerClient(url, admin_key=admin_key)
+        body = client.call("PATCH", f"/v1/admin/api-keys/{key_id}", json_body=payload)
+        typer.echo(
+            f"key {body['key_id']} of tenant {body['tenant_id']} updated: "
+            f"{body.get('name', '')!r}, may {describe_permissions(body.get('permissions') or [])}"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # budget
 

@@ -53,9 +53,12 @@ class LedgerError(Exception):
         details: optional machine-readable context.
         evidence: the ``CyclesEvidenceRef`` of the denial's stored evidence envelope, if any
             (answered as ``cycles_evidence``).
+        evidence_omitted: why a denial that should have an envelope has none (answered as the
+            ``X-Cycles-Evidence-Omitted`` header).
     """
 
     evidence: dict[str, str] | None = None
+    evidence_omitted: str | None = None
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 * ``GET /v1/admin/events`` (admin key): every tenant's events, or one tenant's with
   ``tenant_id`` (required on the Redis store, which keeps events per tenant).
+* ``GET /v1/admin/events/{event_id}`` (admin key): one event, 404 ``EVENT_NOT_FOUND``.
 * ``GET /v1/events`` (a tenant API key with ``events:read``): the key's own tenant's events
   of the tenant-visible categories (``budget``, ``reservation``, ``tenant``).
 
@@ -23,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from runcycles_server.errors import LedgerError
 from runcycles_server.events import CATEGORIES, EVENT_TYPES, EventRecord, event_body
+from runcycles_server.events.signals import SYSTEM_TENANT
 from runcycles_server.governance.timestamps import ms_from_datetime
 from runcycles_server.query import Param, check_path, check_query
 from runcycles_server.stores.base import EventQuery, Store
@@ -104,6 +106,7 @@ class EventsApi:
         """Return the event routes (``GET /v1/events`` beside the runtime's ``POST``)."""
         return [
             Route("/v1/admin/events", self.list_admin_events, methods=["GET"]),
+            Route("/v1/admin/events/{event_id}", self.get_admin_event, methods=["GET"]),
             Route("/v1/events", self.list_tenant_events, methods=["GET"]),
         ]
 
@@ -114,6 +117,62 @@ class EventsApi:
         check_query(request, ADMIN_PARAMS)
         page = await self.store.list_events(_query(request, _text(request, "tenant_id")))
         return self._page(page.items, page.next_cursor)
+
+    async def get_admin_event(self, request: Request) -> Response:
+        """``GET /v1/admin/events/{event_id}``: the full event, or 404 ``EVENT_NOT_FOUND``."""
+        self.auth.admin(request)
+        check_path(request)
+        event_id = str(request.path_params["event_id"])
+        found = await self._find(event_id)
+        if found is None:
+            raise LedgerError(
+                "EVENT_NOT_FOUND",
+                f"event {event_id} does not exist (or is past retention); list events with "
+                "GET /v1/admin/events",
+                status=404,
+            )
+        return json_response(event_body(found))
+
+    async def _find(self, event_id: str) -> EventRecord | None:
+        """Find an event by id through the listing: an id starts with its creation time.
+
+        An event id is ``evt_`` + 12 hex digits of its epoch ms + more digits (see
+        :func:`runcycles_server.events.records.new_event_id`), so the lookup lists only that
+        millisecond. A store that keeps events per tenant (Redis) needs a tenant to list:
+        each tenant's millisecond is then read in turn (and the system's own events).
+        """
+        try:
+            at = int(event_id[4:16], 16) if event_id.startswith("evt_") else -1
+        except ValueError:
+            return None
+        if at < 0:
+            return None
+        try:
+            return await self._find_in(None, event_id, at)
+        except LedgerError as exc:
+            if exc.code != "INVALID_REQUEST":  # the store needs a tenant to list events
+                raise
+        cursor: str | None = None
+        while True:
+            page = await self.store.list_tenants(None, 100, cursor)
+            for tenant_id in [t.tenant_id for t in page.items]:
+                found = await self._find_in(tenant_id, event_id, at)
+                if found is not None:
+                    return found
+            cursor = page.next_cursor
+            if cursor is None:
+                return await self._find_in(SYSTEM_TENANT, event_id, at)
+
+    async def _find_in(self, tenant_id: str | None, event_id: str, at: int) -> EventRecord | None:
+        query = EventQuery(tenant_id, from_ms=at, to_ms=at, limit=100)
+        while True:
+            page = await self.store.list_events(query)
+            for event in page.items:
+                if event.event_id == event_id:
+                    return event
+            if page.next_cursor is None:
+                return None
+            query = dataclasses.replace(query, cursor=page.next_cursor)
 
     async def list_tenant_events(self, request: Request) -> Response:
         """``GET /v1/events``: the calling key's tenant, tenant-visible categories only."""

@@ -211,8 +211,9 @@ class ReservationRow:
     committed_metadata: dict[str, Any] | None = None
     finalized_at_ms: int | None = None
     quota_counters: list[str] | None = None
-    """Names of the ``per_run`` quota counters this reservation counted in (given back, -1
-    each, when it is released or expires)."""
+    """The ``per_run`` quota counters this reservation counted in, each with the generation
+    it counted in (given back, -1 each, when it is released or expires, to that generation
+    only; see :class:`~runcycles_server.governance.quotas.CounterRow`)."""
 
     @property
     def deadline_ms(self) -> int:

@@ -12,8 +12,10 @@ recent ``reservation.denied`` and ``reservation.expired`` events and the denials
 ``data.count`` refusals). ``access_control_stats`` counts the policies (of every tenant, any
 status) with an allow list and with a deny list; ``quota_health`` is not served.
 
-Webhook counts come from a store that implements :class:`WebhookOverview`; without one (no
-webhook subscriptions on this server yet) they are zero and ``failing_webhooks`` is empty.
+Webhook counts come from the store's webhook subscriptions (a custom store may answer them
+itself by implementing :class:`WebhookOverview`; one that keeps no webhooks answers zero):
+``with_failures`` and ``failing_webhooks`` are the subscriptions whose last deliveries failed
+(``consecutive_failures`` > 0), most failures first.
 
 Cost: one pass over tenants and budgets, and over the hour's events (at most
 :data:`EVENT_SCAN_MAX` per tenant; past that ``event_counts`` are a lower bound). For large
@@ -33,9 +35,12 @@ from runcycles_server.events import event_body
 from runcycles_server.events.records import EventRecord
 from runcycles_server.events.signals import SYSTEM_TENANT
 from runcycles_server.governance.timestamps import iso
-from runcycles_server.ledger import BudgetRow, TenantRow
+from runcycles_server.ledger import BudgetRow, LedgerError, TenantRow
 from runcycles_server.stores.base import EventQuery, Store
 from runcycles_server.web import Authenticator, json_response
+from runcycles_server.webhooks.backends import storage_for
+from runcycles_server.webhooks.models import SubscriptionRow
+from runcycles_server.webhooks.storage import WebhookTxn
 
 EVENT_WINDOW_S: Final = 3600
 """The spec's window of the recent-event summaries (an hour)."""
@@ -51,6 +56,37 @@ class WebhookOverview(Protocol):
 
     async def webhook_overview(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
         """The spec's ``webhook_counts`` and ``failing_webhooks`` (most failures first)."""
+
+
+async def _webhook_health(store: Store) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """``webhook_counts`` and ``failing_webhooks`` from the store's subscriptions."""
+    try:
+        storage = storage_for(store)
+    except LedgerError:  # a custom store without webhooks
+        return {"total": 0, "active": 0, "disabled": 0, "with_failures": 0}, []
+
+    async def read(t: WebhookTxn) -> list[SubscriptionRow]:
+        return await t.subs()
+
+    rows = await storage.read(read)
+    failing = sorted(
+        (r for r in rows if r.consecutive_failures > 0),
+        key=lambda r: (-r.consecutive_failures, r.subscription_id),
+    )
+    counts = {
+        "total": len(rows),
+        "active": sum(1 for r in rows if r.status == "ACTIVE"),
+        "disabled": sum(1 for r in rows if r.status == "DISABLED"),
+        "with_failures": len(failing),
+    }
+    top: list[dict[str, Any]] = []
+    for row in failing[:TOP]:
+        item: dict[str, Any] = {"subscription_id": row.subscription_id, "url": row.url,
+                                "consecutive_failures": row.consecutive_failures}  # fmt: skip
+        if row.last_failure_at_ms is not None:
+            item["last_failure_at"] = iso(row.last_failure_at_ms)
+        top.append(item)
+    return counts, top
 
 
 async def _tenants(store: Store) -> list[TenantRow]:
@@ -133,10 +169,10 @@ async def overview(store: Store) -> dict[str, Any]:
         for policy in await store.list_policies(tenant.tenant_id):
             allow_lists += bool(policy.allowed_action_kinds)
             deny_lists += bool(policy.denied_action_kinds)
-    webhook_counts = {"total": 0, "active": 0, "disabled": 0, "with_failures": 0}
-    failing: list[dict[str, Any]] = []
     if isinstance(store, WebhookOverview):
         webhook_counts, failing = await store.webhook_overview()
+    else:
+        webhook_counts, failing = await _webhook_health(store)
     return {
         "as_of": iso(now),
         "event_window_seconds": EVENT_WINDOW_S,

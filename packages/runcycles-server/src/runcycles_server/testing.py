@@ -155,6 +155,7 @@ class ServerProcess:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 20.0,
+        command_prefix: Sequence[str] = (),
     ) -> ServerProcess:
         """Start a server process and wait until it is ready.
 
@@ -169,6 +170,8 @@ class ServerProcess:
             extra_args: More ``cycles serve`` arguments.
             env: Extra environment variables for the child.
             ready_timeout_s: How long to wait for ``/readyz``.
+            command_prefix: A program that runs the server's interpreter, e.g. a profiler
+                (``["valgrind", "--tool=callgrind"]``); the server stays its direct child.
 
         Raises:
             RuntimeError: if the process exits or is not ready in time (its log is included).
@@ -177,6 +180,7 @@ class ServerProcess:
         port = free_port()
         admin_key = "admin-" + secrets.token_hex(16)
         args = [
+            *command_prefix,
             sys.executable,
             "-m",
             "runcycles_server",

@@ -55,6 +55,8 @@ logger = logging.getLogger("runcycles_server")
 JSON: Final = "application/json"
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
 CLIENT_CLOSED_REQUEST: Final = 499
+EVIDENCE_OMITTED_HEADER: Final = "X-Cycles-Evidence-Omitted"
+"""Set on a decision answered without the ``cycles_evidence`` it should carry, saying why."""
 """Status recorded (access log) for a request whose client hung up before it was read."""
 
 _TRACE_ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
@@ -296,7 +298,10 @@ def error_response(request: Request, error: LedgerError) -> Response:
     body = error_body(request, error)
     if error.evidence is not None:
         body["cycles_evidence"] = error.evidence
-    return Response(ledger.dumps(body), status_code=error.status, media_type=JSON)
+    response = Response(ledger.dumps(body), status_code=error.status, media_type=JSON)
+    if error.evidence_omitted is not None:
+        response.headers[EVIDENCE_OMITTED_HEADER] = error.evidence_omitted
+    return response
 
 
 def json_response(body: bytes | Mapping[str, Any], status: int = 200) -> Response:
@@ -633,6 +638,23 @@ class Authenticator:
             raise LedgerError("UNAUTHORIZED", f"{sent_as} is not valid")
         set_actor("admin")
         return Principal(None)
+
+    async def admin_only(self, request: Request) -> Principal:
+        """Authenticate the admin key on a route no tenant key may call.
+
+        A valid tenant key is told so with 403 (it is authenticated, just not allowed here),
+        rather than the 401 of a missing credential.
+
+        Raises:
+            LedgerError: UNAUTHORIZED (401), or FORBIDDEN (403) for a tenant key.
+        """
+        if "x-admin-api-key" not in request.headers and "x-cycles-api-key" in request.headers:
+            await self.tenant(request)
+            raise LedgerError(
+                "FORBIDDEN",
+                "this route needs the admin key (X-Admin-API-Key); a tenant API key cannot call it",
+            )
+        return self.admin(request)
 
     async def admin_or_tenant(self, request: Request, permission: str | None = None) -> Principal:
         """Use the admin key if ``X-Admin-API-Key`` is sent, else a tenant key."""

@@ -26,9 +26,12 @@ The dispositions are the spec's, kept distinct:
 * ``signature_invalid``: the bytes were altered (the id does not re-derive, the signature
   does not verify, or the envelope is malformed).
 
-Canonical form: the maintained ``rfc8785`` package. Integers beyond ``2**53 - 1`` (legal int64
-amounts), which RFC 8785 cannot represent, are written as their exact digits, as the server
-writes them.
+Canonical form: the maintained ``rfc8785`` package, strictly. An envelope holding an integer
+beyond ``2**53 - 1`` in magnitude (a legal int64 amount) has no RFC 8785 form (the RFC's input
+must be I-JSON, whose numbers are exact IEEE 754 doubles), so its id cannot be re-derived the
+way every verifier would: it is ``signature_invalid``, with a reason saying so. A conformant
+server never emits one (ours answers such a decision without ``cycles_evidence`` and with an
+``X-Cycles-Evidence-Omitted`` header instead).
 """
 
 from __future__ import annotations
@@ -99,18 +102,20 @@ class ResolutionFailure:
 
 
 def canonical_bytes(value: Any) -> bytes:
-    """RFC 8785 canonical UTF-8 bytes (integers beyond ``2**53 - 1`` as exact digits).
+    """RFC 8785 canonical UTF-8 bytes.
 
     Raises:
-        ValueError: the value has no canonical form (NaN, a lone surrogate...).
+        ValueError: the value has no canonical form (an integer beyond ``2**53 - 1`` in
+            magnitude, NaN, a lone surrogate...).
     """
     try:
         return rfc8785.dumps(value)
     except rfc8785.IntegerDomainError:
-        # Outside RFC 8785's number domain: the server writes such envelopes with sorted keys
-        # and exact integers (it refuses to mix them with floats or non-ASCII keys, where the
-        # two orders could differ), which is what the stdlib gives here.
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        raise ValueError(
+            "no RFC 8785 form: it holds an integer beyond 2**53 - 1 in magnitude, which I-JSON "
+            "(and so RFC 8785) cannot represent exactly; a conformant server does not emit such "
+            "an envelope"
+        ) from None
     except rfc8785.CanonicalizationError as exc:
         raise ValueError(f"no canonical form: {exc}") from None
 

@@ -186,6 +186,17 @@ class CyclesResponse(Generic[ModelT]):
         return tenant
 
     @property
+    def evidence_omitted(self) -> str | None:
+        """``X-Cycles-Evidence-Omitted``: why a decision came without its ``cycles_evidence``.
+
+        A server with signed evidence on sets it when the answer cannot be signed exactly (it
+        holds a number beyond ``2**53 - 1``, which RFC 8785 cannot represent); ``None``
+        otherwise, so a missing ``cycles_evidence`` is never mistaken for evidence being off.
+        """
+        why: str | None = self.headers.get("x-cycles-evidence-omitted")
+        return why
+
+    @property
     def rate_limit_remaining(self) -> int | None:
         """``X-RateLimit-Remaining`` as an int (``None`` if absent or malformed)."""
         return _header_int(self.headers.get("x-ratelimit-remaining"))

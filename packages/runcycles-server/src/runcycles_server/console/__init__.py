@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from runcycles_server.console.pages import CONSOLE_PATH, Console
+from runcycles_server.console.pages import Console
 from runcycles_server.console.sessions import Session, SessionStore
+from runcycles_server.console.web import CONSOLE_PATH
 
 __all__ = ["CONSOLE_PATH", "Console", "Session", "SessionStore"]

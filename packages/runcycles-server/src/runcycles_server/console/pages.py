@@ -8,8 +8,10 @@ says ``'self'`` only).
 
 State-changing requests are ``POST`` forms carrying the session's CSRF token (refused with
 403 without it); sign-in, which has no session yet, uses a double-submit token in a
-short-lived cookie instead. A tenant-key session is read-only and sees only its tenant (the
-API enforces that too: the console only ever calls it with the session's own key).
+short-lived cookie instead, and repeated failures are paused (:mod:`.signin_limits`). A
+tenant-key session is read-only and sees only its tenant (the API enforces that too: the
+console only ever calls it with the session's own key). The webhooks pages live in
+:mod:`.webhook_pages` and are mounted here.
 """
 
 from __future__ import annotations
@@ -19,46 +21,42 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import parse_qs, urlencode, urlsplit
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from runcycles_server.console import format as fmt
 from runcycles_server.console import spend as spending
-from runcycles_server.console.backend import ApiError, Backend
+from runcycles_server.console.backend import ApiError, Backend, WebhookDesk, direct_debits
 from runcycles_server.console.sessions import KeyKind, Session, SessionStore
+from runcycles_server.console.signin_limits import SignInLimiter
+from runcycles_server.console.web import (
+    CONSOLE_PATH,
+    REASON_MAX,
+    cross_site,
+    query_params,
+    read_form,
+    redirect,
+    safe_next,
+    secure,
+)
+from runcycles_server.console.webhook_pages import WebhookPages
 from runcycles_server.events import CATEGORIES, EVENT_TYPES
-from runcycles_server.web import read_body
 
 if TYPE_CHECKING:
     import jinja2
 
-ResponseT = TypeVar("ResponseT", bound=Response)
-
-CONSOLE_PATH: Final = "/console"
 SESSION_COOKIE: Final = "cycles_console"
 SIGN_IN_COOKIE: Final = "cycles_console_signin"
 POLL_INTERVAL_S: Final = 5
 """Seconds between two refreshes of a visible page."""
-MAX_FORM_BYTES: Final = 16_384
 MAX_BUDGETS: Final = 2000
 """Budgets the budgets page and the near-limit card read (20 pages of 100)."""
-REASON_MAX: Final = 256
 _HERE: Final = Path(__file__).parent
-_SECURITY_HEADERS: Final = {
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-store",
-}
 
 
 class Forbidden(Exception):
@@ -98,11 +96,15 @@ class Console:
         sessions: SessionStore | None = None,
         *,
         clock: Callable[[], int] | None = None,
+        limiter: SignInLimiter | None = None,
     ) -> None:
         self.sessions = sessions or SessionStore()
         self._templates: jinja2.Environment | None = None
         self.clock = clock or (lambda: int(time.time() * 1000))
         """The server's epoch-ms clock (the store's), where spend charts end."""
+        self.limiter = limiter or SignInLimiter(clock=lambda: self.clock() / 1000)
+        """Failed sign-ins per address and per key (:mod:`.signin_limits`)."""
+        self.webhook_pages = WebhookPages(self)
 
     @property
     def templates(self) -> jinja2.Environment:
@@ -132,6 +134,7 @@ class Console:
                     Route("/spend", self.spend, methods=["GET"]),
                     Route("/events", self.events, methods=["GET"]),
                     Route("/audit", self.audit, methods=["GET"]),
+                    *self.webhook_pages.routes(),
                     Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
                 ],
             ),
@@ -157,20 +160,21 @@ class Console:
             path=request.url.path,
             **context,
         )
-        return _secure(HTMLResponse(html, status_code=status))
+        return secure(HTMLResponse(html, status_code=status))
 
     def session(self, request: Request) -> Session | None:
         """The request's live session (a background refresh does not count as activity)."""
         touch = request.headers.get("x-console-poll") != "1"
         return self.sessions.get(request.cookies.get(SESSION_COOKIE), touch=touch)
 
-    def _signed_in(self, request: Request) -> Session | Response:
+    def signed_in(self, request: Request) -> Session | Response:
+        """The request's session, or the redirect to sign in (a 401 for a background refresh)."""
         session = self.session(request)
         if session is None:
             if request.headers.get("x-console-poll") == "1":
-                return _secure(Response("signed out", status_code=401))
+                return secure(Response("signed out", status_code=401))
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return _redirect(f"{CONSOLE_PATH}/sign-in?{urlencode({'next': target})}")
+            return redirect(f"{CONSOLE_PATH}/sign-in?{urlencode({'next': target})}")
         return session
 
     def forbidden(self, request: Request, session: Session | None, message: str) -> HTMLResponse:
@@ -179,13 +183,13 @@ class Console:
             request, "error.html", session, 403, title="Not allowed", message=message
         )
 
-    async def _admin_action(self, request: Request) -> tuple[Session, dict[str, str]] | Response:
+    async def admin_action(self, request: Request) -> tuple[Session, dict[str, str]] | Response:
         """The session and form of an admin action, or the page refusing it.
 
         Refused: a request without a session, with a wrong CSRF token, or from a read-only
         tenant-key session.
         """
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         form = await self._form(request, session)
@@ -197,9 +201,9 @@ class Console:
 
     async def _form(self, request: Request, session: Session | None) -> dict[str, str] | Response:
         """The urlencoded form of a POST, or a 403 page when its CSRF token is missing/wrong."""
-        form = await _read_form(request)
+        form = await read_form(request)
         token = form.get("csrf_token") or request.headers.get("x-csrf-token")
-        if _cross_site(request):
+        if cross_site(request):
             return self.forbidden(request, session, "This request came from another site.")
         if session is None or not session.check_csrf(token):
             return self.forbidden(
@@ -216,22 +220,24 @@ class Console:
         """``/console``: the overview (admin) or the tenant's own page (tenant key)."""
         session = self.session(request)
         if session is None:
-            return _redirect(f"{CONSOLE_PATH}/sign-in")
+            return redirect(f"{CONSOLE_PATH}/sign-in")
         if session.is_admin:
-            return _redirect(f"{CONSOLE_PATH}/overview")
-        return _redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
+            return redirect(f"{CONSOLE_PATH}/overview")
+        return redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
 
-    async def sign_in_page(self, request: Request, error: str | None = None) -> Response:
+    async def sign_in_page(
+        self, request: Request, error: str | None = None, status: int | None = None
+    ) -> Response:
         """The sign-in form, with a fresh double-submit token."""
         token = secrets.token_urlsafe(32)
         response = self.render(
             request,
             "sign_in.html",
             None,
-            401 if error else 200,
+            status or (401 if error else 200),
             error=error,
             signin_token=token,
-            next=_safe_next(request.query_params.get("next")),
+            next=safe_next(request.query_params.get("next")),
         )
         response.set_cookie(
             SIGN_IN_COOKIE,
@@ -246,11 +252,11 @@ class Console:
 
     async def sign_in(self, request: Request) -> Response:
         """Verify a key with ``GET /v1/auth/introspect`` and start a session."""
-        form = await _read_form(request)
+        form = await read_form(request)
         cookie = request.cookies.get(SIGN_IN_COOKIE)
         token = form.get("signin_token")
         if (
-            _cross_site(request)
+            cross_site(request)
             or not cookie
             or not token
             or not secrets.compare_digest(cookie, token)
@@ -261,12 +267,25 @@ class Console:
         key = form.get("key", "").strip()
         if not key:
             return await self.sign_in_page(request, "Enter the admin key or a tenant API key.")
+        client = request.client.host if request.client else "unknown"
+        wait = self.limiter.retry_after(client, key)
+        if wait is not None:
+            response = await self.sign_in_page(
+                request,
+                "Too many failed sign-ins from this address or with this key: sign-in is "
+                f"paused for {_wait_words(wait)}. Try again then.",
+                429,
+            )
+            response.headers["Retry-After"] = str(wait)
+            return response
         found = await _identify(request, key)
         if found is None:
+            self.limiter.failed(client, key)
             return await self.sign_in_page(request, "This key is not valid on this server.")
+        self.limiter.succeeded(client, key)
         kind, tenant_id = found
         session = self.sessions.create(kind, key, tenant_id)
-        response = _redirect(_safe_next(form.get("next")) or f"{CONSOLE_PATH}/")
+        response = redirect(safe_next(form.get("next")) or f"{CONSOLE_PATH}/")
         response.set_cookie(
             SESSION_COOKIE,
             session.session_id,
@@ -286,7 +305,7 @@ class Console:
             return form
         assert session is not None
         self.sessions.end(session.session_id)
-        response = _redirect(f"{CONSOLE_PATH}/sign-in")
+        response = redirect(f"{CONSOLE_PATH}/sign-in")
         response.delete_cookie(SESSION_COOKIE, path=CONSOLE_PATH)
         return response
 
@@ -295,7 +314,7 @@ class Console:
 
     async def overview(self, request: Request) -> Response:
         """The spec's ``AdminOverviewResponse`` as attention cards, plus near-limit budgets."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         if not session.is_admin:
@@ -305,7 +324,7 @@ class Console:
                 data = await api.get("/v1/admin/overview")
                 budgets = await _all_budgets(api, {})
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         near = sorted(
             (b for b in budgets if fmt.utilization(b) >= fmt.NEAR_LIMIT),
             key=fmt.utilization,
@@ -317,22 +336,22 @@ class Console:
 
     async def tenants(self, request: Request) -> Response:
         """Every tenant (admin)."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         if not session.is_admin:
-            return _redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
-        params = _params(request, "status", "cursor")
+            return redirect(f"{CONSOLE_PATH}/tenants/{session.tenant_id}")
+        params = query_params(request, "status", "cursor")
         async with Backend.of(request, session.kind, session.key) as api:
             try:
                 page = await api.get("/v1/admin/tenants", {**params, "limit": "100"})
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         return self.render(request, "tenants.html", session, page=page, params=params)
 
     async def tenant(self, request: Request) -> Response:
         """One tenant: its budgets, API keys and policies."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         tenant_id = str(request.path_params["tenant_id"])
@@ -353,30 +372,41 @@ class Console:
             if session.is_admin:
                 calls["tenant"] = (f"/v1/admin/tenants/{tenant_id}", {})
                 calls["api_keys"] = ("/v1/admin/api-keys", {"tenant_id": tenant_id, "limit": "100"})
+            else:
+                calls["auth"] = ("/v1/auth/introspect", {})
             for name, (path, params) in calls.items():
                 try:
                     sections[name] = await api.get(path, params)
                 except ApiError as exc:
                     if name == "tenant" and exc.status == 404:
-                        return self._api_error(request, session, exc)
+                        return self.api_error(request, session, exc)
                     errors[name] = exc.message
+        caps = sections.get("auth", {}).get("capabilities", {})
+        if session.is_admin or caps.get("view_webhooks"):
+            desk = WebhookDesk.of(request, None if session.is_admin else session.tenant_id)
+            try:
+                sections["webhooks"] = await desk.subscriptions(tenant_id)
+            except ApiError as exc:
+                errors["webhooks"] = exc.message
+        else:
+            errors["webhooks"] = "this tenant key lacks the webhooks:read permission"
         return self.render(
             request, "tenant.html", session, tenant_id=tenant_id, sections=sections, errors=errors
         )
 
     async def budgets(self, request: Request) -> Response:
         """Budgets with utilization bars; filters; freeze, unfreeze and fund (admin)."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
-        params = _params(request, "tenant_id", "status", "unit", "scope_prefix", "attention")
+        params = query_params(request, "tenant_id", "status", "unit", "scope_prefix", "attention")
         async with Backend.of(request, session.kind, session.key) as api:
             try:
                 budgets = await _all_budgets(
                     api, {k: v for k, v in params.items() if k != "attention"}
                 )
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         attention = params.get("attention", "")
         keep = {
             "near": lambda b: fmt.utilization(b) >= fmt.NEAR_LIMIT,
@@ -397,14 +427,14 @@ class Console:
 
     async def budget_action(self, request: Request) -> Response:
         """``freeze``, ``unfreeze`` or ``fund`` one budget through the admin API."""
-        checked = await self._admin_action(request)
+        checked = await self.admin_action(request)
         if isinstance(checked, Response):
             return checked
         session, form = checked
         action = str(request.path_params["action"])
         reason = form.get("reason", "").strip()
         scope, unit = form.get("scope", ""), form.get("unit", "")
-        back = _safe_next(form.get("next")) or f"{CONSOLE_PATH}/budgets"
+        back = safe_next(form.get("next")) or f"{CONSOLE_PATH}/budgets"
         if action not in ("freeze", "unfreeze", "fund"):
             return self.render(
                 request,
@@ -416,7 +446,7 @@ class Console:
             )
         if not reason or len(reason) > REASON_MAX:
             session.flash = ("error", f"A reason (1 to {REASON_MAX} characters) is required.")
-            return _redirect(back)
+            return redirect(back)
         where = {"scope": scope, "unit": unit}
         body: dict[str, Any] = {"reason": reason}
         async with Backend.of(request, session.kind, session.key) as api:
@@ -427,7 +457,7 @@ class Console:
                         number = int(form.get("amount", "").replace(",", "").replace("_", ""))
                     except ValueError:
                         session.flash = ("error", "The amount must be a whole number.")
-                        return _redirect(back)
+                        return redirect(back)
                     body.update(
                         operation=operation,
                         amount={"unit": unit, "amount": number},
@@ -437,17 +467,17 @@ class Console:
                 await api.post(f"/v1/admin/budgets/{action}", body, where)
             except ApiError as exc:
                 session.flash = ("error", f"{action} {scope} failed: {exc.message}")
-                return _redirect(back)
+                return redirect(back)
         done = {"freeze": "frozen", "unfreeze": "unfrozen", "fund": "funded"}[action]
         session.flash = ("ok", f"Budget {scope} ({unit}) {done}.")
-        return _redirect(back)
+        return redirect(back)
 
     async def reservations(self, request: Request) -> Response:
         """A tenant's reservations (ACTIVE by default) with force release (admin)."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
-        params = _params(request, "tenant", "status", "cursor")
+        params = query_params(request, "tenant", "status", "cursor")
         params.setdefault("status", "ACTIVE")
         tenants: list[dict[str, Any]] = []
         async with Backend.of(request, session.kind, session.key) as api:
@@ -464,23 +494,23 @@ class Console:
                     else {"reservations": []}
                 )
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         return self.render(
             request, "reservations.html", session, page=page, params=params, tenants=tenants
         )
 
     async def release(self, request: Request) -> Response:
         """Force-release a reservation as the admin (the API records it in the audit log)."""
-        checked = await self._admin_action(request)
+        checked = await self.admin_action(request)
         if isinstance(checked, Response):
             return checked
         session, form = checked
         rid = str(request.path_params["reservation_id"])
         reason = form.get("reason", "").strip()
-        back = _safe_next(form.get("next")) or f"{CONSOLE_PATH}/reservations"
+        back = safe_next(form.get("next")) or f"{CONSOLE_PATH}/reservations"
         if not reason or len(reason) > REASON_MAX:
             session.flash = ("error", f"A reason (1 to {REASON_MAX} characters) is required.")
-            return _redirect(back)
+            return redirect(back)
         async with Backend.of(request, session.kind, session.key) as api:
             try:
                 await api.post(
@@ -489,16 +519,16 @@ class Console:
                 )
             except ApiError as exc:
                 session.flash = ("error", f"Release of {rid} failed: {exc.message}")
-                return _redirect(back)
+                return redirect(back)
         session.flash = ("ok", f"Reservation {rid} released.")
-        return _redirect(back)
+        return redirect(back)
 
     async def spend(self, request: Request) -> Response:
         """Spend over time for one budget scope (hour, day or week) and its burn rate."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
-        params = _params(request, "tenant", "scope", "unit", "range")
+        params = query_params(request, "tenant", "scope", "unit", "range")
         chart = spending.RANGES.get(params.setdefault("range", "day"))
         if chart is None:
             return self.render(
@@ -535,14 +565,17 @@ class Console:
                 if budget is not None:
                     params["scope"], params["unit"] = budget["scope"], budget["unit"]
                     end = self.clock()
-                    rows, partial = await _committed(
-                        api, params["tenant"], end - chart.span_ms, end
+                    start = end - chart.span_ms
+                    rows, partial = await _committed(api, params["tenant"], start, end)
+                    debits, cut = await direct_debits(
+                        request, params["tenant"], start, end, spending.MAX_DEBITS
                     )
                     result = spending.series(
-                        rows, budget["scope"], budget["unit"], chart, end, partial=partial
-                    )
+                        rows, budget["scope"], budget["unit"], chart, end,
+                        debits=debits, partial=partial or cut,
+                    )  # fmt: skip
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         return self.render(
             request,
             "spend.html",
@@ -558,7 +591,7 @@ class Console:
 
     async def events(self, request: Request) -> Response:
         """The event log with the API's filters."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         names = [
@@ -574,7 +607,7 @@ class Console:
         ]
         if session.is_admin:
             names.append("tenant_id")
-        params = _params(request, *names)
+        params = query_params(request, *names)
         path = "/v1/admin/events" if session.is_admin else "/v1/events"
         error = None
         async with Backend.of(request, session.kind, session.key) as api:
@@ -582,7 +615,7 @@ class Console:
                 page = await api.get(path, {**params, "limit": "100"})
             except ApiError as exc:
                 if exc.status != 400:
-                    return self._api_error(request, session, exc)
+                    return self.api_error(request, session, exc)
                 page, error = {"events": []}, exc.message
         return self.render(
             request,
@@ -598,20 +631,27 @@ class Console:
 
     async def audit(self, request: Request) -> Response:
         """The audit log (admin)."""
-        session = self._signed_in(request)
+        session = self.signed_in(request)
         if isinstance(session, Response):
             return session
         if not session.is_admin:
             return self.forbidden(request, session, "The audit log needs the admin key.")
-        params = _params(request, "tenant_id", "cursor")
+        params = query_params(request, "tenant_id", "cursor")
         async with Backend.of(request, session.kind, session.key) as api:
             try:
                 page = await api.get("/v1/admin/audit/logs", {**params, "limit": "100"})
             except ApiError as exc:
-                return self._api_error(request, session, exc)
+                return self.api_error(request, session, exc)
         return self.render(request, "audit.html", session, page=page, params=params)
 
-    def _api_error(self, request: Request, session: Session, exc: ApiError) -> HTMLResponse:
+    def bad_request(self, request: Request, session: Session, message: str) -> HTMLResponse:
+        """A 400 page naming what is wrong with the request."""
+        return self.render(
+            request, "error.html", session, 400, title="INVALID_REQUEST", message=message
+        )
+
+    def api_error(self, request: Request, session: Session, exc: ApiError) -> HTMLResponse:
+        """The page of a refused API call, with its status (a 502 for anything else)."""
         status = exc.status if 400 <= exc.status < 600 else 502
         return self.render(
             request, "error.html", session, status, title=exc.code, message=exc.message
@@ -628,47 +668,6 @@ def session_flash(session: Session | None) -> tuple[str, str] | None:
         return None
     flash, session.flash = session.flash, None
     return flash
-
-
-def _secure(response: ResponseT) -> ResponseT:
-    response.headers.update(_SECURITY_HEADERS)
-    return response
-
-
-def _redirect(url: str) -> Response:
-    return _secure(RedirectResponse(url, status_code=303))
-
-
-async def _read_form(request: Request) -> dict[str, str]:
-    """The urlencoded form of a POST (first value of each field; 413 past MAX_FORM_BYTES)."""
-    raw = await read_body(request, MAX_FORM_BYTES)
-    return {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
-
-
-def _cross_site(request: Request) -> bool:
-    """Whether the browser says the request comes from a page of another host (``Origin``).
-
-    A second line behind the CSRF token and ``SameSite=Strict``; a request without the header
-    (not a browser, or an old one) is judged by its token alone.
-    """
-    origin = request.headers.get("origin")
-    if origin is None:
-        return False
-    return origin == "null" or urlsplit(origin).netloc != request.headers.get("host", "")
-
-
-def _safe_next(target: str | None) -> str | None:
-    """A console-relative redirect target, or ``None`` (never another site)."""
-    if not target or not target.startswith(CONSOLE_PATH) or target.startswith("//"):
-        return None
-    if "\\" in target or any(ord(c) < 32 for c in target):
-        return None
-    return target
-
-
-def _params(request: Request, *names: str) -> dict[str, str]:
-    """The non-empty query parameters among ``names``."""
-    return {n: v.strip() for n in names if (v := request.query_params.get(n, "")).strip()}
 
 
 async def _identify(request: Request, key: str) -> tuple[KeyKind, str | None] | None:
@@ -725,3 +724,11 @@ async def _all_budgets(api: Backend, params: dict[str, str]) -> list[dict[str, A
         if not page.get("has_more") or not cursor:
             break
     return found
+
+
+def _wait_words(seconds: int) -> str:
+    """A short wait for people: ``30 seconds``, ``1 minute``, ``15 minutes``."""
+    if seconds < 60:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = -(-seconds // 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"

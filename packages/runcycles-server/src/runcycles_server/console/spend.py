@@ -1,14 +1,19 @@
-"""Spend over time for one budget scope, from the reservations committed against it.
+"""Spend over time for one budget scope: committed reservations and direct debits.
 
-There is no separate spend table: every commit finalizes a reservation, and finished
-reservations are kept for the server's ``retention_days`` (7 by default) with their
-``committed`` amount, ``finalized_at_ms`` and ``affected_scopes``. The console lists a
-tenant's COMMITTED reservations finalized in the chosen range (``GET /v1/reservations`` with
-``finalized_from``/``finalized_to``) and sums those that touched the scope into buckets.
+There is no separate spend table. Spend is recorded two ways, and the chart sums both:
 
-What this does not count, and the page says so: post-hoc spend recorded with
-``POST /v1/events`` (no reservation), and anything older than the retention. At most
-:data:`MAX_RESERVATIONS` reservations are read per chart; past that the series is partial.
+* a commit finalizes a reservation; finished reservations are kept for the server's
+  ``retention_days`` (7 by default) with their ``committed`` amount, ``finalized_at_ms`` and
+  ``affected_scopes``. The console lists a tenant's COMMITTED reservations finalized in the
+  range (``GET /v1/reservations`` with ``finalized_from``/``finalized_to``);
+* ``POST /v1/events`` debits without a reservation; the store keeps each such debit (its
+  ``charged`` amount, time and ``affected_scopes``) as long as events, and the console reads
+  them from the store (:class:`~runcycles_server.stores.base.DebitReader`: there is no API
+  path listing them).
+
+Those that touched the scope in its unit are summed into buckets. Anything older than the
+retention is not counted. At most :data:`MAX_RESERVATIONS` reservations and
+:data:`MAX_DEBITS` debits are read per chart; past that the series is partial.
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from runcycles_server.ledger import EventRow
+
 MAX_RESERVATIONS: Final = 20_000
 """Reservations read for one chart (100 pages of 200)."""
+MAX_DEBITS: Final = 20_000
+"""Direct debits (``POST /v1/events``) read for one chart."""
 HOUR_MS: Final = 3_600_000
 
 
@@ -56,7 +65,10 @@ class Series:
     counted: int
     """Reservations that touched the scope."""
     partial: bool
-    """Whether :data:`MAX_RESERVATIONS` cut the listing short (the amounts are a lower bound)."""
+    """Whether :data:`MAX_RESERVATIONS` or :data:`MAX_DEBITS` cut a listing short (the
+    amounts are a lower bound)."""
+    debits: int = 0
+    """Direct debits (``POST /v1/events``) that touched the scope."""
 
     @property
     def total(self) -> int:
@@ -87,13 +99,25 @@ def series(
     chart: Range,
     end_ms: int,
     *,
+    debits: Iterable[EventRow] = (),
     partial: bool = False,
 ) -> Series:
-    """Sum the ``committed`` amounts of reservations that touched ``scope`` into buckets."""
+    """Sum what reservations committed and debits charged on ``scope`` into buckets."""
     start = end_ms - chart.span_ms
     width = chart.bucket_ms
     amounts = [0] * chart.buckets
-    last_hour = counted = 0
+    last_hour = 0
+    counts = [0, 0]
+
+    def add(amount: int, at_ms: int, kind: int) -> None:
+        nonlocal last_hour
+        if not start <= at_ms <= end_ms:
+            return
+        counts[kind] += 1
+        amounts[min((at_ms - start) // width, chart.buckets - 1)] += amount
+        if at_ms > end_ms - HOUR_MS:
+            last_hour += amount
+
     for res in reservations:
         committed = res.get("committed")
         done = res.get("finalized_at_ms")
@@ -102,10 +126,9 @@ def series(
         if committed.get("unit") != unit or scope not in res.get("affected_scopes", ()):
             continue
         amount = committed.get("amount")
-        if not isinstance(amount, int) or not start <= done <= end_ms:
-            continue
-        counted += 1
-        amounts[min((done - start) // width, chart.buckets - 1)] += amount
-        if done > end_ms - HOUR_MS:
-            last_hour += amount
-    return Series(start, width, amounts, last_hour, counted, partial)
+        if isinstance(amount, int):
+            add(amount, done, 0)
+    for debit in debits:
+        if debit.unit == unit and scope in debit.affected_scopes:
+            add(debit.charged, debit.created_at_ms, 1)
+    return Series(start, width, amounts, last_hour, counts[0], partial, counts[1])

@@ -46,8 +46,16 @@ Decisions:
 * **What is attested** is the spec's mirror schemas: transport-only fields
   (``cycles_evidence``, ``remaining_ttl_ms``) and fields the mirrors lack (``deny_detail``,
   ``observe_mode``, ``action.policy_keys``) are left out, since the mirrors are closed.
-  Observe-mode reservations and the extension's ``ACTION_*`` / ``TENANT_SUSPENDED`` denials
-  get no envelope: the v0.1 envelope cannot represent them conformantly.
+  Where the mirrors cannot hold an answer as given, the envelope says what the server did in
+  the spec's terms: an observe-mode reservation is attested as the dry run it was evaluated
+  as (``request.dry_run: true``), and a denial whose code the closed ``ErrorResponseMirror``
+  enum lacks (``ACTION_*``, ``TENANT_SUSPENDED``) as ``FORBIDDEN`` with the answered code in
+  ``details.wire_error`` (:data:`.issuer.GENERIC_CODES`). ``extend`` and ``POST /v1/events``
+  have no artifact type in the spec and get no envelope.
+* **Big integers.** Integers beyond ``2**53 - 1`` have no RFC 8785 form (its input must be
+  I-JSON), and the spec types amounts as integers: an answer holding one gets no envelope and
+  the header ``X-Cycles-Evidence-Omitted`` instead (:meth:`.api.EvidenceApi.answer`), never an
+  envelope independent verifiers cannot re-derive.
 * **signer_did** is the raw-hex public key (the v0.1 form): it verifies offline with no
   resolution, and reaches ``authentic`` through the JWK Set's raw-hex bridge; the key that
   signs is the one whose window covers ``issued_at_ms``, as verifiers select it.

@@ -30,10 +30,17 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from runcycles_server.errors import LedgerError
+from runcycles_server.evidence.canonical import NO_RFC8785_FORM
 from runcycles_server.evidence.issuer import DENIAL_CODES, Issuer
 from runcycles_server.ratelimit import TokenBucketLimiter
 from runcycles_server.stores.base import EvidenceStore, Store
-from runcycles_server.web import error_body, error_response, json_response, request_ids
+from runcycles_server.web import (
+    EVIDENCE_OMITTED_HEADER,
+    error_body,
+    error_response,
+    json_response,
+    request_ids,
+)
 
 logger = logging.getLogger("runcycles_server")
 
@@ -42,6 +49,7 @@ PUBLIC_REQUESTS_PER_MINUTE: Final = 300
 EVIDENCE_ID_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 IMMUTABLE: Final = "public, max-age=31536000, immutable"
 JWKS_CACHE: Final = "public, max-age=60"
+_REF: Final = b'"cycles_evidence":{'
 
 
 class EvidenceApi:
@@ -149,6 +157,19 @@ class EvidenceApi:
         response.headers["Cache-Control"] = JWKS_CACHE
         return response
 
+    def answer(self, body: bytes, status: int) -> Response:
+        """A decision's response; flagged ``X-Cycles-Evidence-Omitted`` if it has no envelope.
+
+        With evidence on, a decide, reserve, commit or release answer lacks ``cycles_evidence``
+        only when its envelope has no RFC 8785 form (see
+        :mod:`runcycles_server.evidence.canonical`); the header says so, so a caller never
+        mistakes it for a server with evidence off.
+        """
+        response = json_response(body, status)
+        if self.issuer is not None and body.rfind(_REF) < 0:  # the ref is the last member
+            response.headers[EVIDENCE_OMITTED_HEADER] = NO_RFC8785_FORM
+        return response
+
     async def reservation_refs(self, reservation_id: str) -> dict[str, dict[str, str]] | None:
         """The ``ReservationEvidence`` of a reservation (``None``: evidence off or none)."""
         if self.issuer is None:
@@ -192,7 +213,8 @@ class EvidenceApi:
             issued_at_ms=self.store.clock(),
             trace_id=trace_id,
         )
-        if row is None:
+        if row is None:  # no RFC 8785 form: say so rather than answer as if evidence were off
+            error.evidence_omitted = NO_RFC8785_FORM
             return
         try:
             await self.store.put_evidence([row])

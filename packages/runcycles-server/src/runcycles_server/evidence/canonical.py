@@ -16,13 +16,14 @@ for ``\\b \\t \\n \\f \\r``, lower-case ``\\u00xx`` otherwise; everything else a
 property test compares both paths on random values. Anything else (a float in free-form
 metadata, a non-ASCII metadata key) goes through ``rfc8785``.
 
-Integers beyond ``2**53 - 1`` (int64 amounts are legal in Cycles) are outside what RFC 8785 can
-represent exactly (it maps numbers to IEEE 754 doubles). For them this module writes the exact
-decimal digits, which is what JCS gives for every smaller integer: a verifier that parses
-integers exactly (Python, Go with ``UseNumber``, Java ``BigInteger``) re-derives the same
-bytes; one that parses numbers as doubles cannot, for such envelopes only. A value that mixes
-such an integer with a float or a non-ASCII key has no canonical form here and raises
-:class:`NotCanonicalizable` (the caller then emits no envelope rather than a wrong one).
+Integers beyond ``2**53 - 1`` have **no** RFC 8785 form: the RFC requires its input to be
+I-JSON (section 3.1: "JSON number data MUST be expressible as IEEE 754 double-precision
+values"), and a double cannot hold ``2**53 + 1``; a verifier that parses numbers as doubles
+would re-derive a different id, and the reference ``rfc8785`` package refuses them
+(``IntegerDomainError``). The evidence spec types amounts as JSON integers (``int64``), never
+strings, so there is no conformant way to write one. Such a value raises
+:class:`NotCanonicalizable`, and the caller emits no envelope (and says so on the answer)
+rather than one that independent verifiers cannot check.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ _PLAIN = 0
 _BIG_INT = 1
 _FOREIGN = 2
 """Flags of :func:`_scan`: fine for orjson / holds an integer beyond 2**53 / needs rfc8785."""
+
+
+NO_RFC8785_FORM: Final = (
+    "no-rfc8785-form: the answer holds a number beyond 2^53-1 (or text that is not Unicode), "
+    "which RFC 8785 cannot sign exactly"
+)
+"""Why a decision was answered without an envelope (the ``X-Cycles-Evidence-Omitted`` value)."""
 
 
 class NotCanonicalizable(ValueError):
@@ -71,6 +79,10 @@ def _scan(value: Any) -> int:
 
 
 _STRICT: Final = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
+_BIG_INT_MESSAGE: Final = (
+    "an integer beyond 2**53 - 1 in magnitude: RFC 8785 (I-JSON) numbers must be exact IEEE 754 "
+    "doubles"
+)
 
 
 def canonical_bytes(value: Any, *, free: Sequence[Any] | None = None) -> bytes:
@@ -82,24 +94,22 @@ def canonical_bytes(value: Any, *, free: Sequence[Any] | None = None) -> bytes:
     ``None``: scan everything.
 
     Raises:
-        NotCanonicalizable: the value mixes an integer beyond ``2**53 - 1`` with a float or a
-            non-ASCII key, or holds something that is not JSON (NaN, a lone surrogate...).
+        NotCanonicalizable: the value holds an integer beyond ``2**53 - 1`` in magnitude, or
+            something that is not JSON (NaN, a lone surrogate...).
     """
     flags = _scan(value if free is None else list(free))
+    if flags & _BIG_INT:
+        raise NotCanonicalizable(_BIG_INT_MESSAGE)
     if flags & _FOREIGN == 0:
         try:
             return orjson.dumps(value, option=_STRICT)
-        except orjson.JSONEncodeError:  # an integer beyond 2**53 (or not JSON at all)
-            pass
-        try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)  # exact digits
-        except orjson.JSONEncodeError as exc:  # a lone surrogate, an int > 64 bits
+        except orjson.JSONEncodeError as exc:  # an integer beyond 2**53, or not JSON at all
+            if _scan(value) & _BIG_INT:
+                raise NotCanonicalizable(_BIG_INT_MESSAGE) from None
             raise NotCanonicalizable(str(exc)) from None
-    if flags & _BIG_INT or _scan(value) & _BIG_INT:
-        raise NotCanonicalizable(
-            "an integer beyond 2**53 - 1 together with a float or a non-ASCII object key"
-        )
     try:
         return rfc8785.dumps(value)
+    except rfc8785.IntegerDomainError:
+        raise NotCanonicalizable(_BIG_INT_MESSAGE) from None
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         raise NotCanonicalizable(str(exc)) from None

@@ -13,6 +13,7 @@ same bytes with the id filled in). Signing happens when the envelope is first re
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Final
@@ -30,6 +31,8 @@ from runcycles_server.evidence.canonical import NotCanonicalizable, canonical_by
 from runcycles_server.evidence.keys import KeyRing
 from runcycles_server.evidence.records import EvidenceRow
 
+logger = logging.getLogger("runcycles_server")
+
 SCHEMA_VERSION: Final = "cycles-evidence/v0.1"
 ARTIFACT_TYPES: Final = ("decide", "reserve", "commit", "release", "error")
 DEFAULT_RETENTION_DAYS: Final = 400
@@ -44,7 +47,7 @@ ENDPOINTS: Final = {
 }
 """The ``ErrorPayload.endpoint`` of each operation."""
 
-DENIAL_CODES: Final = frozenset(
+MIRROR_DENIAL_CODES: Final = frozenset(
     {
         "FORBIDDEN",
         "NOT_FOUND",
@@ -59,13 +62,37 @@ DENIAL_CODES: Final = frozenset(
         "TENANT_CLOSED",
     }
 )
-"""Error codes that are *decisions* and get an ``error`` envelope.
+"""Denial codes the spec's ``ErrorResponseMirror.error`` enum lists: attested as answered.
 
-Not: failures before anything was evaluated (``INVALID_REQUEST``, ``UNAUTHORIZED``, a rate
-limit's ``LIMIT_EXCEEDED``, ``IDEMPOTENCY_MISMATCH``) and ``INTERNAL_ERROR``, as the spec's
-emission policy says; nor the codes outside the spec's ``ErrorResponseMirror`` enum (the
-governance extension's ``ACTION_*`` denials and ``TENANT_SUSPENDED``), which a conformant
-verifier must reject until the mirror is re-cut."""
+Not every error is a decision: failures before anything was evaluated (``INVALID_REQUEST``,
+``UNAUTHORIZED``, a rate limit's ``LIMIT_EXCEEDED``, ``IDEMPOTENCY_MISMATCH``) and
+``INTERNAL_ERROR`` get no envelope, as the spec's emission policy says."""
+
+GENERIC_CODES: Final = {
+    "ACTION_KIND_DENIED": "FORBIDDEN",
+    "ACTION_KIND_NOT_ALLOWED": "FORBIDDEN",
+    "ACTION_QUOTA_EXCEEDED": "FORBIDDEN",
+    "TENANT_SUSPENDED": "FORBIDDEN",
+}
+"""Denials whose code the mirror's closed enum lacks, and the code they are attested under.
+
+The v0.1.26 extension's action-governance denials and the governance plane's
+``TENANT_SUSPENDED`` are live ``409`` refusals of ``POST /v1/reservations``, decisions like
+``BUDGET_EXCEEDED``; but the evidence spec's ``ErrorResponseMirror.error`` is a closed enum
+("evidence consumers MUST NOT accept envelopes whose ``error`` value is outside this enum
+until the mirror is re-cut"), so an envelope naming them would be rejected by every
+conformant verifier. They are attested as ``FORBIDDEN`` (the base ErrorCode for "refused by
+policy, not by balance": a budget code would tell a billing dispute that money ran out), with
+the code the wire answered in ``details.wire_error`` (``details`` is the mirror's open
+object), next to the ``deny_detail`` that names the rule; ``http_status`` stays the wire's
+``409``. The ``response`` is the only part of an envelope that differs from the wire, and
+only in ``error``."""
+
+DENIAL_CODES: Final = MIRROR_DENIAL_CODES | frozenset(GENERIC_CODES)
+"""Error codes that are *decisions* and get an ``error`` envelope."""
+
+WIRE_ERROR: Final = "wire_error"
+"""The ``details`` member holding the answered code of a denial attested under a generic one."""
 
 _BALANCE: Final = (
     "scope", "scope_path", "remaining", "reserved", "spent", "allocated", "debt",
@@ -96,6 +123,7 @@ _STANDARD_METRICS: Final = (
     "custom",
 )
 SIGNED_CACHE_SIZE: Final = 4096
+_EMPTY_SIGNATURE: Final = b'"signature":""'
 
 Request = DecisionRequest | ReservationCreateRequest | CommitRequest | ReleaseRequest
 
@@ -215,7 +243,8 @@ class Issuer:
             env["trace_id"] = trace_id
         try:
             blank = canonical_bytes(env, free=free)
-        except NotCanonicalizable:
+        except NotCanonicalizable as exc:  # answered with X-Cycles-Evidence-Omitted instead
+            logger.warning("no evidence envelope for this %s answer: %s", artifact, exc)
             return None
         evidence_id = hashlib.sha256(blank).hexdigest()
         # Keys sort "artifact_type" < "evidence_id" < everything else, so the empty id is always
@@ -246,15 +275,18 @@ class Issuer:
     ) -> tuple[bytes, EvidenceRow] | None:
         """Envelope a successful response; return the response with ``cycles_evidence`` added.
 
-        ``None`` when no envelope is emitted: an observe-mode reservation (a simulation
-        outside the ``ReservePayload`` rules: no ``reservation_id`` without ``dry_run``), or a
-        payload without a canonical form.
+        An observe-mode reservation (a ``reserve`` answer without a ``reservation_id`` to a
+        request without ``dry_run``) is attested as the dry run it was evaluated as: the
+        extensions' observe mode is "dry-run semantics" (RULE 1), and ``ReservePayload``'s only
+        shape for a reservation decision without a reservation id is ``request.dry_run: true``
+        (the closed mirror has no ``observe_mode``).
+
+        ``None`` when the payload has no canonical form (an integer beyond ``2**53 - 1``).
         """
         response = orjson.loads(body)
-        live = "reservation_id" in response or getattr(request, "dry_run", False)
-        if artifact == "reserve" and not live:
-            return None
         attested = request_mirror(request)
+        if artifact == "reserve" and "reservation_id" not in response:
+            attested["dry_run"] = True  # a dry run, or observe mode's dry-run semantics
         payload: dict[str, Any] = {
             "request": attested,
             "response": _response_mirror(artifact, response),
@@ -293,7 +325,8 @@ class Issuer:
 
         ``None`` when the code is not a decision (see :data:`DENIAL_CODES`).
         """
-        if response.get("error") not in DENIAL_CODES:
+        code = response.get("error")
+        if code not in DENIAL_CODES:
             return None
         payload: dict[str, Any] = {"endpoint": ENDPOINTS[operation], "http_status": status}
         if operation in ("commit", "release"):
@@ -302,9 +335,14 @@ class Issuer:
         if request is not None:
             payload["request"] = attested = request_mirror(request)
             free = _free_parts(attested)
-        payload["response"] = _response_mirror("error", dict(response))
-        if response.get("details"):
-            free.append(response["details"])
+        answer = _response_mirror("error", dict(response))
+        generic = GENERIC_CODES.get(str(code))
+        if generic is not None:
+            answer["error"] = generic
+            answer["details"] = {**(answer.get("details") or {}), WIRE_ERROR: code}
+        payload["response"] = answer
+        if answer.get("details"):
+            free.append(answer["details"])
         return self.envelope(
             "error",
             payload,
@@ -334,8 +372,12 @@ class Issuer:
             key = self.keys.by_public_hex(str(env.get("signer_did", "")))
             if key is None:
                 return None
-        env["signature"] = key.sign(row.body).hex()
-        signed = canonical_bytes(env)
+        # The body is canonical, and its own "signature":"" is the last such sequence in it (keys
+        # sort payload < signature < signer_did < trace_id, and those two are hex): fill the
+        # signature in there, which keeps the bytes canonical without serialising again.
+        at = row.body.rfind(_EMPTY_SIGNATURE)
+        signature = b'"signature":"' + key.sign(row.body).hex().encode() + b'"'
+        signed = row.body[:at] + signature + row.body[at + len(_EMPTY_SIGNATURE) :]
         self._signed[row.evidence_id] = signed
         if len(self._signed) > SIGNED_CACHE_SIZE:
             self._signed.popitem(last=False)

@@ -39,7 +39,7 @@ How a store uses it on a reservation (one transaction, or one Redis script)::
 The counters are read and written inside the same transaction as the balance (check then
 commit): concurrent reservations serialise on it, so a quota of 50 admits exactly 50, and
 a denial, a dry run or observe mode writes no counter. Release and expiry of a reservation
-write :func:`release_per_run` of the names it remembered, in the transaction that returns
+write :func:`release_per_run` of the counters it remembered, in the transaction that returns
 its budget.
 """
 
@@ -81,6 +81,7 @@ from runcycles_server.governance.quotas import (
     calendar_bucket,
     counter_limit,
     counter_matches_filters,
+    counter_memory,
     counter_state_body,
     reset_counter,
     reset_matches,
@@ -108,6 +109,7 @@ __all__ = [
     "caps_body",
     "counter_limit",
     "counter_matches_filters",
+    "counter_memory",
     "counter_state_body",
     "counters_needed",
     "deny_correlation_id",

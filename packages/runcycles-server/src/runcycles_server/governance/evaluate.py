@@ -46,6 +46,9 @@ from runcycles_server.governance.quotas import (
     CounterRow,
     calendar_bucket,
     correlation_id,
+    counter_memory,
+    next_generation,
+    remembered_counter,
     rule_fingerprint,
 )
 from runcycles_server.governance.registry import Registry
@@ -121,10 +124,11 @@ class Admission:
     """Governance lets the reservation through (the budget check is still to come).
 
     ``counters`` are the rows *after* the increment, to write atomically with the balance
-    (and not at all on a dry run or in observe mode); ``per_run_counters`` the names the
-    reservation must keep so that its release or expiry gives them back
-    (:func:`release_per_run`); ``thresholds`` the ``quota.threshold_approaching`` events
-    to record once those rows are written (never in observe mode: nothing moved).
+    (and not at all on a dry run or in observe mode); ``per_run_counters`` the entries
+    (name and generation, :func:`remembered_counter`) the reservation must keep so that its
+    release or expiry gives them back (:func:`release_per_run`); ``thresholds`` the
+    ``quota.threshold_approaching`` events to record once those rows are written (never in
+    observe mode: nothing moved).
     ``policy`` is ``None`` when no policy governs the request.
     """
 
@@ -379,17 +383,24 @@ def evaluate(
 
 
 def release_per_run(
-    names: Sequence[str], counters: Mapping[str, CounterRow], now_ms: int
+    remembered: Sequence[str], counters: Mapping[str, CounterRow], now_ms: int
 ) -> list[CounterRow]:
     """Return the ``per_run`` rows a released or expired reservation gives back (-1 each).
 
-    Never below 0; an absent or expired row is left alone (its run's count already went
-    with it). The TTL is not refreshed: only increments refresh it.
+    ``remembered`` are the reservation's entries (:func:`remembered_counter`; ``counters``
+    the rows by name, :func:`counter_memory` gives the names). Never below 0; an absent or
+    expired row is left alone (its run's count already went with it), and so is a row in a
+    later life than the one the reservation counted in (it expired meanwhile and started
+    again, or was reset: the call is not in its count). The TTL is not refreshed: only
+    increments refresh it.
     """
     rows = []
-    for name in dict.fromkeys(names):
+    for entry in dict.fromkeys(remembered):
+        name, generation = counter_memory(entry)
         row = counters.get(name)
         if row is None or row.live_count(now_ms) == 0:
+            continue
+        if generation is not None and row.generation != generation:
             continue
         rows.append(replace(row, count=row.count - 1, updated_at_ms=now_ms))
     return rows
@@ -633,6 +644,7 @@ def _admit(
             incremented_at_ms=now_ms,
             ttl_ms=ttl,
             fired_pcts=live.fired_pcts if live is not None else (),
+            generation=live.generation if live is not None else next_generation(old, now_ms),
         )
     thresholds = []
     for check in checks:
@@ -654,7 +666,11 @@ def _admit(
                     threshold_pct=check.threshold_pct,
                 )
             )
-    per_run = tuple(name for name, row in rows.items() if row.key.window == PER_RUN)
+    per_run = tuple(
+        remembered_counter(name, row.generation)
+        for name, row in rows.items()
+        if row.key.window == PER_RUN
+    )
     return Admission(
         policy=policy,
         scope=plan.scope,

@@ -38,8 +38,11 @@ __all__ = [
     "calendar_bucket",
     "correlation_id",
     "counter_limit",
+    "counter_memory",
     "counter_matches_filters",
     "counter_state_body",
+    "next_generation",
+    "remembered_counter",
     "reset_counter",
     "reset_matches",
     "rule_fingerprint",
@@ -66,7 +69,9 @@ _BUCKET_FORMAT: Final = {
     ActionQuotaWindow.PER_DAY_TUMBLING.value: "%Y-%m-%d",
     TENANT_DAY: "%Y-%m-%d",
 }
-_STORAGE_VERSION: Final = 2
+_STORAGE_VERSION: Final = 3
+_ARRAY_VERSIONS: Final = (2, 3)
+"""Array forms read: 2 (before ``generation``, read as generation 0) and 3."""
 
 
 def correlation_id(kind: str, *parts: str) -> str:
@@ -166,6 +171,13 @@ class CounterRow:
     ``ttl_ms`` is the ``per_run_counter_ttl_ms`` of its last refresh (``per_run`` only);
     ``fired_pcts`` the ``threshold_pct`` values already reported in this window instance (a
     ``quota.threshold_approaching`` event fires at most once per threshold).
+
+    ``generation`` names the row's current life: it changes when the row starts again from
+    nothing (first increment after it expired) and when it is reset. A reservation remembers
+    the generation of each ``per_run`` row it counted in (:func:`remembered_counter`), so its
+    late release or expiry gives back only to the life it took from: a run's counter that
+    expired while a long reservation was open, or that an operator reset, is not lowered by
+    a call it no longer counts.
     """
 
     key: CounterKey
@@ -175,6 +187,7 @@ class CounterRow:
     incremented_at_ms: int | None = None
     ttl_ms: int | None = None
     fired_pcts: tuple[float, ...] = ()
+    generation: int = 0
 
     @property
     def name(self) -> str:
@@ -210,6 +223,7 @@ class CounterRow:
                 key.scope,
                 key.rule,
                 key.bucket_start_ms,
+                self.generation,
             ]
         )
 
@@ -221,17 +235,18 @@ class CounterRow:
             ValueError: ``raw`` is not a stored counter of a version this code reads.
         """
         data = orjson.loads(raw)
-        if isinstance(data, list) and len(data) == 15 and data[0] == _STORAGE_VERSION:
-            fields = tuple(data[7:])
+        if isinstance(data, list) and len(data) in (15, 16) and data[0] in _ARRAY_VERSIONS:
+            fields = tuple(data[7:15])
             key = _KEYS.get(fields)
             if key is None:
                 key = CounterKey(*fields)
                 if len(_KEYS) >= _KEYS_MAX:
                     _KEYS.clear()
                 _KEYS[fields] = key
-            return cls(key, data[1], data[2], data[3], data[4], data[5], tuple(data[6]))
+            generation = data[15] if len(data) == 16 else 0
+            return cls(key, data[1], data[2], data[3], data[4], data[5], tuple(data[6]), generation)
         if not isinstance(data, dict) or data.get("v") != 1:
-            raise ValueError(f"not a stored quota counter (version 1 or {_STORAGE_VERSION})")
+            raise ValueError(f"not a stored quota counter (version 1 to {_STORAGE_VERSION})")
         key = CounterKey(
             policy_id=data["policy_id"],
             action_kind=data["action_kind"],
@@ -345,7 +360,39 @@ def reset_counter(row: CounterRow, now_ms: int) -> CounterRow:
     expires = row.expires_at_ms
     if row.key.window == PER_RUN and row.ttl_ms is not None:
         expires = now_ms + row.ttl_ms
-    return replace(row, count=0, expires_at_ms=expires, updated_at_ms=now_ms)
+    return replace(
+        row,
+        count=0,
+        expires_at_ms=expires,
+        updated_at_ms=now_ms,
+        generation=next_generation(row, now_ms),
+    )
+
+
+def next_generation(old: CounterRow | None, now_ms: int) -> int:
+    """The generation of a row starting a new life at ``now_ms`` (after ``old``'s, if any).
+
+    The clock in milliseconds, or one more than the last life's when that is not smaller (two
+    lives in one millisecond, or a clock that stepped back).
+    """
+    return now_ms if old is None else max(now_ms, old.generation + 1)
+
+
+def remembered_counter(name: str, generation: int) -> str:
+    """How a reservation remembers a ``per_run`` row: its generation and its name.
+
+    Counter names start with ``quota|`` (:attr:`CounterKey.name`), so an entry that does is
+    one written before generations existed (:func:`counter_memory` reads both).
+    """
+    return f"{generation}@{name}"
+
+
+def counter_memory(entry: str) -> tuple[str, int | None]:
+    """Return (counter name, generation or ``None`` for an entry without one)."""
+    if entry.startswith("quota|"):
+        return entry, None
+    generation, _, name = entry.partition("@")
+    return name, int(generation)
 
 
 def counter_state_body(row: CounterRow, max_calls: int) -> dict[str, Any]:

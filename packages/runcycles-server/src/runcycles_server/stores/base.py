@@ -366,8 +366,19 @@ class Store(GovernanceStore, Protocol):
     ) -> Page[TenantRow]:
         """Return one page of tenants ordered by id."""
 
-    async def update_tenant(self, tenant_id: str, changes: dict[str, Any]) -> TenantRow:
+    async def update_tenant(
+        self,
+        tenant_id: str,
+        changes: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        only_from: Sequence[str] | None = None,
+    ) -> TenantRow:
         """Apply field changes; ``status=CLOSED`` cascades atomically (see RowStore).
+
+        ``correlation_id``: the correlation of the tenant's own events (default: the request
+        id); a bulk action names itself here. ``only_from``: the statuses the change may start
+        from (see :func:`operations.update_tenant`).
 
         Raises:
             LedgerError: NOT_FOUND, or INVALID_REQUEST for reopening a closed tenant.
@@ -384,6 +395,19 @@ class Store(GovernanceStore, Protocol):
         self, tenant_id: str | None, status: str | None, limit: int, cursor: str | None
     ) -> Page[ApiKeyRow]:
         """Return one page of API keys ordered by id."""
+
+    async def update_api_key(
+        self, key_id: str, changes: dict[str, Any], *, audit: AuditRow | None = None
+    ) -> ApiKeyRow:
+        """Change a key's name, description, permissions, scope_filter or metadata.
+
+        Records ``api_key.permissions_changed`` when permissions or the scope filter changed,
+        and ``audit`` (its tenant, resource, time and the changed fields filled in) when
+        anything changed.
+
+        Raises:
+            LedgerError: NOT_FOUND, or KEY_REVOKED / KEY_EXPIRED (409) for a key not ACTIVE.
+        """
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
         """Revoke a key.
@@ -446,10 +470,14 @@ class Store(GovernanceStore, Protocol):
         request_hash: str,
         timestamp: str,
         audit: AuditRow | None = None,
+        correlation_id: str | None = None,
+        require_debt: bool = False,
     ) -> Outcome:
         """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key.
 
         ``audit``: the entry to record with it (not again on an idempotent replay).
+        ``correlation_id``: the correlation of its events (default: the request id).
+        ``require_debt``: see :func:`operations.fund_budget`.
         """
 
 
@@ -461,6 +489,20 @@ class AuditReader(Protocol):
         self, tenant_id: str | None, limit: int, cursor: str | None
     ) -> Page[AuditRow]:
         """Return one page of audit entries, newest first."""
+
+
+@runtime_checkable
+class DebitReader(Protocol):
+    """Optional store capability: list the direct debits ``POST /v1/events`` recorded.
+
+    The console's spend chart adds them to committed reservations (spend without a
+    reservation is spend too). They are kept as long as events (``retention_ms``).
+    """
+
+    async def list_debits(
+        self, tenant_id: str, from_ms: int, to_ms: int, limit: int
+    ) -> list[EventRow]:
+        """The tenant's debits recorded in ``[from_ms, to_ms]``, oldest first, at most ``limit``."""
 
 
 @runtime_checkable
@@ -724,6 +766,8 @@ class OperationStore(ABC):
         request_hash: str,
         timestamp: str,
         audit: AuditRow | None = None,
+        correlation_id: str | None = None,
+        require_debt: bool = False,
     ) -> Outcome:
         """See :meth:`Store.fund_budget`."""
         op = operations.fund_budget(
@@ -737,6 +781,8 @@ class OperationStore(ABC):
             request_hash=request_hash,
             timestamp=timestamp,
             audit=audit,
+            correlation_id=correlation_id,
+            require_debt=require_debt,
         )
         return self._recorded(await self.run(op))
 
@@ -1112,7 +1158,14 @@ class RowStore(OperationStore):
         """See :meth:`Store.get_tenant`."""
         return self._get_tenant(tenant_id)
 
-    async def update_tenant(self, tenant_id: str, changes: dict[str, Any]) -> TenantRow:
+    async def update_tenant(
+        self,
+        tenant_id: str,
+        changes: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        only_from: Sequence[str] | None = None,
+    ) -> TenantRow:
         """See :meth:`Store.update_tenant`.
 
         Closing cascades in the same transaction (Mode A): ACTIVE reservations are released
@@ -1120,7 +1173,8 @@ class RowStore(OperationStore):
         """
         with self._write():
             txn = _RowTxn(self, self.clock())
-            row = operations.update_tenant(tenant_id, changes).plan(txn)
+            op = operations.update_tenant(tenant_id, changes, correlation_id, only_from)
+            row = op.plan(txn)
             if changes.get("status") == "CLOSED":
                 reservations, budgets, keys = self._tenant_children(tenant_id)
                 ids = [r.reservation_id for r in reservations]
@@ -1158,6 +1212,25 @@ class RowStore(OperationStore):
                 operations.api_key_events("api_key.created", row, None, row.created_at_ms)
             )
             return row
+
+    async def update_api_key(
+        self, key_id: str, changes: dict[str, Any], *, audit: AuditRow | None = None
+    ) -> ApiKeyRow:
+        """See :meth:`Store.update_api_key` (the key, its event and audit in one transaction)."""
+        with self._write():
+            row = self._get_api_key(key_id)
+            if row is None:
+                raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
+            now = self.clock()
+            new, events, entry = operations.plan_api_key_update(row, changes, now, audit)
+            if new is row:  # nothing changed
+                return row
+            self._put_api_key(new, insert=False)
+            self._put_events(events)
+            if entry is not None:
+                self._apply(Outcome(200, b"", audit=entry))
+            self.auth_epoch += 1  # cached authentications carry the old permissions
+            return new
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
         """See :meth:`Store.revoke_api_key`."""
@@ -1205,6 +1278,7 @@ __all__ = [
     "AuditRow",
     "Clock",
     "EventQuery",
+    "DebitReader",
     "EventRow",
     "EvidenceStore",
     "GovernanceStore",

@@ -384,6 +384,20 @@ class MemoryStore(RowStore):
         more = len(rows) > limit
         return Page(items, encode_cursor([items[-1].tenant_id]) if more else None)
 
+    async def list_debits(
+        self, tenant_id: str, from_ms: int, to_ms: int, limit: int
+    ) -> list[EventRow]:
+        """See :class:`~runcycles_server.stores.base.DebitReader`."""
+        rows = sorted(
+            (
+                e
+                for e in self.events.values()
+                if e.tenant_id == tenant_id and from_ms <= e.created_at_ms <= to_ms
+            ),
+            key=lambda e: (e.created_at_ms, e.event_id),
+        )
+        return [_copy(e) for e in rows[:limit]]
+
     async def list_audit_logs(
         self, tenant_id: str | None, limit: int, cursor: str | None
     ) -> Page[AuditRow]:

@@ -58,6 +58,7 @@ from runcycles_server.governance import (
     CounterRow,
     PolicyRow,
     Registry,
+    counter_memory,
     policy_patch,
     prepare,
     release_per_run,
@@ -240,6 +241,16 @@ def _records(
     ]
 
 
+def cascade_correlation_id(tenant_id: str, context: EventContext | None) -> str:
+    """Return the ``correlation_id`` of a tenant-close cascade's child events.
+
+    The spec's CASCADE SEMANTICS Rule 1 identity, ``tenant_close_cascade:<tenant_id>:<request_id>``:
+    the same for every child of one close, whether it came from ``PATCH`` or a bulk ``CLOSE``.
+    """
+    request_id = context.request_id if context is not None else None
+    return f"tenant_close_cascade:{tenant_id}:{request_id or ''}"
+
+
 def _emit(
     txn: Txn,
     tenant_id: str,
@@ -329,7 +340,8 @@ def _give_back(txn: Txn, outcome: Outcome) -> Outcome:
     """Add the ``per_run`` counters a released or expired reservation gives back (-1 each)."""
     res = outcome.reservation
     if res is not None and res.quota_counters and res.status in ("RELEASED", "EXPIRED"):
-        counters = txn.counters(res.tenant_id, res.quota_counters)
+        names = [counter_memory(entry)[0] for entry in res.quota_counters]
+        counters = txn.counters(res.tenant_id, names)
         outcome.counters = release_per_run(res.quota_counters, counters, txn.now)
     return outcome
 
@@ -648,7 +660,7 @@ def close_reservations(tenant_id: str, reservation_ids: Sequence[str]) -> Op[lis
                       "cascade_reason": "tenant_closed"})
             for b, amount in drained.values() if amount > 0
         ]  # fmt: skip
-        _emit(txn, tenant_id, found, context)
+        _emit(txn, tenant_id, found, context, cascade_correlation_id(tenant_id, context))
         return stale
 
     return Op(plan, tenant_id)
@@ -670,7 +682,7 @@ def close_budgets(tenant_id: str, scopes: Sequence[str]) -> Op[None]:
                         "prior_status": budget.status, "new_status": "CLOSED",
                         "cascade_reason": "tenant_closed"}  # fmt: skip
                 found.append(Detected("budget.closed_via_tenant_cascade", budget.scope, data))
-        _emit(txn, tenant_id, found, context)
+        _emit(txn, tenant_id, found, context, cascade_correlation_id(tenant_id, context))
 
     return Op(plan, tenant_id, scopes=scopes)
 
@@ -702,11 +714,20 @@ def create_tenant(row: TenantRow) -> Op[tuple[TenantRow, bool]]:
     return Op(plan, row.tenant_id)
 
 
-def update_tenant(tenant_id: str, changes: dict[str, Any]) -> Op[TenantRow]:
+def update_tenant(
+    tenant_id: str,
+    changes: dict[str, Any],
+    correlation_id: str | None = None,
+    only_from: Sequence[str] | None = None,
+) -> Op[TenantRow]:
     """Apply field changes to a tenant; closing is irreversible.
 
     Only the tenant row changes here: the store runs the close cascade (releasing ACTIVE
     reservations, closing budgets, revoking keys) when ``status`` becomes ``CLOSED``.
+    ``correlation_id`` ties its events to a larger request (a bulk action); by default they
+    carry the request id. ``only_from``: the statuses the change may start from, checked in the
+    transaction (a bulk action's row); otherwise 409 ``ALREADY_IN_TARGET_STATE`` when the tenant
+    already has the new status, ``INVALID_TRANSITION`` when it has another.
     """
     new_status = changes.get("status")
 
@@ -714,6 +735,9 @@ def update_tenant(tenant_id: str, changes: dict[str, Any]) -> Op[TenantRow]:
         old = txn.tenant(tenant_id)
         if old is None:
             raise LedgerError("NOT_FOUND", f"tenant {tenant_id} does not exist")
+        if only_from is not None and old.status not in only_from:
+            code = "ALREADY_IN_TARGET_STATE" if old.status == new_status else "INVALID_TRANSITION"
+            raise LedgerError(code, f"tenant {tenant_id} is {old.status}", status=409)
         if old.status == "CLOSED" and new_status not in (None, "CLOSED"):
             raise LedgerError(
                 "TENANT_CLOSED", f"tenant {tenant_id} is CLOSED; closing is irreversible"
@@ -726,7 +750,7 @@ def update_tenant(tenant_id: str, changes: dict[str, Any]) -> Op[TenantRow]:
         if new_status == "CLOSED" and old.status != "CLOSED":
             row.closed_at_ms = txn.now
         txn.put_tenant(row)
-        _emit(txn, tenant_id, _tenant_events(old, row, changes), context)
+        _emit(txn, tenant_id, _tenant_events(old, row, changes), context, correlation_id)
         return row
 
     context = current_context()
@@ -899,10 +923,15 @@ def fund_budget(
     request_hash: str,
     timestamp: str,
     audit: AuditRow | None = None,
+    correlation_id: str | None = None,
+    require_debt: bool = False,
 ) -> Op[Outcome]:
     """Apply a funding operation (see :func:`ledger.plan_fund`), idempotent by key.
 
-    ``audit`` is recorded with it (not on an idempotent replay).
+    ``audit`` is recorded with it (not on an idempotent replay). ``correlation_id`` ties its
+    events to a larger request (a bulk action); by default they carry the request id.
+    ``require_debt``: refuse (409 ``ALREADY_IN_TARGET_STATE``, nothing written) when the
+    budget has no debt, checked in the transaction (a bulk ``REPAY_DEBT``'s row).
     """
     endpoint = f"fund:{scope}:{unit}"
     owner = budget_owner(scope)
@@ -913,6 +942,10 @@ def fund_budget(
             replayed = _replayed(txn, row.tenant_id, endpoint, idempotency_key, request_hash)
             if replayed is not None:
                 return replayed
+        if require_debt and row.debt == 0:
+            raise LedgerError(
+                "ALREADY_IN_TARGET_STATE", f"budget {scope} ({unit}) has no debt", status=409
+            )
         new, response = ledger.plan_fund(row, operation, amount, spent=spent, now_ms=txn.now)
         response["timestamp"] = timestamp
         raw = ledger.dumps(response)
@@ -934,7 +967,7 @@ def fund_budget(
                 "new_remaining": new.remaining,
             }
             outcome.audit = _budget_audit(txn, audit, new, details)
-        return _applied(txn, outcome, context, [funded])
+        return _applied(txn, outcome, context, [funded], correlation_id=correlation_id)
 
     context = current_context()
     idem = None if idempotency_key is None else (endpoint, idempotency_key)
@@ -947,6 +980,22 @@ def record_events(tenant_id: str, rows: Sequence[EventRecord]) -> Op[None]:
     def plan(txn: Txn) -> None:
         if rows:
             txn.apply(Outcome(200, b"", events=list(rows)))
+
+    return Op(plan, tenant_id)
+
+
+def record_changes(
+    tenant_id: str, events: Sequence[EventRecord], audit: AuditRow | None = None
+) -> Op[None]:
+    """Write a tenant's events and an audit entry made by a change outside its rows.
+
+    For what a sharded store keeps apart from the tenant's rows (API keys) and for the one
+    audit entry of a bulk action, which changes many rows in transactions of their own.
+    """
+
+    def plan(txn: Txn) -> None:
+        if events or audit is not None:
+            txn.apply(Outcome(200, b"", events=list(events), audit=audit))
 
     return Op(plan, tenant_id)
 
@@ -979,7 +1028,59 @@ def api_key_events(
             data["reason"] = key.revoked_reason
     found = [Detected(kind, f"tenant:{key.tenant_id}", data)]
     context = None if system else current_context()
-    return _records(found, key.tenant_id, now_ms, context, None)
+    correlation = None
+    if kind == "api_key.revoked_via_tenant_cascade":
+        correlation = cascade_correlation_id(key.tenant_id, context)
+    return _records(found, key.tenant_id, now_ms, context, correlation)
+
+
+API_KEY_MUTABLE: Final = ("name", "description", "permissions", "scope_filter", "metadata")
+"""What ``PATCH /v1/admin/api-keys/{key_id}`` may change (the spec keeps the rest immutable)."""
+
+
+def plan_api_key_update(
+    row: ApiKeyRow, changes: dict[str, Any], now_ms: int, audit: AuditRow | None
+) -> tuple[ApiKeyRow, list[EventRecord], AuditRow | None]:
+    """The changed key (``row`` itself when nothing changed), its events and audit entry.
+
+    Shared by the stores so both apply the same rules: only an ACTIVE, unexpired key changes;
+    ``api_key.permissions_changed`` is recorded when the permissions or the scope filter
+    changed (the spec's only event for this operation).
+
+    Raises:
+        LedgerError: KEY_REVOKED / KEY_EXPIRED (409) for a key that is not usable.
+    """
+    expired = row.expires_at_ms is not None and row.expires_at_ms <= now_ms
+    if row.status == "REVOKED":
+        raise LedgerError("KEY_REVOKED", f"API key {row.key_id} is revoked and cannot change")
+    if row.status != "ACTIVE" or expired:
+        raise LedgerError(
+            "KEY_EXPIRED",
+            f"API key {row.key_id} has expired and cannot change; create a new key",
+            status=409,
+        )
+    unknown = sorted(set(changes) - set(API_KEY_MUTABLE))
+    if unknown:
+        raise LedgerError("INVALID_REQUEST", f"API key fields {unknown} cannot be changed")
+    changed = sorted(k for k, v in changes.items() if getattr(row, k) != v)
+    if not changed:
+        return row, [], None
+    new = dataclasses.replace(row, **changes)
+    events: list[EventRecord] = []
+    if {"permissions", "scope_filter"} & set(changed):
+        [event] = api_key_events("api_key.permissions_changed", new, row.status, now_ms)
+        data = {**event.data, "previous_permissions": list(row.permissions)}
+        events = [dataclasses.replace(event, data={**data, "changed_fields": changed})]
+    entry = None
+    if audit is not None:
+        entry = dataclasses.replace(
+            audit,
+            tenant_id=row.tenant_id,
+            resource_id=row.key_id,
+            created_at_ms=now_ms,
+            details={**(audit.details or {}), "changed_fields": changed},
+        )
+    return new, events, entry
 
 
 # --------------------------------------------------------------------------------------------

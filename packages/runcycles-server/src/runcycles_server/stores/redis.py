@@ -73,6 +73,8 @@ version and JSON fields):
                                        expires; writes that finalize trim ``x:res`` (and it)
                                        of the entries that are due
 ``P:{t:T}:x:audit``                    zset: audit ids by time
+``P:{t:T}:x:debits``                   zset: direct debit (``e:``) ids by time; each new
+                                       debit trims the entries older than ``retention_ms``
 ``P:{t:T}:v:<id>``                     evidence envelope (``b`` signing input, ``d`` metadata),
                                        TTL'd at its retention; written by the operation's script
 ``P:{t:T}:rv:<rid>``                   a reservation's envelope ids (field per artifact type)
@@ -373,6 +375,10 @@ class _Keys:
     def x_audit(self, tenant_id: str) -> str:
         return f"{self.t(tenant_id)}:x:audit"
 
+    def x_debits(self, tenant_id: str) -> str:
+        """The tenant's direct debits (``POST /v1/events``) scored by time (spend charts)."""
+        return f"{self.t(tenant_id)}:x:debits"
+
     def policies(self, tenant_id: str) -> str:
         """One hash per tenant: a field per policy (read whole by every governed request)."""
         return f"{self.t(tenant_id)}:pol"
@@ -482,6 +488,8 @@ class _Work:
         self.retention_ms = retention_ms
         self.trim = False
         """Whether the write also trims ``x:res`` entries whose reservation's retention ran out."""
+        self.trim_debits = False
+        """Whether the write also trims ``x:debits`` entries older than the retention."""
         self.tenant_id = tenant_id
         self.snap = snap
         self.now = snap.now_ms
@@ -655,6 +663,11 @@ class _Work:
             self._put(key, _D, outcome.event)
             if self.retention_ms is not None:
                 self.ttl_ms[key] = self.retention_ms
+            debits = self.k.x_debits(self.tenant_id)
+            self.zops.append(
+                _ZOp(True, debits, outcome.event.event_id, outcome.event.created_at_ms)
+            )
+            self.trim_debits = self.retention_ms is not None
         if outcome.counters:
             self.put_counters(self.tenant_id, outcome.counters)
         for ev in outcome.events:
@@ -1031,6 +1044,11 @@ class RedisStore(OperationStore):
             tenant = work.tenant_id
             done, res = ix(self._k.x_done(tenant)), ix(self._k.x_res(tenant))
             writes.append(["T", done, res, str(work.now), str(TRIM_BATCH)])
+        if work.trim_debits and work.retention_ms is not None:
+            # the debits whose row expired by TTL leave the index (at most a batch a write)
+            debits = ix(self._k.x_debits(work.tenant_id))
+            cutoff = work.now - work.retention_ms - 1
+            writes.append(["T", debits, debits, str(cutoff), str(TRIM_BATCH)])
         args: list[Any] = [len(keys), *(snap.version(k) for k in keys)]
         args += [self._token, TURN_MS, "1" if keep else "0"]
         args.append(ledger.dumps(writes).decode())
@@ -1493,6 +1511,19 @@ class RedisStore(OperationStore):
         raw = await self._redis.hget(self._k.event(tenant_id, event_id), _D)
         return None if raw is None else _dec(EventRow, raw)
 
+    async def list_debits(
+        self, tenant_id: str, from_ms: int, to_ms: int, limit: int
+    ) -> list[EventRow]:
+        """See :class:`~runcycles_server.stores.base.DebitReader`."""
+        index = self._k.x_debits(tenant_id)
+        if self.retention_ms is not None:  # entries whose debit expired by TTL
+            await self._redis.zremrangebyscore(
+                index, "-inf", f"({await self._now() - self.retention_ms}"
+            )
+        ids = await self._redis.zrangebyscore(index, from_ms, to_ms, start=0, num=limit)
+        rows = await self._hget_many([self._k.event(tenant_id, i.decode()) for i in ids])
+        return [_dec(EventRow, raw) for raw in rows if raw is not None]
+
     async def list_audit(self, tenant_id: str, limit: int = 100) -> list[AuditRow]:
         """Return a tenant's most recent audit entries, newest first."""
         ids = await self._redis.zrange(self._k.x_audit(tenant_id), 0, limit - 1, desc=True)
@@ -1891,7 +1922,14 @@ class RedisStore(OperationStore):
         await self._redis.zadd(self._k.tenants, {row.tenant_id: 0})
         return result
 
-    async def update_tenant(self, tenant_id: str, changes: dict[str, Any]) -> TenantRow:
+    async def update_tenant(
+        self,
+        tenant_id: str,
+        changes: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        only_from: Sequence[str] | None = None,
+    ) -> TenantRow:
         """See :meth:`Store.update_tenant`.
 
         Closing runs in steps (see the module docstring): the tenant row first (a fence for
@@ -1899,7 +1937,8 @@ class RedisStore(OperationStore):
         batches, then its keys revoked. Asking to close an already closed tenant finishes an
         interrupted cascade.
         """
-        updated = await self.run(operations.update_tenant(tenant_id, changes))
+        op = operations.update_tenant(tenant_id, changes, correlation_id, only_from)
+        updated = await self.run(op)
         if changes.get("status") == "CLOSED":
             await self._close_cascade(tenant_id)
         return updated
@@ -2074,6 +2113,41 @@ class RedisStore(OperationStore):
             )
             await self.record_events(events)
             return True
+
+    async def update_api_key(
+        self, key_id: str, changes: dict[str, Any], *, audit: AuditRow | None = None
+    ) -> ApiKeyRow:
+        """See :meth:`Store.update_api_key`.
+
+        The key is changed with a compare-and-set; its event and audit entry live in its
+        tenant's slot and follow in one more write (a crash between them loses the record,
+        never the change), as for revocations.
+        """
+        row = await self._api_key_by_id(key_id)
+        if row is None:
+            raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
+        by_hash = self._k.key_by_hash(row.key_hash)
+        while True:
+            snap = await self._read([by_hash])
+            raw = snap.rows[by_hash].get(_D)
+            if raw is None:
+                raise LedgerError("NOT_FOUND", f"API key {key_id} does not exist")
+            current = _dec(ApiKeyRow, raw)
+            new, events, entry = operations.plan_api_key_update(
+                current, changes, snap.now_ms, audit
+            )
+            if new is current:  # nothing changed
+                return current
+            work = _Work(self._k, current.tenant_id, snap)
+            work.dirty[by_hash] = {_D: new}
+            try:
+                await self._cas([by_hash], snap, work, self._k.keys_turn)
+            except _Conflict:
+                await asyncio.sleep(random.uniform(0, 0.002))
+                continue
+            self.auth_epoch += 1
+            await self.run(operations.record_changes(new.tenant_id, events, entry))
+            return new
 
     async def revoke_api_key(self, key_id: str, reason: str | None) -> ApiKeyRow:
         """See :meth:`Store.revoke_api_key`."""

@@ -56,6 +56,7 @@ from runcycles_server.ledger import (
     ApiKeyRow,
     AuditRow,
     BudgetRow,
+    EventRow,
     IdempotencyRow,
     LedgerError,
     Outcome,
@@ -1443,6 +1444,23 @@ class SqliteStore(RowStore):
         items = [_key(r) for r in rows[:limit]]
         more = len(rows) > limit
         return Page(items, encode_cursor([items[-1].key_id]) if more else None)
+
+    async def list_debits(
+        self, tenant_id: str, from_ms: int, to_ms: int, limit: int
+    ) -> list[EventRow]:
+        """See :class:`~runcycles_server.stores.base.DebitReader` (``events_tenant_created``)."""
+        rows = self._conn.execute(
+            "SELECT event_id, tenant_id, subject, action, unit, actual, charged, scope_path, "
+            "affected_scopes, budgeted_scopes, overage_policy, idempotency_key, created_at_ms, "
+            "metrics, metadata, client_time_ms FROM events WHERE tenant_id = ? AND "
+            "created_at_ms BETWEEN ? AND ? ORDER BY created_at_ms, event_id LIMIT ?",
+            (tenant_id, from_ms, to_ms, limit),
+        ).fetchall()
+        return [
+            EventRow(r[0], r[1], _uj(r[2]), _uj(r[3]), r[4], r[5], r[6], r[7], _uj(r[8]),
+                     _uj(r[9]), r[10], r[11], r[12], _uj(r[13]), _uj(r[14]), r[15])
+            for r in rows
+        ]  # fmt: skip
 
     async def list_audit_logs(
         self, tenant_id: str | None, limit: int, cursor: str | None

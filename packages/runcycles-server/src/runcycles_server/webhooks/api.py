@@ -19,23 +19,23 @@ once, like the create.
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Any, Final
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from runcycles_server.events import EVENT_TYPES, EventRecord, current_context
+from runcycles_server.bulk import ADMIN_TENANT, BulkReplay, check_matches, dry_run, envelope
+from runcycles_server.events import EVENT_TYPES, current_context
 from runcycles_server.events.context import set_actor
 from runcycles_server.governance.timestamps import ms_from_datetime
 from runcycles_server.ledger import LedgerError
 from runcycles_server.query import Param, check_path, check_query
-from runcycles_server.stores.base import EventQuery, Store, new_id
+from runcycles_server.stores.base import Store, new_id
 from runcycles_server.stores.sqlite import decode_cursor, encode_cursor
 from runcycles_server.web import Authenticator, Principal, json_response, parse_body, query_int
+from runcycles_server.webhooks.actions import WebhookActions
 from runcycles_server.webhooks.dispatch import Dispatcher
 from runcycles_server.webhooks.models import (
     DELIVERY_STATUSES,
@@ -49,10 +49,8 @@ from runcycles_server.webhooks.models import (
     SubscriptionRow,
     UpdateRequest,
     delivery_body,
-    matches,
     subscription_body,
 )
-from runcycles_server.webhooks.service import BULK_MAX, Subscriptions
 from runcycles_server.webhooks.ssrf import parse_networks
 from runcycles_server.webhooks.storage import DeliveryQuery, WebhookStorage, WebhookTxn
 
@@ -88,10 +86,6 @@ QUERY_PARAMS: Final = {
     ("GET", "/v1/webhooks/{subscription_id}/deliveries"): _DELIVERY_PARAMS,
 }
 """The query parameters of the webhook routes, as the spec declares them."""
-BULK_WINDOW_MS: Final = 15 * 60_000
-"""How long a bulk action's answer is replayed for the same ``idempotency_key``."""
-REPLAY_SCAN_MAX: Final = 20_000
-"""Most events one replay examines in its window."""
 
 
 def _moment(request: Request, name: str) -> int | None:
@@ -126,7 +120,9 @@ class WebhooksApi:
         self.dispatcher = dispatcher
         self.auth = auth
         self.max_body = max_body_bytes
-        self.subs = Subscriptions(store, storage, dispatcher.sender.resolver)
+        self.actions = WebhookActions(store, dispatcher)
+        self.subs = self.actions.subs
+        self.bulk_replay = BulkReplay(store, "bulk:webhooks")
 
     def routes(self) -> list[BaseRoute]:
         """Return the webhook routes."""
@@ -265,6 +261,8 @@ class WebhooksApi:
         if principal.is_admin and not request.url.path.startswith("/v1/admin/"):
             _on_behalf()
         updated = await self.subs.update(row.subscription_id, body, principal.tenant_id)
+        if updated.status != row.status:
+            await self.actions.audit(updated.status, updated, None, {"previous_status": row.status})
         return json_response(subscription_body(updated))
 
     async def delete(self, request: Request) -> Response:
@@ -288,7 +286,7 @@ class WebhooksApi:
     async def test(self, request: Request) -> Response:
         """``POST .../{subscription_id}/test``: sends ``system.webhook_test`` now."""
         _, row = await self._target(request, write=True)
-        delivery, attempt = await self.dispatcher.send_test(row)
+        delivery, attempt = await self.actions.test(row)
         body: dict[str, Any] = {"success": attempt.ok, "event_id": delivery.event_id}
         if attempt.status is not None:
             body["response_status"] = attempt.status
@@ -328,65 +326,12 @@ class WebhooksApi:
         body = await parse_body(request, ReplayRequest, self.max_body)
         from_ms = _iso_ms(body.from_, "from")
         to_ms = _iso_ms(body.to, "to") if body.to else self.store.clock()
-        if to_ms < from_ms:
-            raise LedgerError("INVALID_REQUEST", "replay window: to is before from")
-        if row.status != "ACTIVE":
-            raise LedgerError(
-                "INVALID_REQUEST",
-                f"subscription is {row.status}: resume it (PATCH status=ACTIVE) before replaying",
-            )
-        events = await self._window(row, from_ms, to_ms, body.event_types, body.max_events)
-        replay_id = new_id("rpl")
-        queued = await self.dispatcher.replay(row, events, replay_id)
+        done = await self.actions.replay(row, from_ms, to_ms, body.event_types, body.max_events)
         return json_response(
-            {"replay_id": replay_id, "events_queued": queued,
-             "estimated_completion_seconds": max(1, queued // 10)},
+            {"replay_id": done.replay_id, "events_queued": done.events_queued,
+             "estimated_completion_seconds": max(1, done.events_queued // 10)},
             202,
         )  # fmt: skip
-
-    async def _window(
-        self,
-        row: SubscriptionRow,
-        from_ms: int,
-        to_ms: int,
-        types: list[str] | None,
-        max_events: int,
-    ) -> list[EventRecord]:
-        tenants = [row.tenant_id]
-        if row.tenant_id == SYSTEM_TENANT:
-            tenants = [SYSTEM_TENANT]
-            cursor: str | None = None
-            while True:
-                page = await self.store.list_tenants(None, 100, cursor)
-                tenants += [t.tenant_id for t in page.items]
-                cursor = page.next_cursor
-                if cursor is None:
-                    break
-        unbounded = SubscriptionRow(**{**_fields(row), "created_at_ms": 0})
-        found: list[EventRecord] = []
-        scanned = 0
-        for tenant_id in tenants:
-            at: str | None = None
-            while True:
-                query = EventQuery(tenant_id, from_ms=from_ms, to_ms=to_ms, limit=100, cursor=at)
-                events = await self.store.list_events(query)
-                scanned += len(events.items)
-                for event in events.items:
-                    if types and event.event_type not in types:
-                        continue
-                    if matches(unbounded, event, self.dispatcher.detectors):
-                        found.append(event)
-                if len(found) > max_events:
-                    raise LedgerError(
-                        "INVALID_REQUEST",
-                        f"the window holds more than max_events={max_events} events for this "
-                        "subscription: narrow from/to or raise max_events (up to 1000)",
-                    )
-                at = events.next_cursor
-                if at is None or scanned > REPLAY_SCAN_MAX:
-                    break
-        found.sort(key=lambda e: (e.created_at_ms, e.event_id))
-        return found
 
     # -- bulk and security -----------------------------------------------------------------
 
@@ -400,42 +345,20 @@ class WebhooksApi:
                 "INVALID_REQUEST",
                 "filter needs at least one of tenant_id, status, event_type, search",
             )
-        state_key = f"bulk:{body.idempotency_key}"
-
-        async def seen(t: WebhookTxn) -> bytes | None:
-            return await t.state(state_key)
-
-        previous = await self.storage.read(seen)
-        if previous is not None:
-            stored = orjson.loads(previous)
-            if stored["until"] > time.time() * 1000:
-                return json_response(stored["response"])
         rows = _filtered(await self.subs.all(), tenant_id=f.tenant_id, status=f.status,
                          event_type=f.event_type, search=f.search)  # fmt: skip
-        if len(rows) > BULK_MAX:
-            raise LedgerError(
-                "LIMIT_EXCEEDED",
-                f"the filter matches {len(rows)} subscriptions, more than {BULK_MAX}: narrow it",
-                status=400,
-            )
-        if body.expected_count is not None and body.expected_count != len(rows):
-            raise LedgerError(
-                "COUNT_MISMATCH",
-                f"the filter matches {len(rows)} subscriptions, not expected_count="
-                f"{body.expected_count}; nothing was changed",
-                status=409,
-            )
+        check_matches(len(rows), body.expected_count, "subscriptions")
+        if dry_run(request):
+            ids = [r.subscription_id for r in rows]
+            out = await self.subs.bulk(ids, body.action, "", preview=True)
+            return _preview(envelope(body.action, len(rows), out, body.idempotency_key))
+        replayed = await self.bulk_replay.claim(ADMIN_TENANT, body)
+        if replayed is not None:
+            return json_response(replayed)
         request_id = current_context().request_id or new_id("req")
         outcome = await self.subs.bulk([r.subscription_id for r in rows], body.action, request_id)
-        response = {"action": body.action, "total_matched": len(rows), **outcome,
-                    "idempotency_key": body.idempotency_key}  # fmt: skip
-        until = time.time() * 1000 + BULK_WINDOW_MS
-        record = orjson.dumps({"until": until, "response": response})
-
-        async def remember(t: WebhookTxn) -> None:
-            t.put_state(state_key, record)
-
-        await self.storage.transact(remember)
+        response = envelope(body.action, len(rows), outcome, body.idempotency_key)
+        await self.bulk_replay.finish(ADMIN_TENANT, body, response)
         return json_response(response)
 
     async def get_security(self, request: Request) -> Response:
@@ -460,6 +383,12 @@ class WebhooksApi:
         return json_response(config.model_dump())
 
 
+def _preview(body: dict[str, Any]) -> Response:
+    response = json_response(body)
+    response.headers["X-Cycles-Dry-Run"] = "true"
+    return response
+
+
 def _on_behalf() -> None:
     """Record the request's events as the admin's acting on a tenant's subscription."""
     set_actor("admin_on_behalf_of")
@@ -472,10 +401,6 @@ def _int_cursor(value: object) -> int:
         "INVALID_REQUEST",
         "cursor is not valid: pass back next_cursor from the previous page unchanged",
     )
-
-
-def _fields(row: SubscriptionRow) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in SubscriptionRow.__slots__}
 
 
 def _filtered(

@@ -9,8 +9,8 @@ it is saved; the dispatcher checks it again on every delivery.
 Closing a tenant disables its subscriptions (the spec's CASCADE SEMANTICS, Rule 1, Mode B:
 the tenant row flips first, in the ledger store's transaction; :func:`disable_for_closed_tenant`
 follows, run by the dispatcher, see :mod:`.dispatch`), recording one
-``webhook.disabled_via_tenant_cascade`` per subscription it disables, with the
-``tenant.closed`` event's correlation id and request context. Rule 2 guards the gap: every
+``webhook.disabled_via_tenant_cascade`` per subscription it disables, with the cascade's
+correlation id and the ``tenant.closed`` event's request context. Rule 2 guards the gap: every
 change to a subscription of a CLOSED tenant (create, update, rotate, delete, test, replay,
 bulk) is refused with 409 ``TENANT_CLOSED`` (:meth:`Subscriptions.check_open`), so none
 succeeds after the close whether the cascade has run yet or not. A suspended tenant keeps its
@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from runcycles_server.events import SOURCE, EventRecord, current_context, new_event_id
+from runcycles_server.events.context import EventContext
 from runcycles_server.events.detect import DEFAULT_THRESHOLDS
 from runcycles_server.ledger import LedgerError
 from runcycles_server.stores import operations
@@ -47,8 +48,6 @@ from runcycles_server.webhooks.models import (
 from runcycles_server.webhooks.ssrf import Resolver, resolve_target
 from runcycles_server.webhooks.storage import WebhookStorage, WebhookTxn
 
-BULK_MAX: Final = 500
-"""Most subscriptions one bulk action may match (the spec's hard limit)."""
 _CONFIG_FIELDS: Final = (
     "url", "event_types", "event_categories", "name", "description", "scope_filter",
     "thresholds", "headers", "retry_policy", "disable_after_failures", "metadata",
@@ -191,8 +190,9 @@ class Subscriptions:
         """Apply a partial update (status changes, secret rotation included).
 
         Raises:
-            LedgerError: NOT_FOUND, INVALID_REQUEST.
+            LedgerError: NOT_FOUND, INVALID_REQUEST, TENANT_CLOSED.
         """
+        await self.check_open((await self.get(subscription_id, tenant_id)).tenant_id)
         changes = body.model_dump(exclude_unset=True)
         if "url" in changes:
             if changes["url"] is None:
@@ -298,9 +298,12 @@ class Subscriptions:
         return row
 
     async def bulk(
-        self, ids: Iterable[str], action: str, request_id: str
+        self, ids: Iterable[str], action: str, request_id: str, *, preview: bool = False
     ) -> dict[str, list[dict[str, Any]]]:
-        """Apply PAUSE/RESUME/DELETE to each id; return ``succeeded``/``failed``/``skipped``."""
+        """Apply PAUSE/RESUME/DELETE to each id; return ``succeeded``/``failed``/``skipped``.
+
+        ``preview``: decide each row the same way, in a read, and change nothing.
+        """
         out: dict[str, list[dict[str, Any]]] = {"succeeded": [], "failed": [], "skipped": []}
         touched: set[str] = set()
         corr = f"webhook_bulk_action:{action.lower()}:{request_id}"
@@ -325,10 +328,11 @@ class Subscriptions:
                     return "failed", {"id": sid, "error_code": "TENANT_CLOSED",
                                       "message": f"tenant {old.tenant_id} is CLOSED"}  # fmt: skip
                 if action == "DELETE":
-                    t.delete_sub(sid)
-                    data = lifecycle_data(old, old.status, None)
-                    t.record([lifecycle_event(old, "webhook.deleted", t.now, data, corr)])
-                    touched.add(old.tenant_id)
+                    if not preview:
+                        t.delete_sub(sid)
+                        data = lifecycle_data(old, old.status, None)
+                        t.record([lifecycle_event(old, "webhook.deleted", t.now, data, corr)])
+                        touched.add(old.tenant_id)
                     return "succeeded", {"id": sid}
                 target = "PAUSED" if action == "PAUSE" else "ACTIVE"
                 if action == "PAUSE" and old.status in ("PAUSED", "DISABLED"):
@@ -339,6 +343,8 @@ class Subscriptions:
                     message = "re-enable a DISABLED subscription with PATCH status=ACTIVE"
                     return "failed", {"id": sid, "error_code": "INVALID_TRANSITION",
                                       "message": message}  # fmt: skip
+                if preview:
+                    return "succeeded", {"id": sid}
                 new = dataclasses.replace(old, status=target, updated_at_ms=t.now)
                 t.put_sub(new)
                 kind = "webhook.paused" if target == "PAUSED" else "webhook.resumed"
@@ -346,7 +352,8 @@ class Subscriptions:
                 t.record([lifecycle_event(new, kind, t.now, data, corr)])
                 return "succeeded", {"id": sid}
 
-            bucket, entry = await self.storage.transact(write)
+            run = self.storage.read if preview else self.storage.transact
+            bucket, entry = await run(write)
             out[bucket].append(entry)
         for tenant_id in touched:
             await self.sync_thresholds(tenant_id)
@@ -378,9 +385,10 @@ async def disable_for_closed_tenant(
 
     One webhook transaction: each one becomes DISABLED with its
     ``webhook.disabled_via_tenant_cascade`` event (``EventDataTenantCascade``), carrying the
-    correlation id and the request context of ``cause`` (the ``tenant.closed`` event, when
-    found). Idempotent: already DISABLED ones are left alone, so running it again records
-    nothing twice.
+    request context of ``cause`` (the ``tenant.closed`` event, when found) and the cascade's
+    correlation id (``tenant_close_cascade:<tenant_id>:<request_id>``, as its other children).
+    Idempotent: already DISABLED ones are left alone, so running it again records nothing
+    twice.
     """
 
     async def write(t: WebhookTxn) -> list[SubscriptionRow]:
@@ -408,10 +416,8 @@ async def disable_for_closed_tenant(
                     key_id=cause.key_id if cause is not None else None,
                     source_ip=cause.source_ip if cause is not None else None,
                     data=data,
-                    correlation_id=(
-                        cause.correlation_id
-                        if cause is not None and cause.correlation_id
-                        else f"tenant_close:{tenant_id}"
+                    correlation_id=operations.cascade_correlation_id(
+                        tenant_id, EventContext(request_id=cause.request_id) if cause else None
                     ),
                     request_id=cause.request_id if cause is not None else None,
                     trace_id=cause.trace_id if cause is not None else None,
