@@ -6,8 +6,9 @@ The test starts its own ``redis-server`` on a free port (never the shared one), 
 ``503`` and ``Retry-After`` (not 500), ``/readyz`` answers ``503`` within about a second,
 ``/healthz`` stays fast, the server recovers by itself once Redis is back, and the server's log
 holds one line when the outage begins and one when it ends (with the number of requests
-answered 503), with no traceback. A reservation whose reserve call failed during the freeze
-holds no budget past its TTL.
+answered 503), with no traceback; the event log holds one ``system.store_connection_lost`` and
+one ``system.store_connection_restored`` per outage, written once Redis is back. A reservation
+whose reserve call failed during the freeze holds no budget past its TTL.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from runcycles.testing.spec import schema_validator
+from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 from runcycles_server.testing import ProvisionedTenant, ServerProcess, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -239,6 +241,7 @@ def test_frozen_then_killed_redis_fails_fast_with_503_and_recovers(own_redis: Ow
             assert time.monotonic() < deadline, balance
             time.sleep(0.2)
         assert balance["remaining"] == balance["allocated"] - balance["spent"]
+        outages = _outage_events(server, 4)
         log = server.log_text()
 
     assert "Traceback" not in log, log
@@ -249,3 +252,25 @@ def test_frozen_then_killed_redis_fails_fast_with_503_and_recovers(own_redis: Ow
     assert began[1] == "ConnectionError"  # killed: connection refused
     assert ended == [failed_frozen, failed_down], log
     assert failed_frozen == failed_down == 18
+    # the same two outages as events, written once Redis answered again
+    kinds = [e["event_type"].rpartition("_")[2] for e in outages]
+    assert kinds == ["lost", "restored", "lost", "restored"], outages
+    for pair, failed in ((outages[:2], failed_frozen), (outages[2:], failed_down)):
+        lost, restored = pair
+        assert lost["correlation_id"] == restored["correlation_id"]
+        assert lost["timestamp"] < restored["timestamp"]
+        assert restored["data"]["details"]["failed_requests"] == failed
+
+
+def _outage_events(server: ServerProcess, count: int) -> list[dict[str, Any]]:
+    """The store outage events (oldest first), once ``count`` of them have been written."""
+    deadline = time.monotonic() + 10
+    while True:
+        body = server.admin("GET", "/v1/admin/events",
+                            params={"tenant_id": "__system__", "category": "system"})  # fmt: skip
+        schema_validator("EventListResponse", EXTENDED_ADMIN).validate(body)
+        found = [e for e in reversed(body["events"])
+                 if e["event_type"].startswith("system.store_connection")]  # fmt: skip
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)

@@ -9,6 +9,7 @@ admin route, as an operator would in development).
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import subprocess
 import threading
@@ -28,7 +29,13 @@ from runcycles import (
 )
 from runcycles.testing.spec import EXTENDED_ADMIN, schema_validator
 from runcycles_server.app import WebhookOptions
-from runcycles_server.webhooks import Dispatcher
+from runcycles_server.stores.base import Store
+from runcycles_server.stores.memory import MemoryStore
+from runcycles_server.stores.sqlite import SqliteStore
+from runcycles_server.webhooks import Dispatcher, storage_for
+from runcycles_server.webhooks.models import SubscriptionRow
+from runcycles_server.webhooks.sealing import SecretBox
+from runcycles_server.webhooks.storage import WebhookTxn
 
 if TYPE_CHECKING:
     from conftest import Api, FakeClock
@@ -112,7 +119,12 @@ def dns() -> Dns:
 
 @pytest.fixture
 def hooks(make_api: Callable[..., Api], dns: Dns) -> Api:
-    api = make_api(webhook_options=WebhookOptions(resolver=dns))
+    return relaxed(make_api(webhook_options=WebhookOptions(resolver=dns),
+                            webhook_key=SecretBox.generate()))  # fmt: skip
+
+
+def relaxed(api: Api) -> Api:
+    """``api`` with the SSRF configuration relaxed for a receiver on 127.0.0.1."""
     defaults = api.admin("GET", "/v1/admin/config/webhook-security", 200)
     assert valid("WebhookSecurityConfig", defaults)["allow_http"] is False
     assert "127.0.0.0/8" in defaults["blocked_cidr_ranges"]
@@ -142,10 +154,10 @@ def subscribe(api: Api, key: str, url: str, expect: int = 201, **fields: Any) ->
     return valid("WebhookCreateResponse" if expect == 201 else "ErrorResponse", response.json())
 
 
-def reserve(api: Api, key: str, idem: str, amount: int) -> Any:
+def reserve(api: Api, key: str, idem: str, amount: int, agent: str = "bot") -> Any:
     body = {
         "idempotency_key": idem,
-        "subject": {"tenant": "acme", "agent": "bot"},
+        "subject": {"tenant": "acme", "agent": agent},
         "action": {"kind": "llm.completion", "name": "m"},
         "estimate": {"unit": U, "amount": amount},
     }
@@ -622,3 +634,297 @@ def test_listings_page_and_refuse_a_forged_cursor(hooks: Api, receiver: Receiver
         for forged in ("nonsense", "WyJhIl0", "WyJhIiwgMV0"):  # junk, ["a"], ["a", 1]
             body = hooks.admin("GET", path, 400, params={"cursor": forged})
             assert body["error"] == "INVALID_REQUEST"
+
+
+# --------------------------------------------------------------------------------------------
+# The tenant-close cascade (spec CASCADE SEMANTICS, Rules 1 and 2)
+
+
+def test_closing_a_tenant_disables_its_subscriptions_with_one_event_each(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    own = subscribe(hooks, key, receiver.url(), name="ops",
+                    event_types=["tenant.closed", "budget.exhausted"])  # fmt: skip
+    own_id = own["subscription"]["subscription_id"]
+    paused_id = subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+    hooks.admin("PATCH", f"/v1/admin/webhooks/{paused_id}", 200, json={"status": "PAUSED"})
+    beta = tenant_key(hooks, "beta")
+    beta_id = subscribe(hooks, beta, receiver.url())["subscription"]["subscription_id"]
+    watcher = Receiver()
+    try:
+        body = {"url": watcher.url(), "event_types": ["tenant.closed", CASCADE]}
+        system = hooks.admin("POST", "/v1/admin/webhooks", 201, json=body)
+        system_id = system["subscription"]["subscription_id"]
+        dispatch(hooks, 2)
+        # suspension is reversible: the subscriptions stay as they are
+        hooks.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "SUSPENDED"})
+        dispatch(hooks, 2)
+        assert status_of(hooks, own_id) == "ACTIVE"
+        hooks.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "CLOSED"})
+        # Rule 2 holds from the close on, before the cascade has run
+        refused = hooks.client.request("PATCH", f"/v1/admin/webhooks/{own_id}",
+                                       json={"name": "x"}, headers=hooks.admin_headers)  # fmt: skip
+        assert refused.status_code == 409, refused.text
+        assert valid("ErrorResponse", refused.json())["error"] == "TENANT_CLOSED"
+        dispatch(hooks, 3)
+        assert status_of(hooks, own_id) == status_of(hooks, paused_id) == "DISABLED"
+        assert status_of(hooks, beta_id) == status_of(hooks, system_id) == "ACTIVE"
+        found = events_of(hooks, "acme", CASCADE)
+        (close_event,) = events_of(hooks, "acme", "tenant.closed")
+        assert len(found) == 2
+        by_sub = {e["data"]["subscription_id"]: e for e in found}
+        for event in found:
+            valid("Event", event)
+            valid("EventDataTenantCascade", event["data"])
+            assert event["category"] == "webhook"
+            assert (
+                event["correlation_id"] == f"tenant_close_cascade:acme:{close_event['request_id']}"
+            )
+            assert event["request_id"] == close_event["request_id"]
+            assert event["actor"]["type"] == close_event["actor"]["type"] == "admin"
+        assert by_sub[own_id]["data"] == {
+            "subscription_id": own_id, "name": "ops", "prior_status": "ACTIVE",
+            "new_status": "DISABLED", "cascade_reason": "tenant_closed",
+        }  # fmt: skip
+        assert by_sub[paused_id]["data"]["prior_status"] == "PAUSED"
+        # the closed tenant's own subscription received nothing after the close; the
+        # system-wide one received the close and both cascade events
+        assert [e["event_type"] for e in receiver.events()] == []
+        assert sorted(e["event_type"] for e in watcher.events()) == [
+            "tenant.closed",
+            CASCADE,
+            CASCADE,
+        ]
+        # DISABLED is terminal for a closed tenant: no re-enable, test, replay, delete, bulk
+        for method, path, payload in [
+            ("PATCH", f"/v1/admin/webhooks/{own_id}", {"status": "ACTIVE"}),
+            ("POST", f"/v1/admin/webhooks/{own_id}/test", None),
+            ("POST", f"/v1/admin/webhooks/{own_id}/replay", {"from": "2020-01-01T00:00:00Z"}),
+            ("DELETE", f"/v1/admin/webhooks/{own_id}", None),
+        ]:
+            answer = hooks.client.request(method, path, json=payload, headers=hooks.admin_headers)
+            assert answer.status_code == 409, (method, path, answer.text)
+            assert answer.json()["error"] == "TENANT_CLOSED"
+        bulk = {"filter": {"tenant_id": "acme"}, "action": "RESUME", "idempotency_key": "b1"}
+        answered = hooks.admin("POST", "/v1/admin/webhooks/bulk-action", 200, json=bulk)
+        out = valid("WebhookBulkActionResponse", answered)
+        assert {f["error_code"] for f in out["failed"]} == {"TENANT_CLOSED"}
+        assert hooks.client.get(f"/v1/admin/webhooks/{own_id}",
+                                headers=hooks.admin_headers).status_code == 200  # fmt: skip
+        # running the cascade again (the periodic check) records nothing twice
+        clock.advance(31_000)
+        dispatch(hooks, 2)
+        assert len(events_of(hooks, "acme", CASCADE)) == 2
+    finally:
+        watcher.close()
+
+
+def test_a_close_the_dispatcher_did_not_follow_is_cascaded_by_the_periodic_check(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    """A tenant with only a PAUSED subscription is not followed: the periodic check finds it."""
+    key = tenant_key(hooks)
+    sid = subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+    hooks.admin("PATCH", f"/v1/admin/webhooks/{sid}", 200, json={"status": "PAUSED"})
+    dispatch(hooks)  # the first round checks every tenant once
+    hooks.admin("PATCH", "/v1/admin/tenants/acme", 200, json={"status": "CLOSED"})
+    dispatch(hooks)
+    assert status_of(hooks, sid) == "PAUSED"  # not yet: checked every 30 s
+    clock.advance(30_000)
+    dispatch(hooks)
+    assert status_of(hooks, sid) == "DISABLED"
+    found = events_of(hooks, "acme", CASCADE)
+    assert [e["data"]["prior_status"] for e in found] == ["PAUSED"]
+    create = {"url": receiver.url(), "event_types": ["budget.exhausted"]}
+    refused = hooks.client.post("/v1/admin/webhooks", params={"tenant_id": "acme"}, json=create,
+                                headers=hooks.admin_headers)  # fmt: skip
+    assert refused.status_code == 409
+    assert refused.json()["error"] == "TENANT_CLOSED"
+
+
+CASCADE = "webhook.disabled_via_tenant_cascade"
+
+
+def status_of(api: Api, subscription_id: str) -> str:
+    return str(api.admin("GET", f"/v1/admin/webhooks/{subscription_id}", 200)["status"])
+
+
+def events_of(api: Api, tenant: str, event_type: str) -> list[dict[str, Any]]:
+    params = {"tenant_id": tenant, "event_type": event_type}
+    body = valid("EventListResponse", api.admin("GET", "/v1/admin/events", 200, params=params))
+    return list(body["events"])
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets and header values sealed at rest
+
+
+def stored_bytes(api: Api, store: Store) -> bytes:
+    """Everything the store holds for webhooks, as bytes (files, rows, keys)."""
+    if isinstance(store, SqliteStore):
+        rows = store.connection.execute("SELECT body FROM webhook_subscriptions").fetchall()
+        files = [Path(store.path), Path(store.path + "-wal")]
+        return b"".join(bytes(r[0]) for r in rows) + b"".join(
+            f.read_bytes() for f in files if f.exists()
+        )
+    if isinstance(store, MemoryStore):
+        return b"".join(storage_for(store).subs.values())  # type: ignore[attr-defined]
+
+    async def dump() -> bytes:
+        client = store.client  # type: ignore[attr-defined]
+        keys = [k async for k in client.scan_iter(match=f"{store.key_prefix()}*")]  # type: ignore[attr-defined]
+        values = []
+        for k in keys:  # uncompressed values (a DUMP may compress them)
+            kind = await client.type(k)
+            if kind == b"string":
+                values.append(await client.get(k))
+            elif kind == b"hash":
+                values += [b for pair in (await client.hgetall(k)).items() for b in pair]
+            else:
+                values.append(await client.dump(k))
+        return b"".join(v for v in values if v)
+
+    return bytes(api.client.run(dump()))
+
+
+def test_secrets_and_header_values_are_sealed_at_rest(
+    hooks: Api, receiver: Receiver, store: Store, clock: FakeClock
+) -> None:
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    secret = "whsec_" + "s3cr3t-signing-value-0123456789"
+    token = "Bearer receiver-credential-abcdef0123456789"
+    created = subscribe(hooks, key, receiver.url(), signing_secret=secret,
+                        headers={"Authorization": token})  # fmt: skip
+    sid = created["subscription"]["subscription_id"]
+    rotated = hooks.admin("POST", f"/v1/admin/webhooks/{sid}/rotate-secret", 200, json={})
+    new_secret = rotated["signing_secret"]
+    raw = stored_bytes(hooks, store)
+    assert sid.encode() in raw  # the rows are there...
+    for value in (secret, new_secret, token, "receiver-credential"):
+        assert value.encode() not in raw  # ...their secrets are not
+    assert b"sealed:v1:" in raw
+    reserve(hooks, key, "a", 800)
+    dispatch(hooks, 3)
+    ((headers, body),) = receiver.requests
+    assert headers["authorization"] == token  # opened for the delivery
+    now = clock.now_ms / 1000
+    verify_delivery(body, headers, [secret], now=now)  # both live secrets sign
+    verify_delivery(body, headers, [new_secret], now=now)
+
+
+def test_rows_stored_plain_keep_working_and_are_sealed_on_the_first_round(
+    make_api: Callable[..., Api], dns: Dns, receiver: Receiver, store: Store, clock: FakeClock
+) -> None:
+    """A server without a key (an earlier version) stored plain values; given a key (as the
+    next version's start does, before its dispatcher's first round), it reads them, delivers
+    with them and seals them."""
+    before = relaxed(make_api(webhook_options=WebhookOptions(resolver=dns)))
+    key = tenant_key(before)
+    before.budget("acme", "tenant:acme", 1_000)
+    token = "Bearer plain-credential-0123456789"
+    created = subscribe(before, key, receiver.url(), headers={"Authorization": token})
+    secret = created["signing_secret"]
+    assert secret.encode() in stored_bytes(before, store)
+    storage_for(store).box = SecretBox.generate()  # one app: a store's connections, one loop
+    after = before
+    reserve(after, key, "a", 800)
+    dispatch(after, 3)
+    ((headers, body),) = receiver.requests
+    assert headers["authorization"] == token
+    verify_delivery(body, headers, [secret], now=clock.now_ms / 1000)
+    sealed = stored_bytes(after, store)
+    if isinstance(store, SqliteStore):  # the file keeps freed pages until reused or VACUUM
+        rows = store.connection.execute("SELECT body FROM webhook_subscriptions").fetchall()
+        sealed = b"".join(bytes(r[0]) for r in rows)
+    assert secret.encode() not in sealed
+    assert token.encode() not in sealed
+    storage = storage_for(store)
+    assert storage.box is not None
+
+    async def subs(t: WebhookTxn) -> list[SubscriptionRow]:
+        return await t.subs()
+
+    async def read() -> list[SubscriptionRow]:
+        return await storage.read(subs)
+
+    (row,) = after.client.run(read())
+    assert not row.stored_plain  # read back sealed
+    assert row.live_secrets(clock.now_ms) == [secret]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-subscription detector thresholds
+
+
+def tick_monitor(api: Api) -> list[str]:
+    app = api.client._client._transport.app  # type: ignore[attr-defined]
+    return [e.event_type for e in api.client.run(app.state.monitor.tick())]
+
+
+def test_each_subscription_gets_the_rate_spikes_of_its_own_threshold(
+    hooks: Api, receiver: Receiver, clock: FakeClock
+) -> None:
+    """The server judges denials at 10 %; one subscription asks for 5 %. At 7 % only it hears
+    of a spike; at 15 % the other one does too, and the first is not told twice."""
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 10_000_000)
+    hooks.budget("acme", "tenant:acme/agent:bot", 100)
+    strict = Receiver()
+    try:
+        kinds = ["reservation.denial_rate_spike"]
+        subscribe(hooks, key, strict.url(), event_types=kinds,
+                  thresholds={"denial_rate_threshold": 0.05})  # fmt: skip
+        subscribe(hooks, key, receiver.url(), event_types=kinds)
+
+        def burst(prefix: str, allowed: int, denied: int) -> None:
+            for i in range(allowed):
+                assert reserve(hooks, key, f"{prefix}ok{i}", 1, agent="x")["decision"] == "ALLOW"
+            for i in range(denied):
+                assert reserve(hooks, key, f"{prefix}no{i}", 1_000)["error"] == "BUDGET_EXCEEDED"
+
+        burst("a", 93, 7)  # 7 % denied
+        assert tick_monitor(hooks) == ["reservation.denied", "reservation.denial_rate_spike"]
+        dispatch(hooks, 3)
+        assert [e["data"]["ratio_threshold"] for e in strict.events()] == [0.05]
+        assert receiver.events() == []
+        clock.advance(5_000)
+        burst("b", 0, 10)  # 17 of 110: 15 %
+        assert "reservation.denial_rate_spike" in tick_monitor(hooks)
+        dispatch(hooks, 3)
+        (spike,) = receiver.events()
+        assert spike["data"]["ratio_threshold"] == 0.10
+        assert spike["data"]["ratio"] > 0.15
+        assert len(strict.events()) == 1  # its own spike still holds: once
+        clock.advance(5_000)
+        assert "reservation.denial_rate_spike" not in tick_monitor(hooks)
+        spikes = events_of(hooks, "acme", "reservation.denial_rate_spike")
+        assert sorted(e["data"]["ratio_threshold"] for e in spikes) == [0.05, 0.10]
+    finally:
+        strict.close()
+
+
+def test_a_server_with_another_key_says_so_without_a_traceback(
+    hooks: Api, receiver: Receiver, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = tenant_key(hooks)
+    sid = subscribe(hooks, key, receiver.url())["subscription"]["subscription_id"]
+    wrong = SecretBox.generate()
+    storage_for(store).box = wrong  # as a server started with another key file would be
+    response = hooks.client.get("/v1/admin/webhooks", headers=hooks.admin_headers)
+    assert response.status_code == 500
+    body = valid("ErrorResponse", response.json())
+    assert body["error"] == "INTERNAL_ERROR"
+    assert "webhook key" in body["message"]
+    dispatcher = hooks.client.app.state.webhook_dispatcher
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):  # rounds of the dispatcher's loop: each fails to open the secrets
+            assert hooks.client.run(dispatcher.run_round()) == 0
+    lines = [r for r in caplog.records if "cannot be opened" in r.getMessage()
+             or "dispatch stopped" in r.getMessage()]  # fmt: skip
+    assert all(r.exc_info is None for r in lines)
+    stopped = [r for r in lines if "dispatch stopped" in r.getMessage()]
+    assert len(stopped) == 1
+    assert sid in stopped[0].getMessage()
+    assert wrong.active in stopped[0].getMessage()

@@ -75,6 +75,7 @@ from runcycles_server.admin import Admin
 from runcycles_server.admin_bulk import BulkApi
 from runcycles_server.admin_keys import KeysApi
 from runcycles_server.console import Console
+from runcycles_server.events.latency import LatencyWatch
 from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.events.signals import Signals
 from runcycles_server.events_api import EventsApi
@@ -111,6 +112,8 @@ from runcycles_server.web import (
 )
 from runcycles_server.webhooks import Dispatcher, Resolver, storage_for, system_resolver
 from runcycles_server.webhooks.api import WebhooksApi
+from runcycles_server.webhooks.profiles import detector_profiles
+from runcycles_server.webhooks.sealing import SealingError, SecretBox
 
 logger = logging.getLogger("runcycles_server")
 
@@ -263,6 +266,14 @@ class Runtime:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
         ]
+
+    def timed_endpoints(self) -> list[Handler]:
+        """The runtime routes whose latency ``system.high_latency`` judges (not the probes)."""
+        return [
+            self.decide, self.create_reservation, self.list_reservations, self.get_reservation,
+            self.commit, self.release, self.extend, self.balances, self.create_event,
+            self.introspect,
+        ]  # fmt: skip
 
     def fast_route(self, scope: Scope) -> Handler | None:
         """Return the handler of a hot route for this request, or ``None`` (Starlette's router).
@@ -583,7 +594,7 @@ class Runtime:
         except asyncio.TimeoutError:
             ready = False
         if ready:
-            self.health.succeeded()
+            self.health.succeeded(wrote=False)
             return json_response({"status": "ready"})
         return json_response({"status": "unavailable"}, 503)
 
@@ -595,6 +606,18 @@ class Runtime:
 async def _ledger_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LedgerError)
     return error_response(request, exc)
+
+
+async def _sealing_error(request: Request, exc: Exception) -> Response:
+    """A webhook secret that does not open: the server's key is not the one that sealed it."""
+    logger.error("webhook secrets cannot be opened: %s", exc)  # a configuration error: no trace
+    error = LedgerError(
+        "INTERNAL_ERROR",
+        "this server cannot open the stored webhook secrets (it was not started with the "
+        "webhook key that sealed them); the operator finds the details in the server log",
+        status=500,
+    )
+    return error_response(request, error)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -716,7 +739,8 @@ async def run_sweeper(
         except Exception as exc:  # keep sweeping; one failure must not stop expiry
             _background_failure(health, exc, "expiry sweep failed")
         else:
-            health.succeeded()
+            health.succeeded(wrote=False)  # a sweep with nothing due only reads
+            await _flush_outage_events(health)
         ticks += 1
         if ticks % purge_every == 0:
             try:
@@ -724,6 +748,17 @@ async def run_sweeper(
                 await purge_old_data(store, retention_ms)
             except Exception as exc:  # the next round tries again; expiry goes on meanwhile
                 _background_failure(health, exc, "retention purge failed")
+            else:
+                health.succeeded()  # the purge writes
+                await _flush_outage_events(health)
+
+
+async def _flush_outage_events(health: StoreHealth) -> None:
+    """Write the outage events kept while the store was down (see :class:`StoreHealth`)."""
+    try:
+        await health.flush()
+    except Exception:
+        logger.exception("could not record the store outage events")
 
 
 def _background_failure(health: StoreHealth, exc: Exception, what: str) -> None:
@@ -773,6 +808,7 @@ def create_app(
     evidence: Issuer | None = None,
     evidence_requests_per_minute: int | None = PUBLIC_REQUESTS_PER_MINUTE,
     console: bool = True,
+    webhook_key: SecretBox | None = None,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -817,6 +853,9 @@ def create_app(
         console: serve the operator console at ``/console`` (see
             :mod:`runcycles_server.console` and ``docs/console.md``); its routes sit behind
             the router, never on the runtime's fast routes.
+        webhook_key: seals webhook signing secrets and custom header values at rest (see
+            :mod:`runcycles_server.webhooks.sealing`); ``None`` stores them plain.
+            ``cycles serve`` always passes one (created on first start).
 
     Raises:
         ValueError: if ``rate_limit_per_s`` is not a positive number, ``retention_days``
@@ -832,7 +871,12 @@ def create_app(
     limiter = TokenBucketLimiter(rate_limit_per_s) if rate_limit_per_s is not None else None
     health = StoreHealth(store)
     signals = Signals() if detectors is not None else None
-    monitor = Monitor(store, signals, detectors, health=health) if signals is not None else None
+    latency = LatencyWatch() if detectors is not None else None
+    monitor = (
+        Monitor(store, signals, detectors, health=health, latency=latency)
+        if signals is not None
+        else None
+    )
     auth = Authenticator(store, admin_api_key, limiter=limiter, signals=signals)
     meter = Metrics(top_scopes=metrics_top_scopes, public=metrics_public) if metrics else None
     if isinstance(store, OperationStore):
@@ -850,9 +894,11 @@ def create_app(
     extra_routes = MetricsApi(store, auth, health, meter).routes() if meter is not None else []
     overview = OverviewApi(store, auth)
     options = webhook_options or WebhookOptions()
+    webhook_storage = storage_for(store)
+    webhook_storage.box = webhook_key
     dispatcher = Dispatcher(
         store,
-        storage_for(store),
+        webhook_storage,
         resolver=options.resolver,
         poll_interval_s=options.poll_interval_s,
         lease_ms=options.lease_ms,
@@ -863,6 +909,10 @@ def create_app(
         health=health,
     )
     webhooks = WebhooksApi(store, dispatcher.storage, dispatcher, auth, max_body_bytes)
+    if monitor is not None and detectors is not None:
+        defaults = detectors
+        dispatcher.detectors = defaults
+        monitor.profiles = lambda: detector_profiles(webhook_storage, defaults)
     if meter is not None:
         record = meter.record_webhook_delivery
         dispatcher.on_delivery = lambda outcome: record(_DELIVERY_OUTCOMES[outcome])
@@ -904,6 +954,11 @@ def create_app(
                     await monitor.tick(final=True)
                 except Exception:
                     logger.warning("could not record the last refusal events", exc_info=True)
+            if health.pending and health.down_since is None:
+                try:  # an outage that ended just before the stop
+                    await health.flush()
+                except Exception:
+                    logger.warning("could not record the store outage events", exc_info=True)
             await dispatcher.close()
             if close_store:
                 await store.close()
@@ -922,7 +977,11 @@ def create_app(
             *evidence_api.routes(),
             *console_routes,
         ],
-        exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
+        exception_handlers={
+            LedgerError: _ledger_error,
+            HTTPException: _http_error,
+            SealingError: _sealing_error,
+        },
         lifespan=lifespan,
     )
     if meter is not None:
@@ -930,7 +989,12 @@ def create_app(
             (route.endpoint, route.path) for route in app.routes if isinstance(route, Route)
         )
     app.add_middleware(
-        ContextMiddleware, fast_route=runtime.fast_route, health=health, metrics=meter
+        ContextMiddleware,
+        fast_route=runtime.fast_route,
+        health=health,
+        metrics=meter,
+        latency=latency,
+        timed=runtime.timed_endpoints(),
     )
     app.state.store = store
     app.state.webhook_dispatcher = dispatcher

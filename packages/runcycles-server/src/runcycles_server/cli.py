@@ -131,6 +131,34 @@ def default_db_path() -> Path:
     return Path(user_data_dir("runcycles", appauthor=False)) / "cycles.db"
 
 
+def _prepare_webhook_key(path: Path | None, redis: str | None, db: Path | None) -> str:
+    """Create (or check) the webhook key and point the workers at it; describe it.
+
+    Raises:
+        CliError: an unusable key file or document.
+    """
+    from runcycles_server.webhooks.sealing import KEY_ENV, KEY_FILE_ENV, SealingError, SecretBox
+
+    try:
+        if os.environ.get(KEY_ENV):
+            box = SecretBox.from_environment(None)
+            return f"webhook secrets: sealed with ${KEY_ENV} (key {box.active})"
+        chosen = path or default_webhook_key_path(redis, db)
+        box = SecretBox.load_or_create(chosen)
+    except SealingError as exc:
+        raise CliError(str(exc)) from None
+    os.environ[KEY_FILE_ENV] = str(chosen.resolve())
+    return f"webhook secrets: sealed with {chosen} (key {box.active})"
+
+
+def default_webhook_key_path(redis_url: str | None, db: Path | None = None) -> Path:
+    """The webhook sealing key file: beside the SQLite file, or in the data directory (Redis)."""
+    if redis_url:
+        return default_db_path().with_name("webhook-key.json")
+    path = db or Path(os.environ.get(ENV_DB) or default_db_path())
+    return path.with_name(path.stem + ".webhook-key.json")
+
+
 def redact_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***`` (for logs and banners)."""
     parts = urlsplit(url)
@@ -196,7 +224,12 @@ def app_from_env() -> Starlette:
     except ValueError as exc:
         raise SystemExit(f"{ENV_DETECTORS}: {exc}") from None
     from runcycles_server.app import WebhookOptions
+    from runcycles_server.webhooks.sealing import SealingError, SecretBox
 
+    try:
+        webhook_key = SecretBox.from_environment(default_webhook_key_path(redis_url))
+    except SealingError as exc:
+        raise SystemExit(f"webhook key: {exc}") from None
     hooks = WebhookOptions(
         poll_interval_s=_env_number(ENV_WEBHOOK_POLL, None) or 1.0,
         lease_ms=round((_env_number(ENV_WEBHOOK_LEASE, None) or 60.0) * 1000),
@@ -219,6 +252,7 @@ def app_from_env() -> Starlette:
             evidence=issuer_from_env(),
             evidence_requests_per_minute=evidence_rate_limit_from_env(),
             console=os.environ.get(ENV_CONSOLE, "1") == "1",
+            webhook_key=webhook_key,
         )
     except ValueError as exc:
         raise SystemExit(
@@ -483,7 +517,8 @@ def serve(
         typer.Option(
             "--detectors",
             help='Event monitor parameters as JSON, e.g. \'{"burn_rate_multiplier": 4, '
-            "\"rate_window_seconds\": 600}' (spec defaults otherwise), or 'off'; see "
+            '"rate_window_seconds": 600, "latency_threshold_ms": 250}\' (spec defaults '
+            "otherwise; system.high_latency: p95 over 60 s above 500 ms), or 'off'; see "
             "docs/events.md.",
         ),
     ] = None,
@@ -578,6 +613,16 @@ def serve(
             "over it; 0 = no limit).",
         ),
     ] = DEFAULT_EVIDENCE_RATE_LIMIT,
+    webhook_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="CYCLES_WEBHOOK_KEY_FILE",
+            help="Key file sealing webhook secrets and custom header values at rest, created "
+            "(mode 0600) if missing; share it between servers of one store (default: beside "
+            "the SQLite file, or in the user data directory with --redis).",
+            show_default=False,
+        ),
+    ] = None,
     console: Annotated[
         bool,
         typer.Option(
@@ -691,6 +736,7 @@ def serve(
             )
         else:
             os.environ[ENV_EVIDENCE] = "0"
+        webhook_note = _prepare_webhook_key(webhook_key, redis, db)
         if dev:
             typer.echo("# Cycles dev server: paste these into your shell")
             typer.echo(f"export CYCLES_BASE_URL={base_url}")
@@ -712,6 +758,7 @@ def serve(
             err=True,
         )
         typer.echo(evidence_note, err=True)
+        typer.echo(webhook_note, err=True)
         if fd_note:
             typer.echo(fd_note, err=True)
     import uvicorn

@@ -22,6 +22,11 @@ sweeper). Every ``DetectorConfig.tick_seconds`` it
    records the event. A condition that stops holding lets its flag lapse, and holding again
    later is a new spike. The spec's payloads have no field for an end, so none is recorded.
 
+It also judges the request latency of the runtime routes (:mod:`runcycles_server.events.latency`):
+``system.high_latency`` when the window's percentile crosses ``latency_threshold_ms``, once
+per crossing, per process. And it writes the store outage events :class:`StoreHealth` holds
+(``system.store_connection_lost``/``restored``) once the store answers again.
+
 Expirations for the expiry rate are read from the event log (``reservation.expired`` of the
 tenants that reserved within the window), which every process's sweeper writes.
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from runcycles.models import ReservationCreateRequest
@@ -42,16 +48,27 @@ from runcycles_server import ledger
 from runcycles_server.errors import LedgerError
 from runcycles_server.events import EventRecord, new_event_id
 from runcycles_server.events.context import EventContext, current_context
+from runcycles_server.events.latency import LatencyRule, LatencyWatch
 from runcycles_server.events.rates import (
     BUCKET_MS,
     Condition,
+    Counts,
     DetectorConfig,
+    Profile,
     burn_condition,
     burn_rates,
+    level_of,
     rate_spikes,
+    wanted_level,
 )
 from runcycles_server.events.records import SOURCE
-from runcycles_server.events.signals import RESERVATIONS, Refusals, Signals, Tally
+from runcycles_server.events.signals import (
+    RESERVATIONS,
+    SYSTEM_TENANT,
+    Refusals,
+    Signals,
+    Tally,
+)
 from runcycles_server.governance.timestamps import iso
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import Outcome
@@ -59,6 +76,10 @@ from runcycles_server.stores.base import Clock, EventQuery, SignalStore, Store
 
 logger = logging.getLogger("runcycles_server.monitor")
 
+ANOMALY_TYPES: Final = (
+    "budget.burn_rate_anomaly", "reservation.denial_rate_spike",
+    "reservation.expiry_rate_spike", "api_key.auth_failure_rate_spike",
+)  # fmt: skip
 DETECTOR_SOURCE: Final = "anomaly-detector"
 """``source`` of the detectors' events (the spec's example)."""
 EXPIRED_SCAN_MAX: Final = 1_000
@@ -136,12 +157,25 @@ class Monitor:
         config: DetectorConfig | None = None,
         clock: Clock | None = None,
         health: StoreHealth | None = None,
+        latency: LatencyWatch | None = None,
     ) -> None:
         self.store = store
         self.health = health
         self.signals = signals
         self.config = config or DetectorConfig()
         self.clock = clock or store.clock
+        self.latency = latency
+        """The runtime routes' latency histogram (``None``: latency not judged)."""
+        self.profiles: Callable[[], Awaitable[list[Profile]]] | None = None
+        """The detector parameter sets subscriptions want besides :attr:`config` (see
+        :mod:`runcycles_server.webhooks.profiles`); ``None``: the server's only."""
+        config = self.config
+        self.latency_rule = LatencyRule(
+            config.latency_threshold_ms,
+            config.latency_window_seconds * 1000,
+            config.latency_percentile,
+            config.latency_min_samples,
+        )
         self._denied = _Window("reservation.denied")
         self._auth = _Window("api_key.auth_failed")
 
@@ -171,16 +205,48 @@ class Monitor:
         kept = [(w, dict(w.pending), dict(w.last)) for w in (self._denied, self._auth)]
         records = self._denied.due(now, window_ms, everything=final)
         records += self._auth.due(now, window_ms, everything=final)
+        latency = self._judge_latency(now) if not final else None
         try:
             if not final:
                 records += await self._detect(now)
+            if latency is not None:
+                records.append(latency)
             if records:
                 await self.store.record_events(records)
         except Exception:
             for window, pending, last in kept:  # the refusals go into the next tick's events
                 window.pending, window.last = pending, last
+            if latency is not None:
+                self.latency_rule.high = False  # not recorded: the next tick crosses again
             raise
+        if self.health is not None:
+            await self.health.flush()
         return records
+
+    def _judge_latency(self, now_ms: int) -> EventRecord | None:
+        if self.latency is None:
+            return None
+        rule = self.latency_rule
+        was_high = rule.high
+        rule.add(now_ms, self.latency.take())
+        crossing, value = rule.judge()
+        if was_high and not rule.high:
+            logger.info("runtime latency back to %.1f ms (threshold %g ms)", value,
+                        rule.threshold_ms)  # fmt: skip
+        if crossing is None:
+            return None
+        details = crossing.data["details"]
+        if self.health is not None:
+            details["process"] = self.health.process
+        return EventRecord(
+            event_id=new_event_id(now_ms),
+            event_type="system.high_latency",
+            tenant_id=SYSTEM_TENANT,
+            created_at_ms=now_ms,
+            source=DETECTOR_SOURCE,
+            actor_type="system",
+            data=crossing.data,
+        )
 
     async def _add_counts(self, tally: Tally, now_ms: int) -> None:
         store = self.store
@@ -199,7 +265,31 @@ class Monitor:
         if not isinstance(store, SignalStore):
             return []
         config = self.config
-        counts = await store.signal_counts(now_ms - config.history_ms)
+        profiles = [Profile(config), *(await self.profiles() if self.profiles else [])]
+        history = max(p.config.history_ms for p in profiles)
+        counts = await store.signal_counts(now_ms - history)
+        default_levels = {t: wanted_level(t, config) for t in ANOMALY_TYPES}
+        seen: set[tuple[Any, ...]] = set()
+        conditions: list[Condition] = []
+        for profile in profiles:
+            for condition in await self._conditions(counts, now_ms, profile):
+                level = level_of(condition.event_type, condition.data)
+                key = (condition.event_type, condition.tenant_id, condition.scope, level)
+                if key in seen:
+                    continue  # the same level another profile (the server's) already judged
+                seen.add(key)
+                if level != default_levels[condition.event_type] and level is not None:
+                    flag = f"{condition.flag}|{level[0]:g}|{level[1]}"
+                    condition = dataclasses.replace(condition, flag=flag)
+                conditions.append(condition)
+        ttl_ms = int(3 * config.tick_seconds * 1000)
+        started = [c for c in conditions if await store.raise_flag(c.flag, ttl_ms)]
+        return [self._record(c, now_ms) for c in started]
+
+    async def _conditions(self, counts: Counts, now_ms: int, profile: Profile) -> list[Condition]:
+        """The conditions that hold under one profile's parameters, for its tenants."""
+        config = profile.config
+        tenants = profile.tenants
         edge = (now_ms - config.rate_window_seconds * 1000) // BUCKET_MS * BUCKET_MS
         reserved: dict[str, int] = {}
         for (bucket, tenant, name), n in counts.items():
@@ -208,16 +298,18 @@ class Monitor:
         expired = {
             tenant: await self._expired(tenant, edge)
             for tenant, n in reserved.items()
-            if n >= config.min_samples
+            if n >= config.min_samples and (tenants is None or tenant in tenants)
         }
         conditions = rate_spikes(counts, expired, now_ms, config)
         for burn in burn_rates(counts, now_ms, config):
-            budget = await store.get_budget(burn.scope, burn.unit)
+            if tenants is not None and burn.tenant_id not in tenants:
+                continue
+            budget = await self.store.get_budget(burn.scope, burn.unit)
             remaining = budget.remaining if budget is not None else None
             conditions.append(burn_condition(burn, remaining, config))
-        ttl_ms = int(3 * config.tick_seconds * 1000)
-        started = [c for c in conditions if await store.raise_flag(c.flag, ttl_ms)]
-        return [self._record(c, now_ms) for c in started]
+        if tenants is None:
+            return conditions
+        return [c for c in conditions if c.tenant_id in tenants]
 
     async def _expired(self, tenant_id: str, since_ms: int) -> int:
         count, cursor = 0, None

@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Any, Final, TypeVar
@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from runcycles_server import ledger
 from runcycles_server.events.context import CURRENT as _event_context
 from runcycles_server.events.context import EventContext, set_actor
+from runcycles_server.events.latency import LatencyWatch
 from runcycles_server.events.signals import Signals
 from runcycles_server.health import RETRY_AFTER_S, StoreHealth
 from runcycles_server.ledger import ApiKeyRow, LedgerError
@@ -123,6 +124,9 @@ class ContextMiddleware:
             ``Retry-After`` and counted (one log line per outage), not logged as a traceback.
         metrics: counts every answered request by endpoint, method and status with its
             ``time.perf_counter()`` duration (``None``: metrics off; nothing is timed).
+        latency: the histogram the requests to ``timed`` endpoints (the runtime routes) are
+            counted into, for ``system.high_latency`` (``None``: not timed).
+        timed: the endpoints whose latency counts.
     """
 
     def __init__(
@@ -131,11 +135,15 @@ class ContextMiddleware:
         fast_route: FastRoute | None = None,
         health: StoreHealth | None = None,
         metrics: Metrics | None = None,
+        latency: LatencyWatch | None = None,
+        timed: Collection[object] = (),
     ) -> None:
         self.app = app
         self.fast_route = fast_route
         self.health = health
         self.metrics = metrics
+        self.latency = latency
+        self.timed = frozenset(timed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the wrapped app (or a hot route's handler) with the request context set up."""
@@ -143,7 +151,8 @@ class ContextMiddleware:
             await self.app(scope, receive, send)
             return
         metrics = self.metrics
-        began = perf_counter() if metrics is not None else 0.0
+        latency = self.latency
+        began = perf_counter() if metrics is not None or latency is not None else 0.0
         request_id = new_request_id()
         trace_id = trace_id_from_headers(*_trace_headers(scope))
         state = scope.get("state")
@@ -252,9 +261,14 @@ class ContextMiddleware:
             await send_with_headers({"type": "http.response.body", "body": body})
         finally:
             _event_context.reset(token)
-            if metrics is not None:  # the route the router matched, if it was not a hot one
+            if metrics is not None or latency is not None:
+                # the route the router matched, if it was not a hot one
                 endpoint = handler if handler is not None else scope.get("endpoint")
-                metrics.observe(endpoint, scope["method"], status, perf_counter() - began)
+                took = perf_counter() - began
+                if metrics is not None:
+                    metrics.observe(endpoint, scope["method"], status, took)
+                if latency is not None and endpoint in self.timed:
+                    latency.observe(took)
 
 
 def request_ids(request: Request) -> tuple[str, str]:

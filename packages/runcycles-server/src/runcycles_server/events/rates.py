@@ -69,6 +69,15 @@ class DetectorConfig:
     """At most one ``reservation.denied`` / ``api_key.auth_failed`` per key per this."""
     tick_seconds: float = 5.0
     """How often the monitor flushes tallies and runs the detectors."""
+    latency_threshold_ms: float = 500.0
+    """``system.high_latency`` when the runtime routes' percentile exceeds it (not in the
+    spec; see :mod:`runcycles_server.events.latency`)."""
+    latency_percentile: float = 0.95
+    """Which percentile is judged (0.95: p95)."""
+    latency_window_seconds: int = 60
+    """The rolling window the percentile is computed over."""
+    latency_min_samples: int = 20
+    """Fewest requests in the window for a judgement."""
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
@@ -92,6 +101,11 @@ class DetectorConfig:
             ("min_samples", self.min_samples >= 1, ">= 1"),
             ("refusal_window_seconds", self.refusal_window_seconds >= 1, ">= 1"),
             ("tick_seconds", self.tick_seconds > 0, "> 0"),
+            ("latency_threshold_ms", self.latency_threshold_ms > 0, "> 0"),
+            ("latency_percentile", 0.5 <= self.latency_percentile < 1, "0.5 to 0.999"),
+            ("latency_window_seconds", 10 <= self.latency_window_seconds <= 3600,
+             "10 to 3600"),
+            ("latency_min_samples", self.latency_min_samples >= 1, ">= 1"),
         ]  # fmt: skip
         for name, ok, bounds in checks:
             if not ok:
@@ -130,6 +144,50 @@ class DetectorConfig:
         """How far back the detectors read counters."""
         burn = (self.burn_rate_window_seconds + self.burn_rate_baseline_seconds) * 1000
         return max(burn, self.rate_window_seconds * 1000) + BUCKET_MS
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A set of detector parameters some subscribers want, and whose events they are.
+
+    ``tenants`` ``None``: every tenant's (a system-wide subscription wants it).
+    """
+
+    config: DetectorConfig
+    tenants: frozenset[str] | None = None
+
+
+RATE_FIELDS: Final = {
+    "reservation.denial_rate_spike": "denial_rate_threshold",
+    "reservation.expiry_rate_spike": "expiry_rate_threshold",
+    "api_key.auth_failure_rate_spike": "auth_failure_rate_threshold",
+}
+"""The ``WebhookThresholdConfig`` field of each rate-spike event type (its window:
+``rate_window_seconds``)."""
+
+
+def level_of(event_type: str, data: dict[str, Any]) -> tuple[float, int] | None:
+    """The ``(threshold, window_seconds)`` an anomaly event was detected at (else ``None``)."""
+    if event_type in RATE_FIELDS:
+        threshold = data.get("ratio_threshold")
+    elif event_type == "budget.burn_rate_anomaly":
+        threshold = data.get("threshold_multiplier")
+    else:
+        return None
+    window = data.get("window_seconds")
+    if not isinstance(threshold, (int, float)) or not isinstance(window, int):
+        return None
+    return float(threshold), window
+
+
+def wanted_level(event_type: str, config: DetectorConfig) -> tuple[float, int] | None:
+    """The ``(threshold, window_seconds)`` of ``event_type`` under ``config``."""
+    field = RATE_FIELDS.get(event_type)
+    if field is not None:
+        return float(getattr(config, field)), config.rate_window_seconds
+    if event_type == "budget.burn_rate_anomaly":
+        return config.burn_rate_multiplier, config.burn_rate_window_seconds
+    return None
 
 
 @dataclass(frozen=True, slots=True)

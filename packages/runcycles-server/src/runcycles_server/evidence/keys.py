@@ -30,12 +30,10 @@ signed with that key. Private material never leaves this module except into the 
 from __future__ import annotations
 
 import base64
-import contextlib
 import itertools
 import json
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +43,8 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from runcycles_server.keyfiles import write_private_file
 
 KEYS_ENV: Final = "CYCLES_EVIDENCE_KEYS"
 """Environment variable holding the key ring document itself (read-only ring)."""
@@ -274,22 +274,7 @@ class KeyRing:
         path = self.path
         if path is None:
             raise KeyRingError(f"this key ring came from ${KEYS_ENV}: update that variable instead")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".evidence-keys.", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(self.document())
-                out.flush()
-                os.fsync(out.fileno())
-            if exclusive:
-                with contextlib.suppress(FileExistsError):  # a file appeared meanwhile: keep it
-                    os.link(tmp, path)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_private_file(path, self.document(), exclusive=exclusive)
         self._mtime_ns = _mtime(path)
 
     def reload_if_changed(self) -> bool:

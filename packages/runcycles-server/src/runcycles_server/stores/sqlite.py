@@ -578,6 +578,10 @@ class SqliteStore(RowStore):
         busy_timeout_ms: how long to wait for another process's write lock.
     """
 
+    reads_prove_writes: Final = False
+    """A file another program holds locked answers reads but not writes (see
+    :class:`runcycles_server.health.StoreHealth`): only a write ends an outage."""
+
     def __init__(
         self,
         path: str | Path | None = None,

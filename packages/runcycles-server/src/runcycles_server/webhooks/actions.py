@@ -60,7 +60,12 @@ class WebhookActions:
     async def test(
         self, row: SubscriptionRow, reason: str | None = None
     ) -> tuple[DeliveryRow, Attempt]:
-        """Send a ``system.webhook_test`` event now and record the delivery."""
+        """Send a ``system.webhook_test`` event now and record the delivery.
+
+        Raises:
+            LedgerError: 409 TENANT_CLOSED (the subscription's tenant is closed).
+        """
+        await self.subs.check_open(row.tenant_id)
         delivery, attempt = await self.dispatcher.send_test(row)
         details: dict[str, Any] = {"success": attempt.ok}
         if attempt.status is not None:
@@ -81,8 +86,10 @@ class WebhookActions:
 
         Raises:
             LedgerError: INVALID_REQUEST (window backwards, subscription not ACTIVE, more
-                than ``max_events`` events), CONFLICT (a replay still being delivered).
+                than ``max_events`` events), CONFLICT (a replay still being delivered),
+                TENANT_CLOSED.
         """
+        await self.subs.check_open(row.tenant_id)
         if to_ms < from_ms:
             raise LedgerError("INVALID_REQUEST", "replay window: to is before from")
         if row.status != "ACTIVE":
@@ -153,7 +160,8 @@ class WebhookActions:
                 found += [
                     e
                     for e in events.items
-                    if (not types or e.event_type in types) and matches(unbounded, e)
+                    if (not types or e.event_type in types)
+                    and matches(unbounded, e, self.dispatcher.detectors)
                 ]
                 if len(found) > max_events:
                     raise LedgerError(

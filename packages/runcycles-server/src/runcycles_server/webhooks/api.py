@@ -244,7 +244,10 @@ class WebhooksApi:
     async def _target(self, request: Request, write: bool) -> tuple[Principal, SubscriptionRow]:
         principal = await self._caller(request, write)
         sid = request.path_params["subscription_id"]
-        return principal, await self.subs.get(sid, principal.tenant_id)
+        row = await self.subs.get(sid, principal.tenant_id)
+        if write:
+            await self.subs.check_open(row.tenant_id)
+        return principal, row
 
     async def get(self, request: Request) -> Response:
         """``GET .../{subscription_id}``."""

@@ -23,6 +23,13 @@ A background task of the app (started in ``create_app``'s lifespan). Each round:
    ``max_age_ms`` (a day). ``disable_after_failures`` failed deliveries in a row disable the
    subscription and record ``webhook.disabled``.
 
+Between following and claiming, a round runs the tenant-close cascade
+(:func:`~.service.disable_for_closed_tenant`): at once for a tenant whose ``tenant.closed``
+event it has just followed, and every :data:`CASCADE_CHECK_MS` (and on its first round) for
+every tenant that still has an ACTIVE or PAUSED subscription, which catches a close it did not
+follow (only PAUSED subscriptions, a restart mid-cascade). Since it runs before the claim, a
+closed tenant's own subscriptions receive nothing after the close.
+
 It wakes at once when this process recorded events (``OperationStore.on_events``) and polls
 every ``poll_interval_s`` otherwise (other processes' events, retries coming due).
 ``on_delivery`` (``success``/``retry``/``failed``/``refused``) is the hook for metrics.
@@ -43,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from runcycles_server.events import EventRecord, event_to_json, new_event_id
+from runcycles_server.events.rates import DetectorConfig
 from runcycles_server.health import StoreHealth
 from runcycles_server.ledger import DAY_MS, LedgerError
 from runcycles_server.stores.base import EventQuery, Store
@@ -54,8 +62,9 @@ from runcycles_server.webhooks.models import (
     lifecycle_data,
     matches,
 )
+from runcycles_server.webhooks.sealing import SealingError
 from runcycles_server.webhooks.sender import Attempt, Sender
-from runcycles_server.webhooks.service import lifecycle_event
+from runcycles_server.webhooks.service import disable_for_closed_tenant, lifecycle_event
 from runcycles_server.webhooks.ssrf import Resolver, system_resolver
 from runcycles_server.webhooks.storage import WebhookStorage, WebhookTxn
 
@@ -76,6 +85,8 @@ REPLAY_PREFIX: Final = "whd_rpl_"
 REPLAY_MAX: Final = 1000
 CURSOR_IDLE_MS: Final = 60_000
 """How often the cursor of a tenant without new events is moved."""
+CASCADE_CHECK_MS: Final = 30_000
+"""How often every subscription's tenant is checked for a close the dispatcher missed."""
 """Most events one round reads per tenant (a backlog drains over the next rounds)."""
 DeliveryHook = Callable[[str], None]
 
@@ -148,6 +159,14 @@ class Dispatcher:
         """Called with each attempt's outcome: ``success``, ``retry``, ``failed``, ``refused``
         (connect a metrics counter here)."""
         self._wake = asyncio.Event()
+        self._cascade_checked_ms: int | None = None
+        self.detectors: DetectorConfig | None = None
+        """The server's detector parameters: anomaly events go to the subscriptions whose
+        parameters they were detected at (see :mod:`.profiles`); ``None``: to all."""
+        self._resealed = False
+        self._sealing_error = ""
+        self._closed_seen: dict[str, EventRecord] = {}
+        """Tenants whose ``tenant.closed`` the last follow read (their cascade is due)."""
 
     def wake(self) -> None:
         """Run a round soon (safe to call from the request path: it only sets a flag)."""
@@ -161,28 +180,45 @@ class Dispatcher:
     async def run(self) -> None:
         """Run rounds forever (a failing round is logged; the next one tries again)."""
         while True:
-            try:
-                busy = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.health is not None and self.health.is_unavailable(exc):
-                    self.health.failed(exc, request=False)
-                else:
-                    logger.exception("webhook dispatch round failed")
-                busy = 0
-            if busy:
+            if await self.run_round():
                 continue
             with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError on 3.10
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()
 
+    async def run_round(self) -> int:
+        """One round of :meth:`run`: :meth:`run_once`, its failure reported instead of raised.
+
+        An unavailable store goes to the store health (one line per outage), secrets that do
+        not open (a server started with another webhook key) are said once, anything else is
+        logged with its traceback. Returns how many attempts the round made (0 if it failed).
+        """
+        try:
+            return await self.run_once()
+        except asyncio.CancelledError:
+            raise
+        except SealingError as exc:  # a configuration error: say it once, not every round
+            if str(exc) != self._sealing_error:
+                self._sealing_error = str(exc)
+                logger.error("webhook dispatch stopped: %s", exc)
+        except Exception as exc:
+            if self.health is not None and self.health.is_unavailable(exc):
+                self.health.failed(exc, request=False)
+            else:
+                logger.exception("webhook dispatch round failed")
+        return 0
+
     async def run_once(self) -> int:
         """One round: follow, claim, send. Returns how many attempts it made."""
+        if not self._resealed:  # rows written before sealing: sealed once, on the first round
+            await self.storage.reseal()
+            self._resealed = True
         subs = await self._subs()
         active = [s for s in subs if s.status == "ACTIVE"]
         if active:
             await self.follow(active)
+        if await self.cascade(subs):
+            active = [s for s in await self._subs() if s.status == "ACTIVE"]
         await self._purge()  # after following: the cursors no longer reach what it deletes
         if not active:
             return 0
@@ -213,6 +249,35 @@ class Dispatcher:
             return await t.subs()
 
         return await self.storage.read(read)
+
+    # -- tenant-close cascade --------------------------------------------------------------
+
+    async def cascade(self, subs: list[SubscriptionRow]) -> int:
+        """Disable the subscriptions of CLOSED tenants (see the module); return how many."""
+        now = self.store.clock()
+        open_tenants = {
+            s.tenant_id for s in subs if s.tenant_id != SYSTEM_TENANT and s.status != "DISABLED"
+        }
+        due: dict[str, EventRecord | None] = {
+            t: e for t, e in self._closed_seen.items() if t in open_tenants
+        }
+        self._closed_seen.clear()
+        last = self._cascade_checked_ms
+        if open_tenants and (last is None or now - last >= CASCADE_CHECK_MS):
+            self._cascade_checked_ms = now
+            for tenant_id in sorted(open_tenants - set(due)):
+                tenant = await self.store.get_tenant(tenant_id)
+                if tenant is not None and tenant.status == "CLOSED":
+                    due[tenant_id] = await self._close_event(tenant_id)
+        done = 0
+        for tenant_id in sorted(due):
+            done += len(await disable_for_closed_tenant(self.storage, tenant_id, due[tenant_id]))
+        return done
+
+    async def _close_event(self, tenant_id: str) -> EventRecord | None:
+        query = EventQuery(tenant_id, event_type="tenant.closed", limit=1)
+        page = await self.store.list_events(query)
+        return page.items[0] if page.items else None
 
     # -- follow ----------------------------------------------------------------------------
 
@@ -245,7 +310,10 @@ class Dispatcher:
         start = int(raw) if raw is not None else min(s.created_at_ms for s in subs)
         now = self.store.clock()
         events = await self._events(tenant_id, start - LAG_MS, now)
-        pairs = [(s, e) for e in events for s in subs if matches(s, e)]
+        pairs = [(s, e) for e in events for s in subs if matches(s, e, self.detectors)]
+        for event in events:
+            if event.event_type == "tenant.closed":
+                self._closed_seen[tenant_id] = event
         if not events and raw is not None and now - int(raw) < CURSOR_IDLE_MS:
             return 0  # nothing new, cursor fresh enough: no transaction at all
 

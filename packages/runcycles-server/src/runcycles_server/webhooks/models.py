@@ -15,6 +15,7 @@ create (or rotate) ever carries a secret; custom header values are masked.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import secrets as _secrets
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from runcycles_server.events import EVENT_TYPES, EventRecord, category_of
 from runcycles_server.events.detect import DEFAULT_THRESHOLDS
+from runcycles_server.events.rates import DetectorConfig, level_of, wanted_level
 from runcycles_server.governance.timestamps import iso
 from runcycles_server.ledger import LedgerError
+from runcycles_server.webhooks.sealing import SealingError, SecretBox, is_sealed
 
 SYSTEM_TENANT: Final = "__system__"
 """Owner of system-wide subscriptions (they receive every tenant's events)."""
@@ -40,6 +43,12 @@ ROTATION_OVERLAP_MS: Final = 24 * 3_600_000
 """How long a rotated-out secret keeps signing deliveries by default (24 h)."""
 SECRET_PREFIX: Final = "whsec_"
 MASK: Final = "********"
+
+DETECTOR_FIELDS: Final = frozenset(
+    {"burn_rate_multiplier", "burn_rate_window_seconds", "denial_rate_threshold",
+     "expiry_rate_threshold", "auth_failure_rate_threshold", "rate_window_seconds"}
+)  # fmt: skip
+"""The ``WebhookThresholdConfig`` fields that are detector parameters (``DetectorConfig``)."""
 
 EventTypeName = Literal[EVENT_TYPES]  # type: ignore[valid-type]
 CategoryName = Literal["budget", "tenant", "api_key", "policy", "reservation", "system", "webhook"]
@@ -66,10 +75,11 @@ class RetryPolicy(_Strict):
 
 
 class ThresholdConfig(_Strict):
-    """``WebhookThresholdConfig``.
+    """``WebhookThresholdConfig``: what this subscription counts as a crossing or an anomaly.
 
-    ``budget_utilization`` is the one this server applies per subscription; the rate and
-    burn-rate settings are stored and answered as given.
+    Every field applies to what is delivered to the subscription (the server's settings stand
+    for the fields it leaves out); see :mod:`.profiles` for how, without the request path
+    reading any subscription.
     """
 
     budget_utilization: Annotated[list[Utilization], Field(min_length=1, max_length=20)] | None = (
@@ -219,6 +229,9 @@ class SubscriptionRow:
     last_success_at_ms: int | None = None
     last_failure_at_ms: int | None = None
     metadata: dict[str, Any] | None = None
+    stored_plain: bool = False
+    """Read from a row whose secrets or header values were stored plain (before sealing):
+    the dispatcher writes it again, sealed. Not stored."""
 
     def live_secrets(self, now_ms: int) -> list[str]:
         """The secrets that sign a delivery now, newest first."""
@@ -226,24 +239,65 @@ class SubscriptionRow:
             s.secret for s in self.secrets if s.expires_at_ms is None or s.expires_at_ms > now_ms
         ]
 
+    def detector_config(self, defaults: DetectorConfig) -> DetectorConfig:
+        """The detector parameters this subscription wants: ``defaults`` with its overrides."""
+        overrides = {k: v for k, v in (self.thresholds or {}).items() if k in DETECTOR_FIELDS}
+        if not overrides:
+            return defaults
+        try:
+            return dataclasses.replace(defaults, **overrides)
+        except ValueError:  # validated on save with the spec's bounds; the server's are wider
+            return defaults
+
     @property
     def utilization_thresholds(self) -> tuple[float, ...]:
         """The ``budget.threshold_crossed`` thresholds this subscription receives."""
         found = (self.thresholds or {}).get("budget_utilization")
         return tuple(sorted(set(found))) if found else DEFAULT_THRESHOLDS
 
-    def to_json(self) -> bytes:
-        """The storage form (read back by :meth:`from_json`)."""
+    def to_json(self, box: SecretBox | None = None) -> bytes:
+        """The storage form (read back by :meth:`from_json`).
+
+        With ``box`` the secrets and the header values are sealed (:mod:`.sealing`), each
+        bound to this subscription and its place.
+        """
         data = {name: getattr(self, name) for name in SubscriptionRow.__slots__}
-        data["secrets"] = [[s.secret, s.expires_at_ms] for s in self.secrets]
+        del data["stored_plain"]
+        sid = self.subscription_id
+        seal = box.seal if box is not None else _as_is
+        data["secrets"] = [[seal(s.secret, f"{sid}/secret"), s.expires_at_ms] for s in self.secrets]
+        data["headers"] = {k: seal(v, f"{sid}/header/{k}") for k, v in self.headers.items()}
         return orjson.dumps(data)
 
     @staticmethod
-    def from_json(raw: bytes | str) -> SubscriptionRow:
-        """Read a row :meth:`to_json` wrote."""
+    def from_json(raw: bytes | str, box: SecretBox | None = None) -> SubscriptionRow:
+        """Read a row :meth:`to_json` wrote (sealed with ``box``, or plain).
+
+        Raises:
+            SealingError: a value is sealed and ``box`` cannot open it (or is ``None``).
+        """
         data = orjson.loads(raw)
-        data["secrets"] = [SecretRow(s, e) for s, e in data["secrets"]]
+        sid = data["subscription_id"]
+        plain = [s for s, _ in data["secrets"]] + list(data.get("headers", {}).values())
+        data["stored_plain"] = any(not is_sealed(v) for v in plain)
+        if box is None:
+            if any(map(is_sealed, plain)):
+                raise SealingError(
+                    f"the secrets of {sid} are sealed: start the server with its webhook key "
+                    "(--webhook-key, $CYCLES_WEBHOOK_KEY_FILE or $CYCLES_WEBHOOK_KEY)"
+                )
+            unseal = _as_is
+        else:
+            unseal = box.open
+        data["secrets"] = [SecretRow(unseal(s, f"{sid}/secret"), e) for s, e in data["secrets"]]
+        data["headers"] = {
+            k: unseal(v, f"{sid}/header/{k}") for k, v in data.get("headers", {}).items()
+        }
         return SubscriptionRow(**data)
+
+
+def _as_is(value: str, place: str) -> str:
+    return value
 
 
 @dataclass(slots=True)
@@ -382,8 +436,15 @@ def scope_matches(pattern: str | None, scope: str | None) -> bool:
     return all(fnmatch.fnmatchcase(h, w) for h, w in zip(have, want, strict=False))
 
 
-def matches(row: SubscriptionRow, event: EventRecord) -> bool:
-    """Whether ``row`` receives ``event`` (selectors, tenant, scope and its thresholds)."""
+def matches(
+    row: SubscriptionRow, event: EventRecord, defaults: DetectorConfig | None = None
+) -> bool:
+    """Whether ``row`` receives ``event`` (selectors, tenant, scope and its thresholds).
+
+    ``defaults``: the server's detector parameters. A burn-rate or rate-spike event is then
+    delivered only to the subscriptions whose parameters (theirs, or these) it was detected at
+    (its ``data`` carries the threshold and window); ``None`` delivers every such event.
+    """
     if event.created_at_ms < row.created_at_ms:
         return False
     if row.tenant_id != SYSTEM_TENANT:
@@ -402,6 +463,11 @@ def matches(row: SubscriptionRow, event: EventRecord) -> bool:
         return isinstance(threshold, (int, float)) and any(
             abs(threshold - t) < 1e-9 for t in row.utilization_thresholds
         )
+    if defaults is not None:
+        level = level_of(event.event_type, event.data)
+        if level is not None:
+            wanted = wanted_level(event.event_type, row.detector_config(defaults))
+            return wanted is not None and abs(wanted[0] - level[0]) < 1e-9 and wanted[1] == level[1]
     return True
 
 

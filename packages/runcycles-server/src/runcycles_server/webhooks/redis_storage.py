@@ -71,10 +71,11 @@ class _Keys:
 
 
 class _RedisTxn(WebhookTxn):
-    def __init__(self, pipe: Any, keys: _Keys, now: int) -> None:
+    def __init__(self, storage: RedisWebhookStorage, pipe: Any, now: int) -> None:
         super().__init__(now)
         self.pipe = pipe
-        self.k = keys
+        self.k = storage.k
+        self.storage = storage
 
     async def _get(self, key: str) -> bytes | None:
         await self.pipe.watch(key)
@@ -83,7 +84,7 @@ class _RedisTxn(WebhookTxn):
 
     async def _sub(self, subscription_id: str) -> SubscriptionRow | None:
         raw = await self._get(self.k.sub(subscription_id))
-        return None if raw is None else SubscriptionRow.from_json(raw)
+        return None if raw is None else self.storage.load_sub(raw)
 
     async def _subs(self) -> list[SubscriptionRow]:
         await self.pipe.watch(self.k.subs)
@@ -93,7 +94,7 @@ class _RedisTxn(WebhookTxn):
         keys = [self.k.sub(i) for i in ids]
         await self.pipe.watch(*keys)
         raws = await self.pipe.mget(keys)
-        return [SubscriptionRow.from_json(r) for r in raws if r is not None]
+        return [self.storage.load_sub(r) for r in raws if r is not None]
 
     async def _delivery(self, delivery_id: str) -> DeliveryRow | None:
         raw = await self._get(self.k.delivery(delivery_id))
@@ -163,7 +164,7 @@ class RedisWebhookStorage(WebhookStorage):
         client = await self._transaction_client()
         for _ in range(MAX_ATTEMPTS):
             async with client.pipeline(transaction=True) as pipe:
-                txn = _RedisTxn(pipe, self.k, self.clock())
+                txn = _RedisTxn(self, pipe, self.clock())
                 try:
                     result = await fn(txn)
                     pipe.multi()
@@ -187,7 +188,7 @@ class RedisWebhookStorage(WebhookStorage):
                 pipe.delete(k.sub(sid))
                 pipe.srem(k.subs, sid)
             else:
-                pipe.set(k.sub(sid), row.to_json())
+                pipe.set(k.sub(sid), self.dump_sub(row))
                 pipe.sadd(k.subs, sid)
         for sid in w.dropped_queues:
             pipe.delete(k.queue(sid), k.listing(sid))  # its rows expire by their TTL

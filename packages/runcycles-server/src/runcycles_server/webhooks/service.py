@@ -6,6 +6,16 @@ and correlation ids) in the owning tenant's event log (``__system__`` for system
 subscriptions). A URL is checked against the security configuration (:mod:`.ssrf`) before
 it is saved; the dispatcher checks it again on every delivery.
 
+Closing a tenant disables its subscriptions (the spec's CASCADE SEMANTICS, Rule 1, Mode B:
+the tenant row flips first, in the ledger store's transaction; :func:`disable_for_closed_tenant`
+follows, run by the dispatcher, see :mod:`.dispatch`), recording one
+``webhook.disabled_via_tenant_cascade`` per subscription it disables, with the cascade's
+correlation id and the ``tenant.closed`` event's request context. Rule 2 guards the gap: every
+change to a subscription of a CLOSED tenant (create, update, rotate, delete, test, replay,
+bulk) is refused with 409 ``TENANT_CLOSED`` (:meth:`Subscriptions.check_open`), so none
+succeeds after the close whether the cascade has run yet or not. A suspended tenant keeps its
+subscriptions (suspension is reversible, and the spec cascades on close only).
+
 After a change, the owning tenant's recorded threshold set (``TenantRow.event_thresholds``)
 becomes the union of the defaults and its subscriptions' ``budget_utilization``, so the ledger
 records every crossing some subscription wants while the request path reads no subscription.
@@ -18,6 +28,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from runcycles_server.events import SOURCE, EventRecord, current_context, new_event_id
+from runcycles_server.events.context import EventContext
 from runcycles_server.events.detect import DEFAULT_THRESHOLDS
 from runcycles_server.ledger import LedgerError
 from runcycles_server.stores import operations
@@ -78,6 +89,23 @@ class Subscriptions:
         self.storage = storage
         self.resolver = resolver
 
+    async def check_open(self, tenant_id: str) -> None:
+        """Refuse a change to a subscription of a CLOSED tenant (the spec's Rule 2).
+
+        Raises:
+            LedgerError: 409 TENANT_CLOSED.
+        """
+        if tenant_id == SYSTEM_TENANT:
+            return
+        tenant = await self.store.get_tenant(tenant_id)
+        if tenant is not None and tenant.status == "CLOSED":
+            raise LedgerError(
+                "TENANT_CLOSED",
+                f"tenant {tenant_id} is CLOSED: its webhook subscriptions are disabled for good "
+                "and cannot be created or changed (they can still be read)",
+                status=409,
+            )
+
     async def check_url(self, url: str) -> None:
         """Refuse a URL the security configuration does not allow (resolving its host now).
 
@@ -122,6 +150,7 @@ class Subscriptions:
         """
         if tenant_id != SYSTEM_TENANT and await self.store.get_tenant(tenant_id) is None:
             raise LedgerError("NOT_FOUND", f"tenant {tenant_id} does not exist")
+        await self.check_open(tenant_id)
         secret = body.signing_secret or new_secret()
         row = SubscriptionRow(
             subscription_id=new_id("whsub"),
@@ -161,8 +190,9 @@ class Subscriptions:
         """Apply a partial update (status changes, secret rotation included).
 
         Raises:
-            LedgerError: NOT_FOUND, INVALID_REQUEST.
+            LedgerError: NOT_FOUND, INVALID_REQUEST, TENANT_CLOSED.
         """
+        await self.check_open((await self.get(subscription_id, tenant_id)).tenant_id)
         changes = body.model_dump(exclude_unset=True)
         if "url" in changes:
             if changes["url"] is None:
@@ -277,6 +307,14 @@ class Subscriptions:
         out: dict[str, list[dict[str, Any]]] = {"succeeded": [], "failed": [], "skipped": []}
         touched: set[str] = set()
         corr = f"webhook_bulk_action:{action.lower()}:{request_id}"
+        ids = list(ids)
+        closed: set[str] = set()
+        owners = {row.subscription_id: row.tenant_id for row in await self.all()}
+        for tenant_id in {owners[i] for i in ids if i in owners}:
+            try:
+                await self.check_open(tenant_id)
+            except LedgerError:
+                closed.add(tenant_id)
         for sid in ids:
 
             async def write(t: WebhookTxn, sid: str = sid) -> tuple[str, dict[str, Any]]:
@@ -286,6 +324,9 @@ class Subscriptions:
                         return "skipped", {"id": sid, "reason": "ALREADY_DELETED"}
                     return "failed", {"id": sid, "error_code": "NOT_FOUND",
                                       "message": "subscription not found"}  # fmt: skip
+                if old.tenant_id in closed:
+                    return "failed", {"id": sid, "error_code": "TENANT_CLOSED",
+                                      "message": f"tenant {old.tenant_id} is CLOSED"}  # fmt: skip
                 if action == "DELETE":
                     if not preview:
                         t.delete_sub(sid)
@@ -332,6 +373,61 @@ class Subscriptions:
         value = None if wanted == set(DEFAULT_THRESHOLDS) else sorted(wanted)
         if isinstance(self.store, OperationStore):
             await self.store.run(operations.set_event_thresholds(tenant_id, value))
+
+
+CASCADE_EVENT: Final = "webhook.disabled_via_tenant_cascade"
+
+
+async def disable_for_closed_tenant(
+    storage: WebhookStorage, tenant_id: str, cause: EventRecord | None
+) -> list[SubscriptionRow]:
+    """Disable every ACTIVE or PAUSED subscription of a CLOSED tenant; return them.
+
+    One webhook transaction: each one becomes DISABLED with its
+    ``webhook.disabled_via_tenant_cascade`` event (``EventDataTenantCascade``), carrying the
+    request context of ``cause`` (the ``tenant.closed`` event, when found) and the cascade's
+    correlation id (``tenant_close_cascade:<tenant_id>:<request_id>``, as its other children).
+    Idempotent: already DISABLED ones are left alone, so running it again records nothing
+    twice.
+    """
+
+    async def write(t: WebhookTxn) -> list[SubscriptionRow]:
+        done: list[SubscriptionRow] = []
+        events: list[EventRecord] = []
+        for sub in await t.subs():
+            if sub.tenant_id != tenant_id or sub.status == "DISABLED":
+                continue
+            new = dataclasses.replace(sub, status="DISABLED", updated_at_ms=t.now)
+            t.put_sub(new)
+            done.append(new)
+            data: dict[str, Any] = {"subscription_id": sub.subscription_id}
+            if sub.name:
+                data["name"] = sub.name
+            data.update(prior_status=sub.status, new_status="DISABLED",
+                        cascade_reason="tenant_closed")  # fmt: skip
+            events.append(
+                EventRecord(
+                    event_id=new_event_id(t.now),
+                    event_type=CASCADE_EVENT,
+                    tenant_id=tenant_id,
+                    created_at_ms=t.now,
+                    source=SOURCE,
+                    actor_type=cause.actor_type if cause is not None else "system",
+                    key_id=cause.key_id if cause is not None else None,
+                    source_ip=cause.source_ip if cause is not None else None,
+                    data=data,
+                    correlation_id=operations.cascade_correlation_id(
+                        tenant_id, EventContext(request_id=cause.request_id) if cause else None
+                    ),
+                    request_id=cause.request_id if cause is not None else None,
+                    trace_id=cause.trace_id if cause is not None else None,
+                )
+            )
+        if events:
+            t.record(events)
+        return done
+
+    return await storage.transact(write)
 
 
 def rotate(row: SubscriptionRow, secret: str, now_ms: int, overlap_ms: int | None = None) -> None:

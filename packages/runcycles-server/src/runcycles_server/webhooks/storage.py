@@ -39,6 +39,7 @@ from runcycles_server.webhooks.models import (
     SecurityConfig,
     SubscriptionRow,
 )
+from runcycles_server.webhooks.sealing import SecretBox
 
 T = TypeVar("T")
 FINAL: Final = ("SUCCESS", "FAILED")
@@ -177,6 +178,30 @@ class WebhookStorage(ABC):
     def __init__(self, store: Store) -> None:
         self.store = store
         self.clock: Clock = store.clock
+        self.box: SecretBox | None = None
+        """Seals the subscriptions' secrets and header values (``None``: stored plain; see
+        :mod:`.sealing`)."""
+
+    def load_sub(self, raw: bytes | str) -> SubscriptionRow:
+        """A subscription row from its storage form (opened with :attr:`box`)."""
+        return SubscriptionRow.from_json(raw, self.box)
+
+    def dump_sub(self, row: SubscriptionRow) -> bytes:
+        """The storage form of a subscription (sealed with :attr:`box`)."""
+        return row.to_json(self.box)
+
+    async def reseal(self) -> int:
+        """Write again, sealed, every subscription stored with plain values; return how many."""
+        if self.box is None:
+            return 0
+
+        async def write(t: WebhookTxn) -> int:
+            plain = [row for row in await t.subs() if row.stored_plain]
+            for row in plain:
+                t.put_sub(row)
+            return len(plain)
+
+        return await self.transact(write)
 
     @abstractmethod
     async def transact(self, fn: Callable[[WebhookTxn], Awaitable[T]]) -> T:
@@ -233,10 +258,10 @@ class _MemoryTxn(WebhookTxn):
 
     async def _sub(self, subscription_id: str) -> SubscriptionRow | None:
         raw = self.s.subs.get(subscription_id)
-        return None if raw is None else SubscriptionRow.from_json(raw)
+        return None if raw is None else self.s.load_sub(raw)
 
     async def _subs(self) -> list[SubscriptionRow]:
-        return [SubscriptionRow.from_json(raw) for raw in self.s.subs.values()]
+        return [self.s.load_sub(raw) for raw in self.s.subs.values()]
 
     async def _delivery(self, delivery_id: str) -> DeliveryRow | None:
         raw = self.s.deliveries.get(delivery_id)
@@ -274,7 +299,7 @@ class MemoryWebhookStorage(WebhookStorage):
             if row is None:
                 self.subs.pop(sid, None)
             else:
-                self.subs[sid] = row.to_json()
+                self.subs[sid] = self.dump_sub(row)
         for sid in w.dropped_queues:
             for did in self.by_sub.pop(sid, []):
                 self.deliveries.pop(did, None)
@@ -320,16 +345,17 @@ class _SqliteTxn(WebhookTxn):
     def __init__(self, storage: SqliteWebhookStorage, now: int) -> None:
         super().__init__(now)
         self.conn = storage.ledger.connection
+        self.storage = storage
 
     async def _sub(self, subscription_id: str) -> SubscriptionRow | None:
         r = self.conn.execute(
             "SELECT body FROM webhook_subscriptions WHERE subscription_id = ?", (subscription_id,)
         ).fetchone()
-        return None if r is None else SubscriptionRow.from_json(r[0])
+        return None if r is None else self.storage.load_sub(r[0])
 
     async def _subs(self) -> list[SubscriptionRow]:
         rows = self.conn.execute("SELECT body FROM webhook_subscriptions").fetchall()
-        return [SubscriptionRow.from_json(r[0]) for r in rows]
+        return [self.storage.load_sub(r[0]) for r in rows]
 
     async def _delivery(self, delivery_id: str) -> DeliveryRow | None:
         r = self.conn.execute(
@@ -389,7 +415,7 @@ class SqliteWebhookStorage(WebhookStorage):
             else:
                 conn.execute(
                     "INSERT OR REPLACE INTO webhook_subscriptions VALUES (?, ?, ?)",
-                    (sid, row.tenant_id, row.to_json()),
+                    (sid, row.tenant_id, self.dump_sub(row)),
                 )
         for sid in w.dropped_queues:
             conn.execute("DELETE FROM webhook_deliveries WHERE subscription_id = ?", (sid,))
