@@ -8,6 +8,7 @@ admin route, as an operator would in development).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -928,3 +929,34 @@ def test_a_server_with_another_key_says_so_without_a_traceback(
     assert len(stopped) == 1
     assert sid in stopped[0].getMessage()
     assert wrong.active in stopped[0].getMessage()
+
+
+def test_stop_lets_the_round_in_progress_finish(hooks: Api, receiver: Receiver) -> None:
+    """A shutdown stops the dispatcher after its round, never in the middle of one."""
+    app = hooks.client._client._transport.app  # type: ignore[attr-defined]
+    dispatcher = app.state.webhook_dispatcher
+    key = tenant_key(hooks)
+    hooks.budget("acme", "tenant:acme", 1_000)
+    subscribe(hooks, key, receiver.url())
+    reserve(hooks, key, "a", 800)  # crosses 80 %
+    original = dispatcher.run_once
+
+    async def scenario() -> asyncio.Task[None]:
+        started = asyncio.Event()
+
+        async def slow_round() -> int:
+            started.set()
+            await asyncio.sleep(0.2)  # the round is still running when stop() comes
+            return int(await original())
+
+        dispatcher.run_once = slow_round
+        task = asyncio.create_task(dispatcher.run())
+        await started.wait()
+        dispatcher.stop()
+        await asyncio.wait_for(asyncio.shield(task), 10)  # it returns by itself
+        return task
+
+    task = hooks.client.run(scenario())
+    assert task.done()
+    assert not task.cancelled()
+    assert [e["event_type"] for e in receiver.events()] == ["budget.threshold_crossed"]

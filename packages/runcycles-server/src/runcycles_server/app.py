@@ -661,6 +661,8 @@ DEFAULT_RETENTION_DAYS: Final = 7
 """Days finished reservations and event records are kept (``--retention-days``)."""
 PURGE_EVERY_S: Final = 10.0
 """Seconds between two retention purges (see :func:`purge_old_data`)."""
+DISPATCH_STOP_GRACE_S: Final = 5.0
+"""How long a shutdown lets the webhook dispatcher finish its round before cancelling it."""
 PURGE_BATCH: Final = 500
 """Rows deleted per purge transaction: each holds the write lock for a few milliseconds."""
 PURGE_MAX_BATCHES: Final = 100
@@ -944,9 +946,13 @@ def create_app(
         try:
             yield
         finally:
+            if dispatch is not None:  # let its round finish (a claim is never cut in half)
+                dispatcher.stop()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(dispatch), DISPATCH_STOP_GRACE_S)
             for running in (task, watcher, dispatch):
                 if running is not None:
-                    running.cancel()
+                    running.cancel()  # nothing when it has returned
                     with contextlib.suppress(asyncio.CancelledError):
                         await running
             if watcher is not None and monitor is not None:

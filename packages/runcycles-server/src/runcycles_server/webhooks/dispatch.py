@@ -159,6 +159,7 @@ class Dispatcher:
         """Called with each attempt's outcome: ``success``, ``retry``, ``failed``, ``refused``
         (connect a metrics counter here)."""
         self._wake = asyncio.Event()
+        self._stopping = False
         self._cascade_checked_ms: int | None = None
         self.detectors: DetectorConfig | None = None
         """The server's detector parameters: anomaly events go to the subscriptions whose
@@ -178,13 +179,24 @@ class Dispatcher:
         await self.storage.close()
 
     async def run(self) -> None:
-        """Run rounds forever (a failing round is logged; the next one tries again)."""
-        while True:
+        """Run rounds until :meth:`stop` (a failing round is logged; the next one tries again)."""
+        self._stopping = False
+        while not self._stopping:
             if await self.run_round():
                 continue
             with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError on 3.10
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the round in progress (or at once when it waits).
+
+        A shutdown stops the dispatcher this way rather than by cancelling it: a round
+        cancelled in the middle of a store transaction (a Redis ``WATCH``/``MULTI`` claim)
+        can leave its connection unusable; a finished round leaves nothing half done.
+        """
+        self._stopping = True
+        self._wake.set()
 
     async def run_round(self) -> int:
         """One round of :meth:`run`: :meth:`run_once`, its failure reported instead of raised.
