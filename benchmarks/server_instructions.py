@@ -66,6 +66,14 @@ QUOTAS = [
     {"action_kind": KIND, "max_calls": 100_000, "window": window}  # the most allowed
     for window in ("per_minute_tumbling", "per_hour_tumbling", "per_day_tumbling")
 ]
+WEBHOOK_EVENTS = [
+    "budget.threshold_crossed",
+    "budget.exhausted",
+    "reservation.denied",
+    "reservation.expired",
+    "reservation.commit_overage",
+]
+"""What the benchmark's subscription asks for: everything a reserve+commit load can cause."""
 RATIOS: dict[str, tuple[str, str, float]] = {
     "none/base": ("none", "base", 1.10),
     "policy/base": ("policy", "base", 1.30),
@@ -135,6 +143,7 @@ def _configs(receiver_port: int) -> dict[str, _Config]:
             params={"tenant_id": tenant.tenant_id},
             json={
                 "url": f"http://127.0.0.1:{receiver_port}/hook",
+                "event_types": WEBHOOK_EVENTS,
                 "event_categories": ["budget", "reservation"],
             },
         )
