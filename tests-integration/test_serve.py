@@ -25,7 +25,6 @@ from runcycles_server.testing import ServerProcess
 pytestmark = pytest.mark.slow
 
 U = "USD_MICROCENTS"
-STARTUP_BOUND_S = 5.0  # generous for loaded CI machines; the report states the real number
 
 
 def reserve(base_url: str, api_key: str, tenant: str, amount: int) -> httpx.Response:
@@ -41,13 +40,14 @@ def reserve(base_url: str, api_key: str, tenant: str, amount: int) -> httpx.Resp
     )
 
 
-def test_server_is_ready_quickly_and_says_where_it_listens(tmp_path: Path) -> None:
+def test_server_gets_ready_and_says_where_it_listens(tmp_path: Path) -> None:
     db = tmp_path / "cycles.db"
     started = time.perf_counter()
     with ServerProcess.start(db_path=db) as server:
         elapsed = time.perf_counter() - started
-        print(f"cycles serve -> /readyz in {elapsed:.3f} s")
-        assert elapsed < STARTUP_BOUND_S
+        print(
+            f"cycles serve -> /readyz in {elapsed:.3f} s (benchmarks/server_startup.py measures it)"
+        )
         banner = server.log_text()
         assert f"listening on http://127.0.0.1:{server.port}" in banner
         assert f"store: SQLite {db.resolve()}" in banner
