@@ -109,7 +109,11 @@ def test_serve_creates_the_key_beside_the_database_and_its_workers_use_it(
     from runcycles_server.webhooks import storage_for
 
     for name in (KEY_ENV, KEY_FILE_ENV, "CYCLES_REDIS_URL", "CYCLES_EVIDENCE"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then removed: the patch restores the variable's absence afterwards, even though
+        # _prepare_webhook_key sets $CYCLES_WEBHOOK_KEY_FILE itself (for the workers) and
+        # later server processes of this test session must not inherit it
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     db = tmp_path / "cycles.db"
     note = _prepare_webhook_key(None, None, db)
     path = tmp_path / "cycles.webhook-key.json"
