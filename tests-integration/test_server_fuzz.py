@@ -206,13 +206,12 @@ ADMIN_OPERATIONS = [
     *("listWebhookDeliveries", "replayEvents", "bulkActionWebhooks"),
     *("getWebhookSecurityConfig", "updateWebhookSecurityConfig"),
     *("bulkActionTenants", "bulkActionBudgets", "updateApiKey", "validateApiKey"),
-    *("listEvents", "getEvent"),
+    *("listEvents", "getEvent", "createPolicy", "listPolicies", "updatePolicy"),
 ]
 """The governance-spec operations fuzzed here: every one this server serves, except the
-policies (their extended schemas are fuzzed with the action-kind spec's run and tested in
-``test_http_governance.py``), the tenant-plane webhook routes (their own auth), the tenant event
-listing and ``GET /v1/balances``, whose runtime contract is the protocol spec's (run above), not
-this spec's differing copy. ``test_spec_routes.py`` checks that all 46 operations are routed."""
+tenant-plane webhook routes (their own auth), the tenant event listing and ``GET /v1/balances``,
+whose runtime contract is the protocol spec's (run above), not this spec's differing copy.
+``test_spec_routes.py`` checks that all 46 operations are routed."""
 
 
 @pytest.mark.slow

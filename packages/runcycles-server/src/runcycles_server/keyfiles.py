@@ -10,11 +10,26 @@ no content ever reaches an exception message.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def b64url(raw: bytes) -> str:
+    """Unpadded base64url (RFC 7515 section 2), the form both key documents store keys in."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode unpadded (or padded) base64url.
+
+    Raises:
+        ValueError: not base64url.
+    """
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def write_private_file(path: Path, text: str, *, exclusive: bool = False) -> None:

@@ -29,7 +29,6 @@ signed with that key. Private material never leaves this module except into the 
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import os
@@ -44,7 +43,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from runcycles_server.keyfiles import write_private_file
+from runcycles_server.keyfiles import b64url, b64url_decode, write_private_file
 
 KEYS_ENV: Final = "CYCLES_EVIDENCE_KEYS"
 """Environment variable holding the key ring document itself (read-only ring)."""
@@ -56,20 +55,6 @@ RELOAD_EVERY_S: Final = 1.0
 
 class KeyRingError(ValueError):
     """A key ring document or file is unusable (the message says what to fix)."""
-
-
-def b64url(raw: bytes) -> str:
-    """Unpadded base64url (RFC 7515 section 2)."""
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def b64url_decode(text: str) -> bytes:
-    """Decode unpadded (or padded) base64url.
-
-    Raises:
-        ValueError: not base64url.
-    """
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @dataclass(slots=True, repr=False)

@@ -180,7 +180,6 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Run rounds until :meth:`stop` (a failing round is logged; the next one tries again)."""
-        self._stopping = False
         while not self._stopping:
             if await self.run_round():
                 continue

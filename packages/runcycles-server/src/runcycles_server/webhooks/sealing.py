@@ -26,7 +26,6 @@ when next written (the dispatcher re-seals them all on its first round).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
@@ -38,7 +37,7 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from runcycles_server.keyfiles import read_or_create, write_private_file
+from runcycles_server.keyfiles import b64url, b64url_decode, read_or_create, write_private_file
 
 KEY_ENV: Final = "CYCLES_WEBHOOK_KEY"
 """Environment variable holding the key document itself."""
@@ -50,14 +49,6 @@ _NONCE_BYTES: Final = 12
 
 class SealingError(ValueError):
     """A key document is unusable, or a sealed value does not open (the message says why)."""
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def is_sealed(value: str) -> bool:
@@ -123,7 +114,7 @@ class SecretBox:
             if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
                 raise SealingError(f"{where}: each key needs a string kid")
             try:
-                raw = _unb64(str(entry["k"]))
+                raw = b64url_decode(str(entry["k"]))
             except (KeyError, ValueError):
                 raise SealingError(f"{where}: key {entry['kid']}: k is not base64url") from None
             keys.append((entry["kid"], raw))
@@ -169,7 +160,7 @@ class SecretBox:
 
     def document(self) -> str:
         """The key file text (key material included: for the key file only)."""
-        keys = [{"kid": kid, "k": _b64(key)} for kid, key in self._keys]
+        keys = [{"kid": kid, "k": b64url(key)} for kid, key in self._keys]
         return json.dumps({"keys": keys}, indent=2) + "\n"
 
     def save(self) -> None:
@@ -188,7 +179,7 @@ class SecretBox:
         """Return ``value`` sealed under the active key, bound to ``place``."""
         nonce = os.urandom(_NONCE_BYTES)
         sealed = self._ciphers[self.active].encrypt(nonce, value.encode(), place.encode())
-        return f"{PREFIX}{self.active}:{_b64(nonce + sealed)}"
+        return f"{PREFIX}{self.active}:{b64url(nonce + sealed)}"
 
     def open(self, value: str, place: str) -> str:
         """Return the plain value of ``value`` (a plain one, written before sealing, as is).
@@ -207,7 +198,7 @@ class SecretBox:
                 "with the same webhook key file as the server that wrote it"
             )
         try:
-            raw = _unb64(body)
+            raw = b64url_decode(body)
             plain = cipher.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], place.encode())
         except (InvalidTag, ValueError):
             raise SealingError(f"a sealed webhook value of {place} does not open") from None
