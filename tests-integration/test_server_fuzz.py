@@ -1,7 +1,9 @@
 """Bad input end to end: schemathesis against the spec, plus hand-written malformed requests.
 
 The schemathesis run drives ``st run`` (its CLI, in a subprocess) against a real server process
-for each store, with ``spec/cycles-protocol-v0.yaml`` and a provisioned tenant's key. It runs
+for each store, with ``spec/cycles-protocol-v0.yaml`` and its v0.1.26 extensions applied
+(``extended_spec("runtime")``: a ``DENY`` decision carries ``deny_detail``, which the base
+``DecisionResponse`` alone forbids) and a provisioned tenant's key. It runs
 every check except ``positive_data_acceptance``: this server is legitimately stricter than the
 schema alone can say (subject values outside ``[a-zA-Z0-9_.-]``, which the spec lets servers
 refuse; ``X-Idempotency-Key`` differing from the body key; a unit that does not match the
@@ -39,6 +41,7 @@ from typing import Any
 import httpx
 import pytest
 
+from runcycles.testing.spec import extended_spec
 from runcycles_server.testing import ProvisionedTenant, ServerProcess, redis_url_for_tests
 
 U = "USD_MICROCENTS"
@@ -119,12 +122,10 @@ def _junit_totals(report_dir: Path) -> dict[str, int]:
     return totals
 
 
-def _extended_admin_spec(tmp_path: Path) -> Path:
-    """Write the admin spec with its v0.1.26 extensions applied as one file for ``st run``."""
-    from runcycles.testing.spec import extended_spec
-
-    path = tmp_path / "cycles-governance-admin-extended.json"
-    path.write_text(json.dumps(extended_spec("admin")))
+def _extended_spec(tmp_path: Path, plane: str) -> Path:
+    """Write a base spec with its v0.1.26 extensions applied as one file for ``st run``."""
+    path = tmp_path / f"cycles-{plane}-extended.json"
+    path.write_text(json.dumps(extended_spec(plane)))
     return path
 
 
@@ -187,9 +188,14 @@ def test_schemathesis_finds_no_spec_violation(server: ServerProcess, tmp_path: P
     output, totals = _schemathesis(
         server,
         tmp_path,
-        SPEC,
+        _extended_spec(tmp_path, "runtime"),
         f"X-Cycles-API-Key: {tenant.api_key}",
-        {"CYCLES_FUZZ_TENANT": tenant.tenant_id, "CYCLES_FUZZ_RESERVATION_IDS": json.dumps(pool)},
+        {
+            "CYCLES_FUZZ_TENANT": tenant.tenant_id,
+            "CYCLES_FUZZ_RESERVATION_IDS": json.dumps(pool),
+            "CYCLES_SPEC_DIR": str(SPEC.parent),
+            "CYCLES_FUZZ_SPEC": "extended:runtime",
+        },
         [],
     )
     assert "Tested: 11" in output, output[-5000:]  # every runtime operation, evidence included
@@ -236,7 +242,7 @@ def test_schemathesis_admin_spec_finds_no_spec_violation(
     output, totals = _schemathesis(
         server,
         tmp_path,
-        _extended_admin_spec(tmp_path),
+        _extended_spec(tmp_path, "admin"),
         f"X-Admin-API-Key: {server.admin_key}",
         {
             "CYCLES_FUZZ_TENANT": tenant.tenant_id,
