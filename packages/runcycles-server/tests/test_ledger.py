@@ -137,6 +137,54 @@ def by_scope(outcome: ledger.Outcome) -> dict[str, BudgetRow]:
 # -- scopes -------------------------------------------------------------------------------------
 
 
+_ROWS: dict[type[Any], Any] = {
+    TenantRow: TenantRow(tenant_id="acme", name="Acme", metadata={"a": "b"}),
+    BudgetRow: BudgetRow(scope="tenant:acme", unit=U, tenant_id="acme", allocated=9, remaining=9),
+    ReservationRow: ReservationRow(
+        reservation_id="r",
+        tenant_id="acme",
+        status="ACTIVE",
+        subject={"tenant": "acme"},
+        action={"kind": "k", "name": "n"},
+        unit=U,
+        estimate=5,
+        scope_path="tenant:acme",
+        affected_scopes=["tenant:acme"],
+        budgeted_scopes=["tenant:acme"],
+        created_at_ms=1,
+        expires_at_ms=2,
+        grace_ms=0,
+        overage_policy="REJECT",
+        max_extensions=3,
+    ),
+    ledger.IdempotencyRow: ledger.IdempotencyRow(
+        "acme", "reserve", "k", "h", 200, b"{}", None, 1, 2
+    ),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_evolve_is_dataclasses_replace(data: st.DataObject) -> None:
+    """The hot path's row copy gives exactly what ``dataclasses.replace`` gives, and a copy."""
+    cls = data.draw(st.sampled_from(list(_ROWS)))
+    row = _ROWS[cls]
+    names = [f.name for f in dataclasses.fields(cls)]
+    chosen = data.draw(st.lists(st.sampled_from(names), unique=True, max_size=4))
+    changes = {name: data.draw(st.integers() | st.text(max_size=3) | st.none()) for name in chosen}
+    before = dataclasses.replace(row)
+    evolved = ledger.evolve(row, **changes)
+    assert evolved == dataclasses.replace(row, **changes)
+    assert type(evolved) is cls
+    assert evolved is not row
+    assert row == before  # the original is untouched
+
+
+def test_evolve_refuses_a_name_that_is_not_a_field() -> None:
+    with pytest.raises(AttributeError):
+        ledger.evolve(budget(), no_such_field=1)
+
+
 def test_derive_scopes_orders_skips_missing_levels_and_lowercases() -> None:
     subject = Subject(toolset="Search", tenant="Acme", agent="bot")
     assert ledger.derive_scopes(subject) == [

@@ -100,6 +100,7 @@ from runcycles_server.stores.base import (
 )
 from runcycles_server.web import (
     DEFAULT_MAX_BODY_BYTES,
+    JSON,
     Authenticator,
     ContextMiddleware,
     Principal,
@@ -224,6 +225,10 @@ def _hint_missing_tenant(error: LedgerError, subject: Subject, tenant_id: str | 
         )
 
 
+def _plain_answer(body: bytes, status: int) -> Response:
+    return Response(body, status_code=status, media_type=JSON)
+
+
 class Runtime:
     """The runtime route handlers, bound to one store."""
 
@@ -244,6 +249,10 @@ class Runtime:
         self.signals: Signals | None = None
         """Where reservations, denials and spend are tallied (see :mod:`.monitor`)."""
         self.evidence = evidence or EvidenceApi(store, None)
+        self._answer: Callable[[bytes, int], Response] = (
+            self.evidence.answer if self.evidence.issuer is not None else _plain_answer
+        )
+        """How a decision is answered (evidence off: the body as it is, no check for a ref)."""
         self._settle_routes: dict[str, Handler] = {
             "commit": self.commit,
             "release": self.release,
@@ -318,7 +327,7 @@ class Runtime:
             raise
         if self.metrics is not None:
             self.metrics.decided("decide", outcome.body)
-        return self.evidence.answer(outcome.body, outcome.status_code)
+        return self._answer(outcome.body, outcome.status_code)
 
     async def create_reservation(self, request: Request) -> Response:
         """``POST /v1/reservations``."""
@@ -344,7 +353,7 @@ class Runtime:
             raise
         if self.metrics is not None:
             self.metrics.decided("reserve", outcome.body)
-        return self.evidence.answer(outcome.body, outcome.status_code)
+        return self._answer(outcome.body, outcome.status_code)
 
     async def list_reservations(self, request: Request) -> Response:
         """``GET /v1/reservations``."""
@@ -455,7 +464,7 @@ class Runtime:
             raise
         if self.signals is not None:
             note_spend(self.signals, principal.tenant_id, outcome)
-        return self.evidence.answer(outcome.body, outcome.status_code)
+        return self._answer(outcome.body, outcome.status_code)
 
     async def release(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/release`` (tenant or audited admin)."""
@@ -472,7 +481,7 @@ class Runtime:
         except LedgerError as exc:
             await self.evidence.denied(request, exc, "release", body, principal.tenant_id, rid)
             raise
-        return self.evidence.answer(outcome.body, outcome.status_code)
+        return self._answer(outcome.body, outcome.status_code)
 
     async def extend(self, request: Request) -> Response:
         """``POST /v1/reservations/{reservation_id}/extend``."""

@@ -48,10 +48,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 
@@ -236,6 +237,24 @@ class IdempotencyRow:
     retain_until_ms: int
 
 
+_Row = TypeVar("_Row", "TenantRow", "BudgetRow", "ReservationRow", "IdempotencyRow")
+
+
+def evolve(row: _Row, **changes: Any) -> _Row:
+    """A copy of a ledger row with ``changes``: ``dataclasses.replace`` for the hot path.
+
+    The row classes are ``slots`` dataclasses whose fields are all ``__init__`` arguments,
+    without ``__post_init__``, so a copy is their constructor called with the current values
+    in field order; :func:`dataclasses.replace` walks the field list in Python and calls with
+    keywords, several times the work on a reserve or commit (a test compares both). A name
+    that is not a field raises ``AttributeError`` (slots), as ``replace`` raises ``TypeError``.
+    """
+    new: _Row = _COPY[type(row)](row)
+    for name, value in changes.items():
+        setattr(new, name, value)
+    return new
+
+
 @dataclass(slots=True)
 class EventRow:
     """A direct debit recorded by ``POST /v1/events``."""
@@ -271,6 +290,16 @@ class AuditRow:
     request_id: str | None = None
     trace_id: str | None = None
     details: dict[str, Any] | None = None
+
+
+def _copier(cls: type[Any]) -> Callable[[Any], Any]:
+    values = operator.attrgetter(*(f.name for f in dataclasses.fields(cls)))
+    return lambda row: cls(*values(row))
+
+
+_COPY: Final[dict[type[Any], Callable[[Any], Any]]] = {
+    cls: _copier(cls) for cls in (TenantRow, BudgetRow, ReservationRow, IdempotencyRow)
+}
 
 
 @dataclass(slots=True)
@@ -783,8 +812,11 @@ def evaluate(
             remaining = row.remaining if reason == "BUDGET_EXCEEDED" else None
             fix = _budget_fix(reason, row, amount)
             return denied(reason, message, _deny_detail(reason, row.scope, fix, remaining))
-    policy_caps = admission.caps if admission is not None else None
-    caps = merge_caps(budgeted[-1].caps, policy_caps)
+    budget_caps = budgeted[-1].caps
+    if admission is not None and admission.policy is not None:
+        caps = merge_caps(budget_caps, admission.caps)
+    else:
+        caps = dict(budget_caps) if budget_caps else None
     return Evaluation(scope_list, budgeted, None, "", caps, None, admission)
 
 
@@ -864,6 +896,7 @@ def plan_decide(
     request_hash: str,
     now_ms: int,
     gov: Governance | None = None,
+    scopes: list[str] | None = None,
 ) -> Outcome:
     """Evaluate ``POST /v1/decide``: every budget or governance condition is a 200 DENY.
 
@@ -871,7 +904,8 @@ def plan_decide(
 
     Only the idempotency record is written (no quota counter moves). UNIT_MISMATCH stays a 400.
     """
-    scopes = derive_scopes(request.subject)
+    if scopes is None:
+        scopes = derive_scopes(request.subject)
     ev = evaluate(
         scopes=scopes,
         unit=request.estimate.unit.value,
@@ -912,6 +946,7 @@ def plan_reserve(
     now_ms: int,
     gov: Governance | None = None,
     audit_id: Callable[[], str] | None = None,
+    scopes: list[str] | None = None,
 ) -> Outcome:
     """Plan ``POST /v1/reservations`` (live, dry run or observe mode).
 
@@ -926,13 +961,16 @@ def plan_reserve(
     (``reservation.observed_denied`` / ``reservation.observed_allowed``, its id drawn from
     ``audit_id``).
 
+    ``scopes``: the request's derived scopes, when the caller has worked them out already.
+
     Raises:
         LedgerError: the live failure, UNIT_MISMATCH, an int64 overflow, or INVALID_REQUEST
             from governance.
     """
     unit = request.estimate.unit.value
     amount = request.estimate.amount
-    scopes = derive_scopes(request.subject)
+    if scopes is None:
+        scopes = derive_scopes(request.subject)
     ev = evaluate(
         scopes=scopes, unit=unit, amount=amount, budgets=budgets, tenant=tenant,
         tenant_id=tenant_id, gov=gov,
@@ -940,7 +978,9 @@ def plan_reserve(
     scope_path = scopes[-1]
     key = request.idempotency_key
     tenant_mode = tenant.observe_mode if tenant is not None else None
-    observe = governance.effective_observe_mode(request.observe_mode, tenant_mode) == "OBSERVE"
+    observe = (request.observe_mode is not None or tenant_mode is not None) and (
+        governance.effective_observe_mode(request.observe_mode, tenant_mode) == "OBSERVE"
+    )
 
     if request.dry_run or observe:
         body: dict[str, Any] = {"affected_scopes": ev.scopes, "scope_path": scope_path}
@@ -971,7 +1011,7 @@ def plan_reserve(
 
     new_rows: list[BudgetRow] = []
     for row in ev.budgeted:
-        new = dataclasses.replace(
+        new = evolve(
             row,
             reserved=row.reserved + amount,
             remaining=row.remaining - amount,
@@ -981,6 +1021,8 @@ def plan_reserve(
         new_rows.append(new)
 
     admitted = ev.admission
+    if admitted is not None and admitted.policy is None:
+        admitted = None  # no policy governs it: nothing of governance's to apply or write
     override = admitted.reservation_ttl_override if admitted is not None else None
     ttl_ms = resolve_ttl_ms(request.ttl_ms, tenant, override)
     grace_ms = request.grace_period_ms if request.grace_period_ms is not None else DEFAULT_GRACE_MS
@@ -1303,7 +1345,7 @@ def plan_commit(
         charged = actual
         for row in rows:
             new_rows.append(
-                dataclasses.replace(
+                evolve(
                     row,
                     reserved=row.reserved - est,
                     remaining=row.remaining + (est - actual),
@@ -1316,7 +1358,7 @@ def plan_commit(
         charged = est + charge.charged
         for i, row in enumerate(rows):
             new_rows.append(
-                dataclasses.replace(
+                evolve(
                     row,
                     reserved=row.reserved - est,
                     remaining=row.remaining - charge.charged,
@@ -1338,7 +1380,7 @@ def plan_commit(
         body["released"] = _amount(res.unit, est - charged)
     body["balances"] = [balance_body(row) for row in new_rows]
     raw = dumps(body)
-    updated = dataclasses.replace(
+    updated = evolve(
         res,
         status="COMMITTED",
         committed=charged,
@@ -1359,7 +1401,7 @@ def _refund_rows(res: ReservationRow, budgets: Iterable[BudgetRow], now_ms: int)
         row = by_scope.get(scope)
         if row is None:
             continue
-        new = dataclasses.replace(
+        new = evolve(
             row,
             reserved=row.reserved - res.estimate,
             remaining=row.remaining + res.estimate,
@@ -1402,7 +1444,7 @@ def plan_release(
         "balances": [balance_body(row) for row in new_rows],
     }
     raw = dumps(body)
-    updated = dataclasses.replace(res, status="RELEASED", finalized_at_ms=now_ms)
+    updated = evolve(res, status="RELEASED", finalized_at_ms=now_ms)
     idem = _idem(
         res.tenant_id, f"release:{reservation_id}", request.idempotency_key, request_hash, 200,
         raw, now_ms, RETAIN_TERMINAL_MS, reservation_id,
@@ -1461,9 +1503,7 @@ def plan_extend(
         )
     cap = now_ms + _tenant_value(tenant, "max_reservation_ttl_ms", DEFAULT_MAX_TTL_MS)
     new_expires = max(res.expires_at_ms, min(res.expires_at_ms + request.extend_by_ms, cap))
-    updated = dataclasses.replace(
-        res, expires_at_ms=new_expires, extension_count=res.extension_count + 1
-    )
+    updated = evolve(res, expires_at_ms=new_expires, extension_count=res.extension_count + 1)
     body = {
         "status": "ACTIVE",
         "expires_at_ms": new_expires,
@@ -1488,7 +1528,7 @@ def plan_expire(
     if reservation.status != "ACTIVE" or now_ms <= reservation.deadline_ms:
         return None
     new_rows = _refund_rows(reservation, budgets, now_ms)
-    updated = dataclasses.replace(reservation, status="EXPIRED")
+    updated = evolve(reservation, status="EXPIRED")
     return Outcome(200, b"", budgets=new_rows, reservation=updated)
 
 
@@ -1497,7 +1537,7 @@ def plan_close_release(
 ) -> Outcome:
     """Release an ACTIVE reservation as part of a tenant-close cascade (no checks, no body)."""
     new_rows = _refund_rows(reservation, budgets, now_ms)
-    updated = dataclasses.replace(reservation, status="RELEASED", finalized_at_ms=now_ms)
+    updated = evolve(reservation, status="RELEASED", finalized_at_ms=now_ms)
     return Outcome(200, b"", budgets=new_rows, reservation=updated)
 
 
@@ -1514,6 +1554,7 @@ def plan_event(
     request_hash: str,
     event_id: str,
     now_ms: int,
+    scopes: list[str] | None = None,
 ) -> Outcome:
     """Plan ``POST /v1/events``: debit ``actual`` on every budgeted scope without a reservation.
 
@@ -1532,7 +1573,8 @@ def plan_event(
         raise LedgerError(refused, _TENANT_SUSPENDED_MSG.format(t=tenant_id))
     unit = request.actual.unit.value
     actual = request.actual.amount
-    scopes = derive_scopes(request.subject)
+    if scopes is None:
+        scopes = derive_scopes(request.subject)
     rows, other_units = _select_budgets(scopes, unit, budgets)
     if not rows:
         if other_units:
@@ -1556,7 +1598,7 @@ def plan_event(
     )
     new_rows = []
     for i, row in enumerate(rows):
-        new = dataclasses.replace(
+        new = evolve(
             row,
             remaining=row.remaining - charge.charged,
             spent=row.spent + charge.funded[i],
@@ -1665,7 +1707,7 @@ def plan_fund(
         )
     if row.status == "CLOSED":
         raise LedgerError("BUDGET_CLOSED", f"budget {row.scope} ({row.unit}) is CLOSED")
-    new = dataclasses.replace(row, updated_at_ms=now_ms)
+    new = evolve(row, updated_at_ms=now_ms)
     if operation == "CREDIT":
         new.allocated += amount
         new.remaining += amount

@@ -29,7 +29,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, Final, TypeVar
 
@@ -602,7 +602,7 @@ class Authenticator:
         if key is None:
             self.signals.auth_failed(None, None, reason, data, context)
             return
-        context = replace(context, actor_type="api_key", key_id=key.key_id)
+        context = context._replace(actor_type="api_key", key_id=key.key_id)
         self.signals.auth_failed(key.tenant_id, key.key_id, reason, data, context)
 
     def admin(self, request: Request) -> Principal:

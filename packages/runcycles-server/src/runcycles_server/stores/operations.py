@@ -275,8 +275,8 @@ def _governance(
 ) -> ledger.Governance:
     """Load what action governance needs: the one policy that applies and its counters."""
     count = tenant.policy_count if tenant is not None else 0
-    policies = txn.policies(tenant_id) if count != 0 else []
-    policy = select_policy(policies, scopes, txn.now)
+    policies = txn.policies(tenant_id) if count != 0 else None
+    policy = select_policy(policies, scopes, txn.now) if policies else None
     try:
         prepared = prepare(policy, action, subject, txn.now, registry)
     except LedgerError as exc:  # raised by the ledger in evaluation order
@@ -303,7 +303,7 @@ def _counter_hint(
 
 
 def _stamp(
-    issuer: Issuer | None,
+    issuer: Issuer,
     artifact: str,
     request: DecisionRequest | ReservationCreateRequest | CommitRequest | ReleaseRequest,
     outcome: Outcome,
@@ -318,8 +318,6 @@ def _stamp(
     and emits no second envelope. Deterministic (no clock, no randomness): a re-planned
     operation builds the identical envelope.
     """
-    if issuer is None:
-        return outcome
     stamped = issuer.stamp(
         artifact,
         request,
@@ -332,7 +330,7 @@ def _stamp(
     if stamped is not None:
         outcome.body, outcome.evidence = stamped
         if outcome.idempotency is not None:
-            outcome.idempotency = dataclasses.replace(outcome.idempotency, body=outcome.body)
+            outcome.idempotency = ledger.evolve(outcome.idempotency, body=outcome.body)
     return outcome
 
 
@@ -377,8 +375,10 @@ def decide(
             gov=_governance(
                 txn, tenant_id, tenant, scopes, request.action, request.subject, registry
             ),
+            scopes=scopes,
         )
-        outcome = _stamp(issuer, "decide", request, outcome, tenant_id, None, txn.now, context)
+        if issuer is not None:
+            outcome = _stamp(issuer, "decide", request, outcome, tenant_id, None, txn.now, context)
         return _applied(txn, outcome, tenant=tenant)
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
@@ -422,10 +422,11 @@ def reserve(
                 txn, tenant_id, tenant, scopes, request.action, request.subject, registry
             ),
             audit_id=audit_id,
+            scopes=scopes,
         )
-        live = outcome.reservation is not None
-        rid = reservation_id if live else None
-        outcome = _stamp(issuer, "reserve", request, outcome, tenant_id, rid, txn.now, context)
+        if issuer is not None:
+            rid = reservation_id if outcome.reservation is not None else None
+            outcome = _stamp(issuer, "reserve", request, outcome, tenant_id, rid, txn.now, context)
         return _applied(
             txn,
             outcome,
@@ -469,7 +470,7 @@ def _on_reservation(
             return replayed
         tenant = txn.tenant(res.tenant_id)
         outcome = planner(txn, res, tenant)
-        if request is not None:
+        if issuer is not None and request is not None:
             outcome = _stamp(
                 issuer, kind, request, outcome, res.tenant_id, reservation_id, txn.now, context
             )
@@ -591,6 +592,7 @@ def event(
                 request_hash=request_hash,
                 event_id=event_id,
                 now_ms=txn.now,
+                scopes=scopes,
             ),
             context,
             tenant=tenant,
