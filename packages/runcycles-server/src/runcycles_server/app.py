@@ -320,8 +320,11 @@ class Runtime:
         assert principal.tenant_id is not None
         try:
             _check_subject(principal, body.subject)
-            digest = ledger.payload_hash("decide", ledger.request_payload(body))
-            outcome = await self.store.decide(principal.tenant_id, body, digest)
+            dumped = ledger.request_json(body)
+            digest = ledger.payload_hash("decide", ledger.request_payload(body, dumped))
+            outcome = await self.store.decide(
+                principal.tenant_id, body, digest, request_json=dumped
+            )
         except LedgerError as exc:
             await self.evidence.denied(request, exc, "decide", body, principal.tenant_id)
             raise
@@ -340,8 +343,11 @@ class Runtime:
             signals.reservation(principal.tenant_id)
         try:
             _check_subject(principal, body.subject)
-            digest = ledger.payload_hash("reserve", ledger.request_payload(body))
-            outcome = await self.store.reserve(principal.tenant_id, body, digest)
+            dumped = ledger.request_json(body)
+            digest = ledger.payload_hash("reserve", ledger.request_payload(body, dumped))
+            outcome = await self.store.reserve(
+                principal.tenant_id, body, digest, request_json=dumped
+            )
         except LedgerError as exc:
             if signals is not None:
                 note_denial(signals, principal.tenant_id, body, exc)
@@ -456,9 +462,12 @@ class Runtime:
         body = await parse_body(request, CommitRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
         assert principal.tenant_id is not None
-        digest = ledger.payload_hash("commit", ledger.request_payload(body))
+        dumped = ledger.request_json(body)
+        digest = ledger.payload_hash("commit", ledger.request_payload(body, dumped))
         try:
-            outcome = await self.store.commit(principal.tenant_id, rid, body, digest)
+            outcome = await self.store.commit(
+                principal.tenant_id, rid, body, digest, request_json=dumped
+            )
         except LedgerError as exc:
             await self.evidence.denied(request, exc, "commit", body, principal.tenant_id, rid)
             raise
@@ -472,12 +481,14 @@ class Runtime:
         rid = _reservation_id(request)
         body = await parse_body(request, ReleaseRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
-        digest = ledger.payload_hash("release", ledger.request_payload(body))
+        dumped = ledger.request_json(body)
+        digest = ledger.payload_hash("release", ledger.request_payload(body, dumped))
         request_id, trace_id = request_ids(request)
         try:
             outcome = await self.store.release(
-                principal.tenant_id, rid, body, digest, request_id=request_id, trace_id=trace_id
-            )
+                principal.tenant_id, rid, body, digest, request_id=request_id,
+                trace_id=trace_id, request_json=dumped,
+            )  # fmt: skip
         except LedgerError as exc:
             await self.evidence.denied(request, exc, "release", body, principal.tenant_id, rid)
             raise

@@ -321,6 +321,8 @@ class Outcome:
             approached), which the operation records in :attr:`events` with the rest.
         evidence: the signed-evidence envelope of this answer, written with it so an
             ``evidence_id`` the answer carries always resolves (see :mod:`.evidence`).
+        data: what ``body`` was serialised from (``body == dumps(data)``), kept by the plans
+            whose answers get an evidence envelope so it is built without parsing ``body``.
     """
 
     status_code: int
@@ -334,6 +336,7 @@ class Outcome:
     events: list[EventRecord] = field(default_factory=list)
     signals: list[Detected] = field(default_factory=list)
     evidence: EvidenceRow | None = None
+    data: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,16 +380,25 @@ def payload_hash(endpoint: str, payload: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def request_payload(model: Any) -> dict[str, Any]:
+def request_json(model: Any) -> dict[str, Any]:
+    """Return a request model as parsed: its JSON dump without ``None`` fields."""
+    data: dict[str, Any] = model.model_dump(mode="json", exclude_none=True)
+    return data
+
+
+def request_payload(model: Any, dumped: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     """Return the hashable payload of a request model, with server-fixed defaults applied.
 
     ``grace_period_ms`` (5000) and ``dry_run`` (false) have fixed defaults, so they are filled;
     ``ttl_ms`` and ``overage_policy`` default from tenant configuration, so they hash as sent.
+    ``dumped``: the model's :func:`request_json`, when the caller has it (never changed: the
+    payload is a new mapping where defaults are filled, else ``dumped`` itself).
     """
-    data: dict[str, Any] = model.model_dump(mode="json", exclude_none=True)
-    if isinstance(model, ReservationCreateRequest):
-        data.setdefault("grace_period_ms", DEFAULT_GRACE_MS)
-        data.setdefault("dry_run", False)
+    data = request_json(model) if dumped is None else dumped
+    if isinstance(model, ReservationCreateRequest) and not (
+        "grace_period_ms" in data and "dry_run" in data
+    ):
+        return {"grace_period_ms": DEFAULT_GRACE_MS, "dry_run": False, **data}
     return data
 
 
@@ -932,7 +944,7 @@ def plan_decide(
         tenant_id, "decide", request.idempotency_key, request_hash, 200, raw, now_ms,
         RETAIN_DECIDE_MS,
     )  # fmt: skip
-    return Outcome(200, raw, idempotency=idem)
+    return Outcome(200, raw, idempotency=idem, data=body)
 
 
 def plan_reserve(
@@ -998,10 +1010,10 @@ def plan_reserve(
         raw = dumps(body)
         idem = _idem(tenant_id, "reserve", key, request_hash, 200, raw, now_ms, RETAIN_DECIDE_MS)
         if not observe or audit_id is None:
-            return Outcome(200, raw, idempotency=idem)
+            return Outcome(200, raw, idempotency=idem, data=body)
         audit = _observed(audit_id(), tenant_id, request, body, now_ms)
         signal = _observed_event(tenant_id, request, audit)
-        return Outcome(200, raw, idempotency=idem, audit=audit, signals=[signal])
+        return Outcome(200, raw, idempotency=idem, audit=audit, signals=[signal], data=body)
 
     if ev.reason is not None:
         details = {"deny_detail": ev.deny_detail}
@@ -1087,7 +1099,7 @@ def plan_reserve(
     ]
     return Outcome(
         200, raw, budgets=new_rows, reservation=reservation, idempotency=idem,
-        counters=counters, signals=signals,
+        counters=counters, signals=signals, data=body,
     )  # fmt: skip
 
 
@@ -1391,7 +1403,7 @@ def plan_commit(
         tenant_id, f"commit:{reservation_id}", request.idempotency_key, request_hash, 200, raw,
         now_ms, RETAIN_TERMINAL_MS, reservation_id,
     )  # fmt: skip
-    return Outcome(200, raw, budgets=new_rows, reservation=updated, idempotency=idem)
+    return Outcome(200, raw, budgets=new_rows, reservation=updated, idempotency=idem, data=body)
 
 
 def _refund_rows(res: ReservationRow, budgets: Iterable[BudgetRow], now_ms: int) -> list[BudgetRow]:
@@ -1462,7 +1474,9 @@ def plan_release(
             trace_id=trace_id,
             details={"reason": request.reason} if request.reason else None,
         )
-    return Outcome(200, raw, budgets=new_rows, reservation=updated, idempotency=idem, audit=audit)
+    return Outcome(
+        200, raw, budgets=new_rows, reservation=updated, idempotency=idem, audit=audit, data=body
+    )
 
 
 def plan_extend(

@@ -132,9 +132,15 @@ def _pick(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     return {name: data[name] for name in names if name in data}
 
 
-def request_mirror(request: BaseModel) -> dict[str, Any]:
-    """The request as submitted (no defaults filled), restricted to the spec's mirror schema."""
-    data: dict[str, Any] = request.model_dump(mode="json", exclude_none=True)
+def request_mirror(request: BaseModel, dumped: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The request as submitted (no defaults filled), restricted to the spec's mirror schema.
+
+    ``dumped``: ``request.model_dump(mode="json", exclude_none=True)`` when the caller has it
+    (only its top level is copied: nothing deeper is changed).
+    """
+    data: dict[str, Any] = (
+        dict(dumped) if dumped is not None else request.model_dump(mode="json", exclude_none=True)
+    )
     action = data.get("action")
     if action is not None:
         data["action"] = _pick(action, ("kind", "name", "tags"))
@@ -272,8 +278,15 @@ class Issuer:
         reservation_id: str | None,
         issued_at_ms: int,
         trace_id: str | None,
+        data: Mapping[str, Any] | None = None,
+        request_json: Mapping[str, Any] | None = None,
     ) -> tuple[bytes, EvidenceRow] | None:
         """Envelope a successful response; return the response with ``cycles_evidence`` added.
+
+        ``data``: what ``body`` was serialised from, when the caller still has it (``body``
+        is then not parsed again; only its top level is copied, the mirror never changes
+        anything deeper); ``request_json``: the request's JSON dump, likewise
+        (:func:`request_mirror`).
 
         An observe-mode reservation (a ``reserve`` answer without a ``reservation_id`` to a
         request without ``dry_run``) is attested as the dry run it was evaluated as: the
@@ -283,8 +296,8 @@ class Issuer:
 
         ``None`` when the payload has no canonical form (an integer beyond ``2**53 - 1``).
         """
-        response = orjson.loads(body)
-        attested = request_mirror(request)
+        response = dict(data) if data is not None else orjson.loads(body)
+        attested = request_mirror(request, request_json)
         if artifact == "reserve" and "reservation_id" not in response:
             attested["dry_run"] = True  # a dry run, or observe mode's dry-run semantics
         payload: dict[str, Any] = {

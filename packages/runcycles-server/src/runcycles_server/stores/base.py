@@ -268,16 +268,39 @@ class Store(GovernanceStore, Protocol):
     async def authenticate(self, key_hash: str) -> AuthRecord | None:
         """Return the API key with this sha256 hash (any status), or ``None``."""
 
-    async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
-        """``POST /v1/decide``."""
+    async def decide(
+        self,
+        tenant_id: str,
+        request: DecisionRequest,
+        request_hash: str,
+        *,
+        request_json: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        """``POST /v1/decide``.
+
+        ``request_json`` (here and on reserve, commit and release): the request as parsed,
+        ``request.model_dump(mode="json", exclude_none=True)``, when the caller has made it
+        already (for its idempotency hash); the evidence envelope is built from it.
+        """
 
     async def reserve(
-        self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
+        self,
+        tenant_id: str,
+        request: ReservationCreateRequest,
+        request_hash: str,
+        *,
+        request_json: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """``POST /v1/reservations`` (live or dry run)."""
 
     async def commit(
-        self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
+        self,
+        tenant_id: str,
+        reservation_id: str,
+        request: CommitRequest,
+        request_hash: str,
+        *,
+        request_json: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """``POST /v1/reservations/{id}/commit``."""
 
@@ -290,6 +313,7 @@ class Store(GovernanceStore, Protocol):
         *,
         request_id: str | None = None,
         trace_id: str | None = None,
+        request_json: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """``POST /v1/reservations/{id}/release``; ``tenant_id=None`` = audited admin release."""
 
@@ -658,13 +682,27 @@ class OperationStore(ABC):
         """See :meth:`GovernanceStore.reset_counters`."""
         return await self.run(operations.reset_counters(tenant_id, names, audit))
 
-    async def decide(self, tenant_id: str, request: DecisionRequest, request_hash: str) -> Outcome:
+    async def decide(
+        self,
+        tenant_id: str,
+        request: DecisionRequest,
+        request_hash: str,
+        *,
+        request_json: Mapping[str, Any] | None = None,
+    ) -> Outcome:
         """See :meth:`Store.decide`."""
-        op = operations.decide(tenant_id, request, request_hash, self.registry, self.issuer)
+        op = operations.decide(
+            tenant_id, request, request_hash, self.registry, self.issuer, request_json
+        )
         return self._recorded(await self.run(op))
 
     async def reserve(
-        self, tenant_id: str, request: ReservationCreateRequest, request_hash: str
+        self,
+        tenant_id: str,
+        request: ReservationCreateRequest,
+        request_hash: str,
+        *,
+        request_json: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """See :meth:`Store.reserve`."""
         op = operations.reserve(
@@ -675,14 +713,23 @@ class OperationStore(ABC):
             self.registry,
             _new_audit_id,
             self.issuer,
+            request_json,
         )
         return self._recorded(await self.run(op))
 
     async def commit(
-        self, tenant_id: str, reservation_id: str, request: CommitRequest, request_hash: str
+        self,
+        tenant_id: str,
+        reservation_id: str,
+        request: CommitRequest,
+        request_hash: str,
+        *,
+        request_json: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """See :meth:`Store.commit`."""
-        op = operations.commit(tenant_id, reservation_id, request, request_hash, self.issuer)
+        op = operations.commit(
+            tenant_id, reservation_id, request, request_hash, self.issuer, request_json
+        )
         return self._recorded(await self.run(op))
 
     async def release(
@@ -694,6 +741,7 @@ class OperationStore(ABC):
         *,
         request_id: str | None = None,
         trace_id: str | None = None,
+        request_json: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """See :meth:`Store.release`."""
         op = operations.release(
@@ -705,6 +753,7 @@ class OperationStore(ABC):
             request_id=request_id,
             trace_id=trace_id,
             issuer=self.issuer,
+            request_json=request_json,
         )
         return self._recorded(await self.run(op))
 

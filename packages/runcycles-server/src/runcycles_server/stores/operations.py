@@ -25,7 +25,7 @@ it never half-applies on either kind of store.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
@@ -311,6 +311,7 @@ def _stamp(
     reservation_id: str | None,
     now_ms: int,
     context: EventContext | None,
+    request_json: Mapping[str, Any] | None,
 ) -> Outcome:
     """Attach the answer's evidence envelope (written with it) and its ``cycles_evidence`` ref.
 
@@ -326,6 +327,8 @@ def _stamp(
         reservation_id=reservation_id,
         issued_at_ms=now_ms,
         trace_id=context.trace_id if context is not None else None,
+        data=outcome.data,
+        request_json=request_json,
     )
     if stamped is not None:
         outcome.body, outcome.evidence = stamped
@@ -354,8 +357,13 @@ def decide(
     request_hash: str,
     registry: Registry,
     issuer: Issuer | None = None,
+    request_json: Mapping[str, Any] | None = None,
 ) -> Op[Outcome]:
-    """``POST /v1/decide`` (``issuer``: emit its evidence envelope)."""
+    """``POST /v1/decide``.
+
+    ``issuer``: emit its evidence envelope; ``request_json``: the request as parsed, when the
+    caller has dumped it already (see :meth:`Store.decide`).
+    """
     scopes = ledger.derive_scopes(request.subject)
     key = request.idempotency_key
     context = current_context()
@@ -378,7 +386,9 @@ def decide(
             scopes=scopes,
         )
         if issuer is not None:
-            outcome = _stamp(issuer, "decide", request, outcome, tenant_id, None, txn.now, context)
+            outcome = _stamp(
+                issuer, "decide", request, outcome, tenant_id, None, txn.now, context, request_json
+            )
         return _applied(txn, outcome, tenant=tenant)
 
     hint = _counter_hint(scopes, request.action, request.subject, registry)
@@ -395,6 +405,7 @@ def reserve(
     registry: Registry,
     audit_id: Callable[[], str],
     issuer: Issuer | None = None,
+    request_json: Mapping[str, Any] | None = None,
 ) -> Op[Outcome]:
     """``POST /v1/reservations`` (live, dry run or observe mode).
 
@@ -426,7 +437,9 @@ def reserve(
         )
         if issuer is not None:
             rid = reservation_id if outcome.reservation is not None else None
-            outcome = _stamp(issuer, "reserve", request, outcome, tenant_id, rid, txn.now, context)
+            outcome = _stamp(
+                issuer, "reserve", request, outcome, tenant_id, rid, txn.now, context, request_json
+            )
         return _applied(
             txn,
             outcome,
@@ -451,6 +464,7 @@ def _on_reservation(
     planner: Callable[[Txn, ReservationRow, TenantRow | None], Outcome],
     issuer: Issuer | None = None,
     request: CommitRequest | ReleaseRequest | None = None,
+    request_json: Mapping[str, Any] | None = None,
 ) -> Op[Outcome]:
     """A keyed operation on one reservation (commit, release, extend).
 
@@ -472,8 +486,9 @@ def _on_reservation(
         outcome = planner(txn, res, tenant)
         if issuer is not None and request is not None:
             outcome = _stamp(
-                issuer, kind, request, outcome, res.tenant_id, reservation_id, txn.now, context
-            )
+                issuer, kind, request, outcome, res.tenant_id, reservation_id, txn.now, context,
+                request_json,
+            )  # fmt: skip
         extra = []
         done = outcome.reservation
         if done is not None and done.committed is not None and done.committed > done.estimate:
@@ -493,6 +508,7 @@ def commit(
     request: CommitRequest,
     request_hash: str,
     issuer: Issuer | None = None,
+    request_json: Mapping[str, Any] | None = None,
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/commit``."""
 
@@ -510,8 +526,9 @@ def commit(
 
     key = request.idempotency_key
     return _on_reservation(
-        "commit", tenant_id, reservation_id, key, request_hash, planner, issuer, request
-    )
+        "commit", tenant_id, reservation_id, key, request_hash, planner, issuer, request,
+        request_json,
+    )  # fmt: skip
 
 
 def release(
@@ -524,6 +541,7 @@ def release(
     request_id: str | None = None,
     trace_id: str | None = None,
     issuer: Issuer | None = None,
+    request_json: Mapping[str, Any] | None = None,
 ) -> Op[Outcome]:
     """``POST /v1/reservations/{id}/release``; ``tenant_id=None`` is an audited admin release."""
 
@@ -545,8 +563,9 @@ def release(
 
     key = request.idempotency_key
     return _on_reservation(
-        "release", tenant_id, reservation_id, key, request_hash, planner, issuer, request
-    )
+        "release", tenant_id, reservation_id, key, request_hash, planner, issuer, request,
+        request_json,
+    )  # fmt: skip
 
 
 def extend(
