@@ -33,6 +33,7 @@ from runcycles_server.cli_admin import (
 )
 from runcycles_server.demo import DEMO_BUDGET
 from runcycles_server.stores.memory import MemoryStore
+from runcycles_server.stores.sqlite import MMAP_BYTES
 
 U = "USD_MICROCENTS"
 CLEAN_ENV: dict[str, str | None] = {
@@ -346,6 +347,23 @@ def test_app_from_env_applies_access_log_and_body_limit(
     quiet = app_from_env()
     assert AccessLogMiddleware not in _middleware(quiet)
     asyncio.run(quiet.state.store.close())
+
+
+def test_app_from_env_maps_the_sqlite_file_only_for_several_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CYCLES_DB", str(tmp_path / "x.db"))
+    monkeypatch.delenv("CYCLES_REDIS_URL", raising=False)
+    for value, size in (("0", 0), ("1", MMAP_BYTES)):
+        monkeypatch.setenv("CYCLES_SQLITE_MMAP", value)
+        app = app_from_env()
+        try:
+            assert app.state.store._conn.execute("PRAGMA mmap_size").fetchone()[0] == size
+        finally:
+            asyncio.run(app.state.store.close())
+    monkeypatch.setenv("CYCLES_SQLITE_MMAP", "yes")
+    with pytest.raises(SystemExit, match=r"CYCLES_SQLITE_MMAP must be 1 .* or 0, not 'yes'"):
+        app_from_env()
 
 
 def test_app_from_env_turns_metrics_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import pytest
 from runcycles.models import CommitRequest, ReleaseRequest, ReservationCreateRequest
 from runcycles_server import ledger
 from runcycles_server.ledger import BudgetRow, LedgerError, TenantRow
-from runcycles_server.stores.sqlite import SCHEMA_VERSION, SqliteStore
+from runcycles_server.stores.sqlite import MMAP_BYTES, SCHEMA_VERSION, SqliteStore
 
 U = "USD_MICROCENTS"
 
@@ -67,6 +67,17 @@ def test_wal_mode_and_default_location_creates_parents(tmp_path: Path) -> None:
     assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     asyncio.run(store.close())
+
+
+def test_pages_are_memory_mapped_only_for_a_file_shared_by_processes(tmp_path: Path) -> None:
+    lone = SqliteStore(tmp_path / "lone.db")
+    shared = SqliteStore(tmp_path / "shared.db", mmap=True)
+    try:
+        assert lone._conn.execute("PRAGMA mmap_size").fetchone()[0] == 0
+        assert shared._conn.execute("PRAGMA mmap_size").fetchone()[0] == MMAP_BYTES
+    finally:
+        asyncio.run(lone.close())
+        asyncio.run(shared.close())
 
 
 def test_acknowledged_writes_are_visible_to_a_new_connection(tmp_path: Path) -> None:

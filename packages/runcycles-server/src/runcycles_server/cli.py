@@ -63,6 +63,8 @@ DEV_BUDGET_USD_MICROCENTS: Final = 100 * 10**8  # 100 USD
 ENV_DB: Final = "CYCLES_DB"
 ENV_ADMIN_KEY: Final = "CYCLES_ADMIN_API_KEY"
 ENV_SYNCHRONOUS: Final = "CYCLES_SQLITE_SYNCHRONOUS"
+ENV_SQLITE_MMAP: Final = "CYCLES_SQLITE_MMAP"
+"""``1``: several worker processes share the SQLite file (``SqliteStore(mmap=True)``)."""
 ENV_REDIS: Final = "CYCLES_REDIS_URL"
 ENV_REDIS_PREFIX: Final = "CYCLES_REDIS_PREFIX"
 ENV_ACCESS_LOG: Final = "CYCLES_ACCESS_LOG"
@@ -205,9 +207,16 @@ def app_from_env() -> Starlette:
         synchronous = os.environ.get(ENV_SYNCHRONOUS, "NORMAL").upper()
         if synchronous not in ("NORMAL", "FULL"):
             raise SystemExit(f"{ENV_SYNCHRONOUS} must be NORMAL or FULL, not {synchronous!r}")
+        mmap = os.environ.get(ENV_SQLITE_MMAP, "0")
+        if mmap not in ("0", "1"):
+            raise SystemExit(
+                f"{ENV_SQLITE_MMAP} must be 1 (several worker processes share the file) or 0, "
+                f"not {mmap!r}"
+            )
         store = SqliteStore(
             os.environ.get(ENV_DB) or default_db_path(),
             synchronous="FULL" if synchronous == "FULL" else "NORMAL",
+            mmap=mmap == "1",
         )
     kinds_file = os.environ.get(ENV_ACTION_KINDS)
     if kinds_file:
@@ -691,6 +700,7 @@ def serve(
             os.environ.pop(ENV_REDIS, None)
             os.environ[ENV_DB] = str(db or default_db_path())
             os.environ[ENV_SYNCHRONOUS] = mode.upper()
+            os.environ[ENV_SQLITE_MMAP] = "1" if workers > 1 else "0"
         if admin_key:
             os.environ[ENV_ADMIN_KEY] = admin_key
         else:
