@@ -40,8 +40,9 @@ tenant key or the admin key and whose resources have methods this server does no
 Configured through environment variables set by the test: ``CYCLES_FUZZ_TENANT``,
 ``CYCLES_FUZZ_RESERVATION_IDS`` and ``CYCLES_FUZZ_POLICY_IDS`` (JSON lists),
 ``CYCLES_FUZZ_SPEC`` (the spec file's name, default the protocol spec, or ``extended:runtime``
-or ``extended:admin``) and ``CYCLES_FUZZ_ADMIN_KEY``. Bodies that name a tenant (a policy, a counter reset) get the
-fuzzed tenant and its root scope, and ``policy_id`` one of the pool of real policies.
+or ``extended:admin``) and ``CYCLES_FUZZ_ADMIN_KEY``. Bodies that name a tenant (a policy, a
+counter reset) get the fuzzed tenant and its root scope, and ``policy_id`` one of the pool of
+real policies.
 """
 
 from __future__ import annotations
