@@ -615,6 +615,13 @@ def test_payload_hash_treats_fixed_defaults_as_sent() -> None:
     assert h[0] == h[1] != h[2]
 
 
+def test_request_digest_hashes_as_the_payload_and_keeps_the_dump_as_parsed() -> None:
+    for m in (reserve_request(10), reserve_request(10, grace_period_ms=5000, dry_run=True)):
+        digest, dumped = ledger.request_digest("reserve", m)
+        assert digest == ledger.payload_hash("reserve", ledger.request_payload(m))
+        assert dumped == m.model_dump(mode="json", exclude_none=True)  # no defaults filled in
+
+
 # -- funding --------------------------------------------------------------------------------------
 
 

@@ -320,8 +320,7 @@ class Runtime:
         assert principal.tenant_id is not None
         try:
             _check_subject(principal, body.subject)
-            dumped = ledger.request_json(body)
-            digest = ledger.payload_hash("decide", ledger.request_payload(body, dumped))
+            digest, dumped = ledger.request_digest("decide", body)
             outcome = await self.store.decide(
                 principal.tenant_id, body, digest, request_json=dumped
             )
@@ -343,8 +342,7 @@ class Runtime:
             signals.reservation(principal.tenant_id)
         try:
             _check_subject(principal, body.subject)
-            dumped = ledger.request_json(body)
-            digest = ledger.payload_hash("reserve", ledger.request_payload(body, dumped))
+            digest, dumped = ledger.request_digest("reserve", body)
             outcome = await self.store.reserve(
                 principal.tenant_id, body, digest, request_json=dumped
             )
@@ -462,8 +460,7 @@ class Runtime:
         body = await parse_body(request, CommitRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
         assert principal.tenant_id is not None
-        dumped = ledger.request_json(body)
-        digest = ledger.payload_hash("commit", ledger.request_payload(body, dumped))
+        digest, dumped = ledger.request_digest("commit", body)
         try:
             outcome = await self.store.commit(
                 principal.tenant_id, rid, body, digest, request_json=dumped
@@ -481,8 +478,7 @@ class Runtime:
         rid = _reservation_id(request)
         body = await parse_body(request, ReleaseRequest, self.max_body)
         check_idempotency_header(request, body.idempotency_key)
-        dumped = ledger.request_json(body)
-        digest = ledger.payload_hash("release", ledger.request_payload(body, dumped))
+        digest, dumped = ledger.request_digest("release", body)
         request_id, trace_id = request_ids(request)
         try:
             outcome = await self.store.release(

@@ -32,6 +32,19 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def environment_source(document_env: str, file_env: str, default: Path | None) -> str | Path | None:
+    """Where a key document comes from, by the precedence both secrets share.
+
+    The document itself in ``$document_env`` (returned as text) wins over a file named by
+    ``$file_env``, which wins over ``default``; ``None`` when none of them is given.
+    """
+    text = os.environ.get(document_env)
+    if text:
+        return text
+    named = os.environ.get(file_env)
+    return Path(named) if named else default
+
+
 def write_private_file(path: Path, text: str, *, exclusive: bool = False) -> None:
     """Write ``text`` to ``path`` atomically, readable and writable by its owner only.
 

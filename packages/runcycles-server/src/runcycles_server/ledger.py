@@ -402,6 +402,16 @@ def request_payload(model: Any, dumped: Mapping[str, Any] | None = None) -> Mapp
     return data
 
 
+def request_digest(endpoint: str, model: Any) -> tuple[str, dict[str, Any]]:
+    """Return a request's idempotency hash and its :func:`request_json`, dumped once.
+
+    The dump is handed to the store as well (``request_json=``): the evidence envelope is
+    built from it, so the model is serialised once per request.
+    """
+    dumped = request_json(model)
+    return payload_hash(endpoint, request_payload(model, dumped)), dumped
+
+
 def hash_api_key(secret: str) -> str:
     """Return the stored form of an API key secret: sha256 hex.
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from runcycles_server.keyfiles import b64url, b64url_decode, write_private_file
+from runcycles_server.keyfiles import b64url, b64url_decode, environment_source, write_private_file
 
 KEYS_ENV: Final = "CYCLES_EVIDENCE_KEYS"
 """Environment variable holding the key ring document itself (read-only ring)."""
@@ -231,18 +230,15 @@ class KeyRing:
         Raises:
             KeyRingError: no source (``default_path`` ``None`` and nothing set) or invalid.
         """
-        text = os.environ.get(KEYS_ENV)
-        if text:
-            return cls.parse(text, f"${KEYS_ENV}")
-        named = os.environ.get(KEYS_FILE_ENV)
-        if named:
-            return cls.load_or_create(Path(named), now_ms)
-        if default_path is None:
+        source = environment_source(KEYS_ENV, KEYS_FILE_ENV, default_path)
+        if isinstance(source, str):
+            return cls.parse(source, f"${KEYS_ENV}")
+        if source is None:
             raise KeyRingError(
                 "no evidence key ring: pass --evidence-keys PATH, or set "
                 f"{KEYS_FILE_ENV} (a file) or {KEYS_ENV} (the document)"
             )
-        return cls.load_or_create(default_path, now_ms)
+        return cls.load_or_create(source, now_ms)
 
     def document(self) -> str:
         """The key file text (private keys included: for the key file only)."""

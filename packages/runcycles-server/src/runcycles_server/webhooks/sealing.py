@@ -37,7 +37,13 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from runcycles_server.keyfiles import b64url, b64url_decode, read_or_create, write_private_file
+from runcycles_server.keyfiles import (
+    b64url,
+    b64url_decode,
+    environment_source,
+    read_or_create,
+    write_private_file,
+)
 
 KEY_ENV: Final = "CYCLES_WEBHOOK_KEY"
 """Environment variable holding the key document itself."""
@@ -145,18 +151,15 @@ class SecretBox:
         Raises:
             SealingError: no source (``default_path`` ``None`` and nothing set) or invalid.
         """
-        text = os.environ.get(KEY_ENV)
-        if text:
-            return cls.parse(text, f"${KEY_ENV}")
-        named = os.environ.get(KEY_FILE_ENV)
-        if named:
-            return cls.load_or_create(Path(named))
-        if default_path is None:
+        source = environment_source(KEY_ENV, KEY_FILE_ENV, default_path)
+        if isinstance(source, str):
+            return cls.parse(source, f"${KEY_ENV}")
+        if source is None:
             raise SealingError(
                 f"no webhook key: pass --webhook-key PATH, or set {KEY_FILE_ENV} (a file) or "
                 f"{KEY_ENV} (the document)"
             )
-        return cls.load_or_create(default_path)
+        return cls.load_or_create(source)
 
     def document(self) -> str:
         """The key file text (key material included: for the key file only)."""
